@@ -1,0 +1,11 @@
+"""kcengine: compress convolutional networks by clustering their weights.
+
+The public face; everything here is a re-export.  Importing kcengine initializes no GPU and
+imports neither cupy nor triton: those load only when a backend that needs them runs.
+"""
+from ._registry import backend_status
+from .kmeans import KMeansResult, kmeans, kmeans_sweep
+
+__version__ = "0.1.0"
+
+__all__ = ["kmeans", "kmeans_sweep", "KMeansResult", "backend_status", "__version__"]

@@ -1,0 +1,175 @@
+"""One backend registry for every op of kcengine (k-means, indexed convolution).
+
+A *backend* is a way of running an op: ``cpu`` (the C++/OpenMP core), ``torch`` (plain torch,
+any device: the reference), ``cuda`` (CUDA C++ through CuPy) and ``triton``.  Each op registers,
+per backend, the dotted path of its implementation; nothing is imported until it is used, so
+``import kcengine`` never touches cupy, triton or a GPU.
+
+Resolution rules (shared by all ops):
+
+* ``backend="auto"`` (or ``None``): the environment variable ``KCENGINE_BACKEND`` wins when set;
+  otherwise the first *available* backend of the op's preference list for the data's device.
+* An explicitly requested backend that cannot run raises ``RuntimeError`` naming the reason.
+* ``run_with_fallback`` runs an auto-selected backend and, should it fail at run time, warns and
+  falls back to the next candidate; an explicit backend's errors propagate.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = ["BACKENDS", "backend_status", "register", "resolve", "candidates", "run_with_fallback"]
+
+BACKENDS = ("cpu", "torch", "cuda", "triton")
+_ENV = "KCENGINE_BACKEND"
+
+
+def _check_cpu() -> str | None:
+    try:
+        importlib.import_module("kcengine._core")
+    except ImportError as exc:  # pragma: no cover - only on a broken install
+        return f"native module kcengine._core failed to import: {exc}"
+    return None
+
+
+def _check_torch() -> str | None:
+    return None
+
+
+def _cuda_reason() -> str | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def _check_cuda() -> str | None:
+    reason = _cuda_reason()
+    if reason:
+        return reason
+    if importlib.util.find_spec("cupy") is None:
+        return "cupy is not installed (pip install 'kcengine[cuda12]' or 'kcengine[cuda13]')"
+    return None
+
+
+def _check_triton() -> str | None:
+    reason = _cuda_reason()
+    if reason:
+        return reason
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+_CHECKS: dict[str, Callable[[], str | None]] = {
+    "cpu": _check_cpu,
+    "torch": _check_torch,
+    "cuda": _check_cuda,
+    "triton": _check_triton,
+}
+# Which devices a backend can take data on.
+_DEVICES = {"cpu": ("cpu",), "torch": ("cpu", "cuda"), "cuda": ("cuda",), "triton": ("cuda",)}
+# Preference order of "auto", per device type.
+_PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+
+@dataclass
+class _Op:
+    impls: dict[str, str] = field(default_factory=dict)  # backend -> "module:function"
+    loaded: dict[str, Callable] = field(default_factory=dict)
+
+
+_OPS: dict[str, _Op] = {}
+
+
+def register(op: str, backend: str, target: str) -> None:
+    """Register ``target`` ("package.module:function") as ``op``'s implementation on ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    _OPS.setdefault(op, _Op()).impls[backend] = target
+
+
+def backend_status(backend: str) -> str | None:
+    """``None`` when ``backend`` can run here, else the reason it cannot."""
+    if backend not in _CHECKS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    return _CHECKS[backend]()
+
+
+def _load(op: str, backend: str) -> Callable:
+    entry = _OPS[op]
+    fn = entry.loaded.get(backend)
+    if fn is None:
+        module, _, name = entry.impls[backend].partition(":")
+        fn = getattr(importlib.import_module(module), name)
+        entry.loaded[backend] = fn
+    return fn
+
+
+def _device_type(device) -> str:
+    dtype = getattr(device, "type", device)
+    return "cuda" if str(dtype).startswith("cuda") else "cpu"
+
+
+def candidates(op: str, backend: str | None, device="cpu") -> tuple[list[str], bool]:
+    """Backends to try for ``op`` in order, and whether the choice was explicit."""
+    if op not in _OPS:
+        raise ValueError(f"op={op!r} has no registered backends")
+    dev = _device_type(device)
+    explicit = backend not in (None, "auto")
+    if not explicit:
+        env = os.environ.get(_ENV, "").strip()
+        if env and env != "auto":
+            backend, explicit = env, True
+    if explicit:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {('auto',) + BACKENDS}")
+        if backend not in _OPS[op].impls:
+            raise RuntimeError(f"backend={backend!r} does not implement {op}")
+        if dev not in _DEVICES[backend]:
+            raise RuntimeError(
+                f"backend={backend!r} cannot run on data on device {dev!r} "
+                f"(it takes {', '.join(_DEVICES[backend])} data)"
+            )
+        reason = backend_status(backend)
+        if reason:
+            raise RuntimeError(f"backend={backend!r} is not available: {reason}")
+        return [backend], True
+    names = [b for b in _PREFERENCE[dev] if b in _OPS[op].impls and backend_status(b) is None]
+    if not names:  # pragma: no cover - torch is always available
+        raise RuntimeError(f"no backend available for {op} on {dev}")
+    return names, False
+
+
+def resolve(op: str, backend: str | None = "auto", device="cpu") -> tuple[str, Callable]:
+    """The backend name and implementation that ``op`` would run with."""
+    names, _ = candidates(op, backend, device)
+    return names[0], _load(op, names[0])
+
+
+def run_with_fallback(op: str, backend: str | None, device, call: Callable[[str, Callable], object]):
+    """Run ``call(name, impl)`` on the resolved backend; returns ``(name, result)``.
+
+    An auto-selected backend that raises ``RuntimeError``/``NotImplementedError`` is skipped
+    with a warning and the next candidate is tried; an explicitly requested backend's error
+    propagates unchanged.
+    """
+    names, explicit = candidates(op, backend, device)
+    last_exc: Exception | None = None
+    for name in names:
+        impl = _load(op, name)
+        if explicit:
+            return name, call(name, impl)
+        try:
+            return name, call(name, impl)
+        except (RuntimeError, NotImplementedError) as exc:
+            last_exc = exc
+            warnings.warn(f"kcengine: backend {name!r} failed for {op} ({exc}); falling back",
+                          RuntimeWarning, stacklevel=3)
+    assert last_exc is not None
+    raise last_exc

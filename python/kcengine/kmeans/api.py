@@ -1,0 +1,423 @@
+"""Public entry points of batched k-means: validation, packing and dispatch.
+
+All checks on the caller's input happen here, once, before any backend runs; the native core
+repeats the cheap structural ones with the same messages.  Nothing the caller passed is modified:
+backends read the data through zero-copy views and write only into arrays they allocate.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .. import _registry
+from .result import KMeansResult
+
+__all__ = ["kmeans", "kmeans_sweep", "Problems", "RawResult", "ALGORITHMS", "INITS"]
+
+INITS = ("k-means++", "random")
+ALGORITHMS = ("auto", "lloyd", "hamerly", "gram", "lloyd1d", "exact1d")
+
+
+@dataclass
+class Problems:
+    """A validated batch of k-means problems, as every backend receives it.
+
+    ``datasets[j]`` is an ``[N_j, D_j]`` array (numpy for the cpu backend, torch for the others),
+    ``weights[j]`` its ``[N_j]`` sample weights or ``None``; problem ``p`` clusters dataset
+    ``data_index[p]`` into ``k[p]`` clusters (several problems may share one dataset: a k sweep).
+    ``init_centers[p]`` is the ``[k_p, D]`` start of problem ``p`` when ``init == "given"``.
+    ``tol`` is *relative*: each backend scales it by the mean per-feature variance of the data.
+    """
+
+    datasets: list
+    weights: list | None
+    data_index: np.ndarray
+    k: np.ndarray
+    init: str
+    init_centers: list | None
+    n_init: int
+    max_iter: int
+    tol: float
+    seed: int
+    algorithm: str
+
+    @property
+    def n_problems(self) -> int:
+        return int(self.k.shape[0])
+
+
+@dataclass
+class RawResult:
+    """What a backend returns: per-problem lists plus ``[B]`` arrays (numpy or torch)."""
+
+    centroids: list
+    labels: list
+    inertia: Any
+    n_iter: Any
+    converged: Any
+    algorithm: list
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def _is_torch(a) -> bool:
+    mod = type(a).__module__
+    return mod.startswith("torch") and hasattr(a, "detach")
+
+
+def _dtype_name(a) -> str:
+    return str(a.dtype).replace("torch.", "")
+
+
+def _as_array(a, what: str):
+    """A numpy array or torch tensor for ``a`` (array-likes go through numpy)."""
+    if isinstance(a, np.ndarray) or _is_torch(a):
+        return a
+    try:
+        return np.asarray(a)
+    except Exception as exc:  # ragged nested lists and the like
+        raise ValueError(f"{what} could not be read as an array: {exc}") from None
+
+
+def _check_float(a, what: str) -> None:
+    if _dtype_name(a) not in ("float32", "float64"):
+        raise ValueError(f"{what} must be float32 or float64, got dtype {_dtype_name(a)}")
+
+
+def _all_finite(a) -> bool:
+    if _is_torch(a):
+        import torch
+
+        return bool(torch.isfinite(a).all())
+    return bool(np.isfinite(a).all())
+
+
+def _check_int(value, what: str, *, low: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{what} must be an int, got {value!r}")
+    value = int(value)
+    if low is not None and value < low:
+        raise ValueError(f"{what} must be >= {low}, got {value}")
+    return value
+
+
+def _split_input(x):
+    """(list of [N, D] problem arrays, layout) with layout in {"single", "dense", "ragged"}."""
+    if isinstance(x, (list, tuple)):
+        if len(x) == 0:
+            raise ValueError("x is an empty list: a ragged batch needs at least one problem")
+        parts = [_as_array(a, f"x[{i}]") for i, a in enumerate(x)]
+        kinds = {_is_torch(a) for a in parts}
+        if len(kinds) > 1:
+            raise ValueError("x mixes numpy arrays and torch tensors; pass one kind")
+        for i, a in enumerate(parts):
+            if a.ndim != 2:
+                raise ValueError(f"x[{i}] must have shape [N, D], got shape {tuple(a.shape)}")
+            _check_float(a, f"x[{i}]")
+        dtypes = {_dtype_name(a) for a in parts}
+        if len(dtypes) > 1:
+            raise ValueError(f"x mixes dtypes {sorted(dtypes)}; pass one dtype for the whole batch")
+        if parts[0].__class__.__module__.startswith("torch"):
+            devices = {str(a.device) for a in parts}
+            if len(devices) > 1:
+                raise ValueError(f"x spans several devices {sorted(devices)}; pass one device")
+        return parts, "ragged"
+    x = _as_array(x, "x")
+    _check_float(x, "x")
+    if x.ndim == 2:
+        return [x], "single"
+    if x.ndim == 3:
+        if x.shape[0] == 0:
+            raise ValueError("x has shape [0, N, D]: a batch needs at least one problem")
+        return [x[b] for b in range(x.shape[0])], "dense"
+    raise ValueError(f"x must have shape [N, D], [B, N, D] or be a list of [N_i, D_i], got shape {tuple(x.shape)}")
+
+
+def _check_problems(parts, layout) -> None:
+    for i, a in enumerate(parts):
+        name = "x" if layout == "single" else f"problem {i}"
+        if a.shape[0] == 0 or a.shape[1] == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(a.shape)}): it needs N >= 1 points of D >= 1 features")
+        if not _all_finite(a):
+            raise ValueError(f"{name} holds NaN or Inf values; k-means needs finite data")
+
+
+def _check_k(k, parts, layout) -> np.ndarray:
+    B = len(parts)
+    if isinstance(k, (list, tuple, np.ndarray)) or _is_torch(k):
+        ks = [v.item() if hasattr(v, "item") else v for v in (k.tolist() if hasattr(k, "tolist") else k)]
+        if layout == "single":
+            raise ValueError(f"k must be an int for a single problem, got a sequence of {len(ks)}")
+        if len(ks) != B:
+            raise ValueError(f"k has {len(ks)} entries but x holds {B} problems; pass one k per problem or one int")
+        ks = [_check_int(v, f"k[{i}]") for i, v in enumerate(ks)]
+    else:
+        ks = [_check_int(k, "k")] * B
+    for i, (kv, a) in enumerate(zip(ks, parts)):
+        where = "" if layout == "single" else f" for problem {i}"
+        if kv < 1:
+            raise ValueError(f"k must be >= 1{where}, got k={kv}")
+        if kv > a.shape[0]:
+            raise ValueError(f"n_samples={a.shape[0]} should be >= k={kv}{where}")
+    return np.asarray(ks, dtype=np.int64)
+
+
+def _check_weights(sample_weight, parts, layout):
+    if sample_weight is None:
+        return None
+    if isinstance(sample_weight, (list, tuple)) and layout != "single":
+        ws = [_as_array(w, f"sample_weight[{i}]") for i, w in enumerate(sample_weight)]
+        if len(ws) != len(parts):
+            raise ValueError(f"sample_weight has {len(ws)} entries but x holds {len(parts)} problems")
+    else:
+        w = _as_array(sample_weight, "sample_weight")
+        if layout == "dense" and w.ndim == 2:
+            ws = [w[b] for b in range(w.shape[0])] if w.shape[0] == len(parts) else None
+            if ws is None:
+                raise ValueError(f"sample_weight has shape {tuple(w.shape)}, expected [{len(parts)}, {parts[0].shape[0]}]")
+        elif layout == "ragged":
+            raise ValueError("sample_weight for a ragged batch must be a list with one [N_i] array per problem")
+        else:
+            ws = [w] * len(parts)
+    out = []
+    for i, (w, a) in enumerate(zip(ws, parts)):
+        name = "sample_weight" if layout == "single" else f"sample_weight of problem {i}"
+        if w.ndim != 1 or w.shape[0] != a.shape[0]:
+            raise ValueError(f"{name} must have shape [{a.shape[0]}], got shape {tuple(w.shape)}")
+        if _dtype_name(w) not in ("float32", "float64", "int64", "int32", "float16", "bool"):
+            raise ValueError(f"{name} must be numeric, got dtype {_dtype_name(w)}")
+        if not _all_finite(w):
+            raise ValueError(f"{name} holds NaN or Inf values")
+        wmin = float(w.min())
+        if wmin < 0:
+            raise ValueError(f"{name} must be >= 0, got a minimum of {wmin}")
+        if float(w.sum()) <= 0:
+            raise ValueError(f"{name} sums to 0: at least one point needs a positive weight")
+        out.append(w)
+    return out
+
+
+def _check_init(init, parts, layout, k_arg):
+    """(init kind, per-problem centers or None, k array or None when k comes from centers)."""
+    if isinstance(init, str):
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS} or an array of initial centroids, got {init!r}")
+        return init, None
+    if layout == "ragged" or isinstance(init, (list, tuple)):
+        if not isinstance(init, (list, tuple)) or len(init) != len(parts):
+            raise ValueError(f"init for a batch of {len(parts)} problems must be a list of {len(parts)} [k_i, D_i] arrays")
+        cs = [_as_array(c, f"init[{i}]") for i, c in enumerate(init)]
+    else:
+        c = _as_array(init, "init")
+        if layout == "single":
+            cs = [c]
+        else:
+            if c.ndim != 3 or c.shape[0] != len(parts):
+                raise ValueError(f"init must have shape [{len(parts)}, k, {parts[0].shape[1]}], got shape {tuple(c.shape)}")
+            cs = [c[b] for b in range(c.shape[0])]
+    for i, (c, a) in enumerate(zip(cs, parts)):
+        name = "init" if layout == "single" else f"init of problem {i}"
+        if c.ndim != 2 or c.shape[1] != a.shape[1]:
+            raise ValueError(f"{name} must have shape [k, {a.shape[1]}], got shape {tuple(c.shape)}")
+        _check_float(c, name)
+        if not _all_finite(c):
+            raise ValueError(f"{name} holds NaN or Inf values")
+    return "given", cs
+
+
+def _to_numpy(a, dtype=None):
+    if _is_torch(a):
+        a = a.detach()
+        if a.device.type != "cpu":
+            a = a.cpu()
+        a = a.numpy()
+    a = np.ascontiguousarray(a)
+    if dtype is not None and a.dtype != dtype:
+        a = a.astype(dtype)
+    return a
+
+
+def _to_torch(a, like, dtype=None):
+    import torch
+
+    t = a.detach() if _is_torch(a) else torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(device=like.device, dtype=dtype if dtype is not None else t.dtype).contiguous()
+
+
+def _resolve_seed(seed) -> int:
+    if seed is None:
+        return int(np.random.default_rng().integers(0, 2**63 - 1))
+    if isinstance(seed, np.random.Generator):
+        return int(seed.integers(0, 2**63 - 1))
+    return _check_int(seed, "seed", low=0)
+
+
+def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm, sweep_ks=None):
+    """Validate everything and return (Problems-without-conversion, parts, layout, is_torch)."""
+    parts, layout = _split_input(x)
+    _check_problems(parts, layout)
+    kind, centers = _check_init(init, parts, layout, k)
+    if sweep_ks is not None:
+        ks = _check_k(list(sweep_ks), parts * len(sweep_ks), "ragged")
+        data_index = np.zeros(len(ks), dtype=np.int64)
+    else:
+        if kind == "given" and k is None:
+            k = [c.shape[0] for c in centers] if layout != "single" else centers[0].shape[0]
+        if k is None:
+            raise ValueError("k is required unless init gives the initial centroids")
+        ks = _check_k(k, parts, layout)
+        data_index = np.arange(len(parts), dtype=np.int64)
+    if centers is not None:
+        for i, (c, kv) in enumerate(zip(centers, ks)):
+            if c.shape[0] != kv:
+                name = "init" if layout == "single" else f"init of problem {i}"
+                raise ValueError(f"{name} has {c.shape[0]} centroids but k={kv}")
+    weights = _check_weights(sample_weight, parts, layout)
+    n_init = _check_int(n_init, "n_init", low=1)
+    if kind == "given" and n_init != 1:
+        raise ValueError(f"n_init={n_init} with given initial centroids would rerun the same start; pass n_init=1")
+    max_iter = _check_int(max_iter, "max_iter", low=1)
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm in ("exact1d", "lloyd1d"):
+        bad = [i for i, a in enumerate(parts) if a.shape[1] != 1]
+        if bad:
+            raise ValueError(f"algorithm={algorithm!r} needs 1-D points (D == 1); problem {bad[0]} has D={parts[bad[0]].shape[1]}")
+    probs = Problems(
+        datasets=parts, weights=weights, data_index=data_index, k=ks, init=kind, init_centers=centers,
+        n_init=n_init, max_iter=max_iter, tol=float(tol), seed=_resolve_seed(seed), algorithm=algorithm,
+    )
+    return probs, layout
+
+
+def _convert(probs: Problems, backend: str) -> Problems:
+    """The same problems with arrays in the form ``backend`` takes (numpy for cpu, torch else)."""
+    ref = probs.datasets[0]
+    if backend == "cpu":
+        dtype = np.dtype(_dtype_name(ref))
+        conv = lambda a: _to_numpy(a, dtype)  # noqa: E731
+        convw = lambda a: _to_numpy(a, np.float64)  # noqa: E731
+    else:
+        import torch
+
+        like = ref if _is_torch(ref) else torch.empty(0)
+        dtype = getattr(torch, _dtype_name(ref))
+        conv = lambda a: _to_torch(a, like, dtype)  # noqa: E731
+        convw = lambda a: _to_torch(a, like, dtype)  # noqa: E731
+    return Problems(
+        datasets=[conv(a) for a in probs.datasets],
+        weights=None if probs.weights is None else [convw(w) for w in probs.weights],
+        data_index=probs.data_index, k=probs.k, init=probs.init,
+        init_centers=None if probs.init_centers is None else [conv(c) for c in probs.init_centers],
+        n_init=probs.n_init, max_iter=probs.max_iter, tol=probs.tol, seed=probs.seed, algorithm=probs.algorithm,
+    )
+
+
+def _device_of(a):
+    return a.device if _is_torch(a) else "cpu"
+
+
+def _format(raw: RawResult, layout: str, like, backend: str) -> KMeansResult:
+    """Shape a backend's per-problem lists into the caller's layout and array type."""
+    torch_out = _is_torch(like)
+
+    def arr(a):
+        if torch_out:
+            return _to_torch(a, like)
+        return a.detach().cpu().numpy() if _is_torch(a) else np.asarray(a)
+
+    cents = [arr(c) for c in raw.centroids]
+    labels = [arr(lab) for lab in raw.labels]
+    inertia, n_iter, conv = arr(raw.inertia), arr(raw.n_iter), arr(raw.converged)
+    if layout == "single":
+        return KMeansResult(cents[0], labels[0], inertia[0], n_iter[0], conv[0], backend, raw.algorithm[0])
+    if layout == "dense":
+        stack = (lambda xs: __import__("torch").stack(xs)) if torch_out else np.stack
+        same_k = len({tuple(c.shape) for c in cents}) == 1
+        return KMeansResult(stack(cents) if same_k else cents, stack(labels), inertia, n_iter, conv, backend,
+                            list(raw.algorithm))
+    return KMeansResult(cents, labels, inertia, n_iter, conv, backend, list(raw.algorithm))
+
+
+def _run(probs: Problems, backend, like) -> tuple[str, RawResult]:
+    return _registry.run_with_fallback("kmeans", backend, _device_of(like),
+                                       lambda name, impl: impl(_convert(probs, name)))
+
+
+def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300, tol: float = 1e-4,
+           sample_weight=None, seed=None, backend: str = "auto", algorithm: str = "auto") -> KMeansResult:
+    """Cluster one problem, a dense batch or a ragged batch of problems with Lloyd's k-means.
+
+    Args:
+        x: ``[N, D]`` (one problem), ``[B, N, D]`` (a batch) or a list of ``[N_i, D_i]`` arrays
+            (a ragged batch); numpy arrays or torch tensors, float32 or float64.
+        k: clusters per problem: an int, or one int per problem.  May be omitted when ``init``
+            gives the centroids.
+        init: ``"k-means++"`` (greedy, ``2 + int(ln k)`` local trials, as scikit-learn),
+            ``"random"`` (k distinct points drawn by weight), or the initial centroids:
+            ``[k, D]``, ``[B, k, D]`` or a list of ``[k_i, D_i]``.
+        n_init: runs per problem from different seeds; the one of lowest inertia is returned.
+        max_iter: Lloyd iterations at most.
+        tol: relative tolerance: a problem stops when the squared centroid shift, summed over
+            clusters, is ``<= tol * mean(var(x, axis=0))``, or when no label changed.
+        sample_weight: ``[N]`` (``[B, N]`` or a list for batches) non-negative weights.
+        seed: int for a reproducible run (per backend), or ``None``.  Every problem of a batch uses
+            the same seed, so a problem gets the same result in a batch as alone.
+        backend: ``"auto"``, ``"cpu"``, ``"torch"``, ``"cuda"``, ``"triton"`` (env
+            ``KCENGINE_BACKEND`` overrides ``"auto"``).
+        algorithm: ``"auto"`` (exact Lloyd with the fastest exact method per problem: Gram-matrix
+            distances when D is large, Hamerly bounds otherwise, sorted 1-D sweeps when D == 1),
+            one of those by name (``"lloyd"`` = plain Lloyd, ``"hamerly"``, ``"gram"``,
+            ``"lloyd1d"``), or ``"exact1d"``: the globally optimal 1-D clustering (D == 1 only).
+
+    Returns:
+        :class:`KMeansResult` with centroids, labels, inertia, n_iter, converged per problem,
+        shaped like ``x`` (see its docstring) and of ``x``'s array type and device.
+
+    Raises:
+        ValueError: bad input (the message names the argument and the offending value).
+        RuntimeError: an explicitly requested backend cannot run here.
+    """
+    probs, layout = _build(x, k, init=init, n_init=n_init, max_iter=max_iter, tol=tol,
+                           sample_weight=sample_weight, seed=seed, algorithm=algorithm)
+    like = probs.datasets[0]
+    name, raw = _run(probs, backend, like)
+    return _format(raw, layout, like, name)
+
+
+def kmeans_sweep(x, ks: Iterable[int], *, init="k-means++", n_init: int = 1, max_iter: int = 300,
+                 tol: float = 1e-4, sample_weight=None, seed=None, backend: str = "auto",
+                 algorithm: str = "auto") -> list[KMeansResult]:
+    """Cluster one ``[N, D]`` dataset for every k in ``ks`` in one batched call.
+
+    Equivalent to ``[kmeans(x, k, seed=seed, ...) for k in ks]`` (same seed, same results) but
+    solved as one batch: the data is shared, not copied, and per-dataset work (the Gram matrix of
+    high-dimensional points, sorting of 1-D points) is done once for all k.
+
+    Returns:
+        One single-problem :class:`KMeansResult` per entry of ``ks``, in order.
+    """
+    ks = list(ks)
+    if len(ks) == 0:
+        raise ValueError("ks is empty: pass at least one k")
+    if not isinstance(init, str):
+        raise ValueError("kmeans_sweep takes init='k-means++' or 'random'; given centroids fix k, use kmeans()")
+    parts, layout = _split_input(x)
+    if layout != "single":
+        raise ValueError(f"kmeans_sweep takes one [N, D] dataset, got {layout} input")
+    probs, _ = _build(x, None, init=init, n_init=n_init, max_iter=max_iter, tol=tol, sample_weight=sample_weight,
+                      seed=seed, algorithm=algorithm, sweep_ks=ks)
+    like = probs.datasets[0]
+    name, raw = _run(probs, backend, like)
+    out = []
+    for i in range(len(ks)):
+        one = RawResult([raw.centroids[i]], [raw.labels[i]], raw.inertia[i:i + 1], raw.n_iter[i:i + 1],
+                        raw.converged[i:i + 1], [raw.algorithm[i]])
+        out.append(_format(one, "single", like, name))
+    return out

@@ -1,0 +1,6 @@
+"""k-means backends.  Each module exposes ``solve(problems) -> RawResult``; they are registered
+here by dotted path and imported only when first used."""
+from ... import _registry
+
+_registry.register("kmeans", "cpu", "kcengine.kmeans.backends.cpu:solve")
+_registry.register("kmeans", "torch", "kcengine.kmeans.backends.torch_ref:solve")
