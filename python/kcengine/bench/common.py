@@ -1,0 +1,157 @@
+"""Shared pieces of the benchmark suites: machine description, timing, result files.
+
+Every recorded figure carries the machine, commit and date it was measured on; ratios are
+computed inside one run (same process, same inputs, alternating order) so noisy shared
+machines still give comparable numbers.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import gc
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+__all__ = ["machine_info", "git_commit", "now_utc", "time_call", "write_csv", "markdown_table", "repo_root",
+           "shared_data_dir", "peak_rss_mb"]
+
+
+def repo_root() -> Path | None:
+    """The checkout this package was installed from (editable installs), else None."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "pyproject.toml").exists() and (parent / "csrc").is_dir():
+            return parent
+    return None
+
+
+def shared_data_dir() -> Path | None:
+    """``../shared/data`` beside the repository root, or ``$KCENGINE_DATA``; None when absent."""
+    env = os.environ.get("KCENGINE_DATA")
+    if env:
+        p = Path(env)
+        return p if p.is_dir() else None
+    root = repo_root()
+    if root is None:
+        root = Path.cwd()
+    p = root.parent / "shared" / "data"
+    return p if p.is_dir() else None
+
+
+def git_commit(short: bool = True) -> str:
+    root = repo_root() or Path.cwd()
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short" if short else "HEAD", "HEAD"][: 4 if short else 3],
+                             cwd=root, capture_output=True, text=True, timeout=5)
+        sha = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """A short description of where a benchmark ran."""
+    import numpy as np
+    import torch
+
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "os": f"{platform.system()} {platform.release()}",
+    }
+    try:
+        from .. import _core
+
+        info["threads"] = _core.max_threads()
+        feats = _core.cpu_features()
+        info["cpu_features"] = ",".join(k for k, v in feats.items() if v)
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux ru_maxrss is in KB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def time_call(fn: Callable[[], object], *, repeat: int = 1, warmup: int = 0, sync: Callable[[], None] | None = None):
+    """(best seconds over ``repeat`` runs, last return value)."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+        if sync:
+            sync()
+    best = float("inf")
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        out = fn()
+        if sync:
+            sync()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def write_csv(path: Path, rows: Sequence[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        path.write_text("")
+        return
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "NaN"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 1:
+            return f"{v:.2f}"
+        return f"{v:.3g}"
+    return str(v)
+
+
+def markdown_table(rows: Iterable[dict], columns: Sequence[str] | None = None) -> str:
+    rows = list(rows)
+    if not rows:
+        return "(no rows)\n"
+    cols = list(columns) if columns else list(rows[0].keys())
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
