@@ -45,8 +45,8 @@ def shared_data_dir() -> Path | None:
 def git_commit(short: bool = True) -> str:
     root = repo_root() or Path.cwd()
     try:
-        out = subprocess.run(["git", "rev-parse", "--short" if short else "HEAD", "HEAD"][: 4 if short else 3],
-                             cwd=root, capture_output=True, text=True, timeout=5)
+        cmd = ["git", "rev-parse", "--short", "HEAD"] if short else ["git", "rev-parse", "HEAD"]
+        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=5)
         sha = out.stdout.strip() or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=5).stdout.strip()
