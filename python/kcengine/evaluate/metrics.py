@@ -1,0 +1,173 @@
+"""Batched classification evaluation: top-1/top-5, per-class accuracy, confusion matrix.
+
+``evaluate(model, data)`` runs the model in eval mode under ``torch.inference_mode`` over
+``data`` — a DataLoader, a Dataset, or an ``(images, labels)`` tensor pair — and returns an
+:class:`EvalResult`.  The caller's model is not modified (its train/eval mode is restored).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["EvalResult", "evaluate", "top1_accuracy", "confusion_png"]
+
+
+@dataclass
+class EvalResult:
+    """``top1``/``top5`` fractions in [0, 1]; ``correct`` top-1 count of ``total`` images;
+    ``per_class`` accuracy per true class ``[C]`` (NaN for a class without images);
+    ``confusion`` ``[C, C]`` int64 counts (row = true class, column = predicted)."""
+
+    top1: float
+    top5: float
+    correct: int
+    total: int
+    per_class: np.ndarray
+    confusion: np.ndarray
+    classes: tuple = field(default_factory=tuple)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"top1": self.top1, "top5": self.top5, "correct": self.correct, "total": self.total,
+                "per_class": {str(c): (None if np.isnan(a) else float(a)) for c, a in
+                              zip(self.classes or range(len(self.per_class)), self.per_class)},
+                "confusion": self.confusion.tolist(), "seconds": self.seconds}
+
+
+def _batches(data, batch_size: int):
+    """Yield (x, y) batches from a DataLoader, a Dataset or an (images, labels) pair."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"images and labels differ in length: {x.shape[0]} vs {y.shape[0]}")
+        for i in range(0, x.shape[0], batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
+        return
+    if isinstance(data, torch.utils.data.DataLoader):
+        yield from data
+        return
+    if isinstance(data, torch.utils.data.Dataset):
+        if hasattr(data, "tensors") and len(data.tensors) == 2:
+            yield from _batches(tuple(data.tensors), batch_size)
+            return
+        yield from torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+        return
+    raise ValueError(f"data must be a DataLoader, a Dataset or an (images, labels) pair, got {type(data).__name__}")
+
+
+def _length(data) -> int | None:
+    try:
+        if isinstance(data, (tuple, list)):
+            return int(data[0].shape[0])
+        if isinstance(data, torch.utils.data.DataLoader):
+            return len(data.dataset)  # type: ignore[arg-type]
+        return len(data)
+    except TypeError:
+        return None
+
+
+def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num_classes: int | None = None,
+             classes: Sequence[str] | None = None, progress: bool = False, desc: str = "eval") -> EvalResult:
+    """Evaluate ``model`` on ``data``; see the module docstring."""
+    import time
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
+    if classes is None:
+        classes = getattr(data, "classes", None) or getattr(getattr(data, "dataset", None), "classes", None)
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = total = 0
+    preds, trues = [], []
+    total_n = _length(data)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_n, desc=desc, unit="img", leave=False)
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for x, y in _batches(data, batch_size):
+                x = x.to(device)
+                y = y.to(device)
+                logits = model(x)
+                k = min(5, logits.shape[1])
+                top = logits.topk(k, dim=1).indices
+                correct1 += int((top[:, 0] == y).sum())
+                correct5 += int((top == y[:, None]).any(dim=1).sum())
+                total += int(y.shape[0])
+                preds.append(top[:, 0].cpu())
+                trues.append(y.cpu())
+                if bar is not None:
+                    bar.update(int(y.shape[0]))
+                if num_classes is None:
+                    num_classes = int(logits.shape[1])
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    seconds = time.perf_counter() - t0
+    if total == 0:
+        raise ValueError("data holds no images")
+    p = torch.cat(preds).numpy()
+    t = torch.cat(trues).numpy()
+    C = int(num_classes)
+    conf = np.zeros((C, C), dtype=np.int64)
+    np.add.at(conf, (t, p), 1)
+    support = conf.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(support > 0, np.diag(conf) / np.maximum(support, 1), np.nan)
+    return EvalResult(correct1 / total, correct5 / total, correct1, total, per_class, conf,
+                      tuple(classes) if classes is not None else tuple(str(i) for i in range(C)), seconds)
+
+
+def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 1000) -> float:
+    """Top-1 accuracy on in-memory tensors, the fast path the sweeps use (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        with torch.inference_mode():
+            for i in range(0, images.shape[0], batch_size):
+                correct += int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
+    finally:
+        model.train(was_training)
+    return correct / int(images.shape[0])
+
+
+def confusion_png(confusion: np.ndarray, path, *, classes: Sequence[str] | None = None, title: str = "") -> Path:
+    """Write the confusion matrix as a PNG heat map (matplotlib, Agg backend) and return the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conf = np.asarray(confusion)
+    C = conf.shape[0]
+    names = list(classes) if classes is not None else [str(i) for i in range(C)]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * C, 0.8 + 0.6 * C))
+    ax.imshow(conf, cmap="Blues")
+    ax.set_xticks(range(C), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(C), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    vmax = conf.max() if conf.size else 0
+    for i in range(C):
+        for j in range(C):
+            if conf[i, j]:
+                ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if conf[i, j] > vmax / 2 else "black")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,70 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from kcengine.data import Normalization, cifar10_dataset, make_loader, read_cifar10, synthetic_images
+
+
+def _write_batches(root, n_test=7, n_train=3):
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    data = {}
+    for name, n in [("test_batch", n_test)] + [(f"data_batch_{i}", n_train) for i in range(1, 6)]:
+        d = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        lab = rng.integers(0, 10, n).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "data": d, "labels": lab}, f)
+        data[name] = (d, lab)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return data
+
+
+def test_reader_layout_is_channel_planar(tmp_path):
+    data = _write_batches(tmp_path)
+    s = read_cifar10(tmp_path, "test")
+    d, lab = data["test_batch"]
+    assert s.images.shape == (7, 3, 32, 32) and s.images.dtype == torch.uint8
+    # pixel (row 5, col 9) of image 2: R at 5*32+9, G at 1024 + ..., B at 2048 + ...
+    for c in range(3):
+        assert int(s.images[2, c, 5, 9]) == int(d[2, c * 1024 + 5 * 32 + 9])
+    assert s.labels.tolist() == lab
+    assert s.classes == tuple(f"c{i}" for i in range(10))
+    tr = read_cifar10(tmp_path / "cifar-10-batches-py", "train")
+    assert len(tr) == 15
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no CIFAR-10 python batches"):
+        read_cifar10(tmp_path)
+    _write_batches(tmp_path)
+    with pytest.raises(ValueError, match="split must be"):
+        read_cifar10(tmp_path, "val")
+
+
+def test_normalization_matches_formula(tmp_path):
+    _write_batches(tmp_path)
+    norm = Normalization((0.5, 0.4, 0.3), (0.2, 0.25, 0.5))
+    ds = cifar10_dataset(tmp_path, "test", norm)
+    raw = read_cifar10(tmp_path, "test").images.double() / 255
+    ref = (raw - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1).double()) / torch.tensor([0.2, 0.25, 0.5]).view(3, 1, 1).double()
+    torch.testing.assert_close(ds.images.double(), ref, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="std > 0"):
+        Normalization((0.0,), (0.0,))
+
+
+def test_synthetic_and_loader():
+    ds = synthetic_images(10, num_classes=3, seed=1)
+    assert torch.equal(ds.images, synthetic_images(10, num_classes=3, seed=1).images)
+    batches = list(make_loader(ds, 4))
+    assert [b[0].shape[0] for b in batches] == [4, 4, 2]
+
+
+def test_shared_cifar_subset(shared_data):
+    s = read_cifar10(shared_data, "test")
+    assert len(s) == 846
+    assert np.bincount(s.labels.numpy(), minlength=10).tolist() == [83, 70, 88, 84, 76, 79, 97, 87, 88, 94]
+    assert len(read_cifar10(shared_data, "train")) == 4660

@@ -1,0 +1,108 @@
+import os
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from kcengine.models import (CIFAR_CHECKPOINT_URLS, CifarResNet, MissingWeightsError, extract_state_dict,
+                             hub_cache_path, load_model, load_state_dict_into, read_checkpoint)
+
+
+@pytest.mark.parametrize("depth,n_conv", [(20, 19), (32, 31), (44, 43), (56, 55), (110, 109)])
+def test_cifar_resnet_shape_and_layer_count(depth, n_conv):
+    m = CifarResNet(depth).eval()
+    convs = [mod for mod in m.modules() if isinstance(mod, nn.Conv2d)]
+    assert len(convs) == n_conv  # 6n convs in blocks + the stem
+    with torch.inference_mode():
+        assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet20_parameter_count_matches_paper():
+    m = CifarResNet(20)
+    n = sum(p.numel() for p in m.parameters())
+    assert 0.26e6 < n < 0.28e6  # 0.27M in He et al. table 6
+
+
+def test_option_a_shortcut_zero_pads_and_subsamples():
+    blk = CifarResNet(20).layer2[0]
+    x = torch.randn(1, 16, 8, 8)
+    s = blk.shortcut(x)
+    assert s.shape == (1, 32, 4, 4)
+    assert torch.equal(s[:, 8:24], x[:, :, ::2, ::2])
+    assert s[:, :8].abs().sum() == 0 and s[:, 24:].abs().sum() == 0
+
+
+def test_bad_depth_is_a_clear_error():
+    with pytest.raises(ValueError, match="depth must be 6n\\+2.*depth=21"):
+        CifarResNet(21)
+
+
+def _variants(state):
+    yield state
+    yield {"state_dict": state}
+    yield {"model": state}
+    yield {"module." + k: v for k, v in state.items()}
+    yield {"state_dict": {"module." + k: v for k, v in state.items()}, "best_prec1": 90.0}
+
+
+def test_checkpoint_formats_all_load_the_same(tmp_path):
+    src = CifarResNet(20)
+    state = src.state_dict()
+    for i, obj in enumerate(_variants(state)):
+        p = tmp_path / f"ck{i}.th"
+        torch.save(obj, p)
+        dst = CifarResNet(20)
+        load_state_dict_into(dst, read_checkpoint(p))
+        for k, v in src.state_dict().items():
+            assert torch.equal(dst.state_dict()[k], v), (i, k)
+
+
+def test_whole_module_pickle_loads(tmp_path):
+    src = CifarResNet(20)
+    p = tmp_path / "whole.pt"
+    torch.save(src, p)
+    assert torch.equal(read_checkpoint(p)["linear.weight"], src.linear.weight)
+
+
+def test_mismatching_checkpoint_says_what_differs():
+    state = CifarResNet(20).state_dict()
+    with pytest.raises(ValueError, match="missing|unexpected|another shape"):
+        load_state_dict_into(CifarResNet(32), state)
+    with pytest.raises(ValueError, match="no state_dict"):
+        extract_state_dict({"epoch": 3})
+
+
+def test_missing_weights_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(MissingWeightsError, match="not in the torch hub cache.*--weights PATH"):
+        load_model("resnet20", "pretrained", allow_download=False)
+    with pytest.raises(MissingWeightsError, match="does not exist"):
+        load_model("resnet20", str(tmp_path / "nope.th"))
+
+
+def test_torchvision_by_name_without_weights_and_missing_enum_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    lm = load_model("resnet18", None)
+    assert not lm.pretrained and "default initialization" in lm.weights
+    assert lm.model.fc.out_features == 1000
+    with pytest.raises(MissingWeightsError, match="resnet18.IMAGENET1K_V1 are not in the torch hub cache"):
+        load_model("resnet18", "IMAGENET1K_V1", allow_download=False)
+    with pytest.raises(ValueError, match="not one of resnet18's weights"):
+        load_model("resnet18", "NOPE_V9")
+    with pytest.raises(ValueError, match="not a known model"):
+        load_model("resnet19")
+
+
+def test_pretrained_cifar_loads_through_the_hub_cache(shared_data, tmp_path, monkeypatch):
+    """The real path: load_state_dict_from_url(public URL) finds the file in $TORCH_HOME/hub/checkpoints."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = CIFAR_CHECKPOINT_URLS["resnet20"]
+    dst = hub_cache_path(url)
+    assert str(dst).startswith(str(tmp_path))
+    dst.parent.mkdir(parents=True)
+    shutil.copy(shared_data / "checkpoints" / os.path.basename(url), dst)
+    lm = load_model("resnet20", "pretrained", allow_download=False)
+    ref = read_checkpoint(shared_data / "checkpoints" / "resnet20-12fca82f.th")
+    assert lm.pretrained and lm.weights == url
+    assert torch.equal(lm.model.layer3[2].conv2.weight, ref["layer3.2.conv2.weight"])
