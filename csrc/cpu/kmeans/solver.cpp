@@ -1,0 +1,1052 @@
+// Batched k-means solver.  This file is compiled once per instruction set (KC_ARCH = generic,
+// avx2, avx512) and the bindings pick one copy at load time from the CPU's features, so the
+// distributed build is portable and still vectorized for the machine it runs on.
+//
+// Semantics follow scikit-learn's Lloyd (greedy k-means++, tol relative to the data's mean
+// variance, strict convergence when no label changes, empty clusters moved to far points, a final
+// E-step so labels match the returned centroids).  Three exact solvers give the same iterates as
+// plain Lloyd with far less work, chosen per problem:
+//   * hamerly  - triangle-inequality bounds skip most distance computations (low/moderate D);
+//   * gram     - distances through the N x N Gram matrix when D is large against N: centroids are
+//                weighted means of points, so every distance is a combination of Gram entries;
+//   * lloyd1d  - D == 1: points sorted once, clusters are intervals, an iteration is O(k log N).
+// plus exact1d, the globally optimal 1-D clustering (dynamic programming, divide and conquer).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "batch.h"
+
+#ifndef KC_ARCH
+#define KC_ARCH generic
+#endif
+
+namespace kcengine::km::KC_ARCH {
+namespace {
+
+using i64 = int64_t;
+using i32 = int32_t;
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// ------------------------------------------------------------------------------------ random
+// splitmix64 seeds a xoshiro256** stream; each (seed, run) pair has its own stream, the same for
+// every problem of a batch, so a problem gets the same start in a batch as alone.
+inline uint64_t splitmix(uint64_t& s) {
+  uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+struct Rng {
+  uint64_t s[4];
+  Rng(uint64_t seed, uint64_t stream) {
+    uint64_t x = seed ^ (0x6A09E667F3BCC909ull * (stream + 1));
+    for (auto& v : s) v = splitmix(x);
+  }
+  static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+  uint64_t next() {
+    const uint64_t r = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3]; s[2] ^= t; s[3] = rotl(s[3], 45);
+    return r;
+  }
+  double uniform() { return double(next() >> 11) * 0x1.0p-53; }  // [0, 1)
+};
+
+// ------------------------------------------------------------------------------ small helpers
+template <class T>
+inline double sqdist(const T* a, const T* b, i64 d) {
+  double s = 0.0;
+  for (i64 j = 0; j < d; ++j) {
+    const double t = double(a[j]) - double(b[j]);
+    s += t * t;
+  }
+  return s;
+}
+
+inline double weight(const double* w, i64 i) { return w ? w[i] : 1.0; }
+
+// First index whose cumulative weight exceeds r (never a zero-weight point while r < total).
+inline i64 search_cum(const std::vector<double>& cum, double r) {
+  i64 idx = std::upper_bound(cum.begin(), cum.end(), r) - cum.begin();
+  return std::min<i64>(idx, i64(cum.size()) - 1);
+}
+
+struct ThreadCount {
+  static int get(bool par) { return par ? omp_get_max_threads() : 1; }
+};
+
+// ------------------------------------------------------------------------- per-dataset state
+template <class T>
+struct Prepared {
+  double tol_abs = 0.0;
+  std::vector<T> xt;         // [d, n] transposed copy (direct k-means++), when needed
+  std::vector<T> xnorm;      // [n] squared norms (direct solvers)
+  std::vector<double> gram;  // [n, n] (gram solver)
+  // 1-D: values sorted ascending, their weights and original positions, prefix sums.
+  std::vector<double> sv, sw, pw, pwx;
+  std::vector<i64> order;
+  bool has_direct = false, has_gram = false, has_sorted = false;
+};
+
+template <class T>
+double mean_variance(const Dataset<T>& ds) {
+  const i64 n = ds.n, d = ds.d;
+  std::vector<double> mean(d, 0.0), var(d, 0.0);
+  for (i64 i = 0; i < n; ++i)
+    for (i64 j = 0; j < d; ++j) mean[j] += double(ds.x[i * d + j]);
+  for (auto& m : mean) m /= double(n);
+  for (i64 i = 0; i < n; ++i)
+    for (i64 j = 0; j < d; ++j) {
+      const double t = double(ds.x[i * d + j]) - mean[j];
+      var[j] += t * t;
+    }
+  double s = 0.0;
+  for (auto v : var) s += v / double(n);
+  return s / double(d);
+}
+
+// G = X X^T in double, from dot products accumulated in T over cache-sized chunks of D.
+template <class T>
+void compute_gram(const Dataset<T>& ds, std::vector<double>& G, bool par) {
+  const i64 n = ds.n, d = ds.d;
+  G.assign(size_t(n) * n, 0.0);
+  constexpr i64 PB = 4, JB = 16, DB = 256;
+  const i64 np = (n + JB - 1) / JB * JB;
+  std::vector<T> xt(size_t(d) * np, T(0));
+  for (i64 i = 0; i < n; ++i)
+    for (i64 j = 0; j < d; ++j) xt[size_t(j) * np + i] = ds.x[i * d + j];
+  const i64 nblocks = (n + PB - 1) / PB;
+#pragma omp parallel for if (par) schedule(dynamic, 1)
+  for (i64 b = 0; b < nblocks; ++b) {
+    const i64 i0 = b * PB, pb = std::min(PB, n - i0);
+    // Only tiles on or above the diagonal: the lower triangle is mirrored afterwards.
+    for (i64 j0 = (i0 / JB) * JB; j0 < n; j0 += JB) {
+      for (i64 d0 = 0; d0 < d; d0 += DB) {
+        const i64 d1 = std::min(d, d0 + DB);
+        T acc[PB][JB] = {};
+        for (i64 dd = d0; dd < d1; ++dd) {
+          const T* col = &xt[size_t(dd) * np + j0];
+          for (i64 p = 0; p < PB; ++p) {
+            const T xv = p < pb ? ds.x[(i0 + p) * d + dd] : T(0);
+#pragma omp simd
+            for (i64 jj = 0; jj < JB; ++jj) acc[p][jj] += xv * col[jj];
+          }
+        }
+        for (i64 p = 0; p < pb; ++p)
+          for (i64 jj = 0; jj < JB && j0 + jj < n; ++jj) G[size_t(i0 + p) * n + j0 + jj] += double(acc[p][jj]);
+      }
+    }
+  }
+  // Row block b computed columns from the start of the JB-tile holding its first row on; the
+  // rest of the row is the mirror of entries computed for earlier rows.
+  for (i64 i = 0; i < n; ++i) {
+    const i64 jlim = ((i / PB) * PB / JB) * JB;
+    for (i64 j = 0; j < jlim; ++j) G[size_t(i) * n + j] = G[size_t(j) * n + i];
+  }
+}
+
+// ---------------------------------------------------------------------------- center storage
+// Centers kept row-major in T for output, and transposed + padded for the distance kernel.
+template <class T>
+struct Centers {
+  i64 k = 0, d = 0, kp = 0;
+  std::vector<T> c;   // [k, d]
+  std::vector<T> ct;  // [d, kp]
+  std::vector<T> cn;  // [k] squared norms
+  static constexpr i64 JB = 16;
+  void init(i64 k_, i64 d_) {
+    k = k_; d = d_; kp = (k + JB - 1) / JB * JB;
+    c.assign(size_t(k) * d, T(0)); ct.assign(size_t(d) * kp, T(0)); cn.assign(k, T(0));
+  }
+  void refresh() {
+    for (i64 j = 0; j < k; ++j) {
+      double s = 0.0;
+      for (i64 t = 0; t < d; ++t) {
+        const T v = c[size_t(j) * d + t];
+        ct[size_t(t) * kp + j] = v;
+        s += double(v) * double(v);
+      }
+      cn[j] = T(s);
+    }
+  }
+};
+
+// Nearest and second-nearest center of points [i0, i1): squared distances (dot form, as
+// scikit-learn) written to best2/second2, labels to lab.  `buf` holds 4 * kp values.
+template <class T>
+void assign_range(const T* X, const T* xnorm, i64 i0, i64 i1, const Centers<T>& C, i32* lab, double* best2,
+                  double* second2, std::vector<T>& buf) {
+  constexpr i64 PB = 4, JB = Centers<T>::JB;
+  const i64 d = C.d, k = C.k, kp = C.kp;
+  buf.resize(size_t(PB) * kp);
+  for (i64 i = i0; i < i1; i += PB) {
+    const i64 pb = std::min(PB, i1 - i);
+    for (i64 j0 = 0; j0 < kp; j0 += JB) {
+      T acc[PB][JB] = {};
+      const T* xr = X + i * d;
+      if (pb == PB) {
+        for (i64 t = 0; t < d; ++t) {
+          const T* col = &C.ct[size_t(t) * kp + j0];
+          const T x0 = xr[t], x1 = xr[d + t], x2 = xr[2 * d + t], x3 = xr[3 * d + t];
+#pragma omp simd
+          for (i64 jj = 0; jj < JB; ++jj) {
+            acc[0][jj] += x0 * col[jj];
+            acc[1][jj] += x1 * col[jj];
+            acc[2][jj] += x2 * col[jj];
+            acc[3][jj] += x3 * col[jj];
+          }
+        }
+      } else {
+        for (i64 p = 0; p < pb; ++p)
+          for (i64 t = 0; t < d; ++t) {
+            const T* col = &C.ct[size_t(t) * kp + j0];
+            const T xv = xr[p * d + t];
+#pragma omp simd
+            for (i64 jj = 0; jj < JB; ++jj) acc[p][jj] += xv * col[jj];
+          }
+      }
+      const i64 jn = std::min(JB, k - j0);
+      for (i64 p = 0; p < pb; ++p)
+        for (i64 jj = 0; jj < jn; ++jj) buf[size_t(p) * kp + j0 + jj] = C.cn[j0 + jj] - T(2) * acc[p][jj];
+    }
+    for (i64 p = 0; p < pb; ++p) {
+      const T* dist = &buf[size_t(p) * kp];
+      T m = std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(min : m)
+      for (i64 j = 0; j < k; ++j) m = std::min(m, dist[j]);
+      i64 b = 0;
+      while (dist[b] != m) ++b;
+      T m2 = std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(min : m2)
+      for (i64 j = 0; j < k; ++j) m2 = std::min(m2, j == b ? std::numeric_limits<T>::infinity() : dist[j]);
+      const double xn = double(xnorm[i + p]);
+      lab[i + p] = i32(b);
+      best2[i + p] = std::max(0.0, xn + double(m));
+      second2[i + p] = k > 1 ? std::max(0.0, xn + double(m2)) : kInf;
+    }
+  }
+}
+
+// ------------------------------------------------------------------- empty-cluster relocation
+// scikit-learn's repair: each empty cluster takes the point farthest from its (old) center; the
+// point's contribution moves from its cluster's sums to the empty one's.  Labels are left as they
+// are (the next E-step reassigns).  We only take points of positive weight, at positive distance,
+// whose cluster keeps some weight, and never the same coordinates twice, so relocated centers
+// are distinct from each other and from the clusters they leave.
+// `sums` may be null (the Gram solver tracks membership instead: moved[e] = point).
+template <class P>
+void relocate(i64 n, i64 d, const P* X, const double* w, const i32* lab, const double* d2,
+              const std::vector<i32>& empty, double* sums, double* wsum, std::vector<i64>& moved) {
+  moved.assign(empty.size(), -1);
+  std::vector<i64> cand;
+  cand.reserve(n);
+  for (i64 i = 0; i < n; ++i)
+    if (weight(w, i) > 0 && d2[i] > 0) cand.push_back(i);
+  std::sort(cand.begin(), cand.end(), [&](i64 a, i64 b) { return d2[a] > d2[b] || (d2[a] == d2[b] && a < b); });
+  std::vector<i64> picked;
+  size_t pos = 0;
+  for (size_t e = 0; e < empty.size(); ++e) {
+    for (; pos < cand.size(); ++pos) {
+      const i64 i = cand[pos];
+      const double wi = weight(w, i);
+      const i32 from = lab[i];
+      if (wsum[from] - wi <= 0) continue;
+      bool dup = false;
+      for (i64 q : picked)
+        if (std::equal(X + q * d, X + (q + 1) * d, X + i * d)) { dup = true; break; }
+      if (dup) continue;
+      const i32 to = empty[e];
+      if (sums) {
+        for (i64 t = 0; t < d; ++t) {
+          sums[size_t(from) * d + t] -= wi * double(X[i * d + t]);
+          sums[size_t(to) * d + t] = wi * double(X[i * d + t]);
+        }
+      }
+      wsum[from] -= wi;
+      wsum[to] = wi;
+      moved[e] = i;
+      picked.push_back(i);
+      ++pos;
+      break;
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- k-means++ init
+// Greedy k-means++ exactly as scikit-learn: first center drawn by weight, then for each next
+// center 2 + int(ln k) candidates drawn with probability ~ weight * D(x)^2, the one that lowers
+// the potential most is kept.  `dist_to(c, out)` writes squared distances from point c to all.
+template <class DistTo>
+void kmeanspp(i64 n, i64 k, const double* w, Rng& rng, DistTo&& dist_to, std::vector<i64>& chosen, bool par) {
+  chosen.assign(k, 0);
+  std::vector<double> cum(n);
+  double acc = 0;
+  for (i64 i = 0; i < n; ++i) cum[i] = (acc += weight(w, i));
+  chosen[0] = search_cum(cum, rng.uniform() * acc);
+  std::vector<double> closest(n);
+  dist_to(chosen[0], closest.data());
+  double pot = 0;
+  for (i64 i = 0; i < n; ++i) pot += weight(w, i) * closest[i];
+  const i64 trials = 2 + i64(std::log(double(k)));
+  std::vector<double> cd(size_t(trials) * n);
+  std::vector<i64> cid(trials);
+  std::vector<double> cpot(trials);
+  for (i64 c = 1; c < k; ++c) {
+    acc = 0;
+    for (i64 i = 0; i < n; ++i) cum[i] = (acc += weight(w, i) * closest[i]);
+    for (i64 t = 0; t < trials; ++t) cid[t] = search_cum(cum, rng.uniform() * cum.back());
+    for (i64 t = 0; t < trials; ++t) {
+      double* dt = &cd[size_t(t) * n];
+      dist_to(cid[t], dt);
+      double p = 0;
+#pragma omp parallel for if (par) reduction(+ : p) schedule(static)
+      for (i64 i = 0; i < n; ++i) {
+        dt[i] = std::min(dt[i], closest[i]);
+        p += weight(w, i) * dt[i];
+      }
+      cpot[t] = p;
+    }
+    const i64 best = std::min_element(cpot.begin(), cpot.end()) - cpot.begin();
+    pot = cpot[best];
+    std::copy(cd.begin() + best * n, cd.begin() + (best + 1) * n, closest.begin());
+    chosen[c] = cid[best];
+  }
+}
+
+// k distinct points drawn by weight without replacement (zero-weight points only if needed).
+inline void random_init(i64 n, i64 k, const double* w, Rng& rng, std::vector<i64>& chosen) {
+  chosen.clear();
+  std::vector<double> ww(n);
+  for (i64 i = 0; i < n; ++i) ww[i] = weight(w, i);
+  std::vector<char> taken(n, 0);
+  for (i64 c = 0; c < k; ++c) {
+    double tot = 0;
+    for (i64 i = 0; i < n; ++i) tot += taken[i] ? 0.0 : ww[i];
+    i64 pick = -1;
+    if (tot > 0) {
+      double r = rng.uniform() * tot, acc = 0;
+      for (i64 i = 0; i < n; ++i) {
+        if (taken[i] || ww[i] <= 0) continue;
+        acc += ww[i];
+        pick = i;
+        if (acc > r) break;
+      }
+    } else {  // only zero-weight points are left: uniform among them
+      i64 left = 0;
+      for (i64 i = 0; i < n; ++i) left += !taken[i];
+      i64 r = i64(rng.uniform() * double(left));
+      for (i64 i = 0; i < n; ++i)
+        if (!taken[i] && r-- == 0) { pick = i; break; }
+    }
+    taken[pick] = 1;
+    chosen.push_back(pick);
+  }
+}
+
+// One run's outcome (before the best of n_init is kept).
+template <class T>
+struct Run {
+  std::vector<T> centroids;  // [k, d]
+  std::vector<i32> labels;   // [n]
+  double inertia = kInf;
+  i32 n_iter = 0;
+  bool converged = false;
+  Algo algo = Algo::Lloyd;
+};
+
+template <class T>
+double inertia_of(const Dataset<T>& ds, const std::vector<T>& C, const std::vector<i32>& lab, bool par) {
+  double s = 0;
+  const i64 d = ds.d;
+#pragma omp parallel for if (par) reduction(+ : s) schedule(static)
+  for (i64 i = 0; i < ds.n; ++i) s += weight(ds.w, i) * sqdist(ds.x + i * d, &C[size_t(lab[i]) * d], d);
+  return s;
+}
+
+// ------------------------------------------------------------------ direct Lloyd / Hamerly
+template <class T>
+void solve_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::vector<T>& init, int max_iter,
+                  bool bounds, bool par, Run<T>& out) {
+  const i64 n = ds.n, d = ds.d;
+  const double* w = ds.w;
+  Centers<T> C;
+  C.init(k, d);
+  C.c = init;
+  C.refresh();
+  std::vector<i32> lab(n, 0), lab_old(n, -1);
+  std::vector<double> u(n), l(n);  // distances (not squared): upper bound to own, lower to others
+  std::vector<double> d2own(n);
+  std::vector<double> sums(size_t(k) * d), wsum(k), shift(k), s_half(k);
+  std::vector<T> cnew(size_t(k) * d);
+  const int nth = ThreadCount::get(par);
+  std::vector<std::vector<T>> bufs(nth);
+  std::vector<double> tsums(par ? size_t(nth) * k * d : 0), twsum(par ? size_t(nth) * k : 0);
+  std::vector<i32> empty;
+  std::vector<i64> moved;
+  bool strict = false;
+  int it = 0;
+  const i64 chunk = 256;
+  const i64 nchunks = (n + chunk - 1) / chunk;
+
+  auto full_assign = [&]() {
+#pragma omp parallel for if (par) schedule(dynamic, 4)
+    for (i64 c = 0; c < nchunks; ++c) {
+      const i64 i0 = c * chunk, i1 = std::min(n, i0 + chunk);
+      auto& buf = bufs[par ? omp_get_thread_num() : 0];
+      assign_range(ds.x, prep.xnorm.data(), i0, i1, C, lab.data(), u.data(), l.data(), buf);
+      for (i64 i = i0; i < i1; ++i) { u[i] = std::sqrt(u[i]); l[i] = std::sqrt(l[i]); }
+    }
+  };
+  auto bounded_assign = [&]() {
+    // s_half[j]: half the distance from center j to its nearest other center.
+    std::fill(s_half.begin(), s_half.end(), kInf);
+    for (i64 a = 0; a < k; ++a)
+      for (i64 b = a + 1; b < k; ++b) {
+        const double dd = std::sqrt(sqdist(&C.c[size_t(a) * d], &C.c[size_t(b) * d], d));
+        s_half[a] = std::min(s_half[a], dd);
+        s_half[b] = std::min(s_half[b], dd);
+      }
+    for (auto& s : s_half) s *= 0.5;
+#pragma omp parallel for if (par) schedule(dynamic, 4)
+    for (i64 c = 0; c < nchunks; ++c) {
+      const i64 i0 = c * chunk, i1 = std::min(n, i0 + chunk);
+      auto& buf = bufs[par ? omp_get_thread_num() : 0];
+      for (i64 i = i0; i < i1; ++i) {
+        const double m = std::max(s_half[lab[i]], l[i]);
+        if (u[i] <= m) continue;
+        u[i] = std::sqrt(sqdist(ds.x + i * d, &C.c[size_t(lab[i]) * d], d));
+        if (u[i] <= m) continue;
+        assign_range(ds.x, prep.xnorm.data(), i, i + 1, C, lab.data(), u.data(), l.data(), buf);
+        u[i] = std::sqrt(u[i]);
+        l[i] = std::sqrt(l[i]);
+      }
+    }
+  };
+  auto e_step = [&](int iter) {
+    if (!bounds || iter == 0) full_assign();
+    else bounded_assign();
+  };
+
+  for (it = 0; it < max_iter; ++it) {
+    e_step(it);
+    // M-step: weighted sums per cluster.
+    std::fill(sums.begin(), sums.end(), 0.0);
+    std::fill(wsum.begin(), wsum.end(), 0.0);
+    if (par) {
+      std::fill(tsums.begin(), tsums.end(), 0.0);
+      std::fill(twsum.begin(), twsum.end(), 0.0);
+#pragma omp parallel
+      {
+        const int t = omp_get_thread_num();
+        double* ts = &tsums[size_t(t) * k * d];
+        double* tw = &twsum[size_t(t) * k];
+#pragma omp for schedule(static)
+        for (i64 i = 0; i < n; ++i) {
+          const double wi = weight(w, i);
+          double* s = ts + size_t(lab[i]) * d;
+          const T* x = ds.x + i * d;
+          for (i64 q = 0; q < d; ++q) s[q] += wi * double(x[q]);
+          tw[lab[i]] += wi;
+        }
+      }
+      for (int t = 0; t < nth; ++t) {
+        for (size_t q = 0; q < sums.size(); ++q) sums[q] += tsums[size_t(t) * k * d + q];
+        for (i64 j = 0; j < k; ++j) wsum[j] += twsum[size_t(t) * k + j];
+      }
+    } else {
+      for (i64 i = 0; i < n; ++i) {
+        const double wi = weight(w, i);
+        double* s = &sums[size_t(lab[i]) * d];
+        const T* x = ds.x + i * d;
+        for (i64 q = 0; q < d; ++q) s[q] += wi * double(x[q]);
+        wsum[lab[i]] += wi;
+      }
+    }
+    empty.clear();
+    for (i64 j = 0; j < k; ++j)
+      if (wsum[j] <= 0) empty.push_back(i32(j));
+    if (!empty.empty()) {
+#pragma omp parallel for if (par) schedule(static)
+      for (i64 i = 0; i < n; ++i) d2own[i] = sqdist(ds.x + i * d, &C.c[size_t(lab[i]) * d], d);
+      relocate(n, d, ds.x, w, lab.data(), d2own.data(), empty, sums.data(), wsum.data(), moved);
+    }
+    double shift_tot = 0, pmax = 0, pmax2 = 0;
+    i64 jmax = -1;
+    for (i64 j = 0; j < k; ++j) {
+      T* cj = &cnew[size_t(j) * d];
+      const T* co = &C.c[size_t(j) * d];
+      if (wsum[j] > 0)
+        for (i64 q = 0; q < d; ++q) cj[q] = T(sums[size_t(j) * d + q] / wsum[j]);
+      else
+        std::copy(co, co + d, cj);
+      const double s2 = sqdist(cj, co, d);
+      shift_tot += s2;
+      shift[j] = std::sqrt(s2);
+      if (shift[j] > pmax) { pmax2 = pmax; pmax = shift[j]; jmax = j; }
+      else if (shift[j] > pmax2) pmax2 = shift[j];
+    }
+    if (bounds) {
+#pragma omp parallel for if (par) schedule(static)
+      for (i64 i = 0; i < n; ++i) {
+        u[i] += shift[lab[i]];
+        l[i] -= (lab[i] == jmax ? pmax2 : pmax);
+      }
+    }
+    C.c.swap(cnew);
+    C.refresh();
+    if (lab == lab_old) { strict = true; break; }
+    if (shift_tot <= prep.tol_abs) break;
+    lab_old = lab;
+  }
+  out.converged = it < max_iter;
+  out.n_iter = i32(std::min(it + 1, max_iter));
+  if (!strict) e_step(1);  // bounds are valid here: at least one iteration ran
+  out.centroids = C.c;
+  out.labels.swap(lab);
+  out.algo = bounds ? Algo::Hamerly : Algo::Lloyd;
+}
+
+// --------------------------------------------------------------------------- Gram-matrix Lloyd
+// Centers are represented by their members: c_j = sum_{l in S_j} w_l x_l / W_j, so
+// <x_i, c_j> = sum_l (w_l / W_j) G[l, i] and ||c_j||^2 = sum_{l in S_j} (w_l / W_j) <x_l, c_j>.
+// An iteration costs O(N^2 + N k) instead of O(N k D).  Returns false (caller falls back to the
+// direct solver) in the one case membership cannot represent: an empty cluster with no point to
+// take.
+template <class T>
+bool solve_gram(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::vector<i64>* init_idx,
+                const T* init_c, int max_iter, bool par, Run<T>& out) {
+  const i64 n = ds.n, d = ds.d;
+  const double* w = ds.w;
+  const double* G = prep.gram.data();
+  std::vector<double> cr(size_t(k) * n), crn(size_t(k) * n), cn(k), cnn(k);
+  if (init_idx) {
+    for (i64 j = 0; j < k; ++j) {
+      const i64 p = (*init_idx)[j];
+      std::copy(G + p * n, G + (p + 1) * n, &cr[size_t(j) * n]);
+      cn[j] = G[p * n + p];
+    }
+  } else {
+    for (i64 j = 0; j < k; ++j) {
+      const T* c = init_c + j * d;
+      double s = 0;
+      for (i64 q = 0; q < d; ++q) s += double(c[q]) * double(c[q]);
+      cn[j] = s;
+#pragma omp parallel for if (par) schedule(static)
+      for (i64 i = 0; i < n; ++i) {
+        double dot = 0;
+        const T* x = ds.x + i * d;
+        for (i64 q = 0; q < d; ++q) dot += double(x[q]) * double(c[q]);
+        cr[size_t(j) * n + i] = dot;
+      }
+    }
+  }
+  std::vector<i32> lab(n), lab_old(n, -1), eff(n);
+  std::vector<double> best(n), d2own(n), wsum(k), coef(n);
+  std::vector<i32> empty;
+  std::vector<i64> moved;
+  auto e_step = [&]() {
+    std::fill(best.begin(), best.end(), kInf);
+    for (i64 j = 0; j < k; ++j) {
+      const double* row = &cr[size_t(j) * n];
+      const double c = cn[j];
+      for (i64 i = 0; i < n; ++i) {
+        const double v = c - 2.0 * row[i];
+        if (v < best[i]) { best[i] = v; lab[i] = i32(j); }
+      }
+    }
+  };
+  bool strict = false;
+  int it = 0;
+  for (it = 0; it < max_iter; ++it) {
+    e_step();
+    std::fill(wsum.begin(), wsum.end(), 0.0);
+    for (i64 i = 0; i < n; ++i) wsum[lab[i]] += weight(w, i);
+    eff = lab;
+    empty.clear();
+    for (i64 j = 0; j < k; ++j)
+      if (wsum[j] <= 0) empty.push_back(i32(j));
+    if (!empty.empty()) {
+      for (i64 i = 0; i < n; ++i) d2own[i] = std::max(0.0, G[i * n + i] + best[i]);
+      relocate(n, d, ds.x, w, lab.data(), d2own.data(), empty, nullptr, wsum.data(), moved);
+      for (size_t e = 0; e < empty.size(); ++e) {
+        if (moved[e] < 0) return false;
+        eff[moved[e]] = empty[e];
+      }
+    }
+    // New cross products <x_i, c_j> for every i: one pass over G's rows.
+    for (i64 l = 0; l < n; ++l) coef[l] = weight(w, l) / wsum[eff[l]];
+    std::fill(crn.begin(), crn.end(), 0.0);
+    if (par) {
+      const int nth = omp_get_max_threads();
+#pragma omp parallel num_threads(nth)
+      {
+        const int t = omp_get_thread_num();
+        const i64 lo = n * t / nth, hi = n * (t + 1) / nth;
+        for (i64 l = 0; l < n; ++l) {
+          if (coef[l] == 0.0) continue;
+          double* dst = &crn[size_t(eff[l]) * n];
+          const double* g = G + l * n;
+          const double a = coef[l];
+#pragma omp simd
+          for (i64 i = lo; i < hi; ++i) dst[i] += a * g[i];
+        }
+      }
+    } else {
+      for (i64 l = 0; l < n; ++l) {
+        if (coef[l] == 0.0) continue;
+        double* dst = &crn[size_t(eff[l]) * n];
+        const double* g = G + l * n;
+        const double a = coef[l];
+#pragma omp simd
+        for (i64 i = 0; i < n; ++i) dst[i] += a * g[i];
+      }
+    }
+    // ||c_new||^2 and <c_new, c_old> from the members; shift = ||c_new - c_old||^2.
+    std::fill(cnn.begin(), cnn.end(), 0.0);
+    std::vector<double> cross_old(k, 0.0);
+    for (i64 l = 0; l < n; ++l) {
+      const i64 j = eff[l];
+      cnn[j] += coef[l] * crn[size_t(j) * n + l];
+      cross_old[j] += coef[l] * cr[size_t(j) * n + l];
+    }
+    double shift_tot = 0;
+    for (i64 j = 0; j < k; ++j) shift_tot += std::max(0.0, cnn[j] - 2.0 * cross_old[j] + cn[j]);
+    cr.swap(crn);
+    cn.swap(cnn);
+    if (lab == lab_old) { strict = true; break; }
+    if (shift_tot <= prep.tol_abs) break;
+    lab_old = lab;
+  }
+  out.converged = it < max_iter;
+  out.n_iter = i32(std::min(it + 1, max_iter));
+  if (!strict) e_step();
+  // Materialize the centroids from the members of the last M-step.
+  out.centroids.assign(size_t(k) * d, T(0));
+  std::vector<double> acc(size_t(k) * d, 0.0);
+  for (i64 l = 0; l < n; ++l) {
+    if (coef[l] == 0.0) continue;
+    double* a = &acc[size_t(eff[l]) * d];
+    const T* x = ds.x + l * d;
+    for (i64 q = 0; q < d; ++q) a[q] += coef[l] * double(x[q]);
+  }
+  for (size_t q = 0; q < acc.size(); ++q) out.centroids[q] = T(acc[q]);
+  out.labels.swap(lab);
+  out.algo = Algo::Gram;
+  return true;
+}
+
+// ------------------------------------------------------------------------------- 1-D Lloyd
+// Points sorted once per dataset; with centers sorted, each cluster is an interval of the sorted
+// points, found by binary search on "the right neighbour is nearer" (ties to the lower index, as
+// argmin).  Sums come from prefix sums, so an iteration costs O(k log N).
+template <class T>
+void solve_1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::vector<double>& init, int max_iter,
+              Run<T>& out) {
+  const i64 n = ds.n;
+  const auto& v = prep.sv;
+  std::vector<double> c = init, cnew(k), S(k), W(k);
+  std::vector<i64> lo(k), hi(k), lo_old(k, -1), hi_old(k, -1), ordc(k);
+  auto e_step = [&]() {
+    std::iota(ordc.begin(), ordc.end(), 0);
+    std::sort(ordc.begin(), ordc.end(), [&](i64 a, i64 b) { return c[a] < c[b] || (c[a] == c[b] && a < b); });
+    std::fill(lo.begin(), lo.end(), 0);
+    std::fill(hi.begin(), hi.end(), 0);
+    i64 start = 0, prev = -1;
+    for (i64 m = 0; m < k; ++m) {
+      const i64 a = ordc[m];
+      if (prev >= 0 && c[a] == c[prev]) continue;  // duplicate value: the lower index owns it
+      // Find the next distinct center.
+      i64 nb = -1;
+      for (i64 m2 = m + 1; m2 < k; ++m2)
+        if (c[ordc[m2]] != c[a]) { nb = ordc[m2]; break; }
+      i64 end = n;
+      if (nb >= 0) {
+        const double ca = c[a], cb = c[nb];
+        i64 L = start, R = n;  // first position where nb beats a
+        while (L < R) {
+          const i64 mid = (L + R) / 2;
+          const double da = (v[mid] - ca) * (v[mid] - ca), db = (v[mid] - cb) * (v[mid] - cb);
+          if (db < da || (db == da && nb < a)) R = mid;
+          else L = mid + 1;
+        }
+        end = L;
+      }
+      lo[a] = start;
+      hi[a] = end;
+      start = end;
+      prev = a;
+    }
+    for (i64 j = 0; j < k; ++j)
+      if (lo[j] == hi[j]) lo[j] = hi[j] = 0;
+  };
+  std::vector<i32> empty;
+  std::vector<i64> moved;
+  bool strict = false;
+  int it = 0;
+  for (it = 0; it < max_iter; ++it) {
+    e_step();
+    empty.clear();
+    for (i64 j = 0; j < k; ++j) {
+      W[j] = prep.pw[hi[j]] - prep.pw[lo[j]];
+      S[j] = prep.pwx[hi[j]] - prep.pwx[lo[j]];
+      if (W[j] <= 0) empty.push_back(i32(j));
+    }
+    if (!empty.empty()) {
+      // Rare: materialize sorted-position labels and distances for the repair.
+      std::vector<i32> lab(n);
+      std::vector<double> d2(n);
+      for (i64 j = 0; j < k; ++j)
+        for (i64 p = lo[j]; p < hi[j]; ++p) lab[p] = i32(j);
+      for (i64 p = 0; p < n; ++p) d2[p] = (v[p] - c[lab[p]]) * (v[p] - c[lab[p]]);
+      relocate(n, i64(1), v.data(), prep.sw.data(), lab.data(), d2.data(), empty, S.data(), W.data(), moved);
+    }
+    double shift_tot = 0;
+    for (i64 j = 0; j < k; ++j) {
+      cnew[j] = W[j] > 0 ? S[j] / W[j] : c[j];
+      shift_tot += (cnew[j] - c[j]) * (cnew[j] - c[j]);
+    }
+    c.swap(cnew);
+    if (lo == lo_old && hi == hi_old) { strict = true; break; }
+    if (shift_tot <= prep.tol_abs) break;
+    lo_old = lo;
+    hi_old = hi;
+  }
+  out.converged = it < max_iter;
+  out.n_iter = i32(std::min(it + 1, max_iter));
+  if (!strict) e_step();
+  out.centroids.resize(k);
+  for (i64 j = 0; j < k; ++j) out.centroids[j] = T(c[j]);
+  out.labels.assign(n, 0);
+  for (i64 j = 0; j < k; ++j)
+    for (i64 p = lo[j]; p < hi[j]; ++p) out.labels[prep.order[p]] = i32(j);
+  out.algo = Algo::Lloyd1D;
+}
+
+// ------------------------------------------------------------------------------- exact 1-D
+// Optimal k-means in 1-D: clusters are intervals of the sorted points; dp[m][i] = best cost of
+// the first i points in m clusters, with the optimal split monotone in i (divide and conquer).
+template <class T>
+void solve_exact1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Run<T>& out) {
+  const i64 n = ds.n;
+  const auto& v = prep.sv;
+  const auto& sw = prep.sw;
+  double mean = prep.pwx[n] / std::max(prep.pw[n], 1e-300);
+  if (!(prep.pw[n] > 0)) mean = 0;
+  std::vector<double> P1(n + 1, 0.0), P2(n + 1, 0.0);
+  for (i64 i = 0; i < n; ++i) {
+    const double t = v[i] - mean;
+    P1[i + 1] = P1[i] + sw[i] * t;
+    P2[i + 1] = P2[i] + sw[i] * t * t;
+  }
+  const auto& PW = prep.pw;
+  auto cost = [&](i64 a, i64 b) {  // [a, b)
+    const double W = PW[b] - PW[a];
+    if (W <= 0) return 0.0;
+    const double s = P1[b] - P1[a];
+    return std::max(0.0, (P2[b] - P2[a]) - s * s / W);
+  };
+  std::vector<double> prev(n + 1, kInf), cur(n + 1, kInf);
+  std::vector<i32> split(size_t(k) * (n + 1), 0);
+  for (i64 i = 1; i <= n; ++i) prev[i] = cost(0, i);
+  for (i64 m = 2; m <= k; ++m) {
+    std::fill(cur.begin(), cur.end(), kInf);
+    i32* sp = &split[size_t(m - 1) * (n + 1)];
+    // cur[i] = min_{j in [m-1, i-1]} prev[j] + cost(j, i), for i in [m, n].
+    struct Frame { i64 lo, hi, olo, ohi; };
+    std::vector<Frame> stack{{m, n, m - 1, n - 1}};
+    while (!stack.empty()) {
+      const Frame f = stack.back();
+      stack.pop_back();
+      if (f.lo > f.hi) continue;
+      const i64 mid = (f.lo + f.hi) / 2;
+      double bestv = kInf;
+      i64 bestj = f.olo;
+      for (i64 j = f.olo; j <= std::min(mid - 1, f.ohi); ++j) {
+        const double val = prev[j] + cost(j, mid);
+        if (val < bestv) { bestv = val; bestj = j; }
+      }
+      cur[mid] = bestv;
+      sp[mid] = i32(bestj);
+      stack.push_back({f.lo, mid - 1, f.olo, bestj});
+      stack.push_back({mid + 1, f.hi, bestj, f.ohi});
+    }
+    prev.swap(cur);
+  }
+  // Backtrack the interval ends.
+  std::vector<i64> bound(k + 1);
+  bound[k] = n;
+  for (i64 m = k; m >= 2; --m) bound[m - 1] = split[size_t(m - 1) * (n + 1) + bound[m]];
+  bound[0] = 0;
+  out.centroids.resize(k);
+  out.labels.assign(n, 0);
+  for (i64 m = 0; m < k; ++m) {
+    const i64 a = bound[m], b = bound[m + 1];
+    const double W = PW[b] - PW[a];
+    double c;
+    if (W > 0) c = (prep.pwx[b] - prep.pwx[a]) / W;
+    else {
+      c = 0;
+      for (i64 p = a; p < b; ++p) c += v[p];
+      c /= double(std::max<i64>(1, b - a));
+    }
+    out.centroids[m] = T(c);
+    for (i64 p = a; p < b; ++p) out.labels[prep.order[p]] = i32(m);
+  }
+  out.n_iter = 0;
+  out.converged = true;
+  out.algo = Algo::Exact1D;
+}
+
+// ------------------------------------------------------------------------------ the driver
+template <class T>
+Algo choose_algo(const Dataset<T>& ds, i64 k, Algo requested) {
+  if (requested != Algo::Auto) return requested;
+  if (ds.d == 1) return Algo::Lloyd1D;
+  const double n = double(ds.n), d = double(ds.d), kk = double(k);
+  if (ds.n <= 4096 && ds.d >= 16 && 2.0 * (n + kk) < kk * d) return Algo::Gram;
+  return Algo::Hamerly;
+}
+
+template <class T>
+double est_cost(const Dataset<T>& ds, i64 k, Algo a) {
+  const double n = double(ds.n), d = double(ds.d), kk = double(k);
+  switch (a) {
+    case Algo::Gram: return 20.0 * (n * n + n * kk) + kk * 8.0 * n;
+    case Algo::Lloyd1D: return kk * 8.0 * n;
+    case Algo::Exact1D: return kk * n * std::log2(n + 2.0);
+    case Algo::Lloyd: return 30.0 * n * kk * d;
+    default: return 5.0 * n * kk * d + kk * 8.0 * n * d;
+  }
+}
+
+template <class T>
+void prepare(const Dataset<T>& ds, const Params& params, Prepared<T>& prep, bool want_direct, bool want_gram,
+             bool want_sorted, bool par) {
+  const i64 n = ds.n, d = ds.d;
+  prep.tol_abs = params.tol * mean_variance(ds);
+  if (want_direct && !prep.has_direct) {
+    prep.xnorm.resize(n);
+    for (i64 i = 0; i < n; ++i) {
+      double s = 0;
+      for (i64 q = 0; q < d; ++q) s += double(ds.x[i * d + q]) * double(ds.x[i * d + q]);
+      prep.xnorm[i] = T(s);
+    }
+    if (params.init == Init::KMeansPP) {
+      prep.xt.resize(size_t(d) * n);
+      for (i64 i = 0; i < n; ++i)
+        for (i64 q = 0; q < d; ++q) prep.xt[size_t(q) * n + i] = ds.x[i * d + q];
+    }
+    prep.has_direct = true;
+  }
+  if (want_gram && !prep.has_gram) {
+    compute_gram(ds, prep.gram, par);
+    prep.has_gram = true;
+  }
+  if (want_sorted && !prep.has_sorted) {
+    prep.order.resize(n);
+    std::iota(prep.order.begin(), prep.order.end(), 0);
+    std::stable_sort(prep.order.begin(), prep.order.end(), [&](i64 a, i64 b) { return ds.x[a] < ds.x[b]; });
+    prep.sv.resize(n);
+    prep.sw.resize(n);
+    prep.pw.assign(n + 1, 0.0);
+    prep.pwx.assign(n + 1, 0.0);
+    for (i64 p = 0; p < n; ++p) {
+      prep.sv[p] = double(ds.x[prep.order[p]]);
+      prep.sw[p] = weight(ds.w, prep.order[p]);
+      prep.pw[p + 1] = prep.pw[p] + prep.sw[p];
+      prep.pwx[p + 1] = prep.pwx[p] + prep.sw[p] * prep.sv[p];
+    }
+    prep.has_sorted = true;
+  }
+}
+
+// Squared distances from point c to all points, exact difference form, vectorized over points
+// through the transposed copy of the data.
+template <class T>
+void direct_dist_to(const Dataset<T>& ds, const Prepared<T>& prep, i64 c, double* out, bool par) {
+  const i64 n = ds.n, d = ds.d;
+  const T* xc = ds.x + c * d;
+  constexpr i64 B = 512;
+#pragma omp parallel for if (par) schedule(static)
+  for (i64 i0 = 0; i0 < n; i0 += B) {
+    const i64 i1 = std::min(n, i0 + B);
+    T acc[B];
+    std::fill(acc, acc + (i1 - i0), T(0));
+    for (i64 q = 0; q < d; ++q) {
+      const T* col = &prep.xt[size_t(q) * n];
+      const T cq = xc[q];
+#pragma omp simd
+      for (i64 i = i0; i < i1; ++i) {
+        const T t = col[i] - cq;
+        acc[i - i0] += t * t;
+      }
+    }
+    for (i64 i = i0; i < i1; ++i) out[i] = double(acc[i - i0]);
+  }
+}
+
+template <class T>
+void solve_problem(const Dataset<T>& ds, const Prepared<T>& prep, Problem<T>& pr, const Params& params, Algo algo,
+                   bool par) {
+  const i64 n = ds.n, d = ds.d, k = pr.k;
+  Run<T> best, run;
+  const int runs = params.init == Init::Given ? 1 : params.n_init;
+  for (int r = 0; r < runs; ++r) {
+    Rng rng(params.seed, uint64_t(r));
+    std::vector<i64> idx;
+    if (params.init == Init::KMeansPP && algo != Algo::Exact1D) {
+      if (algo == Algo::Gram) {
+        const double* G = prep.gram.data();
+        kmeanspp(n, k, ds.w, rng, [&](i64 c, double* o) {
+          for (i64 i = 0; i < n; ++i) o[i] = std::max(0.0, G[i * n + i] + G[c * n + c] - 2.0 * G[c * n + i]);
+        }, idx, false);
+      } else if (algo == Algo::Lloyd1D) {
+        kmeanspp(n, k, ds.w, rng, [&](i64 c, double* o) {
+          const double xc = double(ds.x[c]);
+          for (i64 i = 0; i < n; ++i) o[i] = (double(ds.x[i]) - xc) * (double(ds.x[i]) - xc);
+        }, idx, false);
+      } else {
+        kmeanspp(n, k, ds.w, rng, [&](i64 c, double* o) { direct_dist_to(ds, prep, c, o, par); }, idx, par);
+      }
+    } else if (params.init == Init::Random && algo != Algo::Exact1D) {
+      random_init(n, k, ds.w, rng, idx);
+    }
+    std::vector<T> init_c(size_t(k) * d);
+    if (params.init == Init::Given) std::copy(pr.init, pr.init + k * d, init_c.begin());
+    else if (!idx.empty())
+      for (i64 j = 0; j < k; ++j) std::copy(ds.x + idx[j] * d, ds.x + (idx[j] + 1) * d, &init_c[size_t(j) * d]);
+
+    switch (algo) {
+      case Algo::Exact1D: solve_exact1d(ds, prep, k, run); break;
+      case Algo::Lloyd1D: {
+        std::vector<double> c0(init_c.begin(), init_c.end());
+        solve_1d(ds, prep, k, c0, params.max_iter, run);
+        break;
+      }
+      case Algo::Gram:
+        if (solve_gram(ds, prep, k, idx.empty() ? nullptr : &idx, init_c.data(), params.max_iter, par, run)) break;
+        throw std::runtime_error("gram fallback");  // handled by the caller: re-run direct
+      default: solve_direct(ds, prep, k, init_c, params.max_iter, algo == Algo::Hamerly, par, run); break;
+    }
+    run.inertia = inertia_of(ds, run.centroids, run.labels, par);
+    if (r == 0 || run.inertia < best.inertia) std::swap(best, run);
+    if (algo == Algo::Exact1D) break;  // deterministic: one run is the optimum
+  }
+  std::copy(best.centroids.begin(), best.centroids.end(), pr.centroids);
+  for (i64 i = 0; i < n; ++i) pr.labels[i] = best.labels[i];
+  pr.inertia = best.inertia;
+  pr.n_iter = best.n_iter;
+  pr.converged = best.converged;
+  pr.algo = best.algo;
+}
+
+template <class T>
+void run_batch(Batch<T>& batch) {
+  const Params& params = batch.params;
+  const i64 B = i64(batch.problems.size());
+  const i64 nd = i64(batch.datasets.size());
+  if (B == 0) return;
+  std::vector<Algo> algo(B);
+  std::vector<double> cost(B);
+  std::vector<char> ds_direct(nd, 0), ds_gram(nd, 0), ds_sorted(nd, 0);
+  for (i64 p = 0; p < B; ++p) {
+    const auto& pr = batch.problems[p];
+    const auto& ds = batch.datasets[pr.data];
+    algo[p] = choose_algo(ds, pr.k, params.algorithm);
+    if (algo[p] == Algo::Gram && int64_t(ds.n) * ds.n * 8 > params.gram_budget_bytes) algo[p] = Algo::Hamerly;
+    cost[p] = est_cost(ds, pr.k, algo[p]);
+    if (algo[p] == Algo::Gram) {
+      ds_gram[pr.data] = 1;
+      ds_direct[pr.data] = 1;  // fallback path
+    } else if (algo[p] == Algo::Lloyd1D || algo[p] == Algo::Exact1D) ds_sorted[pr.data] = 1;
+    else ds_direct[pr.data] = 1;
+  }
+  const int nth = omp_get_max_threads();
+  // Datasets are processed in chunks whose Gram matrices fit the memory budget; within a chunk
+  // per-dataset preparation runs first, then the problems (large ones alone with every thread,
+  // the rest spread over threads, most expensive first).
+  std::vector<i64> ds_order(nd);
+  std::iota(ds_order.begin(), ds_order.end(), 0);
+  std::vector<std::vector<i64>> by_ds(nd);
+  for (i64 p = 0; p < B; ++p) by_ds[batch.problems[p].data].push_back(p);
+  std::string error;
+  i64 start = 0;
+  while (start < nd) {
+    i64 end = start;
+    int64_t bytes = 0;
+    while (end < nd) {
+      const auto& ds = batch.datasets[ds_order[end]];
+      const int64_t b = ds_gram[ds_order[end]] ? int64_t(ds.n) * ds.n * 8 : 0;
+      if (end > start && bytes + b > params.gram_budget_bytes) break;
+      bytes += b;
+      ++end;
+    }
+    std::vector<Prepared<T>> prep(end - start);
+    const i64 nchunk = end - start;
+    const bool inner_prep = nchunk < 2 * nth;
+    auto do_prep = [&](i64 q, bool par) {
+      const i64 j = ds_order[start + q];
+      if (by_ds[j].empty()) return;
+      prepare(batch.datasets[j], params, prep[q], ds_direct[j], ds_gram[j], ds_sorted[j], par);
+    };
+    if (inner_prep) {
+      for (i64 q = 0; q < nchunk; ++q) do_prep(q, true);
+    } else {
+#pragma omp parallel for schedule(dynamic, 1)
+      for (i64 q = 0; q < nchunk; ++q) {
+        try { do_prep(q, false); } catch (const std::exception& e) {
+#pragma omp critical
+          error = e.what();
+        }
+      }
+      if (!error.empty()) throw std::runtime_error(error);
+    }
+    std::vector<i64> local_of(nd, -1);
+    for (i64 q = 0; q < nchunk; ++q) local_of[ds_order[start + q]] = q;
+    std::vector<i64> probs;
+    double total = 0;
+    for (i64 q = start; q < end; ++q)
+      for (i64 p : by_ds[ds_order[q]]) { probs.push_back(p); total += cost[p]; }
+    std::sort(probs.begin(), probs.end(), [&](i64 a, i64 b) { return cost[a] > cost[b] || (cost[a] == cost[b] && a < b); });
+    auto solve = [&](i64 p, bool par) {
+      auto& pr = batch.problems[p];
+      const auto& ds = batch.datasets[pr.data];
+      auto& pp = prep[local_of[pr.data]];
+      try {
+        solve_problem(ds, pp, pr, params, algo[p], par);
+      } catch (const std::runtime_error& e) {
+        if (std::string(e.what()) != "gram fallback") throw;
+        solve_problem(ds, pp, pr, params, Algo::Hamerly, par);
+      }
+    };
+    size_t big = 0;
+    while (big < probs.size() && nth > 1 && cost[probs[big]] * nth > total) ++big;
+    for (size_t q = 0; q < big; ++q) solve(probs[q], true);
+    const i64 rest = i64(probs.size() - big);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (i64 q = 0; q < rest; ++q) {
+      try { solve(probs[big + q], false); } catch (const std::exception& e) {
+#pragma omp critical
+        error = e.what();
+      }
+    }
+    if (!error.empty()) throw std::runtime_error(error);
+    start = end;
+  }
+}
+
+}  // namespace
+
+void run(Batch<float>& batch) { run_batch(batch); }
+void run(Batch<double>& batch) { run_batch(batch); }
+
+}  // namespace kcengine::km::KC_ARCH

@@ -1,0 +1,179 @@
+"""The ``torch`` backend: a plain batched torch implementation, on any device.
+
+It is the oracle of the tests and the baseline of the GPU benchmarks, so it favours obviously
+correct code over speed: problems of the same shape are stacked into a dense [B, N, D] batch and
+run through Lloyd's iterations together (converged problems are masked out, not resumed), with
+the same semantics as the cpu backend (greedy k-means++, tol relative to the mean per-feature
+variance, strict convergence, empty clusters moved to far points, final E-step).  Problems of
+different shapes form separate groups.  Memory per group is O(B * (N * D + N * k)): distances
+are computed as ``||c||^2 - 2 x.c`` through ``bmm``, never as an N x k x D difference tensor.
+
+Random streams come from one ``torch.Generator`` seeded with ``seed``: runs are reproducible on
+the same device, but a problem's start depends on its batch (unlike the cpu backend).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from ..api import Problems, RawResult
+
+
+def _sqdist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """[B, N, K] squared distances between x [B, N, D] and c [B, K, D] (expanded form)."""
+    xn = (x * x).sum(-1, keepdim=True)
+    cn = (c * c).sum(-1).unsqueeze(1)
+    return (xn - 2.0 * torch.bmm(x, c.transpose(1, 2)) + cn).clamp_min_(0.0)
+
+
+def _kmeanspp(x, w, k, gen) -> torch.Tensor:
+    """Greedy k-means++ for a [B, N, D] batch; returns [B, k] point indices."""
+    B, N, _ = x.shape
+    trials = 2 + int(math.log(k))
+    ar = torch.arange(B, device=x.device)
+    first = torch.multinomial(w, 1, generator=gen).squeeze(1)
+    idx = torch.empty(B, k, dtype=torch.long, device=x.device)
+    idx[:, 0] = first
+    closest = _sqdist(x, x[ar, first].unsqueeze(1)).squeeze(2)  # [B, N]
+    pot = (closest * w).sum(1)
+    for c in range(1, k):
+        cum = torch.cumsum(closest * w, dim=1)
+        r = torch.rand(B, trials, generator=gen, device=x.device, dtype=x.dtype) * cum[:, -1:]
+        cand = torch.searchsorted(cum, r, right=True).clamp_(max=N - 1)  # [B, trials]
+        dc = _sqdist(x, x[ar.unsqueeze(1), cand])  # [B, N, trials]
+        dc = torch.minimum(dc, closest.unsqueeze(2))
+        cpot = (dc * w.unsqueeze(2)).sum(1)  # [B, trials]
+        best = cpot.argmin(1)
+        pot = cpot[ar, best]
+        closest = dc[ar, :, best]
+        idx[:, c] = cand[ar, best]
+    return idx
+
+
+def _random_init(w, k, gen) -> torch.Tensor:
+    # Points of zero weight are drawn only when fewer than k points have weight.
+    ww = torch.where(w > 0, w, torch.full_like(w, 1e-30))
+    return torch.multinomial(ww, k, replacement=False, generator=gen)
+
+
+def _relocate(x, w, lab, d2own, sums, wsum):
+    """scikit-learn's empty-cluster repair for one problem (in place on sums/wsum)."""
+    empty = torch.nonzero(wsum <= 0).flatten().tolist()
+    if not empty:
+        return
+    order = sorted(range(x.shape[0]), key=lambda i: (-float(d2own[i]), i))
+    picked: list[int] = []
+    pos = 0
+    for e in empty:
+        while pos < len(order):
+            i = order[pos]
+            pos += 1
+            wi = float(w[i])
+            if wi <= 0 or float(d2own[i]) <= 0 or float(wsum[lab[i]]) - wi <= 0:
+                continue
+            if any(torch.equal(x[q], x[i]) for q in picked):
+                continue
+            f = int(lab[i])
+            sums[f] -= wi * x[i]
+            wsum[f] -= wi
+            sums[e] = wi * x[i]
+            wsum[e] = wi
+            picked.append(i)
+            break
+
+
+def _lloyd(x, w, c, max_iter, tol_abs):
+    """Batched Lloyd on x [B, N, D], w [B, N], c [B, k, D] -> (c, labels, n_iter, converged)."""
+    B, N, D = x.shape
+    k = c.shape[1]
+    active = torch.ones(B, dtype=torch.bool, device=x.device)
+    strict = torch.zeros(B, dtype=torch.bool, device=x.device)
+    n_iter = torch.zeros(B, dtype=torch.int32, device=x.device)
+    lab_old = torch.full((B, N), -1, dtype=torch.long, device=x.device)
+    lab = lab_old.clone()
+    for _ in range(max_iter):
+        a = active.nonzero().flatten()
+        if a.numel() == 0:
+            break
+        xa, wa, ca = x[a], w[a], c[a]
+        d2 = _sqdist(xa, ca)
+        la = d2.argmin(2)
+        d2own = d2.gather(2, la.unsqueeze(2)).squeeze(2)
+        sums = torch.zeros(a.numel(), k, D, dtype=torch.float64, device=x.device)
+        sums.scatter_add_(1, la.unsqueeze(2).expand(-1, -1, D), (xa * wa.unsqueeze(2)).double())
+        wsum = torch.zeros(a.numel(), k, dtype=torch.float64, device=x.device)
+        wsum.scatter_add_(1, la, wa.double())
+        for j in torch.nonzero((wsum <= 0).any(1)).flatten().tolist():
+            _relocate(xa[j].double(), wa[j].double(), la[j], d2own[j], sums[j], wsum[j])
+        cnew = torch.where(wsum.unsqueeze(2) > 0, sums / wsum.clamp_min(1e-300).unsqueeze(2), ca.double()).to(x.dtype)
+        shift = ((cnew.double() - ca.double()) ** 2).sum((1, 2))
+        c[a] = cnew
+        lab[a] = la
+        n_iter[a] += 1
+        same = (la == lab_old[a]).all(1)
+        strict[a] = same
+        done = same | (shift <= tol_abs[a])
+        lab_old[a] = la
+        active[a] = ~done
+    converged = ~active
+    # Final E-step where convergence was not strict.
+    redo = (~strict).nonzero().flatten()
+    if redo.numel():
+        lab[redo] = _sqdist(x[redo], c[redo]).argmin(2)
+    return c, lab, n_iter, converged
+
+
+def _group_key(probs: Problems, p: int):
+    ds = probs.datasets[int(probs.data_index[p])]
+    return (tuple(ds.shape), int(probs.k[p]))
+
+
+def solve(probs: Problems) -> RawResult:
+    if probs.algorithm == "exact1d":
+        raise NotImplementedError("algorithm='exact1d' is implemented by the cpu backend only")
+    ref = probs.datasets[0]
+    dev, dtype = ref.device, ref.dtype
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(probs.seed)
+    B = probs.n_problems
+    groups: dict = defaultdict(list)
+    for p in range(B):
+        groups[_group_key(probs, p)].append(p)
+    cents: list = [None] * B
+    labels: list = [None] * B
+    inertia = torch.zeros(B, dtype=torch.float64, device=dev)
+    n_iter = torch.zeros(B, dtype=torch.int32, device=dev)
+    conv = torch.zeros(B, dtype=torch.bool, device=dev)
+    for (_, k), members in groups.items():
+        di = [int(probs.data_index[p]) for p in members]
+        x = torch.stack([probs.datasets[j] for j in di])
+        if probs.weights is None:
+            w = torch.ones(x.shape[:2], dtype=dtype, device=dev)
+        else:
+            w = torch.stack([probs.weights[j] for j in di]).to(dtype)
+        tol_abs = probs.tol * x.double().var(1, unbiased=False).mean(1)
+        best = None
+        runs = 1 if probs.init == "given" else probs.n_init
+        for _ in range(runs):
+            if probs.init == "given":
+                c0 = torch.stack([probs.init_centers[p] for p in members]).clone()
+            else:
+                idx = _kmeanspp(x, w, k, gen) if probs.init == "k-means++" else _random_init(w, k, gen)
+                c0 = x[torch.arange(x.shape[0], device=dev).unsqueeze(1), idx]
+            c, lab, it, cv = _lloyd(x, w, c0, probs.max_iter, tol_abs)
+            diff = x - c.gather(1, lab.unsqueeze(2).expand(-1, -1, x.shape[2]))
+            inert = ((diff.double() ** 2).sum(2) * w.double()).sum(1)
+            if best is None:
+                best = [c, lab, it, cv, inert]
+            else:
+                better = inert < best[4]
+                for f, new in enumerate((c, lab, it, cv, inert)):
+                    shape = (-1,) + (1,) * (new.dim() - 1)
+                    best[f] = torch.where(better.view(shape), new, best[f])
+        c, lab, it, cv, inert = best
+        for q, p in enumerate(members):
+            cents[p], labels[p] = c[q], lab[q]
+            inertia[p], n_iter[p], conv[p] = inert[q], it[q], cv[q]
+    return RawResult(cents, labels, inertia, n_iter, conv, ["lloyd"] * B)
