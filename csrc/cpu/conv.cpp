@@ -1,6 +1,314 @@
-// Centroid-indexed convolution kernels (CPU).  Filled in by the indexed-conv work.
+// Centroid-indexed convolution kernels (CPU): the memory-bound halves of the op.
+//
+// The compute-bound half (convolving with the K unique filters, or depthwise with the codebook
+// kernels) runs in torch/oneDNN; these kernels take its output and produce the layer's output in
+// one pass over memory:
+//
+//   gather_epilogue  (filter granularity)
+//       out[n, o, s] = act(u[n, index[o], s] * scale[o] + shift[o] (+ residual[n, o, s]))
+//   gather_sum       (kernel granularity)
+//       out[n, o, s] = act(sum_i p[n, pair[o, i], s] * scale[o] + shift[o] (+ residual[n, o, s]))
+//
+// act is the identity or ReLU.  Both take numpy buffers (torch CPU tensors pass zero-copy through
+// .numpy()), float32 or float64, and write into a caller-allocated `out`.  Every size, dtype and
+// index is checked here too: a bad call raises ValueError, never reads out of bounds.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
 #include "registration.h"
 
+namespace py = pybind11;
+
 namespace kcengine {
-void register_conv(pybind11::module_& /*m*/) {}
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Validation helpers.
+// ---------------------------------------------------------------------------------------------
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) s += (d ? ", " : "") + std::to_string(a.shape(d));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+void check_c_contiguous(const py::array& a, const char* name) {
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + " must be C-contiguous");
+}
+
+void check_ndim(const py::array& a, const char* name, int ndim) {
+  if (a.ndim() != ndim)
+    throw py::value_error(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got shape " +
+                          shape_str(a));
+}
+
+void check_dim(const py::array& a, const char* name, int d, py::ssize_t want, const char* what) {
+  if (a.shape(d) != want)
+    throw py::value_error(std::string(name) + " has shape " + shape_str(a) + " but dimension " + std::to_string(d) +
+                          " must be " + what + "=" + std::to_string(want));
+}
+
+// The optional per-channel epilogue vectors: scale (default 1) and shift (default 0).
+template <typename T>
+std::vector<T> affine_or(const py::object& v, py::ssize_t c, T fill, const char* name) {
+  std::vector<T> out(static_cast<size_t>(c), fill);
+  if (v.is_none()) return out;
+  py::array a = py::array::ensure(v);
+  if (!a) throw py::value_error(std::string(name) + " must be an array or None");
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::value_error(std::string(name) + " must have the dtype of u, got " + std::string(py::str(a.dtype())));
+  check_ndim(a, name, 1);
+  check_dim(a, name, 0, c, "C_out");
+  auto r = a.unchecked<T, 1>();
+  for (py::ssize_t i = 0; i < c; ++i) out[static_cast<size_t>(i)] = r(i);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hot loops.  Written per dtype (target_clones does not combine with templates in GCC), each
+// cloned for AVX-512 / AVX2 / baseline and chosen at load time.
+// ---------------------------------------------------------------------------------------------
+#define KC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+#define KC_DEFINE_ROW_KERNELS(T, SUFFIX)                                                                   \
+  /* out[s] = act(src[s] * a + b (+ res[s])) over one contiguous row. */                                   \
+  KC_CLONES void affine_row_##SUFFIX(const T* __restrict src, const T* __restrict res, T* __restrict dst,  \
+                                     int64_t n, T a, T b, bool relu) {                                     \
+    if (res) {                                                                                             \
+      if (relu) {                                                                                          \
+        for (int64_t s = 0; s < n; ++s) {                                                                  \
+          T v = src[s] * a + b + res[s];                                                                   \
+          dst[s] = v > T(0) ? v : T(0);                                                                    \
+        }                                                                                                  \
+      } else {                                                                                             \
+        for (int64_t s = 0; s < n; ++s) dst[s] = src[s] * a + b + res[s];                                  \
+      }                                                                                                    \
+    } else if (relu) {                                                                                     \
+      for (int64_t s = 0; s < n; ++s) {                                                                    \
+        T v = src[s] * a + b;                                                                              \
+        dst[s] = v > T(0) ? v : T(0);                                                                      \
+      }                                                                                                    \
+    } else {                                                                                               \
+      for (int64_t s = 0; s < n; ++s) dst[s] = src[s] * a + b;                                             \
+    }                                                                                                      \
+  }                                                                                                        \
+  /* Channels-last pixel: dst[o] = act(src[idx[o]] * a[o] + b[o] (+ res[o])). */                           \
+  KC_CLONES void gather_pixels_##SUFFIX(const T* __restrict u, int64_t K, const int32_t* __restrict idx,  \
+                                        const T* __restrict a, const T* __restrict b,                      \
+                                        const T* __restrict res, T* __restrict out, int64_t C,             \
+                                        int64_t m0, int64_t m1, bool relu) {                               \
+    for (int64_t m = m0; m < m1; ++m) {                                                                    \
+      const T* __restrict src = u + m * K;                                                                 \
+      T* __restrict dst = out + m * C;                                                                     \
+      if (res) {                                                                                           \
+        const T* __restrict r = res + m * C;                                                               \
+        for (int64_t o = 0; o < C; ++o) dst[o] = src[idx[o]] * a[o] + b[o] + r[o];                         \
+      } else {                                                                                             \
+        for (int64_t o = 0; o < C; ++o) dst[o] = src[idx[o]] * a[o] + b[o];                                \
+      }                                                                                                    \
+      if (relu)                                                                                            \
+        for (int64_t o = 0; o < C; ++o) dst[o] = dst[o] > T(0) ? dst[o] : T(0);                            \
+    }                                                                                                      \
+  }                                                                                                        \
+  /* acc[0:n] += row[0:n] */                                                                               \
+  KC_CLONES void add_row_##SUFFIX(const T* __restrict row, T* __restrict acc, int64_t n) {                 \
+    for (int64_t s = 0; s < n; ++s) acc[s] += row[s];                                                      \
+  }
+
+KC_DEFINE_ROW_KERNELS(float, f32)
+KC_DEFINE_ROW_KERNELS(double, f64)
+
+inline void affine_row(const float* s, const float* r, float* d, int64_t n, float a, float b, bool relu) {
+  affine_row_f32(s, r, d, n, a, b, relu);
+}
+inline void affine_row(const double* s, const double* r, double* d, int64_t n, double a, double b, bool relu) {
+  affine_row_f64(s, r, d, n, a, b, relu);
+}
+inline void gather_pixels(const float* u, int64_t K, const int32_t* idx, const float* a, const float* b,
+                          const float* res, float* out, int64_t C, int64_t m0, int64_t m1, bool relu) {
+  gather_pixels_f32(u, K, idx, a, b, res, out, C, m0, m1, relu);
+}
+inline void gather_pixels(const double* u, int64_t K, const int32_t* idx, const double* a, const double* b,
+                          const double* res, double* out, int64_t C, int64_t m0, int64_t m1, bool relu) {
+  gather_pixels_f64(u, K, idx, a, b, res, out, C, m0, m1, relu);
+}
+inline void add_row(const float* row, float* acc, int64_t n) { add_row_f32(row, acc, n); }
+inline void add_row(const double* row, double* acc, int64_t n) { add_row_f64(row, acc, n); }
+
+// Checks an int32 index array's range; returns it as a pointer into the (kept-alive) array.
+const int32_t* checked_index(const py::array& index, const char* name, int64_t count, int64_t K) {
+  if (!index.dtype().is(py::dtype::of<int32_t>()))
+    throw py::value_error(std::string(name) + " must be int32, got " + std::string(py::str(index.dtype())));
+  check_c_contiguous(index, name);
+  if (index.size() != count)
+    throw py::value_error(std::string(name) + " must have " + std::to_string(count) + " entries, got " +
+                          std::to_string(index.size()));
+  const int32_t* p = static_cast<const int32_t*>(index.data());
+  for (int64_t i = 0; i < count; ++i) {
+    if (p[i] < 0 || p[i] >= K)
+      throw py::value_error(std::string(name) + " values must be in [0, " + std::to_string(K) + "), got " +
+                            std::to_string(p[i]) + " at position " + std::to_string(i));
+  }
+  return p;
+}
+
+struct Epilogue {
+  py::array residual;  // empty when none
+  bool has_residual = false;
+  bool relu = false;
+};
+
+template <typename T>
+void gather_epilogue_impl(const py::array& u, const int32_t* idx, const std::vector<T>& a, const std::vector<T>& b,
+                          const Epilogue& ep, py::array& out) {
+  const T* up = static_cast<const T*>(u.data());
+  T* op = static_cast<T*>(out.mutable_data());
+  const T* rp = ep.has_residual ? static_cast<const T*>(ep.residual.data()) : nullptr;
+  const bool relu = ep.relu;
+  if (u.ndim() == 3) {  // NCHW: u [N, K, S], out [N, C, S]
+    const int64_t N = u.shape(0), K = u.shape(1), S = u.shape(2), C = out.shape(1);
+    py::gil_scoped_release nogil;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < N * C; ++r) {
+      const int64_t n = r / C, o = r % C;
+      const T* src = up + (n * K + idx[o]) * S;
+      affine_row(src, rp ? rp + r * S : nullptr, op + r * S, S, a[o], b[o], relu);
+    }
+  } else {  // channels-last: u [M, K], out [M, C]
+    const int64_t M = u.shape(0), K = u.shape(1), C = out.shape(1);
+    py::gil_scoped_release nogil;
+    const int64_t block = 64;
+    const int64_t nblocks = (M + block - 1) / block;
+#pragma omp parallel for schedule(static)
+    for (int64_t bi = 0; bi < nblocks; ++bi) {
+      const int64_t m0 = bi * block, m1 = std::min(M, m0 + block);
+      gather_pixels(up, K, idx, a.data(), b.data(), rp, op, C, m0, m1, relu);
+    }
+  }
+}
+
+template <typename T>
+void gather_sum_impl(const py::array& p, const int32_t* pair, int64_t C, int64_t Cin, const std::vector<T>& a,
+                     const std::vector<T>& b, const Epilogue& ep, py::array& out) {
+  const T* pp = static_cast<const T*>(p.data());
+  T* op = static_cast<T*>(out.mutable_data());
+  const T* rp = ep.has_residual ? static_cast<const T*>(ep.residual.data()) : nullptr;
+  const bool relu = ep.relu;
+  const int64_t N = p.shape(0), P = p.shape(1), S = p.shape(2);
+  // Pixel tiles sized so that one image's tile of p (P rows) stays in the L2 cache.
+  int64_t tile = (256 * 1024 / static_cast<int64_t>(sizeof(T))) / std::max<int64_t>(P, 1);
+  tile = std::max<int64_t>(16, std::min<int64_t>(1024, tile / 16 * 16));
+  tile = std::min(tile, S);
+  const int64_t ntiles = (S + tile - 1) / tile;
+  py::gil_scoped_release nogil;
+#pragma omp parallel
+  {
+    std::vector<T> acc(static_cast<size_t>(tile));
+#pragma omp for schedule(static)
+    for (int64_t w = 0; w < N * ntiles; ++w) {
+      const int64_t n = w / ntiles, s0 = (w % ntiles) * tile, len = std::min(tile, S - s0);
+      const T* base = pp + n * P * S + s0;
+      for (int64_t o = 0; o < C; ++o) {
+        std::fill(acc.begin(), acc.begin() + len, T(0));
+        const int32_t* pr = pair + o * Cin;
+        for (int64_t i = 0; i < Cin; ++i) add_row(base + static_cast<int64_t>(pr[i]) * S, acc.data(), len);
+        const int64_t off = (n * C + o) * S + s0;
+        affine_row(acc.data(), rp ? rp + off : nullptr, op + off, len, a[o], b[o], relu);
+      }
+    }
+  }
+}
+
+Epilogue make_epilogue(const py::object& residual, bool relu, const py::array& out) {
+  Epilogue ep;
+  ep.relu = relu;
+  if (!residual.is_none()) {
+    ep.residual = py::array::ensure(residual);
+    if (!ep.residual) throw py::value_error("residual must be an array or None");
+    if (!ep.residual.dtype().is(out.dtype()))
+      throw py::value_error("residual must have the dtype of out, got " + std::string(py::str(ep.residual.dtype())));
+    check_c_contiguous(ep.residual, "residual");
+    if (ep.residual.ndim() != out.ndim())
+      throw py::value_error("residual must have the shape of out " + shape_str(out) + ", got " + shape_str(ep.residual));
+    for (py::ssize_t d = 0; d < out.ndim(); ++d)
+      if (ep.residual.shape(d) != out.shape(d))
+        throw py::value_error("residual must have the shape of out " + shape_str(out) + ", got " +
+                              shape_str(ep.residual));
+    ep.has_residual = true;
+  }
+  return ep;
+}
+
+void check_float_pair(const py::array& u, const char* uname, const py::array& out) {
+  const bool f32 = u.dtype().is(py::dtype::of<float>()), f64 = u.dtype().is(py::dtype::of<double>());
+  if (!f32 && !f64)
+    throw py::value_error(std::string(uname) + " must be float32 or float64, got " + std::string(py::str(u.dtype())));
+  if (!out.dtype().is(u.dtype()))
+    throw py::value_error(std::string("out must have the dtype of ") + uname + ", got " +
+                          std::string(py::str(out.dtype())));
+  check_c_contiguous(u, uname);
+  check_c_contiguous(out, "out");
+  if (!out.writeable()) throw py::value_error("out must be writeable");
+}
+
+void gather_epilogue(py::array u, py::array index, py::object scale, py::object shift, py::object residual, bool relu,
+                     py::array out) {
+  check_float_pair(u, "u", out);
+  if (u.ndim() != 2 && u.ndim() != 3)
+    throw py::value_error("u must be [N, K, S] (NCHW) or [M, K] (channels-last), got shape " + shape_str(u));
+  check_ndim(out, "out", static_cast<int>(u.ndim()));
+  const py::ssize_t C = out.shape(1), K = u.shape(1);
+  check_dim(out, "out", 0, u.shape(0), u.ndim() == 3 ? "N" : "M");
+  if (u.ndim() == 3) check_dim(out, "out", 2, u.shape(2), "S");
+  if (K < 1) throw py::value_error("u must have K >= 1 channels, got shape " + shape_str(u));
+  const int32_t* idx = checked_index(index, "index", C, K);
+  Epilogue ep = make_epilogue(residual, relu, out);
+  if (u.dtype().is(py::dtype::of<float>()))
+    gather_epilogue_impl<float>(u, idx, affine_or<float>(scale, C, 1.f, "scale"),
+                                affine_or<float>(shift, C, 0.f, "shift"), ep, out);
+  else
+    gather_epilogue_impl<double>(u, idx, affine_or<double>(scale, C, 1.0, "scale"),
+                                 affine_or<double>(shift, C, 0.0, "shift"), ep, out);
+}
+
+void gather_sum(py::array p, py::array pair, py::object scale, py::object shift, py::object residual, bool relu,
+                py::array out) {
+  check_float_pair(p, "p", out);
+  check_ndim(p, "p", 3);
+  check_ndim(out, "out", 3);
+  check_ndim(pair, "pair", 2);
+  check_dim(out, "out", 0, p.shape(0), "N");
+  check_dim(out, "out", 2, p.shape(2), "S");
+  const py::ssize_t C = out.shape(1), Cin = pair.shape(1), P = p.shape(1);
+  check_dim(pair, "pair", 0, C, "C_out");
+  if (P < 1) throw py::value_error("p must have at least one channel, got shape " + shape_str(p));
+  const int32_t* pr = checked_index(pair, "pair", C * Cin, P);
+  Epilogue ep = make_epilogue(residual, relu, out);
+  if (p.dtype().is(py::dtype::of<float>()))
+    gather_sum_impl<float>(p, pr, C, Cin, affine_or<float>(scale, C, 1.f, "scale"),
+                           affine_or<float>(shift, C, 0.f, "shift"), ep, out);
+  else
+    gather_sum_impl<double>(p, pr, C, Cin, affine_or<double>(scale, C, 1.0, "scale"),
+                            affine_or<double>(shift, C, 0.0, "shift"), ep, out);
+}
+
+}  // namespace
+
+void register_conv(py::module_& m) {
+  m.def("conv_gather_epilogue", &gather_epilogue, py::arg("u"), py::arg("index"), py::arg("scale"),
+        py::arg("shift"), py::arg("residual"), py::arg("relu"), py::arg("out"),
+        "out[n,o,s] = act(u[n,index[o],s]*scale[o]+shift[o] (+residual)); u [N,K,S] NCHW or [M,K] channels-last; "
+        "index int32 [C_out]; writes out [N,C_out,S] / [M,C_out]");
+  m.def("conv_gather_sum", &gather_sum, py::arg("p"), py::arg("pair"), py::arg("scale"), py::arg("shift"),
+        py::arg("residual"), py::arg("relu"), py::arg("out"),
+        "out[n,o,s] = act(sum_i p[n,pair[o,i],s]*scale[o]+shift[o] (+residual)); p [N,P,S]; pair int32 [C_out,C_in]");
+}
+
 }  // namespace kcengine

@@ -9,3 +9,6 @@ from .kmeans import KMeansResult, kmeans, kmeans_sweep
 __version__ = "0.1.0"
 
 __all__ = ["kmeans", "kmeans_sweep", "KMeansResult", "backend_status", "__version__"]
+from . import nn
+from .conv import indexed_conv2d, load_compressed, save_compressed
+__all__ += ["indexed_conv2d", "save_compressed", "load_compressed", "nn"]

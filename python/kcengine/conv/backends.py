@@ -1,0 +1,215 @@
+"""The ``torch`` and ``cpu`` implementations of :func:`kcengine.indexed_conv2d`.
+
+Both receive arguments already validated by ``indexed_conv2d`` (stride/padding/dilation as pairs,
+groups == 1) and share one signature::
+
+    impl(x, codebook, index, bias, stride, padding, dilation, granularity, scale, shift, relu, residual) -> y
+
+* ``torch``: plain torch ops on any device; autograd-native.  Filter: ``conv2d(x, codebook)`` then
+  ``index_select`` on channels.  Kernel: a grouped (depthwise, channel multiplier M) conv with the
+  codebook kernels each input channel uses, then the gather-sum as a sparse ``[C_out, P]`` one-hot
+  matrix times the ``[P, N*H*W]`` maps.
+* ``cpu``: the same convolutions (torch/oneDNN), then the C++ core's one-pass gather (+ bias, BN
+  affine, residual, ReLU) or gather-sum.  Float32/float64 only (other dtypes take the torch path).
+  Under autograd the native forward is wrapped in a Function whose backward re-runs the torch
+  reference of that step (same maths, autograd-derived) — exact weight-sharing gradients.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .functional import _fold_bias, _torch_epilogue
+
+__all__ = ["torch_indexed_conv2d", "cpu_indexed_conv2d", "KernelPlan", "kernel_plan"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel granularity: which codebook kernels each input channel needs.
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class KernelPlan:
+    """How a kernel-granularity layer is computed.
+
+    ``slots [C_in, M]``: codebook id of each depthwise map of input channel ``i`` (``M`` = most
+    distinct kernels any input channel uses; shorter rows repeat their first id as padding).
+    ``pair [C_out, C_in]`` (int64): the map ``p[:, pair[o, i]]`` (``= i*M + slot``) that output ``o``
+    takes from input channel ``i``.  ``P = C_in * M`` maps in all.
+    """
+
+    slots: torch.Tensor
+    pair: torch.Tensor
+    m: int
+
+    @property
+    def n_maps(self) -> int:
+        return int(self.slots.numel())
+
+
+def kernel_plan(index: torch.Tensor, k: int) -> KernelPlan:
+    """Build the :class:`KernelPlan` of a ``[C_out, C_in]`` index into a codebook of ``k`` kernels."""
+    idx = index.long()
+    c_out, c_in = idx.shape
+    dev = idx.device
+    used = torch.zeros(c_in, k, dtype=torch.bool, device=dev)
+    used[torch.arange(c_in, device=dev).expand(c_out, c_in), idx] = True
+    m = int(used.sum(1).max())
+    pos = used.long().cumsum(1) - 1  # slot of kernel k within channel i's list (where used)
+    first = used.long().argmax(1)
+    slots = first[:, None].repeat(1, m)
+    ii, kk = used.nonzero(as_tuple=True)
+    slots[ii, pos[ii, kk]] = kk
+    pair = torch.arange(c_in, device=dev)[None, :] * m + pos.gather(1, idx.t().contiguous()).t()
+    return KernelPlan(slots=slots, pair=pair.contiguous(), m=m)
+
+
+def _depthwise_maps(x, codebook, plan: KernelPlan, stride, padding, dilation):
+    """p [N, C_in*M, H_out, W_out]: every input channel convolved with each kernel of its slot list."""
+    c_in = x.shape[1]
+    w = codebook.index_select(0, plan.slots.reshape(-1)).unsqueeze(1)  # [C_in*M, 1, kh, kw]
+    return F.conv2d(x, w, None, stride, padding, dilation, c_in)
+
+
+def torch_gather_sum(p: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+    """y[:, o] = sum_i p[:, pair[o, i]] as a sparse one-hot [C_out, P] matrix times the maps."""
+    n, n_maps, h, w = p.shape
+    c_out, c_in = pair.shape
+    rows = torch.arange(c_out, device=p.device).repeat_interleave(c_in)
+    sel = torch.sparse_coo_tensor(torch.stack([rows, pair.reshape(-1).long()]),
+                                  torch.ones(c_out * c_in, dtype=p.dtype, device=p.device),
+                                  (c_out, n_maps), check_invariants=False).coalesce()
+    flat = p.permute(1, 0, 2, 3).reshape(n_maps, n * h * w)
+    return torch.sparse.mm(sel, flat).reshape(c_out, n, h, w).permute(1, 0, 2, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch backend
+# ------------------------------------------------------------------------------------------------
+def torch_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, granularity, scale, shift, relu,
+                         residual, plan: KernelPlan | None = None):
+    if granularity == "filter":
+        u = F.conv2d(x, codebook, None, stride, padding, dilation)
+        y = u.index_select(1, index.long().reshape(-1))
+    else:
+        plan = plan if plan is not None else kernel_plan(index, codebook.shape[0])
+        p = _depthwise_maps(x, codebook, plan, stride, padding, dilation)
+        y = torch_gather_sum(p, plan.pair)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return _torch_epilogue(y, scale, shift, relu, residual)
+
+
+# ------------------------------------------------------------------------------------------------
+# cpu backend (C++ core)
+# ------------------------------------------------------------------------------------------------
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def _core():
+    from .. import _core
+
+    return _core
+
+
+def _np(t):
+    return None if t is None else t.detach().contiguous().numpy()
+
+
+def _native_gather(u, index32, scale, shift, residual, relu):
+    """One pass: out = act(u[:, index] * scale + shift + residual), keeping u's memory format."""
+    n, k, h, w = u.shape
+    c_out = index32.shape[0]
+    core = _core()
+    if u.dim() == 4 and not u.is_contiguous() and u.is_contiguous(memory_format=torch.channels_last):
+        out = torch.empty((n, c_out, h, w), dtype=u.dtype, memory_format=torch.channels_last)
+        res = None
+        if residual is not None:
+            res = residual.detach().contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+            res = res.reshape(n * h * w, c_out).numpy()
+        core.conv_gather_epilogue(u.detach().permute(0, 2, 3, 1).reshape(n * h * w, k).numpy(), index32.numpy(),
+                                  _np(scale), _np(shift), res, relu,
+                                  out.permute(0, 2, 3, 1).reshape(n * h * w, c_out).numpy())
+        return out
+    out = torch.empty((n, c_out, h, w), dtype=u.dtype)
+    res = None if residual is None else residual.detach().contiguous().reshape(n, c_out, h * w).numpy()
+    core.conv_gather_epilogue(u.detach().contiguous().reshape(n, k, h * w).numpy(), index32.numpy(), _np(scale),
+                              _np(shift), res, relu, out.reshape(n, c_out, h * w).numpy())
+    return out
+
+
+def _native_gather_sum(p, pair32, scale, shift, residual, relu):
+    n, n_maps, h, w = p.shape
+    c_out = pair32.shape[0]
+    out = torch.empty((n, c_out, h, w), dtype=p.dtype)
+    res = None if residual is None else residual.detach().contiguous().reshape(n, c_out, h * w).numpy()
+    _core().conv_gather_sum(p.detach().contiguous().reshape(n, n_maps, h * w).numpy(), pair32.numpy(), _np(scale),
+                            _np(shift), res, relu, out.reshape(n, c_out, h * w).numpy())
+    return out
+
+
+def _ref_gather(u, index, scale, shift, residual, relu):
+    return _torch_epilogue(u.index_select(1, index.long()), scale, shift, relu, residual)
+
+
+def _ref_gather_sum(p, pair, scale, shift, residual, relu):
+    return _torch_epilogue(torch_gather_sum(p, pair), scale, shift, relu, residual)
+
+
+class _NativeEpilogue(torch.autograd.Function):
+    """Native forward of the gather (or gather-sum) epilogue; backward via the torch reference."""
+
+    @staticmethod
+    def forward(ctx, kind, src, index32, scale, shift, residual, relu):
+        ctx.kind, ctx.relu = kind, relu
+        ctx.save_for_backward(src, index32, scale, shift, residual)
+        if kind == "gather":
+            return _native_gather(src, index32, scale, shift, residual, relu)
+        return _native_gather_sum(src, index32, scale, shift, residual, relu)
+
+    @staticmethod
+    def backward(ctx, grad):
+        src, index32, scale, shift, residual = ctx.saved_tensors
+        ref = _ref_gather if ctx.kind == "gather" else _ref_gather_sum
+        leaves = [t.detach().requires_grad_(True) if t is not None else None
+                  for t in (src, scale, shift, residual)]
+        with torch.enable_grad():
+            y = ref(leaves[0], index32, leaves[1], leaves[2], leaves[3], ctx.relu)
+            want = [t for t, need in zip(leaves, (ctx.needs_input_grad[1], ctx.needs_input_grad[3],
+                                                  ctx.needs_input_grad[4], ctx.needs_input_grad[5]))
+                    if t is not None and need]
+            grads = iter(torch.autograd.grad(y, want, grad) if want else ())
+        out = []
+        for t, need in zip(leaves, (ctx.needs_input_grad[1], ctx.needs_input_grad[3], ctx.needs_input_grad[4],
+                                    ctx.needs_input_grad[5])):
+            out.append(next(grads) if (t is not None and need) else None)
+        return None, out[0], None, out[1], out[2], out[3], None
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def cpu_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, granularity, scale, shift, relu,
+                       residual, plan: KernelPlan | None = None, index32: torch.Tensor | None = None):
+    if x.device.type != "cpu":
+        raise RuntimeError(f"the cpu backend takes CPU tensors, got x on {x.device}")
+    if x.dtype not in _NATIVE_DTYPES:  # half precision: the torch path (documented)
+        return torch_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, granularity, scale, shift,
+                                    relu, residual, plan)
+    scale, shift = _fold_bias(bias, scale, shift)
+    if granularity == "filter":
+        src = F.conv2d(x, codebook, None, stride, padding, dilation)
+        idx32 = index32 if index32 is not None else index.to(torch.int32).contiguous()
+        kind = "gather"
+    else:
+        plan = plan if plan is not None else kernel_plan(index, codebook.shape[0])
+        src = _depthwise_maps(x, codebook, plan, stride, padding, dilation)
+        idx32 = plan.pair.to(torch.int32)
+        kind = "gather_sum"
+    if _needs_grad(src, scale, shift, residual):
+        return _NativeEpilogue.apply(kind, src, idx32, scale, shift, residual, relu)
+    if kind == "gather":
+        return _native_gather(src, idx32, scale, shift, residual, relu)
+    return _native_gather_sum(src, idx32, scale, shift, residual, relu)

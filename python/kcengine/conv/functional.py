@@ -1,0 +1,253 @@
+"""Centroid-indexed convolution: a conv whose weight is a codebook of centroids plus an index.
+
+Two granularities (``K`` = number of centroids):
+
+* ``"filter"``: ``codebook [K, C_in, kh, kw]``, ``index [C_out]``.  The layer convolves ``x`` with
+  the K unique filters (``u = conv(x, codebook)``, K output maps) and gathers channels:
+  ``y[:, o] = u[:, index[o]]``.
+* ``"kernel"``: ``codebook [K, kh, kw]``, ``index [C_out, C_in]``.  Every input channel is convolved
+  (depthwise) with the codebook kernels it uses, giving maps ``p[:, (i, k)]``, then
+  ``y[:, o] = sum_i p[:, (i, index[o, i])]`` (a gather-sum).
+
+Either way the dense weight ``codebook[index]`` is never built in forward.  An optional epilogue
+``y = act((y + bias) * scale + shift + residual)`` (per output channel ``scale``/``shift``, e.g. an
+eval-mode BatchNorm; ``act`` the identity or ReLU; ``residual`` shaped like ``y``) is fused into
+the gather by the backends that can (``cpu``: the C++ core; ``triton``).
+
+``groups > 1`` takes a documented dense path: ``F.conv2d(x, codebook[index], groups=groups)``
+(the grouped conv is already K-free in cost terms only when groups == C_in; clustering it gains
+storage, not time).
+
+Backends (chosen by :mod:`kcengine._registry`, op ``"conv"``): ``cpu`` (torch/oneDNN conv + the
+C++ fused gather), ``torch`` (plain torch ops, any device: the reference of the fast paths) and
+``triton`` (CUDA).  The oracle of all of them is ``F.conv2d(x, dense_weight(...))``.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _registry
+
+__all__ = ["indexed_conv2d", "dense_weight", "GRANULARITIES", "FLOAT_DTYPES"]
+
+GRANULARITIES = ("filter", "kernel")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+_registry.register("conv", "cpu", "kcengine.conv.backends:cpu_indexed_conv2d")
+_registry.register("conv", "torch", "kcengine.conv.backends:torch_indexed_conv2d")
+_registry.register("conv", "triton", "kcengine.conv.triton_kernels:triton_indexed_conv2d")
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        v = (int(v), int(v))
+    if not (isinstance(v, (tuple, list)) and len(v) == 2
+            and all(isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in v)):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return int(v[0]), int(v[1])
+
+
+def dense_weight(codebook: torch.Tensor, index: torch.Tensor, granularity: str, in_channels: Optional[int] = None):
+    """The dense ``[C_out, C_in, kh, kw]`` weight the codebook and index stand for (the oracle's weight).
+
+    Differentiable in ``codebook``; for the kernel granularity ``index`` is ``[C_out, C_in]``.
+    """
+    idx = index.long()
+    if granularity == "filter":
+        return codebook.index_select(0, idx.reshape(-1))
+    if granularity == "kernel":
+        c_out, c_in = idx.shape
+        kh, kw = codebook.shape[-2:]
+        return codebook.index_select(0, idx.reshape(-1)).reshape(c_out, c_in, kh, kw)
+    raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def _check_vector(v, name: str, c_out: int, x: torch.Tensor):
+    if v is None:
+        return None
+    if not isinstance(v, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor or None, got {type(v).__name__}")
+    if v.shape != (c_out,):
+        raise ValueError(f"{name} must have shape ({c_out},) (C_out), got {tuple(v.shape)}")
+    if v.dtype != x.dtype:
+        raise ValueError(f"{name} must have the dtype of x ({x.dtype}), got {v.dtype}")
+    if v.device != x.device:
+        raise ValueError(f"{name} must be on the device of x ({x.device}), got {v.device}")
+    return v
+
+
+def _validate(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale, shift, residual,
+              check_range: bool = True):
+    """All checks on the caller's arguments; returns normalized (stride, padding, dilation)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor [N, C_in, H, W], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
+    if not isinstance(codebook, torch.Tensor):
+        raise ValueError(f"codebook must be a torch.Tensor, got {type(codebook).__name__}")
+    if codebook.dtype != x.dtype:
+        raise ValueError(f"codebook must have the dtype of x ({x.dtype}), got {codebook.dtype}")
+    if codebook.device != x.device:
+        raise ValueError(f"codebook must be on the device of x ({x.device}), got {codebook.device}")
+    if not isinstance(index, torch.Tensor):
+        raise ValueError(f"index must be a torch.Tensor, got {type(index).__name__}")
+    if index.dtype not in INDEX_DTYPES:
+        raise ValueError(f"index must be an integer tensor (uint8/int8/int16/int32/int64), got dtype {index.dtype}")
+    if index.device != x.device:
+        raise ValueError(f"index must be on the device of x ({x.device}), got {index.device}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(stride) < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if min(padding) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if min(dilation) < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    c_in = x.shape[1]
+    if c_in % groups:
+        raise ValueError(f"x has C_in={c_in} channels, not divisible by groups={groups}")
+    if granularity == "filter":
+        if codebook.dim() != 4:
+            raise ValueError(f"codebook must be [K, C_in/groups, kh, kw] for granularity='filter', "
+                             f"got shape {tuple(codebook.shape)}")
+        if codebook.shape[1] != c_in // groups:
+            raise ValueError(f"codebook has shape {tuple(codebook.shape)} but x has C_in={c_in} channels "
+                             f"(groups={groups}): codebook.shape[1] must be {c_in // groups}")
+        if index.dim() != 1:
+            raise ValueError(f"index must be [C_out] for granularity='filter', got shape {tuple(index.shape)}")
+        kh, kw = codebook.shape[2:]
+    else:
+        if codebook.dim() != 3:
+            raise ValueError(f"codebook must be [K, kh, kw] for granularity='kernel', got shape {tuple(codebook.shape)}")
+        if index.dim() != 2 or index.shape[1] != c_in // groups:
+            raise ValueError(f"index must be [C_out, C_in/groups={c_in // groups}] for granularity='kernel', "
+                             f"got shape {tuple(index.shape)}")
+        kh, kw = codebook.shape[1:]
+    k = codebook.shape[0]
+    if k < 1:
+        raise ValueError(f"codebook must hold K >= 1 centroids, got shape {tuple(codebook.shape)}")
+    c_out = index.shape[0]
+    if c_out < 1 or c_out % groups:
+        raise ValueError(f"index gives C_out={c_out} output channels, which must be >= 1 and divisible by "
+                         f"groups={groups}")
+    if check_range and index.numel():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= k:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"index values must be in [0, K={k}) for a codebook of K={k} centroids, got {bad}")
+    _check_vector(bias, "bias", c_out, x)
+    _check_vector(scale, "scale", c_out, x)
+    _check_vector(shift, "shift", c_out, x)
+    h, w = x.shape[2:]
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"x of spatial size {h}x{w} is too small for a {kh}x{kw} kernel with padding={padding}, "
+                         f"dilation={dilation} (output would be {ho}x{wo})")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise ValueError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        want = (x.shape[0], c_out, ho, wo)
+        if tuple(residual.shape) != want:
+            raise ValueError(f"residual must have the output's shape {want}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"residual must have the dtype/device of x ({x.dtype}, {x.device}), "
+                             f"got ({residual.dtype}, {residual.device})")
+    return stride, padding, dilation
+
+
+def _fold_bias(bias, scale, shift):
+    """(scale, shift) of the epilogue with the conv bias folded in: (y + b)*s + t = y*s + (b*s + t)."""
+    if bias is None:
+        return scale, shift
+    if scale is None:
+        return None, bias if shift is None else bias + shift
+    return scale, bias * scale + (shift if shift is not None else 0)
+
+
+def indexed_conv2d(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    index: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    granularity: str = "filter",
+    *,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    relu: bool = False,
+    residual: Optional[torch.Tensor] = None,
+    backend: Optional[str] = "auto",
+) -> torch.Tensor:
+    """2-D convolution computed from a codebook and an index, never from the dense weight.
+
+    Args:
+        x: ``[N, C_in, H, W]`` input (float16/bfloat16/float32/float64; any memory format).
+        codebook: ``[K, C_in/groups, kh, kw]`` (granularity ``"filter"``) or ``[K, kh, kw]`` (``"kernel"``),
+            dtype and device of ``x``.
+        index: integer tensor (uint8 ... int64): ``[C_out]`` (filter) or ``[C_out, C_in/groups]`` (kernel),
+            values in ``[0, K)``.
+        bias: optional ``[C_out]``, added before the epilogue.
+        stride, padding, dilation: as :func:`torch.nn.functional.conv2d` (int or pair).
+        groups: ``> 1`` runs the documented dense fallback ``F.conv2d(x, codebook[index], groups=groups)``.
+        granularity: ``"filter"`` or ``"kernel"``.
+        scale, shift: optional ``[C_out]`` per-channel affine applied after the bias (an eval BatchNorm:
+            ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``).
+        relu: apply ReLU last.
+        residual: optional ``[N, C_out, H_out, W_out]`` added before the ReLU (a ResNet block's identity).
+        backend: ``"auto"`` (default), ``"cpu"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``[N, C_out, H_out, W_out]``: ``act((conv2d(x, codebook[index]) + bias) * scale + shift + residual)``,
+        in ``x``'s memory format (channels-last in, channels-last out) on the cpu backend.
+
+    Raises:
+        ValueError naming the argument and value on any bad input.
+
+    Gradients flow to ``x``, ``codebook``, ``bias``, ``scale``, ``shift`` and ``residual``; each centroid
+    receives the sum of the gradients of the filters/kernels that share it.
+    """
+    stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
+                                          granularity, scale, shift, residual)
+    relu = bool(relu)
+    if groups > 1:
+        return _dense_fallback(x, codebook, index, bias, stride, padding, dilation, groups, granularity,
+                               scale, shift, relu, residual)
+
+    def call(name, impl):
+        return impl(x, codebook, index, bias, stride, padding, dilation, granularity, scale, shift, relu, residual)
+
+    _, y = _registry.run_with_fallback("conv", backend, x.device, call)
+    return y
+
+
+def _dense_fallback(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale, shift, relu,
+                    residual):
+    """groups > 1: build the dense weight and run F.conv2d (documented; no speed gain from clustering)."""
+    w = dense_weight(codebook, index, granularity)
+    y = F.conv2d(x, w, bias, stride, padding, dilation, groups)
+    return _torch_epilogue(y, scale, shift, relu, residual)
+
+
+def _torch_epilogue(y, scale, shift, relu, residual):
+    if scale is not None:
+        y = y * scale.view(1, -1, 1, 1)
+    if shift is not None:
+        y = y + shift.view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual
+    if relu:
+        y = torch.relu(y)
+    return y

@@ -1,0 +1,292 @@
+"""``ClusteredConv2d``: a Conv2d layer stored as a codebook of centroids plus an index."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import _registry
+from .functional import GRANULARITIES, _pair, _torch_epilogue, _validate, dense_weight
+
+__all__ = ["ClusteredConv2d", "index_dtype_for"]
+
+
+def index_dtype_for(k: int) -> torch.dtype:
+    """The smallest integer dtype that holds indices into ``k`` centroids: uint8 (k <= 256), int16, int32."""
+    if k <= 256:
+        return torch.uint8
+    if k <= 32768:
+        return torch.int16
+    return torch.int32
+
+
+def _as_tensor(a, name: str) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a.detach()
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(a))
+    raise ValueError(f"{name} must be a numpy array or torch tensor, got {type(a).__name__}")
+
+
+class _Cache:
+    __slots__ = ("key", "index32", "plan")
+
+    def __init__(self, key, index32, plan):
+        self.key, self.index32, self.plan = key, index32, plan
+
+
+class ClusteredConv2d(nn.Module):
+    """A 2-D convolution whose weight is ``codebook[index]``, computed without building it.
+
+    Attributes:
+        codebook: ``nn.Parameter`` ``[K, C_in/groups, kh, kw]`` (``granularity="filter"``) or
+            ``[K, kh, kw]`` (``"kernel"``).  Gradients reach it summed over the filters/kernels sharing
+            each centroid.
+        index: buffer of the smallest integer dtype for K (uint8 when K <= 256, else int16/int32):
+            ``[C_out]`` (filter) or ``[C_out, C_in/groups]`` (kernel).  Not trained.
+        bias: ``nn.Parameter [C_out]`` or None.
+        scale, shift: ``[C_out]`` buffers of a fused eval BatchNorm (None until :meth:`fuse_bn_relu`).
+        relu: whether a ReLU is fused after the affine.
+        backend: ``"auto"`` or a backend name for :func:`kcengine.indexed_conv2d`'s registry.
+
+    ``forward(x, residual=None)`` returns ``act((conv(x) + bias) * scale + shift + residual)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, num_clusters: int, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, granularity: str = "filter", device=None,
+                 dtype=None, backend: str = "auto"):
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("num_clusters", num_clusters),
+                        ("groups", groups)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by "
+                             f"groups={groups}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride, self.padding, self.dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
+                                                    _pair(dilation, "dilation"))
+        self.granularity = granularity
+        self.num_clusters = num_clusters
+        self.backend = backend
+        self.relu = False
+        kh, kw = self.kernel_size
+        cig = in_channels // groups
+        fk = dict(device=device, dtype=dtype)
+        if granularity == "filter":
+            cb_shape, idx_shape = (num_clusters, cig, kh, kw), (out_channels,)
+        else:
+            cb_shape, idx_shape = (num_clusters, kh, kw), (out_channels, cig)
+        self.codebook = nn.Parameter(torch.empty(cb_shape, **fk))
+        bound = 1.0 / math.sqrt(cig * kh * kw)
+        nn.init.uniform_(self.codebook, -bound, bound)
+        n_idx = int(np.prod(idx_shape))
+        self.register_buffer("index", (torch.arange(n_idx, device=device) % num_clusters)
+                             .reshape(idx_shape).to(index_dtype_for(num_clusters)))
+        self.bias = nn.Parameter(torch.empty(out_channels, **fk).uniform_(-bound, bound)) if bias else None
+        self.register_buffer("scale", None)
+        self.register_buffer("shift", None)
+        self._cache: Optional[_Cache] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, kmeans_result, granularity: str = "filter", backend: str = "auto"):
+        """A clustered copy of ``conv`` from a k-means result over its filters or kernels.
+
+        ``kmeans_result`` has ``.centroids`` and ``.labels`` (numpy or torch), e.g. from
+        ``kcengine.kmeans``: for ``"filter"``, centroids ``[K, C_in/groups*kh*kw]`` and labels ``[C_out]``
+        (points = flattened filters); for ``"kernel"``, centroids ``[K, kh*kw]`` and labels
+        ``[C_out*C_in/groups]`` (points = flattened 2-D kernels in ``weight.reshape(-1, kh*kw)`` order).
+        The conv's bias is copied; ``conv`` is not modified.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"conv.padding must be numeric with padding_mode='zeros', got padding={conv.padding!r}, "
+                             f"padding_mode={conv.padding_mode!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        for field in ("centroids", "labels"):
+            if not hasattr(kmeans_result, field):
+                raise ValueError(f"kmeans_result must have .centroids and .labels, missing .{field}")
+        cent = _as_tensor(kmeans_result.centroids, "kmeans_result.centroids")
+        labels = _as_tensor(kmeans_result.labels, "kmeans_result.labels")
+        w = conv.weight
+        c_out, cig, kh, kw = w.shape
+        if cent.dim() != 2 or cent.shape[0] < 1:
+            raise ValueError(f"kmeans_result.centroids must be [K, D] with K >= 1, got shape {tuple(cent.shape)}")
+        k = int(cent.shape[0])
+        want_d, want_n = (cig * kh * kw, c_out) if granularity == "filter" else (kh * kw, c_out * cig)
+        if cent.shape[1] != want_d:
+            raise ValueError(f"kmeans_result.centroids has shape {tuple(cent.shape)}; granularity={granularity!r} "
+                             f"on a conv of weight {tuple(w.shape)} needs D={want_d}")
+        if labels.dim() != 1 or labels.shape[0] != want_n:
+            raise ValueError(f"kmeans_result.labels has shape {tuple(labels.shape)}; granularity={granularity!r} "
+                             f"on a conv of weight {tuple(w.shape)} needs ({want_n},)")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"kmeans_result.labels must be integers, got dtype {labels.dtype}")
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= k:
+            raise ValueError(f"kmeans_result.labels must be in [0, K={k}), got {lo if lo < 0 else hi}")
+        mod = cls(conv.in_channels, conv.out_channels, (kh, kw), k, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, granularity, device=w.device, dtype=w.dtype, backend=backend)
+        with torch.no_grad():
+            cb_shape = (k, cig, kh, kw) if granularity == "filter" else (k, kh, kw)
+            mod.codebook.copy_(cent.to(device=w.device, dtype=w.dtype).reshape(cb_shape))
+            mod.set_index(labels.reshape(mod.index.shape))
+            if conv.bias is not None:
+                mod.bias.copy_(conv.bias.detach())
+        return mod
+
+    def set_index(self, index) -> None:
+        """Replace the index (validated: shape, integer dtype, range [0, K)); stored in the compact dtype."""
+        index = _as_tensor(index, "index")
+        if index.dtype.is_floating_point or index.dtype == torch.bool or index.is_complex():
+            raise ValueError(f"index must be an integer tensor, got dtype {index.dtype}")
+        if tuple(index.shape) != tuple(self.index.shape):
+            raise ValueError(f"index must have shape {tuple(self.index.shape)}, got {tuple(index.shape)}")
+        if index.numel():
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= self.num_clusters:
+                raise ValueError(f"index values must be in [0, K={self.num_clusters}), got {lo if lo < 0 else hi}")
+        self.index = index.to(device=self.index.device, dtype=index_dtype_for(self.num_clusters)).contiguous()
+        self._cache = None
+
+    # ------------------------------------------------------------------ properties
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``[C_out, C_in/groups, kh, kw]`` weight (differentiable in the codebook)."""
+        return dense_weight(self.codebook, self.index, self.granularity)
+
+    @property
+    def unique_parameters(self) -> int:
+        """Distinct trainable numbers of the layer: the codebook plus the bias."""
+        return self.codebook.numel() + (self.bias.numel() if self.bias is not None else 0)
+
+    @property
+    def dense_parameters(self) -> int:
+        """Parameters of the equivalent dense Conv2d (weight plus bias)."""
+        kh, kw = self.kernel_size
+        n = self.out_channels * (self.in_channels // self.groups) * kh * kw
+        return n + (self.bias.numel() if self.bias is not None else 0)
+
+    @property
+    def compression_ratio(self) -> float:
+        """Dense parameters / unique parameters (the index, a few bits per filter/kernel, not counted;
+        see :func:`kcengine.save_compressed` for on-disk bytes)."""
+        return self.dense_parameters / self.unique_parameters
+
+    def freeze_codebook(self) -> "ClusteredConv2d":
+        """Stop gradients to the codebook (frozen-filters finetune); returns self."""
+        self.codebook.requires_grad_(False)
+        return self
+
+    def fuse_bn_relu(self, bn: nn.BatchNorm2d, relu: bool = True) -> "ClusteredConv2d":
+        """A copy of this layer with ``bn`` (its running statistics, i.e. eval mode) and optionally a ReLU
+        applied in the gather.  Neither this layer nor ``bn`` is modified."""
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise ValueError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+        if bn.num_features != self.out_channels:
+            raise ValueError(f"bn.num_features={bn.num_features} must equal out_channels={self.out_channels}")
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("bn must track running statistics (track_running_stats=True) to be fused")
+        if self.relu:
+            raise ValueError("this layer already ends in a fused ReLU; a BatchNorm after it cannot be fused")
+        with torch.no_grad():
+            s = torch.rsqrt(bn.running_var.to(self.codebook.dtype) + bn.eps)
+            if bn.weight is not None:
+                s = s * bn.weight.to(s.dtype)
+            t = -bn.running_mean.to(s.dtype) * s
+            if bn.bias is not None:
+                t = t + bn.bias.to(s.dtype)
+            new = copy.deepcopy(self)
+            if self.scale is not None:
+                new.scale = self.scale * s
+                new.shift = (self.shift if self.shift is not None else torch.zeros_like(s)) * s + t
+            else:
+                new.scale, new.shift = s.contiguous(), t.contiguous()
+        new.relu = bool(relu)
+        new._cache = None
+        return new
+
+    # ------------------------------------------------------------------ forward
+    def _prepared(self) -> _Cache:
+        idx = self.index
+        key = (idx.data_ptr(), idx._version, idx.device, idx.dtype, self.num_clusters)
+        c = self._cache
+        if c is not None and c.key == key:
+            return c
+        if idx.numel():
+            hi = int(idx.max())
+            lo = int(idx.min())
+            if lo < 0 or hi >= self.num_clusters:
+                raise ValueError(f"index values must be in [0, K={self.num_clusters}), got {lo if lo < 0 else hi}")
+        plan = None
+        if self.granularity == "kernel" and self.groups == 1:
+            from .backends import kernel_plan
+
+            plan = kernel_plan(idx, self.num_clusters)
+        self._cache = _Cache(key, idx.to(torch.int32).contiguous(), plan)
+        return self._cache
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        cache = self._prepared()
+        stride, padding, dilation = _validate(x, self.codebook, self.index, self.bias, self.stride, self.padding,
+                                              self.dilation, self.groups, self.granularity, self.scale, self.shift,
+                                              residual, check_range=False)
+        if self.groups > 1:
+            y = F.conv2d(x, self.to_dense(), self.bias, stride, padding, dilation, self.groups)
+            return _torch_epilogue(y, self.scale, self.shift, self.relu, residual)
+
+        def call(name, impl):
+            extra = {}
+            if name in ("cpu", "torch"):
+                extra["plan"] = cache.plan
+            if name == "cpu":
+                extra["index32"] = cache.index32
+            return impl(x, self.codebook, self.index, self.bias, stride, padding, dilation, self.granularity,
+                        self.scale, self.shift, self.relu, residual, **extra)
+
+        _, y = _registry.run_with_fallback("conv", self.backend, x.device, call)
+        return y
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._cache = None
+        key = prefix + "index"
+        if key in state_dict:  # accept any integer dtype on load; keep ours
+            t = state_dict[key]
+            if isinstance(t, torch.Tensor) and t.dtype != self.index.dtype and not t.dtype.is_floating_point:
+                state_dict = dict(state_dict)
+                state_dict[key] = t.to(self.index.dtype)
+        for name in ("scale", "shift"):  # epilogue buffers appear only on fused layers
+            if prefix + name in state_dict and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, K={self.num_clusters}, "
+             f"granularity={self.granularity!r}, stride={self.stride}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.scale is not None:
+            s += ", fused_bn=True"
+        if self.relu:
+            s += ", relu=True"
+        return s

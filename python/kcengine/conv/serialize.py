@@ -1,0 +1,137 @@
+"""Compact checkpoints of models holding :class:`ClusteredConv2d` layers.
+
+File format (one ``torch.save`` of plain containers, loadable with ``torch.load(weights_only=True)``)::
+
+    {"format": "kcengine.compressed/1",
+     "state_dict": model.state_dict(),          # codebooks as floats, indexes as uint8/int16/int32
+     "clustered": {module_path: layer config},  # what ClusteredConv2d(...) needs to be rebuilt
+     "builder": "pkg.module:callable" | None, "builder_kwargs": {...}}
+
+Rebuilding: the architecture is not pickled (weights_only forbids code).  :func:`load_compressed`
+takes a *skeleton*, any ``nn.Module`` of the original architecture (dense or clustered); the layers
+at the recorded paths are replaced by ``ClusteredConv2d`` built from their configs, then the whole
+state_dict is loaded strictly.  Alternatively ``save_compressed(..., builder="torchvision.models:resnet18")``
+records an importable constructor, and ``load_compressed(path)`` calls it (with ``builder_kwargs``)
+to make the skeleton — only do that for files you trust.
+Fused inference graphs (:func:`fuse_for_inference`) are not saved: save the model, fuse after loading.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import io
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .module import ClusteredConv2d
+
+__all__ = ["save_compressed", "load_compressed", "checkpoint_sizes", "dense_state_dict"]
+
+FORMAT = "kcengine.compressed/1"
+
+
+def _config(m: ClusteredConv2d) -> dict:
+    return {
+        "in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
+        "num_clusters": m.num_clusters, "stride": list(m.stride), "padding": list(m.padding),
+        "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None,
+        "granularity": m.granularity, "relu": bool(m.relu), "fused_bn": m.scale is not None,
+    }
+
+
+def _payload(model: nn.Module, builder, builder_kwargs) -> dict:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if builder is not None and (not isinstance(builder, str) or builder.count(":") != 1):
+        raise ValueError(f"builder must be 'package.module:callable', got {builder!r}")
+    clustered = {name: _config(m) for name, m in model.named_modules() if isinstance(m, ClusteredConv2d)}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"format": FORMAT, "state_dict": state, "clustered": clustered, "builder": builder,
+            "builder_kwargs": dict(builder_kwargs or {})}
+
+
+def save_compressed(model: nn.Module, path, *, builder: str | None = None, builder_kwargs: dict | None = None) -> int:
+    """Write ``model``'s compact checkpoint to ``path``; returns the bytes written."""
+    payload = _payload(model, builder, builder_kwargs)
+    path = Path(path)
+    torch.save(payload, path)
+    return os.path.getsize(path)
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    try:
+        parent = root.get_submodule(parent_path) if parent_path else root
+    except AttributeError as exc:
+        raise ValueError(f"the skeleton has no module {parent_path!r} (needed for clustered layer {path!r})") from exc
+    if not hasattr(parent, leaf):
+        raise ValueError(f"the skeleton has no module {path!r} to replace with a clustered layer")
+    setattr(parent, leaf, new)
+
+
+def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu") -> nn.Module:
+    """Rebuild the model saved by :func:`save_compressed`.
+
+    ``model``: a skeleton of the architecture (not modified; a copy is filled).  Without it, the
+    file's recorded ``builder`` constructs one; with neither, ValueError.  Loads with
+    ``torch.load(weights_only=True)`` and ``load_state_dict(strict=True)``.
+    """
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a kcengine compressed checkpoint (format {FORMAT!r})")
+    if model is None:
+        builder = payload.get("builder")
+        if not builder:
+            raise ValueError(f"model=None but {path} records no builder: pass model=<skeleton of the architecture>")
+        mod_name, _, fn_name = builder.partition(":")
+        model = getattr(importlib.import_module(mod_name), fn_name)(**payload.get("builder_kwargs", {}))
+    elif not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module skeleton or None, got {type(model).__name__}")
+    else:
+        model = copy.deepcopy(model)
+    state = payload["state_dict"]
+    for name, cfg in payload["clustered"].items():
+        cfg = dict(cfg)
+        relu, fused = cfg.pop("relu"), cfg.pop("fused_bn")
+        ref = next((v for k, v in state.items() if k == f"{name}.codebook"), None)
+        dtype = ref.dtype if ref is not None else None
+        layer = ClusteredConv2d(**cfg, dtype=dtype)
+        layer.relu = relu
+        if fused:
+            layer.scale = torch.empty(cfg["out_channels"], dtype=dtype)
+            layer.shift = torch.empty(cfg["out_channels"], dtype=dtype)
+        _set_submodule(model, name, layer)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def dense_state_dict(model: nn.Module) -> dict:
+    """``model``'s state_dict with every clustered layer written as a dense Conv2d (``weight`` [+ ``bias``])."""
+    out = {}
+    clustered = {name for name, m in model.named_modules() if isinstance(m, ClusteredConv2d)}
+    for k, v in model.state_dict().items():
+        mod, _, leaf = k.rpartition(".")
+        if mod in clustered:
+            if leaf == "codebook":
+                out[f"{mod}.weight"] = model.get_submodule(mod).to_dense().detach().cpu().clone()
+            elif leaf in ("bias", "scale", "shift"):
+                out[k] = v.detach().cpu()
+            continue  # index
+        out[k] = v.detach().cpu()
+    return out
+
+
+def _nbytes(obj) -> int:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getbuffer().nbytes
+
+
+def checkpoint_sizes(model: nn.Module) -> dict:
+    """Bytes of the compact checkpoint vs the dense checkpoint (``torch.save`` of :func:`dense_state_dict`)."""
+    comp = _nbytes(_payload(model, None, None))
+    dense = _nbytes(dense_state_dict(model))
+    return {"compressed_bytes": comp, "dense_bytes": dense, "ratio": dense / comp}

@@ -1,0 +1,255 @@
+"""indexed_conv2d against the F.conv2d(x, codebook[index]) oracle: forward, gradients, bad input."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kcengine
+from kcengine.conv import dense_weight
+
+# Per-dtype (atol, rtol) against an F.conv2d reference of the same dtype (atol scaled by max|ref| + 1).
+TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-12, 1e-10)}
+
+# (N, C_in, C_out, H, W, kernel, stride, padding, dilation, K)
+SHAPES = [
+    (2, 5, 7, 13, 11, 3, 1, 1, 1, 3),     # primes, odd H/W
+    (1, 3, 11, 17, 9, 3, 2, 1, 1, 1),     # K = 1, stride 2
+    (2, 7, 5, 10, 15, 3, 1, 0, 1, 5),     # K = C_out, no padding
+    (3, 6, 13, 9, 9, 1, 1, 0, 1, 4),      # 1x1
+    (1, 3, 8, 23, 19, 7, 2, 3, 1, 2),     # 7x7 stem-like with padding 3
+    (2, 4, 6, 12, 12, 1, 2, 0, 1, 3),     # 1x1 stride 2 (downsample)
+    (1, 5, 7, 14, 13, 3, 1, 2, 2, 4),     # dilation 2
+]
+BACKENDS = ["cpu", "torch"]
+
+
+def _case(shape, granularity, dtype, seed=0):
+    n, ci, co, h, w, k, s, p, d, kk = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, ci, h, w, generator=g, dtype=dtype)
+    if granularity == "filter":
+        cb = torch.randn(kk, ci, k, k, generator=g, dtype=dtype)
+        idx = torch.randint(0, kk, (co,), generator=g)
+    else:
+        cb = torch.randn(kk, k, k, generator=g, dtype=dtype)
+        idx = torch.randint(0, kk, (co, ci), generator=g)
+    idx[0] = kk - 1  # the last centroid is always used
+    return x, cb, idx, dict(stride=s, padding=p, dilation=d)
+
+
+def _close(y, ref, dtype):
+    atol, rtol = TOL[dtype]
+    scale = ref.abs().max().item() + 1.0
+    torch.testing.assert_close(y, ref, atol=atol * scale, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_dense(shape, granularity, dtype, backend):
+    x, cb, idx, conv = _case(shape, granularity, dtype)
+    ref = F.conv2d(x, dense_weight(cb, idx, granularity), **conv)
+    y = kcengine.indexed_conv2d(x, cb, idx, granularity=granularity, backend=backend, **conv)
+    assert y.shape == ref.shape
+    _close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_bias_bn_residual_relu(granularity, dtype, backend, channels_last):
+    shape = (2, 5, 7, 13, 11, 3, 2, 1, 1, 3)
+    x, cb, idx, conv = _case(shape, granularity, dtype, seed=1)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(2)
+    bias, scale, shift = (torch.randn(7, generator=g, dtype=dtype) for _ in range(3))
+    bn = torch.nn.BatchNorm2d(7).to(dtype).eval()
+    bn.running_mean.copy_(torch.randn(7, generator=g, dtype=dtype))
+    bn.running_var.copy_(torch.rand(7, generator=g, dtype=dtype) + 0.5)
+    bn.weight.data.copy_(scale)
+    bn.bias.data.copy_(shift)
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    t = bn.bias - bn.running_mean * s
+    dense = F.conv2d(x, dense_weight(cb, idx, granularity), bias, **conv)
+    residual = torch.randn(dense.shape, generator=g, dtype=dtype)
+    with torch.no_grad():
+        ref = torch.relu(bn(dense) + residual)
+        y = kcengine.indexed_conv2d(x, cb, idx, bias, granularity=granularity, scale=s, shift=t, relu=True,
+                                    residual=residual, backend=backend, **conv)
+        ref2 = torch.relu(bn(dense))
+        y2 = kcengine.indexed_conv2d(x, cb, idx, bias, granularity=granularity, scale=s, shift=t, relu=True,
+                                     backend=backend, **conv)
+    _close(y, ref, dtype)
+    _close(y2, ref2, dtype)
+    assert (ref2 == 0).any() and (ref2 > 0).any()  # the ReLU really clips something
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_gradients_are_tied_dense_gradients(granularity, backend):
+    dtype = torch.float64
+    x, cb, idx, conv = _case((2, 5, 7, 9, 11, 3, 1, 1, 1, 3), granularity, dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    bias, scale, shift = (torch.randn(7, generator=g, dtype=dtype) for _ in range(3))
+    grad_out = torch.randn(2, 7, 9, 11, generator=g, dtype=dtype)
+    residual = torch.randn(2, 7, 9, 11, generator=g, dtype=dtype)
+
+    leaves = [t.clone().requires_grad_(True) for t in (x, cb, bias, scale, shift, residual)]
+    y = kcengine.indexed_conv2d(leaves[0], leaves[1], idx, leaves[2], granularity=granularity, scale=leaves[3],
+                                shift=leaves[4], relu=True, residual=leaves[5], backend=backend, **conv)
+    y.backward(grad_out)
+
+    # Independent reference: a dense conv whose weight is a free tensor, then sum its gradient per cluster.
+    w = dense_weight(cb, idx, granularity).detach().requires_grad_(True)
+    ref_leaves = [t.clone().requires_grad_(True) for t in (x, bias, scale, shift, residual)]
+    xr, br, sr, tr, rr = ref_leaves
+    yr = torch.relu((F.conv2d(xr, w, br, **conv)) * sr.view(1, -1, 1, 1) + tr.view(1, -1, 1, 1) + rr)
+    yr.backward(grad_out)
+    if granularity == "filter":
+        cb_grad = torch.zeros_like(cb).index_add_(0, idx, w.grad)
+    else:
+        cb_grad = torch.zeros_like(cb).index_add_(0, idx.reshape(-1), w.grad.reshape(-1, *cb.shape[1:]))
+    _close(leaves[1].grad, cb_grad, dtype)
+    for got, want in zip([leaves[0], *leaves[2:]], ref_leaves):
+        _close(got.grad, want.grad, dtype)
+    assert cb_grad.abs().sum() > 0
+
+
+def test_groups_fall_back_to_dense():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 9, 9, generator=g)
+    cb = torch.randn(3, 2, 3, 3, generator=g)
+    idx = torch.tensor([0, 1, 2, 2, 1, 0, 0, 1, 2])
+    y = kcengine.indexed_conv2d(x, cb, idx, padding=1, groups=3)
+    _close(y, F.conv2d(x, cb[idx], padding=1, groups=3), torch.float32)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_index_dtypes(index_dtype):
+    x, cb, idx, conv = _case(SHAPES[0], "filter", torch.float32)
+    ref = F.conv2d(x, cb[idx], **conv)
+    _close(kcengine.indexed_conv2d(x, cb, idx.to(index_dtype), **conv), ref, torch.float32)
+
+
+def test_bfloat16_takes_torch_path_on_cpu():
+    x, cb, idx, conv = _case(SHAPES[0], "filter", torch.float32)
+    y = kcengine.indexed_conv2d(x.bfloat16(), cb.bfloat16(), idx, backend="cpu", **conv)
+    ref = F.conv2d(x.bfloat16(), cb.bfloat16()[idx], **conv)
+    torch.testing.assert_close(y, ref, atol=0.1, rtol=0.05)
+
+
+def test_inputs_not_mutated():
+    x, cb, idx, conv = _case(SHAPES[0], "kernel", torch.float32)
+    copies = [t.clone() for t in (x, cb, idx)]
+    kcengine.indexed_conv2d(x, cb, idx, granularity="kernel", relu=True, **conv)
+    for a, b in zip((x, cb, idx), copies):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_bad_inputs_raise_value_error(granularity):
+    x, cb, idx, conv = _case(SHAPES[0], granularity, torch.float32)
+    bad_idx = idx.clone()
+    bad_idx.view(-1)[1] = 3  # K = 3
+    with pytest.raises(ValueError, match=r"index values must be in \[0, K=3\).*got 3"):
+        kcengine.indexed_conv2d(x, cb, bad_idx, granularity=granularity, **conv)
+    neg = idx.clone()
+    neg.view(-1)[0] = -1
+    with pytest.raises(ValueError, match=r"index .*got -1"):
+        kcengine.indexed_conv2d(x, cb, neg, granularity=granularity, **conv)
+    with pytest.raises(ValueError, match=r"index must be an integer tensor.*float32"):
+        kcengine.indexed_conv2d(x, cb, idx.float(), granularity=granularity, **conv)
+    with pytest.raises(ValueError, match=r"codebook must have the dtype of x \(torch.float32\), got torch.float64"):
+        kcengine.indexed_conv2d(x, cb.double(), idx, granularity=granularity, **conv)
+    with pytest.raises(ValueError, match=r"granularity must be one of .*'channel'"):
+        kcengine.indexed_conv2d(x, cb, idx, granularity="channel", **conv)
+    with pytest.raises(ValueError, match=r"x must be a 4-D tensor.*\(5, 13, 11\)"):
+        kcengine.indexed_conv2d(x[0], cb, idx, granularity=granularity, **conv)
+    with pytest.raises(ValueError, match=r"stride must be >= 1, got \(0, 0\)"):
+        kcengine.indexed_conv2d(x, cb, idx, granularity=granularity, stride=0)
+    with pytest.raises(ValueError, match=r"bias must have shape \(7,\).*got \(6,\)"):
+        kcengine.indexed_conv2d(x, cb, idx, torch.zeros(6), granularity=granularity, **conv)
+    with pytest.raises(ValueError, match=r"residual must have the output's shape"):
+        kcengine.indexed_conv2d(x, cb, idx, granularity=granularity, residual=torch.zeros(1), **conv)
+
+
+def test_codebook_index_shape_mismatch():
+    x, cb, idx, conv = _case(SHAPES[0], "filter", torch.float32)
+    with pytest.raises(ValueError, match=r"codebook.shape\[1\] must be 5"):
+        kcengine.indexed_conv2d(x, cb[:, :4], idx, **conv)
+    with pytest.raises(ValueError, match=r"index must be \[C_out\] for granularity='filter', got shape \(7, 5\)"):
+        kcengine.indexed_conv2d(x, cb, idx[:, None].expand(7, 5), **conv)
+    with pytest.raises(ValueError, match=r"codebook must be \[K, kh, kw\] for granularity='kernel'"):
+        kcengine.indexed_conv2d(x, cb, idx, granularity="kernel", **conv)
+    kcb = torch.randn(3, 3, 3)
+    with pytest.raises(ValueError, match=r"index must be \[C_out, C_in/groups=5\].*got shape \(7, 4\)"):
+        kcengine.indexed_conv2d(x, kcb, torch.zeros(7, 4, dtype=torch.long), granularity="kernel", **conv)
+
+
+def test_native_core_checks_its_inputs():
+    """The C++ kernels keep their own checks: nothing Python can pass reads out of bounds."""
+    import numpy as np
+
+    from kcengine import _core
+
+    u = np.zeros((2, 3, 10), np.float32)
+    out = np.zeros((2, 4, 10), np.float32)
+    with pytest.raises(ValueError, match=r"index values must be in \[0, 3\), got 3 at position 2"):
+        _core.conv_gather_epilogue(u, np.array([0, 1, 3, 0], np.int32), None, None, None, False, out)
+    with pytest.raises(ValueError, match=r"index must be int32, got int64"):
+        _core.conv_gather_epilogue(u, np.array([0, 1, 2, 0], np.int64), None, None, None, False, out)
+    with pytest.raises(ValueError, match=r"index must have 4 entries, got 3"):
+        _core.conv_gather_epilogue(u, np.array([0, 1, 2], np.int32), None, None, None, False, out)
+    with pytest.raises(ValueError, match=r"out must have the dtype of u"):
+        _core.conv_gather_epilogue(u, np.zeros(4, np.int32), None, None, None, False, out.astype(np.float64))
+    with pytest.raises(ValueError, match=r"scale .*C_out=4"):
+        _core.conv_gather_epilogue(u, np.zeros(4, np.int32), np.ones(3, np.float32), None, None, False, out)
+    with pytest.raises(ValueError, match=r"residual must have the shape of out"):
+        _core.conv_gather_epilogue(u, np.zeros(4, np.int32), None, None, np.zeros((2, 4, 9), np.float32), False, out)
+    with pytest.raises(ValueError, match=r"u must be C-contiguous"):
+        _core.conv_gather_epilogue(np.zeros((2, 10, 3), np.float32).transpose(0, 2, 1), np.zeros(4, np.int32),
+                                   None, None, None, False, out)
+    with pytest.raises(ValueError, match=r"out must be writeable"):
+        ro = out.copy()
+        ro.setflags(write=False)
+        _core.conv_gather_epilogue(u, np.zeros(4, np.int32), None, None, None, False, ro)
+    with pytest.raises(ValueError, match=r"pair values must be in \[0, 3\), got 5"):
+        _core.conv_gather_sum(u, np.array([[0, 5]] * 4, np.int32), None, None, None, False, out)
+    with pytest.raises(ValueError, match=r"pair has shape \(3, 2\) but dimension 0 must be C_out=4"):
+        _core.conv_gather_sum(u, np.zeros((3, 2), np.int32), None, None, None, False, out)
+    with pytest.raises(ValueError, match=r"u must be float32 or float64, got int32"):
+        _core.conv_gather_epilogue(u.astype(np.int32), np.zeros(4, np.int32), None, None, None, False,
+                                   out.astype(np.int32))
+
+
+def test_native_gather_matches_numpy():
+    import numpy as np
+
+    from kcengine import _core
+
+    rng = np.random.default_rng(0)
+    for dt in (np.float32, np.float64):
+        u = rng.standard_normal((3, 5, 37)).astype(dt)
+        idx = rng.integers(0, 5, 11).astype(np.int32)
+        a, b = rng.standard_normal(11).astype(dt), rng.standard_normal(11).astype(dt)
+        r = rng.standard_normal((3, 11, 37)).astype(dt)
+        out = np.empty((3, 11, 37), dt)
+        _core.conv_gather_epilogue(u, idx, a, b, r, True, out)
+        want = np.maximum(u[:, idx] * a[None, :, None] + b[None, :, None] + r, 0)
+        np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+        # channels-last layout [M, K]
+        ul = np.ascontiguousarray(u.transpose(0, 2, 1).reshape(-1, 5))
+        outl = np.empty((ul.shape[0], 11), dt)
+        _core.conv_gather_epilogue(ul, idx, a, None, None, False, outl)
+        np.testing.assert_allclose(outl, ul[:, idx] * a, rtol=1e-6, atol=1e-6)
+
+
+def test_import_touches_no_triton_or_cupy():
+    code = "import sys, kcengine, kcengine.nn; print(any(m.split('.')[0] in ('triton', 'cupy') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

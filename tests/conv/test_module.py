@@ -1,0 +1,172 @@
+"""ClusteredConv2d: construction from k-means, forward vs dense, training, BN/ReLU fusion."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+
+import kcengine
+from kcengine.nn import ClusteredConv2d, fuse_for_inference
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-12, 1e-10)}
+
+
+def _close(y, ref, dtype=torch.float32):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y, ref, atol=atol * (ref.abs().max().item() + 1), rtol=rtol)
+
+
+def _sk_result(points: np.ndarray, k: int):
+    km = KMeans(n_clusters=k, n_init=1, random_state=0).fit(points)
+    return SimpleNamespace(centroids=km.cluster_centers_.astype(points.dtype), labels=km.labels_)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_from_conv_sklearn(granularity, dtype):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 11, 3, stride=2, padding=1).to(dtype)
+    w = conv.weight.detach().numpy()
+    pts = w.reshape(11, -1) if granularity == "filter" else w.reshape(-1, 9)
+    k = 4
+    res = _sk_result(pts, k)
+    m = ClusteredConv2d.from_conv(conv, res, granularity)
+    assert m.index.dtype == torch.uint8 and m.codebook.dtype == dtype
+    dense = m.to_dense()
+    # to_dense is exactly the centroid of each filter/kernel's cluster
+    np.testing.assert_array_equal(dense.detach().numpy().reshape(pts.shape), res.centroids[res.labels])
+    x = torch.randn(2, 5, 13, 10, dtype=dtype)
+    _close(m(x), F.conv2d(x, dense, conv.bias, 2, 1), dtype)
+    for backend in ("cpu", "torch"):
+        m.backend = backend
+        _close(m(x), F.conv2d(x, dense, conv.bias, 2, 1), dtype)
+    # the clustered layer approximates the conv it came from
+    assert (m(x) - conv(x)).abs().mean() < conv(x).abs().mean()
+    assert torch.equal(conv.weight, torch.from_numpy(w))  # conv untouched
+
+
+def test_from_conv_with_kcengine_kmeans_shape_contract():
+    """The result fields of kcengine.kmeans (centroids [K, D], labels [N]) are what from_conv takes."""
+    conv = nn.Conv2d(4, 8, 3, bias=False)
+    res = SimpleNamespace(centroids=torch.randn(2, 36), labels=torch.tensor([0, 1] * 4))
+    m = ClusteredConv2d.from_conv(conv, res)
+    assert m.bias is None and m.num_clusters == 2
+    with pytest.raises(ValueError, match=r"centroids has shape \(2, 35\).*needs D=36"):
+        ClusteredConv2d.from_conv(conv, SimpleNamespace(centroids=torch.randn(2, 35), labels=res.labels))
+    with pytest.raises(ValueError, match=r"labels has shape \(7,\).*needs \(8,\)"):
+        ClusteredConv2d.from_conv(conv, SimpleNamespace(centroids=res.centroids, labels=res.labels[:7]))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, K=2\), got 2"):
+        ClusteredConv2d.from_conv(conv, SimpleNamespace(centroids=res.centroids, labels=res.labels + 1))
+    with pytest.raises(ValueError, match=r"must have .centroids and .labels, missing .labels"):
+        ClusteredConv2d.from_conv(conv, SimpleNamespace(centroids=res.centroids))
+
+
+def test_properties_and_index_dtype():
+    m = ClusteredConv2d(64, 128, 3, 32, padding=1)
+    assert m.unique_parameters == 32 * 64 * 9 + 128
+    assert m.compression_ratio == pytest.approx((128 * 64 * 9 + 128) / (32 * 64 * 9 + 128))
+    assert m.index.dtype == torch.uint8
+    assert ClusteredConv2d(4, 300, 1, 300).index.dtype == torch.int16
+    assert ClusteredConv2d(4, 300, 1, 256).index.dtype == torch.uint8
+    assert m.state_dict()["index"].dtype == torch.uint8
+    k = ClusteredConv2d(8, 16, 3, 5, granularity="kernel")
+    assert k.codebook.shape == (5, 3, 3) and k.index.shape == (16, 8)
+    assert k.unique_parameters == 45 + 16
+    with pytest.raises(ValueError, match=r"index values must be in \[0, K=32\), got 40"):
+        m.set_index(torch.full((128,), 40))
+    with pytest.raises(ValueError, match=r"index must have shape \(128,\), got \(127,\)"):
+        m.set_index(torch.zeros(127, dtype=torch.long))
+
+
+def test_training_gradients_flow_to_codebook_only():
+    torch.manual_seed(1)
+    m = ClusteredConv2d(3, 6, 3, 2, padding=1)
+    m.set_index(torch.tensor([0, 1, 1, 0, 1, 1]))
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    m(x).square().sum().backward()
+    w = m.to_dense().detach().requires_grad_(True)
+    F.conv2d(x.detach(), w, m.bias.detach(), padding=1).square().sum().backward()
+    want = torch.zeros_like(m.codebook).index_add_(0, m.index.long(), w.grad)
+    _close(m.codebook.grad, want)
+    assert "index" not in dict(m.named_parameters())
+    m.freeze_codebook()
+    assert not m.codebook.requires_grad
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    before = m.codebook.detach().clone()
+    m.zero_grad()
+    m(x).sum().backward()
+    opt.step()
+    assert torch.equal(m.codebook, before) and m.bias.grad is not None
+
+
+def test_fuse_bn_relu_matches_conv_bn_relu():
+    torch.manual_seed(2)
+    m = ClusteredConv2d(5, 7, 3, 3, padding=1, bias=True)
+    m.set_index(torch.randint(0, 3, (7,)))
+    bn = nn.BatchNorm2d(7)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.normal_()
+    bn.bias.data.normal_()
+    bn.eval()
+    fused = m.fuse_bn_relu(bn)
+    assert m.scale is None and not m.relu  # original untouched
+    x = torch.randn(2, 5, 9, 11)
+    with torch.no_grad():
+        ref = torch.relu(bn(F.conv2d(x, m.to_dense(), m.bias, padding=1)))
+        _close(fused(x), ref)
+        r = torch.randn_like(ref)
+        _close(fused(x, r), torch.relu(bn(F.conv2d(x, m.to_dense(), m.bias, padding=1)) + r))
+    with pytest.raises(ValueError, match=r"bn.num_features=8 must equal out_channels=7"):
+        m.fuse_bn_relu(nn.BatchNorm2d(8))
+
+
+def _clustered_resnet(granularity="filter", seed=0):
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=10)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_(0, 0.1)
+    for name, conv in [(n, c) for n, c in model.named_modules() if isinstance(c, nn.Conv2d)]:
+        c_out, c_in, kh, kw = conv.weight.shape
+        k = max(1, c_out // 4)
+        g = torch.Generator().manual_seed(hash(name) % 1000)
+        if granularity == "filter":
+            res = SimpleNamespace(centroids=torch.randn(k, c_in * kh * kw, generator=g) * 0.05,
+                                  labels=torch.randint(0, k, (c_out,), generator=g))
+        else:
+            res = SimpleNamespace(centroids=torch.randn(k, kh * kw, generator=g) * 0.05,
+                                  labels=torch.randint(0, k, (c_out * c_in,), generator=g))
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf,
+                ClusteredConv2d.from_conv(conv, res, granularity))
+    return model.eval()
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_fuse_for_inference_resnet18(granularity):
+    model = _clustered_resnet(granularity)
+    fused = fuse_for_inference(model)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    fused_layers = [m for m in fused.modules() if isinstance(m, ClusteredConv2d)]
+    assert n_bn == 0  # every BN folded into its conv
+    assert sum(m.relu for m in fused_layers) == 1 + 16  # stem + two per BasicBlock
+    x = torch.randn(2, 3, 37, 45)
+    with torch.no_grad():
+        _close(fused(x), model(x))
+        # and the dense oracle: same model with every clustered conv replaced by its dense weight
+        dense = _clustered_resnet(granularity)
+        for name, m in list(dense.named_modules()):
+            if isinstance(m, ClusteredConv2d):
+                conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, bias=False)
+                conv.weight.data.copy_(m.to_dense())
+                parent, _, leaf = name.rpartition(".")
+                setattr(dense.get_submodule(parent), leaf, conv)
+        _close(fused(x), dense(x))

@@ -1,0 +1,101 @@
+"""save_compressed / load_compressed: exact round trip, compact index, file size against dense."""
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+import kcengine
+from kcengine.conv.serialize import checkpoint_sizes, dense_state_dict
+from kcengine.nn import ClusteredConv2d
+
+
+class Net(nn.Module):
+    def __init__(self, k1=16, k2=300, granularity="filter"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(16, 64, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(64, 512, 3, padding=1))
+        self.k1, self.k2, self.granularity = k1, k2, granularity
+
+    def forward(self, x):
+        return self.body(self.bn1(self.conv1(x)))
+
+
+def _cluster(net: Net) -> Net:
+    g = torch.Generator().manual_seed(0)
+    net = net.eval()
+    c1 = ClusteredConv2d(16, 64, 3, net.k1, padding=1, bias=False, granularity=net.granularity)
+    c2 = ClusteredConv2d(64, 512, 3, net.k2, padding=1, granularity=net.granularity)
+    for c in (c1, c2):
+        c.set_index(torch.randint(0, c.num_clusters, c.index.shape, generator=g))
+    net.conv1, net.body[1] = c1, c2
+    return net
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_round_trip_is_exact(tmp_path, granularity):
+    torch.manual_seed(0)
+    model = _cluster(Net(granularity=granularity))
+    model.bn1.running_mean.normal_()
+    path = tmp_path / "m.pt"
+    nbytes = kcengine.save_compressed(model, path)
+    assert nbytes == path.stat().st_size
+    raw = torch.load(path, weights_only=True)  # plain containers only
+    assert raw["state_dict"]["conv1.index"].dtype == torch.uint8
+    assert raw["state_dict"]["body.1.index"].dtype == torch.int16  # K = 300 > 256
+    skeleton = Net(granularity=granularity)
+    skel_state = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    loaded = kcengine.load_compressed(path, model=skeleton)
+    assert isinstance(loaded.conv1, ClusteredConv2d) and isinstance(skeleton.conv1, nn.Conv2d)
+    assert all(torch.equal(v, skeleton.state_dict()[k]) for k, v in skel_state.items())  # skeleton untouched
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    x = torch.randn(1, 16, 9, 9)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), loaded.eval()(x))
+
+
+def test_file_size_against_dense(tmp_path):
+    """Filter granularity, K = C_out/4 everywhere: the codebook is 1/4 of the dense weights, the index one byte
+    (or two) per filter; the file is smaller than the dense checkpoint by nearly 4x."""
+    model = _cluster(Net(k1=16, k2=128))
+    path = tmp_path / "m.pt"
+    nbytes = kcengine.save_compressed(model, path)
+    buf = io.BytesIO()
+    torch.save(dense_state_dict(model), buf)
+    dense_bytes = buf.getbuffer().nbytes
+    weights = (16 * 16 + 128 * 64) * 9 * 4  # codebooks [K, C_in, 3, 3], float32
+    dense_weights = (64 * 16 + 512 * 64) * 9 * 4
+    assert dense_bytes > dense_weights
+    assert nbytes > weights + 64 + 512  # codebooks + uint8 indexes
+    ratio = dense_bytes / nbytes
+    assert 3.5 < ratio < 4.0, ratio
+    sizes = checkpoint_sizes(model)
+    assert sizes["dense_bytes"] == dense_bytes and abs(sizes["compressed_bytes"] - nbytes) < 2048
+
+
+def test_builder_and_errors(tmp_path):
+    path = tmp_path / "m.pt"
+    model = _cluster(Net())
+    kcengine.save_compressed(model, path)
+    with pytest.raises(ValueError, match=r"records no builder: pass model="):
+        kcengine.load_compressed(path)
+    bad = tmp_path / "bad.pt"
+    torch.save({"x": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match=r"is not a kcengine compressed checkpoint"):
+        kcengine.load_compressed(bad, model=Net())
+    with pytest.raises(ValueError, match=r"builder must be 'package.module:callable', got 'nope'"):
+        kcengine.save_compressed(model, path, builder="nope")
+
+    import torchvision
+
+    rn = torchvision.models.resnet18(num_classes=3)
+    conv = rn.layer1[0].conv1
+    rn.layer1[0].conv1 = ClusteredConv2d(64, 64, 3, 8, padding=1, bias=False)
+    kcengine.save_compressed(rn, path, builder="torchvision.models:resnet18", builder_kwargs={"num_classes": 3})
+    loaded = kcengine.load_compressed(path)
+    assert isinstance(loaded.layer1[0].conv1, ClusteredConv2d) and conv is not None
+    assert torch.equal(loaded.fc.weight, rn.fc.weight)
