@@ -1,0 +1,230 @@
+"""``compress``: cluster the conv layers of any model with a plan and return a new model + report."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..kmeans import kmeans, kmeans_sweep
+from .layers import GRANULARITIES, LayerProblem, effective_weight
+from .plan import ByChannels, Elbow, FixedRatio, InertiaLimit, PerLayer, k_from_value, parse_plan, select_layers
+from .report import CompressionReport, LayerReport
+
+__all__ = ["compress", "conv_layers", "candidate_ks", "elbow_index", "sweep_layer", "replace_module"]
+
+_KMEANS_OPTIONS = ("seed", "backend", "max_iter", "n_init", "tol", "algorithm")
+
+
+def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """``(name, module)`` of every ``nn.Conv2d`` in ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Set the submodule at dotted path ``name`` of ``root`` to ``new`` (in place on ``root``)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def candidate_ks(n: int, ratios=None, max_points: int = 64) -> list[int]:
+    """ks to sweep for a layer of ``n`` points: from ``ratios``, else all of 1..n when n <= max_points,
+    else ``max_points`` ks spread geometrically over [1, n] (n always included)."""
+    if ratios is not None:
+        return sorted({max(1, min(n, int(math.floor(n * r + 0.5)))) for r in ratios})
+    if n <= max_points:
+        return list(range(1, n + 1))
+    ks = np.unique(np.round(np.geomspace(1, n, max_points)).astype(int))
+    return sorted(set(int(k) for k in ks) | {n})
+
+
+def elbow_index(ks, inertias) -> int:
+    """Index of the elbow of a decreasing curve: farthest below the chord, both axes scaled to [0, 1]."""
+    ks = np.asarray(ks, dtype=np.float64)
+    y = np.asarray(inertias, dtype=np.float64)
+    if ks.size < 3:
+        return int(ks.size - 1)
+    x = (ks - ks[0]) / max(ks[-1] - ks[0], 1e-300)
+    span = y[0] - y[-1]
+    if span <= 0:
+        return 0
+    yn = (y - y[-1]) / span  # 1 at the first point, 0 at the last
+    chord = 1.0 - x
+    return int(np.argmax(chord - yn))
+
+
+def _kmeans_kwargs(options: dict, granularity: str) -> dict:
+    kw = {k: options[k] for k in _KMEANS_OPTIONS if k in options}
+    kw.setdefault("seed", 0)
+    if granularity == "element":
+        kw.setdefault("algorithm", "exact1d")
+    return kw
+
+
+def sweep_layer(prob: LayerProblem, ks: list[int], kw: dict) -> list[tuple[list, list, float]]:
+    """[(centroids per problem, labels per problem, inertia)] of ``prob`` for every k in ``ks``.
+
+    Filter/kernel: one ``kmeans_sweep`` over the layer's points.  Element: one ragged ``kmeans``
+    call over every (coordinate, k) pair.
+    """
+    pts = prob.points()
+    if prob.granularity != "element":
+        res = kmeans_sweep(pts[0], ks, **kw)
+        return [([r.centroids], [r.labels], float(r.inertia)) for r in res]
+    xs = [p for _ in ks for p in pts]
+    kk = [k for k in ks for _ in pts]
+    r = kmeans(xs, kk, **kw)
+    out = []
+    D = len(pts)
+    inert = np.asarray(r.inertia, dtype=np.float64)
+    for i in range(len(ks)):
+        sl = slice(i * D, (i + 1) * D)
+        out.append((list(r.centroids[sl]), list(r.labels[sl]), float(inert[sl].sum())))
+    return out
+
+
+def _choose_ks(strategy, probs: list[LayerProblem], kw: dict):
+    """{name: k} and, for sweep-based strategies, {name: (cents, labels, inertia)} at the chosen k."""
+    ks, reuse, notes = {}, {}, {}
+    for p in probs:
+        if isinstance(strategy, FixedRatio):
+            ks[p.name] = k_from_value(strategy.ratio, p.N, f"layer {p.name}")
+        elif isinstance(strategy, PerLayer):
+            ks[p.name] = k_from_value(strategy.value_for(p.name), p.N, f"layer {p.name}")
+        elif isinstance(strategy, ByChannels):
+            ks[p.name] = k_from_value(strategy.mapping[p.shape[0]], p.N, f"layer {p.name} (C_out={p.shape[0]})")
+        else:
+            if isinstance(strategy, Elbow):
+                cand = candidate_ks(p.N, strategy.ratios)
+            else:
+                cand = candidate_ks(p.N)
+            sweep = sweep_layer(p, cand, kw)
+            inert = [s[2] for s in sweep]
+            if isinstance(strategy, Elbow):
+                i = elbow_index(cand, inert)
+                notes[p.name] = f"elbow at k={cand[i]} over {len(cand)} ks"
+            else:
+                limit = strategy.limit * p.total_sum_of_squares() if strategy.relative else strategy.limit
+                ok = [j for j, v in enumerate(inert) if v <= limit]
+                i = ok[0] if ok else len(cand) - 1
+                notes[p.name] = f"limit {limit:.4g}: k={cand[i]} of {len(cand)} candidates"
+            ks[p.name] = cand[i]
+            reuse[p.name] = sweep[i]
+    return ks, reuse, notes
+
+
+def _filter_by_strategy(strategy, probs: list[LayerProblem]) -> tuple[list[LayerProblem], list[str]]:
+    if isinstance(strategy, PerLayer):
+        strategy.check_names([p.name for p in probs])
+        keep = [p for p in probs if strategy.value_for(p.name) is not None]
+    elif isinstance(strategy, ByChannels):
+        keep = [p for p in probs if p.shape[0] in strategy.mapping]
+        if not keep:
+            have = sorted({p.shape[0] for p in probs})
+            raise ValueError(f"channels plan {dict(strategy.mapping)} matches no selected layer; their C_out are {have}")
+    else:
+        keep = probs
+    kept = {p.name for p in keep}
+    return keep, [p.name for p in probs if p.name not in kept]
+
+
+def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "filter", layers=None,
+             threshold: float | None = None, cosine: bool = False, eval_data=None, eval_batch_size: int = 500,
+             conv_backend: str = "auto", **options):
+    """Cluster the conv weights of ``model`` and return ``(new_model, report)``.
+
+    Works on any ``nn.Module`` holding ``nn.Conv2d`` layers.  ``model`` is not modified: the result
+    is a deep copy whose selected convs are replaced (see :mod:`kcengine.compress.layers` for the
+    module each granularity/option gives).  All selected layers are clustered in ONE batched
+    :func:`kcengine.kmeans` call (ragged: each layer its own N, D and k); the inertia and elbow
+    plans sweep k per layer with :func:`kcengine.kmeans_sweep` and reuse the chosen fit.
+
+    Args:
+        model: the model to compress (left unchanged).
+        plan: a k-selection strategy, dict or string (:mod:`kcengine.compress.plan`).
+        ratio: short form of ``plan=FixedRatio(ratio)``: ``k = round(N * ratio)``.
+        granularity: ``"filter"``, ``"kernel"`` or ``"element"``.
+        layers: which convs: None (all), ``"first"``, a regex (full match) or a list of names.
+        threshold: filters/kernels farther than this from their centroid keep their own weights.
+        cosine: cluster unit-norm filters and keep each filter's norm (filter granularity).
+        eval_data: optional ``(images, labels)`` / Dataset / DataLoader: accuracy before and after
+            goes into the report.
+        conv_backend: backend of the ClusteredConv2d layers.
+        **options: k-means options ``seed`` (default 0), ``backend``, ``max_iter``, ``n_init``,
+            ``tol``, ``algorithm`` (default ``"exact1d"`` for element).
+
+    Returns:
+        ``(new_model, CompressionReport)``.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got granularity={granularity!r}")
+    unknown = sorted(set(options) - set(_KMEANS_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; k-means options are {_KMEANS_OPTIONS}")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0 \
+                or not math.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number >= 0 or None, got threshold={threshold!r}")
+        if granularity == "element":
+            raise ValueError("threshold applies to granularity 'filter' or 'kernel', not 'element'")
+    strategy = parse_plan(plan, ratio)
+    convs = conv_layers(model)
+    by_name = dict(convs)
+    selected = select_layers([n for n, _ in convs], layers)
+    probs = [LayerProblem(n, by_name[n], granularity, cosine) for n in selected]
+    probs, skipped = _filter_by_strategy(strategy, probs)
+    kw = _kmeans_kwargs(options, granularity)
+
+    t0 = time.perf_counter()
+    ks, reuse, notes = _choose_ks(strategy, probs, kw)
+    todo = [p for p in probs if p.name not in reuse]
+    fits = dict(reuse)
+    if todo:
+        xs, kk, owner = [], [], []
+        for p in todo:
+            for x in p.points():
+                xs.append(x)
+                kk.append(ks[p.name])
+                owner.append(p.name)
+        r = kmeans(xs, kk, **kw)
+        inert = np.asarray(r.inertia, dtype=np.float64)
+        for p in todo:
+            idx = [i for i, o in enumerate(owner) if o == p.name]
+            fits[p.name] = ([r.centroids[i] for i in idx], [r.labels[i] for i in idx], float(inert[idx].sum()))
+    t_cluster = time.perf_counter() - t0
+
+    new_model = copy.deepcopy(model)
+    layer_reports = []
+    for p in probs:
+        cents, labels, inertia = fits[p.name]
+        mod = p.build(cents, labels, threshold, backend=conv_backend)
+        replace_module(new_model, p.name, mod)
+        w_new = effective_weight(mod).to("cpu", torch.float32)
+        delta = (w_new - p.weight).double()
+        _, _, n_kept = p.codebook_and_index(cents, labels, threshold) if p.granularity != "element" else (0, 0, 0)
+        unique = p.unique_weights(cents, labels, threshold)
+        layer_reports.append(LayerReport(
+            name=p.name, shape=list(p.shape), granularity=granularity, n_points=p.N, k=int(ks[p.name]),
+            dense_weights=p.dense_weights, unique_weights=unique, compression_ratio=p.dense_weights / unique,
+            inertia=inertia, kept=int(n_kept), l0=int((delta != 0).sum()), l1=float(delta.abs().sum()),
+            l2=float(delta.norm()), linf=float(delta.abs().max()), note=notes.get(p.name, "")))
+
+    report = CompressionReport(
+        plan=strategy.describe(), granularity=granularity, threshold=threshold, cosine=bool(cosine),
+        layers=layer_reports, skipped=list(skipped) + [n for n, _ in convs if n not in selected],
+        total_conv_weights=int(sum(m.weight.numel() for _, m in convs)), seconds_clustering=t_cluster,
+        kmeans_options={k: v for k, v in kw.items()})
+    if eval_data is not None:
+        from ..evaluate import evaluate
+
+        report.accuracy_before = evaluate(model, eval_data, batch_size=eval_batch_size).top1
+        report.accuracy_after = evaluate(new_model, eval_data, batch_size=eval_batch_size).top1
+    report.seconds_total = time.perf_counter() - t_start
+    return new_model, report

@@ -1,0 +1,329 @@
+"""Compression plans: which conv layers to cluster and how many clusters each gets.
+
+A plan is one of the k-selection strategies below (or a dict / string that parses into one):
+
+=====================  ==========================================  =======================================
+strategy               dict form                                   string form (CLI ``--plan``)
+=====================  ==========================================  =======================================
+:class:`FixedRatio`    ``{"ratio": 0.5}``                          ``ratio=0.5``
+:class:`InertiaLimit`  ``{"inertia": 0.8}`` (absolute)             ``inertia=0.8``
+                       ``{"relative_inertia": 0.1}``               ``relative_inertia=0.1``
+:class:`Elbow`         ``{"elbow": [0.05, ..., 1.0]}``             ``elbow`` or ``elbow=0.05:1.0:0.05``
+:class:`PerLayer`      ``{"layers": {"layer1.0.conv1": 8,          ``map:layer1.0.conv1=8,layer3\\..*=0.25``
+                       "re:layer3\\..*": 0.25}}``
+:class:`ByChannels`    ``{"channels": {16: 0.75, 64: 0.25}}``      ``channels:16=0.75,64=0.25``
+=====================  ==========================================  =======================================
+
+Values given as a float in (0, 1] are ratios (``k = round(N * ratio)``, at least 1), ints >= 1
+are k itself.  ``N`` is the number of points a layer has at the chosen granularity: ``C_out`` for
+"filter" and "element" (each coordinate of the filters has ``C_out`` values), ``C_out * C_in``
+for "kernel".
+
+:class:`PerLayer` keys are exact layer names, or regular expressions (``re:`` prefix, matched in
+full with :func:`re.fullmatch`); exact names win over patterns, and patterns are tried in the
+order given.  Layers no key matches are left dense.  :class:`ByChannels` maps an output-channel
+count to a k or ratio ("groups by channel count"): all layers with that ``C_out`` share the
+setting; layers whose ``C_out`` is not listed are left dense.
+
+Layer *selection* (``layers=`` of :func:`kcengine.compress`) is separate: ``None`` (every
+``nn.Conv2d``), ``"first"`` (only the first conv in module order), a regex string (full match),
+or a list of exact names.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+__all__ = ["FixedRatio", "InertiaLimit", "Elbow", "PerLayer", "ByChannels", "KSelection", "parse_plan",
+           "k_from_value", "select_layers", "DEFAULT_ELBOW_RATIOS"]
+
+DEFAULT_ELBOW_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+
+
+def _check_ratio(r, what: str) -> float:
+    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not (0 < float(r) <= 1):
+        raise ValueError(f"{what} must be a ratio in (0, 1], got {r!r}")
+    return float(r)
+
+
+def k_from_value(value, n_points: int, where: str) -> int:
+    """k for a layer of ``n_points`` points from an int k or a float ratio; checks the range."""
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: k or ratio must be a number, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        k = int(value)
+        if k < 1 or k > n_points:
+            raise ValueError(f"{where}: k={k} must be in [1, {n_points}] (the layer has {n_points} points)")
+        return k
+    if isinstance(value, numbers.Real):
+        r = _check_ratio(value, f"{where}: ratio")
+        return max(1, min(n_points, int(math.floor(n_points * r + 0.5))))
+    raise ValueError(f"{where}: k or ratio must be an int >= 1 or a float in (0, 1], got {value!r}")
+
+
+@dataclass(frozen=True)
+class FixedRatio:
+    """``k = round(N * ratio)`` for every selected layer."""
+
+    ratio: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "ratio", _check_ratio(self.ratio, "ratio"))
+
+    def describe(self) -> str:
+        return f"fixed ratio {self.ratio:g}"
+
+
+@dataclass(frozen=True)
+class InertiaLimit:
+    """Smallest k whose k-means inertia is <= ``limit`` (from a ``kmeans_sweep`` over candidate ks).
+
+    ``relative=True``: the limit is a fraction of the layer's inertia at k = 1 (its total sum of
+    squares around the mean), so one number fits layers of different weight scales.
+    """
+
+    limit: float
+    relative: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.limit, bool) or not isinstance(self.limit, numbers.Real) or not math.isfinite(self.limit) \
+                or self.limit < 0:
+            raise ValueError(f"inertia limit must be a finite number >= 0, got {self.limit!r}")
+        if self.relative and self.limit > 1:
+            raise ValueError(f"relative_inertia is a fraction of the k=1 inertia in [0, 1], got {self.limit!r}")
+
+    def describe(self) -> str:
+        return f"{'relative ' if self.relative else ''}inertia <= {self.limit:g}"
+
+
+@dataclass(frozen=True)
+class Elbow:
+    """The elbow of each layer's inertia curve over ``ratios`` (k = round(N * r) for each r).
+
+    The elbow is the point farthest below the chord joining the curve's ends, with k and inertia
+    both scaled to [0, 1] (the "kneedle" rule for a decreasing convex curve).
+    """
+
+    ratios: tuple = DEFAULT_ELBOW_RATIOS
+
+    def __post_init__(self):
+        rs = tuple(_check_ratio(r, "elbow ratio") for r in self.ratios)
+        if len(set(rs)) < 3:
+            raise ValueError(f"elbow needs at least 3 distinct ratios, got {self.ratios!r}")
+        object.__setattr__(self, "ratios", tuple(sorted(set(rs))))
+
+    def describe(self) -> str:
+        return f"elbow over ratios {self.ratios[0]:g}..{self.ratios[-1]:g} ({len(self.ratios)} points)"
+
+
+@dataclass(frozen=True)
+class PerLayer:
+    """Explicit k or ratio per layer name or ``re:`` pattern (see the module docstring)."""
+
+    mapping: Mapping = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.mapping, Mapping) or not self.mapping:
+            raise ValueError(f"a per-layer plan needs a non-empty mapping of layer name -> k or ratio, got "
+                             f"{self.mapping!r}")
+        for key, v in self.mapping.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"per-layer plan keys must be layer names or 're:' patterns, got {key!r}")
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as exc:
+                    raise ValueError(f"per-layer plan pattern {key!r} is not a valid regex: {exc}") from None
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or (isinstance(v, numbers.Integral) and v < 1) \
+                    or (not isinstance(v, numbers.Integral) and not (0 < v <= 1)):
+                raise ValueError(f"per-layer plan value for {key!r} must be an int k >= 1 or a ratio in (0, 1], "
+                                 f"got {v!r}")
+
+    def value_for(self, name: str):
+        if name in self.mapping:
+            return self.mapping[name]
+        for key, v in self.mapping.items():
+            if key.startswith("re:") and re.fullmatch(key[3:], name):
+                return v
+        return None
+
+    def check_names(self, names: Sequence[str]) -> None:
+        """Every exact key must name a layer and every pattern must match one."""
+        for key in self.mapping:
+            if key.startswith("re:"):
+                if not any(re.fullmatch(key[3:], n) for n in names):
+                    raise ValueError(f"per-layer plan pattern {key!r} matches no conv layer; layers are "
+                                     f"{_few(names)}")
+            elif key not in names:
+                raise ValueError(f"per-layer plan names layer {key!r}, which is not a selected conv layer; "
+                                 f"layers are {_few(names)}")
+
+    def describe(self) -> str:
+        return "per-layer " + ", ".join(f"{k}={v}" for k, v in self.mapping.items())
+
+
+@dataclass(frozen=True)
+class ByChannels:
+    """k or ratio per output-channel count (layers with other counts stay dense)."""
+
+    mapping: Mapping = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.mapping, Mapping) or not self.mapping:
+            raise ValueError(f"a by-channels plan needs a non-empty mapping C_out -> k or ratio, got {self.mapping!r}")
+        for c, v in self.mapping.items():
+            if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
+                raise ValueError(f"by-channels plan keys must be channel counts (ints >= 1), got {c!r}")
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or (isinstance(v, numbers.Integral) and v < 1) \
+                    or (not isinstance(v, numbers.Integral) and not (0 < v <= 1)):
+                raise ValueError(f"by-channels plan value for C_out={c} must be an int k >= 1 or a ratio in (0, 1], "
+                                 f"got {v!r}")
+
+    def describe(self) -> str:
+        return "by channel count " + ", ".join(f"{c}={v}" for c, v in self.mapping.items())
+
+
+KSelection = FixedRatio | InertiaLimit | Elbow | PerLayer | ByChannels
+
+
+def _few(names: Sequence[str], n: int = 6) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _number(text: str, what: str):
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        v = float(text)
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not a number") from None
+    if v == 1.0 and "." in text:
+        return 1.0
+    return v
+
+
+def _parse_pairs(body: str, what: str, key_int: bool) -> dict:
+    out: dict = {}
+    for item in body.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise ValueError(f"{what}: entry {item!r} must look like NAME=VALUE")
+        key, _, val = item.rpartition("=")
+        key = key.strip()
+        if key_int:
+            try:
+                key = int(key)
+            except ValueError:
+                raise ValueError(f"{what}: channel count {key!r} is not an int") from None
+        elif any(ch in key for ch in "*+?[](){}|\\^$") and not key.startswith("re:"):
+            key = "re:" + key
+        out[key] = _number(val, f"{what} value for {key!r}")
+    if not out:
+        raise ValueError(f"{what}: no entries given")
+    return out
+
+
+def _parse_string(text: str):
+    s = text.strip()
+    low = s.lower()
+    if low.startswith("map:"):
+        return PerLayer(_parse_pairs(s[4:], "map plan", key_int=False))
+    if low.startswith("channels:"):
+        return ByChannels(_parse_pairs(s[9:], "channels plan", key_int=True))
+    if low == "elbow":
+        return Elbow()
+    name, eq, val = s.partition("=")
+    name = name.strip().lower()
+    if not eq:
+        raise ValueError(f"plan {text!r} is not understood; use ratio=R, inertia=X, relative_inertia=F, elbow, "
+                         f"elbow=START:STOP:STEP, map:NAME=K,... or channels:C=K,...")
+    if name == "ratio":
+        return FixedRatio(_number(val, "ratio"))
+    if name == "inertia":
+        return InertiaLimit(_number(val, "inertia"))
+    if name == "relative_inertia":
+        return InertiaLimit(_number(val, "relative_inertia"), relative=True)
+    if name == "elbow":
+        parts = val.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"elbow range {val!r} must be START:STOP:STEP, e.g. 0.05:1.0:0.05")
+        a, b, st = (float(_number(p, "elbow range")) for p in parts)
+        if st <= 0 or a > b:
+            raise ValueError(f"elbow range {val!r} needs START <= STOP and STEP > 0")
+        n = int(math.floor((b - a) / st + 1e-9)) + 1
+        return Elbow(tuple(round(a + i * st, 6) for i in range(n)))
+    raise ValueError(f"plan {text!r}: unknown strategy {name!r}; use ratio, inertia, relative_inertia, elbow, map: "
+                     f"or channels:")
+
+
+def parse_plan(plan=None, ratio=None):
+    """A k-selection strategy from ``plan`` (strategy, dict or string) or the short form ``ratio``."""
+    if plan is not None and ratio is not None:
+        raise ValueError("pass either plan= or ratio=, not both")
+    if plan is None:
+        if ratio is None:
+            raise ValueError("no plan: pass ratio= (e.g. 0.5) or plan= (see kcengine.compress.plan)")
+        return FixedRatio(ratio)
+    if isinstance(plan, (FixedRatio, InertiaLimit, Elbow, PerLayer, ByChannels)):
+        return plan
+    if isinstance(plan, str):
+        return _parse_string(plan)
+    if isinstance(plan, Mapping):
+        if len(plan) != 1:
+            raise ValueError(f"a plan dict has exactly one key (ratio, inertia, relative_inertia, elbow, layers, "
+                             f"channels), got keys {sorted(map(str, plan))}")
+        (key, val), = plan.items()
+        if key == "ratio":
+            return FixedRatio(val)
+        if key == "inertia":
+            return InertiaLimit(val)
+        if key == "relative_inertia":
+            return InertiaLimit(val, relative=True)
+        if key == "elbow":
+            return Elbow() if val in (None, True) else Elbow(tuple(val))
+        if key == "layers":
+            return PerLayer(dict(val))
+        if key == "channels":
+            return ByChannels(dict(val))
+        raise ValueError(f"plan key {key!r} is unknown; use ratio, inertia, relative_inertia, elbow, layers or "
+                         f"channels")
+    raise ValueError(f"plan must be a strategy, a dict or a string, got {type(plan).__name__}")
+
+
+def select_layers(names: Sequence[str], layers) -> list[str]:
+    """The conv layer names ``layers`` selects, in model order (see the module docstring)."""
+    names = list(names)
+    if not names:
+        raise ValueError("the model holds no nn.Conv2d layer to compress")
+    if layers is None:
+        return names
+    if isinstance(layers, str):
+        if layers == "first":
+            return names[:1]
+        try:
+            pat = re.compile(layers)
+        except re.error as exc:
+            raise ValueError(f"layers={layers!r} is not a valid regex: {exc}") from None
+        out = [n for n in names if pat.fullmatch(n)]
+        if not out:
+            raise ValueError(f"layers={layers!r} matches no conv layer; layers are {_few(names)}")
+        return out
+    if isinstance(layers, (list, tuple, set)):
+        missing = [n for n in layers if n not in names]
+        if missing:
+            raise ValueError(f"layers names {missing[:3]} which are not conv layers of the model; layers are "
+                             f"{_few(names)}")
+        if not layers:
+            raise ValueError("layers is empty: select at least one conv layer")
+        wanted = set(layers)
+        return [n for n in names if n in wanted]
+    raise ValueError(f"layers must be None, 'first', a regex string or a list of names, got {layers!r}")

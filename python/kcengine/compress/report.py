@@ -1,0 +1,106 @@
+"""The report of a compression run: per layer and for the whole model, as JSON and markdown.
+
+Counts are of conv *weights* (biases, BatchNorm and linear layers are not clustered and not
+counted).  ``unique_weights`` are the stored codebook values a clustered layer uses (plus the
+per-filter norms of the cosine option); ``compression_ratio = dense_weights / unique_weights``
+(the index, a few bits per filter or kernel, is not counted).  ``l0..linf`` are norms of the
+weight change ``W_clustered - W_original`` (``l0`` = number of weights that changed).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["LayerReport", "CompressionReport"]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: list
+    granularity: str
+    n_points: int
+    k: int
+    dense_weights: int
+    unique_weights: int
+    compression_ratio: float
+    inertia: float
+    kept: int
+    l0: int
+    l1: float
+    l2: float
+    linf: float
+    note: str = ""
+
+
+@dataclass
+class CompressionReport:
+    plan: str
+    granularity: str
+    threshold: float | None
+    cosine: bool
+    layers: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    total_conv_weights: int = 0
+    seconds_clustering: float = 0.0
+    seconds_total: float = 0.0
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    kmeans_options: dict = field(default_factory=dict)
+
+    @property
+    def clustered_dense_weights(self) -> int:
+        return sum(lr.dense_weights for lr in self.layers)
+
+    @property
+    def clustered_unique_weights(self) -> int:
+        return sum(lr.unique_weights for lr in self.layers)
+
+    @property
+    def model_unique_weights(self) -> int:
+        """Unique conv weights of the whole model (layers left dense count in full)."""
+        return self.total_conv_weights - self.clustered_dense_weights + self.clustered_unique_weights
+
+    @property
+    def compression_ratio(self) -> float:
+        """All conv weights of the model / their unique count after clustering."""
+        return self.total_conv_weights / max(self.model_unique_weights, 1)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(clustered_dense_weights=self.clustered_dense_weights,
+                 clustered_unique_weights=self.clustered_unique_weights,
+                 model_unique_weights=self.model_unique_weights, compression_ratio=self.compression_ratio)
+        return d
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps(self.as_dict(), indent=2)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text + "\n")
+        return text
+
+    def to_markdown(self, path=None, title: str = "Compression report") -> str:
+        def pct(v):
+            return "n/a" if v is None else f"{100 * v:.2f}%"
+
+        lines = [f"# {title}", "",
+                 f"- plan: {self.plan}; granularity: {self.granularity}; threshold: {self.threshold}; "
+                 f"cosine: {self.cosine}",
+                 f"- layers clustered: {len(self.layers)}; left dense: {len(self.skipped)}",
+                 f"- conv weights: {self.total_conv_weights} -> {self.model_unique_weights} unique "
+                 f"(ratio {self.compression_ratio:.2f}x)",
+                 f"- accuracy before: {pct(self.accuracy_before)}; after: {pct(self.accuracy_after)}",
+                 f"- time: clustering {self.seconds_clustering:.2f} s, total {self.seconds_total:.2f} s", "",
+                 "| layer | C_out | points | k | dense | unique | ratio | inertia | kept | L0 | L1 | L2 | Linf |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for lr in self.layers:
+            lines.append(f"| {lr.name} | {lr.shape[0]} | {lr.n_points} | {lr.k} | {lr.dense_weights} | "
+                         f"{lr.unique_weights} | {lr.compression_ratio:.2f} | {lr.inertia:.4g} | {lr.kept} | {lr.l0} | "
+                         f"{lr.l1:.4g} | {lr.l2:.4g} | {lr.linf:.4g} |")
+        text = "\n".join(lines) + "\n"
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+        return text

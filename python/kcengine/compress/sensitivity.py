@@ -1,0 +1,230 @@
+"""Sensitivity sweep: each layer clustered alone, for each k, accuracy against unique parameters.
+
+For every selected layer, one :func:`kcengine.kmeans_sweep` gives the clustering at every
+candidate k; for each k the layer's weight in a working copy of the model is set to the
+clustered weight (the dense ``centroids[index]``, numerically what a ClusteredConv2d computes) and
+the model is evaluated on in-memory images in large batches.  The metric is
+``F = accuracy / (unique/total)`` with ``unique/total`` the layer's unique-weight ratio; its local
+maxima over k mark good operating points.
+
+Speed: for :class:`~kcengine.models.CifarResNet` the activations entering the residual block
+that holds the layer are computed once per layer and only the rest of the network is re-run per
+k; other models run whole.  A k whose clustered weight equals the original exactly (k = N with
+distinct points) reuses the baseline accuracy without evaluating.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .apply import _kmeans_kwargs, candidate_ks, conv_layers, sweep_layer
+from .layers import LayerProblem
+from .plan import select_layers
+
+__all__ = ["SensitivityResult", "sensitivity_sweep", "local_maxima", "DEFAULT_SWEEP_RATIOS"]
+
+DEFAULT_SWEEP_RATIOS = tuple(i / 16 for i in range(1, 17))
+
+
+def local_maxima(values) -> list[int]:
+    """Indices i where values[i] is above its left neighbour and not below its right one
+    (ends count against their single neighbour); plateaus report their first point."""
+    v = list(values)
+    out = []
+    for i, x in enumerate(v):
+        left = v[i - 1] if i > 0 else -np.inf
+        right = v[i + 1] if i + 1 < len(v) else -np.inf
+        if x > left and x >= right:
+            out.append(i)
+    return out
+
+
+@dataclass
+class SensitivityResult:
+    baseline_accuracy: float
+    granularity: str
+    rows: list = field(default_factory=list)  # one dict per (layer, k)
+    seconds: float = 0.0
+    seconds_kmeans: float = 0.0
+    n_evaluations: int = 0
+
+    def layers(self) -> list[str]:
+        seen = []
+        for r in self.rows:
+            if r["layer"] not in seen:
+                seen.append(r["layer"])
+        return seen
+
+    def layer_rows(self, name: str) -> list[dict]:
+        return [r for r in self.rows if r["layer"] == name]
+
+    def maxima(self) -> dict:
+        """{layer: [rows at local maxima of F]}"""
+        return {n: [r for r in self.layer_rows(n) if r["F_local_max"]] for n in self.layers()}
+
+    def plot(self, path, title: str = "") -> Path:
+        """One panel per layer: accuracy and F against k/N, local maxima of F marked."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = self.layers()
+        cols = 4
+        rows = (len(names) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+        for ax, name in zip(axes.flat, names):
+            lr = self.layer_rows(name)
+            x = [r["k_ratio"] for r in lr]
+            ax.plot(x, [100 * r["accuracy"] for r in lr], "o-", ms=3, color="tab:blue", label="accuracy %")
+            ax.axhline(100 * self.baseline_accuracy, color="gray", lw=0.8, ls="--")
+            ax.set_ylim(0, 100)
+            ax.set_title(f"{name} (N={lr[0]['n_points']})", fontsize=9)
+            ax.set_xlabel("k / N", fontsize=8)
+            ax2 = ax.twinx()
+            ax2.plot(x, [r["F"] for r in lr], "s-", ms=2, color="tab:orange", lw=0.8, label="F")
+            mx = [r for r in lr if r["F_local_max"]]
+            ax2.plot([r["k_ratio"] for r in mx], [r["F"] for r in mx], "r*", ms=8)
+            ax2.set_yscale("log")
+            ax.tick_params(labelsize=7)
+            ax2.tick_params(labelsize=7)
+        for ax in list(axes.flat)[len(names):]:
+            ax.axis("off")
+        fig.suptitle(title or f"Sensitivity per layer ({self.granularity}): accuracy (blue, %), "
+                              f"F = acc/(unique/total) (orange, log), local maxima of F (red *)", fontsize=10)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return path
+
+
+class _Runner:
+    """Evaluates the model with one conv's weight replaced, re-running only what follows it."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int):
+        self.model = copy.deepcopy(model).eval()
+        self.images, self.labels, self.bs = images, labels, batch_size
+        from ..models.cifar_resnet import CifarResNet
+
+        self.stages = None
+        if type(self.model) is CifarResNet:
+            m = self.model
+            blocks = [(f"layer{i}.{j}.", b) for i in (1, 2, 3) for j, b in enumerate(getattr(m, f"layer{i}"))]
+            stem = ("", lambda x: F.relu(m.bn1(m.conv1(x))))
+            head = ("<head>", lambda x: m.linear(F.adaptive_avg_pool2d(x, 1).flatten(1)))
+            self.stages = [stem] + blocks + [head]
+        self._cache = (0, images)  # (stage index, activations entering it)
+
+    def _stage_of(self, name: str) -> int:
+        for i, (prefix, _) in enumerate(self.stages[1:-1], start=1):
+            if name.startswith(prefix):
+                return i
+        return 0
+
+    @torch.inference_mode()
+    def _advance_to(self, s: int) -> torch.Tensor:
+        i, act = self._cache
+        if i > s:
+            i, act = 0, self.images
+        while i < s:
+            fn = self.stages[i][1]
+            act = torch.cat([fn(act[j:j + self.bs]) for j in range(0, act.shape[0], self.bs)])
+            i += 1
+        self._cache = (i, act)
+        return act
+
+    @torch.inference_mode()
+    def accuracy(self, name: str, weight: torch.Tensor | None) -> float:
+        conv = self.model.get_submodule(name)
+        old = conv.weight.data
+        if weight is not None:
+            conv.weight.data = weight.to(old.dtype)
+        try:
+            if self.stages is None:
+                correct = sum(int((self.model(self.images[j:j + self.bs]).argmax(1) == self.labels[j:j + self.bs])
+                                  .sum()) for j in range(0, self.images.shape[0], self.bs))
+            else:
+                s = self._stage_of(name)
+                act = self._advance_to(s)
+                correct = 0
+                for j in range(0, act.shape[0], self.bs):
+                    a = act[j:j + self.bs]
+                    for _, fn in self.stages[s:]:
+                        a = fn(a)
+                    correct += int((a.argmax(1) == self.labels[j:j + self.bs]).sum())
+        finally:
+            conv.weight.data = old
+        return correct / int(self.labels.shape[0])
+
+
+def sensitivity_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, granularity: str = "filter",
+                      layers=None, ratios=DEFAULT_SWEEP_RATIOS, batch_size: int = 500, progress: bool = False,
+                      **options) -> SensitivityResult:
+    """Cluster each selected layer alone at each k and measure accuracy (see the module docstring).
+
+    Args:
+        model: any model with ``nn.Conv2d`` layers (not modified).
+        images, labels: the evaluation set, in memory (normalized float ``[N, C, H, W]``, int64 ``[N]``).
+        granularity: "filter", "kernel" or "element".
+        layers: layer selection as in :func:`kcengine.compress`.
+        ratios: k/N values to try (k = round(N r), deduplicated); None: every k in 1..N (N <= 64).
+        options: k-means options (seed, backend, max_iter, n_init, tol, algorithm).
+    """
+    t_start = time.perf_counter()
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"images and labels differ in length: {images.shape[0]} vs {labels.shape[0]}")
+    convs = conv_layers(model)
+    by_name = dict(convs)
+    selected = select_layers([n for n, _ in convs], layers)
+    total_model = sum(m.weight.numel() for _, m in convs)
+    kw = _kmeans_kwargs(options, granularity)
+    runner = _Runner(model, images, labels, batch_size)
+    base = runner.accuracy(selected[0], None)
+    out = SensitivityResult(base, granularity)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(selected), desc="sweep", unit="layer", leave=False)
+    t_km = 0.0
+    for name in selected:
+        p = LayerProblem(name, by_name[name], granularity)
+        ks = candidate_ks(p.N, ratios)
+        t0 = time.perf_counter()
+        fits = sweep_layer(p, ks, kw)
+        t_km += time.perf_counter() - t0
+        layer_rows = []
+        for k, (cents, labs, inertia) in zip(ks, fits):
+            w = p.reconstruct(cents, labs)
+            if torch.equal(w, p.weight):
+                acc = base
+            else:
+                acc = runner.accuracy(name, w)
+                out.n_evaluations += 1
+            unique = p.unique_weights(cents, labs)
+            ratio = unique / p.dense_weights
+            layer_rows.append({
+                "layer": name, "n_points": p.N, "k": int(k), "k_ratio": k / p.N, "accuracy": acc,
+                "unique_weights": unique, "dense_weights": p.dense_weights, "unique_ratio": ratio,
+                "model_unique_ratio": (total_model - p.dense_weights + unique) / total_model,
+                "F": acc / ratio, "inertia": inertia})
+        mx = set(local_maxima([r["F"] for r in layer_rows]))
+        for i, r in enumerate(layer_rows):
+            r["F_local_max"] = i in mx
+        out.rows += layer_rows
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    out.seconds = time.perf_counter() - t_start
+    out.seconds_kmeans = t_km
+    return out
