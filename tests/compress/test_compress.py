@@ -1,0 +1,304 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import kcengine
+from kcengine.compress import (ElementClusteredConv2d, compress, effective_weight, elbow_index, local_maxima,
+                               parse_plan, sensitivity_sweep)
+from kcengine.compress.plan import ByChannels, Elbow, FixedRatio, InertiaLimit, PerLayer
+
+
+class Net(nn.Module):
+    """Not one of our model classes: nested containers, a conv with bias, odd shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(),
+                                      nn.Sequential(nn.Conv2d(12, 10, (3, 1), stride=2, bias=False)), nn.ReLU())
+        self.head = nn.Conv2d(10, 6, 1)
+
+    def forward(self, x):
+        return self.head(self.features(x)).mean((2, 3))
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return Net().eval()
+
+
+def _x(seed=1, n=8):
+    return torch.randn(n, 3, 9, 7, generator=torch.Generator().manual_seed(seed))
+
+
+NAMES = ["features.0", "features.2.0", "head"]
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_weights_equal_centroids_of_an_independent_kmeans_call(granularity):
+    m = _net()
+    before = copy.deepcopy(m.state_dict())
+    new, rep = compress(m, ratio=0.5, granularity=granularity, seed=3)
+    for name, p in m.state_dict().items():  # the caller's model is untouched
+        assert torch.equal(p, before[name])
+    for name in NAMES:
+        conv = m.get_submodule(name)
+        w = conv.weight.detach()
+        pts = (w.reshape(w.shape[0], -1) if granularity == "filter" else w.reshape(-1, w.shape[2] * w.shape[3]))
+        k = max(1, int(np.floor(pts.shape[0] * 0.5 + 0.5)))
+        ref = kcengine.kmeans(pts.numpy(), k, seed=3)
+        expect = torch.from_numpy(ref.centroids[ref.labels]).reshape(w.shape)
+        layer = new.get_submodule(name)
+        assert type(layer).__name__ == "ClusteredConv2d"
+        assert torch.equal(layer.to_dense(), expect)
+        lr = next(r for r in rep.layers if r.name == name)
+        assert lr.k == k and lr.inertia == pytest.approx(float(ref.inertia), rel=1e-6)
+        d = (expect - w).double()
+        assert lr.l0 == int((d != 0).sum()) and lr.l2 == pytest.approx(float(d.norm()))
+        assert lr.linf == pytest.approx(float(d.abs().max()))
+    # the clustered model computes what a dense model with those weights computes
+    dense = copy.deepcopy(m)
+    for name in NAMES:
+        dense.get_submodule(name).weight.data = new.get_submodule(name).to_dense().detach()
+    with torch.no_grad():
+        torch.testing.assert_close(new(_x()), dense(_x()), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel", "element"])
+def test_k_equal_n_leaves_the_model_unchanged(granularity):
+    m = _net()
+    new, rep = compress(m, ratio=1.0, granularity=granularity)
+    for name in NAMES:
+        assert torch.equal(effective_weight(new.get_submodule(name)), m.get_submodule(name).weight.detach())
+    assert all(r.l0 == 0 for r in rep.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(new(_x()), m(_x()), atol=1e-5, rtol=1e-5)
+
+
+def test_threshold_keeps_exactly_the_far_filters():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 9, 3, bias=False)
+    base = torch.randn(3, 2, 3, 3)
+    w = base.repeat_interleave(3, 0) + 0.01 * torch.randn(9, 2, 3, 3)
+    w[4] = base[1] + 3.0  # far from every cluster: will be pulled into one and sit far from its centroid
+    w[8] = base[2] - 2.5
+    conv.weight.data = w
+    model = nn.Sequential(conv)
+    plain, _ = compress(model, ratio=3 / 9, seed=0)
+    wp = plain[0].to_dense().detach()
+    dist = (wp - w).reshape(9, -1).norm(dim=1)
+    tau = 1.0
+    far = set(torch.nonzero(dist > tau).flatten().tolist())
+    assert far and len(far) < 9  # the construction gives a non-trivial case
+    thr, rep = compress(model, ratio=3 / 9, seed=0, threshold=tau)
+    wt = thr[0].to_dense().detach()
+    for o in range(9):
+        assert torch.equal(wt[o], w[o] if o in far else wp[o]), o
+    lr = rep.layers[0]
+    used = len({tuple(wp[o].flatten().tolist()) for o in range(9) if o not in far})
+    assert lr.kept == len(far) and lr.unique_weights == (used + len(far)) * 18
+
+
+def _optimal_1d(values, k):
+    """Optimal 1-D k-means by dynamic programming over the sorted values (reference)."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    n = v.size
+    c1, c2 = np.concatenate([[0], np.cumsum(v)]), np.concatenate([[0], np.cumsum(v * v)])
+
+    def cost(i, j):  # points v[i:j]
+        s, s2, m = c1[j] - c1[i], c2[j] - c2[i], j - i
+        return s2 - s * s / m
+
+    D = np.full((k + 1, n + 1), np.inf)
+    D[0, 0] = 0
+    for q in range(1, k + 1):
+        for j in range(1, n + 1):
+            D[q, j] = min((D[q - 1, i] + cost(i, j) for i in range(q - 1, j)), default=np.inf)
+    return D[k, n]
+
+
+def test_element_granularity_is_per_coordinate_optimal_1d():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(2, 11, (2, 2), bias=False)
+    model = nn.Sequential(conv)
+    new, rep = compress(model, ratio=4 / 11, granularity="element")
+    layer = new[0]
+    assert isinstance(layer, ElementClusteredConv2d)
+    w = conv.weight.detach().reshape(11, -1).numpy().astype(np.float64)
+    wn = layer.to_dense().detach().reshape(11, -1).numpy().astype(np.float64)
+    total = 0.0
+    for j in range(w.shape[1]):
+        assert len(np.unique(wn[:, j])) <= 4
+        got = float(((w[:, j] - wn[:, j]) ** 2).sum())
+        best = _optimal_1d(w[:, j], 4)
+        assert got == pytest.approx(best, rel=1e-5, abs=1e-9)
+        total += best
+    assert rep.layers[0].inertia == pytest.approx(total, rel=1e-5)
+    assert rep.layers[0].unique_weights == 8 * 4
+    with torch.no_grad():
+        x = torch.randn(3, 2, 5, 5)
+        torch.testing.assert_close(layer(x), nn.functional.conv2d(x, layer.to_dense()))
+
+
+def test_cosine_keeps_norms_and_forward_matches():
+    m = _net()
+    new, rep = compress(m, ratio=0.5, cosine=True)
+    for name in NAMES:
+        w = m.get_submodule(name).weight.detach()
+        layer = new.get_submodule(name)
+        we = effective_weight(layer)
+        torch.testing.assert_close(we.reshape(w.shape[0], -1).norm(dim=1), w.reshape(w.shape[0], -1).norm(dim=1))
+        assert torch.equal(torch.unique(layer.to_dense().reshape(w.shape[0], -1).norm(dim=1).round(decimals=5)),
+                           torch.ones(1))
+    dense = copy.deepcopy(m)
+    for name in NAMES:
+        dense.get_submodule(name).weight.data = effective_weight(new.get_submodule(name))
+    with torch.no_grad():
+        torch.testing.assert_close(new(_x()), dense(_x()), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cosine=True.*granularity='filter'"):
+        compress(m, ratio=0.5, cosine=True, granularity="kernel")
+
+
+def test_layer_selection_and_per_layer_plans():
+    m = _net()
+    _, rep = compress(m, ratio=0.5, layers="first")
+    assert [r.name for r in rep.layers] == ["features.0"]
+    _, rep = compress(m, plan="map:features.0=3,head=0.5")
+    assert {r.name: r.k for r in rep.layers} == {"features.0": 3, "head": 3}
+    _, rep = compress(m, plan={"layers": {"re:features\\..*": 2}})
+    assert {r.name: r.k for r in rep.layers} == {"features.0": 2, "features.2.0": 2}
+    _, rep = compress(m, plan="channels:12=0.25,6=2")
+    assert {r.name: r.k for r in rep.layers} == {"features.0": 3, "head": 2}
+    assert rep.skipped == ["features.2.0"]
+    _, rep = compress(m, ratio=0.5, layers="features.*")
+    assert [r.name for r in rep.layers] == ["features.0", "features.2.0"]
+
+
+def test_inertia_and_elbow_plans_pick_from_the_sweep():
+    m = _net()
+    limit = 2.0
+    _, rep = compress(m, plan={"inertia": limit}, layers=["features.0"])
+    w = m.features[0].weight.detach().reshape(12, -1).numpy()
+    ref = kcengine.kmeans_sweep(w, list(range(1, 13)), seed=0)
+    k = rep.layers[0].k
+    assert float(ref[k - 1].inertia) <= limit and (k == 1 or float(ref[k - 2].inertia) > limit)
+    _, rep = compress(m, plan="relative_inertia=0.0", layers=["head"])
+    assert rep.layers[0].k == 6  # only k = N reaches zero inertia
+    _, rep = compress(m, plan="elbow", layers=["features.0"])
+    assert 1 <= rep.layers[0].k <= 12 and "elbow" in rep.layers[0].note
+
+
+def test_elbow_index_on_a_known_curve():
+    ks = [1, 2, 3, 4, 5, 6, 7, 8]
+    y = [100, 40, 12, 10, 9, 8, 7, 6]
+    assert elbow_index(ks, y) == 2
+    assert local_maxima([1, 3, 2, 2, 5, 4]) == [1, 4]
+    assert local_maxima([5, 4, 3]) == [0]
+
+
+@pytest.mark.parametrize("plan,msg", [
+    ("ratio=0", "ratio must be a ratio in \\(0, 1\\]"),
+    ("ratio=1.5", "ratio must be a ratio in \\(0, 1\\]"),
+    ("ratio=abc", "'abc' is not a number"),
+    ("bogus", "not understood"),
+    ("speed=3", "unknown strategy 'speed'"),
+    ("elbow=0.1:0.2", "START:STOP:STEP"),
+    ("map:", "no entries"),
+    ("map:features.0", "NAME=VALUE"),
+    ("map:features.0=0", "int k >= 1 or a ratio"),
+    ("channels:x=2", "channel count 'x' is not an int"),
+    ({"ratio": 0.5, "inertia": 1}, "exactly one key"),
+    ({"kk": 3}, "plan key 'kk' is unknown"),
+    ("inertia=-1", "inertia limit must be a finite number >= 0"),
+])
+def test_plan_parsing_errors_are_clear(plan, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_plan(plan)
+
+
+def test_plan_forms_parse():
+    assert parse_plan(ratio=0.25) == FixedRatio(0.25)
+    assert parse_plan("ratio=0.5") == FixedRatio(0.5)
+    assert parse_plan("inertia=2") == InertiaLimit(2)
+    assert parse_plan("relative_inertia=0.1") == InertiaLimit(0.1, relative=True)
+    assert parse_plan("elbow=0.25:1.0:0.25") == Elbow((0.25, 0.5, 0.75, 1.0))
+    assert parse_plan("map:layer3.*=0.25").mapping == {"re:layer3.*": 0.25}
+    assert parse_plan("channels:16=0.75,64=8") == ByChannels({16: 0.75, 64: 8})
+    assert isinstance(parse_plan({"layers": {"head": 2}}), PerLayer)
+
+
+def test_compress_argument_errors_name_the_value():
+    m = _net()
+    with pytest.raises(ValueError, match="granularity must be one of .* got granularity='row'"):
+        compress(m, ratio=0.5, granularity="row")
+    with pytest.raises(ValueError, match="either plan= or ratio="):
+        compress(m, plan="ratio=0.5", ratio=0.5)
+    with pytest.raises(ValueError, match="no plan"):
+        compress(m)
+    with pytest.raises(ValueError, match="names layer 'nope'"):
+        compress(m, plan="map:nope=2")
+    with pytest.raises(ValueError, match="layer head: k=7 must be in \\[1, 6\\]"):
+        compress(m, plan="map:head=7")
+    with pytest.raises(ValueError, match="layers='conv9' matches no conv layer"):
+        compress(m, ratio=0.5, layers="conv9")
+    with pytest.raises(ValueError, match="unknown option"):
+        compress(m, ratio=0.5, sede=1)
+    with pytest.raises(ValueError, match="threshold applies"):
+        compress(m, ratio=0.5, granularity="element", threshold=0.1)
+    with pytest.raises(ValueError, match="holds no nn.Conv2d"):
+        compress(nn.Linear(2, 2), ratio=0.5)
+
+
+def test_report_json_and_markdown(tmp_path):
+    import json
+
+    m = _net()
+    x = _x(n=20)
+    y = torch.randint(0, 6, (20,))
+    _, rep = compress(m, ratio=0.5, eval_data=(x, y))
+    d = json.loads(rep.to_json(tmp_path / "r.json"))
+    assert d["total_conv_weights"] == sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Conv2d))
+    assert d["accuracy_before"] is not None and len(d["layers"]) == 3
+    md = rep.to_markdown(tmp_path / "r.md")
+    assert "| features.0 | 12 | 12 | 6 |" in md
+
+
+def test_sensitivity_sweep_rows_and_metric():
+    m = _net()
+    x = _x(n=40)
+    with torch.no_grad():
+        y = m(x).argmax(1)  # the model is right on every image: baseline 100%
+    res = sensitivity_sweep(m, x, y, ratios=(0.25, 0.5, 1.0))
+    assert res.baseline_accuracy == 1.0
+    assert res.layers() == NAMES
+    for name in NAMES:
+        rows = res.layer_rows(name)
+        assert rows[-1]["k_ratio"] == 1.0 and rows[-1]["accuracy"] == 1.0
+        for r in rows:
+            assert r["F"] == pytest.approx(r["accuracy"] / r["unique_ratio"])
+        assert [i for i, r in enumerate(rows) if r["F_local_max"]] == local_maxima([r["F"] for r in rows])
+    # an independent check of one point: features.0 at k = 6 (0.5)
+    new, _ = compress(m, plan="map:features.0=6")
+    with torch.no_grad():
+        acc = float((new(x).argmax(1) == y).float().mean())
+    row = next(r for r in res.layer_rows("features.0") if r["k"] == 6)
+    assert row["accuracy"] == pytest.approx(acc)
+
+
+def test_resnet20_k_equal_n_keeps_accuracy_and_sweep_prefix_cache_agrees(shared_data):
+    from kcengine.data import cifar10_dataset
+    from kcengine.evaluate import evaluate
+    from kcengine.models import load_model
+
+    lm = load_model("resnet20", shared_data / "checkpoints" / "resnet20-12fca82f.th")
+    ds = cifar10_dataset(shared_data, "test")
+    new, rep = compress(lm.model, ratio=1.0)
+    assert evaluate(new, ds).correct == 776
+    # the staged runner (re-runs only the blocks after the layer) gives the full-model accuracy
+    x, y = ds.images[:200], ds.labels[:200]
+    res = sensitivity_sweep(lm.model, x, y, layers=["layer2.1.conv2"], ratios=(0.5,))
+    row = res.rows[0]
+    new, _ = compress(lm.model, plan="map:layer2.1.conv2=16")
+    assert row["k"] == 16 and row["accuracy"] == evaluate(new, (x, y)).top1
