@@ -84,6 +84,23 @@ struct ThreadCount {
   static int get(bool par) { return par ? omp_get_max_threads() : 1; }
 };
 
+// Reductions over points go through fixed chunks whose size depends on N alone, summed in chunk
+// order: results are bitwise the same whatever the thread count, so a problem solved alone (all
+// threads) equals the same problem solved inside a batch (one thread).
+inline i64 chunk_size(i64 n) { return std::max<i64>(4096, (n + 15) / 16); }
+
+template <class F>
+double chunked_sum(i64 n, bool par, F&& f) {
+  const i64 cs = chunk_size(n), nc = (n + cs - 1) / cs;
+  if (nc <= 1) return f(i64(0), n);
+  std::vector<double> part(nc);
+#pragma omp parallel for if (par) schedule(static)
+  for (i64 c = 0; c < nc; ++c) part[c] = f(c * cs, std::min(n, (c + 1) * cs));
+  double s = 0;
+  for (double v : part) s += v;
+  return s;
+}
+
 // ------------------------------------------------------------------------- per-dataset state
 template <class T>
 struct Prepared {
@@ -223,8 +240,11 @@ void assign_range(const T* X, const T* xnorm, i64 i0, i64 i1, const Centers<T>& 
       T m = std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(min : m)
       for (i64 j = 0; j < k; ++j) m = std::min(m, dist[j]);
+      // First index holding the minimum; none matches only when distances overflowed to NaN
+      // (float32 data near its range limit): then the label stays 0, never out of range.
       i64 b = 0;
-      while (dist[b] != m) ++b;
+      while (b < k && dist[b] != m) ++b;
+      if (b == k) b = 0;
       T m2 = std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(min : m2)
       for (i64 j = 0; j < k; ++j) m2 = std::min(m2, j == b ? std::numeric_limits<T>::infinity() : dist[j]);
@@ -307,13 +327,14 @@ void kmeanspp(i64 n, i64 k, const double* w, Rng& rng, DistTo&& dist_to, std::ve
     for (i64 t = 0; t < trials; ++t) {
       double* dt = &cd[size_t(t) * n];
       dist_to(cid[t], dt);
-      double p = 0;
-#pragma omp parallel for if (par) reduction(+ : p) schedule(static)
-      for (i64 i = 0; i < n; ++i) {
-        dt[i] = std::min(dt[i], closest[i]);
-        p += weight(w, i) * dt[i];
-      }
-      cpot[t] = p;
+      cpot[t] = chunked_sum(n, par, [&](i64 i0, i64 i1) {
+        double p = 0;
+        for (i64 i = i0; i < i1; ++i) {
+          dt[i] = std::min(dt[i], closest[i]);
+          p += weight(w, i) * dt[i];
+        }
+        return p;
+      });
     }
     const i64 best = std::min_element(cpot.begin(), cpot.end()) - cpot.begin();
     pot = cpot[best];
@@ -365,11 +386,12 @@ struct Run {
 
 template <class T>
 double inertia_of(const Dataset<T>& ds, const std::vector<T>& C, const std::vector<i32>& lab, bool par) {
-  double s = 0;
   const i64 d = ds.d;
-#pragma omp parallel for if (par) reduction(+ : s) schedule(static)
-  for (i64 i = 0; i < ds.n; ++i) s += weight(ds.w, i) * sqdist(ds.x + i * d, &C[size_t(lab[i]) * d], d);
-  return s;
+  return chunked_sum(ds.n, par, [&](i64 i0, i64 i1) {
+    double s = 0;
+    for (i64 i = i0; i < i1; ++i) s += weight(ds.w, i) * sqdist(ds.x + i * d, &C[size_t(lab[i]) * d], d);
+    return s;
+  });
 }
 
 // ------------------------------------------------------------------ direct Lloyd / Hamerly
@@ -389,7 +411,8 @@ void solve_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const st
   std::vector<T> cnew(size_t(k) * d);
   const int nth = ThreadCount::get(par);
   std::vector<std::vector<T>> bufs(nth);
-  std::vector<double> tsums(par ? size_t(nth) * k * d : 0), twsum(par ? size_t(nth) * k : 0);
+  const i64 chunk_m = chunk_size(n), nchunk_m = (n + chunk_m - 1) / chunk_m;
+  std::vector<double> tsums(nchunk_m > 1 ? size_t(nchunk_m) * k * d : 0), twsum(nchunk_m > 1 ? size_t(nchunk_m) * k : 0);
   std::vector<i32> empty;
   std::vector<i64> moved;
   bool strict = false;
@@ -441,34 +464,26 @@ void solve_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const st
     // M-step: weighted sums per cluster.
     std::fill(sums.begin(), sums.end(), 0.0);
     std::fill(wsum.begin(), wsum.end(), 0.0);
-    if (par) {
+    auto accumulate = [&](i64 i0, i64 i1, double* su, double* ws) {
+      for (i64 i = i0; i < i1; ++i) {
+        const double wi = weight(w, i);
+        double* sj = su + size_t(lab[i]) * d;
+        const T* x = ds.x + i * d;
+        for (i64 q = 0; q < d; ++q) sj[q] += wi * double(x[q]);
+        ws[lab[i]] += wi;
+      }
+    };
+    if (nchunk_m <= 1) {
+      accumulate(0, n, sums.data(), wsum.data());
+    } else {  // per-chunk partial sums, added in chunk order (thread-count independent)
       std::fill(tsums.begin(), tsums.end(), 0.0);
       std::fill(twsum.begin(), twsum.end(), 0.0);
-#pragma omp parallel
-      {
-        const int t = omp_get_thread_num();
-        double* ts = &tsums[size_t(t) * k * d];
-        double* tw = &twsum[size_t(t) * k];
-#pragma omp for schedule(static)
-        for (i64 i = 0; i < n; ++i) {
-          const double wi = weight(w, i);
-          double* s = ts + size_t(lab[i]) * d;
-          const T* x = ds.x + i * d;
-          for (i64 q = 0; q < d; ++q) s[q] += wi * double(x[q]);
-          tw[lab[i]] += wi;
-        }
-      }
-      for (int t = 0; t < nth; ++t) {
-        for (size_t q = 0; q < sums.size(); ++q) sums[q] += tsums[size_t(t) * k * d + q];
-        for (i64 j = 0; j < k; ++j) wsum[j] += twsum[size_t(t) * k + j];
-      }
-    } else {
-      for (i64 i = 0; i < n; ++i) {
-        const double wi = weight(w, i);
-        double* s = &sums[size_t(lab[i]) * d];
-        const T* x = ds.x + i * d;
-        for (i64 q = 0; q < d; ++q) s[q] += wi * double(x[q]);
-        wsum[lab[i]] += wi;
+#pragma omp parallel for if (par) schedule(static)
+      for (i64 c = 0; c < nchunk_m; ++c)
+        accumulate(c * chunk_m, std::min(n, (c + 1) * chunk_m), &tsums[size_t(c) * k * d], &twsum[size_t(c) * k]);
+      for (i64 c = 0; c < nchunk_m; ++c) {
+        for (size_t q = 0; q < sums.size(); ++q) sums[q] += tsums[size_t(c) * k * d + q];
+        for (i64 j = 0; j < k; ++j) wsum[j] += twsum[size_t(c) * k + j];
       }
     }
     empty.clear();

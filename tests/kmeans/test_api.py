@@ -1,0 +1,101 @@
+"""Input validation of kcengine.kmeans / kmeans_sweep and the backend registry."""
+import numpy as np
+import pytest
+
+import kcengine
+from kcengine import _core
+
+X = np.random.default_rng(0).normal(size=(20, 3))
+
+
+@pytest.mark.parametrize("x,k,kw,match", [
+    (np.array([[0.0, np.nan], [1.0, 2.0]]), 1, {}, "x holds NaN or Inf"),
+    ([X, np.full((5, 3), np.inf)], 2, {}, "problem 1 holds NaN or Inf"),
+    (X, 0, {}, r"k must be >= 1, got k=0"),
+    (X, 21, {}, r"n_samples=20 should be >= k=21"),
+    ([X, X[:4]], [2, 5], {}, r"n_samples=4 should be >= k=5 for problem 1"),
+    (np.zeros((0, 3)), 1, {}, r"x is empty \(shape \(0, 3\)\)"),
+    ([X, np.zeros((4, 0))], 1, {}, r"problem 1 is empty"),
+    (X[0], 1, {}, r"x must have shape \[N, D\], \[B, N, D\]"),
+    (np.zeros((2, 3, 4, 5)), 1, {}, r"got shape \(2, 3, 4, 5\)"),
+    ([X, X], [2, 3, 4], {}, r"k has 3 entries but x holds 2 problems"),
+    (X, [2, 3], {}, r"k must be an int for a single problem"),
+    (X.astype(np.int64), 2, {}, r"x must be float32 or float64, got dtype int64"),
+    (X.astype(np.float16), 2, {}, r"x must be float32 or float64, got dtype float16"),
+    (X, 2, {"sample_weight": np.ones(19)}, r"sample_weight must have shape \[20\], got shape \(19,\)"),
+    (X, 2, {"sample_weight": -np.ones(20)}, r"sample_weight must be >= 0, got a minimum of -1.0"),
+    (X, 2, {"sample_weight": np.zeros(20)}, r"sample_weight sums to 0"),
+    ([X, X[:5]], 2, {"sample_weight": [np.ones(20), np.ones(4)]}, r"sample_weight of problem 1 must have shape \[5\]"),
+    (X, 2, {"init": "kmeans++"}, r"init must be one of"),
+    (X, 2, {"init": X[:3]}, r"init has 3 centroids but k=2"),
+    (X, 2, {"init": X[:2, :2]}, r"init must have shape \[k, 3\]"),
+    (X, 2, {"init": X[:2], "n_init": 3}, r"n_init=3 with given initial centroids"),
+    (X, 2, {"n_init": 0}, r"n_init must be >= 1, got 0"),
+    (X, 2, {"max_iter": 0}, r"max_iter must be >= 1, got 0"),
+    (X, 2, {"tol": -1.0}, r"tol must be a finite number >= 0, got -1.0"),
+    (X, 2, {"seed": -3}, r"seed must be >= 0, got -3"),
+    (X, 2, {"algorithm": "elkan"}, r"algorithm must be one of"),
+    (X, 2, {"algorithm": "exact1d"}, r"needs 1-D points \(D == 1\); problem 0 has D=3"),
+    (X, 2, {"backend": "gpu"}, r"backend='gpu' is not one of"),
+    ([], 2, {}, r"x is an empty list"),
+    (X, 2.5, {}, r"k must be an int, got 2.5"),
+])
+def test_bad_input_raises_value_error(x, k, kw, match):
+    with pytest.raises(ValueError, match=match):
+        kcengine.kmeans(x, k, **kw)
+
+
+def test_sweep_bad_input():
+    with pytest.raises(ValueError, match="ks is empty"):
+        kcengine.kmeans_sweep(X, [])
+    with pytest.raises(ValueError, match=r"n_samples=20 should be >= k=30"):
+        kcengine.kmeans_sweep(X, [2, 30])
+    with pytest.raises(ValueError, match="takes one \\[N, D\\] dataset"):
+        kcengine.kmeans_sweep([X, X], [2])
+
+
+def test_native_checks_repeat_the_api_messages():
+    """The native entry point keeps its own checks: nothing Python can pass crashes it."""
+    f = _core.kmeans_batch_f64
+    idx, k = np.array([0]), np.array([2])
+    with pytest.raises(ValueError, match="problem 0 holds NaN or Inf"):
+        f([np.array([[np.nan], [1.0]])], None, idx, k, "k-means++", None, 1, 10, 1e-4, 0, "auto")
+    with pytest.raises(ValueError, match=r"n_samples=1 should be >= k=2"):
+        f([np.ones((1, 2))], None, idx, k, "k-means++", None, 1, 10, 1e-4, 0, "auto")
+    with pytest.raises(ValueError, match="out of range"):
+        f([np.ones((4, 2))], None, np.array([3]), k, "k-means++", None, 1, 10, 1e-4, 0, "auto")
+    with pytest.raises(ValueError, match="must be a float64 numpy array"):
+        f([np.ones((4, 2), dtype=np.float32)], None, idx, k, "k-means++", None, 1, 10, 1e-4, 0, "auto")
+    with pytest.raises(ValueError, match="must be C-contiguous"):
+        f([np.ones((4, 4))[:, ::2]], None, idx, k, "k-means++", None, 1, 10, 1e-4, 0, "auto")
+    with pytest.raises(ValueError, match=r"init of problem 0 must have shape \[2, 2\]"):
+        f([np.ones((4, 2))], None, idx, k, "given", [np.ones((3, 2))], 1, 10, 1e-4, 0, "auto")
+    with pytest.raises(ValueError, match="sample_weight of problem 0 must be finite and >= 0"):
+        f([np.ones((4, 2))], [np.array([1.0, -1, 1, 1])], idx, k, "k-means++", None, 1, 10, 1e-4, 0, "auto")
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        f([np.ones((4, 2))], None, idx, k, "k-means++", None, 1, 10, 1e-4, 0, "fast")
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the cuda backend may be able to run")
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        kcengine.kmeans(X, 2, backend="cuda")
+
+
+def test_env_overrides_auto(monkeypatch):
+    monkeypatch.setenv("KCENGINE_BACKEND", "torch")
+    assert kcengine.kmeans(X, 2, seed=0).backend == "torch"
+    monkeypatch.setenv("KCENGINE_BACKEND", "cpu")
+    assert kcengine.kmeans(X, 2, seed=0).backend == "cpu"
+    monkeypatch.delenv("KCENGINE_BACKEND")
+    assert kcengine.kmeans(X, 2, seed=0).backend == "cpu"
+
+
+def test_init_inferred_k_and_batch_init():
+    r = kcengine.kmeans(X, init=X[:4].copy())
+    assert r.centroids.shape == (4, 3)
+    xb = np.stack([X, X * 2])
+    rb = kcengine.kmeans(xb, init=xb[:, :3].copy())
+    assert rb.centroids.shape == (2, 3, 3)

@@ -1,0 +1,71 @@
+"""Hypothesis fuzzing of shapes and values into the native core: never a crash, always a
+well-formed result (labels in range and nearest, inertia consistent)."""
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kcengine
+
+ALGOS = ["auto", "lloyd", "hamerly", "gram", "lloyd1d", "exact1d"]
+
+
+@st.composite
+def problem(draw):
+    n = draw(st.integers(1, 40))
+    d = draw(st.sampled_from([1, 1, 2, 3, 17, 40]))
+    k = draw(st.integers(1, n))
+    kind = draw(st.sampled_from(["normal", "duplicates", "constant", "huge", "tiny"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    if kind == "normal":
+        x = rng.normal(size=(n, d))
+    elif kind == "duplicates":
+        x = rng.normal(size=(max(1, n // 3), d))[rng.integers(0, max(1, n // 3), size=n)]
+    elif kind == "constant":
+        x = np.full((n, d), 3.5)
+    elif kind == "huge":
+        x = rng.normal(size=(n, d)) * 1e30
+    else:
+        x = rng.normal(size=(n, d)) * 1e-30
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    w = None
+    if draw(st.booleans()):
+        w = rng.uniform(0, 2, size=n) * (rng.uniform(size=n) > 0.3)
+        if w.sum() <= 0:
+            w[0] = 1.0
+    algo = draw(st.sampled_from(ALGOS if d == 1 else ALGOS[:4]))
+    init = draw(st.sampled_from(["k-means++", "random", "given"]))
+    return x.astype(dtype), k, w, algo, init
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem(), st.integers(0, 2**40))
+def test_native_never_crashes_and_returns_well_formed_results(p, seed):
+    x, k, w, algo, init = p
+    init_arg = x[:k].copy() if init == "given" else init
+    r = kcengine.kmeans(x, k, init=init_arg, sample_weight=w, seed=seed, algorithm=algo, max_iter=50)
+    n, d = x.shape
+    assert r.centroids.shape == (k, d) and r.labels.shape == (n,)
+    assert r.labels.min() >= 0 and r.labels.max() < k
+    assert np.isfinite(r.centroids).all()
+    c = r.centroids.astype(np.float64)
+    xx = x.astype(np.float64)
+    if np.abs(xx).max(initial=0) < 1e15:  # squared distances of 1e30-scale data overflow float64 checks
+        d2 = ((xx[:, None, :] - c[None]) ** 2).sum(-1)
+        own = d2[np.arange(n), r.labels]
+        scale = max(1e-300, float((xx ** 2).sum(1).max()))
+        # float32 distances carry ~1e-7 relative error and underflow below ~1e-38.
+        tol = 1e-4 * scale + 1e-37 if x.dtype == np.float32 else 1e-9 * scale
+        assert np.all(own <= d2.min(1) + tol)
+        ww = np.ones(n) if w is None else w
+        assert abs(float(r.inertia) - float((ww * own).sum())) <= 1e-6 * (1 + float((ww * own).sum())) + n * tol
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 30), st.integers(1, 12)), min_size=1, max_size=12), st.integers(0, 1000))
+def test_ragged_batches_never_crash(shapes, seed):
+    rng = np.random.default_rng(seed)
+    xs = [rng.normal(size=s) for s in shapes]
+    ks = [int(rng.integers(1, s[0] + 1)) for s in shapes]
+    r = kcengine.kmeans(xs, ks, seed=seed)
+    for x, k, c, lab in zip(xs, ks, r.centroids, r.labels):
+        assert c.shape == (k, x.shape[1]) and lab.shape == (x.shape[0],)

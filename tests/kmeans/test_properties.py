@@ -1,0 +1,168 @@
+"""Properties every backend result must have (cpu backend unless said otherwise)."""
+import numpy as np
+import pytest
+
+import kcengine
+from kmeans_data import blobs
+
+
+def brute_labels(x, c):
+    d2 = ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+    return d2, d2.argmin(1)
+
+
+@pytest.mark.parametrize("algorithm", ["lloyd", "hamerly", "gram"])
+def test_inertia_never_rises_between_iterations(algorithm):
+    x = blobs(300, 12, 9, seed=4, spread=2.0)
+    init = x[:9].copy()
+    prev = np.inf
+    for m in range(1, 15):
+        r = kcengine.kmeans(x, 9, init=init, max_iter=m, tol=0.0, algorithm=algorithm)
+        assert float(r.inertia) <= prev * (1 + 1e-12)
+        prev = float(r.inertia)
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "lloyd", "hamerly", "gram", "lloyd1d"])
+def test_every_label_is_the_nearest_centroid(algorithm):
+    d = 1 if algorithm == "lloyd1d" else 7
+    x = blobs(257, d, 10, seed=8, spread=1.5)
+    r = kcengine.kmeans(x, 10, seed=3, algorithm=algorithm)
+    d2, lab = brute_labels(x, r.centroids)
+    own = d2[np.arange(len(x)), r.labels]
+    np.testing.assert_allclose(own, d2.min(1), rtol=1e-9, atol=1e-12)
+    assert r.inertia == pytest.approx(own.sum(), rel=1e-9)
+
+
+def test_ragged_batch_equals_each_problem_alone():
+    rng = np.random.default_rng(0)
+    probs = [blobs(int(rng.integers(20, 200)), int(d), 5, seed=i) for i, d in enumerate([1, 2, 9, 64, 300, 3])]
+    ks = [3, 4, 8, 5, 2, 7]
+    batch = kcengine.kmeans(probs, ks, seed=42)
+    for i, (x, k) in enumerate(zip(probs, ks)):
+        alone = kcengine.kmeans(x, k, seed=42)
+        np.testing.assert_array_equal(batch.labels[i], alone.labels)
+        np.testing.assert_array_equal(batch.centroids[i], alone.centroids)
+        assert batch.inertia[i] == alone.inertia
+
+
+def test_dense_batch_shapes_and_equality_with_alone():
+    x = np.stack([blobs(50, 4, 3, seed=s) for s in range(6)]).astype(np.float32)
+    r = kcengine.kmeans(x, 3, seed=1)
+    assert r.centroids.shape == (6, 3, 4) and r.centroids.dtype == np.float32
+    assert r.labels.shape == (6, 50) and r.inertia.shape == (6,)
+    for b in range(6):
+        alone = kcengine.kmeans(x[b], 3, seed=1)
+        np.testing.assert_array_equal(r.labels[b], alone.labels)
+    assert len(r) == 6 and float(r[2].inertia) == float(r.inertia[2])
+
+
+def test_sweep_equals_separate_calls():
+    x = blobs(64, 576, 12, seed=2)
+    ks = list(range(2, 65, 7))
+    sweep = kcengine.kmeans_sweep(x, ks, seed=5)
+    for k, r in zip(ks, sweep):
+        alone = kcengine.kmeans(x, k, seed=5)
+        np.testing.assert_array_equal(r.labels, alone.labels)
+        np.testing.assert_allclose(r.centroids, alone.centroids)
+        assert r.centroids.shape == (k, 576)
+
+
+@pytest.mark.parametrize("d", [1, 5, 100])
+def test_k_equals_n(d):
+    x = blobs(17, d, 17, seed=1)
+    r = kcengine.kmeans(x, 17, seed=0)
+    assert float(r.inertia) == pytest.approx(0.0, abs=1e-9)
+    assert len(np.unique(r.labels)) == 17
+
+
+@pytest.mark.parametrize("d", [1, 3, 64])
+def test_fewer_distinct_points_than_k(d):
+    base = np.random.default_rng(0).normal(size=(4, d))
+    x = np.repeat(base, 10, axis=0)
+    r = kcengine.kmeans(x, 6, seed=0)
+    assert np.all(np.isfinite(r.centroids)) and float(r.inertia) == pytest.approx(0.0, abs=1e-9)
+    # every distinct point is a centroid
+    for p in base:
+        assert np.min(((r.centroids - p) ** 2).sum(1)) < 1e-18
+
+
+@pytest.mark.parametrize("d", [1, 3, 64])
+def test_k_distinct_centroids_when_data_has_k_distinct_points(d):
+    base = np.random.default_rng(1).normal(size=(6, d))
+    x = np.repeat(base, [1, 5, 9, 2, 7, 3], axis=0)
+    for algorithm in ("auto", "lloyd"):
+        r = kcengine.kmeans(x, 6, seed=2, algorithm=algorithm)
+        assert len(np.unique(r.centroids.round(12), axis=0)) == 6
+        assert float(r.inertia) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_d_4608_filters():
+    x = blobs(96, 4608, 10, seed=3).astype(np.float32)
+    r = kcengine.kmeans(x, 10, seed=0)
+    assert r.algorithm == "gram"
+    d2, lab = brute_labels(x.astype(np.float64), r.centroids.astype(np.float64))
+    own = d2[np.arange(len(x)), r.labels]
+    np.testing.assert_allclose(own, d2.min(1), rtol=1e-4)
+
+
+def test_b1_and_b5000():
+    rng = np.random.default_rng(0)
+    one = kcengine.kmeans(rng.normal(size=(1, 30, 3)), 4, seed=0)
+    assert one.centroids.shape == (1, 4, 3)
+    x = rng.normal(size=(5000, 24, 1)).astype(np.float32)
+    r = kcengine.kmeans(x, 5, seed=0)
+    assert r.centroids.shape == (5000, 5, 1) and r.inertia.shape == (5000,)
+    for b in (0, 1234, 4999):
+        alone = kcengine.kmeans(x[b], 5, seed=0)
+        np.testing.assert_array_equal(r.labels[b], alone.labels)
+
+
+@pytest.mark.parametrize("algorithm", ["lloyd", "hamerly", "gram", "lloyd1d"])
+def test_integer_weights_equal_repetition(algorithm):
+    d = 1 if algorithm == "lloyd1d" else 6
+    x = blobs(40, d, 4, seed=6)
+    reps = np.random.default_rng(1).integers(1, 4, size=40)
+    init = x[[0, 5, 10, 15]].copy()
+    a = kcengine.kmeans(x, 4, init=init, sample_weight=reps.astype(np.float64), algorithm=algorithm)
+    b = kcengine.kmeans(np.repeat(x, reps, axis=0), 4, init=init, algorithm=algorithm)
+    np.testing.assert_allclose(a.centroids, b.centroids, rtol=1e-10)
+    assert a.inertia == pytest.approx(b.inertia, rel=1e-10)
+    np.testing.assert_array_equal(np.repeat(a.labels, reps), b.labels)
+
+
+def test_seed_reproducible_and_n_init_takes_best():
+    x = blobs(200, 5, 12, seed=9, spread=1.0)
+    a = kcengine.kmeans(x, 8, seed=7)
+    b = kcengine.kmeans(x, 8, seed=7)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    best = kcengine.kmeans(x, 8, seed=7, n_init=5)
+    assert float(best.inertia) <= float(a.inertia)
+
+
+def test_random_init_and_dtype_preserved():
+    x = blobs(100, 3, 5, seed=1).astype(np.float32)
+    r = kcengine.kmeans(x, 5, init="random", seed=0)
+    assert r.centroids.dtype == np.float32 and r.labels.dtype == np.int64
+    assert r.inertia.dtype == np.float64
+
+
+def test_callers_arrays_are_not_modified():
+    x = blobs(80, 4, 4, seed=2)
+    w = np.ones(80)
+    init = x[:4].copy()
+    xs, ws, inits = x.copy(), w.copy(), init.copy()
+    kcengine.kmeans(x, 4, init=init, sample_weight=w)
+    kcengine.kmeans(x, 4, init=init, sample_weight=w, backend="torch")
+    np.testing.assert_array_equal(x, xs)
+    np.testing.assert_array_equal(w, ws)
+    np.testing.assert_array_equal(init, inits)
+
+
+def test_torch_tensors_in_torch_tensors_out():
+    torch = pytest.importorskip("torch")
+    x = torch.tensor(blobs(60, 3, 4, seed=0), dtype=torch.float32)
+    r = kcengine.kmeans(x, 4, seed=0)
+    assert isinstance(r.centroids, torch.Tensor) and r.centroids.dtype == torch.float32
+    assert isinstance(r.labels, torch.Tensor) and r.labels.dtype == torch.int64
+    ragged = kcengine.kmeans([x[:30], x[30:]], 3, seed=0)
+    assert isinstance(ragged.centroids, list) and isinstance(ragged.centroids[0], torch.Tensor)

@@ -1,0 +1,17 @@
+"""`import kcengine` must not initialize a GPU nor import cupy or triton."""
+import subprocess
+import sys
+
+
+def test_import_is_light():
+    code = (
+        "import sys, kcengine\n"
+        "bad = [m for m in ('cupy', 'triton') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "torch = sys.modules.get('torch')\n"
+        "assert torch is None or not torch.cuda.is_initialized(), 'CUDA initialized on import'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
