@@ -205,6 +205,8 @@ def cpu_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, gran
         kind = "gather"
     else:
         plan = plan if plan is not None else kernel_plan(index, codebook.shape[0])
+        if not _needs_grad(x, codebook, scale, shift, residual):
+            return _kernel_chunked(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual)
         src = _depthwise_maps(x, codebook, plan, stride, padding, dilation)
         idx32 = plan.pair.to(torch.int32)
         kind = "gather_sum"
@@ -213,3 +215,27 @@ def cpu_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, gran
     if kind == "gather":
         return _native_gather(src, idx32, scale, shift, residual, relu)
     return _native_gather_sum(src, idx32, scale, shift, residual, relu)
+
+
+# Largest depthwise-map tensor the kernel path materializes at once (inference); bigger batches go in chunks.
+_MAPS_BYTES = 128 << 20
+
+
+def _kernel_chunked(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual):
+    """Inference-only kernel granularity in batch chunks: p is C_in*M maps per image, which at batch 32
+    would not fit any cache (nor, at K = C_out/2, much memory)."""
+    n = x.shape[0]
+    h, w = _out_hw(x, codebook.shape[-2:], stride, padding, dilation)
+    per_image = plan.n_maps * h * w * x.element_size()
+    step = max(1, _MAPS_BYTES // max(per_image, 1))
+    pair32 = plan.pair.to(torch.int32)
+    outs = []
+    for i in range(0, n, step):
+        p = _depthwise_maps(x[i:i + step], codebook, plan, stride, padding, dilation)
+        outs.append(_native_gather_sum(p, pair32, scale, shift,
+                                       None if residual is None else residual[i:i + step], relu))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _out_hw(x, k, stride, padding, dilation):
+    return tuple((x.shape[2 + d] + 2 * padding[d] - dilation[d] * (k[d] - 1) - 1) // stride[d] + 1 for d in (0, 1))

@@ -1,0 +1,305 @@
+"""Benchmark of centroid-indexed convolution against dense convolution (CPU; the same table on CUDA).
+
+Two parts, one process, same inputs, alternating order (dense, clustered, dense, ...; best time of each):
+
+* **layers**: every distinct conv shape of torchvision resnet18 at 224x224 (stem 7x7, 3x3, 1x1 downsample),
+  batch 1 and 32, granularity filter and kernel, K in {C_out/8, C_out/4, C_out/2}; the dense side is
+  ``F.conv2d`` with the clustered layer's own dense weight (``to_dense()``).  The default-init weights are
+  clustered by a random balanced assignment with cluster-mean centroids (timing does not depend on how the
+  clusters were found).  FLOPs per variant: dense ``2*N*HW*C_out*C_in*kh*kw``; filter
+  ``2*N*HW*K*C_in*kh*kw`` (the gather is a copy); kernel ``2*N*HW*P*kh*kw + N*HW*C_out*C_in`` (depthwise
+  maps P = C_in*M, M = most codebook kernels one input channel uses, then the gather-sum adds).
+* **end to end**: resnet18 (eval) with every conv clustered (filter, K = C_out/4) and conv+BN(+add)+ReLU fused
+  (:func:`kcengine.nn.fuse_for_inference`) vs the dense model, in NCHW and channels-last memory formats.
+
+Run: ``python -m kcengine.bench.conv --out bench/results`` (writes indexed_conv.md and .csv).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import git_commit, machine_info, markdown_table, now_utc, write_csv
+
+__all__ = ["resnet18_conv_shapes", "run_layer_bench", "run_e2e_bench", "run_conv_bench", "main"]
+
+
+def resnet18_conv_shapes(size: int = 224) -> list[dict]:
+    """Distinct (C_in, C_out, k, stride, padding, H_in) of torchvision resnet18's convs at ``size``x``size``."""
+    import torchvision
+
+    model = torchvision.models.resnet18().eval()
+    seen: dict[tuple, dict] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            def hook(mod, inp, out, name=name):
+                key = (mod.in_channels, mod.out_channels, mod.kernel_size[0], mod.stride[0], mod.padding[0],
+                       inp[0].shape[2])
+                seen.setdefault(key, {"layer": name, "c_in": key[0], "c_out": key[1], "k": key[2], "stride": key[3],
+                                      "padding": key[4], "h_in": key[5], "count": 0})["count"] += 1
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return list(seen.values())
+
+
+def _random_clustering(weight: torch.Tensor, k: int, granularity: str, seed: int) -> SimpleNamespace:
+    """A balanced random assignment of filters (or kernels) to ``k`` clusters; centroids = cluster means."""
+    c_out, c_in, kh, kw = weight.shape
+    pts = weight.detach().reshape(c_out, -1) if granularity == "filter" else weight.detach().reshape(-1, kh * kw)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randperm(pts.shape[0], generator=g) % k
+    sums = torch.zeros(k, pts.shape[1], dtype=pts.dtype).index_add_(0, labels, pts)
+    cent = sums / torch.bincount(labels, minlength=k).clamp_min(1)[:, None].to(pts.dtype)
+    return SimpleNamespace(centroids=cent, labels=labels)
+
+
+def _time_pair(fa, fb, repeat: int, warmup: int = 1):
+    """Best seconds of fa and fb, run alternately (a, b, a, b, ...) after ``warmup`` rounds."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta = tb = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fa()
+        ta = min(ta, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fb()
+        tb = min(tb, time.perf_counter() - t0)
+    return ta, tb
+
+
+def _flops(shape: dict, n: int, ho: int, wo: int, granularity: str | None, k: int, m: int = 0) -> float:
+    px = n * ho * wo
+    kk = shape["k"] * shape["k"]
+    if granularity is None:
+        return 2.0 * px * shape["c_out"] * shape["c_in"] * kk
+    if granularity == "filter":
+        return 2.0 * px * k * shape["c_in"] * kk
+    return 2.0 * px * shape["c_in"] * m * kk + px * shape["c_out"] * shape["c_in"]
+
+
+def run_layer_bench(batches=(1, 32), divisors=(8, 4, 2), granularities=("filter", "kernel"), size: int = 224,
+                    repeat: dict | None = None, backend: str = "cpu", memory_format=torch.channels_last,
+                    log=print) -> list[dict]:
+    """One row per (batch, shape, granularity, K): dense and clustered seconds, speedup, FLOP ratio, error."""
+    from ..conv import ClusteredConv2d
+    from ..conv.backends import kernel_plan
+
+    repeat = repeat or {1: 5, 32: 2}
+    rows = []
+    shapes = resnet18_conv_shapes(size)
+    for n in batches:
+        for si, shape in enumerate(shapes):
+            conv = nn.Conv2d(shape["c_in"], shape["c_out"], shape["k"], shape["stride"], shape["padding"], bias=False)
+            torch.manual_seed(si)
+            x = torch.randn(n, shape["c_in"], shape["h_in"], shape["h_in"])
+            x_fmt = x.to(memory_format=memory_format) if memory_format is not None else x
+            for gran in granularities:
+                for d in divisors:
+                    k = max(1, shape["c_out"] // d)
+                    layer = ClusteredConv2d.from_conv(conv, _random_clustering(conv.weight, k, gran, si), gran,
+                                                      backend=backend).eval()
+                    w = layer.to_dense().detach().contiguous()
+                    # the kernel path runs NCHW (its depthwise maps are NCHW); the filter path keeps x's format
+                    xin = x_fmt if gran == "filter" else x
+                    xd = x_fmt
+                    with torch.inference_mode():
+                        dense = lambda: F.conv2d(xd, w, None, conv.stride, conv.padding)  # noqa: E731
+                        clustered = lambda: layer(xin)  # noqa: E731
+                        try:
+                            td, tc = _time_pair(dense, clustered, repeat.get(n, 2))
+                            yd, yc = dense(), clustered()
+                            err = ((yc - yd).abs().max() / yd.abs().max().clamp_min(1e-30)).item()
+                        except Exception as exc:  # a failing variant records NaN, never aborts the run
+                            log(f"  failed: {type(exc).__name__}: {exc}")
+                            td = tc = err = float("nan")
+                            yd = F.conv2d(x[:1], w, None, conv.stride, conv.padding)
+                    ho, wo = yd.shape[2:]
+                    m = kernel_plan(layer.index, k).m if gran == "kernel" else 0
+                    fd = _flops(shape, n, ho, wo, None, k)
+                    fc = _flops(shape, n, ho, wo, gran, k, m)
+                    row = {"batch": n, "layer": shape["layer"], "c_in": shape["c_in"], "c_out": shape["c_out"],
+                           "k": shape["k"], "stride": shape["stride"], "h_in": shape["h_in"], "granularity": gran,
+                           "K": k, "K_frac": f"C_out/{d}", "dense_ms": td * 1e3, "clustered_ms": tc * 1e3,
+                           "speedup": td / tc, "flop_ratio": fc / fd, "dense_gflops": fd / 1e9,
+                           "clustered_gflops": fc / 1e9, "dense_gflop_s": fd / td / 1e9,
+                           "clustered_gflop_s": fc / tc / 1e9, "max_rel_err": err}
+                    rows.append(row)
+                    log(f"  b={n} {shape['c_in']}->{shape['c_out']} k{shape['k']} s{shape['stride']} "
+                        f"h{shape['h_in']} {gran} K={k}: dense {td*1e3:.2f} ms, clustered {tc*1e3:.2f} ms, "
+                        f"x{td/tc:.2f} (FLOPs x{fd/fc:.2f})")
+    return rows
+
+
+def _clustered_resnet18(divisor: int = 4, granularity: str = "filter"):
+    import torchvision
+
+    from ..conv import ClusteredConv2d
+
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet18().eval()
+    clustered = torchvision.models.resnet18().eval()
+    clustered.load_state_dict(dense.state_dict())
+    for i, (name, conv) in enumerate([(n, c) for n, c in clustered.named_modules() if isinstance(c, nn.Conv2d)]):
+        k = max(1, conv.out_channels // divisor)
+        layer = ClusteredConv2d.from_conv(conv, _random_clustering(conv.weight, k, granularity, i), granularity)
+        parent, _, leaf = name.rpartition(".")
+        setattr(clustered.get_submodule(parent) if parent else clustered, leaf, layer)
+    # the dense model runs the same (clustered) weights, as ordinary Conv2d layers
+    for name, m in clustered.named_modules():
+        if isinstance(m, ClusteredConv2d):
+            dense.get_submodule(name).weight.data.copy_(m.to_dense().detach())
+    return dense.eval(), clustered.eval()
+
+
+def run_e2e_bench(batches=(32, 1), size: int = 224, repeat: dict | None = None, log=print) -> list[dict]:
+    """resnet18 inference: dense vs every conv clustered (filter, K = C_out/4) with BN/add/ReLU fused."""
+    from ..conv import fuse_for_inference
+
+    repeat = repeat or {1: 10, 32: 2}
+    dense, clustered = _clustered_resnet18(4)
+    fused = fuse_for_inference(clustered)
+    conv_flops = {}
+
+    def count(model, x):
+        total = [0.0]
+
+        def hook(mod, inp, out):
+            from ..conv import ClusteredConv2d
+
+            px = out.shape[0] * out.shape[2] * out.shape[3]
+            kh, kw = mod.kernel_size
+            c_in = mod.in_channels
+            n_f = mod.num_clusters if isinstance(mod, ClusteredConv2d) else mod.out_channels
+            total[0] += 2.0 * px * n_f * c_in * kh * kw
+
+        hs = [m.register_forward_hook(hook) for m in model.modules()
+              if isinstance(m, nn.Conv2d) or type(m).__name__ == "ClusteredConv2d"]
+        with torch.inference_mode():
+            model(x)
+        for h in hs:
+            h.remove()
+        return total[0]
+
+    rows = []
+    for n in batches:
+        torch.manual_seed(n)
+        x = torch.randn(n, 3, size, size)
+        conv_flops[n] = (count(dense, x[:1]) * n, count(fused, x[:1]) * n)
+        res = {}
+        for fmt_name, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            xf = x.contiguous(memory_format=fmt)
+            d = dense.to(memory_format=fmt)
+            f = fused.to(memory_format=fmt)
+            with torch.inference_mode():
+                td, tf = _time_pair(lambda: d(xf), lambda: f(xf), repeat.get(n, 2))
+                yd, yf = d(xf), f(xf)
+                err = ((yf - yd).abs().max() / yd.abs().max()).item()
+            res[fmt_name] = (td, tf)
+            rows.append({"batch": n, "memory_format": fmt_name, "dense_ms": td * 1e3, "clustered_fused_ms": tf * 1e3,
+                         "speedup": td / tf, "conv_gflops_dense": conv_flops[n][0] / 1e9,
+                         "conv_gflops_clustered": conv_flops[n][1] / 1e9, "max_rel_err": err})
+            log(f"  e2e b={n} {fmt_name}: dense {td*1e3:.1f} ms, clustered+fused {tf*1e3:.1f} ms, x{td/tf:.2f}")
+        best_d = min(res.items(), key=lambda kv: kv[1][0])
+        best_f = min(res.items(), key=lambda kv: kv[1][1])
+        rows.append({"batch": n, "memory_format": f"best: dense {best_d[0]}, clustered {best_f[0]}",
+                     "dense_ms": best_d[1][0] * 1e3, "clustered_fused_ms": best_f[1][1] * 1e3,
+                     "speedup": best_d[1][0] / best_f[1][1], "conv_gflops_dense": conv_flops[n][0] / 1e9,
+                     "conv_gflops_clustered": conv_flops[n][1] / 1e9, "max_rel_err": float("nan")})
+    return rows
+
+
+def _geomean(vals):
+    vals = [v for v in vals if v == v and v > 0]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
+
+
+def run_conv_bench(out_dir=None, batches=(1, 32), divisors=(8, 4, 2), granularities=("filter", "kernel"),
+                   e2e: bool = True, size: int = 224, log=print) -> dict:
+    """Run both parts; write ``indexed_conv.md``/``.csv`` (and ``indexed_conv_e2e.csv``) under ``out_dir``."""
+    t0 = time.perf_counter()
+    info = machine_info()
+    info["torch_threads"] = torch.get_num_threads()
+    layer_rows = run_layer_bench(batches, divisors, granularities, size, log=log)
+    e2e_rows = run_e2e_bench(tuple(sorted(batches, reverse=True)), size, log=log) if e2e else []
+    summary = []
+    for n in batches:
+        for gran in granularities:
+            for d in divisors:
+                sel = [r for r in layer_rows if r["batch"] == n and r["granularity"] == gran
+                       and r["K_frac"] == f"C_out/{d}"]
+                sel3 = [r for r in sel if r["k"] == 3]
+                summary.append({"batch": n, "granularity": gran, "K": f"C_out/{d}",
+                                "geomean_speedup_3x3": _geomean([r["speedup"] for r in sel3]),
+                                "geomean_speedup_all": _geomean([r["speedup"] for r in sel]),
+                                "geomean_flop_reduction_3x3": _geomean([1 / r["flop_ratio"] for r in sel3])})
+    result = {"info": info, "commit": git_commit(), "date": now_utc(), "layers": layer_rows, "e2e": e2e_rows,
+              "summary": summary, "seconds": time.perf_counter() - t0}
+    if out_dir is not None:
+        out = Path(out_dir)
+        write_csv(out / "indexed_conv.csv", layer_rows)
+        write_csv(out / "indexed_conv_e2e.csv", e2e_rows)
+        (out / "indexed_conv.md").write_text(_markdown(result))
+    return result
+
+
+def _markdown(r: dict) -> str:
+    info = r["info"]
+    lines = ["# Centroid-indexed convolution vs dense convolution", "",
+             f"- machine: {info.get('cpu')} ({info.get('cores')} cores; torch threads {info.get('torch_threads')}, "
+             f"kcengine threads {info.get('threads')}; {info.get('cpu_features', '')})",
+             f"- torch {info.get('torch')}, python {info.get('python')}, {info.get('os')}"
+             + (f", GPU {info['gpu']}" if "gpu" in info else ""),
+             f"- commit {r['commit']}, date {r['date']}, benchmark wall time {r['seconds']:.0f} s",
+             "- recorded by `python -m kcengine.bench.conv --out bench/results`; every ratio is computed inside this "
+             "run, dense and clustered timed alternately on the same input (best of the repeats: 5 at batch 1, "
+             "2 at batch 32, after one warm-up each). The machine is shared with other jobs: expect noise.",
+             "- dense = `F.conv2d(x, layer.to_dense())` (oneDNN), channels-last input for both the dense side and "
+             "the filter path; the kernel path takes NCHW input. Clustered = `ClusteredConv2d` on the `cpu` "
+             "backend (filter: oneDNN conv with the K unique filters + one native gather pass; kernel: depthwise "
+             "conv with the codebook kernels each input channel uses + native gather-sum).",
+             "- FLOP ratio = clustered FLOPs / dense FLOPs (filter: K/C_out; kernel: M/C_out + 1/(2 kh kw)).",
+             "", "## Summary (geometric means over resnet18's distinct conv shapes)", "",
+             markdown_table(r["summary"]),
+             "", "## End to end: resnet18 inference, every conv clustered (filter, K = C_out/4), "
+             "conv+BN(+residual)+ReLU fused", "",
+             "Same weights on both sides (the dense model holds the clustered layers' dense weights), eval mode. "
+             "`best` compares each model in its own fastest memory format.", "",
+             markdown_table(r["e2e"]) if r["e2e"] else "(not run)\n",
+             "", "## Per layer", "",
+             markdown_table(r["layers"], ["batch", "layer", "c_in", "c_out", "k", "stride", "h_in", "granularity",
+                                          "K", "dense_ms", "clustered_ms", "speedup", "flop_ratio",
+                                          "dense_gflop_s", "clustered_gflop_s", "max_rel_err"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench/results", help="directory for indexed_conv.md/.csv")
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--granularity", default="filter,kernel")
+    p.add_argument("--no-e2e", action="store_true")
+    p.add_argument("--size", type=int, default=224)
+    a = p.parse_args(argv)
+    r = run_conv_bench(a.out, tuple(int(b) for b in a.batches.split(",")), granularities=tuple(a.granularity.split(",")),
+                       e2e=not a.no_e2e, size=a.size)
+    print(markdown_table(r["summary"]))
+    if r["e2e"]:
+        print(markdown_table(r["e2e"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
