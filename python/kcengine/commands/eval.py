@@ -1,0 +1,108 @@
+"""``kcengine eval``: accuracy of a model on CIFAR-10 (full or subset) or an ImageNet-style folder.
+
+Also holds the model/data arguments and loading shared by ``prune`` and ``sweep``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HELP = "evaluate a model (top-1/top-5, per-class accuracy, confusion matrix)"
+
+
+def add_model_data_arguments(parser) -> None:
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--model", default="resnet20",
+                   help="resnet20/32/44/56/110 (CIFAR) or a torchvision model name (default resnet20)")
+    g.add_argument("--weights", default="pretrained",
+                   help="'pretrained' (public weights via the torch hub cache), a torchvision weights name, a "
+                        "checkpoint PATH, or 'none' (default init: speed-only work)")
+    g.add_argument("--no-download", action="store_true", help="take pretrained weights only from the hub cache")
+    g.add_argument("--data", default=None,
+                   help="CIFAR-10 python-batches folder (CIFAR models; default ../shared/data) or an ImageFolder root")
+    g.add_argument("--split", default="test", choices=("test", "train"), help="CIFAR split (default test)")
+    g.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    g.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
+
+
+def load_model_arg(args, *, need_trained: bool):
+    """The LoadedModel the arguments name; UserError for missing weights or unknown names."""
+    from ..cli import UserError
+    from ..models import MissingWeightsError, load_model
+
+    weights = None if str(args.weights).lower() == "none" else args.weights
+    try:
+        lm = load_model(args.model, weights, allow_download=not args.no_download)
+    except MissingWeightsError as exc:
+        raise UserError(str(exc)) from None
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if need_trained and not lm.pretrained:
+        raise UserError(f"{args.model} has no trained weights (--weights none); accuracy work needs them — pass "
+                        f"--weights PATH or 'pretrained' (speed-only work may use the default init)")
+    return lm
+
+
+def load_data_arg(args, lm):
+    """The evaluation data for the model: in-memory CIFAR tensors or an ImageFolder dataset."""
+    from ..bench.common import shared_data_dir
+    from ..cli import UserError
+    from ..data import Normalization, cifar10_dataset, image_folder
+    from ..models import is_cifar_model
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    norm = Normalization(lm.mean, lm.std)
+    if is_cifar_model(lm.name):
+        root = args.data
+        if root is None:
+            shared = shared_data_dir()
+            if shared is None:
+                raise UserError("no CIFAR-10 data: pass --data PATH (a cifar-10-batches-py folder)")
+            root = shared / "cifar-10-batches-py"
+        try:
+            return cifar10_dataset(root, args.split, norm, limit=args.limit)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UserError(str(exc)) from None
+    if args.data is None:
+        raise UserError(f"{lm.name} is an ImageNet model: pass --data PATH to an ImageFolder root (class "
+                        f"folders of images); none is available on this machine")
+    try:
+        ds = image_folder(args.data, norm, crop=lm.input_size[0])
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UserError(str(exc)) from None
+    if args.limit is not None:
+        import torch
+
+        ds = torch.utils.data.Subset(ds, range(min(args.limit, len(ds))))
+    return ds
+
+
+def add_arguments(parser) -> None:
+    add_model_data_arguments(parser)
+    parser.add_argument("--out", default=None, help="folder for eval.json and confusion.png")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from ..evaluate import confusion_png, evaluate
+
+    lm = load_model_arg(args, need_trained=True)
+    data = load_data_arg(args, lm)
+    r = evaluate(lm.model, data, batch_size=args.batch_size, progress=not args.no_progress, desc=lm.name)
+    print(f"{lm.name} ({lm.weights}): top-1 {100 * r.top1:.2f}% ({r.correct}/{r.total}), top-5 {100 * r.top5:.2f}%, "
+          f"{r.seconds:.1f} s")
+    for name, acc in zip(r.classes, r.per_class):
+        print(f"  {name:>12s}: {'n/a' if acc != acc else f'{100 * acc:.1f}%'}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        d = r.as_dict()
+        d.update(model=lm.name, weights=lm.weights)
+        (out / "eval.json").write_text(json.dumps(d, indent=2) + "\n")
+        confusion_png(r.confusion, out / "confusion.png", classes=r.classes, title=f"{lm.name}: top-1 "
+                      f"{100 * r.top1:.2f}%")
+        print(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")
+    return 0

@@ -1,0 +1,60 @@
+"""``kcengine prune``: cluster a model's conv weights with a plan; report accuracy and compression."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .eval import add_model_data_arguments, load_data_arg, load_model_arg
+
+HELP = "cluster conv weights with a plan (ratio, inertia, elbow, per-layer map, by channels)"
+
+
+def add_arguments(parser) -> None:
+    add_model_data_arguments(parser)
+    g = parser.add_argument_group("plan")
+    g.add_argument("--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")
+    g.add_argument("--plan", default=None,
+                   help="ratio=R | inertia=X | relative_inertia=F | elbow[=A:B:STEP] | map:NAME=K,... | "
+                        "channels:C=K,...")
+    g.add_argument("--granularity", default="filter", choices=("filter", "kernel", "element"))
+    g.add_argument("--layers", default=None, help="'first', a regex (full match) or comma-separated names")
+    g.add_argument("--threshold", type=float, default=None, help="filters farther than this keep their weights")
+    g.add_argument("--cosine", action="store_true", help="cluster normalized filters, keep each norm")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--backend", default="auto", help="k-means backend (auto, cpu, torch, cuda, triton)")
+    parser.add_argument("--no-eval", action="store_true", help="skip accuracy (allows --weights none)")
+    parser.add_argument("--out", default=None, help="folder for report.json, report.md and model.pt")
+
+
+def _layers_arg(text):
+    if text is None or text == "first":
+        return text
+    if "," in text:
+        return [t.strip() for t in text.split(",") if t.strip()]
+    return text
+
+
+def run(args) -> int:
+    import torch
+
+    from ..cli import UserError
+    from ..compress import compress
+
+    if args.plan is None and args.ratio is None:
+        raise UserError("give --ratio R or --plan PLAN (e.g. --ratio 0.5, --plan elbow, --plan map:conv1=8)")
+    lm = load_model_arg(args, need_trained=not args.no_eval)
+    data = None if args.no_eval else load_data_arg(args, lm)
+    try:
+        model, report = compress(lm.model, args.plan, ratio=args.ratio, granularity=args.granularity,
+                                 layers=_layers_arg(args.layers), threshold=args.threshold, cosine=args.cosine,
+                                 eval_data=data, eval_batch_size=args.batch_size, seed=args.seed,
+                                 backend=args.backend)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(report.to_markdown(title=f"{lm.name}: {report.plan}, {report.granularity}"))
+    if args.out:
+        out = Path(args.out)
+        report.to_json(out / "report.json")
+        report.to_markdown(out / "report.md", title=f"{lm.name}: {report.plan}, {report.granularity}")
+        torch.save(model.state_dict(), out / "model.pt")
+        print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {out / 'model.pt'}")
+    return 0

@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+
+from kcengine.cli import main
+from kcengine.models import CifarResNet
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    """A resnet20 checkpoint in the public format (module. prefixes, wrapped in state_dict)."""
+    torch.manual_seed(0)
+    m = CifarResNet(20)
+    p = tmp_path / "r20.th"
+    torch.save({"state_dict": {"module." + k: v for k, v in m.state_dict().items()}}, p)
+    return p
+
+
+@pytest.fixture()
+def cifar(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    with open(d / "test_batch", "wb") as f:
+        pickle.dump({"data": rng.integers(0, 256, (12, 3072), dtype=np.uint8), "labels": list(range(10)) + [0, 1]}, f)
+    return d
+
+
+def test_eval_writes_json_and_png(ckpt, cifar, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", "--weights", str(ckpt), "--data", str(cifar), "--out", str(out), "--no-progress"]) == 0
+    d = json.loads((out / "eval.json").read_text())
+    assert d["total"] == 12 and 0 <= d["top1"] <= 1
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_prune_writes_report(ckpt, cifar, tmp_path):
+    out = tmp_path / "pr"
+    assert main(["prune", "--weights", str(ckpt), "--data", str(cifar), "--plan", "map:layer3\\..*=0.5",
+                 "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["layers"]) == 6 and all(lr["k"] == 32 for lr in rep["layers"])
+    sd = torch.load(out / "model.pt", weights_only=True)
+    assert "layer3.0.conv1.codebook" in sd
+
+
+def test_sweep_writes_csv(ckpt, cifar, tmp_path):
+    out = tmp_path / "sw"
+    assert main(["sweep", "--weights", str(ckpt), "--data", str(cifar), "--layers", "conv1", "--ratios", "0.5,1",
+                 "--out", str(out)]) == 0
+    lines = (out / "sweep.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("layer,")
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["prune", "--weights", "none", "--no-eval"], "give --ratio R or --plan PLAN"),
+    (["prune", "--weights", "none", "--no-eval", "--plan", "ratio=7"], "ratio must be a ratio in (0, 1]"),
+    (["eval", "--weights", "none"], "accuracy work needs them"),
+    (["eval", "--model", "resnet19", "--weights", "none"], "not a known model"),
+    (["sweep", "--weights", "none", "--ratios", "0,2"], "--ratios must be"),
+])
+def test_user_errors_are_one_line(argv, msg, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+
+
+def test_missing_pretrained_weights_is_a_user_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert main(["eval", "--no-download"]) == 2
+    assert "not in the torch hub cache" in capsys.readouterr().err
