@@ -1,0 +1,107 @@
+"""Triton kernels: under TRITON_INTERPRET=1 on CPU tensors (small shapes), and on CUDA when present (marked gpu)."""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kcengine.conv import dense_weight
+from kcengine.conv.backends import kernel_plan, torch_gather_sum
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from kcengine.conv import triton_kernels
+
+    return triton_kernels
+
+
+def _epilogue_ref(y, scale, shift, residual, relu):
+    y = y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1) + residual
+    return torch.relu(y) if relu else y
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_gather_epilogue_interpreted(interpret, channels_last, relu):
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 3, 5, 7, generator=g)
+    if channels_last:
+        u = u.to(memory_format=torch.channels_last)
+    idx = torch.tensor([2, 0, 1, 1, 2], dtype=torch.int32)
+    scale, shift = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    res = torch.randn(2, 5, 5, 7, generator=g)
+    y = interpret.gather_epilogue(u, idx, scale, shift, res, relu, block=16)  # 35 positions: 3 blocks, last partial
+    ref = _epilogue_ref(u[:, idx.long()], scale, shift, res, relu)
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
+    y2 = interpret.gather_epilogue(u, idx)
+    torch.testing.assert_close(y2, u[:, idx.long()], atol=0, rtol=0)
+
+
+def test_gather_sum_interpreted(interpret):
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(2, 8, 3, 5, generator=g)
+    pair = torch.randint(0, 8, (4, 3), generator=g, dtype=torch.int32)
+    scale, shift = torch.randn(4, generator=g), torch.randn(4, generator=g)
+    res = torch.randn(2, 4, 3, 5, generator=g)
+    y = interpret.gather_sum(p, pair, scale, shift, res, True, block=8)
+    ref = _epilogue_ref(torch_gather_sum(p, pair), scale, shift, res, True)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"pair values must be in \[0, 8\), got 8"):
+        interpret.gather_sum(p, torch.full((4, 3), 8, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_triton_backend_forward_and_grad_interpreted(interpret, granularity):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 3, 6, 5, generator=g, requires_grad=True)
+    if granularity == "filter":
+        cb = torch.randn(2, 3, 3, 3, generator=g)
+        idx = torch.tensor([1, 0, 1, 1])
+    else:
+        cb = torch.randn(2, 3, 3, generator=g)
+        idx = torch.randint(0, 2, (4, 3), generator=g)
+    cb.requires_grad_(True)
+    bias = torch.randn(4, generator=g)
+    y = interpret.triton_indexed_conv2d(x, cb, idx, bias, (2, 2), (1, 1), (1, 1), granularity, None, None, True, None)
+    w = dense_weight(cb, idx, granularity)
+    ref = torch.relu(F.conv2d(x, w, bias, 2, 1))
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    go = torch.randn(y.shape, generator=g)
+    gx, gcb = torch.autograd.grad(y, (x, cb), go)
+    rx, rcb = torch.autograd.grad(ref, (x, cb), go)
+    torch.testing.assert_close(gx, rx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gcb, rcb, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_refuses_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from kcengine.conv import triton_kernels
+
+    with pytest.raises(RuntimeError, match=r"needs CUDA tensors \(or TRITON_INTERPRET=1\), got x on cpu"):
+        triton_kernels.triton_indexed_conv2d(torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 1, 1), torch.zeros(1),
+                                             None, (1, 1), (0, 0), (1, 1), "filter", None, None, False, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_triton_backend_on_cuda(granularity):
+    import kcengine
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 13, 11, generator=g).cuda()
+    if granularity == "filter":
+        cb, idx = torch.randn(3, 7, 3, 3, generator=g), torch.randint(0, 3, (5,), generator=g)
+    else:
+        cb, idx = torch.randn(3, 3, 3, generator=g), torch.randint(0, 3, (5, 7), generator=g)
+    cb, idx = cb.cuda(), idx.cuda()
+    scale, shift = torch.randn(5).cuda(), torch.randn(5).cuda()
+    y = kcengine.indexed_conv2d(x, cb, idx, stride=2, padding=1, granularity=granularity, scale=scale,
+                                shift=shift, relu=True, backend="triton")
+    ref = torch.relu(F.conv2d(x, dense_weight(cb, idx, granularity), None, 2, 1) * scale.view(1, -1, 1, 1)
+                     + shift.view(1, -1, 1, 1))
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
