@@ -12,3 +12,5 @@ __all__ = ["kmeans", "kmeans_sweep", "KMeansResult", "backend_status", "__versio
 from . import nn
 from .conv import indexed_conv2d, load_compressed, save_compressed
 __all__ += ["indexed_conv2d", "save_compressed", "load_compressed", "nn"]
+from .compress import compress  # noqa: E402  (torch only; torchvision/matplotlib load lazily)
+__all__ += ["compress"]
