@@ -289,11 +289,29 @@ def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm,
         bad = [i for i, a in enumerate(parts) if a.shape[1] != 1]
         if bad:
             raise ValueError(f"algorithm={algorithm!r} needs 1-D points (D == 1); problem {bad[0]} has D={parts[bad[0]].shape[1]}")
+    if layout == "ragged" and sweep_ks is None:
+        parts, weights, data_index = _share_repeated(parts, weights)
     probs = Problems(
         datasets=parts, weights=weights, data_index=data_index, k=ks, init=kind, init_centers=centers,
         n_init=n_init, max_iter=max_iter, tol=float(tol), seed=_resolve_seed(seed), algorithm=algorithm,
     )
     return probs, layout
+
+
+def _share_repeated(parts, weights):
+    """Problems of a ragged list that pass the very same array (and weights) share one dataset,
+    so per-dataset work (Gram matrix, sort) is done once: ``kmeans([w1, w1, w2], [2, 3, 2])``."""
+    seen: dict = {}
+    uniq, uw, index = [], [], []
+    for i, a in enumerate(parts):
+        key = (id(a), None if weights is None else id(weights[i]))
+        if key not in seen:
+            seen[key] = len(uniq)
+            uniq.append(a)
+            if weights is not None:
+                uw.append(weights[i])
+        index.append(seen[key])
+    return uniq, (None if weights is None else uw), np.asarray(index, dtype=np.int64)
 
 
 def _convert(probs: Problems, backend: str) -> Problems:

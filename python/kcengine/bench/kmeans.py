@@ -1,0 +1,381 @@
+"""Clustering benchmark: a model's conv weights as batched k-means workloads, kcengine against
+scikit-learn (one ``KMeans`` per problem, as people do today), faiss and the torch reference.
+
+Workloads (from the issue "Engine foundation"):
+
+* ``a_sweep``   - every layer, every k from 2 to C_out, filters as points (one batched call);
+* ``b_filters`` - filters, k = round(0.9 * C_out) per layer;
+* ``c_kernels`` - the 3x3 kernels of each layer as 9-D points, k = min(256, N);
+* ``d_element`` - every coordinate of every layer's filters as its own 1-D problem, k = min(10, C_out)
+  (kcengine runs Lloyd, and ``exact1d``, the optimal 1-D clustering, is reported beside it).
+
+Every method gets the same inputs in one process; times are best-of-``repeat``; quality is the
+inertia of each method's centroids on the full data (faiss subsamples large problems by default),
+summarized as the geometric mean over problems of inertia / scikit-learn's inertia.
+``max_problems`` keeps an evenly spaced subset of a workload's problems (the same subset for every
+method) so large models stay affordable; reports say when that happened.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .common import (git_commit, machine_info, markdown_table, now_utc, peak_rss_mb, repo_root,
+                     shared_data_dir, write_csv)
+
+WORKLOADS = ("a_sweep", "b_filters", "c_kernels", "d_element")
+METHODS = ("kcengine", "exact1d", "torch", "sklearn", "faiss")
+
+
+@dataclass
+class Workload:
+    """Problems as (data array, k) pairs; ``data`` arrays may repeat (k sweep of one layer)."""
+
+    name: str
+    xs: list
+    ks: list
+    note: str = ""
+    total_problems: int = 0
+
+    @property
+    def n_problems(self) -> int:
+        return len(self.ks)
+
+    @property
+    def bytes(self) -> int:
+        return sum(x.nbytes for x in {id(x): x for x in self.xs}.values())
+
+
+def conv_weights(model) -> list[tuple[str, np.ndarray]]:
+    """(name, float32 [C_out, C_in, kh, kw]) of every conv layer of ``model`` (groups == 1)."""
+    import torch.nn as nn
+
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.groups == 1:
+            out.append((name, m.weight.detach().cpu().numpy().astype(np.float32, copy=True)))
+    return out
+
+
+def load_weights(model_name: str, weights=None) -> tuple[list[tuple[str, np.ndarray]], str]:
+    """Conv weights of ``model_name`` and a line saying where they came from.
+
+    CIFAR ResNets use the real checkpoint in ``../shared/data/checkpoints`` when present (or
+    ``weights``); torchvision models their pretrained weights when cached, else the default
+    init with seed 0 (speed work only needs the shapes)."""
+    import torch
+
+    from ..models import load_model
+    from ..models.checkpoints import MissingWeightsError
+
+    if weights is None:
+        data = shared_data_dir()
+        if data is not None:
+            cands = sorted((data / "checkpoints").glob(f"{model_name}-*.th"))
+            if cands:
+                weights = str(cands[0])
+    torch.manual_seed(0)
+    try:
+        lm = load_model(model_name, weights if weights is not None else "pretrained", allow_download=False)
+        src = f"{model_name} weights from {Path(str(lm.weights)).name}"
+    except MissingWeightsError:
+        torch.manual_seed(0)
+        lm = load_model(model_name, None)
+        src = f"{model_name} with its default initialization (seed 0; no pretrained weights here: shapes are what matter for speed)"
+    return conv_weights(lm.model), src
+
+
+def _subset(n: int, cap: int | None) -> list[int]:
+    if cap is None or n <= cap:
+        return list(range(n))
+    return sorted({int(round(i * (n - 1) / (cap - 1))) for i in range(cap)})
+
+
+def build_workloads(layers, which=WORKLOADS, max_problems: int | None = None, sweep_step: int = 1) -> list[Workload]:
+    out = []
+    for name in which:
+        xs, ks = [], []
+        if name == "a_sweep":
+            for _, w in layers:
+                x = np.ascontiguousarray(w.reshape(w.shape[0], -1))
+                for k in range(2, w.shape[0] + 1, sweep_step):
+                    xs.append(x)
+                    ks.append(k)
+        elif name == "b_filters":
+            for _, w in layers:
+                xs.append(np.ascontiguousarray(w.reshape(w.shape[0], -1)))
+                ks.append(max(1, int(round(0.9 * w.shape[0]))))
+        elif name == "c_kernels":
+            for _, w in layers:
+                if w.shape[2:] == (3, 3):
+                    x = np.ascontiguousarray(w.reshape(-1, 9))
+                    xs.append(x)
+                    ks.append(min(256, x.shape[0]))
+        elif name == "d_element":
+            for _, w in layers:
+                flat = w.reshape(w.shape[0], -1)
+                cols = np.ascontiguousarray(flat.T)[:, :, None]  # [D, C_out, 1]
+                for j in range(cols.shape[0]):
+                    xs.append(cols[j])
+                    ks.append(min(10, w.shape[0]))
+        else:
+            raise ValueError(f"workload {name!r} is not one of {WORKLOADS}")
+        idx = _subset(len(ks), max_problems)
+        wl = Workload(name, [xs[i] for i in idx], [ks[i] for i in idx], total_problems=len(ks))
+        if len(idx) < len(ks):
+            wl.note = f"{len(idx)} of {len(ks)} problems (evenly spaced subset, same for every method)"
+        if name == "a_sweep" and sweep_step > 1:
+            wl.note = (wl.note + "; " if wl.note else "") + f"k from 2 to C_out in steps of {sweep_step}"
+        out.append(wl)
+    return out
+
+
+# ------------------------------------------------------------------------------------ methods
+
+def _inertia(x: np.ndarray, c: np.ndarray) -> float:
+    x64, c64 = x.astype(np.float64), c.astype(np.float64)
+    d2 = (x64 * x64).sum(1)[:, None] - 2 * x64 @ c64.T + (c64 * c64).sum(1)[None]
+    return float(np.maximum(d2.min(1), 0).sum())
+
+
+def run_kcengine(wl: Workload, seed: int = 0, backend: str = "cpu", algorithm: str = "auto"):
+    import kcengine
+
+    res = kcengine.kmeans(wl.xs, wl.ks, seed=seed, backend=backend, algorithm=algorithm)
+    return [np.asarray(c) for c in res.centroids]
+
+
+def run_torch(wl: Workload, seed: int = 0, device: str = "cpu"):
+    import torch
+
+    import kcengine
+
+    xs = {id(x): torch.from_numpy(x).to(device) for x in wl.xs}
+    res = kcengine.kmeans([xs[id(x)] for x in wl.xs], wl.ks, seed=seed, backend="torch")
+    return [c.cpu().numpy() for c in res.centroids]
+
+
+def run_sklearn(wl: Workload, seed: int = 0):
+    import warnings
+
+    from sklearn.cluster import KMeans
+
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning on duplicate points
+        for x, k in zip(wl.xs, wl.ks):
+            out.append(KMeans(n_clusters=k, init="k-means++", n_init=1, random_state=seed).fit(x).cluster_centers_)
+    return out
+
+
+def run_faiss(wl: Workload, seed: int = 0):
+    import faiss
+
+    out = []
+    for x, k in zip(wl.xs, wl.ks):
+        km = faiss.Kmeans(x.shape[1], k, seed=seed + 1234, verbose=False)
+        km.train(np.ascontiguousarray(x, dtype=np.float32))
+        out.append(np.asarray(km.centroids))
+    return out
+
+
+def available_methods(device: str = "cpu") -> list[str]:
+    import importlib.util
+
+    methods = ["kcengine", "exact1d", "torch"]
+    if importlib.util.find_spec("sklearn"):
+        methods.append("sklearn")
+    if importlib.util.find_spec("faiss") and device == "cpu":
+        methods.append("faiss")
+    return methods
+
+
+@dataclass
+class Row:
+    workload: str
+    method: str
+    problems: int
+    seconds: float
+    speedup_vs_sklearn: float = float("nan")
+    inertia_ratio: float = float("nan")  # geometric mean over problems of inertia / sklearn's
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _geo_ratio(ours: list[float], ref: list[float]) -> float:
+    logs = [math.log(max(a, 1e-300) / b) for a, b in zip(ours, ref) if b > 1e-12 * (1 + a)]
+    return float(math.exp(sum(logs) / len(logs))) if logs else float("nan")
+
+
+def run_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, progress=None) -> list[Row]:
+    """Time every method on ``wl`` (alternating order over repeats) and compare inertia."""
+    fns: dict[str, Callable] = {
+        "kcengine": lambda: run_kcengine(wl, seed),
+        "exact1d": lambda: run_kcengine(wl, seed, algorithm="exact1d"),
+        "torch": lambda: run_torch(wl, seed),
+        "sklearn": lambda: run_sklearn(wl, seed),
+        "faiss": lambda: run_faiss(wl, seed),
+    }
+    methods = [m for m in methods if not (m == "exact1d" and wl.name != "d_element")]
+    times = {m: float("inf") for m in methods}
+    cents: dict[str, list] = {}
+    errors: dict[str, str] = {}
+    for r in range(repeat):
+        order = methods if r % 2 == 0 else list(reversed(methods))
+        for m in order:
+            if m in errors:
+                continue
+            try:
+                t0 = time.perf_counter()
+                c = fns[m]()
+                times[m] = min(times[m], time.perf_counter() - t0)
+                cents[m] = c
+            except Exception as exc:  # a failing baseline records NaN rather than aborting
+                errors[m] = f"{type(exc).__name__}: {exc}"[:200]
+            if progress:
+                progress(wl.name, m)
+    inert = {m: [_inertia(x, c) for x, c in zip(wl.xs, cs)] for m, cs in cents.items()}
+    rows = []
+    for m in methods:
+        row = Row(wl.name, m, wl.n_problems, times[m] if m in cents else float("nan"), note=errors.get(m, ""))
+        if "sklearn" in cents and m in cents:
+            row.speedup_vs_sklearn = times["sklearn"] / times[m]
+            row.inertia_ratio = _geo_ratio(inert[m], inert["sklearn"])
+        rows.append(row)
+    return rows
+
+
+def run_clustering_bench(model: str = "resnet20", *, weights=None, workloads=WORKLOADS, methods=None,
+                         max_problems: int | None = None, sweep_step: int = 1, repeat: int = 1, seed: int = 0,
+                         progress=None) -> dict:
+    """The clustering section of ``kcengine bench``: returns {'source', 'workloads', 'rows'}."""
+    layers, source = load_weights(model, weights)
+    wls = build_workloads(layers, workloads, max_problems=max_problems, sweep_step=sweep_step)
+    methods = list(methods) if methods else available_methods()
+    rows = []
+    rss0 = peak_rss_mb()
+    for wl in wls:
+        rows += run_workload(wl, methods, repeat=repeat, seed=seed, progress=progress)
+    return {
+        "source": source,
+        "workloads": [{"name": w.name, "problems": w.n_problems, "of": w.total_problems, "note": w.note,
+                       "input_mb": w.bytes / 2**20} for w in wls],
+        "rows": rows,
+        "peak_rss_mb_before": rss0,
+    }
+
+
+def kcengine_peak_memory(model: str, weights=None, workload: str = "c_kernels", sweep_step: int = 1) -> dict:
+    """Peak RSS of a fresh process that runs only kcengine on one workload (vs its input size)."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, resource, sys\n"
+        "from kcengine.bench.kmeans import load_weights, build_workloads, run_kcengine\n"
+        f"layers, _ = load_weights({model!r}, {weights!r})\n"
+        f"wl = build_workloads(layers, [{workload!r}], sweep_step={sweep_step})[0]\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "run_kcengine(wl)\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print(json.dumps({'input_mb': wl.bytes / 2**20, 'rss_before_mb': before, 'rss_after_mb': after}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rows_table(rows: list[Row]) -> list[dict]:
+    return [{"workload": r.workload, "method": r.method, "problems": r.problems, "seconds": r.seconds,
+             "x vs sklearn": r.speedup_vs_sklearn, "inertia / sklearn": r.inertia_ratio, "note": r.note}
+            for r in rows]
+
+
+def write_report(results: list[dict], out_dir: Path, name: str = "kmeans_cpu") -> Path:
+    """Markdown + CSV of one or more clustering runs, with machine, commit and date."""
+    info = machine_info()
+    lines = [f"# Batched k-means on CPU: kcengine vs scikit-learn, faiss, torch reference\n",
+             f"- date: {now_utc()}", f"- commit: {git_commit()}",
+             f"- machine: {info.get('cpu')} ({info.get('cores')} cores, {info.get('threads', '?')} threads, "
+             f"features {info.get('cpu_features', '?')}); torch {info['torch']}, numpy {info['numpy']}"]
+    try:
+        import sklearn
+
+        lines.append(f"- scikit-learn {sklearn.__version__}")
+    except ImportError:
+        pass
+    try:
+        import faiss
+
+        lines.append(f"- faiss {faiss.__version__}")
+    except ImportError:
+        pass
+    from .. import _core
+
+    lines.append(f"- kcengine solver build: {_core.kmeans_isa()}")
+    lines.append("- seconds: best of the repeats, same inputs, methods alternating order; inertia / sklearn: "
+                 "geometric mean over problems of the method's inertia divided by scikit-learn's "
+                 "(k-means++, n_init=1, tol=1e-4, one KMeans per problem)")
+    csv_rows = []
+    for res in results:
+        lines.append(f"\n## {res['source']}\n")
+        for w in res["workloads"]:
+            lines.append(f"- {w['name']}: {w['problems']} problems, input {w['input_mb']:.2f} MB"
+                         + (f" ({w['note']})" if w["note"] else ""))
+        lines.append("")
+        table = rows_table(res["rows"])
+        lines.append(markdown_table(table))
+        if res.get("memory"):
+            m = res["memory"]
+            lines.append(f"Peak memory of a process running only kcengine on {m.get('workload')}: "
+                         f"{m.get('rss_after_mb', float('nan')):.0f} MB "
+                         f"(before the call {m.get('rss_before_mb', float('nan')):.0f} MB; "
+                         f"input {m.get('input_mb', float('nan')):.1f} MB)\n")
+        for t in table:
+            csv_rows.append({"source": res["source"], **t})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / f"{name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    write_csv(out_dir / f"{name}.csv", csv_rows)
+    return md
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", action="append", help="model(s) whose conv weights form the workloads")
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--methods", default=None, help=f"comma list of {METHODS}")
+    p.add_argument("--max-problems", type=int, default=None)
+    p.add_argument("--sweep-step", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--out", default=None, help="folder for kmeans_cpu.md/.csv (default bench/results)")
+    p.add_argument("--name", default="kmeans_cpu")
+    args = p.parse_args(argv)
+    models = args.model or ["resnet20"]
+    results = []
+    for model in models:
+        def prog(w, m):
+            print(f"  {model} {w}: {m} done", flush=True)
+
+        res = run_clustering_bench(model, workloads=args.workloads.split(","),
+                                   methods=args.methods.split(",") if args.methods else None,
+                                   max_problems=args.max_problems, sweep_step=args.sweep_step, repeat=args.repeat,
+                                   progress=prog)
+        res["memory"] = {"workload": "c_kernels", **kcengine_peak_memory(model, workload="c_kernels")}
+        results.append(res)
+        print(markdown_table(rows_table(res["rows"])))
+    out = Path(args.out) if args.out else (repo_root() or Path.cwd()) / "bench" / "results"
+    print("wrote", write_report(results, out, args.name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
