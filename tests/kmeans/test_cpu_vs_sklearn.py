@@ -6,7 +6,7 @@ from sklearn.cluster import KMeans
 import kcengine
 from kmeans_data import blobs, real_conv_weights
 
-ALGOS = ["lloyd", "hamerly", "gram", "auto"]
+ALGOS = ["lloyd", "hamerly", "yinyang", "gram", "auto"]
 
 
 def sk_fit(x, init, **kw):
@@ -16,7 +16,7 @@ def sk_fit(x, init, **kw):
 
 
 @pytest.mark.parametrize("algorithm", ALGOS)
-@pytest.mark.parametrize("n,d,k", [(300, 2, 7), (200, 9, 16), (64, 576, 12), (97, 33, 5)])
+@pytest.mark.parametrize("n,d,k", [(300, 2, 7), (200, 9, 16), (64, 576, 12), (97, 33, 5), (600, 9, 64)])
 def test_same_init_matches_sklearn(algorithm, n, d, k):
     x = blobs(n, d, centers=k + 2, seed=n + d)
     init = x[np.random.default_rng(1).choice(n, k, replace=False)].copy()
@@ -44,7 +44,7 @@ def test_weighted_same_init_matches_sklearn():
     w = np.random.default_rng(2).uniform(0.1, 3.0, size=150)
     init = x[:6].copy()
     ref = sk_fit(x, init, sample_weight=w)
-    for algorithm in ("hamerly", "gram", "lloyd"):
+    for algorithm in ("hamerly", "yinyang", "gram", "lloyd"):
         res = kcengine.kmeans(x, 6, init=init, sample_weight=w, algorithm=algorithm)
         np.testing.assert_array_equal(res.labels, ref.labels_)
         assert res.inertia == pytest.approx(ref.inertia_, rel=1e-6)

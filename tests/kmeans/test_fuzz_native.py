@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import kcengine
 
-ALGOS = ["auto", "lloyd", "hamerly", "gram", "lloyd1d", "exact1d"]
+ALGOS = ["auto", "lloyd", "hamerly", "yinyang", "gram", "lloyd1d", "exact1d"]
 
 
 @st.composite
@@ -32,7 +32,7 @@ def problem(draw):
         w = rng.uniform(0, 2, size=n) * (rng.uniform(size=n) > 0.3)
         if w.sum() <= 0:
             w[0] = 1.0
-    algo = draw(st.sampled_from(ALGOS if d == 1 else ALGOS[:4]))
+    algo = draw(st.sampled_from(ALGOS if d == 1 else ALGOS[:5]))
     init = draw(st.sampled_from(["k-means++", "random", "given"]))
     return x.astype(dtype), k, w, algo, init
 

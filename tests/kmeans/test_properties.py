@@ -11,7 +11,7 @@ def brute_labels(x, c):
     return d2, d2.argmin(1)
 
 
-@pytest.mark.parametrize("algorithm", ["lloyd", "hamerly", "gram"])
+@pytest.mark.parametrize("algorithm", ["lloyd", "hamerly", "yinyang", "gram"])
 def test_inertia_never_rises_between_iterations(algorithm):
     x = blobs(300, 12, 9, seed=4, spread=2.0)
     init = x[:9].copy()
@@ -22,7 +22,7 @@ def test_inertia_never_rises_between_iterations(algorithm):
         prev = float(r.inertia)
 
 
-@pytest.mark.parametrize("algorithm", ["auto", "lloyd", "hamerly", "gram", "lloyd1d"])
+@pytest.mark.parametrize("algorithm", ["auto", "lloyd", "hamerly", "yinyang", "gram", "lloyd1d"])
 def test_every_label_is_the_nearest_centroid(algorithm):
     d = 1 if algorithm == "lloyd1d" else 7
     x = blobs(257, d, 10, seed=8, spread=1.5)

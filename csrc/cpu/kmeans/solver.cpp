@@ -199,42 +199,52 @@ struct Centers {
 
 // Nearest and second-nearest center of points [i0, i1): squared distances (dot form, as
 // scikit-learn) written to best2/second2, labels to lab.  `buf` holds 4 * kp values.
+// dist[p * kp + j] = ||c_j||^2 - 2 <x_{i+p}, c_j> for pb <= 4 points starting at i (buf: 4 * kp).
 template <class T>
-void assign_range(const T* X, const T* xnorm, i64 i0, i64 i1, const Centers<T>& C, i32* lab, double* best2,
-                  double* second2, std::vector<T>& buf) {
+void distances_block(const T* X, i64 i, i64 pb, const Centers<T>& C, std::vector<T>& buf) {
   constexpr i64 PB = 4, JB = Centers<T>::JB;
   const i64 d = C.d, k = C.k, kp = C.kp;
   buf.resize(size_t(PB) * kp);
-  for (i64 i = i0; i < i1; i += PB) {
-    const i64 pb = std::min(PB, i1 - i);
-    for (i64 j0 = 0; j0 < kp; j0 += JB) {
-      T acc[PB][JB] = {};
-      const T* xr = X + i * d;
-      if (pb == PB) {
+  for (i64 j0 = 0; j0 < kp; j0 += JB) {
+    T acc[PB][JB] = {};
+    const T* xr = X + i * d;
+    if (pb == PB) {
+      for (i64 t = 0; t < d; ++t) {
+        const T* col = &C.ct[size_t(t) * kp + j0];
+        const T x0 = xr[t], x1 = xr[d + t], x2 = xr[2 * d + t], x3 = xr[3 * d + t];
+#pragma omp simd
+        for (i64 jj = 0; jj < JB; ++jj) {
+          acc[0][jj] += x0 * col[jj];
+          acc[1][jj] += x1 * col[jj];
+          acc[2][jj] += x2 * col[jj];
+          acc[3][jj] += x3 * col[jj];
+        }
+      }
+    } else {
+      for (i64 p = 0; p < pb; ++p)
         for (i64 t = 0; t < d; ++t) {
           const T* col = &C.ct[size_t(t) * kp + j0];
-          const T x0 = xr[t], x1 = xr[d + t], x2 = xr[2 * d + t], x3 = xr[3 * d + t];
+          const T xv = xr[p * d + t];
 #pragma omp simd
-          for (i64 jj = 0; jj < JB; ++jj) {
-            acc[0][jj] += x0 * col[jj];
-            acc[1][jj] += x1 * col[jj];
-            acc[2][jj] += x2 * col[jj];
-            acc[3][jj] += x3 * col[jj];
-          }
+          for (i64 jj = 0; jj < JB; ++jj) acc[p][jj] += xv * col[jj];
         }
-      } else {
-        for (i64 p = 0; p < pb; ++p)
-          for (i64 t = 0; t < d; ++t) {
-            const T* col = &C.ct[size_t(t) * kp + j0];
-            const T xv = xr[p * d + t];
-#pragma omp simd
-            for (i64 jj = 0; jj < JB; ++jj) acc[p][jj] += xv * col[jj];
-          }
-      }
-      const i64 jn = std::min(JB, k - j0);
-      for (i64 p = 0; p < pb; ++p)
-        for (i64 jj = 0; jj < jn; ++jj) buf[size_t(p) * kp + j0 + jj] = C.cn[j0 + jj] - T(2) * acc[p][jj];
     }
+    const i64 jn = std::min(JB, k - j0);
+    for (i64 p = 0; p < pb; ++p)
+      for (i64 jj = 0; jj < jn; ++jj) buf[size_t(p) * kp + j0 + jj] = C.cn[j0 + jj] - T(2) * acc[p][jj];
+  }
+}
+
+// Nearest and second-nearest center of points [i0, i1): squared distances (dot form, as
+// scikit-learn) written to best2/second2, labels to lab.  `buf` holds 4 * kp values.
+template <class T>
+void assign_range(const T* X, const T* xnorm, i64 i0, i64 i1, const Centers<T>& C, i32* lab, double* best2,
+                  double* second2, std::vector<T>& buf) {
+  constexpr i64 PB = 4;
+  const i64 k = C.k, kp = C.kp;
+  for (i64 i = i0; i < i1; i += PB) {
+    const i64 pb = std::min(PB, i1 - i);
+    distances_block(X, i, pb, C, buf);
     for (i64 p = 0; p < pb; ++p) {
       const T* dist = &buf[size_t(p) * kp];
       T m = std::numeric_limits<T>::infinity();
@@ -304,43 +314,50 @@ void relocate(i64 n, i64 d, const P* X, const double* w, const i32* lab, const d
 // ----------------------------------------------------------------------------- k-means++ init
 // Greedy k-means++ exactly as scikit-learn: first center drawn by weight, then for each next
 // center 2 + int(ln k) candidates drawn with probability ~ weight * D(x)^2, the one that lowers
-// the potential most is kept.  `dist_to(c, out)` writes squared distances from point c to all.
-template <class DistTo>
-void kmeanspp(i64 n, i64 k, const double* w, Rng& rng, DistTo&& dist_to, std::vector<i64>& chosen, bool par) {
+// the potential most is kept.  `pass(c, closest, out)` writes min(D(x_i, x_c)^2, closest_i) to
+// out (closest == nullptr: the plain distances) and returns sum_i w_i out_i.
+template <class Pass>
+void kmeanspp(i64 n, i64 k, const double* w, Rng& rng, Pass&& pass, std::vector<i64>& chosen) {
   chosen.assign(k, 0);
   std::vector<double> cum(n);
   double acc = 0;
   for (i64 i = 0; i < n; ++i) cum[i] = (acc += weight(w, i));
   chosen[0] = search_cum(cum, rng.uniform() * acc);
   std::vector<double> closest(n);
-  dist_to(chosen[0], closest.data());
-  double pot = 0;
-  for (i64 i = 0; i < n; ++i) pot += weight(w, i) * closest[i];
+  pass(chosen[0], nullptr, closest.data());
   const i64 trials = 2 + i64(std::log(double(k)));
   std::vector<double> cd(size_t(trials) * n);
   std::vector<i64> cid(trials);
   std::vector<double> cpot(trials);
   for (i64 c = 1; c < k; ++c) {
     acc = 0;
-    for (i64 i = 0; i < n; ++i) cum[i] = (acc += weight(w, i) * closest[i]);
+    if (w) for (i64 i = 0; i < n; ++i) cum[i] = (acc += w[i] * closest[i]);
+    else for (i64 i = 0; i < n; ++i) cum[i] = (acc += closest[i]);
     for (i64 t = 0; t < trials; ++t) cid[t] = search_cum(cum, rng.uniform() * cum.back());
-    for (i64 t = 0; t < trials; ++t) {
-      double* dt = &cd[size_t(t) * n];
-      dist_to(cid[t], dt);
-      cpot[t] = chunked_sum(n, par, [&](i64 i0, i64 i1) {
-        double p = 0;
-        for (i64 i = i0; i < i1; ++i) {
-          dt[i] = std::min(dt[i], closest[i]);
-          p += weight(w, i) * dt[i];
-        }
-        return p;
-      });
-    }
+    for (i64 t = 0; t < trials; ++t) cpot[t] = pass(cid[t], closest.data(), &cd[size_t(t) * n]);
     const i64 best = std::min_element(cpot.begin(), cpot.end()) - cpot.begin();
-    pot = cpot[best];
     std::copy(cd.begin() + best * n, cd.begin() + (best + 1) * n, closest.begin());
     chosen[c] = cid[best];
   }
+}
+
+// The candidate pass for one chunk of points: out = min(d2, closest), returns sum w * out.
+inline double fuse_min_pot(i64 i0, i64 i1, const double* d2, const double* closest, const double* w, double* out) {
+  double pot = 0;
+  if (closest == nullptr) {
+    for (i64 i = i0; i < i1; ++i) out[i] = d2[i - i0];
+  } else {
+#pragma omp simd
+    for (i64 i = i0; i < i1; ++i) out[i] = std::min(d2[i - i0], closest[i]);
+  }
+  if (w) {
+#pragma omp simd reduction(+ : pot)
+    for (i64 i = i0; i < i1; ++i) pot += w[i] * out[i];
+  } else {
+#pragma omp simd reduction(+ : pot)
+    for (i64 i = i0; i < i1; ++i) pot += out[i];
+  }
+  return pot;
 }
 
 // k distinct points drawn by weight without replacement (zero-weight points only if needed).
@@ -528,6 +545,289 @@ void solve_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const st
   out.centroids = C.c;
   out.labels.swap(lab);
   out.algo = bounds ? Algo::Hamerly : Algo::Lloyd;
+}
+
+// ------------------------------------------------------------------------------- Yinyang
+// Hamerly keeps one lower bound per point, and every center's drift erodes it: with hundreds of
+// centers it fails for most points.  Yinyang (Ding et al., 2015) groups the centers (k/10 groups,
+// by clustering the initial centers) and keeps one lower bound per group; a point that fails the
+// global test re-examines only the groups whose bound it cannot rule out.  Group bounds are
+// refreshed lazily: a stored bound minus the group's drift accumulated since it was stored.
+// Centroid sums are updated incrementally from the points that changed label.
+template <class T>
+void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::vector<T>& init, int max_iter,
+                   bool par, Run<T>& out) {
+  const i64 n = ds.n, d = ds.d;
+  const double* w = ds.w;
+  Centers<T> C;
+  C.init(k, d);
+  C.c = init;
+  C.refresh();
+  // --- group the initial centers: a few Lloyd steps on the k centers themselves.
+  i64 t = std::max<i64>(2, k / 10);
+  std::vector<i32> group_of(k, 0);
+  {
+    std::vector<double> gc(size_t(t) * d);
+    for (i64 g = 0; g < t; ++g)
+      for (i64 q = 0; q < d; ++q) gc[size_t(g) * d + q] = double(C.c[size_t(g * k / t) * d + q]);
+    for (int rep = 0; rep < 5; ++rep) {
+      for (i64 j = 0; j < k; ++j) {
+        double bd = kInf;
+        for (i64 g = 0; g < t; ++g) {
+          double s = 0;
+          for (i64 q = 0; q < d; ++q) {
+            const double u = double(C.c[size_t(j) * d + q]) - gc[size_t(g) * d + q];
+            s += u * u;
+          }
+          if (s < bd) { bd = s; group_of[j] = i32(g); }
+        }
+      }
+      std::vector<double> acc(size_t(t) * d, 0.0), cnt(t, 0.0);
+      for (i64 j = 0; j < k; ++j) {
+        cnt[group_of[j]] += 1;
+        for (i64 q = 0; q < d; ++q) acc[size_t(group_of[j]) * d + q] += double(C.c[size_t(j) * d + q]);
+      }
+      for (i64 g = 0; g < t; ++g)
+        if (cnt[g] > 0)
+          for (i64 q = 0; q < d; ++q) gc[size_t(g) * d + q] = acc[size_t(g) * d + q] / cnt[g];
+    }
+    // Drop empty groups.
+    std::vector<i32> remap(t, -1);
+    i64 tt = 0;
+    for (i64 j = 0; j < k; ++j)
+      if (remap[group_of[j]] < 0) remap[group_of[j]] = i32(tt++);
+    for (auto& g : group_of) g = remap[g];
+    t = tt;
+  }
+  std::vector<std::vector<i32>> members(t);
+  for (i64 j = 0; j < k; ++j) members[group_of[j]].push_back(i32(j));
+  // Group-padded transposed centers: group g's members in lanes [off[g], off[g] + size) of each row.
+  constexpr i64 L = 16;
+  std::vector<i64> off(t + 1, 0);
+  for (i64 g = 0; g < t; ++g) off[g + 1] = off[g] + (i64(members[g].size()) + L - 1) / L * L;
+  const i64 KP = off[t];
+  std::vector<T> gct(size_t(d) * KP, T(0));
+  auto refresh_groups = [&]() {
+    for (i64 g = 0; g < t; ++g)
+      for (size_t m = 0; m < members[g].size(); ++m)
+        for (i64 q = 0; q < d; ++q) gct[size_t(q) * KP + off[g] + m] = C.c[size_t(members[g][m]) * d + q];
+  };
+  refresh_groups();
+
+  std::vector<i32> lab(n, 0), lab_prev(n, -1);
+  std::vector<double> ub(n), glb(n), best2(n), second2(n);
+  std::vector<float> lb(size_t(n) * t);
+  std::vector<i32> stamp(n, 0);
+  std::vector<double> sums(size_t(k) * d, 0.0), wsum(k, 0.0), delta(k, 0.0), gdelta(t, 0.0);
+  std::vector<double> cum(size_t(max_iter + 1) * t, 0.0);  // cum[m][g]: drift of g over M-steps < m
+  std::vector<T> cnew(size_t(k) * d);
+  std::vector<double> d2own(n);
+  std::vector<i32> empty;
+  std::vector<i64> moved;
+  const int nth = ThreadCount::get(par);
+  std::vector<std::vector<T>> bufs(nth);
+  const i64 chunk = 256, nchunks = (n + chunk - 1) / chunk;
+  auto store_lb = [](double v) {  // round down so the stored float is still a lower bound
+    float f = float(v);
+    if (double(f) > v) f = std::nextafter(f, -std::numeric_limits<float>::infinity());
+    return f;
+  };
+
+  // Full assignment: every distance, then per-group minima over the non-assigned centers.
+  auto full_assign = [&]() {
+#pragma omp parallel for if (par) schedule(dynamic, 4)
+    for (i64 c = 0; c < nchunks; ++c) {
+      const i64 i0 = c * chunk, i1 = std::min(n, i0 + chunk);
+      auto& buf = bufs[par ? omp_get_thread_num() : 0];
+      std::vector<double> gm(t);
+      for (i64 i = i0; i < i1; i += 4) {
+        const i64 pb = std::min<i64>(4, i1 - i);
+        distances_block(ds.x, i, pb, C, buf);
+        for (i64 p = 0; p < pb; ++p) {
+          const T* dist = &buf[size_t(p) * C.kp];
+          const double xn = double(prep.xnorm[i + p]);
+          i64 b = 0;
+          for (i64 j = 1; j < k; ++j)
+            if (dist[j] < dist[b]) b = j;
+          std::fill(gm.begin(), gm.end(), kInf);
+          for (i64 j = 0; j < k; ++j)
+            if (j != b) gm[group_of[j]] = std::min(gm[group_of[j]], double(dist[j]));
+          lab[i + p] = i32(b);
+          ub[i + p] = std::sqrt(std::max(0.0, xn + double(dist[b])));
+          double g_min = kInf;
+          float* l = &lb[size_t(i + p) * t];
+          for (i64 g = 0; g < t; ++g) {
+            const double v = gm[g] == kInf ? kInf : std::sqrt(std::max(0.0, xn + gm[g]));
+            l[g] = store_lb(v);
+            g_min = std::min(g_min, v);
+          }
+          glb[i + p] = g_min;
+          stamp[i + p] = 0;
+        }
+      }
+    }
+  };
+  // Filtered assignment at iteration `it` (>= 1): drifts of the last M-step are in delta/gdelta.
+  auto filtered_assign = [&](int it) {
+    const double* cnow = &cum[size_t(it) * t];
+#pragma omp parallel for if (par) schedule(dynamic, 4)
+    for (i64 c = 0; c < nchunks; ++c) {
+      const i64 i0 = c * chunk, i1 = std::min(n, i0 + chunk);
+      T dl[L];
+      std::vector<double> lbv(t);
+      for (i64 i = i0; i < i1; ++i) {
+        if (ub[i] <= glb[i]) continue;
+        const T* x = ds.x + i * d;
+        i32 best = lab[i];
+        double bestd = std::sqrt(sqdist(x, &C.c[size_t(best) * d], d));
+        ub[i] = bestd;
+        if (bestd <= glb[i]) continue;
+        float* l = &lb[size_t(i) * t];
+        const double* cst = &cum[size_t(stamp[i]) * t];
+        // Current group bounds in one vectorized pass; only groups below the best are examined.
+#pragma omp simd
+        for (i64 g = 0; g < t; ++g) lbv[g] = double(l[g]) - (cnow[g] - cst[g]);
+        for (i64 g = 0; g < t; ++g) {
+          double lbg = lbv[g];
+          if (lbg < bestd) {
+            // Examine group g: exact distances to its members (except the current best).
+            double m1 = kInf, m2 = kInf;
+            i32 j1 = -1;
+            const i64 cnt = i64(members[g].size());
+            for (i64 l0 = 0; l0 < cnt; l0 += L) {
+              const i64 ln = std::min(L, cnt - l0);
+              for (i64 lane = 0; lane < L; ++lane) dl[lane] = T(0);
+              for (i64 q = 0; q < d; ++q) {
+                const T* row = &gct[size_t(q) * KP + off[g] + l0];
+                const T xq = x[q];
+#pragma omp simd
+                for (i64 lane = 0; lane < L; ++lane) {
+                  const T u = xq - row[lane];
+                  dl[lane] += u * u;
+                }
+              }
+              for (i64 lane = 0; lane < ln; ++lane) {
+                const i32 j = members[g][l0 + lane];
+                if (j == best) continue;
+                const double v = double(dl[lane]);
+                if (v < m1 || (v == m1 && j < j1)) { m2 = m1; m1 = v; j1 = j; }
+                else if (v < m2) m2 = v;
+              }
+            }
+            m1 = std::sqrt(m1);
+            m2 = std::sqrt(m2);
+            if (j1 >= 0 && (m1 < bestd || (m1 == bestd && j1 < best))) {
+              // The old best becomes a non-assigned center of its group.
+              const i32 gb = group_of[best];
+              if (gb == g) lbg = std::min(m2, bestd);
+              else {
+                lbv[gb] = std::min(lbv[gb], bestd);
+                lbg = m2;
+              }
+              best = j1;
+              bestd = m1;
+            } else {
+              lbg = m1;
+            }
+          }
+          lbv[g] = lbg;
+        }
+        double g_min = kInf;
+#pragma omp simd reduction(min : g_min)
+        for (i64 g = 0; g < t; ++g) {
+          // Stored as float, rounded down so it stays a lower bound.
+          const double v = lbv[g] == kInf ? kInf : lbv[g] - std::abs(lbv[g]) * 0x1p-22;
+          l[g] = float(v);
+          g_min = std::min(g_min, v);
+        }
+        lab[i] = best;
+        ub[i] = bestd;
+        glb[i] = g_min;
+        stamp[i] = it;
+      }
+    }
+  };
+
+  bool strict = false, full_sums = true;
+  int it = 0;
+  for (it = 0; it < max_iter; ++it) {
+    if (it == 0) full_assign();
+    else filtered_assign(it);
+    // M-step: sums from scratch the first time (and after a relocation), else incrementally.
+    i64 changed = 0;
+    if (full_sums) {
+      std::fill(sums.begin(), sums.end(), 0.0);
+      std::fill(wsum.begin(), wsum.end(), 0.0);
+      for (i64 i = 0; i < n; ++i) {
+        const double wi = weight(w, i);
+        double* sj = &sums[size_t(lab[i]) * d];
+        const T* x = ds.x + i * d;
+        for (i64 q = 0; q < d; ++q) sj[q] += wi * double(x[q]);
+        wsum[lab[i]] += wi;
+        changed += lab[i] != lab_prev[i];
+      }
+      full_sums = false;
+    } else {
+      for (i64 i = 0; i < n; ++i) {
+        if (lab[i] == lab_prev[i]) continue;
+        ++changed;
+        const double wi = weight(w, i);
+        double* so = &sums[size_t(lab_prev[i]) * d];
+        double* sn = &sums[size_t(lab[i]) * d];
+        const T* x = ds.x + i * d;
+        for (i64 q = 0; q < d; ++q) {
+          so[q] -= wi * double(x[q]);
+          sn[q] += wi * double(x[q]);
+        }
+        wsum[lab_prev[i]] -= wi;
+        wsum[lab[i]] += wi;
+      }
+    }
+    std::vector<double> sums_m(sums), wsum_m(wsum);  // relocation edits a copy
+    empty.clear();
+    for (i64 j = 0; j < k; ++j)
+      if (wsum_m[j] <= 0) empty.push_back(i32(j));
+    if (!empty.empty()) {
+      for (i64 i = 0; i < n; ++i) d2own[i] = sqdist(ds.x + i * d, &C.c[size_t(lab[i]) * d], d);
+      relocate(n, d, ds.x, w, lab.data(), d2own.data(), empty, sums_m.data(), wsum_m.data(), moved);
+    }
+    double shift_tot = 0;
+    std::fill(gdelta.begin(), gdelta.end(), 0.0);
+    for (i64 j = 0; j < k; ++j) {
+      T* cj = &cnew[size_t(j) * d];
+      const T* co = &C.c[size_t(j) * d];
+      if (wsum_m[j] > 0)
+        for (i64 q = 0; q < d; ++q) cj[q] = T(sums_m[size_t(j) * d + q] / wsum_m[j]);
+      else
+        std::copy(co, co + d, cj);
+      const double s2 = sqdist(cj, co, d);
+      shift_tot += s2;
+      delta[j] = std::sqrt(s2);
+      gdelta[group_of[j]] = std::max(gdelta[group_of[j]], delta[j]);
+    }
+    double dmax = 0;
+    for (i64 g = 0; g < t; ++g) {
+      cum[size_t(it + 1) * t + g] = cum[size_t(it) * t + g] + gdelta[g];
+      dmax = std::max(dmax, gdelta[g]);
+    }
+#pragma omp parallel for if (par) schedule(static)
+    for (i64 i = 0; i < n; ++i) {
+      ub[i] += delta[lab[i]];
+      glb[i] -= dmax;
+    }
+    C.c.swap(cnew);
+    C.refresh();
+    refresh_groups();
+    lab_prev = lab;
+    if (changed == 0 && it > 0) { strict = true; break; }
+    if (shift_tot <= prep.tol_abs) break;
+  }
+  out.converged = it < max_iter;
+  out.n_iter = i32(std::min(it + 1, max_iter));
+  if (!strict) filtered_assign(std::min(it + 1, max_iter));
+  out.centroids = C.c;
+  out.labels.swap(lab);
+  out.algo = Algo::Yinyang;
 }
 
 // --------------------------------------------------------------------------- Gram-matrix Lloyd
@@ -828,7 +1128,7 @@ Algo choose_algo(const Dataset<T>& ds, i64 k, Algo requested) {
   if (ds.d == 1) return Algo::Lloyd1D;
   const double n = double(ds.n), d = double(ds.d), kk = double(k);
   if (ds.n <= 4096 && ds.d >= 16 && 2.0 * (n + kk) < kk * d) return Algo::Gram;
-  return Algo::Hamerly;
+  return k >= 20 ? Algo::Yinyang : Algo::Hamerly;
 }
 
 template <class T>
@@ -884,53 +1184,66 @@ void prepare(const Dataset<T>& ds, const Params& params, Prepared<T>& prep, bool
   }
 }
 
-// Squared distances from point c to all points, exact difference form, vectorized over points
-// through the transposed copy of the data.
+// Candidate pass of k-means++ on [N, D] data: squared distances from point c to all points in
+// the exact difference form, vectorized over points through the transposed copy of the data,
+// fused with the min and the potential.  Chunked like chunked_sum: thread-count independent.
 template <class T>
-void direct_dist_to(const Dataset<T>& ds, const Prepared<T>& prep, i64 c, double* out, bool par) {
+double direct_pass(const Dataset<T>& ds, const Prepared<T>& prep, i64 c, const double* closest, double* out, bool par) {
   const i64 n = ds.n, d = ds.d;
   const T* xc = ds.x + c * d;
-  constexpr i64 B = 512;
-#pragma omp parallel for if (par) schedule(static)
-  for (i64 i0 = 0; i0 < n; i0 += B) {
-    const i64 i1 = std::min(n, i0 + B);
+  return chunked_sum(n, par, [&](i64 a, i64 b) {
+    constexpr i64 B = 512;
     T acc[B];
-    std::fill(acc, acc + (i1 - i0), T(0));
-    for (i64 q = 0; q < d; ++q) {
-      const T* col = &prep.xt[size_t(q) * n];
-      const T cq = xc[q];
+    double d2[B];
+    double pot = 0;
+    for (i64 i0 = a; i0 < b; i0 += B) {
+      const i64 i1 = std::min(b, i0 + B), m = i1 - i0;
+      for (i64 i = 0; i < m; ++i) acc[i] = T(0);
+      for (i64 q = 0; q < d; ++q) {
+        const T* col = &prep.xt[size_t(q) * n + i0];
+        const T cq = xc[q];
 #pragma omp simd
-      for (i64 i = i0; i < i1; ++i) {
-        const T t = col[i] - cq;
-        acc[i - i0] += t * t;
+        for (i64 i = 0; i < m; ++i) {
+          const T u = col[i] - cq;
+          acc[i] += u * u;
+        }
       }
+      for (i64 i = 0; i < m; ++i) d2[i] = double(acc[i]);
+      pot += fuse_min_pot(i0, i1, d2, closest, ds.w, out);
     }
-    for (i64 i = i0; i < i1; ++i) out[i] = double(acc[i - i0]);
-  }
+    return pot;
+  });
 }
 
 template <class T>
 void solve_problem(const Dataset<T>& ds, const Prepared<T>& prep, Problem<T>& pr, const Params& params, Algo algo,
                    bool par) {
   const i64 n = ds.n, d = ds.d, k = pr.k;
+  // Inner parallel loops pay a barrier each: only worth it when one pass has real work.
+  par = par && (algo == Algo::Gram ? n >= 1024 : n * std::max<i64>(d, 4) >= (i64(1) << 17));
   Run<T> best, run;
   const int runs = params.init == Init::Given ? 1 : params.n_init;
   for (int r = 0; r < runs; ++r) {
     Rng rng(params.seed, uint64_t(r));
     std::vector<i64> idx;
     if (params.init == Init::KMeansPP && algo != Algo::Exact1D) {
+      std::vector<double> d2(n);
       if (algo == Algo::Gram) {
         const double* G = prep.gram.data();
-        kmeanspp(n, k, ds.w, rng, [&](i64 c, double* o) {
-          for (i64 i = 0; i < n; ++i) o[i] = std::max(0.0, G[i * n + i] + G[c * n + c] - 2.0 * G[c * n + i]);
-        }, idx, false);
+        kmeanspp(n, k, ds.w, rng, [&](i64 c, const double* closest, double* o) {
+          for (i64 i = 0; i < n; ++i) d2[i] = std::max(0.0, G[i * n + i] + G[c * n + c] - 2.0 * G[c * n + i]);
+          return fuse_min_pot(0, n, d2.data(), closest, ds.w, o);
+        }, idx);
       } else if (algo == Algo::Lloyd1D) {
-        kmeanspp(n, k, ds.w, rng, [&](i64 c, double* o) {
+        kmeanspp(n, k, ds.w, rng, [&](i64 c, const double* closest, double* o) {
           const double xc = double(ds.x[c]);
-          for (i64 i = 0; i < n; ++i) o[i] = (double(ds.x[i]) - xc) * (double(ds.x[i]) - xc);
-        }, idx, false);
+          for (i64 i = 0; i < n; ++i) d2[i] = (double(ds.x[i]) - xc) * (double(ds.x[i]) - xc);
+          return fuse_min_pot(0, n, d2.data(), closest, ds.w, o);
+        }, idx);
       } else {
-        kmeanspp(n, k, ds.w, rng, [&](i64 c, double* o) { direct_dist_to(ds, prep, c, o, par); }, idx, par);
+        kmeanspp(n, k, ds.w, rng, [&](i64 c, const double* closest, double* o) {
+          return direct_pass(ds, prep, c, closest, o, par);
+        }, idx);
       }
     } else if (params.init == Init::Random && algo != Algo::Exact1D) {
       random_init(n, k, ds.w, rng, idx);
@@ -950,6 +1263,7 @@ void solve_problem(const Dataset<T>& ds, const Prepared<T>& prep, Problem<T>& pr
       case Algo::Gram:
         if (solve_gram(ds, prep, k, idx.empty() ? nullptr : &idx, init_c.data(), params.max_iter, par, run)) break;
         throw std::runtime_error("gram fallback");  // handled by the caller: re-run direct
+      case Algo::Yinyang: solve_yinyang(ds, prep, k, init_c, params.max_iter, par, run); break;
       default: solve_direct(ds, prep, k, init_c, params.max_iter, algo == Algo::Hamerly, par, run); break;
     }
     run.inertia = inertia_of(ds, run.centroids, run.labels, par);

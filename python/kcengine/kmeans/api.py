@@ -19,7 +19,7 @@ from .result import KMeansResult
 __all__ = ["kmeans", "kmeans_sweep", "Problems", "RawResult", "ALGORITHMS", "INITS"]
 
 INITS = ("k-means++", "random")
-ALGORITHMS = ("auto", "lloyd", "hamerly", "gram", "lloyd1d", "exact1d")
+ALGORITHMS = ("auto", "lloyd", "hamerly", "yinyang", "gram", "lloyd1d", "exact1d")
 
 
 @dataclass
@@ -390,9 +390,10 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
         backend: ``"auto"``, ``"cpu"``, ``"torch"``, ``"cuda"``, ``"triton"`` (env
             ``KCENGINE_BACKEND`` overrides ``"auto"``).
         algorithm: ``"auto"`` (exact Lloyd with the fastest exact method per problem: Gram-matrix
-            distances when D is large, Hamerly bounds otherwise, sorted 1-D sweeps when D == 1),
-            one of those by name (``"lloyd"`` = plain Lloyd, ``"hamerly"``, ``"gram"``,
-            ``"lloyd1d"``), or ``"exact1d"``: the globally optimal 1-D clustering (D == 1 only).
+            distances when D is large against N, Yinyang group bounds (k >= 20) or Hamerly bounds
+            otherwise, sorted 1-D sweeps when D == 1), one of those by name (``"lloyd"`` = plain
+            Lloyd, ``"hamerly"``, ``"yinyang"``, ``"gram"``, ``"lloyd1d"``), or ``"exact1d"``:
+            the globally optimal 1-D clustering (D == 1 only).
 
     Returns:
         :class:`KMeansResult` with centroids, labels, inertia, n_iter, converged per problem,
