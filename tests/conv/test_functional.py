@@ -247,6 +247,19 @@ def test_native_gather_matches_numpy():
         outl = np.empty((ul.shape[0], 11), dt)
         _core.conv_gather_epilogue(ul, idx, a, None, None, False, outl)
         np.testing.assert_allclose(outl, ul[:, idx] * a, rtol=1e-6, atol=1e-6)
+    # channels-last float32 with K <= 32 takes the AVX-512 permute path (where the CPU has it): cover K in
+    # (16, 32], C not a multiple of 16, residual + ReLU, 1 and 2 threads; K = 33 takes the generic path.
+    for k, c in ((20, 37), (32, 16), (16, 5), (33, 19)):
+        u = rng.standard_normal((101, k)).astype(np.float32)
+        idx = rng.integers(0, k, c).astype(np.int32)
+        a, b = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+        r = rng.standard_normal((101, c)).astype(np.float32)
+        for threads in (1, 2):
+            out = np.empty((101, c), np.float32)
+            _core.conv_gather_epilogue(u, idx, a, b, r, True, out, threads)
+            np.testing.assert_allclose(out, np.maximum(u[:, idx] * a + b + r, 0), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"threads must be >= 0.*got -1"):
+        _core.conv_gather_epilogue(u, idx, None, None, None, False, np.empty((101, 19), np.float32), -1)
 
 
 def test_import_touches_no_triton_or_cupy():

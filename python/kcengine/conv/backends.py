@@ -117,6 +117,16 @@ def _np(t):
     return None if t is None else t.detach().contiguous().numpy()
 
 
+# Native epilogues run single-threaded below this many output elements: a memory pass that small gains
+# little from a second core, and on a shared machine a 2-thread region waits whenever either thread is
+# descheduled (measured here: 1 thread faster up to ~25M elements under load).
+_PARALLEL_MIN_ELEMS = 1 << 22
+
+
+def _threads(numel: int) -> int:
+    return 1 if numel < _PARALLEL_MIN_ELEMS else 0  # 0 = all OpenMP threads
+
+
 def _native_gather(u, index32, scale, shift, residual, relu):
     """One pass: out = act(u[:, index] * scale + shift + residual), keeping u's memory format."""
     n, k, h, w = u.shape
@@ -130,12 +140,12 @@ def _native_gather(u, index32, scale, shift, residual, relu):
             res = res.reshape(n * h * w, c_out).numpy()
         core.conv_gather_epilogue(u.detach().permute(0, 2, 3, 1).reshape(n * h * w, k).numpy(), index32.numpy(),
                                   _np(scale), _np(shift), res, relu,
-                                  out.permute(0, 2, 3, 1).reshape(n * h * w, c_out).numpy())
+                                  out.permute(0, 2, 3, 1).reshape(n * h * w, c_out).numpy(), _threads(out.numel()))
         return out
     out = torch.empty((n, c_out, h, w), dtype=u.dtype)
     res = None if residual is None else residual.detach().contiguous().reshape(n, c_out, h * w).numpy()
     core.conv_gather_epilogue(u.detach().contiguous().reshape(n, k, h * w).numpy(), index32.numpy(), _np(scale),
-                              _np(shift), res, relu, out.reshape(n, c_out, h * w).numpy())
+                              _np(shift), res, relu, out.reshape(n, c_out, h * w).numpy(), _threads(out.numel()))
     return out
 
 

@@ -9,7 +9,12 @@ torch; these kernels finish the layer in one pass over memory, like the C++ core
 (``s`` = flattened spatial position; any memory format works through strides; accumulation in fp32.)
 Triton is imported only when a kernel is first needed, so ``import kcengine`` never loads it.
 Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (that is how the tests check them
-without a GPU); kernels are built once per interpreter setting.
+without a GPU); kernels are built once per interpreter setting.  The kernels use only core builtins
+(``tl.load``/``tl.full``/``tl.maximum``...), not the ``triton.language.standard`` helpers (``tl.zeros``,
+``tl.sum``...): those are ``@triton.jit`` functions decorated when triton is first imported, so when
+triton was imported before ``TRITON_INTERPRET=1`` was set (torchvision imports it via torch._dynamo) they
+are compiled-mode functions the interpreter refuses to call ("Cannot call @triton.jit'd outside of the
+scope of a kernel").
 """
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ def _kernels():
         o = row % C
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < S
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        acc = tl.full([BLOCK], 0.0, tl.float32)  # core builtin: tl.zeros is a stdlib @jit fn (see module doc)
         base = p_ptr + n * p_sn + offs * p_ss
         for i in range(0, CIN):
             src = tl.load(pair_ptr + o * CIN + i).to(tl.int64)
