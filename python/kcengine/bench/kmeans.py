@@ -175,13 +175,25 @@ def run_sklearn(wl: Workload, seed: int = 0):
 
 
 def run_faiss(wl: Workload, seed: int = 0):
+    """faiss.Kmeans with its defaults (25 iterations, at most 256 points per centroid sampled)."""
+    import os
+
     import faiss
 
     out = []
-    for x, k in zip(wl.xs, wl.ks):
-        km = faiss.Kmeans(x.shape[1], k, seed=seed + 1234, verbose=False)
-        km.train(np.ascontiguousarray(x, dtype=np.float32))
-        out.append(np.asarray(km.centroids))
+    # faiss warns on stderr from C++ for every small problem; keep the terminal readable.
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        for x, k in zip(wl.xs, wl.ks):
+            km = faiss.Kmeans(x.shape[1], k, seed=seed + 1234, verbose=False)
+            km.train(np.ascontiguousarray(x, dtype=np.float32))
+            out.append(np.asarray(km.centroids))
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
     return out
 
 

@@ -158,9 +158,241 @@ def run(args) -> int:
     return 0
 
 
+def _load(args):
+    """(LoadedModel, line on the weights) with pretrained weights when available, else default init."""
+    import torch
+
+    from ..models import load_model
+    from ..models.checkpoints import MissingWeightsError
+
+    torch.manual_seed(0)
+    if args.weights == "none":
+        return load_model(args.model, None), "default initialization (--weights none)"
+    if args.weights not in (None, "pretrained"):
+        try:
+            lm = load_model(args.model, args.weights)
+        except Exception as exc:
+            raise UserError(f"--weights {args.weights}: could not be loaded into {args.model} ({exc})") from None
+        return lm, f"weights from {args.weights}"
+    if args.weights is None:
+        from ..bench.common import shared_data_dir
+
+        data = shared_data_dir()
+        cands = sorted((data / "checkpoints").glob(f"{args.model}-*.th")) if data else []
+        if cands:
+            return load_model(args.model, str(cands[0])), f"weights from {cands[0].name}"
+    try:
+        lm = load_model(args.model, "pretrained", allow_download=False)
+        return lm, f"pretrained weights {lm.weights}"
+    except MissingWeightsError as exc:
+        if args.weights == "pretrained":
+            raise UserError(str(exc)) from None
+        torch.manual_seed(0)
+        return load_model(args.model, None), "default initialization (no pretrained weights here)"
+
+
+def _time_alternating(fa, fb, repeat: int):
+    """Best-of-repeat seconds of two callables, run in alternating order after one warm-up each."""
+    fa(), fb()
+    ta = tb = float("inf")
+    for r in range(repeat):
+        for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            (fa if which == 0 else fb)()
+            dt = time.perf_counter() - t0
+            if which == 0:
+                ta = min(ta, dt)
+            else:
+                tb = min(tb, dt)
+    return ta, tb
+
+
 def run_inference(args, out: Path) -> dict:
-    return {"skipped": "inference section not wired yet", "markdown": "(not run)"}
+    """Dense model vs the same model with every conv clustered (filter, k = C_out * ratio), BN,
+    residual add and ReLU fused into the gather: latency per batch size, per-layer, bytes."""
+    import os
+    import tempfile
+
+    import torch
+    import torch.nn as nn
+
+    from ..bench.common import markdown_table, write_csv
+    from ..compress import compress
+    from ..conv import ClusteredConv2d, fuse_for_inference, save_compressed
+
+    lm, src = _load(args)
+    _log(f"[inference] {args.model}: {src}; clustering every conv at ratio {args.ratio}")
+    dense = lm.model.eval()
+    clustered, report = compress(dense, ratio=args.ratio, granularity="filter", seed=0)
+    clustered.eval()
+    try:
+        fast = fuse_for_inference(clustered)
+        fused = "BN, residual add and ReLU fused into the gather"
+    except ValueError as exc:
+        fast, fused = clustered, f"not fused ({exc})"
+    h, w = lm.input_size
+    if args.quick:
+        h, w = min(h, 112), min(w, 112)
+    batches = (1, 8) if args.quick else (1, 32)
+    repeat = {1: 5, 8: 2, 32: 2} if args.quick else {1: 10, 32: 3}
+    rows = []
+    from tqdm.auto import tqdm
+
+    for n in tqdm(batches, desc="inference", leave=False):
+        torch.manual_seed(n)
+        x = torch.randn(n, 3, h, w)
+        with torch.inference_mode():
+            td, tc = _time_alternating(lambda: dense(x), lambda: fast(x), repeat.get(n, 2))
+            err = float((fast(x) - dense(x)).abs().max() / dense(x).abs().max().clamp_min(1e-12))
+        rows.append({"batch": n, "input": f"{h}x{w}", "dense_ms": td * 1e3, "clustered_ms": tc * 1e3,
+                     "speedup": td / tc, "rel_diff_vs_dense": err})
+    # Per-layer: each conv alone on its real input (batch 1), dense Conv2d vs ClusteredConv2d.
+    inputs: dict = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: inputs.__setitem__(name, i[0].detach()))
+             for name, m in dense.named_modules() if isinstance(m, nn.Conv2d)]
+    with torch.inference_mode():
+        dense(torch.randn(1, 3, h, w))
+    for hk in hooks:
+        hk.remove()
+    layer_rows = []
+    cl_mods = dict(clustered.named_modules())
+    with torch.inference_mode():
+        for name, xin in inputs.items():
+            conv, cl = dense.get_submodule(name), cl_mods.get(name)
+            if not isinstance(cl, ClusteredConv2d):
+                continue
+            td, tc = _time_alternating(lambda: conv(xin), lambda: cl(xin), 3)
+            layer_rows.append({"layer": name, "shape": f"{conv.in_channels}->{conv.out_channels} "
+                               f"{conv.kernel_size[0]}x{conv.kernel_size[1]}/{conv.stride[0]}",
+                               "k": cl.num_clusters, "dense_ms": td * 1e3, "clustered_ms": tc * 1e3,
+                               "speedup": td / tc})
+    with tempfile.TemporaryDirectory() as tmp:
+        dpath = os.path.join(tmp, "dense.pt")
+        torch.save(dense.state_dict(), dpath)
+        dense_bytes = os.path.getsize(dpath)
+        comp_bytes = save_compressed(clustered, os.path.join(tmp, "clustered.pt"))
+    param_bytes = lambda m: sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))  # noqa: E731
+    write_csv(out / "inference.csv", rows)
+    write_csv(out / "inference_layers.csv", layer_rows)
+    _plot_layers(layer_rows, out / "inference_layers.png")
+    summary = [{"what": "checkpoint bytes", "dense": dense_bytes, "clustered": comp_bytes,
+                "ratio": dense_bytes / comp_bytes},
+               {"what": "parameter + buffer bytes in memory", "dense": param_bytes(dense),
+                "clustered": param_bytes(clustered), "ratio": param_bytes(dense) / param_bytes(clustered)},
+               {"what": "unique conv weights", "dense": report.total_conv_weights,
+                "clustered": report.model_unique_weights, "ratio": report.compression_ratio}]
+    md = (f"{src}; every conv clustered at k = round(C_out * {args.ratio}) (filter granularity), {fused}.\n\n"
+          + markdown_table(rows) + "\nPer layer (batch 1, each conv alone on its real input; no fusion):\n\n"
+          + markdown_table(layer_rows) + "\n" + markdown_table(summary))
+    return {"source": src, "rows": rows, "layers": layer_rows, "sizes": summary, "markdown": md}
+
+
+def _plot_layers(rows, path: Path) -> None:
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 3.5))
+    xs = range(len(rows))
+    ax.bar([i - 0.2 for i in xs], [r["dense_ms"] for r in rows], 0.4, label="dense")
+    ax.bar([i + 0.2 for i in xs], [r["clustered_ms"] for r in rows], 0.4, label="clustered")
+    ax.set_xticks(list(xs), [r["layer"] for r in rows], rotation=90, fontsize=7)
+    ax.set_ylabel("ms (batch 1)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run_accuracy(args, out: Path) -> dict:
-    return {"skipped": "accuracy section not wired yet", "markdown": "(not run)"}
+    """Accuracy against compression for fixed ratios and the inertia/elbow plans (CIFAR ResNets
+    with --data).  Without weights and data the section says why in one line and is skipped."""
+    from ..bench.common import markdown_table, write_csv
+    from ..models import is_cifar_model
+
+    if not is_cifar_model(args.model):
+        line = (f"skipped: {args.model} needs ImageNet weights and an ImageNet-style --data folder, "
+                f"and neither is available here")
+        _log(f"[accuracy] {line}")
+        return {"skipped": line, "markdown": line}
+    if args.data is None:
+        from ..bench.common import shared_data_dir
+
+        d = shared_data_dir()
+        if d is None or not (d / "cifar-10-batches-py").is_dir():
+            line = "skipped: no --data folder given (a CIFAR-10 python-batches folder)"
+            _log(f"[accuracy] {line}")
+            return {"skipped": line, "markdown": line}
+        data_dir = d / "cifar-10-batches-py"
+    else:
+        data_dir = Path(args.data)
+    if args.recover_epochs:
+        raise UserError("--recover-epochs: recovery (kcengine.finetune) is not part of this version yet")
+    lm, src = _load(args)
+    if not lm.pretrained:
+        line = f"skipped: {args.model} has no trained weights here ({src}); accuracy would be meaningless"
+        _log(f"[accuracy] {line}")
+        return {"skipped": line, "markdown": line}
+    from ..compress import compress
+    from ..data.cifar import read_cifar10
+    from ..data.datasets import Normalization, normalize_uint8
+
+    try:
+        split = read_cifar10(data_dir, "test")
+    except Exception as exc:
+        raise UserError(f"--data {data_dir}: not a CIFAR-10 python-batches folder ({exc})") from None
+    images = normalize_uint8(split.images, Normalization(lm.mean, lm.std))
+    if args.quick:
+        images, labels = images[:256], split.labels[:256]
+    else:
+        labels = split.labels
+    plans = [("ratio 0.75", dict(ratio=0.75)), ("ratio 0.5", dict(ratio=0.5)), ("ratio 0.25", dict(ratio=0.25)),
+             ("relative inertia 0.5", dict(plan={"relative_inertia": 0.5})),
+             ("elbow", dict(plan={"elbow": True}))]
+    grans = ("filter", "kernel", "element")
+    if args.quick:  # kernel-granularity models are the slowest to evaluate on a CPU
+        plans, grans = plans[1:2], ("filter", "element")
+    rows = []
+    from tqdm.auto import tqdm
+
+    for gran in grans:
+        for name, kw in tqdm(plans, desc=f"accuracy ({gran})", leave=False):
+            try:
+                _, rep = compress(lm.model, granularity=gran, eval_data=(images, labels), seed=0, **kw)
+            except ValueError as exc:
+                rows.append({"granularity": gran, "plan": name, "note": str(exc)[:80]})
+                continue
+            rows.append({"granularity": gran, "plan": name, "accuracy_before": rep.accuracy_before,
+                         "accuracy_after": rep.accuracy_after, "unique_ratio": 1 / rep.compression_ratio,
+                         "compression": rep.compression_ratio, "seconds": rep.seconds_total})
+    write_csv(out / "accuracy.csv", rows)
+    _plot_accuracy(rows, out / "accuracy_vs_unique.png")
+    md = f"{src}; {len(labels)} test images of {data_dir}\n\n" + markdown_table(rows)
+    return {"source": src, "rows": rows, "markdown": md}
+
+
+def _plot_accuracy(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for gran in ("filter", "kernel", "element"):
+        pts = [(r["unique_ratio"], r["accuracy_after"]) for r in rows if r.get("granularity") == gran
+               and r.get("accuracy_after") is not None]
+        if pts:
+            pts.sort()
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=gran)
+    base = next((r["accuracy_before"] for r in rows if r.get("accuracy_before") is not None), None)
+    if base is not None:
+        ax.axhline(100 * base, color="k", ls="--", lw=0.8, label="dense")
+    ax.set_xlabel("unique / total conv weights")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
