@@ -66,7 +66,10 @@ def _check_args(args):
 
 
 def _log(msg: str) -> None:
-    print(msg, flush=True)
+    """Progress lines go to stderr, so stdout carries only the summary (or the JSON)."""
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
 
 
 def run_clustering(args, out: Path) -> dict:
@@ -222,9 +225,17 @@ def run_inference(args, out: Path) -> dict:
 
     lm, src = _load(args)
     _log(f"[inference] {args.model}: {src}; clustering every conv at ratio {args.ratio}")
-    dense = lm.model.eval()
-    clustered, report = compress(dense, ratio=args.ratio, granularity="filter", seed=0)
+    import copy
+
+    clustered, report = compress(lm.model, ratio=args.ratio, granularity="filter", seed=0)
     clustered.eval()
+    # The dense baseline carries the same (clustered) weights as ordinary Conv2d layers, so the
+    # two models compute the same function and their outputs can be compared.
+    dense = copy.deepcopy(lm.model).eval()
+    with torch.no_grad():
+        for name, m in clustered.named_modules():
+            if isinstance(m, ClusteredConv2d):
+                dense.get_submodule(name).weight.copy_(m.to_dense())
     try:
         fast = fuse_for_inference(clustered)
         fused = "BN, residual add and ReLU fused into the gather"

@@ -1,0 +1,81 @@
+"""`python -m kcengine bench` and `env` in a subprocess: output folder, JSON schema, user errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "kcengine", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_bench_quick_writes_report_folder(tmp_path):
+    out = tmp_path / "report"
+    r = run_cli("bench", "--model", "resnet20", "--quick", "--sections", "clustering,inference",
+                "--max-problems", "2", "--weights", "none", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["model"] == "resnet20" and set(res["sections"]) == {"clustering", "inference"}
+    for key in ("date", "commit", "machine", "timings_s"):
+        assert key in res
+    clus = res["sections"]["clustering"]
+    methods = {row["method"] for row in clus["rows"]}
+    assert "kcengine" in methods
+    assert {row["workload"] for row in clus["rows"]} == {"a_sweep", "b_filters", "c_kernels", "d_element"}
+    for row in clus["rows"]:
+        assert row["seconds"] > 0
+    inf = res["sections"]["inference"]
+    assert [row["batch"] for row in inf["rows"]] == [1, 8]
+    assert all(row["rel_diff_vs_dense"] < 1e-3 for row in inf["rows"])  # same weights, fused: same outputs
+    sizes = {s["what"]: s for s in inf["sizes"]}
+    assert sizes["unique conv weights"]["ratio"] > 3.5
+    for name in ("report.md", "results.json", "clustering.csv", "clustering_speedup.png", "inference.csv",
+                 "inference_layers.csv", "inference_layers.png"):
+        assert (out / name).is_file(), name
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--model", "resnet999"], "--model 'resnet999' is not a supported model"),
+    (["--model", "resnet20", "--weights", "/nonexistent/w.th"], "--weights /nonexistent/w.th: no such file"),
+    (["--model", "resnet20", "--data", "/nonexistent/folder"], "--data /nonexistent/folder: no such folder"),
+    (["--model", "resnet20", "--ratio", "1.5"], "--ratio must be in (0, 1], got 1.5"),
+    (["--model", "resnet20", "--sections", "speed"], "--sections: unknown section 'speed'"),
+])
+def test_bench_user_errors_are_one_line(args, match):
+    r = run_cli("bench", *args)
+    assert r.returncode == 2
+    assert match in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_data_folder_of_wrong_layout(tmp_path):
+    (tmp_path / "junk.txt").write_text("not cifar")
+    r = run_cli("bench", "--model", "resnet20", "--sections", "accuracy", "--data", str(tmp_path), "--quick",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr[-1000:]
+    assert "not a CIFAR-10 python-batches folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_cuda_errors_without_gpu():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    r = run_cli("bench", "--device", "cuda")
+    assert r.returncode == 2 and "no CUDA device is available" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("bench", "--backend", "cuda")
+    assert r.returncode == 2 and "--backend cuda:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_env_lists_backends_and_reasons():
+    r = run_cli("env", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["backends"]["cpu"] == "available" and info["backends"]["torch"] == "available"
+    assert info["kmeans_solver_build"] in ("generic", "avx2", "avx512")
+    for key in ("torch", "numpy", "cpu_features", "openmp_threads", "nvcc"):
+        assert key in info
