@@ -1299,7 +1299,14 @@ void run_batch(Batch<T>& batch) {
     } else if (algo[p] == Algo::Lloyd1D || algo[p] == Algo::Exact1D) ds_sorted[pr.data] = 1;
     else ds_direct[pr.data] = 1;
   }
-  const int nth = omp_get_max_threads();
+  // A batch with little work in all runs on one thread: waking a team and meeting at barriers
+  // costs more than it saves (milliseconds on a busy machine).
+  double work = 0;
+  for (i64 p = 0; p < B; ++p) work += cost[p];
+  for (i64 j = 0; j < nd; ++j)
+    if (ds_gram[j]) work += 0.5 * double(batch.datasets[j].n) * double(batch.datasets[j].n) * double(batch.datasets[j].d);
+  const int nth = work < 2e7 ? 1 : omp_get_max_threads();
+  const bool team = nth > 1;
   // Datasets are processed in chunks whose Gram matrices fit the memory budget; within a chunk
   // per-dataset preparation runs first, then the problems (large ones alone with every thread,
   // the rest spread over threads, most expensive first).
@@ -1321,7 +1328,7 @@ void run_batch(Batch<T>& batch) {
     }
     std::vector<Prepared<T>> prep(end - start);
     const i64 nchunk = end - start;
-    const bool inner_prep = nchunk < 2 * nth;
+    const bool inner_prep = team && nchunk < 2 * nth;
     auto do_prep = [&](i64 q, bool par) {
       const i64 j = ds_order[start + q];
       if (by_ds[j].empty()) return;
@@ -1330,7 +1337,7 @@ void run_batch(Batch<T>& batch) {
     if (inner_prep) {
       for (i64 q = 0; q < nchunk; ++q) do_prep(q, true);
     } else {
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for if (team) schedule(dynamic, 1)
       for (i64 q = 0; q < nchunk; ++q) {
         try { do_prep(q, false); } catch (const std::exception& e) {
 #pragma omp critical
@@ -1361,7 +1368,7 @@ void run_batch(Batch<T>& batch) {
     while (big < probs.size() && nth > 1 && cost[probs[big]] * nth > total) ++big;
     for (size_t q = 0; q < big; ++q) solve(probs[q], true);
     const i64 rest = i64(probs.size() - big);
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for if (team) schedule(dynamic, 1)
     for (i64 q = 0; q < rest; ++q) {
       try { solve(probs[big + q], false); } catch (const std::exception& e) {
 #pragma omp critical
