@@ -14,6 +14,7 @@
 // index is checked here too: a bad call raises ValueError, never reads out of bounds.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <immintrin.h>
 #include <omp.h>
@@ -126,6 +127,29 @@ std::vector<T> affine_or(const py::object& v, py::ssize_t c, T fill, const char*
 
 KC_DEFINE_ROW_KERNELS(float, f32)
 KC_DEFINE_ROW_KERNELS(double, f64)
+
+#define KC_DEFINE_AFFINE_VEC(T, SUFFIX)                                                                    \
+  /* dst[o] = act(src[o] * a[o] + b[o] (+ res[o])) */                                                      \
+  KC_CLONES void affine_row_vec_##SUFFIX(const T* __restrict src, const T* __restrict res, T* __restrict dst, \
+                                         int64_t n, const T* __restrict a, const T* __restrict b, bool relu) { \
+    if (res) {                                                                                             \
+      for (int64_t o = 0; o < n; ++o) dst[o] = src[o] * a[o] + b[o] + res[o];                              \
+    } else {                                                                                               \
+      for (int64_t o = 0; o < n; ++o) dst[o] = src[o] * a[o] + b[o];                                       \
+    }                                                                                                      \
+    if (relu)                                                                                              \
+      for (int64_t o = 0; o < n; ++o) dst[o] = dst[o] > T(0) ? dst[o] : T(0);                              \
+  }
+KC_DEFINE_AFFINE_VEC(float, f32)
+KC_DEFINE_AFFINE_VEC(double, f64)
+inline void affine_row_vec(const float* s, const float* r, float* d, int64_t n, const float* a, const float* b,
+                           bool relu) {
+  affine_row_vec_f32(s, r, d, n, a, b, relu);
+}
+inline void affine_row_vec(const double* s, const double* r, double* d, int64_t n, const double* a,
+                           const double* b, bool relu) {
+  affine_row_vec_f64(s, r, d, n, a, b, relu);
+}
 
 inline void affine_row(const float* s, const float* r, float* d, int64_t n, float a, float b, bool relu) {
   affine_row_f32(s, r, d, n, a, b, relu);
@@ -355,6 +379,256 @@ void gather_sum(py::array p, py::array pair, py::object scale, py::object shift,
                             affine_or<double>(shift, C, 0.0, "shift"), ep, out, nt);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Kernel granularity, fused direct kernel (inference): no depthwise maps in memory.
+//   For a tile of output pixels and each input channel i: the M codebook responses of channel i
+//   (p_i[j] = sum_t wt[i, t, j] * x[window tap t, i]) are computed in registers, then scattered into
+//   the C_out accumulators through the slot table: acc[o] += p_i[slot[i, o]].
+//   x: [N, H, W, C_in] (channels-last), wt: [C_in, T, M], slot: [C_in, C_out] (values < M),
+//   out/residual: [N, Ho, Wo, C_out].
+// ---------------------------------------------------------------------------------------------
+struct ConvGeom {
+  int64_t N, H, W, Cin, Ho, Wo, C, kh, kw, sh, sw, ph, pw, dh, dw, M;
+};
+
+constexpr int kTile = 8;  // output pixels per tile (along W)
+
+// Window values of input channel i for `np` pixels of one output row (zero outside the image).
+template <typename T>
+inline void window_values(const T* __restrict x, const ConvGeom& g, int64_t n, int64_t ho, int64_t wo0, int np,
+                          int64_t i, T* __restrict xv /* [kTile][kh*kw] */) {
+  const int64_t taps = g.kh * g.kw;
+  for (int t = 0; t < np; ++t) {
+    const int64_t wo = wo0 + t;
+    for (int64_t a = 0; a < g.kh; ++a) {
+      const int64_t h = ho * g.sh - g.ph + a * g.dh;
+      for (int64_t b = 0; b < g.kw; ++b) {
+        const int64_t w = wo * g.sw - g.pw + b * g.dw;
+        T v = T(0);
+        if (h >= 0 && h < g.H && w >= 0 && w < g.W) v = x[((n * g.H + h) * g.W + w) * g.Cin + i];
+        xv[t * taps + a * g.kw + b] = v;
+      }
+    }
+  }
+}
+
+#define KC_DEFINE_DIRECT_GENERIC(T, SUFFIX)                                                                 \
+  KC_CLONES void direct_tile_generic_##SUFFIX(const T* __restrict x, const T* __restrict wt,                \
+                                              const int32_t* __restrict slot, const ConvGeom& g, int64_t n, \
+                                              int64_t ho, int64_t wo0, int np, T* __restrict acc,           \
+                                              T* __restrict xv, T* __restrict pv) {                         \
+    const int64_t taps = g.kh * g.kw, M = g.M, C = g.C;                                                     \
+    for (int64_t e = 0; e < kTile * C; ++e) acc[e] = T(0);                                                  \
+    for (int64_t i = 0; i < g.Cin; ++i) {                                                                   \
+      window_values(x, g, n, ho, wo0, np, i, xv);                                                           \
+      const T* __restrict wi = wt + i * taps * M;                                                           \
+      const int32_t* __restrict si = slot + i * C;                                                          \
+      for (int t = 0; t < np; ++t) {                                                                        \
+        T* __restrict p = pv;                                                                               \
+        for (int64_t j = 0; j < M; ++j) p[j] = T(0);                                                        \
+        for (int64_t k = 0; k < taps; ++k) {                                                                \
+          const T xk = xv[t * taps + k];                                                                    \
+          const T* __restrict wk = wi + k * M;                                                              \
+          for (int64_t j = 0; j < M; ++j) p[j] += xk * wk[j];                                               \
+        }                                                                                                   \
+        T* __restrict at = acc + t * C;                                                                     \
+        for (int64_t o = 0; o < C; ++o) at[o] += p[si[o]];                                                  \
+      }                                                                                                     \
+    }                                                                                                       \
+  }
+
+KC_DEFINE_DIRECT_GENERIC(float, f32)
+KC_DEFINE_DIRECT_GENERIC(double, f64)
+
+inline void direct_tile_generic(const float* x, const float* wt, const int32_t* slot, const ConvGeom& g, int64_t n,
+                                int64_t ho, int64_t wo0, int np, float* acc, float* xv, float* pv) {
+  direct_tile_generic_f32(x, wt, slot, g, n, ho, wo0, np, acc, xv, pv);
+}
+inline void direct_tile_generic(const double* x, const double* wt, const int32_t* slot, const ConvGeom& g, int64_t n,
+                                int64_t ho, int64_t wo0, int np, double* acc, double* xv, double* pv) {
+  direct_tile_generic_f64(x, wt, slot, g, n, ho, wo0, np, acc, xv, pv);
+}
+
+// AVX-512 float32 tile: M <= 32 keeps p_i in two registers per pixel and scatters with vpermt2ps;
+// larger M stores p_i to an L1 buffer and uses 16-lane gathers.  acc is [kTile][Cpad], slot rows padded
+// to Cpad (= C rounded up to 16) with valid slots.
+__attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restrict x, const float* __restrict wtp,
+                                                            const int32_t* __restrict slotp, const ConvGeom& g,
+                                                            int64_t Cpad, int64_t Mpad, int64_t n, int64_t ho,
+                                                            int64_t wo0, int np, float* __restrict acc,
+                                                            float* __restrict xv, float* __restrict pv) {
+  const int64_t taps = g.kh * g.kw, nch = Cpad / 16;
+  for (int64_t e = 0; e < kTile * Cpad; e += 16) _mm512_store_ps(acc + e, _mm512_setzero_ps());
+  for (int64_t i = 0; i < g.Cin; ++i) {
+    window_values(x, g, n, ho, wo0, np, i, xv);
+    const float* wi = wtp + i * taps * Mpad;  // [taps][Mpad], zero padded
+    const int32_t* si = slotp + i * Cpad;
+    if (Mpad <= 32) {
+      __m512 lo[kTile], hi[kTile];
+      for (int t = 0; t < np; ++t) {
+        __m512 l = _mm512_setzero_ps(), h = _mm512_setzero_ps();
+        for (int64_t k = 0; k < taps; ++k) {
+          const __m512 xk = _mm512_set1_ps(xv[t * taps + k]);
+          l = _mm512_fmadd_ps(xk, _mm512_load_ps(wi + k * Mpad), l);
+          if (Mpad > 16) h = _mm512_fmadd_ps(xk, _mm512_load_ps(wi + k * Mpad + 16), h);
+        }
+        lo[t] = l;
+        hi[t] = h;
+      }
+      for (int64_t c = 0; c < nch; ++c) {
+        const __m512i ix = _mm512_load_si512(reinterpret_cast<const void*>(si + c * 16));
+        for (int t = 0; t < np; ++t) {
+          float* a = acc + t * Cpad + c * 16;
+          _mm512_store_ps(a, _mm512_add_ps(_mm512_load_ps(a), _mm512_permutex2var_ps(lo[t], ix, hi[t])));
+        }
+      }
+    } else if (Mpad <= 128) {
+      // Up to 8 registers of p_i per pixel; groups of 32 slots by two-source permutes, merged on bits 5-6.
+      const int64_t nreg = Mpad / 16, ngroups = (nreg + 1) / 2;
+      for (int t = 0; t < np; ++t) {
+        __m512 P[8];
+        for (int r = 0; r < 8; ++r) P[r] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < taps; ++k) {
+          const __m512 xk = _mm512_set1_ps(xv[t * taps + k]);
+          for (int64_t r = 0; r < nreg; ++r) P[r] = _mm512_fmadd_ps(xk, _mm512_load_ps(wi + k * Mpad + r * 16), P[r]);
+        }
+        float* at = acc + t * Cpad;
+        for (int64_t c = 0; c < nch; ++c) {
+          const __m512i ix = _mm512_load_si512(reinterpret_cast<const void*>(si + c * 16));
+          const __m512i grp = _mm512_srli_epi32(ix, 5);
+          __m512 v = _mm512_permutex2var_ps(P[0], ix, P[1]);
+          for (int64_t q = 1; q < ngroups; ++q) {
+            const __mmask16 sel = _mm512_cmpeq_epi32_mask(grp, _mm512_set1_epi32(static_cast<int>(q)));
+            v = _mm512_mask_mov_ps(v, sel, _mm512_permutex2var_ps(P[2 * q], ix, P[2 * q + 1]));
+          }
+          _mm512_store_ps(at + c * 16, _mm512_add_ps(_mm512_load_ps(at + c * 16), v));
+        }
+      }
+    } else {
+      for (int t = 0; t < np; ++t) {
+        float* p = pv + t * Mpad;
+        for (int64_t j = 0; j < Mpad; j += 16) {
+          __m512 v = _mm512_setzero_ps();
+          for (int64_t k = 0; k < taps; ++k)
+            v = _mm512_fmadd_ps(_mm512_set1_ps(xv[t * taps + k]), _mm512_load_ps(wi + k * Mpad + j), v);
+          _mm512_store_ps(p + j, v);
+        }
+      }
+      for (int64_t c = 0; c < nch; ++c) {
+        const __m512i ix = _mm512_load_si512(reinterpret_cast<const void*>(si + c * 16));
+        for (int t = 0; t < np; ++t) {
+          float* a = acc + t * Cpad + c * 16;
+          _mm512_store_ps(a, _mm512_add_ps(_mm512_load_ps(a), _mm512_i32gather_ps(ix, pv + t * Mpad, 4)));
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+T* aligned_alloc_vec(std::vector<T>& v, size_t n) {  // 64-byte aligned view into v
+  v.assign(n + 64 / sizeof(T), T(0));
+  auto p = reinterpret_cast<uintptr_t>(v.data());
+  return reinterpret_cast<T*>((p + 63) & ~uintptr_t(63));
+}
+
+template <typename T>
+void kernel_direct_impl(const py::array& x, const py::array& wt, const int32_t* slot, const ConvGeom& g,
+                        const std::vector<T>& a, const std::vector<T>& b, const Epilogue& ep, py::array& out,
+                        int nt) {
+  const T* xp = static_cast<const T*>(x.data());
+  const T* wp = static_cast<const T*>(wt.data());
+  T* op = static_cast<T*>(out.mutable_data());
+  const T* rp = ep.has_residual ? static_cast<const T*>(ep.residual.data()) : nullptr;
+  const bool relu = ep.relu;
+  const int64_t taps = g.kh * g.kw;
+  const bool fast = std::is_same_v<T, float> && has_avx512f();
+  const int64_t Cpad = fast ? (g.C + 15) / 16 * 16 : g.C;
+  const int64_t Mpad = fast ? (g.M + 15) / 16 * 16 : g.M;
+  // Padded copies for the AVX-512 path: wt [Cin][taps][Mpad] (zeros), slot [Cin][Cpad] (slot 0 in the pad).
+  std::vector<T> wpad_store;
+  std::vector<int32_t> spad_store;
+  const T* wuse = wp;
+  const int32_t* suse = slot;
+  if (fast) {
+    T* w2 = aligned_alloc_vec(wpad_store, static_cast<size_t>(g.Cin * taps * Mpad));
+    for (int64_t i = 0; i < g.Cin; ++i)
+      for (int64_t k = 0; k < taps; ++k)
+        for (int64_t j = 0; j < g.M; ++j) w2[(i * taps + k) * Mpad + j] = wp[(i * taps + k) * g.M + j];
+    int32_t* s2 = aligned_alloc_vec(spad_store, static_cast<size_t>(g.Cin * Cpad));
+    for (int64_t i = 0; i < g.Cin; ++i)
+      for (int64_t o = 0; o < g.C; ++o) s2[i * Cpad + o] = slot[i * g.C + o];
+    wuse = w2;
+    suse = s2;
+  }
+  const int64_t tiles_w = (g.Wo + kTile - 1) / kTile;
+  const int64_t work = g.N * g.Ho * tiles_w;
+  py::gil_scoped_release nogil;
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<T> acc_s, xv_s, pv_s;
+    T* acc = aligned_alloc_vec(acc_s, static_cast<size_t>(kTile * Cpad));
+    T* xv = aligned_alloc_vec(xv_s, static_cast<size_t>(kTile * taps));
+    T* pv = aligned_alloc_vec(pv_s, static_cast<size_t>(kTile * std::max<int64_t>(Mpad, 16)));
+#pragma omp for schedule(static)
+    for (int64_t wk = 0; wk < work; ++wk) {
+      const int64_t n = wk / (g.Ho * tiles_w), rem = wk % (g.Ho * tiles_w);
+      const int64_t ho = rem / tiles_w, wo0 = (rem % tiles_w) * kTile;
+      const int np = static_cast<int>(std::min<int64_t>(kTile, g.Wo - wo0));
+      if constexpr (std::is_same_v<T, float>) {
+        if (fast) direct_tile_avx512(xp, wuse, suse, g, Cpad, Mpad, n, ho, wo0, np, acc, xv, pv);
+        else direct_tile_generic(xp, wuse, suse, g, n, ho, wo0, np, acc, xv, pv);
+      } else {
+        direct_tile_generic(xp, wuse, suse, g, n, ho, wo0, np, acc, xv, pv);
+      }
+      for (int t = 0; t < np; ++t) {
+        const int64_t m = (n * g.Ho + ho) * g.Wo + wo0 + t;
+        affine_row_vec(acc + t * Cpad, rp ? rp + m * g.C : nullptr, op + m * g.C, g.C, a.data(), b.data(), relu);
+      }
+    }
+  }
+}
+
+void kernel_direct(py::array x, py::array wt, py::array slot, std::vector<int64_t> geom, py::object scale,
+                   py::object shift, py::object residual, bool relu, py::array out, int threads) {
+  const int nt = resolve_threads(threads);
+  check_float_pair(x, "x", out);
+  if (!wt.dtype().is(x.dtype())) throw py::value_error("wt must have the dtype of x, got " + std::string(py::str(wt.dtype())));
+  check_c_contiguous(wt, "wt");
+  check_ndim(x, "x", 4);
+  check_ndim(wt, "wt", 3);
+  check_ndim(slot, "slot", 2);
+  check_ndim(out, "out", 4);
+  if (geom.size() != 8) throw py::value_error("geom must be [kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w]");
+  ConvGeom g{};
+  g.N = x.shape(0); g.H = x.shape(1); g.W = x.shape(2); g.Cin = x.shape(3);
+  g.kh = geom[0]; g.kw = geom[1]; g.sh = geom[2]; g.sw = geom[3]; g.ph = geom[4]; g.pw = geom[5];
+  g.dh = geom[6]; g.dw = geom[7];
+  if (g.kh < 1 || g.kw < 1 || g.sh < 1 || g.sw < 1 || g.ph < 0 || g.pw < 0 || g.dh < 1 || g.dw < 1)
+    throw py::value_error("geom has a non-positive kernel/stride/dilation or a negative padding");
+  g.Ho = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.Wo = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  if (g.Ho < 1 || g.Wo < 1) throw py::value_error("x is too small for the kernel (empty output)");
+  g.M = wt.shape(2);
+  g.C = out.shape(3);
+  check_dim(wt, "wt", 0, g.Cin, "C_in");
+  check_dim(wt, "wt", 1, g.kh * g.kw, "kh*kw");
+  if (g.M < 1) throw py::value_error("wt must have M >= 1 maps per channel, got shape " + shape_str(wt));
+  check_dim(slot, "slot", 0, g.Cin, "C_in");
+  check_dim(slot, "slot", 1, g.C, "C_out");
+  check_dim(out, "out", 0, g.N, "N");
+  check_dim(out, "out", 1, g.Ho, "H_out");
+  check_dim(out, "out", 2, g.Wo, "W_out");
+  const int32_t* sp = checked_index(slot, "slot", g.Cin * g.C, g.M);
+  Epilogue ep = make_epilogue(residual, relu, out);
+  if (x.dtype().is(py::dtype::of<float>()))
+    kernel_direct_impl<float>(x, wt, sp, g, affine_or<float>(scale, g.C, 1.f, "scale"),
+                              affine_or<float>(shift, g.C, 0.f, "shift"), ep, out, nt);
+  else
+    kernel_direct_impl<double>(x, wt, sp, g, affine_or<double>(scale, g.C, 1.0, "scale"),
+                               affine_or<double>(shift, g.C, 0.0, "shift"), ep, out, nt);
+}
 }  // namespace
 
 void register_conv(py::module_& m) {
@@ -365,6 +639,12 @@ void register_conv(py::module_& m) {
   m.def("conv_gather_sum", &gather_sum, py::arg("p"), py::arg("pair"), py::arg("scale"), py::arg("shift"),
         py::arg("residual"), py::arg("relu"), py::arg("out"), py::arg("threads") = 0,
         "out[n,o,s] = act(sum_i p[n,pair[o,i],s]*scale[o]+shift[o] (+residual)); p [N,P,S]; pair int32 [C_out,C_in]");
+  m.def("conv_kernel_direct", &kernel_direct, py::arg("x"), py::arg("wt"), py::arg("slot"), py::arg("geom"),
+        py::arg("scale"), py::arg("shift"), py::arg("residual"), py::arg("relu"), py::arg("out"),
+        py::arg("threads") = 0,
+        "Kernel-granularity conv without depthwise maps in memory: x [N,H,W,C_in] channels-last, wt [C_in,kh*kw,M] "
+        "(wt[i,t,j] = codebook[slots[i,j],t]), slot int32 [C_in,C_out] (< M), geom [kh,kw,sh,sw,ph,pw,dh,dw]; "
+        "writes out [N,H_out,W_out,C_out] = act(conv*scale+shift (+residual))");
 }
 
 }  // namespace kcengine

@@ -21,6 +21,9 @@ SHAPES = [
     (1, 3, 8, 23, 19, 7, 2, 3, 1, 2),     # 7x7 stem-like with padding 3
     (2, 4, 6, 12, 12, 1, 2, 0, 1, 3),     # 1x1 stride 2 (downsample)
     (1, 5, 7, 14, 13, 3, 1, 2, 2, 4),     # dilation 2
+    (2, 3, 50, 11, 10, 3, 1, 1, 1, 40),   # K = 40 > 32: the gather (not permute) path of the kernel granularity
+    (1, 2, 37, 9, 21, 3, 1, 1, 1, 20),    # 16 < K <= 32, C_out not a multiple of 16, W_out not a multiple of 8
+    (1, 2, 140, 6, 7, 3, 1, 1, 1, 130),   # K = 130 > 128: the 16-lane gather path of the kernel granularity
 ]
 BACKENDS = ["cpu", "torch"]
 

@@ -7,8 +7,9 @@ Two parts, one process, same inputs, alternating order (dense, clustered, dense,
   ``F.conv2d`` with the clustered layer's own dense weight (``to_dense()``).  The default-init weights are
   clustered by a random balanced assignment with cluster-mean centroids (timing does not depend on how the
   clusters were found).  FLOPs per variant: dense ``2*N*HW*C_out*C_in*kh*kw``; filter
-  ``2*N*HW*K*C_in*kh*kw`` (the gather is a copy); kernel ``2*N*HW*P*kh*kw + N*HW*C_out*C_in`` (depthwise
-  maps P = C_in*M, M = most codebook kernels one input channel uses, then the gather-sum adds).
+  ``2*N*HW*K*C_in*kh*kw`` (the gather is a copy); kernel ``2*N*HW*C_in*M*kh*kw + N*HW*C_out*C_in`` (the M
+  codebook responses of each input channel, M = most codebook kernels one input channel uses, then the
+  gather-sum adds).
 * **end to end**: resnet18 (eval) with every conv clustered (filter, K = C_out/4) and conv+BN(+add)+ReLU fused
   (:func:`kcengine.nn.fuse_for_inference`) vs the dense model, in NCHW and channels-last memory formats.
 
@@ -97,7 +98,7 @@ def run_layer_bench(batches=(1, 32), divisors=(8, 4, 2), granularities=("filter"
     from ..conv import ClusteredConv2d
     from ..conv.backends import kernel_plan
 
-    repeat = repeat or {1: 5, 32: 2}
+    repeat = repeat or {(1, "filter"): 10, (1, "kernel"): 5, (32, "filter"): 4, (32, "kernel"): 2}
     rows = []
     shapes = resnet18_conv_shapes(size)
     for n in batches:
@@ -112,14 +113,12 @@ def run_layer_bench(batches=(1, 32), divisors=(8, 4, 2), granularities=("filter"
                     layer = ClusteredConv2d.from_conv(conv, _random_clustering(conv.weight, k, gran, si), gran,
                                                       backend=backend).eval()
                     w = layer.to_dense().detach().contiguous()
-                    # the kernel path runs NCHW (its depthwise maps are NCHW); the filter path keeps x's format
-                    xin = x_fmt if gran == "filter" else x
-                    xd = x_fmt
+                    xin = xd = x_fmt
                     with torch.inference_mode():
                         dense = lambda: F.conv2d(xd, w, None, conv.stride, conv.padding)  # noqa: E731
                         clustered = lambda: layer(xin)  # noqa: E731
                         try:
-                            td, tc = _time_pair(dense, clustered, repeat.get(n, 2))
+                            td, tc = _time_pair(dense, clustered, repeat.get((n, gran), 2))
                             yd, yc = dense(), clustered()
                             err = ((yc - yd).abs().max() / yd.abs().max().clamp_min(1e-30)).item()
                         except Exception as exc:  # a failing variant records NaN, never aborts the run
@@ -168,7 +167,7 @@ def run_e2e_bench(batches=(32, 1), size: int = 224, repeat: dict | None = None, 
     """resnet18 inference: dense vs every conv clustered (filter, K = C_out/4) with BN/add/ReLU fused."""
     from ..conv import fuse_for_inference
 
-    repeat = repeat or {1: 10, 32: 2}
+    repeat = repeat or {1: 20, 32: 3}
     dense, clustered = _clustered_resnet18(4)
     fused = fuse_for_inference(clustered)
     conv_flops = {}
@@ -227,13 +226,14 @@ def _geomean(vals):
 
 
 def run_conv_bench(out_dir=None, batches=(1, 32), divisors=(8, 4, 2), granularities=("filter", "kernel"),
-                   e2e: bool = True, size: int = 224, log=print) -> dict:
+                   e2e: bool = True, size: int = 224, log=print, layer_repeat: dict | None = None,
+                   e2e_repeat: dict | None = None) -> dict:
     """Run both parts; write ``indexed_conv.md``/``.csv`` (and ``indexed_conv_e2e.csv``) under ``out_dir``."""
     t0 = time.perf_counter()
     info = machine_info()
     info["torch_threads"] = torch.get_num_threads()
-    layer_rows = run_layer_bench(batches, divisors, granularities, size, log=log)
-    e2e_rows = run_e2e_bench(tuple(sorted(batches, reverse=True)), size, log=log) if e2e else []
+    layer_rows = run_layer_bench(batches, divisors, granularities, size, repeat=layer_repeat, log=log)
+    e2e_rows = run_e2e_bench(tuple(sorted(batches, reverse=True)), size, repeat=e2e_repeat, log=log) if e2e else []
     summary = []
     for n in batches:
         for gran in granularities:
@@ -264,12 +264,12 @@ def _markdown(r: dict) -> str:
              + (f", GPU {info['gpu']}" if "gpu" in info else ""),
              f"- commit {r['commit']}, date {r['date']}, benchmark wall time {r['seconds']:.0f} s",
              "- recorded by `python -m kcengine.bench.conv --out bench/results`; every ratio is computed inside this "
-             "run, dense and clustered timed alternately on the same input (best of the repeats: 5 at batch 1, "
-             "2 at batch 32, after one warm-up each). The machine is shared with other jobs: expect noise.",
-             "- dense = `F.conv2d(x, layer.to_dense())` (oneDNN), channels-last input for both the dense side and "
-             "the filter path; the kernel path takes NCHW input. Clustered = `ClusteredConv2d` on the `cpu` "
-             "backend (filter: oneDNN conv with the K unique filters + one native gather pass; kernel: depthwise "
-             "conv with the codebook kernels each input channel uses + native gather-sum).",
+             "run, dense and clustered timed alternately on the same input (best of the repeats: layers 10 (filter) / "
+             "5 (kernel) at batch 1, 4 / 2 at batch 32; end to end 20 at batch 1, 3 at batch 32; one warm-up each). The machine is shared with other jobs: expect noise.",
+             "- dense = `F.conv2d(x, layer.to_dense())` (oneDNN), channels-last input on both sides. Clustered = "
+             "`ClusteredConv2d` on the `cpu` backend (filter: oneDNN conv with the K unique filters + one native "
+             "gather pass; kernel: one native pass per output pixel tile computing each input channel's M codebook "
+             "responses in registers and scattering them into the C_out accumulators, no depthwise maps in memory).",
              "- FLOP ratio = clustered FLOPs / dense FLOPs (filter: K/C_out; kernel: M/C_out + 1/(2 kh kw)).",
              "", "## Summary (geometric means over resnet18's distinct conv shapes)", "",
              markdown_table(r["summary"]),

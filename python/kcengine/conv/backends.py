@@ -16,7 +16,7 @@ groups == 1) and share one signature::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,33 @@ class KernelPlan:
     slots: torch.Tensor
     pair: torch.Tensor
     m: int
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def slot_table(self) -> torch.Tensor:
+        """int32 ``[C_in, C_out]``: the slot (``< M``) output ``o`` takes from input channel ``i``."""
+        t = self._cache.get("slot")
+        if t is None:
+            c_in = self.pair.shape[1]
+            offs = torch.arange(c_in, device=self.pair.device)[None, :] * self.m
+            t = (self.pair - offs).t().contiguous().to(torch.int32)
+            self._cache["slot"] = t
+        return t
+
+    def tap_weights(self, codebook: torch.Tensor) -> torch.Tensor:
+        """``[C_in, kh*kw, M]``: ``wt[i, t, j] = codebook[slots[i, j]].flatten()[t]`` (cached per codebook version)."""
+        try:
+            version = codebook._version
+        except RuntimeError:  # inference tensor: no version counter, so no caching
+            version = None
+        key = (codebook.data_ptr(), version, codebook.dtype, codebook.device)
+        hit = self._cache.get("wt")
+        if hit is not None and hit[0] == key and version is not None:
+            return hit[1]
+        c_in, m = self.slots.shape
+        wt = codebook.detach().index_select(0, self.slots.reshape(-1)).reshape(c_in, m, -1).transpose(1, 2)
+        wt = wt.contiguous()
+        self._cache["wt"] = (key, wt)
+        return wt
 
     @property
     def n_maps(self) -> int:
@@ -216,7 +243,7 @@ def cpu_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, gran
     else:
         plan = plan if plan is not None else kernel_plan(index, codebook.shape[0])
         if not _needs_grad(x, codebook, scale, shift, residual):
-            return _kernel_chunked(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual)
+            return _kernel_direct(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual)
         src = _depthwise_maps(x, codebook, plan, stride, padding, dilation)
         idx32 = plan.pair.to(torch.int32)
         kind = "gather_sum"
@@ -249,3 +276,21 @@ def _kernel_chunked(x, codebook, plan, stride, padding, dilation, scale, shift, 
 
 def _out_hw(x, k, stride, padding, dilation):
     return tuple((x.shape[2 + d] + 2 * padding[d] - dilation[d] * (k[d] - 1) - 1) // stride[d] + 1 for d in (0, 1))
+
+
+def _kernel_direct(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual):
+    """Inference kernel granularity in one native pass (no depthwise maps in memory); channels-last output."""
+    n, c_in, _, _ = x.shape
+    kh, kw = codebook.shape[-2:]
+    ho, wo = _out_hw(x, (kh, kw), stride, padding, dilation)
+    c_out = plan.pair.shape[0]
+    xl = x.detach().contiguous(memory_format=torch.channels_last)
+    out = torch.empty((n, c_out, ho, wo), dtype=x.dtype, memory_format=torch.channels_last)
+    res = None
+    if residual is not None:
+        res = residual.detach().contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).numpy()
+    geom = [kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]]
+    _core().conv_kernel_direct(xl.permute(0, 2, 3, 1).numpy(), plan.tap_weights(codebook).numpy(),
+                               plan.slot_table().numpy(), geom, _np(scale), _np(shift), res, relu,
+                               out.permute(0, 2, 3, 1).numpy(), 0)
+    return out

@@ -33,6 +33,14 @@ def _as_tensor(a, name: str) -> torch.Tensor:
     raise ValueError(f"{name} must be a numpy array or torch tensor, got {type(a).__name__}")
 
 
+def _version(t: torch.Tensor):
+    """The in-place version counter, or None for inference tensors (which have none: never cached)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 class _Cache:
     __slots__ = ("key", "index32", "plan")
 
@@ -219,9 +227,10 @@ class ClusteredConv2d(nn.Module):
     # ------------------------------------------------------------------ forward
     def _prepared(self) -> _Cache:
         idx = self.index
-        key = (idx.data_ptr(), idx._version, idx.device, idx.dtype, self.num_clusters)
+        version = _version(idx)
+        key = (idx.data_ptr(), version, idx.device, idx.dtype, self.num_clusters)
         c = self._cache
-        if c is not None and c.key == key:
+        if c is not None and c.key == key and version is not None:
             return c
         if idx.numel():
             hi = int(idx.max())

@@ -1,0 +1,28 @@
+"""kcengine.bench.conv on a tiny input: every row measured, errors small, files written."""
+import math
+
+import torch
+
+from kcengine.bench.conv import resnet18_conv_shapes, run_conv_bench
+
+
+def test_resnet18_shapes():
+    shapes = resnet18_conv_shapes(224)
+    keys = {(s["c_in"], s["c_out"], s["k"], s["stride"], s["h_in"]) for s in shapes}
+    assert (3, 64, 7, 2, 224) in keys and (512, 512, 3, 1, 7) in keys and (256, 512, 1, 2, 14) in keys
+    assert len(shapes) == 11 and sum(s["count"] for s in shapes) == 20
+
+
+def test_bench_runs_small(tmp_path):
+    r = run_conv_bench(tmp_path, batches=(1,), divisors=(4,), size=32, log=lambda *_: None,
+                       layer_repeat={(1, "filter"): 1, (1, "kernel"): 1}, e2e_repeat={1: 1})
+    assert len(r["layers"]) == 11 * 2
+    for row in r["layers"]:
+        assert row["dense_ms"] > 0 and row["clustered_ms"] > 0 and math.isfinite(row["speedup"])
+        assert row["max_rel_err"] < 1e-4, row
+        assert 0 < row["flop_ratio"] < 1
+    assert {e["memory_format"] for e in r["e2e"]} >= {"nchw", "channels_last"}
+    assert all(e["max_rel_err"] < 1e-4 for e in r["e2e"] if e["memory_format"] in ("nchw", "channels_last"))
+    md = (tmp_path / "indexed_conv.md").read_text()
+    assert "commit" in md and "torch threads" in md and str(torch.get_num_threads()) in md
+    assert (tmp_path / "indexed_conv.csv").stat().st_size > 0
