@@ -56,7 +56,8 @@ Algo parse_algo(const std::string& a) {
   if (a == "gram") return Algo::Gram;
   if (a == "lloyd1d") return Algo::Lloyd1D;
   if (a == "exact1d") return Algo::Exact1D;
-  throw py::value_error("algorithm must be one of auto, lloyd, hamerly, gram, lloyd1d, exact1d, got '" + a + "'");
+  if (a == "yinyang") return Algo::Yinyang;
+  throw py::value_error("algorithm must be one of auto, lloyd, hamerly, yinyang, gram, lloyd1d, exact1d, got '" + a + "'");
 }
 
 template <class T>
