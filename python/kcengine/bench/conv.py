@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -227,11 +228,26 @@ def _geomean(vals):
 
 def run_conv_bench(out_dir=None, batches=(1, 32), divisors=(8, 4, 2), granularities=("filter", "kernel"),
                    e2e: bool = True, size: int = 224, log=print, layer_repeat: dict | None = None,
-                   e2e_repeat: dict | None = None) -> dict:
-    """Run both parts; write ``indexed_conv.md``/``.csv`` (and ``indexed_conv_e2e.csv``) under ``out_dir``."""
+                   e2e_repeat: dict | None = None, threads: int = 0, name: str = "indexed_conv") -> dict:
+    """Run both parts; write ``<name>.md``/``.csv`` (and ``<name>_e2e.csv``) under ``out_dir``.
+
+    ``threads``: OpenMP/torch threads for both sides (0: leave the current setting).
+    """
     t0 = time.perf_counter()
+    prev_threads = torch.get_num_threads()
+    if threads:
+        # torch and kcengine._core share one OpenMP runtime: this sets both sides' thread count
+        torch.set_num_threads(threads)
+    try:
+        return _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat, e2e_repeat, t0, name)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat, e2e_repeat, t0, name):
     info = machine_info()
     info["torch_threads"] = torch.get_num_threads()
+    info["load_avg"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     layer_rows = run_layer_bench(batches, divisors, granularities, size, repeat=layer_repeat, log=log)
     e2e_rows = run_e2e_bench(tuple(sorted(batches, reverse=True)), size, repeat=e2e_repeat, log=log) if e2e else []
     summary = []
@@ -249,9 +265,9 @@ def run_conv_bench(out_dir=None, batches=(1, 32), divisors=(8, 4, 2), granularit
               "summary": summary, "seconds": time.perf_counter() - t0}
     if out_dir is not None:
         out = Path(out_dir)
-        write_csv(out / "indexed_conv.csv", layer_rows)
-        write_csv(out / "indexed_conv_e2e.csv", e2e_rows)
-        (out / "indexed_conv.md").write_text(_markdown(result))
+        write_csv(out / f"{name}.csv", layer_rows)
+        write_csv(out / f"{name}_e2e.csv", e2e_rows)
+        (out / f"{name}.md").write_text(_markdown(result))
     return result
 
 
@@ -259,7 +275,8 @@ def _markdown(r: dict) -> str:
     info = r["info"]
     lines = ["# Centroid-indexed convolution vs dense convolution", "",
              f"- machine: {info.get('cpu')} ({info.get('cores')} cores; torch threads {info.get('torch_threads')}, "
-             f"kcengine threads {info.get('threads')}; {info.get('cpu_features', '')})",
+             f"kcengine threads {info.get('threads')}; {info.get('cpu_features', '')}); load average at start "
+             f"{info.get('load_avg')} (shared machine)",
              f"- torch {info.get('torch')}, python {info.get('python')}, {info.get('os')}"
              + (f", GPU {info['gpu']}" if "gpu" in info else ""),
              f"- commit {r['commit']}, date {r['date']}, benchmark wall time {r['seconds']:.0f} s",
@@ -292,9 +309,11 @@ def main(argv=None) -> int:
     p.add_argument("--granularity", default="filter,kernel")
     p.add_argument("--no-e2e", action="store_true")
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=0, help="threads for both sides (0: torch's default)")
+    p.add_argument("--name", default="indexed_conv", help="result file stem")
     a = p.parse_args(argv)
     r = run_conv_bench(a.out, tuple(int(b) for b in a.batches.split(",")), granularities=tuple(a.granularity.split(",")),
-                       e2e=not a.no_e2e, size=a.size)
+                       e2e=not a.no_e2e, size=a.size, threads=a.threads, name=a.name)
     print(markdown_table(r["summary"]))
     if r["e2e"]:
         print(markdown_table(r["e2e"]))
