@@ -1,0 +1,587 @@
+"""The ``cuda`` backend: CUDA C++ kernels (``csrc/cuda``) compiled at run time by CuPy (NVRTC).
+
+Two paths, chosen per problem by :func:`fits_fused` from N, D, k, the dtype and the device's
+shared-memory limit:
+
+* **fused** (``kmeans_fused.cu``): one thread block runs one (problem, run) entirely in shared
+  memory: seeding (greedy k-means++ / random / given), every Lloyd iteration (assign, accumulate,
+  update, convergence test, empty-cluster repair), the final E-step and the inertia.  Thousands of
+  problems go in one launch, with no host synchronization at all.
+* **packed** (``kmeans_large.cu``): every other problem, in one packed ragged batch driven from the
+  host (:class:`PackedLloyd`): tiled assignment (distance + argmin fused, no N x k matrix),
+  segmented accumulation of the update over points sorted by cluster (deterministic: a fixed
+  summation order), per-problem convergence masks so finished problems cost nothing, and a
+  batched greedy k-means++ (sequential in k, batched across problems and trials).
+
+The packed driver is written against a small kernel interface (``assign``, ``segment_sum``,
+``kpp_pass``, ``sqdist``) so the ``triton`` backend reuses it with its Triton kernels, and
+:class:`TorchKernels` (plain torch, any device) checks the driver on the CPU.
+
+Semantics are those of the cpu backend (``csrc/cpu/kmeans/solver.cpp``): distances in the dot
+form ``||c||^2 - 2 x.c`` in the data's dtype, first index of the minimum, sums in float64, empty
+clusters take the farthest points (positive weight, positive distance, a cluster that keeps
+weight, no duplicate coordinates), strict convergence when no label changes, ``tol`` relative to
+the mean per-feature variance, a final E-step unless convergence was strict, the best of
+``n_init`` runs by inertia.  Random streams are the cpu backend's (xoshiro256** seeded by
+splitmix64 from ``(seed, run)``), so a problem gets the same start in a batch as alone.
+
+Nothing here imports cupy at module level: the launch-parameter logic is plain Python and
+unit-tested without a GPU (tests/kmeans/test_cuda_sources.py).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..api import Problems, RawResult
+
+__all__ = [
+    "solve", "fused_smem_bytes", "fits_fused", "fused_threads", "fused_buckets", "assign_tiles",
+    "rng_uniforms", "PackedLloyd", "TorchKernels", "cuda_sources_dir",
+]
+
+# ============================================================================ random streams
+_M64 = (1 << 64) - 1
+
+
+def _splitmix(state: int) -> tuple[int, int]:
+    state = (state + 0x9E3779B97F4A7C15) & _M64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return state, z ^ (z >> 31)
+
+
+def rng_uniforms(seed: int, stream: int, count: int) -> np.ndarray:
+    """The first ``count`` uniforms in [0, 1) of the cpu backend's stream ``(seed, stream)``
+    (xoshiro256** seeded by splitmix64; ``csrc/cpu/kmeans/solver.cpp`` ``Rng``)."""
+    x = (seed ^ ((0x6A09E667F3BCC909 * (stream + 1)) & _M64)) & _M64
+    s = [0, 0, 0, 0]
+    for i in range(4):
+        x, s[i] = _splitmix(x)
+    s0, s1, s2, s3 = s
+    out = np.empty(count, dtype=np.float64)
+    for i in range(count):
+        v = (s1 * 5) & _M64
+        r = ((((v << 7) | (v >> 57)) & _M64) * 9) & _M64
+        t = (s1 << 17) & _M64
+        s2 ^= s0
+        s3 ^= s1
+        s1 ^= s2
+        s0 ^= s3
+        s2 ^= t
+        s3 = ((s3 << 45) | (s3 >> 19)) & _M64
+        out[i] = (r >> 11) * 2.0 ** -53
+    return out
+
+
+def kpp_trials(k: int) -> int:
+    """Local trials of greedy k-means++ (scikit-learn's ``2 + int(ln k)``)."""
+    return 2 + int(math.log(k))
+
+
+def uniforms_needed(k: int, init: str) -> int:
+    """Uniforms one run draws: 1 + (k - 1) * trials for k-means++, k for random, 0 for given."""
+    if init == "k-means++":
+        return 1 + (k - 1) * kpp_trials(k)
+    return k if init == "random" else 0
+
+
+# ===================================================================== launch-parameter logic
+FUSED_SCRATCH_DOUBLES = 8  # block-wide scalars (shift, potential, chosen point, flags) as doubles
+
+
+def fused_threads(n: int, k: int, d: int) -> int:
+    """Threads per block of the fused kernel: enough for the larger of the point loop (N) and the
+    accumulation loop (k * (D + 1) work items), a multiple of 32 between 64 and 256."""
+    work = max(n, k * (d + 1))
+    t = 64
+    while t < 256 and t < work:
+        t *= 2
+    return t
+
+
+def fused_smem_bytes(n: int, d: int, k: int, itemsize: int, threads: int) -> int:
+    """Dynamic shared memory of the fused kernel for one problem, laid out exactly as
+    ``kmeans_fused.cu`` ``FusedLayout`` does: float64 arrays first (sums [k*D], wsum [k],
+    aux [N], reduction [threads], scratch), then the data type's arrays (X [N*D], C [k*D],
+    ||c||^2 [k]), then int32 arrays (labels [N], picked [k]), rounded up to 16 bytes."""
+    doubles = k * d + k + n + threads + FUSED_SCRATCH_DOUBLES
+    items = n * d + k * d + k
+    ints = n + k
+    total = 8 * doubles + itemsize * items + 4 * ints
+    return (total + 15) // 16 * 16
+
+
+def fits_fused(n: int, d: int, k: int, itemsize: int, smem_limit: int) -> bool:
+    """Whether a problem runs in the fused kernel: its whole state fits the device's opt-in
+    shared memory per block (``smem_limit`` bytes)."""
+    return fused_smem_bytes(n, d, k, itemsize, fused_threads(n, k, d)) <= smem_limit
+
+
+def fused_buckets(smem: list[int], threads: list[int]) -> list[tuple[int, int, list[int]]]:
+    """Group fused jobs into launches: jobs of one launch share the block size and a dynamic
+    shared-memory size (the largest of the group); sizes are bucketed by powers of two so a big
+    job does not lower the occupancy of thousands of small ones.  Returns
+    ``[(threads, smem_bytes, job indices)]``."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for j, (s, t) in enumerate(zip(smem, threads)):
+        bucket = 1 << max(10, (int(s) - 1).bit_length())
+        groups.setdefault((t, bucket), []).append(j)
+    out = []
+    for (t, _), jobs in sorted(groups.items()):
+        out.append((t, max(int(smem[j]) for j in jobs), jobs))
+    return out
+
+
+def assign_tiles(n: np.ndarray, block_n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles of ``block_n`` points over a packed batch: ``(tile_job, tile_row0)``; each tile holds
+    rows of one job only, so the assign kernels read one job's centroids per tile."""
+    n = np.asarray(n, dtype=np.int64)
+    counts = (n + block_n - 1) // block_n
+    tile_job = np.repeat(np.arange(len(n), dtype=np.int64), counts)
+    first = np.cumsum(counts) - counts
+    tile_row0 = (np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(first, counts)) * block_n
+    return tile_job, tile_row0
+
+
+def cuda_sources_dir() -> Path:
+    """Folder of the ``.cu`` sources: ``kcengine/_cuda`` in an installed wheel, else the
+    checkout's ``csrc/cuda`` (editable installs)."""
+    pkg = Path(__file__).resolve().parents[2]  # .../kcengine
+    installed = pkg / "_cuda"
+    if (installed / "kmeans_fused.cu").is_file():
+        return installed
+    for parent in Path(__file__).resolve().parents:
+        cand = parent / "csrc" / "cuda"
+        if (cand / "kmeans_fused.cu").is_file():
+            return cand
+    raise RuntimeError(f"kcengine CUDA sources not found (looked in {installed} and the checkout's csrc/cuda)")
+
+
+# ======================================================================= packed ragged batch
+@dataclass
+class Packed:
+    """Jobs (problem, run) of one dtype packed for the kernels.  Host copies (numpy) of the
+    shapes drive launches; device copies (int64 tensors) are read by the kernels.
+
+    ``X`` is the flat concatenation of the datasets, ``W`` their weights (ones when unweighted);
+    a job's points are rows ``[0, n)`` of its dataset at element offset ``xoff`` / row offset
+    ``roff``; its labels live at ``[loff, loff + n)`` of the entry arrays, its centroids at
+    elements ``[coff, coff + k * d)`` of ``C``, its clusters at ids ``[goff, goff + k)``.
+    """
+
+    X: torch.Tensor
+    W: torch.Tensor
+    n: np.ndarray
+    d: np.ndarray
+    k: np.ndarray
+    run: np.ndarray
+    problem: np.ndarray
+    xoff_h: np.ndarray
+    roff_h: np.ndarray
+    loff_h: np.ndarray
+    coff_h: np.ndarray
+    goff_h: np.ndarray
+    dev: dict  # name -> device tensor (int64): xoff roff loff coff goff n d k, e_job, g_job, g_coff, g_d
+    tol_abs: torch.Tensor
+
+    @property
+    def n_jobs(self) -> int:
+        return len(self.n)
+
+    @property
+    def n_entries(self) -> int:
+        return int(self.n.sum())
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.k.sum())
+
+    @property
+    def n_cvals(self) -> int:
+        return int((self.k * self.d).sum())
+
+
+def _dataset_tol(ds: torch.Tensor, tol: float) -> float:
+    return float(tol * ds.double().var(0, unbiased=False).mean())
+
+
+def pack(probs: Problems, problems: list[int]) -> Packed:
+    """Pack the runs of ``problems`` (indices into ``probs``) into one :class:`Packed` batch."""
+    ref = probs.datasets[0]
+    dev = ref.device
+    runs = 1 if probs.init == "given" else probs.n_init
+    used = sorted({int(probs.data_index[p]) for p in problems})
+    slot = {j: s for s, j in enumerate(used)}
+    dsets = [probs.datasets[j] for j in used]
+    X = dsets[0].reshape(-1) if len(dsets) == 1 else torch.cat([a.reshape(-1) for a in dsets])
+    if probs.weights is None:
+        W = torch.ones(sum(a.shape[0] for a in dsets), dtype=ref.dtype, device=dev)
+    else:
+        ws = [probs.weights[j] for j in used]
+        W = ws[0] if len(ws) == 1 else torch.cat(ws)
+    ds_n = np.array([a.shape[0] for a in dsets], dtype=np.int64)
+    ds_d = np.array([a.shape[1] for a in dsets], dtype=np.int64)
+    ds_xoff = np.cumsum(ds_n * ds_d) - ds_n * ds_d
+    ds_roff = np.cumsum(ds_n) - ds_n
+    ds_tol = [_dataset_tol(a, probs.tol) for a in dsets]
+    jp = np.repeat(np.asarray(problems, dtype=np.int64), runs)
+    jr = np.tile(np.arange(runs, dtype=np.int64), len(problems))
+    js = np.array([slot[int(probs.data_index[p])] for p in jp], dtype=np.int64)
+    n, d = ds_n[js], ds_d[js]
+    k = np.asarray(probs.k, dtype=np.int64)[jp]
+    loff = np.cumsum(n) - n
+    coff = np.cumsum(k * d) - k * d
+    goff = np.cumsum(k) - k
+    g_job = np.repeat(np.arange(len(jp), dtype=np.int64), k)
+    g_coff = coff[g_job] + (np.arange(int(k.sum()), dtype=np.int64) - goff[g_job]) * d[g_job]
+
+    def t(a):
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int64, device=dev)
+
+    devs = dict(xoff=t(ds_xoff[js]), roff=t(ds_roff[js]), loff=t(loff), coff=t(coff), goff=t(goff), n=t(n), d=t(d),
+                k=t(k), e_job=t(np.repeat(np.arange(len(jp), dtype=np.int64), n)), g_job=t(g_job), g_coff=t(g_coff),
+                g_d=t(d[g_job]))
+    tol_abs = torch.tensor([ds_tol[s] for s in js], dtype=torch.float64, device=dev)
+    return Packed(X=X.contiguous(), W=W.contiguous(), n=n, d=d, k=k, run=jr, problem=jp, xoff_h=ds_xoff[js],
+                  roff_h=ds_roff[js], loff_h=loff, coff_h=coff, goff_h=goff, dev=devs, tol_abs=tol_abs)
+
+
+def _expand(values: torch.Tensor, lengths: np.ndarray, total: int) -> torch.Tensor:
+    """Per-job ``values`` repeated ``lengths[j]`` times (device-side repeat_interleave)."""
+    rep = torch.as_tensor(lengths, device=values.device)
+    return torch.repeat_interleave(values, rep, output_size=total)
+
+
+def _segment_sum(values: torch.Tensor, lengths: np.ndarray) -> torch.Tensor:
+    """Sums of consecutive segments (deterministic: no atomics)."""
+    return torch.segment_reduce(values, "sum", lengths=torch.as_tensor(lengths, device=values.device), unsafe=True)
+
+
+# ===================================================================== torch kernel set
+class TorchKernels:
+    """The packed driver's kernel interface in plain torch (any device): the reference the
+    Triton and CUDA kernels are compared with, and the way the driver is checked on a CPU.
+
+    * ``assign(P, C, cnorm, mask, lab)``: ``lab[e] = argmin_j cnorm[j] - 2 x_e . c_j`` (first
+      minimum; dot in the data's dtype) for entries of jobs with ``mask[job]``; others untouched.
+    * ``segment_sum(P, order, seg_start, counts, gmask, sums, wsum)``: for clusters ``g`` with
+      ``gmask[g]``: ``sums[g_coff[g] + t] = sum w_e x_e[t]`` and ``wsum[g] = sum w_e`` over entries
+      ``order[seg_start[g] : seg_start[g] + counts[g]]`` (float64, fixed order).
+    * ``kpp_pass(P, cand, closest, live, out)``: ``out[t, j, i] = min(||x_i - x_cand[j, t]||^2,
+      closest[j, i])`` (difference form accumulated in the data's dtype) for live jobs.
+    * ``sqdist(P, C, lab)``: ``[M]`` float64 ``w_e * ||x_e - c_{lab_e}||^2`` (difference form).
+    """
+
+    name = "torch"
+
+    def _rows(self, P: Packed, j: int) -> torch.Tensor:
+        n, d = int(P.n[j]), int(P.d[j])
+        x0 = int(P.xoff_h[j])
+        return P.X[x0:x0 + n * d].view(n, d)
+
+    def _cents(self, P: Packed, C: torch.Tensor, j: int) -> torch.Tensor:
+        k, d = int(P.k[j]), int(P.d[j])
+        c0 = int(P.coff_h[j])
+        return C[c0:c0 + k * d].view(k, d)
+
+    def assign(self, P, C, cnorm, mask, lab):
+        mh = mask.cpu().numpy()
+        for j in np.nonzero(mh)[0]:
+            x, c = self._rows(P, j), self._cents(P, C, j)
+            g0, l0 = int(P.goff_h[j]), int(P.loff_h[j])
+            dist = cnorm[g0:g0 + c.shape[0]].unsqueeze(0) - 2 * (x @ c.T)
+            lab[l0:l0 + x.shape[0]] = dist.argmin(1).to(lab.dtype)
+
+    def segment_sum(self, P, order, seg_start, counts, gmask, sums, wsum):
+        e_job = P.dev["e_job"]
+        rows = torch.arange(P.n_entries, device=order.device) - P.dev["loff"][e_job]
+        for g in torch.nonzero(gmask).flatten().tolist():
+            s, c = int(seg_start[g]), int(counts[g])
+            j = int(P.dev["g_job"][g])
+            d = int(P.d[j])
+            es = order[s:s + c]
+            r = rows[es]
+            x = self._rows(P, j)[r].double()
+            w = P.W[int(P.roff_h[j]) + r].double()
+            g0 = int(P.dev["g_coff"][g])
+            sums[g0:g0 + d] = (w.unsqueeze(1) * x).sum(0)
+            wsum[g] = w.sum()
+
+    def kpp_pass(self, P, cand, closest, live, out):
+        for j in torch.nonzero(live).flatten().tolist():
+            x = self._rows(P, j)
+            n = x.shape[0]
+            for t in range(cand.shape[1]):
+                xc = x[int(cand[j, t])]
+                d2 = ((x - xc) ** 2).sum(1).double()
+                out[t, j, :n] = torch.minimum(d2, closest[j, :n])
+
+    def sqdist(self, P, C, lab):
+        out = torch.empty(P.n_entries, dtype=torch.float64, device=C.device)
+        for j in range(P.n_jobs):
+            x, c = self._rows(P, j), self._cents(P, C, j)
+            l0, n = int(P.loff_h[j]), x.shape[0]
+            lj = lab[l0:l0 + n].long()
+            w = P.W[int(P.roff_h[j]):int(P.roff_h[j]) + n].double()
+            out[l0:l0 + n] = w * ((x.double() - c[lj].double()) ** 2).sum(1)
+        return out
+
+
+# ===================================================================== the packed driver
+def _centroid_norms(P: Packed, C: torch.Tensor) -> torch.Tensor:
+    """[G] squared norms of the centroids (float64 sums cast to the data dtype, as the cpu core)."""
+    sq = C.double() ** 2
+    return _segment_sum(sq, np.repeat(P.d, P.k)).to(C.dtype)
+
+
+class PackedLloyd:
+    """Seeding, Lloyd iterations and the final E-step for a :class:`Packed` batch, driven from the
+    host with one synchronization per iteration (to stop when every job has converged)."""
+
+    def __init__(self, P: Packed, kernels, probs: Problems):
+        self.P, self.K, self.probs = P, kernels, probs
+        self.dev = P.X.device
+
+    # ------------------------------------------------------------------ seeding
+    def _uniforms(self) -> torch.Tensor:
+        P, init = self.P, self.probs.init
+        runs = int(P.run.max()) + 1
+        need = max(uniforms_needed(int(k), init) for k in P.k)
+        U = np.stack([rng_uniforms(self.probs.seed, r, need) for r in range(runs)])
+        return torch.as_tensor(U, device=self.dev)
+
+    def _padded(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """[M] entry values as a [J, Nmax] array (rows past n_j hold ``fill``)."""
+        P = self.P
+        nmax = int(P.n.max())
+        out = torch.full((P.n_jobs, nmax), fill, dtype=values.dtype, device=self.dev)
+        e = torch.arange(P.n_entries, device=self.dev)
+        ej = P.dev["e_job"]
+        out.view(-1)[ej * nmax + (e - P.dev["loff"][ej])] = values
+        return out
+
+    def _gather_points(self, chosen: torch.Tensor) -> torch.Tensor:
+        """C (flat) from chosen rows ``chosen[j, c]`` of each job's data."""
+        P = self.P
+        g = torch.arange(P.n_clusters, device=self.dev)
+        g_job = P.dev["g_job"]
+        row = chosen[g_job, g - P.dev["goff"][g_job]]
+        gd = np.repeat(P.d, P.k)
+        start = _expand(P.dev["xoff"][g_job] + row * P.dev["d"][g_job], gd, P.n_cvals)
+        gstart = _expand(P.dev["g_coff"], gd, P.n_cvals)
+        return P.X[start + (torch.arange(P.n_cvals, device=self.dev) - gstart)].clone()
+
+    def _search(self, cum: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """First index whose cumulative weight exceeds r, clamped to the job's last point."""
+        idx = torch.searchsorted(cum, r.contiguous(), right=True)
+        return torch.minimum(idx, (self.P.dev["n"] - 1).view(-1, *([1] * (idx.dim() - 1))))
+
+    def seed_kmeanspp(self, U: torch.Tensor) -> torch.Tensor:
+        """Greedy k-means++ for every job at once; returns chosen rows [J, kmax]."""
+        P, dev = self.P, self.dev
+        J, kmax = P.n_jobs, int(P.k.max())
+        trials = np.array([kpp_trials(int(k)) for k in P.k], dtype=np.int64)
+        tmax = int(trials.max())
+        trials_d = torch.as_tensor(trials, device=dev)
+        Ur = U[torch.as_tensor(P.run, device=dev)]  # [J, L]
+        e_roff = P.dev["roff"][P.dev["e_job"]]
+        rows = torch.arange(P.n_entries, device=dev) - P.dev["loff"][P.dev["e_job"]]
+        w = self._padded(P.W[e_roff + rows].double(), 0.0)  # [J, Nmax]
+        kd = P.dev["k"]
+        chosen = torch.zeros(J, kmax, dtype=torch.int64, device=dev)
+        cum = torch.cumsum(w, 1)
+        first = self._search(cum, Ur[:, 0:1] * cum[:, -1:])  # [J, 1]
+        chosen[:, 0] = first[:, 0]
+        out = torch.empty(tmax, J, w.shape[1], dtype=torch.float64, device=dev)
+        closest = torch.full_like(w, math.inf)
+        live = torch.ones(J, dtype=torch.bool, device=dev)
+        self.K.kpp_pass(P, first, closest, live, out[:1])
+        closest = out[0].clone()
+        ar = torch.arange(J, device=dev)
+        tt = torch.arange(tmax, device=dev)
+        for c in range(1, kmax):
+            live = kd > c
+            cum = torch.cumsum(w * closest, 1)
+            pos = (1 + (c - 1) * trials_d).unsqueeze(1) + tt.unsqueeze(0)  # [J, tmax]
+            pos = torch.minimum(pos, torch.tensor(Ur.shape[1] - 1, device=dev))
+            r = Ur.gather(1, pos) * cum[:, -1:]
+            cand = self._search(cum, r)  # [J, tmax]
+            self.K.kpp_pass(P, cand, closest, live, out)
+            pot = (out * w.unsqueeze(0)).sum(2).T  # [J, tmax]
+            pot = torch.where(tt.unsqueeze(0) < trials_d.unsqueeze(1), pot, torch.full_like(pot, math.inf))
+            best = pot.argmin(1)
+            newc = out[best, ar]
+            closest = torch.where(live.unsqueeze(1), newc, closest)
+            chosen[:, c] = torch.where(live, cand[ar, best], chosen[:, c])
+        return chosen
+
+    def seed_random(self, U: torch.Tensor) -> torch.Tensor:
+        """k distinct points per job drawn by weight without replacement (the cpu backend's
+        ``random_init``, batched across jobs)."""
+        P, dev = self.P, self.dev
+        J, kmax = P.n_jobs, int(P.k.max())
+        Ur = U[torch.as_tensor(P.run, device=dev)]
+        e_roff = P.dev["roff"][P.dev["e_job"]]
+        rows = torch.arange(P.n_entries, device=dev) - P.dev["loff"][P.dev["e_job"]]
+        w = self._padded(P.W[e_roff + rows].double(), 0.0)
+        valid = self._padded(torch.ones(P.n_entries, dtype=torch.bool, device=dev), False)
+        taken = torch.zeros_like(valid)
+        chosen = torch.zeros(J, kmax, dtype=torch.int64, device=dev)
+        ar = torch.arange(J, device=dev)
+        idx = torch.arange(w.shape[1], device=dev).unsqueeze(0)
+        for c in range(kmax):
+            live = P.dev["k"] > c
+            u = Ur[:, c:c + 1]
+            ww = torch.where(taken, torch.zeros_like(w), w)
+            cum = torch.cumsum(ww, 1)
+            tot = cum[:, -1:]
+            pick = torch.searchsorted(cum, (u * tot).contiguous(), right=True)[:, 0]
+            elig = (ww > 0)
+            last_elig = torch.where(elig, idx, torch.full_like(idx, -1)).max(1).values
+            pick = torch.where(pick >= P.dev["n"], last_elig, pick)
+            # only zero-weight points left: uniform among the untaken ones
+            free = valid & ~taken
+            cnt = torch.cumsum(free.double(), 1)
+            rr = torch.floor(u * cnt[:, -1:])
+            pick0 = torch.searchsorted(cnt, rr.contiguous(), right=True)[:, 0]
+            pick = torch.where(tot[:, 0] > 0, pick, pick0).clamp_(max=w.shape[1] - 1)
+            pick = torch.where(live, pick, torch.zeros_like(pick))
+            taken[ar[live], pick[live]] = True
+            chosen[:, c] = pick
+        return chosen
+
+    def initial_centroids(self) -> torch.Tensor:
+        P, probs = self.P, self.probs
+        if probs.init == "given":
+            return torch.cat([probs.init_centers[int(p)].reshape(-1) for p in P.problem]).to(P.X.dtype)
+        U = self._uniforms()
+        chosen = self.seed_kmeanspp(U) if probs.init == "k-means++" else self.seed_random(U)
+        return self._gather_points(chosen)
+
+    # ------------------------------------------------------------------ Lloyd
+    def _relocate(self, j: int, C_old: torch.Tensor, lab: torch.Tensor, sums: torch.Tensor, wsum: torch.Tensor,
+                  empty: list[int]) -> None:
+        """The cpu backend's empty-cluster repair for job ``j`` (rare: run on the host)."""
+        P = self.P
+        n, d, k = int(P.n[j]), int(P.d[j]), int(P.k[j])
+        x0, r0, l0, c0, g0 = (int(a[j]) for a in (P.xoff_h, P.roff_h, P.loff_h, P.coff_h, P.goff_h))
+        X = P.X[x0:x0 + n * d].view(n, d).cpu().numpy()
+        w = P.W[r0:r0 + n].double().cpu().numpy()
+        lb = lab[l0:l0 + n].long().cpu().numpy()
+        C = C_old[c0:c0 + k * d].view(k, d).cpu().numpy()
+        S = sums[c0:c0 + k * d].view(k, d).cpu().numpy().copy()
+        ws = wsum[g0:g0 + k].cpu().numpy().copy()
+        d2 = ((X.astype(np.float64) - C[lb].astype(np.float64)) ** 2).sum(1)
+        cand = [i for i in range(n) if w[i] > 0 and d2[i] > 0]
+        cand.sort(key=lambda i: (-d2[i], i))
+        picked: list[int] = []
+        pos = 0
+        for e in empty:
+            while pos < len(cand):
+                i = cand[pos]
+                pos += 1
+                f = lb[i]
+                if ws[f] - w[i] <= 0 or any(np.array_equal(X[q], X[i]) for q in picked):
+                    continue
+                S[f] -= w[i] * X[i].astype(np.float64)
+                ws[f] -= w[i]
+                S[e] = w[i] * X[i].astype(np.float64)
+                ws[e] = w[i]
+                picked.append(i)
+                break
+        sums[c0:c0 + k * d] = torch.as_tensor(S.reshape(-1), device=sums.device)
+        wsum[g0:g0 + k] = torch.as_tensor(ws, device=wsum.device)
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(C flat, labels [M] int32, inertia [J], n_iter [J], converged [J])."""
+        P, K, dev = self.P, self.K, self.dev
+        J, M, G = P.n_jobs, P.n_entries, P.n_clusters
+        C = self.initial_centroids().contiguous()
+        lab = torch.full((M,), -1, dtype=torch.int32, device=dev)
+        lab_old = torch.empty_like(lab)
+        active = torch.ones(J, dtype=torch.bool, device=dev)
+        strict = torch.zeros(J, dtype=torch.bool, device=dev)
+        n_iter = torch.zeros(J, dtype=torch.int32, device=dev)
+        sums = torch.zeros(P.n_cvals, dtype=torch.float64, device=dev)
+        wsum = torch.zeros(G, dtype=torch.float64, device=dev)
+        e_job, g_job = P.dev["e_job"], P.dev["g_job"]
+        c_job = _expand(torch.arange(J, device=dev), P.k * P.d, P.n_cvals)
+        c_g = _expand(torch.arange(G, device=dev), np.repeat(P.d, P.k), P.n_cvals)
+        key_base = P.dev["goff"][e_job]
+        for _ in range(self.probs.max_iter):
+            if not bool(active.any()):
+                break
+            lab_old.copy_(lab)
+            K.assign(P, C, _centroid_norms(P, C), active, lab)
+            changed = _segment_sum((lab != lab_old).to(torch.float64), P.n)
+            key = key_base + lab.long()
+            order = torch.argsort(key, stable=True)
+            counts = torch.bincount(key, minlength=G)
+            seg_start = torch.cumsum(counts, 0) - counts
+            gmask = active[g_job]
+            K.segment_sum(P, order, seg_start, counts, gmask, sums, wsum)
+            empty_g = (wsum <= 0) & gmask
+            empty_job = torch.zeros(J, dtype=torch.bool, device=dev)
+            if bool(empty_g.any()):
+                eg = torch.nonzero(empty_g).flatten().cpu().numpy()
+                gj = g_job.cpu().numpy()
+                for j in sorted(set(gj[eg].tolist())):
+                    empty = [int(g - P.goff_h[j]) for g in eg if gj[g] == j]
+                    self._relocate(j, C, lab, sums, wsum, empty)
+                empty_job[torch.as_tensor(sorted(set(gj[eg].tolist())), device=dev)] = True
+            has = wsum[c_g] > 0
+            cnew = torch.where(has, (sums / torch.where(has, wsum[c_g], torch.ones_like(sums))).to(C.dtype), C)
+            shift = _segment_sum((cnew.double() - C.double()) ** 2, P.k * P.d)
+            C = torch.where(active[c_job], cnew, C)
+            unchanged = changed == 0
+            done = unchanged | (shift <= P.tol_abs)
+            strict = torch.where(active, unchanged & ~empty_job, strict)
+            n_iter += active.to(torch.int32)
+            active = active & ~done
+        converged = ~active
+        redo = ~strict
+        if bool(redo.any()):
+            K.assign(P, C, _centroid_norms(P, C), redo, lab)
+        inertia = _segment_sum(K.sqdist(P, C, lab), P.n)
+        return C, lab, inertia, n_iter, converged
+
+
+def solve_packed(probs: Problems, problems: list[int], kernels, out: dict) -> None:
+    """Run ``problems`` through :class:`PackedLloyd` with ``kernels``; store per-problem results
+    (best run by inertia, the first on ties) in ``out``."""
+    if not problems:
+        return
+    P = pack(probs, problems)
+    C, lab, inertia, n_iter, conv = PackedLloyd(P, kernels, probs).run()
+    runs = int(P.run.max()) + 1
+    best = inertia.view(-1, runs).argmin(1).cpu().numpy()
+    for q, p in enumerate(problems):
+        j = q * runs + int(best[q])
+        n, d, k = int(P.n[j]), int(P.d[j]), int(P.k[j])
+        c0, l0 = int(P.coff_h[j]), int(P.loff_h[j])
+        out[p] = (C[c0:c0 + k * d].view(k, d), lab[l0:l0 + n].long(), inertia[j], n_iter[j], conv[j])
+
+
+def collect(probs: Problems, out: dict) -> RawResult:
+    B = probs.n_problems
+    dev = probs.datasets[0].device
+    res = [out[p] for p in range(B)]
+    return RawResult(
+        centroids=[r[0] for r in res], labels=[r[1] for r in res],
+        inertia=torch.stack([r[2].to(torch.float64) for r in res]).to(dev),
+        n_iter=torch.stack([r[3].to(torch.int32) for r in res]).to(dev),
+        converged=torch.stack([r[4].to(torch.bool) for r in res]).to(dev),
+        algorithm=["lloyd"] * B,
+    )
+
+
+def check_supported(probs: Problems, backend: str) -> None:
+    if probs.algorithm == "exact1d":
+        raise NotImplementedError(f"algorithm='exact1d' is implemented by the cpu backend only, not {backend}")
