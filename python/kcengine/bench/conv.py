@@ -271,6 +271,25 @@ def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat
     return result
 
 
+def _targets(r: dict) -> list[dict]:
+    rows = []
+    for srow in r["summary"]:
+        if srow["batch"] == 32 and srow["granularity"] == "filter" and srow["K"] == "C_out/4":
+            v = srow["geomean_speedup_3x3"]
+            rows.append({"target": "filter, K = C_out/4, batch 32, geomean over 3x3 shapes", "goal": ">= 3.5x",
+                         "measured": v, "met": "yes" if v >= 3.5 else "no"})
+    for e in r["e2e"]:
+        if str(e["memory_format"]).startswith("best"):
+            rows.append({"target": f"end-to-end resnet18, batch {e['batch']} ({e['memory_format']})", "goal": ">= 2.5x",
+                         "measured": e["speedup"], "met": "yes" if e["speedup"] >= 2.5 else "no"})
+    kern = [x for x in r["layers"] if x["granularity"] == "kernel" and x["flop_ratio"] < 0.5]
+    if kern:
+        fast = sum(x["speedup"] > 1 for x in kern)
+        rows.append({"target": "kernel granularity faster than dense where FLOPs < dense/2", "goal": "all rows",
+                     "measured": f"{fast}/{len(kern)} rows", "met": "yes" if fast == len(kern) else "no"})
+    return rows
+
+
 def _markdown(r: dict) -> str:
     info = r["info"]
     lines = ["# Centroid-indexed convolution vs dense convolution", "",
@@ -288,6 +307,8 @@ def _markdown(r: dict) -> str:
              "gather pass; kernel: one native pass per output pixel tile computing each input channel's M codebook "
              "responses in registers and scattering them into the C_out accumulators, no depthwise maps in memory).",
              "- FLOP ratio = clustered FLOPs / dense FLOPs (filter: K/C_out; kernel: M/C_out + 1/(2 kh kw)).",
+             "", "## Targets of the issue (values from this run)", "",
+             markdown_table(_targets(r)),
              "", "## Summary (geometric means over resnet18's distinct conv shapes)", "",
              markdown_table(r["summary"]),
              "", "## End to end: resnet18 inference, every conv clustered (filter, K = C_out/4), "
