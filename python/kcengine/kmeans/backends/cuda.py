@@ -110,17 +110,26 @@ def fused_smem_bytes(n: int, d: int, k: int, itemsize: int, threads: int) -> int
     """Dynamic shared memory of the fused kernel for one problem, laid out exactly as
     ``kmeans_fused.cu`` ``FusedLayout`` does: float64 arrays first (sums [k*D], wsum [k],
     aux [N], reduction [threads], scratch), then the data type's arrays (X [N*D], C [k*D],
-    ||c||^2 [k]), then int32 arrays (labels [N], picked [k]), rounded up to 16 bytes."""
+    ||c||^2 [k]), then int32 arrays (labels [N], picked [k], reduction indices [threads]),
+    rounded up to 16 bytes."""
     doubles = k * d + k + n + threads + FUSED_SCRATCH_DOUBLES
     items = n * d + k * d + k
-    ints = n + k
+    ints = n + k + threads
     total = 8 * doubles + itemsize * items + 4 * ints
     return (total + 15) // 16 * 16
 
 
+FUSED_MAX_N = 4096  # the cpu core sums clusters in one chunk up to here: the fused sums add in its order
+FUSED_MAX_WORK = 1 << 22  # n * k * d multiply-adds per iteration for one block of <= 256 threads
+
+
 def fits_fused(n: int, d: int, k: int, itemsize: int, smem_limit: int) -> bool:
     """Whether a problem runs in the fused kernel: its whole state fits the device's opt-in
-    shared memory per block (``smem_limit`` bytes)."""
+    shared memory per block (``smem_limit`` bytes), N <= ``FUSED_MAX_N`` and one iteration is
+    at most ``FUSED_MAX_WORK`` multiply-adds (more is better spread over the whole device by the
+    packed path)."""
+    if n > FUSED_MAX_N or n * k * d > FUSED_MAX_WORK:
+        return False
     return fused_smem_bytes(n, d, k, itemsize, fused_threads(n, k, d)) <= smem_limit
 
 
@@ -585,3 +594,182 @@ def collect(probs: Problems, out: dict) -> RawResult:
 def check_supported(probs: Problems, backend: str) -> None:
     if probs.algorithm == "exact1d":
         raise NotImplementedError(f"algorithm='exact1d' is implemented by the cpu backend only, not {backend}")
+
+
+# ======================================================================= CuPy launchers
+_MODULES: dict = {}
+ASSIGN_BLOCK = 128  # KC_BN in kmeans_large.cu
+SEGMENT_FEATURES = 32  # KC_SD
+SEGMENT_THREADS = 32 * 8  # KC_SD * KC_SL
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as exc:  # the registry checks this first; explicit calls get a clear message
+        raise RuntimeError("the cuda backend needs cupy (pip install 'kcengine[cuda12]' or 'kcengine[cuda13]')") from exc
+    return cupy
+
+
+def _module(device_index: int, name: str):
+    """``csrc/cuda/<name>.cu`` compiled by NVRTC for one device, cached for the process."""
+    key = (device_index, name)
+    mod = _MODULES.get(key)
+    if mod is None:
+        cp = _cupy()
+        src = cuda_sources_dir()
+        with cp.cuda.Device(device_index):
+            mod = cp.RawModule(code=(src / f"{name}.cu").read_text(), options=("--std=c++17", f"-I{src}"))
+            mod.compile()
+        _MODULES[key] = mod
+    return mod
+
+
+def _stream(device: torch.device):
+    """torch's current stream on ``device`` as a CuPy stream (kernels queue behind torch's work)."""
+    cp = _cupy()
+    return cp.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device.index)
+
+
+def _arr(t: torch.Tensor):
+    """Zero-copy CuPy view of a torch tensor (DLPack); bool tensors go as uint8."""
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return _cupy().from_dlpack(t.contiguous())
+
+
+def smem_limit(device: torch.device) -> int:
+    """Opt-in shared memory per block of ``device`` in bytes."""
+    cp = _cupy()
+    return int(cp.cuda.Device(device.index).attributes["MaxSharedMemoryPerBlockOptin"])
+
+
+class CupyKernels:
+    """The packed driver's kernel interface (see :class:`TorchKernels`) with ``kmeans_large.cu``."""
+
+    name = "cuda"
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device = device
+        self.suffix = "f32" if dtype == torch.float32 else "f64"
+        self.mod = _module(device.index, "kmeans_large")
+        self._tiles: dict = {}
+
+    def _fn(self, name):
+        return self.mod.get_function(f"kc_{name}_{self.suffix}")
+
+    def _tile_table(self, P):
+        key = id(P)
+        if key not in self._tiles:
+            tj, tr = assign_tiles(P.n, ASSIGN_BLOCK)
+            self._tiles = {key: (torch.as_tensor(tj, device=self.device), torch.as_tensor(tr, device=self.device))}
+        return self._tiles[key]
+
+    def _launch(self, name, grid, block, args):
+        fn = self._fn(name)
+        with _stream(self.device):
+            fn(grid, block, tuple(_arr(a) if isinstance(a, torch.Tensor) else a for a in args))
+
+    def assign(self, P, C, cnorm, mask, lab):
+        tj, tr = self._tile_table(P)
+        v = P.dev
+        self._launch("assign", (int(tj.numel()),), (ASSIGN_BLOCK,),
+                     (P.X, C, cnorm, lab, mask, tj, tr, v["xoff"], v["loff"], v["coff"], v["goff"], v["n"], v["d"],
+                      v["k"]))
+
+    def segment_sum(self, P, order, seg_start, counts, gmask, sums, wsum):
+        v = P.dev
+        nd = (int(P.d.max()) + SEGMENT_FEATURES - 1) // SEGMENT_FEATURES
+        self._launch("segment_sum", (P.n_clusters, nd), (SEGMENT_THREADS,),
+                     (P.X, P.W, order, seg_start, counts, gmask, v["g_job"], v["g_coff"], v["xoff"], v["roff"],
+                      v["loff"], v["d"], sums, wsum))
+
+    def kpp_pass(self, P, cand, closest, live, out):
+        tj, tr = self._tile_table(P)
+        v = P.dev
+        self._launch("kpp_pass", (int(tj.numel()), int(out.shape[0])), (ASSIGN_BLOCK,),
+                     (P.X, cand.contiguous(), closest.contiguous(), out, live, tj, tr, v["xoff"], v["n"], v["d"],
+                      np.int64(cand.shape[1]), np.int64(closest.shape[1]), np.int64(P.n_jobs)))
+
+    def sqdist(self, P, C, lab):
+        tj, tr = self._tile_table(P)
+        out = torch.empty(P.n_entries, dtype=torch.float64, device=self.device)
+        v = P.dev
+        self._launch("sqdist", (int(tj.numel()),), (ASSIGN_BLOCK,),
+                     (P.X, P.W, C, lab, out, tj, tr, v["xoff"], v["roff"], v["loff"], v["coff"], v["n"], v["d"]))
+        return out
+
+
+_INIT_CODE = {"given": 0, "k-means++": 1, "random": 2}
+
+
+def _solve_fused(probs: Problems, problems: list[int], out: dict) -> None:
+    """One block per (problem, run) in ``kmeans_fused.cu``; launches grouped by :func:`fused_buckets`."""
+    P = pack(probs, problems)
+    dev = P.X.device
+    suffix = "f32" if P.X.dtype == torch.float32 else "f64"
+    fn = _module(dev.index, "kmeans_fused").get_function(f"kc_kmeans_fused_{suffix}")
+    itemsize = P.X.element_size()
+    v = P.dev
+    meta = torch.stack([v["xoff"], v["roff"], v["loff"], v["coff"], v["n"], v["d"], v["k"],
+                        torch.as_tensor(P.run, device=dev)], 1).contiguous()
+    if probs.init == "given":
+        init_c = torch.cat([probs.init_centers[int(p)].reshape(-1) for p in P.problem]).to(P.X.dtype)
+    else:
+        init_c = torch.zeros(1, dtype=P.X.dtype, device=dev)
+    C = torch.empty(P.n_cvals, dtype=P.X.dtype, device=dev)
+    lab = torch.empty(P.n_entries, dtype=torch.int64, device=dev)
+    inertia = torch.empty(P.n_jobs, dtype=torch.float64, device=dev)
+    n_iter = torch.empty(P.n_jobs, dtype=torch.int32, device=dev)
+    conv = torch.empty(P.n_jobs, dtype=torch.uint8, device=dev)
+    threads = [fused_threads(int(n), int(k), int(d)) for n, d, k in zip(P.n, P.d, P.k)]
+    smem = [fused_smem_bytes(int(n), int(d), int(k), itemsize, t) for n, d, k, t in zip(P.n, P.d, P.k, threads)]
+    args_tail = (np.int32(_INIT_CODE[probs.init]), np.int32(probs.max_iter), np.uint64(probs.seed), _arr(C),
+                 _arr(lab), _arr(inertia), _arr(n_iter), _arr(conv))
+    with _stream(dev):
+        for nt, sm, jobs in fused_buckets(smem, threads):
+            fn.max_dynamic_shared_size_bytes = sm
+            jt = torch.as_tensor(np.asarray(jobs, dtype=np.int64), device=dev)
+            fn((len(jobs),), (nt,), (_arr(P.X), _arr(P.W), _arr(meta), _arr(P.tol_abs), _arr(init_c), _arr(jt))
+               + args_tail, shared_mem=sm)
+    runs = int(P.run.max()) + 1
+    best = inertia.view(-1, runs).argmin(1).cpu().numpy()
+    for q, p in enumerate(problems):
+        j = q * runs + int(best[q])
+        n, d, k = int(P.n[j]), int(P.d[j]), int(P.k[j])
+        c0, l0 = int(P.coff_h[j]), int(P.loff_h[j])
+        out[p] = (C[c0:c0 + k * d].view(k, d), lab[l0:l0 + n], inertia[j], n_iter[j], conv[j].bool())
+
+
+def route(probs: Problems, itemsize: int, limit: int, path: str = "auto") -> tuple[list[int], list[int]]:
+    """Problems for the fused kernel and for the packed path.  ``path`` forces one ("fused" still
+    sends problems that do not fit to the packed path)."""
+    fused, packed = [], []
+    for p in range(probs.n_problems):
+        ds = probs.datasets[int(probs.data_index[p])]
+        n, d, k = int(ds.shape[0]), int(ds.shape[1]), int(probs.k[p])
+        ok = path != "packed" and fits_fused(n, d, k, itemsize, limit)
+        (fused if ok else packed).append(p)
+    return fused, packed
+
+
+def solve(probs: Problems, *, path: str | None = None) -> RawResult:
+    """Solve every problem of ``probs`` (torch tensors on one CUDA device) with the CUDA kernels.
+
+    ``path``: ``"auto"`` (default; env ``KCENGINE_CUDA_PATH``), ``"fused"`` or ``"packed"``.
+    """
+    check_supported(probs, "cuda")
+    dev = probs.datasets[0].device
+    if dev.type != "cuda":
+        raise RuntimeError(f"the cuda backend takes CUDA tensors, got data on {dev}")
+    path = path or os.environ.get("KCENGINE_CUDA_PATH", "auto")
+    if path not in ("auto", "fused", "packed"):
+        raise ValueError(f"path must be 'auto', 'fused' or 'packed', got {path!r}")
+    itemsize = probs.datasets[0].element_size()
+    fused, packed = route(probs, itemsize, smem_limit(dev), path)
+    out: dict = {}
+    if fused:
+        _solve_fused(probs, fused, out)
+    if packed:
+        solve_packed(probs, packed, CupyKernels(dev, probs.datasets[0].dtype), out)
+    return collect(probs, out)

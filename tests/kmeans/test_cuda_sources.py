@@ -1,0 +1,219 @@
+"""The CUDA k-means sources and the cuda backend's host-side logic, without a GPU.
+
+* every ``csrc/cuda/*.cu`` compiles with nvcc for sm_80 and sm_90 (``-cubin``, warnings as
+  errors) and includes nothing NVRTC lacks;
+* the random stream in ``kmeans_common.cuh`` (compiled for the host by nvcc) equals the Python
+  copy, and the Python copy drives the packed driver to the cpu backend's exact results;
+* launch-parameter logic: shared-memory sizing, routing, block sizes, tiles, launch buckets;
+* the packed driver with the torch kernel set against the cpu backend (the CUDA and Triton
+  kernel sets plug into the same driver).
+"""
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kcengine.kmeans import api
+from kcengine.kmeans.backends import cpu as cpu_backend
+from kcengine.kmeans.backends import cuda as cb
+
+SRC = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
+CU_FILES = sorted(SRC.glob("*.cu"))
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+
+
+def test_sources_present_and_found():
+    names = {p.name for p in CU_FILES}
+    assert {"kmeans_fused.cu", "kmeans_large.cu"} <= names
+    assert cb.cuda_sources_dir().resolve() == SRC.resolve() or (cb.cuda_sources_dir() / "kmeans_fused.cu").is_file()
+
+
+@pytest.mark.parametrize("path", CU_FILES + sorted(SRC.glob("*.cuh")), ids=lambda p: p.name)
+def test_sources_are_nvrtc_friendly(path):
+    text = path.read_text()
+    includes = re.findall(r'#include\s+([<"][^>"]+[>"])', text)
+    assert all(inc.startswith('"') for inc in includes), f"{path.name} includes host headers: {includes}"
+    if path.suffix == ".cu":
+        assert 'extern "C" __global__' in text
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("path", CU_FILES, ids=lambda p: p.name)
+def test_nvcc_compiles_without_warnings(path, arch, tmp_path):
+    out = subprocess.run([NVCC, "-std=c++17", "-cubin", f"-arch={arch}", "--Werror", "all-warnings",
+                          "-Xptxas", "-Werror", "-I", str(SRC), "-o", str(tmp_path / "k.cubin"), str(path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "k.cubin").stat().st_size > 0
+
+
+@needs_nvcc
+def test_device_rng_matches_python_stream(tmp_path):
+    prog = tmp_path / "rng.cu"
+    prog.write_text(
+        '#include <cstdio>\n#include "kmeans_common.cuh"\n'
+        "int main() {\n"
+        "  const unsigned long long seeds[3] = {0ull, 42ull, 9223372036854775807ull};\n"
+        "  for (int s = 0; s < 3; ++s) for (unsigned long long st = 0; st < 3; ++st) {\n"
+        "    kc::Rng r(seeds[s], st);\n"
+        '    for (int i = 0; i < 5; ++i) std::printf("%.17g\\n", r.uniform());\n'
+        "  }\n"
+        '  const long long ks[8] = {1, 2, 3, 7, 8, 20, 21, 100000};\n'
+        '  for (int i = 0; i < 8; ++i) std::printf("%d\\n", kc::kpp_trials(ks[i]));\n'
+        "}\n")
+    exe = tmp_path / "rng"
+    out = subprocess.run([NVCC, "-std=c++17", "-I", str(SRC), "-o", str(exe), str(prog)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    vals = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    want = np.concatenate([cb.rng_uniforms(s, st, 5) for s in (0, 42, 2**63 - 1) for st in range(3)])
+    np.testing.assert_array_equal(np.array(vals[:45], dtype=np.float64), want)
+    assert [int(v) for v in vals[45:]] == [cb.kpp_trials(k) for k in (1, 2, 3, 7, 8, 20, 21, 100000)]
+    assert [cb.kpp_trials(k) for k in (1, 2, 3, 7, 8, 20, 21)] == [2 + int(math.log(k)) for k in (1, 2, 3, 7, 8, 20, 21)]
+
+
+def test_rng_uniforms_in_unit_interval_and_stream_dependent():
+    a, b = cb.rng_uniforms(1, 0, 1000), cb.rng_uniforms(1, 1, 1000)
+    assert ((a >= 0) & (a < 1)).all() and not np.array_equal(a, b)
+    assert abs(a.mean() - 0.5) < 0.05
+    assert cb.uniforms_needed(10, "k-means++") == 1 + 9 * cb.kpp_trials(10)
+    assert cb.uniforms_needed(10, "random") == 10 and cb.uniforms_needed(10, "given") == 0
+
+
+# ------------------------------------------------------------------- launch-parameter logic
+H100_OPTIN = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on sm_90 (227 KiB)
+A100_OPTIN = 166912  # on sm_80 (163 KiB)
+
+
+def test_fused_smem_bytes_counts_every_array():
+    n, d, k, t = 100, 9, 16, 128
+    doubles = k * d + k + n + t + cb.FUSED_SCRATCH_DOUBLES
+    raw = 8 * doubles + 4 * (n * d + k * d + k) + 4 * (n + k + t)
+    assert cb.fused_smem_bytes(n, d, k, 4, t) == (raw + 15) // 16 * 16
+    assert cb.fused_smem_bytes(n, d, k, 8, t) > cb.fused_smem_bytes(n, d, k, 4, t)
+    assert cb.fused_smem_bytes(n, d, k, 4, t) % 16 == 0
+
+
+@pytest.mark.parametrize("n,d,k,itemsize,limit,fits", [
+    (512, 9, 16, 4, A100_OPTIN, True),      # kernels of a 512-filter layer, one input channel
+    (64, 27, 8, 4, 48 * 1024, True),        # first-layer filters
+    (512, 4608, 16, 4, H100_OPTIN, False),  # 512 filters of 512x3x3: 9.4 MB of points
+    (4096, 9, 256, 4, H100_OPTIN, False),   # fits in 227 KiB but 9.4M MACs per iteration: packed path
+    (1000, 9, 16, 4, 1000, False),          # a device limit below the state
+    (5000, 1, 2, 4, H100_OPTIN, False),     # N above the cpu core's one-chunk size
+    (2000, 1, 8, 8, H100_OPTIN, True),      # a 1-D problem in float64
+])
+def test_fits_fused(n, d, k, itemsize, limit, fits):
+    assert cb.fits_fused(n, d, k, itemsize, limit) is fits
+
+
+def test_fits_fused_is_monotone():
+    for n in (10, 100, 1000, 3000):
+        sizes = [cb.fused_smem_bytes(n, 9, k, 4, cb.fused_threads(n, k, 9)) for k in (2, 4, 8, 16, 32)]
+        assert sizes == sorted(sizes)
+    small = cb.fits_fused(1000, 9, 16, 4, H100_OPTIN)
+    assert small and not cb.fits_fused(1000, 9, 16, 4, 1000)
+
+
+@pytest.mark.parametrize("n,k,d,want", [(1, 1, 1, 64), (64, 2, 3, 64), (65, 2, 1, 128), (100, 50, 3, 256),
+                                        (5000, 4, 4, 256)])
+def test_fused_threads(n, k, d, want):
+    t = cb.fused_threads(n, k, d)
+    assert t == want and t & (t - 1) == 0 and 64 <= t <= 256
+
+
+def test_fused_buckets_group_by_threads_and_size():
+    smem = [1500, 2000, 70000, 3000, 2048]
+    threads = [64, 64, 256, 64, 128]
+    buckets = cb.fused_buckets(smem, threads)
+    jobs = sorted(j for _, _, js in buckets for j in js)
+    assert jobs == list(range(5))
+    for t, sm, js in buckets:
+        assert all(threads[j] == t for j in js) and sm == max(smem[j] for j in js)
+        sizes = [smem[j] for j in js]
+        assert max(sizes) <= 2 * max(1024, min(sizes))  # a launch never mixes sizes beyond a factor 2
+    assert any(js == [0, 1] for _, _, js in buckets)
+
+
+@pytest.mark.parametrize("block", [16, 128])
+def test_assign_tiles_cover_each_row_once(block):
+    n = np.array([1, 128, 129, 300, 7])
+    tj, tr = cb.assign_tiles(n, block)
+    assert len(tj) == sum((v + block - 1) // block for v in n)
+    for j, v in enumerate(n):
+        rows = np.concatenate([np.arange(r, min(r + block, v)) for r in tr[tj == j]])
+        np.testing.assert_array_equal(rows, np.arange(v))
+    assert (np.diff(tj) >= 0).all()
+
+
+def test_route_respects_limit_and_forced_path():
+    xs = [torch.zeros(50, 3), torch.zeros(3000, 64)]
+    probs, _ = api._build(xs, [4, 8], init="k-means++", n_init=1, max_iter=10, tol=1e-4, sample_weight=None,
+                          seed=0, algorithm="auto")
+    assert cb.route(probs, 4, H100_OPTIN) == ([0], [1])
+    assert cb.route(probs, 4, H100_OPTIN, "packed") == ([], [0, 1])
+    assert cb.route(probs, 4, 100) == ([], [0, 1])
+
+
+def test_cuda_backend_refuses_cpu_tensors():
+    probs, _ = api._build(torch.zeros(4, 2), 2, init="k-means++", n_init=1, max_iter=10, tol=1e-4,
+                          sample_weight=None, seed=0, algorithm="auto")
+    with pytest.raises(RuntimeError, match="cuda backend takes CUDA tensors"):
+        cb.solve(api._convert(probs, "cuda"))
+
+
+# ------------------------------------------------------------- packed driver vs cpu backend
+def _compare(probs, *, exact=True):
+    out: dict = {}
+    pt = api._convert(probs, "torch")
+    cb.solve_packed(pt, list(range(pt.n_problems)), cb.TorchKernels(), out)
+    got = cb.collect(pt, out)
+    ref = cpu_backend.solve(api._convert(probs, "cpu"))
+    for p in range(probs.n_problems):
+        assert np.array_equal(got.labels[p].numpy(), ref.labels[p]), f"labels of problem {p}"
+        np.testing.assert_allclose(got.centroids[p].numpy(), ref.centroids[p], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.inertia.numpy(), ref.inertia, rtol=1e-6 if exact else 1e-4)
+    np.testing.assert_array_equal(got.n_iter.numpy(), ref.n_iter)
+    np.testing.assert_array_equal(got.converged.numpy(), ref.converged)
+    return got, ref
+
+
+@pytest.mark.parametrize("init,n_init,weighted,dtype", [("k-means++", 1, False, np.float32),
+                                                         ("k-means++", 3, True, np.float64),
+                                                         ("random", 2, True, np.float32)])
+def test_packed_driver_matches_cpu_backend(init, n_init, weighted, dtype):
+    rng = np.random.default_rng(3)
+    shapes, ks = [(60, 3), (37, 5), (80, 1), (20, 7), (9, 2)], [4, 3, 6, 20, 9]
+    xs = [rng.normal(size=s).astype(dtype) for s in shapes]
+    sw = [rng.uniform(0, 2, size=s[0]) for s in shapes] if weighted else None
+    if weighted:
+        sw[0][:10] = 0.0
+    probs, _ = api._build(xs, ks, init=init, n_init=n_init, max_iter=300, tol=1e-4, sample_weight=sw, seed=17,
+                          algorithm="auto")
+    _compare(probs)
+
+
+def test_packed_driver_max_iter_and_sweep():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(200, 4)).astype(np.float32)
+    probs, _ = api._build(x, None, init="k-means++", n_init=1, max_iter=2, tol=0.0, sample_weight=None, seed=1,
+                          algorithm="auto", sweep_ks=[3, 8, 30])
+    got, _ = _compare(probs)
+    assert got.n_iter.tolist() == [2, 2, 2] and not bool(got.converged.any())
+
+
+def test_packed_driver_given_start_with_empty_clusters():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    x[30:] = x[0]  # duplicates: relocation must not pick the same coordinates twice
+    init = np.concatenate([x[:3], np.full((3, 3), 100.0, dtype=np.float32)])
+    probs, _ = api._build(x, None, init=init, n_init=1, max_iter=50, tol=0.0, sample_weight=None, seed=0,
+                          algorithm="auto")
+    _compare(probs)
