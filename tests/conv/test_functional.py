@@ -269,16 +269,3 @@ def test_import_touches_no_triton_or_cupy():
     code = "import sys, kcengine, kcengine.nn; print(any(m.split('.')[0] in ('triton', 'cupy') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-
-
-def test_kernel_path_in_batch_chunks_matches(monkeypatch):
-    """Inference runs the kernel granularity in batch chunks when its depthwise maps would be large."""
-    from kcengine.conv import backends
-
-    x, cb, idx, conv = _case((5, 5, 7, 13, 11, 3, 1, 1, 1, 3), "kernel", torch.float32, seed=7)
-    res = torch.randn(5, 7, 13, 11)
-    ref = torch.relu(F.conv2d(x, dense_weight(cb, idx, "kernel"), **conv) + res)
-    monkeypatch.setattr(backends, "_MAPS_BYTES", 13 * 11 * 15 * 4 * 2)  # two images per chunk: 3 chunks
-    with torch.no_grad():
-        y = kcengine.indexed_conv2d(x, cb, idx, granularity="kernel", relu=True, residual=res, backend="cpu", **conv)
-    _close(y, ref, torch.float32)

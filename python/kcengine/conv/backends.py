@@ -9,10 +9,13 @@ groups == 1) and share one signature::
   ``index_select`` on channels.  Kernel: a grouped (depthwise, channel multiplier M) conv with the
   codebook kernels each input channel uses, then the gather-sum as a sparse ``[C_out, P]`` one-hot
   matrix times the ``[P, N*H*W]`` maps.
-* ``cpu``: the same convolutions (torch/oneDNN), then the C++ core's one-pass gather (+ bias, BN
-  affine, residual, ReLU) or gather-sum.  Float32/float64 only (other dtypes take the torch path).
-  Under autograd the native forward is wrapped in a Function whose backward re-runs the torch
-  reference of that step (same maths, autograd-derived) — exact weight-sharing gradients.
+* ``cpu``: filter: the same K-filter conv (torch/oneDNN), then the C++ core's one-pass gather (+ bias,
+  BN affine, residual, ReLU).  Kernel, inference: one native direct kernel (``conv_kernel_direct``:
+  per pixel tile, each input channel's M codebook responses in registers, scattered into the C_out
+  accumulators; the depthwise maps never exist in memory), channels-last output.  Kernel, under
+  autograd: depthwise maps (torch) + the native gather-sum.  Float32/float64 only (other dtypes take
+  the torch path).  Under autograd the native step is wrapped in a Function whose backward re-runs
+  the torch reference of that step (same maths, autograd-derived) — exact weight-sharing gradients.
 """
 from __future__ import annotations
 
@@ -252,26 +255,6 @@ def cpu_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, gran
     if kind == "gather":
         return _native_gather(src, idx32, scale, shift, residual, relu)
     return _native_gather_sum(src, idx32, scale, shift, residual, relu)
-
-
-# Largest depthwise-map tensor the kernel path materializes at once (inference); bigger batches go in chunks.
-_MAPS_BYTES = 128 << 20
-
-
-def _kernel_chunked(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual):
-    """Inference-only kernel granularity in batch chunks: p is C_in*M maps per image, which at batch 32
-    would not fit any cache (nor, at K = C_out/2, much memory)."""
-    n = x.shape[0]
-    h, w = _out_hw(x, codebook.shape[-2:], stride, padding, dilation)
-    per_image = plan.n_maps * h * w * x.element_size()
-    step = max(1, _MAPS_BYTES // max(per_image, 1))
-    pair32 = plan.pair.to(torch.int32)
-    outs = []
-    for i in range(0, n, step):
-        p = _depthwise_maps(x[i:i + step], codebook, plan, stride, padding, dilation)
-        outs.append(_native_gather_sum(p, pair32, scale, shift,
-                                       None if residual is None else residual[i:i + step], relu))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _out_hw(x, k, stride, padding, dilation):
