@@ -150,6 +150,14 @@ def _clustered_resnet18(divisor: int = 4, granularity: str = "filter"):
 
     torch.manual_seed(0)
     dense = torchvision.models.resnet18().eval()
+    g = torch.Generator().manual_seed(0)
+    for bn in (m for m in dense.modules() if isinstance(m, nn.BatchNorm2d)):
+        # non-trivial statistics, so the fused affine (not an identity) is what the error column checks
+        c = bn.num_features
+        bn.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+        bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+        bn.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+        bn.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
     clustered = torchvision.models.resnet18().eval()
     clustered.load_state_dict(dense.state_dict())
     for i, (name, conv) in enumerate([(n, c) for n, c in clustered.named_modules() if isinstance(c, nn.Conv2d)]):
