@@ -535,7 +535,9 @@ void solve_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const st
     }
     C.c.swap(cnew);
     C.refresh();
-    if (lab == lab_old) { strict = true; break; }
+    // Labels unchanged: converged.  The final E-step is skipped unless a relocation moved a
+    // center in this very step (the labels would not match the returned centroids otherwise).
+    if (lab == lab_old) { strict = empty.empty(); break; }
     if (shift_tot <= prep.tol_abs) break;
     lab_old = lab;
   }
@@ -819,7 +821,7 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
     C.refresh();
     refresh_groups();
     lab_prev = lab;
-    if (changed == 0 && it > 0) { strict = true; break; }
+    if (changed == 0 && it > 0) { strict = empty.empty(); break; }
     if (shift_tot <= prep.tol_abs) break;
   }
   out.converged = it < max_iter;
@@ -937,7 +939,9 @@ bool solve_gram(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     for (i64 j = 0; j < k; ++j) shift_tot += std::max(0.0, cnn[j] - 2.0 * cross_old[j] + cn[j]);
     cr.swap(crn);
     cn.swap(cnn);
-    if (lab == lab_old) { strict = true; break; }
+    // Labels unchanged: converged.  The final E-step is skipped unless a relocation moved a
+    // center in this very step (the labels would not match the returned centroids otherwise).
+    if (lab == lab_old) { strict = empty.empty(); break; }
     if (shift_tot <= prep.tol_abs) break;
     lab_old = lab;
   }
@@ -985,12 +989,14 @@ void solve_1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::v
         if (c[ordc[m2]] != c[a]) { nb = ordc[m2]; break; }
       i64 end = n;
       if (nb >= 0) {
-        const double ca = c[a], cb = c[nb];
+        // nb (the larger center) is nearer past the midpoint.  Comparing against the midpoint
+        // keeps the predicate monotone in v; squared distances of two centers an ulp apart round
+        // equal far from the boundary and would break the binary search.
+        const double half = 0.5 * (c[a] + c[nb]);
         i64 L = start, R = n;  // first position where nb beats a
         while (L < R) {
           const i64 mid = (L + R) / 2;
-          const double da = (v[mid] - ca) * (v[mid] - ca), db = (v[mid] - cb) * (v[mid] - cb);
-          if (db < da || (db == da && nb < a)) R = mid;
+          if (v[mid] > half || (v[mid] == half && nb < a)) R = mid;
           else L = mid + 1;
         }
         end = L;
@@ -1030,7 +1036,7 @@ void solve_1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::v
       shift_tot += (cnew[j] - c[j]) * (cnew[j] - c[j]);
     }
     c.swap(cnew);
-    if (lo == lo_old && hi == hi_old) { strict = true; break; }
+    if (lo == lo_old && hi == hi_old) { strict = empty.empty(); break; }
     if (shift_tot <= prep.tol_abs) break;
     lo_old = lo;
     hi_old = hi;
@@ -1114,7 +1120,20 @@ void solve_exact1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Run<T>&
       c /= double(std::max<i64>(1, b - a));
     }
     out.centroids[m] = T(c);
-    for (i64 p = a; p < b; ++p) out.labels[prep.order[p]] = i32(m);
+  }
+  // Labels: the nearest centroid (ties to the lower index).  For points of positive weight this is
+  // their optimal interval; a weightless point may sit in any interval at no cost, so it is
+  // labelled by distance instead.
+  std::vector<double> cs(k);
+  for (i64 m = 0; m < k; ++m) cs[m] = double(out.centroids[m]);
+  for (i64 p = 0, m = 0; p < n; ++p) {
+    for (;;) {  // m stays the first index of its run of equal centroids
+      i64 q = m + 1;
+      while (q < k && cs[q] == cs[m]) ++q;
+      if (q < k && std::abs(v[p] - cs[q]) < std::abs(v[p] - cs[m])) m = q;
+      else break;
+    }
+    out.labels[prep.order[p]] = i32(m);
   }
   out.n_iter = 0;
   out.converged = true;

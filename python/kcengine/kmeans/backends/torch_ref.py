@@ -105,7 +105,8 @@ def _lloyd(x, w, c, max_iter, tol_abs):
         sums.scatter_add_(1, la.unsqueeze(2).expand(-1, -1, D), (xa * wa.unsqueeze(2)).double())
         wsum = torch.zeros(a.numel(), k, dtype=torch.float64, device=x.device)
         wsum.scatter_add_(1, la, wa.double())
-        for j in torch.nonzero((wsum <= 0).any(1)).flatten().tolist():
+        had_empty = (wsum <= 0).any(1)
+        for j in torch.nonzero(had_empty).flatten().tolist():
             _relocate(xa[j].double(), wa[j].double(), la[j], d2own[j], sums[j], wsum[j])
         cnew = torch.where(wsum.unsqueeze(2) > 0, sums / wsum.clamp_min(1e-300).unsqueeze(2), ca.double()).to(x.dtype)
         shift = ((cnew.double() - ca.double()) ** 2).sum((1, 2))
@@ -113,7 +114,8 @@ def _lloyd(x, w, c, max_iter, tol_abs):
         lab[a] = la
         n_iter[a] += 1
         same = (la == lab_old[a]).all(1)
-        strict[a] = same
+        # A relocation in this very step moved a center: labels must be recomputed at the end.
+        strict[a] = same & ~had_empty
         done = same | (shift <= tol_abs[a])
         lab_old[a] = la
         active[a] = ~done
