@@ -1203,35 +1203,130 @@ void prepare(const Dataset<T>& ds, const Params& params, Prepared<T>& prep, bool
   }
 }
 
-// Candidate pass of k-means++ on [N, D] data: squared distances from point c to all points in
-// the exact difference form, vectorized over points through the transposed copy of the data,
-// fused with the min and the potential.  Chunked like chunked_sum: thread-count independent.
+// Greedy k-means++ on [N, D] data, specialized for the direct solvers: the same draws and
+// choices as kmeanspp(), but every trial of a step is evaluated in ONE sweep over the transposed
+// data (each column loaded once for all trials), distances stay in the data's precision, and the
+// D^2 sampling walks per-block sums instead of a serial cumulative sum.  Reductions use the
+// fixed chunks of chunked_sum: the result does not depend on the thread count.
 template <class T>
-double direct_pass(const Dataset<T>& ds, const Prepared<T>& prep, i64 c, const double* closest, double* out, bool par) {
+void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& rng, std::vector<i64>& chosen,
+                     bool par) {
   const i64 n = ds.n, d = ds.d;
-  const T* xc = ds.x + c * d;
-  return chunked_sum(n, par, [&](i64 a, i64 b) {
-    constexpr i64 B = 512;
-    T acc[B];
-    double d2[B];
-    double pot = 0;
-    for (i64 i0 = a; i0 < b; i0 += B) {
-      const i64 i1 = std::min(b, i0 + B), m = i1 - i0;
-      for (i64 i = 0; i < m; ++i) acc[i] = T(0);
-      for (i64 q = 0; q < d; ++q) {
-        const T* col = &prep.xt[size_t(q) * n + i0];
-        const T cq = xc[q];
+  const double* w = ds.w;
+  constexpr i64 B = 256;           // points per block (sampling and the sweep)
+  constexpr i64 TMAX = 16;         // trials per step: 2 + ln k <= 16 for any k < 1.2e6
+  const i64 nb = (n + B - 1) / B;
+  const i64 trials = std::min<i64>(TMAX, 2 + i64(std::log(double(k))));
+  const i64 cs = chunk_size(n), nc = (n + cs - 1) / cs;
+  std::vector<T> closest(n), cd(size_t(trials) * n);
+  std::vector<double> bsum(nb), part(size_t(nc) * TMAX);
+  std::vector<i64> cid(TMAX);
+  chosen.assign(k, 0);
+
+  auto sample = [&](double u) -> i64 {  // first index whose cumulative weight*closest exceeds u*total
+    double total = 0;
+    for (i64 b = 0; b < nb; ++b) total += bsum[b];
+    double r = u * total;
+    i64 b = 0;
+    for (; b < nb - 1 && bsum[b] <= r; ++b) r -= bsum[b];
+    const i64 i0 = b * B, i1 = std::min(n, i0 + B);
+    double acc = 0;
+    for (i64 i = i0; i < i1; ++i) {
+      acc += weight(w, i) * double(closest[i]);
+      if (acc > r) return i;
+    }
+    return i1 - 1;
+  };
+  auto block_sums = [&]() {
+    for (i64 b = 0; b < nb; ++b) {
+      const i64 i0 = b * B, i1 = std::min(n, i0 + B);
+      double s = 0;
+      if (w) {
+#pragma omp simd reduction(+ : s)
+        for (i64 i = i0; i < i1; ++i) s += w[i] * double(closest[i]);
+      } else {
+#pragma omp simd reduction(+ : s)
+        for (i64 i = i0; i < i1; ++i) s += double(closest[i]);
+      }
+      bsum[b] = s;
+    }
+  };
+  // One sweep: distances from the nt candidate points to every point; with `first`, they become
+  // `closest`; else cd[t] = min(d2, closest) and part[chunk][t] = sum w * cd[t].
+  auto sweep = [&](i64 nt, bool first) {
+#pragma omp parallel for if (par) schedule(static)
+    for (i64 ch = 0; ch < nc; ++ch) {
+      const i64 a = ch * cs, bnd = std::min(n, a + cs);
+      double pot[TMAX] = {};
+      T acc[TMAX][B];
+      T cq[TMAX];
+      for (i64 i0 = a; i0 < bnd; i0 += B) {
+        const i64 m = std::min(B, bnd - i0);
+        for (i64 t = 0; t < nt; ++t)
+          for (i64 i = 0; i < m; ++i) acc[t][i] = T(0);
+        for (i64 q = 0; q < d; ++q) {
+          const T* col = &prep.xt[size_t(q) * n + i0];
+          for (i64 t = 0; t < nt; ++t) cq[t] = ds.x[cid[t] * d + q];
+          for (i64 t = 0; t < nt; ++t) {
+            const T c = cq[t];
+            T* at = acc[t];
 #pragma omp simd
-        for (i64 i = 0; i < m; ++i) {
-          const T u = col[i] - cq;
-          acc[i] += u * u;
+            for (i64 i = 0; i < m; ++i) {
+              const T u = col[i] - c;
+              at[i] += u * u;
+            }
+          }
+        }
+        if (first) {
+          std::copy(acc[0], acc[0] + m, &closest[i0]);
+          continue;
+        }
+        for (i64 t = 0; t < nt; ++t) {
+          T* out = &cd[size_t(t) * n + i0];
+          const T* cl = &closest[i0];
+#pragma omp simd
+          for (i64 i = 0; i < m; ++i) out[i] = std::min(acc[t][i], cl[i]);
+          // Partial sums in 16 fixed lanes (kept in registers; an omp simd reduction spills).
+          double lanes[16] = {};
+          i64 i = 0;
+          if (w) {
+            for (; i + 16 <= m; i += 16)
+              for (i64 l = 0; l < 16; ++l) lanes[l] += w[i0 + i + l] * double(out[i + l]);
+            for (; i < m; ++i) lanes[0] += w[i0 + i] * double(out[i]);
+          } else {
+            for (; i + 16 <= m; i += 16)
+              for (i64 l = 0; l < 16; ++l) lanes[l] += double(out[i + l]);
+            for (; i < m; ++i) lanes[0] += double(out[i]);
+          }
+          double p = 0;
+          for (double v : lanes) p += v;
+          pot[t] += p;
         }
       }
-      for (i64 i = 0; i < m; ++i) d2[i] = double(acc[i]);
-      pot += fuse_min_pot(i0, i1, d2, closest, ds.w, out);
+      for (i64 t = 0; t < nt; ++t) part[size_t(ch) * TMAX + t] = pot[t];
     }
-    return pot;
-  });
+  };
+
+  double acc0 = 0;
+  std::vector<double> cumw(n);
+  for (i64 i = 0; i < n; ++i) cumw[i] = (acc0 += weight(w, i));
+  chosen[0] = search_cum(cumw, rng.uniform() * acc0);
+  cid[0] = chosen[0];
+  sweep(1, true);
+  for (i64 c = 1; c < k; ++c) {
+    block_sums();
+    for (i64 t = 0; t < trials; ++t) cid[t] = sample(rng.uniform());
+    sweep(trials, false);
+    i64 best = 0;
+    double bestpot = kInf;
+    for (i64 t = 0; t < trials; ++t) {
+      double pt = 0;
+      for (i64 ch = 0; ch < nc; ++ch) pt += part[size_t(ch) * TMAX + t];
+      if (pt < bestpot) { bestpot = pt; best = t; }
+    }
+    std::copy(cd.begin() + best * n, cd.begin() + (best + 1) * n, closest.begin());
+    chosen[c] = cid[best];
+  }
 }
 
 template <class T>
@@ -1260,9 +1355,7 @@ void solve_problem(const Dataset<T>& ds, const Prepared<T>& prep, Problem<T>& pr
           return fuse_min_pot(0, n, d2.data(), closest, ds.w, o);
         }, idx);
       } else {
-        kmeanspp(n, k, ds.w, rng, [&](i64 c, const double* closest, double* o) {
-          return direct_pass(ds, prep, c, closest, o, par);
-        }, idx);
+        kmeanspp_direct(ds, prep, k, rng, idx, par);
       }
     } else if (params.init == Init::Random && algo != Algo::Exact1D) {
       random_init(n, k, ds.w, rng, idx);
