@@ -609,6 +609,9 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
   for (i64 g = 0; g < t; ++g) off[g + 1] = off[g] + (i64(members[g].size()) + L - 1) / L * L;
   const i64 KP = off[t];
   std::vector<T> gct(size_t(d) * KP, T(0));
+  std::vector<i32> gid(KP, -1);  // center id of each padded lane
+  for (i64 g = 0; g < t; ++g)
+    for (size_t m = 0; m < members[g].size(); ++m) gid[off[g] + m] = members[g][m];
   auto refresh_groups = [&]() {
     for (i64 g = 0; g < t; ++g)
       for (size_t m = 0; m < members[g].size(); ++m)
@@ -708,8 +711,9 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
                   dl[lane] += u * u;
                 }
               }
+              const i32* ids = &gid[off[g] + l0];
               for (i64 lane = 0; lane < ln; ++lane) {
-                const i32 j = members[g][l0 + lane];
+                const i32 j = ids[lane];
                 if (j == best) continue;
                 const double v = double(dl[lane]);
                 if (v < m1 || (v == m1 && j < j1)) { m2 = m1; m1 = v; j1 = j; }
