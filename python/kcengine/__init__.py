@@ -14,3 +14,4 @@ from .conv import indexed_conv2d, load_compressed, save_compressed
 __all__ += ["indexed_conv2d", "save_compressed", "load_compressed", "nn"]
 from .compress import compress  # noqa: E402  (torch only; torchvision/matplotlib load lazily)
 __all__ += ["compress"]
+from .train import finetune  # noqa: E402  (torch only; matplotlib/tqdm load lazily)

@@ -1,0 +1,288 @@
+"""Output-aware clustering: refit each clustered layer so its OUTPUT matches the dense layer's on calibration data.
+
+k-means on weights minimizes ``sum ||W_o - c_j||^2``, a distance in weight space that ignores what the
+layer sees.  What matters is the layer's response on real inputs, and in a conv -> BatchNorm network a
+channel's response only matters up to a per-channel affine map: after BN (with recalibrated
+statistics) the output of channel ``o`` is ``gamma_o * (y_o - mean) / std + beta_o`` whatever the scale
+of ``y_o``, and a negative scale is absorbed by flipping the sign of ``gamma_o``.  So two filters can
+share a centroid when their responses are strongly *correlated*, not only when their weights are close.
+
+For each clustered filter-granularity layer, in forward order (each layer sees the inputs produced by
+the already-refit layers before it, ``X_c``; the dense teacher's layer sees ``X_d``), with ``S_cc`` the
+covariance of the student's input patches, ``S_cd`` their cross-covariance with the teacher's and
+``W_o`` the teacher's filters:
+
+  maximize  sum_o  w_o * cos^2(o, c_j(o)),     cos^2(o, c) = (c^T S_cd W_o)^2 / ((c^T S_cc c) (W_o^T S_dd W_o))
+
+i.e. the fraction of each dense channel's variance explained by its (scaled) centroid's response;
+``w_o = gamma_o^2`` weighs channels as the following BN does.  Lloyd iterations from the k-means
+index: assignment = argmax of ``cos^2``; update = top generalized eigenvector of
+``(sum_o w_o b_o b_o^T, S_cc)`` with ``b_o = S_cd W_o / ||W_o||_{S_dd}``.  Each iteration cannot lower
+the objective.  The BN's running statistics are then set analytically for the new responses and
+``gamma_o`` flipped where the best scale is negative.  Without a BN right after the conv (or
+``affine=False``) the scale cannot be absorbed: the index is kept and the codebook is the least-squares
+fit of the dense outputs, ``c_j = S_cc^-1 S_cd mean_o W_o`` on uncentered moments.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..conv.module import ClusteredConv2d
+
+__all__ = ["calibrate_outputs", "following_batchnorm"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def following_batchnorm(model: nn.Module, x: torch.Tensor) -> dict[str, nn.BatchNorm2d]:
+    """``{conv name: BatchNorm2d}`` for each conv (dense or clustered) whose output goes straight into a
+    BatchNorm2d, found by watching one forward pass on ``x``."""
+    outputs, pairs, hooks = {}, {}, []
+    names = {m: n for n, m in model.named_modules()}
+
+    def conv_hook(mod, inp, out):
+        outputs[id(out)] = names[mod]
+
+    def bn_hook(mod, inp):
+        src = outputs.get(id(inp[0]))
+        if src is not None and mod.num_features == inp[0].shape[1]:
+            pairs[src] = mod
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, ClusteredConv2d)):
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.BatchNorm2d):
+            hooks.append(m.register_forward_pre_hook(bn_hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return pairs
+
+
+def _layer_input(model: nn.Module, layer: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The input of ``layer`` over ``images`` (forward stopped right after it)."""
+    got = []
+
+    def hook(mod, inp):
+        got.append(inp[0].detach())
+        raise _Stop
+
+    h = layer.register_forward_pre_hook(hook)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, images.shape[0], batch_size):
+                try:
+                    model(images[i:i + batch_size])
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+        model.train(was)
+    return torch.cat(got)
+
+
+def _moments(layer: ClusteredConv2d, xc: torch.Tensor, xd: torch.Tensor, max_patches: int, seed: int,
+             chunk: int = 64):
+    """Second moments of the im2col patches: (Ecc, Ecd, Edd, mean_c, mean_d), float64, D = C_in*kh*kw.
+
+    At most ``max_patches`` patch positions (a fixed random subset, the same for student and teacher)."""
+    kw = dict(kernel_size=layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    d = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    acc = [torch.zeros(d, d, dtype=torch.float64) for _ in range(3)]
+    mc = torch.zeros(d, dtype=torch.float64)
+    md = torch.zeros_like(mc)
+    n = 0
+    g = torch.Generator().manual_seed(seed)
+    n_img = xc.shape[0]
+    for i in range(0, n_img, chunk):
+        pc = F.unfold(xc[i:i + chunk], **kw).transpose(1, 2).reshape(-1, d)
+        pd = F.unfold(xd[i:i + chunk], **kw).transpose(1, 2).reshape(-1, d)
+        keep = max(1, int(max_patches * min(chunk, n_img - i) / n_img))
+        if keep < pc.shape[0]:
+            sel = torch.randperm(pc.shape[0], generator=g)[:keep]
+            pc, pd = pc[sel], pd[sel]
+        acc[0] += (pc.T @ pc).double()
+        acc[1] += (pc.T @ pd).double()
+        acc[2] += (pd.T @ pd).double()
+        mc += pc.double().sum(0)
+        md += pd.double().sum(0)
+        n += pc.shape[0]
+    return acc[0] / n, acc[1] / n, acc[2] / n, mc / n, md / n
+
+
+def _top_gen_eig(u: torch.Tensor, su: torch.Tensor) -> torch.Tensor:
+    """argmax_c (c^T U U^T c) / (c^T S c) for ``U`` [D, m] given ``su = S^-1 U``: ``c = S^-1 U v`` with ``v``
+    the top eigenvector of the small ``m x m`` matrix ``U^T S^-1 U`` (B = U U^T has rank <= m)."""
+    m = u.T @ su
+    _, vecs = torch.linalg.eigh(0.5 * (m + m.T))
+    return su @ vecs[:, -1]
+
+
+def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, mom, iterations: int,
+                   ridge: float) -> dict:  # noqa: C901
+    ecc, ecd, edd, mc, md = mom
+    scc = ecc - torch.outer(mc, mc)
+    scd = ecd - torch.outer(mc, md)
+    sdd = edd - torch.outer(md, md)
+    dim = scc.shape[0]
+    scc_r = scc + ridge * (torch.trace(scc) / dim + 1e-12) * torch.eye(dim, dtype=scc.dtype)
+    chol = torch.linalg.cholesky(scc_r)
+    var_d = torch.einsum("od,de,oe->o", w, sdd, w).clamp_min(1e-20)  # dense channel variances
+    b = (w @ scd.T) / var_d.sqrt()[:, None]  # [C_out, D] rows b_o = S_cd W_o / ||W_o||
+    gw = bn.weight.detach().double() ** 2 if bn.affine else torch.ones(w.shape[0], dtype=torch.float64)
+    ub = b * gw.sqrt()[:, None]  # rows sqrt(w_o) b_o
+    sub = torch.cholesky_solve(ub.T, chol)  # [D, C_out]: S^-1 sqrt(w_o) b_o
+
+    def centroid(members):
+        return _top_gen_eig(ub[members].T, sub[:, members])
+    k = layer.num_clusters
+    idx = layer.index.long().clone()
+    cb = layer.codebook.detach().double().reshape(k, -1).clone()
+
+    def scores(cb):
+        num = (b @ cb.T) ** 2  # [C_out, K]
+        den = torch.einsum("kd,de,ke->k", cb, scc_r, cb).clamp_min(1e-30)
+        return num / den[None, :]
+
+    def objective(idx, cb):
+        return float((gw * scores(cb).gather(1, idx[:, None])[:, 0]).sum() / gw.sum())
+
+    before = objective(idx, cb)
+    for _ in range(iterations):
+        for j in range(k):
+            members = (idx == j).nonzero()[:, 0]
+            if members.numel() == 0:  # empty: take the worst-explained filter
+                worst = int(scores(cb).gather(1, idx[:, None])[:, 0].argmin())
+                idx[worst] = j
+                members = torch.tensor([worst])
+            cb[j] = centroid(members)
+        new_idx = scores(cb).argmax(1)
+        if torch.equal(new_idx, idx):
+            break
+        idx = new_idx
+    for j in range(k):  # refresh centroids for the final assignment
+        members = (idx == j).nonzero()[:, 0]
+        if members.numel():
+            cb[j] = centroid(members)
+    # per-filter best scale s_o = c^T S_cd W_o / c^T S_cc c; orient each centroid to its members' majority sign
+    # and give it the mean member output scale (keeps weights at their natural magnitude)
+    proj = (cb @ scd) @ w.T  # [K, C_out]: c_j^T S_cd W_o
+    for j in range(k):
+        members = (idx == j).nonzero()[:, 0]
+        if members.numel() == 0:
+            continue
+        sgn = torch.sign((gw[members] * proj[j, members]).sum())
+        var_c = float(cb[j] @ scc @ cb[j])
+        target = float(var_d[members].sqrt().mean())
+        if var_c > 0:
+            cb[j] = cb[j] * (sgn if sgn != 0 else 1.0) * target / var_c ** 0.5
+    proj = (cb @ scd) @ w.T
+    s = proj.gather(0, idx[None, :])[0]  # sign of each filter's best scale
+    flip = s < 0
+    after = objective(idx, cb)
+    with torch.no_grad():
+        layer.codebook.copy_(cb.reshape(layer.codebook.shape).to(layer.codebook.dtype))
+        layer.set_index(idx)
+        cbi = cb[idx]  # [C_out, D]
+        mean_y = cbi @ mc
+        var_y = torch.einsum("od,de,oe->o", cbi, scc, cbi)
+        if layer.bias is not None:
+            mean_y = mean_y + layer.bias.detach().double()
+        if bn.affine:
+            bn.weight[flip] = -bn.weight[flip]
+        bn.running_mean.copy_(mean_y.to(bn.running_mean.dtype))
+        bn.running_var.copy_(var_y.clamp_min(0).to(bn.running_var.dtype))
+    return {"explained_before": before, "explained_after": after, "sign_flips": int(flip.sum())}
+
+
+def _refit_least_squares(layer: ClusteredConv2d, w: torch.Tensor, mom, ridge: float) -> dict:
+    ecc, ecd, _, _, _ = mom
+    dim = ecc.shape[0]
+    a = ecc + ridge * (torch.trace(ecc) / dim + 1e-12) * torch.eye(dim, dtype=ecc.dtype)
+    idx = layer.index.long()
+    cb = layer.codebook.detach().double().reshape(layer.num_clusters, -1).clone()
+    for j in range(layer.num_clusters):
+        members = (idx == j).nonzero()[:, 0]
+        if members.numel():
+            cb[j] = torch.linalg.solve(a, ecd @ w[members].mean(0))
+    with torch.no_grad():
+        layer.codebook.copy_(cb.reshape(layer.codebook.shape).to(layer.codebook.dtype))
+    return {"explained_before": float("nan"), "explained_after": float("nan"), "sign_flips": 0}
+
+
+def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *, layers=None,
+                      iterations: int = 10, ridge: float = 1e-4, batch_size: int = 256,
+                      max_patches: int = 32768, seed: int = 0) -> dict[str, dict]:
+    """Refit the clustered layers of ``student`` (IN PLACE) to reproduce ``teacher``'s layer outputs.
+
+    See the module docstring for the objective.  Only ``ClusteredConv2d`` layers of filter granularity
+    with ``groups == 1`` whose name is a ``Conv2d`` of ``teacher`` are refit; others are left as they are.
+
+    Args:
+        student: the clustered model (its codebooks, indices and following BN layers are modified).
+        teacher: the dense model it was clustered from (same module names; not modified).
+        images: calibration batch ``[N, C, H, W]`` (a few hundred training images).
+        layers: names to refit (default: every eligible layer), processed in forward order.
+        iterations: Lloyd iterations of the assignment/eigenvector updates per layer.
+        ridge: Tikhonov term, relative to the mean input variance.
+        max_patches: patch positions used for the moments of each layer (a fixed random subset).
+        seed: seed of that subset.
+
+    Returns ``{layer: {"explained_before", "explained_after", "sign_flips"}}`` (weighted mean ``cos^2``).
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1:
+        raise ValueError(f"images must be a non-empty [N, C, H, W] tensor, got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be an int >= 0, got iterations={iterations!r}")
+    t_mods = dict(teacher.named_modules())
+    order = []
+    seen = []
+
+    def rec(mod, inp):
+        seen.append(mod)
+
+    hooks = [m.register_forward_pre_hook(rec) for m in student.modules() if isinstance(m, ClusteredConv2d)]
+    try:
+        with torch.no_grad():
+            was = student.training
+            student.eval()
+            student(images[:2])
+            student.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    names = {m: n for n, m in student.named_modules()}
+    for m in seen:
+        n = names[m]
+        if n in order:
+            continue
+        if m.granularity != "filter" or m.groups != 1 or not isinstance(t_mods.get(n), nn.Conv2d):
+            continue
+        if layers is not None and n not in layers:
+            continue
+        order.append(n)
+    bn_of = following_batchnorm(student, images[:2])
+    out = {}
+    for n in order:
+        layer = student.get_submodule(n)
+        tconv = t_mods[n]
+        xc = _layer_input(student, layer, images, batch_size)
+        xd = _layer_input(teacher, tconv, images, batch_size)
+        mom = _moments(layer, xc, xd, max_patches, seed)
+        w = tconv.weight.detach().double().reshape(tconv.out_channels, -1)
+        bn = bn_of.get(n)
+        if bn is not None and bn.track_running_stats:
+            out[n] = _refit_with_bn(layer, bn, w, mom, iterations, ridge)
+        else:
+            out[n] = _refit_least_squares(layer, w, mom, ridge)
+    return out

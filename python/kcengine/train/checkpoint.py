@@ -1,0 +1,66 @@
+"""Checkpoints of a finetune run: one file per run, rewritten atomically after every epoch.
+
+A checkpoint holds the model's state (codebooks, indices, BN, ...), the *layout* (which convs are
+clustered and with which k and granularity, so a dense model can be rebuilt into the right shape
+before loading), the optimizer and LR-scheduler states, the phase and epoch reached, and the history.
+Every epoch re-seeds its randomness from (seed, phase, epoch), so a resumed run repeats exactly
+what the uninterrupted run would have done: only the epoch in progress is lost.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..conv.module import ClusteredConv2d
+
+__all__ = ["clustered_layout", "apply_layout", "save_checkpoint", "load_checkpoint", "CHECKPOINT_NAME"]
+
+CHECKPOINT_NAME = "finetune_last.pt"
+
+
+def clustered_layout(model: nn.Module) -> dict[str, dict]:
+    """``{name: {"k", "granularity"}}`` of every ClusteredConv2d in ``model``."""
+    return {n: {"k": int(m.num_clusters), "granularity": m.granularity}
+            for n, m in model.named_modules() if isinstance(m, ClusteredConv2d)}
+
+
+def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
+    """Replace (IN PLACE) each ``nn.Conv2d`` named in ``layout`` by an empty ClusteredConv2d of that k, so
+    that a checkpoint's state dict loads; layers already clustered must match."""
+    mods = dict(model.named_modules())
+    for name, spec in layout.items():
+        m = mods.get(name)
+        if isinstance(m, ClusteredConv2d):
+            if m.num_clusters != spec["k"] or m.granularity != spec["granularity"]:
+                raise ValueError(f"checkpoint layer {name!r} has k={spec['k']} ({spec['granularity']}), the model "
+                                 f"has k={m.num_clusters} ({m.granularity})")
+            continue
+        if not isinstance(m, nn.Conv2d):
+            raise ValueError(f"checkpoint names layer {name!r}, which is not a conv of this model")
+        new = ClusteredConv2d(m.in_channels, m.out_channels, m.kernel_size, spec["k"], m.stride, m.padding,
+                              m.dilation, m.groups, m.bias is not None, spec["granularity"],
+                              device=m.weight.device, dtype=m.weight.dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Write ``state`` to ``path`` atomically (temporary file + rename): a crash mid-write keeps the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path) -> dict | None:
+    """The checkpoint at ``path``, or None when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)

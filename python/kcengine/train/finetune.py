@@ -1,0 +1,434 @@
+"""``finetune``: recover the accuracy of a clustered model.
+
+Modes
+-----
+``"frozen"``       the clustered codebooks are fixed; BN, the linear layer and any dense convs train
+                   (the seeds' method).
+``"centroids"``    the codebooks train with the index fixed, so every filter stays equal to its
+                   centroid (weight sharing holds by construction: gradients of all the filters sharing
+                   a centroid are summed into it).
+``"progressive"``  cluster one group of layers at a time (``order``), recover for ``stage_epochs``, then
+                   move on; earlier stages keep training (``stage_training="keep"``) or are frozen
+                   (``"freeze"``); ``epochs`` more epochs follow the last stage.
+
+Every mode distils from the unclustered ``teacher`` (KL on temperature-softened logits, weight
+``alpha``, plus ``(1 - alpha)`` cross-entropy), and starts with two cheap steps: the output-aware refit
+of the clustered layers (:mod:`kcengine.train.calibrate`) and BatchNorm recalibration.
+
+The defaults are the recommended recipe (see bench/results/recovery_resnet20.md for the figures):
+output-aware refit + BN recalibration, then codebook training with distillation (T=4, alpha=0.9), SGD
+with Nesterov momentum, one-cycle LR, CIFAR crop+flip augmentation.
+
+The caller's ``model`` (and ``teacher``) are never modified: the run trains a copy, returned as
+``FinetuneResult.model``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..conv.module import ClusteredConv2d
+from . import distributed as dd
+from .augment import cifar_augment
+from .bn import recalibrate_bn
+from .calibrate import calibrate_outputs
+from .checkpoint import CHECKPOINT_NAME, apply_layout, clustered_layout, load_checkpoint, save_checkpoint
+from .distill import distillation_loss
+from .progressive import conv_names, resolve_order
+
+__all__ = ["finetune", "FinetuneResult", "MODES", "SCHEDULES", "OPTIMIZERS", "DEFAULT_EPOCHS", "DEFAULT_LR",
+           "lr_factor"]
+
+MODES = ("frozen", "centroids", "progressive")
+SCHEDULES = ("onecycle", "cosine", "step", "constant")
+OPTIMIZERS = ("sgd", "adamw")
+DEFAULT_EPOCHS = {"frozen": 8, "centroids": 12, "progressive": 4}
+DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
+
+
+@dataclass
+class FinetuneResult:
+    """``model``: the trained model (eval mode, on the device it trained on).
+    ``history``: one dict per epoch: phase, epoch, loss, train_top1, eval_top1 (None without eval_data),
+    lr (at the epoch's end), seconds.  ``stages``: progressive: the layers clustered at each stage, in order.
+    ``accuracy_start``: eval top-1 once clustered, calibrated and BN-recalibrated, before any training.
+    ``calibration``: per-layer results of the output-aware refit."""
+
+    model: nn.Module
+    mode: str
+    history: list = field(default_factory=list)
+    stages: list = field(default_factory=list)
+    accuracy_start: float | None = None
+    accuracy_clustered: float | None = None
+    calibration: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    resumed_from: tuple | None = None
+
+    @property
+    def accuracy(self) -> float | None:
+        """Eval top-1 after the last epoch (or at the start when there was no epoch)."""
+        for h in reversed(self.history):
+            if h.get("eval_top1") is not None:
+                return h["eval_top1"]
+        return self.accuracy_start
+
+    def plot(self, path, title: str = "") -> Path:
+        from .plots import plot_history
+
+        return plot_history(self.history, path, title)
+
+
+def lr_factor(schedule: str, t: float) -> float:
+    """Multiplier of the peak LR at fraction ``t`` in [0, 1] of a phase's steps.
+
+    onecycle: linear warm-up from 1/25 over the first 15%, then cosine to 0; cosine: cosine from 1 to 0;
+    step: 1, 0.1 from 50%, 0.01 from 75%; constant: 1."""
+    t = min(max(t, 0.0), 1.0)
+    if schedule == "onecycle":
+        warm = 0.15
+        if t < warm:
+            return 1 / 25 + (1 - 1 / 25) * t / warm
+        return 0.5 * (1 + math.cos(math.pi * (t - warm) / (1 - warm)))
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "step":
+        return 1.0 if t < 0.5 else (0.1 if t < 0.75 else 0.01)
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got schedule={schedule!r}")
+
+
+def _check_int(v, name, lo=0):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {name}={v!r}")
+
+
+def _check_float(v, name, lo=0.0, lo_open=False, hi=None):
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
+        (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
+    if not ok:
+        rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+        raise ValueError(f"{name} must be a finite number {rng}, got {name}={v!r}")
+
+
+def _dataset_images(loader, n: int) -> torch.Tensor:
+    """The first ``n`` images of the loader's dataset (same on every process; no augmentation)."""
+    ds = loader.dataset
+    if hasattr(ds, "tensors"):
+        return ds.tensors[0][:n]
+    xs = []
+    for i in range(min(n, len(ds))):
+        item = ds[i]
+        xs.append(item[0] if isinstance(item, (tuple, list)) else item)
+    return torch.stack(xs)
+
+
+@dataclass
+class _Phase:
+    name: str
+    epochs: int
+    layers: list | None = None  # progressive: the layers this phase clusters
+
+
+def _reset_index_caches(model: nn.Module) -> None:
+    """Drop each ClusteredConv2d's prepared-index cache (``set_index`` with its own index): a cache built
+    under ``torch.inference_mode`` (e.g. by :func:`kcengine.evaluate`) holds inference tensors that autograd
+    refuses to save for backward."""
+    for m in model.modules():
+        if isinstance(m, ClusteredConv2d):
+            m.set_index(m.index.clone())
+
+
+def _set_trainable(model: nn.Module, mode: str, stage_training: str, frozen_names: set[str]) -> None:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for n, m in model.named_modules():
+        if isinstance(m, ClusteredConv2d):
+            if mode == "frozen" or n in frozen_names:
+                m.freeze_codebook()
+
+
+def _make_optimizer(params, name, lr, momentum, nesterov, weight_decay):
+    decay, no_decay = [], []
+    for n, p in params:
+        (no_decay if p.dim() <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher: nn.Module | None = None,
+             epochs: int | None = None, plan=None, granularity: str = "filter", order=None,
+             stage_epochs=1, stage_training: str = "keep", optimizer: str = "sgd", lr: float | None = None,
+             momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-5, schedule: str = "onecycle",
+             temperature: float = 4.0, alpha: float = 0.9, augment: bool = True, output_calibration: bool | None = None,
+             bn_recalibration: bool = True, calibration_images: int = 512, eval_data=None, eval_batch_size: int = 500,
+             checkpoint_dir=None, resume: bool = True, plot_path=None, seed: int = 0, progress: bool = True,
+             device=None, compress_options: dict | None = None) -> FinetuneResult:
+    """Recover the accuracy of a clustered model; returns a :class:`FinetuneResult` (see the module docstring).
+
+    Args:
+        model: a model holding ``ClusteredConv2d`` layers (e.g. from :func:`kcengine.compress`), or a dense
+            model together with ``plan``.  Not modified: a copy is trained.
+        train_loader: any DataLoader of ``(image, label)`` batches.
+        mode: ``"frozen"``, ``"centroids"`` or ``"progressive"``.
+        teacher: the unclustered model to distil from (and, for the output-aware refit, whose layer outputs to
+            match).  Default: the dense ``model`` itself when ``plan`` is given, else no distillation.
+        epochs: training epochs (progressive: after the last stage).  Default ``DEFAULT_EPOCHS[mode]``.
+        plan: a :func:`kcengine.compress` plan (ratio, dict, ...): cluster the dense ``model`` first
+            (required for ``progressive``; each layer gets the k this plan gives it on the dense model).
+        granularity: ``"filter"`` or ``"kernel"``, used with ``plan``.
+        order: progressive stages: list of layer names, regexes or lists of names (default: top-level groups,
+            deepest first, e.g. layer3, layer2, layer1, conv1).
+        stage_epochs: progressive: recovery epochs after each stage (an int, or one int per stage).
+        stage_training: progressive: ``"keep"`` (earlier stages' codebooks keep training) or ``"freeze"``.
+        optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``; ``lr`` its peak LR (default
+            ``DEFAULT_LR[optimizer]``); ``weight_decay`` on weights (not on BN/bias).
+        schedule: per-step LR schedule over each phase, one of ``SCHEDULES`` (see :func:`lr_factor`).
+        temperature, alpha: distillation temperature and weight.
+        augment: CIFAR augmentation (4-pixel padded random crop + horizontal flip) on each batch.
+        output_calibration: refit the clustered layers to the teacher's outputs (centroids, assignment and
+            BN; see :mod:`kcengine.train.calibrate`) before training; needs a teacher.  Default (None): on when
+            finetune clusters the model itself (``plan=``), off for a model that arrives clustered, whose
+            codebooks and indices are then left exactly as given (a frozen run changes none of them).
+        bn_recalibration: re-estimate BN statistics after clustering, before training.
+        calibration_images: images (the first of ``train_loader.dataset``) for the refit and BN statistics.
+        eval_data: optional evaluation data (as :func:`kcengine.evaluate.evaluate` takes) scored every epoch.
+        checkpoint_dir: write ``finetune_last.pt`` there after every epoch; with ``resume`` an existing one
+            is continued (same arguments required).
+        plot_path: write the loss/accuracy curves PNG there at the end.
+        seed: seeds every epoch's shuffling and augmentation (from seed, phase and epoch).
+        progress: tqdm progress bars (rank 0 only).
+        device: where to train (default: where the model is).
+        compress_options: extra keyword arguments for :func:`kcengine.compress` (k-means ``seed``, ...).
+    """
+    t_start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(train_loader, torch.utils.data.DataLoader):
+        raise ValueError(f"train_loader must be a torch DataLoader, got {type(train_loader).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got optimizer={optimizer!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got schedule={schedule!r}")
+    if stage_training not in ("keep", "freeze"):
+        raise ValueError(f"stage_training must be 'keep' or 'freeze', got stage_training={stage_training!r}")
+    if granularity not in ("filter", "kernel"):
+        raise ValueError(f"granularity must be 'filter' or 'kernel' for finetuning, got granularity={granularity!r}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise ValueError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
+    epochs = DEFAULT_EPOCHS[mode] if epochs is None else epochs
+    _check_int(epochs, "epochs")
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    _check_float(lr, "lr", 0.0, lo_open=True)
+    _check_float(momentum, "momentum", 0.0, hi=1.0)
+    _check_float(weight_decay, "weight_decay")
+    _check_float(temperature, "temperature", 0.0, lo_open=True)
+    _check_float(alpha, "alpha", 0.0, hi=1.0)
+    _check_int(calibration_images, "calibration_images", 1)
+    _check_int(seed, "seed")
+    if output_calibration is None:
+        output_calibration = plan is not None
+    if mode == "progressive" and plan is None:
+        raise ValueError("mode='progressive' needs plan= (e.g. plan={'ratio': 0.5}): it clusters the dense "
+                         "model stage by stage")
+
+    from ..compress import compress
+
+    if device is None:
+        p0 = next(model.parameters(), None)
+        device = p0.device if p0 is not None else torch.device("cpu")
+    device = torch.device(device)
+    copts = dict(compress_options or {})
+    work = copy.deepcopy(model).to(device)
+    if teacher is None and plan is not None:
+        teacher = copy.deepcopy(model)
+    elif teacher is not None:
+        teacher = copy.deepcopy(teacher)
+    if teacher is not None:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    if plan is not None and any(isinstance(m, ClusteredConv2d) for m in work.modules()) and mode != "progressive":
+        raise ValueError("model already holds ClusteredConv2d layers; pass plan=None to finetune it as it is")
+
+    # ---- phases
+    stages: list[list[str]] = []
+    ks: dict[str, int] = {}
+    if mode == "progressive":
+        _, rep = compress(model, plan, granularity=granularity, **copts)
+        ks = {lr_.name: lr_.k for lr_ in rep.layers}
+        planned = [n for n in conv_names(model) if n in ks]
+        stages = resolve_order(order, planned)
+        if isinstance(stage_epochs, int) and not isinstance(stage_epochs, bool):
+            per = [stage_epochs] * len(stages)
+        else:
+            per = list(stage_epochs)
+            if len(per) != len(stages):
+                raise ValueError(f"stage_epochs has {len(per)} entries for {len(stages)} stages")
+        for v in per:
+            _check_int(v, "stage_epochs")
+        phases = [_Phase(f"stage {i + 1}", e, s) for i, (s, e) in enumerate(zip(stages, per))]
+        phases.append(_Phase("final", epochs))
+    else:
+        phases = [_Phase(mode, epochs)]
+
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    fingerprint = {"mode": mode, "phases": [(p.name, p.epochs, p.layers) for p in phases], "seed": seed,
+                   "schedule": schedule, "optimizer": optimizer}
+    state = load_checkpoint(ckpt_path) if (ckpt_path is not None and resume) else None
+    if state is not None and state.get("fingerprint") != fingerprint:
+        raise ValueError(f"checkpoint {ckpt_path} was written by a run with other settings "
+                         f"({state.get('fingerprint')}); use another checkpoint_dir or resume=False")
+
+    result = FinetuneResult(model=work, mode=mode, stages=stages)
+    calib = _dataset_images(train_loader, calibration_images).to(device)
+    loader = dd.distributed_loader(train_loader, seed) if dd.is_distributed() else train_loader
+    main = dd.is_main()
+    start_phase, start_epoch = 0, 0
+    if state is not None:
+        apply_layout(work, state["layout"])
+        work.load_state_dict(state["model"])
+        result.history = list(state["history"])
+        result.calibration = dict(state.get("calibration", {}))
+        result.accuracy_start = state.get("accuracy_start")
+        result.accuracy_clustered = state.get("accuracy_clustered")
+        start_phase, start_epoch = state["phase"], state["epoch"]
+        result.resumed_from = (start_phase, start_epoch)
+    elif mode != "progressive" and plan is not None:
+        work, _ = compress(work, plan, granularity=granularity, **copts)
+    if not any(isinstance(m, ClusteredConv2d) for m in work.modules()) and mode != "progressive":
+        raise ValueError("model has no ClusteredConv2d layer: pass a clustered model (kcengine.compress) or plan=")
+
+    def evaluate_now():
+        if eval_data is None:
+            return None
+        from ..evaluate import evaluate
+
+        acc = evaluate(work, eval_data, batch_size=eval_batch_size, device=device).top1
+        _reset_index_caches(work)
+        return acc
+
+    frozen_names: set[str] = set()
+    for pi, phase in enumerate(phases):
+        if pi < start_phase:
+            if stage_training == "freeze" and phase.layers:
+                frozen_names.update(phase.layers)
+            continue
+        resumed_here = state is not None and pi == start_phase
+        if not resumed_here:
+            if phase.layers:  # progressive stage: cluster these layers now
+                work, _ = compress(work, {"layers": {n: ks[n] for n in phase.layers}}, granularity=granularity,
+                                   layers=list(phase.layers), **copts)
+                work.to(device)
+            if phase.layers or pi == 0:
+                if pi == 0 or phase.layers:
+                    acc0 = evaluate_now()
+                    if pi == 0:
+                        result.accuracy_clustered = acc0
+                if output_calibration and teacher is not None and (phase.layers or mode != "progressive"):
+                    result.calibration.update(calibrate_outputs(work, teacher, calib, layers=phase.layers,
+                                                                seed=seed))
+                if bn_recalibration:
+                    recalibrate_bn(work, calib, max_images=calibration_images)
+                if pi == 0:
+                    result.accuracy_start = evaluate_now()
+        _set_trainable(work, mode, stage_training, frozen_names)
+        _reset_index_caches(work)
+        first_epoch = start_epoch if resumed_here else 0
+        if phase.epochs > first_epoch:
+            _train_phase(work, teacher, loader, train_loader, phase, pi, first_epoch, result, state if resumed_here
+                         else None, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay, schedule=schedule, temperature=temperature, alpha=alpha,
+                         augment=augment, seed=seed, progress=progress and main, device=device,
+                         evaluate_now=evaluate_now, ckpt_path=ckpt_path if main else None, fingerprint=fingerprint,
+                         main=main)
+        if stage_training == "freeze" and phase.layers:
+            frozen_names.update(phase.layers)
+    work.eval()
+    result.model = work
+    result.seconds = time.perf_counter() - t_start
+    if plot_path is not None and main and result.history:
+        result.plot(plot_path, title=f"finetune ({mode})")
+    return result
+
+
+def _train_phase(work, teacher, loader, orig_loader, phase, pi, first_epoch, result, state, *, optimizer, lr,
+                 momentum, nesterov, weight_decay, schedule, temperature, alpha, augment, seed, progress, device,
+                 evaluate_now, ckpt_path, fingerprint, main):
+    params = [(n, p) for n, p in work.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"phase {phase.name!r} has no trainable parameter")
+    opt = _make_optimizer(params, optimizer, lr, momentum, nesterov, weight_decay)
+    steps_per_epoch = max(1, len(loader))
+    total = phase.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(schedule, s / total))
+    if state is not None and "optimizer" in state:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    net = work
+    if dd.is_distributed():
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(work, device_ids=[device.index] if device.type == "cuda" else None)
+    for epoch in range(first_epoch, phase.epochs):
+        t0 = time.perf_counter()
+        eseed = (seed * 1_000_003 + pi * 10_007 + epoch) % (2 ** 63)
+        torch.manual_seed(eseed)
+        for ld in {id(loader): loader, id(orig_loader): orig_loader}.values():
+            if ld.generator is not None:
+                ld.generator.manual_seed(eseed)
+            if hasattr(ld.sampler, "set_epoch"):
+                ld.sampler.set_epoch(eseed)
+        gen = torch.Generator().manual_seed(eseed * 31 + dd.rank())
+        net.train()
+        tot_loss = tot_correct = tot_n = 0.0
+        it = loader
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(loader, desc=f"{phase.name} epoch {epoch + 1}/{phase.epochs}", leave=False, unit="batch")
+            it = bar
+        for x, y in it:
+            x, y = x.to(device), y.to(device)
+            if augment:
+                x = cifar_augment(x, gen)
+            t_logits = None
+            if teacher is not None and alpha > 0:
+                with torch.no_grad():
+                    t_logits = teacher(x)
+            out = net(x)
+            loss = distillation_loss(out, t_logits, y, temperature=temperature, alpha=alpha)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            n = y.shape[0]
+            tot_loss += float(loss.detach()) * n
+            tot_correct += float((out.detach().argmax(1) == y).sum())
+            tot_n += n
+            if bar is not None:
+                bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", refresh=False)
+        if bar is not None:
+            bar.close()
+        tot_loss, tot_correct, tot_n = dd.all_sum([tot_loss, tot_correct, tot_n], device=device)
+        row = {"phase": phase.name, "epoch": epoch + 1, "loss": tot_loss / max(tot_n, 1),
+               "train_top1": tot_correct / max(tot_n, 1), "eval_top1": evaluate_now(),
+               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        result.history.append(row)
+        if ckpt_path is not None:
+            save_checkpoint(ckpt_path, {
+                "fingerprint": fingerprint, "phase": pi, "epoch": epoch + 1, "layout": clustered_layout(work),
+                "model": work.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "history": result.history, "calibration": result.calibration,
+                "accuracy_start": result.accuracy_start, "accuracy_clustered": result.accuracy_clustered})

@@ -1,0 +1,213 @@
+"""kcengine.finetune: modes keep their invariants, progressive order, resume, validation."""
+import sys
+
+import pytest
+import torch
+
+import kcengine
+from kcengine.data.datasets import make_loader
+from kcengine.nn import ClusteredConv2d
+from kcengine.train import finetune, lr_factor
+from kcengine.train.checkpoint import CHECKPOINT_NAME
+
+
+FAST = dict(epochs=2, progress=False, calibration_images=32, lr=0.05)
+
+
+def clustered(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, ClusteredConv2d)}
+
+
+def state_copy(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_public_reexport():
+    assert kcengine.finetune is finetune
+
+
+def test_frozen_changes_no_clustered_weight_but_trains_the_rest(tiny):
+    model, ds, loader = tiny
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    before = state_copy(cm)
+    r = finetune(cm, loader, mode="frozen", teacher=model, **FAST)
+    after = r.model.state_dict()
+    for name, mod in clustered(cm).items():
+        assert torch.equal(after[name + ".codebook"], before[name + ".codebook"]), name
+        assert torch.equal(after[name + ".index"], before[name + ".index"]), name
+    # the rest did train (BN affine and linear moved), and the caller's model is untouched
+    assert not torch.equal(after["linear.weight"], before["linear.weight"])
+    assert not torch.equal(after["bn2.weight"].abs(), before["bn2.weight"].abs())
+    for k, v in before.items():
+        assert torch.equal(cm.state_dict()[k], v), k
+
+
+def test_centroids_keeps_every_filter_equal_to_its_centroid(tiny):
+    model, ds, loader = tiny
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    r = finetune(cm, loader, mode="centroids", teacher=model, output_calibration=False, **FAST)
+    for name, mod in clustered(r.model).items():
+        old = clustered(cm)[name]
+        assert torch.equal(mod.index, old.index), name  # index fixed (no refit requested)
+        assert not torch.equal(mod.codebook, old.codebook), name  # the codebook trained
+        dense = mod.to_dense()
+        cb = mod.codebook.detach()
+        for o in range(mod.out_channels):  # independent check: row o is codebook[index[o]]
+            assert torch.equal(dense[o], cb[int(mod.index[o])]), (name, o)
+        assert len({tuple(r.flatten().tolist()) for r in dense}) <= mod.num_clusters
+
+
+def test_centroids_output_is_the_dense_conv_of_the_shared_filters(tiny):
+    model, ds, loader = tiny
+    r = finetune(model, loader, mode="centroids", plan={"ratio": 0.5}, **FAST)
+    mod = r.model.conv2
+    x = torch.randn(2, 8, 8, 8)
+    ref = torch.nn.functional.conv2d(x, mod.codebook.detach()[mod.index.long()], mod.bias, padding=1)
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_progressive_clusters_exactly_the_planned_layers_in_order(tiny, monkeypatch):
+    model, ds, loader = tiny
+    kc = sys.modules["kcengine.compress"]  # the package (kcengine.compress the attribute is the function)
+    calls = []
+    real = kc.compress
+
+    def spy(m, plan=None, **kw):
+        calls.append((kw.get("layers"), plan))
+        return real(m, plan, **kw)
+
+    monkeypatch.setattr(kc, "compress", spy)
+    r = finetune(model, loader, mode="progressive", plan={"layers": {"conv1": 3, "conv2": 5}},
+                 order=["conv2", "conv1"], stage_epochs=1, **{**FAST, "epochs": 1})
+    # first call: the plan on the dense model (k per layer); then one call per stage, in order
+    assert calls[0] == (None, {"layers": {"conv1": 3, "conv2": 5}})
+    assert [c[0] for c in calls[1:]] == [["conv2"], ["conv1"]]
+    assert [c[1] for c in calls[1:]] == [{"layers": {"conv2": 5}}, {"layers": {"conv1": 1 + 2}}]
+    assert r.stages == [["conv2"], ["conv1"]]
+    cl = clustered(r.model)
+    assert sorted(cl) == ["conv1", "conv2"]
+    assert cl["conv1"].num_clusters == 3 and cl["conv2"].num_clusters == 5
+    assert [h["phase"] for h in r.history] == ["stage 1", "stage 2", "final"]
+
+
+def test_progressive_default_order_is_deepest_group_first():
+    from kcengine.train.progressive import default_order, resolve_order
+
+    names = ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "layer3.0.conv1"]
+    assert default_order(names) == [["layer3.0.conv1"], ["layer2.0.conv1"], ["layer1.0.conv1", "layer1.0.conv2"],
+                                    ["conv1"]]
+    assert resolve_order([r"layer1\..*", "conv1"], names) == [["layer1.0.conv1", "layer1.0.conv2"], ["conv1"]]
+    with pytest.raises(ValueError, match="more than one stage"):
+        resolve_order(["conv1", ["conv1"]], names)
+    with pytest.raises(ValueError, match="matches no layer"):
+        resolve_order(["nope"], names)
+
+
+def test_progressive_freeze_fixes_earlier_stages(tiny):
+    model, ds, loader = tiny
+    r = finetune(model, loader, mode="progressive", plan={"ratio": 0.5}, order=["conv2", "conv1"],
+                 stage_training="freeze", stage_epochs=1, **{**FAST, "epochs": 0})
+    # conv2 was clustered in stage 1 and frozen from stage 2 on: its codebook is what stage 1 left.
+    # Re-run stage 1 alone to get that state independently.
+    r1 = finetune(model, loader, mode="progressive", plan={"ratio": 0.5}, order=["conv2"],
+                  stage_training="freeze", stage_epochs=1, **{**FAST, "epochs": 0})
+    torch.testing.assert_close(r.model.conv2.codebook, r1.model.conv2.codebook, atol=0, rtol=0)
+
+
+def _run(kit, loader, ckpt, epochs=3, **kw):
+    torch.manual_seed(0)
+    model = kit.TinyNet().eval()
+    return finetune(model, loader, mode="centroids", plan={"ratio": 0.5}, checkpoint_dir=ckpt,
+                    **{**FAST, "epochs": epochs, **kw})
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, kit):
+    ds = kit.tiny_data()
+    full = _run(kit, make_loader(ds, 16, shuffle=True, seed=0), tmp_path / "a")
+    # crash during epoch 3: the optimizer step raises after the second epoch's checkpoint
+    ft = sys.modules["kcengine.train.finetune"]  # the module (kcengine.train.finetune the attribute is the function)
+
+    real = ft._train_phase
+    ckpt = tmp_path / "b"
+
+    def crashing(*a, **k):
+        orig_step = torch.optim.SGD.step
+        n = {"steps": 0}
+
+        def step(self, *sa, **sk):
+            n["steps"] += 1
+            if n["steps"] > 2 * 3 + 1:  # 3 batches per epoch: crash in the third epoch
+                raise KeyboardInterrupt
+            return orig_step(self, *sa, **sk)
+
+        monkeypatch.setattr(torch.optim.SGD, "step", step)
+        try:
+            return real(*a, **k)
+        finally:
+            monkeypatch.setattr(torch.optim.SGD, "step", orig_step)
+
+    monkeypatch.setattr(ft, "_train_phase", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        _run(kit, make_loader(ds, 16, shuffle=True, seed=0), ckpt)
+    saved = torch.load(ckpt / CHECKPOINT_NAME, weights_only=False)
+    assert (saved["phase"], saved["epoch"]) == (0, 2)
+    monkeypatch.setattr(ft, "_train_phase", real)
+    resumed = _run(kit, make_loader(ds, 16, shuffle=True, seed=0), ckpt)
+    assert resumed.resumed_from == (0, 2)
+    assert len(resumed.history) == 3
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], abs=1e-6)
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, atol=1e-6, rtol=1e-6, msg=k)
+
+
+def test_resume_refuses_other_settings(tmp_path, kit):
+    ds = kit.tiny_data()
+    _run(kit, make_loader(ds, 16, shuffle=True, seed=0), tmp_path, epochs=1)
+    with pytest.raises(ValueError, match="other settings"):
+        _run(kit, make_loader(ds, 16, shuffle=True, seed=0), tmp_path, epochs=2)
+
+
+def test_distillation_changes_the_loss(tiny):
+    model, ds, loader = tiny
+    a = finetune(model, loader, plan={"ratio": 0.5}, alpha=0.0, **FAST)
+    b = finetune(model, loader, plan={"ratio": 0.5}, alpha=0.9, **FAST)
+    assert a.history[0]["loss"] != pytest.approx(b.history[0]["loss"], rel=1e-3)
+
+
+def test_plot_and_eval(tiny, tmp_path):
+    model, ds, loader = tiny
+    r = finetune(model, loader, plan={"ratio": 0.5}, eval_data=ds, plot_path=tmp_path / "c.png", **FAST)
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    assert all(0 <= h["eval_top1"] <= 1 for h in r.history)
+    assert r.accuracy == r.history[-1]["eval_top1"]
+
+
+def test_lr_factor_shapes():
+    assert lr_factor("onecycle", 0.0) == pytest.approx(1 / 25)
+    assert lr_factor("onecycle", 0.15) == pytest.approx(1.0)
+    assert lr_factor("onecycle", 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor("cosine", 0.5) == pytest.approx(0.5)
+    assert [lr_factor("step", t) for t in (0.1, 0.6, 0.9)] == pytest.approx([1, 0.1, 0.01])
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"mode": "nope"}, "mode must be one of"),
+    ({"epochs": -1}, "epochs must be an int >= 0"),
+    ({"lr": 0.0}, "lr must be"),
+    ({"schedule": "linear"}, "schedule must be one of"),
+    ({"optimizer": "adam"}, "optimizer must be one of"),
+    ({"alpha": 1.5}, "alpha must be"),
+    ({"temperature": 0}, "temperature must be"),
+    ({"mode": "progressive"}, "needs plan="),
+])
+def test_bad_arguments(tiny, kw, match):
+    model, ds, loader = tiny
+    with pytest.raises(ValueError, match=match):
+        finetune(model, loader, **kw)
+
+
+def test_dense_model_without_plan_is_refused(tiny):
+    model, ds, loader = tiny
+    with pytest.raises(ValueError, match="no ClusteredConv2d"):
+        finetune(model, loader, progress=False, epochs=1)
