@@ -48,7 +48,7 @@ __all__ = ["finetune", "FinetuneResult", "MODES", "SCHEDULES", "OPTIMIZERS", "DE
 MODES = ("frozen", "centroids", "progressive")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adamw")
-DEFAULT_EPOCHS = {"frozen": 8, "centroids": 12, "progressive": 4}
+DEFAULT_EPOCHS = {"frozen": 4, "centroids": 8, "progressive": 4}
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
 
 
