@@ -23,6 +23,10 @@ def test_bench_runs_small(tmp_path):
         assert 0 < row["flop_ratio"] < 1
     assert {e["memory_format"] for e in r["e2e"]} >= {"nchw", "channels_last"}
     assert all(e["max_rel_err"] < 1e-4 for e in r["e2e"] if e["memory_format"] in ("nchw", "channels_last"))
+    assert len(r["checkpoint"]) == 6
+    for c in r["checkpoint"]:  # codebook 1/d of the conv weights plus uint8 indexes; fc and BN stored alike
+        assert 1.5 < c["ratio"] < 20, c
     md = (tmp_path / "indexed_conv.md").read_text()
+    assert "Checkpoint size" in md
     assert "commit" in md and "torch threads" in md and str(torch.get_num_threads()) in md
     assert (tmp_path / "indexed_conv.csv").stat().st_size > 0

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .common import git_commit, machine_info, markdown_table, now_utc, write_csv
 
-__all__ = ["resnet18_conv_shapes", "run_layer_bench", "run_e2e_bench", "run_conv_bench", "main"]
+__all__ = ["resnet18_conv_shapes", "run_layer_bench", "run_e2e_bench", "run_checkpoint_sizes", "run_conv_bench",
+           "main"]
 
 
 def resnet18_conv_shapes(size: int = 224) -> list[dict]:
@@ -229,6 +230,22 @@ def run_e2e_bench(batches=(32, 1), size: int = 224, repeat: dict | None = None, 
     return rows
 
 
+def run_checkpoint_sizes(divisors=(8, 4, 2), granularities=("filter", "kernel"), log=print) -> list[dict]:
+    """On-disk bytes of resnet18's compact checkpoint vs its dense checkpoint, per granularity and K."""
+    from ..conv.serialize import checkpoint_sizes
+
+    rows = []
+    for gran in granularities:
+        for d in divisors:
+            _, clustered = _clustered_resnet18(d, gran)
+            sz = checkpoint_sizes(clustered)
+            rows.append({"granularity": gran, "K": f"C_out/{d}", "compressed_MB": sz["compressed_bytes"] / 1e6,
+                         "dense_MB": sz["dense_bytes"] / 1e6, "ratio": sz["ratio"]})
+            log(f"  checkpoint {gran} K=C_out/{d}: {sz['compressed_bytes']/1e6:.2f} MB vs dense "
+                f"{sz['dense_bytes']/1e6:.2f} MB (x{sz['ratio']:.2f})")
+    return rows
+
+
 def _geomean(vals):
     vals = [v for v in vals if v == v and v > 0]
     return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
@@ -256,6 +273,7 @@ def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat
     info = machine_info()
     info["torch_threads"] = torch.get_num_threads()
     info["load_avg"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    ckpt_rows = run_checkpoint_sizes(log=log)
     layer_rows = run_layer_bench(batches, divisors, granularities, size, repeat=layer_repeat, log=log)
     e2e_rows = run_e2e_bench(tuple(sorted(batches, reverse=True)), size, repeat=e2e_repeat, log=log) if e2e else []
     summary = []
@@ -270,6 +288,7 @@ def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat
                                 "geomean_speedup_all": _geomean([r["speedup"] for r in sel]),
                                 "geomean_flop_reduction_3x3": _geomean([1 / r["flop_ratio"] for r in sel3])})
     result = {"info": info, "commit": git_commit(), "date": now_utc(), "layers": layer_rows, "e2e": e2e_rows,
+              "checkpoint": ckpt_rows,
               "summary": summary, "seconds": time.perf_counter() - t0}
     if out_dir is not None:
         out = Path(out_dir)
@@ -324,6 +343,11 @@ def _markdown(r: dict) -> str:
              "Same weights on both sides (the dense model holds the clustered layers' dense weights), eval mode. "
              "`best` compares each model in its own fastest memory format.", "",
              markdown_table(r["e2e"]) if r["e2e"] else "(not run)\n",
+             "", "## Checkpoint size: resnet18 with every conv clustered", "",
+             "`save_compressed` (codebooks float32, indexes uint8) against `torch.save` of the dense state_dict "
+             "(same model, clustered layers written as dense Conv2d weights; BatchNorm and fc are stored alike in "
+             "both).", "",
+             markdown_table(r.get("checkpoint") or []),
              "", "## Per layer", "",
              markdown_table(r["layers"], ["batch", "layer", "c_in", "c_out", "k", "stride", "h_in", "granularity",
                                           "K", "dense_ms", "clustered_ms", "speedup", "flop_ratio",
