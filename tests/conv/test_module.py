@@ -170,3 +170,24 @@ def test_fuse_for_inference_resnet18(granularity):
                 parent, _, leaf = name.rpartition(".")
                 setattr(dense.get_submodule(parent), leaf, conv)
         _close(fused(x), dense(x))
+
+
+def test_fuse_for_inference_composes_with_an_existing_affine():
+    """A layer whose scale/shift are already set (e.g. per-filter norms) still absorbs the following BN + ReLU."""
+    torch.manual_seed(4)
+    conv = ClusteredConv2d(3, 6, 3, 2, padding=1)
+    conv.set_index(torch.tensor([0, 1, 1, 0, 1, 0]))
+    conv.scale = torch.rand(6) + 0.5
+    conv.shift = torch.randn(6)
+    bn = nn.BatchNorm2d(6)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2)
+    model = nn.Sequential(conv, bn, nn.ReLU()).eval()
+    fused = fuse_for_inference(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 3, 7, 9)
+    with torch.no_grad():
+        ref = torch.relu(bn(F.conv2d(x, conv.to_dense(), conv.bias, padding=1) * conv.scale.view(1, -1, 1, 1)
+                            + conv.shift.view(1, -1, 1, 1)))
+        _close(fused(x), ref)
+        _close(model(x), ref)

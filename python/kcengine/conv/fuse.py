@@ -70,7 +70,8 @@ def fuse_for_inference(model: nn.Module) -> fx.GraphModule:
         if not _is_module(conv_node, gm, ClusteredConv2d) or calls[conv_node.target] != 1:
             continue
         conv = gm.get_submodule(conv_node.target)
-        if conv.scale is not None or conv.relu or len(conv_node.args) != 1 or conv_node.kwargs:
+        # a layer that already carries an affine (scale/shift) composes with the BN; one ending in ReLU cannot
+        if conv.relu or len(conv_node.args) != 1 or conv_node.kwargs:
             continue
         bn_node = _only_user(conv_node)
         if bn_node is None or not _is_module(bn_node, gm, nn.BatchNorm2d):
