@@ -1,0 +1,130 @@
+"""``kcengine finetune``: cluster a CIFAR model with a plan and recover its accuracy (kcengine.finetune).
+
+Under ``torchrun --nproc_per_node N -m kcengine finetune ...`` the processes train together
+(DistributedDataParallel; gloo on CPU, nccl on GPU); rank 0 prints and writes the outputs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .eval import add_model_data_arguments, load_model_arg
+
+HELP = "cluster a CIFAR model and recover accuracy (frozen / centroids / progressive, distillation, resume)"
+
+
+def add_arguments(parser) -> None:
+    add_model_data_arguments(parser)
+    g = parser.add_argument_group("plan")
+    g.add_argument("--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")
+    g.add_argument("--plan", default=None, help="as for prune: ratio=R | relative_inertia=F | elbow | map:... ")
+    g.add_argument("--granularity", default="filter", choices=("filter", "kernel"))
+    g.add_argument("--kmeans-seed", type=int, default=0)
+    t = parser.add_argument_group("training (defaults: the recommended recipe)")
+    t.add_argument("--mode", default="centroids", choices=("frozen", "centroids", "progressive"))
+    t.add_argument("--epochs", type=int, default=None, help="epochs (progressive: after the last stage)")
+    t.add_argument("--order", default=None,
+                   help="progressive stages, ';'-separated; each a regex or ','-separated names "
+                        "(default: top-level groups, deepest first)")
+    t.add_argument("--stage-epochs", type=int, default=1, help="progressive: epochs after each stage")
+    t.add_argument("--stage-training", default="keep", choices=("keep", "freeze"))
+    t.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    t.add_argument("--schedule", default="onecycle", choices=("onecycle", "cosine", "step", "constant"))
+    t.add_argument("--weight-decay", type=float, default=5e-5)
+    t.add_argument("--temperature", type=float, default=4.0)
+    t.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term (0: plain CE)")
+    t.add_argument("--no-augment", action="store_true", help="no crop + flip")
+    t.add_argument("--no-refit", action="store_true", help="skip the output-aware refit of clustered layers")
+    t.add_argument("--train-batch-size", type=int, default=128)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-dir", default=None, help="checkpoint every epoch; an existing one is resumed")
+    t.add_argument("--no-resume", action="store_true", help="start over even if --checkpoint-dir has a checkpoint")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--out", default=None, help="folder for model.pt, history.json and curves.png")
+
+
+def _order_arg(text):
+    if not text:
+        return None
+    stages = []
+    for part in text.split(";"):
+        part = part.strip()
+        if part:
+            stages.append([s.strip() for s in part.split(",") if s.strip()] if "," in part else part)
+    return stages
+
+
+def run(args) -> int:
+    import torch
+
+    from ..cli import UserError
+    from ..data import Normalization, cifar10_dataset, make_loader
+    from ..models import is_cifar_model
+    from ..train import distributed as dd
+    from ..train import finetune
+
+    if args.plan is None and args.ratio is None:
+        raise UserError("give --ratio R or --plan PLAN (e.g. --ratio 0.5, --plan map:conv1=8)")
+    if args.train_batch_size < 1:
+        raise UserError(f"--train-batch-size must be >= 1, got {args.train_batch_size}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    lm = load_model_arg(args, need_trained=True)
+    if not is_cifar_model(lm.name):
+        raise UserError(f"finetune trains on CIFAR-10; {lm.name} is an ImageNet model (no ImageNet data here)")
+    root = args.data
+    if root is None:
+        from ..bench.common import shared_data_dir
+
+        shared = shared_data_dir()
+        if shared is None:
+            raise UserError("no CIFAR-10 data: pass --data PATH (a cifar-10-batches-py folder)")
+        root = shared / "cifar-10-batches-py"
+    norm = Normalization(lm.mean, lm.std)
+    try:
+        train = cifar10_dataset(root, "train", norm, limit=args.limit)
+        test = cifar10_dataset(root, "test", norm)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    plan = args.plan if args.plan is not None else {"ratio": args.ratio}
+    dd.init_from_env()
+    main = dd.is_main()
+    try:
+        res = finetune(lm.model, make_loader(train, args.train_batch_size, shuffle=True, seed=args.seed),
+                       mode=args.mode, epochs=args.epochs, plan=plan, granularity=args.granularity,
+                       order=_order_arg(args.order), stage_epochs=args.stage_epochs,
+                       stage_training=args.stage_training, optimizer=args.optimizer, lr=args.lr,
+                       weight_decay=args.weight_decay, schedule=args.schedule, temperature=args.temperature,
+                       alpha=args.alpha, augment=not args.no_augment,
+                       output_calibration=False if args.no_refit else None, eval_data=(test.images, test.labels),
+                       eval_batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
+                       resume=not args.no_resume, seed=args.seed, progress=not args.no_progress,
+                       compress_options={"seed": args.kmeans_seed},
+                       plot_path=Path(args.out) / "curves.png" if args.out else None)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        dd.cleanup()
+    if not main:
+        return 0
+    pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
+    print(f"{lm.name} {args.mode}: clustered {pct(res.accuracy_clustered)}, after refit+BN {pct(res.accuracy_start)}, "
+          f"after {len(res.history)} epochs {pct(res.accuracy)} ({res.seconds:.0f} s)")
+    for h in res.history:
+        print(f"  {h['phase']:>10} epoch {h['epoch']:>2}: loss {h['loss']:.4f}  train {pct(h['train_top1'])}  "
+              f"eval {pct(h['eval_top1'])}  {h['seconds']:.1f} s")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(res.model.state_dict(), out / "model.pt")
+        (out / "history.json").write_text(json.dumps({
+            "model": lm.name, "mode": args.mode, "plan": plan if isinstance(plan, dict) else str(plan),
+            "accuracy_clustered": res.accuracy_clustered, "accuracy_start": res.accuracy_start,
+            "accuracy": res.accuracy, "stages": res.stages, "history": res.history, "seconds": res.seconds},
+            indent=1))
+        print(f"wrote {out / 'model.pt'}, {out / 'history.json'} and {out / 'curves.png'}")
+    return 0

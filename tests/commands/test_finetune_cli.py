@@ -1,0 +1,73 @@
+"""``kcengine finetune``: outputs, resume through the CLI, one-line user errors."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from kcengine.cli import main
+from kcengine.models import CifarResNet
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    m = CifarResNet(20)
+    p = tmp_path / "r20.th"
+    torch.save({"state_dict": {"module." + k: v for k, v in m.state_dict().items()}}, p)
+    return p
+
+
+@pytest.fixture()
+def cifar(tmp_path):
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [("test_batch", 12)] + [(f"data_batch_{i}", 8) for i in range(1, 6)]:
+        with open(d / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "labels": [int(v) for v in rng.integers(0, 10, n)]}, f)
+    return d
+
+
+def _args(ckpt, cifar, *extra):
+    return ["finetune", "--model", "resnet20", "--weights", str(ckpt), "--data", str(cifar), "--ratio", "0.5",
+            "--train-batch-size", "8", "--limit", "16", "--no-progress", *extra]
+
+
+def test_finetune_writes_model_history_and_curves(ckpt, cifar, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(_args(ckpt, cifar, "--epochs", "2", "--no-refit", "--out", str(out))) == 0
+    h = json.loads((out / "history.json").read_text())
+    assert h["mode"] == "centroids" and len(h["history"]) == 2
+    assert all(0 <= r["eval_top1"] <= 1 for r in h["history"])
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert "layer1.0.conv1.codebook" in state and "layer1.0.conv1.index" in state
+    assert "after 2 epochs" in capsys.readouterr().out
+
+
+def test_finetune_progressive_order_and_resume(ckpt, cifar, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    args = _args(ckpt, cifar, "--mode", "progressive", "--order", r"layer3\.0\..*;layer1.0.conv1,layer1.0.conv2",
+                 "--epochs", "0", "--checkpoint-dir", str(ck), "--out", str(tmp_path / "p"))
+    assert main(args) == 0
+    h = json.loads((tmp_path / "p" / "history.json").read_text())
+    assert h["stages"] == [["layer3.0.conv1", "layer3.0.conv2"], ["layer1.0.conv1", "layer1.0.conv2"]]
+    capsys.readouterr()
+    assert main(args) == 0  # everything done: resumes at the end, trains nothing more
+    h2 = json.loads((tmp_path / "p" / "history.json").read_text())
+    assert h2["history"] == h["history"]
+
+
+@pytest.mark.parametrize("extra, msg", [
+    ((), "give --ratio"),
+    (("--ratio", "0.5", "--epochs", "-1"), "epochs must be"),
+    (("--ratio", "0.5", "--mode", "progressive", "--order", "nothing"), "matches no layer"),
+])
+def test_finetune_user_errors(ckpt, cifar, capsys, extra, msg):
+    args = ["finetune", "--model", "resnet20", "--weights", str(ckpt), "--data", str(cifar), "--no-progress", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1
