@@ -60,8 +60,13 @@ def _write(out: Path, name: str, rows: list, header: dict, extra: str = "") -> N
     (out / f"recovery_{name}.md").write_text("\n".join(lines))
 
 
-def run(model_name: str = "resnet20", out_dir="bench/results", ratios=(0.75, 0.5, 0.25), modes=None,
-        epochs: dict | None = None, progressive_ratios=(0.5,), mixed: bool = True, threads: int = 2,
+# (plan label, mode, epochs or None for the default): most informative first, so a cut-short run keeps them
+DEFAULT_RUNS = (("ratio 0.5", "centroids", None), ("ratio 0.75", "centroids", None),
+                ("mixed (0.5 budget)", "centroids", None), ("ratio 0.5", "frozen", None),
+                ("ratio 0.5", "progressive", None), ("ratio 0.25", "centroids", None))
+
+
+def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, threads: int = 2,
         limit_train: int | None = None) -> Path:
     from .. import compress
     from ..compress import sensitivity_sweep
@@ -86,9 +91,6 @@ def run(model_name: str = "resnet20", out_dir="bench/results", ratios=(0.75, 0.5
     train = type(train)(train.images[perm], train.labels[perm], train.classes)
     loader = make_loader(train, 128, shuffle=True, seed=0)
     evald = (test.images, test.labels)
-    modes = modes or ("frozen", "centroids", "progressive")
-    ep = dict(DEFAULT_EPOCHS)
-    ep.update(epochs or {})
     out = Path(out_dir)
     header = {"date": now_utc(), "commit": git_commit(), "machine": ", ".join(
         f"{k}={v}" for k, v in machine_info().items() if k in ("cpu", "cores", "torch")) + f", threads={threads}",
@@ -100,7 +102,8 @@ def run(model_name: str = "resnet20", out_dir="bench/results", ratios=(0.75, 0.5
                   "per-channel affine map the following BN absorbs) + BN; then `kcengine.finetune` in each mode "
                   "with its defaults (distillation T=4, alpha=0.9 from the dense model; SGD Nesterov, one-cycle "
                   "LR peak 0.01; crop+flip), which starts with the refit + BN step. "
-                  "`seconds` = wall time of the step (finetune: everything it did) on a shared machine.")}
+                  "`seconds` = wall time of the step (finetune: everything it did, evaluation every epoch included) "
+                  "on a machine shared with other jobs (timings are inflated by the sharing).")}
     rows: list = []
     base = top1_accuracy(lm.model, test.images, test.labels)
     rows.append({"plan": "dense", "k_total": sum(m.out_channels for m in lm.model.modules()
@@ -108,54 +111,51 @@ def run(model_name: str = "resnet20", out_dir="bench/results", ratios=(0.75, 0.5
                  "step": "baseline", "mode": "", "epochs": 0, "top1": base, "seconds": 0.0, "note": ""})
     _write(out, model_name, rows, header)
     calib = train.images[:512]
-    plans = [(f"ratio {r:g}", {"ratio": r}) for r in ratios]
-    if mixed:
-        t0 = time.perf_counter()
-        sens = sensitivity_sweep(lm.model, train.images[:1000], train.labels[:1000],
-                                 ratios=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0))
-        _, rep = compress(lm.model, ratio=0.5)
-        budget = sum(lr.k for lr in rep.layers)
-        ks = mixed_plan(sens, budget)
-        mixed_seconds = time.perf_counter() - t0
-        plans.append(("mixed (0.5 budget)", {"layers": ks}))
-    for label, plan in plans:
-        t0 = time.perf_counter()
-        cm, rep = compress(lm.model, plan)
-        k_total = sum(lr.k for lr in rep.layers)
-        acc = top1_accuracy(cm, test.images, test.labels)
-        note = f"sensitivity sweep {mixed_seconds:.0f} s; k: " + ", ".join(
-            f"{n}={k}" for n, k in plan["layers"].items()) if "layers" in plan else ""
-        rows.append({"plan": label, "k_total": k_total, "step": "clustered", "mode": "", "epochs": 0, "top1": acc,
-                     "seconds": time.perf_counter() - t0, "note": note})
-        t0 = time.perf_counter()
-        bn_only = recalibrate_bn(copy.deepcopy(cm), calib)
-        rows.append({"plan": label, "k_total": k_total, "step": "bn", "mode": "", "epochs": 0,
-                     "top1": top1_accuracy(bn_only, test.images, test.labels), "seconds": time.perf_counter() - t0,
-                     "note": ""})
-        t0 = time.perf_counter()
-        refit = copy.deepcopy(cm)
-        calibrate_outputs(refit, lm.model, calib)
-        recalibrate_bn(refit, calib)
-        rows.append({"plan": label, "k_total": k_total, "step": "refit", "mode": "", "epochs": 0,
-                     "top1": top1_accuracy(refit, test.images, test.labels), "seconds": time.perf_counter() - t0,
-                     "note": ""})
-        _write(out, model_name, rows, header)
-        del bn_only, refit
-        for mode in modes:
-            if mode == "progressive" and not (label.startswith("ratio") and float(label.split()[1])
-                                              in progressive_ratios):
-                continue
+    runs = list(runs or DEFAULT_RUNS)
+    mixed_note, mixed_plan_ks = "", None
+    for label, mode, n_ep in runs:
+        if label.startswith("mixed"):
+            if mixed_plan_ks is None:
+                t0 = time.perf_counter()
+                sens = sensitivity_sweep(lm.model, train.images[:500], train.labels[:500],
+                                         ratios=(0.25, 0.375, 0.5, 0.625, 0.75, 1.0))
+                _, rep = compress(lm.model, ratio=0.5)
+                mixed_plan_ks = mixed_plan(sens, sum(lr.k for lr in rep.layers))
+                mixed_note = f"sensitivity sweep (500 train images) {time.perf_counter() - t0:.0f} s; k: " + \
+                    ", ".join(f"{n}={k}" for n, k in mixed_plan_ks.items())
+            plan = {"layers": mixed_plan_ks}
+        else:
+            plan = {"ratio": float(label.split()[1])}
+        if not any(r["plan"] == label for r in rows):
             t0 = time.perf_counter()
-            res = finetune(lm.model, loader, mode=mode, plan=plan, epochs=ep[mode], eval_data=evald,
-                           progress=False, plot_path=out / f"recovery_{model_name}_{mode}_{label.split()[0]}"
-                           f"{label.split()[1] if label.startswith('ratio') else ''}.png"
-                           if (mode == "centroids" and label == "ratio 0.5") else None)
-            n_ep = len(res.history)
-            rows.append({"plan": label, "k_total": k_total, "step": "finetune", "mode": mode, "epochs": n_ep,
-                         "top1": res.accuracy, "seconds": time.perf_counter() - t0,
-                         "note": ("stages " + " > ".join(s[0].split(".")[0] for s in res.stages)
-                                  if res.stages else "") + f" start {100 * (res.accuracy_start or 0):.1f}%"})
+            cm, rep = compress(lm.model, plan)
+            k_total = sum(lr.k for lr in rep.layers)
+            acc = top1_accuracy(cm, test.images, test.labels)
+            rows.append({"plan": label, "k_total": k_total, "step": "clustered", "mode": "", "epochs": 0,
+                         "top1": acc, "seconds": time.perf_counter() - t0, "note": mixed_note if plan.get("layers")
+                         else ""})
+            t0 = time.perf_counter()
+            bn_only = recalibrate_bn(copy.deepcopy(cm), calib)
+            rows.append({"plan": label, "k_total": k_total, "step": "bn", "mode": "", "epochs": 0,
+                         "top1": top1_accuracy(bn_only, test.images, test.labels),
+                         "seconds": time.perf_counter() - t0, "note": ""})
             _write(out, model_name, rows, header)
+        k_total = next(r["k_total"] for r in rows if r["plan"] == label)
+        t0 = time.perf_counter()
+        tag = label.split()[0] + (label.split()[1] if label.startswith("ratio") else "")
+        res = finetune(lm.model, loader, mode=mode, plan=plan, epochs=n_ep, eval_data=evald, progress=False,
+                       plot_path=out / f"recovery_{model_name}_{mode}_{tag}.png")
+        if mode != "progressive" and not any(r["plan"] == label and r["step"] == "refit" for r in rows):
+            rows.append({"plan": label, "k_total": k_total, "step": "refit", "mode": "", "epochs": 0,
+                         "top1": res.accuracy_start, "seconds": float("nan"),
+                         "note": "output-aware refit + BN (finetune's first step)"})
+        n_default = DEFAULT_EPOCHS[mode]
+        rows.append({"plan": label, "k_total": k_total, "step": "finetune", "mode": mode,
+                     "epochs": len(res.history), "top1": res.accuracy, "seconds": time.perf_counter() - t0,
+                     "note": ("stages " + " > ".join(s[0].split(".")[0] for s in res.stages) + "; " if res.stages
+                              else "") + ("default epochs" if n_ep is None or n_ep == n_default else
+                                          f"epochs={n_ep} (default {n_default})")})
+        _write(out, model_name, rows, header)
     _write(out, model_name, rows, header)
     return out / f"recovery_{model_name}.md"
 
@@ -164,15 +164,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet20", choices=("resnet20", "resnet56"))
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--ratios", default="0.75,0.5,0.25")
-    p.add_argument("--modes", default="frozen,centroids,progressive")
-    p.add_argument("--epochs", default="", help="mode=N,... overriding kcengine.train.DEFAULT_EPOCHS")
-    p.add_argument("--no-mixed", action="store_true")
+    p.add_argument("--runs", default=None,
+                   help="';'-separated PLAN:MODE[:EPOCHS], PLAN = a ratio or 'mixed' (default: DEFAULT_RUNS)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
-    eps = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in a.epochs.split(",") if kv}
-    path = run(a.model, a.out, tuple(float(r) for r in a.ratios.split(",")), tuple(a.modes.split(",")), eps,
-               mixed=not a.no_mixed, threads=a.threads)
+    runs = None
+    if a.runs:
+        runs = []
+        for item in a.runs.split(";"):
+            parts = item.split(":")
+            label = "mixed (0.5 budget)" if parts[0] == "mixed" else f"ratio {float(parts[0]):g}"
+            runs.append((label, parts[1], int(parts[2]) if len(parts) > 2 else None))
+    path = run(a.model, a.out, runs, threads=a.threads)
     print(f"wrote {path}")
     return 0
 
