@@ -80,27 +80,46 @@ def run_clustering(args, out: Path) -> dict:
         caps = dict(max_problems=args.max_problems or 12, sweep_step=8)
     else:
         caps = dict(max_problems=args.max_problems or 48, sweep_step=1)
-    weights = None if args.weights in (None, "pretrained") else args.weights
-    layers, source = kb.load_weights(args.model, weights if weights != "none" else None)
+    weights = None if args.weights in (None, "pretrained", "none") else args.weights
+    layers, source = kb.load_weights(args.model, weights)
     wls = kb.build_workloads(layers, kb.WORKLOADS, **caps)
-    methods = kb.available_methods(args.device)
-    if args.device == "cpu":
-        # The torch reference is the GPU baseline; on the CPU it is the slowest method by far
-        # (bench/kmeans.py measures it for the recorded tables).
-        methods = [m for m in methods if m != "torch"]
     _log(f"[clustering] {source}")
     from tqdm.auto import tqdm
 
-    rows = []
-    with tqdm(total=len(wls) * len(methods), desc="clustering", unit="run", leave=False) as bar:
-        for wl in wls:
-            rows += kb.run_workload(wl, methods, repeat=1, progress=lambda w, m: bar.update(1))
-    table = kb.rows_table(rows)
+    if args.device == "cuda":
+        from .. import _registry
+        from ..bench import kmeans_gpu as kg
+
+        if not args.quick:
+            wls.append(kg.large_workload(layers))
+        methods = [m for m in ("cuda", "triton") if _registry.backend_status(m) is None] + ["torch"]
+        if args.backend not in ("auto", "torch"):
+            methods = [args.backend, "torch"]
+        methods += [m for m in kb.available_methods("cpu") if m == "sklearn"]
+        ceilings = kg.device_ceilings()
+        table, kernels = [], []
+        with tqdm(total=len(wls) * len(methods), desc="clustering (cuda)", unit="run", leave=False) as bar:
+            for wl in wls:
+                rows, ks = kg.run_gpu_workload(wl, methods, ceilings=ceilings, progress=lambda w, m: bar.update(1))
+                table += rows
+                kernels += ks
+        write_csv(out / "clustering_kernels.csv", kernels)
+        extra = "\nKernels (fraction of the device's measured ceilings):\n\n" + markdown_table(kernels) if kernels else ""
+    else:
+        methods = kb.available_methods("cpu")
+        # The torch reference is the GPU baseline; on the CPU it is the slowest method by far
+        # (python -m kcengine.bench.kmeans measures it for the recorded tables).
+        methods = [m for m in methods if m != "torch"]
+        rows = []
+        with tqdm(total=len(wls) * len(methods), desc="clustering", unit="run", leave=False) as bar:
+            for wl in wls:
+                rows += kb.run_workload(wl, methods, repeat=1, progress=lambda w, m: bar.update(1))
+        table, extra = kb.rows_table(rows), ""
     write_csv(out / "clustering.csv", table)
-    _plot_clustering(rows, out / "clustering_speedup.png")
+    _plot_clustering(table, out / "clustering_speedup.png")
     return {"source": source, "workloads": [{"name": w.name, "problems": w.n_problems, "of": w.total_problems,
                                              "note": w.note} for w in wls],
-            "rows": table, "markdown": markdown_table(table)}
+            "rows": table, "markdown": source + "\n\n" + markdown_table(table) + extra}
 
 
 def _plot_clustering(rows, path: Path) -> None:
@@ -109,12 +128,13 @@ def _plot_clustering(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    wls = sorted({r.workload for r in rows})
-    methods = [m for m in ("kcengine", "exact1d", "faiss", "torch") if any(r.method == m for r in rows)]
+    wls = sorted({r["workload"] for r in rows})
+    methods = [m for m in ("kcengine", "exact1d", "cuda", "triton", "faiss", "torch")
+               if any(r["method"] == m for r in rows)]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / max(1, len(methods))
     for i, m in enumerate(methods):
-        vals = [next((r.speedup_vs_sklearn for r in rows if r.workload == w and r.method == m), float("nan"))
+        vals = [next((r["x vs sklearn"] for r in rows if r["workload"] == w and r["method"] == m), float("nan"))
                 for w in wls]
         ax.bar([j + i * width for j in range(len(wls))], vals, width, label=m)
     ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(wls))], wls)
