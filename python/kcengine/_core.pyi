@@ -1,0 +1,30 @@
+"""Types of the private native module (C++17 + OpenMP; see csrc/cpu). Use the public API instead."""
+from typing import Optional, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+def max_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...
+def cpu_features() -> dict[str, bool]: ...
+def kmeans_isa() -> str: ...
+
+_KMeansOut = tuple[list[np.ndarray], list[npt.NDArray[np.int64]], npt.NDArray[np.float64], npt.NDArray[np.int32],
+                   npt.NDArray[np.bool_], list[str]]
+
+def kmeans_batch_f32(datasets: Sequence[npt.NDArray[np.float32]], weights: Optional[Sequence[npt.NDArray[np.float64]]],
+                     data_index: npt.NDArray[np.int64], k: npt.NDArray[np.int64], init: str,
+                     init_centers: Optional[Sequence[npt.NDArray[np.float32]]], n_init: int, max_iter: int,
+                     tol: float, seed: int, algorithm: str) -> _KMeansOut: ...
+def kmeans_batch_f64(datasets: Sequence[npt.NDArray[np.float64]], weights: Optional[Sequence[npt.NDArray[np.float64]]],
+                     data_index: npt.NDArray[np.int64], k: npt.NDArray[np.int64], init: str,
+                     init_centers: Optional[Sequence[npt.NDArray[np.float64]]], n_init: int, max_iter: int,
+                     tol: float, seed: int, algorithm: str) -> _KMeansOut: ...
+
+def conv_gather_epilogue(u: np.ndarray, index: np.ndarray, scale: Optional[np.ndarray], shift: Optional[np.ndarray],
+                         residual: Optional[np.ndarray], relu: bool, out: np.ndarray, threads: int = 0) -> None: ...
+def conv_gather_sum(p: np.ndarray, pair: np.ndarray, scale: Optional[np.ndarray], shift: Optional[np.ndarray],
+                    residual: Optional[np.ndarray], relu: bool, out: np.ndarray, threads: int = 0) -> None: ...
+def conv_kernel_direct(x: np.ndarray, wt: np.ndarray, slot: np.ndarray, geom: np.ndarray, scale: Optional[np.ndarray],
+                       shift: Optional[np.ndarray], residual: Optional[np.ndarray], relu: bool, out: np.ndarray,
+                       threads: int = 0) -> None: ...
