@@ -1,12 +1,8 @@
 """Output-aware refit against the dense model: exact where the maths says it must be, never worse elsewhere."""
-import copy
-
 import pytest
 import torch
-from torch import nn
 
 import kcengine
-from kcengine.nn import ClusteredConv2d
 from kcengine.train import calibrate_outputs, recalibrate_bn
 from kcengine.train.calibrate import following_batchnorm
 

@@ -74,7 +74,6 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     from ..evaluate import top1_accuracy
     from ..models import load_model
     from ..train import DEFAULT_EPOCHS, finetune, recalibrate_bn
-    from ..train.calibrate import calibrate_outputs
 
     torch.set_num_threads(threads)
     data = shared_data_dir()

@@ -57,8 +57,10 @@ class FinetuneResult:
     """``model``: the trained model (eval mode, on the device it trained on).
     ``history``: one dict per epoch: phase, epoch, loss, train_top1, eval_top1 (None without eval_data),
     lr (at the epoch's end), seconds.  ``stages``: progressive: the layers clustered at each stage, in order.
-    ``accuracy_start``: eval top-1 once clustered, calibrated and BN-recalibrated, before any training.
-    ``calibration``: per-layer results of the output-aware refit."""
+    ``accuracy_clustered``: eval top-1 right after clustering (progressive: after the first stage's);
+    ``accuracy_start``: the same once refit and BN-recalibrated, before any training (None without eval_data).
+    ``calibration``: per-layer results of the output-aware refit.  ``resumed_from``: (phase, epoch) of the
+    checkpoint the run continued from, or None."""
 
     model: nn.Module
     mode: str
@@ -331,10 +333,8 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
                                    layers=list(phase.layers), **copts)
                 work.to(device)
             if phase.layers or pi == 0:
-                if pi == 0 or phase.layers:
-                    acc0 = evaluate_now()
-                    if pi == 0:
-                        result.accuracy_clustered = acc0
+                if pi == 0:
+                    result.accuracy_clustered = evaluate_now()
                 if output_calibration and teacher is not None and (phase.layers or mode != "progressive"):
                     result.calibration.update(calibrate_outputs(work, teacher, calib, layers=phase.layers,
                                                                 seed=seed))
