@@ -284,25 +284,70 @@ def run_clustering_bench(model: str = "resnet20", *, weights=None, workloads=WOR
 
 
 def kcengine_peak_memory(model: str, weights=None, workload: str = "c_kernels", sweep_step: int = 1) -> dict:
-    """Peak RSS of a fresh process that runs only kcengine on one workload (vs its input size)."""
+    """Peak memory of kcengine on one workload, in a child process that imports only numpy and
+    the native core (no torch), so its peak RSS is the input plus what the k-means call allocates."""
     import json
     import subprocess
     import sys
+    import tempfile
 
-    code = (
-        "import json, resource, sys\n"
-        "from kcengine.bench.kmeans import load_weights, build_workloads, run_kcengine\n"
-        f"layers, _ = load_weights({model!r}, {weights!r})\n"
-        f"wl = build_workloads(layers, [{workload!r}], sweep_step={sweep_step})[0]\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-        "run_kcengine(wl)\n"
-        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-        "print(json.dumps({'input_mb': wl.bytes / 2**20, 'rss_before_mb': before, 'rss_after_mb': after}))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    from .. import _core
+
+    so = _core.__file__  # loaded alone in the child: the kcengine package would import torch
+    layers, _ = load_weights(model, weights)
+    wl = build_workloads(layers, [workload], sweep_step=sweep_step)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        uniq = {id(x): i for i, x in enumerate({id(x): x for x in wl.xs}.values())}
+        arrays = list({id(x): x for x in wl.xs}.values())
+        np.savez(f"{tmp}/data.npz", *arrays)
+        np.save(f"{tmp}/index.npy", np.array([uniq[id(x)] for x in wl.xs], dtype=np.int64))
+        np.save(f"{tmp}/k.npy", np.array(wl.ks, dtype=np.int64))
+        code = (
+            "import json, resource, sys, numpy as np\n"
+            "import importlib.util\n"
+            f"spec = importlib.util.spec_from_file_location('_core', {so!r})\n"
+            "core = importlib.util.module_from_spec(spec); spec.loader.exec_module(core)\n"
+            f"z = np.load({tmp + '/data.npz'!r}); data = [np.ascontiguousarray(z[f]) for f in z.files]\n"
+            f"idx = np.load({tmp + '/index.npy'!r}); k = np.load({tmp + '/k.npy'!r})\n"
+            # VmHWM (peak RSS of this address space): ru_maxrss would carry the parent's peak over fork
+            "hwm = lambda: float(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024\n"
+            "before = hwm()\n"
+            "core.kmeans_batch_f32(data, None, idx, k, 'k-means++', None, 1, 300, 1e-4, 0, 'auto')\n"
+            "after = hwm()\n"
+            "print(json.dumps({'input_mb': sum(a.nbytes for a in data) / 2**20, 'rss_before_mb': before,"
+            " 'rss_after_mb': after}))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["added_mb"] = res["rss_after_mb"] - res["rss_before_mb"]
+    return res
+
+
+def set_threads(n: int) -> None:
+    """Use ``n`` threads in every method: kcengine's OpenMP, scikit-learn's, faiss's and torch's."""
+    import os
+
+    import torch
+
+    from .. import _core
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    _core.set_num_threads(n)
+    torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n)
+    except ImportError:
+        pass
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
 
 
 def rows_table(rows: list[Row]) -> list[dict]:
@@ -332,7 +377,7 @@ def write_report(results: list[dict], out_dir: Path, name: str = "kmeans_cpu") -
         pass
     from .. import _core
 
-    lines.append(f"- kcengine solver build: {_core.kmeans_isa()}")
+    lines.append(f"- kcengine solver build: {_core.kmeans_isa()}; threads per method: {results[0].get('threads', 'default')}")
     lines.append("- seconds: best of the repeats, same inputs, methods alternating order; inertia / sklearn: "
                  "geometric mean over problems of the method's inertia divided by scikit-learn's "
                  "(k-means++, n_init=1, tol=1e-4, one KMeans per problem)")
@@ -345,12 +390,12 @@ def write_report(results: list[dict], out_dir: Path, name: str = "kmeans_cpu") -
         lines.append("")
         table = rows_table(res["rows"])
         lines.append(markdown_table(table))
-        if res.get("memory"):
+        if res.get("memory") and "added_mb" in res["memory"]:
             m = res["memory"]
-            lines.append(f"Peak memory of a process running only kcengine on {m.get('workload')}: "
-                         f"{m.get('rss_after_mb', float('nan')):.0f} MB "
-                         f"(before the call {m.get('rss_before_mb', float('nan')):.0f} MB; "
-                         f"input {m.get('input_mb', float('nan')):.1f} MB)\n")
+            lines.append(f"Memory: a process holding only numpy, the native core and the {m['workload']} input "
+                         f"({m['input_mb']:.1f} MB) peaks at {m['rss_after_mb']:.0f} MB during the k-means call, "
+                         f"{m['added_mb']:.1f} MB above its peak before the call "
+                         f"(budget: 2 x input + 200 MB = {2 * m['input_mb'] + 200:.0f} MB).\n")
         for t in table:
             csv_rows.append({"source": res["source"], **t})
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -370,7 +415,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--out", default=None, help="folder for kmeans_cpu.md/.csv (default bench/results)")
     p.add_argument("--name", default="kmeans_cpu")
+    p.add_argument("--threads", type=int, default=None, help="threads for every method (default: all cores)")
     args = p.parse_args(argv)
+    if args.threads:
+        set_threads(args.threads)
     models = args.model or ["resnet20"]
     results = []
     for model in models:
@@ -382,6 +430,7 @@ def main(argv=None) -> int:
                                    max_problems=args.max_problems, sweep_step=args.sweep_step, repeat=args.repeat,
                                    progress=prog)
         res["memory"] = {"workload": "c_kernels", **kcengine_peak_memory(model, workload="c_kernels")}
+        res["threads"] = args.threads or "all cores"
         results.append(res)
         print(markdown_table(rows_table(res["rows"])))
     out = Path(args.out) if args.out else (repo_root() or Path.cwd()) / "bench" / "results"
