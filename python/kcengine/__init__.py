@@ -1,17 +1,21 @@
 """kcengine: compress convolutional networks by clustering their weights.
 
 The public face; everything here is a re-export.  Importing kcengine initializes no GPU and
-imports neither cupy nor triton: those load only when a backend that needs them runs.
+imports neither cupy nor triton (those load only when a backend that needs them runs); torch is
+imported, torchvision and matplotlib load lazily.
 """
+from . import nn
 from ._registry import backend_status
+from .compress import compress
+from .conv import indexed_conv2d, load_compressed, save_compressed
 from .kmeans import KMeansResult, kmeans, kmeans_sweep
+from .train import finetune
 
 __version__ = "0.1.0"
 
-__all__ = ["kmeans", "kmeans_sweep", "KMeansResult", "backend_status", "__version__"]
-from . import nn
-from .conv import indexed_conv2d, load_compressed, save_compressed
-__all__ += ["indexed_conv2d", "save_compressed", "load_compressed", "nn"]
-from .compress import compress  # noqa: E402  (torch only; torchvision/matplotlib load lazily)
-__all__ += ["compress"]
-from .train import finetune  # noqa: E402  (torch only; matplotlib/tqdm load lazily)
+__all__ = [
+    "kmeans", "kmeans_sweep", "KMeansResult",
+    "indexed_conv2d", "nn", "save_compressed", "load_compressed",
+    "compress", "finetune",
+    "backend_status", "__version__",
+]
