@@ -411,6 +411,38 @@ double inertia_of(const Dataset<T>& ds, const std::vector<T>& C, const std::vect
   });
 }
 
+// The M-step's end, shared by the direct solvers: repair empty clusters (from the sums of the
+// current labels), new centers = sums / weights, drift of each center.  Returns the total squared
+// drift (the tol test).  `sums`/`wsum` are modified by the repair.
+template <class T>
+double new_centers(const Dataset<T>& ds, const std::vector<i32>& lab, const Centers<T>& C, double* sums,
+                   double* wsum, std::vector<T>& cnew, std::vector<double>& drift, std::vector<i32>& empty,
+                   std::vector<double>& d2own, bool par) {
+  const i64 n = ds.n, d = ds.d, k = C.k;
+  empty.clear();
+  for (i64 j = 0; j < k; ++j)
+    if (wsum[j] <= 0) empty.push_back(i32(j));
+  if (!empty.empty()) {
+    std::vector<i64> moved;
+#pragma omp parallel for if (par) schedule(static)
+    for (i64 i = 0; i < n; ++i) d2own[i] = sqdist(ds.x + i * d, &C.c[size_t(lab[i]) * d], d);
+    relocate(n, d, ds.x, ds.w, lab.data(), d2own.data(), empty, sums, wsum, moved);
+  }
+  double shift_tot = 0;
+  for (i64 j = 0; j < k; ++j) {
+    T* cj = &cnew[size_t(j) * d];
+    const T* co = &C.c[size_t(j) * d];
+    if (wsum[j] > 0)
+      for (i64 q = 0; q < d; ++q) cj[q] = T(sums[size_t(j) * d + q] / wsum[j]);
+    else
+      std::copy(co, co + d, cj);
+    const double s2 = sqdist(cj, co, d);
+    shift_tot += s2;
+    drift[j] = std::sqrt(s2);
+  }
+  return shift_tot;
+}
+
 // ------------------------------------------------------------------ direct Lloyd / Hamerly
 template <class T>
 void solve_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::vector<T>& init, int max_iter,
@@ -431,7 +463,6 @@ void solve_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const st
   const i64 chunk_m = chunk_size(n), nchunk_m = (n + chunk_m - 1) / chunk_m;
   std::vector<double> tsums(nchunk_m > 1 ? size_t(nchunk_m) * k * d : 0), twsum(nchunk_m > 1 ? size_t(nchunk_m) * k : 0);
   std::vector<i32> empty;
-  std::vector<i64> moved;
   bool strict = false;
   int it = 0;
   const i64 chunk = 256;
@@ -503,26 +534,10 @@ void solve_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const st
         for (i64 j = 0; j < k; ++j) wsum[j] += twsum[size_t(c) * k + j];
       }
     }
-    empty.clear();
-    for (i64 j = 0; j < k; ++j)
-      if (wsum[j] <= 0) empty.push_back(i32(j));
-    if (!empty.empty()) {
-#pragma omp parallel for if (par) schedule(static)
-      for (i64 i = 0; i < n; ++i) d2own[i] = sqdist(ds.x + i * d, &C.c[size_t(lab[i]) * d], d);
-      relocate(n, d, ds.x, w, lab.data(), d2own.data(), empty, sums.data(), wsum.data(), moved);
-    }
-    double shift_tot = 0, pmax = 0, pmax2 = 0;
+    const double shift_tot = new_centers(ds, lab, C, sums.data(), wsum.data(), cnew, shift, empty, d2own, par);
+    double pmax = 0, pmax2 = 0;
     i64 jmax = -1;
     for (i64 j = 0; j < k; ++j) {
-      T* cj = &cnew[size_t(j) * d];
-      const T* co = &C.c[size_t(j) * d];
-      if (wsum[j] > 0)
-        for (i64 q = 0; q < d; ++q) cj[q] = T(sums[size_t(j) * d + q] / wsum[j]);
-      else
-        std::copy(co, co + d, cj);
-      const double s2 = sqdist(cj, co, d);
-      shift_tot += s2;
-      shift[j] = std::sqrt(s2);
       if (shift[j] > pmax) { pmax2 = pmax; pmax = shift[j]; jmax = j; }
       else if (shift[j] > pmax2) pmax2 = shift[j];
     }
@@ -628,7 +643,6 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
   std::vector<T> cnew(size_t(k) * d);
   std::vector<double> d2own(n);
   std::vector<i32> empty;
-  std::vector<i64> moved;
   const int nth = ThreadCount::get(par);
   std::vector<std::vector<T>> bufs(nth);
   const i64 chunk = 256, nchunks = (n + chunk - 1) / chunk;
@@ -789,28 +803,10 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
         wsum[lab[i]] += wi;
       }
     }
-    std::vector<double> sums_m(sums), wsum_m(wsum);  // relocation edits a copy
-    empty.clear();
-    for (i64 j = 0; j < k; ++j)
-      if (wsum_m[j] <= 0) empty.push_back(i32(j));
-    if (!empty.empty()) {
-      for (i64 i = 0; i < n; ++i) d2own[i] = sqdist(ds.x + i * d, &C.c[size_t(lab[i]) * d], d);
-      relocate(n, d, ds.x, w, lab.data(), d2own.data(), empty, sums_m.data(), wsum_m.data(), moved);
-    }
-    double shift_tot = 0;
+    std::vector<double> sums_m(sums), wsum_m(wsum);  // the repair edits a copy: sums track labels
+    const double shift_tot = new_centers(ds, lab, C, sums_m.data(), wsum_m.data(), cnew, delta, empty, d2own, par);
     std::fill(gdelta.begin(), gdelta.end(), 0.0);
-    for (i64 j = 0; j < k; ++j) {
-      T* cj = &cnew[size_t(j) * d];
-      const T* co = &C.c[size_t(j) * d];
-      if (wsum_m[j] > 0)
-        for (i64 q = 0; q < d; ++q) cj[q] = T(sums_m[size_t(j) * d + q] / wsum_m[j]);
-      else
-        std::copy(co, co + d, cj);
-      const double s2 = sqdist(cj, co, d);
-      shift_tot += s2;
-      delta[j] = std::sqrt(s2);
-      gdelta[group_of[j]] = std::max(gdelta[group_of[j]], delta[j]);
-    }
+    for (i64 j = 0; j < k; ++j) gdelta[group_of[j]] = std::max(gdelta[group_of[j]], delta[j]);
     double dmax = 0;
     for (i64 g = 0; g < t; ++g) {
       cum[size_t(it + 1) * t + g] = cum[size_t(it) * t + g] + gdelta[g];
