@@ -79,3 +79,8 @@ def test_env_lists_backends_and_reasons():
     assert info["kmeans_solver_build"] in ("generic", "avx2", "avx512")
     for key in ("torch", "numpy", "cpu_features", "openmp_threads", "nvcc"):
         assert key in info
+
+
+def test_bench_negative_recover_epochs_is_a_user_error():
+    r = run_cli("bench", "--model", "resnet20", "--recover-epochs", "-1")
+    assert r.returncode == 2 and "--recover-epochs must be >= 0, got -1" in r.stderr

@@ -29,7 +29,9 @@ def add_arguments(p) -> None:
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma list of " + ", ".join(SECTIONS))
     p.add_argument("--quick", action="store_true", help="small workloads: the whole run in about a minute")
     p.add_argument("--max-problems", type=int, default=None, help="cap problems per clustering workload")
-    p.add_argument("--recover-epochs", type=int, default=0, help="short recovery before accuracy (default 0)")
+    p.add_argument("--recover-epochs", type=int, default=0,
+                   help="finetune each clustered model this many epochs (centroids mode, distillation) and report "
+                        "the recovered accuracy too (default 0 on CPU)")
     p.add_argument("--out", default=None, help="output folder (default kcengine-bench-<model>-<timestamp>)")
     p.add_argument("--json", action="store_true", help="print results.json to stdout instead of the summary")
 
@@ -41,6 +43,8 @@ def _check_args(args):
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         raise UserError(f"--sections: unknown section {bad[0]!r} (choose from {', '.join(SECTIONS)})")
+    if args.recover_epochs < 0:
+        raise UserError(f"--recover-epochs must be >= 0, got {args.recover_epochs}")
     if not 0 < args.ratio <= 1:
         raise UserError(f"--ratio must be in (0, 1], got {args.ratio}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -79,7 +83,7 @@ def run_clustering(args, out: Path) -> dict:
     if args.quick:
         caps = dict(max_problems=args.max_problems or 12, sweep_step=8)
     else:
-        caps = dict(max_problems=args.max_problems or 48, sweep_step=1)
+        caps = dict(max_problems=args.max_problems or 32, sweep_step=1)
     weights = None if args.weights in (None, "pretrained", "none") else args.weights
     layers, source = kb.load_weights(args.model, weights)
     wls = kb.build_workloads(layers, kb.WORKLOADS, **caps)
@@ -360,8 +364,6 @@ def run_accuracy(args, out: Path) -> dict:
         data_dir = d / "cifar-10-batches-py"
     else:
         data_dir = Path(args.data)
-    if args.recover_epochs:
-        raise UserError("--recover-epochs: recovery (kcengine.finetune) is not part of this version yet")
     lm, src = _load(args)
     if not lm.pretrained:
         line = f"skipped: {args.model} has no trained weights here ({src}); accuracy would be meaningless"
@@ -389,16 +391,35 @@ def run_accuracy(args, out: Path) -> dict:
     rows = []
     from tqdm.auto import tqdm
 
+    train_loader = None
+    if args.recover_epochs:
+        from ..data.datasets import TensorImages, make_loader
+
+        try:
+            tr = read_cifar10(data_dir, "train")
+        except Exception as exc:
+            raise UserError(f"--recover-epochs needs the training batches in {data_dir} ({exc})") from None
+        train_loader = make_loader(TensorImages(normalize_uint8(tr.images, Normalization(lm.mean, lm.std)), tr.labels),
+                                   batch_size=128, shuffle=True, seed=0)
     for gran in grans:
         for name, kw in tqdm(plans, desc=f"accuracy ({gran})", leave=False):
             try:
-                _, rep = compress(lm.model, granularity=gran, eval_data=(images, labels), seed=0, **kw)
+                small, rep = compress(lm.model, granularity=gran, eval_data=(images, labels), seed=0, **kw)
             except ValueError as exc:
                 rows.append({"granularity": gran, "plan": name, "note": str(exc)[:80]})
                 continue
-            rows.append({"granularity": gran, "plan": name, "accuracy_before": rep.accuracy_before,
-                         "accuracy_after": rep.accuracy_after, "unique_ratio": 1 / rep.compression_ratio,
-                         "compression": rep.compression_ratio, "seconds": rep.seconds_total})
+            row = {"granularity": gran, "plan": name, "accuracy_before": rep.accuracy_before,
+                   "accuracy_after": rep.accuracy_after, "unique_ratio": 1 / rep.compression_ratio,
+                   "compression": rep.compression_ratio, "seconds": rep.seconds_total}
+            if train_loader is not None and gran != "element":
+                from ..train import finetune
+
+                t0 = time.perf_counter()
+                res = finetune(small, train_loader, mode="centroids", teacher=lm.model, epochs=args.recover_epochs,
+                               eval_data=(images, labels), progress=False)
+                row.update(accuracy_recovered=res.accuracy, recover_epochs=args.recover_epochs,
+                           recover_seconds=time.perf_counter() - t0)
+            rows.append(row)
     write_csv(out / "accuracy.csv", rows)
     _plot_accuracy(rows, out / "accuracy_vs_unique.png")
     md = f"{src}; {len(labels)} test images of {data_dir}\n\n" + markdown_table(rows)
@@ -418,6 +439,10 @@ def _plot_accuracy(rows, path: Path) -> None:
         if pts:
             pts.sort()
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=gran)
+        rec = sorted((r["unique_ratio"], r["accuracy_recovered"]) for r in rows if r.get("granularity") == gran
+                     and r.get("accuracy_recovered") is not None)
+        if rec:
+            ax.plot([p[0] for p in rec], [100 * p[1] for p in rec], "s--", label=f"{gran}, recovered")
     base = next((r["accuracy_before"] for r in rows if r.get("accuracy_before") is not None), None)
     if base is not None:
         ax.axhline(100 * base, color="k", ls="--", lw=0.8, label="dense")
