@@ -364,19 +364,19 @@ def run_accuracy(args, out: Path) -> dict:
         data_dir = d / "cifar-10-batches-py"
     else:
         data_dir = Path(args.data)
+    from ..compress import compress
+    from ..data.cifar import read_cifar10
+    from ..data.datasets import Normalization, normalize_uint8
+
+    try:  # a data folder of the wrong layout is the user's mistake: say so before anything else
+        split = read_cifar10(data_dir, "test")
+    except Exception as exc:
+        raise UserError(f"--data {data_dir}: not a CIFAR-10 python-batches folder ({exc})") from None
     lm, src = _load(args)
     if not lm.pretrained:
         line = f"skipped: {args.model} has no trained weights here ({src}); accuracy would be meaningless"
         _log(f"[accuracy] {line}")
         return {"skipped": line, "markdown": line}
-    from ..compress import compress
-    from ..data.cifar import read_cifar10
-    from ..data.datasets import Normalization, normalize_uint8
-
-    try:
-        split = read_cifar10(data_dir, "test")
-    except Exception as exc:
-        raise UserError(f"--data {data_dir}: not a CIFAR-10 python-batches folder ({exc})") from None
     images = normalize_uint8(split.images, Normalization(lm.mean, lm.std))
     if args.quick:
         images, labels = images[:256], split.labels[:256]
