@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Rewrite README.md's benchmark section from the recorded files in bench/results/.
+
+Tables are copied verbatim from what the suites wrote (with their date, commit and machine
+lines), so the README never carries a hand-typed figure.  Run after re-recording:
+    python tools/readme_bench.py
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def meta(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if re.match(r"- (date|commit|machine|measured|kcengine solver)", ln)]
+
+
+def first_table(text: str, after: str | None = None) -> str:
+    if after is not None:
+        i = text.find(after)
+        if i < 0:
+            return ""
+        text = text[i:]
+    lines, out = text.splitlines(), []
+    for ln in lines:
+        if ln.startswith("|"):
+            out.append(ln)
+        elif out:
+            break
+    return "\n".join(out)
+
+
+def section(title: str, path: Path, tables: list[tuple[str, str | None]], note: str = "") -> str:
+    if not path.exists():
+        return f"### {title}\n\n(not recorded yet: `{path.relative_to(ROOT)}`)\n"
+    text = path.read_text()
+    parts = [f"### {title}\n", f"From [{path.relative_to(ROOT)}]({path.relative_to(ROOT)}):\n"]
+    parts += meta(text) + [""]
+    if note:
+        parts += [note, ""]
+    for caption, anchor in tables:
+        t = first_table(text, anchor)
+        if t:
+            parts += ([caption, ""] if caption else []) + [t, ""]
+    return "\n".join(parts)
+
+
+def main() -> int:
+    r = ROOT / "bench" / "results"
+    body = "\n".join([
+        section("Clustering on the CPU: resnet20 (real weights), all cores", r / "kmeans_cpu.md", [("", "## resnet20")]),
+        section("Clustering on the CPU: resnet20, one thread per method", r / "kmeans_cpu_1thread.md",
+                [("", "## resnet20")]),
+        section("Clustering on the CPU: resnet18 (default init), one thread per method",
+                r / "kmeans_cpu_resnet18_1thread.md", [("", "## resnet18")]),
+        section("Centroid-indexed convolution (resnet18 shapes), one thread per side", r / "indexed_conv_1thread.md",
+                [("", "## Targets")]),
+        section("Compression of resnet20 without recovery (CIFAR-10 sample)", r / "compression_resnet20.md",
+                [("", "## Whole model")]),
+        section("Recovery of resnet20 (CIFAR-10 sample)", r / "recovery_resnet20.md", [("", None)]),
+        section("GPU", r / "kmeans_gpu.md", []),
+    ])
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if BEGIN not in text:
+        text = text.replace("BENCH_TABLES_PLACEHOLDER", f"{BEGIN}\n{END}")
+    pre, rest = text.split(BEGIN, 1)
+    _, post = rest.split(END, 1)
+    readme.write_text(f"{pre}{BEGIN}\n{body}\n{END}{post}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
