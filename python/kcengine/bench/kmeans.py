@@ -97,7 +97,10 @@ def _subset(n: int, cap: int | None) -> list[int]:
     return sorted({int(round(i * (n - 1) / (cap - 1))) for i in range(cap)})
 
 
-def build_workloads(layers, which=WORKLOADS, max_problems: int | None = None, sweep_step: int = 1) -> list[Workload]:
+def build_workloads(layers, which=WORKLOADS, max_problems: int | dict | None = None,
+                    sweep_step: int = 1) -> list[Workload]:
+    """The workloads ``which`` from ``layers``; ``max_problems`` caps each (an int for all, or a
+    dict workload -> cap) with an evenly spaced subset."""
     out = []
     for name in which:
         xs, ks = [], []
@@ -126,7 +129,8 @@ def build_workloads(layers, which=WORKLOADS, max_problems: int | None = None, sw
                     ks.append(min(10, w.shape[0]))
         else:
             raise ValueError(f"workload {name!r} is not one of {WORKLOADS}")
-        idx = _subset(len(ks), max_problems)
+        cap = max_problems.get(name) if isinstance(max_problems, dict) else max_problems
+        idx = _subset(len(ks), cap)
         wl = Workload(name, [xs[i] for i in idx], [ks[i] for i in idx], total_problems=len(ks))
         if len(idx) < len(ks):
             wl.note = f"{len(idx)} of {len(ks)} problems (evenly spaced subset, same for every method)"
@@ -410,13 +414,19 @@ def main(argv=None) -> int:
     p.add_argument("--model", action="append", help="model(s) whose conv weights form the workloads")
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--methods", default=None, help=f"comma list of {METHODS}")
-    p.add_argument("--max-problems", type=int, default=None)
+    p.add_argument("--max-problems", default=None,
+                   help="cap per workload: an int for all, or e.g. a_sweep=48,d_element=4000")
     p.add_argument("--sweep-step", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--out", default=None, help="folder for kmeans_cpu.md/.csv (default bench/results)")
     p.add_argument("--name", default="kmeans_cpu")
     p.add_argument("--threads", type=int, default=None, help="threads for every method (default: all cores)")
     args = p.parse_args(argv)
+    if args.max_problems is not None:
+        if "=" in args.max_problems:
+            args.max_problems = {k: int(v) for k, v in (kv.split("=") for kv in args.max_problems.split(","))}
+        else:
+            args.max_problems = int(args.max_problems)
     if args.threads:
         set_threads(args.threads)
     models = args.model or ["resnet20"]

@@ -80,10 +80,12 @@ def run_clustering(args, out: Path) -> dict:
     from ..bench import kmeans as kb
     from ..bench.common import markdown_table, write_csv
 
-    if args.quick:
-        caps = dict(max_problems=args.max_problems or 12, sweep_step=8)
-    else:
-        caps = dict(max_problems=args.max_problems or 32, sweep_step=1)
+    if args.max_problems:
+        caps = dict(max_problems=args.max_problems, sweep_step=8 if args.quick else 1)
+    elif args.quick:
+        caps = dict(max_problems={"a_sweep": 12, "b_filters": 12, "c_kernels": 12, "d_element": 200}, sweep_step=8)
+    else:  # sized so the default run takes minutes; 1-D problems are cheap, so many more of them
+        caps = dict(max_problems={"a_sweep": 32, "d_element": 2000}, sweep_step=1)
     weights = None if args.weights in (None, "pretrained", "none") else args.weights
     layers, source = kb.load_weights(args.model, weights)
     wls = kb.build_workloads(layers, kb.WORKLOADS, **caps)
