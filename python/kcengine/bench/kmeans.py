@@ -409,6 +409,56 @@ def write_report(results: list[dict], out_dir: Path, name: str = "kmeans_cpu") -
     return md
 
 
+def isa_comparison(model: str = "resnet20", repeat: int = 3, out_dir: Path | None = None) -> Path:
+    """kcengine on the four workloads with each compiled copy of the solver (generic x86-64,
+    AVX2, AVX-512), forced through ``KCENGINE_CPU_ISA``: what the portable build's runtime
+    dispatch buys on this CPU.  Writes ``kmeans_isa.md``."""
+    import os
+
+    from .. import _core
+
+    layers, source = load_weights(model)
+    wls = build_workloads(layers, WORKLOADS, max_problems={"a_sweep": 200, "d_element": 2000})
+    feats = _core.cpu_features()
+    isas = ["generic"] + (["avx2"] if feats.get("avx2") and feats.get("fma") else []) + \
+        (["avx512"] if feats.get("avx512f") else [])
+    rows = []
+    old = os.environ.get("KCENGINE_CPU_ISA")
+    try:
+        for wl in wls:
+            times = {isa: float("inf") for isa in isas}
+            for r in range(repeat):
+                for isa in (isas if r % 2 == 0 else isas[::-1]):
+                    os.environ["KCENGINE_CPU_ISA"] = isa
+                    t0 = time.perf_counter()
+                    run_kcengine(wl)
+                    times[isa] = min(times[isa], time.perf_counter() - t0)
+            row = {"workload": wl.name, "problems": wl.n_problems}
+            for isa in isas:
+                row[f"{isa} s"] = times[isa]
+            for isa in isas[1:]:
+                row[f"{isa} vs generic"] = times["generic"] / times[isa]
+            rows.append(row)
+    finally:
+        if old is None:
+            os.environ.pop("KCENGINE_CPU_ISA", None)
+        else:
+            os.environ["KCENGINE_CPU_ISA"] = old
+    info = machine_info()
+    lines = ["# kcengine's k-means solver per instruction set (runtime dispatch)\n",
+             f"- date: {now_utc()}", f"- commit: {git_commit()}",
+             f"- machine: {info.get('cpu')} ({info.get('cores')} cores, {info.get('threads')} threads, features "
+             f"{info.get('cpu_features')})",
+             f"- {source}; best of {repeat}, copies alternating; the wheel carries all three copies and picks the "
+             f"best the CPU supports ({_core.kmeans_isa()} here); `KCENGINE_CPU_ISA` forces one", "",
+             markdown_table(rows)]
+    out = (out_dir or (repo_root() or Path.cwd()) / "bench" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "kmeans_isa.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", help="model(s) whose conv weights form the workloads")
@@ -421,7 +471,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for kmeans_cpu.md/.csv (default bench/results)")
     p.add_argument("--name", default="kmeans_cpu")
     p.add_argument("--threads", type=int, default=None, help="threads for every method (default: all cores)")
+    p.add_argument("--isa", action="store_true", help="compare the solver's instruction-set copies instead")
     args = p.parse_args(argv)
+    if args.isa:
+        print("wrote", isa_comparison((args.model or ["resnet20"])[0], out_dir=Path(args.out) if args.out else None))
+        return 0
     if args.max_problems is not None:
         if "=" in args.max_problems:
             args.max_problems = {k: int(v) for k, v in (kv.split("=") for kv in args.max_problems.split(","))}
