@@ -385,8 +385,9 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
         tol: relative tolerance: a problem stops when the squared centroid shift, summed over
             clusters, is ``<= tol * mean(var(x, axis=0))``, or when no label changed.
         sample_weight: ``[N]`` (``[B, N]`` or a list for batches) non-negative weights.
-        seed: int for a reproducible run (per backend), or ``None``.  Every problem of a batch uses
-            the same seed, so a problem gets the same result in a batch as alone.
+        seed: int for a reproducible run (per backend), or ``None``.  On the cpu, cuda and triton
+            backends every problem of a batch draws from the same stream, so a problem gets the
+            same result in a batch as alone (the torch reference draws batch-wide).
         backend: ``"auto"``, ``"cpu"``, ``"torch"``, ``"cuda"``, ``"triton"`` (env
             ``KCENGINE_BACKEND`` overrides ``"auto"``).
         algorithm: ``"auto"`` (exact Lloyd with the fastest exact method per problem: Gram-matrix
