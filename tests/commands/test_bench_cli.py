@@ -20,6 +20,8 @@ def test_bench_quick_writes_report_folder(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert res["model"] == "resnet20" and set(res["sections"]) == {"clustering", "inference"}
+    assert any("time of the clustering section" in r["what"] for r in res["summary"])
+    assert any(r["what"].startswith("inference batch 1") for r in res["summary"])
     for key in ("date", "commit", "machine", "timings_s"):
         assert key in res
     clus = res["sections"]["clustering"]

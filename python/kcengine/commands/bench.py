@@ -177,13 +177,19 @@ def run(args) -> int:
         md.append(f"## {section} ({dt:.1f} s)\n")
         md.append(res.get("markdown", "") + "\n")
         _log(f"[{section}] done in {dt:.1f} s")
+    summary = _summary(results)
+    results["summary"] = summary
+    from ..bench.common import markdown_table
+
+    md.append("## Summary\n")
+    md.append(markdown_table(summary))
     (out / "report.md").write_text("\n".join(md))
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     else:
-        print("\n".join(md))
-        print(f"report: {out / 'report.md'}")
+        print(markdown_table(summary))
+        print(f"full report: {out / 'report.md'} (results.json, CSVs and plots beside it)")
     return 0
 
 
@@ -234,6 +240,34 @@ def _time_alternating(fa, fb, repeat: int):
             else:
                 tb = min(tb, dt)
     return ta, tb
+
+
+def _summary(results: dict) -> list[dict]:
+    """One row per headline figure of each section that ran, then the time each section took."""
+    rows = []
+    sec = results["sections"]
+    for r in sec.get("clustering", {}).get("rows", []):
+        if r["method"] in ("kcengine", "cuda", "triton") and r.get("x vs sklearn") == r.get("x vs sklearn"):
+            rows.append({"what": f"clustering {r['workload']}: {r['method']} vs scikit-learn",
+                         "value": f"{r['x vs sklearn']:.1f}x faster, inertia x{r['inertia / sklearn']:.3f}"})
+    for r in sec.get("inference", {}).get("rows", []):
+        rows.append({"what": f"inference batch {r['batch']}: clustered vs dense", "value": f"{r['speedup']:.2f}x"})
+    for r in sec.get("inference", {}).get("sizes", []):
+        rows.append({"what": r["what"], "value": f"{r['ratio']:.2f}x smaller"})
+    acc = [r for r in sec.get("accuracy", {}).get("rows", []) if r.get("accuracy_after") is not None]
+    if acc:
+        base = acc[0]["accuracy_before"]
+        rows.append({"what": "accuracy of the dense model", "value": f"{100 * base:.2f}%"})
+        for r in acc:
+            val = f"{100 * r['accuracy_after']:.2f}% at {r['compression']:.2f}x fewer unique weights"
+            if r.get("accuracy_recovered") is not None:
+                val += f", {100 * r['accuracy_recovered']:.2f}% after {r['recover_epochs']} epochs"
+            rows.append({"what": f"accuracy {r['granularity']} {r['plan']}", "value": val})
+    elif "accuracy" in sec:
+        rows.append({"what": "accuracy", "value": sec["accuracy"].get("skipped", "not run")})
+    for name, t in results["timings_s"].items():
+        rows.append({"what": f"time of the {name} section", "value": f"{t:.1f} s"})
+    return rows
 
 
 def run_inference(args, out: Path) -> dict:
