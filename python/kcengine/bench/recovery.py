@@ -73,7 +73,7 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     from ..data.datasets import Normalization, cifar10_dataset, make_loader
     from ..evaluate import top1_accuracy
     from ..models import load_model
-    from ..train import DEFAULT_EPOCHS, finetune, recalibrate_bn
+    from ..train import DEFAULT_EPOCHS, DEFAULT_LR, finetune, recalibrate_bn
 
     torch.set_num_threads(threads)
     data = shared_data_dir()
@@ -100,7 +100,7 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
                   "centroids and assignment chosen so each layer's outputs match the dense ones up to the "
                   "per-channel affine map the following BN absorbs) + BN; then `kcengine.finetune` in each mode "
                   "with its defaults (distillation T=4, alpha=0.9 from the dense model; SGD Nesterov, one-cycle "
-                  "LR peak 0.01; crop+flip), which starts with the refit + BN step. "
+                  f"LR peak {DEFAULT_LR['sgd']:g}; crop+flip), which starts with the refit + BN step. "
                   "`seconds` = wall time of the step (finetune: everything it did, evaluation every epoch included) "
                   "on a machine shared with other jobs (timings are inflated by the sharing).")}
     rows: list = []
