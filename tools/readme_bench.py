@@ -15,7 +15,8 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 def meta(text: str) -> list[str]:
-    return [ln for ln in text.splitlines() if re.match(r"- (date|commit|machine|measured|kcengine solver)", ln)]
+    return [ln for ln in text.splitlines()
+            if re.match(r"- (date|commit|machine|measured|kcengine solver|\*\*No GPU)", ln)]
 
 
 def first_table(text: str, after: str | None = None) -> str:
@@ -50,7 +51,11 @@ def section(title: str, path: Path, tables: list[tuple[str, str | None]], note: 
 
 def main() -> int:
     r = ROOT / "bench" / "results"
+    cli = r / "cli_resnet18" / "report.md"
+    cli_part = section("`python -m kcengine bench --model resnet18` on this machine (CPU)", cli, [("", "## Summary")],
+                       note="The summary table of a default run (full report, CSVs and plots in that folder).")
     body = "\n".join([
+        cli_part,
         section("Clustering on the CPU: resnet20 (real weights), all cores", r / "kmeans_cpu.md", [("", "## resnet20")]),
         section("Clustering on the CPU: resnet20, one thread per method", r / "kmeans_cpu_1thread.md",
                 [("", "## resnet20")]),
