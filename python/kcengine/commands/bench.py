@@ -88,6 +88,9 @@ def run_clustering(args, out: Path) -> dict:
         caps = dict(max_problems={"a_sweep": 32, "d_element": 2000}, sweep_step=1)
     weights = None if args.weights in (None, "pretrained", "none") else args.weights
     layers, source = kb.load_weights(args.model, weights)
+    if args.quick:  # the first layers only: the smallest problems of every workload kind
+        layers = layers[:6]
+        source += "; --quick: the first 6 conv layers"
     wls = kb.build_workloads(layers, kb.WORKLOADS, **caps)
     _log(f"[clustering] {source}")
     from tqdm.auto import tqdm
