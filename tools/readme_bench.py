@@ -16,7 +16,7 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 def meta(text: str) -> list[str]:
     return [ln for ln in text.splitlines()
-            if re.match(r"- (date|commit|machine|measured|kcengine solver|\*\*No GPU)", ln)]
+            if re.match(r"- (date|commit|machine|measured|kcengine solver|\*\*No GPU)|Measured ", ln)]
 
 
 def first_table(text: str, after: str | None = None) -> str:
@@ -65,7 +65,10 @@ def main() -> int:
                 [("", "## Targets")]),
         section("Compression of resnet20 without recovery (CIFAR-10 sample)", r / "compression_resnet20.md",
                 [("", "## Whole model")]),
-        section("Recovery of resnet20 (CIFAR-10 sample)", r / "recovery_resnet20.md", [("", None)]),
+        section("Recovery of resnet20 (CIFAR-10 sample), k = C_out/2 and 3/4", r / "recovery_resnet20_lr0.01.md",
+                [("", None)]),
+        section("Recovery of resnet20: mixed plan at the C_out/2 budget", r / "recovery_resnet20_mixed.md",
+                [("", None)]),
         section("GPU", r / "kmeans_gpu.md", []),
     ])
     readme = ROOT / "README.md"
