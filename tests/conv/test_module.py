@@ -191,3 +191,24 @@ def test_fuse_for_inference_composes_with_an_existing_affine():
                             + conv.shift.view(1, -1, 1, 1)))
         _close(fused(x), ref)
         _close(model(x), ref)
+
+
+def test_training_after_inference_mode_evaluation():
+    """A layer first run under torch.inference_mode (as evaluation does) then trains normally:
+    its gradient equals that of a fresh layer."""
+    import torch
+
+    from kcengine.nn import ClusteredConv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 7, 3, padding=1)
+    res = type("R", (), {"centroids": conv.weight.detach().reshape(7, -1)[:3].clone(),
+                         "labels": torch.tensor([0, 1, 2, 0, 1, 2, 0])})()
+    used = ClusteredConv2d.from_conv(conv, res, "filter")
+    fresh = ClusteredConv2d.from_conv(conv, res, "filter")
+    x = torch.randn(2, 5, 9, 11)
+    with torch.inference_mode():
+        used(x)
+    used(x).square().sum().backward()
+    fresh(x).square().sum().backward()
+    torch.testing.assert_close(used.codebook.grad, fresh.codebook.grad)

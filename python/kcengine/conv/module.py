@@ -228,7 +228,9 @@ class ClusteredConv2d(nn.Module):
     def _prepared(self) -> _Cache:
         idx = self.index
         version = _version(idx)
-        key = (idx.data_ptr(), version, idx.device, idx.dtype, self.num_clusters)
+        # Tensors made under inference_mode cannot enter autograd: a cache built there is not
+        # reused outside it (evaluate, then finetune, must just work).
+        key = (idx.data_ptr(), version, idx.device, idx.dtype, self.num_clusters, torch.is_inference_mode_enabled())
         c = self._cache
         if c is not None and c.key == key and version is not None:
             return c
