@@ -7,16 +7,6 @@ import pytest
 import torch
 
 from kcengine.cli import main
-from kcengine.models import CifarResNet
-
-
-@pytest.fixture()
-def ckpt(tmp_path):
-    torch.manual_seed(0)
-    m = CifarResNet(20)
-    p = tmp_path / "r20.th"
-    torch.save({"state_dict": {"module." + k: v for k, v in m.state_dict().items()}}, p)
-    return p
 
 
 @pytest.fixture()

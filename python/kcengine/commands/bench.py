@@ -392,17 +392,13 @@ def run_accuracy(args, out: Path) -> dict:
                 f"and neither is available here")
         _log(f"[accuracy] {line}")
         return {"skipped": line, "markdown": line}
-    if args.data is None:
-        from ..bench.common import shared_data_dir
+    from .eval import cifar_root
 
-        d = shared_data_dir()
-        if d is None or not (d / "cifar-10-batches-py").is_dir():
-            line = "skipped: no --data folder given (a CIFAR-10 python-batches folder)"
-            _log(f"[accuracy] {line}")
-            return {"skipped": line, "markdown": line}
-        data_dir = d / "cifar-10-batches-py"
-    else:
-        data_dir = Path(args.data)
+    data_dir = cifar_root(args.data)
+    if data_dir is None or (args.data is None and not data_dir.is_dir()):
+        line = "skipped: no --data folder given (a CIFAR-10 python-batches folder)"
+        _log(f"[accuracy] {line}")
+        return {"skipped": line, "markdown": line}
     from ..compress import compress
     from ..data.cifar import read_cifar10
     from ..data.datasets import Normalization, normalize_uint8

@@ -25,6 +25,17 @@ def add_model_data_arguments(parser) -> None:
     g.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
 
 
+def cifar_root(data) -> Path | None:
+    """The CIFAR-10 folder to use: ``--data`` when given, else ``../shared/data/cifar-10-batches-py``
+    when present, else None (the caller decides whether that is an error or a skip)."""
+    if data is not None:
+        return Path(data)
+    from ..bench.common import shared_data_dir
+
+    shared = shared_data_dir()
+    return shared / "cifar-10-batches-py" if shared is not None else None
+
+
 def load_model_arg(args, *, need_trained: bool):
     """The LoadedModel the arguments name; UserError for missing weights or unknown names."""
     from ..cli import UserError
@@ -45,7 +56,6 @@ def load_model_arg(args, *, need_trained: bool):
 
 def load_data_arg(args, lm):
     """The evaluation data for the model: in-memory CIFAR tensors or an ImageFolder dataset."""
-    from ..bench.common import shared_data_dir
     from ..cli import UserError
     from ..data import Normalization, cifar10_dataset, image_folder
     from ..models import is_cifar_model
@@ -56,12 +66,9 @@ def load_data_arg(args, lm):
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     norm = Normalization(lm.mean, lm.std)
     if is_cifar_model(lm.name):
-        root = args.data
+        root = cifar_root(args.data)
         if root is None:
-            shared = shared_data_dir()
-            if shared is None:
-                raise UserError("no CIFAR-10 data: pass --data PATH (a cifar-10-batches-py folder)")
-            root = shared / "cifar-10-batches-py"
+            raise UserError("no CIFAR-10 data: pass --data PATH (a cifar-10-batches-py folder)")
         try:
             return cifar10_dataset(root, args.split, norm, limit=args.limit)
         except (FileNotFoundError, ValueError) as exc:

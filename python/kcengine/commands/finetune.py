@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .eval import add_model_data_arguments, load_model_arg
+from .eval import add_model_data_arguments, cifar_root, load_model_arg
 
 HELP = "cluster a CIFAR model and recover accuracy (frozen / centroids / progressive, distillation, resume)"
 
@@ -76,14 +76,9 @@ def run(args) -> int:
     lm = load_model_arg(args, need_trained=True)
     if not is_cifar_model(lm.name):
         raise UserError(f"finetune trains on CIFAR-10; {lm.name} is an ImageNet model (no ImageNet data here)")
-    root = args.data
+    root = cifar_root(args.data)
     if root is None:
-        from ..bench.common import shared_data_dir
-
-        shared = shared_data_dir()
-        if shared is None:
-            raise UserError("no CIFAR-10 data: pass --data PATH (a cifar-10-batches-py folder)")
-        root = shared / "cifar-10-batches-py"
+        raise UserError("no CIFAR-10 data: pass --data PATH (a cifar-10-batches-py folder)")
     norm = Normalization(lm.mean, lm.std)
     try:
         train = cifar10_dataset(root, "train", norm, limit=args.limit)
