@@ -229,6 +229,33 @@ def _geo_ratio(ours: list[float], ref: list[float]) -> float:
     return float(math.exp(sum(logs) / len(logs))) if logs else float("nan")
 
 
+def time_methods(name: str, fns: dict, methods, *, repeat: int = 1, progress=None, sync=None, errors=None):
+    """Best-of-``repeat`` seconds of each method's call, alternating the order of the methods over
+    repeats (same inputs); a method that raises records its error (NaN in the table) instead of
+    aborting the run.  Returns ``(times, outputs, errors)``; ``sync`` runs before and after each call."""
+    times = {m: float("inf") for m in methods}
+    outs: dict = {}
+    errors = dict(errors or {})
+    for r in range(repeat):
+        for m in (methods if r % 2 == 0 else list(reversed(methods))):
+            if m in errors:
+                continue
+            try:
+                if sync:
+                    sync()
+                t0 = time.perf_counter()
+                out = fns[m]()
+                if sync:
+                    sync()
+                times[m] = min(times[m], time.perf_counter() - t0)
+                outs[m] = out
+            except Exception as exc:  # a failing baseline records NaN rather than aborting
+                errors[m] = f"{type(exc).__name__}: {exc}"[:200]
+            if progress:
+                progress(name, m)
+    return times, outs, errors
+
+
 def run_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, progress=None) -> list[Row]:
     """Time every method on ``wl`` (alternating order over repeats) and compare inertia."""
     fns: dict[str, Callable] = {
@@ -239,23 +266,7 @@ def run_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, progr
         "faiss": lambda: run_faiss(wl, seed),
     }
     methods = [m for m in methods if not (m == "exact1d" and wl.name != "d_element")]
-    times = {m: float("inf") for m in methods}
-    cents: dict[str, list] = {}
-    errors: dict[str, str] = {}
-    for r in range(repeat):
-        order = methods if r % 2 == 0 else list(reversed(methods))
-        for m in order:
-            if m in errors:
-                continue
-            try:
-                t0 = time.perf_counter()
-                c = fns[m]()
-                times[m] = min(times[m], time.perf_counter() - t0)
-                cents[m] = c
-            except Exception as exc:  # a failing baseline records NaN rather than aborting
-                errors[m] = f"{type(exc).__name__}: {exc}"[:200]
-            if progress:
-                progress(wl.name, m)
+    times, cents, errors = time_methods(wl.name, fns, methods, repeat=repeat, progress=progress)
     inert = {m: [_inertia(x, c) for x, c in zip(wl.xs, cs)] for m, cs in cents.items()}
     rows = []
     for m in methods:

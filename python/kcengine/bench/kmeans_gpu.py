@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .common import git_commit, machine_info, markdown_table, now_utc, repo_root, write_csv
-from .kmeans import WORKLOADS, Workload, _geo_ratio, _inertia, build_workloads, load_weights, run_sklearn
+from .kmeans import (WORKLOADS, Workload, _geo_ratio, _inertia, build_workloads, load_weights, run_sklearn,
+                     time_methods)
 
 GPU_METHODS = ("cuda", "triton", "torch", "sklearn")
 LARGE_K = 4096
@@ -149,8 +150,7 @@ def run_gpu_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, c
     """Time every method (warm-up call first, alternating order), compare inertia, profile kernels."""
     import torch
 
-    times = {m: math.inf for m in methods}
-    cents, iters, errors = {}, {}, {}
+    errors = {}
     for m in methods:  # warm-up: NVRTC / Triton compilation is not timed
         if m == "sklearn":
             continue
@@ -158,20 +158,11 @@ def run_gpu_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, c
             run_gpu_method(Workload(wl.name, wl.xs[:1], wl.ks[:1]), m, seed)
         except Exception as exc:  # a failing method records NaN rather than aborting
             errors[m] = f"{type(exc).__name__}: {exc}"[:200]
-    for r in range(repeat):
-        for m in (methods if r % 2 == 0 else list(reversed(methods))):
-            if m in errors:
-                continue
-            try:
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                c, it = run_gpu_method(wl, m, seed)
-                times[m] = min(times[m], time.perf_counter() - t0)
-                cents[m], iters[m] = c, it
-            except Exception as exc:
-                errors[m] = f"{type(exc).__name__}: {exc}"[:200]
-            if progress:
-                progress(wl.name, m)
+    fns = {m: (lambda m=m: run_gpu_method(wl, m, seed)) for m in methods}
+    times, outs, errors = time_methods(wl.name, fns, methods, repeat=repeat, progress=progress,
+                                       sync=torch.cuda.synchronize, errors=errors)
+    cents = {m: o[0] for m, o in outs.items()}
+    iters = {m: o[1] for m, o in outs.items()}
     inert = {m: [_inertia(x, c) for x, c in zip(wl.xs, cs)] for m, cs in cents.items()}
     rows = []
     for m in methods:
