@@ -19,7 +19,7 @@ import torch
 
 from .common import git_commit, machine_info, markdown_table, now_utc, shared_data_dir, write_csv
 
-__all__ = ["run", "mixed_plan"]
+__all__ = ["run", "mixed_plan", "parse_runs"]
 
 COLUMNS = ["plan", "k_total", "step", "mode", "epochs", "top1", "seconds", "note"]
 
@@ -67,7 +67,9 @@ DEFAULT_RUNS = (("ratio 0.5", "centroids", None), ("ratio 0.75", "centroids", No
 
 
 def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, threads: int = 2,
-        limit_train: int | None = None) -> Path:
+        limit_train: int | None = None, name: str | None = None) -> Path:
+    """Run ``runs`` (tuples (plan label, mode, epochs or None, peak LR or None); default DEFAULT_RUNS) and
+    write ``recovery_<name>.md/.csv`` (name: the model's by default) under ``out_dir``."""
     from .. import compress
     from ..compress import sensitivity_sweep
     from ..data.datasets import Normalization, cifar10_dataset, make_loader
@@ -80,6 +82,7 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     if data is None:
         raise FileNotFoundError("../shared/data is absent (set KCENGINE_DATA): the recovery bench needs the CIFAR "
                                 "sample and checkpoints")
+    name = name or model_name
     ckpt = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}[model_name]
     lm = load_model(model_name, data / "checkpoints" / ckpt)
     norm = Normalization(lm.mean, lm.std)
@@ -108,11 +111,12 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     rows.append({"plan": "dense", "k_total": sum(m.out_channels for m in lm.model.modules()
                                                  if isinstance(m, torch.nn.Conv2d)),
                  "step": "baseline", "mode": "", "epochs": 0, "top1": base, "seconds": 0.0, "note": ""})
-    _write(out, model_name, rows, header)
+    _write(out, name, rows, header)
     calib = train.images[:512]
     runs = list(runs or DEFAULT_RUNS)
     mixed_note, mixed_plan_ks = "", None
-    for label, mode, n_ep in runs:
+    for label, mode, n_ep, *rest in runs:
+        run_lr = rest[0] if rest else None
         if label.startswith("mixed"):
             if mixed_plan_ks is None:
                 t0 = time.perf_counter()
@@ -138,12 +142,12 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
             rows.append({"plan": label, "k_total": k_total, "step": "bn", "mode": "", "epochs": 0,
                          "top1": top1_accuracy(bn_only, test.images, test.labels),
                          "seconds": time.perf_counter() - t0, "note": ""})
-            _write(out, model_name, rows, header)
+            _write(out, name, rows, header)
         k_total = next(r["k_total"] for r in rows if r["plan"] == label)
         t0 = time.perf_counter()
         tag = label.split()[0] + (label.split()[1] if label.startswith("ratio") else "")
-        res = finetune(lm.model, loader, mode=mode, plan=plan, epochs=n_ep, eval_data=evald, progress=False,
-                       plot_path=out / f"recovery_{model_name}_{mode}_{tag}.png")
+        res = finetune(lm.model, loader, mode=mode, plan=plan, epochs=n_ep, lr=run_lr, eval_data=evald,
+                       progress=False, plot_path=out / f"recovery_{name}_{mode}_{tag}.png")
         if mode != "progressive" and not any(r["plan"] == label and r["step"] == "refit" for r in rows):
             rows.append({"plan": label, "k_total": k_total, "step": "refit", "mode": "", "epochs": 0,
                          "top1": res.accuracy_start, "seconds": float("nan"),
@@ -153,10 +157,25 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
                      "epochs": len(res.history), "top1": res.accuracy, "seconds": time.perf_counter() - t0,
                      "note": ("stages " + " > ".join(s[0].split(".")[0] for s in res.stages) + "; " if res.stages
                               else "") + ("default epochs" if n_ep is None or n_ep == n_default else
-                                          f"epochs={n_ep} (default {n_default})")})
-        _write(out, model_name, rows, header)
-    _write(out, model_name, rows, header)
-    return out / f"recovery_{model_name}.md"
+                                          f"epochs={n_ep} (default {n_default})")
+                     + ("" if run_lr is None else f"; peak LR {run_lr:g} (default {DEFAULT_LR['sgd']:g})")})
+        _write(out, name, rows, header)
+    _write(out, name, rows, header)
+    return out / f"recovery_{name}.md"
+
+
+def parse_runs(text: str) -> list[tuple]:
+    """``"0.75:centroids:8:0.002;mixed:centroids"`` -> [("ratio 0.75", "centroids", 8, 0.002),
+    ("mixed (0.5 budget)", "centroids", None, None)]: PLAN:MODE[:EPOCHS[:LR]], empty EPOCHS = default."""
+    runs = []
+    for item in text.split(";"):
+        parts = item.split(":")
+        if len(parts) < 2 or len(parts) > 4:
+            raise ValueError(f"--runs item {item!r} is not PLAN:MODE[:EPOCHS[:LR]]")
+        label = "mixed (0.5 budget)" if parts[0] == "mixed" else f"ratio {float(parts[0]):g}"
+        epochs = int(parts[2]) if len(parts) > 2 and parts[2] else None
+        runs.append((label, parts[1], epochs, float(parts[3]) if len(parts) > 3 else None))
+    return runs
 
 
 def main(argv=None) -> int:
@@ -164,17 +183,12 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="resnet20", choices=("resnet20", "resnet56"))
     p.add_argument("--out", default="bench/results")
     p.add_argument("--runs", default=None,
-                   help="';'-separated PLAN:MODE[:EPOCHS], PLAN = a ratio or 'mixed' (default: DEFAULT_RUNS)")
+                   help="';'-separated PLAN:MODE[:EPOCHS[:LR]], PLAN = a ratio or 'mixed', LR the peak "
+                        "learning rate (default: DEFAULT_RUNS with the finetune defaults)")
+    p.add_argument("--name", default=None, help="write recovery_NAME.md/.csv (default: the model name)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
-    runs = None
-    if a.runs:
-        runs = []
-        for item in a.runs.split(";"):
-            parts = item.split(":")
-            label = "mixed (0.5 budget)" if parts[0] == "mixed" else f"ratio {float(parts[0]):g}"
-            runs.append((label, parts[1], int(parts[2]) if len(parts) > 2 else None))
-    path = run(a.model, a.out, runs, threads=a.threads)
+    path = run(a.model, a.out, parse_runs(a.runs) if a.runs else None, threads=a.threads, name=a.name)
     print(f"wrote {path}")
     return 0
 
