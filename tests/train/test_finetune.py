@@ -122,9 +122,10 @@ def _run(kit, loader, ckpt, epochs=3, **kw):
                     **{**FAST, "epochs": epochs, **kw})
 
 
-def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, kit):
+@pytest.mark.parametrize("mixup", [0.0, 0.4])
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, kit, mixup):
     ds = kit.tiny_data()
-    full = _run(kit, make_loader(ds, 16, shuffle=True, seed=0), tmp_path / "a")
+    full = _run(kit, make_loader(ds, 16, shuffle=True, seed=0), tmp_path / "a", mixup=mixup)
     # crash during epoch 3: the optimizer step raises after the second epoch's checkpoint
     ft = sys.modules["kcengine.train.finetune"]  # the module (kcengine.train.finetune the attribute is the function)
 
@@ -149,11 +150,11 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, kit
 
     monkeypatch.setattr(ft, "_train_phase", crashing)
     with pytest.raises(KeyboardInterrupt):
-        _run(kit, make_loader(ds, 16, shuffle=True, seed=0), ckpt)
+        _run(kit, make_loader(ds, 16, shuffle=True, seed=0), ckpt, mixup=mixup)
     saved = torch.load(ckpt / CHECKPOINT_NAME, weights_only=False)
     assert (saved["phase"], saved["epoch"]) == (0, 2)
     monkeypatch.setattr(ft, "_train_phase", real)
-    resumed = _run(kit, make_loader(ds, 16, shuffle=True, seed=0), ckpt)
+    resumed = _run(kit, make_loader(ds, 16, shuffle=True, seed=0), ckpt, mixup=mixup)
     assert resumed.resumed_from == (0, 2)
     assert len(resumed.history) == 3
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], abs=1e-6)
@@ -166,6 +167,25 @@ def test_resume_refuses_other_settings(tmp_path, kit):
     _run(kit, make_loader(ds, 16, shuffle=True, seed=0), tmp_path, epochs=1)
     with pytest.raises(ValueError, match="other settings"):
         _run(kit, make_loader(ds, 16, shuffle=True, seed=0), tmp_path, epochs=2)
+
+
+def test_mixup_feeds_the_teacher_and_student_mixed_batches(tiny):
+    model, ds, _ = tiny
+    loader = make_loader(ds, 16, shuffle=False)
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    seen = []
+    teacher = type(model)().eval()
+    teacher.load_state_dict(model.state_dict())
+    teacher.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    finetune(cm, loader, mode="centroids", teacher=teacher, augment=False, mixup=0.4, **{**FAST, "epochs": 1})
+    assert len(seen) == 3
+    for b, m in enumerate(seen):
+        x = ds.images[16 * b:16 * (b + 1)]
+        assert not torch.allclose(m, x)  # mixed ...
+        torch.testing.assert_close(m.mean(0), x.mean(0), atol=1e-5, rtol=0)  # ... within the batch (mean kept)
+    plain = finetune(cm, loader, mode="centroids", teacher=model, augment=False, **{**FAST, "epochs": 1})
+    mixed = finetune(cm, loader, mode="centroids", teacher=model, augment=False, mixup=0.4, **{**FAST, "epochs": 1})
+    assert plain.history[0]["loss"] != pytest.approx(mixed.history[0]["loss"])
 
 
 def test_distillation_changes_the_loss(tiny):
@@ -200,6 +220,7 @@ def test_lr_factor_shapes():
     ({"alpha": 1.5}, "alpha must be"),
     ({"temperature": 0}, "temperature must be"),
     ({"mode": "progressive"}, "needs plan="),
+    ({"mixup": -1.0}, "mixup must be a finite number >= 0"),
 ])
 def test_bad_arguments(tiny, kw, match):
     model, ds, loader = tiny

@@ -170,7 +170,8 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
              epochs: int | None = None, plan=None, granularity: str = "filter", order=None,
              stage_epochs=1, stage_training: str = "keep", optimizer: str = "sgd", lr: float | None = None,
              momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-5, schedule: str = "onecycle",
-             temperature: float = 4.0, alpha: float = 0.9, augment: bool = True, output_calibration: bool | None = None,
+             temperature: float = 4.0, alpha: float = 0.9, augment: bool = True, mixup: float = 0.0,
+             output_calibration: bool | None = None,
              bn_recalibration: bool = True, calibration_images: int = 512, eval_data=None, eval_batch_size: int = 500,
              checkpoint_dir=None, resume: bool = True, plot_path=None, seed: int = 0, progress: bool = True,
              device=None, compress_options: dict | None = None) -> FinetuneResult:
@@ -196,6 +197,9 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         schedule: per-step LR schedule over each phase, one of ``SCHEDULES`` (see :func:`lr_factor`).
         temperature, alpha: distillation temperature and weight.
         augment: CIFAR augmentation (4-pixel padded random crop + horizontal flip) on each batch.
+        mixup: when > 0, each batch is mixed with a shuffled copy of itself, ``lam * x + (1 - lam) * x[perm]``
+            with ``lam ~ Beta(mixup, mixup)``; the teacher sees the same mixed images (distillation matches the
+            teacher on them) and the cross-entropy term mixes the two labels with the same weights.
         output_calibration: refit the clustered layers to the teacher's outputs (centroids, assignment and
             BN; see :mod:`kcengine.train.calibrate`) before training; needs a teacher.  Default (None): on when
             finetune clusters the model itself (``plan=``), off for a model that arrives clustered, whose
@@ -236,6 +240,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     _check_float(weight_decay, "weight_decay")
     _check_float(temperature, "temperature", 0.0, lo_open=True)
     _check_float(alpha, "alpha", 0.0, hi=1.0)
+    _check_float(mixup, "mixup")
     _check_int(calibration_images, "calibration_images", 1)
     _check_int(seed, "seed")
     if output_calibration is None:
@@ -286,7 +291,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
 
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     fingerprint = {"mode": mode, "phases": [(p.name, p.epochs, p.layers) for p in phases], "seed": seed,
-                   "schedule": schedule, "optimizer": optimizer}
+                   "schedule": schedule, "optimizer": optimizer, **({"mixup": mixup} if mixup else {})}
     state = load_checkpoint(ckpt_path) if (ckpt_path is not None and resume) else None
     if state is not None and state.get("fingerprint") != fingerprint:
         raise ValueError(f"checkpoint {ckpt_path} was written by a run with other settings "
@@ -349,7 +354,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
             _train_phase(work, teacher, loader, train_loader, phase, pi, first_epoch, result, state if resumed_here
                          else None, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
                          weight_decay=weight_decay, schedule=schedule, temperature=temperature, alpha=alpha,
-                         augment=augment, seed=seed, progress=progress and main, device=device,
+                         augment=augment, mixup=mixup, seed=seed, progress=progress and main, device=device,
                          evaluate_now=evaluate_now, ckpt_path=ckpt_path if main else None, fingerprint=fingerprint,
                          main=main)
         if stage_training == "freeze" and phase.layers:
@@ -363,8 +368,8 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
 
 
 def _train_phase(work, teacher, loader, orig_loader, phase, pi, first_epoch, result, state, *, optimizer, lr,
-                 momentum, nesterov, weight_decay, schedule, temperature, alpha, augment, seed, progress, device,
-                 evaluate_now, ckpt_path, fingerprint, main):
+                 momentum, nesterov, weight_decay, schedule, temperature, alpha, augment, mixup, seed, progress,
+                 device, evaluate_now, ckpt_path, fingerprint, main):
     params = [(n, p) for n, p in work.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"phase {phase.name!r} has no trainable parameter")
@@ -403,12 +408,20 @@ def _train_phase(work, teacher, loader, orig_loader, phase, pi, first_epoch, res
             x, y = x.to(device), y.to(device)
             if augment:
                 x = cifar_augment(x, gen)
+            lam, y2 = 1.0, None
+            if mixup > 0:
+                lam = float(torch.distributions.Beta(mixup, mixup).sample())
+                perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+                x, y2 = lam * x + (1.0 - lam) * x[perm], y[perm]
             t_logits = None
             if teacher is not None and alpha > 0:
                 with torch.no_grad():
                     t_logits = teacher(x)
             out = net(x)
             loss = distillation_loss(out, t_logits, y, temperature=temperature, alpha=alpha)
+            if y2 is not None:  # the distillation term is the same in both: only the labels mix
+                loss = lam * loss + (1.0 - lam) * distillation_loss(out, t_logits, y2, temperature=temperature,
+                                                                    alpha=alpha)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
