@@ -38,7 +38,7 @@ def _worker(rank, world, port, out_dir):
         model = helpers.TinyNet(bn=False).eval()
         ds = helpers.tiny_data(n=64)
         res = finetune(model, make_loader(ds, 16, shuffle=False), plan={"ratio": 0.5}, epochs=2, augment=False,
-                       progress=False, calibration_images=32, lr=0.05, checkpoint_dir=out_dir)
+                       mixup=0.0, progress=False, calibration_images=32, lr=0.05, checkpoint_dir=out_dir)
         torch.save({"losses": [h["loss"] for h in res.history], "state": res.model.state_dict()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -65,7 +65,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     model = helpers.TinyNet(bn=False).eval()
     ds = helpers.tiny_data(n=64)
     one = finetune(model, make_loader(ds, 16, shuffle=False), plan={"ratio": 0.5}, epochs=2, augment=False,
-                   progress=False, calibration_images=32, lr=0.05)
+                   mixup=0.0, progress=False, calibration_images=32, lr=0.05)
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)

@@ -16,8 +16,11 @@ Every mode distils from the unclustered ``teacher`` (KL on temperature-softened 
 of the clustered layers (:mod:`kcengine.train.calibrate`) and BatchNorm recalibration.
 
 The defaults are the recommended recipe (see bench/results/recovery_resnet20.md for the figures):
-output-aware refit + BN recalibration, then codebook training with distillation (T=4, alpha=0.9), SGD
-with Nesterov momentum, one-cycle LR peaking at 0.01, CIFAR crop+flip augmentation.
+output-aware refit + BN recalibration, then 20 epochs of codebook training with distillation (T=4,
+alpha=0.9) on mixup batches (lam ~ U(0, 1); the teacher scores the same mixed images), SGD with
+Nesterov momentum, one-cycle LR peaking at 0.01, CIFAR crop+flip augmentation.  Mixup is what makes the
+long schedule pay on a small training set: resnet20 at k = C_out/2 on the 4,660-image sample reaches
+86.9% after 20 epochs with it, 85.1% without (84.3% vs 84.8% after 8).
 
 The caller's ``model`` (and ``teacher``) are never modified: the run trains a copy, returned as
 ``FinetuneResult.model``.
@@ -48,7 +51,7 @@ __all__ = ["finetune", "FinetuneResult", "MODES", "SCHEDULES", "OPTIMIZERS", "DE
 MODES = ("frozen", "centroids", "progressive")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adamw")
-DEFAULT_EPOCHS = {"frozen": 4, "centroids": 8, "progressive": 4}
+DEFAULT_EPOCHS = {"frozen": 4, "centroids": 20, "progressive": 4}
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}  # sgd 0.002: resnet20 k=C_out/2, 8 epochs 83.3% vs 84.8% at 0.01
 
 
@@ -170,7 +173,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
              epochs: int | None = None, plan=None, granularity: str = "filter", order=None,
              stage_epochs=1, stage_training: str = "keep", optimizer: str = "sgd", lr: float | None = None,
              momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-5, schedule: str = "onecycle",
-             temperature: float = 4.0, alpha: float = 0.9, augment: bool = True, mixup: float = 0.0,
+             temperature: float = 4.0, alpha: float = 0.9, augment: bool = True, mixup: float = 1.0,
              output_calibration: bool | None = None,
              bn_recalibration: bool = True, calibration_images: int = 512, eval_data=None, eval_batch_size: int = 500,
              checkpoint_dir=None, resume: bool = True, plot_path=None, seed: int = 0, progress: bool = True,
@@ -198,8 +201,9 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         temperature, alpha: distillation temperature and weight.
         augment: CIFAR augmentation (4-pixel padded random crop + horizontal flip) on each batch.
         mixup: when > 0, each batch is mixed with a shuffled copy of itself, ``lam * x + (1 - lam) * x[perm]``
-            with ``lam ~ Beta(mixup, mixup)``; the teacher sees the same mixed images (distillation matches the
-            teacher on them) and the cross-entropy term mixes the two labels with the same weights.
+            with ``lam ~ Beta(mixup, mixup)`` (default 1.0: lam uniform in [0, 1]; 0 turns it off); the teacher
+            sees the same mixed images (distillation matches the teacher on them) and the cross-entropy term
+            mixes the two labels with the same weights.
         output_calibration: refit the clustered layers to the teacher's outputs (centroids, assignment and
             BN; see :mod:`kcengine.train.calibrate`) before training; needs a teacher.  Default (None): on when
             finetune clusters the model itself (``plan=``), off for a model that arrives clustered, whose
