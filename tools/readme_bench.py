@@ -65,10 +65,8 @@ def main() -> int:
                 [("", "## Targets")]),
         section("Compression of resnet20 without recovery (CIFAR-10 sample)", r / "compression_resnet20.md",
                 [("", "## Whole model")]),
-        section("Recovery of resnet20 (CIFAR-10 sample), k = C_out/2 and 3/4", r / "recovery_resnet20_lr0.01.md",
-                [("", None)]),
-        section("Recovery of resnet20: mixed plan at the C_out/2 budget", r / "recovery_resnet20_mixed.md",
-                [("", None)]),
+        section("Recovery of resnet20 (CIFAR-10 sample) with finetune's defaults: k = C_out/2, 3/4 and a mixed plan",
+                r / "recovery_resnet20.md", [("", None)]),
         section("GPU", r / "kmeans_gpu.md", []),
     ])
     readme = ROOT / "README.md"

@@ -55,6 +55,7 @@ def test_finetune_progressive_order_and_resume(ckpt, cifar, tmp_path, capsys):
     ((), "give --ratio"),
     (("--ratio", "0.5", "--epochs", "-1"), "epochs must be"),
     (("--ratio", "0.5", "--mode", "progressive", "--order", "nothing"), "matches no layer"),
+    (("--ratio", "0.5", "--mixup", "-1"), "mixup must be a finite number >= 0.0, got mixup=-1.0"),
 ])
 def test_finetune_user_errors(ckpt, cifar, capsys, extra, msg):
     args = ["finetune", "--model", "resnet20", "--weights", str(ckpt), "--data", str(cifar), "--no-progress", *extra]

@@ -48,8 +48,10 @@ def git_commit(short: bool = True) -> str:
         cmd = ["git", "rev-parse", "--short", "HEAD"] if short else ["git", "rev-parse", "HEAD"]
         out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=5)
         sha = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        # Results being rewritten (bench/results) do not make the measured code dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], cwd=root, capture_output=True, text=True,
+                               timeout=5).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"

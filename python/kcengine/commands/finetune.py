@@ -35,6 +35,7 @@ def add_arguments(parser) -> None:
     t.add_argument("--temperature", type=float, default=4.0)
     t.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term (0: plain CE)")
     t.add_argument("--no-augment", action="store_true", help="no crop + flip")
+    t.add_argument("--mixup", type=float, default=1.0, help="mixup Beta(a, a) parameter (0: no mixup)")
     t.add_argument("--no-refit", action="store_true", help="skip the output-aware refit of clustered layers")
     t.add_argument("--train-batch-size", type=int, default=128)
     t.add_argument("--seed", type=int, default=0)
@@ -94,7 +95,7 @@ def run(args) -> int:
                        order=_order_arg(args.order), stage_epochs=args.stage_epochs,
                        stage_training=args.stage_training, optimizer=args.optimizer, lr=args.lr,
                        weight_decay=args.weight_decay, schedule=args.schedule, temperature=args.temperature,
-                       alpha=args.alpha, augment=not args.no_augment,
+                       alpha=args.alpha, augment=not args.no_augment, mixup=args.mixup,
                        output_calibration=False if args.no_refit else None, eval_data=(test.images, test.labels),
                        eval_batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
                        resume=not args.no_resume, seed=args.seed, progress=not args.no_progress,
