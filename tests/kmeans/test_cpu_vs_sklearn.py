@@ -92,6 +92,21 @@ def test_kmeanspp_quality_on_real_kernels():
     assert np.mean(ours) <= 1.01 * np.mean(theirs)
 
 
+def test_exact1d_labels_nearest_when_k_exceeds_distinct_values():
+    # Found by the fuzzer: 3 distinct values, k = 4 -> one value's run is split in two intervals whose
+    # means round an ulp apart in the wrong order; every label must still be a nearest centroid.
+    v = [1.66372399, -0.65179115, -0.17471729, -0.17471729, -0.65179115, -0.17471729, -0.17471729, 1.66372399,
+         -0.17471729]
+    x = np.array(v)[:, None]
+    for k in (4, 5, 6):
+        r = kcengine.kmeans(x, k, algorithm="exact1d")
+        c = np.asarray(r.centroids)[:, 0]
+        d2 = (x - c[None, :]) ** 2
+        assert np.all(d2[np.arange(len(v)), np.asarray(r.labels)] <= d2.min(1) + 1e-15), k
+        assert float(r.inertia) == pytest.approx(0.0, abs=1e-15)
+        assert np.all(np.diff(c) >= 0)
+
+
 def test_exact1d_is_optimal_and_never_worse_than_lloyd():
     rng = np.random.default_rng(0)
     for trial in range(30):

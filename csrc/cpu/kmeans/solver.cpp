@@ -1119,20 +1119,20 @@ void solve_exact1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Run<T>&
       for (i64 p = a; p < b; ++p) c += v[p];
       c /= double(std::max<i64>(1, b - a));
     }
-    out.centroids[m] = T(c);
+    // Interval means of sorted data never decrease; rounding can make two means of equal values
+    // differ by an ulp in the wrong order, which the label walk below must not see.
+    out.centroids[m] = m > 0 ? std::max(T(c), out.centroids[m - 1]) : T(c);
   }
   // Labels: the nearest centroid (ties to the lower index).  For points of positive weight this is
   // their optimal interval; a weightless point may sit in any interval at no cost, so it is
   // labelled by distance instead.
   std::vector<double> cs(k);
   for (i64 m = 0; m < k; ++m) cs[m] = double(out.centroids[m]);
-  for (i64 p = 0, m = 0; p < n; ++p) {
-    for (;;) {  // m stays the first index of its run of equal centroids
-      i64 q = m + 1;
-      while (q < k && cs[q] == cs[m]) ++q;
-      if (q < k && std::abs(v[p] - cs[q]) < std::abs(v[p] - cs[m])) m = q;
-      else break;
-    }
+  for (i64 p = 0; p < n; ++p) {  // cs is sorted: the nearest is next to v's insertion point
+    const i64 j = std::lower_bound(cs.begin(), cs.end(), v[p]) - cs.begin();
+    i64 m = j < k ? j : k - 1;
+    if (j > 0 && (j == k || std::abs(v[p] - cs[j - 1]) <= std::abs(v[p] - cs[j]))) m = j - 1;
+    m = std::lower_bound(cs.begin(), cs.end(), cs[m]) - cs.begin();  // first of a run of equal centroids
     out.labels[prep.order[p]] = i32(m);
   }
   out.n_iter = 0;
