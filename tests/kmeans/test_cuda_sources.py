@@ -21,6 +21,7 @@ import torch
 from kcengine.kmeans import api
 from kcengine.kmeans.backends import cpu as cpu_backend
 from kcengine.kmeans.backends import cuda as cb
+from kmeans_checks import assert_seeded_quality
 
 SRC = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 CU_FILES = sorted(SRC.glob("*.cu"))
@@ -170,23 +171,6 @@ def test_cuda_backend_refuses_cpu_tensors():
 
 
 # ------------------------------------------------------------- packed driver vs cpu backend
-def _seeded_quality(got, ref, probs):
-    """Seeded runs: the cpu backend and the driver draw the same random stream, but which point a
-    draw lands on depends on the summation order of D^2 (a GPU scan never matches a serial CPU
-    sum), so results may differ. Check that the driver's result is well formed (every label the
-    nearest centroid) and of k-means++ quality next to the cpu backend's."""
-    logs = []
-    for p in range(probs.n_problems):
-        x = np.asarray(probs.datasets[int(probs.data_index[p])], dtype=np.float64)
-        c = got.centroids[p].double().numpy()
-        d2 = ((x[:, None, :] - c[None]) ** 2).sum(-1)
-        own = d2[np.arange(len(x)), got.labels[p].numpy()]
-        assert np.all(own <= d2.min(1) + 1e-6 * (1 + d2.min(1))), f"labels of problem {p} are not nearest"
-        if float(ref.inertia[p]) > 1e-9:
-            logs.append(np.log(max(float(got.inertia[p]), 1e-12) / float(ref.inertia[p])))
-    assert np.exp(np.mean(logs)) <= 1.2, np.exp(logs)
-
-
 def _compare(probs, *, exact=True):
     out: dict = {}
     pt = api._convert(probs, "torch")
@@ -194,7 +178,7 @@ def _compare(probs, *, exact=True):
     got = cb.collect(pt, out)
     ref = cpu_backend.solve(api._convert(probs, "cpu"))
     if probs.init != "given":
-        _seeded_quality(got, ref, probs)
+        assert_seeded_quality(got, ref, probs)
         return got, ref
     for p in range(probs.n_problems):
         assert np.array_equal(got.labels[p].numpy(), ref.labels[p]), f"labels of problem {p}"
