@@ -1120,7 +1120,7 @@ void solve_exact1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Run<T>&
       c /= double(std::max<i64>(1, b - a));
     }
     // Interval means of sorted data never decrease; rounding can make two means of equal values
-    // differ by an ulp in the wrong order, which the label walk below must not see.
+    // differ by an ulp in the wrong order; the binary search below needs them sorted.
     out.centroids[m] = m > 0 ? std::max(T(c), out.centroids[m - 1]) : T(c);
   }
   // Labels: the nearest centroid (ties to the lower index).  For points of positive weight this is

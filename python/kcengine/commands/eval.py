@@ -36,6 +36,21 @@ def cifar_root(data) -> Path | None:
     return shared / "cifar-10-batches-py" if shared is not None else None
 
 
+def load_cifar_split(args, lm, split: str, limit=None):
+    """One CIFAR-10 split for a CIFAR model from ``--data`` (or ../shared); UserError when absent or
+    malformed."""
+    from ..cli import UserError
+    from ..data import Normalization, cifar10_dataset
+
+    root = cifar_root(args.data)
+    if root is None:
+        raise UserError("no CIFAR-10 data: pass --data PATH (a cifar-10-batches-py folder)")
+    try:
+        return cifar10_dataset(root, split, Normalization(lm.mean, lm.std), limit=limit)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+
 def load_model_arg(args, *, need_trained: bool):
     """The LoadedModel the arguments name; UserError for missing weights or unknown names."""
     from ..cli import UserError
@@ -57,22 +72,16 @@ def load_model_arg(args, *, need_trained: bool):
 def load_data_arg(args, lm):
     """The evaluation data for the model: in-memory CIFAR tensors or an ImageFolder dataset."""
     from ..cli import UserError
-    from ..data import Normalization, cifar10_dataset, image_folder
+    from ..data import Normalization, image_folder
     from ..models import is_cifar_model
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    norm = Normalization(lm.mean, lm.std)
     if is_cifar_model(lm.name):
-        root = cifar_root(args.data)
-        if root is None:
-            raise UserError("no CIFAR-10 data: pass --data PATH (a cifar-10-batches-py folder)")
-        try:
-            return cifar10_dataset(root, args.split, norm, limit=args.limit)
-        except (FileNotFoundError, ValueError) as exc:
-            raise UserError(str(exc)) from None
+        return load_cifar_split(args, lm, args.split, limit=args.limit)
+    norm = Normalization(lm.mean, lm.std)
     if args.data is None:
         raise UserError(f"{lm.name} is an ImageNet model: pass --data PATH to an ImageFolder root (class "
                         f"folders of images); none is available on this machine")

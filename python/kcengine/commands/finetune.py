@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .eval import add_model_data_arguments, cifar_root, load_model_arg
+from .eval import add_model_data_arguments, load_cifar_split, load_model_arg
 
 HELP = "cluster a CIFAR model and recover accuracy (frozen / centroids / progressive, distillation, resume)"
 
@@ -61,7 +61,7 @@ def run(args) -> int:
     import torch
 
     from ..cli import UserError
-    from ..data import Normalization, cifar10_dataset, make_loader
+    from ..data import make_loader
     from ..models import is_cifar_model
     from ..train import distributed as dd
     from ..train import finetune
@@ -77,15 +77,8 @@ def run(args) -> int:
     lm = load_model_arg(args, need_trained=True)
     if not is_cifar_model(lm.name):
         raise UserError(f"finetune trains on CIFAR-10; {lm.name} is an ImageNet model (no ImageNet data here)")
-    root = cifar_root(args.data)
-    if root is None:
-        raise UserError("no CIFAR-10 data: pass --data PATH (a cifar-10-batches-py folder)")
-    norm = Normalization(lm.mean, lm.std)
-    try:
-        train = cifar10_dataset(root, "train", norm, limit=args.limit)
-        test = cifar10_dataset(root, "test", norm)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+    train = load_cifar_split(args, lm, "train", limit=args.limit)
+    test = load_cifar_split(args, lm, "test")
     plan = args.plan if args.plan is not None else {"ratio": args.ratio}
     dd.init_from_env()
     main = dd.is_main()

@@ -18,7 +18,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
     Args:
         student_logits, teacher_logits: ``[B, classes]``.
-        labels: ``[B]`` int64 class indices.
+        labels: ``[B]`` int64 class indices, or ``[B, classes]`` class probabilities (e.g. mixup's
+            mixed one-hot labels: CE is then the same mix of the two labels' CE).
         temperature: ``T > 0``.
         alpha: weight of the distillation term in [0, 1].
     """

@@ -412,20 +412,20 @@ def _train_phase(work, teacher, loader, orig_loader, phase, pi, first_epoch, res
             x, y = x.to(device), y.to(device)
             if augment:
                 x = cifar_augment(x, gen)
-            lam, y2 = 1.0, None
-            if mixup > 0:
+            target = y
+            if mixup > 0:  # mixed images; the CE target mixes the two labels with the same weights
                 lam = float(torch.distributions.Beta(mixup, mixup).sample())
                 perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
-                x, y2 = lam * x + (1.0 - lam) * x[perm], y[perm]
+                x = lam * x + (1.0 - lam) * x[perm]
             t_logits = None
             if teacher is not None and alpha > 0:
                 with torch.no_grad():
                     t_logits = teacher(x)
             out = net(x)
-            loss = distillation_loss(out, t_logits, y, temperature=temperature, alpha=alpha)
-            if y2 is not None:  # the distillation term is the same in both: only the labels mix
-                loss = lam * loss + (1.0 - lam) * distillation_loss(out, t_logits, y2, temperature=temperature,
-                                                                    alpha=alpha)
+            if mixup > 0:
+                onehot = torch.nn.functional.one_hot(y, out.shape[1]).to(out.dtype)
+                target = lam * onehot + (1.0 - lam) * onehot[perm]
+            loss = distillation_loss(out, t_logits, target, temperature=temperature, alpha=alpha)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
