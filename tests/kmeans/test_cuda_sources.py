@@ -221,3 +221,34 @@ def test_packed_driver_given_start_with_empty_clusters():
     probs, _ = api._build(x, None, init=init, n_init=1, max_iter=50, tol=0.0, sample_weight=None, seed=0,
                           algorithm="auto")
     _compare(probs)
+
+
+def test_packed_driver_never_reads_uninitialised_buffers(monkeypatch):
+    """Every torch.empty / empty_like the driver allocates comes back filled with NaN (ints: -7): the
+    result must equal the run on ordinary allocations.  Regression: the k-means++ potential once summed
+    the unwritten padding rows of an empty buffer, so garbage (NaN * weight 0) could change the seeds."""
+    rng = np.random.default_rng(3)
+    shapes, ks = [(50, 3), (37, 18), (23, 1), (20, 7)], [4, 3, 6, 20]
+    xs = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    probs, _ = api._build(xs, ks, init="k-means++", n_init=2, max_iter=100, tol=1e-4, sample_weight=None, seed=3,
+                          algorithm="auto")
+
+    def solve():
+        out: dict = {}
+        pt = api._convert(probs, "torch")
+        cb.solve_packed(pt, list(range(pt.n_problems)), cb.TorchKernels(), out)
+        return cb.collect(pt, out)
+
+    clean = solve()
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+    poisoned = solve()
+    monkeypatch.undo()
+    for p in range(probs.n_problems):
+        assert torch.equal(torch.as_tensor(poisoned.labels[p]), torch.as_tensor(clean.labels[p])), f"problem {p}"
+    np.testing.assert_array_equal(np.asarray(poisoned.inertia), np.asarray(clean.inertia))

@@ -408,7 +408,9 @@ class PackedLloyd:
         cum = torch.cumsum(w, 1)
         first = self._search(cum, Ur[:, 0:1] * cum[:, -1:])  # [J, 1]
         chosen[:, 0] = first[:, 0]
-        out = torch.empty(tmax, J, w.shape[1], dtype=torch.float64, device=dev)
+        # zeros, not empty: kernels write rows < n_j of live jobs only, and the potential below sums
+        # every row (padding times weight 0), so garbage there (NaN * 0) would poison the argmin
+        out = torch.zeros(tmax, J, w.shape[1], dtype=torch.float64, device=dev)
         closest = torch.full_like(w, math.inf)
         live = torch.ones(J, dtype=torch.bool, device=dev)
         self.K.kpp_pass(P, first, closest, live, out[:1])
