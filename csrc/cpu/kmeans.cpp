@@ -57,7 +57,8 @@ Algo parse_algo(const std::string& a) {
   if (a == "lloyd1d") return Algo::Lloyd1D;
   if (a == "exact1d") return Algo::Exact1D;
   if (a == "yinyang") return Algo::Yinyang;
-  throw py::value_error("algorithm must be one of auto, lloyd, hamerly, yinyang, gram, lloyd1d, exact1d, got '" + a + "'");
+  if (a == "topm") return Algo::TopM;
+  throw py::value_error("algorithm must be one of auto, lloyd, hamerly, yinyang, topm, gram, lloyd1d, exact1d, got '" + a + "'");
 }
 
 template <class T>

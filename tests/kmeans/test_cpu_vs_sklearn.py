@@ -6,7 +6,7 @@ from sklearn.cluster import KMeans
 import kcengine
 from kmeans_data import blobs, real_conv_weights
 
-ALGOS = ["lloyd", "hamerly", "yinyang", "gram", "auto"]
+ALGOS = ["lloyd", "hamerly", "yinyang", "topm", "gram", "auto"]
 
 
 def sk_fit(x, init, **kw):
@@ -44,7 +44,7 @@ def test_weighted_same_init_matches_sklearn():
     w = np.random.default_rng(2).uniform(0.1, 3.0, size=150)
     init = x[:6].copy()
     ref = sk_fit(x, init, sample_weight=w)
-    for algorithm in ("hamerly", "yinyang", "gram", "lloyd"):
+    for algorithm in ("hamerly", "yinyang", "topm", "gram", "lloyd"):
         res = kcengine.kmeans(x, 6, init=init, sample_weight=w, algorithm=algorithm)
         np.testing.assert_array_equal(res.labels, ref.labels_)
         assert res.inertia == pytest.approx(ref.inertia_, rel=1e-6)
@@ -126,3 +126,33 @@ def test_exact1d_is_optimal_and_never_worse_than_lloyd():
         lloyd = kcengine.kmeans(x, k, seed=trial)
         assert float(res.inertia) <= float(lloyd.inertia) + 1e-9
         assert bool(res.converged) and int(res.n_iter) == 0
+
+
+@pytest.mark.parametrize("n,d,k,dtype", [(20000, 9, 256, np.float64),  # 3x3 kernels: the d = 9 build, threaded
+                                         (3000, 5, 40, np.float64),  # the generic-d build
+                                         (500, 9, 3, np.float64),  # fewer centers than listed competitors
+                                         (20000, 9, 128, np.float32)])
+def test_topm_equals_plain_lloyd(n, d, k, dtype):
+    """The top-m bound solver skips distance work but must walk Lloyd's exact trajectory: same
+    labels, centroids, inertia and iteration count as plain Lloyd from the same start (labels
+    are decided in double precision on every path, so this holds for float32 data too)."""
+    x = np.random.default_rng(n + d).uniform(-1, 1, size=(n, d)).astype(dtype)
+    init = x[np.random.default_rng(k).choice(n, k, replace=False)].copy()
+    ref = kcengine.kmeans(x, k, init=init, algorithm="lloyd")
+    res = kcengine.kmeans(x, k, init=init, algorithm="topm")
+    np.testing.assert_array_equal(res.labels, ref.labels)
+    # centroid sums are updated incrementally (moved points only): equal up to summation order
+    np.testing.assert_allclose(res.centroids, ref.centroids, rtol=1e-5 if dtype == np.float32 else 1e-10, atol=1e-7)
+    assert int(res.n_iter) == int(ref.n_iter) and bool(res.converged) == bool(ref.converged)
+    assert float(res.inertia) == pytest.approx(float(ref.inertia), rel=1e-9)
+
+
+def test_topm_repairs_empty_clusters_like_lloyd():
+    x = np.random.default_rng(4).normal(size=(400, 9))
+    x[300:] = x[0]  # duplicates: repair must not move two centers onto one point
+    init = np.concatenate([x[:5], np.full((3, 9), 40.0)])  # three far centers: empty at once
+    ref = kcengine.kmeans(x, 8, init=init, algorithm="lloyd")
+    res = kcengine.kmeans(x, 8, init=init, algorithm="topm")
+    np.testing.assert_array_equal(res.labels, ref.labels)
+    np.testing.assert_allclose(res.centroids, ref.centroids, rtol=1e-12)
+    assert len(np.unique(res.centroids, axis=0)) == 8

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import kcengine
 
-ALGOS = ["auto", "lloyd", "hamerly", "yinyang", "gram", "lloyd1d", "exact1d"]
+ALGOS = ["auto", "lloyd", "hamerly", "yinyang", "topm", "gram", "lloyd1d", "exact1d"]
 
 
 @st.composite

@@ -11,7 +11,7 @@ def brute_labels(x, c):
     return d2, d2.argmin(1)
 
 
-@pytest.mark.parametrize("algorithm", ["lloyd", "hamerly", "yinyang", "gram"])
+@pytest.mark.parametrize("algorithm", ["lloyd", "hamerly", "yinyang", "topm", "gram"])
 def test_inertia_never_rises_between_iterations(algorithm):
     x = blobs(300, 12, 9, seed=4, spread=2.0)
     init = x[:9].copy()
@@ -22,7 +22,7 @@ def test_inertia_never_rises_between_iterations(algorithm):
         prev = float(r.inertia)
 
 
-@pytest.mark.parametrize("algorithm", ["auto", "lloyd", "hamerly", "yinyang", "gram", "lloyd1d"])
+@pytest.mark.parametrize("algorithm", ["auto", "lloyd", "hamerly", "yinyang", "topm", "gram", "lloyd1d"])
 def test_every_label_is_the_nearest_centroid(algorithm):
     d = 1 if algorithm == "lloyd1d" else 7
     x = blobs(257, d, 10, seed=8, spread=1.5)
@@ -117,7 +117,7 @@ def test_b1_and_b5000():
         np.testing.assert_array_equal(r.labels[b], alone.labels)
 
 
-@pytest.mark.parametrize("algorithm", ["lloyd", "hamerly", "gram", "lloyd1d"])
+@pytest.mark.parametrize("algorithm", ["lloyd", "hamerly", "topm", "gram", "lloyd1d"])
 def test_integer_weights_equal_repetition(algorithm):
     d = 1 if algorithm == "lloyd1d" else 6
     x = blobs(40, d, 4, seed=6)

@@ -8,7 +8,7 @@
 namespace kcengine::km {
 
 enum class Init : int { KMeansPP = 0, Random = 1, Given = 2 };
-enum class Algo : int { Auto = 0, Lloyd = 1, Hamerly = 2, Gram = 3, Lloyd1D = 4, Exact1D = 5, Yinyang = 6 };
+enum class Algo : int { Auto = 0, Lloyd = 1, Hamerly = 2, Gram = 3, Lloyd1D = 4, Exact1D = 5, Yinyang = 6, TopM = 7 };
 
 inline const char* algo_name(Algo a) {
   switch (a) {
@@ -19,6 +19,7 @@ inline const char* algo_name(Algo a) {
     case Algo::Lloyd1D: return "lloyd1d";
     case Algo::Exact1D: return "exact1d";
     case Algo::Yinyang: return "yinyang";
+    case Algo::TopM: return "topm";
   }
   return "?";
 }

@@ -4,14 +4,20 @@
 //
 // Semantics follow scikit-learn's Lloyd (greedy k-means++, tol relative to the data's mean
 // variance, strict convergence when no label changes, empty clusters moved to far points, a final
-// E-step so labels match the returned centroids).  Three exact solvers give the same iterates as
-// plain Lloyd with far less work, chosen per problem:
-//   * hamerly  - triangle-inequality bounds skip most distance computations (low/moderate D);
+// E-step so labels match the returned centroids).  Exact solvers give the same iterates as plain
+// Lloyd with far less work, chosen per problem:
+//   * hamerly  - triangle-inequality bounds skip most distance computations (k < 20);
+//   * yinyang  - one bound per group of centers (k >= 20, D > 16);
+//   * topm     - exact bounds for each point's 4 nearest competitors plus one for the rest
+//                (k >= 20, D <= 16: 3x3 kernels as 9-D points);
 //   * gram     - distances through the N x N Gram matrix when D is large against N: centroids are
 //                weighted means of points, so every distance is a combination of Gram entries;
 //   * lloyd1d  - D == 1: points sorted once, clusters are intervals, an iteration is O(k log N).
 // plus exact1d, the globally optimal 1-D clustering (dynamic programming, divide and conquer).
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -73,6 +79,28 @@ inline double sqdist(const T* a, const T* b, i64 d) {
 }
 
 inline double weight(const double* w, i64 i) { return w ? w[i] : 1.0; }
+
+// Bit l set where v[l] < th, for 16 values (one AVX-512 compare per 16 floats where available).
+inline unsigned lt_mask16(const float* v, float th) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(v), _mm512_set1_ps(th), _CMP_LT_OQ);
+#else
+  unsigned m = 0;
+  for (int l = 0; l < 16; ++l) m |= unsigned(v[l] < th) << l;
+  return m;
+#endif
+}
+inline unsigned lt_mask16(const double* v, double th) {
+#if defined(__AVX512F__)
+  const __m512d t = _mm512_set1_pd(th);
+  return unsigned(_mm512_cmp_pd_mask(_mm512_loadu_pd(v), t, _CMP_LT_OQ)) |
+         (unsigned(_mm512_cmp_pd_mask(_mm512_loadu_pd(v + 8), t, _CMP_LT_OQ)) << 8);
+#else
+  unsigned m = 0;
+  for (int l = 0; l < 16; ++l) m |= unsigned(v[l] < th) << l;
+  return m;
+#endif
+}
 
 // First index whose cumulative weight exceeds r (never a zero-weight point while r < total).
 inline i64 search_cum(const std::vector<double>& cum, double r) {
@@ -832,6 +860,232 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
   out.algo = Algo::Yinyang;
 }
 
+// --------------------------------------------------------------------------------- top-m bounds
+// For low D and many centers (3x3 kernels as 9-D points, k = 256) late Lloyd iterations move every
+// center a little, and Hamerly/Yinyang bounds, eroded by the largest (group) drift, fail for a
+// large share of points each iteration.  Here every point keeps exact-drift (Elkan) lower bounds
+// for its M nearest competitors and one Hamerly bound for all other centers, which starts at the
+// (M+2)-th nearest distance and so takes many iterations of the largest drift to reach the
+// point's own distance.  A failing point first re-checks its M competitors (M distances) and
+// scans all k centers only when the far bound gives way.  About 2-4% of points need the full scan
+// per late iteration on resnet18's 512x512 layers, against 10-40% failing the Hamerly test.
+// DC > 0: the dimension as a compile-time constant (3x3 kernels: 9), so the distance loops unroll
+// and a block's 16 partial sums stay in registers.
+template <class T, int DC>
+void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::vector<T>& init, int max_iter,
+                bool par, Run<T>& out) {
+  constexpr int M = 4, L = 16;  // L: lt_mask16's width
+  const i64 n = ds.n, d = DC > 0 ? DC : ds.d;
+  if (sizeof(T) == 4) {  // the scan's float distances must not overflow: huge data goes to Yinyang
+    float amax = 0.0f;
+    for (i64 q = 0; q < n * d; ++q) amax = std::max(amax, std::abs(float(ds.x[q])));
+    if (!(amax <= 1e18f)) {
+      solve_yinyang(ds, prep, k, init, max_iter, par, out);
+      return;
+    }
+  }
+  const double* w = ds.w;
+  const i64 kp = (k + L - 1) / L * L;
+  std::vector<T> c = init, cnew(size_t(k) * d), ct(size_t(d) * kp, T(0));
+  auto refresh_t = [&]() {
+    for (i64 j = 0; j < k; ++j)
+      for (i64 q = 0; q < d; ++q) ct[size_t(q) * kp + j] = c[size_t(j) * d + q];
+  };
+  refresh_t();
+  struct Bounds {
+    double ub, far;   // distance to the own center (upper); to every center not listed (lower)
+    double clb[M];    // lower bounds of the listed competitors
+    i32 cid[M];       // the listed competitors
+    i32 lab;
+  };
+  std::vector<Bounds> bd(n);
+  std::vector<i32> lab(n, 0), lab_prev(n, -1);
+  std::vector<double> sums(size_t(k) * d, 0.0), wsum(k, 0.0), delta(k, 0.0), d2own(n);
+  auto dist = [d](const T* x, const T* cj) {  // in double, as sqdist
+    double acc = 0.0;
+    for (i64 q = 0; q < d; ++q) {
+      const double u = double(x[q]) - double(cj[q]);
+      acc += u * u;
+    }
+    return std::sqrt(acc);
+  };
+  std::vector<i32> empty;
+  double dmax = 0.0;
+  // All distances of point i (squared, in T as the scan computes them) below `thr2`: the nearest
+  // becomes its label, the next M its competitors, the (M+2)-th its far bound.  A finite thr2
+  // (a distance known to be reached by M + 1 centers) lets most blocks skip the selection; when
+  // fewer than M + 2 centers fall below it, thr2 itself bounds the unlisted ones.  Ties go to the
+  // lower center index, as in every other solver.
+  auto full_scan = [&](i64 i, Bounds& b, double thr2) {
+    const T* x = ds.x + i * d;
+    double tv[M + 2];
+    i32 tj[M + 2];
+    for (int s = 0; s < M + 2; ++s) { tv[s] = thr2; tj[s] = -1; }
+    auto insert = [&](double v, i32 j) {  // into the sorted top M + 2 (ties: the earlier, lower j)
+      if (!(v < tv[M + 1])) return;
+      int s = M + 1;
+      while (s > 0 && v < tv[s - 1]) { tv[s] = tv[s - 1]; tj[s] = tj[s - 1]; --s; }
+      tv[s] = v;
+      tj[s] = j;
+    };
+    T dl[L];
+    for (i64 j0 = 0; j0 < kp; j0 += L) {
+#pragma omp simd
+      for (int lane = 0; lane < L; ++lane) dl[lane] = T(0);
+      for (i64 q = 0; q < d; ++q) {
+        const T* row = &ct[size_t(q) * kp + j0];
+        const T xq = x[q];
+#pragma omp simd
+        for (int lane = 0; lane < L; ++lane) {
+          const T u = xq - row[lane];
+          dl[lane] += u * u;
+        }
+      }
+      const T th = T(tv[M + 1]);
+      unsigned mask = lt_mask16(dl, th);
+      if (j0 + L > k) mask &= (1u << (k - j0)) - 1u;
+      while (mask) {
+        const int lane = __builtin_ctz(mask);
+        mask &= mask - 1;
+        insert(double(dl[lane]), i32(j0 + lane));
+      }
+    }
+    if (tj[0] < 0) {  // float distances overflowed (|x| ~ 1e20 and up): the whole scan in double
+      for (int s = 0; s < M + 2; ++s) { tv[s] = kInf; tj[s] = -1; }
+      for (i64 j = 0; j < k; ++j) {
+        const double v = dist(x, &c[size_t(j) * d]);
+        insert(v * v, i32(j));
+      }
+      if (tj[0] < 0) tj[0] = 0;  // NaN everywhere cannot come from finite input; stay well formed
+    }
+    // The listed ones again in double (as every other distance here), re-sorted: the label is
+    // decided in double precision whichever path found it.  The far bound stays the float one.
+    double ev[M + 1];
+    for (int s = 0; s <= M; ++s) ev[s] = tj[s] < 0 ? kInf : dist(x, &c[size_t(tj[s]) * d]);
+    for (int s = 1; s <= M; ++s)
+      for (int r = s; r > 0 && (ev[r] < ev[r - 1] || (ev[r] == ev[r - 1] && tj[r] < tj[r - 1])); --r) {
+        std::swap(ev[r], ev[r - 1]);
+        std::swap(tj[r], tj[r - 1]);
+      }
+    const double far = std::sqrt(tv[M + 1]);
+    b.lab = tj[0];
+    b.ub = ev[0];
+    for (int s = 0; s < M; ++s) {
+      b.cid[s] = tj[s + 1] < 0 ? 0 : tj[s + 1];
+      b.clb[s] = tj[s + 1] < 0 ? far : ev[s + 1];
+    }
+    b.far = far;
+  };
+  // One E-step: bounds first absorb the drifts of the last M-step (delta, dmax), then only the
+  // points whose bounds overlap are examined.
+  auto assign = [&](bool first) {
+#pragma omp parallel for if (par) schedule(dynamic, 16)
+    for (i64 i0 = 0; i0 < n; i0 += 1024) {
+      const i64 i1 = std::min(n, i0 + 1024);
+      for (i64 i = i0; i < i1; ++i) {
+        Bounds& b = bd[i];
+        if (first) { full_scan(i, b, kInf); lab[i] = b.lab; continue; }
+        b.ub += delta[b.lab];
+        b.far -= dmax;
+        double lo = b.far;
+        for (int s = 0; s < M; ++s) {
+          b.clb[s] -= delta[b.cid[s]];
+          lo = std::min(lo, b.clb[s]);
+        }
+        if (b.ub <= lo) continue;
+        const T* x = ds.x + i * d;
+        b.ub = dist(x, &c[size_t(b.lab) * d]);
+        if (b.ub <= lo) continue;
+        // The listed competitors, exactly; the best of them and the own center wins unless the
+        // far bound says an unlisted center may be nearer.
+        double ev[M + 1];
+        i32 ej[M + 1];
+        ev[0] = b.ub;
+        ej[0] = b.lab;
+        double emax = b.ub;
+        for (int s = 0; s < M; ++s) {
+          ej[s + 1] = b.cid[s];
+          ev[s + 1] = b.clb[s] == kInf ? kInf : dist(x, &c[size_t(b.cid[s]) * d]);
+          emax = std::max(emax, ev[s + 1]);
+        }
+        int bi = 0;
+        for (int s = 1; s <= M; ++s)
+          if (ev[s] < ev[bi] || (ev[s] == ev[bi] && ej[s] < ej[bi])) bi = s;
+        if (ev[bi] <= b.far) {
+          b.lab = ej[bi];
+          b.ub = ev[bi];
+          int s2 = 0;
+          for (int s = 0; s <= M; ++s) {
+            if (s == bi) continue;
+            b.cid[s2] = ej[s];
+            b.clb[s2] = ev[s];
+            ++s2;
+          }
+        } else {
+          // M + 1 centers lie within emax: a slightly larger threshold keeps them all in the scan
+          // whatever the rounding of its float arithmetic.
+          full_scan(i, b, emax == kInf ? kInf : emax * emax * (1.0 + 1e-5) + 1e-30);
+        }
+        lab[i] = b.lab;
+      }
+    }
+  };
+
+  bool strict = false, full_sums = true;
+  int it = 0;
+  for (it = 0; it < max_iter; ++it) {
+    assign(it == 0);
+    // M-step: sums from scratch the first time, then from the points that changed label.
+    i64 changed = 0;
+    if (full_sums) {
+      for (i64 i = 0; i < n; ++i) {
+        const double wi = weight(w, i);
+        double* sj = &sums[size_t(lab[i]) * d];
+        const T* x = ds.x + i * d;
+        for (i64 q = 0; q < d; ++q) sj[q] += wi * double(x[q]);
+        wsum[lab[i]] += wi;
+        changed += lab[i] != lab_prev[i];
+      }
+      full_sums = false;
+    } else {
+      for (i64 i = 0; i < n; ++i) {
+        if (lab[i] == lab_prev[i]) continue;
+        ++changed;
+        const double wi = weight(w, i);
+        double* so = &sums[size_t(lab_prev[i]) * d];
+        double* sn = &sums[size_t(lab[i]) * d];
+        const T* x = ds.x + i * d;
+        for (i64 q = 0; q < d; ++q) {
+          so[q] -= wi * double(x[q]);
+          sn[q] += wi * double(x[q]);
+        }
+        wsum[lab_prev[i]] -= wi;
+        wsum[lab[i]] += wi;
+      }
+    }
+    std::vector<double> sums_m(sums), wsum_m(wsum);  // the repair edits a copy: sums track labels
+    Centers<T> C;  // new_centers reads c and k from a Centers
+    C.k = k;
+    C.d = d;
+    C.c.swap(c);
+    const double shift_tot = new_centers(ds, lab, C, sums_m.data(), wsum_m.data(), cnew, delta, empty, d2own, par);
+    C.c.swap(c);
+    dmax = 0.0;
+    for (i64 j = 0; j < k; ++j) dmax = std::max(dmax, delta[j]);
+    c.swap(cnew);
+    refresh_t();
+    lab_prev = lab;
+    if (changed == 0 && it > 0) { strict = empty.empty(); break; }
+    if (shift_tot <= prep.tol_abs) break;
+  }
+  out.converged = it < max_iter;
+  out.n_iter = i32(std::min(it + 1, max_iter));
+  if (!strict) assign(false);
+  out.centroids = c;
+  out.labels.swap(lab);
+  out.algo = Algo::TopM;
+}
+
 // --------------------------------------------------------------------------- Gram-matrix Lloyd
 // Centers are represented by their members: c_j = sum_{l in S_j} w_l x_l / W_j, so
 // <x_i, c_j> = sum_l (w_l / W_j) G[l, i] and ||c_j||^2 = sum_{l in S_j} (w_l / W_j) <x_l, c_j>.
@@ -1147,7 +1401,8 @@ Algo choose_algo(const Dataset<T>& ds, i64 k, Algo requested) {
   if (ds.d == 1) return Algo::Lloyd1D;
   const double n = double(ds.n), d = double(ds.d), kk = double(k);
   if (ds.n <= 4096 && ds.d >= 16 && 2.0 * (n + kk) < kk * d) return Algo::Gram;
-  return k >= 20 ? Algo::Yinyang : Algo::Hamerly;
+  if (k < 20) return Algo::Hamerly;
+  return ds.d <= 16 ? Algo::TopM : Algo::Yinyang;
 }
 
 template <class T>
@@ -1376,6 +1631,10 @@ void solve_problem(const Dataset<T>& ds, const Prepared<T>& prep, Problem<T>& pr
         if (solve_gram(ds, prep, k, idx.empty() ? nullptr : &idx, init_c.data(), params.max_iter, par, run)) break;
         throw std::runtime_error("gram fallback");  // handled by the caller: re-run direct
       case Algo::Yinyang: solve_yinyang(ds, prep, k, init_c, params.max_iter, par, run); break;
+      case Algo::TopM:
+        if (ds.d == 9) solve_topm<T, 9>(ds, prep, k, init_c, params.max_iter, par, run);
+        else solve_topm<T, 0>(ds, prep, k, init_c, params.max_iter, par, run);
+        break;
       default: solve_direct(ds, prep, k, init_c, params.max_iter, algo == Algo::Hamerly, par, run); break;
     }
     run.inertia = inertia_of(ds, run.centroids, run.labels, par);

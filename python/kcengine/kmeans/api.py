@@ -19,7 +19,7 @@ from .result import KMeansResult
 __all__ = ["kmeans", "kmeans_sweep", "Problems", "RawResult", "ALGORITHMS", "INITS"]
 
 INITS = ("k-means++", "random")
-ALGORITHMS = ("auto", "lloyd", "hamerly", "yinyang", "gram", "lloyd1d", "exact1d")
+ALGORITHMS = ("auto", "lloyd", "hamerly", "yinyang", "topm", "gram", "lloyd1d", "exact1d")
 
 
 @dataclass
@@ -391,10 +391,13 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
         backend: ``"auto"``, ``"cpu"``, ``"torch"``, ``"cuda"``, ``"triton"`` (env
             ``KCENGINE_BACKEND`` overrides ``"auto"``).
         algorithm: ``"auto"`` (exact Lloyd with the fastest exact method per problem: Gram-matrix
-            distances when D is large against N, Yinyang group bounds (k >= 20) or Hamerly bounds
-            otherwise, sorted 1-D sweeps when D == 1), one of those by name (``"lloyd"`` = plain
-            Lloyd, ``"hamerly"``, ``"yinyang"``, ``"gram"``, ``"lloyd1d"``), or ``"exact1d"``:
-            the globally optimal 1-D clustering (D == 1 only).
+            distances when D is large against N; for k >= 20 top-m bounds (exact bounds for each
+            point's 4 nearest competitors and one for all others) when D <= 16, else Yinyang group
+            bounds; Hamerly bounds for k < 20; sorted 1-D sweeps when D == 1), one of those by name
+            (``"lloyd"`` = plain Lloyd, ``"hamerly"``, ``"yinyang"``, ``"topm"``, ``"gram"``,
+            ``"lloyd1d"``), or ``"exact1d"``: the globally optimal 1-D clustering (D == 1 only).
+            ``"topm"`` hands float32 data beyond 1e18 in magnitude to Yinyang (its float distances
+            would overflow).
 
     Returns:
         :class:`KMeansResult` with centroids, labels, inertia, n_iter, converged per problem,
