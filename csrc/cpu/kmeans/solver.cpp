@@ -471,6 +471,43 @@ double new_centers(const Dataset<T>& ds, const std::vector<i32>& lab, const Cent
   return shift_tot;
 }
 
+// The M-step's sums for solvers that track labels: from scratch when `full`, else only the points
+// whose label changed move their weight from the old cluster to the new.  Returns that count.
+template <class T>
+i64 update_sums(const Dataset<T>& ds, const std::vector<i32>& lab, const std::vector<i32>& lab_prev, bool full,
+                std::vector<double>& sums, std::vector<double>& wsum) {
+  const i64 n = ds.n, d = ds.d;
+  i64 changed = 0;
+  if (full) {
+    std::fill(sums.begin(), sums.end(), 0.0);
+    std::fill(wsum.begin(), wsum.end(), 0.0);
+    for (i64 i = 0; i < n; ++i) {
+      const double wi = weight(ds.w, i);
+      double* sj = &sums[size_t(lab[i]) * d];
+      const T* x = ds.x + i * d;
+      for (i64 q = 0; q < d; ++q) sj[q] += wi * double(x[q]);
+      wsum[lab[i]] += wi;
+      changed += lab[i] != lab_prev[i];
+    }
+    return changed;
+  }
+  for (i64 i = 0; i < n; ++i) {
+    if (lab[i] == lab_prev[i]) continue;
+    ++changed;
+    const double wi = weight(ds.w, i);
+    double* so = &sums[size_t(lab_prev[i]) * d];
+    double* sn = &sums[size_t(lab[i]) * d];
+    const T* x = ds.x + i * d;
+    for (i64 q = 0; q < d; ++q) {
+      so[q] -= wi * double(x[q]);
+      sn[q] += wi * double(x[q]);
+    }
+    wsum[lab_prev[i]] -= wi;
+    wsum[lab[i]] += wi;
+  }
+  return changed;
+}
+
 // ------------------------------------------------------------------ direct Lloyd / Hamerly
 template <class T>
 void solve_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::vector<T>& init, int max_iter,
@@ -801,36 +838,9 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
   for (it = 0; it < max_iter; ++it) {
     if (it == 0) full_assign();
     else filtered_assign(it);
-    // M-step: sums from scratch the first time (and after a relocation), else incrementally.
-    i64 changed = 0;
-    if (full_sums) {
-      std::fill(sums.begin(), sums.end(), 0.0);
-      std::fill(wsum.begin(), wsum.end(), 0.0);
-      for (i64 i = 0; i < n; ++i) {
-        const double wi = weight(w, i);
-        double* sj = &sums[size_t(lab[i]) * d];
-        const T* x = ds.x + i * d;
-        for (i64 q = 0; q < d; ++q) sj[q] += wi * double(x[q]);
-        wsum[lab[i]] += wi;
-        changed += lab[i] != lab_prev[i];
-      }
-      full_sums = false;
-    } else {
-      for (i64 i = 0; i < n; ++i) {
-        if (lab[i] == lab_prev[i]) continue;
-        ++changed;
-        const double wi = weight(w, i);
-        double* so = &sums[size_t(lab_prev[i]) * d];
-        double* sn = &sums[size_t(lab[i]) * d];
-        const T* x = ds.x + i * d;
-        for (i64 q = 0; q < d; ++q) {
-          so[q] -= wi * double(x[q]);
-          sn[q] += wi * double(x[q]);
-        }
-        wsum[lab_prev[i]] -= wi;
-        wsum[lab[i]] += wi;
-      }
-    }
+    // M-step: sums from scratch the first time, then from the points that changed label.
+    const i64 changed = update_sums(ds, lab, lab_prev, full_sums, sums, wsum);
+    full_sums = false;
     std::vector<double> sums_m(sums), wsum_m(wsum);  // the repair edits a copy: sums track labels
     const double shift_tot = new_centers(ds, lab, C, sums_m.data(), wsum_m.data(), cnew, delta, empty, d2own, par);
     std::fill(gdelta.begin(), gdelta.end(), 0.0);
@@ -1036,33 +1046,8 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   for (it = 0; it < max_iter; ++it) {
     assign(it == 0);
     // M-step: sums from scratch the first time, then from the points that changed label.
-    i64 changed = 0;
-    if (full_sums) {
-      for (i64 i = 0; i < n; ++i) {
-        const double wi = weight(w, i);
-        double* sj = &sums[size_t(lab[i]) * d];
-        const T* x = ds.x + i * d;
-        for (i64 q = 0; q < d; ++q) sj[q] += wi * double(x[q]);
-        wsum[lab[i]] += wi;
-        changed += lab[i] != lab_prev[i];
-      }
-      full_sums = false;
-    } else {
-      for (i64 i = 0; i < n; ++i) {
-        if (lab[i] == lab_prev[i]) continue;
-        ++changed;
-        const double wi = weight(w, i);
-        double* so = &sums[size_t(lab_prev[i]) * d];
-        double* sn = &sums[size_t(lab[i]) * d];
-        const T* x = ds.x + i * d;
-        for (i64 q = 0; q < d; ++q) {
-          so[q] -= wi * double(x[q]);
-          sn[q] += wi * double(x[q]);
-        }
-        wsum[lab_prev[i]] -= wi;
-        wsum[lab[i]] += wi;
-      }
-    }
+    const i64 changed = update_sums(ds, lab, lab_prev, full_sums, sums, wsum);
+    full_sums = false;
     std::vector<double> sums_m(sums), wsum_m(wsum);  // the repair edits a copy: sums track labels
     Centers<T> C;  // new_centers reads c and k from a Centers
     C.k = k;
