@@ -29,17 +29,18 @@ std::string shape_str(const py::array& a) {
 
 // The instruction set whose solver copy runs: the best the CPU has, or KCENGINE_CPU_ISA.
 std::string pick_isa() {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   if (const char* env = std::getenv("KCENGINE_CPU_ISA")) {
     std::string e(env);
-    if (e == "generic" || e == "avx2" || e == "avx512") return e;
+    if (e == "generic" || (e == "avx2" && avx2) || (e == "avx512" && avx512)) return e;
+    if (e == "avx2" || e == "avx512")  // running it would die on an illegal instruction
+      throw py::value_error("KCENGINE_CPU_ISA='" + e + "' but this CPU lacks that instruction set");
     if (!e.empty()) throw py::value_error("KCENGINE_CPU_ISA must be generic, avx2 or avx512, got '" + e + "'");
   }
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl"))
-    return "avx512";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
-  return "generic";
+  return avx512 ? "avx512" : avx2 ? "avx2" : "generic";
 }
 
 template <class T>

@@ -1,0 +1,41 @@
+"""The solver is compiled three times (generic, avx2, avx512) and one copy is picked at run time
+(env KCENGINE_CPU_ISA overrides).  Every copy this CPU can run must give Lloyd's labels: the
+copies differ in their vector code (e.g. topm's AVX-512 compare masks against a scalar loop)."""
+import numpy as np
+import pytest
+
+import kcengine
+from kcengine import _core
+
+
+def _runnable():
+    out = []
+    for isa in ("generic", "avx2", "avx512"):
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("KCENGINE_CPU_ISA", isa)
+                kcengine.kmeans(np.zeros((2, 1), np.float32), 1)
+            out.append(isa)
+        except ValueError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["topm", "yinyang", "hamerly"])
+def test_every_runnable_copy_gives_lloyds_labels(monkeypatch, algorithm):
+    isas = _runnable()
+    assert "generic" in isas and _core.kmeans_isa() in isas
+    x = np.random.default_rng(0).uniform(-1, 1, size=(6000, 9)).astype(np.float32)
+    init = x[:64].copy()
+    ref = kcengine.kmeans(x, 64, init=init, algorithm="lloyd")
+    for isa in isas:
+        monkeypatch.setenv("KCENGINE_CPU_ISA", isa)
+        got = kcengine.kmeans(x, 64, init=init, algorithm=algorithm)
+        np.testing.assert_array_equal(got.labels, ref.labels, err_msg=isa)
+        assert int(got.n_iter) == int(ref.n_iter), isa
+
+
+def test_unknown_isa_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("KCENGINE_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="KCENGINE_CPU_ISA must be generic, avx2 or avx512, got 'sse9'"):
+        kcengine.kmeans(np.zeros((4, 2), np.float32), 2)
