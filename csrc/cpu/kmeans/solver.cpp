@@ -640,7 +640,6 @@ template <class T>
 void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::vector<T>& init, int max_iter,
                    bool par, Run<T>& out) {
   const i64 n = ds.n, d = ds.d;
-  const double* w = ds.w;
   Centers<T> C;
   C.init(k, d);
   C.c = init;
@@ -894,7 +893,6 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       return;
     }
   }
-  const double* w = ds.w;
   const i64 kp = (k + L - 1) / L * L;
   std::vector<T> c = init, cnew(size_t(k) * d), ct(size_t(d) * kp, T(0));
   auto refresh_t = [&]() {
