@@ -893,13 +893,15 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       return;
     }
   }
-  const i64 kp = (k + L - 1) / L * L;
-  std::vector<T> c = init, cnew(size_t(k) * d), ct(size_t(d) * kp, T(0));
-  auto refresh_t = [&]() {
-    for (i64 j = 0; j < k; ++j)
-      for (i64 q = 0; q < d; ++q) ct[size_t(q) * kp + j] = c[size_t(j) * d + q];
-  };
-  refresh_t();
+  static_assert(Centers<T>::JB == L, "the scan reads Centers::ct in blocks of L");
+  Centers<T> C;  // the centers [k, d] and their transpose ct [d, kp] (k rounded up to L)
+  C.init(k, d);
+  C.c = init;
+  C.refresh();
+  const std::vector<T>& c = C.c;
+  const std::vector<T>& ct = C.ct;
+  const i64 kp = C.kp;
+  std::vector<T> cnew(size_t(k) * d);
   struct Bounds {
     double ub, far;   // distance to the own center (upper); to every center not listed (lower)
     double clb[M];    // lower bounds of the listed competitors
@@ -1047,16 +1049,11 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     const i64 changed = update_sums(ds, lab, lab_prev, full_sums, sums, wsum);
     full_sums = false;
     std::vector<double> sums_m(sums), wsum_m(wsum);  // the repair edits a copy: sums track labels
-    Centers<T> C;  // new_centers reads c and k from a Centers
-    C.k = k;
-    C.d = d;
-    C.c.swap(c);
     const double shift_tot = new_centers(ds, lab, C, sums_m.data(), wsum_m.data(), cnew, delta, empty, d2own, par);
-    C.c.swap(c);
     dmax = 0.0;
     for (i64 j = 0; j < k; ++j) dmax = std::max(dmax, delta[j]);
-    c.swap(cnew);
-    refresh_t();
+    C.c.swap(cnew);
+    C.refresh();
     lab_prev = lab;
     if (changed == 0 && it > 0) { strict = empty.empty(); break; }
     if (shift_tot <= prep.tol_abs) break;
@@ -1064,7 +1061,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   out.converged = it < max_iter;
   out.n_iter = i32(std::min(it + 1, max_iter));
   if (!strict) assign(false);
-  out.centroids = c;
+  out.centroids = C.c;
   out.labels.swap(lab);
   out.algo = Algo::TopM;
 }
