@@ -450,6 +450,27 @@ inline void direct_tile_generic(const double* x, const double* wt, const int32_t
   direct_tile_generic_f64(x, wt, slot, g, n, ho, wo0, np, acc, xv, pv);
 }
 
+// The responses of one input channel for kTile pixels, NR (1 or 2) blocks of 16 codebook maps:
+// out[t * Mpad + r * 16 + l] = sum_k xs[(t * taps + k) * S] * w[k * Mpad + r * 16 + l].
+template <int NR>
+__attribute__((target("avx512f"))) inline void tile_responses(const float* __restrict xs, int64_t S,
+                                                               const float* __restrict w,
+                                                               int64_t taps, int64_t Mpad, float* __restrict out) {
+  __m512 a[kTile][NR];
+  for (int t = 0; t < kTile; ++t)
+    for (int r = 0; r < NR; ++r) a[t][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < taps; ++k) {
+    __m512 wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = _mm512_load_ps(w + k * Mpad + r * 16);
+    for (int t = 0; t < kTile; ++t) {
+      const __m512 xk = _mm512_set1_ps(xs[(t * taps + k) * S]);
+      for (int r = 0; r < NR; ++r) a[t][r] = _mm512_fmadd_ps(xk, wv[r], a[t][r]);
+    }
+  }
+  for (int t = 0; t < kTile; ++t)
+    for (int r = 0; r < NR; ++r) _mm512_store_ps(out + t * Mpad + r * 16, a[t][r]);
+}
+
 // AVX-512 float32 tile: M <= 32 keeps p_i in two registers per pixel and scatters with vpermt2ps;
 // larger M stores p_i to an L1 buffer and uses 16-lane gathers.  acc is [kTile][Cpad], slot rows padded
 // to Cpad (= C rounded up to 16) with valid slots.
@@ -460,21 +481,53 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
                                                             float* __restrict xv, float* __restrict pv) {
   const int64_t taps = g.kh * g.kw, nch = Cpad / 16;
   for (int64_t e = 0; e < kTile * Cpad; e += 16) _mm512_store_ps(acc + e, _mm512_setzero_ps());
+  // Input channels in blocks of S = 16 (S = C_in when C_in < 16, the RGB stem): the window values of
+  // the block for every (pixel, tap) come in as one vector load each (channels-last rows are
+  // contiguous), so the channel loop below reads its scalars from an L1 buffer xv [kTile][taps][S]
+  // instead of gathering them one by one.  With S = C_in a window row (kw taps) is one memcpy.
+  const int64_t S = std::min<int64_t>(g.Cin, 16);
   for (int64_t i = 0; i < g.Cin; ++i) {
-    window_values(x, g, n, ho, wo0, np, i, xv);
+    const int64_t ii = i % 16;
+    if (ii == 0) {
+      const int64_t nb = std::min<int64_t>(16, g.Cin - i);
+      for (int t = 0; t < np; ++t) {
+        const int64_t wo = wo0 + t, w0 = wo * g.sw - g.pw;
+        for (int64_t a = 0; a < g.kh; ++a) {
+          const int64_t h = ho * g.sh - g.ph + a * g.dh;
+          float* drow = xv + (t * taps + a * g.kw) * S;
+          if (!(h >= 0 && h < g.H)) {
+            std::fill(drow, drow + g.kw * S, 0.0f);
+            continue;
+          }
+          const float* xrow = x + (n * g.H + h) * g.W * g.Cin + i;
+          if (S == g.Cin && g.dw == 1 && w0 >= 0 && w0 + g.kw <= g.W) {
+            std::copy(xrow + w0 * g.Cin, xrow + (w0 + g.kw) * g.Cin, drow);
+            continue;
+          }
+          for (int64_t b = 0; b < g.kw; ++b) {
+            const int64_t w = w0 + b * g.dw;
+            float* dst = drow + b * S;
+            if (!(w >= 0 && w < g.W)) std::fill(dst, dst + S, 0.0f);
+            else if (nb == 16) _mm512_store_ps(dst, _mm512_loadu_ps(xrow + w * g.Cin));
+            else std::copy(xrow + w * g.Cin, xrow + w * g.Cin + nb, dst);  // a tail block: lanes >= nb unread
+          }
+        }
+      }
+    }
+    const float* xs = xv + ii;  // xs[(t * taps + k) * S]: tap k of pixel t, channel i
     const float* wi = wtp + i * taps * Mpad;  // [taps][Mpad], zero padded
     const int32_t* si = slotp + i * Cpad;
+    // The M responses of channel i for all kTile pixels into pv [kTile][Mpad]: the pixels are the
+    // independent FMA chains (one chain per pixel would wait on the FMA latency at every tap).
+    for (int64_t j = 0; j < Mpad; j += 32) {
+      if (j + 16 < Mpad) tile_responses<2>(xs, S, wi + j, taps, Mpad, pv + j);
+      else tile_responses<1>(xs, S, wi + j, taps, Mpad, pv + j);
+    }
     if (Mpad <= 32) {
       __m512 lo[kTile], hi[kTile];
       for (int t = 0; t < np; ++t) {
-        __m512 l = _mm512_setzero_ps(), h = _mm512_setzero_ps();
-        for (int64_t k = 0; k < taps; ++k) {
-          const __m512 xk = _mm512_set1_ps(xv[t * taps + k]);
-          l = _mm512_fmadd_ps(xk, _mm512_load_ps(wi + k * Mpad), l);
-          if (Mpad > 16) h = _mm512_fmadd_ps(xk, _mm512_load_ps(wi + k * Mpad + 16), h);
-        }
-        lo[t] = l;
-        hi[t] = h;
+        lo[t] = _mm512_load_ps(pv + t * Mpad);
+        hi[t] = Mpad > 16 ? _mm512_load_ps(pv + t * Mpad + 16) : _mm512_setzero_ps();
       }
       for (int64_t c = 0; c < nch; ++c) {
         const __m512i ix = _mm512_load_si512(reinterpret_cast<const void*>(si + c * 16));
@@ -488,11 +541,7 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
       const int64_t nreg = Mpad / 16, ngroups = (nreg + 1) / 2;
       for (int t = 0; t < np; ++t) {
         __m512 P[8];
-        for (int r = 0; r < 8; ++r) P[r] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < taps; ++k) {
-          const __m512 xk = _mm512_set1_ps(xv[t * taps + k]);
-          for (int64_t r = 0; r < nreg; ++r) P[r] = _mm512_fmadd_ps(xk, _mm512_load_ps(wi + k * Mpad + r * 16), P[r]);
-        }
+        for (int r = 0; r < 8; ++r) P[r] = r < nreg ? _mm512_load_ps(pv + t * Mpad + r * 16) : _mm512_setzero_ps();
         float* at = acc + t * Cpad;
         for (int64_t c = 0; c < nch; ++c) {
           const __m512i ix = _mm512_load_si512(reinterpret_cast<const void*>(si + c * 16));
@@ -506,15 +555,6 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
         }
       }
     } else {
-      for (int t = 0; t < np; ++t) {
-        float* p = pv + t * Mpad;
-        for (int64_t j = 0; j < Mpad; j += 16) {
-          __m512 v = _mm512_setzero_ps();
-          for (int64_t k = 0; k < taps; ++k)
-            v = _mm512_fmadd_ps(_mm512_set1_ps(xv[t * taps + k]), _mm512_load_ps(wi + k * Mpad + j), v);
-          _mm512_store_ps(p + j, v);
-        }
-      }
       for (int64_t c = 0; c < nch; ++c) {
         const __m512i ix = _mm512_load_si512(reinterpret_cast<const void*>(si + c * 16));
         for (int t = 0; t < np; ++t) {
@@ -569,7 +609,7 @@ void kernel_direct_impl(const py::array& x, const py::array& wt, const int32_t* 
   {
     std::vector<T> acc_s, xv_s, pv_s;
     T* acc = aligned_alloc_vec(acc_s, static_cast<size_t>(kTile * Cpad));
-    T* xv = aligned_alloc_vec(xv_s, static_cast<size_t>(kTile * taps));
+    T* xv = aligned_alloc_vec(xv_s, static_cast<size_t>(kTile * taps * 16));  // the AVX-512 path's [kTile][taps][16]
     T* pv = aligned_alloc_vec(pv_s, static_cast<size_t>(kTile * std::max<int64_t>(Mpad, 16)));
 #pragma omp for schedule(static)
     for (int64_t wk = 0; wk < work; ++wk) {

@@ -24,6 +24,10 @@ SHAPES = [
     (2, 3, 50, 11, 10, 3, 1, 1, 1, 40),   # K = 40 > 32: the gather (not permute) path of the kernel granularity
     (1, 2, 37, 9, 21, 3, 1, 1, 1, 20),    # 16 < K <= 32, C_out not a multiple of 16, W_out not a multiple of 8
     (1, 2, 140, 6, 7, 3, 1, 1, 1, 130),   # K = 130 > 128: the 16-lane gather path of the kernel granularity
+    # C_in >= 16: the kernel granularity's direct pass loads input channels in blocks of 16
+    (1, 16, 24, 8, 11, 5, 1, 2, 1, 40),   # exactly one block, 5x5
+    (1, 19, 9, 10, 13, 3, 1, 1, 1, 5),    # a full block and a tail of 3 channels
+    (2, 37, 20, 9, 12, 3, 2, 1, 2, 6),    # two blocks and a tail, stride 2 with dilation 2
 ]
 BACKENDS = ["cpu", "torch"]
 
