@@ -206,6 +206,14 @@ bool has_avx512f() {
   return yes;
 }
 
+bool has_avx512vl() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return static_cast<bool>(__builtin_cpu_supports("avx512vl"));
+  }();
+  return yes;
+}
+
 inline void add_row(const double* row, double* acc, int64_t n) { add_row_f64(row, acc, n); }
 
 // Checks an int32 index array's range; returns it as a pointer into the (kept-alive) array.
@@ -566,6 +574,82 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
   }
 }
 
+// Large M (more than 32 codebook maps per input channel): the permute/gather scatter above costs up
+// to four permutes per 16 outputs, so here the pixels are the vector lanes instead.  For the tile's
+// kTile = 8 pixels and each input channel i: the window values xt [taps][8], the M responses
+// pv [M][8] (M independent FMA chains), then every output o adds one response vector:
+// acc[o] += pv[slot[i, o]] (acc [C][8], L1-resident up to C = 512; slotp holds slot * kTile here).  The result acc is transposed
+// into accT [kTile][Cpad] for the shared epilogue.  off [taps][8]: the x offset of each (tap,
+// pixel) without the channel, -1 outside the image.
+__attribute__((target("avx2,fma,avx512f,avx512vl"))) void direct_tile_pixvec(const float* __restrict x, const float* __restrict wtp,
+                                                            const int32_t* __restrict slotp, const ConvGeom& g,
+                                                            int64_t Cpad, int64_t Mpad, int64_t n, int64_t ho,
+                                                            int64_t wo0, int np, float* __restrict acc,
+                                                            float* __restrict accT, float* __restrict xt,
+                                                            float* __restrict pv, int64_t* __restrict off) {
+  static_assert(kTile == 8, "one __m256 of pixels");
+  const int64_t taps = g.kh * g.kw, C = g.C, M = g.M;
+  for (int64_t a = 0; a < g.kh; ++a) {
+    const int64_t h = ho * g.sh - g.ph + a * g.dh;
+    for (int64_t b = 0; b < g.kw; ++b)
+      for (int t = 0; t < kTile; ++t) {
+        const int64_t w = (wo0 + t) * g.sw - g.pw + b * g.dw;
+        const bool in = t < np && h >= 0 && h < g.H && w >= 0 && w < g.W;
+        off[(a * g.kw + b) * kTile + t] = in ? ((n * g.H + h) * g.W + w) * g.Cin : -1;
+      }
+  }
+  for (int64_t e = 0; e < C * kTile; e += 8) _mm256_store_ps(acc + e, _mm256_setzero_ps());
+  // Two input channels per pass over acc: their responses in pv [2][M][8], one load and one store of
+  // acc[o] for both.
+  const int64_t pstride = Mpad * kTile;
+  for (int64_t i0 = 0; i0 < g.Cin; i0 += 2) {
+    const int nc = g.Cin - i0 >= 2 ? 2 : 1;
+    for (int c = 0; c < nc; ++c) {
+      const int64_t i = i0 + c;
+      float* pc = pv + c * pstride;
+      for (int64_t e = 0; e < taps * kTile; ++e) xt[e] = off[e] >= 0 ? x[off[e] + i] : 0.0f;
+      const float* wi = wtp + i * taps * Mpad;  // [taps][Mpad]
+      int64_t m = 0;
+      for (; m + 8 <= M; m += 8) {  // eight responses at a time: enough independent chains for the FMA latency
+        __m256 r[8];
+        for (int q = 0; q < 8; ++q) r[q] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < taps; ++k) {
+          const __m256 xk = _mm256_load_ps(xt + k * kTile);
+          const float* wk = wi + k * Mpad + m;
+          for (int q = 0; q < 8; ++q) r[q] = _mm256_fmadd_ps(_mm256_broadcast_ss(wk + q), xk, r[q]);
+        }
+        for (int q = 0; q < 8; ++q) _mm256_store_ps(pc + (m + q) * kTile, r[q]);
+      }
+      for (; m < M; ++m) {
+        __m256 r = _mm256_setzero_ps();
+        for (int64_t k = 0; k < taps; ++k)
+          r = _mm256_fmadd_ps(_mm256_broadcast_ss(wi + k * Mpad + m), _mm256_load_ps(xt + k * kTile), r);
+        _mm256_store_ps(pc + m * kTile, r);
+      }
+    }
+    const int32_t* s0 = slotp + i0 * Cpad;
+    if (nc == 2) {
+      const int32_t* s1 = s0 + Cpad;
+      const float* p1 = pv + pstride;
+      for (int64_t o = 0; o < C; o += 2) {  // C even or not: Cpad (a multiple of 16) rows are allocated
+        float* ao = acc + o * kTile;
+        const __m256 u0 = _mm256_add_ps(_mm256_load_ps(pv + int64_t(s0[o])), _mm256_load_ps(p1 + int64_t(s1[o])));
+        const __m256 u1 = _mm256_add_ps(_mm256_load_ps(pv + int64_t(s0[o + 1])),
+                                        _mm256_load_ps(p1 + int64_t(s1[o + 1])));
+        _mm256_store_ps(ao, _mm256_add_ps(_mm256_load_ps(ao), u0));
+        _mm256_store_ps(ao + 8, _mm256_add_ps(_mm256_load_ps(ao + 8), u1));
+      }
+    } else {
+      for (int64_t o = 0; o < C; ++o) {
+        float* ao = acc + o * kTile;
+        _mm256_store_ps(ao, _mm256_add_ps(_mm256_load_ps(ao), _mm256_load_ps(pv + int64_t(s0[o]))));
+      }
+    }
+  }
+  for (int t = 0; t < np; ++t)
+    for (int64_t o = 0; o < C; ++o) accT[t * Cpad + o] = acc[o * kTile + t];
+}
+
 template <typename T>
 T* aligned_alloc_vec(std::vector<T>& v, size_t n) {  // 64-byte aligned view into v
   v.assign(n + 64 / sizeof(T), T(0));
@@ -584,6 +668,7 @@ void kernel_direct_impl(const py::array& x, const py::array& wt, const int32_t* 
   const bool relu = ep.relu;
   const int64_t taps = g.kh * g.kw;
   const bool fast = std::is_same_v<T, float> && has_avx512f();
+  const bool pixvec = fast && has_avx512vl() && g.M > 32;  // see direct_tile_pixvec
   const int64_t Cpad = fast ? (g.C + 15) / 16 * 16 : g.C;
   const int64_t Mpad = fast ? (g.M + 15) / 16 * 16 : g.M;
   // Padded copies for the AVX-512 path: wt [Cin][taps][Mpad] (zeros), slot [Cin][Cpad] (slot 0 in the pad).
@@ -598,7 +683,7 @@ void kernel_direct_impl(const py::array& x, const py::array& wt, const int32_t* 
         for (int64_t j = 0; j < g.M; ++j) w2[(i * taps + k) * Mpad + j] = wp[(i * taps + k) * g.M + j];
     int32_t* s2 = aligned_alloc_vec(spad_store, static_cast<size_t>(g.Cin * Cpad));
     for (int64_t i = 0; i < g.Cin; ++i)
-      for (int64_t o = 0; o < g.C; ++o) s2[i * Cpad + o] = slot[i * g.C + o];
+      for (int64_t o = 0; o < g.C; ++o) s2[i * Cpad + o] = slot[i * g.C + o] * (pixvec ? int32_t(kTile) : 1);
     wuse = w2;
     suse = s2;
   }
@@ -607,17 +692,20 @@ void kernel_direct_impl(const py::array& x, const py::array& wt, const int32_t* 
   py::gil_scoped_release nogil;
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<T> acc_s, xv_s, pv_s;
+    std::vector<T> acc_s, xv_s, pv_s, acc2_s;
+    std::vector<int64_t> off(static_cast<size_t>(kTile * taps));
     T* acc = aligned_alloc_vec(acc_s, static_cast<size_t>(kTile * Cpad));
+    T* acc2 = pixvec ? aligned_alloc_vec(acc2_s, static_cast<size_t>(kTile * Cpad)) : nullptr;
     T* xv = aligned_alloc_vec(xv_s, static_cast<size_t>(kTile * taps * 16));  // the AVX-512 path's [kTile][taps][16]
-    T* pv = aligned_alloc_vec(pv_s, static_cast<size_t>(kTile * std::max<int64_t>(Mpad, 16)));
+    T* pv = aligned_alloc_vec(pv_s, static_cast<size_t>(2 * kTile * std::max<int64_t>(Mpad, 16)));  // pixvec: 2 channels
 #pragma omp for schedule(static)
     for (int64_t wk = 0; wk < work; ++wk) {
       const int64_t n = wk / (g.Ho * tiles_w), rem = wk % (g.Ho * tiles_w);
       const int64_t ho = rem / tiles_w, wo0 = (rem % tiles_w) * kTile;
       const int np = static_cast<int>(std::min<int64_t>(kTile, g.Wo - wo0));
       if constexpr (std::is_same_v<T, float>) {
-        if (fast) direct_tile_avx512(xp, wuse, suse, g, Cpad, Mpad, n, ho, wo0, np, acc, xv, pv);
+        if (pixvec) direct_tile_pixvec(xp, wuse, suse, g, Cpad, Mpad, n, ho, wo0, np, acc2, acc, xv, pv, off.data());
+        else if (fast) direct_tile_avx512(xp, wuse, suse, g, Cpad, Mpad, n, ho, wo0, np, acc, xv, pv);
         else direct_tile_generic(xp, wuse, suse, g, n, ho, wo0, np, acc, xv, pv);
       } else {
         direct_tile_generic(xp, wuse, suse, g, n, ho, wo0, np, acc, xv, pv);
