@@ -479,6 +479,85 @@ __attribute__((target("avx512f"))) inline void tile_responses(const float* __res
     for (int r = 0; r < NR; ++r) _mm512_store_ps(out + t * Mpad + r * 16, a[t][r]);
 }
 
+// The window values of input channels [i, i + min(16, C_in - i)) for pixels t in [t0, t1) of the
+// tile: xv[(t * taps + k) * S + c] (S = 16, or C_in when C_in < 16), zero outside the image.
+__attribute__((target("avx512f"))) void window_block(const float* __restrict x, const ConvGeom& g, int64_t n,
+                                                      int64_t ho, int64_t wo0, int t0, int t1, int64_t i, int64_t S,
+                                                      float* __restrict xv) {
+  const int64_t taps = g.kh * g.kw, nb = std::min<int64_t>(16, g.Cin - i);
+  for (int t = t0; t < t1; ++t) {
+    const int64_t wo = wo0 + t, w0 = wo * g.sw - g.pw;
+    for (int64_t a = 0; a < g.kh; ++a) {
+      const int64_t h = ho * g.sh - g.ph + a * g.dh;
+      float* drow = xv + (t * taps + a * g.kw) * S;
+      if (!(h >= 0 && h < g.H)) {
+        std::fill(drow, drow + g.kw * S, 0.0f);
+        continue;
+      }
+      const float* xrow = x + (n * g.H + h) * g.W * g.Cin + i;
+      if (S == g.Cin && g.dw == 1 && w0 >= 0 && w0 + g.kw <= g.W) {
+        std::copy(xrow + w0 * g.Cin, xrow + (w0 + g.kw) * g.Cin, drow);
+        continue;
+      }
+      for (int64_t b = 0; b < g.kw; ++b) {
+        const int64_t w = w0 + b * g.dw;
+        float* dst = drow + b * S;
+        if (!(w >= 0 && w < g.W)) std::fill(dst, dst + S, 0.0f);
+        else if (nb == 16) _mm512_store_ps(dst, _mm512_loadu_ps(xrow + w * g.Cin));
+        else std::copy(xrow + w * g.Cin, xrow + w * g.Cin + nb, dst);  // a tail block: lanes >= nb unread
+      }
+    }
+  }
+}
+
+// Up to 64 outputs and up to 32 maps per channel, 3x3 or smaller (resnet's first stage): the outputs
+// of a group of PG pixels stay in NCH x PG registers across all input channels, so each
+// (channel, 16 outputs, pixel) costs one permute and one add, no accumulator load or store.
+// acc [kTile][Cpad] receives the sums.
+template <int NCH, int NR>
+__attribute__((target("avx512f"))) void direct_tile_regacc(const float* __restrict x, const float* __restrict wtp,
+                                                            const int32_t* __restrict slotp, const ConvGeom& g,
+                                                            int64_t Cpad, int64_t Mpad, int64_t n, int64_t ho,
+                                                            int64_t wo0, int np, float* __restrict acc,
+                                                            float* __restrict xv) {
+  constexpr int PG = 8 * (NCH + NR) + NR + 2 <= 30 ? 8 : 4;  // pixels whose sums and responses fit in 32 registers
+  const int64_t taps = g.kh * g.kw, S = std::min<int64_t>(g.Cin, 16);
+  for (int t0 = 0; t0 < np; t0 += PG) {
+    const int t1 = std::min(np, t0 + PG);
+    __m512 A[PG][NCH];
+    for (int p = 0; p < PG; ++p)
+      for (int c = 0; c < NCH; ++c) A[p][c] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < g.Cin; ++i) {
+      const int64_t ii = i % 16;
+      if (ii == 0) window_block(x, g, n, ho, wo0, t0, t1, i, S, xv);
+      const float* xs = xv + t0 * taps * S + ii;  // pixels past t1 read stale values; their sums are never stored
+      const float* wi = wtp + i * taps * Mpad;
+      __m512 P[PG][NR];
+      for (int p = 0; p < PG; ++p)
+        for (int r = 0; r < NR; ++r) P[p][r] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < taps; ++k) {
+        __m512 wv[NR];
+        for (int r = 0; r < NR; ++r) wv[r] = _mm512_load_ps(wi + k * Mpad + r * 16);
+        for (int p = 0; p < PG; ++p) {
+          const __m512 xk = _mm512_set1_ps(xs[(p * taps + k) * S]);
+          for (int r = 0; r < NR; ++r) P[p][r] = _mm512_fmadd_ps(xk, wv[r], P[p][r]);
+        }
+      }
+      const int32_t* si = slotp + i * Cpad;
+      for (int c = 0; c < NCH; ++c) {
+        const __m512i ix = _mm512_load_si512(reinterpret_cast<const void*>(si + c * 16));
+        for (int p = 0; p < PG; ++p) {
+          const __m512 v = NR == 1 ? _mm512_permutexvar_ps(ix, P[p][0])
+                                   : _mm512_permutex2var_ps(P[p][0], ix, P[p][NR - 1]);
+          A[p][c] = _mm512_add_ps(A[p][c], v);
+        }
+      }
+    }
+    for (int p = 0; p < t1 - t0; ++p)
+      for (int c = 0; c < NCH; ++c) _mm512_store_ps(acc + (t0 + p) * Cpad + c * 16, A[p][c]);
+  }
+}
+
 // AVX-512 float32 tile: M <= 32 keeps p_i in two registers per pixel and scatters with vpermt2ps;
 // larger M stores p_i to an L1 buffer and uses 16-lane gathers.  acc is [kTile][Cpad], slot rows padded
 // to Cpad (= C rounded up to 16) with valid slots.
@@ -496,32 +575,7 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
   const int64_t S = std::min<int64_t>(g.Cin, 16);
   for (int64_t i = 0; i < g.Cin; ++i) {
     const int64_t ii = i % 16;
-    if (ii == 0) {
-      const int64_t nb = std::min<int64_t>(16, g.Cin - i);
-      for (int t = 0; t < np; ++t) {
-        const int64_t wo = wo0 + t, w0 = wo * g.sw - g.pw;
-        for (int64_t a = 0; a < g.kh; ++a) {
-          const int64_t h = ho * g.sh - g.ph + a * g.dh;
-          float* drow = xv + (t * taps + a * g.kw) * S;
-          if (!(h >= 0 && h < g.H)) {
-            std::fill(drow, drow + g.kw * S, 0.0f);
-            continue;
-          }
-          const float* xrow = x + (n * g.H + h) * g.W * g.Cin + i;
-          if (S == g.Cin && g.dw == 1 && w0 >= 0 && w0 + g.kw <= g.W) {
-            std::copy(xrow + w0 * g.Cin, xrow + (w0 + g.kw) * g.Cin, drow);
-            continue;
-          }
-          for (int64_t b = 0; b < g.kw; ++b) {
-            const int64_t w = w0 + b * g.dw;
-            float* dst = drow + b * S;
-            if (!(w >= 0 && w < g.W)) std::fill(dst, dst + S, 0.0f);
-            else if (nb == 16) _mm512_store_ps(dst, _mm512_loadu_ps(xrow + w * g.Cin));
-            else std::copy(xrow + w * g.Cin, xrow + w * g.Cin + nb, dst);  // a tail block: lanes >= nb unread
-          }
-        }
-      }
-    }
+    if (ii == 0) window_block(x, g, n, ho, wo0, 0, np, i, S, xv);
     const float* xs = xv + ii;  // xs[(t * taps + k) * S]: tap k of pixel t, channel i
     const float* wi = wtp + i * taps * Mpad;  // [taps][Mpad], zero padded
     const int32_t* si = slotp + i * Cpad;
@@ -669,6 +723,16 @@ void kernel_direct_impl(const py::array& x, const py::array& wt, const int32_t* 
   const int64_t taps = g.kh * g.kw;
   const bool fast = std::is_same_v<T, float> && has_avx512f();
   const bool pixvec = fast && has_avx512vl() && g.M > 32;  // see direct_tile_pixvec
+  using RegAcc = void (*)(const float*, const float*, const int32_t*, const ConvGeom&, int64_t, int64_t, int64_t,
+                          int64_t, int64_t, int, float*, float*);
+  RegAcc regacc = nullptr;  // see direct_tile_regacc
+  if (fast && g.M <= 32 && g.C <= 64 && taps <= 9) {  // deeper taps (the 7x7 stem) want all 8 pixels' chains
+    const int nch = int((g.C + 15) / 16);
+    if (g.M <= 16) regacc = nch == 1 ? direct_tile_regacc<1, 1> : nch == 2 ? direct_tile_regacc<2, 1>
+                          : nch == 3 ? direct_tile_regacc<3, 1> : direct_tile_regacc<4, 1>;
+    else regacc = nch == 1 ? direct_tile_regacc<1, 2> : nch == 2 ? direct_tile_regacc<2, 2>
+                : nch == 3 ? direct_tile_regacc<3, 2> : direct_tile_regacc<4, 2>;
+  }
   const int64_t Cpad = fast ? (g.C + 15) / 16 * 16 : g.C;
   const int64_t Mpad = fast ? (g.M + 15) / 16 * 16 : g.M;
   // Padded copies for the AVX-512 path: wt [Cin][taps][Mpad] (zeros), slot [Cin][Cpad] (slot 0 in the pad).
@@ -704,7 +768,8 @@ void kernel_direct_impl(const py::array& x, const py::array& wt, const int32_t* 
       const int64_t ho = rem / tiles_w, wo0 = (rem % tiles_w) * kTile;
       const int np = static_cast<int>(std::min<int64_t>(kTile, g.Wo - wo0));
       if constexpr (std::is_same_v<T, float>) {
-        if (pixvec) direct_tile_pixvec(xp, wuse, suse, g, Cpad, Mpad, n, ho, wo0, np, acc2, acc, xv, pv, off.data());
+        if (regacc) regacc(xp, wuse, suse, g, Cpad, Mpad, n, ho, wo0, np, acc, xv);
+        else if (pixvec) direct_tile_pixvec(xp, wuse, suse, g, Cpad, Mpad, n, ho, wo0, np, acc2, acc, xv, pv, off.data());
         else if (fast) direct_tile_avx512(xp, wuse, suse, g, Cpad, Mpad, n, ho, wo0, np, acc, xv, pv);
         else direct_tile_generic(xp, wuse, suse, g, n, ho, wo0, np, acc, xv, pv);
       } else {

@@ -28,6 +28,9 @@ SHAPES = [
     (1, 16, 24, 8, 11, 5, 1, 2, 1, 40),   # exactly one block, 5x5
     (1, 19, 9, 10, 13, 3, 1, 1, 1, 5),    # a full block and a tail of 3 channels
     (2, 37, 20, 9, 12, 3, 2, 1, 2, 6),    # two blocks and a tail, stride 2 with dilation 2
+    (1, 20, 61, 7, 10, 3, 1, 1, 1, 24),   # 49..64 outputs in registers, 16 < maps <= 32
+    (2, 17, 30, 6, 9, 3, 2, 1, 1, 12),    # 17..32 outputs in registers, maps <= 16
+    (1, 5, 41, 7, 9, 3, 1, 1, 1, 36),     # more than 32 maps (pixels as lanes) with an odd C_out
 ]
 BACKENDS = ["cpu", "torch"]
 
