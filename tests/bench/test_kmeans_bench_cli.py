@@ -1,0 +1,38 @@
+"""The k-means benchmark's own CLI (``python -m kcengine.bench.kmeans``): argument handling only; the
+workloads themselves are exercised by ``kcengine bench --quick`` (tests/commands)."""
+import pytest
+
+from kcengine.bench import kmeans as kb
+
+
+@pytest.fixture
+def captured(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run(model, **kw):
+        calls.append((model, kw))
+        return {"source": "fake", "workloads": [], "rows": [], "peak_rss_mb_before": 0.0}
+
+    monkeypatch.setattr(kb, "run_clustering_bench", fake_run)
+    monkeypatch.setattr(kb, "kcengine_peak_memory", lambda model, workload: {"peak_mb": 0.0})
+    monkeypatch.setattr(kb, "write_report", lambda results, out, name: out / f"{name}.md")
+    return calls
+
+
+def test_large_model_defaults_to_the_recorded_cap(captured, capsys, tmp_path):
+    # resnet18's 4,780 a_sweep problems with scikit-learn and the torch reference would run for hours
+    assert kb.main(["--model", "resnet18", "--out", str(tmp_path)]) == 0
+    assert captured[0][1]["max_problems"] == {"a_sweep": 48, "d_element": 4000}
+    assert "--max-problems all" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arg, want", [("all", None), ("7", 7),
+                                       ("a_sweep=3,d_element=5", {"a_sweep": 3, "d_element": 5})])
+def test_explicit_cap_is_kept(captured, tmp_path, arg, want):
+    assert kb.main(["--model", "resnet18", "--max-problems", arg, "--out", str(tmp_path)]) == 0
+    assert captured[0][1]["max_problems"] == want
+
+
+def test_resnet20_is_not_capped(captured, tmp_path):
+    assert kb.main(["--out", str(tmp_path)]) == 0
+    assert captured[0][1]["max_problems"] is None
