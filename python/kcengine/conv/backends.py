@@ -231,6 +231,19 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
+def unique_maps(x, codebook, index, granularity, stride, padding, dilation, plan=None, index32=None):
+    """The compute-bound half shared by the cpu and triton backends, run by torch (oneDNN / cuDNN):
+    ``("gather", u, index32)`` with ``u`` = the K unique filters' output maps (filter granularity), or
+    ``("gather_sum", p, pair32)`` with ``p`` = the depthwise codebook maps (kernel granularity).  The
+    backend's epilogue turns them into the layer's output."""
+    if granularity == "filter":
+        idx32 = index32 if index32 is not None else index.to(torch.int32).contiguous()
+        return "gather", F.conv2d(x, codebook, None, stride, padding, dilation), idx32
+    plan = plan if plan is not None else kernel_plan(index, codebook.shape[0])
+    src = _depthwise_maps(x, codebook, plan, stride, padding, dilation)
+    return "gather_sum", src, plan.pair.to(torch.int32).contiguous()
+
+
 def cpu_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, granularity, scale, shift, relu,
                        residual, plan: KernelPlan | None = None, index32: torch.Tensor | None = None):
     if x.device.type != "cpu":
@@ -239,17 +252,10 @@ def cpu_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, gran
         return torch_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, granularity, scale, shift,
                                     relu, residual, plan)
     scale, shift = _fold_bias(bias, scale, shift)
-    if granularity == "filter":
-        src = F.conv2d(x, codebook, None, stride, padding, dilation)
-        idx32 = index32 if index32 is not None else index.to(torch.int32).contiguous()
-        kind = "gather"
-    else:
+    if granularity == "kernel" and not _needs_grad(x, codebook, scale, shift, residual):
         plan = plan if plan is not None else kernel_plan(index, codebook.shape[0])
-        if not _needs_grad(x, codebook, scale, shift, residual):
-            return _kernel_direct(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual)
-        src = _depthwise_maps(x, codebook, plan, stride, padding, dilation)
-        idx32 = plan.pair.to(torch.int32)
-        kind = "gather_sum"
+        return _kernel_direct(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual)
+    kind, src, idx32 = unique_maps(x, codebook, index, granularity, stride, padding, dilation, plan, index32)
     if _needs_grad(src, scale, shift, residual):
         return _NativeEpilogue.apply(kind, src, idx32, scale, shift, residual, relu)
     if kind == "gather":

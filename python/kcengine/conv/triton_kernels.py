@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["gather_epilogue", "gather_sum", "triton_indexed_conv2d"]
 
@@ -191,17 +190,11 @@ def _epilogue_fn():
 def triton_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, granularity, scale, shift, relu,
                           residual, plan=None, index32=None, **_):
     """The ``triton`` backend: cuDNN conv (K filters / depthwise maps) + one fused Triton pass."""
-    from .backends import _depthwise_maps, _fold_bias, kernel_plan
+    from .backends import _fold_bias, unique_maps
 
     _check_device(x, "x")
     scale, shift = _fold_bias(bias, scale, shift)
-    if granularity == "filter":
-        src = F.conv2d(x, codebook, None, stride, padding, dilation)
-        idx32 = index32 if index32 is not None else index.to(torch.int32).contiguous()
-        kind = "gather"
-    else:
-        plan = plan if plan is not None else kernel_plan(index, codebook.shape[0])
-        src = _depthwise_maps(x, codebook, plan, stride, padding, dilation).contiguous()
-        idx32 = plan.pair.to(torch.int32).contiguous()
-        kind = "gather_sum"
+    kind, src, idx32 = unique_maps(x, codebook, index, granularity, stride, padding, dilation, plan, index32)
+    if kind == "gather_sum":
+        src = src.contiguous()
     return _epilogue_fn().apply(kind, src, idx32, scale, shift, residual, relu)
