@@ -8,7 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
-import kcengine
 from kcengine.nn import ClusteredConv2d, fuse_for_inference
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-12, 1e-10)}

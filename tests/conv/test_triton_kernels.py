@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kcengine.conv import dense_weight
-from kcengine.conv.backends import kernel_plan, torch_gather_sum
+from kcengine.conv.backends import torch_gather_sum
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 

@@ -40,8 +40,6 @@ def _sklearn_filters(model, ratio: float, seed: int = 0):
 
 
 def run(out_dir=None, sweep_ratios=SWEEP_RATIOS, seed: int = 0) -> Path:
-    import torch
-
     from ..compress import compress, sensitivity_sweep
     from ..data import cifar10_dataset
     from ..evaluate import evaluate

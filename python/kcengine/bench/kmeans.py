@@ -374,7 +374,7 @@ def rows_table(rows: list[Row]) -> list[dict]:
 def write_report(results: list[dict], out_dir: Path, name: str = "kmeans_cpu") -> Path:
     """Markdown + CSV of one or more clustering runs, with machine, commit and date."""
     info = machine_info()
-    lines = [f"# Batched k-means on CPU: kcengine vs scikit-learn, faiss, torch reference\n",
+    lines = ["# Batched k-means on CPU: kcengine vs scikit-learn, faiss, torch reference\n",
              f"- date: {now_utc()}", f"- commit: {git_commit()}",
              f"- machine: {info.get('cpu')} ({info.get('cores')} cores, {info.get('threads', '?')} threads, "
              f"features {info.get('cpu_features', '?')}); torch {info['torch']}, numpy {info['numpy']}"]

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..kmeans import kmeans, kmeans_sweep
 from .layers import GRANULARITIES, LayerProblem, effective_weight
-from .plan import ByChannels, Elbow, FixedRatio, InertiaLimit, PerLayer, k_from_value, parse_plan, select_layers
+from .plan import ByChannels, Elbow, FixedRatio, PerLayer, k_from_value, parse_plan, select_layers
 from .report import CompressionReport, LayerReport
 
 __all__ = ["compress", "conv_layers", "candidate_ks", "elbow_index", "sweep_layer", "replace_module"]

@@ -37,7 +37,6 @@ def _kmeanspp(x, w, k, gen) -> torch.Tensor:
     idx = torch.empty(B, k, dtype=torch.long, device=x.device)
     idx[:, 0] = first
     closest = _sqdist(x, x[ar, first].unsqueeze(1)).squeeze(2)  # [B, N]
-    pot = (closest * w).sum(1)
     for c in range(1, k):
         cum = torch.cumsum(closest * w, dim=1)
         r = torch.rand(B, trials, generator=gen, device=x.device, dtype=x.dtype) * cum[:, -1:]
@@ -46,7 +45,6 @@ def _kmeanspp(x, w, k, gen) -> torch.Tensor:
         dc = torch.minimum(dc, closest.unsqueeze(2))
         cpot = (dc * w.unsqueeze(2)).sum(1)  # [B, trials]
         best = cpot.argmin(1)
-        pot = cpot[ar, best]
         closest = dc[ar, :, best]
         idx[:, c] = cand[ar, best]
     return idx
