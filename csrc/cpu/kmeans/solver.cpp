@@ -102,6 +102,51 @@ inline unsigned lt_mask16(const double* v, double th) {
 #endif
 }
 
+// The 8 smallest (value, index) pairs inserted so far, ascending; a value equal to a kept one goes
+// after it (ties keep the earlier insertion).  With AVX-512 one insertion is a compare, two lane
+// shifts and four blends on registers, without the unpredictable branches of an insertion sort.
+struct Top8 {
+#if defined(__AVX512F__)
+  __m512d v;
+  __m512i j;
+  explicit Top8(double init) : v(_mm512_set1_pd(init)), j(_mm512_set1_epi64(-1)) {}
+  double at(int s) const { return _mm512_cvtsd_f64(_mm512_permutexvar_pd(_mm512_set1_epi64(s), v)); }
+  void insert(double x, i64 id) {
+    const __m512d xb = _mm512_set1_pd(x);
+    const unsigned m = _mm512_cmp_pd_mask(xb, v, _CMP_LT_OQ);  // the lanes from x's place on
+    if (!m) return;
+    const __m512i up = _mm512_set_epi64(6, 5, 4, 3, 2, 1, 0, 0);  // lane s <- lane s - 1
+    v = _mm512_mask_blend_pd(__mmask8(m), v, _mm512_permutexvar_pd(up, v));
+    j = _mm512_mask_blend_epi64(__mmask8(m), j, _mm512_permutexvar_epi64(up, j));
+    const __mmask8 at_x = __mmask8(m & (0u - m));  // the first of them
+    v = _mm512_mask_blend_pd(at_x, v, xb);
+    j = _mm512_mask_blend_epi64(at_x, j, _mm512_set1_epi64(id));
+  }
+  void get(double* vals, i64* ids) const {
+    _mm512_storeu_pd(vals, v);
+    _mm512_storeu_si512(reinterpret_cast<void*>(ids), j);
+  }
+#else
+  double v[8];
+  i64 j[8];
+  explicit Top8(double init) {
+    for (int s = 0; s < 8; ++s) { v[s] = init; j[s] = -1; }
+  }
+  double at(int s) const { return v[s]; }
+  void insert(double x, i64 id) {
+    if (!(x < v[7])) return;
+    int s = 7;
+    while (s > 0 && x < v[s - 1]) { v[s] = v[s - 1]; j[s] = j[s - 1]; --s; }
+    v[s] = x;
+    j[s] = id;
+  }
+  void get(double* vals, i64* ids) const {
+    std::copy(v, v + 8, vals);
+    std::copy(j, j + 8, ids);
+  }
+#endif
+};
+
 // First index whose cumulative weight exceeds r (never a zero-weight point while r < total).
 inline i64 search_cum(const std::vector<double>& cum, double r) {
   i64 idx = std::upper_bound(cum.begin(), cum.end(), r) - cum.begin();
@@ -927,17 +972,9 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   // fewer than M + 2 centers fall below it, thr2 itself bounds the unlisted ones.  Ties go to the
   // lower center index, as in every other solver.
   auto full_scan = [&](i64 i, Bounds& b, double thr2) {
+    static_assert(M + 2 <= 8, "the scan keeps its top M + 2 in a Top8");
     const T* x = ds.x + i * d;
-    double tv[M + 2];
-    i32 tj[M + 2];
-    for (int s = 0; s < M + 2; ++s) { tv[s] = thr2; tj[s] = -1; }
-    auto insert = [&](double v, i32 j) {  // into the sorted top M + 2 (ties: the earlier, lower j)
-      if (!(v < tv[M + 1])) return;
-      int s = M + 1;
-      while (s > 0 && v < tv[s - 1]) { tv[s] = tv[s - 1]; tj[s] = tj[s - 1]; --s; }
-      tv[s] = v;
-      tj[s] = j;
-    };
+    Top8 top(thr2);
     T dl[L];
     for (i64 j0 = 0; j0 < kp; j0 += L) {
 #pragma omp simd
@@ -951,23 +988,28 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
           dl[lane] += u * u;
         }
       }
-      const T th = T(tv[M + 1]);
-      unsigned mask = lt_mask16(dl, th);
+      unsigned mask = lt_mask16(dl, T(top.at(M + 1)));
       if (j0 + L > k) mask &= (1u << (k - j0)) - 1u;
       while (mask) {
         const int lane = __builtin_ctz(mask);
         mask &= mask - 1;
-        insert(double(dl[lane]), i32(j0 + lane));
+        top.insert(double(dl[lane]), j0 + lane);
       }
     }
-    if (tj[0] < 0) {  // float distances overflowed (|x| ~ 1e20 and up): the whole scan in double
-      for (int s = 0; s < M + 2; ++s) { tv[s] = kInf; tj[s] = -1; }
+    double tv[8];
+    i64 tj64[8];
+    top.get(tv, tj64);
+    if (tj64[0] < 0) {  // float distances overflowed (|x| ~ 1e20 and up): the whole scan in double
+      Top8 top2(kInf);
       for (i64 j = 0; j < k; ++j) {
         const double v = dist(x, &c[size_t(j) * d]);
-        insert(v * v, i32(j));
+        top2.insert(v * v, j);
       }
-      if (tj[0] < 0) tj[0] = 0;  // NaN everywhere cannot come from finite input; stay well formed
+      top2.get(tv, tj64);
+      if (tj64[0] < 0) tj64[0] = 0;  // NaN everywhere cannot come from finite input; stay well formed
     }
+    i32 tj[M + 2];
+    for (int s = 0; s < M + 2; ++s) tj[s] = i32(tj64[s]);
     // The listed ones again in double (as every other distance here), re-sorted: the label is
     // decided in double precision whichever path found it.  The far bound stays the float one.
     double ev[M + 1];
