@@ -211,3 +211,32 @@ def test_training_after_inference_mode_evaluation():
     used(x).square().sum().backward()
     fresh(x).square().sum().backward()
     torch.testing.assert_close(used.codebook.grad, fresh.codebook.grad)
+
+
+def test_repeated_forwards_still_reject_bad_arguments():
+    """The forward re-derives its argument checks only when a shape/dtype/device changed; a bad call after
+    good ones (or after the layer's tensors were replaced) must still raise the documented ValueError."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 7, 3, padding=1)
+    res = SimpleNamespace(centroids=conv.weight.detach().reshape(7, -1)[:3].clone(),
+                          labels=torch.tensor([0, 1, 2, 0, 1, 2, 0]))
+    layer = ClusteredConv2d.from_conv(conv, res, "filter").eval()
+    x = torch.randn(2, 5, 9, 11)
+    res_ok = torch.randn(2, 7, 9, 11)
+    with torch.no_grad():
+        ref = F.conv2d(x, layer.to_dense(), conv.bias, padding=1)
+        for _ in range(2):
+            _close(layer(x), ref)
+            _close(layer(x, res_ok), ref + res_ok)
+        with pytest.raises(ValueError, match="residual must have the output's shape"):
+            layer(x, torch.randn(2, 7, 9, 10))
+        with pytest.raises(ValueError, match="x must have|channels"):
+            layer(torch.randn(2, 4, 9, 11))
+        with pytest.raises(ValueError, match="dtype"):
+            layer(x.double())
+        with pytest.raises(ValueError, match="too small"):
+            layer(torch.randn(2, 5, 0, 3))
+        _close(layer(x), ref)  # and the good call still works after the failures
+        layer.codebook = nn.Parameter(torch.randn(3, 4, 3, 3))  # replaced by one of the wrong C_in
+        with pytest.raises(ValueError, match="codebook"):
+            layer(x)
