@@ -147,10 +147,11 @@ def _np(t):
     return None if t is None else t.detach().contiguous().numpy()
 
 
-# Native epilogues run single-threaded below this many output elements: a memory pass that small gains
-# little from a second core, and on a shared machine a 2-thread region waits whenever either thread is
-# descheduled (measured here: 1 thread faster up to ~25M elements under load).
-_PARALLEL_MIN_ELEMS = 1 << 22
+# Native epilogues run single-threaded below this many output elements, where starting a parallel region
+# costs more than the pass.  Measured on the idle 2-core machine (the gather of resnet18's layers): two
+# threads were 1.5x faster at 200k elements (batch 1, 64 x 56 x 56) and ~2x from 0.8M up.  (Under heavy
+# load from other jobs one thread can win: a 2-thread region waits whenever either thread is descheduled.)
+_PARALLEL_MIN_ELEMS = 1 << 17
 
 
 def _threads(numel: int) -> int:
