@@ -56,7 +56,8 @@ def main() -> int:
                        note="The summary table of a default run (full report, CSVs and plots in that folder).")
     body = "\n".join([
         cli_part,
-        section("Clustering on the CPU: resnet20 (real weights), all cores", r / "kmeans_cpu.md", [("", "## resnet20")]),
+        section("Clustering on the CPU: resnet20 (real weights), all cores", r / "kmeans_cpu.md",
+                [("", "## resnet20")]),
         section("Clustering on the CPU: resnet18 (default init), all cores", r / "kmeans_cpu_resnet18.md",
                 [("", "## resnet18")]),
         section("Clustering on the CPU: resnet20, one thread per method", r / "kmeans_cpu_1thread.md",

@@ -50,7 +50,9 @@ def test_normalization_matches_formula(tmp_path):
     norm = Normalization((0.5, 0.4, 0.3), (0.2, 0.25, 0.5))
     ds = cifar10_dataset(tmp_path, "test", norm)
     raw = read_cifar10(tmp_path, "test").images.double() / 255
-    ref = (raw - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1).double()) / torch.tensor([0.2, 0.25, 0.5]).view(3, 1, 1).double()
+    mean = torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1).double()
+    std = torch.tensor([0.2, 0.25, 0.5]).view(3, 1, 1).double()
+    ref = (raw - mean) / std
     torch.testing.assert_close(ds.images.double(), ref, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="std > 0"):
         Normalization((0.0,), (0.0,))

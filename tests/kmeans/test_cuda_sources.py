@@ -77,7 +77,8 @@ def test_device_rng_matches_python_stream(tmp_path):
     want = np.concatenate([cb.rng_uniforms(s, st, 5) for s in (0, 42, 2**63 - 1) for st in range(3)])
     np.testing.assert_array_equal(np.array(vals[:45], dtype=np.float64), want)
     assert [int(v) for v in vals[45:]] == [cb.kpp_trials(k) for k in (1, 2, 3, 7, 8, 20, 21, 100000)]
-    assert [cb.kpp_trials(k) for k in (1, 2, 3, 7, 8, 20, 21)] == [2 + int(math.log(k)) for k in (1, 2, 3, 7, 8, 20, 21)]
+    ks = (1, 2, 3, 7, 8, 20, 21)
+    assert [cb.kpp_trials(k) for k in ks] == [2 + int(math.log(k)) for k in ks]
 
 
 def test_rng_uniforms_in_unit_interval_and_stream_dependent():

@@ -138,7 +138,8 @@ def run(out_dir=None, sweep_ratios=SWEEP_RATIOS, seed: int = 0) -> Path:
         "Reference from the issue (scikit-learn, filters, no recovery): 0.75 -> 34.2%, 0.5 -> 14.8%, "
         "0.25 -> 8.2%. The scikit-learn rows below were measured here in the same run (KMeans, random_state "
         f"{seed}, n_init=1). kcengine and scikit-learn draw different k-means++ starts (1 init each), so the gap "
-        "between their filter rows is one-init spread, not a method difference (spread over seeds not measured here).", "",
+        "between their filter rows is one-init spread, not a method difference (spread over seeds not measured "
+        "here).", "",
         markdown_table(whole, ["method", "ratio", "accuracy_%", "correct", "unique_conv_weights", "compression_x",
                                "kmeans_s", "compress_s", "eval_s"]),
         "`compress_s` includes building the ClusteredConv2d layers; `eval_s` is the 846-image evaluation of "

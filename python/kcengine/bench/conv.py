@@ -328,7 +328,8 @@ def _markdown(r: dict) -> str:
              f"- commit {r['commit']}, date {r['date']}, benchmark wall time {r['seconds']:.0f} s",
              "- recorded by `python -m kcengine.bench.conv --out bench/results`; every ratio is computed inside this "
              "run, dense and clustered timed alternately on the same input (best of the repeats: layers 10 (filter) / "
-             "5 (kernel) at batch 1, 4 / 2 at batch 32; end to end 20 at batch 1, 3 at batch 32; one warm-up each). The machine is shared with other jobs: expect noise.",
+             "5 (kernel) at batch 1, 4 / 2 at batch 32; end to end 20 at batch 1, 3 at batch 32; one warm-up each). "
+             "The machine is shared with other jobs: expect noise.",
              "- dense = `F.conv2d(x, layer.to_dense())` (oneDNN), channels-last input on both sides. Clustered = "
              "`ClusteredConv2d` on the `cpu` backend (filter: oneDNN conv with the K unique filters + one native "
              "gather pass; kernel: one native pass per output pixel tile computing each input channel's M codebook "
@@ -365,8 +366,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="threads for both sides (0: torch's default)")
     p.add_argument("--name", default="indexed_conv", help="result file stem")
     a = p.parse_args(argv)
-    r = run_conv_bench(a.out, tuple(int(b) for b in a.batches.split(",")), granularities=tuple(a.granularity.split(",")),
-                       e2e=not a.no_e2e, size=a.size, threads=a.threads, name=a.name)
+    r = run_conv_bench(a.out, tuple(int(b) for b in a.batches.split(",")),
+                       granularities=tuple(a.granularity.split(",")), e2e=not a.no_e2e, size=a.size,
+                       threads=a.threads, name=a.name)
     print(markdown_table(r["summary"]))
     if r["e2e"]:
         print(markdown_table(r["e2e"]))

@@ -87,7 +87,8 @@ def load_weights(model_name: str, weights=None) -> tuple[list[tuple[str, np.ndar
     except MissingWeightsError:
         torch.manual_seed(0)
         lm = load_model(model_name, None)
-        src = f"{model_name} with its default initialization (seed 0; no pretrained weights here: shapes are what matter for speed)"
+        src = (f"{model_name} with its default initialization (seed 0; no pretrained weights here: shapes are what "
+               "matter for speed)")
     return conv_weights(lm.model), src
 
 
@@ -325,7 +326,8 @@ def kcengine_peak_memory(model: str, weights=None, workload: str = "c_kernels", 
             f"z = np.load({tmp + '/data.npz'!r}); data = [np.ascontiguousarray(z[f]) for f in z.files]\n"
             f"idx = np.load({tmp + '/index.npy'!r}); k = np.load({tmp + '/k.npy'!r})\n"
             # VmHWM (peak RSS of this address space): ru_maxrss would carry the parent's peak over fork
-            "hwm = lambda: float(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024\n"
+            "hwm = lambda: float(next(l for l in open('/proc/self/status')\n"
+            "                         if l.startswith('VmHWM')).split()[1]) / 1024\n"
             "before = hwm()\n"
             "core.kmeans_batch_f32(data, None, idx, k, 'k-means++', None, 1, 300, 1e-4, 0, 'auto')\n"
             "after = hwm()\n"
@@ -392,7 +394,8 @@ def write_report(results: list[dict], out_dir: Path, name: str = "kmeans_cpu") -
         pass
     from .. import _core
 
-    lines.append(f"- kcengine solver build: {_core.kmeans_isa()}; threads per method: {results[0].get('threads', 'default')}")
+    lines.append(f"- kcengine solver build: {_core.kmeans_isa()}; threads per method: "
+                 f"{results[0].get('threads', 'default')}")
     lines.append("- seconds: best of the repeats, same inputs, methods alternating order; inertia / sklearn: "
                  "geometric mean over problems of the method's inertia divided by scikit-learn's "
                  "(k-means++, n_init=1, tol=1e-4, one KMeans per problem)")

@@ -71,7 +71,8 @@ def device_ceilings() -> dict:
     return {"bandwidth": bw, "fp32_flops": flops, "name": torch.cuda.get_device_name(dev)}
 
 
-def kernel_model(kind: str, n: np.ndarray, d: np.ndarray, k: np.ndarray, it: np.ndarray, itemsize: int = 4) -> tuple[float, float]:
+def kernel_model(kind: str, n: np.ndarray, d: np.ndarray, k: np.ndarray, it: np.ndarray,
+                 itemsize: int = 4) -> tuple[float, float]:
     """(bytes, FLOPs) a kernel family must at least move / compute over a whole solve.
 
     ``n, d, k, it``: per problem points, features, clusters and Lloyd iterations run.
@@ -85,7 +86,8 @@ def kernel_model(kind: str, n: np.ndarray, d: np.ndarray, k: np.ndarray, it: np.
     n, d, k, it = (np.asarray(a, dtype=np.float64) for a in (n, d, k, it))
     trials = 2 + np.floor(np.log(np.maximum(k, 1)))
     if kind == "fused":
-        return float(((n * d + n) * itemsize + k * d * itemsize + 8 * n).sum()), float((it * (2 * n * k * d + 2 * n * d)).sum())
+        return (float(((n * d + n) * itemsize + k * d * itemsize + 8 * n).sum()),
+                float((it * (2 * n * k * d + 2 * n * d)).sum()))
     if kind == "assign":
         return float(((it + 1) * (n * d * itemsize + 4 * n)).sum()), float(((it + 1) * 2 * n * k * d).sum())
     if kind == "segment_sum":
@@ -190,7 +192,8 @@ def write_gpu_report(source: str, workloads, rows, kernels, ceilings, out_dir: P
     info = machine_info()
     lines = ["# Batched k-means on GPU: cuda and triton backends vs the torch reference and scikit-learn\n",
              f"- date: {now_utc()}", f"- commit: {git_commit()}",
-             f"- GPU: {ceilings.get('name')}; measured ceilings: copy bandwidth {ceilings['bandwidth'] / 1e9:.0f} GB/s, "
+             f"- GPU: {ceilings.get('name')}; measured ceilings: copy bandwidth "
+             f"{ceilings['bandwidth'] / 1e9:.0f} GB/s, "
              f"fp32 matmul {ceilings['fp32_flops'] / 1e12:.1f} TFLOP/s (TF32 off)",
              f"- host: {info.get('cpu')} ({info.get('cores')} cores); torch {info['torch']}",
              "- seconds: best of the repeats after a warm-up call; scikit-learn on the host CPU (k-means++, n_init=1)",

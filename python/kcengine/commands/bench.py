@@ -113,7 +113,8 @@ def run_clustering(args, out: Path) -> dict:
                 table += rows
                 kernels += ks
         write_csv(out / "clustering_kernels.csv", kernels)
-        extra = "\nKernels (fraction of the device's measured ceilings):\n\n" + markdown_table(kernels) if kernels else ""
+        extra = ("\nKernels (fraction of the device's measured ceilings):\n\n" + markdown_table(kernels)
+                 if kernels else "")
     else:
         methods = kb.available_methods("cpu")
         # The torch reference is the GPU baseline; on the CPU it is the slowest method by far
@@ -345,7 +346,9 @@ def run_inference(args, out: Path) -> dict:
         torch.save(dense.state_dict(), dpath)
         dense_bytes = os.path.getsize(dpath)
         comp_bytes = save_compressed(clustered, os.path.join(tmp, "clustered.pt"))
-    param_bytes = lambda m: sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))  # noqa: E731
+
+    def param_bytes(m):
+        return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
     write_csv(out / "inference.csv", rows)
     write_csv(out / "inference_layers.csv", layer_rows)
     _plot_layers(layer_rows, out / "inference_layers.png")

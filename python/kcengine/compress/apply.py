@@ -125,7 +125,8 @@ def _filter_by_strategy(strategy, probs: list[LayerProblem]) -> tuple[list[Layer
         keep = [p for p in probs if p.shape[0] in strategy.mapping]
         if not keep:
             have = sorted({p.shape[0] for p in probs})
-            raise ValueError(f"channels plan {dict(strategy.mapping)} matches no selected layer; their C_out are {have}")
+            raise ValueError(f"channels plan {dict(strategy.mapping)} matches no selected layer; "
+                             f"their C_out are {have}")
     else:
         keep = probs
     kept = {p.name for p in keep}

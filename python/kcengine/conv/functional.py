@@ -127,7 +127,8 @@ def _validate(x, codebook, index, bias, stride, padding, dilation, groups, granu
         kh, kw = codebook.shape[2:]
     else:
         if codebook.dim() != 3:
-            raise ValueError(f"codebook must be [K, kh, kw] for granularity='kernel', got shape {tuple(codebook.shape)}")
+            raise ValueError(f"codebook must be [K, kh, kw] for granularity='kernel', "
+                             f"got shape {tuple(codebook.shape)}")
         if index.dim() != 2 or index.shape[1] != c_in // groups:
             raise ValueError(f"index must be [C_out, C_in/groups={c_in // groups}] for granularity='kernel', "
                              f"got shape {tuple(index.shape)}")

@@ -165,7 +165,8 @@ def gather_epilogue(u, index32, scale=None, shift=None, residual=None, relu=Fals
 
 
 def gather_sum(p, pair32, scale=None, shift=None, residual=None, relu=False, block=None):
-    """Launcher: ``act(sum_i p[:, pair[:, i]] * scale + shift + residual)``; p ``[N, P, H, W]``, pair ``[C_out, C_in]``."""
+    """Launcher: ``act(sum_i p[:, pair[:, i]] * scale + shift + residual)``; p ``[N, P, H, W]``,
+    pair ``[C_out, C_in]``."""
     pair32 = _check_epilogue_args(p, pair32, scale, shift, residual, "gather_sum")
     return _launch("gather_sum", p, pair32, scale, shift, residual, relu, block)
 

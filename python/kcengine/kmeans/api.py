@@ -178,7 +178,8 @@ def _check_weights(sample_weight, parts, layout):
         if layout == "dense" and w.ndim == 2:
             ws = [w[b] for b in range(w.shape[0])] if w.shape[0] == len(parts) else None
             if ws is None:
-                raise ValueError(f"sample_weight has shape {tuple(w.shape)}, expected [{len(parts)}, {parts[0].shape[0]}]")
+                raise ValueError(f"sample_weight has shape {tuple(w.shape)}, "
+                                 f"expected [{len(parts)}, {parts[0].shape[0]}]")
         elif layout == "ragged":
             raise ValueError("sample_weight for a ragged batch must be a list with one [N_i] array per problem")
         else:
@@ -209,7 +210,8 @@ def _check_init(init, parts, layout, k_arg):
         return init, None
     if layout == "ragged" or isinstance(init, (list, tuple)):
         if not isinstance(init, (list, tuple)) or len(init) != len(parts):
-            raise ValueError(f"init for a batch of {len(parts)} problems must be a list of {len(parts)} [k_i, D_i] arrays")
+            raise ValueError(f"init for a batch of {len(parts)} problems must be a list of {len(parts)} "
+                             "[k_i, D_i] arrays")
         cs = [_as_array(c, f"init[{i}]") for i, c in enumerate(init)]
     else:
         c = _as_array(init, "init")
@@ -217,7 +219,8 @@ def _check_init(init, parts, layout, k_arg):
             cs = [c]
         else:
             if c.ndim != 3 or c.shape[0] != len(parts):
-                raise ValueError(f"init must have shape [{len(parts)}, k, {parts[0].shape[1]}], got shape {tuple(c.shape)}")
+                raise ValueError(f"init must have shape [{len(parts)}, k, {parts[0].shape[1]}], "
+                                 f"got shape {tuple(c.shape)}")
             cs = [c[b] for b in range(c.shape[0])]
     for i, (c, a) in enumerate(zip(cs, parts)):
         name = "init" if layout == "single" else f"init of problem {i}"
@@ -288,7 +291,8 @@ def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm,
     if algorithm in ("exact1d", "lloyd1d"):
         bad = [i for i, a in enumerate(parts) if a.shape[1] != 1]
         if bad:
-            raise ValueError(f"algorithm={algorithm!r} needs 1-D points (D == 1); problem {bad[0]} has D={parts[bad[0]].shape[1]}")
+            raise ValueError(f"algorithm={algorithm!r} needs 1-D points (D == 1); problem {bad[0]} "
+                             f"has D={parts[bad[0]].shape[1]}")
     if layout == "ragged" and sweep_ks is None:
         parts, weights, data_index = _share_repeated(parts, weights)
     probs = Problems(

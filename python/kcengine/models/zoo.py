@@ -174,7 +174,8 @@ def _load_torchvision(name, weights, num_classes, allow_download) -> LoadedModel
         raise ValueError(f"name={name!r} is not a known model: CIFAR ResNets {cifar} or a torchvision classification "
                          f"model such as resnet18, resnet50, mobilenet_v3_small")
     enum = torchvision.models.get_model_weights(name)
-    out = LoadedModel(None, name, num_classes or 1000, IMAGENET_MEAN, IMAGENET_STD, (224, 224))  # type: ignore[arg-type]
+    out = LoadedModel(None, name, num_classes or 1000, IMAGENET_MEAN, IMAGENET_STD,  # type: ignore[arg-type]
+                      (224, 224))
     if weights in _NONE or _is_path_like(weights):
         out.model = torchvision.models.get_model(name, weights=None, num_classes=out.num_classes)
         if weights in _NONE:

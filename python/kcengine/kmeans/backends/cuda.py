@@ -609,7 +609,8 @@ def _cupy():
     try:
         import cupy
     except ImportError as exc:  # the registry checks this first; explicit calls get a clear message
-        raise RuntimeError("the cuda backend needs cupy (pip install 'kcengine[cuda12]' or 'kcengine[cuda13]')") from exc
+        raise RuntimeError("the cuda backend needs cupy "
+                           "(pip install 'kcengine[cuda12]' or 'kcengine[cuda13]')") from exc
     return cupy
 
 
