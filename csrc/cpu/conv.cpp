@@ -458,23 +458,32 @@ inline void direct_tile_generic(const double* x, const double* wt, const int32_t
   direct_tile_generic_f64(x, wt, slot, g, n, ho, wo0, np, acc, xv, pv);
 }
 
-// The responses of one input channel for kTile pixels, NR (1 or 2) blocks of 16 codebook maps:
-// out[t * Mpad + r * 16 + l] = sum_k xs[(t * taps + k) * S] * w[k * Mpad + r * 16 + l].
+// The responses of one input channel for NP pixels, NR blocks of 16 codebook maps, in registers:
+// a[t][r][l] = sum_k xs[(t * taps + k) * S] * w[k * Mpad + r * 16 + l].  The pixels are independent
+// FMA chains (one chain per pixel would wait on the FMA latency at every tap).
+template <int NR, int NP>
+__attribute__((target("avx512f"), always_inline)) inline void channel_responses(
+    const float* __restrict xs, int64_t S, const float* __restrict w, int64_t taps, int64_t Mpad,
+    __m512 (&a)[NP][NR]) {
+  for (int t = 0; t < NP; ++t)
+    for (int r = 0; r < NR; ++r) a[t][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < taps; ++k) {
+    __m512 wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = _mm512_load_ps(w + k * Mpad + r * 16);
+    for (int t = 0; t < NP; ++t) {
+      const __m512 xk = _mm512_set1_ps(xs[(t * taps + k) * S]);
+      for (int r = 0; r < NR; ++r) a[t][r] = _mm512_fmadd_ps(xk, wv[r], a[t][r]);
+    }
+  }
+}
+
+// The same for all kTile pixels of a tile, stored: out[t * Mpad + r * 16 + l].
 template <int NR>
 __attribute__((target("avx512f"))) inline void tile_responses(const float* __restrict xs, int64_t S,
                                                                const float* __restrict w,
                                                                int64_t taps, int64_t Mpad, float* __restrict out) {
   __m512 a[kTile][NR];
-  for (int t = 0; t < kTile; ++t)
-    for (int r = 0; r < NR; ++r) a[t][r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < taps; ++k) {
-    __m512 wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = _mm512_load_ps(w + k * Mpad + r * 16);
-    for (int t = 0; t < kTile; ++t) {
-      const __m512 xk = _mm512_set1_ps(xs[(t * taps + k) * S]);
-      for (int r = 0; r < NR; ++r) a[t][r] = _mm512_fmadd_ps(xk, wv[r], a[t][r]);
-    }
-  }
+  channel_responses<NR, kTile>(xs, S, w, taps, Mpad, a);
   for (int t = 0; t < kTile; ++t)
     for (int r = 0; r < NR; ++r) _mm512_store_ps(out + t * Mpad + r * 16, a[t][r]);
 }
@@ -533,16 +542,7 @@ __attribute__((target("avx512f"))) void direct_tile_regacc(const float* __restri
       const float* xs = xv + t0 * taps * S + ii;  // pixels past t1 read stale values; their sums are never stored
       const float* wi = wtp + i * taps * Mpad;
       __m512 P[PG][NR];
-      for (int p = 0; p < PG; ++p)
-        for (int r = 0; r < NR; ++r) P[p][r] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < taps; ++k) {
-        __m512 wv[NR];
-        for (int r = 0; r < NR; ++r) wv[r] = _mm512_load_ps(wi + k * Mpad + r * 16);
-        for (int p = 0; p < PG; ++p) {
-          const __m512 xk = _mm512_set1_ps(xs[(p * taps + k) * S]);
-          for (int r = 0; r < NR; ++r) P[p][r] = _mm512_fmadd_ps(xk, wv[r], P[p][r]);
-        }
-      }
+      channel_responses<NR, PG>(xs, S, wi, taps, Mpad, P);
       const int32_t* si = slotp + i * Cpad;
       for (int c = 0; c < NCH; ++c) {
         const __m512i ix = _mm512_load_si512(reinterpret_cast<const void*>(si + c * 16));
