@@ -70,6 +70,8 @@ def main() -> int:
                 [("", "## Whole model")]),
         section("Recovery of resnet20 (CIFAR-10 sample) with finetune's defaults: k = C_out/2, 3/4 and a mixed plan",
                 r / "recovery_resnet20.md", [("", None)]),
+        section("Recovery of resnet56 (CIFAR-10 sample) with finetune's defaults: k = C_out/2 and 3/4",
+                r / "recovery_resnet56.md", [("", None)]),
         section("GPU", r / "kmeans_gpu.md", []),
     ])
     readme = ROOT / "README.md"
