@@ -72,6 +72,8 @@ def main() -> int:
                 r / "recovery_resnet20.md", [("", None)]),
         section("Recovery of resnet56 (CIFAR-10 sample) with finetune's defaults: k = C_out/2 and 3/4",
                 r / "recovery_resnet56.md", [("", None)]),
+        section("Recovery of resnet56: the mixed plan at the C_out/2 budget (k per layer from the sensitivity sweep)",
+                r / "recovery_resnet56_mixed.md", [("", None)]),
         section("GPU", r / "kmeans_gpu.md", []),
     ])
     readme = ROOT / "README.md"
