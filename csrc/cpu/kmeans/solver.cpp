@@ -947,23 +947,16 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   const std::vector<T>& ct = C.ct;
   const i64 kp = C.kp;
   std::vector<T> cnew(size_t(k) * d);
-  struct Bounds {
+  struct Bounds {     // 64 bytes: one cache line per point (the label lives in lab[i])
     double ub, far;   // distance to the own center (upper); to every center not listed (lower)
     double clb[M];    // lower bounds of the listed competitors
     i32 cid[M];       // the listed competitors
-    i32 lab;
   };
+  static_assert(sizeof(Bounds) == 64, "one cache line per point");
   std::vector<Bounds> bd(n);
   std::vector<i32> lab(n, 0), lab_prev(n, -1);
   std::vector<double> sums(size_t(k) * d, 0.0), wsum(k, 0.0), delta(k, 0.0), d2own(n);
-  auto dist = [d](const T* x, const T* cj) {  // in double, as sqdist
-    double acc = 0.0;
-    for (i64 q = 0; q < d; ++q) {
-      const double u = double(x[q]) - double(cj[q]);
-      acc += u * u;
-    }
-    return std::sqrt(acc);
-  };
+  auto dist = [d](const T* x, const T* cj) { return std::sqrt(sqdist(x, cj, d)); };
   std::vector<i32> empty;
   double dmax = 0.0;
   // All distances of point i (squared, in T as the scan computes them) below `thr2`: the nearest
@@ -971,7 +964,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   // (a distance known to be reached by M + 1 centers) lets most blocks skip the selection; when
   // fewer than M + 2 centers fall below it, thr2 itself bounds the unlisted ones.  Ties go to the
   // lower center index, as in every other solver.
-  auto full_scan = [&](i64 i, Bounds& b, double thr2) {
+  auto full_scan = [&](i64 i, Bounds& b, double thr2) {  // sets b and lab[i]
     static_assert(M + 2 <= 8, "the scan keeps its top M + 2 in a Top8");
     const T* x = ds.x + i * d;
     Top8 top(thr2);
@@ -1020,7 +1013,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
         std::swap(tj[r], tj[r - 1]);
       }
     const double far = std::sqrt(tv[M + 1]);
-    b.lab = tj[0];
+    lab[i] = tj[0];
     b.ub = ev[0];
     for (int s = 0; s < M; ++s) {
       b.cid[s] = tj[s + 1] < 0 ? 0 : tj[s + 1];
@@ -1036,8 +1029,8 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       const i64 i1 = std::min(n, i0 + 1024);
       for (i64 i = i0; i < i1; ++i) {
         Bounds& b = bd[i];
-        if (first) { full_scan(i, b, kInf); lab[i] = b.lab; continue; }
-        b.ub += delta[b.lab];
+        if (first) { full_scan(i, b, kInf); continue; }
+        b.ub += delta[lab[i]];
         b.far -= dmax;
         double lo = b.far;
         for (int s = 0; s < M; ++s) {
@@ -1046,14 +1039,14 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
         }
         if (b.ub <= lo) continue;
         const T* x = ds.x + i * d;
-        b.ub = dist(x, &c[size_t(b.lab) * d]);
+        b.ub = dist(x, &c[size_t(lab[i]) * d]);
         if (b.ub <= lo) continue;
         // The listed competitors, exactly; the best of them and the own center wins unless the
         // far bound says an unlisted center may be nearer.
         double ev[M + 1];
         i32 ej[M + 1];
         ev[0] = b.ub;
-        ej[0] = b.lab;
+        ej[0] = lab[i];
         double emax = b.ub;
         for (int s = 0; s < M; ++s) {
           ej[s + 1] = b.cid[s];
@@ -1064,7 +1057,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
         for (int s = 1; s <= M; ++s)
           if (ev[s] < ev[bi] || (ev[s] == ev[bi] && ej[s] < ej[bi])) bi = s;
         if (ev[bi] <= b.far) {
-          b.lab = ej[bi];
+          lab[i] = ej[bi];
           b.ub = ev[bi];
           int s2 = 0;
           for (int s = 0; s <= M; ++s) {
@@ -1078,7 +1071,6 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
           // whatever the rounding of its float arithmetic.
           full_scan(i, b, emax == kInf ? kInf : emax * emax * (1.0 + 1e-5) + 1e-30);
         }
-        lab[i] = b.lab;
       }
     }
   };
