@@ -198,20 +198,17 @@ __attribute__((target("avx512f"))) void gather_pixels_perm_f32(const float* __re
   }
 }
 
-bool has_avx512f() {
-  static const bool yes = [] {
+// The CPU's vector extensions the kernels below dispatch on, probed once.
+struct CpuFeatures {
+  bool avx512f, avx512vl;
+};
+const CpuFeatures& cpu() {
+  static const CpuFeatures f = [] {
     __builtin_cpu_init();
-    return static_cast<bool>(__builtin_cpu_supports("avx512f"));
+    return CpuFeatures{static_cast<bool>(__builtin_cpu_supports("avx512f")),
+                       static_cast<bool>(__builtin_cpu_supports("avx512vl"))};
   }();
-  return yes;
-}
-
-bool has_avx512vl() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return static_cast<bool>(__builtin_cpu_supports("avx512vl"));
-  }();
-  return yes;
+  return f;
 }
 
 inline void add_row(const double* row, double* acc, int64_t n) { add_row_f64(row, acc, n); }
@@ -264,7 +261,7 @@ void gather_epilogue_impl(const py::array& u, const int32_t* idx, const std::vec
     const int64_t M = u.shape(0), K = u.shape(1), C = out.shape(1);
     py::gil_scoped_release nogil;
     const int64_t block = 64;
-    const bool use_perm = K <= 32 && has_avx512f();
+    const bool use_perm = K <= 32 && cpu().avx512f;
     const int64_t nblocks = (M + block - 1) / block;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t bi = 0; bi < nblocks; ++bi) {
@@ -579,17 +576,16 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
     const float* xs = xv + ii;  // xs[(t * taps + k) * S]: tap k of pixel t, channel i
     const float* wi = wtp + i * taps * Mpad;  // [taps][Mpad], zero padded
     const int32_t* si = slotp + i * Cpad;
-    // The M responses of channel i for all kTile pixels into pv [kTile][Mpad]: the pixels are the
-    // independent FMA chains (one chain per pixel would wait on the FMA latency at every tap).
-    for (int64_t j = 0; j < Mpad; j += 32) {
-      if (j + 16 < Mpad) tile_responses<2>(xs, S, wi + j, taps, Mpad, pv + j);
-      else tile_responses<1>(xs, S, wi + j, taps, Mpad, pv + j);
-    }
-    if (Mpad <= 32) {
+    if (Mpad <= 32) {  // the responses stay in registers: lo/hi = maps 0-15 / 16-31 of each pixel
       __m512 lo[kTile], hi[kTile];
-      for (int t = 0; t < np; ++t) {
-        lo[t] = _mm512_load_ps(pv + t * Mpad);
-        hi[t] = Mpad > 16 ? _mm512_load_ps(pv + t * Mpad + 16) : _mm512_setzero_ps();
+      if (Mpad > 16) {
+        __m512 a[kTile][2];
+        channel_responses<2, kTile>(xs, S, wi, taps, Mpad, a);
+        for (int t = 0; t < kTile; ++t) { lo[t] = a[t][0]; hi[t] = a[t][1]; }
+      } else {
+        __m512 a[kTile][1];
+        channel_responses<1, kTile>(xs, S, wi, taps, Mpad, a);
+        for (int t = 0; t < kTile; ++t) { lo[t] = a[t][0]; hi[t] = _mm512_setzero_ps(); }
       }
       for (int64_t c = 0; c < nch; ++c) {
         const __m512i ix = _mm512_load_si512(reinterpret_cast<const void*>(si + c * 16));
@@ -598,7 +594,14 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
           _mm512_store_ps(a, _mm512_add_ps(_mm512_load_ps(a), _mm512_permutex2var_ps(lo[t], ix, hi[t])));
         }
       }
-    } else if (Mpad <= 128) {
+      continue;
+    }
+    // More maps: the M responses of channel i for all kTile pixels into pv [kTile][Mpad].
+    for (int64_t j = 0; j < Mpad; j += 32) {
+      if (j + 16 < Mpad) tile_responses<2>(xs, S, wi + j, taps, Mpad, pv + j);
+      else tile_responses<1>(xs, S, wi + j, taps, Mpad, pv + j);
+    }
+    if (Mpad <= 128) {
       // Up to 8 registers of p_i per pixel; groups of 32 slots by two-source permutes, merged on bits 5-6.
       const int64_t nreg = Mpad / 16, ngroups = (nreg + 1) / 2;
       for (int t = 0; t < np; ++t) {
@@ -721,8 +724,8 @@ void kernel_direct_impl(const py::array& x, const py::array& wt, const int32_t* 
   const T* rp = ep.has_residual ? static_cast<const T*>(ep.residual.data()) : nullptr;
   const bool relu = ep.relu;
   const int64_t taps = g.kh * g.kw;
-  const bool fast = std::is_same_v<T, float> && has_avx512f();
-  const bool pixvec = fast && has_avx512vl() && g.M > 32;  // see direct_tile_pixvec
+  const bool fast = std::is_same_v<T, float> && cpu().avx512f;
+  const bool pixvec = fast && cpu().avx512vl && g.M > 32;  // see direct_tile_pixvec
   using RegAcc = void (*)(const float*, const float*, const int32_t*, const ConvGeom&, int64_t, int64_t, int64_t,
                           int64_t, int64_t, int, float*, float*);
   RegAcc regacc = nullptr;  // see direct_tile_regacc
