@@ -147,6 +147,47 @@ struct Top8 {
 #endif
 };
 
+// The values of v[0..16) set in `mask` and their indices base + lane, packed to the front of
+// ov/oj (each must have room for 16); returns how many.
+inline int compress16(const float* v, unsigned mask, i32 base, float* ov, i32* oj) {
+#if defined(__AVX512F__)
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  _mm512_storeu_ps(ov, _mm512_maskz_compress_ps(__mmask16(mask), _mm512_loadu_ps(v)));
+  _mm512_storeu_si512(reinterpret_cast<void*>(oj),
+                      _mm512_maskz_compress_epi32(__mmask16(mask), _mm512_add_epi32(_mm512_set1_epi32(base), lanes)));
+  return __builtin_popcount(mask);
+#else
+  int n = 0;
+  for (; mask; mask &= mask - 1) {
+    const int l = __builtin_ctz(mask);
+    ov[n] = v[l];
+    oj[n++] = base + l;
+  }
+  return n;
+#endif
+}
+inline int compress16(const double* v, unsigned mask, i32 base, double* ov, i32* oj) {
+  int n = 0;
+  for (; mask; mask &= mask - 1) {
+    const int l = __builtin_ctz(mask);
+    ov[n] = v[l];
+    oj[n++] = base + l;
+  }
+  return n;
+}
+
+// Bit l set where wake[l] <= due[lab[l]], for 16 points (one gather per 16 with AVX-512).
+inline unsigned due_mask16(const float* wake, const i32* lab, const float* due) {
+#if defined(__AVX512F__)
+  const __m512 th = _mm512_i32gather_ps(_mm512_loadu_si512(reinterpret_cast<const void*>(lab)), due, 4);
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(wake), th, _CMP_LE_OQ);
+#else
+  unsigned m = 0;
+  for (int l = 0; l < 16; ++l) m |= unsigned(wake[l] <= due[lab[l]]) << l;
+  return m;
+#endif
+}
+
 // First index whose cumulative weight exceeds r (never a zero-weight point while r < total).
 inline i64 search_cum(const std::vector<double>& cum, double r) {
   i64 idx = std::upper_bound(cum.begin(), cum.end(), r) - cum.begin();
@@ -947,18 +988,35 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   const std::vector<T>& ct = C.ct;
   const i64 kp = C.kp;
   std::vector<T> cnew(size_t(k) * d);
-  struct Bounds {     // 64 bytes: one cache line per point (the label lives in lab[i])
-    double ub, far;   // distance to the own center (upper); to every center not listed (lower)
-    double clb[M];    // lower bounds of the listed competitors
-    i32 cid[M];       // the listed competitors
+  // Per point: its M listed competitors and a lower bound on the distance to every other center,
+  // stored plus the erosion `cf` at the time it was set (the bound now is far_abs - cf).  The
+  // distances to the own center and the listed ones are recomputed exactly whenever the point is
+  // examined, so they need no storage.
+  struct Bounds {
+    double far_abs;
+    i32 cid[M];       // -1: no competitor in this slot (k <= M)
   };
-  static_assert(sizeof(Bounds) == 64, "one cache line per point");
   std::vector<Bounds> bd(n);
-  std::vector<i32> lab(n, 0), lab_prev(n, -1);
-  std::vector<double> sums(size_t(k) * d, 0.0), wsum(k, 0.0), delta(k, 0.0), d2own(n);
+  // A point is examined only once its bounds may have stopped proving its label: each M-step
+  // moves its own center j away by at most drift[j] and every other center closer by at most
+  // the largest drift.  With cum[j] the sum of center j's drifts and cf the sum of the largest
+  // drifts so far, a point whose nearest listed/far bound exceeded its own distance by `gap`
+  // when cum[j] + cf was v stays settled while cum[j] + cf < v + gap.  `wake` holds v + gap
+  // (rounded down to float: 4 bytes a point, 16 per compare), `due` the current cum[j] + cf
+  // (rounded up); labels and wake are padded to whole vectors (wake with +inf).
+  const i64 nw = (n + L - 1) / L * L;
+  std::vector<i32> lab(nw, 0), lab_prev(nw, -1);
+  std::vector<double> sums(size_t(k) * d, 0.0), wsum(k, 0.0), delta(k, 0.0), d2own(n), cum(k, 0.0);
+  std::vector<float> wake(nw, std::numeric_limits<float>::infinity()), due(kp, 0.0f);
+  double cf = 0.0;
+  auto set_wake = [&](i64 i, double gap) {
+    const double v = cum[lab[i]] + cf + gap;
+    float f = float(v);
+    if (double(f) > v) f = std::nextafter(f, -std::numeric_limits<float>::infinity());
+    wake[i] = f;
+  };
   auto dist = [d](const T* x, const T* cj) { return std::sqrt(sqdist(x, cj, d)); };
   std::vector<i32> empty;
-  double dmax = 0.0;
   // All distances of point i (squared, in T as the scan computes them) below `thr2`: the nearest
   // becomes its label, the next M its competitors, the (M+2)-th its far bound.  A finite thr2
   // (a distance known to be reached by M + 1 centers) lets most blocks skip the selection; when
@@ -968,7 +1026,15 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     static_assert(M + 2 <= 8, "the scan keeps its top M + 2 in a Top8");
     const T* x = ds.x + i * d;
     Top8 top(thr2);
-    T dl[L];
+    // With a finite threshold the centers under it are gathered without branches (a handful,
+    // typically) and selected at the end, the buffer emptied into the selection when full.
+    constexpr int kCand = 64;
+    T cv[kCand + L];
+    i32 cx[kCand + L];
+    int nc = 0;
+    const bool fixed = thr2 < kInf;
+    T tf = T(thr2);
+    alignas(64) T dl[L];
     for (i64 j0 = 0; j0 < kp; j0 += L) {
 #pragma omp simd
       for (int lane = 0; lane < L; ++lane) dl[lane] = T(0);
@@ -981,14 +1047,24 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
           dl[lane] += u * u;
         }
       }
-      unsigned mask = lt_mask16(dl, T(top.at(M + 1)));
+      unsigned mask = lt_mask16(dl, fixed ? tf : T(top.at(M + 1)));
       if (j0 + L > k) mask &= (1u << (k - j0)) - 1u;
+      if (fixed) {
+        nc += compress16(dl, mask, i32(j0), cv + nc, cx + nc);
+        if (nc > kCand) {
+          for (int t = 0; t < nc; ++t) top.insert(double(cv[t]), cx[t]);
+          nc = 0;
+          tf = T(top.at(M + 1));
+        }
+        continue;
+      }
       while (mask) {
         const int lane = __builtin_ctz(mask);
         mask &= mask - 1;
         top.insert(double(dl[lane]), j0 + lane);
       }
     }
+    for (int t = 0; t < nc; ++t) top.insert(double(cv[t]), cx[t]);
     double tv[8];
     i64 tj64[8];
     top.get(tv, tj64);
@@ -1014,63 +1090,80 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       }
     const double far = std::sqrt(tv[M + 1]);
     lab[i] = tj[0];
-    b.ub = ev[0];
-    for (int s = 0; s < M; ++s) {
-      b.cid[s] = tj[s + 1] < 0 ? 0 : tj[s + 1];
-      b.clb[s] = tj[s + 1] < 0 ? far : ev[s + 1];
-    }
-    b.far = far;
+    for (int s = 0; s < M; ++s) b.cid[s] = tj[s + 1];
+    b.far_abs = far + cf;
+    set_wake(i, std::min(ev[1], far) - ev[0]);
   };
-  // One E-step: bounds first absorb the drifts of the last M-step (delta, dmax), then only the
-  // points whose bounds overlap are examined.
+  // A point due: its own and listed distances exactly; the label stands if none of them nor the
+  // far bound undercuts the own distance, else the best listed center wins unless the far bound
+  // says an unlisted one may be nearer (then a full scan).
+  auto examine = [&](i64 i) {
+    Bounds& b = bd[i];
+    const T* x = ds.x + i * d;
+    const double far = b.far_abs - cf;
+    double ev[M + 1];
+    i32 ej[M + 1];
+    ej[0] = lab[i];
+    ev[0] = dist(x, &c[size_t(lab[i]) * d]);
+    double lo = far, emax = ev[0];
+    for (int s = 0; s < M; ++s) {
+      ej[s + 1] = b.cid[s];
+      ev[s + 1] = b.cid[s] < 0 ? kInf : dist(x, &c[size_t(b.cid[s]) * d]);
+      lo = std::min(lo, ev[s + 1]);
+      emax = std::max(emax, ev[s + 1]);
+    }
+    if (ev[0] <= lo) {
+      set_wake(i, lo - ev[0]);
+      return;
+    }
+    int bi = 0;
+    for (int s = 1; s <= M; ++s)
+      if (ev[s] < ev[bi] || (ev[s] == ev[bi] && ej[s] < ej[bi])) bi = s;
+    if (ev[bi] <= far) {
+      lab[i] = ej[bi];
+      double lo2 = far;
+      int s2 = 0;
+      for (int s = 0; s <= M; ++s) {
+        if (s == bi) continue;
+        b.cid[s2++] = ej[s];
+        lo2 = std::min(lo2, ev[s]);
+      }
+      set_wake(i, lo2 - ev[bi]);
+    } else {
+      // M + 1 centers lie within emax: a slightly larger threshold keeps them all in the scan
+      // whatever the rounding of its float arithmetic.
+      full_scan(i, b, emax == kInf ? kInf : emax * emax * (1.0 + 1e-5) + 1e-30);
+    }
+  };
+  // One E-step: only the points whose wake threshold the erosion has reached are examined.
   auto assign = [&](bool first) {
 #pragma omp parallel for if (par) schedule(dynamic, 16)
     for (i64 i0 = 0; i0 < n; i0 += 1024) {
       const i64 i1 = std::min(n, i0 + 1024);
-      for (i64 i = i0; i < i1; ++i) {
-        Bounds& b = bd[i];
-        if (first) { full_scan(i, b, kInf); continue; }
-        b.ub += delta[lab[i]];
-        b.far -= dmax;
-        double lo = b.far;
-        for (int s = 0; s < M; ++s) {
-          b.clb[s] -= delta[b.cid[s]];
-          lo = std::min(lo, b.clb[s]);
+      if (first) {
+        for (i64 i = i0; i < i1; ++i) full_scan(i, bd[i], kInf);
+        continue;
+      }
+      // The due points of the chunk first, then examined with their data prefetched a few
+      // points ahead: due points are scattered, and one at a time each would wait on memory.
+      i32 list[1024];
+      int nd = 0;
+      for (i64 j0 = i0; j0 < i1; j0 += L) {
+        unsigned mask = due_mask16(&wake[j0], &lab[j0], due.data());
+        while (mask) {
+          list[nd++] = i32(j0 - i0 + __builtin_ctz(mask));
+          mask &= mask - 1;
         }
-        if (b.ub <= lo) continue;
-        const T* x = ds.x + i * d;
-        b.ub = dist(x, &c[size_t(lab[i]) * d]);
-        if (b.ub <= lo) continue;
-        // The listed competitors, exactly; the best of them and the own center wins unless the
-        // far bound says an unlisted center may be nearer.
-        double ev[M + 1];
-        i32 ej[M + 1];
-        ev[0] = b.ub;
-        ej[0] = lab[i];
-        double emax = b.ub;
-        for (int s = 0; s < M; ++s) {
-          ej[s + 1] = b.cid[s];
-          ev[s + 1] = b.clb[s] == kInf ? kInf : dist(x, &c[size_t(b.cid[s]) * d]);
-          emax = std::max(emax, ev[s + 1]);
+      }
+      constexpr int kAhead = 8;
+      for (int p = 0; p < nd; ++p) {
+        if (p + kAhead < nd) {
+          const i64 q = i0 + list[p + kAhead];
+          __builtin_prefetch(&bd[q]);
+          __builtin_prefetch(ds.x + q * d);
+          __builtin_prefetch(ds.x + q * d + d - 1);
         }
-        int bi = 0;
-        for (int s = 1; s <= M; ++s)
-          if (ev[s] < ev[bi] || (ev[s] == ev[bi] && ej[s] < ej[bi])) bi = s;
-        if (ev[bi] <= b.far) {
-          lab[i] = ej[bi];
-          b.ub = ev[bi];
-          int s2 = 0;
-          for (int s = 0; s <= M; ++s) {
-            if (s == bi) continue;
-            b.cid[s2] = ej[s];
-            b.clb[s2] = ev[s];
-            ++s2;
-          }
-        } else {
-          // M + 1 centers lie within emax: a slightly larger threshold keeps them all in the scan
-          // whatever the rounding of its float arithmetic.
-          full_scan(i, b, emax == kInf ? kInf : emax * emax * (1.0 + 1e-5) + 1e-30);
-        }
+        examine(i0 + list[p]);
       }
     }
   };
@@ -1084,8 +1177,16 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     full_sums = false;
     std::vector<double> sums_m(sums), wsum_m(wsum);  // the repair edits a copy: sums track labels
     const double shift_tot = new_centers(ds, lab, C, sums_m.data(), wsum_m.data(), cnew, delta, empty, d2own, par);
-    dmax = 0.0;
+    double dmax = 0.0;
     for (i64 j = 0; j < k; ++j) dmax = std::max(dmax, delta[j]);
+    cf += dmax;
+    for (i64 j = 0; j < k; ++j) {
+      cum[j] += delta[j];
+      const double v = cum[j] + cf;
+      float f = float(v);
+      if (double(f) < v) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+      due[j] = f;
+    }
     C.c.swap(cnew);
     C.refresh();
     lab_prev = lab;
@@ -1096,6 +1197,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   out.n_iter = i32(std::min(it + 1, max_iter));
   if (!strict) assign(false);
   out.centroids = C.c;
+  lab.resize(n);
   out.labels.swap(lab);
   out.algo = Algo::TopM;
 }
