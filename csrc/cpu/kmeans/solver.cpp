@@ -1589,7 +1589,7 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
   const i64 nb = (n + B - 1) / B;
   const i64 trials = std::min<i64>(TMAX, 2 + i64(std::log(double(k))));
   const i64 cs = chunk_size(n), nc = (n + cs - 1) / cs;
-  std::vector<T> closest(n), cd(size_t(trials) * n);
+  std::vector<T> closest(n);
   std::vector<double> bsum(nb), part(size_t(nc) * TMAX);
   std::vector<i64> cid(TMAX);
   chosen.assign(k, 0);
@@ -1622,9 +1622,11 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
       bsum[b] = s;
     }
   };
-  // One sweep: distances from the nt candidate points to every point; with `first`, they become
-  // `closest`; else cd[t] = min(d2, closest) and part[chunk][t] = sum w * cd[t].
-  auto sweep = [&](i64 nt, bool first) {
+  // One sweep: distances from the nt candidate points to every point.  mode 0: they become
+  // `closest`; mode 1: part[chunk][t] = sum w * min(d2, closest) (nothing stored: writing nt
+  // rows per step costs more than computing the winner's row again); mode 2 (nt = 1): closest =
+  // min(d2, closest), the winner applied.
+  auto sweep = [&](i64 nt, int mode) {
 #pragma omp parallel for if (par) schedule(static)
     for (i64 ch = 0; ch < nc; ++ch) {
       const i64 a = ch * cs, bnd = std::min(n, a + cs);
@@ -1648,15 +1650,21 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
             }
           }
         }
-        if (first) {
+        if (mode == 0) {
           std::copy(acc[0], acc[0] + m, &closest[i0]);
           continue;
         }
+        if (mode == 2) {
+          T* cl = &closest[i0];
+#pragma omp simd
+          for (i64 i = 0; i < m; ++i) cl[i] = std::min(acc[0][i], cl[i]);
+          continue;
+        }
         for (i64 t = 0; t < nt; ++t) {
-          T* out = &cd[size_t(t) * n + i0];
+          T* out = acc[t];
           const T* cl = &closest[i0];
 #pragma omp simd
-          for (i64 i = 0; i < m; ++i) out[i] = std::min(acc[t][i], cl[i]);
+          for (i64 i = 0; i < m; ++i) out[i] = std::min(out[i], cl[i]);
           // Partial sums in 16 fixed lanes (kept in registers; an omp simd reduction spills).
           double lanes[16] = {};
           i64 i = 0;
@@ -1683,11 +1691,11 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
   for (i64 i = 0; i < n; ++i) cumw[i] = (acc0 += weight(w, i));
   chosen[0] = search_cum(cumw, rng.uniform() * acc0);
   cid[0] = chosen[0];
-  sweep(1, true);
+  sweep(1, 0);
   for (i64 c = 1; c < k; ++c) {
     block_sums();
     for (i64 t = 0; t < trials; ++t) cid[t] = sample(rng.uniform());
-    sweep(trials, false);
+    sweep(trials, 1);
     i64 best = 0;
     double bestpot = kInf;
     for (i64 t = 0; t < trials; ++t) {
@@ -1695,8 +1703,9 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
       for (i64 ch = 0; ch < nc; ++ch) pt += part[size_t(ch) * TMAX + t];
       if (pt < bestpot) { bestpot = pt; best = t; }
     }
-    std::copy(cd.begin() + best * n, cd.begin() + (best + 1) * n, closest.begin());
     chosen[c] = cid[best];
+    cid[0] = cid[best];
+    sweep(1, 2);
   }
 }
 
