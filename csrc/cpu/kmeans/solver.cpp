@@ -27,6 +27,7 @@
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "batch.h"
@@ -1015,7 +1016,16 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     if (double(f) > v) f = std::nextafter(f, -std::numeric_limits<float>::infinity());
     wake[i] = f;
   };
-  auto dist = [d](const T* x, const T* cj) { return std::sqrt(sqdist(x, cj, d)); };
+  auto dist = [d](const T* x, const T* cj) {
+#if defined(__AVX512F__)
+    if constexpr (DC == 9 && std::is_same_v<T, float>) {  // 8 coordinates in one vector, in double
+      const __m512d u = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x)), _mm512_cvtps_pd(_mm256_loadu_ps(cj)));
+      const double t = double(x[8]) - double(cj[8]);
+      return std::sqrt(_mm512_reduce_add_pd(_mm512_mul_pd(u, u)) + t * t);
+    }
+#endif
+    return std::sqrt(sqdist(x, cj, d));
+  };
   std::vector<i32> empty;
   // All distances of point i (squared, in T as the scan computes them) below `thr2`: the nearest
   // becomes its label, the next M its competitors, the (M+2)-th its far bound.  A finite thr2
