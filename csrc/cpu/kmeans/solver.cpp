@@ -150,6 +150,16 @@ struct Top8 {
 
 // The values of v[0..16) set in `mask` and their indices base + lane, packed to the front of
 // ov/oj (each must have room for 16); returns how many.
+template <class T>
+inline int compress16_scalar(const T* v, unsigned mask, i32 base, T* ov, i32* oj) {
+  int n = 0;
+  for (; mask; mask &= mask - 1) {
+    const int l = __builtin_ctz(mask);
+    ov[n] = v[l];
+    oj[n++] = base + l;
+  }
+  return n;
+}
 inline int compress16(const float* v, unsigned mask, i32 base, float* ov, i32* oj) {
 #if defined(__AVX512F__)
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -158,23 +168,11 @@ inline int compress16(const float* v, unsigned mask, i32 base, float* ov, i32* o
                       _mm512_maskz_compress_epi32(__mmask16(mask), _mm512_add_epi32(_mm512_set1_epi32(base), lanes)));
   return __builtin_popcount(mask);
 #else
-  int n = 0;
-  for (; mask; mask &= mask - 1) {
-    const int l = __builtin_ctz(mask);
-    ov[n] = v[l];
-    oj[n++] = base + l;
-  }
-  return n;
+  return compress16_scalar(v, mask, base, ov, oj);
 #endif
 }
 inline int compress16(const double* v, unsigned mask, i32 base, double* ov, i32* oj) {
-  int n = 0;
-  for (; mask; mask &= mask - 1) {
-    const int l = __builtin_ctz(mask);
-    ov[n] = v[l];
-    oj[n++] = base + l;
-  }
-  return n;
+  return compress16_scalar(v, mask, base, ov, oj);
 }
 
 // Bit l set where wake[l] <= due[lab[l]], for 16 points (one gather per 16 with AVX-512).
