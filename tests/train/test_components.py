@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kcengine.models import cifar_resnet
 from kcengine.train import cifar_augment, distillation_loss, recalibrate_bn
+from kcengine.train.distill import FeatureTap, feature_loss, feature_points
 
 
 def test_augment_is_a_padded_crop_or_its_mirror():
@@ -39,6 +41,34 @@ def test_distillation_loss_matches_the_formula():
         distillation_loss(s, t, y, temperature=-1)
     with pytest.raises(ValueError, match="alpha"):
         distillation_loss(s, t, y, alpha=math.nan)
+
+
+def test_feature_points_are_the_blocks_and_the_tap_sees_their_outputs():
+    m = cifar_resnet(20).eval()
+    pts = feature_points(m)
+    assert pts == [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = m.layer1[0](F.relu(m.bn1(m.conv1(x))))  # independent: the first block run by hand
+        with FeatureTap(m, pts) as tap:
+            m(x)
+            feats = tap.take()
+    assert len(feats) == 9 and torch.equal(feats[0], ref)
+    assert feats[-1].shape == (2, 64, 4, 4)
+    assert not m.layer1[0]._forward_hooks  # hooks removed on exit
+    with pytest.raises(ValueError, match="nope"):
+        FeatureTap(m, ["nope"])
+
+
+def test_feature_loss_is_the_mean_relative_squared_error():
+    g = torch.Generator().manual_seed(1)
+    s = [torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 8, 2, 2, generator=g)]
+    t = [torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 8, 2, 2, generator=g)]
+    ref = sum(float(((a - b) ** 2).sum() / (b ** 2).sum()) for a, b in zip(s, t)) / 2
+    assert float(feature_loss(s, t)) == pytest.approx(ref, rel=1e-6)
+    assert float(feature_loss(t, t)) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        feature_loss([s[0]], [t[1]])
 
 
 def test_recalibrate_bn_gives_the_exact_batch_statistics(kit):

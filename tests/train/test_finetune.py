@@ -195,6 +195,31 @@ def test_distillation_changes_the_loss(tiny):
     assert a.history[0]["loss"] != pytest.approx(b.history[0]["loss"], rel=1e-3)
 
 
+class _Blocky(torch.nn.Module):
+    """One conv-BN-ReLU block as a submodule (the feature point) and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+                                         torch.nn.ReLU())
+        self.linear = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.linear(self.block(x).mean((2, 3)))
+
+
+def test_feature_distillation_adds_the_block_term_and_leaves_no_hook(tiny):
+    _, ds, loader = tiny
+    torch.manual_seed(0)
+    model = _Blocky().eval()
+    a = finetune(model, loader, plan={"ratio": 0.5}, **FAST)
+    b = finetune(model, loader, plan={"ratio": 0.5}, feature_weight=3.0, **FAST)
+    assert b.history[0]["loss"] > a.history[0]["loss"]  # same first batch, plus a positive feature term
+    assert not any(m._forward_hooks for m in b.model.modules())
+    with pytest.raises(ValueError, match="feature_weight"):
+        finetune(model, loader, plan={"ratio": 0.5}, feature_weight=-1.0, **FAST)
+
+
 def test_plot_and_eval(tiny, tmp_path):
     model, ds, loader = tiny
     r = finetune(model, loader, plan={"ratio": 0.5}, eval_data=ds, plot_path=tmp_path / "c.png", **FAST)

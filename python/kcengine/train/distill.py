@@ -1,12 +1,14 @@
-"""Knowledge distillation from the unclustered model: KL between temperature-softened logits plus CE."""
+"""Knowledge distillation from the unclustered model: KL between temperature-softened logits plus CE, and
+matching of intermediate features (the outputs of the blocks that hold clustered layers)."""
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["distillation_loss"]
+__all__ = ["distillation_loss", "feature_points", "FeatureTap", "feature_loss"]
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, *,
@@ -37,3 +39,65 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits.detach() / t, dim=1),
                   reduction="batchmean", log_target=True)
     return alpha * t * t * kl + (1.0 - alpha) * ce
+
+
+def feature_points(model: nn.Module) -> list[str]:
+    """Names of the modules whose outputs feature distillation matches: every module that directly holds a
+    clustered (or dense) conv, other than the root -- in a ResNet, each residual block -- in forward-definition
+    order.  A model whose convs all sit at the root gives no point."""
+    from ..conv.module import ClusteredConv2d
+
+    out = []
+    for name, mod in model.named_modules():
+        if name and any(isinstance(c, (nn.Conv2d, ClusteredConv2d)) for c in mod.children()):
+            out.append(name)
+    return out
+
+
+class FeatureTap:
+    """Forward hooks that keep the outputs of ``names`` in ``model`` (the latest forward pass's), in order.
+    Use as a context manager; the hooks are removed on exit."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        mods = dict(model.named_modules())
+        missing = [n for n in names if n not in mods]
+        if missing:
+            raise ValueError(f"feature points {missing} are not modules of the model")
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._hooks = [mods[n].register_forward_hook(self._keep(n)) for n in names]
+        self.names = list(names)
+
+    def _keep(self, name):
+        def hook(mod, inp, out):
+            self.outputs[name] = out
+        return hook
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def take(self) -> list[torch.Tensor]:
+        out = [self.outputs[n] for n in self.names]
+        self.outputs = {}
+        return out
+
+
+def feature_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over points of ``||s - t||^2 / ||t||^2`` (each point's squared error relative to the teacher's
+    feature energy on the batch, so blocks of every width and scale count alike)."""
+    if len(student_feats) != len(teacher_feats) or not student_feats:
+        raise ValueError(f"feature lists differ in length or are empty: {len(student_feats)} vs {len(teacher_feats)}")
+    total = 0.0
+    for s, t in zip(student_feats, teacher_feats):
+        if s.shape != t.shape:
+            raise ValueError(f"student feature {tuple(s.shape)} and teacher feature {tuple(t.shape)} differ in shape")
+        t = t.detach()
+        total = total + (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+    return total / len(student_feats)

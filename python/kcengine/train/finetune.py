@@ -42,7 +42,7 @@ from .augment import cifar_augment
 from .bn import recalibrate_bn
 from .calibrate import calibrate_outputs
 from .checkpoint import CHECKPOINT_NAME, apply_layout, clustered_layout, load_checkpoint, save_checkpoint
-from .distill import distillation_loss
+from .distill import FeatureTap, distillation_loss, feature_loss, feature_points
 from .progressive import conv_names, resolve_order
 
 __all__ = ["finetune", "FinetuneResult", "MODES", "SCHEDULES", "OPTIMIZERS", "DEFAULT_EPOCHS", "DEFAULT_LR",
@@ -173,7 +173,8 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
              epochs: int | None = None, plan=None, granularity: str = "filter", order=None,
              stage_epochs=1, stage_training: str = "keep", optimizer: str = "sgd", lr: float | None = None,
              momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-5, schedule: str = "onecycle",
-             temperature: float = 4.0, alpha: float = 0.9, augment: bool = True, mixup: float = 1.0,
+             temperature: float = 4.0, alpha: float = 0.9, feature_weight: float = 0.0, augment: bool = True,
+             mixup: float = 1.0,
              output_calibration: bool | None = None,
              bn_recalibration: bool = True, calibration_images: int = 512, eval_data=None, eval_batch_size: int = 500,
              checkpoint_dir=None, resume: bool = True, plot_path=None, seed: int = 0, progress: bool = True,
@@ -199,6 +200,9 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
             ``DEFAULT_LR[optimizer]``); ``weight_decay`` on weights (not on BN/bias).
         schedule: per-step LR schedule over each phase, one of ``SCHEDULES`` (see :func:`lr_factor`).
         temperature, alpha: distillation temperature and weight.
+        feature_weight: weight of feature distillation (needs a teacher): the outputs of every block holding a
+            conv (:func:`kcengine.train.distill.feature_points`; a ResNet's residual blocks) are matched to the
+            teacher's on the same images, ``||s - t||^2 / ||t||^2`` averaged over blocks, added to the loss.
         augment: CIFAR augmentation (4-pixel padded random crop + horizontal flip) on each batch.
         mixup: when > 0, each batch is mixed with a shuffled copy of itself, ``lam * x + (1 - lam) * x[perm]``
             with ``lam ~ Beta(mixup, mixup)`` (default 1.0: lam uniform in [0, 1]; 0 turns it off); the teacher
@@ -244,6 +248,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     _check_float(weight_decay, "weight_decay")
     _check_float(temperature, "temperature", 0.0, lo_open=True)
     _check_float(alpha, "alpha", 0.0, hi=1.0)
+    _check_float(feature_weight, "feature_weight")
     _check_float(mixup, "mixup")
     _check_int(calibration_images, "calibration_images", 1)
     _check_int(seed, "seed")
@@ -295,7 +300,8 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
 
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     fingerprint = {"mode": mode, "phases": [(p.name, p.epochs, p.layers) for p in phases], "seed": seed,
-                   "schedule": schedule, "optimizer": optimizer, **({"mixup": mixup} if mixup else {})}
+                   "schedule": schedule, "optimizer": optimizer, **({"mixup": mixup} if mixup else {}),
+                   **({"feature_weight": feature_weight} if feature_weight else {})}
     state = load_checkpoint(ckpt_path) if (ckpt_path is not None and resume) else None
     if state is not None and state.get("fingerprint") != fingerprint:
         raise ValueError(f"checkpoint {ckpt_path} was written by a run with other settings "
@@ -358,7 +364,8 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
             _train_phase(work, teacher, loader, train_loader, phase, pi, first_epoch, result, state if resumed_here
                          else None, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
                          weight_decay=weight_decay, schedule=schedule, temperature=temperature, alpha=alpha,
-                         augment=augment, mixup=mixup, seed=seed, progress=progress and main, device=device,
+                         feature_weight=feature_weight, augment=augment, mixup=mixup, seed=seed,
+                         progress=progress and main, device=device,
                          evaluate_now=evaluate_now, ckpt_path=ckpt_path if main else None, fingerprint=fingerprint,
                          main=main)
         if stage_training == "freeze" and phase.layers:
@@ -372,8 +379,8 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
 
 
 def _train_phase(work, teacher, loader, orig_loader, phase, pi, first_epoch, result, state, *, optimizer, lr,
-                 momentum, nesterov, weight_decay, schedule, temperature, alpha, augment, mixup, seed, progress,
-                 device, evaluate_now, ckpt_path, fingerprint, main):
+                 momentum, nesterov, weight_decay, schedule, temperature, alpha, feature_weight, augment, mixup, seed,
+                 progress, device, evaluate_now, ckpt_path, fingerprint, main):
     params = [(n, p) for n, p in work.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"phase {phase.name!r} has no trainable parameter")
@@ -384,6 +391,25 @@ def _train_phase(work, teacher, loader, orig_loader, phase, pi, first_epoch, res
     if state is not None and "optimizer" in state:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+    taps = None
+    if teacher is not None and feature_weight > 0:
+        t_names = dict(teacher.named_modules())
+        points = [n for n in feature_points(work) if n in t_names]
+        if points:
+            taps = (FeatureTap(work, points), FeatureTap(teacher, points))
+    try:
+        _run_epochs(work, teacher, loader, orig_loader, phase, pi, first_epoch, result, opt, sched, taps,
+                    temperature=temperature, alpha=alpha, feature_weight=feature_weight, augment=augment,
+                    mixup=mixup, seed=seed, progress=progress, device=device, evaluate_now=evaluate_now,
+                    ckpt_path=ckpt_path, fingerprint=fingerprint)
+    finally:
+        for tap in taps or ():
+            tap.close()
+
+
+def _run_epochs(work, teacher, loader, orig_loader, phase, pi, first_epoch, result, opt, sched, taps, *,
+                temperature, alpha, feature_weight, augment, mixup, seed, progress, device, evaluate_now, ckpt_path,
+                fingerprint):
     net = work
     if dd.is_distributed():
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -418,14 +444,17 @@ def _train_phase(work, teacher, loader, orig_loader, phase, pi, first_epoch, res
                 perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
                 x = lam * x + (1.0 - lam) * x[perm]
             t_logits = None
-            if teacher is not None and alpha > 0:
+            if teacher is not None and (alpha > 0 or taps is not None):
                 with torch.no_grad():
                     t_logits = teacher(x)
             out = net(x)
             if mixup > 0:
                 onehot = torch.nn.functional.one_hot(y, out.shape[1]).to(out.dtype)
                 target = lam * onehot + (1.0 - lam) * onehot[perm]
-            loss = distillation_loss(out, t_logits, target, temperature=temperature, alpha=alpha)
+            loss = distillation_loss(out, t_logits if alpha > 0 else None, target, temperature=temperature,
+                                     alpha=alpha)
+            if taps is not None:  # intermediate features of the student's blocks matched to the teacher's
+                loss = loss + feature_weight * feature_loss(taps[0].take(), taps[1].take())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
