@@ -4,8 +4,9 @@
 training images and scores the 846 test images.  Every conv is clustered at filter granularity with
 k = C_out * r; for each r the table gives the accuracy right after clustering, after BN recalibration
 only, after the output-aware refit (+ BN), and after each finetune mode; plus a mixed plan with the
-same total number of unique filters as r = 0.5 whose per-layer k comes from the sensitivity sweep
-(measured on training images, never on the test set).  Rows are written as they finish
+same total number of unique filters as r = 0.5 whose per-layer k comes from the output sensitivity
+sweep (:func:`kcengine.train.sensitivity.output_sensitivity` + ``allocate_ks``: each layer clustered alone and
+refit, KL from the dense model's outputs; measured on training images, never on the test set).  Rows are written as they finish
 (``recovery_<model>.md/.csv``), so an interrupted run keeps what it measured.
 """
 from __future__ import annotations
@@ -19,36 +20,9 @@ import torch
 
 from .common import git_commit, machine_info, markdown_table, now_utc, shared_data_dir, write_csv
 
-__all__ = ["run", "mixed_plan", "parse_runs"]
+__all__ = ["run", "parse_runs"]
 
 COLUMNS = ["plan", "k_total", "step", "mode", "epochs", "top1", "seconds", "note"]
-
-
-def mixed_plan(sens, budget: int) -> dict[str, int]:
-    """Per-layer k with ``sum(k) <= budget`` from a sensitivity sweep: start every layer at its largest
-    swept k and repeatedly lower the layer whose next smaller k costs the least accuracy per filter saved."""
-    ks, accs = {}, {}
-    for name in sens.layers():
-        rows = sorted(sens.layer_rows(name), key=lambda r: r["k"])
-        ks[name] = [r["k"] for r in rows]
-        accs[name] = [r["accuracy"] for r in rows]
-    pos = {n: len(ks[n]) - 1 for n in ks}
-    total = sum(ks[n][pos[n]] for n in ks)
-    while total > budget:
-        best, best_cost = None, None
-        for n in ks:
-            i = pos[n]
-            if i == 0:
-                continue
-            saved = ks[n][i] - ks[n][i - 1]
-            cost = max(accs[n][i] - accs[n][i - 1], 0.0) / saved
-            if best_cost is None or cost < best_cost:
-                best, best_cost = n, cost
-        if best is None:
-            break
-        total -= ks[best][pos[best]] - ks[best][pos[best] - 1]
-        pos[best] -= 1
-    return {n: int(ks[n][pos[n]]) for n in ks}
 
 
 def _write(out: Path, name: str, rows: list, header: dict, extra: str = "") -> None:
@@ -71,11 +45,11 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     """Run ``runs`` (tuples (plan label, mode, epochs or None, peak LR or None); default DEFAULT_RUNS) and
     write ``recovery_<name>.md/.csv`` (name: the model's by default) under ``out_dir``."""
     from .. import compress
-    from ..compress import sensitivity_sweep
     from ..data.datasets import Normalization, cifar10_dataset, make_loader
     from ..evaluate import top1_accuracy
     from ..models import load_model
     from ..train import DEFAULT_EPOCHS, DEFAULT_LR, finetune, recalibrate_bn
+    from ..train.sensitivity import allocate_ks, output_sensitivity
 
     torch.set_num_threads(threads)
     data = shared_data_dir()
@@ -121,11 +95,11 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
         if label.startswith("mixed"):
             if mixed_plan_ks is None:
                 t0 = time.perf_counter()
-                sens = sensitivity_sweep(lm.model, train.images[:500], train.labels[:500],
-                                         ratios=(0.25, 0.375, 0.5, 0.625, 0.75, 1.0))
+                rows_s = output_sensitivity(lm.model, train.images[:512], train.images[512:1536])
                 _, rep = compress(lm.model, ratio=0.5)
-                mixed_plan_ks = mixed_plan(sens, sum(lr.k for lr in rep.layers))
-                mixed_note = f"sensitivity sweep (500 train images) {time.perf_counter() - t0:.0f} s; k: " + \
+                mixed_plan_ks = allocate_ks(rows_s, sum(lr.k for lr in rep.layers))
+                mixed_note = (f"output sensitivity (each layer alone, refit; KL on 1024 train images) "
+                              f"{time.perf_counter() - t0:.0f} s; k: ") + \
                     ", ".join(f"{n}={k}" for n, k in mixed_plan_ks.items())
             plan = {"layers": mixed_plan_ks}
         else:

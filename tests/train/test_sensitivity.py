@@ -1,0 +1,70 @@
+"""Output sensitivity (KL after refit, each layer alone) and the budgeted per-layer k allocation."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import kcengine
+from kcengine.train.calibrate import calibrate_outputs
+from kcengine.train.sensitivity import allocate_ks, output_sensitivity
+
+
+def test_output_sensitivity_rows_are_the_kl_of_each_layer_clustered_alone(kit):
+    torch.manual_seed(0)
+    model = kit.TinyNet().eval()
+    ds = kit.tiny_data(n=64)
+    calib, ev = ds.images[:32], ds.images[32:]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = output_sensitivity(model, calib, ev, ratios=(0.25, 0.5, 1.0))
+    assert [(r["layer"], r["k"]) for r in rows] == [("conv1", 2), ("conv1", 4), ("conv2", 3), ("conv2", 6)]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # not modified
+    # independent re-computation of one row: cluster, refit, KL by its definition
+    cm, _ = kcengine.compress(model, {"layers": {"conv2": 3}}, layers=["conv2"], seed=0)
+    cm.eval()
+    calibrate_outputs(cm, model, calib, layers=["conv2"], seed=0)
+    with torch.no_grad():
+        p, q = torch.softmax(model(ev), 1), torch.softmax(cm(ev), 1)
+    ref = float((p * (p.log() - q.log())).sum(1).mean())
+    assert rows[2]["kl"] == pytest.approx(ref, rel=1e-4, abs=1e-7)
+    assert all(r["kl"] >= -1e-7 and 0 <= r["agreement"] <= 1 for r in rows)
+    with pytest.raises(ValueError, match="ratios"):
+        output_sensitivity(model, calib, ev, ratios=(0.0,))
+    with pytest.raises(ValueError, match="eval_images"):
+        output_sensitivity(model, calib, ev[0])
+
+
+def _rows(curves):
+    return [{"layer": n, "out_channels": len(c) + 1, "k": k + 1, "kl": v} for n, c in curves.items()
+            for k, v in enumerate(c)]
+
+
+def test_allocate_ks_meets_the_budget_and_is_optimal_on_convex_curves():
+    # convex decreasing curves (KL at k = 1..C-1; 0 at C): the relaxation is exact, so brute force agrees
+    curves = {"a": [8.0, 4.0, 2.0, 1.0, 0.5, 0.2, 0.1], "b": [3.0, 1.0, 0.3, 0.1, 0.05, 0.02, 0.01],
+              "c": [20.0, 9.0, 4.0, 1.5, 0.5, 0.1, 0.0]}
+    rows = _rows(curves)
+
+    def cost(n, k):
+        return 0.0 if k == len(curves[n]) + 1 else curves[n][k - 1]
+
+    for budget in (6, 10, 13, 17, 24):
+        ks = allocate_ks(rows, budget, min_ratio=0.0)
+        assert sum(ks.values()) == budget
+        best = min(sum(cost(n, k) for n, k in zip(curves, combo))
+                   for combo in itertools.product(range(1, 9), repeat=3) if sum(combo) == budget)
+        assert sum(cost(n, k) for n, k in ks.items()) == pytest.approx(best)
+
+
+def test_allocate_ks_floor_and_errors():
+    rows = _rows({"a": [5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], "b": [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0]})
+    ks = allocate_ks(rows, 10, min_ratio=0.5)
+    assert ks["a"] >= 4 and sum(ks.values()) == 10
+    assert allocate_ks(rows, 16) == {"a": 8, "b": 8}
+    with pytest.raises(ValueError, match="budget"):
+        allocate_ks(rows, 3, min_ratio=0.5)
+    with pytest.raises(ValueError, match="min_ratio"):
+        allocate_ks(rows, 10, min_ratio=math.nan)
+    with pytest.raises(ValueError, match="rows"):
+        allocate_ks([], 10)
