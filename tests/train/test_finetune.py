@@ -212,7 +212,7 @@ def test_feature_distillation_adds_the_block_term_and_leaves_no_hook(tiny):
     _, ds, loader = tiny
     torch.manual_seed(0)
     model = _Blocky().eval()
-    a = finetune(model, loader, plan={"ratio": 0.5}, **FAST)
+    a = finetune(model, loader, plan={"ratio": 0.5}, feature_weight=0.0, **FAST)
     b = finetune(model, loader, plan={"ratio": 0.5}, feature_weight=3.0, **FAST)
     assert b.history[0]["loss"] > a.history[0]["loss"]  # same first batch, plus a positive feature term
     assert not any(m._forward_hooks for m in b.model.modules())

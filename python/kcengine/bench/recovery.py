@@ -76,7 +76,7 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
                   "images; `refit` = output-aware refit of every clustered layer (kcengine.train.calibrate: "
                   "centroids and assignment chosen so each layer's outputs match the dense ones up to the "
                   "per-channel affine map the following BN absorbs) + BN; then `kcengine.finetune` in each mode "
-                  "with its defaults (distillation T=4, alpha=0.9 from the dense model; SGD Nesterov, one-cycle "
+                  "with its defaults (distillation T=4, alpha=0.9 from the dense model, block outputs matched at weight 2; SGD Nesterov, one-cycle "
                   f"LR peak {DEFAULT_LR['sgd']:g}; crop+flip; mixup Beta(1, 1); {DEFAULT_EPOCHS['centroids']} "
                   "epochs for centroids), which starts with the refit + BN step. "
                   "`seconds` = wall time of the step (finetune: everything it did, evaluation every epoch included) "
