@@ -5,9 +5,9 @@ training images and scores the 846 test images.  Every conv is clustered at filt
 k = C_out * r; for each r the table gives the accuracy right after clustering, after BN recalibration
 only, after the output-aware refit (+ BN), and after each finetune mode; plus a mixed plan with the
 same total number of unique filters as r = 0.5 whose per-layer k comes from the output sensitivity
-sweep (:func:`kcengine.train.sensitivity.output_sensitivity` + ``allocate_ks``: each layer clustered alone and
-refit, KL from the dense model's outputs; measured on training images, never on the test set).  Rows are written as they finish
-(``recovery_<model>.md/.csv``), so an interrupted run keeps what it measured.
+sweep (:func:`kcengine.train.sensitivity.output_sensitivity` + ``allocate_ks``: each layer clustered alone
+and refit, KL from the dense model's outputs; measured on training images, never on the test set).  Rows
+are written as they finish (``recovery_<model>.md/.csv``), so an interrupted run keeps what it measured.
 """
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
                   "images; `refit` = output-aware refit of every clustered layer (kcengine.train.calibrate: "
                   "centroids and assignment chosen so each layer's outputs match the dense ones up to the "
                   "per-channel affine map the following BN absorbs) + BN; then `kcengine.finetune` in each mode "
-                  "with its defaults (distillation T=4, alpha=0.9 from the dense model, block outputs matched at weight 2; SGD Nesterov, one-cycle "
+                  "with its defaults (distillation T=4, alpha=0.9 from the dense model, block outputs matched at "
+                  "weight 2; SGD Nesterov, one-cycle "
                   f"LR peak {DEFAULT_LR['sgd']:g}; crop+flip; mixup Beta(1, 1); {DEFAULT_EPOCHS['centroids']} "
                   "epochs for centroids), which starts with the refit + BN step. "
                   "`seconds` = wall time of the step (finetune: everything it did, evaluation every epoch included) "

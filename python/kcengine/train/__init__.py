@@ -1,5 +1,6 @@
 """Recovery after clustering: finetune (frozen / centroids / progressive), distillation, BN recalibration,
-output-aware refit, output sensitivity and per-layer k under a budget, checkpoints, CIFAR augmentation, torch.distributed helpers, curves."""
+output-aware refit, output sensitivity and per-layer k under a budget, checkpoints, CIFAR augmentation,
+torch.distributed helpers, curves."""
 from .augment import cifar_augment
 from .bn import recalibrate_bn
 from .calibrate import calibrate_outputs
