@@ -19,8 +19,8 @@ of the clustered layers (:mod:`kcengine.train.calibrate`) and BatchNorm recalibr
 The defaults are the recommended recipe (see bench/results/recovery_resnet20.md for the figures):
 output-aware refit + BN recalibration, then 20 epochs of codebook training with distillation (T=4,
 alpha=0.9, block features at weight 2) on mixup batches (lam ~ U(0, 1); the teacher scores the same mixed
-images), SGD with Nesterov momentum, one-cycle LR peaking at 0.01, CIFAR crop+flip augmentation.  Mixup is what makes the
-long schedule pay on a small training set: resnet20 at k = C_out/2 on the 4,660-image sample reaches
+images), SGD with Nesterov momentum, one-cycle LR peaking at 0.01, CIFAR crop+flip augmentation.  Mixup is
+what makes the long schedule pay on a small training set: resnet20 at k = C_out/2 on the 4,660-image sample reaches
 86.9% after 20 epochs with it, 85.1% without (84.3% vs 84.8% after 8).  Matching the blocks' outputs
 gives the small training set a far richer target than the logits alone: +1.2 and +1.4 points over the
 same run without it (seeds 0 and 1: 86.3 -> 87.5%, 85.8 -> 87.2%); weights 4 and 10 did no better.
