@@ -1,7 +1,7 @@
 """kcengine.bench.recovery: the --runs syntax (the mixed plan's allocation is tested in test_sensitivity)."""
 import pytest
 
-from kcengine.bench.recovery import parse_runs
+from kcengine.bench.recovery import parse_runs, parse_set
 
 
 def test_parse_runs():
@@ -10,3 +10,10 @@ def test_parse_runs():
         ("ratio 0.5", "frozen", None, 0.01)]
     with pytest.raises(ValueError, match="'0.5' is not PLAN:MODE"):
         parse_runs("0.5")
+
+
+def test_parse_set():
+    assert parse_set(["feature_weight=0", "schedule=cosine", "lr=2e-3"]) == {
+        "feature_weight": 0, "schedule": "cosine", "lr": 0.002}
+    with pytest.raises(ValueError, match="'oops' is not KEY=VALUE"):
+        parse_set(["oops"])

@@ -20,7 +20,7 @@ import torch
 
 from .common import git_commit, machine_info, markdown_table, now_utc, shared_data_dir, write_csv
 
-__all__ = ["run", "parse_runs"]
+__all__ = ["run", "parse_runs", "parse_set"]
 
 COLUMNS = ["plan", "k_total", "step", "mode", "epochs", "top1", "seconds", "note"]
 
@@ -41,9 +41,11 @@ DEFAULT_RUNS = (("ratio 0.5", "centroids", None), ("ratio 0.75", "centroids", No
 
 
 def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, threads: int = 2,
-        limit_train: int | None = None, name: str | None = None) -> Path:
+        limit_train: int | None = None, name: str | None = None, finetune_options: dict | None = None) -> Path:
     """Run ``runs`` (tuples (plan label, mode, epochs or None, peak LR or None); default DEFAULT_RUNS) and
-    write ``recovery_<name>.md/.csv`` (name: the model's by default) under ``out_dir``."""
+    write ``recovery_<name>.md/.csv`` (name: the model's by default) under ``out_dir``.  ``finetune_options``:
+    keyword arguments for every :func:`kcengine.finetune` call that override its defaults (ablations; the
+    table's header lists them)."""
     from .. import compress
     from ..data.datasets import Normalization, cifar10_dataset, make_loader
     from ..evaluate import top1_accuracy
@@ -82,6 +84,10 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
                   "epochs for centroids), which starts with the refit + BN step. "
                   "`seconds` = wall time of the step (finetune: everything it did, evaluation every epoch included) "
                   "on a machine shared with other jobs (timings are inflated by the sharing).")}
+    ft_opts = dict(finetune_options or {})
+    if ft_opts:
+        header["setup"] += " **Finetune options changed from the defaults: " + ", ".join(
+            f"{k}={v!r}" for k, v in ft_opts.items()) + ".**"
     rows: list = []
     base = top1_accuracy(lm.model, test.images, test.labels)
     rows.append({"plan": "dense", "k_total": sum(m.out_channels for m in lm.model.modules()
@@ -123,7 +129,7 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
         t0 = time.perf_counter()
         tag = label.split()[0] + (label.split()[1] if label.startswith("ratio") else "")
         res = finetune(lm.model, loader, mode=mode, plan=plan, epochs=n_ep, lr=run_lr, eval_data=evald,
-                       progress=False, plot_path=out / f"recovery_{name}_{mode}_{tag}.png")
+                       progress=False, plot_path=out / f"recovery_{name}_{mode}_{tag}.png", **ft_opts)
         if mode != "progressive" and not any(r["plan"] == label and r["step"] == "refit" for r in rows):
             rows.append({"plan": label, "k_total": k_total, "step": "refit", "mode": "", "epochs": 0,
                          "top1": res.accuracy_start, "seconds": float("nan"),
@@ -154,6 +160,22 @@ def parse_runs(text: str) -> list[tuple]:
     return runs
 
 
+def parse_set(items) -> dict:
+    """``["feature_weight=0", "schedule=cosine"]`` -> ``{"feature_weight": 0, "schedule": "cosine"}``."""
+    import ast
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--set {item!r} is not KEY=VALUE")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet20", choices=("resnet20", "resnet56"))
@@ -163,8 +185,12 @@ def main(argv=None) -> int:
                         "learning rate (default: DEFAULT_RUNS with the finetune defaults)")
     p.add_argument("--name", default=None, help="write recovery_NAME.md/.csv (default: the model name)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a finetune default for every run (e.g. --set feature_weight=0); VALUE is read as "
+                        "a Python literal, else kept as a string")
     a = p.parse_args(argv)
-    path = run(a.model, a.out, parse_runs(a.runs) if a.runs else None, threads=a.threads, name=a.name)
+    path = run(a.model, a.out, parse_runs(a.runs) if a.runs else None, threads=a.threads, name=a.name,
+               finetune_options=parse_set(a.set))
     print(f"wrote {path}")
     return 0
 
