@@ -22,8 +22,10 @@ alpha=0.9, block features at weight 2) on mixup batches (lam ~ U(0, 1); the teac
 images), SGD with Nesterov momentum, one-cycle LR peaking at 0.01, CIFAR crop+flip augmentation.  Mixup is
 what makes the long schedule pay on a small training set: resnet20 at k = C_out/2 on the 4,660-image sample reaches
 86.9% after 20 epochs with it, 85.1% without (84.3% vs 84.8% after 8).  Matching the blocks' outputs
-gives the small training set a far richer target than the logits alone: +1.2 and +1.4 points over the
-same run without it (seeds 0 and 1: 86.3 -> 87.5%, 85.8 -> 87.2%); weights 4 and 10 did no better.
+(feature_weight) is kept for its average: +1.2 and +1.4 points over the same run without it at one thread
+(seeds 0 and 1: 86.3 -> 87.5%, 85.8 -> 87.2%), but -0.6 in the recorded two-thread pair (87.1 -> 86.5%,
+bench/results/recovery_resnet20_nofeat.md): a 20-epoch run on this sample moves by about +-0.7 points with
+the seed or the thread count, as large as the effect.  Weights 4 and 10 did no better.
 
 The caller's ``model`` (and ``teacher``) are never modified: the run trains a copy, returned as
 ``FinetuneResult.model``.
