@@ -1,7 +1,7 @@
 """kcengine.bench.recovery: the --runs syntax (the mixed plan's allocation is tested in test_sensitivity)."""
 import pytest
 
-from kcengine.bench.recovery import parse_runs, parse_set
+from kcengine.bench.recovery import _format_runs, parse_runs, parse_set
 
 
 def test_parse_runs():
@@ -17,3 +17,8 @@ def test_parse_set():
         "feature_weight": 0, "schedule": "cosine", "lr": 0.002}
     with pytest.raises(ValueError, match="'oops' is not KEY=VALUE"):
         parse_set(["oops"])
+
+
+def test_format_runs_reads_back():
+    text = "0.75:centroids:8:0.002;mixed:centroids;0.5:frozen::0.01"
+    assert _format_runs(parse_runs(text)) == text

@@ -29,7 +29,7 @@ def _write(out: Path, name: str, rows: list, header: dict, extra: str = "") -> N
     write_csv(out / f"recovery_{name}.csv", rows)
     lines = [f"# Recovery after clustering: {name} on the CIFAR-10 sample", "",
              f"Measured {header['date']} on {header['machine']}, commit {header['commit']}, by "
-             f"`python -m kcengine.bench.recovery --model {name}`.", "",
+             f"`python -m kcengine.bench.recovery {header['args']}`.", "",
              header["setup"], "", markdown_table(rows, COLUMNS), extra]
     (out / f"recovery_{name}.md").write_text("\n".join(lines))
 
@@ -70,7 +70,10 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     loader = make_loader(train, 128, shuffle=True, seed=0)
     evald = (test.images, test.labels)
     out = Path(out_dir)
-    header = {"date": now_utc(), "commit": git_commit(), "machine": ", ".join(
+    args = f"--model {model_name}" + (f" --runs \"{_format_runs(runs)}\"" if runs else "") + "".join(
+        f" --set {k}={v!r}" for k, v in (finetune_options or {}).items()) + \
+        (f" --name {name}" if name != model_name else "") + (f" --threads {threads}" if threads != 2 else "")
+    header = {"args": args, "date": now_utc(), "commit": git_commit(), "machine": ", ".join(
         f"{k}={v}" for k, v in machine_info().items() if k in ("cpu", "cores", "torch")) + f", threads={threads}",
         "setup": (f"Train: {len(train.labels)} sample training images, batch 128; test: {len(test.labels)} images. "
                   "Filter granularity, every conv clustered (kcengine.compress, k-means seed 0). Steps: "
@@ -144,6 +147,21 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
         _write(out, name, rows, header)
     _write(out, name, rows, header)
     return out / f"recovery_{name}.md"
+
+
+def _format_runs(runs) -> str:
+    """The ``--runs`` text that :func:`parse_runs` reads back into ``runs``."""
+    items = []
+    for label, mode, epochs, *rest in runs:
+        plan = "mixed" if label.startswith("mixed") else label.split()[1]
+        item = f"{plan}:{mode}"
+        lr = rest[0] if rest else None
+        if epochs is not None or lr is not None:
+            item += f":{'' if epochs is None else epochs}"
+        if lr is not None:
+            item += f":{lr:g}"
+        items.append(item)
+    return ";".join(items)
 
 
 def parse_runs(text: str) -> list[tuple]:
