@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import time
 from pathlib import Path
 
@@ -70,9 +71,11 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     loader = make_loader(train, 128, shuffle=True, seed=0)
     evald = (test.images, test.labels)
     out = Path(out_dir)
+    ft_opts = dict(finetune_options or {})
     args = f"--model {model_name}" + (f" --runs \"{_format_runs(runs)}\"" if runs else "") + "".join(
-        f" --set {k}={v!r}" for k, v in (finetune_options or {}).items()) + \
+        f" --set {k}={v!r}" for k, v in ft_opts.items()) + \
         (f" --name {name}" if name != model_name else "") + (f" --threads {threads}" if threads != 2 else "")
+    fd = {n: p.default for n, p in inspect.signature(finetune).parameters.items()}  # the defaults the text names
     header = {"args": args, "date": now_utc(), "commit": git_commit(), "machine": ", ".join(
         f"{k}={v}" for k, v in machine_info().items() if k in ("cpu", "cores", "torch")) + f", threads={threads}",
         "setup": (f"Train: {len(train.labels)} sample training images, batch 128; test: {len(test.labels)} images. "
@@ -81,13 +84,13 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
                   "images; `refit` = output-aware refit of every clustered layer (kcengine.train.calibrate: "
                   "centroids and assignment chosen so each layer's outputs match the dense ones up to the "
                   "per-channel affine map the following BN absorbs) + BN; then `kcengine.finetune` in each mode "
-                  "with its defaults (distillation T=4, alpha=0.9 from the dense model, block outputs matched at "
-                  "weight 2; SGD Nesterov, one-cycle "
-                  f"LR peak {DEFAULT_LR['sgd']:g}; crop+flip; mixup Beta(1, 1); {DEFAULT_EPOCHS['centroids']} "
+                  f"with its defaults (distillation T={fd['temperature']:g}, alpha={fd['alpha']:g} from the dense "
+                  f"model, block outputs matched at weight {fd['feature_weight']:g}; SGD Nesterov, one-cycle "
+                  f"LR peak {DEFAULT_LR['sgd']:g}; crop+flip; mixup Beta({fd['mixup']:g}, {fd['mixup']:g}); "
+                  f"{DEFAULT_EPOCHS['centroids']} "
                   "epochs for centroids), which starts with the refit + BN step. "
                   "`seconds` = wall time of the step (finetune: everything it did, evaluation every epoch included) "
                   "on a machine shared with other jobs (timings are inflated by the sharing).")}
-    ft_opts = dict(finetune_options or {})
     if ft_opts:
         header["setup"] += " **Finetune options changed from the defaults: " + ", ".join(
             f"{k}={v!r}" for k, v in ft_opts.items()) + ".**"

@@ -38,7 +38,7 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
     eval images whose top-1 class matches the dense model's), ``seconds``.
     """
     from ..compress import compress
-    from ..compress.apply import conv_layers
+    from ..compress.apply import candidate_ks, conv_layers
     from ..compress.plan import select_layers
     from .calibrate import calibrate_outputs
 
@@ -71,9 +71,7 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
             bar = tqdm(total=len(selected), desc="output sensitivity", unit="layer", leave=False)
         for name in selected:
             c = by_name[name].out_channels
-            for k in sorted({max(1, round(c * r)) for r in ratios}):
-                if k >= c:
-                    continue
+            for k in (k for k in candidate_ks(c, ratios) if k < c):
                 t0 = time.perf_counter()
                 cm, _ = compress(model, {"layers": {name: k}}, layers=[name], seed=seed)
                 cm.eval()
@@ -105,12 +103,13 @@ def allocate_ks(rows: list[dict], budget: int, *, min_ratio: float = 0.25) -> di
         raise ValueError("rows is empty: run output_sensitivity first")
     if not (isinstance(min_ratio, (int, float)) and 0 <= min_ratio <= 1):
         raise ValueError(f"min_ratio must be in [0, 1], got min_ratio={min_ratio!r}")
-    curves: dict[str, np.ndarray] = {}
+    by_layer: dict[str, list] = {}
     for r in rows:
-        curves.setdefault(r["layer"], None)
+        by_layer.setdefault(r["layer"], []).append(r)
+    curves: dict[str, np.ndarray] = {}
     floor_total = 0
-    for name in curves:
-        rs = sorted((r for r in rows if r["layer"] == name), key=lambda r: r["k"])
+    for name, rs in by_layer.items():
+        rs = sorted(rs, key=lambda r: r["k"])
         c = int(rs[0]["out_channels"])
         ks = [int(r["k"]) for r in rs] + [c]
         kl = [float(r["kl"]) for r in rs] + [0.0]
