@@ -175,6 +175,16 @@ inline int compress16(const double* v, unsigned mask, i32 base, double* ov, i32*
   return compress16_scalar(v, mask, base, ov, oj);
 }
 
+// v rounded to a float no greater (below) / no smaller (above) than v: a stored lower / upper bound.
+inline float float_below(double v) {
+  float f = float(v);
+  return double(f) > v ? std::nextafter(f, -std::numeric_limits<float>::infinity()) : f;
+}
+inline float float_above(double v) {
+  float f = float(v);
+  return double(f) < v ? std::nextafter(f, std::numeric_limits<float>::infinity()) : f;
+}
+
 // Bit l set where wake[l] <= due[lab[l]], for 16 points (one gather per 16 with AVX-512).
 inline unsigned due_mask16(const float* wake, const i32* lab, const float* due) {
 #if defined(__AVX512F__)
@@ -795,11 +805,6 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
   const int nth = ThreadCount::get(par);
   std::vector<std::vector<T>> bufs(nth);
   const i64 chunk = 256, nchunks = (n + chunk - 1) / chunk;
-  auto store_lb = [](double v) {  // round down so the stored float is still a lower bound
-    float f = float(v);
-    if (double(f) > v) f = std::nextafter(f, -std::numeric_limits<float>::infinity());
-    return f;
-  };
 
   // Full assignment: every distance, then per-group minima over the non-assigned centers.
   auto full_assign = [&]() {
@@ -826,7 +831,7 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
           float* l = &lb[size_t(i + p) * t];
           for (i64 g = 0; g < t; ++g) {
             const double v = gm[g] == kInf ? kInf : std::sqrt(std::max(0.0, xn + gm[g]));
-            l[g] = store_lb(v);
+            l[g] = float_below(v);
             g_min = std::min(g_min, v);
           }
           glb[i + p] = g_min;
@@ -1010,12 +1015,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   std::vector<double> sums(size_t(k) * d, 0.0), wsum(k, 0.0), delta(k, 0.0), d2own(n), cum(k, 0.0);
   std::vector<float> wake(nw, std::numeric_limits<float>::infinity()), due(kp, 0.0f);
   double cf = 0.0;
-  auto set_wake = [&](i64 i, double gap) {
-    const double v = cum[lab[i]] + cf + gap;
-    float f = float(v);
-    if (double(f) > v) f = std::nextafter(f, -std::numeric_limits<float>::infinity());
-    wake[i] = f;
-  };
+  auto set_wake = [&](i64 i, double gap) { wake[i] = float_below(cum[lab[i]] + cf + gap); };
   auto dist = [d](const T* x, const T* cj) {
 #if defined(__AVX512F__)
     if constexpr (DC == 9 && std::is_same_v<T, float>) {  // 8 coordinates in one vector, in double
@@ -1192,10 +1192,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     cf += dmax;
     for (i64 j = 0; j < k; ++j) {
       cum[j] += delta[j];
-      const double v = cum[j] + cf;
-      float f = float(v);
-      if (double(f) < v) f = std::nextafter(f, std::numeric_limits<float>::infinity());
-      due[j] = f;
+      due[j] = float_above(cum[j] + cf);
     }
     C.c.swap(cnew);
     C.refresh();
