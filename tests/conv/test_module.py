@@ -240,3 +240,46 @@ def test_repeated_forwards_still_reject_bad_arguments():
         layer.codebook = nn.Parameter(torch.randn(3, 4, 3, 3))  # replaced by one of the wrong C_in
         with pytest.raises(ValueError, match="codebook"):
             layer(x)
+
+
+@pytest.mark.parametrize("geom", [dict(k=3, stride=1, padding=1, dilation=1), dict(k=3, stride=2, padding=1, dilation=1),
+                                  dict(k=1, stride=2, padding=0, dilation=1), dict(k=7, stride=2, padding=3, dilation=1),
+                                  dict(k=3, stride=1, padding=2, dilation=2)])
+def test_packed_codebook_inference_matches_dense_and_follows_updates(geom):
+    """CPU inference on float32 channels-last input runs the K-filter conv on a codebook reordered once for
+    oneDNN (kept between calls): equal to F.conv2d with the dense weight, for every input shape that comes,
+    and rebuilt when the codebook changes (optimizer step, in-place op, .to(), invalidate_cache after .data)."""
+    from kcengine.conv.backends import PackedCodebook
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(13, 22, geom["k"], geom["stride"], geom["padding"], geom["dilation"], bias=True)
+    res = SimpleNamespace(centroids=conv.weight.detach().reshape(22, -1)[:5].clone(),
+                          labels=torch.arange(22) % 5)
+    layer = ClusteredConv2d.from_conv(conv, res, "filter", backend="cpu").eval()
+
+    def check(n, h, w):
+        x = torch.randn(n, 13, h, w).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            ref = F.conv2d(x, layer.to_dense(), layer.bias, geom["stride"], geom["padding"], geom["dilation"])
+            _close(layer(x), ref)
+
+    for shape in [(1, 17, 11), (3, 9, 20), (1, 17, 11)]:
+        check(*shape)
+    if PackedCodebook._available():  # the packed path really ran (else this build has no oneDNN op)
+        assert layer._cache.packed._key is not None
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    x = torch.randn(2, 13, 12, 12)
+    layer(x).square().sum().backward()  # training-mode call: the plain F.conv2d path, autograd
+    opt.step()
+    check(2, 12, 12)
+    with torch.no_grad():
+        layer.codebook.mul_(-1.5)
+    check(2, 12, 12)
+    layer.codebook.data.copy_(torch.randn_like(layer.codebook))  # unseen by the version counter...
+    layer.invalidate_cache()  # ...hence the documented call
+    check(2, 12, 12)
+    layer.double()
+    x64 = torch.randn(2, 13, 12, 12, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():  # not float32: F.conv2d
+        ref = F.conv2d(x64, layer.to_dense(), layer.bias, geom["stride"], geom["padding"], geom["dilation"])
+        _close(layer(x64), ref, torch.float64)

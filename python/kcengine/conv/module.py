@@ -42,10 +42,13 @@ def _version(t: torch.Tensor):
 
 
 class _Cache:
-    __slots__ = ("key", "index32", "plan")
+    __slots__ = ("key", "index32", "plan", "packed")
 
     def __init__(self, key, index32, plan):
+        from .backends import PackedCodebook
+
         self.key, self.index32, self.plan = key, index32, plan
+        self.packed = PackedCodebook()  # the codebook in oneDNN's layout (cpu backend, inference)
 
 
 class ClusteredConv2d(nn.Module):
@@ -63,6 +66,11 @@ class ClusteredConv2d(nn.Module):
         backend: ``"auto"`` or a backend name for :func:`kcengine.indexed_conv2d`'s registry.
 
     ``forward(x, residual=None)`` returns ``act((conv(x) + bias) * scale + shift + residual)``.
+
+    Forward keeps what it derives from ``index`` and ``codebook`` (int32 index, kernel plan, the
+    codebook reordered for oneDNN) and rebuilds it when their storage or in-place version changes:
+    optimizer steps, in-place ops, ``load_state_dict`` and ``.to()`` are seen.  Writes through
+    ``.data`` bypass the version counter: call :meth:`invalidate_cache` after them.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, num_clusters: int, stride=1, padding=0,
@@ -279,11 +287,18 @@ class ClusteredConv2d(nn.Module):
                 extra["plan"] = cache.plan
             if name == "cpu":
                 extra["index32"] = cache.index32
+                extra["packed"] = cache.packed
             return impl(x, self.codebook, self.index, self.bias, stride, padding, dilation, self.granularity,
                         self.scale, self.shift, self.relu, residual, **extra)
 
         _, y = _registry.run_with_fallback("conv", self.backend, x.device, call)
         return y
+
+    def invalidate_cache(self) -> None:
+        """Drop what forward derived from ``index`` and ``codebook`` (needed only after writes through
+        ``.data``, which torch's version counter does not see)."""
+        self._cache = None
+        self.__dict__.pop("_checked", None)
 
     def _apply(self, fn, *args, **kwargs):
         self._cache = None
