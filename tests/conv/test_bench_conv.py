@@ -21,12 +21,14 @@ def test_bench_runs_small(tmp_path):
         assert row["dense_ms"] > 0 and row["clustered_ms"] > 0 and math.isfinite(row["speedup"])
         assert row["max_rel_err"] < 1e-4, row
         assert 0 < row["flop_ratio"] < 1
+        # filter rows also time the K-filter conv alone (the path's ceiling); kernel rows have none
+        assert (row["unique_conv_ms"] > 0) if row["granularity"] == "filter" else math.isnan(row["unique_conv_ms"])
     assert {e["memory_format"] for e in r["e2e"]} >= {"nchw", "channels_last"}
     assert all(e["max_rel_err"] < 1e-4 for e in r["e2e"] if e["memory_format"] in ("nchw", "channels_last"))
     assert len(r["checkpoint"]) == 6
     for c in r["checkpoint"]:  # codebook 1/d of the conv weights plus uint8 indexes; fc and BN stored alike
         assert 1.5 < c["ratio"] < 20, c
     md = (tmp_path / "indexed_conv.md").read_text()
-    assert "Checkpoint size" in md
+    assert "Checkpoint size" in md and "unique_conv_speedup" in md
     assert "commit" in md and "torch threads" in md and str(torch.get_num_threads()) in md
     assert (tmp_path / "indexed_conv.csv").stat().st_size > 0

@@ -69,18 +69,21 @@ def _random_clustering(weight: torch.Tensor, k: int, granularity: str, seed: int
 
 def _time_pair(fa, fb, repeat: int, warmup: int = 1):
     """Best seconds of fa and fb, run alternately (a, b, a, b, ...) after ``warmup`` rounds."""
+    return _time_alternating((fa, fb), repeat, warmup)
+
+
+def _time_alternating(fns, repeat: int, warmup: int = 1):
+    """Best seconds of each of ``fns``, run in turn (a, b, c, a, b, c, ...) after ``warmup`` rounds."""
     for _ in range(warmup):
-        fa()
-        fb()
-    ta = tb = float("inf")
+        for f in fns:
+            f()
+    best = [float("inf")] * len(fns)
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fa()
-        ta = min(ta, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        fb()
-        tb = min(tb, time.perf_counter() - t0)
-    return ta, tb
+        for j, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            best[j] = min(best[j], time.perf_counter() - t0)
+    return tuple(best)
 
 
 def _flops(shape: dict, n: int, ho: int, wo: int, granularity: str | None, k: int, m: int = 0) -> float:
@@ -98,7 +101,7 @@ def run_layer_bench(batches=(1, 32), divisors=(8, 4, 2), granularities=("filter"
                     log=print) -> list[dict]:
     """One row per (batch, shape, granularity, K): dense and clustered seconds, speedup, FLOP ratio, error."""
     from ..conv import ClusteredConv2d
-    from ..conv.backends import kernel_plan
+    from ..conv.backends import kernel_plan, unique_maps
 
     repeat = repeat or {(1, "filter"): 10, (1, "kernel"): 5, (32, "filter"): 4, (32, "kernel"): 2}
     rows = []
@@ -119,8 +122,15 @@ def run_layer_bench(batches=(1, 32), divisors=(8, 4, 2), granularities=("filter"
                     with torch.inference_mode():
                         dense = lambda: F.conv2d(xd, w, None, conv.stride, conv.padding)  # noqa: E731
                         clustered = lambda: layer(xin)  # noqa: E731
+                        fns = [dense, clustered]
+                        if gran == "filter":  # the K-filter conv alone, as the layer runs it (no gather)
+                            fns.append(lambda: unique_maps(xin, layer.codebook, layer.index, "filter", conv.stride,
+                                                           conv.padding, conv.dilation,
+                                                           packed=layer._prepared().packed))
+                        tu = float("nan")
                         try:
-                            td, tc = _time_pair(dense, clustered, repeat.get((n, gran), 2))
+                            td, tc, *rest = _time_alternating(fns, repeat.get((n, gran), 2))
+                            tu = rest[0] if rest else tu
                             yd, yc = dense(), clustered()
                             err = ((yc - yd).abs().max() / yd.abs().max().clamp_min(1e-30)).item()
                         except Exception as exc:  # a failing variant records NaN, never aborts the run
@@ -134,7 +144,8 @@ def run_layer_bench(batches=(1, 32), divisors=(8, 4, 2), granularities=("filter"
                     row = {"batch": n, "layer": shape["layer"], "c_in": shape["c_in"], "c_out": shape["c_out"],
                            "k": shape["k"], "stride": shape["stride"], "h_in": shape["h_in"], "granularity": gran,
                            "K": k, "K_frac": f"C_out/{d}", "dense_ms": td * 1e3, "clustered_ms": tc * 1e3,
-                           "speedup": td / tc, "flop_ratio": fc / fd, "dense_gflops": fd / 1e9,
+                           "speedup": td / tc, "unique_conv_ms": tu * 1e3, "unique_conv_speedup": td / tu,
+                           "flop_ratio": fc / fd, "dense_gflops": fd / 1e9,
                            "clustered_gflops": fc / 1e9, "dense_gflop_s": fd / td / 1e9,
                            "clustered_gflop_s": fc / tc / 1e9, "max_rel_err": err}
                     rows.append(row)
@@ -286,6 +297,7 @@ def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat
                 summary.append({"batch": n, "granularity": gran, "K": f"C_out/{d}",
                                 "geomean_speedup_3x3": _geomean([r["speedup"] for r in sel3]),
                                 "geomean_speedup_all": _geomean([r["speedup"] for r in sel]),
+                                "geomean_unique_conv_speedup_3x3": _geomean([r["unique_conv_speedup"] for r in sel3]),
                                 "geomean_flop_reduction_3x3": _geomean([1 / r["flop_ratio"] for r in sel3])})
     result = {"info": info, "commit": git_commit(), "date": now_utc(), "layers": layer_rows, "e2e": e2e_rows,
               "checkpoint": ckpt_rows,
@@ -305,6 +317,9 @@ def _targets(r: dict) -> list[dict]:
             v = srow["geomean_speedup_3x3"]
             rows.append({"target": "filter, K = C_out/4, batch 32, geomean over 3x3 shapes", "goal": ">= 3.5x",
                          "measured": v, "met": "yes" if v >= 3.5 else "no"})
+            u = srow["geomean_unique_conv_speedup_3x3"]
+            rows.append({"target": "(its ceiling: the K-filter conv alone, no gather, same run)", "goal": "",
+                         "measured": u, "met": ""})
     for e in r["e2e"]:
         if str(e["memory_format"]).startswith("best"):
             rows.append({"target": f"end-to-end resnet18, batch {e['batch']} ({e['memory_format']})", "goal": ">= 2.5x",
@@ -335,6 +350,9 @@ def _markdown(r: dict) -> str:
              "gather pass; kernel: one native pass per output pixel tile computing each input channel's M codebook "
              "responses in registers and scattering them into the C_out accumulators, no depthwise maps in memory).",
              "- FLOP ratio = clustered FLOPs / dense FLOPs (filter: K/C_out; kernel: M/C_out + 1/(2 kh kw)).",
+             "- unique conv (filter rows): the layer's K-filter conv alone (oneDNN, as the layer runs it), timed in "
+             "the same alternation; dense / unique conv is the most the filter path can reach with oneDNN doing "
+             "its conv, whatever the gather costs.",
              "", "## Targets of the issue (values from this run)", "",
              markdown_table(_targets(r)),
              "", "## Summary (geometric means over resnet18's distinct conv shapes)", "",
@@ -351,7 +369,8 @@ def _markdown(r: dict) -> str:
              markdown_table(r.get("checkpoint") or []),
              "", "## Per layer", "",
              markdown_table(r["layers"], ["batch", "layer", "c_in", "c_out", "k", "stride", "h_in", "granularity",
-                                          "K", "dense_ms", "clustered_ms", "speedup", "flop_ratio",
+                                          "K", "dense_ms", "clustered_ms", "speedup", "unique_conv_ms",
+                                          "unique_conv_speedup", "flop_ratio",
                                           "dense_gflop_s", "clustered_gflop_s", "max_rel_err"])]
     return "\n".join(lines) + "\n"
 
