@@ -1633,6 +1633,57 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
   // `closest`; mode 1: part[chunk][t] = sum w * min(d2, closest) (nothing stored: writing nt
   // rows per step costs more than computing the winner's row again); mode 2 (nt = 1): closest =
   // min(d2, closest), the winner applied.
+#if defined(__AVX512F__)
+  // The sweep of one block for float data of low D (3x3 kernels: 9): each trial's distances to 16
+  // points are summed over the coordinates in a register (the block's columns, 16 x 256 floats at
+  // most, stay in L1), instead of an accumulator row loaded and stored once per coordinate, and the
+  // min with `closest` and the potential follow on the register.  Same modes and results as below
+  // (the 16 potential lanes summed in order).
+  auto sweep_block_low_d = [&](i64 i0, i64 m, i64 nt, int mode, double* pot) {
+    if constexpr (std::is_same_v<T, float>) {
+      float cq[TMAX][16];
+      for (i64 t = 0; t < nt; ++t)
+        for (i64 q = 0; q < d; ++q) cq[t][q] = ds.x[cid[t] * d + q];
+      const float* xb = &prep.xt[size_t(i0)];
+      float* cl = &closest[size_t(i0)];
+      for (i64 t = 0; t < nt; ++t) {
+        __m512d l0 = _mm512_setzero_pd(), l1 = _mm512_setzero_pd();
+        for (i64 i = 0; i < m; i += 16) {
+          const __mmask16 mk = m - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (m - i)) - 1u);
+          __m512 sd = _mm512_setzero_ps();
+          for (i64 q = 0; q < d; ++q) {
+            const __m512 u = _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, xb + size_t(q) * n + i), _mm512_set1_ps(cq[t][q]));
+            sd = _mm512_fmadd_ps(u, u, sd);
+          }
+          if (mode == 0) {
+            _mm512_mask_storeu_ps(cl + i, mk, sd);
+            continue;
+          }
+          sd = _mm512_min_ps(sd, _mm512_maskz_loadu_ps(mk, cl + i));  // masked-off lanes: 0
+          if (mode == 2) {
+            _mm512_mask_storeu_ps(cl + i, mk, sd);
+            continue;
+          }
+          __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(sd));
+          __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sd), 1)));
+          if (w) {
+            lo = _mm512_mul_pd(lo, _mm512_maskz_loadu_pd(__mmask8(mk), w + i0 + i));
+            hi = _mm512_mul_pd(hi, _mm512_maskz_loadu_pd(__mmask8(mk >> 8), w + i0 + i + 8));
+          }
+          l0 = _mm512_add_pd(l0, lo);
+          l1 = _mm512_add_pd(l1, hi);
+        }
+        if (mode != 1) break;  // modes 0 and 2 have one trial
+        alignas(64) double lanes[16];
+        _mm512_store_pd(lanes, l0);
+        _mm512_store_pd(lanes + 8, l1);
+        double p = 0;
+        for (double v : lanes) p += v;
+        pot[t] += p;
+      }
+    }
+  };
+#endif
   auto sweep = [&](i64 nt, int mode) {
 #pragma omp parallel for if (par) schedule(static)
     for (i64 ch = 0; ch < nc; ++ch) {
@@ -1642,6 +1693,14 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
       T cq[TMAX];
       for (i64 i0 = a; i0 < bnd; i0 += B) {
         const i64 m = std::min(B, bnd - i0);
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<T, float>) {
+          if (d <= 16) {  // low D: see sweep_block_low_d
+            sweep_block_low_d(i0, m, nt, mode, pot);
+            continue;
+          }
+        }
+#endif
         for (i64 t = 0; t < nt; ++t)
           for (i64 i = 0; i < m; ++i) acc[t][i] = T(0);
         for (i64 q = 0; q < d; ++q) {
