@@ -68,3 +68,63 @@ def test_allocate_ks_floor_and_errors():
         allocate_ks(rows, 10, min_ratio=math.nan)
     with pytest.raises(ValueError, match="rows"):
         allocate_ks([], 10)
+
+
+class _SharedReluNet(torch.nn.Module):
+    """A block whose one ReLU module runs before and after the target conv (in place), like torchvision's
+    BasicBlock: the prefix cache must not serve the second call, nor let the in-place op touch what it stores."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6))
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.conv_a = torch.nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn_a = torch.nn.BatchNorm2d(6)
+        self.conv_b = torch.nn.Conv2d(6, 8, 3, padding=1, bias=False)
+        self.bn_b = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.relu(self.stem(x))
+        y = self.bn_a(self.conv_a(x))
+        y += 0.5  # in place on bn_a's output: must not reach the stored copy
+        y = self.relu(y)
+        y = self.relu(self.bn_b(self.conv_b(y)) + x.mean(1, keepdim=True))
+        return self.head(y.mean((2, 3)))
+
+
+def test_output_sensitivity_reuses_the_prefix_only_where_it_is_safe():
+    """The clustered copies get the stored outputs of the modules that ran before the layer (the stem, and
+    conv_a/bn_a before conv_b) but not of the ReLU called again after it; KL equals the whole-forward value."""
+    from kcengine.train.sensitivity import _Prefix
+
+    torch.manual_seed(0)
+    model = _SharedReluNet().eval()
+    for m in model.modules():  # non-trivial BN statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    images = torch.randn(20, 3, 7, 7)
+    calib, ev = images[:10], images[10:]
+    starts = range(0, ev.shape[0], 4)
+    prefix = _Prefix.record(model, "conv_b", ev, starts, 4)
+    assert set(prefix.outputs) == {"stem", "conv_a", "bn_a"}  # not "relu": it runs again after conv_b
+    assert all(len(v) == len(starts) for v in prefix.outputs.values())
+    rows = output_sensitivity(model, calib, ev, layers=["conv_b"], ratios=(0.25, 0.5), batch_size=4)
+    for row in rows:  # independent: refit each copy with calibrate_outputs, run it whole
+        cm, _ = kcengine.compress(model, {"layers": {"conv_b": row["k"]}}, layers=["conv_b"], seed=0)
+        cm.eval()
+        calibrate_outputs(cm, model, calib, layers=["conv_b"], seed=0)
+        with torch.no_grad():
+            p, q = torch.log_softmax(model(ev), 1), torch.log_softmax(cm(ev), 1)
+        ref = float((p.exp() * (p - q)).sum(1).mean())
+        assert row["kl"] == pytest.approx(ref, rel=1e-5, abs=1e-8)
+    with torch.no_grad():  # serving restores the modules afterwards, and the stored outputs are intact
+        cm, _ = kcengine.compress(model, {"layers": {"conv_b": 2}}, layers=["conv_b"], seed=0)
+        cm.eval()
+        whole = cm(ev[:4])
+        for _ in range(2):
+            with prefix.serving(cm, 0):
+                torch.testing.assert_close(cm(ev[:4]), whole)
+        assert "forward" not in cm.stem.__dict__
+        torch.testing.assert_close(cm(ev[:4]), whole)

@@ -94,7 +94,9 @@ def _moments(layer: ClusteredConv2d, xc: torch.Tensor, xd: torch.Tensor, max_pat
              chunk: int = 64):
     """Second moments of the im2col patches: (Ecc, Ecd, Edd, mean_c, mean_d), float64, D = C_in*kh*kw.
 
-    At most ``max_patches`` patch positions (a fixed random subset, the same for student and teacher)."""
+    At most ``max_patches`` patch positions (a fixed random subset, the same for student and teacher).
+    ``xd is xc`` (the student's input is the teacher's: every layer before it is dense) computes one product
+    and returns it for all three."""
     kw = dict(kernel_size=layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
     d = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
     acc = [torch.zeros(d, d, dtype=torch.float64) for _ in range(3)]
@@ -103,19 +105,26 @@ def _moments(layer: ClusteredConv2d, xc: torch.Tensor, xd: torch.Tensor, max_pat
     n = 0
     g = torch.Generator().manual_seed(seed)
     n_img = xc.shape[0]
+    same = xd is xc
     for i in range(0, n_img, chunk):
         pc = F.unfold(xc[i:i + chunk], **kw).transpose(1, 2).reshape(-1, d)
-        pd = F.unfold(xd[i:i + chunk], **kw).transpose(1, 2).reshape(-1, d)
+        pd = pc if same else F.unfold(xd[i:i + chunk], **kw).transpose(1, 2).reshape(-1, d)
         keep = max(1, int(max_patches * min(chunk, n_img - i) / n_img))
         if keep < pc.shape[0]:
             sel = torch.randperm(pc.shape[0], generator=g)[:keep]
-            pc, pd = pc[sel], pd[sel]
+            pc = pc[sel]
+            pd = pc if same else pd[sel]
         acc[0] += (pc.T @ pc).double()
+        mc += pc.double().sum(0)
+        n += pc.shape[0]
+        if same:
+            continue
         acc[1] += (pc.T @ pd).double()
         acc[2] += (pd.T @ pd).double()
-        mc += pc.double().sum(0)
         md += pd.double().sum(0)
-        n += pc.shape[0]
+    if same:
+        ecc, mean = acc[0] / n, mc / n
+        return ecc, ecc, ecc, mean, mean
     return acc[0] / n, acc[1] / n, acc[2] / n, mc / n, md / n
 
 
@@ -278,11 +287,16 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
         tconv = t_mods[n]
         xc = _layer_input(student, layer, images, batch_size)
         xd = _layer_input(teacher, tconv, images, batch_size)
+        if torch.equal(xc, xd):  # the layers before are dense (the first clustered one): one product, not three
+            xd = xc
         mom = _moments(layer, xc, xd, max_patches, seed)
-        w = tconv.weight.detach().double().reshape(tconv.out_channels, -1)
-        bn = bn_of.get(n)
-        if bn is not None and bn.track_running_stats:
-            out[n] = _refit_with_bn(layer, bn, w, mom, iterations, ridge)
-        else:
-            out[n] = _refit_least_squares(layer, w, mom, ridge)
+        out[n] = _refit_layer(layer, tconv, bn_of.get(n), mom, iterations, ridge)
     return out
+
+
+def _refit_layer(layer: ClusteredConv2d, tconv: nn.Conv2d, bn, mom, iterations: int, ridge: float) -> dict:
+    """Refit one layer from its patch moments ``mom`` (:func:`_moments`), with or without its following BN."""
+    w = tconv.weight.detach().double().reshape(tconv.out_channels, -1)
+    if bn is not None and bn.track_running_stats:
+        return _refit_with_bn(layer, bn, w, mom, iterations, ridge)
+    return _refit_least_squares(layer, w, mom, ridge)

@@ -15,6 +15,8 @@ resnet20 on the CIFAR sample at the k = C_out/2 budget: see bench/results/recove
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import time
 
 import numpy as np
@@ -35,12 +37,16 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
     on ``eval_images`` (batch mean).  ``model`` is not modified.
 
     Returns one dict per (layer, k): ``layer``, ``out_channels``, ``k``, ``kl``, ``agreement`` (fraction of
-    eval images whose top-1 class matches the dense model's), ``seconds``.
+    eval images whose top-1 class matches the dense model's), ``seconds`` (a layer's first k also carries the
+    work shared by its ks: the layer's input moments and the outputs of the modules before it, which the
+    clustered copies reuse instead of recomputing; same values as refitting each copy with
+    :func:`~kcengine.train.calibrate.calibrate_outputs` and running it whole).
     """
     from ..compress import compress
     from ..compress.apply import candidate_ks, conv_layers
     from ..compress.plan import select_layers
-    from .calibrate import calibrate_outputs
+    from ..conv import ClusteredConv2d
+    from .calibrate import _layer_input, _moments, _refit_layer, calibrate_outputs, following_batchnorm
 
     for name, t in (("calib_images", calib_images), ("eval_images", eval_images)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] < 1:
@@ -56,10 +62,15 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
         selected = select_layers([n for n, _ in convs], layers)
         by_name = dict(convs)
 
-        def logits(m):
+        starts = range(0, eval_images.shape[0], batch_size)
+
+        def logits(m, prefix=None):
+            out = []
             with torch.no_grad():
-                return torch.cat([m(eval_images[i:i + batch_size]) for i in range(0, eval_images.shape[0],
-                                                                                  batch_size)])
+                for b, i in enumerate(starts):
+                    with prefix.serving(m, b) if prefix is not None else contextlib.nullcontext():
+                        out.append(m(eval_images[i:i + batch_size]))
+            return torch.cat(out)
 
         t_log = F.log_softmax(logits(model), 1)
         t_top = t_log.argmax(1)
@@ -69,14 +80,32 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
             from tqdm import tqdm
 
             bar = tqdm(total=len(selected), desc="output sensitivity", unit="layer", leave=False)
+        opt = {p.name: p.default for p in inspect.signature(calibrate_outputs).parameters.values()}
         for name in selected:
-            c = by_name[name].out_channels
+            conv = by_name[name]
+            c = conv.out_channels
+            # What calibrate_outputs would compute for every k, once per layer: the layer's input (the same
+            # for the clustered copy, whose earlier layers are dense) and its patch moments.  And the
+            # outputs of the modules that run before the layer, served to each copy's forward.
+            mom = prefix = None
+            first = True
             for k in (k for k in candidate_ks(c, ratios) if k < c):
                 t0 = time.perf_counter()
                 cm, _ = compress(model, {"layers": {name: k}}, layers=[name], seed=seed)
                 cm.eval()
-                calibrate_outputs(cm, model, calib_images, layers=[name], seed=seed)
-                s_log = F.log_softmax(logits(cm), 1)
+                layer = cm.get_submodule(name)
+                if isinstance(layer, ClusteredConv2d) and layer.granularity == "filter" and layer.groups == 1:
+                    if mom is None:
+                        x = _layer_input(model, conv, calib_images, opt["batch_size"])
+                        mom = _moments(conv, x, x, opt["max_patches"], seed)
+                    _refit_layer(layer, conv, following_batchnorm(cm, calib_images[:2]).get(name), mom,
+                                 opt["iterations"], opt["ridge"])
+                else:
+                    calibrate_outputs(cm, model, calib_images, layers=[name], seed=seed)
+                if first:
+                    prefix = _Prefix.record(model, name, eval_images, starts, batch_size)
+                    first = False
+                s_log = F.log_softmax(logits(cm, prefix), 1)
                 kl = float(F.kl_div(s_log, t_log, log_target=True, reduction="batchmean"))
                 rows.append({"layer": name, "out_channels": c, "k": k, "kl": kl,
                              "agreement": float((s_log.argmax(1) == t_top).float().mean()),
@@ -88,6 +117,107 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
     finally:
         model.train(was_training)
     return rows
+
+
+class _Prefix:
+    """The outputs of the modules that finish before layer ``name`` starts, in a forward of the dense model,
+    per eval batch: a clustered copy (only ``name`` differs) gets them instead of recomputing them.
+
+    Candidates are the direct children of ``name``'s ancestors (the model's stem and earlier stages, the
+    earlier blocks of its stage, the earlier layers of its block).  One is kept only if a forward calls it
+    exactly once, it has finished when ``name`` starts, and it returns a tensor; a module called again
+    later (a shared ReLU) runs as usual.  Outputs are cloned when stored and when served (an in-place op
+    after the module, in the recording forward or in a copy's, must not change what is stored).  Not used (None) when the outputs would take more than ``max_bytes``."""
+
+    def __init__(self, outputs: dict):
+        self.outputs = outputs  # module name -> [output of batch b]
+
+    @classmethod
+    def record(cls, model: nn.Module, name: str, images: torch.Tensor, starts, batch_size: int,
+               max_bytes: int = 1 << 30):
+        target = model.get_submodule(name)
+        parts = name.split(".")
+        cands = {}
+        for depth in range(len(parts)):
+            prefix = ".".join(parts[:depth])
+            parent = model.get_submodule(prefix) if prefix else model
+            for child_name, child in parent.named_children():
+                full = f"{prefix}.{child_name}" if prefix else child_name
+                if full != ".".join(parts[:depth + 1]):
+                    cands[full] = child
+        calls, done, first_target = {}, [], []
+        outputs = {n: [] for n in cands}
+
+        def post(n):
+            def hook(mod, inp, out):
+                calls[n] = calls.get(n, 0) + 1
+                if not first_target and isinstance(out, torch.Tensor):
+                    done.append(n)
+                if store:
+                    outputs[n].append(out.detach().clone())  # clone: a later in-place op must not reach it
+            return hook
+
+        def pre(mod, inp):
+            first_target.append(True)
+            if store:
+                raise _Stop
+
+        hooks = [m.register_forward_hook(post(n)) for n, m in cands.items()]
+        hooks.append(target.register_forward_pre_hook(pre))
+        try:
+            store = False
+            with torch.no_grad():  # one full forward on two images: which candidates qualify
+                model(images[:2])
+            keep = [n for n in done if calls.get(n) == 1]
+            calls.clear()
+            done.clear()
+            first_target.clear()
+            if not keep:
+                return None
+            outputs = {n: [] for n in keep}
+            cands = {n: cands[n] for n in keep}
+            for h in hooks[:-1]:
+                h.remove()
+            hooks = [hooks[-1]] + [m.register_forward_hook(post(n)) for n, m in cands.items()]
+            store = True
+            total = 0
+            with torch.no_grad():
+                for i in starts:
+                    first_target.clear()
+                    try:
+                        model(images[i:i + batch_size])
+                    except _Stop:
+                        pass
+                    total = sum(o.numel() * o.element_size() for v in outputs.values() for o in v)
+                    if total > max_bytes:
+                        return None
+        finally:
+            for h in hooks:
+                h.remove()
+        if any(len(v) != len(starts) for v in outputs.values()):
+            return None  # a module skipped in some batch: do not guess
+        return cls(outputs)
+
+    @contextlib.contextmanager
+    def serving(self, model: nn.Module, batch: int):
+        """Within the block, the recorded modules of ``model`` (a copy with the same names) return their
+        stored output for eval batch ``batch`` instead of running."""
+        mods = [(model.get_submodule(n), v[batch]) for n, v in self.outputs.items()]
+        saved = [mod.__dict__.get("forward") for mod, _ in mods]  # an instance-level forward, if any
+        for mod, out in mods:
+            mod.forward = lambda *a, _out=out, **k: _out.clone()
+        try:
+            yield
+        finally:
+            for (mod, _), old in zip(mods, saved):
+                if old is None:
+                    del mod.forward
+                else:
+                    mod.forward = old
+
+
+class _Stop(Exception):
+    pass
 
 
 def allocate_ks(rows: list[dict], budget: int, *, min_ratio: float = 0.25) -> dict[str, int]:
