@@ -127,7 +127,8 @@ class _Prefix:
     earlier blocks of its stage, the earlier layers of its block).  One is kept only if a forward calls it
     exactly once, it has finished when ``name`` starts, and it returns a tensor; a module called again
     later (a shared ReLU) runs as usual.  Outputs are cloned when stored and when served (an in-place op
-    after the module, in the recording forward or in a copy's, must not change what is stored).  Not used (None) when the outputs would take more than ``max_bytes``."""
+    after the module, in the recording forward or in a copy's, must not change what is stored).
+    :meth:`record` returns None when nothing qualifies or the outputs would take more than ``max_bytes``."""
 
     def __init__(self, outputs: dict):
         self.outputs = outputs  # module name -> [output of batch b]
@@ -135,65 +136,54 @@ class _Prefix:
     @classmethod
     def record(cls, model: nn.Module, name: str, images: torch.Tensor, starts, batch_size: int,
                max_bytes: int = 1 << 30):
+        from .calibrate import _Stop
+
         target = model.get_submodule(name)
         parts = name.split(".")
         cands = {}
         for depth in range(len(parts)):
-            prefix = ".".join(parts[:depth])
-            parent = model.get_submodule(prefix) if prefix else model
+            parent_name = ".".join(parts[:depth])
+            parent = model.get_submodule(parent_name)
             for child_name, child in parent.named_children():
-                full = f"{prefix}.{child_name}" if prefix else child_name
+                full = f"{parent_name}.{child_name}" if parent_name else child_name
                 if full != ".".join(parts[:depth + 1]):
                     cands[full] = child
-        calls, done, first_target = {}, [], []
-        outputs = {n: [] for n in cands}
+        # Which candidates qualify: one forward on two images, counting the calls and noting the modules
+        # that returned a tensor before the target started.
+        calls, before, started = {}, [], []
 
-        def post(n):
+        def count(n):
             def hook(mod, inp, out):
                 calls[n] = calls.get(n, 0) + 1
-                if not first_target and isinstance(out, torch.Tensor):
-                    done.append(n)
-                if store:
-                    outputs[n].append(out.detach().clone())  # clone: a later in-place op must not reach it
+                if not started and isinstance(out, torch.Tensor):
+                    before.append(n)
             return hook
 
-        def pre(mod, inp):
-            first_target.append(True)
-            if store:
-                raise _Stop
-
-        hooks = [m.register_forward_hook(post(n)) for n, m in cands.items()]
-        hooks.append(target.register_forward_pre_hook(pre))
-        try:
-            store = False
-            with torch.no_grad():  # one full forward on two images: which candidates qualify
-                model(images[:2])
-            keep = [n for n in done if calls.get(n) == 1]
-            calls.clear()
-            done.clear()
-            first_target.clear()
-            if not keep:
-                return None
-            outputs = {n: [] for n in keep}
-            cands = {n: cands[n] for n in keep}
-            for h in hooks[:-1]:
-                h.remove()
-            hooks = [hooks[-1]] + [m.register_forward_hook(post(n)) for n, m in cands.items()]
-            store = True
-            total = 0
+        with _hooks([(m, count(n)) for n, m in cands.items()], target, lambda mod, inp: started.append(1)):
             with torch.no_grad():
-                for i in starts:
-                    first_target.clear()
-                    try:
-                        model(images[i:i + batch_size])
-                    except _Stop:
-                        pass
-                    total = sum(o.numel() * o.element_size() for v in outputs.values() for o in v)
-                    if total > max_bytes:
-                        return None
-        finally:
-            for h in hooks:
-                h.remove()
+                model(images[:2])
+        keep = [n for n in before if calls[n] == 1]
+        if not keep:
+            return None
+        # Their outputs on every eval batch, each forward stopped where the target starts.
+        outputs = {n: [] for n in keep}
+
+        def store(n):
+            def hook(mod, inp, out):
+                outputs[n].append(out.detach().clone())
+            return hook
+
+        def stop(mod, inp):
+            raise _Stop
+
+        with _hooks([(cands[n], store(n)) for n in keep], target, stop), torch.no_grad():
+            for i in starts:
+                try:
+                    model(images[i:i + batch_size])
+                except _Stop:
+                    pass
+                if sum(o.numel() * o.element_size() for v in outputs.values() for o in v) > max_bytes:
+                    return None
         if any(len(v) != len(starts) for v in outputs.values()):
             return None  # a module skipped in some batch: do not guess
         return cls(outputs)
@@ -216,8 +206,15 @@ class _Prefix:
                     mod.forward = old
 
 
-class _Stop(Exception):
-    pass
+@contextlib.contextmanager
+def _hooks(post: list, target: nn.Module, pre):
+    """Forward hooks ``post`` [(module, hook)] and a forward pre-hook ``pre`` on ``target``, removed on exit."""
+    handles = [m.register_forward_hook(h) for m, h in post] + [target.register_forward_pre_hook(pre)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def allocate_ks(rows: list[dict], budget: int, *, min_ratio: float = 0.25) -> dict[str, int]:
