@@ -31,7 +31,8 @@ def test_bench_quick_writes_report_folder(tmp_path):
     for row in clus["rows"]:
         assert row["seconds"] > 0
     inf = res["sections"]["inference"]
-    assert [row["batch"] for row in inf["rows"]] == [1, 8]
+    assert [(row["batch"], row["memory_format"]) for row in inf["rows"]] == [
+        (1, "nchw"), (1, "channels_last"), (8, "nchw"), (8, "channels_last")]
     assert all(row["rel_diff_vs_dense"] < 1e-3 for row in inf["rows"])  # same weights, fused: same outputs
     sizes = {s["what"]: s for s in inf["sizes"]}
     assert sizes["unique conv weights"]["ratio"] > 3.5
