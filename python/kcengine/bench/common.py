@@ -122,6 +122,24 @@ def time_call(fn: Callable[[], object], *, repeat: int = 1, warmup: int = 0, syn
     return best, out
 
 
+def time_alternating(fns: Sequence[Callable[[], object]], repeat: int, *, warmup: int = 1,
+                     flip: bool = False) -> tuple:
+    """Best seconds of each of ``fns`` over ``repeat`` rounds, run in turn (a, b, c, a, b, c, ...; with
+    ``flip`` every other round runs them in reverse order) after ``warmup`` rounds: peers timed side by side
+    on the same inputs, so load from other jobs hits them alike."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    best = [float("inf")] * len(fns)
+    for r in range(repeat):
+        order = range(len(fns)) if not (flip and r % 2) else reversed(range(len(fns)))
+        for j in order:
+            t0 = time.perf_counter()
+            fns[j]()
+            best[j] = min(best[j], time.perf_counter() - t0)
+    return tuple(best)
+
+
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not rows:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import git_commit, machine_info, markdown_table, now_utc, write_csv
+from .common import git_commit, machine_info, markdown_table, now_utc, time_alternating, write_csv
 
 __all__ = ["resnet18_conv_shapes", "run_layer_bench", "run_e2e_bench", "run_checkpoint_sizes", "run_conv_bench",
            "main"]
@@ -65,25 +65,6 @@ def _random_clustering(weight: torch.Tensor, k: int, granularity: str, seed: int
     sums = torch.zeros(k, pts.shape[1], dtype=pts.dtype).index_add_(0, labels, pts)
     cent = sums / torch.bincount(labels, minlength=k).clamp_min(1)[:, None].to(pts.dtype)
     return SimpleNamespace(centroids=cent, labels=labels)
-
-
-def _time_pair(fa, fb, repeat: int, warmup: int = 1):
-    """Best seconds of fa and fb, run alternately (a, b, a, b, ...) after ``warmup`` rounds."""
-    return _time_alternating((fa, fb), repeat, warmup)
-
-
-def _time_alternating(fns, repeat: int, warmup: int = 1):
-    """Best seconds of each of ``fns``, run in turn (a, b, c, a, b, c, ...) after ``warmup`` rounds."""
-    for _ in range(warmup):
-        for f in fns:
-            f()
-    best = [float("inf")] * len(fns)
-    for _ in range(repeat):
-        for j, f in enumerate(fns):
-            t0 = time.perf_counter()
-            f()
-            best[j] = min(best[j], time.perf_counter() - t0)
-    return tuple(best)
 
 
 def _flops(shape: dict, n: int, ho: int, wo: int, granularity: str | None, k: int, m: int = 0) -> float:
@@ -129,7 +110,7 @@ def run_layer_bench(batches=(1, 32), divisors=(8, 4, 2), granularities=("filter"
                                                            packed=layer._prepared().packed))
                         tu = float("nan")
                         try:
-                            td, tc, *rest = _time_alternating(fns, repeat.get((n, gran), 2))
+                            td, tc, *rest = time_alternating(fns, repeat.get((n, gran), 2))
                             tu = rest[0] if rest else tu
                             yd, yc = dense(), clustered()
                             err = ((yc - yd).abs().max() / yd.abs().max().clamp_min(1e-30)).item()
@@ -224,7 +205,7 @@ def run_e2e_bench(batches=(32, 1), size: int = 224, repeat: dict | None = None, 
             d = dense.to(memory_format=fmt)
             f = fused.to(memory_format=fmt)
             with torch.inference_mode():
-                td, tf = _time_pair(lambda: d(xf), lambda: f(xf), repeat.get(n, 2))
+                td, tf = time_alternating((lambda: d(xf), lambda: f(xf)), repeat.get(n, 2))
                 yd, yf = d(xf), f(xf)
                 err = ((yf - yd).abs().max() / yd.abs().max()).item()
             res[fmt_name] = (td, tf)

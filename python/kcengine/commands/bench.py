@@ -230,22 +230,6 @@ def _load(args):
         return load_model(args.model, None), "default initialization (no pretrained weights here)"
 
 
-def _time_alternating(fa, fb, repeat: int):
-    """Best-of-repeat seconds of two callables, run in alternating order after one warm-up each."""
-    fa(), fb()
-    ta = tb = float("inf")
-    for r in range(repeat):
-        for which in ((0, 1) if r % 2 == 0 else (1, 0)):
-            t0 = time.perf_counter()
-            (fa if which == 0 else fb)()
-            dt = time.perf_counter() - t0
-            if which == 0:
-                ta = min(ta, dt)
-            else:
-                tb = min(tb, dt)
-    return ta, tb
-
-
 def _summary(results: dict) -> list[dict]:
     """One row per headline figure of each section that ran, then the time each section took."""
     rows = []
@@ -286,7 +270,7 @@ def run_inference(args, out: Path) -> dict:
     import torch
     import torch.nn as nn
 
-    from ..bench.common import markdown_table, write_csv
+    from ..bench.common import markdown_table, time_alternating, write_csv
     from ..compress import compress
     from ..conv import ClusteredConv2d, fuse_for_inference, save_compressed
 
@@ -326,7 +310,7 @@ def run_inference(args, out: Path) -> dict:
             x = x0.contiguous(memory_format=fmt)
             dense, fast = dense.to(memory_format=fmt), fast.to(memory_format=fmt)
             with torch.inference_mode():
-                td, tc = _time_alternating(lambda: dense(x), lambda: fast(x), repeat.get(n, 2))
+                td, tc = time_alternating((lambda: dense(x), lambda: fast(x)), repeat.get(n, 2), flip=True)
                 err = float((fast(x) - dense(x)).abs().max() / dense(x).abs().max().clamp_min(1e-12))
             rows.append({"batch": n, "input": f"{h}x{w}", "memory_format": fmt_name, "dense_ms": td * 1e3,
                          "clustered_ms": tc * 1e3, "speedup": td / tc, "rel_diff_vs_dense": err})
@@ -347,7 +331,7 @@ def run_inference(args, out: Path) -> dict:
             conv, cl = dense.get_submodule(name), cl_mods.get(name)
             if not isinstance(cl, ClusteredConv2d):
                 continue
-            td, tc = _time_alternating(lambda: conv(xin), lambda: cl(xin), 3)
+            td, tc = time_alternating((lambda: conv(xin), lambda: cl(xin)), 3, flip=True)
             layer_rows.append({"layer": name, "shape": f"{conv.in_channels}->{conv.out_channels} "
                                f"{conv.kernel_size[0]}x{conv.kernel_size[1]}/{conv.stride[0]}",
                                "k": cl.num_clusters, "dense_ms": td * 1e3, "clustered_ms": tc * 1e3,
