@@ -12,7 +12,8 @@ groups == 1) and share one signature::
 * ``cpu``: filter: the same K-filter conv (torch/oneDNN), then the C++ core's one-pass gather (+ bias,
   BN affine, residual, ReLU).  In inference on float32 channels-last input, a module's K-filter conv
   runs on a codebook reordered once into oneDNN's blocked layout (:class:`PackedCodebook`) instead of
-  per call (half the conv time at batch 1 for resnet18's deep layers; same values).  Kernel, inference: one native direct kernel (``conv_kernel_direct``:
+  per call (half the conv time at batch 1 for resnet18's deep layers; same values).  Kernel,
+  inference: one native direct kernel (``conv_kernel_direct``:
   per pixel tile, each input channel's M codebook responses in registers, scattered into the C_out
   accumulators; the depthwise maps never exist in memory), channels-last output.  Kernel, under
   autograd: depthwise maps (torch) + the native gather-sum.  Float32/float64 only (other dtypes take
@@ -33,6 +34,15 @@ __all__ = ["torch_indexed_conv2d", "cpu_indexed_conv2d", "KernelPlan", "kernel_p
 
 # ------------------------------------------------------------------------------------------------
 # Kernel granularity: which codebook kernels each input channel needs.
+def tensor_version(t: torch.Tensor):
+    """``t``'s in-place version counter, or None for an inference tensor (it has none: what is derived from
+    it cannot be cached, a change would not be seen)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class KernelPlan:
@@ -61,10 +71,7 @@ class KernelPlan:
 
     def tap_weights(self, codebook: torch.Tensor) -> torch.Tensor:
         """``[C_in, kh*kw, M]``: ``wt[i, t, j] = codebook[slots[i, j]].flatten()[t]`` (cached per codebook version)."""
-        try:
-            version = codebook._version
-        except RuntimeError:  # inference tensor: no version counter, so no caching
-            version = None
+        version = tensor_version(codebook)
         key = (codebook.data_ptr(), version, codebook.dtype, codebook.device)
         hit = self._cache.get("wt")
         if hit is not None and hit[0] == key and version is not None:
@@ -264,9 +271,8 @@ class PackedCodebook:
                 or not x.is_contiguous(memory_format=torch.channels_last) or _needs_grad(x, codebook)
                 or not self._available()):
             return None
-        try:
-            version = codebook._version
-        except RuntimeError:  # an inference tensor has no version counter: a change could not be seen
+        version = tensor_version(codebook)
+        if version is None:
             return None
         args = (list(padding), list(stride), list(dilation), 1)
         key = (id(codebook), codebook.data_ptr(), version, tuple(x.shape), args)

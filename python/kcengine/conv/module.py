@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _registry
+from .backends import PackedCodebook, tensor_version
 from .functional import GRANULARITIES, _pair, _torch_epilogue, _validate, dense_weight
 
 __all__ = ["ClusteredConv2d", "index_dtype_for"]
@@ -33,20 +34,10 @@ def _as_tensor(a, name: str) -> torch.Tensor:
     raise ValueError(f"{name} must be a numpy array or torch tensor, got {type(a).__name__}")
 
 
-def _version(t: torch.Tensor):
-    """The in-place version counter, or None for inference tensors (which have none: never cached)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
-
-
 class _Cache:
     __slots__ = ("key", "index32", "plan", "packed")
 
     def __init__(self, key, index32, plan):
-        from .backends import PackedCodebook
-
         self.key, self.index32, self.plan = key, index32, plan
         self.packed = PackedCodebook()  # the codebook in oneDNN's layout (cpu backend, inference)
 
@@ -235,7 +226,7 @@ class ClusteredConv2d(nn.Module):
     # ------------------------------------------------------------------ forward
     def _prepared(self) -> _Cache:
         idx = self.index
-        version = _version(idx)
+        version = tensor_version(idx)
         # Tensors made under inference_mode cannot enter autograd: a cache built there is not
         # reused outside it (evaluate, then finetune, must just work).
         key = (idx.data_ptr(), version, idx.device, idx.dtype, self.num_clusters, torch.is_inference_mode_enabled())
