@@ -48,6 +48,8 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     keyword arguments for every :func:`kcengine.finetune` call that override its defaults (ablations; the
     table's header lists them)."""
     from .. import compress
+    from ..compress.apply import conv_layers
+    from ..compress.plan import ratio_to_k
     from ..data.datasets import Normalization, cifar10_dataset, make_loader
     from ..evaluate import top1_accuracy
     from ..models import load_model
@@ -108,9 +110,9 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
         if label.startswith("mixed"):
             if mixed_plan_ks is None:
                 t0 = time.perf_counter()
-                rows_s = output_sensitivity(lm.model, train.images[:512], train.images[512:1536])
-                _, rep = compress(lm.model, ratio=0.5)
-                mixed_plan_ks = allocate_ks(rows_s, sum(lr.k for lr in rep.layers))
+                rows_s = output_sensitivity(lm.model, calib, train.images[512:1536])
+                budget = sum(ratio_to_k(m.out_channels, 0.5) for _, m in conv_layers(lm.model))  # = ratio 0.5's
+                mixed_plan_ks = allocate_ks(rows_s, budget)
                 mixed_note = (f"output sensitivity (each layer alone, refit; KL on 1024 train images) "
                               f"{time.perf_counter() - t0:.0f} s; k: ") + \
                     ", ".join(f"{n}={k}" for n, k in mixed_plan_ks.items())

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..kmeans import kmeans, kmeans_sweep
 from .layers import GRANULARITIES, LayerProblem, effective_weight
-from .plan import ByChannels, Elbow, FixedRatio, PerLayer, k_from_value, parse_plan, select_layers
+from .plan import ByChannels, Elbow, FixedRatio, PerLayer, k_from_value, parse_plan, ratio_to_k, select_layers
 from .report import CompressionReport, LayerReport
 
 __all__ = ["compress", "conv_layers", "candidate_ks", "elbow_index", "sweep_layer", "replace_module"]
@@ -35,7 +35,7 @@ def candidate_ks(n: int, ratios=None, max_points: int = 64) -> list[int]:
     """ks to sweep for a layer of ``n`` points: from ``ratios``, else all of 1..n when n <= max_points,
     else ``max_points`` ks spread geometrically over [1, n] (n always included)."""
     if ratios is not None:
-        return sorted({max(1, min(n, int(math.floor(n * r + 0.5)))) for r in ratios})
+        return sorted({ratio_to_k(n, r) for r in ratios})
     if n <= max_points:
         return list(range(1, n + 1))
     ks = np.unique(np.round(np.geomspace(1, n, max_points)).astype(int))

@@ -49,6 +49,11 @@ def _check_ratio(r, what: str) -> float:
     return float(r)
 
 
+def ratio_to_k(n_points: int, ratio: float) -> int:
+    """``k = round(N * ratio)`` (halves up), kept within [1, N]."""
+    return max(1, min(n_points, int(math.floor(n_points * ratio + 0.5))))
+
+
 def k_from_value(value, n_points: int, where: str) -> int:
     """k for a layer of ``n_points`` points from an int k or a float ratio; checks the range."""
     if isinstance(value, bool):
@@ -59,8 +64,7 @@ def k_from_value(value, n_points: int, where: str) -> int:
             raise ValueError(f"{where}: k={k} must be in [1, {n_points}] (the layer has {n_points} points)")
         return k
     if isinstance(value, numbers.Real):
-        r = _check_ratio(value, f"{where}: ratio")
-        return max(1, min(n_points, int(math.floor(n_points * r + 0.5))))
+        return ratio_to_k(n_points, _check_ratio(value, f"{where}: ratio"))
     raise ValueError(f"{where}: k or ratio must be an int >= 1 or a float in (0, 1], got {value!r}")
 
 
