@@ -1629,16 +1629,13 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
       bsum[b] = s;
     }
   };
-  // One sweep: distances from the nt candidate points to every point.  mode 0: they become
-  // `closest`; mode 1: part[chunk][t] = sum w * min(d2, closest) (nothing stored: writing nt
-  // rows per step costs more than computing the winner's row again); mode 2 (nt = 1): closest =
-  // min(d2, closest), the winner applied.
 #if defined(__AVX512F__)
   // The sweep of one block for float data of low D (3x3 kernels: 9): each trial's distances to 16
   // points are summed over the coordinates in a register (the block's columns, 16 x 256 floats at
   // most, stay in L1), instead of an accumulator row loaded and stored once per coordinate, and the
-  // min with `closest` and the potential follow on the register.  Same modes and results as below
-  // (the 16 potential lanes summed in order).
+  // min with `closest` and the potential follow on the register.  Same modes and distances as the
+  // sweep's generic block; the 16 potential lanes take a partial last vector by lane position (the
+  // generic block adds it to lane 0) and are summed in order.
   auto sweep_block_low_d = [&](i64 i0, i64 m, i64 nt, int mode, double* pot) {
     if constexpr (std::is_same_v<T, float>) {
       float cq[TMAX][16];
@@ -1684,6 +1681,10 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
     }
   };
 #endif
+  // One sweep: distances from the nt candidate points to every point.  mode 0: they become
+  // `closest`; mode 1: part[chunk][t] = sum w * min(d2, closest) (nothing stored: writing nt
+  // rows per step costs more than computing the winner's row again); mode 2 (nt = 1): closest =
+  // min(d2, closest), the winner applied.
   auto sweep = [&](i64 nt, int mode) {
 #pragma omp parallel for if (par) schedule(static)
     for (i64 ch = 0; ch < nc; ++ch) {
