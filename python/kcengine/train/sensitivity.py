@@ -167,10 +167,12 @@ class _Prefix:
             return None
         # Their outputs on every eval batch, each forward stopped where the target starts.
         outputs = {n: [] for n in keep}
+        stored = [0]  # bytes
 
         def store(n):
             def hook(mod, inp, out):
                 outputs[n].append(out.detach().clone())
+                stored[0] += out.numel() * out.element_size()
             return hook
 
         def stop(mod, inp):
@@ -182,7 +184,7 @@ class _Prefix:
                     model(images[i:i + batch_size])
                 except _Stop:
                     pass
-                if sum(o.numel() * o.element_size() for v in outputs.values() for o in v) > max_bytes:
+                if stored[0] > max_bytes:
                     return None
         if any(len(v) != len(starts) for v in outputs.values()):
             return None  # a module skipped in some batch: do not guess
