@@ -53,7 +53,11 @@ def is_main() -> bool:
 
 
 def cleanup() -> None:
+    """Leave the process group together: a barrier first, so no rank tears down its gloo connections while
+    another is still using them (that peer then aborts: "terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
