@@ -283,3 +283,34 @@ def test_packed_codebook_inference_matches_dense_and_follows_updates(geom):
     with torch.no_grad():  # not float32: F.conv2d
         ref = F.conv2d(x64, layer.to_dense(), layer.bias, geom["stride"], geom["padding"], geom["dilation"])
         _close(layer(x64), ref, torch.float64)
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_layer_built_under_inference_mode_keeps_its_caches(granularity):
+    """A layer built under torch.inference_mode (its codebook and index are inference tensors, without a
+    version counter) reuses what it derived between calls, like any other layer, and equals F.conv2d;
+    an in-place write there is then followed by invalidate_cache (documented), after which the result
+    is again F.conv2d's."""
+    from kcengine.conv.backends import PackedCodebook
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, padding=1, bias=True)
+    if granularity == "filter":
+        res = SimpleNamespace(centroids=conv.weight.detach().reshape(10, -1)[:4].clone(), labels=torch.arange(10) % 4)
+    else:
+        res = SimpleNamespace(centroids=conv.weight.detach().reshape(-1, 9)[:5].clone(), labels=torch.arange(60) % 5)
+    x = torch.randn(2, 6, 9, 11).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        layer = ClusteredConv2d.from_conv(conv, res, granularity, backend="cpu").eval()
+        assert layer.codebook.is_inference() and layer.index.is_inference()
+        ref = F.conv2d(x, layer.to_dense(), layer.bias, padding=1)
+        _close(layer(x), ref)
+        cache = layer._cache
+        packed_key = cache.packed._key
+        _close(layer(x), ref)
+        assert layer._cache is cache  # not rebuilt
+        if granularity == "filter" and PackedCodebook._available():
+            assert packed_key is not None and cache.packed._key == packed_key
+        layer.codebook.mul_(-2.0)
+        layer.invalidate_cache()
+        _close(layer(x), F.conv2d(x, layer.to_dense(), layer.bias, padding=1))

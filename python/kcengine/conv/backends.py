@@ -34,13 +34,19 @@ __all__ = ["torch_indexed_conv2d", "cpu_indexed_conv2d", "KernelPlan", "kernel_p
 
 # ------------------------------------------------------------------------------------------------
 # Kernel granularity: which codebook kernels each input channel needs.
+INFERENCE_TENSOR = "inference"  # tensor_version's value for tensors made under torch.inference_mode
+
+
 def tensor_version(t: torch.Tensor):
-    """``t``'s in-place version counter, or None for an inference tensor (it has none: what is derived from
-    it cannot be cached, a change would not be seen)."""
+    """``t``'s in-place version counter (part of every cache key derived from ``t``), or
+    ``INFERENCE_TENSOR`` for a tensor made under ``torch.inference_mode``, which has none.  Such a tensor
+    can only be written in place inside inference mode, and torch counts none of those writes: like a
+    write through ``.data``, it needs ``ClusteredConv2d.invalidate_cache()`` (a model built or loaded
+    under inference mode would otherwise rebuild its caches on every call)."""
     try:
         return t._version
     except RuntimeError:
-        return None
+        return INFERENCE_TENSOR
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,7 +80,7 @@ class KernelPlan:
         version = tensor_version(codebook)
         key = (codebook.data_ptr(), version, codebook.dtype, codebook.device)
         hit = self._cache.get("wt")
-        if hit is not None and hit[0] == key and version is not None:
+        if hit is not None and hit[0] == key:
             return hit[1]
         c_in, m = self.slots.shape
         wt = codebook.detach().index_select(0, self.slots.reshape(-1)).reshape(c_in, m, -1).transpose(1, 2)
@@ -272,8 +278,6 @@ class PackedCodebook:
                 or not self._available()):
             return None
         version = tensor_version(codebook)
-        if version is None:
-            return None
         args = (list(padding), list(stride), list(dilation), 1)
         key = (id(codebook), codebook.data_ptr(), version, tuple(x.shape), args)
         try:

@@ -61,7 +61,8 @@ class ClusteredConv2d(nn.Module):
     Forward keeps what it derives from ``index`` and ``codebook`` (int32 index, kernel plan, the
     codebook reordered for oneDNN) and rebuilds it when their storage or in-place version changes:
     optimizer steps, in-place ops, ``load_state_dict`` and ``.to()`` are seen.  Writes through
-    ``.data`` bypass the version counter: call :meth:`invalidate_cache` after them.
+    ``.data``, and in-place writes into tensors made under ``torch.inference_mode`` (a layer built or
+    loaded there), bypass the version counter: call :meth:`invalidate_cache` after them.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, num_clusters: int, stride=1, padding=0,
@@ -231,7 +232,7 @@ class ClusteredConv2d(nn.Module):
         # reused outside it (evaluate, then finetune, must just work).
         key = (idx.data_ptr(), version, idx.device, idx.dtype, self.num_clusters, torch.is_inference_mode_enabled())
         c = self._cache
-        if c is not None and c.key == key and version is not None:
+        if c is not None and c.key == key:
             return c
         if idx.numel():
             hi = int(idx.max())
@@ -286,8 +287,9 @@ class ClusteredConv2d(nn.Module):
         return y
 
     def invalidate_cache(self) -> None:
-        """Drop what forward derived from ``index`` and ``codebook`` (needed only after writes through
-        ``.data``, which torch's version counter does not see)."""
+        """Drop what forward derived from ``index`` and ``codebook``.  Needed only after writes torch's
+        version counter does not see: through ``.data``, or in place into tensors made under
+        ``torch.inference_mode`` (a layer built or loaded there)."""
         self._cache = None
         self.__dict__.pop("_checked", None)
 
