@@ -22,3 +22,22 @@ def test_parse_set():
 def test_format_runs_reads_back():
     text = "0.75:centroids:8:0.002;mixed:centroids;0.5:frozen::0.01"
     assert _format_runs(parse_runs(text)) == text
+
+
+def test_seed_summary_mean_and_range_per_plan():
+    from kcengine.bench.recovery import _seed_summary
+
+    rows = [{"plan": "ratio 0.5", "step": "refit", "mode": "", "top1": 0.7},
+            {"plan": "ratio 0.5", "step": "finetune", "mode": "centroids", "top1": 0.86},
+            {"plan": "ratio 0.5", "step": "finetune", "mode": "centroids", "top1": 0.88},
+            {"plan": "mixed (0.5 budget)", "step": "finetune", "mode": "centroids", "top1": 0.9}]
+    text = _seed_summary(rows)
+    assert "- ratio 0.5, centroids: mean 87.0%, range 86.0-88.0% over 2 seeds" in text
+    assert "- mixed (0.5 budget), centroids: mean 90.0%, range 90.0-90.0% over 1 seeds" in text
+
+
+def test_seeds_and_a_seed_option_conflict(tmp_path):
+    from kcengine.bench.recovery import run
+
+    with pytest.raises(ValueError, match="seeds= or finetune_options"):
+        run(out_dir=tmp_path, seeds=[0, 1], finetune_options={"seed": 3})

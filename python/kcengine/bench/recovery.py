@@ -42,11 +42,14 @@ DEFAULT_RUNS = (("ratio 0.5", "centroids", None), ("ratio 0.75", "centroids", No
 
 
 def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, threads: int = 2,
-        limit_train: int | None = None, name: str | None = None, finetune_options: dict | None = None) -> Path:
+        limit_train: int | None = None, name: str | None = None, finetune_options: dict | None = None,
+        seeds=None) -> Path:
     """Run ``runs`` (tuples (plan label, mode, epochs or None, peak LR or None); default DEFAULT_RUNS) and
     write ``recovery_<name>.md/.csv`` (name: the model's by default) under ``out_dir``.  ``finetune_options``:
     keyword arguments for every :func:`kcengine.finetune` call that override its defaults (ablations; the
-    table's header lists them)."""
+    table's header lists them).  ``seeds``: finetune each run once per seed (its shuffling, augmentation
+    and mixup draws; the clustering stays k-means seed 0), to show the run-to-run spread; the table
+    ends with each plan's mean and range, and no curves are drawn."""
     from .. import compress
     from ..compress.apply import conv_layers
     from ..compress.plan import ratio_to_k
@@ -56,6 +59,9 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     from ..train import DEFAULT_EPOCHS, DEFAULT_LR, finetune, recalibrate_bn
     from ..train.sensitivity import allocate_ks, output_sensitivity
 
+    if seeds is not None and "seed" in (finetune_options or {}):
+        raise ValueError("pass the finetune seed through seeds= or finetune_options, not both")
+    seeds = [int(v) for v in seeds] if seeds is not None else None
     torch.set_num_threads(threads)
     data = shared_data_dir()
     if data is None:
@@ -76,6 +82,7 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     ft_opts = dict(finetune_options or {})
     args = f"--model {model_name}" + (f" --runs \"{_format_runs(runs)}\"" if runs else "") + "".join(
         f" --set {k}={v!r}" for k, v in ft_opts.items()) + \
+        (f" --seeds {','.join(map(str, seeds))}" if seeds is not None else "") + \
         (f" --name {name}" if name != model_name else "") + (f" --threads {threads}" if threads != 2 else "")
     fd = {n: p.default for n, p in inspect.signature(finetune).parameters.items()}  # the defaults the text names
     header = {"args": args, "date": now_utc(), "commit": git_commit(), "machine": ", ".join(
@@ -134,24 +141,49 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
                          "seconds": time.perf_counter() - t0, "note": ""})
             _write(out, name, rows, header)
         k_total = next(r["k_total"] for r in rows if r["plan"] == label)
-        t0 = time.perf_counter()
         tag = label.split()[0] + (label.split()[1] if label.startswith("ratio") else "")
-        res = finetune(lm.model, loader, mode=mode, plan=plan, epochs=n_ep, lr=run_lr, eval_data=evald,
-                       progress=False, plot_path=out / f"recovery_{name}_{mode}_{tag}.png", **ft_opts)
-        if mode != "progressive" and not any(r["plan"] == label and r["step"] == "refit" for r in rows):
-            rows.append({"plan": label, "k_total": k_total, "step": "refit", "mode": "", "epochs": 0,
-                         "top1": res.accuracy_start, "seconds": float("nan"),
-                         "note": "output-aware refit + BN (finetune's first step)"})
-        n_default = DEFAULT_EPOCHS[mode]
-        rows.append({"plan": label, "k_total": k_total, "step": "finetune", "mode": mode,
-                     "epochs": len(res.history), "top1": res.accuracy, "seconds": time.perf_counter() - t0,
-                     "note": ("stages " + " > ".join(s[0].split(".")[0] for s in res.stages) + "; " if res.stages
-                              else "") + ("default epochs" if n_ep is None or n_ep == n_default else
-                                          f"epochs={n_ep} (default {n_default})")
-                     + ("" if run_lr is None else f"; peak LR {run_lr:g} (default {DEFAULT_LR['sgd']:g})")})
-        _write(out, name, rows, header)
-    _write(out, name, rows, header)
+        for seed in seeds if seeds is not None else [None]:
+            t0 = time.perf_counter()
+            opts = dict(ft_opts, **({"seed": seed} if seed is not None else {}))
+            res = finetune(lm.model, loader, mode=mode, plan=plan, epochs=n_ep, lr=run_lr, eval_data=evald,
+                           progress=False, plot_path=None if seeds is not None else
+                           out / f"recovery_{name}_{mode}_{tag}.png", **opts)
+            _add_finetune_rows(rows, res, label, k_total, mode, n_ep, run_lr, t0, seed)
+            _write(out, name, rows, header, _seed_summary(rows) if seeds is not None else "")
+    _write(out, name, rows, header, _seed_summary(rows) if seeds is not None else "")
     return out / f"recovery_{name}.md"
+
+
+def _add_finetune_rows(rows, res, label, k_total, mode, n_ep, run_lr, t0, seed) -> None:
+    """Append a finetune result's rows: its refit start (once per plan) and its final accuracy."""
+    from ..train import DEFAULT_EPOCHS, DEFAULT_LR
+
+    if mode != "progressive" and not any(r["plan"] == label and r["step"] == "refit" for r in rows):
+        rows.append({"plan": label, "k_total": k_total, "step": "refit", "mode": "", "epochs": 0,
+                     "top1": res.accuracy_start, "seconds": float("nan"),
+                     "note": "output-aware refit + BN (finetune's first step)"})
+    n_default = DEFAULT_EPOCHS[mode]
+    rows.append({"plan": label, "k_total": k_total, "step": "finetune", "mode": mode,
+                 "epochs": len(res.history), "top1": res.accuracy, "seconds": time.perf_counter() - t0,
+                 "note": ("stages " + " > ".join(s[0].split(".")[0] for s in res.stages) + "; " if res.stages
+                          else "") + ("default epochs" if n_ep is None or n_ep == n_default else
+                                      f"epochs={n_ep} (default {n_default})")
+                 + ("" if run_lr is None else f"; peak LR {run_lr:g} (default {DEFAULT_LR['sgd']:g})")
+                 + ("" if seed is None else f"; finetune seed {seed}")})
+
+
+def _seed_summary(rows) -> str:
+    """Markdown lines: mean and range of the finetune top-1 of each (plan, mode) over its seeds."""
+    groups: dict = {}
+    for r in rows:
+        if r["step"] == "finetune":
+            groups.setdefault((r["plan"], r["mode"]), []).append(r["top1"])
+    lines = ["", "Over the finetune seeds (same clustering, same data; only the order of batches, the "
+                 "augmentation and the mixup draws change):", ""]
+    for (plan, mode), accs in groups.items():
+        lines.append(f"- {plan}, {mode}: mean {100 * sum(accs) / len(accs):.1f}%, range "
+                     f"{100 * min(accs):.1f}-{100 * max(accs):.1f}% over {len(accs)} seeds")
+    return "\n".join(lines) + "\n"
 
 
 def _format_runs(runs) -> str:
@@ -211,9 +243,17 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a finetune default for every run (e.g. --set feature_weight=0); VALUE is read as "
                         "a Python literal, else kept as a string")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated finetune seeds: each run once per seed (the run-to-run spread)")
     a = p.parse_args(argv)
+    seeds = None
+    if a.seeds is not None:
+        try:
+            seeds = [int(v) for v in a.seeds.split(",")]
+        except ValueError:
+            p.error(f"--seeds must be comma-separated ints, got --seeds {a.seeds!r}")
     path = run(a.model, a.out, parse_runs(a.runs) if a.runs else None, threads=a.threads, name=a.name,
-               finetune_options=parse_set(a.set))
+               finetune_options=parse_set(a.set), seeds=seeds)
     print(f"wrote {path}")
     return 0
 
