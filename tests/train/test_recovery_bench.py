@@ -33,7 +33,7 @@ def test_seed_summary_mean_and_range_per_plan():
             {"plan": "mixed (0.5 budget)", "step": "finetune", "mode": "centroids", "top1": 0.9}]
     text = _seed_summary(rows)
     assert "- ratio 0.5, centroids: mean 87.0%, range 86.0-88.0% over 2 seeds" in text
-    assert "- mixed (0.5 budget), centroids: mean 90.0%, range 90.0-90.0% over 1 seeds" in text
+    assert "- mixed (0.5 budget), centroids: mean 90.0%, range 90.0-90.0% over 1 seed\n" in text
 
 
 def test_seeds_and_a_seed_option_conflict(tmp_path):

@@ -182,7 +182,7 @@ def _seed_summary(rows) -> str:
                  "augmentation and the mixup draws change):", ""]
     for (plan, mode), accs in groups.items():
         lines.append(f"- {plan}, {mode}: mean {100 * sum(accs) / len(accs):.1f}%, range "
-                     f"{100 * min(accs):.1f}-{100 * max(accs):.1f}% over {len(accs)} seeds")
+                     f"{100 * min(accs):.1f}-{100 * max(accs):.1f}% over {len(accs)} seed{'' if len(accs) == 1 else 's'}")
     return "\n".join(lines) + "\n"
 
 
