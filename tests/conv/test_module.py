@@ -266,7 +266,7 @@ def test_packed_codebook_inference_matches_dense_and_follows_updates(geom):
     for shape in [(1, 17, 11), (3, 9, 20), (1, 17, 11)]:
         check(*shape)
     if PackedCodebook._available():  # the packed path really ran (else this build has no oneDNN op)
-        assert layer._cache.packed._key is not None
+        assert layer._cache.packed.key is not None
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
     x = torch.randn(2, 13, 12, 12)
     layer(x).square().sum().backward()  # training-mode call: the plain F.conv2d path, autograd
@@ -306,11 +306,52 @@ def test_layer_built_under_inference_mode_keeps_its_caches(granularity):
         ref = F.conv2d(x, layer.to_dense(), layer.bias, padding=1)
         _close(layer(x), ref)
         cache = layer._cache
-        packed_key = cache.packed._key
+        packed_key = cache.packed.key
         _close(layer(x), ref)
         assert layer._cache is cache  # not rebuilt
         if granularity == "filter" and PackedCodebook._available():
-            assert packed_key is not None and cache.packed._key == packed_key
+            assert packed_key is not None and cache.packed.key == packed_key
         layer.codebook.mul_(-2.0)
         layer.invalidate_cache()
         _close(layer(x), F.conv2d(x, layer.to_dense(), layer.bias, padding=1))
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_one_layer_called_from_several_threads(granularity):
+    """An inference server's threads share one model: concurrent calls on the same layer with inputs of
+    different shapes (each needing its own oneDNN reorder) and a cache rebuilt under them (in-place codebook
+    update between rounds) all equal F.conv2d.  Each call reads the layer's cache and the packed reorder as
+    one object, so it never pairs one call's key with another's weight."""
+    import threading
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1, bias=True)
+    if granularity == "filter":
+        res = SimpleNamespace(centroids=conv.weight.detach().reshape(12, -1)[:5].clone(), labels=torch.arange(12) % 5)
+    else:
+        res = SimpleNamespace(centroids=conv.weight.detach().reshape(-1, 9)[:6].clone(), labels=torch.arange(96) % 6)
+    layer = ClusteredConv2d.from_conv(conv, res, granularity, backend="cpu").eval()
+    shapes = [(1, 8, 9, 11), (3, 8, 16, 7), (2, 8, 5, 5), (1, 8, 20, 13)]
+    xs = [torch.randn(*s).contiguous(memory_format=torch.channels_last) for s in shapes]
+    errors = []
+
+    def worker(t):
+        try:
+            for r in range(30):
+                x = xs[(t + r) % len(xs)]
+                with torch.inference_mode():
+                    y = layer(x)
+                    ref = F.conv2d(x, layer.to_dense(), layer.bias, padding=1)
+                torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    for _ in range(3):
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors[0]
+        with torch.no_grad():
+            layer.codebook.mul_(1.25)  # seen by the version counter: every cache is rebuilt next round

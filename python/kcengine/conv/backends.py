@@ -261,8 +261,14 @@ class PackedCodebook:
     _supported: bool | None = None  # probed once per process
 
     def __init__(self):
-        self._key = None
-        self._weight = None
+        self._entry = None  # (key, reordered weight), replaced as one object: calls from several threads
+        #                     each use a consistent pair
+
+    @property
+    def key(self):
+        """What the stored reorder was made for (None before the first packed call)."""
+        entry = self._entry
+        return entry[0] if entry is not None else None
 
     @classmethod
     def _available(cls) -> bool:
@@ -281,13 +287,14 @@ class PackedCodebook:
         args = (list(padding), list(stride), list(dilation), 1)
         key = (id(codebook), codebook.data_ptr(), version, tuple(x.shape), args)
         try:
-            if key != self._key:
-                self._weight = torch.ops.mkldnn._reorder_convolution_weight(codebook.detach(), *args, list(x.shape))
-                self._key = key
-            return torch.ops.mkldnn._convolution_pointwise(x, self._weight, None, *args, "none", [], "")
+            entry = self._entry
+            if entry is None or entry[0] != key:
+                entry = (key, torch.ops.mkldnn._reorder_convolution_weight(codebook.detach(), *args, list(x.shape)))
+                self._entry = entry
+            return torch.ops.mkldnn._convolution_pointwise(x, entry[1], None, *args, "none", [], "")
         except Exception:  # a torch build whose private op differs: stay on F.conv2d from now on
             type(self)._supported = False
-            self._key = self._weight = None
+            self._entry = None
             return None
 
 

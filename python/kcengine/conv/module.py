@@ -244,8 +244,9 @@ class ClusteredConv2d(nn.Module):
             from .backends import kernel_plan
 
             plan = kernel_plan(idx, self.num_clusters)
-        self._cache = _Cache(key, idx.to(torch.int32).contiguous(), plan)
-        return self._cache
+        c = _Cache(key, idx.to(torch.int32).contiguous(), plan)
+        self._cache = c  # one assignment: a concurrent call keeps the cache it read
+        return c
 
     def _checked_geometry(self, x, residual) -> tuple:
         """``_validate``'s normalized (stride, padding, dilation), re-derived only when something it checks
