@@ -285,6 +285,14 @@ def test_packed_codebook_inference_matches_dense_and_follows_updates(geom):
         _close(layer(x64), ref, torch.float64)
 
 
+def _clustered_3x3(c_in, c_out, k, granularity):
+    """A padded 3x3 conv clustered with its first k filters (or kernels) as centroids, members round robin."""
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=True)
+    rows = conv.weight.detach().reshape(c_out, -1) if granularity == "filter" else conv.weight.detach().reshape(-1, 9)
+    res = SimpleNamespace(centroids=rows[:k].clone(), labels=torch.arange(rows.shape[0]) % k)
+    return conv, res
+
+
 @pytest.mark.parametrize("granularity", ["filter", "kernel"])
 def test_layer_built_under_inference_mode_keeps_its_caches(granularity):
     """A layer built under torch.inference_mode (its codebook and index are inference tensors, without a
@@ -294,11 +302,7 @@ def test_layer_built_under_inference_mode_keeps_its_caches(granularity):
     from kcengine.conv.backends import PackedCodebook
 
     torch.manual_seed(0)
-    conv = nn.Conv2d(6, 10, 3, padding=1, bias=True)
-    if granularity == "filter":
-        res = SimpleNamespace(centroids=conv.weight.detach().reshape(10, -1)[:4].clone(), labels=torch.arange(10) % 4)
-    else:
-        res = SimpleNamespace(centroids=conv.weight.detach().reshape(-1, 9)[:5].clone(), labels=torch.arange(60) % 5)
+    conv, res = _clustered_3x3(6, 10, 4 if granularity == "filter" else 5, granularity)
     x = torch.randn(2, 6, 9, 11).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         layer = ClusteredConv2d.from_conv(conv, res, granularity, backend="cpu").eval()
@@ -325,11 +329,7 @@ def test_one_layer_called_from_several_threads(granularity):
     import threading
 
     torch.manual_seed(0)
-    conv = nn.Conv2d(8, 12, 3, padding=1, bias=True)
-    if granularity == "filter":
-        res = SimpleNamespace(centroids=conv.weight.detach().reshape(12, -1)[:5].clone(), labels=torch.arange(12) % 5)
-    else:
-        res = SimpleNamespace(centroids=conv.weight.detach().reshape(-1, 9)[:6].clone(), labels=torch.arange(96) % 6)
+    conv, res = _clustered_3x3(8, 12, 5 if granularity == "filter" else 6, granularity)
     layer = ClusteredConv2d.from_conv(conv, res, granularity, backend="cpu").eval()
     shapes = [(1, 8, 9, 11), (3, 8, 16, 7), (2, 8, 5, 5), (1, 8, 20, 13)]
     xs = [torch.randn(*s).contiguous(memory_format=torch.channels_last) for s in shapes]
