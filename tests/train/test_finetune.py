@@ -236,6 +236,24 @@ def test_lr_factor_shapes():
     assert [lr_factor("step", t) for t in (0.1, 0.6, 0.9)] == pytest.approx([1, 0.1, 0.01])
 
 
+def test_default_peak_lr_scales_with_the_loaders_batch(tiny):
+    """Without lr=, the peak LR is DEFAULT_LR per 128 images of the loader's batch (the same step per image),
+    as the optimizer really runs it (constant schedule: the LR at every step is the peak)."""
+    from kcengine.train.finetune import DEFAULT_LR, default_lr
+
+    assert default_lr("sgd", 128) == DEFAULT_LR["sgd"] == 0.01
+    assert default_lr("sgd", 64) == pytest.approx(0.005)
+    assert default_lr("adamw", 256) == pytest.approx(2 * DEFAULT_LR["adamw"])
+    assert default_lr("sgd", None) == 0.01  # a loader built on a batch_sampler
+    model, ds, _ = tiny
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    for batch in (8, 32):
+        loader = make_loader(ds, batch, shuffle=True, seed=0)
+        r = finetune(cm, loader, teacher=model, epochs=1, schedule="constant", progress=False,
+                     calibration_images=32)
+        assert r.history[-1]["lr"] == pytest.approx(0.01 * batch / 128)
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"mode": "nope"}, "mode must be one of"),
     ({"epochs": -1}, "epochs must be an int >= 0"),

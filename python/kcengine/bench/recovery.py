@@ -43,20 +43,22 @@ DEFAULT_RUNS = (("ratio 0.5", "centroids", None), ("ratio 0.75", "centroids", No
 
 def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, threads: int = 2,
         limit_train: int | None = None, name: str | None = None, finetune_options: dict | None = None,
-        seeds=None) -> Path:
+        seeds=None, batch_size: int | None = None) -> Path:
     """Run ``runs`` (tuples (plan label, mode, epochs or None, peak LR or None); default DEFAULT_RUNS) and
     write ``recovery_<name>.md/.csv`` (name: the model's by default) under ``out_dir``.  ``finetune_options``:
     keyword arguments for every :func:`kcengine.finetune` call that override its defaults (ablations; the
     table's header lists them).  ``seeds``: finetune each run once per seed (its shuffling, augmentation
     and mixup draws; the clustering stays k-means seed 0), to show the run-to-run spread; the table
-    ends with each plan's mean and range, and no curves are drawn."""
+    ends with each plan's mean and range, and no curves are drawn.  ``batch_size``: the training loader's
+    (default finetune's ``RECOMMENDED_BATCH``; its default peak LR scales with it)."""
     from .. import compress
     from ..compress.apply import conv_layers
     from ..compress.plan import ratio_to_k
     from ..data.datasets import Normalization, cifar10_dataset, make_loader
     from ..evaluate import top1_accuracy
     from ..models import load_model
-    from ..train import DEFAULT_EPOCHS, DEFAULT_LR, finetune, recalibrate_bn
+    from ..train import DEFAULT_EPOCHS, finetune, recalibrate_bn
+    from ..train.finetune import RECOMMENDED_BATCH, default_lr
     from ..train.sensitivity import allocate_ks, output_sensitivity
 
     if seeds is not None and "seed" in (finetune_options or {}):
@@ -76,18 +78,20 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(train.labels), generator=g)  # shuffle once so the first images mix classes
     train = type(train)(train.images[perm], train.labels[perm], train.classes)
-    loader = make_loader(train, 128, shuffle=True, seed=0)
+    batch = RECOMMENDED_BATCH if batch_size is None else batch_size
+    loader = make_loader(train, batch, shuffle=True, seed=0)
     evald = (test.images, test.labels)
     out = Path(out_dir)
     ft_opts = dict(finetune_options or {})
     args = f"--model {model_name}" + (f" --runs \"{_format_runs(runs)}\"" if runs else "") + "".join(
         f" --set {k}={v!r}" for k, v in ft_opts.items()) + \
         (f" --seeds {','.join(map(str, seeds))}" if seeds is not None else "") + \
+        (f" --batch-size {batch}" if batch != RECOMMENDED_BATCH else "") + \
         (f" --name {name}" if name != model_name else "") + (f" --threads {threads}" if threads != 2 else "")
     fd = {n: p.default for n, p in inspect.signature(finetune).parameters.items()}  # the defaults the text names
     header = {"args": args, "date": now_utc(), "commit": git_commit(), "machine": ", ".join(
         f"{k}={v}" for k, v in machine_info().items() if k in ("cpu", "cores", "torch")) + f", threads={threads}",
-        "setup": (f"Train: {len(train.labels)} sample training images, batch 128; test: {len(test.labels)} images. "
+        "setup": (f"Train: {len(train.labels)} sample training images, batch {batch}; test: {len(test.labels)} images. "
                   "Filter granularity, every conv clustered (kcengine.compress, k-means seed 0). Steps: "
                   "`clustered` = right after clustering; `bn` = BN statistics recalibrated on 512 training "
                   "images; `refit` = output-aware refit of every clustered layer (kcengine.train.calibrate: "
@@ -95,7 +99,8 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
                   "per-channel affine map the following BN absorbs) + BN; then `kcengine.finetune` in each mode "
                   f"with its defaults (distillation T={fd['temperature']:g}, alpha={fd['alpha']:g} from the dense "
                   f"model, block outputs matched at weight {fd['feature_weight']:g}; SGD Nesterov, one-cycle "
-                  f"LR peak {DEFAULT_LR['sgd']:g}; crop+flip; mixup Beta({fd['mixup']:g}, {fd['mixup']:g}); "
+                  f"LR peak {default_lr('sgd', batch):g} (0.01 per 128 images of batch); crop+flip; "
+                  f"mixup Beta({fd['mixup']:g}, {fd['mixup']:g}); "
                   f"{DEFAULT_EPOCHS['centroids']} "
                   "epochs for centroids), which starts with the refit + BN step. "
                   "`seconds` = wall time of the step (finetune: everything it did, evaluation every epoch included) "
@@ -156,7 +161,7 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
 
 def _add_finetune_rows(rows, res, label, k_total, mode, n_ep, run_lr, t0, seed) -> None:
     """Append a finetune result's rows: its refit start (once per plan) and its final accuracy."""
-    from ..train import DEFAULT_EPOCHS, DEFAULT_LR
+    from ..train import DEFAULT_EPOCHS
 
     if mode != "progressive" and not any(r["plan"] == label and r["step"] == "refit" for r in rows):
         rows.append({"plan": label, "k_total": k_total, "step": "refit", "mode": "", "epochs": 0,
@@ -168,7 +173,7 @@ def _add_finetune_rows(rows, res, label, k_total, mode, n_ep, run_lr, t0, seed) 
                  "note": ("stages " + " > ".join(s[0].split(".")[0] for s in res.stages) + "; " if res.stages
                           else "") + ("default epochs" if n_ep is None or n_ep == n_default else
                                       f"epochs={n_ep} (default {n_default})")
-                 + ("" if run_lr is None else f"; peak LR {run_lr:g} (default {DEFAULT_LR['sgd']:g})")
+                 + ("" if run_lr is None else f"; peak LR {run_lr:g} (not finetune's default)")
                  + ("" if seed is None else f"; finetune seed {seed}")})
 
 
@@ -243,6 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a finetune default for every run (e.g. --set feature_weight=0); VALUE is read as "
                         "a Python literal, else kept as a string")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="training batch (default: finetune's RECOMMENDED_BATCH; its default LR scales with it)")
     p.add_argument("--seeds", default=None,
                    help="comma-separated finetune seeds: each run once per seed (the run-to-run spread)")
     a = p.parse_args(argv)
@@ -253,7 +260,7 @@ def main(argv=None) -> int:
         except ValueError:
             p.error(f"--seeds must be comma-separated ints, got --seeds {a.seeds!r}")
     path = run(a.model, a.out, parse_runs(a.runs) if a.runs else None, threads=a.threads, name=a.name,
-               finetune_options=parse_set(a.set), seeds=seeds)
+               finetune_options=parse_set(a.set), seeds=seeds, batch_size=a.batch_size)
     print(f"wrote {path}")
     return 0
 

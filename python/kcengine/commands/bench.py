@@ -428,13 +428,14 @@ def run_accuracy(args, out: Path) -> dict:
     train_loader = None
     if args.recover_epochs:
         from ..data.datasets import TensorImages, make_loader
+        from ..train.finetune import RECOMMENDED_BATCH
 
         try:
             tr = read_cifar10(data_dir, "train")
         except Exception as exc:
             raise UserError(f"--recover-epochs needs the training batches in {data_dir} ({exc})") from None
         train_loader = make_loader(TensorImages(normalize_uint8(tr.images, Normalization(lm.mean, lm.std)), tr.labels),
-                                   batch_size=128, shuffle=True, seed=0)
+                                   batch_size=RECOMMENDED_BATCH, shuffle=True, seed=0)
     for gran in grans:
         for name, kw in tqdm(plans, desc=f"accuracy ({gran})", leave=False):
             try:

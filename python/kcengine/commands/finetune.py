@@ -14,6 +14,8 @@ HELP = "cluster a CIFAR model and recover accuracy (frozen / centroids / progres
 
 
 def add_arguments(parser) -> None:
+    from ..train.finetune import RECOMMENDED_BATCH
+
     add_model_data_arguments(parser)
     g = parser.add_argument_group("plan")
     g.add_argument("--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")
@@ -29,7 +31,8 @@ def add_arguments(parser) -> None:
     t.add_argument("--stage-epochs", type=int, default=1, help="progressive: epochs after each stage")
     t.add_argument("--stage-training", default="keep", choices=("keep", "freeze"))
     t.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    t.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 0.01 per 128 images of --train-batch-size for sgd)")
     t.add_argument("--schedule", default="onecycle", choices=("onecycle", "cosine", "step", "constant"))
     t.add_argument("--weight-decay", type=float, default=5e-5)
     t.add_argument("--temperature", type=float, default=4.0)
@@ -37,7 +40,7 @@ def add_arguments(parser) -> None:
     t.add_argument("--no-augment", action="store_true", help="no crop + flip")
     t.add_argument("--mixup", type=float, default=1.0, help="mixup Beta(a, a) parameter (0: no mixup)")
     t.add_argument("--no-refit", action="store_true", help="skip the output-aware refit of clustered layers")
-    t.add_argument("--train-batch-size", type=int, default=128)
+    t.add_argument("--train-batch-size", type=int, default=RECOMMENDED_BATCH)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--checkpoint-dir", default=None, help="checkpoint every epoch; an existing one is resumed")
     t.add_argument("--no-resume", action="store_true", help="start over even if --checkpoint-dir has a checkpoint")

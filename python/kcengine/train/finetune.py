@@ -19,13 +19,19 @@ of the clustered layers (:mod:`kcengine.train.calibrate`) and BatchNorm recalibr
 The defaults are the recommended recipe (see bench/results/recovery_resnet20.md for the figures):
 output-aware refit + BN recalibration, then 20 epochs of codebook training with distillation (T=4,
 alpha=0.9, block features at weight 2) on mixup batches (lam ~ U(0, 1); the teacher scores the same mixed
-images), SGD with Nesterov momentum, one-cycle LR peaking at 0.01, CIFAR crop+flip augmentation.  Mixup is
-what makes the long schedule pay on a small training set: resnet20 at k = C_out/2 on the 4,660-image sample reaches
-86.9% after 20 epochs with it, 85.1% without (84.3% vs 84.8% after 8).  Matching the blocks' outputs
-(feature_weight) is kept for its average: +1.2 and +1.4 points over the same run without it at one thread
-(seeds 0 and 1: 86.3 -> 87.5%, 85.8 -> 87.2%), but -0.6 in the recorded two-thread pair (87.1 -> 86.5%,
-bench/results/recovery_resnet20_nofeat.md): a 20-epoch run on this sample moves by about +-0.7 points with
-the seed or the thread count, as large as the effect.  Weights 4 and 10 did no better.
+images), SGD with Nesterov momentum, one-cycle LR peaking at 0.01 per 128 images of batch (scaled with the
+loader's batch size: 0.005 at the recommended batch of 64, ``RECOMMENDED_BATCH``), CIFAR crop+flip
+augmentation.  Mixup is what makes the long schedule pay on a small training set: resnet20 at k = C_out/2 on
+the 4,660-image sample reaches 86.9% after 20 epochs with it, 85.1% without (84.3% vs 84.8% after 8).
+Matching the blocks' outputs (feature_weight) is kept for its average: +1.2 and +1.4 points over the same run
+without it at one thread (seeds 0 and 1: 86.3 -> 87.5%, 85.8 -> 87.2%), but -0.6 in the recorded two-thread
+pair (87.1 -> 86.5%, bench/results/recovery_resnet20_nofeat.md).  Batch 64 at the same LR per image gives
+twice the steps in the same epochs: at k = C_out/2, 87.9 / 87.2 / 86.8% over finetune seeds 0-2 against
+86.5 / 86.4 / 85.0% at batch 128 (bench/results/recovery_resnet20_seeds.md); on the mixed plan 87.0 / 87.1%
+(seeds 0-1) against 88.1 / 87.2 / 86.4%, no change.  A 20-epoch run on this sample moves by up to about
++-1 point with the seed or the thread count, as large as most of these effects; the 846 test images
+alone give a standard error of about 1.1 points at 87%.  Weights 4 and 10 for the features, peak LR 0.02,
+an average of the weights (EMA), and BN statistics re-estimated on un-mixed images did no better.
 
 The caller's ``model`` (and ``teacher``) are never modified: the run trains a copy, returned as
 ``FinetuneResult.model``.
@@ -51,13 +57,28 @@ from .distill import FeatureTap, distillation_loss, feature_loss, feature_points
 from .progressive import conv_names, resolve_order
 
 __all__ = ["finetune", "FinetuneResult", "MODES", "SCHEDULES", "OPTIMIZERS", "DEFAULT_EPOCHS", "DEFAULT_LR",
-           "lr_factor"]
+           "LR_REFERENCE_BATCH", "RECOMMENDED_BATCH", "default_lr", "lr_factor"]
 
 MODES = ("frozen", "centroids", "progressive")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_EPOCHS = {"frozen": 4, "centroids": 20, "progressive": 4}
-DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}  # sgd 0.002: resnet20 k=C_out/2, 8 epochs 83.3% vs 84.8% at 0.01
+# Peak LR for a batch of LR_REFERENCE_BATCH images; the default scales linearly with the loader's batch size
+# (default_lr).  sgd 0.002 at 128: resnet20 k=C_out/2, 8 epochs 83.3% vs 84.8% at 0.01.
+DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
+LR_REFERENCE_BATCH = 128
+RECOMMENDED_BATCH = 64  # the recipe's batch (bench/results/recovery_resnet20.md)
+
+
+def default_lr(optimizer: str, batch_size: int | None) -> float:
+    """The peak LR ``finetune`` uses when ``lr`` is not given: ``DEFAULT_LR[optimizer]`` scaled by
+    ``batch_size / LR_REFERENCE_BATCH`` (the same step per image whatever the batch; a loader without a
+    ``batch_size`` gets the reference LR)."""
+    if optimizer not in DEFAULT_LR:
+        raise ValueError(f"optimizer must be one of {tuple(DEFAULT_LR)}, got optimizer={optimizer!r}")
+    if batch_size is None:
+        return DEFAULT_LR[optimizer]
+    return DEFAULT_LR[optimizer] * batch_size / LR_REFERENCE_BATCH
 
 
 @dataclass
@@ -202,7 +223,8 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         stage_epochs: progressive: recovery epochs after each stage (an int, or one int per stage).
         stage_training: progressive: ``"keep"`` (earlier stages' codebooks keep training) or ``"freeze"``.
         optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``; ``lr`` its peak LR (default
-            ``DEFAULT_LR[optimizer]``); ``weight_decay`` on weights (not on BN/bias).
+            :func:`default_lr`: ``DEFAULT_LR[optimizer]`` for a batch of 128, scaled linearly with
+            ``train_loader.batch_size``: sgd 0.005 at 64, 0.01 at 128); ``weight_decay`` on weights (not on BN/bias).
         schedule: per-step LR schedule over each phase, one of ``SCHEDULES`` (see :func:`lr_factor`).
         temperature, alpha: distillation temperature and weight.
         feature_weight: weight of feature distillation (needs a teacher): the outputs of every block holding a
@@ -247,7 +269,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         raise ValueError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
     epochs = DEFAULT_EPOCHS[mode] if epochs is None else epochs
     _check_int(epochs, "epochs")
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    lr = default_lr(optimizer, getattr(train_loader, "batch_size", None)) if lr is None else lr
     _check_float(lr, "lr", 0.0, lo_open=True)
     _check_float(momentum, "momentum", 0.0, hi=1.0)
     _check_float(weight_decay, "weight_decay")
