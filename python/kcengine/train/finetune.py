@@ -26,9 +26,10 @@ the 4,660-image sample reaches 86.9% after 20 epochs with it, 85.1% without (84.
 Matching the blocks' outputs (feature_weight) is kept for its average: +1.2 and +1.4 points over the same run
 without it at one thread (seeds 0 and 1: 86.3 -> 87.5%, 85.8 -> 87.2%), but -0.6 in the recorded two-thread
 pair (87.1 -> 86.5%, bench/results/recovery_resnet20_nofeat.md).  Batch 64 at the same LR per image gives
-twice the steps in the same epochs: at k = C_out/2, 87.9 / 87.2 / 86.8% over finetune seeds 0-2 against
-86.5 / 86.4 / 85.0% at batch 128 (bench/results/recovery_resnet20_seeds.md); on the mixed plan 87.0 / 87.1%
-(seeds 0-1) against 88.1 / 87.2 / 86.4%, no change.  A 20-epoch run on this sample moves by up to about
+twice the steps in the same epochs: at k = C_out/2, 87.9 / 87.2 / 86.8% over finetune seeds 0-2
+(bench/results/recovery_resnet20_seeds_b64.md) against 86.5 / 86.4 / 85.0% at batch 128
+(recovery_resnet20_seeds.md); on the mixed plan 87.0% (recovery_resnet20.md) and 87.1% (seed 1, an
+unrecorded run) against 88.1 / 87.2 / 86.4%, no change.  A 20-epoch run on this sample moves by up to about
 +-1 point with the seed or the thread count, as large as most of these effects; the 846 test images
 alone give a standard error of about 1.1 points at 87%.  Weights 4 and 10 for the features, peak LR 0.02,
 an average of the weights (EMA), and BN statistics re-estimated on un-mixed images did no better.
