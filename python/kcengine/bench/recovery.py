@@ -58,7 +58,7 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     from ..evaluate import top1_accuracy
     from ..models import load_model
     from ..train import DEFAULT_EPOCHS, finetune, recalibrate_bn
-    from ..train.finetune import RECOMMENDED_BATCH, default_lr
+    from ..train.finetune import DEFAULT_LR, LR_REFERENCE_BATCH, RECOMMENDED_BATCH, default_lr
     from ..train.sensitivity import allocate_ks, output_sensitivity
 
     if seeds is not None and "seed" in (finetune_options or {}):
@@ -99,7 +99,8 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
                   "per-channel affine map the following BN absorbs) + BN; then `kcengine.finetune` in each mode "
                   f"with its defaults (distillation T={fd['temperature']:g}, alpha={fd['alpha']:g} from the dense "
                   f"model, block outputs matched at weight {fd['feature_weight']:g}; SGD Nesterov, one-cycle "
-                  f"LR peak {default_lr('sgd', batch):g} (0.01 per 128 images of batch); crop+flip; "
+                  f"LR peak {default_lr('sgd', batch):g} ({DEFAULT_LR['sgd']:g} per {LR_REFERENCE_BATCH} images of batch); "
+                  "crop+flip; "
                   f"mixup Beta({fd['mixup']:g}, {fd['mixup']:g}); "
                   f"{DEFAULT_EPOCHS['centroids']} "
                   "epochs for centroids), which starts with the refit + BN step. "
@@ -155,7 +156,6 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
                            out / f"recovery_{name}_{mode}_{tag}.png", **opts)
             _add_finetune_rows(rows, res, label, k_total, mode, n_ep, run_lr, t0, seed)
             _write(out, name, rows, header, _seed_summary(rows) if seeds is not None else "")
-    _write(out, name, rows, header, _seed_summary(rows) if seeds is not None else "")
     return out / f"recovery_{name}.md"
 
 

@@ -14,7 +14,7 @@ HELP = "cluster a CIFAR model and recover accuracy (frozen / centroids / progres
 
 
 def add_arguments(parser) -> None:
-    from ..train.finetune import RECOMMENDED_BATCH
+    from ..train.finetune import DEFAULT_LR, LR_REFERENCE_BATCH, RECOMMENDED_BATCH
 
     add_model_data_arguments(parser)
     g = parser.add_argument_group("plan")
@@ -32,7 +32,8 @@ def add_arguments(parser) -> None:
     t.add_argument("--stage-training", default="keep", choices=("keep", "freeze"))
     t.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     t.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: 0.01 per 128 images of --train-batch-size for sgd)")
+                   help=f"peak learning rate (default for sgd: {DEFAULT_LR['sgd']:g} per {LR_REFERENCE_BATCH} images "
+                        "of --train-batch-size)")
     t.add_argument("--schedule", default="onecycle", choices=("onecycle", "cosine", "step", "constant"))
     t.add_argument("--weight-decay", type=float, default=5e-5)
     t.add_argument("--temperature", type=float, default=4.0)

@@ -270,7 +270,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         raise ValueError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
     epochs = DEFAULT_EPOCHS[mode] if epochs is None else epochs
     _check_int(epochs, "epochs")
-    lr = default_lr(optimizer, getattr(train_loader, "batch_size", None)) if lr is None else lr
+    lr = default_lr(optimizer, train_loader.batch_size) if lr is None else lr
     _check_float(lr, "lr", 0.0, lo_open=True)
     _check_float(momentum, "momentum", 0.0, hi=1.0)
     _check_float(weight_decay, "weight_decay")
