@@ -87,3 +87,15 @@ def test_env_lists_backends_and_reasons():
 def test_bench_negative_recover_epochs_is_a_user_error():
     r = run_cli("bench", "--model", "resnet20", "--recover-epochs", "-1")
     assert r.returncode == 2 and "--recover-epochs must be >= 0, got -1" in r.stderr
+
+
+def test_summary_puts_channels_last_first_whatever_the_measurement_order():
+    from kcengine.commands.bench import _summary
+
+    inf = [{"batch": 1, "memory_format": "channels_last", "speedup": 3.0},
+           {"batch": 1, "memory_format": "nchw", "speedup": 1.9},
+           {"batch": 32, "memory_format": "nchw", "speedup": 2.4},
+           {"batch": 32, "memory_format": "channels_last", "speedup": 2.9}]
+    rows = {r["what"]: r["value"] for r in _summary({"sections": {"inference": {"rows": inf}}, "timings_s": {}})}
+    assert rows["inference batch 1: clustered vs dense"] == "3.00x channels_last, 1.90x nchw"
+    assert rows["inference batch 32: clustered vs dense"] == "2.90x channels_last, 2.40x nchw"

@@ -240,9 +240,11 @@ def _summary(results: dict) -> list[dict]:
                          "value": f"{r['x vs sklearn']:.1f}x faster, inertia x{r['inertia / sklearn']:.3f}"})
     by_batch: dict = {}
     for r in sec.get("inference", {}).get("rows", []):
-        by_batch.setdefault(r["batch"], []).append(f"{r['speedup']:.2f}x {r.get('memory_format', '')}".rstrip())
-    for n, vals in by_batch.items():
-        rows.append({"what": f"inference batch {n}: clustered vs dense", "value": ", ".join(reversed(vals))})
+        by_batch.setdefault(r["batch"], []).append(r)
+    for n, rs in by_batch.items():  # channels-last (the fast layout) first, then the others as measured
+        rs = sorted(rs, key=lambda r: r.get("memory_format") != "channels_last")
+        vals = [f"{r['speedup']:.2f}x {r.get('memory_format', '')}".rstrip() for r in rs]
+        rows.append({"what": f"inference batch {n}: clustered vs dense", "value": ", ".join(vals)})
     for r in sec.get("inference", {}).get("sizes", []):
         rows.append({"what": r["what"], "value": f"{r['ratio']:.2f}x smaller"})
     acc = [r for r in sec.get("accuracy", {}).get("rows", []) if r.get("accuracy_after") is not None]
