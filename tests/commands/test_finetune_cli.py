@@ -62,3 +62,21 @@ def test_finetune_user_errors(ckpt, cifar, capsys, extra, msg):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1
+
+
+def test_training_defaults_are_finetunes_own():
+    """The CLI's recipe is kcengine.finetune's defaults, not a second copy of them."""
+    import inspect
+
+    from kcengine.cli import build_parser
+    from kcengine.train import finetune
+    from kcengine.train.finetune import RECOMMENDED_BATCH
+
+    parser, _ = build_parser()
+    args = parser.parse_args(["finetune", "--ratio", "0.5"])
+    sig = {n: p.default for n, p in inspect.signature(finetune).parameters.items()}
+    for name in ("mode", "granularity", "stage_epochs", "stage_training", "optimizer", "lr", "schedule",
+                 "weight_decay", "temperature", "alpha", "feature_weight", "mixup", "seed", "epochs"):
+        assert getattr(args, name) == sig[name], name
+    assert args.train_batch_size == RECOMMENDED_BATCH
+    assert not args.no_augment and sig["augment"]

@@ -14,35 +14,42 @@ HELP = "cluster a CIFAR model and recover accuracy (frozen / centroids / progres
 
 
 def add_arguments(parser) -> None:
-    from ..train.finetune import DEFAULT_LR, LR_REFERENCE_BATCH, RECOMMENDED_BATCH
+    import inspect
 
+    from ..train.finetune import DEFAULT_LR, LR_REFERENCE_BATCH, MODES, OPTIMIZERS, RECOMMENDED_BATCH, SCHEDULES
+    from ..train.finetune import finetune
+
+    # The training options' defaults are finetune's own (the recipe lives in one place).
+    ft = {n: p.default for n, p in inspect.signature(finetune).parameters.items()}
     add_model_data_arguments(parser)
     g = parser.add_argument_group("plan")
     g.add_argument("--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")
     g.add_argument("--plan", default=None, help="as for prune: ratio=R | relative_inertia=F | elbow | map:... ")
-    g.add_argument("--granularity", default="filter", choices=("filter", "kernel"))
+    g.add_argument("--granularity", default=ft["granularity"], choices=("filter", "kernel"))
     g.add_argument("--kmeans-seed", type=int, default=0)
     t = parser.add_argument_group("training (defaults: the recommended recipe)")
-    t.add_argument("--mode", default="centroids", choices=("frozen", "centroids", "progressive"))
+    t.add_argument("--mode", default=ft["mode"], choices=MODES)
     t.add_argument("--epochs", type=int, default=None, help="epochs (progressive: after the last stage)")
     t.add_argument("--order", default=None,
                    help="progressive stages, ';'-separated; each a regex or ','-separated names "
                         "(default: top-level groups, deepest first)")
-    t.add_argument("--stage-epochs", type=int, default=1, help="progressive: epochs after each stage")
-    t.add_argument("--stage-training", default="keep", choices=("keep", "freeze"))
-    t.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    t.add_argument("--stage-epochs", type=int, default=ft["stage_epochs"], help="progressive: epochs after each stage")
+    t.add_argument("--stage-training", default=ft["stage_training"], choices=("keep", "freeze"))
+    t.add_argument("--optimizer", default=ft["optimizer"], choices=OPTIMIZERS)
     t.add_argument("--lr", type=float, default=None,
                    help=f"peak learning rate (default for sgd: {DEFAULT_LR['sgd']:g} per {LR_REFERENCE_BATCH} images "
                         "of --train-batch-size)")
-    t.add_argument("--schedule", default="onecycle", choices=("onecycle", "cosine", "step", "constant"))
-    t.add_argument("--weight-decay", type=float, default=5e-5)
-    t.add_argument("--temperature", type=float, default=4.0)
-    t.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term (0: plain CE)")
+    t.add_argument("--schedule", default=ft["schedule"], choices=SCHEDULES)
+    t.add_argument("--weight-decay", type=float, default=ft["weight_decay"])
+    t.add_argument("--temperature", type=float, default=ft["temperature"], help="distillation temperature")
+    t.add_argument("--alpha", type=float, default=ft["alpha"], help="weight of the distillation term (0: plain CE)")
+    t.add_argument("--feature-weight", type=float, default=ft["feature_weight"],
+                   help="weight of the block-output matching term (0: off)")
     t.add_argument("--no-augment", action="store_true", help="no crop + flip")
-    t.add_argument("--mixup", type=float, default=1.0, help="mixup Beta(a, a) parameter (0: no mixup)")
+    t.add_argument("--mixup", type=float, default=ft["mixup"], help="mixup Beta(a, a) parameter (0: no mixup)")
     t.add_argument("--no-refit", action="store_true", help="skip the output-aware refit of clustered layers")
     t.add_argument("--train-batch-size", type=int, default=RECOMMENDED_BATCH)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=ft["seed"])
     t.add_argument("--checkpoint-dir", default=None, help="checkpoint every epoch; an existing one is resumed")
     t.add_argument("--no-resume", action="store_true", help="start over even if --checkpoint-dir has a checkpoint")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -92,7 +99,8 @@ def run(args) -> int:
                        order=_order_arg(args.order), stage_epochs=args.stage_epochs,
                        stage_training=args.stage_training, optimizer=args.optimizer, lr=args.lr,
                        weight_decay=args.weight_decay, schedule=args.schedule, temperature=args.temperature,
-                       alpha=args.alpha, augment=not args.no_augment, mixup=args.mixup,
+                       alpha=args.alpha, feature_weight=args.feature_weight, augment=not args.no_augment,
+                       mixup=args.mixup,
                        output_calibration=False if args.no_refit else None, eval_data=(test.images, test.labels),
                        eval_batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
                        resume=not args.no_resume, seed=args.seed, progress=not args.no_progress,
