@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import time
 from pathlib import Path
 
@@ -58,7 +57,7 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     from ..evaluate import top1_accuracy
     from ..models import load_model
     from ..train import DEFAULT_EPOCHS, finetune, recalibrate_bn
-    from ..train.finetune import DEFAULT_LR, LR_REFERENCE_BATCH, RECOMMENDED_BATCH, default_lr
+    from ..train.finetune import DEFAULT_LR, LR_REFERENCE_BATCH, RECOMMENDED_BATCH, default_lr, finetune_defaults
     from ..train.sensitivity import allocate_ks, output_sensitivity
 
     if seeds is not None and "seed" in (finetune_options or {}):
@@ -88,7 +87,7 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
         (f" --seeds {','.join(map(str, seeds))}" if seeds is not None else "") + \
         (f" --batch-size {batch}" if batch != RECOMMENDED_BATCH else "") + \
         (f" --name {name}" if name != model_name else "") + (f" --threads {threads}" if threads != 2 else "")
-    fd = {n: p.default for n, p in inspect.signature(finetune).parameters.items()}  # the defaults the text names
+    fd = finetune_defaults()  # the defaults the text names
     header = {"args": args, "date": now_utc(), "commit": git_commit(), "machine": ", ".join(
         f"{k}={v}" for k, v in machine_info().items() if k in ("cpu", "cores", "torch")) + f", threads={threads}",
         "setup": (f"Train: {len(train.labels)} sample training images, batch {batch}; test: {len(test.labels)} images. "

@@ -14,13 +14,10 @@ HELP = "cluster a CIFAR model and recover accuracy (frozen / centroids / progres
 
 
 def add_arguments(parser) -> None:
-    import inspect
+    from ..train.finetune import (DEFAULT_LR, LR_REFERENCE_BATCH, MODES, OPTIMIZERS, RECOMMENDED_BATCH, SCHEDULES,
+                                  finetune_defaults)
 
-    from ..train.finetune import DEFAULT_LR, LR_REFERENCE_BATCH, MODES, OPTIMIZERS, RECOMMENDED_BATCH, SCHEDULES
-    from ..train.finetune import finetune
-
-    # The training options' defaults are finetune's own (the recipe lives in one place).
-    ft = {n: p.default for n, p in inspect.signature(finetune).parameters.items()}
+    ft = finetune_defaults()  # the training options' defaults are finetune's own (the recipe lives in one place)
     add_model_data_arguments(parser)
     g = parser.add_argument_group("plan")
     g.add_argument("--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")

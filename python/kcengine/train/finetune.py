@@ -45,6 +45,7 @@ The caller's ``model`` (and ``teacher``) are never modified: the run trains a co
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ from .distill import FeatureTap, distillation_loss, feature_loss, feature_points
 from .progressive import conv_names, resolve_order
 
 __all__ = ["finetune", "FinetuneResult", "MODES", "SCHEDULES", "OPTIMIZERS", "DEFAULT_EPOCHS", "DEFAULT_LR",
-           "LR_REFERENCE_BATCH", "RECOMMENDED_BATCH", "default_lr", "lr_factor"]
+           "LR_REFERENCE_BATCH", "RECOMMENDED_BATCH", "default_lr", "finetune_defaults", "lr_factor"]
 
 MODES = ("frozen", "centroids", "progressive")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
@@ -85,6 +86,13 @@ def default_lr(optimizer: str, batch_size: int | None) -> float:
     if batch_size is None:
         return DEFAULT_LR[optimizer]
     return DEFAULT_LR[optimizer] * batch_size / LR_REFERENCE_BATCH
+
+
+def finetune_defaults() -> dict:
+    """``{option: default}`` of :func:`finetune`'s keyword options: the recipe, for the CLI and the benchmark
+    texts that name it (one place to change it)."""
+    return {n: p.default for n, p in inspect.signature(finetune).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 @dataclass
