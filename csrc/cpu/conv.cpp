@@ -167,34 +167,60 @@ inline void gather_pixels(const double* u, int64_t K, const int32_t* idx, const 
 }
 inline void add_row(const float* row, float* acc, int64_t n) { add_row_f32(row, acc, n); }
 
-// Channels-last float32 gather for K <= 32 with AVX-512: the K values of a pixel sit in two registers
-// and each 16 outputs are one two-source permute (vpermt2ps) + FMA (+ residual) (+ max), instead of
-// 16 scalar gathers.  Chosen at run time when the CPU has AVX-512F.
-__attribute__((target("avx512f"))) void gather_pixels_perm_f32(const float* __restrict u, int64_t K,
-                                                                const int32_t* __restrict idx,
-                                                                const float* __restrict a, const float* __restrict b,
-                                                                const float* __restrict res, float* __restrict out,
-                                                                int64_t C, int64_t m0, int64_t m1, bool relu) {
+// Channels-last float32 gather for K <= 128 with AVX-512: the K values of a pixel sit in NSEG pairs of
+// registers (32 values per pair) and each 16 outputs are one two-source permute (vpermt2ps) per pair,
+// blended by the index's segment (idx >> 5), then the FMA (+ residual) (+ max) -- instead of a 16-lane
+// memory gather, which is several times slower on this kind of CPU (measured: the K = 64 and 128
+// gathers of resnet18's layer3/4 ran at a quarter of a plain copy's speed).  Chosen at run time when the
+// CPU has AVX-512F.
+template <int NSEG>
+__attribute__((target("avx512f"))) void gather_pixels_perm_f32_t(const float* __restrict u, int64_t K,
+                                                                  const int32_t* __restrict idx,
+                                                                  const float* __restrict a, const float* __restrict b,
+                                                                  const float* __restrict res, float* __restrict out,
+                                                                  int64_t C, int64_t m0, int64_t m1, bool relu) {
   const int64_t nchunks = (C + 15) / 16;
-  const __mmask16 klo = static_cast<__mmask16>(K >= 16 ? 0xFFFF : ((1u << K) - 1u));
-  const __mmask16 khi = static_cast<__mmask16>(K >= 32 ? 0xFFFF : (K > 16 ? ((1u << (K - 16)) - 1u) : 0u));
+  __mmask16 kmask[2 * NSEG];
+  for (int r = 0; r < 2 * NSEG; ++r) {
+    const int64_t left = K - 16 * r;
+    kmask[r] = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (left > 0 ? ((1u << left) - 1u) : 0u));
+  }
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t m = m0; m < m1; ++m) {
     const float* src = u + m * K;
-    const __m512 lo = _mm512_maskz_loadu_ps(klo, src);
-    const __m512 hi = _mm512_maskz_loadu_ps(khi, src + 16);
+    __m512 reg[2 * NSEG];
+    for (int r = 0; r < 2 * NSEG; ++r) reg[r] = _mm512_maskz_loadu_ps(kmask[r], src + 16 * r);
     float* dst = out + m * C;
-    const float* r = res ? res + m * C : nullptr;
+    const float* rr = res ? res + m * C : nullptr;
     for (int64_t c = 0; c < nchunks; ++c) {
       const int64_t o = c * 16;
       const __mmask16 mk = static_cast<__mmask16>(C - o >= 16 ? 0xFFFF : ((1u << (C - o)) - 1u));
       const __m512i ix = _mm512_maskz_loadu_epi32(mk, idx + o);
-      __m512 v = _mm512_permutex2var_ps(lo, ix, hi);
+      __m512 v = _mm512_permutex2var_ps(reg[0], ix, reg[1]);
+      if constexpr (NSEG > 1) {
+        const __m512i seg = _mm512_srli_epi32(ix, 5);
+        for (int s = 1; s < NSEG; ++s) {
+          const __mmask16 in_s = _mm512_cmpeq_epi32_mask(seg, _mm512_set1_epi32(s));
+          v = _mm512_mask_mov_ps(v, in_s, _mm512_permutex2var_ps(reg[2 * s], ix, reg[2 * s + 1]));
+        }
+      }
       v = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(mk, a + o), _mm512_maskz_loadu_ps(mk, b + o));
-      if (r) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, r + o));
+      if (rr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, rr + o));
       if (relu) v = _mm512_max_ps(v, zero);
       _mm512_mask_storeu_ps(dst + o, mk, v);
     }
+  }
+}
+
+constexpr int64_t kPermGatherMaxK = 128;
+
+void gather_pixels_perm_f32(const float* u, int64_t K, const int32_t* idx, const float* a, const float* b,
+                            const float* res, float* out, int64_t C, int64_t m0, int64_t m1, bool relu) {
+  switch ((K + 31) / 32) {
+    case 1: return gather_pixels_perm_f32_t<1>(u, K, idx, a, b, res, out, C, m0, m1, relu);
+    case 2: return gather_pixels_perm_f32_t<2>(u, K, idx, a, b, res, out, C, m0, m1, relu);
+    case 3: return gather_pixels_perm_f32_t<3>(u, K, idx, a, b, res, out, C, m0, m1, relu);
+    default: return gather_pixels_perm_f32_t<4>(u, K, idx, a, b, res, out, C, m0, m1, relu);
   }
 }
 
@@ -261,7 +287,7 @@ void gather_epilogue_impl(const py::array& u, const int32_t* idx, const std::vec
     const int64_t M = u.shape(0), K = u.shape(1), C = out.shape(1);
     py::gil_scoped_release nogil;
     const int64_t block = 64;
-    const bool use_perm = K <= 32 && cpu().avx512f;
+    const bool use_perm = K <= kPermGatherMaxK && cpu().avx512f;
     const int64_t nblocks = (M + block - 1) / block;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t bi = 0; bi < nblocks; ++bi) {

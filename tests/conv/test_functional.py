@@ -257,9 +257,11 @@ def test_native_gather_matches_numpy():
         outl = np.empty((ul.shape[0], 11), dt)
         _core.conv_gather_epilogue(ul, idx, a, None, None, False, outl)
         np.testing.assert_allclose(outl, ul[:, idx] * a, rtol=1e-6, atol=1e-6)
-    # channels-last float32 with K <= 32 takes the AVX-512 permute path (where the CPU has it): cover K in
-    # (16, 32], C not a multiple of 16, residual + ReLU, 1 and 2 threads; K = 33 takes the generic path.
-    for k, c in ((20, 37), (32, 16), (16, 5), (33, 19)):
+    # channels-last float32 with K <= 128 takes the AVX-512 permute path (where the CPU has it), one register
+    # pair per 32 codebook maps: cover every pair count and a partial last register, C not a multiple of 16,
+    # residual + ReLU, 1 and 2 threads; K = 129 takes the generic path.
+    for k, c in ((20, 37), (32, 16), (16, 5), (1, 3), (33, 19), (64, 64), (65, 80), (100, 33), (128, 512),
+                 (127, 17), (129, 40)):
         u = rng.standard_normal((101, k)).astype(np.float32)
         idx = rng.integers(0, k, c).astype(np.int32)
         a, b = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
