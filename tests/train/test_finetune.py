@@ -59,8 +59,9 @@ def test_centroids_keeps_every_filter_equal_to_its_centroid(tiny):
 
 def test_centroids_output_is_the_dense_conv_of_the_shared_filters(tiny):
     model, ds, loader = tiny
-    r = finetune(model, loader, mode="centroids", plan={"ratio": 0.5}, **FAST)
+    r = finetune(model, loader, mode="centroids", plan=0.5, **FAST)  # a bare float plan is the ratio
     mod = r.model.conv2
+    assert mod.num_clusters == mod.out_channels // 2
     x = torch.randn(2, 8, 8, 8)
     ref = torch.nn.functional.conv2d(x, mod.codebook.detach()[mod.index.long()], mod.bias, padding=1)
     with torch.no_grad():

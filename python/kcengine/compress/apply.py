@@ -146,7 +146,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
 
     Args:
         model: the model to compress (left unchanged).
-        plan: a k-selection strategy, dict or string (:mod:`kcengine.compress.plan`).
+        plan: a k-selection strategy, dict or string (:mod:`kcengine.compress.plan`), or a float: the ratio.
         ratio: short form of ``plan=FixedRatio(ratio)``: ``k = round(N * ratio)``.
         granularity: ``"filter"``, ``"kernel"`` or ``"element"``.
         layers: which convs: None (all), ``"first"``, a regex (full match) or a list of names.

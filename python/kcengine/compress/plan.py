@@ -1,6 +1,7 @@
 """Compression plans: which conv layers to cluster and how many clusters each gets.
 
-A plan is one of the k-selection strategies below (or a dict / string that parses into one):
+A plan is one of the k-selection strategies below (or a dict / string that parses into one; a bare
+float is the ratio: ``plan=0.5`` is ``FixedRatio(0.5)``):
 
 =====================  ==========================================  =======================================
 strategy               dict form                                   string form (CLI ``--plan``)
@@ -270,7 +271,8 @@ def _parse_string(text: str):
 
 
 def parse_plan(plan=None, ratio=None):
-    """A k-selection strategy from ``plan`` (strategy, dict or string) or the short form ``ratio``."""
+    """A k-selection strategy from ``plan`` (strategy, dict, string, or a bare float: the ratio) or the short
+    form ``ratio``."""
     if plan is not None and ratio is not None:
         raise ValueError("pass either plan= or ratio=, not both")
     if plan is None:
@@ -281,6 +283,11 @@ def parse_plan(plan=None, ratio=None):
         return plan
     if isinstance(plan, str):
         return _parse_string(plan)
+    if isinstance(plan, numbers.Real) and not isinstance(plan, (bool, numbers.Integral)):
+        return FixedRatio(float(plan))  # a bare number: the ratio, as ratio= (plan=0.5)
+    if isinstance(plan, numbers.Integral) and not isinstance(plan, bool):
+        raise ValueError(f"plan={plan!r}: a bare number is a ratio in (0, 1] (e.g. plan=0.5); for the same k in "
+                         f"every layer pass {{'layers': {{'re:.*': {plan}}}}}")
     if isinstance(plan, Mapping):
         if len(plan) != 1:
             raise ValueError(f"a plan dict has exactly one key (ratio, inertia, relative_inertia, elbow, layers, "
@@ -300,7 +307,7 @@ def parse_plan(plan=None, ratio=None):
             return ByChannels(dict(val))
         raise ValueError(f"plan key {key!r} is unknown; use ratio, inertia, relative_inertia, elbow, layers or "
                          f"channels")
-    raise ValueError(f"plan must be a strategy, a dict or a string, got {type(plan).__name__}")
+    raise ValueError(f"plan must be a strategy, a dict, a string or a ratio, got {type(plan).__name__}")
 
 
 def select_layers(names: Sequence[str], layers) -> list[str]:

@@ -229,7 +229,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         teacher: the unclustered model to distil from (and, for the output-aware refit, whose layer outputs to
             match).  Default: the dense ``model`` itself when ``plan`` is given, else no distillation.
         epochs: training epochs (progressive: after the last stage).  Default ``DEFAULT_EPOCHS[mode]``.
-        plan: a :func:`kcengine.compress` plan (ratio, dict, ...): cluster the dense ``model`` first
+        plan: a :func:`kcengine.compress` plan (a ratio such as 0.5, a dict, ...): cluster the dense ``model`` first
             (required for ``progressive``; each layer gets the k this plan gives it on the dense model).
         granularity: ``"filter"`` or ``"kernel"``, used with ``plan``.
         order: progressive stages: list of layer names, regexes or lists of names (default: top-level groups,
