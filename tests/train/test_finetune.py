@@ -265,6 +265,7 @@ def test_default_peak_lr_scales_with_the_loaders_batch(tiny):
     ({"temperature": 0}, "temperature must be"),
     ({"mode": "progressive"}, "needs plan="),
     ({"mixup": -1.0}, "mixup must be a finite number >= 0"),
+    ({"stage_training": "thaw"}, r"stage_training must be one of \('keep', 'freeze'\), got stage_training='thaw'"),
 ])
 def test_bad_arguments(tiny, kw, match):
     model, ds, loader = tiny

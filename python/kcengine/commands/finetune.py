@@ -15,7 +15,7 @@ HELP = "cluster a CIFAR model and recover accuracy (frozen / centroids / progres
 
 def add_arguments(parser) -> None:
     from ..train.finetune import (DEFAULT_LR, LR_REFERENCE_BATCH, MODES, OPTIMIZERS, RECOMMENDED_BATCH, SCHEDULES,
-                                  finetune_defaults)
+                                  STAGE_TRAINING, finetune_defaults)
 
     ft = finetune_defaults()  # the training options' defaults are finetune's own (the recipe lives in one place)
     add_model_data_arguments(parser)
@@ -31,7 +31,7 @@ def add_arguments(parser) -> None:
                    help="progressive stages, ';'-separated; each a regex or ','-separated names "
                         "(default: top-level groups, deepest first)")
     t.add_argument("--stage-epochs", type=int, default=ft["stage_epochs"], help="progressive: epochs after each stage")
-    t.add_argument("--stage-training", default=ft["stage_training"], choices=("keep", "freeze"))
+    t.add_argument("--stage-training", default=ft["stage_training"], choices=STAGE_TRAINING)
     t.add_argument("--optimizer", default=ft["optimizer"], choices=OPTIMIZERS)
     t.add_argument("--lr", type=float, default=None,
                    help=f"peak learning rate (default for sgd: {DEFAULT_LR['sgd']:g} per {LR_REFERENCE_BATCH} images "
