@@ -38,6 +38,12 @@ temperature (unrecorded runs, batch 64, mixed plan of recovery_resnet20.md, seed
 T = 4), but 87.1% at k = C_out/2 (87.9% at T = 4), and without the CE term (alpha = 1) 87.4%: T = 4 stays.
 Annealing from the dense model (each filter = its centroid + s * its dense offset, s going 1 -> 0 over the
 first half of the run, no refit) ended at 85.5% (over 70%, cosine: 84.0%): the loss jumps as s nears 0.
+Other splits of the mixed plan's budget of 344 filters (unrecorded runs, seed 0, one thread): every layer
+of conv1 + layer1 at full width, layer2 at 14, layer3 at 24-25: 85.1%; conv1 16, layer1 12, layer2 16,
+layer3 26-27: 86.1%; conv1 8, layer1 8, layer2 14, layer3 34: 87.1%; conv1 8, layer1 6, layer2 14,
+layer3 36: 86.8% -- none above the uniform C_out/2 split (87.9%), nor the sensitivity allocation (87.0%).
+Batch 32 (seeds 0, 1: 86.1 / 85.9%) is worse than 64, and a refit on 2,048 images instead of 512 (87.1 /
+87.5%) no better.
 
 The caller's ``model`` (and ``teacher``) are never modified: the run trains a copy, returned as
 ``FinetuneResult.model``.
