@@ -1654,6 +1654,19 @@ void prepare(const Dataset<T>& ds, const Params& params, Prepared<T>& prep, bool
   }
 }
 
+#if defined(__AVX512F__)
+// The 16 lanes of two double vectors summed in lane order (a fixed order: results do not depend on
+// how the compiler would reduce).
+inline double sum_lanes16(__m512d lo, __m512d hi) {
+  alignas(64) double lanes[16];
+  _mm512_store_pd(lanes, lo);
+  _mm512_store_pd(lanes + 8, hi);
+  double p = 0;
+  for (double v : lanes) p += v;
+  return p;
+}
+#endif
+
 // Greedy k-means++ on [N, D] data, specialized for the direct solvers: the same draws and
 // choices as kmeanspp(), but every trial of a step is evaluated in ONE sweep over the transposed
 // data (each column loaded once for all trials), distances stay in the data's precision, and the
@@ -1761,12 +1774,7 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
           l1 = _mm512_add_pd(l1, hi);
         }
         if (mode != 1) break;  // modes 0 and 2 have one trial
-        alignas(64) double lanes[16];
-        _mm512_store_pd(lanes, l0);
-        _mm512_store_pd(lanes + 8, l1);
-        double p = 0;
-        for (double v : lanes) p += v;
-        pot[t] += p;
+        pot[t] += sum_lanes16(l0, l1);
       }
     }
   };
@@ -1803,12 +1811,7 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
       for (i64 t = 0; t < nt; ++t) {
         const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(acc[t]));
         const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[t]), 1)));
-        alignas(64) double lanes[16];
-        _mm512_store_pd(lanes, lo);
-        _mm512_store_pd(lanes + 8, hi);
-        double p = 0;
-        for (double v : lanes) p += v;
-        pot[t] += p;
+        pot[t] += sum_lanes16(lo, hi);
       }
     }
   };
