@@ -1665,6 +1665,11 @@ inline double sum_lanes16(__m512d lo, __m512d hi) {
   for (double v : lanes) p += v;
   return p;
 }
+// The same for the 16 float lanes of v, each widened to double first.
+inline double sum_lanes16(__m512 v) {
+  return sum_lanes16(_mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+                     _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
 #endif
 
 // Greedy k-means++ on [N, D] data, specialized for the direct solvers: the same draws and
@@ -1808,11 +1813,7 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
           acc[t] = _mm512_add_ps(acc[t], _mm512_min_ps(sd, c));
         }
       }
-      for (i64 t = 0; t < nt; ++t) {
-        const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(acc[t]));
-        const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[t]), 1)));
-        pot[t] += sum_lanes16(lo, hi);
-      }
+      for (i64 t = 0; t < nt; ++t) pot[t] += sum_lanes16(acc[t]);
     }
   };
 #endif
