@@ -14,15 +14,15 @@ HELP = "cluster a CIFAR model and recover accuracy (frozen / centroids / progres
 
 
 def add_arguments(parser) -> None:
-    from ..train.finetune import (DEFAULT_LR, LR_REFERENCE_BATCH, MODES, OPTIMIZERS, RECOMMENDED_BATCH, SCHEDULES,
-                                  STAGE_TRAINING, finetune_defaults)
+    from ..train.finetune import (DEFAULT_LR, GRANULARITIES, LR_REFERENCE_BATCH, MODES, OPTIMIZERS, RECOMMENDED_BATCH,
+                                  SCHEDULES, STAGE_TRAINING, finetune_defaults)
 
     ft = finetune_defaults()  # the training options' defaults are finetune's own (the recipe lives in one place)
     add_model_data_arguments(parser)
     g = parser.add_argument_group("plan")
     g.add_argument("--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")
     g.add_argument("--plan", default=None, help="as for prune: ratio=R | relative_inertia=F | elbow | map:... ")
-    g.add_argument("--granularity", default=ft["granularity"], choices=("filter", "kernel"))
+    g.add_argument("--granularity", default=ft["granularity"], choices=GRANULARITIES)
     g.add_argument("--kmeans-seed", type=int, default=0)
     t = parser.add_argument_group("training (defaults: the recommended recipe)")
     t.add_argument("--mode", default=ft["mode"], choices=MODES)

@@ -69,13 +69,15 @@ from .checkpoint import CHECKPOINT_NAME, apply_layout, clustered_layout, load_ch
 from .distill import FeatureTap, distillation_loss, feature_loss, feature_points
 from .progressive import conv_names, resolve_order
 
-__all__ = ["finetune", "FinetuneResult", "MODES", "SCHEDULES", "OPTIMIZERS", "STAGE_TRAINING", "DEFAULT_EPOCHS",
-           "DEFAULT_LR", "LR_REFERENCE_BATCH", "RECOMMENDED_BATCH", "default_lr", "finetune_defaults", "lr_factor"]
+__all__ = ["finetune", "FinetuneResult", "MODES", "SCHEDULES", "OPTIMIZERS", "STAGE_TRAINING", "GRANULARITIES",
+           "DEFAULT_EPOCHS", "DEFAULT_LR", "LR_REFERENCE_BATCH", "RECOMMENDED_BATCH", "default_lr", "finetune_defaults",
+           "lr_factor"]
 
 MODES = ("frozen", "centroids", "progressive")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 STAGE_TRAINING = ("keep", "freeze")  # progressive: what earlier stages' codebooks do
+GRANULARITIES = ("filter", "kernel")  # what finetune can cluster and train
 DEFAULT_EPOCHS = {"frozen": 4, "centroids": 20, "progressive": 4}
 # Peak LR for a batch of LR_REFERENCE_BATCH images; the default scales linearly with the loader's batch size
 # (default_lr).  sgd 0.002 at 128: resnet20 k=C_out/2, 8 epochs 83.3% vs 84.8% at 0.01.
@@ -284,7 +286,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         raise ValueError(f"schedule must be one of {SCHEDULES}, got schedule={schedule!r}")
     if stage_training not in STAGE_TRAINING:
         raise ValueError(f"stage_training must be one of {STAGE_TRAINING}, got stage_training={stage_training!r}")
-    if granularity not in ("filter", "kernel"):
+    if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be 'filter' or 'kernel' for finetuning, got granularity={granularity!r}")
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise ValueError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
