@@ -39,6 +39,14 @@ def test_prune_writes_report(ckpt, cifar, tmp_path):
     assert "layer3.0.conv1.codebook" in sd
 
 
+def test_prune_plan_takes_a_bare_ratio(ckpt, tmp_path):
+    out = tmp_path / "pr"
+    assert main(["prune", "--weights", str(ckpt), "--no-eval", "--plan", "0.5", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["plan"] == "fixed ratio 0.5"
+    assert [lr["k"] for lr in rep["layers"]] == [lr["n_points"] // 2 for lr in rep["layers"]]
+
+
 def test_sweep_writes_csv(ckpt, cifar, tmp_path):
     out = tmp_path / "sw"
     assert main(["sweep", "--weights", str(ckpt), "--data", str(cifar), "--layers", "conv1", "--ratios", "0.5,1",

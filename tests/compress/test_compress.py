@@ -214,6 +214,9 @@ def test_elbow_index_on_a_known_curve():
     ("inertia=-1", "inertia limit must be a finite number >= 0"),
     (1.5, "ratio must be a ratio in \\(0, 1\\]"),
     (8, "a bare number is a ratio in \\(0, 1\\].*'re:\\.\\*': 8"),
+    ("8", "a bare number is a ratio in \\(0, 1\\].*'re:\\.\\*': 8"),  # the CLI's --plan 8
+    ("1.5", "ratio must be a ratio in \\(0, 1\\]"),
+    ("nan", "ratio must be a ratio in \\(0, 1\\]"),
     (True, "must be a strategy, a dict, a string or a ratio, got bool"),
 ])
 def test_plan_parsing_errors_are_clear(plan, msg):
@@ -226,6 +229,8 @@ def test_plan_forms_parse():
     assert parse_plan(0.25) == FixedRatio(0.25)  # a bare float is the ratio (finetune(plan=0.5), compress)
     assert parse_plan(np.float32(0.5)) == FixedRatio(0.5)
     assert parse_plan("ratio=0.5") == FixedRatio(0.5)
+    assert parse_plan("0.5") == FixedRatio(0.5)  # the CLI's --plan 0.5, as plan=0.5
+    assert parse_plan(" 1.0 ") == FixedRatio(1.0)
     assert parse_plan("inertia=2") == InertiaLimit(2)
     assert parse_plan("relative_inertia=0.1") == InertiaLimit(0.1, relative=True)
     assert parse_plan("elbow=0.25:1.0:0.25") == Elbow((0.25, 0.5, 0.75, 1.0))

@@ -21,7 +21,7 @@ def add_arguments(parser) -> None:
     add_model_data_arguments(parser)
     g = parser.add_argument_group("plan")
     g.add_argument("--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")
-    g.add_argument("--plan", default=None, help="as for prune: ratio=R | relative_inertia=F | elbow | map:... ")
+    g.add_argument("--plan", default=None, help="as for prune: R | ratio=R | relative_inertia=F | elbow | map:... ")
     g.add_argument("--granularity", default=ft["granularity"], choices=GRANULARITIES)
     g.add_argument("--kmeans-seed", type=int, default=0)
     t = parser.add_argument_group("training (defaults: the recommended recipe)")

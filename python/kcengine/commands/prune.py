@@ -13,8 +13,8 @@ def add_arguments(parser) -> None:
     g = parser.add_argument_group("plan")
     g.add_argument("--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")
     g.add_argument("--plan", default=None,
-                   help="ratio=R | inertia=X | relative_inertia=F | elbow[=A:B:STEP] | map:NAME=K,... | "
-                        "channels:C=K,...")
+                   help="R (a ratio, as --ratio R) | ratio=R | inertia=X | relative_inertia=F | elbow[=A:B:STEP] | "
+                        "map:NAME=K,... | channels:C=K,...")
     g.add_argument("--granularity", default="filter", choices=("filter", "kernel", "element"))
     g.add_argument("--layers", default=None, help="'first', a regex (full match) or comma-separated names")
     g.add_argument("--threshold", type=float, default=None, help="filters farther than this keep their weights")

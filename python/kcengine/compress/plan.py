@@ -246,11 +246,17 @@ def _parse_string(text: str):
         return ByChannels(_parse_pairs(s[9:], "channels plan", key_int=True))
     if low == "elbow":
         return Elbow()
+    try:  # a bare number reads as the same number passed to parse_plan (--plan 0.5 as plan=0.5)
+        bare = _number(s, "plan")
+    except ValueError:
+        bare = None
+    if bare is not None:
+        return parse_plan(bare)
     name, eq, val = s.partition("=")
     name = name.strip().lower()
     if not eq:
-        raise ValueError(f"plan {text!r} is not understood; use ratio=R, inertia=X, relative_inertia=F, elbow, "
-                         f"elbow=START:STOP:STEP, map:NAME=K,... or channels:C=K,...")
+        raise ValueError(f"plan {text!r} is not understood; use R (a ratio), ratio=R, inertia=X, relative_inertia=F, "
+                         f"elbow, elbow=START:STOP:STEP, map:NAME=K,... or channels:C=K,...")
     if name == "ratio":
         return FixedRatio(_number(val, "ratio"))
     if name == "inertia":
