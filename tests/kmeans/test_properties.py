@@ -146,6 +146,48 @@ def test_random_init_and_dtype_preserved():
     assert r.inertia.dtype == np.float64
 
 
+def _excluded_by_random_init(w, seeds):
+    """With k = N - 1, which point each seed's init="random" leaves out.  The points sit at -1 (a sentinel
+    of huge weight, always drawn) and 4^i, so the first E-step puts a left-out point with its left
+    neighbour: after one M-step every centroid but theirs is a point, and the two points missing from
+    the centroids name it (the right one of the pair; a zero-weight one is the only point missing)."""
+    n = len(w)
+    x = np.zeros((n + 1, 2))
+    x[0, 0] = -1.0
+    x[1:, 0] = 4.0 ** np.arange(n)
+    weights = np.concatenate([[1e9], np.asarray(w, dtype=np.float64)])
+    out = []
+    for seed in seeds:
+        r = kcengine.kmeans(x, n, init="random", seed=seed, sample_weight=weights, max_iter=1)
+        missing = [i for i in range(n + 1) if not (np.asarray(r.centroids) == x[i]).all(1).any()]
+        if len(missing) == 1:  # a left-out point of zero weight does not move its neighbour's centroid
+            out.append(missing[0] - 1)
+            continue
+        assert len(missing) == 2 and missing[1] == missing[0] + 1
+        out.append(missing[1] - 1)
+    return np.bincount(out, minlength=n)
+
+
+def test_random_init_draws_by_weight_without_replacement():
+    # P(point j is drawn last) when the points are drawn one by one, each in proportion to its weight
+    # among those not drawn yet: summed over the orders that end with j.
+    import itertools
+
+    w = np.array([1.0, 2.0, 3.0, 6.0])
+    expect = np.zeros(len(w))
+    for order in itertools.permutations(range(len(w))):
+        p, left = 1.0, w.sum()
+        for j in order:
+            p *= w[j] / left
+            left -= w[j]
+        expect[order[-1]] += p
+    runs = 3000
+    got = _excluded_by_random_init(w, range(runs)) / runs
+    np.testing.assert_allclose(got, expect, atol=5 * np.sqrt(expect * (1 - expect) / runs).max())
+    # zero weight: never drawn while points of positive weight are left
+    assert _excluded_by_random_init([1.0, 0.0, 2.0, 1.0], range(50)).tolist() == [0, 50, 0, 0]
+
+
 def test_callers_arrays_are_not_modified():
     x = blobs(80, 4, 4, seed=2)
     w = np.ones(80)

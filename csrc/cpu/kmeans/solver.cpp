@@ -483,33 +483,58 @@ inline double fuse_min_pot(i64 i0, i64 i1, const double* d2, const double* close
   return pot;
 }
 
-// k distinct points drawn by weight without replacement (zero-weight points only if needed).
+// k distinct points drawn by weight without replacement (zero-weight points only if needed): each draw
+// picks the first point whose running sum of the untaken weights exceeds u * their total.  A Fenwick
+// tree over the weights finds that point and removes it in O(log N), so the whole init costs
+// O(N + k log N) (a scan per draw was O(k N): seconds for k = 4096 on a million points).
 inline void random_init(i64 n, i64 k, const double* w, Rng& rng, std::vector<i64>& chosen) {
   chosen.clear();
-  std::vector<double> ww(n);
-  for (i64 i = 0; i < n; ++i) ww[i] = weight(w, i);
+  std::vector<double> tree(size_t(n) + 1, 0.0);  // tree[i]: sum of the weights of (i - lowbit(i), i]
   std::vector<char> taken(n, 0);
-  for (i64 c = 0; c < k; ++c) {
-    double tot = 0;
-    for (i64 i = 0; i < n; ++i) tot += taken[i] ? 0.0 : ww[i];
-    i64 pick = -1;
-    if (tot > 0) {
-      double r = rng.uniform() * tot, acc = 0;
-      for (i64 i = 0; i < n; ++i) {
-        if (taken[i] || ww[i] <= 0) continue;
-        acc += ww[i];
-        pick = i;
-        if (acc > r) break;
+  i64 npos = 0;
+  for (i64 i = 0; i < n; ++i)
+    if (weight(w, i) > 0) {
+      tree[i + 1] = weight(w, i);
+      ++npos;
+    }
+  for (i64 i = 1; i <= n; ++i) {
+    const i64 up = i + (i & -i);
+    if (up <= n) tree[up] += tree[i];
+  }
+  i64 top = 1;
+  while (top * 2 <= n) top *= 2;
+  auto usable = [&](i64 i) { return i >= 0 && i < n && !taken[i] && weight(w, i) > 0; };
+  for (i64 c = 0; c < std::min(k, npos); ++c) {
+    double tot = 0.0;
+    for (i64 i = n; i > 0; i -= i & -i) tot += tree[i];
+    double rem = rng.uniform() * tot;
+    i64 pick = 0;  // descends to the first point whose prefix sum exceeds the draw
+    for (i64 step = top; step > 0; step >>= 1)
+      if (pick + step <= n && tree[pick + step] <= rem) {
+        pick += step;
+        rem -= tree[pick];
       }
-    } else {  // only zero-weight points are left: uniform among them
-      i64 left = 0;
-      for (i64 i = 0; i < n; ++i) left += !taken[i];
-      i64 r = i64(rng.uniform() * double(left));
-      for (i64 i = 0; i < n; ++i)
-        if (!taken[i] && r-- == 0) { pick = i; break; }
+    if (!usable(pick)) {  // rounding of the removals landed past the end or on a taken point: the nearest usable
+      i64 j = std::min(pick, n - 1);
+      while (j >= 0 && !usable(j)) --j;
+      if (j < 0)
+        for (j = pick; !usable(j); ++j) {}
+      pick = j;
     }
     taken[pick] = 1;
     chosen.push_back(pick);
+    const double v = weight(w, pick);
+    for (i64 i = pick + 1; i <= n; i += i & -i) tree[i] -= v;
+  }
+  if (i64(chosen.size()) < k) {  // only zero-weight points are left: uniform among them
+    std::vector<i64> left;
+    for (i64 i = 0; i < n; ++i)
+      if (!taken[i]) left.push_back(i);
+    for (i64 t = 0; i64(chosen.size()) < k; ++t) {
+      const i64 r = t + std::min<i64>(i64(left.size()) - 1 - t, i64(rng.uniform() * double(i64(left.size()) - t)));
+      std::swap(left[t], left[r]);
+      chosen.push_back(left[t]);
+    }
   }
 }
 
