@@ -4,10 +4,13 @@
 Tables are copied verbatim from what the suites wrote (with their date, commit and machine
 lines), so the README never carries a hand-typed figure.  Run after re-recording:
     python tools/readme_bench.py
+``--check`` writes nothing and exits 1 when the README differs from what the results give (the
+test suite runs it, so a re-recording without this step fails the tests).
 """
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +61,11 @@ def seed_summary(path: Path) -> str:
     return "\n".join(line for line in tail.splitlines() if line.startswith("- "))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv not in ([], ["--check"]):
+        print("usage: python tools/readme_bench.py [--check]", file=sys.stderr)
+        return 2
     r = ROOT / "bench" / "results"
     cli = r / "cli_resnet18" / "report.md"
     cli_part = section("`python -m kcengine bench --model resnet18` on this machine (CPU)", cli, [("", "## Summary")],
@@ -95,7 +102,14 @@ def main() -> int:
         text = text.replace("BENCH_TABLES_PLACEHOLDER", f"{BEGIN}\n{END}")
     pre, rest = text.split(BEGIN, 1)
     _, post = rest.split(END, 1)
-    readme.write_text(f"{pre}{BEGIN}\n{body}\n{END}{post}")
+    new = f"{pre}{BEGIN}\n{body}\n{END}{post}"
+    if argv == ["--check"]:
+        if new != text:
+            print("README.md's benchmark section differs from bench/results: run python tools/readme_bench.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(new)
     return 0
 
 
