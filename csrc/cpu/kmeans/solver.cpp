@@ -185,6 +185,21 @@ inline float float_above(double v) {
   return double(f) < v ? std::nextafter(f, std::numeric_limits<float>::infinity()) : f;
 }
 
+#if defined(__AVX512F__)
+// Squared float distances from 16 points to the point c in D dimensions: xv[q] holds coordinate q of
+// the 16 points (one per lane); summed over q in order.  topm's 16-point first scan and the 9-D
+// k-means++ trials both go through here.
+template <int D>
+inline __m512 sqdist16_to(const __m512* xv, const float* c) {
+  __m512 sd = _mm512_setzero_ps();
+  for (int q = 0; q < D; ++q) {
+    const __m512 u = _mm512_sub_ps(xv[q], _mm512_set1_ps(c[q]));
+    sd = _mm512_fmadd_ps(u, u, sd);
+  }
+  return sd;
+}
+#endif
+
 // Bit l set where wake[l] <= due[lab[l]], for 16 points (one gather per 16 with AVX-512).
 inline unsigned due_mask16(const float* wake, const i32* lab, const float* due) {
 #if defined(__AVX512F__)
@@ -1157,12 +1172,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
         tj[s] = _mm512_set1_epi32(-1);
       }
       for (i64 j = 0; j < k; ++j) {
-        const float* cj = &c[size_t(j) * DC];
-        __m512 dd = _mm512_setzero_ps();
-        for (int q = 0; q < DC; ++q) {
-          const __m512 u = _mm512_sub_ps(xv[q], _mm512_set1_ps(cj[q]));
-          dd = _mm512_fmadd_ps(u, u, dd);
-        }
+        const __m512 dd = sqdist16_to<DC>(xv, &c[size_t(j) * DC]);
         if (!_mm512_cmp_ps_mask(dd, tv[S - 1], _CMP_LT_OQ)) continue;
         __m512 cv = dd;
         __m512i cx = _mm512_set1_epi32(i32(j));
@@ -1829,14 +1839,7 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
         __m512 xv[D9];
         for (int q = 0; q < D9; ++q) xv[q] = _mm512_maskz_loadu_ps(mk, xb + size_t(q) * n + i);
         const __m512 c = _mm512_maskz_loadu_ps(mk, cl + i);  // masked-off lanes: 0, so they add 0
-        for (i64 t = 0; t < nt; ++t) {
-          __m512 sd = _mm512_setzero_ps();
-          for (int q = 0; q < D9; ++q) {
-            const __m512 u = _mm512_sub_ps(xv[q], _mm512_set1_ps(cq[t][q]));
-            sd = _mm512_fmadd_ps(u, u, sd);
-          }
-          acc[t] = _mm512_add_ps(acc[t], _mm512_min_ps(sd, c));
-        }
+        for (i64 t = 0; t < nt; ++t) acc[t] = _mm512_add_ps(acc[t], _mm512_min_ps(sqdist16_to<D9>(xv, cq[t]), c));
       }
       for (i64 t = 0; t < nt; ++t) pot[t] += sum_lanes16(acc[t]);
     }
