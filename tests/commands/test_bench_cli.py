@@ -31,8 +31,10 @@ def test_bench_quick_writes_report_folder(tmp_path):
     for row in clus["rows"]:
         assert row["seconds"] > 0
     inf = res["sections"]["inference"]
+    # eager dense in both layouts, then the dense model frozen for inference (TorchScript) in channels-last
     assert [(row["batch"], row["memory_format"]) for row in inf["rows"]] == [
-        (1, "nchw"), (1, "channels_last"), (8, "nchw"), (8, "channels_last")]
+        (b, f) for b in (1, 8) for f in ("nchw", "channels_last", "channels_last, dense frozen")]
+    assert all(row["dense_eager_ms"] > 0 for row in inf["layers"])
     assert all(row["rel_diff_vs_dense"] < 1e-3 for row in inf["rows"])  # same weights, fused: same outputs
     sizes = {s["what"]: s for s in inf["sizes"]}
     assert sizes["unique conv weights"]["ratio"] > 3.5

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from kcengine.bench.conv import resnet18_conv_shapes, run_conv_bench
+from kcengine.bench.conv import FROZEN_ROW, resnet18_conv_shapes, run_conv_bench
 
 
 def test_resnet18_shapes():
@@ -19,16 +19,20 @@ def test_bench_runs_small(tmp_path):
     assert len(r["layers"]) == 11 * 2
     for row in r["layers"]:
         assert row["dense_ms"] > 0 and row["clustered_ms"] > 0 and math.isfinite(row["speedup"])
+        assert row["dense_eager_ms"] > 0 and math.isfinite(row["speedup_vs_eager"])
         assert row["max_rel_err"] < 1e-4, row
         assert 0 < row["flop_ratio"] < 1
         # filter rows also time the K-filter conv alone (the path's ceiling); kernel rows have none
         assert (row["unique_conv_ms"] > 0) if row["granularity"] == "filter" else math.isnan(row["unique_conv_ms"])
     assert {e["memory_format"] for e in r["e2e"]} >= {"nchw", "channels_last"}
     assert all(e["max_rel_err"] < 1e-4 for e in r["e2e"] if e["memory_format"] in ("nchw", "channels_last"))
+    frozen = [e for e in r["e2e"] if e["memory_format"] == FROZEN_ROW]
+    assert len(frozen) == 1  # measured against the frozen dense model too (NaN only where TorchScript fails)
+    assert frozen[0]["max_rel_err"] < 1e-4 or not math.isfinite(frozen[0]["speedup"])
     assert len(r["checkpoint"]) == 6
     for c in r["checkpoint"]:  # codebook 1/d of the conv weights plus uint8 indexes; fc and BN stored alike
         assert 1.5 < c["ratio"] < 20, c
     md = (tmp_path / "indexed_conv.md").read_text()
-    assert "Checkpoint size" in md and "unique_conv_speedup" in md
+    assert "Checkpoint size" in md and "unique_conv_speedup" in md and "speedup_vs_eager" in md
     assert "commit" in md and "torch threads" in md and str(torch.get_num_threads()) in md
     assert (tmp_path / "indexed_conv.csv").stat().st_size > 0

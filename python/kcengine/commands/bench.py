@@ -272,6 +272,7 @@ def run_inference(args, out: Path) -> dict:
     import torch
     import torch.nn as nn
 
+    from ..bench.baselines import PackedDenseConv, frozen_dense
     from ..bench.common import markdown_table, time_alternating, write_csv
     from ..compress import compress
     from ..conv import ClusteredConv2d, fuse_for_inference, save_compressed
@@ -305,6 +306,7 @@ def run_inference(args, out: Path) -> dict:
     # Both models in each memory format (input and weights): NCHW, torch's default, and channels-last, the
     # faster one on the CPU for both sides.
     formats = (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last))
+    frozen = frozen_why = None
     for n in tqdm(batches, desc="inference", leave=False):
         torch.manual_seed(n)
         x0 = torch.randn(n, 3, h, w)
@@ -316,6 +318,18 @@ def run_inference(args, out: Path) -> dict:
                 err = float((fast(x) - dense(x)).abs().max() / dense(x).abs().max().clamp_min(1e-12))
             rows.append({"batch": n, "input": f"{h}x{w}", "memory_format": fmt_name, "dense_ms": td * 1e3,
                          "clustered_ms": tc * 1e3, "speedup": td / tc, "rel_diff_vs_dense": err})
+        # The dense model at its stock-PyTorch best (BN folded, weights prepacked, ReLU fused), channels-last:
+        # the ratio against it is what clustering itself buys (see kcengine.bench.baselines).
+        x = x0.contiguous(memory_format=torch.channels_last)
+        dense, fast = dense.to(memory_format=torch.channels_last), fast.to(memory_format=torch.channels_last)
+        if frozen is None and frozen_why is None:
+            frozen, frozen_why = frozen_dense(dense, x[:1])
+        if frozen is not None:
+            with torch.inference_mode():
+                tj, tc = time_alternating((lambda: frozen(x), lambda: fast(x)), repeat.get(n, 2), flip=True)
+                err = float((fast(x) - frozen(x)).abs().max() / frozen(x).abs().max().clamp_min(1e-12))
+            rows.append({"batch": n, "input": f"{h}x{w}", "memory_format": "channels_last, dense frozen",
+                         "dense_ms": tj * 1e3, "clustered_ms": tc * 1e3, "speedup": tj / tc, "rel_diff_vs_dense": err})
     # Per-layer: each conv alone on its real input (batch 1, channels-last), dense Conv2d vs ClusteredConv2d.
     inputs: dict = {}
     hooks = [m.register_forward_hook(lambda mod, i, o, name=name: inputs.__setitem__(name, i[0].detach()))
@@ -333,11 +347,13 @@ def run_inference(args, out: Path) -> dict:
             conv, cl = dense.get_submodule(name), cl_mods.get(name)
             if not isinstance(cl, ClusteredConv2d):
                 continue
-            td, tc = time_alternating((lambda: conv(xin), lambda: cl(xin)), 3, flip=True)
+            # dense: the same stored-reorder oneDNN path as the clustered layer's conv; eager Conv2d beside it
+            packed = PackedDenseConv.from_conv(conv)
+            td, tc, te = time_alternating((lambda: packed(xin), lambda: cl(xin), lambda: conv(xin)), 3, flip=True)
             layer_rows.append({"layer": name, "shape": f"{conv.in_channels}->{conv.out_channels} "
                                f"{conv.kernel_size[0]}x{conv.kernel_size[1]}/{conv.stride[0]}",
                                "k": cl.num_clusters, "dense_ms": td * 1e3, "clustered_ms": tc * 1e3,
-                               "speedup": td / tc})
+                               "speedup": td / tc, "dense_eager_ms": te * 1e3, "speedup_vs_eager": te / tc})
     with tempfile.TemporaryDirectory() as tmp:
         dpath = os.path.join(tmp, "dense.pt")
         torch.save(dense.state_dict(), dpath)
@@ -355,9 +371,14 @@ def run_inference(args, out: Path) -> dict:
                 "clustered": param_bytes(clustered), "ratio": param_bytes(dense) / param_bytes(clustered)},
                {"what": "unique conv weights", "dense": report.total_conv_weights,
                 "clustered": report.model_unique_weights, "ratio": report.compression_ratio}]
-    md = (f"{src}; every conv clustered at k = round(C_out * {args.ratio}) (filter granularity), {fused}.\n\n"
+    frozen_note = ("`channels_last, dense frozen`: the dense model as TorchScript frozen for inference (BN folded, "
+                   "weights prepacked, ReLU fused), its strongest stock-PyTorch CPU form, against the same clustered "
+                   "model" if frozen is not None else f"no frozen dense baseline here ({frozen_why})")
+    md = (f"{src}; every conv clustered at k = round(C_out * {args.ratio}) (filter granularity), {fused}. "
+          f"{frozen_note}.\n\n"
           + markdown_table(rows) + "\nPer layer (batch 1, channels-last, each conv alone on its real input; no "
-          "fusion):\n\n"
+          "fusion; dense = the dense weight through the same stored-reorder oneDNN path as the clustered conv, "
+          "`dense_eager_ms` = the eager Conv2d, which reorders its weight on every call):\n\n"
           + markdown_table(layer_rows) + "\n" + markdown_table(summary))
     return {"source": src, "rows": rows, "layers": layer_rows, "sizes": summary, "markdown": md}
 
