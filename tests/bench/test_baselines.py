@@ -25,9 +25,11 @@ def test_packed_dense_conv_equals_f_conv2d(channels_last, bias):
         torch.testing.assert_close(packed(x2), F.conv2d(x2, conv.weight, conv.bias, 2, 1), rtol=1e-5, atol=1e-5)
 
 
-def test_packed_dense_conv_rejects_groups():
-    with pytest.raises(ValueError, match="groups=2"):
-        PackedDenseConv.from_conv(nn.Conv2d(4, 4, 3, groups=2))
+@pytest.mark.parametrize("conv", [nn.Conv2d(4, 6, 3, groups=2, padding=1), nn.Conv2d(4, 6, 3, padding="same")])
+def test_packed_dense_conv_falls_back_to_f_conv2d(conv):
+    x = torch.randn(1, 4, 7, 7).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedDenseConv.from_conv(conv)(x), conv(x))
 
 
 def test_frozen_dense_matches_and_leaves_model_unchanged():

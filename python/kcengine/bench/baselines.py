@@ -22,29 +22,30 @@ __all__ = ["PackedDenseConv", "frozen_dense"]
 
 
 class PackedDenseConv:
-    """``F.conv2d(x, weight, bias, stride, padding, dilation)`` with the weight reordered for oneDNN once
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` with the weight reordered for oneDNN once
     (on the first call, again if the weight or the input shape changes); plain ``F.conv2d`` where that path
-    does not apply (not float32 channels-last, autograd, no oneDNN)."""
+    does not apply (groups > 1, string padding, not float32 channels-last, autograd, no oneDNN)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
+                 groups: int = 1):
         from ..conv.backends import PackedCodebook
 
-        pair = (lambda v: (v, v) if isinstance(v, int) else tuple(v))
+        pair = (lambda v: (v, v) if isinstance(v, int) else v if isinstance(v, str) else tuple(v))
         self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
         self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
-        self._packed = PackedCodebook()
+        self.groups = groups
+        self._packed = PackedCodebook() if groups == 1 and not isinstance(self.padding, str) else None
 
     @classmethod
     def from_conv(cls, conv: torch.nn.Conv2d) -> "PackedDenseConv":
-        if conv.groups != 1 or not isinstance(conv.padding, tuple):
-            raise ValueError(f"PackedDenseConv needs groups=1 and numeric padding, got groups={conv.groups}, "
-                             f"padding={conv.padding!r}")
-        return cls(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+        return cls(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._packed.conv(x, self.weight, self.stride, self.padding, self.dilation)
+        y = None
+        if self._packed is not None:
+            y = self._packed.conv(x, self.weight, self.stride, self.padding, self.dilation)
         if y is None:
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
