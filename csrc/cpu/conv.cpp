@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -421,6 +422,7 @@ void gather_sum(py::array p, py::array pair, py::object scale, py::object shift,
 // ---------------------------------------------------------------------------------------------
 struct ConvGeom {
   int64_t N, H, W, Cin, Ho, Wo, C, kh, kw, sh, sw, ph, pw, dh, dw, M;
+  int64_t c_lo = 0, c_hi = 0;  // the input channels a tile sums over: [0, Cin), or one part of them
 };
 
 constexpr int kTile = 8;  // output pixels per tile (along W)
@@ -451,7 +453,7 @@ inline void window_values(const T* __restrict x, const ConvGeom& g, int64_t n, i
                                               T* __restrict xv, T* __restrict pv) {                         \
     const int64_t taps = g.kh * g.kw, M = g.M, C = g.C;                                                     \
     for (int64_t e = 0; e < kTile * C; ++e) acc[e] = T(0);                                                  \
-    for (int64_t i = 0; i < g.Cin; ++i) {                                                                   \
+    for (int64_t i = g.c_lo; i < g.c_hi; ++i) {                                                             \
       window_values(x, g, n, ho, wo0, np, i, xv);                                                           \
       const T* __restrict wi = wt + i * taps * M;                                                           \
       const int32_t* __restrict si = slot + i * C;                                                          \
@@ -559,7 +561,7 @@ __attribute__((target("avx512f"))) void direct_tile_regacc(const float* __restri
     __m512 A[PG][NCH];
     for (int p = 0; p < PG; ++p)
       for (int c = 0; c < NCH; ++c) A[p][c] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < g.Cin; ++i) {
+    for (int64_t i = g.c_lo; i < g.c_hi; ++i) {
       const int64_t ii = i % 16;
       if (ii == 0) window_block(x, g, n, ho, wo0, t0, t1, i, S, xv);
       const float* xs = xv + t0 * taps * S + ii;  // pixels past t1 read stale values; their sums are never stored
@@ -596,7 +598,7 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
   // contiguous), so the channel loop below reads its scalars from an L1 buffer xv [kTile][taps][S]
   // instead of gathering them one by one.  With S = C_in a window row (kw taps) is one memcpy.
   const int64_t S = std::min<int64_t>(g.Cin, 16);
-  for (int64_t i = 0; i < g.Cin; ++i) {
+  for (int64_t i = g.c_lo; i < g.c_hi; ++i) {
     const int64_t ii = i % 16;
     if (ii == 0) window_block(x, g, n, ho, wo0, 0, np, i, S, xv);
     const float* xs = xv + ii;  // xs[(t * taps + k) * S]: tap k of pixel t, channel i
@@ -685,8 +687,8 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) void direct_tile_pixvec(con
   // Two input channels per pass over acc: their responses in pv [2][M][8], one load and one store of
   // acc[o] for both.
   const int64_t pstride = Mpad * kTile;
-  for (int64_t i0 = 0; i0 < g.Cin; i0 += 2) {
-    const int nc = g.Cin - i0 >= 2 ? 2 : 1;
+  for (int64_t i0 = g.c_lo; i0 < g.c_hi; i0 += 2) {
+    const int nc = g.c_hi - i0 >= 2 ? 2 : 1;
     for (int c = 0; c < nc; ++c) {
       const int64_t i = i0 + c;
       float* pc = pv + c * pstride;
@@ -740,18 +742,73 @@ T* aligned_alloc_vec(std::vector<T>& v, size_t n) {  // 64-byte aligned view int
   return reinterpret_cast<T*>((p + 63) & ~uintptr_t(63));
 }
 
+// The codebook side of the direct kernel in the layout its tiles read, built once per codebook (the
+// caller caches it): for the AVX-512 float32 paths wt is padded with zero maps to Mpad (a multiple of
+// 16) and 64-byte aligned, and the slot rows are padded to Cpad (slot 0 in the pad; slots scaled by
+// kTile for the pixel-vector path); elsewhere both are plain copies.  Built per call, this took a
+// quarter of a batch-1 call on resnet18's deep layers.
+struct DirectPack {
+  bool f64 = false, fast = false, pixvec = false;
+  int64_t Cin = 0, taps = 0, M = 0, C = 0, Cpad = 0, Mpad = 0;
+  std::vector<float> wf_store;
+  std::vector<double> wd_store;
+  std::vector<int32_t> s_store;
+  const void* w = nullptr;
+  const int32_t* s = nullptr;
+
+  DirectPack() = default;
+  DirectPack(const DirectPack&) = delete;
+  DirectPack& operator=(const DirectPack&) = delete;
+};
+
 template <typename T>
-void kernel_direct_impl(const py::array& x, const py::array& wt, const int32_t* slot, const ConvGeom& g,
-                        const std::vector<T>& a, const std::vector<T>& b, const Epilogue& ep, py::array& out,
-                        int nt) {
+const T* pack_weights(const T* wp, DirectPack& pk, std::vector<T>& store) {
+  T* w2 = aligned_alloc_vec(store, static_cast<size_t>(pk.Cin * pk.taps * pk.Mpad));
+  for (int64_t i = 0; i < pk.Cin; ++i)
+    for (int64_t k = 0; k < pk.taps; ++k)
+      for (int64_t j = 0; j < pk.M; ++j) w2[(i * pk.taps + k) * pk.Mpad + j] = wp[(i * pk.taps + k) * pk.M + j];
+  return w2;
+}
+
+std::unique_ptr<DirectPack> make_direct_pack(py::array wt, py::array slot) {
+  const bool f32 = wt.dtype().is(py::dtype::of<float>());
+  if (!f32 && !wt.dtype().is(py::dtype::of<double>()))
+    throw py::value_error("wt must be float32 or float64, got " + std::string(py::str(wt.dtype())));
+  check_c_contiguous(wt, "wt");
+  check_ndim(wt, "wt", 3);
+  check_ndim(slot, "slot", 2);
+  auto pk = std::make_unique<DirectPack>();
+  pk->f64 = !f32;
+  pk->Cin = wt.shape(0);
+  pk->taps = wt.shape(1);
+  pk->M = wt.shape(2);
+  pk->C = slot.shape(1);
+  if (pk->M < 1 || pk->taps < 1) throw py::value_error("wt must have M >= 1 maps and >= 1 taps, got shape " + shape_str(wt));
+  check_dim(slot, "slot", 0, pk->Cin, "C_in");
+  const int32_t* sp = checked_index(slot, "slot", pk->Cin * pk->C, pk->M);
+  pk->fast = f32 && cpu().avx512f;
+  pk->pixvec = pk->fast && cpu().avx512vl && pk->M > 32;  // see direct_tile_pixvec
+  pk->Cpad = pk->fast ? (pk->C + 15) / 16 * 16 : pk->C;
+  pk->Mpad = pk->fast ? (pk->M + 15) / 16 * 16 : pk->M;
+  if (f32) pk->w = pack_weights(static_cast<const float*>(wt.data()), *pk, pk->wf_store);
+  else pk->w = pack_weights(static_cast<const double*>(wt.data()), *pk, pk->wd_store);
+  int32_t* s2 = aligned_alloc_vec(pk->s_store, static_cast<size_t>(pk->Cin * pk->Cpad));
+  const int32_t scale = pk->pixvec ? int32_t(kTile) : 1;
+  for (int64_t i = 0; i < pk->Cin; ++i)
+    for (int64_t o = 0; o < pk->C; ++o) s2[i * pk->Cpad + o] = sp[i * pk->C + o] * scale;
+  pk->s = s2;
+  return pk;
+}
+
+template <typename T>
+void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom& g, const std::vector<T>& a,
+                        const std::vector<T>& b, const Epilogue& ep, py::array& out, int nt) {
   const T* xp = static_cast<const T*>(x.data());
-  const T* wp = static_cast<const T*>(wt.data());
   T* op = static_cast<T*>(out.mutable_data());
   const T* rp = ep.has_residual ? static_cast<const T*>(ep.residual.data()) : nullptr;
   const bool relu = ep.relu;
   const int64_t taps = g.kh * g.kw;
-  const bool fast = std::is_same_v<T, float> && cpu().avx512f;
-  const bool pixvec = fast && cpu().avx512vl && g.M > 32;  // see direct_tile_pixvec
+  const bool fast = pk.fast, pixvec = pk.pixvec;
   using RegAcc = void (*)(const float*, const float*, const int32_t*, const ConvGeom&, int64_t, int64_t, int64_t,
                           int64_t, int64_t, int, float*, float*);
   RegAcc regacc = nullptr;  // see direct_tile_regacc
@@ -762,65 +819,87 @@ void kernel_direct_impl(const py::array& x, const py::array& wt, const int32_t* 
     else regacc = nch == 1 ? direct_tile_regacc<1, 2> : nch == 2 ? direct_tile_regacc<2, 2>
                 : nch == 3 ? direct_tile_regacc<3, 2> : direct_tile_regacc<4, 2>;
   }
-  const int64_t Cpad = fast ? (g.C + 15) / 16 * 16 : g.C;
-  const int64_t Mpad = fast ? (g.M + 15) / 16 * 16 : g.M;
-  // Padded copies for the AVX-512 path: wt [Cin][taps][Mpad] (zeros), slot [Cin][Cpad] (slot 0 in the pad).
-  std::vector<T> wpad_store;
-  std::vector<int32_t> spad_store;
-  const T* wuse = wp;
-  const int32_t* suse = slot;
-  if (fast) {
-    T* w2 = aligned_alloc_vec(wpad_store, static_cast<size_t>(g.Cin * taps * Mpad));
-    for (int64_t i = 0; i < g.Cin; ++i)
-      for (int64_t k = 0; k < taps; ++k)
-        for (int64_t j = 0; j < g.M; ++j) w2[(i * taps + k) * Mpad + j] = wp[(i * taps + k) * g.M + j];
-    int32_t* s2 = aligned_alloc_vec(spad_store, static_cast<size_t>(g.Cin * Cpad));
-    for (int64_t i = 0; i < g.Cin; ++i)
-      for (int64_t o = 0; o < g.C; ++o) s2[i * Cpad + o] = slot[i * g.C + o] * (pixvec ? int32_t(kTile) : 1);
-    wuse = w2;
-    suse = s2;
-  }
+  const int64_t Cpad = pk.Cpad, Mpad = pk.Mpad;
+  const T* wuse = static_cast<const T*>(pk.w);
+  const int32_t* suse = pk.s;
   const int64_t tiles_w = (g.Wo + kTile - 1) / kTile;
-  const int64_t work = g.N * g.Ho * tiles_w;
+  const int64_t tiles = g.N * g.Ho * tiles_w;
+  // Few tiles that do not divide among the threads (batch 1 on resnet18's 7x7 layers: 7 tiles for 2
+  // threads) leave a thread idle for a whole tile.  There each tile's sum over C_in is split into nt
+  // parts (boundaries on multiples of 16, as the AVX-512 window blocks read 16 channels at a time), so
+  // the work divides evenly; a second pass adds the parts' partial sums and applies the epilogue.
+  int64_t parts = 1, chunk = g.Cin;
+  if (nt > 1 && tiles % nt != 0 && tiles < 8 * nt) {
+    chunk = ((g.Cin + nt - 1) / nt + 15) / 16 * 16;
+    parts = (g.Cin + chunk - 1) / chunk;
+  }
+  const int64_t tile_elems = kTile * Cpad;
+  std::vector<T> partial_s;
+  T* partial = parts > 1 ? aligned_alloc_vec(partial_s, static_cast<size_t>(tiles * parts * tile_elems)) : nullptr;
+  struct Tile {
+    int64_t n, ho, wo0;
+    int np;
+  };
+  auto tile_at = [&](int64_t tile) {
+    const int64_t n = tile / (g.Ho * tiles_w), rem = tile % (g.Ho * tiles_w);
+    const int64_t ho = rem / tiles_w, wo0 = (rem % tiles_w) * kTile;
+    return Tile{n, ho, wo0, static_cast<int>(std::min<int64_t>(kTile, g.Wo - wo0))};
+  };
+  auto store_rows = [&](const Tile& tl, const T* acc) {  // the epilogue of the tile's np pixels
+    for (int t = 0; t < tl.np; ++t) {
+      const int64_t m = (tl.n * g.Ho + tl.ho) * g.Wo + tl.wo0 + t;
+      affine_row_vec(acc + t * Cpad, rp ? rp + m * g.C : nullptr, op + m * g.C, g.C, a.data(), b.data(), relu);
+    }
+  };
   py::gil_scoped_release nogil;
 #pragma omp parallel num_threads(nt)
   {
     std::vector<T> acc_s, xv_s, pv_s, acc2_s;
     std::vector<int64_t> off(static_cast<size_t>(kTile * taps));
-    T* acc = aligned_alloc_vec(acc_s, static_cast<size_t>(kTile * Cpad));
-    T* acc2 = pixvec ? aligned_alloc_vec(acc2_s, static_cast<size_t>(kTile * Cpad)) : nullptr;
+    T* acc = aligned_alloc_vec(acc_s, static_cast<size_t>(tile_elems));
+    T* acc2 = pixvec ? aligned_alloc_vec(acc2_s, static_cast<size_t>(tile_elems)) : nullptr;
     T* xv = aligned_alloc_vec(xv_s, static_cast<size_t>(kTile * taps * 16));  // the AVX-512 path's [kTile][taps][16]
     T* pv = aligned_alloc_vec(pv_s, static_cast<size_t>(2 * kTile * std::max<int64_t>(Mpad, 16)));  // pixvec: 2 channels
 #pragma omp for schedule(static)
-    for (int64_t wk = 0; wk < work; ++wk) {
-      const int64_t n = wk / (g.Ho * tiles_w), rem = wk % (g.Ho * tiles_w);
-      const int64_t ho = rem / tiles_w, wo0 = (rem % tiles_w) * kTile;
-      const int np = static_cast<int>(std::min<int64_t>(kTile, g.Wo - wo0));
+    for (int64_t wk = 0; wk < tiles * parts; ++wk) {
+      const Tile tl = tile_at(wk / parts);
+      ConvGeom gp = g;
+      gp.c_lo = (wk % parts) * chunk;
+      gp.c_hi = std::min(g.Cin, gp.c_lo + chunk);
+      const int64_t n = tl.n, ho = tl.ho, wo0 = tl.wo0;
+      const int np = tl.np;
       if constexpr (std::is_same_v<T, float>) {
-        if (regacc) regacc(xp, wuse, suse, g, Cpad, Mpad, n, ho, wo0, np, acc, xv);
-        else if (pixvec) direct_tile_pixvec(xp, wuse, suse, g, Cpad, Mpad, n, ho, wo0, np, acc2, acc, xv, pv, off.data());
-        else if (fast) direct_tile_avx512(xp, wuse, suse, g, Cpad, Mpad, n, ho, wo0, np, acc, xv, pv);
-        else direct_tile_generic(xp, wuse, suse, g, n, ho, wo0, np, acc, xv, pv);
+        if (regacc) regacc(xp, wuse, suse, gp, Cpad, Mpad, n, ho, wo0, np, acc, xv);
+        else if (pixvec) direct_tile_pixvec(xp, wuse, suse, gp, Cpad, Mpad, n, ho, wo0, np, acc2, acc, xv, pv, off.data());
+        else if (fast) direct_tile_avx512(xp, wuse, suse, gp, Cpad, Mpad, n, ho, wo0, np, acc, xv, pv);
+        else direct_tile_generic(xp, wuse, suse, gp, n, ho, wo0, np, acc, xv, pv);
       } else {
-        direct_tile_generic(xp, wuse, suse, g, n, ho, wo0, np, acc, xv, pv);
+        direct_tile_generic(xp, wuse, suse, gp, n, ho, wo0, np, acc, xv, pv);
       }
-      for (int t = 0; t < np; ++t) {
-        const int64_t m = (n * g.Ho + ho) * g.Wo + wo0 + t;
-        affine_row_vec(acc + t * Cpad, rp ? rp + m * g.C : nullptr, op + m * g.C, g.C, a.data(), b.data(), relu);
+      if (parts > 1) std::copy(acc, acc + tile_elems, partial + wk * tile_elems);
+      else store_rows(tl, acc);
+    }
+    if (parts > 1) {
+#pragma omp for schedule(static)
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const T* p0 = partial + tile * parts * tile_elems;
+        std::copy(p0, p0 + tile_elems, acc);
+        for (int64_t q = 1; q < parts; ++q)
+          for (int64_t e = 0; e < tile_elems; ++e) acc[e] += p0[q * tile_elems + e];
+        store_rows(tile_at(tile), acc);
       }
     }
   }
 }
 
-void kernel_direct(py::array x, py::array wt, py::array slot, std::vector<int64_t> geom, py::object scale,
+void kernel_direct(py::array x, const DirectPack& pk, std::vector<int64_t> geom, py::object scale,
                    py::object shift, py::object residual, bool relu, py::array out, int threads) {
   const int nt = resolve_threads(threads);
   check_float_pair(x, "x", out);
-  if (!wt.dtype().is(x.dtype())) throw py::value_error("wt must have the dtype of x, got " + std::string(py::str(wt.dtype())));
-  check_c_contiguous(wt, "wt");
+  if (x.dtype().is(py::dtype::of<double>()) != pk.f64)
+    throw py::value_error(std::string("pack was built for ") + (pk.f64 ? "float64" : "float32") + " but x is " +
+                          std::string(py::str(x.dtype())));
   check_ndim(x, "x", 4);
-  check_ndim(wt, "wt", 3);
-  check_ndim(slot, "slot", 2);
   check_ndim(out, "out", 4);
   if (geom.size() != 8) throw py::value_error("geom must be [kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w]");
   ConvGeom g{};
@@ -832,23 +911,24 @@ void kernel_direct(py::array x, py::array wt, py::array slot, std::vector<int64_
   g.Ho = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
   g.Wo = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
   if (g.Ho < 1 || g.Wo < 1) throw py::value_error("x is too small for the kernel (empty output)");
-  g.M = wt.shape(2);
-  g.C = out.shape(3);
-  check_dim(wt, "wt", 0, g.Cin, "C_in");
-  check_dim(wt, "wt", 1, g.kh * g.kw, "kh*kw");
-  if (g.M < 1) throw py::value_error("wt must have M >= 1 maps per channel, got shape " + shape_str(wt));
-  check_dim(slot, "slot", 0, g.Cin, "C_in");
-  check_dim(slot, "slot", 1, g.C, "C_out");
+  g.M = pk.M;
+  g.C = pk.C;
+  g.c_hi = g.Cin;
+  if (g.Cin != pk.Cin)
+    throw py::value_error("x has " + std::to_string(g.Cin) + " channels but the pack has C_in=" + std::to_string(pk.Cin));
+  if (g.kh * g.kw != pk.taps)
+    throw py::value_error("geom has kh*kw=" + std::to_string(g.kh * g.kw) + " but the pack has " +
+                          std::to_string(pk.taps) + " taps");
   check_dim(out, "out", 0, g.N, "N");
   check_dim(out, "out", 1, g.Ho, "H_out");
   check_dim(out, "out", 2, g.Wo, "W_out");
-  const int32_t* sp = checked_index(slot, "slot", g.Cin * g.C, g.M);
+  check_dim(out, "out", 3, g.C, "C_out");
   Epilogue ep = make_epilogue(residual, relu, out);
-  if (x.dtype().is(py::dtype::of<float>()))
-    kernel_direct_impl<float>(x, wt, sp, g, affine_or<float>(scale, g.C, 1.f, "scale"),
+  if (!pk.f64)
+    kernel_direct_impl<float>(x, pk, g, affine_or<float>(scale, g.C, 1.f, "scale"),
                               affine_or<float>(shift, g.C, 0.f, "shift"), ep, out, nt);
   else
-    kernel_direct_impl<double>(x, wt, sp, g, affine_or<double>(scale, g.C, 1.0, "scale"),
+    kernel_direct_impl<double>(x, pk, g, affine_or<double>(scale, g.C, 1.0, "scale"),
                                affine_or<double>(shift, g.C, 0.0, "shift"), ep, out, nt);
 }
 }  // namespace
@@ -861,12 +941,19 @@ void register_conv(py::module_& m) {
   m.def("conv_gather_sum", &gather_sum, py::arg("p"), py::arg("pair"), py::arg("scale"), py::arg("shift"),
         py::arg("residual"), py::arg("relu"), py::arg("out"), py::arg("threads") = 0,
         "out[n,o,s] = act(sum_i p[n,pair[o,i],s]*scale[o]+shift[o] (+residual)); p [N,P,S]; pair int32 [C_out,C_in]");
-  m.def("conv_kernel_direct", &kernel_direct, py::arg("x"), py::arg("wt"), py::arg("slot"), py::arg("geom"),
+  py::class_<DirectPack>(m, "ConvDirectPack",
+                         "The codebook side of conv_kernel_direct in its native layout (build with conv_kernel_pack)")
+      .def_property_readonly("shape", [](const DirectPack& p) { return py::make_tuple(p.Cin, p.taps, p.M, p.C); },
+                             "(C_in, kh*kw, M, C_out)");
+  m.def("conv_kernel_pack", &make_direct_pack, py::arg("wt"), py::arg("slot"),
+        "Pack the codebook side of conv_kernel_direct once: wt [C_in,kh*kw,M] float32/float64 "
+        "(wt[i,t,j] = codebook[slots[i,j],t]), slot int32 [C_in,C_out] (< M)");
+  m.def("conv_kernel_direct", &kernel_direct, py::arg("x"), py::arg("pack"), py::arg("geom"),
         py::arg("scale"), py::arg("shift"), py::arg("residual"), py::arg("relu"), py::arg("out"),
         py::arg("threads") = 0,
-        "Kernel-granularity conv without depthwise maps in memory: x [N,H,W,C_in] channels-last, wt [C_in,kh*kw,M] "
-        "(wt[i,t,j] = codebook[slots[i,j],t]), slot int32 [C_in,C_out] (< M), geom [kh,kw,sh,sw,ph,pw,dh,dw]; "
-        "writes out [N,H_out,W_out,C_out] = act(conv*scale+shift (+residual))");
+        "Kernel-granularity conv without depthwise maps in memory: x [N,H,W,C_in] channels-last, pack from "
+        "conv_kernel_pack, geom [kh,kw,sh,sw,ph,pw,dh,dw]; "
+"writes out [N,H_out,W_out,C_out] = act(conv*scale+shift (+residual))");
 }
 
 }  // namespace kcengine

@@ -237,6 +237,59 @@ def test_native_core_checks_its_inputs():
                                    out.astype(np.int32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c_in,c_out,k,kk", [
+    (37, 40, 3, 12),   # <= 64 outputs, <= 16 maps: responses and sums in registers
+    (37, 80, 3, 20),   # > 64 outputs, 16 < maps <= 32: responses in registers, permuted into the sums
+    (37, 70, 3, 48),   # > 32 maps: pixels as lanes
+    (50, 33, 5, 40),   # 5x5, a part boundary inside a pair of channels of the pixel-lane path
+])
+def test_native_direct_kernel_any_thread_count(c_in, c_out, k, kk, dtype):
+    """conv_kernel_direct with 1, 2 and 3 threads on a 7x7 output (7 pixel tiles): where the tiles do not
+    divide among the threads, each tile's sum over C_in is split into per-thread parts added afterwards;
+    every path and thread count equals F.conv2d.  The pack (codebook side, built once) is checked against
+    the call's input, and stays usable after its layer is copied or pickled (the copy builds its own)."""
+    import copy
+    import pickle
+
+    import numpy as np
+
+    from kcengine import _core
+    from kcengine.conv.backends import kernel_plan
+
+    g = torch.Generator().manual_seed(c_in + kk)
+    x = torch.randn(1, c_in, 7, 7, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    cb = torch.randn(kk, k, k, generator=g, dtype=dtype)
+    idx = torch.randint(0, kk, (c_out, c_in), generator=g)
+    a, b = torch.randn(c_out, generator=g, dtype=dtype), torch.randn(c_out, generator=g, dtype=dtype)
+    ref = F.conv2d(x, dense_weight(cb, idx, "kernel"), padding=k // 2) * a[:, None, None] + b[:, None, None]
+    plan = kernel_plan(idx, kk)
+    pack = plan.direct_pack(cb)
+    assert plan.direct_pack(cb) is pack and pack.shape == (c_in, k * k, plan.m, c_out)
+    geom = [k, k, 1, 1, k // 2, k // 2, 1, 1]
+    xn = x.permute(0, 2, 3, 1).numpy()
+    for threads in (1, 2, 3):
+        out = torch.empty_like(ref, memory_format=torch.channels_last)
+        _core.conv_kernel_direct(xn, pack, geom, a.numpy(), b.numpy(), None, True, out.permute(0, 2, 3, 1).numpy(),
+                                 threads)
+        _close(out, ref.relu(), dtype)
+    on = np.empty((1, 7, 7, c_out), xn.dtype)
+    with pytest.raises(ValueError, match=r"pack was built for float(32|64) but x is float(64|32)"):
+        _core.conv_kernel_direct(xn.astype(np.float32 if dtype == torch.float64 else np.float64), pack, geom,
+                                 None, None, None, False, on.astype(np.float32 if dtype == torch.float64 else np.float64))
+    with pytest.raises(ValueError, match=rf"x has {c_in - 1} channels but the pack has C_in={c_in}"):
+        _core.conv_kernel_direct(np.ascontiguousarray(xn[..., 1:]), pack, geom, None, None, None, False, on)
+    with pytest.raises(ValueError, match=rf"geom has kh\*kw=1 but the pack has {k * k} taps"):
+        _core.conv_kernel_direct(xn, pack, [1, 1, 1, 1, 0, 0, 1, 1], None, None, None, False, on)
+    with pytest.raises(ValueError, match=rf"slot values must be in \[0, {plan.m}\)"):
+        bad = plan.slot_table().numpy().copy()
+        bad[1, 2] = plan.m
+        _core.conv_kernel_pack(plan.tap_weights(cb).numpy(), bad)
+    for twin in (copy.deepcopy(plan), pickle.loads(pickle.dumps(plan))):
+        assert "direct_pack" not in twin._cache
+        assert twin.direct_pack(cb).shape == pack.shape
+
+
 def test_native_gather_matches_numpy():
     import numpy as np
 
