@@ -20,7 +20,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -661,11 +663,17 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
 
 // Large M (more than 32 codebook maps per input channel): the permute/gather scatter above costs up
 // to four permutes per 16 outputs, so here the pixels are the vector lanes instead.  For the tile's
-// kTile = 8 pixels and each input channel i: the window values xt [taps][8], the M responses
-// pv [M][8] (M independent FMA chains), then every output o adds one response vector:
-// acc[o] += pv[slot[i, o]] (acc [C][8], L1-resident up to C = 512; slotp holds slot * kTile here).  The result acc is transposed
-// into accT [kTile][Cpad] for the shared epilogue.  off [taps][8]: the x offset of each (tap,
-// pixel) without the channel, -1 outside the image.
+// kTile = 8 pixels and each quad of input channels: the window values xt [taps][8] and the M
+// responses pv [c][M][8] of each channel c of the quad (M independent FMA chains), then every output
+// o adds the four response vectors it takes: acc[o] += sum_c pv[c][slot[i0 + c, o]] (acc [C][8],
+// L1-resident up to C = 512).  slotp is [C_in/4][Cpad][4] here, each entry the float offset of its
+// response vector in pv (c * Mpad * kTile + slot * kTile), so the four offsets of an output are two
+// 64-bit loads and acc[o] is loaded and stored once per quad: the scatter is bound by its loads.
+// Channels past C_in in the last quad point at a zeroed vector.  The result acc is transposed into
+// accT [kTile][Cpad] for the shared epilogue.  off [taps][8]: the x offset of each (tap, pixel) without
+// the channel, -1 outside the image.
+constexpr int kQuad = 4;  // input channels per scatter pass of the pixel-lane path
+
 __attribute__((target("avx2,fma,avx512f,avx512vl"))) void direct_tile_pixvec(const float* __restrict x, const float* __restrict wtp,
                                                             const int32_t* __restrict slotp, const ConvGeom& g,
                                                             int64_t Cpad, int64_t Mpad, int64_t n, int64_t ho,
@@ -684,14 +692,16 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) void direct_tile_pixvec(con
       }
   }
   for (int64_t e = 0; e < C * kTile; e += 8) _mm256_store_ps(acc + e, _mm256_setzero_ps());
-  // Two input channels per pass over acc: their responses in pv [2][M][8], one load and one store of
-  // acc[o] for both.
   const int64_t pstride = Mpad * kTile;
-  for (int64_t i0 = g.c_lo; i0 < g.c_hi; i0 += 2) {
-    const int nc = g.c_hi - i0 >= 2 ? 2 : 1;
-    for (int c = 0; c < nc; ++c) {
-      const int64_t i = i0 + c;
+  for (int64_t i0 = g.c_lo; i0 < g.c_hi; i0 += kQuad) {  // c_lo is a multiple of 16
+    const int nc = static_cast<int>(std::min<int64_t>(kQuad, g.c_hi - i0));
+    for (int c = 0; c < kQuad; ++c) {
       float* pc = pv + c * pstride;
+      if (c >= nc) {  // past C_in: its slots point at pc[0..8)
+        _mm256_store_ps(pc, _mm256_setzero_ps());
+        continue;
+      }
+      const int64_t i = i0 + c;
       for (int64_t e = 0; e < taps * kTile; ++e) xt[e] = off[e] >= 0 ? x[off[e] + i] : 0.0f;
       const float* wi = wtp + i * taps * Mpad;  // [taps][Mpad]
       int64_t m = 0;
@@ -712,23 +722,15 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) void direct_tile_pixvec(con
         _mm256_store_ps(pc + m * kTile, r);
       }
     }
-    const int32_t* s0 = slotp + i0 * Cpad;
-    if (nc == 2) {
-      const int32_t* s1 = s0 + Cpad;
-      const float* p1 = pv + pstride;
-      for (int64_t o = 0; o < C; o += 2) {  // C even or not: Cpad (a multiple of 16) rows are allocated
-        float* ao = acc + o * kTile;
-        const __m256 u0 = _mm256_add_ps(_mm256_load_ps(pv + int64_t(s0[o])), _mm256_load_ps(p1 + int64_t(s1[o])));
-        const __m256 u1 = _mm256_add_ps(_mm256_load_ps(pv + int64_t(s0[o + 1])),
-                                        _mm256_load_ps(p1 + int64_t(s1[o + 1])));
-        _mm256_store_ps(ao, _mm256_add_ps(_mm256_load_ps(ao), u0));
-        _mm256_store_ps(ao + 8, _mm256_add_ps(_mm256_load_ps(ao + 8), u1));
-      }
-    } else {
-      for (int64_t o = 0; o < C; ++o) {
-        float* ao = acc + o * kTile;
-        _mm256_store_ps(ao, _mm256_add_ps(_mm256_load_ps(ao), _mm256_load_ps(pv + int64_t(s0[o]))));
-      }
+    const int32_t* sq = slotp + (i0 / kQuad) * Cpad * kQuad;
+    for (int64_t o = 0; o < C; ++o) {
+      uint64_t s01, s23;
+      std::memcpy(&s01, sq + o * kQuad, 8);
+      std::memcpy(&s23, sq + o * kQuad + 2, 8);
+      const __m256 u01 = _mm256_add_ps(_mm256_load_ps(pv + uint32_t(s01)), _mm256_load_ps(pv + (s01 >> 32)));
+      const __m256 u23 = _mm256_add_ps(_mm256_load_ps(pv + uint32_t(s23)), _mm256_load_ps(pv + (s23 >> 32)));
+      float* ao = acc + o * kTile;
+      _mm256_store_ps(ao, _mm256_add_ps(_mm256_load_ps(ao), _mm256_add_ps(u01, u23)));
     }
   }
   for (int t = 0; t < np; ++t)
@@ -744,9 +746,9 @@ T* aligned_alloc_vec(std::vector<T>& v, size_t n) {  // 64-byte aligned view int
 
 // The codebook side of the direct kernel in the layout its tiles read, built once per codebook (the
 // caller caches it): for the AVX-512 float32 paths wt is padded with zero maps to Mpad (a multiple of
-// 16) and 64-byte aligned, and the slot rows are padded to Cpad (slot 0 in the pad; slots scaled by
-// kTile for the pixel-vector path); elsewhere both are plain copies.  Built per call, this took a
-// quarter of a batch-1 call on resnet18's deep layers.
+// 16) and 64-byte aligned, and the slot rows are padded to Cpad (slot 0 in the pad; the pixel-lane
+// path's table is its own, see direct_tile_pixvec); elsewhere both are plain copies.  Built per call,
+// this took a quarter of a batch-1 call on resnet18's deep layers.
 struct DirectPack {
   bool f64 = false, fast = false, pixvec = false;
   int64_t Cin = 0, taps = 0, M = 0, C = 0, Cpad = 0, Mpad = 0;
@@ -792,11 +794,22 @@ std::unique_ptr<DirectPack> make_direct_pack(py::array wt, py::array slot) {
   pk->Mpad = pk->fast ? (pk->M + 15) / 16 * 16 : pk->M;
   if (f32) pk->w = pack_weights(static_cast<const float*>(wt.data()), *pk, pk->wf_store);
   else pk->w = pack_weights(static_cast<const double*>(wt.data()), *pk, pk->wd_store);
-  int32_t* s2 = aligned_alloc_vec(pk->s_store, static_cast<size_t>(pk->Cin * pk->Cpad));
-  const int32_t scale = pk->pixvec ? int32_t(kTile) : 1;
-  for (int64_t i = 0; i < pk->Cin; ++i)
-    for (int64_t o = 0; o < pk->C; ++o) s2[i * pk->Cpad + o] = sp[i * pk->C + o] * scale;
-  pk->s = s2;
+  if (pk->pixvec) {  // [C_in/4][Cpad][4]: offsets of the response vectors in pv (see direct_tile_pixvec)
+    const int64_t quads = (pk->Cin + kQuad - 1) / kQuad, pstride = pk->Mpad * kTile;
+    if (kQuad * pstride > INT32_MAX) throw py::value_error("wt has too many maps per channel: M=" + std::to_string(pk->M));
+    int32_t* s2 = aligned_alloc_vec(pk->s_store, static_cast<size_t>(quads * pk->Cpad * kQuad));
+    for (int64_t i = 0; i < quads * kQuad; ++i)
+      for (int64_t o = 0; o < pk->Cpad; ++o) {
+        const int64_t slot = i < pk->Cin && o < pk->C ? sp[i * pk->C + o] : 0;
+        s2[((i / kQuad) * pk->Cpad + o) * kQuad + i % kQuad] = static_cast<int32_t>((i % kQuad) * pstride + slot * kTile);
+      }
+    pk->s = s2;
+  } else {  // [C_in][Cpad], slot 0 in the pad
+    int32_t* s2 = aligned_alloc_vec(pk->s_store, static_cast<size_t>(pk->Cin * pk->Cpad));
+    for (int64_t i = 0; i < pk->Cin; ++i)
+      for (int64_t o = 0; o < pk->C; ++o) s2[i * pk->Cpad + o] = sp[i * pk->C + o];
+    pk->s = s2;
+  }
   return pk;
 }
 
@@ -859,7 +872,7 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
     T* acc = aligned_alloc_vec(acc_s, static_cast<size_t>(tile_elems));
     T* acc2 = pixvec ? aligned_alloc_vec(acc2_s, static_cast<size_t>(tile_elems)) : nullptr;
     T* xv = aligned_alloc_vec(xv_s, static_cast<size_t>(kTile * taps * 16));  // the AVX-512 path's [kTile][taps][16]
-    T* pv = aligned_alloc_vec(pv_s, static_cast<size_t>(2 * kTile * std::max<int64_t>(Mpad, 16)));  // pixvec: 2 channels
+    T* pv = aligned_alloc_vec(pv_s, static_cast<size_t>(kQuad * kTile * std::max<int64_t>(Mpad, 16)));  // pixvec: a quad
 #pragma omp for schedule(static)
     for (int64_t wk = 0; wk < tiles * parts; ++wk) {
       const Tile tl = tile_at(wk / parts);
