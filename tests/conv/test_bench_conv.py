@@ -36,3 +36,15 @@ def test_bench_runs_small(tmp_path):
     assert "Checkpoint size" in md and "unique_conv_speedup" in md and "speedup_vs_eager" in md
     assert "commit" in md and "torch threads" in md and str(torch.get_num_threads()) in md
     assert (tmp_path / "indexed_conv.csv").stat().st_size > 0
+
+
+def test_cli_records_its_command(tmp_path):
+    """The report says how it was made, options included (a one-thread file must not read like the default)."""
+    from kcengine.bench.conv import main
+
+    argv = ["--out", str(tmp_path), "--batches", "1", "--granularity", "kernel", "--no-e2e", "--size", "32",
+            "--threads", "1", "--name", "one_thread"]
+    assert main(argv) == 0
+    md = (tmp_path / "one_thread.md").read_text()
+    assert f"recorded by `python -m kcengine.bench.conv --out {tmp_path} --batches 1" in md
+    assert "--threads 1 --name one_thread`" in md and "torch threads 1" in md

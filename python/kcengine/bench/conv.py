@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -273,10 +275,12 @@ def _geomean(vals):
 
 def run_conv_bench(out_dir=None, batches=(1, 32), divisors=(8, 4, 2), granularities=("filter", "kernel"),
                    e2e: bool = True, size: int = 224, log=print, layer_repeat: dict | None = None,
-                   e2e_repeat: dict | None = None, threads: int = 0, name: str = "indexed_conv") -> dict:
+                   e2e_repeat: dict | None = None, threads: int = 0, name: str = "indexed_conv",
+                   command: str | None = None) -> dict:
     """Run both parts; write ``<name>.md``/``.csv`` (and ``<name>_e2e.csv``) under ``out_dir``.
 
-    ``threads``: OpenMP/torch threads for both sides (0: leave the current setting).
+    ``threads``: OpenMP/torch threads for both sides (0: leave the current setting).  ``command``: how the
+    run was started, for the report (default: this function's call).
     """
     t0 = time.perf_counter()
     prev_threads = torch.get_num_threads()
@@ -284,12 +288,13 @@ def run_conv_bench(out_dir=None, batches=(1, 32), divisors=(8, 4, 2), granularit
         # torch and kcengine._core share one OpenMP runtime: this sets both sides' thread count
         torch.set_num_threads(threads)
     try:
-        return _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat, e2e_repeat, t0, name)
+        return _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat, e2e_repeat, t0, name,
+                    command or f"kcengine.bench.conv.run_conv_bench(threads={threads}, name={name!r})")
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat, e2e_repeat, t0, name):
+def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat, e2e_repeat, t0, name, command):
     info = machine_info()
     info["torch_threads"] = torch.get_num_threads()
     info["load_avg"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -310,7 +315,7 @@ def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat
                                 "geomean_unique_conv_speedup_3x3": _geomean([r["unique_conv_speedup"] for r in sel3]),
                                 "geomean_flop_reduction_3x3": _geomean([1 / r["flop_ratio"] for r in sel3])})
     result = {"info": info, "commit": git_commit(), "date": now_utc(), "layers": layer_rows, "e2e": e2e_rows,
-              "checkpoint": ckpt_rows,
+              "checkpoint": ckpt_rows, "command": command,
               "summary": summary, "seconds": time.perf_counter() - t0}
     if out_dir is not None:
         out = Path(out_dir)
@@ -355,7 +360,7 @@ def _markdown(r: dict) -> str:
              f"- torch {info.get('torch')}, python {info.get('python')}, {info.get('os')}"
              + (f", GPU {info['gpu']}" if "gpu" in info else ""),
              f"- commit {r['commit']}, date {r['date']}, benchmark wall time {r['seconds']:.0f} s",
-             "- recorded by `python -m kcengine.bench.conv --out bench/results`; every ratio is computed inside this "
+             f"- recorded by `{r['command']}`; every ratio is computed inside this "
              "run, dense and clustered timed alternately on the same input (best of the repeats: layers 10 (filter) / "
              "5 (kernel) at batch 1, 4 / 2 at batch 32; end to end 20 at batch 1, 3 at batch 32; one warm-up each). "
              "The machine is shared with other jobs: expect noise.",
@@ -406,10 +411,12 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", type=int, default=0, help="threads for both sides (0: torch's default)")
     p.add_argument("--name", default="indexed_conv", help="result file stem")
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
+    command = " ".join(["python -m kcengine.bench.conv", *map(shlex.quote, argv)])
     r = run_conv_bench(a.out, tuple(int(b) for b in a.batches.split(",")),
                        granularities=tuple(a.granularity.split(",")), e2e=not a.no_e2e, size=a.size,
-                       threads=a.threads, name=a.name)
+                       threads=a.threads, name=a.name, command=command)
     print(markdown_table(r["summary"]))
     if r["e2e"]:
         print(markdown_table(r["e2e"]))
