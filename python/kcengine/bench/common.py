@@ -140,6 +140,20 @@ def time_alternating(fns: Sequence[Callable[[], object]], repeat: int, *, warmup
     return tuple(best)
 
 
+def time_against(reference: Callable[[], object], candidate: Callable[[], object], repeat: int, *,
+                 flip: bool = False) -> tuple[float, float, float]:
+    """``(reference seconds, candidate seconds, max relative difference)``: both timed alternately
+    (:func:`time_alternating`) under ``torch.inference_mode``, then the candidate's output compared with
+    the reference's (max abs difference over the reference's max abs value)."""
+    import torch
+
+    with torch.inference_mode():
+        tr, tc = time_alternating((reference, candidate), repeat, flip=flip)
+        yr, yc = reference(), candidate()
+        err = float((yc - yr).abs().max() / yr.abs().max().clamp_min(1e-12))
+    return tr, tc, err
+
+
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not rows:

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .baselines import PackedDenseConv, frozen_dense
-from .common import git_commit, machine_info, markdown_table, now_utc, time_alternating, write_csv
+from .common import git_commit, machine_info, markdown_table, now_utc, time_against, time_alternating, write_csv
 
 __all__ = ["resnet18_conv_shapes", "run_layer_bench", "run_e2e_bench", "run_checkpoint_sizes", "run_conv_bench",
            "main"]
@@ -217,10 +217,7 @@ def run_e2e_bench(batches=(32, 1), size: int = 224, repeat: dict | None = None, 
             xf = x.contiguous(memory_format=fmt)
             d = dense.to(memory_format=fmt)
             f = fused.to(memory_format=fmt)
-            with torch.inference_mode():
-                td, tf = time_alternating((lambda: d(xf), lambda: f(xf)), repeat.get(n, 2))
-                yd, yf = d(xf), f(xf)
-                err = ((yf - yd).abs().max() / yd.abs().max()).item()
+            td, tf, err = time_against(lambda: d(xf), lambda: f(xf), repeat.get(n, 2))
             res[fmt_name] = (td, tf)
             rows.append({"batch": n, "memory_format": fmt_name, "dense_ms": td * 1e3, "clustered_fused_ms": tf * 1e3,
                          "speedup": td / tf, "conv_gflops_dense": conv_flops[n][0] / 1e9,
@@ -236,10 +233,7 @@ def run_e2e_bench(batches=(32, 1), size: int = 224, repeat: dict | None = None, 
         f = fused.to(memory_format=torch.channels_last)
         tj = tf = err = float("nan")
         if frozen is not None:
-            with torch.inference_mode():
-                tj, tf = time_alternating((lambda: frozen(xf), lambda: f(xf)), repeat.get(n, 2))
-                yj, yf = frozen(xf), f(xf)
-                err = ((yf - yj).abs().max() / yj.abs().max()).item()
+            tj, tf, err = time_against(lambda: frozen(xf), lambda: f(xf), repeat.get(n, 2))
         else:
             log(f"  e2e b={n}: no frozen dense baseline ({frozen_why})")
         rows.append({"batch": n, "memory_format": FROZEN_ROW, "dense_ms": tj * 1e3, "clustered_fused_ms": tf * 1e3,

@@ -273,7 +273,7 @@ def run_inference(args, out: Path) -> dict:
     import torch.nn as nn
 
     from ..bench.baselines import PackedDenseConv, frozen_dense
-    from ..bench.common import markdown_table, time_alternating, write_csv
+    from ..bench.common import markdown_table, time_against, time_alternating, write_csv
     from ..compress import compress
     from ..conv import ClusteredConv2d, fuse_for_inference, save_compressed
 
@@ -316,17 +316,13 @@ def run_inference(args, out: Path) -> dict:
         for fmt_name, fmt in formats:
             x = x0.contiguous(memory_format=fmt)
             dense, fast = dense.to(memory_format=fmt), fast.to(memory_format=fmt)
-            with torch.inference_mode():
-                td, tc = time_alternating((lambda: dense(x), lambda: fast(x)), repeat.get(n, 2), flip=True)
-                err = float((fast(x) - dense(x)).abs().max() / dense(x).abs().max().clamp_min(1e-12))
+            td, tc, err = time_against(lambda: dense(x), lambda: fast(x), repeat.get(n, 2), flip=True)
             rows.append({"batch": n, "input": f"{h}x{w}", "memory_format": fmt_name, "dense_ms": td * 1e3,
                          "clustered_ms": tc * 1e3, "speedup": td / tc, "rel_diff_vs_dense": err})
         if frozen is not None:
             x = x0.contiguous(memory_format=torch.channels_last)
             fast = fast.to(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                tj, tc = time_alternating((lambda: frozen(x), lambda: fast(x)), repeat.get(n, 2), flip=True)
-                err = float((fast(x) - frozen(x)).abs().max() / frozen(x).abs().max().clamp_min(1e-12))
+            tj, tc, err = time_against(lambda: frozen(x), lambda: fast(x), repeat.get(n, 2), flip=True)
             rows.append({"batch": n, "input": f"{h}x{w}", "memory_format": "channels_last, dense frozen",
                          "dense_ms": tj * 1e3, "clustered_ms": tc * 1e3, "speedup": tj / tc, "rel_diff_vs_dense": err})
     # Per-layer: each conv alone on its real input (batch 1, channels-last), dense Conv2d vs ClusteredConv2d.
