@@ -266,6 +266,8 @@ def test_default_peak_lr_scales_with_the_loaders_batch(tiny):
     ({"mode": "progressive"}, "needs plan="),
     ({"mixup": -1.0}, "mixup must be a finite number >= 0"),
     ({"stage_training": "thaw"}, r"stage_training must be one of \('keep', 'freeze'\), got stage_training='thaw'"),
+    ({"granularity": "element"},
+     r"granularity must be one of \('filter', 'kernel'\) for finetuning, got granularity='element'"),
 ])
 def test_bad_arguments(tiny, kw, match):
     model, ds, loader = tiny

@@ -291,7 +291,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     if stage_training not in STAGE_TRAINING:
         raise ValueError(f"stage_training must be one of {STAGE_TRAINING}, got stage_training={stage_training!r}")
     if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be 'filter' or 'kernel' for finetuning, got granularity={granularity!r}")
+        raise ValueError(f"granularity must be one of {GRANULARITIES} for finetuning, got granularity={granularity!r}")
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise ValueError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
     epochs = DEFAULT_EPOCHS[mode] if epochs is None else epochs
