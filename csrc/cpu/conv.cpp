@@ -875,9 +875,12 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
     T* pv = aligned_alloc_vec(pv_s, static_cast<size_t>(kQuad * kTile * std::max<int64_t>(Mpad, 16)));  // pixvec: a quad
 #pragma omp for schedule(static)
     for (int64_t wk = 0; wk < tiles * parts; ++wk) {
-      const Tile tl = tile_at(wk / parts);
+      // part-major: with the static schedule a thread keeps to one part, whose codebook rows it then
+      // reads from its own cache tile after tile
+      const int64_t tile = wk % tiles, part = wk / tiles;
+      const Tile tl = tile_at(tile);
       ConvGeom gp = g;
-      gp.c_lo = (wk % parts) * chunk;
+      gp.c_lo = part * chunk;
       gp.c_hi = std::min(g.Cin, gp.c_lo + chunk);
       const int64_t n = tl.n, ho = tl.ho, wo0 = tl.wo0;
       const int np = tl.np;
@@ -889,7 +892,7 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
       } else {
         direct_tile_generic(xp, wuse, suse, gp, n, ho, wo0, np, acc, xv, pv);
       }
-      if (parts > 1) std::copy(acc, acc + tile_elems, partial + wk * tile_elems);
+      if (parts > 1) std::copy(acc, acc + tile_elems, partial + (tile * parts + part) * tile_elems);
       else store_rows(tl, acc);
     }
     if (parts > 1) {
