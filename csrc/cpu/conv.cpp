@@ -667,15 +667,17 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
 // responses pv [c][M][8] of each channel c of the quad (M independent FMA chains), then every output
 // o adds the four response vectors it takes: acc[o] += sum_c pv[c][slot[i0 + c, o]] (acc [C][8],
 // L1-resident up to C = 512).  slotp is [C_in/4][Cpad][4] here, each entry the float offset of its
-// response vector in pv (c * Mpad * kTile + slot * kTile), so the four offsets of an output are two
-// 64-bit loads and acc[o] is loaded and stored once per quad: the scatter is bound by its loads.
+// response vector in pv (c * Mpad * kTile + slot * kTile), so the four offsets of an output are one
+// 64-bit load (16-bit offsets, up to 2047 maps) or two, and acc[o] is loaded and stored once per quad:
+// the scatter is bound by its loads.
 // Channels past C_in in the last quad point at a zeroed vector.  The result acc is transposed into
 // accT [kTile][Cpad] for the shared epilogue.  off [taps][8]: the x offset of each (tap, pixel) without
 // the channel, -1 outside the image.
 constexpr int kQuad = 4;  // input channels per scatter pass of the pixel-lane path
 
+template <typename S>  // the offset type: uint16_t where they fit (one 64-bit load an output), else int32_t
 __attribute__((target("avx2,fma,avx512f,avx512vl"))) void direct_tile_pixvec(const float* __restrict x, const float* __restrict wtp,
-                                                            const int32_t* __restrict slotp, const ConvGeom& g,
+                                                            const S* __restrict slotp, const ConvGeom& g,
                                                             int64_t Cpad, int64_t Mpad, int64_t n, int64_t ho,
                                                             int64_t wo0, int np, float* __restrict acc,
                                                             float* __restrict accT, float* __restrict xt,
@@ -722,13 +724,21 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) void direct_tile_pixvec(con
         _mm256_store_ps(pc + m * kTile, r);
       }
     }
-    const int32_t* sq = slotp + (i0 / kQuad) * Cpad * kQuad;
+    const S* sq = slotp + (i0 / kQuad) * Cpad * kQuad;
     for (int64_t o = 0; o < C; ++o) {
-      uint64_t s01, s23;
-      std::memcpy(&s01, sq + o * kQuad, 8);
-      std::memcpy(&s23, sq + o * kQuad + 2, 8);
-      const __m256 u01 = _mm256_add_ps(_mm256_load_ps(pv + uint32_t(s01)), _mm256_load_ps(pv + (s01 >> 32)));
-      const __m256 u23 = _mm256_add_ps(_mm256_load_ps(pv + uint32_t(s23)), _mm256_load_ps(pv + (s23 >> 32)));
+      uint64_t o0, o1, o2, o3;
+      if constexpr (sizeof(S) == 2) {
+        uint64_t s4;
+        std::memcpy(&s4, sq + o * kQuad, 8);
+        o0 = s4 & 0xFFFF, o1 = (s4 >> 16) & 0xFFFF, o2 = (s4 >> 32) & 0xFFFF, o3 = s4 >> 48;
+      } else {
+        uint64_t s01, s23;
+        std::memcpy(&s01, sq + o * kQuad, 8);
+        std::memcpy(&s23, sq + o * kQuad + 2, 8);
+        o0 = uint32_t(s01), o1 = s01 >> 32, o2 = uint32_t(s23), o3 = s23 >> 32;
+      }
+      const __m256 u01 = _mm256_add_ps(_mm256_load_ps(pv + o0), _mm256_load_ps(pv + o1));
+      const __m256 u23 = _mm256_add_ps(_mm256_load_ps(pv + o2), _mm256_load_ps(pv + o3));
       float* ao = acc + o * kTile;
       _mm256_store_ps(ao, _mm256_add_ps(_mm256_load_ps(ao), _mm256_add_ps(u01, u23)));
     }
@@ -755,8 +765,10 @@ struct DirectPack {
   std::vector<float> wf_store;
   std::vector<double> wd_store;
   std::vector<int32_t> s_store;
+  std::vector<uint16_t> s16_store;
   const void* w = nullptr;
   const int32_t* s = nullptr;
+  const uint16_t* s16 = nullptr;  // the pixel-lane path's offsets where they fit in 16 bits (s is then null)
 
   DirectPack() = default;
   DirectPack(const DirectPack&) = delete;
@@ -797,13 +809,19 @@ std::unique_ptr<DirectPack> make_direct_pack(py::array wt, py::array slot) {
   if (pk->pixvec) {  // [C_in/4][Cpad][4]: offsets of the response vectors in pv (see direct_tile_pixvec)
     const int64_t quads = (pk->Cin + kQuad - 1) / kQuad, pstride = pk->Mpad * kTile;
     if (kQuad * pstride > INT32_MAX) throw py::value_error("wt has too many maps per channel: M=" + std::to_string(pk->M));
-    int32_t* s2 = aligned_alloc_vec(pk->s_store, static_cast<size_t>(quads * pk->Cpad * kQuad));
+    const bool narrow = kQuad * pstride <= 0xFFFF;  // up to 2047 maps per channel: 16-bit offsets
+    const size_t count = static_cast<size_t>(quads * pk->Cpad * kQuad);
+    int32_t* s2 = narrow ? nullptr : aligned_alloc_vec(pk->s_store, count);
+    uint16_t* s16 = narrow ? aligned_alloc_vec(pk->s16_store, count) : nullptr;
     for (int64_t i = 0; i < quads * kQuad; ++i)
       for (int64_t o = 0; o < pk->Cpad; ++o) {
         const int64_t slot = i < pk->Cin && o < pk->C ? sp[i * pk->C + o] : 0;
-        s2[((i / kQuad) * pk->Cpad + o) * kQuad + i % kQuad] = static_cast<int32_t>((i % kQuad) * pstride + slot * kTile);
+        const int64_t at = ((i / kQuad) * pk->Cpad + o) * kQuad + i % kQuad, off = (i % kQuad) * pstride + slot * kTile;
+        if (narrow) s16[at] = static_cast<uint16_t>(off);
+        else s2[at] = static_cast<int32_t>(off);
       }
     pk->s = s2;
+    pk->s16 = s16;
   } else {  // [C_in][Cpad], slot 0 in the pad
     int32_t* s2 = aligned_alloc_vec(pk->s_store, static_cast<size_t>(pk->Cin * pk->Cpad));
     for (int64_t i = 0; i < pk->Cin; ++i)
@@ -886,6 +904,8 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
       const int np = tl.np;
       if constexpr (std::is_same_v<T, float>) {
         if (regacc) regacc(xp, wuse, suse, gp, Cpad, Mpad, n, ho, wo0, np, acc, xv);
+        else if (pixvec && pk.s16)
+          direct_tile_pixvec(xp, wuse, pk.s16, gp, Cpad, Mpad, n, ho, wo0, np, acc2, acc, xv, pv, off.data());
         else if (pixvec) direct_tile_pixvec(xp, wuse, suse, gp, Cpad, Mpad, n, ho, wo0, np, acc2, acc, xv, pv, off.data());
         else if (fast) direct_tile_avx512(xp, wuse, suse, gp, Cpad, Mpad, n, ho, wo0, np, acc, xv, pv);
         else direct_tile_generic(xp, wuse, suse, gp, n, ho, wo0, np, acc, xv, pv);
@@ -960,7 +980,9 @@ void register_conv(py::module_& m) {
   py::class_<DirectPack>(m, "ConvDirectPack",
                          "The codebook side of conv_kernel_direct in its native layout (build with conv_kernel_pack)")
       .def_property_readonly("shape", [](const DirectPack& p) { return py::make_tuple(p.Cin, p.taps, p.M, p.C); },
-                             "(C_in, kh*kw, M, C_out)");
+                             "(C_in, kh*kw, M, C_out)")
+      .def_property_readonly("slot_bits", [](const DirectPack& p) { return p.s16 ? 16 : 32; },
+                             "width of the stored slot offsets (16 where they fit the pixel-lane path's table)");
   m.def("conv_kernel_pack", &make_direct_pack, py::arg("wt"), py::arg("slot"),
         "Pack the codebook side of conv_kernel_direct once: wt [C_in,kh*kw,M] float32/float64 "
         "(wt[i,t,j] = codebook[slots[i,j],t]), slot int32 [C_in,C_out] (< M)");

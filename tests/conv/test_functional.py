@@ -290,6 +290,32 @@ def test_native_direct_kernel_any_thread_count(c_in, c_out, k, kk, dtype):
         assert twin.direct_pack(cb).shape == pack.shape
 
 
+@pytest.mark.parametrize("c_out", [40, 2100])
+def test_native_direct_kernel_slot_offset_widths(c_out):
+    """The pixel-lane path stores each output's four response offsets in 16 bits while they fit (up to
+    2047 maps per input channel) and in 32 bits beyond: both equal F.conv2d.  c_out = 2100 with every
+    output of a channel on its own kernel gives 2100 maps per channel."""
+    from kcengine import _core
+    from kcengine.conv.backends import kernel_plan
+
+    g = torch.Generator().manual_seed(c_out)
+    c_in, kk = 5, max(c_out, 36)
+    x = torch.randn(1, c_in, 6, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    cb = torch.randn(kk, 3, 3, generator=g)
+    idx = torch.stack([torch.randperm(kk, generator=g)[:c_out] for _ in range(c_in)], 1)  # [c_out, c_in]
+    plan = kernel_plan(idx, kk)
+    pack = plan.direct_pack(cb)
+    if c_out < 2048 and pack.slot_bits != 16:
+        pytest.skip("this CPU has no pixel-lane path (AVX-512 with VL)")
+    assert pack.slot_bits == (16 if c_out < 2048 else 32)
+    ref = F.conv2d(x, dense_weight(cb, idx, "kernel"), padding=1)
+    for threads in (1, 2):
+        out = torch.empty_like(ref, memory_format=torch.channels_last)
+        _core.conv_kernel_direct(x.permute(0, 2, 3, 1).numpy(), pack, [3, 3, 1, 1, 1, 1, 1, 1], None, None, None,
+                                 False, out.permute(0, 2, 3, 1).numpy(), threads)
+        _close(out, ref, torch.float32)
+
+
 def test_native_gather_matches_numpy():
     import numpy as np
 
