@@ -15,7 +15,11 @@ def captured(monkeypatch, tmp_path):
 
     monkeypatch.setattr(kb, "run_clustering_bench", fake_run)
     monkeypatch.setattr(kb, "kcengine_peak_memory", lambda model, workload: {"peak_mb": 0.0})
-    monkeypatch.setattr(kb, "write_report", lambda results, out, name: out / f"{name}.md")
+    def fake_report(results, out, name, command):
+        calls.append(("report", command))
+        return out / f"{name}.md"
+
+    monkeypatch.setattr(kb, "write_report", fake_report)
     return calls
 
 
@@ -36,3 +40,9 @@ def test_explicit_cap_is_kept(captured, tmp_path, arg, want):
 def test_resnet20_is_not_capped(captured, tmp_path):
     assert kb.main(["--out", str(tmp_path)]) == 0
     assert captured[0][1]["max_problems"] is None
+
+
+def test_report_names_its_command(captured, tmp_path, monkeypatch):
+    monkeypatch.setattr(kb, "set_threads", lambda n: None)  # this process's thread count stays as it is
+    assert kb.main(["--out", str(tmp_path), "--threads", "1", "--name", "one"]) == 0
+    assert captured[-1] == ("report", f"python -m kcengine.bench.kmeans --out {tmp_path} --threads 1 --name one")

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -373,11 +375,12 @@ def rows_table(rows: list[Row]) -> list[dict]:
             for r in rows]
 
 
-def write_report(results: list[dict], out_dir: Path, name: str = "kmeans_cpu") -> Path:
-    """Markdown + CSV of one or more clustering runs, with machine, commit and date."""
+def write_report(results: list[dict], out_dir: Path, name: str = "kmeans_cpu", command: str | None = None) -> Path:
+    """Markdown + CSV of one or more clustering runs, with machine, commit, date (and the command, if given)."""
     info = machine_info()
     lines = ["# Batched k-means on CPU: kcengine vs scikit-learn, faiss, torch reference\n",
              f"- date: {now_utc()}", f"- commit: {git_commit()}",
+             *([f"- recorded by `{command}`"] if command else []),
              f"- machine: {info.get('cpu')} ({info.get('cores')} cores, {info.get('threads', '?')} threads, "
              f"features {info.get('cpu_features', '?')}); torch {info['torch']}, numpy {info['numpy']}"]
     try:
@@ -492,7 +495,9 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="kmeans_cpu")
     p.add_argument("--threads", type=int, default=None, help="threads for every method (default: all cores)")
     p.add_argument("--isa", action="store_true", help="compare the solver's instruction-set copies instead")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    command = " ".join(["python -m kcengine.bench.kmeans", *map(shlex.quote, argv)])
     if args.isa:
         print("wrote", isa_comparison((args.model or ["resnet20"])[0], out_dir=Path(args.out) if args.out else None))
         return 0
@@ -526,7 +531,7 @@ def main(argv=None) -> int:
         results.append(res)
         print(markdown_table(rows_table(res["rows"])))
     out = Path(args.out) if args.out else (repo_root() or Path.cwd()) / "bench" / "results"
-    print("wrote", write_report(results, out, args.name))
+    print("wrote", write_report(results, out, args.name, command))
     return 0
 
 
