@@ -273,7 +273,7 @@ def test_native_direct_kernel_any_thread_count(c_in, c_out, k, kk, dtype):
         _core.conv_kernel_direct(xn, pack, geom, a.numpy(), b.numpy(), None, True, out.permute(0, 2, 3, 1).numpy(),
                                  threads)
         _close(out, ref.relu(), dtype)
-    on = np.empty((1, 7, 7, c_out), xn.dtype)
+    on = np.zeros((1, 7, 7, c_out), xn.dtype)
     with pytest.raises(ValueError, match=r"pack was built for float(32|64) but x is float(64|32)"):
         _core.conv_kernel_direct(xn.astype(np.float32 if dtype == torch.float64 else np.float64), pack, geom,
                                  None, None, None, False, on.astype(np.float32 if dtype == torch.float64 else np.float64))
