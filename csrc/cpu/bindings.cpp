@@ -18,6 +18,7 @@ PYBIND11_MODULE(_core, m) {
     d["avx2"] = static_cast<bool>(__builtin_cpu_supports("avx2"));
     d["fma"] = static_cast<bool>(__builtin_cpu_supports("fma"));
     d["avx512f"] = static_cast<bool>(__builtin_cpu_supports("avx512f"));
+    d["avx512vl"] = static_cast<bool>(__builtin_cpu_supports("avx512vl"));
     return d;
   }, "CPU features the runtime dispatch can use");
   kcengine::register_kmeans(m);

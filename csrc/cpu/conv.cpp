@@ -419,12 +419,12 @@ void gather_sum(py::array p, py::array pair, py::object scale, py::object shift,
 //   For a tile of output pixels and each input channel i: the M codebook responses of channel i
 //   (p_i[j] = sum_t wt[i, t, j] * x[window tap t, i]) are computed in registers, then scattered into
 //   the C_out accumulators through the slot table: acc[o] += p_i[slot[i, o]].
-//   x: [N, H, W, C_in] (channels-last), wt: [C_in, T, M], slot: [C_in, C_out] (values < M),
-//   out/residual: [N, Ho, Wo, C_out].
+//   x: [N, H, W, C_in] (channels-last), out/residual: [N, Ho, Wo, C_out]; wt [C_in, T, M] and slot
+//   [C_in, C_out] (values < M) come packed once per codebook (DirectPack, conv_kernel_pack).
 // ---------------------------------------------------------------------------------------------
 struct ConvGeom {
   int64_t N, H, W, Cin, Ho, Wo, C, kh, kw, sh, sw, ph, pw, dh, dw, M;
-  int64_t c_lo = 0, c_hi = 0;  // the input channels a tile sums over: [0, Cin), or one part of them
+  int64_t c_lo = 0, c_hi = 0;  // the input channels a work item sums over: [0, Cin) or one part (set per item)
 };
 
 constexpr int kTile = 8;  // output pixels per tile (along W)
@@ -668,7 +668,7 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
 // o adds the four response vectors it takes: acc[o] += sum_c pv[c][slot[i0 + c, o]] (acc [C][8],
 // L1-resident up to C = 512).  slotp is [C_in/4][Cpad][4] here, each entry the float offset of its
 // response vector in pv (c * Mpad * kTile + slot * kTile), so the four offsets of an output are one
-// 64-bit load (16-bit offsets, up to 2047 maps) or two, and acc[o] is loaded and stored once per quad:
+// 64-bit load (16-bit offsets, up to 2032 maps) or two, and acc[o] is loaded and stored once per quad:
 // the scatter is bound by its loads.
 // Channels past C_in in the last quad point at a zeroed vector.  The result acc is transposed into
 // accT [kTile][Cpad] for the shared epilogue.  off [taps][8]: the x offset of each (tap, pixel) without
@@ -797,7 +797,8 @@ std::unique_ptr<DirectPack> make_direct_pack(py::array wt, py::array slot) {
   pk->taps = wt.shape(1);
   pk->M = wt.shape(2);
   pk->C = slot.shape(1);
-  if (pk->M < 1 || pk->taps < 1) throw py::value_error("wt must have M >= 1 maps and >= 1 taps, got shape " + shape_str(wt));
+  if (pk->Cin < 1 || pk->M < 1 || pk->taps < 1)
+    throw py::value_error("wt must have C_in >= 1 channels, >= 1 taps and M >= 1 maps, got shape " + shape_str(wt));
   check_dim(slot, "slot", 0, pk->Cin, "C_in");
   const int32_t* sp = checked_index(slot, "slot", pk->Cin * pk->C, pk->M);
   pk->fast = f32 && cpu().avx512f;
@@ -809,7 +810,7 @@ std::unique_ptr<DirectPack> make_direct_pack(py::array wt, py::array slot) {
   if (pk->pixvec) {  // [C_in/4][Cpad][4]: offsets of the response vectors in pv (see direct_tile_pixvec)
     const int64_t quads = (pk->Cin + kQuad - 1) / kQuad, pstride = pk->Mpad * kTile;
     if (kQuad * pstride > INT32_MAX) throw py::value_error("wt has too many maps per channel: M=" + std::to_string(pk->M));
-    const bool narrow = kQuad * pstride <= 0xFFFF;  // up to 2047 maps per channel: 16-bit offsets
+    const bool narrow = kQuad * pstride <= 0xFFFF;  // Mpad <= 2032 maps per channel: 16-bit offsets
     const size_t count = static_cast<size_t>(quads * pk->Cpad * kQuad);
     int32_t* s2 = narrow ? nullptr : aligned_alloc_vec(pk->s_store, count);
     uint16_t* s16 = narrow ? aligned_alloc_vec(pk->s16_store, count) : nullptr;
@@ -856,17 +857,23 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
   const int64_t tiles_w = (g.Wo + kTile - 1) / kTile;
   const int64_t tiles = g.N * g.Ho * tiles_w;
   // Few tiles that do not divide among the threads (batch 1 on resnet18's 7x7 layers: 7 tiles for 2
-  // threads) leave a thread idle for a whole tile.  There each tile's sum over C_in is split into nt
-  // parts (boundaries on multiples of 16, as the AVX-512 window blocks read 16 channels at a time), so
-  // the work divides evenly; a second pass adds the parts' partial sums and applies the epilogue.
+  // threads) leave a thread idle for a whole tile.  There each tile's sum over C_in is split into up to
+  // nt parts (boundaries on multiples of 16, as the AVX-512 window blocks read 16 channels at a time),
+  // so the work divides evenly; a second pass adds the parts' partial sums and applies the epilogue.
+  // Not where the rounding leaves a last part under half the others (C_in = 37 on 2 threads: 32 + 5,
+  // worse than no split), nor where the partial sums would take more than 16 MB (many threads).
+  const int64_t tile_elems = kTile * Cpad;
   int64_t parts = 1, chunk = g.Cin;
   if (nt > 1 && tiles % nt != 0 && tiles < 8 * nt) {
-    chunk = ((g.Cin + nt - 1) / nt + 15) / 16 * 16;
-    parts = (g.Cin + chunk - 1) / chunk;
+    const int64_t c = ((g.Cin + nt - 1) / nt + 15) / 16 * 16, p = (g.Cin + c - 1) / c;
+    if (p > 1 && g.Cin - (p - 1) * c >= c / 2 && tiles * p * tile_elems * int64_t(sizeof(T)) <= (int64_t(16) << 20)) {
+      chunk = c;
+      parts = p;
+    }
   }
-  const int64_t tile_elems = kTile * Cpad;
-  std::vector<T> partial_s;
-  T* partial = parts > 1 ? aligned_alloc_vec(partial_s, static_cast<size_t>(tiles * parts * tile_elems)) : nullptr;
+  // every slot is written before it is read: no fill
+  std::unique_ptr<T[]> partial_s(parts > 1 ? new T[static_cast<size_t>(tiles * parts * tile_elems)] : nullptr);
+  T* partial = partial_s.get();
   struct Tile {
     int64_t n, ho, wo0;
     int np;
@@ -949,7 +956,6 @@ void kernel_direct(py::array x, const DirectPack& pk, std::vector<int64_t> geom,
   if (g.Ho < 1 || g.Wo < 1) throw py::value_error("x is too small for the kernel (empty output)");
   g.M = pk.M;
   g.C = pk.C;
-  g.c_hi = g.Cin;
   if (g.Cin != pk.Cin)
     throw py::value_error("x has " + std::to_string(g.Cin) + " channels but the pack has C_in=" + std::to_string(pk.Cin));
   if (g.kh * g.kw != pk.taps)
@@ -982,7 +988,9 @@ void register_conv(py::module_& m) {
       .def_property_readonly("shape", [](const DirectPack& p) { return py::make_tuple(p.Cin, p.taps, p.M, p.C); },
                              "(C_in, kh*kw, M, C_out)")
       .def_property_readonly("slot_bits", [](const DirectPack& p) { return p.s16 ? 16 : 32; },
-                             "width of the stored slot offsets (16 where they fit the pixel-lane path's table)");
+                             "width of the stored slot offsets (16 where they fit the pixel-lane path's table)")
+      .def_property_readonly("pixel_lanes", [](const DirectPack& p) { return p.pixvec; },
+                             "whether calls take the pixel-lane path (float32, > 32 maps, AVX-512 with VL)");
   m.def("conv_kernel_pack", &make_direct_pack, py::arg("wt"), py::arg("slot"),
         "Pack the codebook side of conv_kernel_direct once: wt [C_in,kh*kw,M] float32/float64 "
         "(wt[i,t,j] = codebook[slots[i,j],t]), slot int32 [C_in,C_out] (< M)");

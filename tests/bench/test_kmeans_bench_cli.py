@@ -46,3 +46,10 @@ def test_report_names_its_command(captured, tmp_path, monkeypatch):
     monkeypatch.setattr(kb, "set_threads", lambda n: None)  # this process's thread count stays as it is
     assert kb.main(["--out", str(tmp_path), "--threads", "1", "--name", "one"]) == 0
     assert captured[-1] == ("report", f"python -m kcengine.bench.kmeans --out {tmp_path} --threads 1 --name one")
+
+
+def test_isa_report_names_its_command(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(kb, "isa_comparison", lambda model, out_dir, command: seen.setdefault("c", command) and out_dir)
+    assert kb.main(["--isa", "--out", str(tmp_path)]) == 0
+    assert seen["c"] == f"python -m kcengine.bench.kmeans --isa --out {tmp_path}"

@@ -239,10 +239,13 @@ def test_native_core_checks_its_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("c_in,c_out,k,kk", [
-    (37, 40, 3, 12),   # <= 64 outputs, <= 16 maps: responses and sums in registers
-    (37, 80, 3, 20),   # > 64 outputs, 16 < maps <= 32: responses in registers, permuted into the sums
-    (37, 70, 3, 48),   # > 32 maps: pixels as lanes
-    (50, 33, 5, 40),   # 5x5, a part boundary inside a pair of channels of the pixel-lane path
+    # C_in = 50 splits into 32 + 18 channels on 2 and 3 threads, 47 into 16 + 16 + 15 on 3; 37 not at all
+    # (a last part of 5 would cost more than it balances)
+    (50, 40, 3, 12),   # <= 64 outputs, <= 16 maps: responses and sums in registers
+    (50, 80, 3, 20),   # > 64 outputs, 16 < maps <= 32: responses in registers, permuted into the sums
+    (37, 70, 3, 48),   # > 32 maps: pixels as lanes, a last quad of input channels with 1 of 4 live
+    (47, 70, 3, 48),   # the same with 3 of 4 live
+    (50, 70, 5, 80),   # 5x5, pixels as lanes, 2 of 4 live
 ])
 def test_native_direct_kernel_any_thread_count(c_in, c_out, k, kk, dtype):
     """conv_kernel_direct with 1, 2 and 3 threads on a 7x7 output (7 pixel tiles): where the tiles do not
@@ -266,6 +269,8 @@ def test_native_direct_kernel_any_thread_count(c_in, c_out, k, kk, dtype):
     plan = kernel_plan(idx, kk)
     pack = plan.direct_pack(cb)
     assert plan.direct_pack(cb) is pack and pack.shape == (c_in, k * k, plan.m, c_out)
+    if dtype == torch.float32 and _core.cpu_features()["avx512vl"]:  # the path the case is named for is taken
+        assert pack.pixel_lanes == (plan.m > 32), (plan.m, pack.pixel_lanes)
     geom = [k, k, 1, 1, k // 2, k // 2, 1, 1]
     xn = x.permute(0, 2, 3, 1).numpy()
     for threads in (1, 2, 3):
@@ -293,7 +298,7 @@ def test_native_direct_kernel_any_thread_count(c_in, c_out, k, kk, dtype):
 @pytest.mark.parametrize("c_out", [40, 2100])
 def test_native_direct_kernel_slot_offset_widths(c_out):
     """The pixel-lane path stores each output's four response offsets in 16 bits while they fit (up to
-    2047 maps per input channel) and in 32 bits beyond: both equal F.conv2d.  c_out = 2100 with every
+    2032 maps per input channel) and in 32 bits beyond: both equal F.conv2d.  c_out = 2100 with every
     output of a channel on its own kernel gives 2100 maps per channel."""
     from kcengine import _core
     from kcengine.conv.backends import kernel_plan
@@ -305,9 +310,9 @@ def test_native_direct_kernel_slot_offset_widths(c_out):
     idx = torch.stack([torch.randperm(kk, generator=g)[:c_out] for _ in range(c_in)], 1)  # [c_out, c_in]
     plan = kernel_plan(idx, kk)
     pack = plan.direct_pack(cb)
-    if c_out < 2048 and pack.slot_bits != 16:
+    if not pack.pixel_lanes:
         pytest.skip("this CPU has no pixel-lane path (AVX-512 with VL)")
-    assert pack.slot_bits == (16 if c_out < 2048 else 32)
+    assert pack.slot_bits == (16 if plan.m <= 2032 else 32)
     ref = F.conv2d(x, dense_weight(cb, idx, "kernel"), padding=1)
     for threads in (1, 2):
         out = torch.empty_like(ref, memory_format=torch.channels_last)

@@ -243,7 +243,7 @@ double chunked_sum(i64 n, bool par, F&& f) {
 template <class T>
 struct Prepared {
   double tol_abs = 0.0;
-  std::vector<T> xt;         // [d, n] transposed copy (direct k-means++), when needed, rows xt_ld apart
+  std::vector<T> xt;         // [d, xt_ld] transposed copy (direct k-means++), when needed
   i64 xt_ld = 0;
   std::vector<T> xnorm;      // [n] squared norms (direct solvers)
   std::vector<double> gram;  // [n, n] (gram solver)
@@ -1662,8 +1662,8 @@ void prepare(const Dataset<T>& ds, const Params& params, Prepared<T>& prep, bool
       prep.xnorm[i] = T(s);
     }
     if (params.init == Init::KMeansPP) {
-      // Rows one cache line past a multiple of 16 values apart: at n = 1024, 2048, 4096 rows n apart
-      // start 4 KiB multiples apart, so the sweep's d column streams all fall in one L1 set.
+      // Rows 16 values past a multiple of 16 apart (a cache line of floats, two of doubles): at n = 1024,
+      // 2048, 4096 rows n apart start 4 KiB multiples apart, so the sweep's d column streams share an L1 set.
       prep.xt_ld = (n + 15) / 16 * 16 + 16;
       prep.xt.assign(size_t(d) * prep.xt_ld, T(0));
       for (i64 i = 0; i < n; ++i)

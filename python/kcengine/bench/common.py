@@ -154,6 +154,16 @@ def time_against(reference: Callable[[], object], candidate: Callable[[], object
     return tr, tc, err
 
 
+def command_line(module: str, argv: Sequence[str] | None) -> tuple[list[str], str]:
+    """``(argv, how it reads as a command)`` for a benchmark's ``main(argv)``: ``argv`` defaults to
+    ``sys.argv[1:]``; the string is what reports print as ``recorded by``."""
+    import shlex
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return argv, shlex.join(["python", "-m", module, *argv])
+
+
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not rows:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shlex
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .baselines import PackedDenseConv, frozen_dense
-from .common import git_commit, machine_info, markdown_table, now_utc, time_against, time_alternating, write_csv
+from .common import (command_line, git_commit, machine_info, markdown_table, now_utc, time_against,
+                     time_alternating, write_csv)
 
 __all__ = ["resnet18_conv_shapes", "run_layer_bench", "run_e2e_bench", "run_checkpoint_sizes", "run_conv_bench",
            "main"]
@@ -283,7 +282,8 @@ def run_conv_bench(out_dir=None, batches=(1, 32), divisors=(8, 4, 2), granularit
         torch.set_num_threads(threads)
     try:
         return _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat, e2e_repeat, t0, name,
-                    command or f"kcengine.bench.conv.run_conv_bench(threads={threads}, name={name!r})")
+                    command or f"kcengine.bench.conv.run_conv_bench(batches={tuple(batches)}, divisors={tuple(divisors)}, "
+                    f"granularities={tuple(granularities)}, e2e={e2e}, size={size}, threads={threads}, name={name!r})")
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -405,9 +405,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", type=int, default=0, help="threads for both sides (0: torch's default)")
     p.add_argument("--name", default="indexed_conv", help="result file stem")
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv, command = command_line("kcengine.bench.conv", argv)
     a = p.parse_args(argv)
-    command = " ".join(["python -m kcengine.bench.conv", *map(shlex.quote, argv)])
     r = run_conv_bench(a.out, tuple(int(b) for b in a.batches.split(",")),
                        granularities=tuple(a.granularity.split(",")), e2e=not a.no_e2e, size=a.size,
                        threads=a.threads, name=a.name, command=command)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from .common import (git_commit, machine_info, markdown_table, now_utc, peak_rss_mb, repo_root,
+from .common import (command_line, git_commit, machine_info, markdown_table, now_utc, peak_rss_mb, repo_root,
                      shared_data_dir, write_csv)
 
 WORKLOADS = ("a_sweep", "b_filters", "c_kernels", "d_element")
@@ -426,7 +424,8 @@ def write_report(results: list[dict], out_dir: Path, name: str = "kmeans_cpu", c
     return md
 
 
-def isa_comparison(model: str = "resnet20", repeat: int = 3, out_dir: Path | None = None) -> Path:
+def isa_comparison(model: str = "resnet20", repeat: int = 3, out_dir: Path | None = None,
+                   command: str | None = None) -> Path:
     """kcengine on the four workloads with each compiled copy of the solver (generic x86-64,
     AVX2, AVX-512), forced through ``KCENGINE_CPU_ISA``: what the portable build's runtime
     dispatch buys on this CPU.  Writes ``kmeans_isa.md``."""
@@ -464,6 +463,7 @@ def isa_comparison(model: str = "resnet20", repeat: int = 3, out_dir: Path | Non
     info = machine_info()
     lines = ["# kcengine's k-means solver per instruction set (runtime dispatch)\n",
              f"- date: {now_utc()}", f"- commit: {git_commit()}",
+             *([f"- recorded by `{command}`"] if command else []),
              f"- machine: {info.get('cpu')} ({info.get('cores')} cores, {info.get('threads')} threads, features "
              f"{info.get('cpu_features')})",
              f"- {source}; best of {repeat}, copies alternating; the wheel carries all three copies and picks the "
@@ -495,11 +495,11 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="kmeans_cpu")
     p.add_argument("--threads", type=int, default=None, help="threads for every method (default: all cores)")
     p.add_argument("--isa", action="store_true", help="compare the solver's instruction-set copies instead")
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv, command = command_line("kcengine.bench.kmeans", argv)
     args = p.parse_args(argv)
-    command = " ".join(["python -m kcengine.bench.kmeans", *map(shlex.quote, argv)])
     if args.isa:
-        print("wrote", isa_comparison((args.model or ["resnet20"])[0], out_dir=Path(args.out) if args.out else None))
+        print("wrote", isa_comparison((args.model or ["resnet20"])[0], out_dir=Path(args.out) if args.out else None,
+                                      command=command))
         return 0
     if args.max_problems == "all":
         args.max_problems = None
