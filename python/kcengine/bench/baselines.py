@@ -29,10 +29,11 @@ class PackedDenseConv:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
                  groups: int = 1):
         from ..conv.backends import PackedCodebook
+        from ..conv.functional import _pair
 
-        pair = (lambda v: (v, v) if isinstance(v, int) else v if isinstance(v, str) else tuple(v))
         self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
-        self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
+        self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+        self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
         self.groups = groups
         self._packed = PackedCodebook() if groups == 1 and not isinstance(self.padding, str) else None
 

@@ -66,14 +66,11 @@ class KernelPlan:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def slot_table(self) -> torch.Tensor:
-        """int32 ``[C_in, C_out]``: the slot (``< M``) output ``o`` takes from input channel ``i``."""
-        t = self._cache.get("slot")
-        if t is None:
-            c_in = self.pair.shape[1]
-            offs = torch.arange(c_in, device=self.pair.device)[None, :] * self.m
-            t = (self.pair - offs).t().contiguous().to(torch.int32)
-            self._cache["slot"] = t
-        return t
+        """int32 ``[C_in, C_out]``: the slot (``< M``) output ``o`` takes from input channel ``i`` (built for
+        :meth:`direct_pack`, whose pack keeps its own copy)."""
+        c_in = self.pair.shape[1]
+        offs = torch.arange(c_in, device=self.pair.device)[None, :] * self.m
+        return (self.pair - offs).t().contiguous().to(torch.int32)
 
     def tap_weights(self, codebook: torch.Tensor) -> torch.Tensor:
         """``[C_in, kh*kw, M]``: ``wt[i, t, j] = codebook[slots[i, j]].flatten()[t]``."""
