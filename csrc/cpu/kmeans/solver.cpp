@@ -1,6 +1,8 @@
 // Batched k-means solver.  This file is compiled once per instruction set (KC_ARCH = generic,
 // avx2, avx512) and the bindings pick one copy at load time from the CPU's features, so the
-// distributed build is portable and still vectorized for the machine it runs on.
+// distributed build is portable and still vectorized for the machine it runs on.  The hand-vectorized
+// 9-D paths (k-means++ sweeps, top-m's scans) are written against simd16.h, 16 float lanes in one
+// AVX-512 register or two AVX2 ones, so both copies run them; the generic copy keeps scalar loops.
 //
 // Semantics follow scikit-learn's Lloyd (greedy k-means++, tol relative to the data's mean
 // variance, strict convergence when no label changes, empty clusters moved to far points, a final
@@ -15,7 +17,7 @@
 //   * lloyd1d  - D == 1: points sorted once, clusters are intervals, an iteration is O(k log N).
 // plus exact1d, the globally optimal 1-D clustering (dynamic programming, divide and conquer).
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -38,6 +40,8 @@
 
 namespace kcengine::km::KC_ARCH {
 namespace {
+
+#include "simd16.h"
 
 using i64 = int64_t;
 using i32 = int32_t;
@@ -81,10 +85,10 @@ inline double sqdist(const T* a, const T* b, i64 d) {
 
 inline double weight(const double* w, i64 i) { return w ? w[i] : 1.0; }
 
-// Bit l set where v[l] < th, for 16 values (one AVX-512 compare per 16 floats where available).
+// Bit l set where v[l] < th, for 16 values (one AVX-512 or two AVX2 compares per 16 floats).
 inline unsigned lt_mask16(const float* v, float th) {
-#if defined(__AVX512F__)
-  return _mm512_cmp_ps_mask(_mm512_loadu_ps(v), _mm512_set1_ps(th), _CMP_LT_OQ);
+#if KC_SIMD16
+  return m16_bits(f16_lt(f16_load(v), f16_set1(th)));
 #else
   unsigned m = 0;
   for (int l = 0; l < 16; ++l) m |= unsigned(v[l] < th) << l;
@@ -96,6 +100,11 @@ inline unsigned lt_mask16(const double* v, double th) {
   const __m512d t = _mm512_set1_pd(th);
   return unsigned(_mm512_cmp_pd_mask(_mm512_loadu_pd(v), t, _CMP_LT_OQ)) |
          (unsigned(_mm512_cmp_pd_mask(_mm512_loadu_pd(v + 8), t, _CMP_LT_OQ)) << 8);
+#elif KC_SIMD16
+  const __m256d t = _mm256_set1_pd(th);
+  unsigned m = 0;
+  for (int h = 0; h < 4; ++h) m |= unsigned(_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(v + 4 * h), t, _CMP_LT_OQ))) << (4 * h);
+  return m;
 #else
   unsigned m = 0;
   for (int l = 0; l < 16; ++l) m |= unsigned(v[l] < th) << l;
@@ -150,6 +159,24 @@ struct Top8 {
 
 // The values of v[0..16) set in `mask` and their indices base + lane, packed to the front of
 // ov/oj (each must have room for 16); returns how many.
+#if KC_SIMD16 && !defined(__AVX512F__)
+// kCompress8[m]: the positions of m's set bits, ascending, one per byte (the rest 0).
+struct Compress8Table {
+  uint64_t v[256];
+  constexpr Compress8Table() : v() {
+    for (unsigned m = 0; m < 256; ++m) {
+      uint64_t packed = 0;
+      int n = 0;
+      for (unsigned b = 0; b < 8; ++b)
+        if (m >> b & 1u) packed |= uint64_t(b) << (8 * n++);
+      v[m] = packed;
+    }
+  }
+  constexpr uint64_t operator[](unsigned m) const { return v[m]; }
+};
+constexpr Compress8Table kCompress8{};
+#endif
+
 template <class T>
 inline int compress16_scalar(const T* v, unsigned mask, i32 base, T* ov, i32* oj) {
   int n = 0;
@@ -167,6 +194,21 @@ inline int compress16(const float* v, unsigned mask, i32 base, float* ov, i32* o
   _mm512_storeu_si512(reinterpret_cast<void*>(oj),
                       _mm512_maskz_compress_epi32(__mmask16(mask), _mm512_add_epi32(_mm512_set1_epi32(base), lanes)));
   return __builtin_popcount(mask);
+#elif KC_SIMD16
+  // AVX2 has no compress: each half's lanes are permuted by a table of the set lanes' positions
+  // (byte b of kCompress8[m] is the b-th set bit of m), stored whole; the next half overwrites
+  // what lies past the first's kept lanes.  Writes up to 8 past the last kept value.
+  int n = 0;
+  for (int h = 0; h < 2; ++h) {
+    const unsigned mh = (mask >> (8 * h)) & 0xFFu;
+    if (!mh) continue;
+    const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kCompress8[mh])));
+    _mm256_storeu_ps(ov + n, _mm256_permutevar8x32_ps(_mm256_loadu_ps(v + 8 * h), perm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(oj + n),
+                        _mm256_add_epi32(perm, _mm256_set1_epi32(base + 8 * h)));
+    n += __builtin_popcount(mh);
+  }
+  return n;
 #else
   return compress16_scalar(v, mask, base, ov, oj);
 #endif
@@ -185,26 +227,10 @@ inline float float_above(double v) {
   return double(f) < v ? std::nextafter(f, std::numeric_limits<float>::infinity()) : f;
 }
 
-#if defined(__AVX512F__)
-// Squared float distances from 16 points to the point c in D dimensions: xv[q] holds coordinate q of
-// the 16 points (one per lane); summed over q in order.  topm's 16-point first scan and the 9-D
-// k-means++ trials both go through here.
-template <int D>
-inline __m512 sqdist16_to(const __m512* xv, const float* c) {
-  __m512 sd = _mm512_setzero_ps();
-  for (int q = 0; q < D; ++q) {
-    const __m512 u = _mm512_sub_ps(xv[q], _mm512_set1_ps(c[q]));
-    sd = _mm512_fmadd_ps(u, u, sd);
-  }
-  return sd;
-}
-#endif
-
-// Bit l set where wake[l] <= due[lab[l]], for 16 points (one gather per 16 with AVX-512).
+// Bit l set where wake[l] <= due[lab[l]], for 16 points (one AVX-512 or two AVX2 gathers per 16).
 inline unsigned due_mask16(const float* wake, const i32* lab, const float* due) {
-#if defined(__AVX512F__)
-  const __m512 th = _mm512_i32gather_ps(_mm512_loadu_si512(reinterpret_cast<const void*>(lab)), due, 4);
-  return _mm512_cmp_ps_mask(_mm512_loadu_ps(wake), th, _CMP_LE_OQ);
+#if KC_SIMD16
+  return m16_bits(f16_le(f16_load(wake), f16_gather(due, lab)));
 #else
   unsigned m = 0;
   for (int l = 0; l < 16; ++l) m |= unsigned(wake[l] <= due[lab[l]]) << l;
@@ -1064,6 +1090,15 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       const double t = double(x[8]) - double(cj[8]);
       return std::sqrt(_mm512_reduce_add_pd(_mm512_mul_pd(u, u)) + t * t);
     }
+#elif KC_SIMD16
+    if constexpr (DC == 9 && std::is_same_v<T, float>) {  // 8 coordinates in two vectors, in double
+      const __m256d a = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x)), _mm256_cvtps_pd(_mm_loadu_ps(cj)));
+      const __m256d b = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + 4)), _mm256_cvtps_pd(_mm_loadu_ps(cj + 4)));
+      const __m256d s4 = _mm256_fmadd_pd(b, b, _mm256_mul_pd(a, a));
+      const __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
+      const double t = double(x[8]) - double(cj[8]);
+      return std::sqrt(_mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2))) + t * t);
+    }
 #endif
     return std::sqrt(sqdist(x, cj, d));
   };
@@ -1117,18 +1152,32 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     T tf = T(thr2);
     alignas(64) T dl[L];
     for (i64 j0 = 0; j0 < kp; j0 += L) {
-#pragma omp simd
-      for (int lane = 0; lane < L; ++lane) dl[lane] = T(0);
-      for (i64 q = 0; q < d; ++q) {
-        const T* row = &ct[size_t(q) * kp + j0];
-        const T xq = x[q];
-#pragma omp simd
-        for (int lane = 0; lane < L; ++lane) {
-          const T u = xq - row[lane];
-          dl[lane] += u * u;
+      unsigned mask;
+#if KC_SIMD16
+      if constexpr (std::is_same_v<T, float>) {  // the 16 sums in registers (not dl) until compared
+        F16 acc = f16_zero();
+        for (i64 q = 0; q < d; ++q) {
+          const F16 u = f16_set1(x[q]) - f16_load(&ct[size_t(q) * kp + j0]);
+          acc = f16_fmadd(u, u, acc);
         }
+        f16_store(dl, acc);
+        mask = m16_bits(f16_lt(acc, f16_set1(fixed ? tf : T(top.at(M + 1)))));
+      } else
+#endif
+      {
+#pragma omp simd
+        for (int lane = 0; lane < L; ++lane) dl[lane] = T(0);
+        for (i64 q = 0; q < d; ++q) {
+          const T* row = &ct[size_t(q) * kp + j0];
+          const T xq = x[q];
+#pragma omp simd
+          for (int lane = 0; lane < L; ++lane) {
+            const T u = xq - row[lane];
+            dl[lane] += u * u;
+          }
+        }
+        mask = lt_mask16(dl, fixed ? tf : T(top.at(M + 1)));
       }
-      unsigned mask = lt_mask16(dl, fixed ? tf : T(top.at(M + 1)));
       if (j0 + L > k) mask &= (1u << (k - j0)) - 1u;
       if (fixed) {
         nc += compress16(dl, mask, i32(j0), cv + nc, cx + nc);
@@ -1158,40 +1207,40 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   // several times the distances (perf on resnet20's 4096-point layers at k = 256).  Returns false
   // where it does not apply (the caller runs full_scan).
   auto first_scan16 = [&](i64 i0, i64 cnt) -> bool {
-#if defined(__AVX512F__)
+#if KC_SIMD16
     if constexpr (DC == 9 && std::is_same_v<T, float>) {
       constexpr int S = M + 2;
       alignas(64) float xs[DC][L] = {};
       for (i64 l = 0; l < cnt; ++l)
         for (int q = 0; q < DC; ++q) xs[q][l] = ds.x[(i0 + l) * DC + q];
-      __m512 xv[DC];
-      for (int q = 0; q < DC; ++q) xv[q] = _mm512_load_ps(xs[q]);
-      __m512 tv[S];
-      __m512i tj[S];
+      F16 xv[DC];
+      for (int q = 0; q < DC; ++q) xv[q] = f16_load(xs[q]);
+      F16 tv[S];
+      I16 tj[S];
       for (int s = 0; s < S; ++s) {
-        tv[s] = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-        tj[s] = _mm512_set1_epi32(-1);
+        tv[s] = f16_set1(std::numeric_limits<float>::infinity());
+        tj[s] = i16_set1(-1);
       }
       for (i64 j = 0; j < k; ++j) {
-        const __m512 dd = sqdist16_to<DC>(xv, &c[size_t(j) * DC]);
-        if (!_mm512_cmp_ps_mask(dd, tv[S - 1], _CMP_LT_OQ)) continue;
-        __m512 cv = dd;
-        __m512i cx = _mm512_set1_epi32(i32(j));
+        const F16 dd = sqdist16_to<DC>(xv, &c[size_t(j) * DC]);
+        if (!m16_any(f16_lt(dd, tv[S - 1]))) continue;
+        F16 cv = dd;
+        I16 cx = i16_set1(i32(j));
         for (int s = 0; s < S; ++s) {  // carry (cv, cx) moves down past the slots it undercuts
-          const __mmask16 lt = _mm512_cmp_ps_mask(cv, tv[s], _CMP_LT_OQ);
-          const __m512 keep = tv[s];
-          const __m512i keepj = tj[s];
-          tv[s] = _mm512_mask_blend_ps(lt, tv[s], cv);
-          tj[s] = _mm512_mask_blend_epi32(lt, tj[s], cx);
-          cv = _mm512_mask_blend_ps(lt, cv, keep);
-          cx = _mm512_mask_blend_epi32(lt, cx, keepj);
+          const M16 lt = f16_lt(cv, tv[s]);
+          const F16 keep = tv[s];
+          const I16 keepj = tj[s];
+          tv[s] = f16_blend(lt, tv[s], cv);
+          tj[s] = i16_blend(lt, tj[s], cx);
+          cv = f16_blend(lt, cv, keep);
+          cx = i16_blend(lt, cx, keepj);
         }
       }
       alignas(64) float vals[S][L];
       alignas(64) i32 ids[S][L];
       for (int s = 0; s < S; ++s) {
-        _mm512_store_ps(vals[s], tv[s]);
-        _mm512_store_si512(reinterpret_cast<void*>(ids[s]), tj[s]);
+        f16_store(vals[s], tv[s]);
+        i16_store(ids[s], tj[s]);
       }
       for (i64 l = 0; l < cnt; ++l) {
         double v8[8];
@@ -1693,24 +1742,6 @@ void prepare(const Dataset<T>& ds, const Params& params, Prepared<T>& prep, bool
   }
 }
 
-#if defined(__AVX512F__)
-// The 16 lanes of two double vectors summed in lane order (a fixed order: results do not depend on
-// how the compiler would reduce).
-inline double sum_lanes16(__m512d lo, __m512d hi) {
-  alignas(64) double lanes[16];
-  _mm512_store_pd(lanes, lo);
-  _mm512_store_pd(lanes + 8, hi);
-  double p = 0;
-  for (double v : lanes) p += v;
-  return p;
-}
-// The same for the 16 float lanes of v, each widened to double first.
-inline double sum_lanes16(__m512 v) {
-  return sum_lanes16(_mm512_cvtps_pd(_mm512_castps512_ps256(v)),
-                     _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
-}
-#endif
-
 // Greedy k-means++ on [N, D] data, specialized for the direct solvers: the same draws and
 // choices as kmeanspp(), but every trial of a step is evaluated in ONE sweep over the transposed
 // data (each column loaded once for all trials), distances stay in the data's precision, and the
@@ -1777,7 +1808,7 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
       bsum[b] = s;
     }
   };
-#if defined(__AVX512F__)
+#if KC_SIMD16
   // The sweep of one block for float data of low D (3x3 kernels: 9): each trial's distances to 16
   // points are summed over the coordinates in a register (the block's columns, 16 x 256 floats at
   // most, stay in L1), instead of an accumulator row loaded and stored once per coordinate, and the
@@ -1792,34 +1823,37 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
       const float* xb = &prep.xt[size_t(i0)];
       float* cl = &closest[size_t(i0)];
       for (i64 t = 0; t < nt; ++t) {
-        __m512d l0 = _mm512_setzero_pd(), l1 = _mm512_setzero_pd();
+        D16 lp = d16_zero();
         for (i64 i = 0; i < m; i += 16) {
-          const __mmask16 mk = m - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (m - i)) - 1u);
-          __m512 sd = _mm512_setzero_ps();
+          const M16 mk = m16_first(m - i);
+          F16 sd = f16_zero();
           for (i64 q = 0; q < d; ++q) {
-            const __m512 u = _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, xb + size_t(q) * ld + i), _mm512_set1_ps(cq[t][q]));
-            sd = _mm512_fmadd_ps(u, u, sd);
+            const F16 u = f16_loadz(mk, xb + size_t(q) * ld + i) - f16_set1(cq[t][q]);
+            sd = f16_fmadd(u, u, sd);
           }
           if (mode == 0) {
-            _mm512_mask_storeu_ps(cl + i, mk, sd);
+            f16_store(mk, cl + i, sd);
             continue;
           }
-          sd = _mm512_min_ps(sd, _mm512_maskz_loadu_ps(mk, cl + i));  // masked-off lanes: 0
+          sd = f16_min(sd, f16_loadz(mk, cl + i));  // masked-off lanes: 0
           if (mode == 2) {
-            _mm512_mask_storeu_ps(cl + i, mk, sd);
+            f16_store(mk, cl + i, sd);
             continue;
           }
-          __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(sd));
-          __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sd), 1)));
+          D16 v = d16_widen(sd);
           if (w) {
-            lo = _mm512_mul_pd(lo, _mm512_maskz_loadu_pd(__mmask8(mk), w + i0 + i));
-            hi = _mm512_mul_pd(hi, _mm512_maskz_loadu_pd(__mmask8(mk >> 8), w + i0 + i + 8));
+            double wl[16] = {};
+            const double* wp = w + i0 + i;
+            if (m - i < 16) {
+              std::copy(wp, wp + (m - i), wl);
+              wp = wl;
+            }
+            v = v * d16_load(wp);
           }
-          l0 = _mm512_add_pd(l0, lo);
-          l1 = _mm512_add_pd(l1, hi);
+          lp = lp + v;
         }
         if (mode != 1) break;  // modes 0 and 2 have one trial
-        pot[t] += sum_lanes16(l0, l1);
+        pot[t] += d16_sum_lanes(lp);
       }
     }
   };
@@ -1837,16 +1871,90 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
         for (int q = 0; q < D9; ++q) cq[t][q] = ds.x[cid[t] * D9 + q];
       const float* xb = &prep.xt[size_t(i0)];
       const float* cl = &closest[size_t(i0)];
-      __m512 acc[TMAX];
-      for (i64 t = 0; t < nt; ++t) acc[t] = _mm512_setzero_ps();
+#if defined(__AVX512F__)
+      F16 acc[TMAX];
+      for (i64 t = 0; t < nt; ++t) acc[t] = f16_zero();
       for (i64 i = 0; i < m; i += 16) {
-        const __mmask16 mk = m - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (m - i)) - 1u);
-        __m512 xv[D9];
-        for (int q = 0; q < D9; ++q) xv[q] = _mm512_maskz_loadu_ps(mk, xb + size_t(q) * ld + i);
-        const __m512 c = _mm512_maskz_loadu_ps(mk, cl + i);  // masked-off lanes: 0, so they add 0
-        for (i64 t = 0; t < nt; ++t) acc[t] = _mm512_add_ps(acc[t], _mm512_min_ps(sqdist16_to<D9>(xv, cq[t]), c));
+        const M16 mk = m16_first(m - i);
+        F16 xv[D9];
+        for (int q = 0; q < D9; ++q) xv[q] = f16_loadz(mk, xb + size_t(q) * ld + i);
+        const F16 c = f16_loadz(mk, cl + i);  // masked-off lanes: 0, so they add 0
+        for (i64 t = 0; t < nt; ++t) acc[t] = acc[t] + f16_min(sqdist16_to<D9>(xv, cq[t]), c);
       }
-      for (i64 t = 0; t < nt; ++t) pot[t] += sum_lanes16(acc[t]);
+      for (i64 t = 0; t < nt; ++t) pot[t] += f16_sum_lanes(acc[t]);
+#else
+      // AVX2 has 16 vector registers: 16 points' 9 columns (18) and the trials' sums (14) do not
+      // fit, and the spills cost more than the arithmetic.  So one half of the 16 lanes at a time
+      // (9 columns and `closest` in registers), each trial's half-sum kept in memory: the same
+      // lanes get the same values in the same order as with AVX-512, so the sums are identical.
+      alignas(32) float acc[TMAX][16];
+      for (i64 t = 0; t < nt; ++t) f16_store(acc[t], f16_zero());
+      for (i64 i = 0; i < m; i += 8) {
+        const i64 h = (i & 15);  // 0 or 8: the half of the 16 lanes these points fall in
+        __m256 xv[D9], c;
+        if (m - i >= 8) {
+          for (int q = 0; q < D9; ++q) xv[q] = _mm256_loadu_ps(xb + size_t(q) * ld + i);
+          c = _mm256_loadu_ps(cl + i);
+        } else {
+          const __m256i mk = _mm256_castps_si256(m16_first(m - i).lo);
+          for (int q = 0; q < D9; ++q) xv[q] = _mm256_maskload_ps(xb + size_t(q) * ld + i, mk);
+          c = _mm256_maskload_ps(cl + i, mk);  // masked-off lanes: 0, so they add 0
+        }
+        // Two trials per pass: each distance is a chain of 9 dependent FMAs, and one chain at a
+        // time left the FMA units waiting on its latency (the out-of-order window holds too few).
+        i64 t = 0;
+        for (; t + 2 <= nt; t += 2) {
+          __m256 sa = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
+          for (int q = 0; q < D9; ++q) {
+            const __m256 ua = _mm256_sub_ps(xv[q], _mm256_set1_ps(cq[t][q]));
+            const __m256 ub = _mm256_sub_ps(xv[q], _mm256_set1_ps(cq[t + 1][q]));
+            sa = _mm256_fmadd_ps(ua, ua, sa);
+            sb = _mm256_fmadd_ps(ub, ub, sb);
+          }
+          _mm256_store_ps(acc[t] + h, _mm256_add_ps(_mm256_load_ps(acc[t] + h), _mm256_min_ps(sa, c)));
+          _mm256_store_ps(acc[t + 1] + h, _mm256_add_ps(_mm256_load_ps(acc[t + 1] + h), _mm256_min_ps(sb, c)));
+        }
+        if (t < nt) {
+          __m256 sd = _mm256_setzero_ps();
+          for (int q = 0; q < D9; ++q) {
+            const __m256 u = _mm256_sub_ps(xv[q], _mm256_set1_ps(cq[t][q]));
+            sd = _mm256_fmadd_ps(u, u, sd);
+          }
+          _mm256_store_ps(acc[t] + h, _mm256_add_ps(_mm256_load_ps(acc[t] + h), _mm256_min_ps(sd, c)));
+        }
+      }
+      for (i64 t = 0; t < nt; ++t) pot[t] += f16_sum_lanes(f16_load(acc[t]));
+#endif
+    }
+  };
+  // Modes 0 and 2 on float 3x3 kernels (one trial: the first center, then each step's winner):
+  // sweep_block_low_d with D fixed at 9, so the coordinate loop unrolls, and whole vectors loaded
+  // and stored unmasked but for the block's tail.  The same distances, so the same `closest`.
+  auto sweep_block_apply_d9 = [&](i64 i0, i64 m, int mode) {
+    if constexpr (std::is_same_v<T, float>) {
+      constexpr int D9 = 9;
+      float cq[D9];
+      for (int q = 0; q < D9; ++q) cq[q] = ds.x[cid[0] * D9 + q];
+      const float* xb = &prep.xt[size_t(i0)];
+      float* cl = &closest[size_t(i0)];
+      i64 i = 0;
+      for (; i + 16 <= m; i += 16) {
+        F16 sd = f16_zero();
+        for (int q = 0; q < D9; ++q) {
+          const F16 u = f16_load(xb + size_t(q) * ld + i) - f16_set1(cq[q]);
+          sd = f16_fmadd(u, u, sd);
+        }
+        f16_store(cl + i, mode == 0 ? sd : f16_min(sd, f16_load(cl + i)));
+      }
+      if (i < m) {
+        const M16 mk = m16_first(m - i);
+        F16 sd = f16_zero();
+        for (int q = 0; q < D9; ++q) {
+          const F16 u = f16_loadz(mk, xb + size_t(q) * ld + i) - f16_set1(cq[q]);
+          sd = f16_fmadd(u, u, sd);
+        }
+        f16_store(mk, cl + i, mode == 0 ? sd : f16_min(sd, f16_loadz(mk, cl + i)));
+      }
     }
   };
 #endif
@@ -1863,10 +1971,14 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
       T cq[TMAX];
       for (i64 i0 = a; i0 < bnd; i0 += B) {
         const i64 m = std::min(B, bnd - i0);
-#if defined(__AVX512F__)
+#if KC_SIMD16
         if constexpr (std::is_same_v<T, float>) {
           if (d == 9 && mode == 1 && !w) {  // 3x3 kernels: see sweep_block_trials_d9
             sweep_block_trials_d9(i0, m, nt, pot);
+            continue;
+          }
+          if (d == 9 && mode != 1) {
+            sweep_block_apply_d9(i0, m, mode);
             continue;
           }
           if (d <= 16) {  // low D: see sweep_block_low_d
