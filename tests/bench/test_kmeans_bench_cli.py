@@ -50,6 +50,13 @@ def test_report_names_its_command(captured, tmp_path, monkeypatch):
 
 def test_isa_report_names_its_command(monkeypatch, tmp_path):
     seen = {}
-    monkeypatch.setattr(kb, "isa_comparison", lambda model, out_dir, command: seen.setdefault("c", command) and out_dir)
+
+    def fake(model, out_dir, command, name):
+        seen.update(c=command, name=name)
+        return out_dir
+
+    monkeypatch.setattr(kb, "isa_comparison", fake)
     assert kb.main(["--isa", "--out", str(tmp_path)]) == 0
-    assert seen["c"] == f"python -m kcengine.bench.kmeans --isa --out {tmp_path}"
+    assert seen == {"c": f"python -m kcengine.bench.kmeans --isa --out {tmp_path}", "name": "kmeans_isa"}
+    assert kb.main(["--isa", "--out", str(tmp_path), "--name", "isa_here"]) == 0
+    assert seen["name"] == "isa_here"

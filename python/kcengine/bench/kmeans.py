@@ -425,10 +425,10 @@ def write_report(results: list[dict], out_dir: Path, name: str = "kmeans_cpu", c
 
 
 def isa_comparison(model: str = "resnet20", repeat: int = 3, out_dir: Path | None = None,
-                   command: str | None = None) -> Path:
+                   command: str | None = None, name: str = "kmeans_isa") -> Path:
     """kcengine on the four workloads with each compiled copy of the solver (generic x86-64,
     AVX2, AVX-512), forced through ``KCENGINE_CPU_ISA``: what the portable build's runtime
-    dispatch buys on this CPU.  Writes ``kmeans_isa.md``."""
+    dispatch buys on this CPU.  Writes ``<name>.md``."""
     import os
 
     from .. import _core
@@ -471,7 +471,7 @@ def isa_comparison(model: str = "resnet20", repeat: int = 3, out_dir: Path | Non
              markdown_table(rows)]
     out = (out_dir or (repo_root() or Path.cwd()) / "bench" / "results")
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "kmeans_isa.md"
+    path = out / f"{name}.md"
     path.write_text("\n".join(lines))
     return path
 
@@ -492,14 +492,14 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-step", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--out", default=None, help="folder for kmeans_cpu.md/.csv (default bench/results)")
-    p.add_argument("--name", default="kmeans_cpu")
+    p.add_argument("--name", default=None, help="report name (default kmeans_cpu, or kmeans_isa with --isa)")
     p.add_argument("--threads", type=int, default=None, help="threads for every method (default: all cores)")
     p.add_argument("--isa", action="store_true", help="compare the solver's instruction-set copies instead")
     argv, command = command_line("kcengine.bench.kmeans", argv)
     args = p.parse_args(argv)
     if args.isa:
         print("wrote", isa_comparison((args.model or ["resnet20"])[0], out_dir=Path(args.out) if args.out else None,
-                                      command=command))
+                                      command=command, name=args.name or "kmeans_isa"))
         return 0
     if args.max_problems == "all":
         args.max_problems = None
@@ -531,7 +531,7 @@ def main(argv=None) -> int:
         results.append(res)
         print(markdown_table(rows_table(res["rows"])))
     out = Path(args.out) if args.out else (repo_root() or Path.cwd()) / "bench" / "results"
-    print("wrote", write_report(results, out, args.name, command))
+    print("wrote", write_report(results, out, args.name or "kmeans_cpu", command))
     return 0
 
 
