@@ -5,9 +5,12 @@
 // gets its own definitions (no shared inline symbols between copies built with different flags).
 //
 // Lane l of a vector is element l of the 16 it was loaded from; masks are 16-bit, bit l for lane l.
-// The floating-point results are the same on both: lane-wise IEEE operations, FMA contracted the
-// same way, horizontal sums in lane order.
+// What is computed through these gives the same floating-point results on both: lane-wise IEEE
+// operations, explicit FMAs, horizontal sums in lane order.
 #pragma once
+#ifndef KC_ARCH
+#error "simd16.h is included by solver.cpp inside its per-instruction-set namespace, after <immintrin.h>"
+#endif
 
 #if defined(__AVX512F__)
 #define KC_SIMD16 1
@@ -119,6 +122,17 @@ inline I16 i16_blend(M16 m, I16 a, I16 b) {
 inline void i16_store(int32_t* p, I16 a) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a.lo);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 8), a.hi);
+}
+// Squared distances from 8 points (xv[q]: coordinate q, one point per lane) to c, summed over q in
+// order: one half of sqdist16_to, for loops that keep only 8 points' columns in registers.
+template <int D>
+inline __m256 sqdist8_to(const __m256* xv, const float* c) {
+  __m256 sd = _mm256_setzero_ps();
+  for (int q = 0; q < D; ++q) {
+    const __m256 u = _mm256_sub_ps(xv[q], _mm256_set1_ps(c[q]));
+    sd = _mm256_fmadd_ps(u, u, sd);
+  }
+  return sd;
 }
 inline F16 f16_gather(const float* table, const int32_t* idx) {
   return {_mm256_i32gather_ps(table, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), 4),

@@ -1,8 +1,10 @@
 // Batched k-means solver.  This file is compiled once per instruction set (KC_ARCH = generic,
 // avx2, avx512) and the bindings pick one copy at load time from the CPU's features, so the
 // distributed build is portable and still vectorized for the machine it runs on.  The hand-vectorized
-// 9-D paths (k-means++ sweeps, top-m's scans) are written against simd16.h, 16 float lanes in one
-// AVX-512 register or two AVX2 ones, so both copies run them; the generic copy keeps scalar loops.
+// 9-D paths (k-means++ sweeps, top-m's scans) run in both the AVX2 and AVX-512 copies, mostly written
+// once against simd16.h (16 float lanes in one AVX-512 register or two AVX2 ones); the AVX2 k-means++
+// trial sweep, top-m's double-precision distance and Top8 have their own per-ISA code, and the generic
+// copy keeps scalar loops.
 //
 // Semantics follow scikit-learn's Lloyd (greedy k-means++, tol relative to the data's mean
 // variance, strict convergence when no label changes, empty clusters moved to far points, a final
@@ -85,15 +87,12 @@ inline double sqdist(const T* a, const T* b, i64 d) {
 
 inline double weight(const double* w, i64 i) { return w ? w[i] : 1.0; }
 
-// Bit l set where v[l] < th, for 16 values (one AVX-512 or two AVX2 compares per 16 floats).
+// Bit l set where v[l] < th, for 16 values.  (Float scans with AVX2 or AVX-512 compare their
+// registers directly: full_scan's F16 path.)
 inline unsigned lt_mask16(const float* v, float th) {
-#if KC_SIMD16
-  return m16_bits(f16_lt(f16_load(v), f16_set1(th)));
-#else
   unsigned m = 0;
   for (int l = 0; l < 16; ++l) m |= unsigned(v[l] < th) << l;
   return m;
-#endif
 }
 inline unsigned lt_mask16(const double* v, double th) {
 #if defined(__AVX512F__)
@@ -1091,7 +1090,9 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       return std::sqrt(_mm512_reduce_add_pd(_mm512_mul_pd(u, u)) + t * t);
     }
 #elif KC_SIMD16
-    if constexpr (DC == 9 && std::is_same_v<T, float>) {  // 8 coordinates in two vectors, in double
+    // 8 coordinates in two vectors, in double.  (Summed in another order than the AVX-512 reduction:
+    // a distance may differ in its last bit between the copies, a label only at such a tie.)
+    if constexpr (DC == 9 && std::is_same_v<T, float>) {
       const __m256d a = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x)), _mm256_cvtps_pd(_mm_loadu_ps(cj)));
       const __m256d b = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + 4)), _mm256_cvtps_pd(_mm_loadu_ps(cj + 4)));
       const __m256d s4 = _mm256_fmadd_pd(b, b, _mm256_mul_pd(a, a));
@@ -1842,13 +1843,13 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
           }
           D16 v = d16_widen(sd);
           if (w) {
-            double wl[16] = {};
-            const double* wp = w + i0 + i;
-            if (m - i < 16) {
-              std::copy(wp, wp + (m - i), wl);
-              wp = wl;
+            if (m - i >= 16) {
+              v = v * d16_load(w + i0 + i);
+            } else {
+              double wl[16] = {};
+              std::copy(w + i0 + i, w + i0 + m, wl);
+              v = v * d16_load(wl);
             }
-            v = v * d16_load(wp);
           }
           lp = lp + v;
         }
@@ -1883,8 +1884,8 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
       }
       for (i64 t = 0; t < nt; ++t) pot[t] += f16_sum_lanes(acc[t]);
 #else
-      // AVX2 has 16 vector registers: 16 points' 9 columns (18) and the trials' sums (14) do not
-      // fit, and the spills cost more than the arithmetic.  So one half of the 16 lanes at a time
+      // AVX2 has 16 vector registers: 16 points' 9 columns (18) and the trials' sums (2 per trial)
+      // do not fit, and the spills cost more than the arithmetic.  So one half of the 16 lanes at a time
       // (9 columns and `closest` in registers), each trial's half-sum kept in memory: the same
       // lanes get the same values in the same order as with AVX-512, so the sums are identical.
       alignas(32) float acc[TMAX][16];
@@ -1902,26 +1903,16 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
         }
         // Two trials per pass: each distance is a chain of 9 dependent FMAs, and one chain at a
         // time left the FMA units waiting on its latency (the out-of-order window holds too few).
+        auto add_trial = [&](i64 t, __m256 sd) {
+          _mm256_store_ps(acc[t] + h, _mm256_add_ps(_mm256_load_ps(acc[t] + h), _mm256_min_ps(sd, c)));
+        };
         i64 t = 0;
         for (; t + 2 <= nt; t += 2) {
-          __m256 sa = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
-          for (int q = 0; q < D9; ++q) {
-            const __m256 ua = _mm256_sub_ps(xv[q], _mm256_set1_ps(cq[t][q]));
-            const __m256 ub = _mm256_sub_ps(xv[q], _mm256_set1_ps(cq[t + 1][q]));
-            sa = _mm256_fmadd_ps(ua, ua, sa);
-            sb = _mm256_fmadd_ps(ub, ub, sb);
-          }
-          _mm256_store_ps(acc[t] + h, _mm256_add_ps(_mm256_load_ps(acc[t] + h), _mm256_min_ps(sa, c)));
-          _mm256_store_ps(acc[t + 1] + h, _mm256_add_ps(_mm256_load_ps(acc[t + 1] + h), _mm256_min_ps(sb, c)));
+          const __m256 sa = sqdist8_to<D9>(xv, cq[t]), sb = sqdist8_to<D9>(xv, cq[t + 1]);
+          add_trial(t, sa);
+          add_trial(t + 1, sb);
         }
-        if (t < nt) {
-          __m256 sd = _mm256_setzero_ps();
-          for (int q = 0; q < D9; ++q) {
-            const __m256 u = _mm256_sub_ps(xv[q], _mm256_set1_ps(cq[t][q]));
-            sd = _mm256_fmadd_ps(u, u, sd);
-          }
-          _mm256_store_ps(acc[t] + h, _mm256_add_ps(_mm256_load_ps(acc[t] + h), _mm256_min_ps(sd, c)));
-        }
+        if (t < nt) add_trial(t, sqdist8_to<D9>(xv, cq[t]));
       }
       for (i64 t = 0; t < nt; ++t) pot[t] += f16_sum_lanes(f16_load(acc[t]));
 #endif
@@ -1937,23 +1928,18 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
       for (int q = 0; q < D9; ++q) cq[q] = ds.x[cid[0] * D9 + q];
       const float* xb = &prep.xt[size_t(i0)];
       float* cl = &closest[size_t(i0)];
-      i64 i = 0;
-      for (; i + 16 <= m; i += 16) {
-        F16 sd = f16_zero();
-        for (int q = 0; q < D9; ++q) {
-          const F16 u = f16_load(xb + size_t(q) * ld + i) - f16_set1(cq[q]);
-          sd = f16_fmadd(u, u, sd);
-        }
-        f16_store(cl + i, mode == 0 ? sd : f16_min(sd, f16_load(cl + i)));
-      }
-      if (i < m) {
+      for (i64 i = 0; i < m; i += 16) {
+        const bool whole = m - i >= 16;
         const M16 mk = m16_first(m - i);
-        F16 sd = f16_zero();
+        F16 xv[D9];
         for (int q = 0; q < D9; ++q) {
-          const F16 u = f16_loadz(mk, xb + size_t(q) * ld + i) - f16_set1(cq[q]);
-          sd = f16_fmadd(u, u, sd);
+          const float* col = xb + size_t(q) * ld + i;
+          xv[q] = whole ? f16_load(col) : f16_loadz(mk, col);
         }
-        f16_store(mk, cl + i, mode == 0 ? sd : f16_min(sd, f16_loadz(mk, cl + i)));
+        F16 sd = sqdist16_to<D9>(xv, cq);
+        if (mode == 2) sd = f16_min(sd, whole ? f16_load(cl + i) : f16_loadz(mk, cl + i));
+        if (whole) f16_store(cl + i, sd);
+        else f16_store(mk, cl + i, sd);
       }
     }
   };

@@ -491,7 +491,7 @@ def main(argv=None) -> int:
                         f"{_LARGE_MODEL_CAP_TEXT})")
     p.add_argument("--sweep-step", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--out", default=None, help="folder for kmeans_cpu.md/.csv (default bench/results)")
+    p.add_argument("--out", default=None, help="folder for the report (<name>.md, and .csv but with --isa; default bench/results)")
     p.add_argument("--name", default=None, help="report name (default kmeans_cpu, or kmeans_isa with --isa)")
     p.add_argument("--threads", type=int, default=None, help="threads for every method (default: all cores)")
     p.add_argument("--isa", action="store_true", help="compare the solver's instruction-set copies instead")
