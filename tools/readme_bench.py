@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 [("", "## Targets")]),
         section("Centroid-indexed convolution (resnet18 shapes), one thread per side", r / "indexed_conv_1thread.md",
                 [("", "## Targets")]),
+        section("Centroid-indexed convolution (resnet18 shapes), all cores, on an AVX2 CPU without AVX-512",
+                r / "indexed_conv_avx2.md", [("", "## Targets")]),
         section("Compression of resnet20 without recovery (CIFAR-10 sample)", r / "compression_resnet20.md",
                 [("", "## Whole model")]),
         section("Recovery of resnet20 (CIFAR-10 sample) with finetune's defaults: k = C_out/2, 3/4 and a mixed plan",
