@@ -925,11 +925,10 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
     if (parts > 1) {
 #pragma omp for schedule(static)
       for (int64_t tile = 0; tile < tiles; ++tile) {
-        const T* p0 = partial + tile * parts * tile_elems;
-        std::copy(p0, p0 + tile_elems, acc);
+        T* p0 = partial + tile * parts * tile_elems;  // the parts summed into the first, in part order
         for (int64_t q = 1; q < parts; ++q)
-          for (int64_t e = 0; e < tile_elems; ++e) acc[e] += p0[q * tile_elems + e];
-        store_rows(tile_at(tile), acc);
+          for (int64_t e = 0; e < tile_elems; ++e) p0[e] += p0[q * tile_elems + e];
+        store_rows(tile_at(tile), p0);
       }
     }
   }

@@ -279,15 +279,15 @@ def test_native_direct_kernel_any_thread_count(c_in, c_out, k, kk, dtype):
                                  threads)
         _close(out, ref.relu(), dtype)
     on = np.zeros((1, 7, 7, c_out), xn.dtype)
+    other = np.float32 if dtype == torch.float64 else np.float64
     with pytest.raises(ValueError, match=r"pack was built for float(32|64) but x is float(64|32)"):
-        _core.conv_kernel_direct(xn.astype(np.float32 if dtype == torch.float64 else np.float64), pack, geom,
-                                 None, None, None, False, on.astype(np.float32 if dtype == torch.float64 else np.float64))
+        _core.conv_kernel_direct(xn.astype(other), pack, geom, None, None, None, False, on.astype(other))
     with pytest.raises(ValueError, match=rf"x has {c_in - 1} channels but the pack has C_in={c_in}"):
         _core.conv_kernel_direct(np.ascontiguousarray(xn[..., 1:]), pack, geom, None, None, None, False, on)
     with pytest.raises(ValueError, match=rf"geom has kh\*kw=1 but the pack has {k * k} taps"):
         _core.conv_kernel_direct(xn, pack, [1, 1, 1, 1, 0, 0, 1, 1], None, None, None, False, on)
     with pytest.raises(ValueError, match=rf"slot values must be in \[0, {plan.m}\)"):
-        bad = plan.slot_table().numpy().copy()
+        bad = plan.slot_table().numpy()  # a fresh table: editing it leaves the plan's slots alone
         bad[1, 2] = plan.m
         _core.conv_kernel_pack(plan.tap_weights(cb).numpy(), bad)
     for twin in (copy.deepcopy(plan), pickle.loads(pickle.dumps(plan))):

@@ -167,6 +167,13 @@ inline void d16_store(double* p, D16 a) {
 
 #if KC_SIMD16
 inline bool m16_any(M16 m) { return m16_bits(m) != 0; }
+// The first min(m, 16) lanes at p, the rest 0 (m >= 1): a plain load for a whole vector, a masked one
+// for a tail; the store writes only those lanes.
+inline F16 f16_load_first(const float* p, int64_t m) { return m >= 16 ? f16_load(p) : f16_loadz(m16_first(m), p); }
+inline void f16_store_first(float* p, int64_t m, F16 a) {
+  if (m >= 16) f16_store(p, a);
+  else f16_store(m16_first(m), p, a);
+}
 // The 16 lanes summed in lane order (0, 1, ..., 15): a fixed order, whatever the compiler would do.
 inline double d16_sum_lanes(D16 a) {
   double lanes[16];

@@ -89,11 +89,13 @@ inline double weight(const double* w, i64 i) { return w ? w[i] : 1.0; }
 
 // Bit l set where v[l] < th, for 16 values.  (Float scans with AVX2 or AVX-512 compare their
 // registers directly: full_scan's F16 path.)
-inline unsigned lt_mask16(const float* v, float th) {
+template <class T>
+inline unsigned lt_mask16_scalar(const T* v, T th) {
   unsigned m = 0;
   for (int l = 0; l < 16; ++l) m |= unsigned(v[l] < th) << l;
   return m;
 }
+inline unsigned lt_mask16(const float* v, float th) { return lt_mask16_scalar(v, th); }
 inline unsigned lt_mask16(const double* v, double th) {
 #if defined(__AVX512F__)
   const __m512d t = _mm512_set1_pd(th);
@@ -105,9 +107,7 @@ inline unsigned lt_mask16(const double* v, double th) {
   for (int h = 0; h < 4; ++h) m |= unsigned(_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(v + 4 * h), t, _CMP_LT_OQ))) << (4 * h);
   return m;
 #else
-  unsigned m = 0;
-  for (int l = 0; l < 16; ++l) m |= unsigned(v[l] < th) << l;
-  return m;
+  return lt_mask16_scalar(v, th);
 #endif
 }
 
@@ -1161,8 +1161,8 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
           const F16 u = f16_set1(x[q]) - f16_load(&ct[size_t(q) * kp + j0]);
           acc = f16_fmadd(u, u, acc);
         }
-        f16_store(dl, acc);
         mask = m16_bits(f16_lt(acc, f16_set1(fixed ? tf : T(top.at(M + 1)))));
+        if (mask) f16_store(dl, acc);  // dl is read only for the lanes a mask admits
       } else
 #endif
       {
@@ -1826,19 +1826,18 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
       for (i64 t = 0; t < nt; ++t) {
         D16 lp = d16_zero();
         for (i64 i = 0; i < m; i += 16) {
-          const M16 mk = m16_first(m - i);
           F16 sd = f16_zero();
           for (i64 q = 0; q < d; ++q) {
-            const F16 u = f16_loadz(mk, xb + size_t(q) * ld + i) - f16_set1(cq[t][q]);
+            const F16 u = f16_load_first(xb + size_t(q) * ld + i, m - i) - f16_set1(cq[t][q]);
             sd = f16_fmadd(u, u, sd);
           }
           if (mode == 0) {
-            f16_store(mk, cl + i, sd);
+            f16_store_first(cl + i, m - i, sd);
             continue;
           }
-          sd = f16_min(sd, f16_loadz(mk, cl + i));  // masked-off lanes: 0
+          sd = f16_min(sd, f16_load_first(cl + i, m - i));  // lanes past m: 0
           if (mode == 2) {
-            f16_store(mk, cl + i, sd);
+            f16_store_first(cl + i, m - i, sd);
             continue;
           }
           D16 v = d16_widen(sd);
@@ -1919,8 +1918,8 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
     }
   };
   // Modes 0 and 2 on float 3x3 kernels (one trial: the first center, then each step's winner):
-  // sweep_block_low_d with D fixed at 9, so the coordinate loop unrolls, and whole vectors loaded
-  // and stored unmasked but for the block's tail.  The same distances, so the same `closest`.
+  // sweep_block_low_d with D fixed at 9, so the coordinate loop unrolls.  The same distances, so the
+  // same `closest`.
   auto sweep_block_apply_d9 = [&](i64 i0, i64 m, int mode) {
     if constexpr (std::is_same_v<T, float>) {
       constexpr int D9 = 9;
@@ -1929,17 +1928,11 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
       const float* xb = &prep.xt[size_t(i0)];
       float* cl = &closest[size_t(i0)];
       for (i64 i = 0; i < m; i += 16) {
-        const bool whole = m - i >= 16;
-        const M16 mk = m16_first(m - i);
         F16 xv[D9];
-        for (int q = 0; q < D9; ++q) {
-          const float* col = xb + size_t(q) * ld + i;
-          xv[q] = whole ? f16_load(col) : f16_loadz(mk, col);
-        }
+        for (int q = 0; q < D9; ++q) xv[q] = f16_load_first(xb + size_t(q) * ld + i, m - i);
         F16 sd = sqdist16_to<D9>(xv, cq);
-        if (mode == 2) sd = f16_min(sd, whole ? f16_load(cl + i) : f16_loadz(mk, cl + i));
-        if (whole) f16_store(cl + i, sd);
-        else f16_store(mk, cl + i, sd);
+        if (mode == 2) sd = f16_min(sd, f16_load_first(cl + i, m - i));
+        f16_store_first(cl + i, m - i, sd);
       }
     }
   };

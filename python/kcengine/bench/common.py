@@ -140,6 +140,11 @@ def time_alternating(fns: Sequence[Callable[[], object]], repeat: int, *, warmup
     return tuple(best)
 
 
+def rel_diff(y, ref, eps: float = 1e-12) -> float:
+    """Max abs difference of ``y`` from ``ref`` over ``ref``'s max abs value (at least ``eps``)."""
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(eps))
+
+
 def time_against(reference: Callable[[], object], candidate: Callable[[], object], repeat: int, *,
                  flip: bool = False) -> tuple[float, float, float]:
     """``(reference seconds, candidate seconds, max relative difference)``: both timed alternately
@@ -149,8 +154,8 @@ def time_against(reference: Callable[[], object], candidate: Callable[[], object
 
     with torch.inference_mode():
         tr, tc = time_alternating((reference, candidate), repeat, flip=flip)
-        yr, yc = reference(), candidate()
-        err = float((yc - yr).abs().max() / yr.abs().max().clamp_min(1e-12))
+        yr = reference()
+        err = rel_diff(candidate(), yr)
     return tr, tc, err
 
 

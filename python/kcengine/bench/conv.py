@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .baselines import PackedDenseConv, frozen_dense
-from .common import (command_line, git_commit, machine_info, markdown_table, now_utc, time_against,
+from .common import (command_line, git_commit, machine_info, markdown_table, now_utc, rel_diff, time_against,
                      time_alternating, write_csv)
 
 __all__ = ["resnet18_conv_shapes", "run_layer_bench", "run_e2e_bench", "run_checkpoint_sizes", "run_conv_bench",
@@ -120,7 +120,7 @@ def run_layer_bench(batches=(1, 32), divisors=(8, 4, 2), granularities=("filter"
                             td, tc, te, *rest = time_alternating(fns, repeat.get((n, gran), 2))
                             tu = rest[0] if rest else tu
                             yd, yc = dense(xd), clustered()
-                            err = ((yc - yd).abs().max() / yd.abs().max().clamp_min(1e-30)).item()
+                            err = rel_diff(yc, yd, eps=1e-30)
                         except Exception as exc:  # a failing variant records NaN, never aborts the run
                             log(f"  failed: {type(exc).__name__}: {exc}")
                             td = tc = te = err = float("nan")

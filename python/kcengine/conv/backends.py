@@ -91,7 +91,7 @@ class KernelPlan:
 
     def __getstate__(self):  # copies and pickles leave the native pack behind (rebuilt on first use)
         state = self.__dict__.copy()
-        state["_cache"] = {k: v for k, v in self._cache.items() if k != "direct_pack"}
+        state["_cache"] = {}  # it holds only the direct pack
         return state
 
     @property
