@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "isa.h"
 #include "registration.h"
 
 namespace py = pybind11;
@@ -661,91 +662,18 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
   }
 }
 
-// Large M (more than 32 codebook maps per input channel): the permute/gather scatter above costs up
-// to four permutes per 16 outputs, so here the pixels are the vector lanes instead.  For the tile's
-// kTile = 8 pixels and each quad of input channels: the window values xt [taps][8] and the M
-// responses pv [c][M][8] of each channel c of the quad (M independent FMA chains), then every output
-// o adds the four response vectors it takes: acc[o] += sum_c pv[c][slot[i0 + c, o]] (acc [C][8],
-// L1-resident up to C = 512).  slotp is [C_in/4][Cpad][4] here, each entry the float offset of its
-// response vector in pv (c * Mpad * kTile + slot * kTile), so the four offsets of an output are one
-// 64-bit load (16-bit offsets, up to 2032 maps) or two, and acc[o] is loaded and stored once per quad:
-// the scatter is bound by its loads.
-// Channels past C_in in the last quad point at a zeroed vector.  The result acc is transposed into
-// accT [kTile][Cpad] for the shared epilogue.  off [taps][8]: the x offset of each (tap, pixel) without
-// the channel, -1 outside the image.
+// The pixel-lane path (any M on AVX2, M > 32 on AVX-512): conv_pixvec.h, one copy per instruction set.
 constexpr int kQuad = 4;  // input channels per scatter pass of the pixel-lane path
-
-template <typename S>  // the offset type: uint16_t where they fit (one 64-bit load an output), else int32_t
-__attribute__((target("avx2,fma,avx512f,avx512vl"))) void direct_tile_pixvec(const float* __restrict x, const float* __restrict wtp,
-                                                            const S* __restrict slotp, const ConvGeom& g,
-                                                            int64_t Cpad, int64_t Mpad, int64_t n, int64_t ho,
-                                                            int64_t wo0, int np, float* __restrict acc,
-                                                            float* __restrict accT, float* __restrict xt,
-                                                            float* __restrict pv, int64_t* __restrict off) {
-  static_assert(kTile == 8, "one __m256 of pixels");
-  const int64_t taps = g.kh * g.kw, C = g.C, M = g.M;
-  for (int64_t a = 0; a < g.kh; ++a) {
-    const int64_t h = ho * g.sh - g.ph + a * g.dh;
-    for (int64_t b = 0; b < g.kw; ++b)
-      for (int t = 0; t < kTile; ++t) {
-        const int64_t w = (wo0 + t) * g.sw - g.pw + b * g.dw;
-        const bool in = t < np && h >= 0 && h < g.H && w >= 0 && w < g.W;
-        off[(a * g.kw + b) * kTile + t] = in ? ((n * g.H + h) * g.W + w) * g.Cin : -1;
-      }
-  }
-  for (int64_t e = 0; e < C * kTile; e += 8) _mm256_store_ps(acc + e, _mm256_setzero_ps());
-  const int64_t pstride = Mpad * kTile;
-  for (int64_t i0 = g.c_lo; i0 < g.c_hi; i0 += kQuad) {  // c_lo is a multiple of 16
-    const int nc = static_cast<int>(std::min<int64_t>(kQuad, g.c_hi - i0));
-    for (int c = 0; c < kQuad; ++c) {
-      float* pc = pv + c * pstride;
-      if (c >= nc) {  // past C_in: its slots point at pc[0..8)
-        _mm256_store_ps(pc, _mm256_setzero_ps());
-        continue;
-      }
-      const int64_t i = i0 + c;
-      for (int64_t e = 0; e < taps * kTile; ++e) xt[e] = off[e] >= 0 ? x[off[e] + i] : 0.0f;
-      const float* wi = wtp + i * taps * Mpad;  // [taps][Mpad]
-      int64_t m = 0;
-      for (; m + 8 <= M; m += 8) {  // eight responses at a time: enough independent chains for the FMA latency
-        __m256 r[8];
-        for (int q = 0; q < 8; ++q) r[q] = _mm256_setzero_ps();
-        for (int64_t k = 0; k < taps; ++k) {
-          const __m256 xk = _mm256_load_ps(xt + k * kTile);
-          const float* wk = wi + k * Mpad + m;
-          for (int q = 0; q < 8; ++q) r[q] = _mm256_fmadd_ps(_mm256_broadcast_ss(wk + q), xk, r[q]);
-        }
-        for (int q = 0; q < 8; ++q) _mm256_store_ps(pc + (m + q) * kTile, r[q]);
-      }
-      for (; m < M; ++m) {
-        __m256 r = _mm256_setzero_ps();
-        for (int64_t k = 0; k < taps; ++k)
-          r = _mm256_fmadd_ps(_mm256_broadcast_ss(wi + k * Mpad + m), _mm256_load_ps(xt + k * kTile), r);
-        _mm256_store_ps(pc + m * kTile, r);
-      }
-    }
-    const S* sq = slotp + (i0 / kQuad) * Cpad * kQuad;
-    for (int64_t o = 0; o < C; ++o) {
-      uint64_t o0, o1, o2, o3;
-      if constexpr (sizeof(S) == 2) {
-        uint64_t s4;
-        std::memcpy(&s4, sq + o * kQuad, 8);
-        o0 = s4 & 0xFFFF, o1 = (s4 >> 16) & 0xFFFF, o2 = (s4 >> 32) & 0xFFFF, o3 = s4 >> 48;
-      } else {
-        uint64_t s01, s23;
-        std::memcpy(&s01, sq + o * kQuad, 8);
-        std::memcpy(&s23, sq + o * kQuad + 2, 8);
-        o0 = uint32_t(s01), o1 = s01 >> 32, o2 = uint32_t(s23), o3 = s23 >> 32;
-      }
-      const __m256 u01 = _mm256_add_ps(_mm256_load_ps(pv + o0), _mm256_load_ps(pv + o1));
-      const __m256 u23 = _mm256_add_ps(_mm256_load_ps(pv + o2), _mm256_load_ps(pv + o3));
-      float* ao = acc + o * kTile;
-      _mm256_store_ps(ao, _mm256_add_ps(_mm256_load_ps(ao), _mm256_add_ps(u01, u23)));
-    }
-  }
-  for (int t = 0; t < np; ++t)
-    for (int64_t o = 0; o < C; ++o) accT[t * Cpad + o] = acc[o * kTile + t];
-}
+namespace pixvec_avx512 {
+#define KC_PIXVEC_TARGET "avx2,fma,avx512f,avx512vl"
+#include "conv_pixvec.h"
+#undef KC_PIXVEC_TARGET
+}  // namespace pixvec_avx512
+namespace pixvec_avx2 {
+#define KC_PIXVEC_TARGET "avx2,fma"
+#include "conv_pixvec.h"
+#undef KC_PIXVEC_TARGET
+}  // namespace pixvec_avx2
 
 template <typename T>
 T* aligned_alloc_vec(std::vector<T>& v, size_t n) {  // 64-byte aligned view into v
@@ -755,12 +683,15 @@ T* aligned_alloc_vec(std::vector<T>& v, size_t n) {  // 64-byte aligned view int
 }
 
 // The codebook side of the direct kernel in the layout its tiles read, built once per codebook (the
-// caller caches it): for the AVX-512 float32 paths wt is padded with zero maps to Mpad (a multiple of
+// caller caches it): for the vector float32 paths wt is padded with zero maps to Mpad (a multiple of
 // 16) and 64-byte aligned, and the slot rows are padded to Cpad (slot 0 in the pad; the pixel-lane
-// path's table is its own, see direct_tile_pixvec); elsewhere both are plain copies.  Built per call,
-// this took a quarter of a batch-1 call on resnet18's deep layers.
+// path's table is its own, see conv_pixvec.h); elsewhere both are plain copies.  Built per call,
+// this took a quarter of a batch-1 call on resnet18's deep layers.  The instruction set (pick_isa)
+// is read when the pack is built: the pack's layout depends on it.
 struct DirectPack {
-  bool f64 = false, fast = false, pixvec = false;
+  std::string isa;  // "avx512", "avx2" or "generic"
+  bool f64 = false, fast = false, pixvec = false;  // fast: the AVX-512 register paths
+  int tw = 8;  // pixels per tile of the pixel-lane path: 16 where a quad's responses stay small (Mpad <= 64)
   int64_t Cin = 0, taps = 0, M = 0, C = 0, Cpad = 0, Mpad = 0;
   std::vector<float> wf_store;
   std::vector<double> wd_store;
@@ -801,14 +732,17 @@ std::unique_ptr<DirectPack> make_direct_pack(py::array wt, py::array slot) {
     throw py::value_error("wt must have C_in >= 1 channels, >= 1 taps and M >= 1 maps, got shape " + shape_str(wt));
   check_dim(slot, "slot", 0, pk->Cin, "C_in");
   const int32_t* sp = checked_index(slot, "slot", pk->Cin * pk->C, pk->M);
-  pk->fast = f32 && cpu().avx512f;
-  pk->pixvec = pk->fast && cpu().avx512vl && pk->M > 32;  // see direct_tile_pixvec
-  pk->Cpad = pk->fast ? (pk->C + 15) / 16 * 16 : pk->C;
-  pk->Mpad = pk->fast ? (pk->M + 15) / 16 * 16 : pk->M;
+  pk->isa = pick_isa();
+  pk->fast = f32 && pk->isa == "avx512";
+  pk->pixvec = f32 && (pk->isa == "avx2" || (pk->isa == "avx512" && pk->M > 32));  // see conv_pixvec.h
+  const bool padded = pk->fast || pk->pixvec;
+  pk->Cpad = padded ? (pk->C + 15) / 16 * 16 : pk->C;
+  pk->Mpad = padded ? (pk->M + 15) / 16 * 16 : pk->M;
+  pk->tw = pk->pixvec && pk->Mpad <= 64 ? 16 : 8;  // 16 KB of responses per quad at most
   if (f32) pk->w = pack_weights(static_cast<const float*>(wt.data()), *pk, pk->wf_store);
   else pk->w = pack_weights(static_cast<const double*>(wt.data()), *pk, pk->wd_store);
-  if (pk->pixvec) {  // [C_in/4][Cpad][4]: offsets of the response vectors in pv (see direct_tile_pixvec)
-    const int64_t quads = (pk->Cin + kQuad - 1) / kQuad, pstride = pk->Mpad * kTile;
+  if (pk->pixvec) {  // [C_in/4][Cpad][4]: offsets of the response vectors in pv (see conv_pixvec.h)
+    const int64_t quads = (pk->Cin + kQuad - 1) / kQuad, pstride = pk->Mpad * pk->tw;
     if (kQuad * pstride > INT32_MAX) throw py::value_error("wt has too many maps per channel: M=" + std::to_string(pk->M));
     const bool narrow = kQuad * pstride <= 0xFFFF;  // Mpad <= 2032 maps per channel: 16-bit offsets
     const size_t count = static_cast<size_t>(quads * pk->Cpad * kQuad);
@@ -817,7 +751,7 @@ std::unique_ptr<DirectPack> make_direct_pack(py::array wt, py::array slot) {
     for (int64_t i = 0; i < quads * kQuad; ++i)
       for (int64_t o = 0; o < pk->Cpad; ++o) {
         const int64_t slot = i < pk->Cin && o < pk->C ? sp[i * pk->C + o] : 0;
-        const int64_t at = ((i / kQuad) * pk->Cpad + o) * kQuad + i % kQuad, off = (i % kQuad) * pstride + slot * kTile;
+        const int64_t at = ((i / kQuad) * pk->Cpad + o) * kQuad + i % kQuad, off = (i % kQuad) * pstride + slot * pk->tw;
         if (narrow) s16[at] = static_cast<uint16_t>(off);
         else s2[at] = static_cast<int32_t>(off);
       }
@@ -840,7 +774,8 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
   const T* rp = ep.has_residual ? static_cast<const T*>(ep.residual.data()) : nullptr;
   const bool relu = ep.relu;
   const int64_t taps = g.kh * g.kw;
-  const bool fast = pk.fast, pixvec = pk.pixvec;
+  const bool fast = pk.fast, pixvec = pk.pixvec, pixvec512 = pk.isa == "avx512";
+  const int tw = pixvec ? pk.tw : kTile;  // pixels per tile
   using RegAcc = void (*)(const float*, const float*, const int32_t*, const ConvGeom&, int64_t, int64_t, int64_t,
                           int64_t, int64_t, int, float*, float*);
   RegAcc regacc = nullptr;  // see direct_tile_regacc
@@ -854,15 +789,17 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
   const int64_t Cpad = pk.Cpad, Mpad = pk.Mpad;
   const T* wuse = static_cast<const T*>(pk.w);
   const int32_t* suse = pk.s;
-  const int64_t tiles_w = (g.Wo + kTile - 1) / kTile;
-  const int64_t tiles = g.N * g.Ho * tiles_w;
+  // Tiles: kTile pixels of one output row, or for the pixel-lane path tw consecutive pixels of the
+  // flattened output (see conv_pixvec.h)
+  const int64_t tiles_w = (g.Wo + kTile - 1) / kTile, pixels = g.N * g.Ho * g.Wo;
+  const int64_t tiles = pixvec ? (pixels + tw - 1) / tw : g.N * g.Ho * tiles_w;
   // Few tiles that do not divide among the threads (batch 1 on resnet18's 7x7 layers: 7 tiles for 2
   // threads) leave a thread idle for a whole tile.  There each tile's sum over C_in is split into up to
   // nt parts (boundaries on multiples of 16, as the AVX-512 window blocks read 16 channels at a time),
   // so the work divides evenly; a second pass adds the parts' partial sums and applies the epilogue.
   // Not where the rounding leaves a last part under half the others (C_in = 37 on 2 threads: 32 + 5,
   // worse than no split), nor where the partial sums would take more than 16 MB (many threads).
-  const int64_t tile_elems = kTile * Cpad;
+  const int64_t tile_elems = tw * Cpad;
   int64_t parts = 1, chunk = g.Cin;
   if (nt > 1 && tiles % nt != 0 && tiles < 8 * nt) {
     const int64_t c = ((g.Cin + nt - 1) / nt + 15) / 16 * 16, p = (g.Cin + c - 1) / c;
@@ -875,17 +812,22 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
   std::unique_ptr<T[]> partial_s(parts > 1 ? new T[static_cast<size_t>(tiles * parts * tile_elems)] : nullptr);
   T* partial = partial_s.get();
   struct Tile {
-    int64_t n, ho, wo0;
+    int64_t n, ho, wo0;  // a row tile's image, row and first column
+    int64_t m0;          // its first pixel in the flattened output
     int np;
   };
   auto tile_at = [&](int64_t tile) {
+    if (pixvec) {
+      const int64_t m0 = tile * tw;
+      return Tile{0, 0, 0, m0, static_cast<int>(std::min<int64_t>(tw, pixels - m0))};
+    }
     const int64_t n = tile / (g.Ho * tiles_w), rem = tile % (g.Ho * tiles_w);
     const int64_t ho = rem / tiles_w, wo0 = (rem % tiles_w) * kTile;
-    return Tile{n, ho, wo0, static_cast<int>(std::min<int64_t>(kTile, g.Wo - wo0))};
+    return Tile{n, ho, wo0, (n * g.Ho + ho) * g.Wo + wo0, static_cast<int>(std::min<int64_t>(kTile, g.Wo - wo0))};
   };
   auto store_rows = [&](const Tile& tl, const T* acc) {  // the epilogue of the tile's np pixels
     for (int t = 0; t < tl.np; ++t) {
-      const int64_t m = (tl.n * g.Ho + tl.ho) * g.Wo + tl.wo0 + t;
+      const int64_t m = tl.m0 + t;
       affine_row_vec(acc + t * Cpad, rp ? rp + m * g.C : nullptr, op + m * g.C, g.C, a.data(), b.data(), relu);
     }
   };
@@ -893,11 +835,12 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
 #pragma omp parallel num_threads(nt)
   {
     std::vector<T> acc_s, xv_s, pv_s, acc2_s;
-    std::vector<int64_t> off(static_cast<size_t>(kTile * taps));
+    std::vector<int64_t> off(static_cast<size_t>(tw * taps));
     T* acc = aligned_alloc_vec(acc_s, static_cast<size_t>(tile_elems));
     T* acc2 = pixvec ? aligned_alloc_vec(acc2_s, static_cast<size_t>(tile_elems)) : nullptr;
-    T* xv = aligned_alloc_vec(xv_s, static_cast<size_t>(kTile * taps * 16));  // the AVX-512 path's [kTile][taps][16]
-    T* pv = aligned_alloc_vec(pv_s, static_cast<size_t>(kQuad * kTile * std::max<int64_t>(Mpad, 16)));  // pixvec: a quad
+    // [kTile][taps][16]; pixvec [4][taps][tw] (tw <= 16)
+    T* xv = aligned_alloc_vec(xv_s, static_cast<size_t>(kTile * taps * 16));
+    T* pv = aligned_alloc_vec(pv_s, static_cast<size_t>(kQuad * tw * std::max<int64_t>(Mpad, 16)));  // pixvec: a quad
 #pragma omp for schedule(static)
     for (int64_t wk = 0; wk < tiles * parts; ++wk) {
       // part-major: with the static schedule a thread keeps to one part, whose codebook rows it then
@@ -911,9 +854,24 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
       const int np = tl.np;
       if constexpr (std::is_same_v<T, float>) {
         if (regacc) regacc(xp, wuse, suse, gp, Cpad, Mpad, n, ho, wo0, np, acc, xv);
-        else if (pixvec && pk.s16)
-          direct_tile_pixvec(xp, wuse, pk.s16, gp, Cpad, Mpad, n, ho, wo0, np, acc2, acc, xv, pv, off.data());
-        else if (pixvec) direct_tile_pixvec(xp, wuse, suse, gp, Cpad, Mpad, n, ho, wo0, np, acc2, acc, xv, pv, off.data());
+        else if (pixvec) {
+          const auto run_pixvec = [&](const auto* slots, auto nv) {
+            using S = std::remove_cv_t<std::remove_pointer_t<decltype(slots)>>;
+            constexpr int NV = decltype(nv)::value;
+            if (pixvec512)
+              pixvec_avx512::direct_tile_pixvec<S, NV>(xp, wuse, slots, gp, Cpad, Mpad, tl.m0, np, acc2, acc, xv,
+                                                       pv, off.data());
+            else
+              pixvec_avx2::direct_tile_pixvec<S, NV>(xp, wuse, slots, gp, Cpad, Mpad, tl.m0, np, acc2, acc, xv, pv,
+                                                     off.data());
+          };
+          using One = std::integral_constant<int, 1>;
+          using Two = std::integral_constant<int, 2>;
+          if (pk.s16 && tw == 16) run_pixvec(pk.s16, Two{});
+          else if (pk.s16) run_pixvec(pk.s16, One{});
+          else if (tw == 16) run_pixvec(suse, Two{});
+          else run_pixvec(suse, One{});
+        }
         else if (fast) direct_tile_avx512(xp, wuse, suse, gp, Cpad, Mpad, n, ho, wo0, np, acc, xv, pv);
         else direct_tile_generic(xp, wuse, suse, gp, n, ho, wo0, np, acc, xv, pv);
       } else {
@@ -989,7 +947,12 @@ void register_conv(py::module_& m) {
       .def_property_readonly("slot_bits", [](const DirectPack& p) { return p.s16 ? 16 : 32; },
                              "width of the stored slot offsets (16 where they fit the pixel-lane path's table)")
       .def_property_readonly("pixel_lanes", [](const DirectPack& p) { return p.pixvec; },
-                             "whether calls take the pixel-lane path (float32, > 32 maps, AVX-512 with VL)");
+                             "whether calls take the pixel-lane path (float32 on AVX2, or > 32 maps on AVX-512)")
+      .def_property_readonly("tile_pixels", [](const DirectPack& p) { return p.pixvec ? p.tw : kTile; },
+                             "output pixels per tile (16 on the pixel-lane path with up to 64 maps, else 8)")
+      .def_property_readonly("isa", [](const DirectPack& p) { return p.isa; },
+                             "the instruction set the pack was built for (kcengine's pick: best of the CPU, or "
+                             "env KCENGINE_CPU_ISA)");
   m.def("conv_kernel_pack", &make_direct_pack, py::arg("wt"), py::arg("slot"),
         "Pack the codebook side of conv_kernel_direct once: wt [C_in,kh*kw,M] float32/float64 "
         "(wt[i,t,j] = codebook[slots[i,j],t]), slot int32 [C_in,C_out] (< M)");

@@ -9,25 +9,14 @@
 #include <cstring>
 #include <string>
 
+#include "isa.h"
 #include "kmeans/batch.h"
 #include "registration.h"
 
 namespace py = pybind11;
 
 namespace kcengine {
-namespace {
 
-using km::Algo;
-using km::Batch;
-using km::Init;
-
-std::string shape_str(const py::array& a) {
-  std::string s = "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-  return s + (a.ndim() == 1 ? ",)" : ")");
-}
-
-// The instruction set whose solver copy runs: the best the CPU has, or KCENGINE_CPU_ISA.
 std::string pick_isa() {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -41,6 +30,18 @@ std::string pick_isa() {
     if (!e.empty()) throw py::value_error("KCENGINE_CPU_ISA must be generic, avx2 or avx512, got '" + e + "'");
   }
   return avx512 ? "avx512" : avx2 ? "avx2" : "generic";
+}
+
+namespace {
+
+using km::Algo;
+using km::Batch;
+using km::Init;
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
 template <class T>

@@ -269,7 +269,7 @@ def test_native_direct_kernel_any_thread_count(c_in, c_out, k, kk, dtype):
     plan = kernel_plan(idx, kk)
     pack = plan.direct_pack(cb)
     assert plan.direct_pack(cb) is pack and pack.shape == (c_in, k * k, plan.m, c_out)
-    if dtype == torch.float32 and _core.cpu_features()["avx512vl"]:  # the path the case is named for is taken
+    if dtype == torch.float32 and pack.isa == "avx512":  # the path the case is named for is taken
         assert pack.pixel_lanes == (plan.m > 32), (plan.m, pack.pixel_lanes)
     geom = [k, k, 1, 1, k // 2, k // 2, 1, 1]
     xn = x.permute(0, 2, 3, 1).numpy()
@@ -311,13 +311,72 @@ def test_native_direct_kernel_slot_offset_widths(c_out):
     plan = kernel_plan(idx, kk)
     pack = plan.direct_pack(cb)
     if not pack.pixel_lanes:
-        pytest.skip("this CPU has no pixel-lane path (AVX-512 with VL)")
+        pytest.skip("this CPU has no pixel-lane path (AVX2 or AVX-512)")
     assert pack.slot_bits == (16 if plan.m <= 2032 else 32)
     ref = F.conv2d(x, dense_weight(cb, idx, "kernel"), padding=1)
     for threads in (1, 2):
         out = torch.empty_like(ref, memory_format=torch.channels_last)
         _core.conv_kernel_direct(x.permute(0, 2, 3, 1).numpy(), pack, [3, 3, 1, 1, 1, 1, 1, 1], None, None, None,
                                  False, out.permute(0, 2, 3, 1).numpy(), threads)
+        _close(out, ref, torch.float32)
+
+
+def _runnable_isas():
+    """The instruction sets this CPU can run kcengine's native copies with (KCENGINE_CPU_ISA)."""
+    from kcengine import _core
+
+    have = {"generic"}
+    feats = _core.cpu_features()
+    if feats["avx2"] and feats["fma"]:
+        have.add("avx2")
+    if _core.kmeans_isa() == "avx512":
+        have.add("avx512")
+    return sorted(have)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("shape", [
+    # (N, C_in, C_out, H, W, k, stride, padding, dilation, maps per channel)
+    (3, 6, 21, 9, 11, 3, 2, 1, 2, 12),    # 16-pixel tiles across rows and images, a quad with 2 live channels
+    (2, 3, 31, 15, 13, 7, 2, 3, 1, 29),   # stem-like 7x7 on 3 channels, 29 maps (rounded up to blocks of 4)
+    (2, 9, 53, 7, 10, 3, 1, 1, 1, 48),    # Mpad 48: 16-pixel tiles; > 32 maps, pixel lanes on AVX-512 too
+    (1, 8, 70, 5, 9, 1, 1, 0, 1, 70),     # Mpad 80: 8-pixel tiles, 1x1
+])
+def test_native_direct_kernel_every_isa_copy(isa, shape):
+    """conv_kernel_direct with each instruction set's copy this CPU can run (KCENGINE_CPU_ISA): the
+    pack records the set it was built for and the path it takes (pixel lanes on AVX2 for every M, on
+    AVX-512 above 32 maps; 16-pixel tiles up to 64 padded maps), and every copy equals F.conv2d with
+    the fused affine, residual and ReLU, on 1 and 2 threads."""
+    from kcengine import _core
+    from kcengine.conv.backends import kernel_plan
+
+    if isa not in _runnable_isas():
+        pytest.skip(f"this CPU cannot run the {isa} copy")
+    n, ci, co, h, w, k, s, p, d, kk = shape
+    g = torch.Generator().manual_seed(ci * co + kk)
+    x = torch.randn(n, ci, h, w, generator=g)
+    cb = torch.randn(kk, k, k, generator=g)
+    # every input channel uses all kk kernels (each appears in its column), so the plan has exactly kk maps
+    idx = torch.stack([torch.randperm(co, generator=g) % kk for _ in range(ci)], 1)
+    a, b = torch.randn(co, generator=g), torch.randn(co, generator=g)
+    conv = F.conv2d(x, dense_weight(cb, idx, "kernel"), stride=s, padding=p, dilation=d)
+    res = torch.randn(conv.shape, generator=g)
+    ref = (conv * a[:, None, None] + b[:, None, None] + res).relu()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KCENGINE_CPU_ISA", isa)
+        plan = kernel_plan(idx, kk)
+        assert plan.m == kk
+        pack = _core.conv_kernel_pack(plan.tap_weights(cb).numpy(), plan.slot_table().numpy())
+    assert pack.isa == isa
+    lanes = {"generic": False, "avx2": True, "avx512": kk > 32}[isa]
+    assert pack.pixel_lanes == lanes
+    assert pack.tile_pixels == (16 if lanes and (kk + 15) // 16 * 16 <= 64 else 8)
+    xn = x.permute(0, 2, 3, 1).contiguous().numpy()
+    rn = res.permute(0, 2, 3, 1).contiguous().numpy()
+    for threads in (1, 2):
+        out = torch.empty_like(ref, memory_format=torch.channels_last)
+        _core.conv_kernel_direct(xn, pack, [k, k, s, s, p, p, d, d], a.numpy(), b.numpy(), rn, True,
+                                 out.permute(0, 2, 3, 1).numpy(), threads)
         _close(out, ref, torch.float32)
 
 
