@@ -230,13 +230,12 @@ void gather_pixels_perm_f32(const float* u, int64_t K, const int32_t* idx, const
 
 // The CPU's vector extensions the kernels below dispatch on, probed once.
 struct CpuFeatures {
-  bool avx512f, avx512vl;
+  bool avx512f;
 };
 const CpuFeatures& cpu() {
   static const CpuFeatures f = [] {
     __builtin_cpu_init();
-    return CpuFeatures{static_cast<bool>(__builtin_cpu_supports("avx512f")),
-                       static_cast<bool>(__builtin_cpu_supports("avx512vl"))};
+    return CpuFeatures{static_cast<bool>(__builtin_cpu_supports("avx512f"))};
   }();
   return f;
 }
@@ -505,17 +504,6 @@ __attribute__((target("avx512f"), always_inline)) inline void channel_responses(
   }
 }
 
-// The same for all kTile pixels of a tile, stored: out[t * Mpad + r * 16 + l].
-template <int NR>
-__attribute__((target("avx512f"))) inline void tile_responses(const float* __restrict xs, int64_t S,
-                                                               const float* __restrict w,
-                                                               int64_t taps, int64_t Mpad, float* __restrict out) {
-  __m512 a[kTile][NR];
-  channel_responses<NR, kTile>(xs, S, w, taps, Mpad, a);
-  for (int t = 0; t < kTile; ++t)
-    for (int r = 0; r < NR; ++r) _mm512_store_ps(out + t * Mpad + r * 16, a[t][r]);
-}
-
 // The window values of input channels [i, i + min(16, C_in - i)) for pixels t in [t0, t1) of the
 // tile: xv[(t * taps + k) * S + c] (S = 16, or C_in when C_in < 16), zero outside the image.
 __attribute__((target("avx512f"))) void window_block(const float* __restrict x, const ConvGeom& g, int64_t n,
@@ -586,14 +574,14 @@ __attribute__((target("avx512f"))) void direct_tile_regacc(const float* __restri
   }
 }
 
-// AVX-512 float32 tile: M <= 32 keeps p_i in two registers per pixel and scatters with vpermt2ps;
-// larger M stores p_i to an L1 buffer and uses 16-lane gathers.  acc is [kTile][Cpad], slot rows padded
-// to Cpad (= C rounded up to 16) with valid slots.
+// AVX-512 float32 tile for M <= 32 (more maps take the pixel-lane path, conv_pixvec.h): p_i stays in
+// two registers per pixel and scatters with vpermt2ps.  acc is [kTile][Cpad], slot rows padded to Cpad
+// (= C rounded up to 16) with valid slots.
 __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restrict x, const float* __restrict wtp,
                                                             const int32_t* __restrict slotp, const ConvGeom& g,
                                                             int64_t Cpad, int64_t Mpad, int64_t n, int64_t ho,
                                                             int64_t wo0, int np, float* __restrict acc,
-                                                            float* __restrict xv, float* __restrict pv) {
+                                                            float* __restrict xv) {
   const int64_t taps = g.kh * g.kw, nch = Cpad / 16;
   for (int64_t e = 0; e < kTile * Cpad; e += 16) _mm512_store_ps(acc + e, _mm512_setzero_ps());
   // Input channels in blocks of S = 16 (S = C_in when C_in < 16, the RGB stem): the window values of
@@ -607,56 +595,22 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
     const float* xs = xv + ii;  // xs[(t * taps + k) * S]: tap k of pixel t, channel i
     const float* wi = wtp + i * taps * Mpad;  // [taps][Mpad], zero padded
     const int32_t* si = slotp + i * Cpad;
-    if (Mpad <= 32) {  // the responses stay in registers: lo/hi = maps 0-15 / 16-31 of each pixel
-      __m512 lo[kTile], hi[kTile];
-      if (Mpad > 16) {
-        __m512 a[kTile][2];
-        channel_responses<2, kTile>(xs, S, wi, taps, Mpad, a);
-        for (int t = 0; t < kTile; ++t) { lo[t] = a[t][0]; hi[t] = a[t][1]; }
-      } else {
-        __m512 a[kTile][1];
-        channel_responses<1, kTile>(xs, S, wi, taps, Mpad, a);
-        for (int t = 0; t < kTile; ++t) { lo[t] = a[t][0]; hi[t] = _mm512_setzero_ps(); }
-      }
-      for (int64_t c = 0; c < nch; ++c) {
-        const __m512i ix = _mm512_load_si512(reinterpret_cast<const void*>(si + c * 16));
-        for (int t = 0; t < np; ++t) {
-          float* a = acc + t * Cpad + c * 16;
-          _mm512_store_ps(a, _mm512_add_ps(_mm512_load_ps(a), _mm512_permutex2var_ps(lo[t], ix, hi[t])));
-        }
-      }
-      continue;
-    }
-    // More maps: the M responses of channel i for all kTile pixels into pv [kTile][Mpad].
-    for (int64_t j = 0; j < Mpad; j += 32) {
-      if (j + 16 < Mpad) tile_responses<2>(xs, S, wi + j, taps, Mpad, pv + j);
-      else tile_responses<1>(xs, S, wi + j, taps, Mpad, pv + j);
-    }
-    if (Mpad <= 128) {
-      // Up to 8 registers of p_i per pixel; groups of 32 slots by two-source permutes, merged on bits 5-6.
-      const int64_t nreg = Mpad / 16, ngroups = (nreg + 1) / 2;
-      for (int t = 0; t < np; ++t) {
-        __m512 P[8];
-        for (int r = 0; r < 8; ++r) P[r] = r < nreg ? _mm512_load_ps(pv + t * Mpad + r * 16) : _mm512_setzero_ps();
-        float* at = acc + t * Cpad;
-        for (int64_t c = 0; c < nch; ++c) {
-          const __m512i ix = _mm512_load_si512(reinterpret_cast<const void*>(si + c * 16));
-          const __m512i grp = _mm512_srli_epi32(ix, 5);
-          __m512 v = _mm512_permutex2var_ps(P[0], ix, P[1]);
-          for (int64_t q = 1; q < ngroups; ++q) {
-            const __mmask16 sel = _mm512_cmpeq_epi32_mask(grp, _mm512_set1_epi32(static_cast<int>(q)));
-            v = _mm512_mask_mov_ps(v, sel, _mm512_permutex2var_ps(P[2 * q], ix, P[2 * q + 1]));
-          }
-          _mm512_store_ps(at + c * 16, _mm512_add_ps(_mm512_load_ps(at + c * 16), v));
-        }
-      }
+    // the responses stay in registers: lo/hi = maps 0-15 / 16-31 of each pixel
+    __m512 lo[kTile], hi[kTile];
+    if (Mpad > 16) {
+      __m512 a[kTile][2];
+      channel_responses<2, kTile>(xs, S, wi, taps, Mpad, a);
+      for (int t = 0; t < kTile; ++t) { lo[t] = a[t][0]; hi[t] = a[t][1]; }
     } else {
-      for (int64_t c = 0; c < nch; ++c) {
-        const __m512i ix = _mm512_load_si512(reinterpret_cast<const void*>(si + c * 16));
-        for (int t = 0; t < np; ++t) {
-          float* a = acc + t * Cpad + c * 16;
-          _mm512_store_ps(a, _mm512_add_ps(_mm512_load_ps(a), _mm512_i32gather_ps(ix, pv + t * Mpad, 4)));
-        }
+      __m512 a[kTile][1];
+      channel_responses<1, kTile>(xs, S, wi, taps, Mpad, a);
+      for (int t = 0; t < kTile; ++t) { lo[t] = a[t][0]; hi[t] = _mm512_setzero_ps(); }
+    }
+    for (int64_t c = 0; c < nch; ++c) {
+      const __m512i ix = _mm512_load_si512(reinterpret_cast<const void*>(si + c * 16));
+      for (int t = 0; t < np; ++t) {
+        float* a = acc + t * Cpad + c * 16;
+        _mm512_store_ps(a, _mm512_add_ps(_mm512_load_ps(a), _mm512_permutex2var_ps(lo[t], ix, hi[t])));
       }
     }
   }
@@ -744,7 +698,8 @@ std::unique_ptr<DirectPack> make_direct_pack(py::array wt, py::array slot) {
   if (pk->pixvec) {  // [C_in/4][Cpad][4]: offsets of the response vectors in pv (see conv_pixvec.h)
     const int64_t quads = (pk->Cin + kQuad - 1) / kQuad, pstride = pk->Mpad * pk->tw;
     if (kQuad * pstride > INT32_MAX) throw py::value_error("wt has too many maps per channel: M=" + std::to_string(pk->M));
-    const bool narrow = kQuad * pstride <= 0xFFFF;  // Mpad <= 2032 maps per channel: 16-bit offsets
+    // 16-bit offsets up to Mpad = 2032 maps per channel with 8-pixel tiles (always with 16-pixel ones)
+    const bool narrow = kQuad * pstride <= 0xFFFF;
     const size_t count = static_cast<size_t>(quads * pk->Cpad * kQuad);
     int32_t* s2 = narrow ? nullptr : aligned_alloc_vec(pk->s_store, count);
     uint16_t* s16 = narrow ? aligned_alloc_vec(pk->s16_store, count) : nullptr;
@@ -867,12 +822,11 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
           };
           using One = std::integral_constant<int, 1>;
           using Two = std::integral_constant<int, 2>;
-          if (pk.s16 && tw == 16) run_pixvec(pk.s16, Two{});
+          if (tw == 16) run_pixvec(pk.s16, Two{});  // 16-pixel tiles have at most 64 maps: 16-bit offsets
           else if (pk.s16) run_pixvec(pk.s16, One{});
-          else if (tw == 16) run_pixvec(suse, Two{});
           else run_pixvec(suse, One{});
         }
-        else if (fast) direct_tile_avx512(xp, wuse, suse, gp, Cpad, Mpad, n, ho, wo0, np, acc, xv, pv);
+        else if (fast) direct_tile_avx512(xp, wuse, suse, gp, Cpad, Mpad, n, ho, wo0, np, acc, xv);
         else direct_tile_generic(xp, wuse, suse, gp, n, ho, wo0, np, acc, xv, pv);
       } else {
         direct_tile_generic(xp, wuse, suse, gp, n, ho, wo0, np, acc, xv, pv);

@@ -8,22 +8,6 @@
 #error "define KC_PIXVEC_TARGET before including conv_pixvec.h"
 #endif
 
-// Taken on AVX-512 for large M (more than 32 codebook maps per input channel), where the
-// permute/gather scatter of direct_tile_avx512 costs up to four permutes per 16 outputs, and on AVX2
-// for every M (it has no 16-lane permutes): the pixels are the vector lanes instead.
-//
-// A tile is TW = 8 * NV consecutive output pixels of the whole batch (flattened [N, H_out, W_out]
-// order, so a tile may span rows and images and only the batch's last tile has idle lanes).  For
-// each quad of input channels: the window values xt [4][taps][TW] and the M responses pv [c][M][TW]
-// of each channel c of the quad (independent FMA chains), then every output o adds the four response
-// vectors it takes: acc[o] += sum_c pv[c][slot[i0 + c, o]] (acc [C][TW], L1-resident up to C = 512).
-// slotp is [C_in/4][Cpad][4] here, each entry the float offset of its response vector in pv
-// (c * Mpad * TW + slot * TW), so the four offsets of an output are one 64-bit load (16-bit offsets)
-// or two, and acc[o] is loaded and stored once per quad: the scatter is bound by its loads.  With
-// NV = 2 (16 pixels, small M) each offset load, and each acc round trip, serves twice the pixels.
-// Channels past C_in in the last quad point at a zeroed vector.  The result acc is transposed into
-// accT [TW][Cpad] for the shared epilogue.  off [taps][TW]: the x offset of each (tap, pixel)
-// without the channel, -1 outside the image or past the batch.
 // The window values of input channels [i0, i0 + 4) for the tile's TW pixels: xt[(c * taps + k) * TW + t],
 // channel i0 + c, tap k, pixel t (zero outside the image).  Channels-last rows hold the four channels
 // of a (tap, pixel) side by side: one 4-float load each, transposed four pixels at a time, where
@@ -111,6 +95,22 @@ __attribute__((target(KC_PIXVEC_TARGET))) inline void channel_responses_px(const
   }
 }
 
+// Taken on AVX-512 for large M (more than 32 codebook maps per input channel), where the
+// permute/gather scatter of direct_tile_avx512 costs up to four permutes per 16 outputs, and on AVX2
+// for every M (it has no 16-lane permutes): the pixels are the vector lanes instead.
+//
+// A tile is TW = 8 * NV consecutive output pixels of the whole batch (flattened [N, H_out, W_out]
+// order, so a tile may span rows and images and only the batch's last tile has idle lanes).  For
+// each quad of input channels: the window values xt [4][taps][TW] and the M responses pv [c][M][TW]
+// of each channel c of the quad (independent FMA chains), then every output o adds the four response
+// vectors it takes: acc[o] += sum_c pv[c][slot[i0 + c, o]] (acc [C][TW], L1-resident up to C = 512 at TW = 8, 256 at TW = 16).
+// slotp is [C_in/4][Cpad][4] here, each entry the float offset of its response vector in pv
+// (c * Mpad * TW + slot * TW), so the four offsets of an output are one 64-bit load (16-bit offsets)
+// or two, and acc[o] is loaded and stored once per quad: the scatter is bound by its loads.  With
+// NV = 2 (16 pixels, small M) each offset load, and each acc round trip, serves twice the pixels.
+// Channels past C_in in the last quad point at a zeroed vector.  The result acc is transposed into
+// accT [TW][Cpad] for the shared epilogue.  off [taps][TW]: the x offset of each (tap, pixel)
+// without the channel, -1 outside the image or past the batch.
 // S: the offset type, uint16_t where they fit (one 64-bit load an output), else int32_t.  NV: vectors
 // of 8 pixels per tile.  The tile is pixels [m0, m0 + np) of the flattened output, np <= TW.
 template <typename S, int NV>

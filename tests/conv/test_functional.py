@@ -21,9 +21,9 @@ SHAPES = [
     (1, 3, 8, 23, 19, 7, 2, 3, 1, 2),     # 7x7 stem-like with padding 3
     (2, 4, 6, 12, 12, 1, 2, 0, 1, 3),     # 1x1 stride 2 (downsample)
     (1, 5, 7, 14, 13, 3, 1, 2, 2, 4),     # dilation 2
-    (2, 3, 50, 11, 10, 3, 1, 1, 1, 40),   # K = 40 > 32: the gather (not permute) path of the kernel granularity
+    (2, 3, 50, 11, 10, 3, 1, 1, 1, 40),   # K = 40 > 32: pixel lanes (16-pixel tiles) in the kernel granularity
     (1, 2, 37, 9, 21, 3, 1, 1, 1, 20),    # 16 < K <= 32, C_out not a multiple of 16, W_out not a multiple of 8
-    (1, 2, 140, 6, 7, 3, 1, 1, 1, 130),   # K = 130 > 128: the 16-lane gather path of the kernel granularity
+    (1, 2, 140, 6, 7, 3, 1, 1, 1, 130),   # K = 130 > 64 maps: pixel lanes with 8-pixel tiles
     # C_in >= 16: the kernel granularity's direct pass loads input channels in blocks of 16
     (1, 16, 24, 8, 11, 5, 1, 2, 1, 40),   # exactly one block, 5x5
     (1, 19, 9, 10, 13, 3, 1, 1, 1, 5),    # a full block and a tail of 3 channels
@@ -239,8 +239,10 @@ def test_native_core_checks_its_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("c_in,c_out,k,kk", [
-    # C_in = 50 splits into 32 + 18 channels on 2 and 3 threads, 47 into 16 + 16 + 15 on 3; 37 not at all
-    # (a last part of 5 would cost more than it balances)
+    # With 8-pixel tiles (7 of them; AVX-512 paths, and pixel lanes above 64 maps) C_in = 50 splits into
+    # 32 + 18 channels on 2 and 3 threads, 47 into 16 + 16 + 15 on 3; 37 not at all (a last part of 5
+    # would cost more than it balances).  With 16-pixel tiles (4; pixel lanes up to 64 maps) they split
+    # on 3 threads only.  The register cases below name the AVX-512 paths; on AVX2 all take pixel lanes.
     (50, 40, 3, 12),   # <= 64 outputs, <= 16 maps: responses and sums in registers
     (50, 80, 3, 20),   # > 64 outputs, 16 < maps <= 32: responses in registers, permuted into the sums
     (37, 70, 3, 48),   # > 32 maps: pixels as lanes, a last quad of input channels with 1 of 4 live
@@ -248,7 +250,7 @@ def test_native_core_checks_its_inputs():
     (50, 70, 5, 80),   # 5x5, pixels as lanes, 2 of 4 live
 ])
 def test_native_direct_kernel_any_thread_count(c_in, c_out, k, kk, dtype):
-    """conv_kernel_direct with 1, 2 and 3 threads on a 7x7 output (7 pixel tiles): where the tiles do not
+    """conv_kernel_direct with 1, 2 and 3 threads on a 7x7 output (4 or 7 pixel tiles): where the tiles do not
     divide among the threads, each tile's sum over C_in is split into per-thread parts added afterwards;
     every path and thread count equals F.conv2d.  The pack (codebook side, built once) is checked against
     the call's input, and stays usable after its layer is copied or pickled (the copy builds its own)."""
@@ -269,8 +271,10 @@ def test_native_direct_kernel_any_thread_count(c_in, c_out, k, kk, dtype):
     plan = kernel_plan(idx, kk)
     pack = plan.direct_pack(cb)
     assert plan.direct_pack(cb) is pack and pack.shape == (c_in, k * k, plan.m, c_out)
-    if dtype == torch.float32 and pack.isa == "avx512":  # the path the case is named for is taken
-        assert pack.pixel_lanes == (plan.m > 32), (plan.m, pack.pixel_lanes)
+    if dtype == torch.float32 and pack.isa != "generic":  # the path the case is named for is taken
+        lanes = pack.isa == "avx2" or plan.m > 32
+        assert pack.pixel_lanes == lanes, (plan.m, pack.pixel_lanes)
+        assert pack.tile_pixels == (16 if lanes and plan.m <= 64 else 8)
     geom = [k, k, 1, 1, k // 2, k // 2, 1, 1]
     xn = x.permute(0, 2, 3, 1).numpy()
     for threads in (1, 2, 3):
@@ -321,19 +325,6 @@ def test_native_direct_kernel_slot_offset_widths(c_out):
         _close(out, ref, torch.float32)
 
 
-def _runnable_isas():
-    """The instruction sets this CPU can run kcengine's native copies with (KCENGINE_CPU_ISA)."""
-    from kcengine import _core
-
-    have = {"generic"}
-    feats = _core.cpu_features()
-    if feats["avx2"] and feats["fma"]:
-        have.add("avx2")
-    if _core.kmeans_isa() == "avx512":
-        have.add("avx512")
-    return sorted(have)
-
-
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 @pytest.mark.parametrize("shape", [
     # (N, C_in, C_out, H, W, k, stride, padding, dilation, maps per channel)
@@ -341,16 +332,17 @@ def _runnable_isas():
     (2, 3, 31, 15, 13, 7, 2, 3, 1, 29),   # stem-like 7x7 on 3 channels, 29 maps (rounded up to blocks of 4)
     (2, 9, 53, 7, 10, 3, 1, 1, 1, 48),    # Mpad 48: 16-pixel tiles; > 32 maps, pixel lanes on AVX-512 too
     (1, 8, 70, 5, 9, 1, 1, 0, 1, 70),     # Mpad 80: 8-pixel tiles, 1x1
+    (1, 47, 30, 7, 7, 3, 1, 1, 1, 12),    # 4 tiles: on 3 threads C_in splits into 16 + 16 + 15 (a 3-live quad)
 ])
-def test_native_direct_kernel_every_isa_copy(isa, shape):
+def test_native_direct_kernel_every_isa_copy(isa, shape, runnable_isas):
     """conv_kernel_direct with each instruction set's copy this CPU can run (KCENGINE_CPU_ISA): the
     pack records the set it was built for and the path it takes (pixel lanes on AVX2 for every M, on
     AVX-512 above 32 maps; 16-pixel tiles up to 64 padded maps), and every copy equals F.conv2d with
-    the fused affine, residual and ReLU, on 1 and 2 threads."""
+    the fused affine, residual and ReLU, on 1, 2 and 3 threads."""
     from kcengine import _core
     from kcengine.conv.backends import kernel_plan
 
-    if isa not in _runnable_isas():
+    if isa not in runnable_isas:
         pytest.skip(f"this CPU cannot run the {isa} copy")
     n, ci, co, h, w, k, s, p, d, kk = shape
     g = torch.Generator().manual_seed(ci * co + kk)
@@ -373,7 +365,7 @@ def test_native_direct_kernel_every_isa_copy(isa, shape):
     assert pack.tile_pixels == (16 if lanes and (kk + 15) // 16 * 16 <= 64 else 8)
     xn = x.permute(0, 2, 3, 1).contiguous().numpy()
     rn = res.permute(0, 2, 3, 1).contiguous().numpy()
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         out = torch.empty_like(ref, memory_format=torch.channels_last)
         _core.conv_kernel_direct(xn, pack, [k, k, s, s, p, p, d, d], a.numpy(), b.numpy(), rn, True,
                                  out.permute(0, 2, 3, 1).numpy(), threads)

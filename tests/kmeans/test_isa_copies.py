@@ -9,22 +9,9 @@ import kcengine
 from kcengine import _core
 
 
-def _runnable():
-    out = []
-    for isa in ("generic", "avx2", "avx512"):
-        try:
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("KCENGINE_CPU_ISA", isa)
-                kcengine.kmeans(np.zeros((2, 1), np.float32), 1)
-            out.append(isa)
-        except ValueError:
-            pass
-    return out
-
-
 @pytest.mark.parametrize("algorithm", ["topm", "yinyang", "hamerly"])
-def test_every_runnable_copy_gives_lloyds_labels(monkeypatch, algorithm):
-    isas = _runnable()
+def test_every_runnable_copy_gives_lloyds_labels(monkeypatch, algorithm, runnable_isas):
+    isas = runnable_isas
     assert "generic" in isas and _core.kmeans_isa() in isas
     x = np.random.default_rng(0).uniform(-1, 1, size=(6000, 9)).astype(np.float32)
     init = x[:64].copy()
@@ -44,20 +31,20 @@ def test_unknown_isa_is_a_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("n", [1001, 773])
 @pytest.mark.parametrize("d,weighted", [(9, False), (9, True), (5, False), (5, True)])
-def test_every_runnable_copy_seeds_like_the_generic_copy(monkeypatch, n, d, weighted):
+def test_every_runnable_copy_seeds_like_the_generic_copy(monkeypatch, n, d, weighted, runnable_isas):
     """k-means++'s vector sweeps (the 9-D trial and winner passes, the low-D pass with and without
     weights; last blocks of 1001 % 256 = 233 and 773 % 256 = 5 points, so 16-lane tails that end in
     either 8-lane half) against the generic copy's scalar loops: the same seeds, so the same
     clustering.  The generic copy rounds without FMA, so this holds for data whose trial potentials
     are not within float rounding of each other, as here."""
-    if _runnable() == ["generic"]:
+    if runnable_isas == ["generic"]:
         pytest.skip("this CPU runs only the generic copy: nothing to compare it with")
     rng = np.random.default_rng(d)
     x = rng.normal(size=(n, d)).astype(np.float32)
     w = rng.uniform(0.1, 2.0, size=len(x)) if weighted else None
     monkeypatch.setenv("KCENGINE_CPU_ISA", "generic")
     ref = kcengine.kmeans(x, 40, seed=5, sample_weight=w)
-    for isa in _runnable():
+    for isa in runnable_isas:
         monkeypatch.setenv("KCENGINE_CPU_ISA", isa)
         got = kcengine.kmeans(x, 40, seed=5, sample_weight=w)
         np.testing.assert_array_equal(got.labels, ref.labels, err_msg=isa)
