@@ -43,7 +43,11 @@ def shared_data_dir() -> Path | None:
 
 
 def git_commit(short: bool = True) -> str:
+    """The checkout's commit (``+dirty`` when code outside bench/results differs), or ``$KCENGINE_COMMIT``
+    where the tree has no git metadata (a copy sent to a GPU machine)."""
     root = repo_root() or Path.cwd()
+    if not (root / ".git").exists() and os.environ.get("KCENGINE_COMMIT"):
+        return os.environ["KCENGINE_COMMIT"]
     try:
         cmd = ["git", "rev-parse", "--short", "HEAD"] if short else ["git", "rev-parse", "HEAD"]
         out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=5)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (the `device` tool): build, GPU tests, GPU benchmarks, logs to $OUT.
+#   tools/gpu-session.sh smoke   # install + GPU tests + small benchmark runs (find what breaks)
+#   tools/gpu-session.sh full    # install + GPU tests + the recorded benchmarks
+# Data: ../shared/data does not travel; copy the checkpoints into .device-data/ (git-ignored) and
+# name it in the call's `carry`.  Results land in $OUT (copy them into bench/results/ here).
+set -uo pipefail
+mode=${1:-smoke}
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/kcengine-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
+[ -d .device-data ] && export KCENGINE_DATA=$PWD/.device-data
+[ -f .device-data/COMMIT ] && export KCENGINE_COMMIT=$(cat .device-data/COMMIT)
+stamp() { echo "== $(date -u +%T) $*"; }
+{ nvidia-smi; nvcc --version; python3 -c "import torch, triton, cupy; print(torch.__version__, triton.__version__, cupy.__version__)"; } \
+  > "$OUT/env.txt" 2>&1
+stamp install
+t0=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps -q . > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
+echo "install $(( $(date +%s) - t0 )) s"
+cd /tmp  # the installed package, not the source tree
+stamp gpu tests
+R=$OLDPWD
+timeout 420 python3 -m pytest -p no:cacheprovider "$R/tests/kmeans/test_gpu_backends.py" "$R/tests/conv/test_triton_kernels.py" \
+  "$R/tests/kmeans/test_cuda_sources.py" "$R/tests/kmeans/test_triton_interpret.py" -q --tb=short -rs \
+  --rootdir "$R" -c "$R/pyproject.toml" > "$OUT/gpu_tests.log" 2>&1
+echo "gpu tests rc=$?"; tail -15 "$OUT/gpu_tests.log"
+if [ "$mode" = smoke ]; then
+  stamp kmeans smoke
+  timeout 240 python3 -m kcengine.bench.kmeans_gpu --model resnet20 --max-problems 300 --sweep-step 8 \
+    --out "$OUT" --name kmeans_gpu_smoke > "$OUT/kmeans_smoke.log" 2>&1
+  echo "kmeans smoke rc=$?"; tail -25 "$OUT/kmeans_smoke.log"
+  stamp conv smoke
+  timeout 150 python3 -m kcengine.bench.conv_gpu --batches 1 --divisors 4 --out "$OUT" --name conv_gpu_smoke \
+    > "$OUT/conv_smoke.log" 2>&1
+  echo "conv smoke rc=$?"; tail -25 "$OUT/conv_smoke.log"
+else
+  stamp kmeans bench resnet18
+  timeout 400 python3 -m kcengine.bench.kmeans_gpu --model resnet18 --repeat 3 --out "$OUT" > "$OUT/kmeans_gpu.log" 2>&1
+  echo "kmeans bench rc=$?"; tail -30 "$OUT/kmeans_gpu.log"
+  stamp conv bench
+  timeout 300 python3 -m kcengine.bench.conv_gpu --out "$OUT" > "$OUT/conv_gpu.log" 2>&1
+  echo "conv bench rc=$?"; tail -30 "$OUT/conv_gpu.log"
+fi
+stamp done
