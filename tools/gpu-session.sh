@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (the `device` tool): build, GPU tests, GPU benchmarks, logs to $OUT.
 #   tools/gpu-session.sh smoke   # install + GPU tests + small benchmark runs (find what breaks)
+#   tools/gpu-session.sh profile # install + GPU tests + where a k-means call spends its time
 #   tools/gpu-session.sh full    # install + GPU tests + the recorded benchmarks
 # Data: ../shared/data does not travel; copy the checkpoints into .device-data/ (git-ignored) and
 # name it in the call's `carry`.  Results land in $OUT (copy them into bench/results/ here).
@@ -26,7 +27,11 @@ timeout 420 python3 -m pytest -p no:cacheprovider "$R/tests/kmeans/test_gpu_back
   "$R/tests/kmeans/test_cuda_sources.py" "$R/tests/kmeans/test_triton_interpret.py" -q --tb=short -rs \
   --rootdir "$R" -c "$R/pyproject.toml" > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?"; tail -15 "$OUT/gpu_tests.log"
-if [ "$mode" = smoke ]; then
+if [ "$mode" = profile ]; then
+  stamp profile
+  timeout ${PROFILE_TIMEOUT:-300} python3 "$R/tools/gpu_profile.py" --model resnet18 > "$OUT/profile.log" 2>&1
+  echo "profile rc=$?"; grep -E "^#####|^\[" "$OUT/profile.log"
+elif [ "$mode" = smoke ]; then
   stamp kmeans smoke
   timeout 240 python3 -m kcengine.bench.kmeans_gpu --model resnet20 --max-problems 300 --sweep-step 8 \
     --out "$OUT" --name kmeans_gpu_smoke > "$OUT/kmeans_smoke.log" 2>&1
@@ -44,3 +49,4 @@ else
   echo "conv bench rc=$?"; tail -30 "$OUT/conv_gpu.log"
 fi
 stamp done
+tar -C "$OUT" -czf /tmp/kcengine-gpu-logs.tgz . && mv /tmp/kcengine-gpu-logs.tgz "$OUT/logs.tgz"

@@ -96,6 +96,20 @@ def _all_finite(a) -> bool:
     return bool(np.isfinite(a).all())
 
 
+def _nonfinite(arrays) -> list[int]:
+    """Indices of the arrays holding NaN or Inf.  Torch tensors (a GPU batch above all) are checked
+    together: one flat copy and one device synchronization for the whole batch, not one per array;
+    only when that finds something are they checked one by one."""
+    if arrays and _is_torch(arrays[0]):
+        import torch
+
+        flat = [a.reshape(-1) for a in arrays]
+        whole = flat[0] if len(flat) == 1 else torch.cat([f.to(flat[0].dtype) for f in flat])
+        if bool(torch.isfinite(whole).all()):
+            return []
+    return [i for i, a in enumerate(arrays) if not _all_finite(a)]
+
+
 def _check_int(value, what: str, *, low: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{what} must be an int, got {value!r}")
@@ -142,8 +156,10 @@ def _check_problems(parts, layout) -> None:
         name = "x" if layout == "single" else f"problem {i}"
         if a.shape[0] == 0 or a.shape[1] == 0:
             raise ValueError(f"{name} is empty (shape {tuple(a.shape)}): it needs N >= 1 points of D >= 1 features")
-        if not _all_finite(a):
-            raise ValueError(f"{name} holds NaN or Inf values; k-means needs finite data")
+    bad = _nonfinite(parts)
+    if bad:
+        name = "x" if layout == "single" else f"problem {bad[0]}"
+        raise ValueError(f"{name} holds NaN or Inf values; k-means needs finite data")
 
 
 def _check_k(k, parts, layout) -> np.ndarray:
@@ -227,8 +243,9 @@ def _check_init(init, parts, layout, k_arg):
         if c.ndim != 2 or c.shape[1] != a.shape[1]:
             raise ValueError(f"{name} must have shape [k, {a.shape[1]}], got shape {tuple(c.shape)}")
         _check_float(c, name)
-        if not _all_finite(c):
-            raise ValueError(f"{name} holds NaN or Inf values")
+    bad = _nonfinite(cs)
+    if bad:
+        raise ValueError(f"{'init' if layout == 'single' else f'init of problem {bad[0]}'} holds NaN or Inf values")
     return "given", cs
 
 

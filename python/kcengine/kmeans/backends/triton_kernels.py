@@ -78,7 +78,7 @@ def _kernels() -> dict:
                 dist = cn[None, :] - 2.0 * acc
                 dist = tl.where(cmask[None, :], dist, float("inf"))
                 m = tl.min(dist, axis=1)
-                a = tl.argmin(dist, axis=1).to(tl.int32) + k0
+                a = (tl.argmin(dist, axis=1) + k0).to(tl.int32)  # k0 is int64 (k is loaded)
                 upd = m < best
                 best = tl.where(upd, m, best)
                 bidx = tl.where(upd, a, bidx)
