@@ -173,7 +173,7 @@ def test_cuda_backend_refuses_cpu_tensors():
 
 # ------------------------------------------------------------- packed driver vs cpu backend
 def _compare(probs, *, exact=True):
-    out: dict = {}
+    out: list = []
     pt = api._convert(probs, "torch")
     cb.solve_packed(pt, list(range(pt.n_problems)), cb.TorchKernels(), out)
     got = cb.collect(pt, out)
@@ -235,7 +235,7 @@ def test_packed_driver_never_reads_uninitialised_buffers(monkeypatch):
                           algorithm="auto")
 
     def solve():
-        out: dict = {}
+        out: list = []
         pt = api._convert(probs, "torch")
         cb.solve_packed(pt, list(range(pt.n_problems)), cb.TorchKernels(), out)
         return cb.collect(pt, out)

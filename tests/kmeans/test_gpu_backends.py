@@ -82,7 +82,8 @@ def _workload(kind):
         xs = [np.ascontiguousarray(w.reshape(-1, 9)) for w in layers]
         return xs, [min(256, len(x)) for x in xs]
     if kind == "element":
-        xs = [np.ascontiguousarray(w.reshape(w.shape[0], -1).T[j][:, None]) for w in layers[:2] for j in range(40)]
+        xs = [np.ascontiguousarray(w.reshape(w.shape[0], -1).T[j][:, None]) for w in layers[:2]
+              for j in range(min(40, w[0].size))]  # per weight position: 27 in the 3-channel layer
         return xs, [min(10, len(x)) for x in xs]
     raise ValueError(kind)
 

@@ -165,9 +165,17 @@ def profile_kernels(wl: Workload, method: str, ceilings: dict, n_iter, seed: int
     return rows
 
 
-def run_gpu_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, ceilings=None, progress=None):
-    """Time every method (warm-up call first, alternating order), compare inertia, profile kernels."""
+def run_gpu_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, ceilings=None, progress=None,
+                     sklearn_large: bool = False):
+    """Time every method (warm-up call first, alternating order), compare inertia, profile kernels.
+    scikit-learn is left out of ``e_large`` (one 1.2M-point problem at k = 4096: many minutes on a
+    CPU) unless ``sklearn_large``; its row then says so."""
     import torch
+
+    skipped = {}
+    if wl.name == "e_large" and not sklearn_large and "sklearn" in methods:
+        methods = [m for m in methods if m != "sklearn"]
+        skipped["sklearn"] = "not run on e_large (minutes on the CPU; --sklearn-large runs it)"
 
     errors = {}
     xs = gpu_inputs(wl)
@@ -196,6 +204,10 @@ def run_gpu_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, c
         if m in cents and "torch" in cents:
             row["x vs torch"] = times["torch"] / times[m]
         rows.append(row)
+    for m, why in skipped.items():
+        rows.append({"workload": wl.name, "method": m, "problems": wl.n_problems, "seconds": float("nan"),
+                     "x vs sklearn": float("nan"), "x vs torch": float("nan"), "inertia / sklearn": float("nan"),
+                     "note": why})
     kernels = []
     if ceilings:
         for m in ("cuda", "triton"):
@@ -233,7 +245,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--workloads", default=",".join(WORKLOADS + ("e_large",)))
     p.add_argument("--methods", default=",".join(GPU_METHODS))
-    p.add_argument("--max-problems", type=int, default=None)
+    p.add_argument("--max-problems", default=None,
+                   help="cap per workload: N, or name=N,...; 'all' for none (default for models other than "
+                        "resnet20: the CPU benchmark's caps, so scikit-learn runs the same problems in minutes)")
+    p.add_argument("--sklearn-large", action="store_true", help="also time scikit-learn on e_large (slow)")
     p.add_argument("--sweep-step", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--out", default=None, help="folder for kmeans_gpu.md/.csv (default bench/results)")
@@ -246,14 +261,26 @@ def main(argv=None) -> int:
         return 2
     layers, source = load_weights(args.model)
     names = args.workloads.split(",")
-    wls = build_workloads(layers, [w for w in names if w != "e_large"], args.max_problems, args.sweep_step)
+    from .kmeans import _LARGE_MODEL_CAP
+
+    caps = args.max_problems
+    if caps == "all":
+        caps = None
+    elif caps is None:
+        caps = None if args.model == "resnet20" else dict(_LARGE_MODEL_CAP)
+    elif "=" in caps:
+        caps = {k: int(v) for k, v in (kv.split("=") for kv in caps.split(","))}
+    else:
+        caps = int(caps)
+    wls = build_workloads(layers, [w for w in names if w != "e_large"], caps, args.sweep_step)
     if "e_large" in names:
         wls.append(large_workload(layers))
     ceilings = device_ceilings()
     rows, kernels = [], []
     for wl in wls:
         r, kr = run_gpu_workload(wl, args.methods.split(","), repeat=args.repeat, ceilings=ceilings,
-                                 progress=lambda w, m: print(f"  {w}: {m} done", flush=True))
+                                 progress=lambda w, m: print(f"  {w}: {m} done", flush=True),
+                                 sklearn_large=args.sklearn_large)
         rows += r
         kernels += kr
     print(markdown_table(rows))

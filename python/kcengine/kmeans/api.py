@@ -264,6 +264,9 @@ def _to_numpy(a, dtype=None):
 def _to_torch(a, like, dtype=None):
     import torch
 
+    if (_is_torch(a) and not a.requires_grad and a.device == like.device and (dtype is None or a.dtype == dtype)
+            and a.is_contiguous()):
+        return a  # already in the form asked for (the common case of a GPU batch: no per-problem work)
     t = a.detach() if _is_torch(a) else torch.from_numpy(np.ascontiguousarray(a))
     return t.to(device=like.device, dtype=dtype if dtype is not None else t.dtype).contiguous()
 

@@ -97,14 +97,15 @@ def uniforms_needed(k: int, init: str) -> int:
 FUSED_SCRATCH_DOUBLES = 8  # block-wide scalars (shift, potential, chosen point, flags) as doubles
 
 
-def fused_threads(n: int, k: int, d: int) -> int:
+def fused_threads(n, k, d):
     """Threads per block of the fused kernel: enough for the larger of the point loop (N) and the
-    accumulation loop (k * (D + 1) work items), a multiple of 32 between 64 and 256."""
-    work = max(n, k * (d + 1))
-    t = 64
-    while t < 256 and t < work:
-        t *= 2
-    return t
+    accumulation loop (k * (D + 1) work items), a power of two between 64 and 256.  Ints, or numpy
+    arrays of them (one entry per job)."""
+    work = np.maximum(n, np.asarray(k) * (np.asarray(d) + 1))
+    t = np.full(np.shape(work), 64, dtype=np.int64)
+    for _ in range(2):
+        t = np.where((t < 256) & (t < work), t * 2, t)
+    return int(t) if t.ndim == 0 else t
 
 
 def fused_smem_bytes(n: int, d: int, k: int, itemsize: int, threads: int) -> int:
@@ -124,14 +125,15 @@ FUSED_MAX_N = 4096  # the cpu core sums clusters in one chunk up to here: the fu
 FUSED_MAX_WORK = 1 << 22  # n * k * d multiply-adds per iteration for one block of <= 256 threads
 
 
-def fits_fused(n: int, d: int, k: int, itemsize: int, smem_limit: int) -> bool:
+def fits_fused(n, d, k, itemsize: int, smem_limit: int):
     """Whether a problem runs in the fused kernel: its whole state fits the device's opt-in
     shared memory per block (``smem_limit`` bytes), N <= ``FUSED_MAX_N`` and one iteration is
     at most ``FUSED_MAX_WORK`` multiply-adds (more is better spread over the whole device by the
-    packed path)."""
-    if n > FUSED_MAX_N or n * k * d > FUSED_MAX_WORK:
-        return False
-    return fused_smem_bytes(n, d, k, itemsize, fused_threads(n, k, d)) <= smem_limit
+    packed path).  Ints (-> bool), or numpy arrays of them (-> bool array)."""
+    n, d, k = (np.asarray(a, dtype=np.int64) for a in (n, d, k))
+    ok = (n <= FUSED_MAX_N) & (n * k * d <= FUSED_MAX_WORK)
+    ok &= fused_smem_bytes(n, d, k, itemsize, fused_threads(n, k, d)) <= smem_limit
+    return bool(ok) if ok.ndim == 0 else ok
 
 
 def fused_buckets(smem: list[int], threads: list[int]) -> list[tuple[int, int, list[int]]]:
@@ -587,33 +589,48 @@ class PackedLloyd:
         return C, lab, inertia, n_iter, converged
 
 
-def solve_packed(probs: Problems, problems: list[int], kernels, out: dict) -> None:
+def solve_packed(probs: Problems, problems: list[int], kernels, out: list) -> None:
     """Run ``problems`` through :class:`PackedLloyd` with ``kernels``; store per-problem results
     (best run by inertia, the first on ties) in ``out``."""
     if not problems:
         return
     P = pack(probs, problems)
     C, lab, inertia, n_iter, conv = PackedLloyd(P, kernels, probs).run()
+    store_best(out, problems, P, C, lab, inertia, n_iter, conv)
+
+
+def store_best(out: list, problems: list[int], P: Packed, C: torch.Tensor, lab: torch.Tensor, inertia: torch.Tensor,
+               n_iter: torch.Tensor, conv: torch.Tensor) -> None:
+    """Append to ``out`` the results of ``problems`` (jobs of ``P``, runs consecutive): for each, the
+    run of lowest inertia (the first on ties).  One host synchronization and no per-problem device
+    work: per-problem centroids and labels are views of the packed outputs (``torch.split``)."""
     runs = int(P.run.max()) + 1
-    best = inertia.view(-1, runs).argmin(1).cpu().numpy()
-    for q, p in enumerate(problems):
-        j = q * runs + int(best[q])
-        n, d, k = int(P.n[j]), int(P.d[j]), int(P.k[j])
-        c0, l0 = int(P.coff_h[j]), int(P.loff_h[j])
-        out[p] = (C[c0:c0 + k * d].view(k, d), lab[l0:l0 + n].long(), inertia[j], n_iter[j], conv[j])
+    best = inertia.view(-1, runs).argmin(1)
+    jb = torch.arange(len(problems), device=inertia.device) * runs + best
+    jh = np.arange(len(problems)) * runs + best.cpu().numpy()
+    c_parts = torch.split(C, (P.k * P.d).tolist())
+    l_parts = torch.split(lab.long(), P.n.tolist())
+    cents = [c_parts[j].view(int(P.k[j]), int(P.d[j])) for j in jh.tolist()]
+    labels = [l_parts[j] for j in jh.tolist()]
+    out.append((np.asarray(problems, dtype=np.int64), cents, labels, inertia[jb].double(), n_iter[jb].int(),
+                conv[jb].bool()))
 
 
-def collect(probs: Problems, out: dict) -> RawResult:
+def collect(probs: Problems, out: list) -> RawResult:
+    """One :class:`RawResult` in problem order from the chunks :func:`store_best` appended."""
     B = probs.n_problems
     dev = probs.datasets[0].device
-    res = [out[p] for p in range(B)]
-    return RawResult(
-        centroids=[r[0] for r in res], labels=[r[1] for r in res],
-        inertia=torch.stack([r[2].to(torch.float64) for r in res]).to(dev),
-        n_iter=torch.stack([r[3].to(torch.int32) for r in res]).to(dev),
-        converged=torch.stack([r[4].to(torch.bool) for r in res]).to(dev),
-        algorithm=["lloyd"] * B,
-    )
+    cents, labels = [None] * B, [None] * B
+    inertia = torch.empty(B, dtype=torch.float64, device=dev)
+    n_iter = torch.empty(B, dtype=torch.int32, device=dev)
+    conv = torch.empty(B, dtype=torch.bool, device=dev)
+    for idx, c, lab, i, n, v in out:
+        for q, p in enumerate(idx.tolist()):
+            cents[p], labels[p] = c[q], lab[q]
+        where = torch.as_tensor(idx, device=dev)
+        inertia[where], n_iter[where], conv[where] = i.to(dev), n.to(dev), v.to(dev)
+    return RawResult(centroids=cents, labels=labels, inertia=inertia, n_iter=n_iter, converged=conv,
+                     algorithm=["lloyd"] * B)
 
 
 def check_supported(probs: Problems, backend: str) -> None:
@@ -733,7 +750,7 @@ class CupyKernels:
 _INIT_CODE = {"given": 0, "k-means++": 1, "random": 2}
 
 
-def _solve_fused(probs: Problems, problems: list[int], out: dict) -> None:
+def _solve_fused(probs: Problems, problems: list[int], out: list) -> None:
     """One block per (problem, run) in ``kmeans_fused.cu``; launches grouped by :func:`fused_buckets`."""
     P = pack(probs, problems)
     dev = P.X.device
@@ -752,8 +769,8 @@ def _solve_fused(probs: Problems, problems: list[int], out: dict) -> None:
     inertia = torch.empty(P.n_jobs, dtype=torch.float64, device=dev)
     n_iter = torch.empty(P.n_jobs, dtype=torch.int32, device=dev)
     conv = torch.empty(P.n_jobs, dtype=torch.uint8, device=dev)
-    threads = [fused_threads(int(n), int(k), int(d)) for n, d, k in zip(P.n, P.d, P.k)]
-    smem = [fused_smem_bytes(int(n), int(d), int(k), itemsize, t) for n, d, k, t in zip(P.n, P.d, P.k, threads)]
+    threads = fused_threads(P.n, P.k, P.d).tolist()
+    smem = fused_smem_bytes(P.n, P.d, P.k, itemsize, np.asarray(threads)).tolist()
     args_tail = (np.int32(_INIT_CODE[probs.init]), np.int32(probs.max_iter), np.uint64(probs.seed), _arr(C),
                  _arr(lab), _arr(inertia), _arr(n_iter), _arr(conv))
     with _stream(dev):
@@ -762,25 +779,17 @@ def _solve_fused(probs: Problems, problems: list[int], out: dict) -> None:
             jt = torch.as_tensor(np.asarray(jobs, dtype=np.int64), device=dev)
             fn((len(jobs),), (nt,), (_arr(P.X), _arr(P.W), _arr(meta), _arr(P.tol_abs), _arr(init_c), _arr(jt))
                + args_tail, shared_mem=sm)
-    runs = int(P.run.max()) + 1
-    best = inertia.view(-1, runs).argmin(1).cpu().numpy()
-    for q, p in enumerate(problems):
-        j = q * runs + int(best[q])
-        n, d, k = int(P.n[j]), int(P.d[j]), int(P.k[j])
-        c0, l0 = int(P.coff_h[j]), int(P.loff_h[j])
-        out[p] = (C[c0:c0 + k * d].view(k, d), lab[l0:l0 + n], inertia[j], n_iter[j], conv[j].bool())
+    store_best(out, problems, P, C, lab, inertia, n_iter, conv)
 
 
 def route(probs: Problems, itemsize: int, limit: int, path: str = "auto") -> tuple[list[int], list[int]]:
     """Problems for the fused kernel and for the packed path.  ``path`` forces one ("fused" still
     sends problems that do not fit to the packed path)."""
-    fused, packed = [], []
-    for p in range(probs.n_problems):
-        ds = probs.datasets[int(probs.data_index[p])]
-        n, d, k = int(ds.shape[0]), int(ds.shape[1]), int(probs.k[p])
-        ok = path != "packed" and fits_fused(n, d, k, itemsize, limit)
-        (fused if ok else packed).append(p)
-    return fused, packed
+    ns = np.array([ds.shape[0] for ds in probs.datasets], dtype=np.int64)
+    ds_ = np.array([ds.shape[1] for ds in probs.datasets], dtype=np.int64)
+    di = np.asarray(probs.data_index, dtype=np.int64)
+    ok = fits_fused(ns[di], ds_[di], np.asarray(probs.k, dtype=np.int64), itemsize, limit) & (path != "packed")
+    return np.flatnonzero(ok).tolist(), np.flatnonzero(~ok).tolist()
 
 
 def solve(probs: Problems, *, path: str | None = None) -> RawResult:
@@ -797,7 +806,7 @@ def solve(probs: Problems, *, path: str | None = None) -> RawResult:
         raise ValueError(f"path must be 'auto', 'fused' or 'packed', got {path!r}")
     itemsize = probs.datasets[0].element_size()
     fused, packed = route(probs, itemsize, smem_limit(dev), path)
-    out: dict = {}
+    out: list = []
     if fused:
         _solve_fused(probs, fused, out)
     if packed:

@@ -31,7 +31,7 @@ def solve(probs: Problems, *, tf32: bool | None = None) -> RawResult:
         raise RuntimeError(f"the triton backend takes CUDA tensors (got data on {dev}; "
                            "CPU tensors run only under TRITON_INTERPRET=1)")
     kernels = TritonKernels(tf32=_tf32_from_env() if tf32 is None else tf32)
-    out: dict = {}
+    out: list = []
     # One packed batch per dtype is all there is: the api gives one dtype per call.
     solve_packed(probs, list(range(probs.n_problems)), kernels, out)
     return collect(probs, out)
