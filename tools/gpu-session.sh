@@ -4,13 +4,17 @@
 #   tools/gpu-session.sh profile # install + GPU tests + where a k-means call spends its time
 #   tools/gpu-session.sh full    # install + GPU tests + the recorded benchmarks (k-means a-d, indexed conv)
 #   tools/gpu-session.sh large   # install + GPU tests + the e_large k-means workload + the CLI on cuda
+#   tools/gpu-session.sh final   # full + large in one call
 # Data: ../shared/data does not travel; copy the checkpoints into .device-data/ (git-ignored) and
 # name it in the call's `carry`.  Results land in $OUT (copy them into bench/results/ here).
 set -uo pipefail
 mode=${1:-smoke}
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/kcengine-gpu-out}
-mkdir -p "$OUT"
+# everything goes to $W; $OUT (the device tool's folder, which returns at most 8 files) gets one
+# archive of it and the main reports
+FINAL_OUT=${OUT:-/tmp/kcengine-gpu-out}
+OUT=/tmp/kcengine-gpu-work
+rm -rf "$OUT"; mkdir -p "$OUT" "$FINAL_OUT"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
 [ -d .device-data ] && export KCENGINE_DATA=$PWD/.device-data
 [ -f .device-data/COMMIT ] && export KCENGINE_COMMIT=$(cat .device-data/COMMIT)
@@ -45,7 +49,8 @@ elif [ "$mode" = smoke ]; then
   timeout 150 python3 -m kcengine.bench.conv_gpu --batches 1 --divisors 4 --out "$OUT" --name conv_gpu_smoke \
     > "$OUT/conv_smoke.log" 2>&1
   echo "conv smoke rc=$?"; tail -25 "$OUT/conv_smoke.log"
-elif [ "$mode" = full ]; then
+fi
+if [ "$mode" = full ] || [ "$mode" = final ]; then
   stamp kmeans bench resnet18
   timeout ${KMEANS_TIMEOUT:-330} python3 -m kcengine.bench.kmeans_gpu --model resnet18 \
     --workloads a_sweep,b_filters,c_kernels,d_element --out "$OUT" > "$OUT/kmeans_gpu.log" 2>&1
@@ -53,9 +58,10 @@ elif [ "$mode" = full ]; then
   stamp conv bench
   timeout ${CONV_TIMEOUT:-170} python3 -m kcengine.bench.conv_gpu --out "$OUT" > "$OUT/conv_gpu.log" 2>&1
   echo "conv bench rc=$?"; grep -A12 "^## Summary" "$OUT/indexed_conv_gpu.md"; grep -A8 "^## End to end" "$OUT/indexed_conv_gpu.md"
-else  # large
+fi
+if [ "$mode" = large ] || [ "$mode" = final ]; then
   stamp kmeans e_large
-  timeout ${LARGE_TIMEOUT:-200} python3 -m kcengine.bench.kmeans_gpu --model resnet18 --workloads e_large \
+  timeout ${LARGE_TIMEOUT:-200} python3 -m kcengine.bench.kmeans_gpu --model resnet18 --workloads e_large --methods cuda,triton,torch \
     --out "$OUT" --name kmeans_gpu_large > "$OUT/kmeans_gpu_large.log" 2>&1
   echo "e_large rc=$?"; grep -E "^\| e_" "$OUT/kmeans_gpu_large.log" | cut -c1-150
   stamp cli
@@ -64,4 +70,8 @@ else  # large
   echo "cli rc=$?"; tail -25 "$OUT/cli.log"
 fi
 stamp done
-tar -C "$OUT" -czf /tmp/kcengine-gpu-logs.tgz . && mv /tmp/kcengine-gpu-logs.tgz "$OUT/logs.tgz"
+tar -C "$OUT" -czf "$FINAL_OUT/all.tgz" .
+for f in kmeans_gpu.md kmeans_gpu_large.md indexed_conv_gpu.md gpu_tests.log; do
+  [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL_OUT/"
+done
+ls "$FINAL_OUT"

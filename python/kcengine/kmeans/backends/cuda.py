@@ -287,15 +287,20 @@ def pack(probs: Problems, problems: list[int]) -> Packed:
                   roff_h=ds_roff[js], loff_h=loff, coff_h=coff, goff_h=goff, dev=devs, tol_abs=tol_abs)
 
 
-def _expand(values: torch.Tensor, lengths: np.ndarray, total: int) -> torch.Tensor:
+def _on(lengths, device) -> torch.Tensor:
+    """``lengths`` as a tensor on ``device`` (already one: as is; numpy: one host-to-device copy, so
+    loops pass device tensors)."""
+    return lengths if isinstance(lengths, torch.Tensor) else torch.as_tensor(lengths, device=device)
+
+
+def _expand(values: torch.Tensor, lengths, total: int) -> torch.Tensor:
     """Per-job ``values`` repeated ``lengths[j]`` times (device-side repeat_interleave)."""
-    rep = torch.as_tensor(lengths, device=values.device)
-    return torch.repeat_interleave(values, rep, output_size=total)
+    return torch.repeat_interleave(values, _on(lengths, values.device), output_size=total)
 
 
-def _segment_sum(values: torch.Tensor, lengths: np.ndarray) -> torch.Tensor:
+def _segment_sum(values: torch.Tensor, lengths) -> torch.Tensor:
     """Sums of consecutive segments (deterministic: no atomics)."""
-    return torch.segment_reduce(values, "sum", lengths=torch.as_tensor(lengths, device=values.device), unsafe=True)
+    return torch.segment_reduce(values, "sum", lengths=_on(lengths, values.device), unsafe=True)
 
 
 # ===================================================================== torch kernel set
@@ -372,7 +377,7 @@ class TorchKernels:
 def _centroid_norms(P: Packed, C: torch.Tensor) -> torch.Tensor:
     """[G] squared norms of the centroids (float64 sums cast to the data dtype, as the cpu core)."""
     sq = C.double() ** 2
-    return _segment_sum(sq, np.repeat(P.d, P.k)).to(C.dtype)
+    return _segment_sum(sq, P.dev["g_d"]).to(C.dtype)
 
 
 class PackedLloyd:
@@ -446,7 +451,7 @@ class PackedLloyd:
             live = kd > c
             cum = torch.cumsum(w * closest, 1)
             pos = (1 + (c - 1) * trials_d).unsqueeze(1) + tt.unsqueeze(0)  # [J, tmax]
-            pos = torch.minimum(pos, torch.tensor(Ur.shape[1] - 1, device=dev))
+            pos = pos.clamp(max=Ur.shape[1] - 1)
             r = Ur.gather(1, pos) * cum[:, -1:]
             cand = self._search(cum, r)  # [J, tmax]
             self.K.kpp_pass(P, cand, closest, live, out)
@@ -548,7 +553,8 @@ class PackedLloyd:
         sums = torch.zeros(P.n_cvals, dtype=torch.float64, device=dev)
         wsum = torch.zeros(G, dtype=torch.float64, device=dev)
         e_job, g_job = P.dev["e_job"], P.dev["g_job"]
-        c_job = _expand(torch.arange(J, device=dev), P.k * P.d, P.n_cvals)
+        kd = P.dev["k"] * P.dev["d"]  # device copies of the segment lengths: no host copy per iteration
+        c_job = _expand(torch.arange(J, device=dev), kd, P.n_cvals)
         c_g = _expand(torch.arange(G, device=dev), np.repeat(P.d, P.k), P.n_cvals)
         key_base = P.dev["goff"][e_job]
         for _ in range(self.probs.max_iter):
@@ -556,7 +562,7 @@ class PackedLloyd:
                 break
             lab_old.copy_(lab)
             K.assign(P, C, _centroid_norms(P, C), active, lab)
-            changed = _segment_sum((lab != lab_old).to(torch.float64), P.n)
+            changed = _segment_sum((lab != lab_old).to(torch.float64), P.dev["n"])
             key = key_base + lab.long()
             order = torch.argsort(key, stable=True)
             counts = torch.bincount(key, minlength=G)
@@ -574,7 +580,7 @@ class PackedLloyd:
                 empty_job[torch.as_tensor(sorted(set(gj[eg].tolist())), device=dev)] = True
             has = wsum[c_g] > 0
             cnew = torch.where(has, (sums / torch.where(has, wsum[c_g], torch.ones_like(sums))).to(C.dtype), C)
-            shift = _segment_sum((cnew.double() - C.double()) ** 2, P.k * P.d)
+            shift = _segment_sum((cnew.double() - C.double()) ** 2, kd)
             C = torch.where(active[c_job], cnew, C)
             unchanged = changed == 0
             done = unchanged | (shift <= P.tol_abs)
@@ -585,7 +591,7 @@ class PackedLloyd:
         redo = ~strict
         if bool(redo.any()):
             K.assign(P, C, _centroid_norms(P, C), redo, lab)
-        inertia = _segment_sum(K.sqdist(P, C, lab), P.n)
+        inertia = _segment_sum(K.sqdist(P, C, lab), P.dev["n"])
         return C, lab, inertia, n_iter, converged
 
 
@@ -678,6 +684,25 @@ def _stream(device: torch.device):
         return cp.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device.index)
 
 
+def _kernel_args(args) -> tuple[tuple, list]:
+    """(kernel arguments, tensors to keep alive until the launch is queued).  Each tensor goes as its
+    device address (8 bytes by value, as a ``T*`` parameter takes it): no DLPack round trip per
+    argument per launch (that was most of the host time of the packed path's iterations).  Bool
+    tensors go as uint8, non-contiguous ones as contiguous copies; the caller holds those temporaries
+    until the launch is queued on torch's stream, after which freeing them is ordered behind it."""
+    vals, keep = [], []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.dtype == torch.bool:
+                a = a.to(torch.uint8)
+            a = a.contiguous()
+            keep.append(a)
+            vals.append(np.uint64(a.data_ptr()))
+        else:
+            vals.append(a)
+    return tuple(vals), keep
+
+
 def _arr(t: torch.Tensor):
     """Zero-copy CuPy view of a torch tensor (DLPack); bool tensors go as uint8."""
     if t.dtype == torch.bool:
@@ -701,9 +726,14 @@ class CupyKernels:
         self.suffix = "f32" if dtype == torch.float32 else "f64"
         self.mod = _module(device.index, "kmeans_large")
         self._tiles: dict = {}
+        self._fns: dict = {}
+        self.stream = _stream(device)  # torch's current stream when the solve began (one per solve)
 
     def _fn(self, name):
-        return self.mod.get_function(f"kc_{name}_{self.suffix}")
+        fn = self._fns.get(name)
+        if fn is None:
+            fn = self._fns[name] = self.mod.get_function(f"kc_{name}_{self.suffix}")
+        return fn
 
     def _tile_table(self, P):
         key = id(P)
@@ -714,8 +744,10 @@ class CupyKernels:
 
     def _launch(self, name, grid, block, args):
         fn = self._fn(name)
-        with _stream(self.device):
-            fn(grid, block, tuple(_arr(a) if isinstance(a, torch.Tensor) else a for a in args))
+        vals, keep = _kernel_args(args)
+        with self.stream:
+            fn(grid, block, vals)
+        del keep  # queued: the temporaries may go
 
     def assign(self, P, C, cnorm, mask, lab):
         tj, tr = self._tile_table(P)
