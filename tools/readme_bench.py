@@ -19,7 +19,7 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 def meta(text: str) -> list[str]:
     return [ln for ln in text.splitlines()
-            if re.match(r"- (date|commit|machine|measured|kcengine solver|\*\*No GPU)|Measured ", ln)]
+            if re.match(r"- (date|commit|machine|measured|kcengine solver|GPU|\*\*No GPU)|Measured ", ln)]
 
 
 def first_table(text: str, after: str | None = None) -> str:
@@ -100,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
                 r / "recovery_resnet20_seeds_b64.md", [("", None)], note=seed_summary(r / "recovery_resnet20_seeds_b64.md")),
         section("Recovery of resnet20: the spread over finetune seeds (batch 128, before)", r / "recovery_resnet20_seeds.md",
                 [("", None)], note=seed_summary(r / "recovery_resnet20_seeds.md")),
-        section("GPU", r / "kmeans_gpu.md", []),
+        section("Clustering on a GPU (NVIDIA H200): resnet18 shapes", r / "kmeans_gpu.md", [("", "## resnet18")]),
+        section("Clustering on a GPU (NVIDIA H200): e_large, all 3x3 kernels of resnet18 as one problem, k = 4096",
+                r / "kmeans_gpu_large.md", [("", "## resnet18")]),
+        section("Centroid-indexed convolution on a GPU (NVIDIA H200): triton backend vs dense cuDNN",
+                r / "indexed_conv_gpu.md", [("", "## Summary"), ("End to end:", "## End to end")]),
     ])
     readme = ROOT / "README.md"
     text = readme.read_text()

@@ -219,7 +219,8 @@ def run_gpu_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, c
     return rows, kernels
 
 
-def write_gpu_report(source: str, workloads, rows, kernels, ceilings, out_dir: Path, name: str = "kmeans_gpu") -> Path:
+def write_gpu_report(source: str, workloads, rows, kernels, ceilings, out_dir: Path, name: str = "kmeans_gpu",
+                     command: str = "") -> Path:
     info = machine_info()
     lines = ["# Batched k-means on GPU: cuda and triton backends vs the torch reference and scikit-learn\n",
              f"- date: {now_utc()}", f"- commit: {git_commit()}",
@@ -227,6 +228,7 @@ def write_gpu_report(source: str, workloads, rows, kernels, ceilings, out_dir: P
              f"{ceilings['bandwidth'] / 1e9:.0f} GB/s, "
              f"fp32 matmul {ceilings['fp32_flops'] / 1e12:.1f} TFLOP/s (TF32 off)",
              f"- host: {info.get('cpu')} ({info.get('cores')} cores); torch {info['torch']}",
+             *([f"- recorded by: `{command}`"] if command else []),
              "- seconds: best of the repeats after a warm-up call on the whole workload (kernel compilation untimed); inputs already on the GPU, results left there; scikit-learn on the host CPU (k-means++, n_init=1)",
              f"\n## {source}\n"]
     for w in workloads:
@@ -249,6 +251,7 @@ def main(argv=None) -> int:
                    help="cap per workload: N, or name=N,...; 'all' for none (default for models other than "
                         "resnet20: the CPU benchmark's caps, so scikit-learn runs the same problems in minutes)")
     p.add_argument("--sklearn-large", action="store_true", help="also time scikit-learn on e_large (slow)")
+    p.add_argument("--no-kernel-profile", action="store_true", help="skip the per-kernel profile (one call less)")
     p.add_argument("--sweep-step", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--out", default=None, help="folder for kmeans_gpu.md/.csv (default bench/results)")
@@ -278,14 +281,20 @@ def main(argv=None) -> int:
     ceilings = device_ceilings()
     rows, kernels = [], []
     for wl in wls:
-        r, kr = run_gpu_workload(wl, args.methods.split(","), repeat=args.repeat, ceilings=ceilings,
+        r, kr = run_gpu_workload(wl, args.methods.split(","), repeat=args.repeat,
+                                 ceilings=None if args.no_kernel_profile else ceilings,
                                  progress=lambda w, m: print(f"  {w}: {m} done", flush=True),
                                  sklearn_large=args.sklearn_large)
         rows += r
         kernels += kr
     print(markdown_table(rows))
     out = Path(args.out) if args.out else (repo_root() or Path.cwd()) / "bench" / "results"
-    print("wrote", write_gpu_report(source, wls, rows, kernels, ceilings, out, args.name))
+    import shlex
+    import sys
+
+    cmd = "python -m kcengine.bench.kmeans_gpu " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    print("wrote", write_gpu_report(source, wls, rows, kernels, ceilings, out, args.name, cmd.strip()))
     return 0
 
 
