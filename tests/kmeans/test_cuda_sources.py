@@ -205,6 +205,33 @@ def test_packed_driver_matches_cpu_backend(init, n_init, weighted, dtype):
     _compare(probs)
 
 
+def test_packed_driver_results_gathered_over_two_chunks():
+    """A batch solved in two calls into one ``out`` (as the fused and packed paths do), with n_init = 3:
+    every problem's best run lands at its index, equal to the one-call result, and its labels do not
+    keep the other runs' labels alive."""
+    rng = np.random.default_rng(8)
+    shapes, ks = [(40, 3), (25, 2), (60, 1), (33, 4), (50, 2), (18, 5)], [3, 4, 5, 2, 6, 3]
+    xs = [rng.normal(size=s) for s in shapes]
+    probs, _ = api._build(xs, ks, init="k-means++", n_init=3, max_iter=100, tol=1e-4, sample_weight=None, seed=5,
+                          algorithm="auto")
+    pt = api._convert(probs, "torch")
+    one: list = []
+    cb.solve_packed(pt, list(range(6)), cb.TorchKernels(), one)
+    two: list = []
+    cb.solve_packed(pt, [1, 3, 4], cb.TorchKernels(), two)
+    cb.solve_packed(pt, [5, 0, 2], cb.TorchKernels(), two)
+    a, b = cb.collect(pt, one), cb.collect(pt, two)
+    for p in range(6):
+        assert torch.equal(a.centroids[p], b.centroids[p]) and torch.equal(a.labels[p], b.labels[p])
+        chunk = [1, 3, 4] if p in (1, 3, 4) else [5, 0, 2]  # its storage: the best runs of its chunk only
+        assert b.labels[p].untyped_storage().nbytes() == 8 * sum(shapes[q][0] for q in chunk)
+        assert tuple(b.centroids[p].shape) == (ks[p], shapes[p][1])
+    for f in ("inertia", "n_iter", "converged"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    np.testing.assert_allclose(a.inertia.numpy(), cpu_backend.solve(api._convert(probs, "cpu")).inertia,
+                               rtol=0.1)  # seeded: same streams, near-equal quality
+
+
 def test_packed_driver_max_iter_and_sweep():
     rng = np.random.default_rng(4)
     x = rng.normal(size=(200, 4)).astype(np.float32)

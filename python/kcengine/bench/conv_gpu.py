@@ -56,8 +56,8 @@ def run_layer_bench_gpu(batches=(1, 32), divisors=(8, 4, 2), granularities=("fil
     rows = []
     for n in batches:
         for si, shape in enumerate(resnet18_conv_shapes(size)):
+            torch.manual_seed(si)  # the layer's weights and the input: the same every run
             conv = nn.Conv2d(shape["c_in"], shape["c_out"], shape["k"], shape["stride"], shape["padding"], bias=False)
-            torch.manual_seed(si)
             x = torch.randn(n, shape["c_in"], shape["h_in"], shape["h_in"], device=dev)
             for gran in granularities:
                 for d in divisors:
@@ -115,7 +115,8 @@ def _report(layers, e2e, args, seconds) -> str:
              f"- GPU: {torch.cuda.get_device_name()}; host {info.get('cpu')} ({info.get('cores')} cores); "
              f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}",
              f"- float32; cuDNN TF32 allowed: {torch.backends.cudnn.allow_tf32} (both sides alike); "
-             f"median of {args.repeat} CUDA-event-timed calls after warm-up, dense and clustered alternating",
+             f"median of {args.repeat} (layers) / {max(args.repeat, 30)} (end to end) CUDA-event-timed calls after "
+             "warm-up, dense and clustered alternating",
              f"- recorded by: `python -m kcengine.bench.conv_gpu {' '.join(args.argv)}`".rstrip() + f" ({seconds:.0f} s)",
              ""]
     if layers:

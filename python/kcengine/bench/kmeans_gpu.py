@@ -113,7 +113,10 @@ def gpu_inputs(wl: Workload) -> list:
     import torch
 
     cache = {}
-    return [cache.setdefault(id(x), torch.from_numpy(x).to("cuda")) for x in wl.xs]
+    for x in wl.xs:
+        if id(x) not in cache:
+            cache[id(x)] = torch.from_numpy(x).to("cuda")
+    return [cache[id(x)] for x in wl.xs]
 
 
 def run_gpu_method(wl: Workload, method: str, seed: int = 0, xs=None):

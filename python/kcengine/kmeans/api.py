@@ -97,15 +97,18 @@ def _all_finite(a) -> bool:
 
 
 def _nonfinite(arrays) -> list[int]:
-    """Indices of the arrays holding NaN or Inf.  Torch tensors (a GPU batch above all) are checked
-    together: one flat copy and one device synchronization for the whole batch, not one per array;
-    only when that finds something are they checked one by one."""
-    if arrays and _is_torch(arrays[0]):
+    """Indices of the arrays holding NaN or Inf.  Torch tensors on one device (a GPU batch above all)
+    are checked together: each distinct tensor once (a list may repeat one), one flat copy and one
+    device synchronization for the whole batch, not one per array; only when that finds something
+    (or for numpy arrays, or a mix) are they checked one by one."""
+    if arrays and all(_is_torch(a) for a in arrays) and len({str(a.device) for a in arrays}) == 1:
         import torch
 
-        flat = [a.reshape(-1) for a in arrays]
-        whole = flat[0] if len(flat) == 1 else torch.cat([f.to(flat[0].dtype) for f in flat])
-        if bool(torch.isfinite(whole).all()):
+        uniq = list({id(a): a.reshape(-1) for a in arrays}.values())
+        dtypes = {u.dtype for u in uniq}
+        dtype = uniq[0].dtype if len(dtypes) == 1 else torch.float64  # bool/int first must not swallow a NaN
+        whole = uniq[0] if len(uniq) == 1 else torch.cat([u.to(dtype) for u in uniq])
+        if bool(torch.isfinite(whole).all()):  # a value cast out of range reads Inf: checked one by one below
             return []
     return [i for i, a in enumerate(arrays) if not _all_finite(a)]
 
@@ -207,14 +210,25 @@ def _check_weights(sample_weight, parts, layout):
             raise ValueError(f"{name} must have shape [{a.shape[0]}], got shape {tuple(w.shape)}")
         if _dtype_name(w) not in ("float32", "float64", "int64", "int32", "float16", "bool"):
             raise ValueError(f"{name} must be numeric, got dtype {_dtype_name(w)}")
-        if not _all_finite(w):
-            raise ValueError(f"{name} holds NaN or Inf values")
-        wmin = float(w.min())
-        if wmin < 0:
-            raise ValueError(f"{name} must be >= 0, got a minimum of {wmin}")
-        if float(w.sum()) <= 0:
-            raise ValueError(f"{name} sums to 0: at least one point needs a positive weight")
         out.append(w)
+    bad = _nonfinite(out)
+    if bad:
+        raise ValueError(f"{'sample_weight' if layout == 'single' else f'sample_weight of problem {bad[0]}'} "
+                         "holds NaN or Inf values")
+    if out and all(_is_torch(w) for w in out) and len({str(w.device) for w in out}) == 1:
+        import torch  # one synchronization for the batch, not two per problem
+
+        mins = torch.stack([w.min().double() for w in out]).cpu().numpy()
+        sums = torch.stack([w.sum().double() for w in out]).cpu().numpy()
+    else:
+        mins = [float(np.min(_to_numpy(w))) for w in out]
+        sums = [float(np.sum(_to_numpy(w), dtype=np.float64)) for w in out]
+    for i, (wmin, wsum) in enumerate(zip(mins, sums)):
+        name = "sample_weight" if layout == "single" else f"sample_weight of problem {i}"
+        if wmin < 0:
+            raise ValueError(f"{name} must be >= 0, got a minimum of {float(wmin)}")
+        if wsum <= 0:
+            raise ValueError(f"{name} sums to 0: at least one point needs a positive weight")
     return out
 
 

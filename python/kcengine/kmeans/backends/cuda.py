@@ -222,28 +222,27 @@ class Packed:
 
 def _dataset_tols(X: torch.Tensor, ds_n: np.ndarray, ds_d: np.ndarray, tol: float) -> torch.Tensor:
     """``tol`` times the mean per-feature variance of every dataset packed in ``X`` (flat, row-major
-    [n_s, d_s] blocks), as a float64 tensor on X's device, with no host synchronization (one per
-    dataset was the largest host cost of a batch of thousands of small problems on a GPU).
+    [n_s, d_s] blocks, in order), as a float64 tensor on X's device, with no host synchronization
+    (one per dataset was the largest host cost of a batch of thousands of small problems on a GPU).
 
-    The values are regrouped by feature (a stable sort of their global feature ids), then per
-    feature: the mean, and the mean squared deviation from it (two passes, float64, segment sums
-    in a fixed order: deterministic, like the cpu core's per-dataset two-pass variance)."""
+    Consecutive datasets of one D form one [rows, D] block; per dataset and feature, segment sums
+    along the rows give the mean, then the mean squared deviation from it: two passes in float64 in
+    a fixed order (deterministic), like the cpu core's per-dataset variance."""
     dev = X.device
     size = ds_n * ds_d
     start = np.cumsum(size) - size
-    first_feat = np.cumsum(ds_d) - ds_d
-    pos = torch.arange(X.numel(), device=dev)
-    rel = pos - torch.as_tensor(np.repeat(start, size), device=dev)
-    feat = torch.as_tensor(np.repeat(first_feat, size), device=dev) + rel % torch.as_tensor(np.repeat(ds_d, size),
-                                                                                            device=dev)
-    order = torch.argsort(feat, stable=True)
-    x = X.double()[order]
-    counts = torch.as_tensor(np.repeat(ds_n, ds_d), device=dev)
-    mean = torch.segment_reduce(x, "sum", lengths=counts, unsafe=True) / counts
-    dev2 = (x - torch.repeat_interleave(mean, counts, output_size=x.numel())) ** 2
-    var = torch.segment_reduce(dev2, "sum", lengths=counts, unsafe=True) / counts
-    per_ds = torch.segment_reduce(var, "sum", lengths=torch.as_tensor(ds_d, device=dev), unsafe=True)
-    return tol * per_ds / torch.as_tensor(ds_d, dtype=torch.float64, device=dev)
+    cuts = np.flatnonzero(np.diff(ds_d)) + 1
+    out = []
+    for b, e in zip(np.r_[0, cuts], np.r_[cuts, len(ds_d)]):
+        d = int(ds_d[b])
+        lens = torch.as_tensor(ds_n[b:e], device=dev)
+        block = X[int(start[b]):int(start[b] + size[b:e].sum())].view(-1, d).double()
+        rows = torch.as_tensor(ds_n[b:e], dtype=torch.float64, device=dev).unsqueeze(1)
+        mean = torch.segment_reduce(block, "sum", lengths=lens, axis=0, unsafe=True) / rows
+        dev2 = (block - torch.repeat_interleave(mean, lens, dim=0, output_size=block.shape[0])) ** 2
+        var = torch.segment_reduce(dev2, "sum", lengths=lens, axis=0, unsafe=True) / rows
+        out.append(tol * var.mean(1))
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def pack(probs: Problems, problems: list[int]) -> Packed:
@@ -382,7 +381,8 @@ def _centroid_norms(P: Packed, C: torch.Tensor) -> torch.Tensor:
 
 class PackedLloyd:
     """Seeding, Lloyd iterations and the final E-step for a :class:`Packed` batch, driven from the
-    host with one synchronization per iteration (to stop when every job has converged)."""
+    host: a few synchronizations per iteration (whether any job is still active, whether a cluster
+    emptied, and torch's ``bincount``)."""
 
     def __init__(self, P: Packed, kernels, probs: Problems):
         self.P, self.K, self.probs = P, kernels, probs
@@ -605,6 +605,13 @@ def solve_packed(probs: Problems, problems: list[int], kernels, out: list) -> No
     store_best(out, problems, P, C, lab, inertia, n_iter, conv)
 
 
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(starts[i], starts[i] + lengths[i])`` (int64)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    first = np.cumsum(lengths) - lengths
+    return np.repeat(np.asarray(starts, dtype=np.int64) - first, lengths) + np.arange(int(lengths.sum()))
+
+
 def store_best(out: list, problems: list[int], P: Packed, C: torch.Tensor, lab: torch.Tensor, inertia: torch.Tensor,
                n_iter: torch.Tensor, conv: torch.Tensor) -> None:
     """Append to ``out`` the results of ``problems`` (jobs of ``P``, runs consecutive): for each, the
@@ -614,9 +621,17 @@ def store_best(out: list, problems: list[int], P: Packed, C: torch.Tensor, lab: 
     best = inertia.view(-1, runs).argmin(1)
     jb = torch.arange(len(problems), device=inertia.device) * runs + best
     jh = np.arange(len(problems)) * runs + best.cpu().numpy()
-    c_parts = torch.split(C, (P.k * P.d).tolist())
-    l_parts = torch.split(lab.long(), P.n.tolist())
-    cents = [c_parts[j].view(int(P.k[j]), int(P.d[j])) for j in jh.tolist()]
+    kd, n = P.k * P.d, P.n
+    if runs > 1:  # keep the best runs only (views into every run's buffers would keep them all alive)
+        C = C[torch.as_tensor(_ranges(P.coff_h[jh], kd[jh]), device=C.device)]
+        lab = lab[torch.as_tensor(_ranges(P.loff_h[jh], n[jh]), device=lab.device)]
+        kd, n, jh = kd[jh], n[jh], np.arange(len(problems))
+        sel = np.arange(len(problems)) * runs
+    else:
+        sel = jh
+    c_parts = torch.split(C, kd.tolist())
+    l_parts = torch.split(lab.long(), n.tolist())
+    cents = [c_parts[j].view(int(P.k[s]), int(P.d[s])) for j, s in zip(jh.tolist(), sel.tolist())]
     labels = [l_parts[j] for j in jh.tolist()]
     out.append((np.asarray(problems, dtype=np.int64), cents, labels, inertia[jb].double(), n_iter[jb].int(),
                 conv[jb].bool()))
