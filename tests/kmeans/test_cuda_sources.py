@@ -280,3 +280,16 @@ def test_packed_driver_never_reads_uninitialised_buffers(monkeypatch):
     for p in range(probs.n_problems):
         assert torch.equal(torch.as_tensor(poisoned.labels[p]), torch.as_tensor(clean.labels[p])), f"problem {p}"
     np.testing.assert_array_equal(np.asarray(poisoned.inertia), np.asarray(clean.inertia))
+
+
+def test_kernel_args_pass_addresses_and_keep_temporaries():
+    """CupyKernels' arguments: each tensor as its address (uint64 by value), bool tensors as a uint8
+    copy and non-contiguous ones as a contiguous copy, both kept alive for the launch; scalars as given."""
+    a = torch.arange(6, dtype=torch.float32)
+    m = torch.tensor([True, False, True])
+    t = torch.arange(12, dtype=torch.int64).view(3, 4).t()  # not contiguous
+    vals, keep = cb._kernel_args((a, m, t, np.int64(7)))
+    assert vals[0] == np.uint64(a.data_ptr()) and isinstance(vals[0], np.uint64)
+    assert keep[1].dtype == torch.uint8 and vals[1] == np.uint64(keep[1].data_ptr()) and keep[1].tolist() == [1, 0, 1]
+    assert keep[2].is_contiguous() and torch.equal(keep[2], t) and vals[2] == np.uint64(keep[2].data_ptr())
+    assert vals[3] == 7 and len(keep) == 3
