@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import git_commit, machine_info, markdown_table, now_utc, rel_diff, repo_root, write_csv
+from .common import command_line, git_commit, machine_info, markdown_table, now_utc, rel_diff, repo_root, write_csv
 from .conv import _clustered_resnet18, _flops, _geomean, _random_clustering, resnet18_conv_shapes
 
 
@@ -117,7 +117,7 @@ def _report(layers, e2e, args, seconds) -> str:
              f"- float32; cuDNN TF32 allowed: {torch.backends.cudnn.allow_tf32} (both sides alike); "
              f"median of {args.repeat} (layers) / {max(args.repeat, 30)} (end to end) CUDA-event-timed calls after "
              "warm-up, dense and clustered alternating",
-             f"- recorded by: `python -m kcengine.bench.conv_gpu {' '.join(args.argv)}`".rstrip() + f" ({seconds:.0f} s)",
+             f"- recorded by: `{args.command}` ({seconds:.0f} s)",
              ""]
     if layers:
         lines.append("## Summary (geometric mean of dense / clustered time over resnet18's shapes)\n")
@@ -141,9 +141,7 @@ def _report(layers, e2e, args, seconds) -> str:
 
 
 def main(argv=None) -> int:
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, command = command_line("kcengine.bench.conv_gpu", argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", default="1,32")
     p.add_argument("--divisors", default="8,4,2")
@@ -153,7 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for the .md/.csv (default bench/results)")
     p.add_argument("--name", default="indexed_conv_gpu")
     args = p.parse_args(argv)
-    args.argv = argv
+    args.command = command
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark")
         return 2

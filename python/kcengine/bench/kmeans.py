@@ -480,6 +480,24 @@ _LARGE_MODEL_CAP = {"a_sweep": 48, "d_element": 4000}
 _LARGE_MODEL_CAP_TEXT = ",".join(f"{k}={v}" for k, v in _LARGE_MODEL_CAP.items())
 
 
+def parse_caps(value: str | None, models) -> int | dict | None:
+    """``--max-problems`` as ``build_workloads`` takes it: ``"all"`` -> no cap; ``None`` -> no cap for
+    resnet20 alone, else the recorded results' caps (resnet18's a_sweep is 4,780 problems: scikit-learn
+    and the torch reference would take hours and ~15 GB on every one; the evenly spaced subset is the
+    same for every method); ``"N"`` -> N for every workload; ``"a_sweep=48,..."`` -> per workload."""
+    if value == "all":
+        return None
+    if value is None:
+        if all(m == "resnet20" for m in models):
+            return None
+        print(f"capping the workloads at {_LARGE_MODEL_CAP_TEXT} problems (pass --max-problems all for every one)",
+              flush=True)
+        return dict(_LARGE_MODEL_CAP)
+    if "=" in value:
+        return {k: int(v) for k, v in (kv.split("=") for kv in value.split(","))}
+    return int(value)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", help="model(s) whose conv weights form the workloads")
@@ -501,19 +519,7 @@ def main(argv=None) -> int:
         print("wrote", isa_comparison((args.model or ["resnet20"])[0], out_dir=Path(args.out) if args.out else None,
                                       command=command, name=args.name or "kmeans_isa"))
         return 0
-    if args.max_problems == "all":
-        args.max_problems = None
-    elif args.max_problems is None and any(m != "resnet20" for m in (args.model or [])):
-        # resnet18's a_sweep is 4,780 problems: scikit-learn and the torch reference would take hours and
-        # ~15 GB on every one; the recorded results use this evenly spaced subset (same for every method)
-        args.max_problems = dict(_LARGE_MODEL_CAP)
-        print(f"capping the workloads at {_LARGE_MODEL_CAP_TEXT} problems (pass --max-problems all for every one)",
-              flush=True)
-    elif args.max_problems is not None:
-        if "=" in args.max_problems:
-            args.max_problems = {k: int(v) for k, v in (kv.split("=") for kv in args.max_problems.split(","))}
-        else:
-            args.max_problems = int(args.max_problems)
+    args.max_problems = parse_caps(args.max_problems, args.model or ["resnet20"])
     if args.threads:
         set_threads(args.threads)
     models = args.model or ["resnet20"]

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import git_commit, machine_info, markdown_table, now_utc, repo_root, write_csv
-from .kmeans import (WORKLOADS, Workload, _geo_ratio, _inertia, build_workloads, load_weights, run_sklearn,
-                     time_methods)
+from .common import command_line, git_commit, machine_info, markdown_table, now_utc, repo_root, write_csv
+from .kmeans import (WORKLOADS, Workload, _geo_ratio, _inertia, build_workloads, load_weights, parse_caps,
+                     run_sklearn, time_methods)
 
 GPU_METHODS = ("cuda", "triton", "torch", "sklearn")
 LARGE_K = 4096
@@ -140,11 +140,12 @@ def _host(out):
     return [c.cpu().numpy() for c in out.centroids], out.n_iter.cpu().numpy()
 
 
-def profile_kernels(wl: Workload, method: str, ceilings: dict, n_iter, seed: int = 0) -> list[dict]:
-    """Kernel times of one call (torch.profiler) with modeled bytes/FLOPs and ceiling fractions."""
+def profile_kernels(wl: Workload, method: str, ceilings: dict, n_iter, seed: int = 0, xs=None) -> list[dict]:
+    """Kernel times of one call (torch.profiler) with modeled bytes/FLOPs and ceiling fractions
+    (``xs``: the inputs from :func:`gpu_inputs`, uploaded when not given)."""
     from torch.profiler import ProfilerActivity, profile
 
-    xs = gpu_inputs(wl)
+    xs = xs if xs is not None else gpu_inputs(wl)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run_gpu_method(wl, method, seed, xs)
     times: dict[str, float] = {}
@@ -168,17 +169,20 @@ def profile_kernels(wl: Workload, method: str, ceilings: dict, n_iter, seed: int
     return rows
 
 
+SLOW_ON_LARGE = ("sklearn",)  # e_large (one 1.2M-point problem at k = 4096): minutes on the CPU
+
+
 def run_gpu_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, ceilings=None, progress=None,
-                     sklearn_large: bool = False):
+                     skip_on_large=SLOW_ON_LARGE):
     """Time every method (warm-up call first, alternating order), compare inertia, profile kernels.
-    scikit-learn is left out of ``e_large`` (one 1.2M-point problem at k = 4096: many minutes on a
-    CPU) unless ``sklearn_large``; its row then says so."""
+    The methods in ``skip_on_large`` are left out of ``e_large``; their rows say so."""
     import torch
 
     skipped = {}
-    if wl.name == "e_large" and not sklearn_large and "sklearn" in methods:
-        methods = [m for m in methods if m != "sklearn"]
-        skipped["sklearn"] = "not run on e_large (minutes on the CPU; --sklearn-large runs it)"
+    if wl.name == "e_large":
+        skipped = {m: "not run on e_large (minutes there; python -m kcengine.bench.kmeans_gpu --workloads "
+                      "e_large --sklearn-large runs scikit-learn too)" for m in methods if m in skip_on_large}
+        methods = [m for m in methods if m not in skipped]
 
     errors = {}
     xs = gpu_inputs(wl)
@@ -216,7 +220,7 @@ def run_gpu_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, c
         for m in ("cuda", "triton"):
             if m in cents:
                 try:
-                    kernels += profile_kernels(wl, m, ceilings, iters[m], seed)
+                    kernels += profile_kernels(wl, m, ceilings, iters[m], seed, xs)
                 except Exception as exc:
                     kernels.append({"workload": wl.name, "method": m, "kernel": f"profiler failed: {exc}"[:120]})
     return rows, kernels
@@ -259,26 +263,17 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--out", default=None, help="folder for kmeans_gpu.md/.csv (default bench/results)")
     p.add_argument("--name", default="kmeans_gpu")
+    argv, command = command_line("kcengine.bench.kmeans_gpu", argv)
     args = p.parse_args(argv)
     import torch
 
     if not torch.cuda.is_available():
-        print("no CUDA device: nothing to benchmark (bench/results/kmeans_gpu.md keeps its status note)")
+        print("no CUDA device: nothing to benchmark (bench/results/kmeans_gpu.md is left as it is)")
         return 2
     layers, source = load_weights(args.model)
     names = args.workloads.split(",")
-    from .kmeans import _LARGE_MODEL_CAP
-
-    caps = args.max_problems
-    if caps == "all":
-        caps = None
-    elif caps is None:
-        caps = None if args.model == "resnet20" else dict(_LARGE_MODEL_CAP)
-    elif "=" in caps:
-        caps = {k: int(v) for k, v in (kv.split("=") for kv in caps.split(","))}
-    else:
-        caps = int(caps)
-    wls = build_workloads(layers, [w for w in names if w != "e_large"], caps, args.sweep_step)
+    wls = build_workloads(layers, [w for w in names if w != "e_large"], parse_caps(args.max_problems, [args.model]),
+                          args.sweep_step)
     if "e_large" in names:
         wls.append(large_workload(layers))
     ceilings = device_ceilings()
@@ -287,17 +282,12 @@ def main(argv=None) -> int:
         r, kr = run_gpu_workload(wl, args.methods.split(","), repeat=args.repeat,
                                  ceilings=None if args.no_kernel_profile else ceilings,
                                  progress=lambda w, m: print(f"  {w}: {m} done", flush=True),
-                                 sklearn_large=args.sklearn_large)
+                                 skip_on_large=() if args.sklearn_large else SLOW_ON_LARGE)
         rows += r
         kernels += kr
     print(markdown_table(rows))
     out = Path(args.out) if args.out else (repo_root() or Path.cwd()) / "bench" / "results"
-    import shlex
-    import sys
-
-    cmd = "python -m kcengine.bench.kmeans_gpu " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    print("wrote", write_gpu_report(source, wls, rows, kernels, ceilings, out, args.name, cmd.strip()))
+    print("wrote", write_gpu_report(source, wls, rows, kernels, ceilings, out, args.name, command))
     return 0
 
 

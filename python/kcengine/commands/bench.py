@@ -109,10 +109,9 @@ def run_clustering(args, out: Path) -> dict:
         table, kernels = [], []
         with tqdm(total=len(wls) * len(methods), desc="clustering (cuda)", unit="run", leave=False) as bar:
             for wl in wls:
-                # e_large (one 1.2M-point problem, k = 4096): the torch reference and scikit-learn take
-                # minutes there; python -m kcengine.bench.kmeans_gpu --workloads e_large times them
-                ms = [m for m in methods if not (wl.name == "e_large" and m == "torch")]
-                rows, ks = kg.run_gpu_workload(wl, ms, ceilings=ceilings, progress=lambda w, m: bar.update(1))
+                # the torch reference, like scikit-learn, takes minutes on e_large
+                rows, ks = kg.run_gpu_workload(wl, methods, ceilings=ceilings, progress=lambda w, m: bar.update(1),
+                                               skip_on_large=kg.SLOW_ON_LARGE + ("torch",))
                 table += rows
                 kernels += ks
         write_csv(out / "clustering_kernels.csv", kernels)

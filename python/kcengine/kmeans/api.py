@@ -221,8 +221,9 @@ def _check_weights(sample_weight, parts, layout):
         mins = torch.stack([w.min().double() for w in out]).cpu().numpy()
         sums = torch.stack([w.sum().double() for w in out]).cpu().numpy()
     else:
-        mins = [float(np.min(_to_numpy(w))) for w in out]
-        sums = [float(np.sum(_to_numpy(w), dtype=np.float64)) for w in out]
+        host = [_to_numpy(w) for w in out]
+        mins = [float(np.min(w)) for w in host]
+        sums = [float(np.sum(w, dtype=np.float64)) for w in host]
     for i, (wmin, wsum) in enumerate(zip(mins, sums)):
         name = "sample_weight" if layout == "single" else f"sample_weight of problem {i}"
         if wmin < 0:

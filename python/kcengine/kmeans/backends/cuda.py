@@ -412,7 +412,7 @@ class PackedLloyd:
         g = torch.arange(P.n_clusters, device=self.dev)
         g_job = P.dev["g_job"]
         row = chosen[g_job, g - P.dev["goff"][g_job]]
-        gd = np.repeat(P.d, P.k)
+        gd = P.dev["g_d"]
         start = _expand(P.dev["xoff"][g_job] + row * P.dev["d"][g_job], gd, P.n_cvals)
         gstart = _expand(P.dev["g_coff"], gd, P.n_cvals)
         return P.X[start + (torch.arange(P.n_cvals, device=self.dev) - gstart)].clone()
@@ -555,7 +555,7 @@ class PackedLloyd:
         e_job, g_job = P.dev["e_job"], P.dev["g_job"]
         kd = P.dev["k"] * P.dev["d"]  # device copies of the segment lengths: no host copy per iteration
         c_job = _expand(torch.arange(J, device=dev), kd, P.n_cvals)
-        c_g = _expand(torch.arange(G, device=dev), np.repeat(P.d, P.k), P.n_cvals)
+        c_g = _expand(torch.arange(G, device=dev), P.dev["g_d"], P.n_cvals)
         key_base = P.dev["goff"][e_job]
         for _ in range(self.probs.max_iter):
             if not bool(active.any()):
@@ -621,18 +621,17 @@ def store_best(out: list, problems: list[int], P: Packed, C: torch.Tensor, lab: 
     best = inertia.view(-1, runs).argmin(1)
     jb = torch.arange(len(problems), device=inertia.device) * runs + best
     jh = np.arange(len(problems)) * runs + best.cpu().numpy()
-    kd, n = P.k * P.d, P.n
+    shapes = list(zip(P.k[jh].tolist(), P.d[jh].tolist()))
     if runs > 1:  # keep the best runs only (views into every run's buffers would keep them all alive)
-        C = C[torch.as_tensor(_ranges(P.coff_h[jh], kd[jh]), device=C.device)]
-        lab = lab[torch.as_tensor(_ranges(P.loff_h[jh], n[jh]), device=lab.device)]
-        kd, n, jh = kd[jh], n[jh], np.arange(len(problems))
-        sel = np.arange(len(problems)) * runs
+        C = C[torch.as_tensor(_ranges(P.coff_h[jh], P.k[jh] * P.d[jh]), device=C.device)]
+        lab = lab[torch.as_tensor(_ranges(P.loff_h[jh], P.n[jh]), device=lab.device)]
+        pick, c_sizes, l_sizes = range(len(problems)), P.k[jh] * P.d[jh], P.n[jh]
     else:
-        sel = jh
-    c_parts = torch.split(C, kd.tolist())
-    l_parts = torch.split(lab.long(), n.tolist())
-    cents = [c_parts[j].view(int(P.k[s]), int(P.d[s])) for j, s in zip(jh.tolist(), sel.tolist())]
-    labels = [l_parts[j] for j in jh.tolist()]
+        pick, c_sizes, l_sizes = jh.tolist(), P.k * P.d, P.n
+    c_parts = torch.split(C, c_sizes.tolist())
+    l_parts = torch.split(lab.long(), l_sizes.tolist())
+    cents = [c_parts[j].view(k, d) for j, (k, d) in zip(pick, shapes)]
+    labels = [l_parts[j] for j in pick]
     out.append((np.asarray(problems, dtype=np.int64), cents, labels, inertia[jb].double(), n_iter[jb].int(),
                 conv[jb].bool()))
 
