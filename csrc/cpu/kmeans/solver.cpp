@@ -12,7 +12,7 @@
 // Lloyd with far less work, chosen per problem:
 //   * hamerly  - triangle-inequality bounds skip most distance computations (k < 20);
 //   * yinyang  - one bound per group of centers (k >= 20, D > 16);
-//   * topm     - each point's 4 nearest competitors plus one bound for the rest, the point looked
+//   * topm     - each point's 2 or 4 nearest competitors plus one bound for the rest, the point looked
 //                at only once the drifts may have closed its gap (k >= 20, D <= 16: 3x3 kernels);
 //   * gram     - distances through the N x N Gram matrix when D is large against N: centroids are
 //                weighted means of points, so every distance is a combination of Gram entries;
@@ -1028,8 +1028,9 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
 // --------------------------------------------------------------------------------- top-m bounds
 // For low D and many centers (3x3 kernels as 9-D points, k = 256) late Lloyd iterations move every
 // center a little, and Hamerly/Yinyang bounds, eroded by the largest (group) drift, fail for a
-// large share of points each iteration.  Here every point lists its M nearest competitors and
-// keeps one lower bound for all other centers, which starts at the (M+2)-th nearest distance.
+// large share of points each iteration.  Here every point lists its M nearest competitors (M = 2
+// or 4, below) and keeps one lower bound for all other centers, which starts at the (M+2)-th
+// nearest distance.
 // Nothing is updated per point per iteration: a point's gap (its nearest competitor or far bound
 // minus its own distance) is turned into a wake threshold on the accumulated drifts, and an
 // E-step streams the 4-byte thresholds and examines only the points that are due (recomputing
@@ -1037,11 +1038,16 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
 // undercut it re-labels among them, and scans all k centers only when the far bound gives way.
 // On resnet18's 512x512 layers 15-30% of the points are due in a late iteration and 2-5% scan.
 // DC > 0: the dimension as a compile-time constant (3x3 kernels: 9), so the distance loops unroll
-// and a block's 16 partial sums stay in registers.
-template <class T, int DC>
+// and a block's 16 partial sums stay in registers.  M: the listed competitors.  Few points per
+// cluster and few iterations (resnet20's layers, at most 4096 kernels at k = 256) favour a short
+// list: a due point's check is cheaper, and a longer list saves few scans (M = 2 is about 10% faster
+// there than M = 4); the long runs of large layers (resnet18's, up to 262144 kernels and 300
+// iterations) favour M = 4 (7% faster than M = 2 over resnet18's 3x3 layers).
+constexpr i64 kShortListN = 8192;  // up to this many points top-m lists M = 2 competitors, else 4
+template <class T, int DC, int M>
 void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::vector<T>& init, int max_iter,
                 bool par, Run<T>& out) {
-  constexpr int M = 4, L = 16;  // L: lt_mask16's width
+  constexpr int L = 16;  // lt_mask16's width
   const i64 n = ds.n, d = DC > 0 ? DC : ds.d;
   if (sizeof(T) == 4) {  // the scan's float distances must not overflow: huge data goes to Yinyang
     float amax = 0.0f;
@@ -2088,8 +2094,9 @@ void solve_problem(const Dataset<T>& ds, const Prepared<T>& prep, Problem<T>& pr
         throw std::runtime_error("gram fallback");  // handled by the caller: re-run direct
       case Algo::Yinyang: solve_yinyang(ds, prep, k, init_c, params.max_iter, par, run); break;
       case Algo::TopM:
-        if (ds.d == 9) solve_topm<T, 9>(ds, prep, k, init_c, params.max_iter, par, run);
-        else solve_topm<T, 0>(ds, prep, k, init_c, params.max_iter, par, run);
+        if (ds.d == 9 && ds.n <= kShortListN) solve_topm<T, 9, 2>(ds, prep, k, init_c, params.max_iter, par, run);
+        else if (ds.d == 9) solve_topm<T, 9, 4>(ds, prep, k, init_c, params.max_iter, par, run);
+        else solve_topm<T, 0, 4>(ds, prep, k, init_c, params.max_iter, par, run);
         break;
       default: solve_direct(ds, prep, k, init_c, params.max_iter, algo == Algo::Hamerly, par, run); break;
     }
