@@ -130,7 +130,7 @@ def test_exact1d_is_optimal_and_never_worse_than_lloyd():
 
 @pytest.mark.parametrize("n,d,k,dtype", [(20000, 9, 256, np.float64),  # 3x3 kernels: the d = 9 build, threaded
                                          (3000, 5, 40, np.float64),  # the generic-d build
-                                         (500, 9, 3, np.float64),  # fewer centers than listed competitors
+                                         (500, 9, 2, np.float64),  # no more centers than listed competitors
                                          (20000, 9, 128, np.float32),  # n > 8192: M = 4 listed
                                          (4096, 9, 256, np.float32),  # resnet20's shape: M = 2 listed
                                          # float32 d = 9: the first E-step scans 16 points per vector;
@@ -138,8 +138,9 @@ def test_exact1d_is_optimal_and_never_worse_than_lloyd():
                                          # (M = 2 up to 8192 points, M = 4 above)
                                          (1003, 9, 3, np.float32), (1011, 9, 4, np.float32),
                                          (1029, 9, 5, np.float32), (37, 9, 6, np.float32),
-                                         (1050, 9, 7, np.float32), (9001, 9, 6, np.float32),
-                                         (9003, 9, 7, np.float32)])
+                                         (1050, 9, 7, np.float32), (1001, 9, 2, np.float32),
+                                         (9005, 9, 3, np.float32), (9007, 9, 4, np.float32),
+                                         (9001, 9, 6, np.float32), (9003, 9, 7, np.float32)])
 def test_topm_equals_plain_lloyd(n, d, k, dtype):
     """The top-m bound solver skips distance work but must walk Lloyd's exact trajectory: same
     labels, centroids, inertia and iteration count as plain Lloyd from the same start (labels

@@ -9,11 +9,12 @@ import kcengine
 from kcengine import _core
 
 
-@pytest.mark.parametrize("algorithm", ["topm", "yinyang", "hamerly"])
-def test_every_runnable_copy_gives_lloyds_labels(monkeypatch, algorithm, runnable_isas):
+@pytest.mark.parametrize("algorithm,n", [("topm", 6000), ("topm", 9000),  # top-m lists 2 / 4 competitors
+                                         ("yinyang", 6000), ("hamerly", 6000)])
+def test_every_runnable_copy_gives_lloyds_labels(monkeypatch, algorithm, n, runnable_isas):
     isas = runnable_isas
     assert "generic" in isas and _core.kmeans_isa() in isas
-    x = np.random.default_rng(0).uniform(-1, 1, size=(6000, 9)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(-1, 1, size=(n, 9)).astype(np.float32)
     init = x[:64].copy()
     ref = kcengine.kmeans(x, 64, init=init, algorithm="lloyd")
     for isa in isas:

@@ -431,7 +431,7 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
             ``KCENGINE_BACKEND`` overrides ``"auto"``).
         algorithm: ``"auto"`` (exact Lloyd with the fastest exact method per problem: Gram-matrix
             distances when D is large against N; for k >= 20 top-m bounds (exact bounds for each
-            point's 4 nearest competitors and one for all others) when D <= 16, else Yinyang group
+            point's 2 nearest competitors up to 8192 points, 4 above, and one for all others) when D <= 16, else Yinyang group
             bounds; Hamerly bounds for k < 20; sorted 1-D sweeps when D == 1), one of those by name
             (``"lloyd"`` = plain Lloyd, ``"hamerly"``, ``"yinyang"``, ``"topm"``, ``"gram"``,
             ``"lloyd1d"``), or ``"exact1d"``: the globally optimal 1-D clustering (D == 1 only).
