@@ -1040,9 +1040,9 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
 // DC > 0: the dimension as a compile-time constant (3x3 kernels: 9), so the distance loops unroll
 // and a block's 16 partial sums stay in registers.  M: the listed competitors.  Few points per
 // cluster and few iterations (resnet20's layers, at most 4096 kernels at k = 256) favour a short
-// list: a due point's check is cheaper, and a longer list saves few scans (M = 2 took 7-13% less time
-// there than M = 4 in an interleaved A/B); the long runs of large layers (resnet18's, up to 262144 kernels and 300
-// iterations) favour M = 4 (7% faster than M = 2 over resnet18's 3x3 layers).
+// list: a due point's check is cheaper, and a longer list saves few scans (M = 2 took 7-13% less
+// time there than M = 4 in an interleaved A/B); the long runs of large layers (resnet18's, up to
+// 262144 kernels and 300 iterations) favour M = 4 (7% faster than M = 2 over resnet18's 3x3 layers).
 constexpr i64 kShortListN = 8192;  // up to this many points top-m lists M = 2 competitors, else 4
 template <class T, int DC, int M>
 void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::vector<T>& init, int max_iter,

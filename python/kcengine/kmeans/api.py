@@ -96,12 +96,17 @@ def _all_finite(a) -> bool:
     return bool(np.isfinite(a).all())
 
 
+def _one_torch_device(arrays) -> bool:
+    """Whether ``arrays`` is non-empty and all torch tensors on one device (checked as one batch)."""
+    return bool(arrays) and all(_is_torch(a) for a in arrays) and len({str(a.device) for a in arrays}) == 1
+
+
 def _nonfinite(arrays) -> list[int]:
     """Indices of the arrays holding NaN or Inf.  Torch tensors on one device (a GPU batch above all)
     are checked together: each distinct tensor once (a list may repeat one), one flat copy and one
     device synchronization for the whole batch, not one per array; only when that finds something
     (or for numpy arrays, or a mix) are they checked one by one."""
-    if arrays and all(_is_torch(a) for a in arrays) and len({str(a.device) for a in arrays}) == 1:
+    if _one_torch_device(arrays):
         import torch
 
         uniq = list({id(a): a.reshape(-1) for a in arrays}.values())
@@ -215,7 +220,7 @@ def _check_weights(sample_weight, parts, layout):
     if bad:
         raise ValueError(f"{'sample_weight' if layout == 'single' else f'sample_weight of problem {bad[0]}'} "
                          "holds NaN or Inf values")
-    if out and all(_is_torch(w) for w in out) and len({str(w.device) for w in out}) == 1:
+    if _one_torch_device(out):
         import torch  # one synchronization for the batch, not two per problem
 
         mins = torch.stack([w.min().double() for w in out]).cpu().numpy()

@@ -622,16 +622,12 @@ def store_best(out: list, problems: list[int], P: Packed, C: torch.Tensor, lab: 
     jb = torch.arange(len(problems), device=inertia.device) * runs + best
     jh = np.arange(len(problems)) * runs + best.cpu().numpy()
     shapes = list(zip(P.k[jh].tolist(), P.d[jh].tolist()))
+    c_sizes, l_sizes = P.k[jh] * P.d[jh], P.n[jh]
     if runs > 1:  # keep the best runs only (views into every run's buffers would keep them all alive)
-        C = C[torch.as_tensor(_ranges(P.coff_h[jh], P.k[jh] * P.d[jh]), device=C.device)]
-        lab = lab[torch.as_tensor(_ranges(P.loff_h[jh], P.n[jh]), device=lab.device)]
-        pick, c_sizes, l_sizes = range(len(problems)), P.k[jh] * P.d[jh], P.n[jh]
-    else:
-        pick, c_sizes, l_sizes = jh.tolist(), P.k * P.d, P.n
-    c_parts = torch.split(C, c_sizes.tolist())
-    l_parts = torch.split(lab.long(), l_sizes.tolist())
-    cents = [c_parts[j].view(k, d) for j, (k, d) in zip(pick, shapes)]
-    labels = [l_parts[j] for j in pick]
+        C = C[torch.as_tensor(_ranges(P.coff_h[jh], c_sizes), device=C.device)]
+        lab = lab[torch.as_tensor(_ranges(P.loff_h[jh], l_sizes), device=lab.device)]
+    cents = [c.view(k, d) for c, (k, d) in zip(torch.split(C, c_sizes.tolist()), shapes)]
+    labels = list(torch.split(lab.long(), l_sizes.tolist()))
     out.append((np.asarray(problems, dtype=np.int64), cents, labels, inertia[jb].double(), n_iter[jb].int(),
                 conv[jb].bool()))
 
