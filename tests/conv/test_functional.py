@@ -392,21 +392,44 @@ def test_native_gather_matches_numpy():
         outl = np.empty((ul.shape[0], 11), dt)
         _core.conv_gather_epilogue(ul, idx, a, None, None, False, outl)
         np.testing.assert_allclose(outl, ul[:, idx] * a, rtol=1e-6, atol=1e-6)
-    # channels-last float32 with K <= 128 takes the AVX-512 permute path (where the CPU has it), one register
-    # pair per 32 codebook maps: cover every pair count and a partial last register, C not a multiple of 16,
-    # residual + ReLU, 1 and 2 threads; K = 129 takes the generic path.
-    for k, c in ((20, 37), (32, 16), (16, 5), (1, 3), (33, 19), (64, 64), (65, 80), (100, 33), (128, 512),
-                 (127, 17), (129, 40)):
-        u = rng.standard_normal((101, k)).astype(np.float32)
-        idx = rng.integers(0, k, c).astype(np.int32)
-        a, b = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
-        r = rng.standard_normal((101, c)).astype(np.float32)
-        for threads in (1, 2):
-            out = np.empty((101, c), np.float32)
-            _core.conv_gather_epilogue(u, idx, a, b, r, True, out, threads)
-            np.testing.assert_allclose(out, np.maximum(u[:, idx] * a + b + r, 0), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=r"threads must be >= 0.*got -1"):
-        _core.conv_gather_epilogue(u, idx, None, None, None, False, np.empty((101, 19), np.float32), -1)
+        _core.conv_gather_epilogue(ul, idx, None, None, None, False, outl, -1)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_native_gather_every_isa_copy(isa, runnable_isas):
+    """The channels-last float32 gather's hand-written copies (KCENGINE_CPU_ISA) against numpy.  AVX-512:
+    one register pair per 32 codebook maps up to K = 128.  AVX2: one register per 8 maps up to K = 32, a
+    transpose through a [K][8] block above, up to K = 1024.  Past those, the plain loop.  The cases
+    cover every register count with a partial last register, K not a multiple of 8 on the transpose, C
+    not a multiple of 8 or 16, pixel counts that leave fewer than 8 pixels in a thread's last block,
+    residual + ReLU and without, 1 and 2 threads."""
+    import numpy as np
+
+    from kcengine import _core
+
+    if isa not in runnable_isas:
+        pytest.skip(f"this CPU cannot run the {isa} copy")
+    rng = np.random.default_rng(1)
+    for k, c in ((1, 3), (5, 8), (8, 16), (13, 7), (16, 64), (20, 37), (24, 9), (32, 16), (33, 19), (40, 41),
+                 (64, 64), (65, 80), (100, 33), (127, 17), (128, 512), (129, 40), (256, 24), (1024, 8), (1025, 9)):
+        for m in (101, 64 * 3 + 8, 7):
+            u = rng.standard_normal((m, k)).astype(np.float32)
+            idx = rng.integers(0, k, c).astype(np.int32)
+            idx[0] = k - 1  # the last map is always read
+            a, b = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+            r = rng.standard_normal((m, c)).astype(np.float32)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("KCENGINE_CPU_ISA", isa)
+                for threads in (1, 2):
+                    out = np.full((m, c), np.nan, np.float32)
+                    _core.conv_gather_epilogue(u, idx, a, b, r, True, out, threads)
+                    np.testing.assert_allclose(out, np.maximum(u[:, idx] * a + b + r, 0), rtol=1e-6, atol=1e-6,
+                                               err_msg=f"K={k} C={c} M={m} threads={threads}")
+                    out = np.full((m, c), np.nan, np.float32)
+                    _core.conv_gather_epilogue(u, idx, a, b, None, False, out, threads)
+                    np.testing.assert_allclose(out, u[:, idx] * a + b, rtol=1e-6, atol=1e-6,
+                                               err_msg=f"K={k} C={c} M={m} threads={threads} no residual")
 
 
 def test_import_touches_no_triton_or_cupy():
