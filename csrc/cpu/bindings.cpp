@@ -23,4 +23,5 @@ PYBIND11_MODULE(_core, m) {
   }, "CPU features the runtime dispatch can use");
   kcengine::register_kmeans(m);
   kcengine::register_conv(m);
+  kcengine::register_buffers(m);
 }

@@ -6,4 +6,5 @@
 namespace kcengine {
 void register_kmeans(pybind11::module_& m);
 void register_conv(pybind11::module_& m);
+void register_buffers(pybind11::module_& m);
 }  // namespace kcengine
