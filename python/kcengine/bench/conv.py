@@ -31,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .baselines import PackedDenseConv, frozen_dense
-from .common import (command_line, git_commit, machine_info, markdown_table, now_utc, rel_diff, time_against,
-                     time_alternating, write_csv)
+from .common import (command_line, git_commit, keep_freed_memory_mapped, machine_info, markdown_table, now_utc,
+                     rel_diff, time_against, time_alternating, write_csv)
 
 __all__ = ["resnet18_conv_shapes", "run_layer_bench", "run_e2e_bench", "run_checkpoint_sizes", "run_conv_bench",
            "main"]
@@ -269,27 +269,33 @@ def _geomean(vals):
 def run_conv_bench(out_dir=None, batches=(1, 32), divisors=(8, 4, 2), granularities=("filter", "kernel"),
                    e2e: bool = True, size: int = 224, log=print, layer_repeat: dict | None = None,
                    e2e_repeat: dict | None = None, threads: int = 0, name: str = "indexed_conv",
-                   command: str | None = None) -> dict:
+                   command: str | None = None, steady_malloc: bool = True) -> dict:
     """Run both parts; write ``<name>.md``/``.csv`` (and ``<name>_e2e.csv``) under ``out_dir``.
 
     ``threads``: OpenMP/torch threads for both sides (0: leave the current setting).  ``command``: how the
-    run was started, for the report (default: this function's call).
+    run was started, for the report (default: this function's call).  ``steady_malloc``: first set this
+    process's malloc to keep freed memory mapped (:func:`~kcengine.bench.common.keep_freed_memory_mapped`;
+    it stays so after the run), so that no time depends on page faults from the process's history.
     """
     t0 = time.perf_counter()
+    allocator = keep_freed_memory_mapped() if steady_malloc else None
     prev_threads = torch.get_num_threads()
     if threads:
         # torch and kcengine._core share one OpenMP runtime: this sets both sides' thread count
         torch.set_num_threads(threads)
     try:
         return _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat, e2e_repeat, t0, name,
-                    command or f"kcengine.bench.conv.run_conv_bench(batches={tuple(batches)}, divisors={tuple(divisors)}, "
-                    f"granularities={tuple(granularities)}, e2e={e2e}, size={size}, threads={threads}, name={name!r})")
+                    allocator, command or f"kcengine.bench.conv.run_conv_bench(batches={tuple(batches)}, divisors={tuple(divisors)}, "
+                    f"granularities={tuple(granularities)}, e2e={e2e}, size={size}, threads={threads}, name={name!r}, "
+                    f"steady_malloc={steady_malloc})")
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat, e2e_repeat, t0, name, command):
+def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat, e2e_repeat, t0, name, allocator,
+         command):
     info = machine_info()
+    info["allocator"] = allocator or "the C library's malloc as the process left it (page faults on fresh pages count)"
     info["torch_threads"] = torch.get_num_threads()
     info["load_avg"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     ckpt_rows = run_checkpoint_sizes(log=log)
@@ -358,6 +364,8 @@ def _markdown(r: dict) -> str:
              "run, dense and clustered timed alternately on the same input (best of the repeats: layers 10 (filter) / "
              "5 (kernel) at batch 1, 4 / 2 at batch 32; end to end 20 at batch 1, 3 at batch 32; one warm-up each). "
              "The machine is shared with other jobs: expect noise.",
+             f"- allocator: {info.get('allocator', 'not recorded')}; kcengine's native outputs of 1 MiB and more "
+             "come from its own buffer cache either way (`kcengine.conv.output_cache_info`).",
              "- dense (per layer) = the dense weight `layer.to_dense()` through the same oneDNN path with a "
              "stored weight reorder as the clustered layer's own conv (`kcengine.bench.baselines.PackedDenseConv`); "
              "`dense_eager_ms` / `speedup_vs_eager` = plain `F.conv2d`, which reorders the weight on every call "
@@ -405,11 +413,13 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", type=int, default=0, help="threads for both sides (0: torch's default)")
     p.add_argument("--name", default="indexed_conv", help="result file stem")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave malloc as it is (page faults on fresh memory then count, on both sides)")
     argv, command = command_line("kcengine.bench.conv", argv)
     a = p.parse_args(argv)
     r = run_conv_bench(a.out, tuple(int(b) for b in a.batches.split(",")),
                        granularities=tuple(a.granularity.split(",")), e2e=not a.no_e2e, size=a.size,
-                       threads=a.threads, name=a.name, command=command)
+                       threads=a.threads, name=a.name, command=command, steady_malloc=not a.system_malloc)
     print(markdown_table(r["summary"]))
     if r["e2e"]:
         print(markdown_table(r["e2e"]))

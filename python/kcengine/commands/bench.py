@@ -275,12 +275,14 @@ def run_inference(args, out: Path) -> dict:
     import torch.nn as nn
 
     from ..bench.baselines import PackedDenseConv, frozen_dense
-    from ..bench.common import markdown_table, time_against, time_alternating, write_csv
+    from ..bench.common import keep_freed_memory_mapped, markdown_table, time_against, time_alternating, write_csv
     from ..compress import compress
     from ..conv import ClusteredConv2d, fuse_for_inference, save_compressed
 
     lm, src = _load(args)
     _log(f"[inference] {args.model}: {src}; clustering every conv at ratio {args.ratio}")
+    # no time below depends on page faults from what the process freed before (both sides alike)
+    allocator = keep_freed_memory_mapped() or "the C library's malloc as the process left it"
     import copy
 
     clustered, report = compress(lm.model, ratio=args.ratio, granularity="filter", seed=0)
@@ -372,12 +374,13 @@ def run_inference(args, out: Path) -> dict:
                    "weights prepacked, ReLU fused), its strongest stock-PyTorch CPU form, against the same clustered "
                    "model" if frozen is not None else f"no frozen dense baseline here ({frozen_why})")
     md = (f"{src}; every conv clustered at k = round(C_out * {args.ratio}) (filter granularity), {fused}. "
-          f"{frozen_note}.\n\n"
+          f"{frozen_note}. Allocator: {allocator}.\n\n"
           + markdown_table(rows) + "\nPer layer (batch 1, channels-last, each conv alone on its real input; no "
           "fusion; dense = the dense weight through the same stored-reorder oneDNN path as the clustered conv, "
           "`dense_eager_ms` = the eager Conv2d, which reorders its weight on every call):\n\n"
           + markdown_table(layer_rows) + "\n" + markdown_table(summary))
-    return {"source": src, "rows": rows, "layers": layer_rows, "sizes": summary, "markdown": md}
+    return {"source": src, "rows": rows, "layers": layer_rows, "sizes": summary, "allocator": allocator,
+            "markdown": md}
 
 
 def _plot_layers(rows, path: Path) -> None:
