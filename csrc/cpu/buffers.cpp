@@ -5,10 +5,10 @@
 // from the heap depending on what was freed before (its mmap threshold moves, the heap top gets
 // trimmed).  Fresh pages cost a page fault each on first write: on resnet18's layer1 at batch 32 (a
 // 25.7 MB output, 6272 faults) that was 8 ms on top of a 14 ms layer, in some processes and not in
-// others.  pooled_empty hands out blocks from a free list keyed by size instead; a block comes back
+// others.  pooled_empty hands out freed blocks of the requested size instead; a block comes back
 // when the last array (and so the last torch tensor made from it by torch.from_numpy) sharing its
 // memory dies, and stays mapped for the next request of that size.  Free blocks are kept up to a
-// byte limit (pool_set_limit; beyond it a returning block is freed), and pool_release frees them all.
+// byte limit (pool_set_limit; the oldest go first), and pool_release frees them all.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -17,7 +17,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <iterator>
-#include <map>
+#include <list>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -31,15 +31,19 @@ namespace {
 
 constexpr size_t kAlign = 4096;  // page-aligned blocks; sizes rounded up to whole pages
 
+// Free blocks in one list, oldest first.  A request takes the most recently freed block of its exact
+// size; a returning block that would push the cached bytes past the limit evicts the oldest blocks
+// first (so a warm-up at one shape does not hold the cache against later shapes).  A few dozen
+// blocks at most in practice: linear scans.
 class BufferPool {
  public:
   void* take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      auto it = free_.find(bytes);
-      if (it != free_.end() && !it->second.empty()) {
-        void* p = it->second.back();
-        it->second.pop_back();
+      for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
+        if (it->bytes != bytes) continue;
+        void* p = it->ptr;
+        free_.erase(std::next(it).base());
         cached_ -= bytes;
         ++hits_;
         return p;
@@ -51,54 +55,60 @@ class BufferPool {
     return p;
   }
 
-  void give_back(void* p, size_t bytes) {
+  // Called from a capsule destructor: never throws (a block it cannot keep is freed).
+  void give_back(void* p, size_t bytes) noexcept {
     std::lock_guard<std::mutex> lock(mu_);
-    if (cached_ + bytes > limit_) {
+    if (bytes > limit_) {
       std::free(p);
       return;
     }
-    free_[bytes].push_back(p);
-    cached_ += bytes;
+    evict_to(limit_ - bytes);
+    try {
+      free_.push_back({p, bytes});
+      cached_ += bytes;
+    } catch (...) {
+      std::free(p);
+    }
   }
 
   size_t release() {
     std::lock_guard<std::mutex> lock(mu_);
     const size_t freed = cached_;
-    for (auto& [bytes, list] : free_)
-      for (void* p : list) std::free(p);
-    free_.clear();
-    cached_ = 0;
+    evict_to(0);
     return freed;
   }
 
   void set_limit(size_t bytes) {
     std::lock_guard<std::mutex> lock(mu_);
     limit_ = bytes;
-    while (cached_ > limit_) {  // drop the largest blocks first
-      auto it = std::prev(free_.end());
-      std::free(it->second.back());
-      it->second.pop_back();
-      cached_ -= it->first;
-      if (it->second.empty()) free_.erase(it);
-    }
+    evict_to(limit_);
   }
 
-  py::dict stats() {
+  struct Stats {
+    size_t cached_bytes, cached_blocks, limit_bytes;
+    uint64_t hits, misses;
+  };
+  Stats stats() {
     std::lock_guard<std::mutex> lock(mu_);
-    size_t blocks = 0;
-    for (auto& [bytes, list] : free_) blocks += list.size();
-    py::dict d;
-    d["cached_bytes"] = cached_;
-    d["cached_blocks"] = blocks;
-    d["limit_bytes"] = limit_;
-    d["hits"] = hits_;
-    d["misses"] = misses_;
-    return d;
+    return {cached_, free_.size(), limit_, hits_, misses_};
   }
 
  private:
+  struct Entry {
+    void* ptr;
+    size_t bytes;
+  };
+
+  void evict_to(size_t keep) {  // mu_ held
+    while (cached_ > keep && !free_.empty()) {
+      std::free(free_.front().ptr);
+      cached_ -= free_.front().bytes;
+      free_.pop_front();
+    }
+  }
+
   std::mutex mu_;
-  std::map<size_t, std::vector<void*>> free_;
+  std::list<Entry> free_;
   size_t cached_ = 0;
   size_t limit_ = size_t(512) << 20;
   uint64_t hits_ = 0, misses_ = 0;
@@ -143,13 +153,27 @@ py::array pooled_empty(const std::vector<py::ssize_t>& shape, const py::object& 
     }
   }
   const size_t bytes = std::max<size_t>(kAlign, (count * item + kAlign - 1) / kAlign * kAlign);
-  Block* block = new Block{pool().take(bytes), bytes};
-  py::capsule owner(block, [](void* b) {
-    Block* blk = static_cast<Block*>(b);
-    pool().give_back(blk->ptr, blk->bytes);
-    delete blk;
-  });
-  return py::array(dtype, shape, strides, block->ptr, owner);
+  void* ptr = pool().take(bytes);
+  Block* block = nullptr;
+  try {
+    block = new Block{ptr, bytes};
+  } catch (...) {
+    pool().give_back(ptr, bytes);
+    throw;
+  }
+  py::capsule owner;
+  try {
+    owner = py::capsule(block, [](void* b) {
+      Block* blk = static_cast<Block*>(b);
+      pool().give_back(blk->ptr, blk->bytes);
+      delete blk;
+    });
+  } catch (...) {  // the capsule does not own the block yet
+    pool().give_back(ptr, bytes);
+    delete block;
+    throw;
+  }
+  return py::array(dtype, shape, strides, ptr, owner);  // from here the capsule returns the block
 }
 
 }  // namespace
@@ -162,7 +186,16 @@ void register_buffers(py::module_& m) {
     if (bytes < 0) throw py::value_error("bytes must be >= 0, got " + std::to_string(bytes));
     pool().set_limit(static_cast<size_t>(bytes));
   }, py::arg("bytes"), "Most bytes of free blocks kept (0 = keep none)");
-  m.def("pool_stats", []() { return pool().stats(); },
+  m.def("pool_stats", []() {
+    const BufferPool::Stats st = pool().stats();  // copied under the lock, the dict built after it (building
+    py::dict d;                                    // it may run the GC, which may return a block)
+    d["cached_bytes"] = st.cached_bytes;
+    d["cached_blocks"] = st.cached_blocks;
+    d["limit_bytes"] = st.limit_bytes;
+    d["hits"] = st.hits;
+    d["misses"] = st.misses;
+    return d;
+  },
         "cached_bytes, cached_blocks, limit_bytes, hits, misses of the output-buffer cache");
 }
 

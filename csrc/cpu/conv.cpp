@@ -247,13 +247,6 @@ __attribute__((target("avx2,fma"))) inline __m256i lane_mask(int64_t left) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(left, 8))), lanes);
 }
 
-__attribute__((target("avx2,fma"))) inline __m256 affine_act(__m256 v, __m256 a, __m256 b, const float* r,
-                                                             __m256i mk, bool full, bool relu) {
-  v = _mm256_fmadd_ps(v, a, b);
-  if (r) v = _mm256_add_ps(v, full ? _mm256_loadu_ps(r) : _mm256_maskload_ps(r, mk));
-  return relu ? _mm256_max_ps(v, _mm256_setzero_ps()) : v;
-}
-
 // The 8 outputs idx[0..7] of one pixel whose K values sit in reg (one lane permute per register, blended
 // by the index's register idx >> 3).
 template <int NREG>
@@ -360,14 +353,17 @@ __attribute__((target("avx2,fma"))) void gather_pixels_trans_avx2(const float* _
     }
     float* dst = out + m * C;
     const float* rr = res ? res + m * C : nullptr;
-    const __m256i all = _mm256_set1_epi32(-1);
     for (int64_t o = 0; o < cfull; o += 8) {
       __m256 r[8];
       for (int j = 0; j < 8; ++j) r[j] = _mm256_load_ps(ut + static_cast<int64_t>(idx[o + j]) * 8);
       transpose8(r);  // r[p] = channels o..o+7 of pixel m + p
       const __m256 av = _mm256_loadu_ps(a + o), bv = _mm256_loadu_ps(b + o);
-      for (int p = 0; p < 8; ++p)
-        _mm256_storeu_ps(dst + p * C + o, affine_act(r[p], av, bv, rr ? rr + p * C + o : nullptr, all, true, relu));
+      for (int p = 0; p < 8; ++p) {
+        __m256 v = _mm256_fmadd_ps(r[p], av, bv);
+        if (rr) v = _mm256_add_ps(v, _mm256_loadu_ps(rr + p * C + o));
+        if (relu) v = _mm256_max_ps(v, _mm256_setzero_ps());
+        _mm256_storeu_ps(dst + p * C + o, v);
+      }
     }
     for (int64_t o = cfull; o < C; ++o) {  // C % 8 channels
       const float* row = ut + static_cast<int64_t>(idx[o]) * 8;
@@ -378,6 +374,15 @@ __attribute__((target("avx2,fma"))) void gather_pixels_trans_avx2(const float* _
     }
   }
   if (m < m1) gather_pixels(u, K, idx, a, b, res, out, C, m, m1, relu);
+}
+
+// Which copy the channels-last gather takes for K maps (float32 under instruction set isa; float64
+// always takes the plain loop): "avx512_permute", "avx2_permute", "avx2_transpose" or "plain".
+const char* gather_copy(const std::string& isa, int64_t K, bool is_float) {
+  if (!is_float || isa == "generic") return "plain";
+  if (isa == "avx512" && K <= kPermGatherMaxK) return "avx512_permute";
+  if (K <= kPermAvx2MaxK) return "avx2_permute";
+  return K <= kTransAvx2MaxK ? "avx2_transpose" : "plain";
 }
 
 void gather_pixels_avx2_f32(const float* u, int64_t K, const int32_t* idx, const float* a, const float* b,
@@ -439,12 +444,11 @@ void gather_epilogue_impl(const py::array& u, const int32_t* idx, const std::vec
     }
   } else {  // channels-last: u [M, K], out [M, C]
     const int64_t M = u.shape(0), K = u.shape(1), C = out.shape(1);
-    const std::string isa = std::is_same_v<T, float> ? pick_isa() : "generic";
+    const std::string copy = gather_copy(pick_isa(), K, std::is_same_v<T, float>);
     py::gil_scoped_release nogil;
     const int64_t block = 64;
-    // the hand-written copies: pick_isa's set ("avx512" implies AVX2 too); K past their reach, the plain loop
-    const bool use_512 = isa == "avx512" && K <= kPermGatherMaxK;
-    const bool use_avx2 = !use_512 && isa != "generic" && K <= kTransAvx2MaxK;
+    const bool use_512 = copy == "avx512_permute";
+    const bool use_avx2 = copy == "avx2_permute" || copy == "avx2_transpose";  // gather_pixels_avx2_f32 picks
     const int64_t nblocks = (M + block - 1) / block;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t bi = 0; bi < nblocks; ++bi) {
@@ -1049,6 +1053,13 @@ void register_conv(py::module_& m) {
         py::arg("shift"), py::arg("residual"), py::arg("relu"), py::arg("out"), py::arg("threads") = 0,
         "out[n,o,s] = act(u[n,index[o],s]*scale[o]+shift[o] (+residual)); u [N,K,S] NCHW or [M,K] channels-last; "
         "index int32 [C_out]; writes out [N,C_out,S] / [M,C_out]");
+  m.def("conv_gather_copy", [](int64_t K, const py::object& dtype) {
+    if (K < 1) throw py::value_error("K must be >= 1, got " + std::to_string(K));
+    const py::dtype dt = py::dtype::from_args(dtype);
+    return std::string(gather_copy(pick_isa(), K, dt.is(py::dtype::of<float>())));
+  }, py::arg("K"), py::arg("dtype"),
+        "The copy conv_gather_epilogue takes for channels-last u with K maps under the current instruction "
+        "set: avx512_permute, avx2_permute, avx2_transpose or plain");
   m.def("conv_gather_sum", &gather_sum, py::arg("p"), py::arg("pair"), py::arg("scale"), py::arg("shift"),
         py::arg("residual"), py::arg("relu"), py::arg("out"), py::arg("threads") = 0,
         "out[n,o,s] = act(sum_i p[n,pair[o,i],s]*scale[o]+shift[o] (+residual)); p [N,P,S]; pair int32 [C_out,C_in]");

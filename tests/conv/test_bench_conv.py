@@ -16,7 +16,8 @@ def test_resnet18_shapes():
 
 def test_bench_runs_small(tmp_path):
     r = run_conv_bench(tmp_path, batches=(1,), divisors=(4,), size=32, log=lambda *_: None,
-                       layer_repeat={(1, "filter"): 1, (1, "kernel"): 1}, e2e_repeat={1: 1})
+                       layer_repeat={(1, "filter"): 1, (1, "kernel"): 1}, e2e_repeat={1: 1},
+                       steady_malloc=False)  # leaves pytest's malloc alone (see the subprocess test below)
     assert len(r["layers"]) == 11 * 2
     for row in r["layers"]:
         assert row["dense_ms"] > 0 and row["clustered_ms"] > 0 and math.isfinite(row["speedup"])
@@ -45,11 +46,12 @@ def test_cli_records_its_command(tmp_path):
     from kcengine.bench.conv import main
 
     argv = ["--out", str(tmp_path), "--batches", "1", "--granularity", "kernel", "--no-e2e", "--size", "32",
-            "--threads", "1", "--name", "one_thread"]
+            "--threads", "1", "--name", "one_thread", "--system-malloc"]
     assert main(argv) == 0
     md = (tmp_path / "one_thread.md").read_text()
     assert f"recorded by `python -m kcengine.bench.conv --out {tmp_path} --batches 1" in md
-    assert "--threads 1 --name one_thread`" in md and "torch threads 1" in md
+    assert "--threads 1 --name one_thread --system-malloc`" in md and "torch threads 1" in md
+    assert "- allocator: the C library's malloc as the process left it" in md
 
 
 _FAULTS = """
@@ -79,6 +81,14 @@ def test_keep_freed_memory_mapped_stops_refaulting():
         said, faults = out.stdout.split()
         return said == "True", int(faults)
 
+    import os
+    from pathlib import Path
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[always]" in thp.read_text():
+        pytest.skip("transparent huge pages always on: a 64 MiB mapping takes few faults either way")
+    if os.environ.get("LD_PRELOAD"):
+        pytest.skip("a preloaded allocator (LD_PRELOAD) ignores glibc's mallopt")
     glibc, steady = run("steady")
     if not glibc:
         pytest.skip("not glibc: keep_freed_memory_mapped changes nothing here")

@@ -102,10 +102,33 @@ def test_limit_and_release(cache):
     assert freed >= 2 * nbytes and output_cache_info()["cached_bytes"] == 0
 
 
+def test_limit_evicts_oldest_and_skips_live_sizes(cache):
+    """Blocks of two sizes: lowering the limit while the larger size's blocks are all alive frees only the
+    free ones; a block returning to a full cache evicts the oldest free block, not itself."""
+    small, big = 1 << 18, 1 << 19  # float32 elements: 1 MiB and 2 MiB
+    a = torch.from_numpy(_core.pooled_empty([small], "float32"))
+    b = torch.from_numpy(_core.pooled_empty([big], "float32"))
+    del a  # the 1 MiB block is free, the 2 MiB one alive
+    set_output_cache_limit(0)
+    info = output_cache_info()
+    assert info["cached_blocks"] == 0 and info["cached_bytes"] == 0
+    set_output_cache_limit(2.5)
+    del b  # 2 MiB cached
+    c = torch.from_numpy(_core.pooled_empty([small], "float32"))
+    d = torch.from_numpy(_core.pooled_empty([small], "float32"))
+    del c  # 3 MiB > 2.5: the older 2 MiB block goes
+    info = output_cache_info()
+    assert info["cached_blocks"] == 1 and info["cached_bytes"] == 1 << 20
+    del d
+    assert output_cache_info()["cached_bytes"] == 2 << 20
+
+
 def test_bad_arguments():
-    for bad in (-1, "2", None, True, float("nan")):
-        with pytest.raises(ValueError, match="mib must be a number >= 0"):
+    for bad in (-1, "2", None, True, float("nan"), float("inf"), 2.0**40):
+        with pytest.raises(ValueError, match="mib must be a number between 0 and"):
             set_output_cache_limit(bad)
+    set_output_cache_limit(np.float32(512))  # numpy numbers are numbers
+    assert output_cache_info()["limit_bytes"] == 512 << 20
     with pytest.raises(ValueError, match="shape entries must be >= 0, got -2"):
         _core.pooled_empty([3, -2], "float32")
     with pytest.raises(ValueError, match="dtype must be float32 or float64, got int32"):
@@ -122,8 +145,9 @@ def test_env_limit_is_checked(monkeypatch):
     monkeypatch.setenv("KCENGINE_OUTPUT_CACHE_MB", "lots")
     with pytest.raises(ValueError, match="KCENGINE_OUTPUT_CACHE_MB must be a number of MiB.*'lots'"):
         backends._env_cache_bytes()
-    monkeypatch.setenv("KCENGINE_OUTPUT_CACHE_MB", "-3")
-    with pytest.raises(ValueError, match="KCENGINE_OUTPUT_CACHE_MB must be >= 0"):
-        backends._env_cache_bytes()
+    for bad in ("-3", "nan", "inf"):
+        monkeypatch.setenv("KCENGINE_OUTPUT_CACHE_MB", bad)
+        with pytest.raises(ValueError, match=f"KCENGINE_OUTPUT_CACHE_MB must be between 0 and .*'{bad}'"):
+            backends._env_cache_bytes()
     monkeypatch.setenv("KCENGINE_OUTPUT_CACHE_MB", "1.5")
     assert backends._env_cache_bytes() == 3 << 19

@@ -398,9 +398,10 @@ def test_native_gather_matches_numpy():
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_native_gather_every_isa_copy(isa, runnable_isas):
-    """The channels-last float32 gather's hand-written copies (KCENGINE_CPU_ISA) against numpy.  AVX-512:
-    one register pair per 32 codebook maps up to K = 128.  AVX2: one register per 8 maps up to K = 32, a
-    transpose through a [K][8] block above, up to K = 1024.  Past those, the plain loop.  The cases
+    """The channels-last float32 gather's hand-written copies (KCENGINE_CPU_ISA) against numpy, and which
+    copy each K takes (conv_gather_copy).  AVX-512: one register pair per 32 codebook maps up to K = 128.
+    AVX2: one register per 8 maps up to K = 32, a transpose through a [K][8] block above, up to
+    K = 1024.  Past those, the plain loop; nothing is written outside out.  The cases
     cover every register count with a partial last register, K not a multiple of 8 on the transpose, C
     not a multiple of 8 or 16, pixel counts that leave fewer than 8 pixels in a thread's last block,
     residual + ReLU and without, 1 and 2 threads."""
@@ -411,6 +412,16 @@ def test_native_gather_every_isa_copy(isa, runnable_isas):
     if isa not in runnable_isas:
         pytest.skip(f"this CPU cannot run the {isa} copy")
     rng = np.random.default_rng(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KCENGINE_CPU_ISA", isa)
+        copies = {k: _core.conv_gather_copy(k, np.float32) for k in (1, 32, 33, 128, 129, 1024, 1025)}
+        assert _core.conv_gather_copy(16, np.float64) == "plain"
+    want = {"generic": {k: "plain" for k in copies},
+            "avx2": {1: "avx2_permute", 32: "avx2_permute", 33: "avx2_transpose", 128: "avx2_transpose",
+                     129: "avx2_transpose", 1024: "avx2_transpose", 1025: "plain"},
+            "avx512": {1: "avx512_permute", 32: "avx512_permute", 33: "avx512_permute", 128: "avx512_permute",
+                       129: "avx2_transpose", 1024: "avx2_transpose", 1025: "plain"}}[isa]
+    assert copies == want
     for k, c in ((1, 3), (5, 8), (8, 16), (13, 7), (16, 64), (20, 37), (24, 9), (32, 16), (33, 19), (40, 41),
                  (64, 64), (65, 80), (100, 33), (127, 17), (128, 512), (129, 40), (256, 24), (1024, 8), (1025, 9)):
         for m in (101, 64 * 3 + 8, 7):
@@ -422,10 +433,12 @@ def test_native_gather_every_isa_copy(isa, runnable_isas):
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv("KCENGINE_CPU_ISA", isa)
                 for threads in (1, 2):
-                    out = np.full((m, c), np.nan, np.float32)
+                    buf = np.full(m * c + 64, np.nan, np.float32)  # 32 guard floats either side of out
+                    out = buf[32:-32].reshape(m, c)
                     _core.conv_gather_epilogue(u, idx, a, b, r, True, out, threads)
                     np.testing.assert_allclose(out, np.maximum(u[:, idx] * a + b + r, 0), rtol=1e-6, atol=1e-6,
                                                err_msg=f"K={k} C={c} M={m} threads={threads}")
+                    assert np.isnan(buf[:32]).all() and np.isnan(buf[-32:]).all(), "wrote outside out"
                     out = np.full((m, c), np.nan, np.float32)
                     _core.conv_gather_epilogue(u, idx, a, b, None, False, out, threads)
                     np.testing.assert_allclose(out, u[:, idx] * a + b, rtol=1e-6, atol=1e-6,

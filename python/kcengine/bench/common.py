@@ -146,7 +146,8 @@ def time_alternating(fns: Sequence[Callable[[], object]], repeat: int, *, warmup
 
 def keep_freed_memory_mapped() -> str | None:
     """Set this process's glibc malloc to keep freed memory mapped (``mallopt``: no mmap'd chunks, no
-    heap trimming), and say so; None where the C library is not glibc (nothing is changed).
+    heap trimming), and say so; None where the C library is not glibc (nothing is changed) or where
+    glibc refused a setting.
 
     A large torch CPU tensor otherwise comes from fresh pages or from the heap depending on what the
     process freed before, and fresh pages cost a page fault each on first write: on resnet18's layer1 at

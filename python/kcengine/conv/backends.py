@@ -24,6 +24,7 @@ groups == 1) and share one signature::
 """
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -195,13 +196,21 @@ def _empty_out(shape, dtype, channels_last: bool, pooled: bool = True) -> torch.
     """An uninitialized output tensor (channels-last or contiguous), from the buffer cache where it applies."""
     nbytes = torch.Size(shape).numel() * (8 if dtype == torch.float64 else 4)
     if pooled and nbytes >= _POOL_MIN_BYTES and dtype in _NATIVE_DTYPES:
-        if _pool_limit is None:
-            set_output_cache_limit(_env_cache_bytes() / (1 << 20))
-        if _pool_limit > 0:
+        if _cache_limit() > 0:
             np_dtype = "float64" if dtype == torch.float64 else "float32"
             return torch.from_numpy(_core().pooled_empty(list(shape), np_dtype, channels_last))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(shape, dtype=dtype, memory_format=fmt)
+
+
+_MAX_CACHE_MIB = 1 << 30  # 1 PiB: any real limit; keeps the byte count inside int64
+
+
+def _cache_limit() -> int:
+    """The cache's limit in bytes, read from KCENGINE_OUTPUT_CACHE_MB on first use."""
+    if _pool_limit is None:
+        set_output_cache_limit(_env_cache_bytes() / (1 << 20))
+    return _pool_limit
 
 
 def _env_cache_bytes() -> int:
@@ -210,8 +219,8 @@ def _env_cache_bytes() -> int:
         mb = float(raw)
     except ValueError:
         raise ValueError(f"KCENGINE_OUTPUT_CACHE_MB must be a number of MiB (0 = off), got {raw!r}") from None
-    if mb < 0:
-        raise ValueError(f"KCENGINE_OUTPUT_CACHE_MB must be >= 0, got {raw!r}")
+    if not 0 <= mb <= _MAX_CACHE_MIB:  # also NaN
+        raise ValueError(f"KCENGINE_OUTPUT_CACHE_MB must be between 0 and {_MAX_CACHE_MIB} MiB, got {raw!r}")
     return int(mb * (1 << 20))
 
 
@@ -219,20 +228,25 @@ def output_cache_info() -> dict:
     """The native output-buffer cache: ``cached_bytes`` / ``cached_blocks`` (free blocks kept mapped),
     ``limit_bytes``, ``hits`` / ``misses`` (requests served from it or newly allocated).
 
-    The ``cpu`` backend's inference outputs of 1 MiB and more come from this cache: a block returns to
-    it when the last tensor sharing its memory is freed and serves the next output of the same size
-    without page faults.  The limit is ``KCENGINE_OUTPUT_CACHE_MB`` (default 512; 0 turns the cache
-    off) or :func:`set_output_cache_limit`; :func:`empty_output_cache` frees the kept blocks."""
+    The ``cpu`` backend's float32/float64 outputs of 1 MiB and more, computed outside autograd, come
+    from this cache: a block returns to it when the last tensor sharing its memory is freed and serves
+    the next output of the same size without page faults.  Such an output is an ordinary tensor except
+    that its storage is not resizable (``resize_`` to a larger size raises, as for any tensor from
+    ``torch.from_numpy``).  The limit is ``KCENGINE_OUTPUT_CACHE_MB`` (default 512; 0 turns the cache
+    off) or :func:`set_output_cache_limit`; beyond it the oldest free blocks are freed first, and
+    :func:`empty_output_cache` frees them all."""
+    _cache_limit()
     return dict(_core().pool_stats())
 
 
 def set_output_cache_limit(mib: float) -> None:
     """Keep at most ``mib`` MiB of free output blocks (0 turns the cache off); frees blocks beyond it."""
     global _pool_limit
-    if isinstance(mib, bool) or not isinstance(mib, (int, float)) or not mib >= 0:
-        raise ValueError(f"mib must be a number >= 0, got {mib!r}")
-    _pool_limit = int(mib * (1 << 20))
-    _core().pool_set_limit(_pool_limit)
+    if isinstance(mib, bool) or not isinstance(mib, numbers.Real) or not 0 <= mib <= _MAX_CACHE_MIB:
+        raise ValueError(f"mib must be a number between 0 and {_MAX_CACHE_MIB}, got {mib!r}")
+    limit = int(mib * (1 << 20))
+    _core().pool_set_limit(limit)
+    _pool_limit = limit
 
 
 def empty_output_cache() -> int:
