@@ -194,7 +194,7 @@ _pool_limit: int | None = None  # bytes; None until the first pooled request rea
 
 def _empty_out(shape, dtype, channels_last: bool, pooled: bool = True) -> torch.Tensor:
     """An uninitialized output tensor (channels-last or contiguous), from the buffer cache where it applies."""
-    nbytes = torch.Size(shape).numel() * (8 if dtype == torch.float64 else 4)
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
     if pooled and nbytes >= _POOL_MIN_BYTES and dtype in _NATIVE_DTYPES:
         if _cache_limit() > 0:
             np_dtype = "float64" if dtype == torch.float64 else "float32"
