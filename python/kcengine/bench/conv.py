@@ -81,6 +81,13 @@ def _flops(shape: dict, n: int, ho: int, wo: int, granularity: str | None, k: in
     return 2.0 * px * shape["c_in"] * m * kk + px * shape["c_out"] * shape["c_in"]
 
 
+# Best-of repeats per (batch, granularity) of the layer table and per batch of the end-to-end rows (one
+# warm-up each).  Batch-32 kernel rows take 4 like the filter rows: with 2, one burst of another job on
+# this shared machine decided the row (the 7x7 stem read 0.99x in one run, 1.3x in the next ones).
+LAYER_REPEAT = {(1, "filter"): 10, (1, "kernel"): 5, (32, "filter"): 4, (32, "kernel"): 4}
+E2E_REPEAT = {1: 20, 32: 3}
+
+
 def run_layer_bench(batches=(1, 32), divisors=(8, 4, 2), granularities=("filter", "kernel"), size: int = 224,
                     repeat: dict | None = None, backend: str = "cpu", memory_format=torch.channels_last,
                     log=print) -> list[dict]:
@@ -88,7 +95,7 @@ def run_layer_bench(batches=(1, 32), divisors=(8, 4, 2), granularities=("filter"
     from ..conv import ClusteredConv2d
     from ..conv.backends import kernel_plan, unique_maps
 
-    repeat = repeat or {(1, "filter"): 10, (1, "kernel"): 5, (32, "filter"): 4, (32, "kernel"): 2}
+    repeat = repeat or LAYER_REPEAT
     rows = []
     shapes = resnet18_conv_shapes(size)
     for n in batches:
@@ -177,7 +184,7 @@ def run_e2e_bench(batches=(32, 1), size: int = 224, repeat: dict | None = None, 
     """resnet18 inference: dense vs every conv clustered (filter, K = C_out/4) with BN/add/ReLU fused."""
     from ..conv import fuse_for_inference
 
-    repeat = repeat or {1: 20, 32: 3}
+    repeat = repeat or E2E_REPEAT
     dense, clustered = _clustered_resnet18(4)
     fused = fuse_for_inference(clustered)
     conv_flops = {}
@@ -316,6 +323,7 @@ def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat
                                 "geomean_flop_reduction_3x3": _geomean([1 / r["flop_ratio"] for r in sel3])})
     result = {"info": info, "commit": git_commit(), "date": now_utc(), "layers": layer_rows, "e2e": e2e_rows,
               "checkpoint": ckpt_rows, "command": command,
+              "repeats": {"layers": layer_repeat or LAYER_REPEAT, "e2e": e2e_repeat or E2E_REPEAT},
               "summary": summary, "seconds": time.perf_counter() - t0}
     if out_dir is not None:
         out = Path(out_dir)
@@ -351,6 +359,19 @@ def _targets(r: dict) -> list[dict]:
     return rows
 
 
+def _repeat_text(repeats: dict) -> str:
+    """'layers 10 (filter) / 5 (kernel) at batch 1, ...; end to end 20 at batch 1, ...' from a run's repeats."""
+    layer, e2e = repeats["layers"], repeats["e2e"]
+    parts = []
+    for n in sorted({b for b, _ in layer}):
+        parts.append(" / ".join(f"{layer[(n, g)]} ({g})" for g in ("filter", "kernel") if (n, g) in layer)
+                     + f" at batch {n}")
+    text = "layers " + ", ".join(parts)
+    if e2e:
+        text += "; end to end " + ", ".join(f"{e2e[n]} at batch {n}" for n in sorted(e2e, reverse=False))
+    return text
+
+
 def _markdown(r: dict) -> str:
     info = r["info"]
     lines = ["# Centroid-indexed convolution vs dense convolution", "",
@@ -361,9 +382,8 @@ def _markdown(r: dict) -> str:
              + (f", GPU {info['gpu']}" if "gpu" in info else ""),
              f"- commit {r['commit']}, date {r['date']}, benchmark wall time {r['seconds']:.0f} s",
              f"- recorded by `{r['command']}`; every ratio is computed inside this "
-             "run, dense and clustered timed alternately on the same input (best of the repeats: layers 10 (filter) / "
-             "5 (kernel) at batch 1, 4 / 2 at batch 32; end to end 20 at batch 1, 3 at batch 32; one warm-up each). "
-             "The machine is shared with other jobs: expect noise.",
+             "run, dense and clustered timed alternately on the same input (best of the repeats: "
+             f"{_repeat_text(r['repeats'])}; one warm-up each). The machine is shared with other jobs: expect noise.",
              f"- allocator: {info.get('allocator', 'not recorded')}; kcengine's native outputs of 1 MiB and more "
              "come from its own buffer cache either way (`kcengine.conv.output_cache_info`).",
              "- dense (per layer) = the dense weight `layer.to_dense()` through the same oneDNN path with a "
