@@ -65,37 +65,8 @@ __attribute__((target(KC_PIXVEC_TARGET))) inline void transpose8(__m256 (&r)[8])
   }
 }
 
-// The M responses of one input channel for the tile's TW pixels: pc[m * TW + t] = sum_k w[k * Mpad + m] *
-// xc[k * TW + t].  MB maps at a time, each NV vectors of pixels: MB * NV independent FMA chains (8),
-// enough for the FMA latency, and with NV = 2 each weight broadcast feeds two FMAs.  M is rounded up
-// to a multiple of MB with the pack's zero maps (Mpad is a multiple of 16): a lone map's chain would
-// wait on the FMA latency at every tap, costing as much as a block.
-template <int NV>
-__attribute__((target(KC_PIXVEC_TARGET))) inline void channel_responses_px(const float* __restrict xc,
-                                                                            const float* __restrict w, int64_t taps,
-                                                                            int64_t M, int64_t Mpad,
-                                                                            float* __restrict pc) {
-  constexpr int TW = 8 * NV, MB = 8 / NV;
-  static_assert(16 % MB == 0, "blocks of maps within Mpad");
-  for (int64_t m = 0; m < M; m += MB) {
-    __m256 r[MB][NV];
-    for (int q = 0; q < MB; ++q)
-      for (int v = 0; v < NV; ++v) r[q][v] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < taps; ++k) {
-      __m256 xk[NV];
-      for (int v = 0; v < NV; ++v) xk[v] = _mm256_load_ps(xc + k * TW + 8 * v);
-      const float* wk = w + k * Mpad + m;
-      for (int q = 0; q < MB; ++q) {
-        const __m256 b = _mm256_broadcast_ss(wk + q);
-        for (int v = 0; v < NV; ++v) r[q][v] = _mm256_fmadd_ps(b, xk[v], r[q][v]);
-      }
-    }
-    for (int q = 0; q < MB; ++q)
-      for (int v = 0; v < NV; ++v) _mm256_store_ps(pc + (m + q) * TW + 8 * v, r[q][v]);
-  }
-}
-
-// One block of MB maps for the tile's 8 * NV pixels: pc[(m + q) * TW + t], q < MB (see channel_responses_px).
+// MB maps [m, m + MB) of one input channel's responses for the tile's TW = 8 * NV pixels:
+// pc[(m + q) * TW + t] = sum_k w[k * Mpad + m + q] * xc[k * TW + t], MB * NV independent FMA chains.
 template <int NV, int MB>
 __attribute__((target(KC_PIXVEC_TARGET))) inline void responses_block(const float* __restrict xc,
                                                                        const float* __restrict w, int64_t taps,
@@ -115,6 +86,21 @@ __attribute__((target(KC_PIXVEC_TARGET))) inline void responses_block(const floa
   }
   for (int q = 0; q < MB; ++q)
     for (int v = 0; v < NV; ++v) _mm256_store_ps(pc + (m + q) * TW + 8 * v, r[q][v]);
+}
+
+// The M responses of one input channel for the tile's TW pixels: pc[m * TW + t] = sum_k w[k * Mpad + m] *
+// xc[k * TW + t].  MB maps at a time, each NV vectors of pixels: MB * NV independent FMA chains (8),
+// enough for the FMA latency, and with NV = 2 each weight broadcast feeds two FMAs.  M is rounded up
+// to a multiple of MB with the pack's zero maps (Mpad is a multiple of 16): a lone map's chain would
+// wait on the FMA latency at every tap, costing as much as a block.
+template <int NV>
+__attribute__((target(KC_PIXVEC_TARGET))) inline void channel_responses_px(const float* __restrict xc,
+                                                                            const float* __restrict w, int64_t taps,
+                                                                            int64_t M, int64_t Mpad,
+                                                                            float* __restrict pc) {
+  constexpr int MB = 8 / NV;
+  static_assert(16 % MB == 0, "blocks of maps within Mpad");
+  for (int64_t m = 0; m < M; m += MB) responses_block<NV, MB>(xc, w, taps, Mpad, m, pc);
 }
 
 // channel_responses_px<2> with 12 chains (6 maps x 2 vectors of the 16 pixels) instead of 8: slack over
