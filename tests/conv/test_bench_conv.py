@@ -38,6 +38,8 @@ def test_bench_runs_small(tmp_path):
     assert "Checkpoint size" in md and "unique_conv_speedup" in md and "speedup_vs_eager" in md
     assert "commit" in md and "torch threads" in md and str(torch.get_num_threads()) in md
     assert f"- allocator: {r['info']['allocator']}" in md
+    # the best-of counts it used, and only for what it ran
+    assert "best of the repeats: layers 1 (filter) / 1 (kernel) at batch 1; end to end 1 at batch 1;" in md
     assert (tmp_path / "indexed_conv.csv").stat().st_size > 0
 
 
@@ -52,6 +54,7 @@ def test_cli_records_its_command(tmp_path):
     assert f"recorded by `python -m kcengine.bench.conv --out {tmp_path} --batches 1" in md
     assert "--threads 1 --name one_thread --system-malloc`" in md and "torch threads 1" in md
     assert "- allocator: the C library's malloc as the process left it" in md
+    assert "best of the repeats: layers 5 (kernel) at batch 1; one warm-up each" in md  # no batch 32, no e2e
 
 
 _FAULTS = """

@@ -329,12 +329,14 @@ def test_native_direct_kernel_slot_offset_widths(c_out):
 @pytest.mark.parametrize("shape", [
     # (N, C_in, C_out, H, W, k, stride, padding, dilation, maps per channel)
     (3, 6, 21, 9, 11, 3, 2, 1, 2, 12),    # 16-pixel tiles across rows and images, a quad with 2 live channels
-    (2, 3, 31, 15, 13, 7, 2, 3, 1, 29),   # stem-like 7x7 on 3 channels, 29 maps (rounded up to blocks of 4)
-    # 7x7 on AVX2: blocks of 6 maps, then a last block of 6 (29 above), 4 (3 or 16 maps) or 2 (7 or 32)
+    (2, 3, 31, 15, 13, 7, 2, 3, 1, 29),   # stem-like 7x7 on 3 channels, 29 maps
+    # 7x7 with 16-pixel tiles: blocks of 6 maps, then a last block of 6 (29 above), 4 (3 or 16 maps), 2 (7
+    # or 32) or none (48, which also takes pixel lanes on AVX-512)
     (1, 3, 33, 12, 11, 7, 2, 3, 1, 3),
     (1, 3, 33, 12, 11, 7, 2, 3, 1, 7),
     (1, 3, 40, 12, 11, 7, 2, 3, 1, 16),
     (1, 3, 64, 12, 11, 7, 2, 3, 1, 32),
+    (1, 3, 70, 12, 11, 7, 2, 3, 1, 48),
     (2, 9, 53, 7, 10, 3, 1, 1, 1, 48),    # Mpad 48: 16-pixel tiles; > 32 maps, pixel lanes on AVX-512 too
     (1, 8, 70, 5, 9, 1, 1, 0, 1, 70),     # Mpad 80: 8-pixel tiles, 1x1
     (1, 47, 30, 7, 7, 3, 1, 1, 1, 12),    # 4 tiles: on 3 threads C_in splits into 16 + 16 + 15 (a 3-live quad)

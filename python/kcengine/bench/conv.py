@@ -323,7 +323,7 @@ def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat
                                 "geomean_flop_reduction_3x3": _geomean([1 / r["flop_ratio"] for r in sel3])})
     result = {"info": info, "commit": git_commit(), "date": now_utc(), "layers": layer_rows, "e2e": e2e_rows,
               "checkpoint": ckpt_rows, "command": command,
-              "repeats": {"layers": layer_repeat or LAYER_REPEAT, "e2e": e2e_repeat or E2E_REPEAT},
+              "repeats": _repeats_used(batches, granularities, e2e, layer_repeat, e2e_repeat),
               "summary": summary, "seconds": time.perf_counter() - t0}
     if out_dir is not None:
         out = Path(out_dir)
@@ -359,6 +359,14 @@ def _targets(r: dict) -> list[dict]:
     return rows
 
 
+def _repeats_used(batches, granularities, e2e, layer_repeat, e2e_repeat) -> dict:
+    """The best-of counts this run used, as run_layer_bench / run_e2e_bench look them up (2 where a given
+    dict has no entry); the end-to-end part only when it ran."""
+    layer, whole = layer_repeat or LAYER_REPEAT, e2e_repeat or E2E_REPEAT
+    return {"layers": {(n, g): layer.get((n, g), 2) for n in batches for g in granularities},
+            "e2e": {n: whole.get(n, 2) for n in batches} if e2e else {}}
+
+
 def _repeat_text(repeats: dict) -> str:
     """'layers 10 (filter) / 5 (kernel) at batch 1, ...; end to end 20 at batch 1, ...' from a run's repeats."""
     layer, e2e = repeats["layers"], repeats["e2e"]
@@ -368,7 +376,7 @@ def _repeat_text(repeats: dict) -> str:
                      + f" at batch {n}")
     text = "layers " + ", ".join(parts)
     if e2e:
-        text += "; end to end " + ", ".join(f"{e2e[n]} at batch {n}" for n in sorted(e2e, reverse=False))
+        text += "; end to end " + ", ".join(f"{e2e[n]} at batch {n}" for n in sorted(e2e))
     return text
 
 
