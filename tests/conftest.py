@@ -2,6 +2,7 @@
 instruction-set copies of the native code this CPU can run."""
 import pytest
 
+from kcengine.bench import common
 from kcengine.bench.common import shared_data_dir
 
 
@@ -16,17 +17,6 @@ def shared_data():
 
 @pytest.fixture(scope="session")
 def runnable_isas():
-    """The instruction sets whose native copies this CPU can run ("generic" always), probed by setting
-    ``KCENGINE_CPU_ISA`` to each: the native side refuses a set the CPU lacks with ValueError."""
-    from kcengine import _core
-
-    out = []
-    for isa in ("generic", "avx2", "avx512"):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("KCENGINE_CPU_ISA", isa)
-            try:
-                _core.kmeans_isa()
-            except ValueError:
-                continue
-        out.append(isa)
-    return out
+    """The instruction sets whose native copies this CPU can run ("generic" always; see
+    :func:`kcengine.bench.common.runnable_isas`)."""
+    return common.runnable_isas()

@@ -101,6 +101,31 @@ def machine_info() -> dict:
     return info
 
 
+def runnable_isas() -> list[str]:
+    """The instruction sets whose native copies this CPU runs ("generic" always, then "avx2", "avx512"),
+    asked of the native side itself: ``KCENGINE_CPU_ISA`` set to each in turn, which it refuses with
+    ValueError for a set the CPU lacks (AVX-512 needs F, DQ, BW and VL, not F alone).  The variable is
+    restored afterwards."""
+    from .. import _core
+
+    old = os.environ.get("KCENGINE_CPU_ISA")
+    out = []
+    try:
+        for isa in ("generic", "avx2", "avx512"):
+            os.environ["KCENGINE_CPU_ISA"] = isa
+            try:
+                _core.kmeans_isa()
+            except ValueError:
+                continue
+            out.append(isa)
+    finally:
+        if old is None:
+            os.environ.pop("KCENGINE_CPU_ISA", None)
+        else:
+            os.environ["KCENGINE_CPU_ISA"] = old
+    return out
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB (Linux ru_maxrss is in KB)."""
     import resource

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from .common import (command_line, git_commit, machine_info, markdown_table, now_utc, peak_rss_mb, repo_root,
-                     shared_data_dir, write_csv)
+                     runnable_isas, shared_data_dir, write_csv)
 
 WORKLOADS = ("a_sweep", "b_filters", "c_kernels", "d_element")
 METHODS = ("kcengine", "exact1d", "torch", "sklearn", "faiss")
@@ -435,9 +435,7 @@ def isa_comparison(model: str = "resnet20", repeat: int = 3, out_dir: Path | Non
 
     layers, source = load_weights(model)
     wls = build_workloads(layers, WORKLOADS, max_problems={"a_sweep": 200, "d_element": 2000})
-    feats = _core.cpu_features()
-    isas = ["generic"] + (["avx2"] if feats.get("avx2") and feats.get("fma") else []) + \
-        (["avx512"] if feats.get("avx512f") else [])
+    isas = runnable_isas()
     rows = []
     old = os.environ.get("KCENGINE_CPU_ISA")
     try:

@@ -1,0 +1,17 @@
+"""kcengine.bench.common helpers that the benchmarks and the test fixtures share."""
+from kcengine import _core
+from kcengine.bench.common import runnable_isas
+
+
+def test_runnable_isas_asks_the_native_side_and_restores_the_env(monkeypatch):
+    monkeypatch.delenv("KCENGINE_CPU_ISA", raising=False)
+    best = _core.kmeans_isa()  # the native pick: the best set the CPU runs
+    isas = runnable_isas()
+    assert isas[0] == "generic" and isas[-1] == best
+    assert isas == [i for i in ("generic", "avx2", "avx512") if i in isas]  # in order, no repeats
+    import os
+
+    assert "KCENGINE_CPU_ISA" not in os.environ  # unset before, unset after
+    monkeypatch.setenv("KCENGINE_CPU_ISA", "generic")
+    assert runnable_isas() == isas and os.environ["KCENGINE_CPU_ISA"] == "generic"
+    assert _core.kmeans_isa() == "generic"  # the forced set still holds
