@@ -218,16 +218,6 @@ __attribute__((target("avx512f"))) void gather_pixels_perm_f32_t(const float* __
 
 constexpr int64_t kPermGatherMaxK = 128;
 
-void gather_pixels_perm_f32(const float* u, int64_t K, const int32_t* idx, const float* a, const float* b,
-                            const float* res, float* out, int64_t C, int64_t m0, int64_t m1, bool relu) {
-  switch ((K + 31) / 32) {
-    case 1: return gather_pixels_perm_f32_t<1>(u, K, idx, a, b, res, out, C, m0, m1, relu);
-    case 2: return gather_pixels_perm_f32_t<2>(u, K, idx, a, b, res, out, C, m0, m1, relu);
-    case 3: return gather_pixels_perm_f32_t<3>(u, K, idx, a, b, res, out, C, m0, m1, relu);
-    default: return gather_pixels_perm_f32_t<4>(u, K, idx, a, b, res, out, C, m0, m1, relu);
-  }
-}
-
 // Channels-last float32 gather with AVX2 + FMA (the same contract as gather_pixels).  Chosen at run time
 // on CPUs with AVX2 but without AVX-512, where the compiler's vectorized loop uses vgatherdps, which
 // costs several times a permute here (measured on Zen 3: the gather of resnet18's layer1 at batch 32,
@@ -376,24 +366,31 @@ __attribute__((target("avx2,fma"))) void gather_pixels_trans_avx2(const float* _
   if (m < m1) gather_pixels(u, K, idx, a, b, res, out, C, m, m1, relu);
 }
 
-// Which copy the channels-last gather takes for K maps (float32 under instruction set isa; float64
-// always takes the plain loop): "avx512_permute", "avx2_permute", "avx2_transpose" or "plain".
-const char* gather_copy(const std::string& isa, int64_t K, bool is_float) {
-  if (!is_float || isa == "generic") return "plain";
-  if (isa == "avx512" && K <= kPermGatherMaxK) return "avx512_permute";
-  if (K <= kPermAvx2MaxK) return "avx2_permute";
-  return K <= kTransAvx2MaxK ? "avx2_transpose" : "plain";
-}
+// The channels-last float32 gather copy for K maps under instruction set isa, chosen once per call:
+// its name ("avx512_permute", "avx2_permute", "avx2_transpose" or "plain"; float64 always takes the plain
+// loop) and its routine (nullptr: the plain loop, gather_pixels).  The permute copies are instantiated
+// per register count: ceil(K / 32) register pairs on AVX-512, ceil(K / 8) registers on AVX2.
+using GatherF32 = void (*)(const float*, int64_t, const int32_t*, const float*, const float*, const float*, float*,
+                           int64_t, int64_t, int64_t, bool);
+struct GatherCopy {
+  const char* name;
+  GatherF32 fn;
+};
 
-void gather_pixels_avx2_f32(const float* u, int64_t K, const int32_t* idx, const float* a, const float* b,
-                            const float* res, float* out, int64_t C, int64_t m0, int64_t m1, bool relu) {
-  switch ((K + 7) / 8) {
-    case 1: return gather_pixels_perm_avx2<1>(u, K, idx, a, b, res, out, C, m0, m1, relu);
-    case 2: return gather_pixels_perm_avx2<2>(u, K, idx, a, b, res, out, C, m0, m1, relu);
-    case 3: return gather_pixels_perm_avx2<3>(u, K, idx, a, b, res, out, C, m0, m1, relu);
-    case 4: return gather_pixels_perm_avx2<4>(u, K, idx, a, b, res, out, C, m0, m1, relu);
-    default: return gather_pixels_trans_avx2(u, K, idx, a, b, res, out, C, m0, m1, relu);
+GatherCopy gather_copy(const std::string& isa, int64_t K, bool is_float) {
+  if (!is_float || isa == "generic") return {"plain", nullptr};
+  if (isa == "avx512" && K <= kPermGatherMaxK) {
+    static constexpr GatherF32 by_pairs[] = {gather_pixels_perm_f32_t<1>, gather_pixels_perm_f32_t<2>,
+                                             gather_pixels_perm_f32_t<3>, gather_pixels_perm_f32_t<4>};
+    return {"avx512_permute", by_pairs[(K + 31) / 32 - 1]};
   }
+  if (K <= kPermAvx2MaxK) {
+    static constexpr GatherF32 by_regs[] = {gather_pixels_perm_avx2<1>, gather_pixels_perm_avx2<2>,
+                                            gather_pixels_perm_avx2<3>, gather_pixels_perm_avx2<4>};
+    return {"avx2_permute", by_regs[(K + 7) / 8 - 1]};
+  }
+  if (K <= kTransAvx2MaxK) return {"avx2_transpose", gather_pixels_trans_avx2};
+  return {"plain", nullptr};
 }
 
 inline void add_row(const double* row, double* acc, int64_t n) { add_row_f64(row, acc, n); }
@@ -444,22 +441,16 @@ void gather_epilogue_impl(const py::array& u, const int32_t* idx, const std::vec
     }
   } else {  // channels-last: u [M, K], out [M, C]
     const int64_t M = u.shape(0), K = u.shape(1), C = out.shape(1);
-    const std::string copy = gather_copy(pick_isa(), K, std::is_same_v<T, float>);
+    const GatherF32 copy = gather_copy(pick_isa(), K, std::is_same_v<T, float>).fn;
     py::gil_scoped_release nogil;
     const int64_t block = 64;
-    const bool use_512 = copy == "avx512_permute";
-    const bool use_avx2 = copy == "avx2_permute" || copy == "avx2_transpose";  // gather_pixels_avx2_f32 picks
     const int64_t nblocks = (M + block - 1) / block;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t bi = 0; bi < nblocks; ++bi) {
       const int64_t m0 = bi * block, m1 = std::min(M, m0 + block);
       if constexpr (std::is_same_v<T, float>) {
-        if (use_512) {
-          gather_pixels_perm_f32(up, K, idx, a.data(), b.data(), rp, op, C, m0, m1, relu);
-          continue;
-        }
-        if (use_avx2) {
-          gather_pixels_avx2_f32(up, K, idx, a.data(), b.data(), rp, op, C, m0, m1, relu);
+        if (copy) {
+          copy(up, K, idx, a.data(), b.data(), rp, op, C, m0, m1, relu);
           continue;
         }
       }
@@ -1056,7 +1047,7 @@ void register_conv(py::module_& m) {
   m.def("conv_gather_copy", [](int64_t K, const py::object& dtype) {
     if (K < 1) throw py::value_error("K must be >= 1, got " + std::to_string(K));
     const py::dtype dt = py::dtype::from_args(dtype);
-    return std::string(gather_copy(pick_isa(), K, dt.is(py::dtype::of<float>())));
+    return std::string(gather_copy(pick_isa(), K, dt.is(py::dtype::of<float>())).name);
   }, py::arg("K"), py::arg("dtype"),
         "The copy conv_gather_epilogue takes for channels-last u with K maps under the current instruction "
         "set: avx512_permute, avx2_permute, avx2_transpose or plain");
