@@ -1,6 +1,6 @@
 """kcengine.bench.common helpers that the benchmarks and the test fixtures share."""
 from kcengine import _core
-from kcengine.bench.common import runnable_isas
+from kcengine.bench.common import forced_isa, runnable_isas
 
 
 def test_runnable_isas_asks_the_native_side_and_restores_the_env(monkeypatch):
@@ -15,3 +15,21 @@ def test_runnable_isas_asks_the_native_side_and_restores_the_env(monkeypatch):
     monkeypatch.setenv("KCENGINE_CPU_ISA", "generic")
     assert runnable_isas() == isas and os.environ["KCENGINE_CPU_ISA"] == "generic"
     assert _core.kmeans_isa() == "generic"  # the forced set still holds
+
+
+def test_forced_isa_restores_set_and_unset(monkeypatch):
+    import os
+
+    monkeypatch.delenv("KCENGINE_CPU_ISA", raising=False)
+    with forced_isa("generic"):
+        assert _core.kmeans_isa() == "generic"
+        os.environ["KCENGINE_CPU_ISA"] = "avx2"  # the block may change it again
+    assert "KCENGINE_CPU_ISA" not in os.environ
+    monkeypatch.setenv("KCENGINE_CPU_ISA", "generic")
+    try:
+        with forced_isa():
+            os.environ["KCENGINE_CPU_ISA"] = "no-such-set"
+            raise RuntimeError("left by an error")
+    except RuntimeError:
+        pass
+    assert os.environ["KCENGINE_CPU_ISA"] == "generic"

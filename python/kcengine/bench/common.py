@@ -6,6 +6,7 @@ machines still give comparable numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import gc
@@ -101,28 +102,37 @@ def machine_info() -> dict:
     return info
 
 
-def runnable_isas() -> list[str]:
-    """The instruction sets whose native copies this CPU runs ("generic" always, then "avx2", "avx512"),
-    asked of the native side itself: ``KCENGINE_CPU_ISA`` set to each in turn, which it refuses with
-    ValueError for a set the CPU lacks (AVX-512 needs F, DQ, BW and VL, not F alone).  The variable is
-    restored afterwards."""
-    from .. import _core
-
+@contextlib.contextmanager
+def forced_isa(isa: str | None = None):
+    """Within the block, the native code takes the instruction-set copies ``isa`` names (env
+    ``KCENGINE_CPU_ISA``; None leaves it as it is); the block may set the variable again.  Afterwards
+    the variable is as it was before, set or unset."""
     old = os.environ.get("KCENGINE_CPU_ISA")
-    out = []
     try:
-        for isa in ("generic", "avx2", "avx512"):
+        if isa is not None:
             os.environ["KCENGINE_CPU_ISA"] = isa
-            try:
-                _core.kmeans_isa()
-            except ValueError:
-                continue
-            out.append(isa)
+        yield
     finally:
         if old is None:
             os.environ.pop("KCENGINE_CPU_ISA", None)
         else:
             os.environ["KCENGINE_CPU_ISA"] = old
+
+
+def runnable_isas() -> list[str]:
+    """The instruction sets whose native copies this CPU runs ("generic" always, then "avx2", "avx512"),
+    asked of the native side itself: ``KCENGINE_CPU_ISA`` set to each in turn, which it refuses with
+    ValueError for a set the CPU lacks (AVX-512 needs F, DQ, BW and VL, not F alone)."""
+    from .. import _core
+
+    out = []
+    for isa in ("generic", "avx2", "avx512"):
+        with forced_isa(isa):
+            try:
+                _core.kmeans_isa()
+            except ValueError:
+                continue
+        out.append(isa)
     return out
 
 

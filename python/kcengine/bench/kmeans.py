@@ -26,8 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-from .common import (command_line, git_commit, machine_info, markdown_table, now_utc, peak_rss_mb, repo_root,
-                     runnable_isas, shared_data_dir, write_csv)
+from .common import (command_line, forced_isa, git_commit, machine_info, markdown_table, now_utc, peak_rss_mb,
+                     repo_root, runnable_isas, shared_data_dir, write_csv)
 
 WORKLOADS = ("a_sweep", "b_filters", "c_kernels", "d_element")
 METHODS = ("kcengine", "exact1d", "torch", "sklearn", "faiss")
@@ -437,8 +437,7 @@ def isa_comparison(model: str = "resnet20", repeat: int = 3, out_dir: Path | Non
     wls = build_workloads(layers, WORKLOADS, max_problems={"a_sweep": 200, "d_element": 2000})
     isas = runnable_isas()
     rows = []
-    old = os.environ.get("KCENGINE_CPU_ISA")
-    try:
+    with forced_isa():
         for wl in wls:
             times = {isa: float("inf") for isa in isas}
             for r in range(repeat):
@@ -453,11 +452,6 @@ def isa_comparison(model: str = "resnet20", repeat: int = 3, out_dir: Path | Non
             for isa in isas[1:]:
                 row[f"{isa} vs generic"] = times["generic"] / times[isa]
             rows.append(row)
-    finally:
-        if old is None:
-            os.environ.pop("KCENGINE_CPU_ISA", None)
-        else:
-            os.environ["KCENGINE_CPU_ISA"] = old
     info = machine_info()
     lines = ["# kcengine's k-means solver per instruction set (runtime dispatch)\n",
              f"- date: {now_utc()}", f"- commit: {git_commit()}",
