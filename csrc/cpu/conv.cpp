@@ -23,6 +23,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -219,7 +220,8 @@ __attribute__((target("avx512f"))) void gather_pixels_perm_f32_t(const float* __
 constexpr int64_t kPermGatherMaxK = 128;
 
 // Channels-last float32 gather with AVX2 + FMA (the same contract as gather_pixels).  Chosen at run time
-// on CPUs with AVX2 but without AVX-512, where the compiler's vectorized loop uses vgatherdps, which
+// on CPUs with AVX2 but without AVX-512 (and on AVX-512 CPUs for K above the permute copy's 128, up to
+// 1024, by the transpose), where the compiler's vectorized loop uses vgatherdps, which
 // costs several times a permute here (measured on Zen 3: the gather of resnet18's layer1 at batch 32,
 // K = 16, took 2.1 ms against 0.9-1.3 ms permuted, a 25.7 MB output; layer4's K = 128, 0.28 ms against
 // 0.09 ms transposed).  Two ways, by K:
@@ -378,15 +380,17 @@ struct GatherCopy {
 };
 
 GatherCopy gather_copy(const std::string& isa, int64_t K, bool is_float) {
-  if (!is_float || isa == "generic") return {"plain", nullptr};
+  if (K < 1 || !is_float || isa == "generic") return {"plain", nullptr};  // callers reject K < 1 first
   if (isa == "avx512" && K <= kPermGatherMaxK) {
     static constexpr GatherF32 by_pairs[] = {gather_pixels_perm_f32_t<1>, gather_pixels_perm_f32_t<2>,
                                              gather_pixels_perm_f32_t<3>, gather_pixels_perm_f32_t<4>};
+    static_assert(std::size(by_pairs) * 32 == kPermGatherMaxK, "one entry per 32 maps up to the limit");
     return {"avx512_permute", by_pairs[(K + 31) / 32 - 1]};
   }
   if (K <= kPermAvx2MaxK) {
     static constexpr GatherF32 by_regs[] = {gather_pixels_perm_avx2<1>, gather_pixels_perm_avx2<2>,
                                             gather_pixels_perm_avx2<3>, gather_pixels_perm_avx2<4>};
+    static_assert(std::size(by_regs) * 8 == kPermAvx2MaxK, "one entry per 8 maps up to the limit");
     return {"avx2_permute", by_regs[(K + 7) / 8 - 1]};
   }
   if (K <= kTransAvx2MaxK) return {"avx2_transpose", gather_pixels_trans_avx2};

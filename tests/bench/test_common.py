@@ -1,4 +1,6 @@
 """kcengine.bench.common helpers that the benchmarks and the test fixtures share."""
+import pytest
+
 from kcengine import _core
 from kcengine.bench.common import forced_isa, runnable_isas
 
@@ -26,10 +28,24 @@ def test_forced_isa_restores_set_and_unset(monkeypatch):
         os.environ["KCENGINE_CPU_ISA"] = "avx2"  # the block may change it again
     assert "KCENGINE_CPU_ISA" not in os.environ
     monkeypatch.setenv("KCENGINE_CPU_ISA", "generic")
-    try:
-        with forced_isa():
+    with pytest.raises(RuntimeError, match="left by an error"):  # the error passes through, the value returns
+        with forced_isa("avx2"):
             os.environ["KCENGINE_CPU_ISA"] = "no-such-set"
             raise RuntimeError("left by an error")
-    except RuntimeError:
-        pass
     assert os.environ["KCENGINE_CPU_ISA"] == "generic"
+    with forced_isa():
+        assert os.environ["KCENGINE_CPU_ISA"] == "generic"  # None leaves the value in force
+
+
+def test_runnable_isas_leaves_out_a_refused_set(monkeypatch):
+    import os
+
+    real = _core.kmeans_isa
+
+    def refusing():  # as the native side does for a set this CPU lacks
+        if os.environ.get("KCENGINE_CPU_ISA") == "avx2":
+            raise ValueError("KCENGINE_CPU_ISA=avx2 but this CPU lacks it")
+        return real()
+
+    monkeypatch.setattr(_core, "kmeans_isa", refusing)
+    assert runnable_isas()[0] == "generic" and "avx2" not in runnable_isas()

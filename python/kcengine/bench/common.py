@@ -106,7 +106,8 @@ def machine_info() -> dict:
 def forced_isa(isa: str | None = None):
     """Within the block, the native code takes the instruction-set copies ``isa`` names (env
     ``KCENGINE_CPU_ISA``; None leaves it as it is); the block may set the variable again.  Afterwards
-    the variable is as it was before, set or unset."""
+    the variable is as it was before, set or unset.  It is the process's environment: not for blocks that
+    overlap in several threads."""
     old = os.environ.get("KCENGINE_CPU_ISA")
     try:
         if isa is not None:
