@@ -30,12 +30,13 @@ def test_unknown_isa_is_a_clear_error(monkeypatch):
         kcengine.kmeans(np.zeros((4, 2), np.float32), 2)
 
 
-@pytest.mark.parametrize("n", [1001, 773])
+@pytest.mark.parametrize("n", [1001, 773, 820])
 @pytest.mark.parametrize("d,weighted", [(9, False), (9, True), (5, False), (5, True)])
 def test_every_runnable_copy_seeds_like_the_generic_copy(monkeypatch, n, d, weighted, runnable_isas):
     """k-means++'s vector sweeps (the 9-D trial and winner passes, the low-D pass with and without
-    weights; last blocks of 1001 % 256 = 233 and 773 % 256 = 5 points, so 16-lane tails that end in
-    either 8-lane half) against the generic copy's scalar loops: the same seeds, so the same
+    weights; last blocks of 1001 % 256 = 233, 773 % 256 = 5 and 820 % 256 = 52 points, so 16-lane tails
+    that end in either 8-lane half, and on AVX2 runs of 32 points followed by 1 to 20 more) against the
+    generic copy's scalar loops: the same seeds, so the same
     clustering.  The generic copy rounds without FMA, so this holds for data whose trial potentials
     are not within float rounding of each other, as here."""
     if runnable_isas == ["generic"]:

@@ -1864,8 +1864,8 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
     }
   };
   // The trials of one step on unweighted float 3x3 kernels (D = 9, the commonest low-D problem), a
-  // block of up to B points: each 16-point chunk's 9 columns are loaded into registers once for all
-  // trials (sweep_block_low_d reloads them per trial), and each trial's min(d2, closest) is summed in
+  // block of up to B points: with AVX-512 each 16-point chunk's 9 columns are loaded into registers
+  // once for all trials (with AVX2 each trial reads them from L1, see there), and each trial's min(d2, closest) is summed in
   // float lanes over the block (at most B / 16 values per lane) and turned into double once per block
   // rather than once per chunk.  Profiled on resnet20's 4096-point layers at k = 256: seeding was
   // about three quarters of the whole k-means call.
