@@ -123,17 +123,6 @@ inline void i16_store(int32_t* p, I16 a) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a.lo);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 8), a.hi);
 }
-// Squared distances from 8 points (xv[q]: coordinate q, one point per lane) to c, summed over q in
-// order: one half of sqdist16_to, for loops that keep only 8 points' columns in registers.
-template <int D>
-inline __m256 sqdist8_to(const __m256* xv, const float* c) {
-  __m256 sd = _mm256_setzero_ps();
-  for (int q = 0; q < D; ++q) {
-    const __m256 u = _mm256_sub_ps(xv[q], _mm256_set1_ps(c[q]));
-    sd = _mm256_fmadd_ps(u, u, sd);
-  }
-  return sd;
-}
 inline F16 f16_gather(const float* table, const int32_t* idx) {
   return {_mm256_i32gather_ps(table, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), 4),
           _mm256_i32gather_ps(table, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + 8)), 4)};

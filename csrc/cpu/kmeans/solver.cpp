@@ -1890,61 +1890,46 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
       for (i64 t = 0; t < nt; ++t) pot[t] += f16_sum_lanes(acc[t]);
 #else
       // AVX2 has 16 vector registers: 16 points' 9 columns (18) and the trials' sums (2 per trial)
-      // do not fit.  So trial by trial over whole runs of 32 points: the trial's 9 coordinates in
+      // do not fit.  So trial by trial over runs of 32 points: the trial's 9 coordinates in
       // registers, four groups of 8 points as four independent FMA chains (their columns read from
-      // L1 as they are used), and the 16 lanes' sums in two registers.  Then the last points (under
-      // 32) one group of 8 at a time, all trials per group.  Every lane gets the same values in the
-      // same order as with AVX-512 (c - x squares to the same value as x - c), so the sums are
-      // identical.  (One group at a time for every point, 2 trials a pass, left the FMAs waiting on
-      // their latency: interleaved in one process, seeding a resnet20 4096-point layer at k = 256 took
-      // 8-17% less time with the runs, and c_kernels on resnet20 ~10% less; same sums, bit for bit.)
+      // L1 as they are used), and the 16 lanes' sums in two registers; the last run's points past m
+      // are masked off (loaded as 0 with `closest` 0, so they add +0).  Every lane gets the same values
+      // in the same order as with AVX-512 (c - x squares to the same value as x - c), so the sums are
+      // identical.  (One group of 8 at a time, 2 trials a pass, left the FMAs waiting on their
+      // latency: interleaved in one process, seeding a resnet20 4096-point layer at k = 256 took 8-17%
+      // less time with the runs, and c_kernels on resnet20 ~10% less; same sums, bit for bit.)
       alignas(32) float acc[TMAX][16];
-      const i64 m32 = m / 32 * 32;
       for (i64 t = 0; t < nt; ++t) {
         __m256 cv[D9];
         for (int q = 0; q < D9; ++q) cv[q] = _mm256_set1_ps(cq[t][q]);
         __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();  // lanes 0-7 and 8-15
-        for (i64 i = 0; i < m32; i += 32) {
+        for (i64 i = 0; i < m; i += 32) {
+          const bool full = m - i >= 32;
+          __m256i mk[4];  // the live lanes of each group (a partial last run only)
+          if (!full) {
+            const M16 a = m16_first(m - i), b = m16_first(m - i - 16);
+            mk[0] = _mm256_castps_si256(a.lo), mk[1] = _mm256_castps_si256(a.hi);
+            mk[2] = _mm256_castps_si256(b.lo), mk[3] = _mm256_castps_si256(b.hi);
+          }
+          auto load = [&](const float* p, int g) {
+            return full ? _mm256_loadu_ps(p + 8 * g) : _mm256_maskload_ps(p + 8 * g, mk[g]);
+          };
           __m256 s[4];
           for (int g = 0; g < 4; ++g) s[g] = _mm256_setzero_ps();
           for (int q = 0; q < D9; ++q) {
             const float* col = xb + size_t(q) * ld + i;
             for (int g = 0; g < 4; ++g) {
-              const __m256 u = _mm256_sub_ps(cv[q], _mm256_loadu_ps(col + 8 * g));
+              const __m256 u = _mm256_sub_ps(cv[q], load(col, g));
               s[g] = _mm256_fmadd_ps(u, u, s[g]);
             }
           }
-          lo = _mm256_add_ps(lo, _mm256_min_ps(s[0], _mm256_loadu_ps(cl + i)));
-          hi = _mm256_add_ps(hi, _mm256_min_ps(s[1], _mm256_loadu_ps(cl + i + 8)));
-          lo = _mm256_add_ps(lo, _mm256_min_ps(s[2], _mm256_loadu_ps(cl + i + 16)));
-          hi = _mm256_add_ps(hi, _mm256_min_ps(s[3], _mm256_loadu_ps(cl + i + 24)));
+          lo = _mm256_add_ps(lo, _mm256_min_ps(s[0], load(cl + i, 0)));
+          hi = _mm256_add_ps(hi, _mm256_min_ps(s[1], load(cl + i, 1)));
+          lo = _mm256_add_ps(lo, _mm256_min_ps(s[2], load(cl + i, 2)));
+          hi = _mm256_add_ps(hi, _mm256_min_ps(s[3], load(cl + i, 3)));
         }
         _mm256_store_ps(acc[t], lo);
         _mm256_store_ps(acc[t] + 8, hi);
-      }
-      for (i64 i = m32; i < m; i += 8) {
-        const i64 h = (i & 15);  // 0 or 8: the half of the 16 lanes these points fall in
-        __m256 xv[D9], c;
-        if (m - i >= 8) {
-          for (int q = 0; q < D9; ++q) xv[q] = _mm256_loadu_ps(xb + size_t(q) * ld + i);
-          c = _mm256_loadu_ps(cl + i);
-        } else {
-          const __m256i mk = _mm256_castps_si256(m16_first(m - i).lo);
-          for (int q = 0; q < D9; ++q) xv[q] = _mm256_maskload_ps(xb + size_t(q) * ld + i, mk);
-          c = _mm256_maskload_ps(cl + i, mk);  // masked-off lanes: 0, so they add 0
-        }
-        // Two trials per pass: each distance is a chain of 9 dependent FMAs, and one chain at a
-        // time left the FMA units waiting on its latency (the out-of-order window holds too few).
-        auto add_trial = [&](i64 t, __m256 sd) {
-          _mm256_store_ps(acc[t] + h, _mm256_add_ps(_mm256_load_ps(acc[t] + h), _mm256_min_ps(sd, c)));
-        };
-        i64 t = 0;
-        for (; t + 2 <= nt; t += 2) {
-          const __m256 sa = sqdist8_to<D9>(xv, cq[t]), sb = sqdist8_to<D9>(xv, cq[t + 1]);
-          add_trial(t, sa);
-          add_trial(t + 1, sb);
-        }
-        if (t < nt) add_trial(t, sqdist8_to<D9>(xv, cq[t]));
       }
       for (i64 t = 0; t < nt; ++t) pot[t] += f16_sum_lanes(f16_load(acc[t]));
 #endif
