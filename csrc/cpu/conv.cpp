@@ -303,7 +303,7 @@ void gather_pixels_perm_avx2(const float* u, int64_t K, const int32_t* idx, cons
          : gather_pixels_perm_avx2_t<NREG, false, false>(u, K, idx, a, b, res, out, C, m0, m1);
 }
 
-// In place: rows r0..r7 (8 floats each) become their transpose.
+// In place: rows r0..r7 (8 floats each) become their transpose (also used by conv_pixvec.h's tiles).
 __attribute__((target("avx2,fma"))) inline void transpose8(__m256 (&r)[8]) {
   __m256 t[8], q[8];
   for (int i = 0; i < 4; ++i) {

@@ -3,7 +3,7 @@
 // set to that set's target string ("avx2,fma" / "avx2,fma,avx512f,avx512vl").  The code is AVX2
 // (8 float lanes, one lane per pixel of a tile); under AVX-512 the compiler may use its 32 registers
 // and EVEX broadcasts.  No include guard: each inclusion defines the function in its own namespace.
-// Needs ConvGeom and kQuad from conv.cpp.
+// Needs ConvGeom, kQuad and transpose8 (an AVX2 8x8 transpose, inlined into either copy) from conv.cpp.
 #ifndef KC_PIXVEC_TARGET
 #error "define KC_PIXVEC_TARGET before including conv_pixvec.h"
 #endif
@@ -44,25 +44,6 @@ __attribute__((target(KC_PIXVEC_TARGET))) inline void quad_window(const float* _
       _mm256_store_ps(d + 2 * taps * TW, _mm256_shuffle_ps(t1, t3, 0x44));
       _mm256_store_ps(d + 3 * taps * TW, _mm256_shuffle_ps(t1, t3, 0xEE));
     }
-}
-
-// r[i][j] <- r[j][i]
-__attribute__((target(KC_PIXVEC_TARGET))) inline void transpose8(__m256 (&r)[8]) {
-  __m256 u[8], v[8];
-  for (int i = 0; i < 8; i += 2) {
-    u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    v[i] = _mm256_shuffle_ps(u[i], u[i + 2], 0x44);
-    v[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], 0xEE);
-    v[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0x44);
-    v[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2f128_ps(v[i], v[i + 4], 0x20);
-    r[i + 4] = _mm256_permute2f128_ps(v[i], v[i + 4], 0x31);
-  }
 }
 
 // MB maps [m, m + MB) of one input channel's responses for the tile's TW = 8 * NV pixels:
