@@ -209,7 +209,7 @@ _MAX_CACHE_MIB = 1 << 30  # 1 PiB: any real limit; keeps the byte count inside i
 def _cache_limit() -> int:
     """The cache's limit in bytes, read from KCENGINE_OUTPUT_CACHE_MB on first use."""
     if _pool_limit is None:
-        set_output_cache_limit(_env_cache_bytes() / (1 << 20))
+        _set_limit_bytes(_env_cache_bytes())
     return _pool_limit
 
 
@@ -241,10 +241,14 @@ def output_cache_info() -> dict:
 
 def set_output_cache_limit(mib: float) -> None:
     """Keep at most ``mib`` MiB of free output blocks (0 turns the cache off); frees blocks beyond it."""
-    global _pool_limit
     if isinstance(mib, bool) or not isinstance(mib, numbers.Real) or not 0 <= mib <= _MAX_CACHE_MIB:
         raise ValueError(f"mib must be a number between 0 and {_MAX_CACHE_MIB}, got {mib!r}")
-    limit = int(mib * (1 << 20))
+    _set_limit_bytes(int(mib * (1 << 20)))
+
+
+def _set_limit_bytes(limit: int) -> None:
+    """The native cache's limit and its Python mirror (read on every pooled request without a native call)."""
+    global _pool_limit
     _core().pool_set_limit(limit)
     _pool_limit = limit
 
