@@ -306,8 +306,10 @@ def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat
     info["torch_threads"] = torch.get_num_threads()
     info["load_avg"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     ckpt_rows = run_checkpoint_sizes(log=log)
-    layer_rows = run_layer_bench(batches, divisors, granularities, size, repeat=layer_repeat, log=log)
-    e2e_rows = run_e2e_bench(tuple(sorted(batches, reverse=True)), size, repeat=e2e_repeat, log=log) if e2e else []
+    repeats = _repeats_used(batches, granularities, e2e, layer_repeat, e2e_repeat)  # what the report states
+    layer_rows = run_layer_bench(batches, divisors, granularities, size, repeat=repeats["layers"], log=log)
+    e2e_rows = (run_e2e_bench(tuple(sorted(batches, reverse=True)), size, repeat=repeats["e2e"], log=log)
+                if e2e else [])
     summary = []
     for n in batches:
         for gran in granularities:
@@ -323,7 +325,7 @@ def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat
                                 "geomean_flop_reduction_3x3": _geomean([1 / r["flop_ratio"] for r in sel3])})
     result = {"info": info, "commit": git_commit(), "date": now_utc(), "layers": layer_rows, "e2e": e2e_rows,
               "checkpoint": ckpt_rows, "command": command,
-              "repeats": _repeats_used(batches, granularities, e2e, layer_repeat, e2e_repeat),
+              "repeats": repeats,
               "summary": summary, "seconds": time.perf_counter() - t0}
     if out_dir is not None:
         out = Path(out_dir)
@@ -360,8 +362,9 @@ def _targets(r: dict) -> list[dict]:
 
 
 def _repeats_used(batches, granularities, e2e, layer_repeat, e2e_repeat) -> dict:
-    """The best-of counts this run used, as run_layer_bench / run_e2e_bench look them up (2 where a given
-    dict has no entry); the end-to-end part only when it ran."""
+    """The best-of counts of a run, resolved once (2 where a given dict has no entry) and handed to
+    run_layer_bench / run_e2e_bench, so the report states exactly what they used; the end-to-end part
+    only when it runs."""
     layer, whole = layer_repeat or LAYER_REPEAT, e2e_repeat or E2E_REPEAT
     return {"layers": {(n, g): layer.get((n, g), 2) for n in batches for g in granularities},
             "e2e": {n: whole.get(n, 2) for n in batches} if e2e else {}}
