@@ -632,39 +632,55 @@ double new_centers(const Dataset<T>& ds, const std::vector<i32>& lab, const Cent
   return shift_tot;
 }
 
-// The M-step's sums for solvers that track labels: from scratch when `full`, else only the points
-// whose label changed move their weight from the old cluster to the new.  Returns that count.
+// The M-step's sums for solvers that track labels.  sums_of_labels: from scratch.  move_weight: point
+// i's weight moves from cluster `from` to cluster `to` (solvers that know which labels changed apply
+// these in index order, the order update_sums takes).
+template <class T>
+void sums_of_labels(const Dataset<T>& ds, const i32* lab, std::vector<double>& sums, std::vector<double>& wsum) {
+  const i64 n = ds.n, d = ds.d;
+  std::fill(sums.begin(), sums.end(), 0.0);
+  std::fill(wsum.begin(), wsum.end(), 0.0);
+  for (i64 i = 0; i < n; ++i) {
+    const double wi = weight(ds.w, i);
+    double* sj = &sums[size_t(lab[i]) * d];
+    const T* x = ds.x + i * d;
+    for (i64 q = 0; q < d; ++q) sj[q] += wi * double(x[q]);
+    wsum[lab[i]] += wi;
+  }
+}
+
+template <class T>
+inline void move_weight(const Dataset<T>& ds, i64 i, i32 from, i32 to, std::vector<double>& sums,
+                        std::vector<double>& wsum) {
+  const i64 d = ds.d;
+  const double wi = weight(ds.w, i);
+  double* so = &sums[size_t(from) * d];
+  double* sn = &sums[size_t(to) * d];
+  const T* x = ds.x + i * d;
+  for (i64 q = 0; q < d; ++q) {
+    so[q] -= wi * double(x[q]);
+    sn[q] += wi * double(x[q]);
+  }
+  wsum[from] -= wi;
+  wsum[to] += wi;
+}
+
+// From scratch when `full`, else only the points whose label differs from lab_prev move their
+// weight.  Returns how many labels differ.
 template <class T>
 i64 update_sums(const Dataset<T>& ds, const std::vector<i32>& lab, const std::vector<i32>& lab_prev, bool full,
                 std::vector<double>& sums, std::vector<double>& wsum) {
-  const i64 n = ds.n, d = ds.d;
+  const i64 n = ds.n;
   i64 changed = 0;
   if (full) {
-    std::fill(sums.begin(), sums.end(), 0.0);
-    std::fill(wsum.begin(), wsum.end(), 0.0);
-    for (i64 i = 0; i < n; ++i) {
-      const double wi = weight(ds.w, i);
-      double* sj = &sums[size_t(lab[i]) * d];
-      const T* x = ds.x + i * d;
-      for (i64 q = 0; q < d; ++q) sj[q] += wi * double(x[q]);
-      wsum[lab[i]] += wi;
-      changed += lab[i] != lab_prev[i];
-    }
+    sums_of_labels(ds, lab.data(), sums, wsum);
+    for (i64 i = 0; i < n; ++i) changed += lab[i] != lab_prev[i];
     return changed;
   }
   for (i64 i = 0; i < n; ++i) {
     if (lab[i] == lab_prev[i]) continue;
     ++changed;
-    const double wi = weight(ds.w, i);
-    double* so = &sums[size_t(lab_prev[i]) * d];
-    double* sn = &sums[size_t(lab[i]) * d];
-    const T* x = ds.x + i * d;
-    for (i64 q = 0; q < d; ++q) {
-      so[q] -= wi * double(x[q]);
-      sn[q] += wi * double(x[q]);
-    }
-    wsum[lab_prev[i]] -= wi;
-    wsum[lab[i]] += wi;
+    move_weight(ds, i, lab_prev[i], lab[i], sums, wsum);
   }
   return changed;
 }
@@ -1083,7 +1099,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   // (rounded down to float: 4 bytes a point, 16 per compare), `due` the current cum[j] + cf
   // (rounded up); labels and wake are padded to whole vectors (wake with +inf).
   const i64 nw = (n + L - 1) / L * L;
-  std::vector<i32> lab(nw, 0), lab_prev(nw, -1);
+  std::vector<i32> lab(nw, 0);
   std::vector<double> sums(size_t(k) * d, 0.0), wsum(k, 0.0), delta(k, 0.0), d2own(n), cum(k, 0.0);
   std::vector<float> wake(nw, std::numeric_limits<float>::infinity()), due(kp, 0.0f);
   double cf = 0.0;
@@ -1306,11 +1322,17 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       full_scan(i, b, emax == kInf ? kInf : emax * emax * (1.0 + 1e-5) + 1e-30);
     }
   };
-  // One E-step: only the points whose wake threshold the erosion has reached are examined.
+  // One E-step: only the points whose wake threshold the erosion has reached are examined.  The
+  // points whose label changed are listed per chunk of 1024 with their old label, in index order:
+  // the M-step moves their weight in the same order as a scan of all labels would.
+  constexpr i64 kChunk = 1024;
+  std::vector<std::vector<std::pair<i32, i32>>> moved((n + kChunk - 1) / kChunk);
   auto assign = [&](bool first) {
 #pragma omp parallel for if (par) schedule(dynamic, 16)
-    for (i64 i0 = 0; i0 < n; i0 += 1024) {
-      const i64 i1 = std::min(n, i0 + 1024);
+    for (i64 i0 = 0; i0 < n; i0 += kChunk) {
+      const i64 i1 = std::min(n, i0 + kChunk);
+      auto& mv = moved[i0 / kChunk];
+      mv.clear();
       if (first) {
         for (i64 i = i0; i < i1; i += L) {
           const i64 cnt = std::min<i64>(L, i1 - i);
@@ -1321,7 +1343,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       }
       // The due points of the chunk first, then examined with their data prefetched a few
       // points ahead: due points are scattered, and one at a time each would wait on memory.
-      i32 list[1024];
+      i32 list[kChunk];
       int nd = 0;
       for (i64 j0 = i0; j0 < i1; j0 += L) {
         unsigned mask = due_mask16(&wake[j0], &lab[j0], due.data());
@@ -1338,18 +1360,31 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
           __builtin_prefetch(ds.x + q * d);
           __builtin_prefetch(ds.x + q * d + d - 1);
         }
-        examine(i0 + list[p]);
+        const i64 i = i0 + list[p];
+        const i32 old = lab[i];
+        examine(i);
+        if (lab[i] != old) mv.emplace_back(i32(i), old);
       }
     }
   };
 
-  bool strict = false, full_sums = true;
+  bool strict = false;
   int it = 0;
   for (it = 0; it < max_iter; ++it) {
     assign(it == 0);
     // M-step: sums from scratch the first time, then from the points that changed label.
-    const i64 changed = update_sums(ds, lab, lab_prev, full_sums, sums, wsum);
-    full_sums = false;
+    // (Listing the changes in the E-step spares two passes over all labels per iteration -- a
+    // comparison with the previous labels and their copy: 5% of resnet18's 262,144-point layers.)
+    i64 changed = 0;
+    if (it == 0) {
+      sums_of_labels(ds, lab.data(), sums, wsum);
+      changed = n;
+    } else {
+      for (const auto& mv : moved) {
+        changed += i64(mv.size());
+        for (const auto& [i, old] : mv) move_weight(ds, i, old, lab[i], sums, wsum);
+      }
+    }
     std::vector<double> sums_m(sums), wsum_m(wsum);  // the repair edits a copy: sums track labels
     const double shift_tot = new_centers(ds, lab, C, sums_m.data(), wsum_m.data(), cnew, delta, empty, d2own, par);
     double dmax = 0.0;
@@ -1361,7 +1396,6 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     }
     C.c.swap(cnew);
     C.refresh();
-    lab_prev = lab;
     if (changed == 0 && it > 0) { strict = empty.empty(); break; }
     if (shift_tot <= prep.tol_abs) break;
   }
