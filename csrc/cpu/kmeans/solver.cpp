@@ -156,8 +156,9 @@ struct Top8 {
 #endif
 };
 
-// The values of v[0..16) set in `mask` and their indices base + lane, packed to the front of
-// ov/oj (each must have room for 16); returns how many.
+// The 16 values (v[0..16) or a register's lanes) set in `mask` and their indices base + lane,
+// packed to the front of ov/oj (each must have room for 16); returns how many.  The scalar loop
+// serves the generic copy and double data; float SIMD scans pack from the register.
 #if KC_SIMD16 && !defined(__AVX512F__)
 // kCompress8[m]: the positions of m's set bits, ascending, one per byte (the rest 0).
 struct Compress8Table {
@@ -187,8 +188,8 @@ inline int compress16_scalar(const T* v, unsigned mask, i32 base, T* ov, i32* oj
   return n;
 }
 #if KC_SIMD16
-// From a register, with no branch on the mask (it is unpredictable where a scan calls this): always
-// stores 16 values and indices.  AVX2 has no compress: each half's lanes are permuted by a table of
+// With no branch on the mask (it is unpredictable where a scan calls this): always stores 16 values
+// and indices.  AVX2 has no compress: each half's lanes are permuted by a table of
 // the set lanes' positions (byte b of kCompress8[m] is the b-th set bit of m) and stored whole, the
 // second half over what lies past the first's kept lanes.  Writes up to 16 from ov / oj.
 inline int compress16(F16 a, unsigned mask, i32 base, float* ov, i32* oj) {
@@ -210,17 +211,7 @@ inline int compress16(F16 a, unsigned mask, i32 base, float* ov, i32* oj) {
   return n0 + __builtin_popcount(m1);
 #endif
 }
-inline int compress16(const float* v, unsigned mask, i32 base, float* ov, i32* oj) {
-  return compress16(f16_load(v), mask, base, ov, oj);
-}
-#else
-inline int compress16(const float* v, unsigned mask, i32 base, float* ov, i32* oj) {
-  return compress16_scalar(v, mask, base, ov, oj);
-}
 #endif
-inline int compress16(const double* v, unsigned mask, i32 base, double* ov, i32* oj) {
-  return compress16_scalar(v, mask, base, ov, oj);
-}
 
 // v rounded to a float no greater (below) / no smaller (above) than v: a stored lower / upper bound.
 inline float float_below(double v) {
@@ -1167,6 +1158,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   // (a distance known to be reached by M + 1 centers) lets most blocks skip the selection; when
   // fewer than M + 2 centers fall below it, thr2 itself bounds the unlisted ones.  Ties go to the
   // lower center index, as in every other solver.
+  constexpr bool kSimdFloat = KC_SIMD16 && std::is_same_v<T, float>;  // full_scan's float SIMD path
   auto full_scan = [&](i64 i, Bounds& b, double thr2) {  // sets b and lab[i]
     static_assert(M + 2 <= 8, "the scan keeps its top M + 2 in a Top8");
     const T* x = ds.x + i * d;
@@ -1185,7 +1177,6 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     for (i64 j0 = 0; j0 < kp; j0 += L) {
       const unsigned live = j0 + L > k ? (1u << (k - j0)) - 1u : 0xFFFFu;  // lanes past k: padding
       unsigned mask;
-      bool packed = false;  // the candidates already in cv/cx
 #if KC_SIMD16
       if constexpr (std::is_same_v<T, float>) {  // the 16 sums in registers (not dl) until compared
         F16 acc = f16_zero();
@@ -1196,7 +1187,6 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
         mask = m16_bits(f16_lt(acc, f16_set1(fixed ? tf : T(top.at(M + 1))))) & live;
         if (fixed) {
           nc += compress16(acc, mask, i32(j0), cv + nc, cx + nc);
-          packed = true;
         } else if (mask) {
           f16_store(dl, acc);  // dl is read only for the lanes a mask admits
         }
@@ -1217,7 +1207,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
         mask = lt_mask16(dl, fixed ? tf : T(top.at(M + 1))) & live;
       }
       if (fixed) {
-        if (!packed) nc += compress16(dl, mask, i32(j0), cv + nc, cx + nc);
+        if constexpr (!kSimdFloat) nc += compress16_scalar(dl, mask, i32(j0), cv + nc, cx + nc);
         if (nc > kCand) {
           for (int t = 0; t < nc; ++t) top.insert(double(cv[t]), cx[t]);
           nc = 0;
@@ -1340,7 +1330,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   // points whose label changed are listed per chunk of 1024 with their old label, in index order:
   // the M-step moves their weight in the same order as a scan of all labels would.
   constexpr i64 kChunk = 1024;
-  std::vector<std::vector<std::pair<i32, i32>>> moved((n + kChunk - 1) / kChunk);
+  std::vector<std::vector<std::pair<i64, i32>>> moved((n + kChunk - 1) / kChunk);
   auto assign = [&](bool first) {
 #pragma omp parallel for if (par) schedule(dynamic, 16)
     for (i64 i0 = 0; i0 < n; i0 += kChunk) {
@@ -1377,7 +1367,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
         const i64 i = i0 + list[p];
         const i32 old = lab[i];
         examine(i);
-        if (lab[i] != old) mv.emplace_back(i32(i), old);
+        if (lab[i] != old) mv.emplace_back(i, old);
       }
     }
   };
