@@ -2,7 +2,7 @@
 instruction-set copies of the native code this CPU can run."""
 import pytest
 
-from kcengine.bench import common
+from kcengine.bench.common import runnable_isas as _runnable_isas
 from kcengine.bench.common import shared_data_dir
 
 
@@ -19,4 +19,4 @@ def shared_data():
 def runnable_isas():
     """The instruction sets whose native copies this CPU can run ("generic" always; see
     :func:`kcengine.bench.common.runnable_isas`)."""
-    return common.runnable_isas()
+    return _runnable_isas()

@@ -1,4 +1,6 @@
 """kcengine.bench.common helpers that the benchmarks and the test fixtures share."""
+import os
+
 import pytest
 
 from kcengine import _core
@@ -11,8 +13,6 @@ def test_runnable_isas_asks_the_native_side_and_restores_the_env(monkeypatch):
     isas = runnable_isas()
     assert isas[0] == "generic" and isas[-1] == best
     assert isas == [i for i in ("generic", "avx2", "avx512") if i in isas]  # in order, no repeats
-    import os
-
     assert "KCENGINE_CPU_ISA" not in os.environ  # unset before, unset after
     monkeypatch.setenv("KCENGINE_CPU_ISA", "generic")
     assert runnable_isas() == isas and os.environ["KCENGINE_CPU_ISA"] == "generic"
@@ -20,8 +20,6 @@ def test_runnable_isas_asks_the_native_side_and_restores_the_env(monkeypatch):
 
 
 def test_forced_isa_restores_set_and_unset(monkeypatch):
-    import os
-
     monkeypatch.delenv("KCENGINE_CPU_ISA", raising=False)
     with forced_isa("generic"):
         assert _core.kmeans_isa() == "generic"
@@ -38,8 +36,6 @@ def test_forced_isa_restores_set_and_unset(monkeypatch):
 
 
 def test_runnable_isas_leaves_out_a_refused_set(monkeypatch):
-    import os
-
     real = _core.kmeans_isa
 
     def refusing():  # as the native side does for a set this CPU lacks

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 __all__ = ["machine_info", "git_commit", "now_utc", "time_call", "write_csv", "markdown_table", "repo_root",
-           "shared_data_dir", "peak_rss_mb", "keep_freed_memory_mapped"]
+           "shared_data_dir", "peak_rss_mb", "keep_freed_memory_mapped", "runnable_isas", "forced_isa"]
 
 
 def repo_root() -> Path | None:

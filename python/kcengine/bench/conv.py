@@ -88,6 +88,11 @@ LAYER_REPEAT = {(1, "filter"): 10, (1, "kernel"): 5, (32, "filter"): 4, (32, "ke
 E2E_REPEAT = {1: 20, 32: 3}
 
 
+def _repeat_count(table: dict | None, defaults: dict, key) -> int:
+    """Best-of count for ``key``: from ``table`` (``defaults`` when None), 2 where it has no entry."""
+    return (table or defaults).get(key, 2)
+
+
 def run_layer_bench(batches=(1, 32), divisors=(8, 4, 2), granularities=("filter", "kernel"), size: int = 224,
                     repeat: dict | None = None, backend: str = "cpu", memory_format=torch.channels_last,
                     log=print) -> list[dict]:
@@ -95,7 +100,6 @@ def run_layer_bench(batches=(1, 32), divisors=(8, 4, 2), granularities=("filter"
     from ..conv import ClusteredConv2d
     from ..conv.backends import kernel_plan, unique_maps
 
-    repeat = repeat or LAYER_REPEAT
     rows = []
     shapes = resnet18_conv_shapes(size)
     for n in batches:
@@ -124,7 +128,7 @@ def run_layer_bench(batches=(1, 32), divisors=(8, 4, 2), granularities=("filter"
                                                            packed=layer._prepared().packed))
                         tu = float("nan")
                         try:
-                            td, tc, te, *rest = time_alternating(fns, repeat.get((n, gran), 2))
+                            td, tc, te, *rest = time_alternating(fns, _repeat_count(repeat, LAYER_REPEAT, (n, gran)))
                             tu = rest[0] if rest else tu
                             yd, yc = dense(xd), clustered()
                             err = rel_diff(yc, yd, eps=1e-30)
@@ -184,7 +188,6 @@ def run_e2e_bench(batches=(32, 1), size: int = 224, repeat: dict | None = None, 
     """resnet18 inference: dense vs every conv clustered (filter, K = C_out/4) with BN/add/ReLU fused."""
     from ..conv import fuse_for_inference
 
-    repeat = repeat or E2E_REPEAT
     dense, clustered = _clustered_resnet18(4)
     fused = fuse_for_inference(clustered)
     conv_flops = {}
@@ -223,7 +226,7 @@ def run_e2e_bench(batches=(32, 1), size: int = 224, repeat: dict | None = None, 
             xf = x.contiguous(memory_format=fmt)
             d = dense.to(memory_format=fmt)
             f = fused.to(memory_format=fmt)
-            td, tf, err = time_against(lambda: d(xf), lambda: f(xf), repeat.get(n, 2))
+            td, tf, err = time_against(lambda: d(xf), lambda: f(xf), _repeat_count(repeat, E2E_REPEAT, n))
             res[fmt_name] = (td, tf)
             rows.append({"batch": n, "memory_format": fmt_name, "dense_ms": td * 1e3, "clustered_fused_ms": tf * 1e3,
                          "speedup": td / tf, "conv_gflops_dense": conv_flops[n][0] / 1e9,
@@ -239,7 +242,7 @@ def run_e2e_bench(batches=(32, 1), size: int = 224, repeat: dict | None = None, 
         f = fused.to(memory_format=torch.channels_last)
         tj = tf = err = float("nan")
         if frozen is not None:
-            tj, tf, err = time_against(lambda: frozen(xf), lambda: f(xf), repeat.get(n, 2))
+            tj, tf, err = time_against(lambda: frozen(xf), lambda: f(xf), _repeat_count(repeat, E2E_REPEAT, n))
         else:
             log(f"  e2e b={n}: no frozen dense baseline ({frozen_why})")
         rows.append({"batch": n, "memory_format": FROZEN_ROW, "dense_ms": tj * 1e3, "clustered_fused_ms": tf * 1e3,
@@ -365,9 +368,9 @@ def _repeats_used(batches, granularities, e2e, layer_repeat, e2e_repeat) -> dict
     """The best-of counts of a run, resolved once (2 where a given dict has no entry) and handed to
     run_layer_bench / run_e2e_bench, so the report states exactly what they used; the end-to-end part
     only when it runs."""
-    layer, whole = layer_repeat or LAYER_REPEAT, e2e_repeat or E2E_REPEAT
-    return {"layers": {(n, g): layer.get((n, g), 2) for n in batches for g in granularities},
-            "e2e": {n: whole.get(n, 2) for n in batches} if e2e else {}}
+    return {"layers": {(n, g): _repeat_count(layer_repeat, LAYER_REPEAT, (n, g)) for n in batches
+                       for g in granularities},
+            "e2e": {n: _repeat_count(e2e_repeat, E2E_REPEAT, n) for n in batches} if e2e else {}}
 
 
 def _repeat_text(repeats: dict) -> str:
@@ -375,7 +378,7 @@ def _repeat_text(repeats: dict) -> str:
     layer, e2e = repeats["layers"], repeats["e2e"]
     parts = []
     for n in sorted({b for b, _ in layer}):
-        parts.append(" / ".join(f"{layer[(n, g)]} ({g})" for g in ("filter", "kernel") if (n, g) in layer)
+        parts.append(" / ".join(f"{layer[(n, g)]} ({g})" for g in sorted(g for b, g in layer if b == n))
                      + f" at batch {n}")
     text = "layers " + ", ".join(parts)
     if e2e:

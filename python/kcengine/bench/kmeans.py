@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from .common import (command_line, forced_isa, git_commit, machine_info, markdown_table, now_utc, peak_rss_mb,
-                     repo_root, runnable_isas, shared_data_dir, write_csv)
+                     repo_root, runnable_isas, shared_data_dir, time_alternating, write_csv)
 
 WORKLOADS = ("a_sweep", "b_filters", "c_kernels", "d_element")
 METHODS = ("kcengine", "exact1d", "torch", "sklearn", "faiss")
@@ -429,29 +429,26 @@ def isa_comparison(model: str = "resnet20", repeat: int = 3, out_dir: Path | Non
     """kcengine on the four workloads with each compiled copy of the solver (generic x86-64,
     AVX2, AVX-512), forced through ``KCENGINE_CPU_ISA``: what the portable build's runtime
     dispatch buys on this CPU.  Writes ``<name>.md``."""
-    import os
-
     from .. import _core
 
     layers, source = load_weights(model)
     wls = build_workloads(layers, WORKLOADS, max_problems={"a_sweep": 200, "d_element": 2000})
     isas = runnable_isas()
     rows = []
-    with forced_isa():
-        for wl in wls:
-            times = {isa: float("inf") for isa in isas}
-            for r in range(repeat):
-                for isa in (isas if r % 2 == 0 else isas[::-1]):
-                    os.environ["KCENGINE_CPU_ISA"] = isa
-                    t0 = time.perf_counter()
-                    run_kcengine(wl)
-                    times[isa] = min(times[isa], time.perf_counter() - t0)
-            row = {"workload": wl.name, "problems": wl.n_problems}
-            for isa in isas:
-                row[f"{isa} s"] = times[isa]
-            for isa in isas[1:]:
-                row[f"{isa} vs generic"] = times["generic"] / times[isa]
-            rows.append(row)
+
+    def run_as(isa, wl):
+        with forced_isa(isa):
+            run_kcengine(wl)
+
+    for wl in wls:
+        best = time_alternating([lambda isa=isa: run_as(isa, wl) for isa in isas], repeat, warmup=0, flip=True)
+        times = dict(zip(isas, best))
+        row = {"workload": wl.name, "problems": wl.n_problems}
+        for isa in isas:
+            row[f"{isa} s"] = times[isa]
+        for isa in isas[1:]:
+            row[f"{isa} vs generic"] = times["generic"] / times[isa]
+        rows.append(row)
     info = machine_info()
     lines = ["# kcengine's k-means solver per instruction set (runtime dispatch)\n",
              f"- date: {now_utc()}", f"- commit: {git_commit()}",
