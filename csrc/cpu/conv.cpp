@@ -370,7 +370,7 @@ __attribute__((target("avx2,fma"))) void gather_pixels_trans_avx2(const float* _
 
 // The channels-last float32 gather copy for K maps under instruction set isa, chosen once per call:
 // its name ("avx512_permute", "avx2_permute", "avx2_transpose" or "plain"; float64 always takes the plain
-// loop) and its routine (nullptr: the plain loop, gather_pixels).  The permute copies are instantiated
+// loop) and its routine (the plain loop: gather_pixels_f32).  The permute copies are instantiated
 // per register count: ceil(K / 32) register pairs on AVX-512, ceil(K / 8) registers on AVX2.
 using GatherF32 = void (*)(const float*, int64_t, const int32_t*, const float*, const float*, const float*, float*,
                            int64_t, int64_t, int64_t, bool);
@@ -380,7 +380,7 @@ struct GatherCopy {
 };
 
 GatherCopy gather_copy(const std::string& isa, int64_t K, bool is_float) {
-  if (K < 1 || !is_float || isa == "generic") return {"plain", nullptr};  // callers reject K < 1 first
+  if (K < 1 || !is_float || isa == "generic") return {"plain", gather_pixels_f32};  // callers reject K < 1 first
   if (isa == "avx512" && K <= kPermGatherMaxK) {
     static constexpr GatherF32 by_pairs[] = {gather_pixels_perm_f32_t<1>, gather_pixels_perm_f32_t<2>,
                                              gather_pixels_perm_f32_t<3>, gather_pixels_perm_f32_t<4>};
@@ -394,7 +394,7 @@ GatherCopy gather_copy(const std::string& isa, int64_t K, bool is_float) {
     return {"avx2_permute", by_regs[(K + 7) / 8 - 1]};
   }
   if (K <= kTransAvx2MaxK) return {"avx2_transpose", gather_pixels_trans_avx2};
-  return {"plain", nullptr};
+  return {"plain", gather_pixels_f32};
 }
 
 inline void add_row(const double* row, double* acc, int64_t n) { add_row_f64(row, acc, n); }
@@ -452,13 +452,10 @@ void gather_epilogue_impl(const py::array& u, const int32_t* idx, const std::vec
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t bi = 0; bi < nblocks; ++bi) {
       const int64_t m0 = bi * block, m1 = std::min(M, m0 + block);
-      if constexpr (std::is_same_v<T, float>) {
-        if (copy) {
-          copy(up, K, idx, a.data(), b.data(), rp, op, C, m0, m1, relu);
-          continue;
-        }
-      }
-      gather_pixels(up, K, idx, a.data(), b.data(), rp, op, C, m0, m1, relu);
+      if constexpr (std::is_same_v<T, float>)
+        copy(up, K, idx, a.data(), b.data(), rp, op, C, m0, m1, relu);
+      else
+        gather_pixels(up, K, idx, a.data(), b.data(), rp, op, C, m0, m1, relu);
     }
   }
 }
@@ -775,6 +772,9 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
 
 // The pixel-lane path (any M on AVX2, M > 32 on AVX-512): conv_pixvec.h, one copy per instruction set.
 constexpr int kQuad = 4;  // input channels per scatter pass of the pixel-lane path
+// Kernels of up to this many taps (3x3) take the short-kernel routines: regacc tiles, 8-pixel response
+// chains; deeper ones (the 7x7 stem) the long ones.
+constexpr int64_t kShortTaps = 9;
 namespace pixvec_avx512 {
 #define KC_PIXVEC_TARGET "avx2,fma,avx512f,avx512vl"
 #include "conv_pixvec.h"
@@ -891,7 +891,7 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
   using RegAcc = void (*)(const float*, const float*, const int32_t*, const ConvGeom&, int64_t, int64_t, int64_t,
                           int64_t, int64_t, int, float*, float*);
   RegAcc regacc = nullptr;  // see direct_tile_regacc
-  if (fast && g.M <= 32 && g.C <= 64 && taps <= 9) {  // deeper taps (the 7x7 stem) want all 8 pixels' chains
+  if (fast && g.M <= 32 && g.C <= 64 && taps <= kShortTaps) {  // deeper taps (the 7x7 stem) want all 8 pixels' chains
     const int nch = int((g.C + 15) / 16);
     if (g.M <= 16) regacc = nch == 1 ? direct_tile_regacc<1, 1> : nch == 2 ? direct_tile_regacc<2, 1>
                           : nch == 3 ? direct_tile_regacc<3, 1> : direct_tile_regacc<4, 1>;

@@ -85,9 +85,10 @@ __attribute__((target(KC_PIXVEC_TARGET))) inline void channel_responses_px(const
 }
 
 // channel_responses_px<2> with 12 chains (6 maps x 2 vectors of the 16 pixels) instead of 8: slack over
-// the 8 the FMA latency needs.  Taken for kernels of more than 9 taps (the 7x7 stem), where the tap
-// loop is long enough to pay: measured on AVX2 (Zen 3), resnet18's stem at 32 maps ran 6% faster,
-// while on 3x3 layers the narrow tail blocks ate the gain.  The last maps take a block of 6, 4 or 2
+// the 8 the FMA latency needs.  Taken for kernels of more than kShortTaps taps (the 7x7 stem), where the
+// tap loop is long enough to pay: measured on AVX2 (Zen 3), resnet18's stem at 32 maps ran 6% faster,
+// while on 3x3 layers the narrow tail blocks ate the gain.  (The AVX-512 copy takes it too, for 33-64
+// maps at NV = 2; not measured on an AVX-512 CPU.)  The last maps take a block of 6, 4 or 2
 // that stays inside Mpad (a multiple of 16, so M = Mpad leaves 4, 2 or 0 after the blocks of 6).
 __attribute__((target(KC_PIXVEC_TARGET))) inline void channel_responses_px12(const float* __restrict xc,
                                                                               const float* __restrict w, int64_t taps,
@@ -165,7 +166,7 @@ __attribute__((target(KC_PIXVEC_TARGET))) void direct_tile_pixvec(
       }
       const float* xc = xt + c * taps * TW;
       const float* wc = wtp + (i0 + c) * taps * Mpad;
-      if (NV == 2 && taps > 9) channel_responses_px12(xc, wc, taps, M, Mpad, pc);  // see there
+      if (NV == 2 && taps > kShortTaps) channel_responses_px12(xc, wc, taps, M, Mpad, pc);  // see there
       else channel_responses_px<NV>(xc, wc, taps, M, Mpad, pc);
     }
     const S* sq = slotp + (i0 / kQuad) * Cpad * kQuad;

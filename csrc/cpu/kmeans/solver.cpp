@@ -156,9 +156,6 @@ struct Top8 {
 #endif
 };
 
-// The 16 values (v[0..16) or a register's lanes) set in `mask` and their indices base + lane,
-// packed to the front of ov/oj (each must have room for 16); returns how many.  The scalar loop
-// serves the generic copy and double data; float SIMD scans pack from the register.
 #if KC_SIMD16 && !defined(__AVX512F__)
 // kCompress8[m]: the positions of m's set bits, ascending, one per byte (the rest 0).
 struct Compress8Table {
@@ -177,6 +174,9 @@ struct Compress8Table {
 constexpr Compress8Table kCompress8{};
 #endif
 
+// The 16 values (v[0..16) or a register's lanes) set in `mask` and their indices base + lane,
+// packed to the front of ov/oj (each must have room for 16); returns how many.  The scalar loop
+// serves the generic copy and double data; float SIMD scans pack from the register.
 template <class T>
 inline int compress16_scalar(const T* v, unsigned mask, i32 base, T* ov, i32* oj) {
   int n = 0;
@@ -189,9 +189,8 @@ inline int compress16_scalar(const T* v, unsigned mask, i32 base, T* ov, i32* oj
 }
 #if KC_SIMD16
 // With no branch on the mask (it is unpredictable where a scan calls this): always stores 16 values
-// and indices.  AVX2 has no compress: each half's lanes are permuted by a table of
-// the set lanes' positions (byte b of kCompress8[m] is the b-th set bit of m) and stored whole, the
-// second half over what lies past the first's kept lanes.  Writes up to 16 from ov / oj.
+// and indices.  AVX2 has no compress: each half's lanes are permuted by kCompress8[its mask] and
+// stored whole, the second half over what lies past the first's kept lanes.
 inline int compress16(F16 a, unsigned mask, i32 base, float* ov, i32* oj) {
 #if defined(__AVX512F__)
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -629,58 +628,58 @@ double new_centers(const Dataset<T>& ds, const std::vector<i32>& lab, const Cent
   return shift_tot;
 }
 
-// The M-step's sums for solvers that track labels.  sums_of_labels: from scratch.  move_weight: point
-// i's weight moves from cluster `from` to cluster `to` (solvers that know which labels changed apply
-// these in index order, the order update_sums takes).
+// The M-step's sums.  add_to_sums: points [i0, i1) added to su / ws under their labels, in index
+// order.  Solvers that track labels start from all points once, then move only the weight of the
+// points whose label changed (LabelMoves).
 template <class T>
-void sums_of_labels(const Dataset<T>& ds, const i32* lab, std::vector<double>& sums, std::vector<double>& wsum) {
-  const i64 n = ds.n, d = ds.d;
-  std::fill(sums.begin(), sums.end(), 0.0);
-  std::fill(wsum.begin(), wsum.end(), 0.0);
-  for (i64 i = 0; i < n; ++i) {
+void add_to_sums(const Dataset<T>& ds, const i32* lab, i64 i0, i64 i1, double* su, double* ws) {
+  const i64 d = ds.d;
+  for (i64 i = i0; i < i1; ++i) {
     const double wi = weight(ds.w, i);
-    double* sj = &sums[size_t(lab[i]) * d];
+    double* sj = su + size_t(lab[i]) * d;
     const T* x = ds.x + i * d;
     for (i64 q = 0; q < d; ++q) sj[q] += wi * double(x[q]);
-    wsum[lab[i]] += wi;
+    ws[lab[i]] += wi;
   }
 }
 
 template <class T>
-inline void move_weight(const Dataset<T>& ds, i64 i, i32 from, i32 to, std::vector<double>& sums,
-                        std::vector<double>& wsum) {
-  const i64 d = ds.d;
-  const double wi = weight(ds.w, i);
-  double* so = &sums[size_t(from) * d];
-  double* sn = &sums[size_t(to) * d];
-  const T* x = ds.x + i * d;
-  for (i64 q = 0; q < d; ++q) {
-    so[q] -= wi * double(x[q]);
-    sn[q] += wi * double(x[q]);
-  }
-  wsum[from] -= wi;
-  wsum[to] += wi;
+void sums_of_labels(const Dataset<T>& ds, const i32* lab, std::vector<double>& sums, std::vector<double>& wsum) {
+  std::fill(sums.begin(), sums.end(), 0.0);
+  std::fill(wsum.begin(), wsum.end(), 0.0);
+  add_to_sums(ds, lab, 0, ds.n, sums.data(), wsum.data());
 }
 
-// From scratch when `full`, else only the points whose label differs from lab_prev move their
-// weight.  Returns how many labels differ.
-template <class T>
-i64 update_sums(const Dataset<T>& ds, const std::vector<i32>& lab, const std::vector<i32>& lab_prev, bool full,
-                std::vector<double>& sums, std::vector<double>& wsum) {
-  const i64 n = ds.n;
-  i64 changed = 0;
-  if (full) {
-    sums_of_labels(ds, lab.data(), sums, wsum);
-    for (i64 i = 0; i < n; ++i) changed += lab[i] != lab_prev[i];
+// The points whose label an E-step changed, with their old label, listed per chunk of points (each
+// chunk written by the one thread that assigns it, in index order).  apply moves their weight from
+// the old cluster to the new, chunk after chunk: the order a scan of all labels against the previous
+// ones would take, without that scan and the copy of the labels each iteration.  Returns the count.
+struct LabelMoves {
+  std::vector<std::vector<std::pair<i64, i32>>> chunks;
+  explicit LabelMoves(i64 nchunks) : chunks(nchunks) {}
+  template <class T>
+  i64 apply(const Dataset<T>& ds, const i32* lab, std::vector<double>& sums, std::vector<double>& wsum) const {
+    const i64 d = ds.d;
+    i64 changed = 0;
+    for (const auto& mv : chunks) {
+      changed += i64(mv.size());
+      for (const auto& [i, from] : mv) {
+        const i32 to = lab[i];
+        const double wi = weight(ds.w, i);
+        double* so = &sums[size_t(from) * d];
+        double* sn = &sums[size_t(to) * d];
+        const T* x = ds.x + i * d;
+        for (i64 q = 0; q < d; ++q) {
+          so[q] -= wi * double(x[q]);
+          sn[q] += wi * double(x[q]);
+        }
+        wsum[from] -= wi;
+        wsum[to] += wi;
+      }
+    }
     return changed;
   }
-  for (i64 i = 0; i < n; ++i) {
-    if (lab[i] == lab_prev[i]) continue;
-    ++changed;
-    move_weight(ds, i, lab_prev[i], lab[i], sums, wsum);
-  }
-  return changed;
-}
+};
 
 // ------------------------------------------------------------------ direct Lloyd / Hamerly
 template <class T>
@@ -751,15 +750,7 @@ void solve_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const st
     // M-step: weighted sums per cluster.
     std::fill(sums.begin(), sums.end(), 0.0);
     std::fill(wsum.begin(), wsum.end(), 0.0);
-    auto accumulate = [&](i64 i0, i64 i1, double* su, double* ws) {
-      for (i64 i = i0; i < i1; ++i) {
-        const double wi = weight(w, i);
-        double* sj = su + size_t(lab[i]) * d;
-        const T* x = ds.x + i * d;
-        for (i64 q = 0; q < d; ++q) sj[q] += wi * double(x[q]);
-        ws[lab[i]] += wi;
-      }
-    };
+    auto accumulate = [&](i64 i0, i64 i1, double* su, double* ws) { add_to_sums(ds, lab.data(), i0, i1, su, ws); };
     if (nchunk_m <= 1) {
       accumulate(0, n, sums.data(), wsum.data());
     } else {  // per-chunk partial sums, added in chunk order (thread-count independent)
@@ -872,7 +863,7 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
   };
   refresh_groups();
 
-  std::vector<i32> lab(n, 0), lab_prev(n, -1);
+  std::vector<i32> lab(n, 0);
   std::vector<double> ub(n), glb(n), best2(n), second2(n);
   std::vector<float> lb(size_t(n) * t);
   std::vector<i32> stamp(n, 0);
@@ -920,11 +911,14 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
     }
   };
   // Filtered assignment at iteration `it` (>= 1): drifts of the last M-step are in delta/gdelta.
+  LabelMoves moves(nchunks);
   auto filtered_assign = [&](int it) {
     const double* cnow = &cum[size_t(it) * t];
 #pragma omp parallel for if (par) schedule(dynamic, 4)
     for (i64 c = 0; c < nchunks; ++c) {
       const i64 i0 = c * chunk, i1 = std::min(n, i0 + chunk);
+      auto& mv = moves.chunks[c];
+      mv.clear();
       T dl[L];
       std::vector<double> lbv(t);
       for (i64 i = i0; i < i1; ++i) {
@@ -993,6 +987,7 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
           l[g] = float(v);
           g_min = std::min(g_min, v);
         }
+        if (best != lab[i]) mv.emplace_back(i, lab[i]);
         lab[i] = best;
         ub[i] = bestd;
         glb[i] = g_min;
@@ -1001,14 +996,15 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
     }
   };
 
-  bool strict = false, full_sums = true;
+  bool strict = false;
   int it = 0;
   for (it = 0; it < max_iter; ++it) {
     if (it == 0) full_assign();
     else filtered_assign(it);
     // M-step: sums from scratch the first time, then from the points that changed label.
-    const i64 changed = update_sums(ds, lab, lab_prev, full_sums, sums, wsum);
-    full_sums = false;
+    i64 changed = n;
+    if (it == 0) sums_of_labels(ds, lab.data(), sums, wsum);
+    else changed = moves.apply(ds, lab.data(), sums, wsum);
     std::vector<double> sums_m(sums), wsum_m(wsum);  // the repair edits a copy: sums track labels
     const double shift_tot = new_centers(ds, lab, C, sums_m.data(), wsum_m.data(), cnew, delta, empty, d2own, par);
     std::fill(gdelta.begin(), gdelta.end(), 0.0);
@@ -1026,7 +1022,6 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
     C.c.swap(cnew);
     C.refresh();
     refresh_groups();
-    lab_prev = lab;
     if (changed == 0 && it > 0) { strict = empty.empty(); break; }
     if (shift_tot <= prep.tol_abs) break;
   }
@@ -1158,7 +1153,6 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   // (a distance known to be reached by M + 1 centers) lets most blocks skip the selection; when
   // fewer than M + 2 centers fall below it, thr2 itself bounds the unlisted ones.  Ties go to the
   // lower center index, as in every other solver.
-  constexpr bool kSimdFloat = KC_SIMD16 && std::is_same_v<T, float>;  // full_scan's float SIMD path
   auto full_scan = [&](i64 i, Bounds& b, double thr2) {  // sets b and lab[i]
     static_assert(M + 2 <= 8, "the scan keeps its top M + 2 in a Top8");
     const T* x = ds.x + i * d;
@@ -1205,9 +1199,9 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
           }
         }
         mask = lt_mask16(dl, fixed ? tf : T(top.at(M + 1))) & live;
+        if (fixed) nc += compress16_scalar(dl, mask, i32(j0), cv + nc, cx + nc);
       }
-      if (fixed) {
-        if constexpr (!kSimdFloat) nc += compress16_scalar(dl, mask, i32(j0), cv + nc, cx + nc);
+      if (fixed) {  // the candidates are packed: empty the buffer into the selection when full
         if (nc > kCand) {
           for (int t = 0; t < nc; ++t) top.insert(double(cv[t]), cx[t]);
           nc = 0;
@@ -1326,16 +1320,15 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       full_scan(i, b, emax == kInf ? kInf : emax * emax * (1.0 + 1e-5) + 1e-30);
     }
   };
-  // One E-step: only the points whose wake threshold the erosion has reached are examined.  The
-  // points whose label changed are listed per chunk of 1024 with their old label, in index order:
-  // the M-step moves their weight in the same order as a scan of all labels would.
+  // One E-step: only the points whose wake threshold the erosion has reached are examined; the
+  // labels it changes are listed per chunk of 1024 (LabelMoves).
   constexpr i64 kChunk = 1024;
-  std::vector<std::vector<std::pair<i64, i32>>> moved((n + kChunk - 1) / kChunk);
+  LabelMoves moves((n + kChunk - 1) / kChunk);
   auto assign = [&](bool first) {
 #pragma omp parallel for if (par) schedule(dynamic, 16)
     for (i64 i0 = 0; i0 < n; i0 += kChunk) {
       const i64 i1 = std::min(n, i0 + kChunk);
-      auto& mv = moved[i0 / kChunk];
+      auto& mv = moves.chunks[i0 / kChunk];
       mv.clear();
       if (first) {
         for (i64 i = i0; i < i1; i += L) {
@@ -1376,19 +1369,11 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   int it = 0;
   for (it = 0; it < max_iter; ++it) {
     assign(it == 0);
-    // M-step: sums from scratch the first time, then from the points that changed label.
-    // (Listing the changes in the E-step spares two passes over all labels per iteration -- a
-    // comparison with the previous labels and their copy: 5% of resnet18's 262,144-point layers.)
-    i64 changed = 0;
-    if (it == 0) {
-      sums_of_labels(ds, lab.data(), sums, wsum);
-      changed = n;
-    } else {
-      for (const auto& mv : moved) {
-        changed += i64(mv.size());
-        for (const auto& [i, old] : mv) move_weight(ds, i, old, lab[i], sums, wsum);
-      }
-    }
+    // M-step: sums from scratch the first time, then from the points that changed label (listing
+    // them in the E-step instead of comparing all labels took 5% off resnet18's 262,144-point layers).
+    i64 changed = n;
+    if (it == 0) sums_of_labels(ds, lab.data(), sums, wsum);
+    else changed = moves.apply(ds, lab.data(), sums, wsum);
     std::vector<double> sums_m(sums), wsum_m(wsum);  // the repair edits a copy: sums track labels
     const double shift_tot = new_centers(ds, lab, C, sums_m.data(), wsum_m.data(), cnew, delta, empty, d2own, par);
     double dmax = 0.0;
