@@ -67,12 +67,36 @@ def test_sweep_equals_separate_calls():
         assert r.centroids.shape == (k, 576)
 
 
-@pytest.mark.parametrize("d", [1, 5, 100])
-def test_k_equals_n(d):
-    x = blobs(17, d, 17, seed=1)
-    r = kcengine.kmeans(x, 17, seed=0)
-    assert float(r.inertia) == pytest.approx(0.0, abs=1e-9)
-    assert len(np.unique(r.labels)) == 17
+@pytest.mark.parametrize("d", [1, 5, 9, 100])
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+def test_k_equals_n(d, init):
+    """k == N distinct points: "auto" returns each point as its own centroid without iterating; the
+    full solver (seeding + Lloyd, chosen by name) reaches the same set of centroids, as scikit-learn's."""
+    x = blobs(17, d, 17, seed=1).astype(np.float32)
+    r = kcengine.kmeans(x, 17, seed=0, init=init)
+    assert r.algorithm == "distinct" and int(r.n_iter) == 0 and bool(r.converged)
+    assert float(r.inertia) == 0.0
+    np.testing.assert_array_equal(r.centroids[r.labels], x)
+    full = kcengine.kmeans(x, 17, seed=0, init=init, algorithm="lloyd1d" if d == 1 else "lloyd")
+    assert full.algorithm != "distinct" and float(full.inertia) == pytest.approx(0.0, abs=1e-9)
+    np.testing.assert_array_equal(np.unique(full.centroids, axis=0), np.unique(r.centroids, axis=0))
+    sk = pytest.importorskip("sklearn.cluster").KMeans(17, init=init, n_init=1, random_state=0).fit(x)
+    assert sk.inertia_ == pytest.approx(0.0, abs=1e-9)
+
+
+def test_k_equals_n_falls_back_to_the_solver():
+    """Only distinct points of positive weight, an unseeded init and algorithm="auto" take the shortcut."""
+    x = blobs(12, 4, 12, seed=2)
+    dup = np.vstack([x[:11], x[:1]])
+    assert kcengine.kmeans(dup, 12, seed=0).algorithm != "distinct"
+    w = np.ones(12)
+    w[3] = 0.0
+    assert kcengine.kmeans(x, 12, seed=0, sample_weight=w).algorithm != "distinct"
+    assert kcengine.kmeans(x, 12, init=x[::-1].copy()).algorithm != "distinct"
+    assert kcengine.kmeans(x, 12, seed=0, algorithm="hamerly").algorithm == "hamerly"
+    batch = kcengine.kmeans([x, x], [12, 5], seed=0)  # in a batch: per problem
+    assert batch.algorithm[0] == "distinct" and batch.algorithm[1] != "distinct"
+    assert kcengine.kmeans(x, 5, seed=0).labels.tolist() == batch.labels[1].tolist()
 
 
 @pytest.mark.parametrize("d", [1, 3, 64])

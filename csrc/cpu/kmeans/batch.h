@@ -8,7 +8,10 @@
 namespace kcengine::km {
 
 enum class Init : int { KMeansPP = 0, Random = 1, Given = 2 };
-enum class Algo : int { Auto = 0, Lloyd = 1, Hamerly = 2, Gram = 3, Lloyd1D = 4, Exact1D = 5, Yinyang = 6, TopM = 7 };
+// Distinct is never requested: "auto" picks it for k == N distinct points of positive weight (each
+// point its own centroid).
+enum class Algo : int { Auto = 0, Lloyd = 1, Hamerly = 2, Gram = 3, Lloyd1D = 4, Exact1D = 5, Yinyang = 6, TopM = 7,
+                        Distinct = 8 };
 
 inline const char* algo_name(Algo a) {
   switch (a) {
@@ -20,6 +23,7 @@ inline const char* algo_name(Algo a) {
     case Algo::Exact1D: return "exact1d";
     case Algo::Yinyang: return "yinyang";
     case Algo::TopM: return "topm";
+    case Algo::Distinct: return "distinct";
   }
   return "?";
 }

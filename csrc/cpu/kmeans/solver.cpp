@@ -17,7 +17,8 @@
 //   * gram     - distances through the N x N Gram matrix when D is large against N: centroids are
 //                weighted means of points, so every distance is a combination of Gram entries;
 //   * lloyd1d  - D == 1: points sorted once, clusters are intervals, an iteration is O(k log N).
-// plus exact1d, the globally optimal 1-D clustering (dynamic programming, divide and conquer).
+// plus exact1d, the globally optimal 1-D clustering (dynamic programming, divide and conquer), and
+// distinct: k == N distinct points, each its own centroid.
 #include <omp.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -1706,9 +1707,41 @@ void solve_exact1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Run<T>&
 }
 
 // ------------------------------------------------------------------------------ the driver
+// k == N points, all distinct and of positive weight: the one clustering of inertia 0 has every point
+// its own centroid, and every seeding reaches it (k-means++ and random draws take each point once, as
+// scikit-learn's do), so "auto" returns it without a seeding and Lloyd iterations that would cost
+// O(k N D) for nothing (resnet20's 16x16 layers as 3x3 kernels at k = 256 are such problems).
 template <class T>
-Algo choose_algo(const Dataset<T>& ds, i64 k, Algo requested) {
+bool all_distinct(const Dataset<T>& ds) {
+  const i64 n = ds.n, d = ds.d;
+  for (i64 i = 0; i < n; ++i)
+    if (!(weight(ds.w, i) > 0)) return false;
+  std::vector<i64> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  auto row = [&](i64 i) { return ds.x + i * d; };
+  std::sort(order.begin(), order.end(), [&](i64 a, i64 b) {
+    return std::lexicographical_compare(row(a), row(a) + d, row(b), row(b) + d);
+  });
+  for (i64 p = 1; p < n; ++p)  // == on values: 0.0 and -0.0 count as the same point
+    if (std::equal(row(order[p - 1]), row(order[p - 1]) + d, row(order[p]))) return false;
+  return true;
+}
+
+template <class T>
+void solve_distinct(const Dataset<T>& ds, Problem<T>& pr) {
+  std::copy(ds.x, ds.x + ds.n * ds.d, pr.centroids);
+  for (i64 i = 0; i < ds.n; ++i) pr.labels[i] = i;
+  pr.inertia = 0.0;
+  pr.n_iter = 0;
+  pr.converged = true;
+  pr.algo = Algo::Distinct;
+}
+
+template <class T>
+Algo choose_algo(const Dataset<T>& ds, i64 k, const Params& params) {
+  const Algo requested = params.algorithm;
   if (requested != Algo::Auto) return requested;
+  if (k == ds.n && params.init != Init::Given && all_distinct(ds)) return Algo::Distinct;
   if (ds.d == 1) return Algo::Lloyd1D;
   const double n = double(ds.n), d = double(ds.d), kk = double(k);
   if (ds.n <= 4096 && ds.d >= 16 && 2.0 * (n + kk) < kk * d) return Algo::Gram;
@@ -1724,6 +1757,7 @@ double est_cost(const Dataset<T>& ds, i64 k, Algo a) {
     case Algo::Lloyd1D: return kk * 8.0 * n;
     case Algo::Exact1D: return kk * n * std::log2(n + 2.0);
     case Algo::Lloyd: return 30.0 * n * kk * d;
+    case Algo::Distinct: return n * d;
     default: return 5.0 * n * kk * d + kk * 8.0 * n * d;
   }
 }
@@ -2084,6 +2118,10 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
 template <class T>
 void solve_problem(const Dataset<T>& ds, const Prepared<T>& prep, Problem<T>& pr, const Params& params, Algo algo,
                    bool par) {
+  if (algo == Algo::Distinct) {
+    solve_distinct(ds, pr);
+    return;
+  }
   const i64 n = ds.n, d = ds.d, k = pr.k;
   // Inner parallel loops pay a barrier each: only worth it when one pass has real work.
   par = par && (algo == Algo::Gram ? n >= 1024 : n * std::max<i64>(d, 4) >= (i64(1) << 17));
@@ -2159,14 +2197,14 @@ void run_batch(Batch<T>& batch) {
   for (i64 p = 0; p < B; ++p) {
     const auto& pr = batch.problems[p];
     const auto& ds = batch.datasets[pr.data];
-    algo[p] = choose_algo(ds, pr.k, params.algorithm);
+    algo[p] = choose_algo(ds, pr.k, params);
     if (algo[p] == Algo::Gram && int64_t(ds.n) * ds.n * 8 > params.gram_budget_bytes) algo[p] = Algo::Hamerly;
     cost[p] = est_cost(ds, pr.k, algo[p]);
     if (algo[p] == Algo::Gram) {
       ds_gram[pr.data] = 1;
       ds_direct[pr.data] = 1;  // fallback path
     } else if (algo[p] == Algo::Lloyd1D || algo[p] == Algo::Exact1D) ds_sorted[pr.data] = 1;
-    else ds_direct[pr.data] = 1;
+    else if (algo[p] != Algo::Distinct) ds_direct[pr.data] = 1;
   }
   // A batch with little work in all runs on one thread: waking a team and meeting at barriers
   // costs more than it saves (milliseconds on a busy machine).
