@@ -70,8 +70,8 @@ def test_sweep_equals_separate_calls():
 @pytest.mark.parametrize("d", [1, 5, 9, 100])
 @pytest.mark.parametrize("init", ["k-means++", "random"])
 def test_k_equals_n(d, init):
-    """k == N distinct points: "auto" returns each point as its own centroid without iterating; the
-    full solver (seeding + Lloyd, chosen by name) reaches the same set of centroids, as scikit-learn's."""
+    """k == N distinct points: "auto" returns each point as its own centroid (bit for bit) without
+    iterating; the full solver (seeding + Lloyd, chosen by name) reaches the same set of centroids."""
     x = blobs(17, d, 17, seed=1).astype(np.float32)
     r = kcengine.kmeans(x, 17, seed=0, init=init)
     assert r.algorithm == "distinct" and int(r.n_iter) == 0 and bool(r.converged)
@@ -80,8 +80,26 @@ def test_k_equals_n(d, init):
     full = kcengine.kmeans(x, 17, seed=0, init=init, algorithm="lloyd1d" if d == 1 else "lloyd")
     assert full.algorithm != "distinct" and float(full.inertia) == pytest.approx(0.0, abs=1e-9)
     np.testing.assert_array_equal(np.unique(full.centroids, axis=0), np.unique(r.centroids, axis=0))
-    sk = pytest.importorskip("sklearn.cluster").KMeans(17, init=init, n_init=1, random_state=0).fit(x)
-    assert sk.inertia_ == pytest.approx(0.0, abs=1e-9)
+
+
+def test_k_equals_n_float64_weighted_n_init():
+    x = blobs(23, 6, 23, seed=3)
+    w = np.random.default_rng(0).uniform(0.5, 3.0, size=23)
+    r = kcengine.kmeans(x, 23, seed=1, sample_weight=w, n_init=3)
+    assert r.algorithm == "distinct" and r.centroids.dtype == np.float64
+    assert np.array_equal(r.centroids, x) and r.labels.tolist() == list(range(23))
+    assert float(r.inertia) == 0.0
+
+
+@pytest.mark.parametrize("algorithm,d", [("lloyd", 5), ("hamerly", 5), ("yinyang", 20), ("topm", 9), ("gram", 100),
+                                         ("lloyd1d", 1)])
+def test_k_equals_n_full_solvers(algorithm, d):
+    """The solvers themselves at k == N (what "auto" no longer runs there): every point a centroid."""
+    x = blobs(24, d, 24, seed=5)
+    r = kcengine.kmeans(x, 24, seed=0, algorithm=algorithm)
+    assert r.algorithm == algorithm and float(r.inertia) == pytest.approx(0.0, abs=1e-9)
+    assert len(np.unique(r.labels)) == 24
+    np.testing.assert_allclose(r.centroids[r.labels], x, rtol=0, atol=1e-12)
 
 
 def test_k_equals_n_falls_back_to_the_solver():
@@ -89,14 +107,21 @@ def test_k_equals_n_falls_back_to_the_solver():
     x = blobs(12, 4, 12, seed=2)
     dup = np.vstack([x[:11], x[:1]])
     assert kcengine.kmeans(dup, 12, seed=0).algorithm != "distinct"
+    signed_zero = np.zeros((2, 3))
+    signed_zero[1, 0] = -0.0  # equal values: the same point
+    assert kcengine.kmeans(signed_zero, 2, seed=0).algorithm != "distinct"
     w = np.ones(12)
     w[3] = 0.0
     assert kcengine.kmeans(x, 12, seed=0, sample_weight=w).algorithm != "distinct"
     assert kcengine.kmeans(x, 12, init=x[::-1].copy()).algorithm != "distinct"
     assert kcengine.kmeans(x, 12, seed=0, algorithm="hamerly").algorithm == "hamerly"
-    batch = kcengine.kmeans([x, x], [12, 5], seed=0)  # in a batch: per problem
+    batch = kcengine.kmeans([x, x], [12, 5], seed=0)  # one dataset, two problems: per problem
     assert batch.algorithm[0] == "distinct" and batch.algorithm[1] != "distinct"
     assert kcengine.kmeans(x, 5, seed=0).labels.tolist() == batch.labels[1].tolist()
+    y = blobs(40, 4, 3, seed=6)  # a dataset of its own beside one only the shortcut uses
+    batch = kcengine.kmeans([x, y], [12, 3], seed=0)
+    assert batch.algorithm[0] == "distinct"
+    assert kcengine.kmeans(y, 3, seed=0).labels.tolist() == batch.labels[1].tolist()
 
 
 @pytest.mark.parametrize("d", [1, 3, 64])

@@ -437,10 +437,11 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
         algorithm: ``"auto"`` (exact Lloyd with the fastest exact method per problem: Gram-matrix
             distances when D is large against N; for k >= 20 top-m bounds (exact bounds for each
             point's 2 nearest competitors up to 8192 points, 4 above, and one for all others) when D <= 16, else Yinyang group
-            bounds; Hamerly bounds for k < 20; sorted 1-D sweeps when D == 1; and when k == N points,
-            all distinct and of positive weight, with a k-means++ or random init: each point its own
-            centroid, reported as ``"distinct"``, the one clustering of inertia 0, which every seeding
-            reaches; cpu backend), one of those by name
+            bounds; Hamerly bounds for k < 20; sorted 1-D sweeps when D == 1; on the cpu backend,
+            for k == N points, all distinct and of positive weight, with a k-means++ or random init,
+            each point as its own centroid, reported as ``"distinct"`` (not a name ``algorithm``
+            takes): the one clustering of inertia 0, which every seeding reaches in exact arithmetic,
+            returned exactly where a solver's float means may miss it by an ulp), one of those by name
             (``"lloyd"`` = plain Lloyd, ``"hamerly"``, ``"yinyang"``, ``"topm"``, ``"gram"``,
             ``"lloyd1d"``), or ``"exact1d"``: the globally optimal 1-D clustering (D == 1 only).
             ``"topm"`` hands float32 data beyond 1e18 in magnitude to Yinyang (its float distances

@@ -25,9 +25,9 @@ class KMeansResult:
 
     Arrays have the input's type (numpy or torch, on the input's device); ``centroids`` keep the
     input's dtype.  ``inertia`` is the sum over points of ``weight * ||x - centroid[label]||^2``,
-    ``n_iter`` the number of Lloyd iterations run (0 for ``algorithm="exact1d"`` and ``"distinct"``), ``converged``
-    whether the tolerance or strict (no label change) convergence was reached before ``max_iter``.
-    ``backend`` names the backend that ran and ``algorithm`` the solver used per problem.
+    ``n_iter`` the number of Lloyd iterations run (0 for ``algorithm="exact1d"`` and ``"distinct"``),
+    ``converged`` whether the tolerance or strict (no label change) convergence was reached before
+    ``max_iter``.  ``backend`` names the backend that ran and ``algorithm`` the solver used per problem.
     """
 
     centroids: Any
