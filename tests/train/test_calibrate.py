@@ -1,8 +1,12 @@
 """Output-aware refit against the dense model: exact where the maths says it must be, never worse elsewhere."""
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kcengine
+from kcengine.train import calibrate as cal
 from kcengine.train import calibrate_outputs, recalibrate_bn
 from kcengine.train.calibrate import following_batchnorm
 
@@ -68,6 +72,10 @@ def test_following_batchnorm_finds_conv_bn_pairs(kit):
     pairs = following_batchnorm(m, _images(2))
     assert pairs == {"conv1": m.bn1, "conv2": m.bn2}
     assert following_batchnorm(kit.TinyNet(bn=False), _images(2)) == {}
+    m.train()
+    before = copy.deepcopy(m.state_dict())
+    following_batchnorm(m, _images(2) * 5 + 3)  # a training-mode model: its BN statistics stay as they were
+    assert m.training and all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
 
 def test_calibrate_checks_inputs(kit):
@@ -76,3 +84,66 @@ def test_calibrate_checks_inputs(kit):
         calibrate_outputs(m, m, torch.randn(3, 8, 8))
     with pytest.raises(ValueError, match="iterations must be"):
         calibrate_outputs(m, m, _images(2), iterations=-1)
+
+
+def _clustered_tiny(kit, n=40):
+    torch.manual_seed(0)
+    dense = kit.TinyNet().eval()
+    x = _images(n)
+    recalibrate_bn(dense, x)
+    cm, _ = kcengine.compress(dense, ratio=0.5)
+    return dense, cm, x
+
+
+def _same_state(a, b):
+    return all(torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_lockstep_run_refits_exactly_as_forwards_up_to_each_layer(kit, monkeypatch):
+    """Traceable models run once, student and teacher in lockstep (no forward per layer), and get the very
+    codebooks, indices and BN statistics of the per-layer forwards, over several calibration chunks."""
+    dense, cm, x = _clustered_tiny(kit)
+    assert cal._traced_graph(cm) is not None and cal._traced_graph(dense) is not None
+    a, b = copy.deepcopy(cm), copy.deepcopy(cm)
+    a.train()
+    calls = []
+    real = cal._layer_input
+    monkeypatch.setattr(cal, "_layer_input", lambda *args: calls.append(args) or real(*args))
+    info_a = calibrate_outputs(a, dense, x, batch_size=16)  # chunks of 16, 16, 8
+    assert calls == [] and set(info_a) == {"conv1", "conv2"}
+    assert a.training and not dense.training  # flags restored
+    monkeypatch.setattr(cal, "_traced_graph", lambda m: None)
+    info_b = calibrate_outputs(b, dense, x, batch_size=16)
+    assert len(calls) == 4  # the per-layer path: both models, both layers
+    assert info_a == info_b and _same_state(a, b)
+    assert not _same_state(a, cm)  # the refit did change the model
+
+
+def test_untraceable_models_are_refit_by_forwards_up_to_each_layer(kit):
+    class Branchy(kit.TinyNet):
+        def forward(self, x):
+            if float(x.abs().max()) > 1e30:  # data-dependent control flow: torch.fx cannot trace it
+                x = x / 2
+            return super().forward(x)
+
+    dense, cm, x = _clustered_tiny(kit)
+    twin_dense, twin = Branchy().eval(), Branchy().eval()
+    twin_dense.load_state_dict(dense.state_dict())
+    twin.conv1, twin.bn1, twin.conv2, twin.bn2, twin.linear = copy.deepcopy(
+        (cm.conv1, cm.bn1, cm.conv2, cm.bn2, cm.linear))
+    assert cal._traced_graph(twin) is None
+    assert calibrate_outputs(twin, twin_dense, x) == calibrate_outputs(cm, dense, x)
+    assert _same_state(twin, cm)
+
+
+@pytest.mark.parametrize("c,h,w,k,dil,pad,st", [(3, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1)),
+                                                (6, 9, 7, (3, 3), (1, 1), (1, 1), (2, 2)),
+                                                (5, 11, 9, (3, 1), (2, 1), (2, 0), (1, 2)),
+                                                (4, 8, 8, (1, 1), (1, 1), (0, 0), (2, 2))])
+def test_patch_rows_are_the_unfolded_rows(c, h, w, k, dil, pad, st):
+    """The moments gather their sampled patches straight from the input: the same rows as im2col's."""
+    x = torch.randn(5, c, h, w, generator=torch.Generator().manual_seed(2))
+    kw = dict(kernel_size=k, dilation=dil, padding=pad, stride=st)
+    full = F.unfold(x, **kw).transpose(1, 2).reshape(-1, c * k[0] * k[1])
+    rows = torch.randperm(full.shape[0], generator=torch.Generator().manual_seed(3))[: full.shape[0] // 3 + 1]
+    assert torch.equal(cal._patch_rows(x, rows, **kw), full[rows])

@@ -22,10 +22,16 @@ the objective.  The BN's running statistics are then set analytically for the ne
 ``gamma_o`` flipped where the best scale is negative.  Without a BN right after the conv (or
 ``affine=False``) the scale cannot be absorbed: the index is kept and the codebook is the least-squares
 fit of the dense outputs, ``c_j = S_cc^-1 S_cd mean_o W_o`` on uncentered moments.
+
+Each layer needs its input in both models, the student's produced by the layers refit before it.  Models
+that torch.fx can trace (the CIFAR ResNets, torchvision's) are run once, student and teacher node by node in
+lockstep, each layer refit when both reach it (:func:`_lockstep_inputs`); others are run from the start up
+to each layer in turn, O(L^2) forward work for L layers (resnet56 at 512 images: 124 s against 4 s).
 """
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -40,7 +46,7 @@ class _Stop(Exception):
 
 def following_batchnorm(model: nn.Module, x: torch.Tensor) -> dict[str, nn.BatchNorm2d]:
     """``{conv name: BatchNorm2d}`` for each conv (dense or clustered) whose output goes straight into a
-    BatchNorm2d, found by watching one forward pass on ``x``."""
+    BatchNorm2d, found by watching one forward pass on ``x`` (in eval mode: BN statistics stay as they are)."""
     outputs, pairs, hooks = {}, {}, []
     names = {m: n for n, m in model.named_modules()}
 
@@ -57,12 +63,15 @@ def following_batchnorm(model: nn.Module, x: torch.Tensor) -> dict[str, nn.Batch
             hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.BatchNorm2d):
             hooks.append(m.register_forward_pre_hook(bn_hook))
+    was = model.training
+    model.eval()
     try:
         with torch.no_grad():
             model(x)
     finally:
         for h in hooks:
             h.remove()
+        model.train(was)
     return pairs
 
 
@@ -90,6 +99,80 @@ def _layer_input(model: nn.Module, layer: nn.Module, images: torch.Tensor, batch
     return torch.cat(got)
 
 
+def _traced_graph(model: nn.Module):
+    """``model``'s forward as a torch.fx graph with ``ClusteredConv2d`` as leaf calls, or None when it cannot
+    be traced or takes more than one input."""
+    class _Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, ClusteredConv2d) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # any untraceable forward (data-dependent control flow, ...): the prefix path
+        return None
+    if sum(n.op == "placeholder" for n in graph.nodes) != 1:
+        return None
+    return graph
+
+
+def _lockstep_inputs(model: nn.Module, graph, x: torch.Tensor, names):
+    """Run ``graph`` (traced from ``model``, whose modules it calls) on ``x`` node by node, yielding
+    ``(name, input)`` at the first call of each module named in ``names``, before it runs, so the caller can
+    change that module first.  Values are dropped after their last use."""
+    last_use = {}
+    for node in graph.nodes:
+        for inp in node.all_input_nodes:
+            last_use[inp] = node
+    env = {}
+
+    def load(a):
+        return torch.fx.node.map_arg(a, lambda n: env[n])
+
+    seen = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            env[node] = x
+        elif node.op == "get_attr":
+            obj = model
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            env[node] = obj
+        elif node.op == "call_function":
+            env[node] = node.target(*load(node.args), **load(node.kwargs))
+        elif node.op == "call_method":
+            obj, *rest = load(node.args)
+            env[node] = getattr(obj, node.target)(*rest, **load(node.kwargs))
+        elif node.op == "call_module":
+            args, kwargs = load(node.args), load(node.kwargs)
+            if node.target in names and node.target not in seen:
+                seen.add(node.target)
+                yield node.target, args[0]
+            env[node] = model.get_submodule(node.target)(*args, **kwargs)
+        else:  # output
+            return
+        for inp in node.all_input_nodes:
+            if last_use.get(inp) is node:
+                del env[inp]
+
+
+def _out_size(size: int, axis: int, *, kernel_size, dilation, padding, stride) -> int:
+    return (size + 2 * padding[axis] - dilation[axis] * (kernel_size[axis] - 1) - 1) // stride[axis] + 1
+
+
+def _patch_rows(x: torch.Tensor, rows: torch.Tensor, *, kernel_size, dilation, padding, stride) -> torch.Tensor:
+    """Rows ``rows`` of ``F.unfold(x, ...).transpose(1, 2).reshape(-1, C * kh * kw)`` (row = image * positions +
+    position), gathered from the zero-padded input without unfolding the other positions."""
+    kw = dict(kernel_size=kernel_size, dilation=dilation, padding=padding, stride=stride)
+    wo = _out_size(x.shape[3], 1, **kw)
+    per_image = _out_size(x.shape[2], 0, **kw) * wo
+    img, pos = rows // per_image, rows % per_image
+    ys = (pos // wo * stride[0])[:, None, None] + (torch.arange(kernel_size[0]) * dilation[0])[None, :, None]
+    xs = (pos % wo * stride[1])[:, None, None] + (torch.arange(kernel_size[1]) * dilation[1])[None, None, :]
+    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    patches = xp[img[:, None, None], :, ys, xs]  # [m, kh, kw, C]: the indexed dims first
+    return patches.permute(0, 3, 1, 2).reshape(rows.shape[0], -1)
+
+
 def _moments(layer: ClusteredConv2d, xc: torch.Tensor, xd: torch.Tensor, max_patches: int, seed: int,
              chunk: int = 64):
     """Second moments of the im2col patches: (Ecc, Ecd, Edd, mean_c, mean_d), float64, D = C_in*kh*kw.
@@ -106,14 +189,18 @@ def _moments(layer: ClusteredConv2d, xc: torch.Tensor, xd: torch.Tensor, max_pat
     g = torch.Generator().manual_seed(seed)
     n_img = xc.shape[0]
     same = xd is xc
+    h, w = xc.shape[2:]
+    positions = _out_size(h, 0, **kw) * _out_size(w, 1, **kw)
     for i in range(0, n_img, chunk):
-        pc = F.unfold(xc[i:i + chunk], **kw).transpose(1, 2).reshape(-1, d)
-        pd = pc if same else F.unfold(xd[i:i + chunk], **kw).transpose(1, 2).reshape(-1, d)
+        rows = min(chunk, n_img - i) * positions
         keep = max(1, int(max_patches * min(chunk, n_img - i) / n_img))
-        if keep < pc.shape[0]:
-            sel = torch.randperm(pc.shape[0], generator=g)[:keep]
-            pc = pc[sel]
-            pd = pc if same else pd[sel]
+        if keep < rows:  # the kept rows only (unfolding every position cost most of the refit)
+            sel = torch.randperm(rows, generator=g)[:keep]
+            pc = _patch_rows(xc[i:i + chunk], sel, **kw)
+            pd = pc if same else _patch_rows(xd[i:i + chunk], sel, **kw)
+        else:
+            pc = F.unfold(xc[i:i + chunk], **kw).transpose(1, 2).reshape(-1, d)
+            pd = pc if same else F.unfold(xd[i:i + chunk], **kw).transpose(1, 2).reshape(-1, d)
         acc[0] += (pc.T @ pc).double()
         mc += pc.double().sum(0)
         n += pc.shape[0]
@@ -282,15 +369,39 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
         order.append(n)
     bn_of = following_batchnorm(student, images[:2])
     out = {}
-    for n in order:
-        layer = student.get_submodule(n)
-        tconv = t_mods[n]
-        xc = _layer_input(student, layer, images, batch_size)
-        xd = _layer_input(teacher, tconv, images, batch_size)
+
+    def refit(n, xc, xd):
         if torch.equal(xc, xd):  # the layers before are dense (the first clustered one): one product, not three
             xd = xc
-        mom = _moments(layer, xc, xd, max_patches, seed)
-        out[n] = _refit_layer(layer, tconv, bn_of.get(n), mom, iterations, ridge)
+        mom = _moments(student.get_submodule(n), xc, xd, max_patches, seed)
+        out[n] = _refit_layer(student.get_submodule(n), t_mods[n], bn_of.get(n), mom, iterations, ridge)
+
+    done = 0
+    g_s, g_t = (_traced_graph(student), _traced_graph(teacher)) if order else (None, None)
+    if g_s is not None and g_t is not None:
+        was = student.training, teacher.training
+        student.eval()
+        teacher.eval()
+        chunks = [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)]
+        runs_s = [_lockstep_inputs(student, g_s, c, set(order)) for c in chunks]
+        runs_t = [_lockstep_inputs(teacher, g_t, c, set(order)) for c in chunks]
+        try:
+            with torch.no_grad():
+                for n in order:  # the traced forward order is the hooks' order; stop at any mismatch
+                    got_s = [next(r, (None, None)) for r in runs_s]
+                    got_t = [next(r, (None, None)) for r in runs_t]
+                    if any(name != n for name, _ in got_s + got_t):
+                        break
+                    refit(n, torch.cat([x for _, x in got_s]), torch.cat([x for _, x in got_t]))
+                    done += 1
+        finally:
+            for r in runs_s + runs_t:
+                r.close()
+            student.train(was[0])
+            teacher.train(was[1])
+    for n in order[done:]:  # untraceable models (or a mismatch): each layer's input by a forward up to it
+        refit(n, _layer_input(student, student.get_submodule(n), images, batch_size),
+              _layer_input(teacher, t_mods[n], images, batch_size))
     return out
 
 
