@@ -99,41 +99,99 @@ def _same_state(a, b):
     return all(torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def _counting_layer_input(monkeypatch):
+    calls = []
+    real = cal._layer_input
+    monkeypatch.setattr(cal, "_layer_input", lambda *args: calls.append(args) or real(*args))
+    return calls
+
+
+def _both_paths(student, teacher, x, monkeypatch, **kw):
+    """(result, model) of the default (lockstep where it can) run and of the per-layer forwards, and how
+    many per-layer forwards the first ran."""
+    a, b = copy.deepcopy(student), copy.deepcopy(student)
+    calls = _counting_layer_input(monkeypatch)
+    info_a = calibrate_outputs(a, teacher, x, **kw)
+    n_calls = len(calls)
+    info_b = calibrate_outputs(b, teacher, x, lockstep=False, **kw)
+    return (info_a, a), (info_b, b), n_calls
+
+
 def test_lockstep_run_refits_exactly_as_forwards_up_to_each_layer(kit, monkeypatch):
     """Traceable models run once, student and teacher in lockstep (no forward per layer), and get the very
     codebooks, indices and BN statistics of the per-layer forwards, over several calibration chunks."""
     dense, cm, x = _clustered_tiny(kit)
-    assert cal._traced_graph(cm) is not None and cal._traced_graph(dense) is not None
-    a, b = copy.deepcopy(cm), copy.deepcopy(cm)
-    a.train()
-    calls = []
-    real = cal._layer_input
-    monkeypatch.setattr(cal, "_layer_input", lambda *args: calls.append(args) or real(*args))
-    info_a = calibrate_outputs(a, dense, x, batch_size=16)  # chunks of 16, 16, 8
-    assert calls == [] and set(info_a) == {"conv1", "conv2"}
+    cm.train()
+    (info_a, a), (info_b, b), n_calls = _both_paths(cm, dense, x, monkeypatch, batch_size=16)  # 16, 16, 8
+    assert n_calls == 0 and set(info_a) == {"conv1", "conv2"}
     assert a.training and not dense.training  # flags restored
-    monkeypatch.setattr(cal, "_traced_graph", lambda m: None)
-    info_b = calibrate_outputs(b, dense, x, batch_size=16)
-    assert len(calls) == 4  # the per-layer path: both models, both layers
     assert info_a == info_b and _same_state(a, b)
     assert not _same_state(a, cm)  # the refit did change the model
 
 
-def test_untraceable_models_are_refit_by_forwards_up_to_each_layer(kit):
-    class Branchy(kit.TinyNet):
-        def forward(self, x):
-            if float(x.abs().max()) > 1e30:  # data-dependent control flow: torch.fx cannot trace it
-                x = x / 2
-            return super().forward(x)
+def _variant(kit, forward, dense, cm):
+    """TinyNet-shaped dense and clustered models with another forward (same weights)."""
+    cls = type("Variant", (kit.TinyNet,), {"forward": forward})
+    d, c = cls().eval(), cls().eval()
+    d.load_state_dict(dense.state_dict())
+    c.conv1, c.bn1, c.conv2, c.bn2, c.linear = copy.deepcopy((cm.conv1, cm.bn1, cm.conv2, cm.bn2, cm.linear))
+    return d, c
+
+
+def test_lockstep_traces_in_eval_mode(kit, monkeypatch):
+    """A forward that reads self.training (dropout) is traced in eval mode, as the per-layer forwards run."""
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = F.dropout(x, 0.5, self.training)
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.linear(x.mean((2, 3)))
 
     dense, cm, x = _clustered_tiny(kit)
-    twin_dense, twin = Branchy().eval(), Branchy().eval()
-    twin_dense.load_state_dict(dense.state_dict())
-    twin.conv1, twin.bn1, twin.conv2, twin.bn2, twin.linear = copy.deepcopy(
-        (cm.conv1, cm.bn1, cm.conv2, cm.bn2, cm.linear))
-    assert cal._traced_graph(twin) is None
-    assert calibrate_outputs(twin, twin_dense, x) == calibrate_outputs(cm, dense, x)
-    assert _same_state(twin, cm)
+    d, c = _variant(kit, forward, dense, cm)
+    c.train()
+    (info_a, a), (info_b, b), n_calls = _both_paths(c, d, x, monkeypatch)
+    assert n_calls == 0 and info_a == info_b and _same_state(a, b)
+
+
+def test_untraceable_or_hooked_models_take_the_per_layer_path(kit, monkeypatch):
+    def branchy(self, x):
+        if float(x.abs().max()) > 1e30:  # data-dependent control flow: torch.fx cannot trace it
+            x = x / 2
+        return kit.TinyNet.forward(self, x)
+
+    def runs_differently(self, x):  # traces (a Proxy is no Tensor), then fails when the graph runs
+        if not isinstance(x, torch.Tensor):
+            x = x.no_such_method()
+        return kit.TinyNet.forward(self, x)
+
+    dense, cm, x = _clustered_tiny(kit)
+    ref = copy.deepcopy(cm)
+    ref_info = calibrate_outputs(ref, dense, x, lockstep=False)
+    for forward in (branchy, runs_differently):
+        d, c = _variant(kit, forward, dense, cm)
+        calls = _counting_layer_input(monkeypatch)
+        assert calibrate_outputs(c, d, x) == ref_info and _same_state(c, ref), forward.__name__
+        assert len(calls) == 4  # both models, both layers
+    hooked = copy.deepcopy(cm)
+    hooked.register_forward_pre_hook(lambda m, inp: (inp[0] * 3 + 1,))  # the graph would not run it
+    (info_a, a), (info_b, b), n_calls = _both_paths(hooked, dense, x, monkeypatch)
+    assert n_calls == 4 and info_a == info_b and _same_state(a, b)
+
+
+def test_tracing_leaves_both_models_as_they_were(kit, monkeypatch):
+    """Tensor constants of a forward are hoisted by tracing into attributes of the model: taken back off."""
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x))) * torch.tensor(0.75)
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.linear(x.mean((2, 3)))
+
+    dense, cm, x = _clustered_tiny(kit)
+    d, c = _variant(kit, forward, dense, cm)
+    d_attrs, d_state = set(vars(d)), copy.deepcopy(d.state_dict())
+    (info_a, a), (info_b, b), n_calls = _both_paths(c, d, x, monkeypatch)
+    assert n_calls == 0 and info_a == info_b and _same_state(a, b)
+    assert set(vars(d)) == d_attrs and set(vars(a)) == set(vars(c))
+    assert all(torch.equal(v, d_state[k]) for k, v in d.state_dict().items())
 
 
 @pytest.mark.parametrize("c,h,w,k,dil,pad,st", [(3, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1)),

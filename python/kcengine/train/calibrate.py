@@ -100,26 +100,38 @@ def _layer_input(model: nn.Module, layer: nn.Module, images: torch.Tensor, batch
     return torch.cat(got)
 
 
-def _traced_graph(model: nn.Module):
-    """``model``'s forward as a torch.fx graph with ``ClusteredConv2d`` as leaf calls, or None when it cannot
-    be traced or takes more than one input."""
-    class _Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m, qualname):
-            return isinstance(m, ClusteredConv2d) or super().is_leaf_module(m, qualname)
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, ClusteredConv2d) or super().is_leaf_module(m, qualname)
 
+
+def _traced_graph(model: nn.Module):
+    """``(graph, constants)``: ``model``'s forward, in its current mode, as a torch.fx graph with
+    ``ClusteredConv2d`` as leaf calls, and the tensor constants tracing hoisted out of it (taken back off
+    ``model``, which is left as it was); None when it cannot be traced, takes more than one input, or has
+    hooks the graph would not run (on the model or on a module traced through)."""
+    tracer = _Tracer()
+    for name, m in model.named_modules():
+        hooked = m._forward_hooks or m._forward_pre_hooks
+        if hooked and (m is model or not tracer.is_leaf_module(m, name)):
+            return None
+    before = set(vars(model))
     try:
-        graph = _Tracer().trace(model)
-    except Exception:  # any untraceable forward (data-dependent control flow, ...): the prefix path
+        graph = tracer.trace(model)
+    except Exception:  # any untraceable forward (data-dependent control flow, ...): the per-layer path
         return None
+    finally:
+        constants = {a: vars(model).pop(a) for a in set(vars(model)) - before}
     if sum(n.op == "placeholder" for n in graph.nodes) != 1:
         return None
-    return graph
+    return graph, constants
 
 
-def _lockstep_inputs(model: nn.Module, graph, x: torch.Tensor, names):
-    """Run ``graph`` (traced from ``model``, whose modules it calls) on ``x`` node by node, yielding
-    ``(name, input)`` at the first call of each module named in ``names``, before it runs, so the caller can
-    change that module first.  Values are dropped after their last use."""
+def _lockstep_inputs(model: nn.Module, traced, x: torch.Tensor, names):
+    """Run ``traced`` (from :func:`_traced_graph` on ``model``, whose modules it calls) on ``x`` node by
+    node, yielding ``(name, input)`` at the first call of each module named in ``names``, before it runs, so
+    the caller can change that module first.  Values are dropped after their last use."""
+    graph, constants = traced
     last_use = {}
     for node in graph.nodes:
         for inp in node.all_input_nodes:
@@ -134,10 +146,13 @@ def _lockstep_inputs(model: nn.Module, graph, x: torch.Tensor, names):
         if node.op == "placeholder":
             env[node] = x
         elif node.op == "get_attr":
-            obj = model
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
-            env[node] = obj
+            if node.target in constants:
+                env[node] = constants[node.target]
+            else:
+                obj = model
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                env[node] = obj
         elif node.op == "call_function":
             env[node] = node.target(*load(node.args), **load(node.kwargs))
         elif node.op == "call_method":
@@ -151,6 +166,8 @@ def _lockstep_inputs(model: nn.Module, graph, x: torch.Tensor, names):
             env[node] = model.get_submodule(node.target)(*args, **kwargs)
         else:  # output
             return
+        if not node.users:
+            del env[node]
         for inp in node.all_input_nodes:
             if last_use.get(inp) is node:
                 del env[inp]
@@ -318,7 +335,7 @@ def _refit_least_squares(layer: ClusteredConv2d, w: torch.Tensor, mom, ridge: fl
 
 def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *, layers=None,
                       iterations: int = 10, ridge: float = 1e-4, batch_size: int = 256,
-                      max_patches: int = 32768, seed: int = 0) -> dict[str, dict]:
+                      max_patches: int = 32768, seed: int = 0, lockstep: bool = True) -> dict[str, dict]:
     """Refit the clustered layers of ``student`` (IN PLACE) to reproduce ``teacher``'s layer outputs.
 
     See the module docstring for the objective.  Only ``ClusteredConv2d`` layers of filter granularity
@@ -333,6 +350,15 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
         ridge: Tikhonov term, relative to the mean input variance.
         max_patches: patch positions used for the moments of each layer (a fixed random subset).
         seed: seed of that subset.
+        batch_size: images per forward.  The lockstep run holds every batch's pending activations of both
+            models at once (about two to three times the memory of the per-layer path on a plain ResNet):
+            pass fewer ``images`` where that is too much.
+        lockstep: run traceable models once, in lockstep (same result as ``False``, the forward up to each
+            layer in turn, bit for bit).  Models whose forward hooks sit on modules the trace goes through,
+            or that cannot be traced, take the per-layer path anyway; so do the layers left after a graph
+            that fails to run.  ``False`` is the way out for a forward that tracing would freeze wrongly
+            (Python state it changes, branches on anything but tensors and ``self.training``, which is
+            traced in eval mode).
 
     Returns ``{layer: {"explained_before", "explained_after", "sign_flips"}}`` (weighted mean ``cos^2``).
     """
@@ -341,6 +367,8 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be an int >= 0, got iterations={iterations!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got batch_size={batch_size!r}")
     t_mods = dict(teacher.named_modules())
     order = []
     seen = []
@@ -377,29 +405,37 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
         mom = _moments(student.get_submodule(n), xc, xd, max_patches, seed)
         out[n] = _refit_layer(student.get_submodule(n), t_mods[n], bn_of.get(n), mom, iterations, ridge)
 
-    done = 0
-    g_s, g_t = (_traced_graph(student), _traced_graph(teacher)) if order else (None, None)
-    if g_s is not None and g_t is not None:
-        was = student.training, teacher.training
-        student.eval()
-        teacher.eval()
-        chunks = [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)]
-        runs_s = [_lockstep_inputs(student, g_s, c, set(order)) for c in chunks]
-        runs_t = [_lockstep_inputs(teacher, g_t, c, set(order)) for c in chunks]
+    def advance(runs):  # every chunk's run to its next layer; None where any stops short or fails
         try:
+            got = [next(r, (None, None)) for r in runs]
+        except Exception:  # a graph that traced but does not run as the module does: the per-layer path
+            return None
+        return got
+
+    done = 0
+    was = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    runs = []
+    try:
+        g_s, g_t = (_traced_graph(student), _traced_graph(teacher)) if order and lockstep else (None, None)
+        if g_s is not None and g_t is not None:
+            chunks = [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)]
+            runs_s = [_lockstep_inputs(student, g_s, c, set(order)) for c in chunks]
+            runs_t = [_lockstep_inputs(teacher, g_t, c, set(order)) for c in chunks]
+            runs = runs_s + runs_t
             with torch.no_grad():
                 for n in order:  # the traced forward order is the hooks' order; stop at any mismatch
-                    got_s = [next(r, (None, None)) for r in runs_s]
-                    got_t = [next(r, (None, None)) for r in runs_t]
-                    if any(name != n for name, _ in got_s + got_t):
+                    got_s, got_t = advance(runs_s), advance(runs_t)
+                    if got_s is None or got_t is None or any(name != n for name, _ in got_s + got_t):
                         break
                     refit(n, torch.cat([x for _, x in got_s]), torch.cat([x for _, x in got_t]))
                     done += 1
-        finally:
-            for r in runs_s + runs_t:
-                r.close()
-            student.train(was[0])
-            teacher.train(was[1])
+    finally:
+        for r in runs:
+            r.close()
+        student.train(was[0])
+        teacher.train(was[1])
     for n in order[done:]:  # untraceable models (or a mismatch): each layer's input by a forward up to it
         refit(n, _layer_input(student, student.get_submodule(n), images, batch_size),
               _layer_input(teacher, t_mods[n], images, batch_size))
