@@ -219,14 +219,14 @@ def _moments(layer: ClusteredConv2d, xc: torch.Tensor, xd: torch.Tensor, max_pat
         else:
             pc = F.unfold(xc[i:i + chunk], **kw).transpose(1, 2).reshape(-1, d)
             pd = pc if same else F.unfold(xd[i:i + chunk], **kw).transpose(1, 2).reshape(-1, d)
-        acc[0] += (pc.T @ pc).double()
-        mc += pc.double().sum(0)
+        acc[0] += (pc.T @ pc).double().cpu()  # the refit's float64 algebra runs on the CPU, for any device
+        mc += pc.double().sum(0).cpu()
         n += pc.shape[0]
         if same:
             continue
-        acc[1] += (pc.T @ pd).double()
-        acc[2] += (pd.T @ pd).double()
-        md += pd.double().sum(0)
+        acc[1] += (pc.T @ pd).double().cpu()
+        acc[2] += (pd.T @ pd).double().cpu()
+        md += pd.double().sum(0).cpu()
     if same:
         ecc, mean = acc[0] / n, mc / n
         return ecc, ecc, ecc, mean, mean
@@ -252,15 +252,15 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
     chol = torch.linalg.cholesky(scc_r)
     var_d = torch.einsum("od,de,oe->o", w, sdd, w).clamp_min(1e-20)  # dense channel variances
     b = (w @ scd.T) / var_d.sqrt()[:, None]  # [C_out, D] rows b_o = S_cd W_o / ||W_o||
-    gw = bn.weight.detach().double() ** 2 if bn.affine else torch.ones(w.shape[0], dtype=torch.float64)
+    gw = bn.weight.detach().double().cpu() ** 2 if bn.affine else torch.ones(w.shape[0], dtype=torch.float64)
     ub = b * gw.sqrt()[:, None]  # rows sqrt(w_o) b_o
     sub = torch.cholesky_solve(ub.T, chol)  # [D, C_out]: S^-1 sqrt(w_o) b_o
 
     def centroid(members):
         return _top_gen_eig(ub[members].T, sub[:, members])
     k = layer.num_clusters
-    idx = layer.index.long().clone()
-    cb = layer.codebook.detach().double().reshape(k, -1).clone()
+    idx = layer.index.long().cpu().clone()
+    cb = layer.codebook.detach().double().cpu().reshape(k, -1).clone()
 
     def scores(cb):
         num = (b @ cb.T) ** 2  # [C_out, K]
@@ -310,9 +310,10 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
         mean_y = cbi @ mc
         var_y = torch.einsum("od,de,oe->o", cbi, scc, cbi)
         if layer.bias is not None:
-            mean_y = mean_y + layer.bias.detach().double()
+            mean_y = mean_y + layer.bias.detach().double().cpu()
         if bn.affine:
-            bn.weight[flip] = -bn.weight[flip]
+            flip_d = flip.to(bn.weight.device)
+            bn.weight[flip_d] = -bn.weight[flip_d]
         bn.running_mean.copy_(mean_y.to(bn.running_mean.dtype))
         bn.running_var.copy_(var_y.clamp_min(0).to(bn.running_var.dtype))
     return {"explained_before": before, "explained_after": after, "sign_flips": int(flip.sum())}
@@ -322,8 +323,8 @@ def _refit_least_squares(layer: ClusteredConv2d, w: torch.Tensor, mom, ridge: fl
     ecc, ecd, _, _, _ = mom
     dim = ecc.shape[0]
     a = ecc + ridge * (torch.trace(ecc) / dim + 1e-12) * torch.eye(dim, dtype=ecc.dtype)
-    idx = layer.index.long()
-    cb = layer.codebook.detach().double().reshape(layer.num_clusters, -1).clone()
+    idx = layer.index.long().cpu()
+    cb = layer.codebook.detach().double().cpu().reshape(layer.num_clusters, -1).clone()
     for j in range(layer.num_clusters):
         members = (idx == j).nonzero()[:, 0]
         if members.numel():
@@ -361,6 +362,8 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
             traced in eval mode).
 
     Returns ``{layer: {"explained_before", "explained_after", "sign_flips"}}`` (weighted mean ``cos^2``).
+    The models and ``images`` may live on any one device; the moments come back to the CPU, where the refit's
+    float64 algebra runs.
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1:
         raise ValueError(f"images must be a non-empty [N, C, H, W] tensor, got "
@@ -444,7 +447,7 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
 
 def _refit_layer(layer: ClusteredConv2d, tconv: nn.Conv2d, bn, mom, iterations: int, ridge: float) -> dict:
     """Refit one layer from its patch moments ``mom`` (:func:`_moments`), with or without its following BN."""
-    w = tconv.weight.detach().double().reshape(tconv.out_channels, -1)
+    w = tconv.weight.detach().double().cpu().reshape(tconv.out_channels, -1)
     if bn is not None and bn.track_running_stats:
         return _refit_with_bn(layer, bn, w, mom, iterations, ridge)
     return _refit_least_squares(layer, w, mom, ridge)
