@@ -36,6 +36,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..conv.backends import _out_hw
+from ..conv.fuse import _Tracer
 from ..conv.module import ClusteredConv2d
 
 __all__ = ["calibrate_outputs", "following_batchnorm"]
@@ -100,11 +102,6 @@ def _layer_input(model: nn.Module, layer: nn.Module, images: torch.Tensor, batch
     return torch.cat(got)
 
 
-class _Tracer(torch.fx.Tracer):
-    def is_leaf_module(self, m, qualname):
-        return isinstance(m, ClusteredConv2d) or super().is_leaf_module(m, qualname)
-
-
 def _traced_graph(model: nn.Module):
     """``(graph, constants)``: ``model``'s forward, in its current mode, as a torch.fx graph with
     ``ClusteredConv2d`` as leaf calls, and the tensor constants tracing hoisted out of it (taken back off
@@ -127,62 +124,47 @@ def _traced_graph(model: nn.Module):
     return graph, constants
 
 
+class _Runner(torch.fx.Interpreter):
+    """Runs a graph from :func:`_traced_graph` on the model's own modules (their hooks run); the tensor
+    constants tracing hoisted come from ``constants``."""
+
+    def __init__(self, model: nn.Module, graph, constants: dict):
+        super().__init__(model, graph=graph)
+        self.constants = constants
+
+    def fetch_attr(self, target: str):
+        return self.constants[target] if target in self.constants else super().fetch_attr(target)
+
+
 def _lockstep_inputs(model: nn.Module, traced, x: torch.Tensor, names):
-    """Run ``traced`` (from :func:`_traced_graph` on ``model``, whose modules it calls) on ``x`` node by
-    node, yielding ``(name, input)`` at the first call of each module named in ``names``, before it runs, so
-    the caller can change that module first.  Values are dropped after their last use."""
+    """Run ``traced`` (from :func:`_traced_graph` on ``model``) on ``x`` node by node, yielding
+    ``(name, input)`` at the first call of each module named in ``names``, before it runs, so the caller can
+    change that module first.  Values are dropped after their last use."""
     graph, constants = traced
-    last_use = {}
-    for node in graph.nodes:
-        for inp in node.all_input_nodes:
-            last_use[inp] = node
-    env = {}
-
-    def load(a):
-        return torch.fx.node.map_arg(a, lambda n: env[n])
-
+    run = _Runner(model, graph, constants)
+    run.env = {}
     seen = set()
     for node in graph.nodes:
-        if node.op == "placeholder":
-            env[node] = x
-        elif node.op == "get_attr":
-            if node.target in constants:
-                env[node] = constants[node.target]
-            else:
-                obj = model
-                for part in node.target.split("."):
-                    obj = getattr(obj, part)
-                env[node] = obj
-        elif node.op == "call_function":
-            env[node] = node.target(*load(node.args), **load(node.kwargs))
-        elif node.op == "call_method":
-            obj, *rest = load(node.args)
-            env[node] = getattr(obj, node.target)(*rest, **load(node.kwargs))
-        elif node.op == "call_module":
-            args, kwargs = load(node.args), load(node.kwargs)
-            if node.target in names and node.target not in seen:
-                seen.add(node.target)
-                yield node.target, args[0]
-            env[node] = model.get_submodule(node.target)(*args, **kwargs)
-        else:  # output
+        if node.op == "output":
             return
+        if node.op == "placeholder":
+            run.env[node] = x
+        else:
+            if node.op == "call_module" and node.target in names and node.target not in seen:
+                seen.add(node.target)
+                yield node.target, run.fetch_args_kwargs_from_env(node)[0][0]
+            run.env[node] = run.run_node(node)
         if not node.users:
-            del env[node]
-        for inp in node.all_input_nodes:
-            if last_use.get(inp) is node:
-                del env[inp]
-
-
-def _out_size(size: int, axis: int, *, kernel_size, dilation, padding, stride) -> int:
-    return (size + 2 * padding[axis] - dilation[axis] * (kernel_size[axis] - 1) - 1) // stride[axis] + 1
+            del run.env[node]
+        for done in run.user_to_last_uses.get(node, []):
+            del run.env[done]
 
 
 def _patch_rows(x: torch.Tensor, rows: torch.Tensor, *, kernel_size, dilation, padding, stride) -> torch.Tensor:
     """Rows ``rows`` of ``F.unfold(x, ...).transpose(1, 2).reshape(-1, C * kh * kw)`` (row = image * positions +
     position), gathered from the zero-padded input without unfolding the other positions."""
-    kw = dict(kernel_size=kernel_size, dilation=dilation, padding=padding, stride=stride)
-    wo = _out_size(x.shape[3], 1, **kw)
-    per_image = _out_size(x.shape[2], 0, **kw) * wo
+    ho, wo = _out_hw(x, kernel_size, stride, padding, dilation)
+    per_image = ho * wo
     img, pos = rows // per_image, rows % per_image
     ys = (pos // wo * stride[0])[:, None, None] + (torch.arange(kernel_size[0]) * dilation[0])[None, :, None]
     xs = (pos % wo * stride[1])[:, None, None] + (torch.arange(kernel_size[1]) * dilation[1])[None, None, :]
@@ -200,33 +182,34 @@ def _moments(layer: ClusteredConv2d, xc: torch.Tensor, xd: torch.Tensor, max_pat
     and returns it for all three."""
     kw = dict(kernel_size=layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
     d = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
-    acc = [torch.zeros(d, d, dtype=torch.float64) for _ in range(3)]
-    mc = torch.zeros(d, dtype=torch.float64)
+    acc = [torch.zeros(d, d, dtype=torch.float64, device=xc.device) for _ in range(3)]
+    mc = torch.zeros(d, dtype=torch.float64, device=xc.device)
     md = torch.zeros_like(mc)
     n = 0
     g = torch.Generator().manual_seed(seed)
     n_img = xc.shape[0]
     same = xd is xc
-    h, w = xc.shape[2:]
-    positions = _out_size(h, 0, **kw) * _out_size(w, 1, **kw)
+    ho, wo = _out_hw(xc, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
     for i in range(0, n_img, chunk):
-        rows = min(chunk, n_img - i) * positions
+        rows = min(chunk, n_img - i) * ho * wo
         keep = max(1, int(max_patches * min(chunk, n_img - i) / n_img))
         if keep < rows:  # the kept rows only (unfolding every position cost most of the refit)
             sel = torch.randperm(rows, generator=g)[:keep]
-            pc = _patch_rows(xc[i:i + chunk], sel, **kw)
-            pd = pc if same else _patch_rows(xd[i:i + chunk], sel, **kw)
+            take = lambda t: _patch_rows(t, sel, **kw)  # noqa: E731
         else:
-            pc = F.unfold(xc[i:i + chunk], **kw).transpose(1, 2).reshape(-1, d)
-            pd = pc if same else F.unfold(xd[i:i + chunk], **kw).transpose(1, 2).reshape(-1, d)
-        acc[0] += (pc.T @ pc).double().cpu()  # the refit's float64 algebra runs on the CPU, for any device
-        mc += pc.double().sum(0).cpu()
+            take = lambda t: F.unfold(t, **kw).transpose(1, 2).reshape(-1, d)  # noqa: E731
+        pc = take(xc[i:i + chunk])
+        pd = pc if same else take(xd[i:i + chunk])
+        acc[0] += (pc.T @ pc).double()
+        mc += pc.double().sum(0)
         n += pc.shape[0]
         if same:
             continue
-        acc[1] += (pc.T @ pd).double().cpu()
-        acc[2] += (pd.T @ pd).double().cpu()
-        md += pd.double().sum(0).cpu()
+        acc[1] += (pc.T @ pd).double()
+        acc[2] += (pd.T @ pd).double()
+        md += pd.double().sum(0)
+    # back to the CPU once: the refit's float64 algebra runs there, whatever the models' device
+    acc, mc, md = [a.cpu() for a in acc], mc.cpu(), md.cpu()
     if same:
         ecc, mean = acc[0] / n, mc / n
         return ecc, ecc, ecc, mean, mean
@@ -380,12 +363,8 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
         seen.append(mod)
 
     hooks = [m.register_forward_pre_hook(rec) for m in student.modules() if isinstance(m, ClusteredConv2d)]
-    try:
-        with torch.no_grad():
-            was = student.training
-            student.eval()
-            student(images[:2])
-            student.train(was)
+    try:  # one probe forward (eval mode) records the layers' order and the conv -> BN pairs
+        bn_of = following_batchnorm(student, images[:2])
     finally:
         for h in hooks:
             h.remove()
@@ -399,14 +378,14 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
         if layers is not None and n not in layers:
             continue
         order.append(n)
-    bn_of = following_batchnorm(student, images[:2])
     out = {}
 
     def refit(n, xc, xd):
         if torch.equal(xc, xd):  # the layers before are dense (the first clustered one): one product, not three
             xd = xc
-        mom = _moments(student.get_submodule(n), xc, xd, max_patches, seed)
-        out[n] = _refit_layer(student.get_submodule(n), t_mods[n], bn_of.get(n), mom, iterations, ridge)
+        layer = student.get_submodule(n)
+        mom = _moments(layer, xc, xd, max_patches, seed)
+        out[n] = _refit_layer(layer, t_mods[n], bn_of.get(n), mom, iterations, ridge)
 
     def advance(runs):  # every chunk's run to its next layer; None where any stops short or fails
         try:
@@ -424,8 +403,9 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
         g_s, g_t = (_traced_graph(student), _traced_graph(teacher)) if order and lockstep else (None, None)
         if g_s is not None and g_t is not None:
             chunks = [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)]
-            runs_s = [_lockstep_inputs(student, g_s, c, set(order)) for c in chunks]
-            runs_t = [_lockstep_inputs(teacher, g_t, c, set(order)) for c in chunks]
+            names = set(order)
+            runs_s = [_lockstep_inputs(student, g_s, c, names) for c in chunks]
+            runs_t = [_lockstep_inputs(teacher, g_t, c, names) for c in chunks]
             runs = runs_s + runs_t
             with torch.no_grad():
                 for n in order:  # the traced forward order is the hooks' order; stop at any mismatch
