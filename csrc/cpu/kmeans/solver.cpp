@@ -680,6 +680,15 @@ struct LabelMoves {
     }
     return changed;
   }
+  // The M-step's sums: from scratch after the first E-step (every point counts as changed), then by
+  // the moves.  Returns the number of changed labels.
+  template <class T>
+  i64 sums(const Dataset<T>& ds, const i32* lab, bool first, std::vector<double>& sums,
+           std::vector<double>& wsum) const {
+    if (!first) return apply(ds, lab, sums, wsum);
+    sums_of_labels(ds, lab, sums, wsum);
+    return ds.n;
+  }
 };
 
 // ------------------------------------------------------------------ direct Lloyd / Hamerly
@@ -749,17 +758,17 @@ void solve_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const st
   for (it = 0; it < max_iter; ++it) {
     e_step(it);
     // M-step: weighted sums per cluster.
-    std::fill(sums.begin(), sums.end(), 0.0);
-    std::fill(wsum.begin(), wsum.end(), 0.0);
-    auto accumulate = [&](i64 i0, i64 i1, double* su, double* ws) { add_to_sums(ds, lab.data(), i0, i1, su, ws); };
     if (nchunk_m <= 1) {
-      accumulate(0, n, sums.data(), wsum.data());
+      sums_of_labels(ds, lab.data(), sums, wsum);
     } else {  // per-chunk partial sums, added in chunk order (thread-count independent)
+      std::fill(sums.begin(), sums.end(), 0.0);
+      std::fill(wsum.begin(), wsum.end(), 0.0);
       std::fill(tsums.begin(), tsums.end(), 0.0);
       std::fill(twsum.begin(), twsum.end(), 0.0);
 #pragma omp parallel for if (par) schedule(static)
       for (i64 c = 0; c < nchunk_m; ++c)
-        accumulate(c * chunk_m, std::min(n, (c + 1) * chunk_m), &tsums[size_t(c) * k * d], &twsum[size_t(c) * k]);
+        add_to_sums(ds, lab.data(), c * chunk_m, std::min(n, (c + 1) * chunk_m), &tsums[size_t(c) * k * d],
+                    &twsum[size_t(c) * k]);
       for (i64 c = 0; c < nchunk_m; ++c) {
         for (size_t q = 0; q < sums.size(); ++q) sums[q] += tsums[size_t(c) * k * d + q];
         for (i64 j = 0; j < k; ++j) wsum[j] += twsum[size_t(c) * k + j];
@@ -1003,9 +1012,7 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
     if (it == 0) full_assign();
     else filtered_assign(it);
     // M-step: sums from scratch the first time, then from the points that changed label.
-    i64 changed = n;
-    if (it == 0) sums_of_labels(ds, lab.data(), sums, wsum);
-    else changed = moves.apply(ds, lab.data(), sums, wsum);
+    const i64 changed = moves.sums(ds, lab.data(), it == 0, sums, wsum);
     std::vector<double> sums_m(sums), wsum_m(wsum);  // the repair edits a copy: sums track labels
     const double shift_tot = new_centers(ds, lab, C, sums_m.data(), wsum_m.data(), cnew, delta, empty, d2own, par);
     std::fill(gdelta.begin(), gdelta.end(), 0.0);
@@ -1372,9 +1379,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     assign(it == 0);
     // M-step: sums from scratch the first time, then from the points that changed label (listing
     // them in the E-step instead of comparing all labels took 5% off resnet18's 262,144-point layers).
-    i64 changed = n;
-    if (it == 0) sums_of_labels(ds, lab.data(), sums, wsum);
-    else changed = moves.apply(ds, lab.data(), sums, wsum);
+    const i64 changed = moves.sums(ds, lab.data(), it == 0, sums, wsum);
     std::vector<double> sums_m(sums), wsum_m(wsum);  // the repair edits a copy: sums track labels
     const double shift_tot = new_centers(ds, lab, C, sums_m.data(), wsum_m.data(), cnew, delta, empty, d2own, par);
     double dmax = 0.0;
@@ -1737,11 +1742,13 @@ void solve_distinct(const Dataset<T>& ds, Problem<T>& pr) {
   pr.algo = Algo::Distinct;
 }
 
-template <class T>
-Algo choose_algo(const Dataset<T>& ds, i64 k, const Params& params) {
+// `distinct()`: whether the dataset's points are all distinct and of positive weight (asked only for
+// k == N; the caller computes it once per dataset).
+template <class T, class DistinctFn>
+Algo choose_algo(const Dataset<T>& ds, i64 k, const Params& params, DistinctFn&& distinct) {
   const Algo requested = params.algorithm;
   if (requested != Algo::Auto) return requested;
-  if (k == ds.n && params.init != Init::Given && all_distinct(ds)) return Algo::Distinct;
+  if (k == ds.n && params.init != Init::Given && distinct()) return Algo::Distinct;
   if (ds.d == 1) return Algo::Lloyd1D;
   const double n = double(ds.n), d = double(ds.d), kk = double(k);
   if (ds.n <= 4096 && ds.d >= 16 && 2.0 * (n + kk) < kk * d) return Algo::Gram;
@@ -2194,17 +2201,28 @@ void run_batch(Batch<T>& batch) {
   std::vector<Algo> algo(B);
   std::vector<double> cost(B);
   std::vector<char> ds_direct(nd, 0), ds_gram(nd, 0), ds_sorted(nd, 0);
+  std::vector<signed char> ds_distinct(nd, -1);  // all_distinct per dataset, once asked
   for (i64 p = 0; p < B; ++p) {
     const auto& pr = batch.problems[p];
     const auto& ds = batch.datasets[pr.data];
-    algo[p] = choose_algo(ds, pr.k, params);
+    algo[p] = choose_algo(ds, pr.k, params, [&] {
+      signed char& known = ds_distinct[pr.data];
+      if (known < 0) known = all_distinct(ds) ? 1 : 0;
+      return known == 1;
+    });
     if (algo[p] == Algo::Gram && int64_t(ds.n) * ds.n * 8 > params.gram_budget_bytes) algo[p] = Algo::Hamerly;
     cost[p] = est_cost(ds, pr.k, algo[p]);
-    if (algo[p] == Algo::Gram) {
-      ds_gram[pr.data] = 1;
-      ds_direct[pr.data] = 1;  // fallback path
-    } else if (algo[p] == Algo::Lloyd1D || algo[p] == Algo::Exact1D) ds_sorted[pr.data] = 1;
-    else if (algo[p] != Algo::Distinct) ds_direct[pr.data] = 1;
+    switch (algo[p]) {  // what each dataset needs prepared
+      case Algo::Gram: ds_gram[pr.data] = ds_direct[pr.data] = 1; break;  // direct: the fallback path
+      case Algo::Lloyd1D:
+      case Algo::Exact1D: ds_sorted[pr.data] = 1; break;
+      case Algo::Lloyd:
+      case Algo::Hamerly:
+      case Algo::Yinyang:
+      case Algo::TopM: ds_direct[pr.data] = 1; break;
+      case Algo::Auto:
+      case Algo::Distinct: break;  // nothing: the points are the answer
+    }
   }
   // A batch with little work in all runs on one thread: waking a team and meeting at barriers
   // costs more than it saves (milliseconds on a busy machine).
@@ -2238,7 +2256,7 @@ void run_batch(Batch<T>& batch) {
     const bool inner_prep = team && nchunk < 2 * nth;
     auto do_prep = [&](i64 q, bool par) {
       const i64 j = ds_order[start + q];
-      if (by_ds[j].empty()) return;
+      if (!(ds_direct[j] || ds_gram[j] || ds_sorted[j])) return;  // no problems, or only Distinct ones
       prepare(batch.datasets[j], params, prep[q], ds_direct[j], ds_gram[j], ds_sorted[j], par);
     };
     if (inner_prep) {
