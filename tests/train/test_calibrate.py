@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import kcengine
+from kcengine.compress.layers import effective_weight
 from kcengine.train import calibrate as cal
 from kcengine.train import calibrate_outputs, recalibrate_bn
 from kcengine.train.calibrate import following_batchnorm
@@ -15,10 +16,12 @@ def _images(n=32, seed=1):
     return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-def test_pairs_of_scaled_and_negated_filters_are_recovered_exactly(kit):
+@pytest.mark.parametrize("cosine", [False, True])
+def test_pairs_of_scaled_and_negated_filters_are_recovered_exactly(kit, cosine):
     """conv2's 12 filters are 6 directions, each once as w and once as -2w: after BN (which absorbs scale and,
     through gamma's sign, negation) 6 centroids represent the layer exactly, although k-means on the weights
-    cannot pair w with -2w.  The refit must find the pairing and reproduce the dense outputs."""
+    cannot pair w with -2w.  The refit must find the pairing and reproduce the dense outputs, also with the
+    cosine option, whose layer multiplies each filter's response by its norm."""
     torch.manual_seed(0)
     dense = kit.TinyNet().eval()
     with torch.no_grad():
@@ -28,7 +31,8 @@ def test_pairs_of_scaled_and_negated_filters_are_recovered_exactly(kit):
         dense.bn2.bias.uniform_(-0.5, 0.5)
     x = _images(64)
     recalibrate_bn(dense, x)  # dense BN statistics = the calibration data's, like the refit's
-    cm, _ = kcengine.compress(dense, {"layers": {"conv2": 6}}, layers=["conv2"])
+    cm, _ = kcengine.compress(dense, {"layers": {"conv2": 6}}, layers=["conv2"], cosine=cosine)
+    assert (cm.conv2.scale is not None) == cosine
     with torch.no_grad():
         err_before = (cm(x) - dense(x)).abs().max().item()
     info = calibrate_outputs(cm, dense, x, iterations=20)
@@ -41,6 +45,36 @@ def test_pairs_of_scaled_and_negated_filters_are_recovered_exactly(kit):
     assert err_before > 50 * err
     # filters sharing a centroid: exactly 6 distinct
     assert len(torch.unique(cm.conv2.index)) == 6
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_refit_sets_the_bn_statistics_its_layers_outputs_have(kit, cosine):
+    """The BN statistics the refit sets from the patch moments are those recalibrate_bn measures on the same
+    images afterwards (one batch, every patch in the moments), the cosine option's per-filter norms included."""
+    torch.manual_seed(0)
+    dense = kit.TinyNet().eval()
+    x = _images(64)
+    recalibrate_bn(dense, x)
+    cm, _ = kcengine.compress(dense, ratio=0.5, cosine=cosine)
+    assert (cm.conv1.scale is not None) == cosine and (cm.conv2.scale is not None) == cosine
+    assert set(calibrate_outputs(cm, dense, x)) == {"conv1", "conv2"}
+    measured = recalibrate_bn(copy.deepcopy(cm), x, max_images=None)
+    for bn in ("bn1", "bn2"):  # running_var is unbiased: n / (n - 1) = 4096 / 4095 above the moments'
+        a, b = getattr(cm, bn), getattr(measured, bn)
+        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-3, atol=1e-6)
+
+
+def test_layers_fused_for_inference_are_left_alone(kit):
+    """A layer with its BN folded in (or a ReLU) outputs what comes after the teacher's BN: the refit, which
+    matches the conv's outputs, must not touch it."""
+    dense, cm, x = _clustered_tiny(kit)
+    cm.conv1 = cm.conv1.fuse_bn_relu(cm.bn1, relu=True)
+    cm.conv2 = cm.conv2.fuse_bn_relu(cm.bn2, relu=False)
+    cm.bn1, cm.bn2 = torch.nn.Identity(), torch.nn.Identity()
+    before = copy.deepcopy(cm)
+    assert calibrate_outputs(cm, dense, x) == {}
+    assert _same_state(cm, before)
 
 
 def test_refit_never_lowers_the_explained_variance(kit):
@@ -56,15 +90,19 @@ def test_refit_never_lowers_the_explained_variance(kit):
         assert 0 < r["explained_after"] <= 1 + 1e-9
 
 
-def test_without_bn_least_squares_with_one_centroid_per_filter_gives_back_the_weights(kit):
+@pytest.mark.parametrize("cosine", [False, True])
+def test_without_bn_least_squares_with_one_centroid_per_filter_gives_back_the_weights(kit, cosine):
+    """(cosine: each filter is its norm, kept in ``scale``, times its centroid.)"""
     torch.manual_seed(0)
     dense = kit.TinyNet(bn=False).eval()
     x = _images(48)
-    cm, _ = kcengine.compress(dense, {"layers": {"conv2": 12}}, layers=["conv2"])
+    cm, _ = kcengine.compress(dense, {"layers": {"conv2": 12}}, layers=["conv2"], cosine=cosine)
     with torch.no_grad():
         cm.conv2.codebook.mul_(0.3)  # spoil it; the refit has to find the weights again
     calibrate_outputs(cm, dense, x)
-    torch.testing.assert_close(cm.conv2.to_dense(), dense.conv2.weight, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(effective_weight(cm.conv2), dense.conv2.weight, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), dense(x), atol=1e-4, rtol=1e-4)
 
 
 def test_following_batchnorm_finds_conv_bn_pairs(kit):

@@ -216,6 +216,12 @@ def _moments(layer: ClusteredConv2d, xc: torch.Tensor, xd: torch.Tensor, max_pat
     return acc[0] / n, acc[1] / n, acc[2] / n, mc / n, md / n
 
 
+def _epilogue(layer: ClusteredConv2d):
+    """The layer's per-filter ``(scale, shift)`` as CPU float64 (either None when absent): its output is
+    ``(conv(x) + bias) * scale + shift``."""
+    return tuple(None if t is None else t.detach().double().cpu() for t in (layer.scale, layer.shift))
+
+
 def _top_gen_eig(u: torch.Tensor, su: torch.Tensor) -> torch.Tensor:
     """argmax_c (c^T U U^T c) / (c^T S c) for ``U`` [D, m] given ``su = S^-1 U``: ``c = S^-1 U v`` with ``v``
     the top eigenvector of the small ``m x m`` matrix ``U^T S^-1 U`` (B = U U^T has rank <= m)."""
@@ -272,7 +278,12 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
             cb[j] = centroid(members)
     # per-filter best scale s_o = c^T S_cd W_o / c^T S_cc c; orient each centroid to its members' majority sign
     # and give it the mean member output scale (keeps weights at their natural magnitude)
+    # A layer's own per-filter scale (the cosine option's norms: output = (c . x + bias) * scale + shift) multiplies
+    # each filter's response: it enters the magnitude, the signs and the BN statistics below.
+    scale, shift = _epilogue(layer)
     proj = (cb @ scd) @ w.T  # [K, C_out]: c_j^T S_cd W_o
+    if scale is not None:
+        proj = proj * scale[None, :]
     for j in range(k):
         members = (idx == j).nonzero()[:, 0]
         if members.numel() == 0:
@@ -280,9 +291,13 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
         sgn = torch.sign((gw[members] * proj[j, members]).sum())
         var_c = float(cb[j] @ scc @ cb[j])
         target = float(var_d[members].sqrt().mean())
+        if scale is not None:  # the members' responses are the centroid's times their scales
+            var_c *= float(scale[members].abs().mean()) ** 2
         if var_c > 0:
             cb[j] = cb[j] * (sgn if sgn != 0 else 1.0) * target / var_c ** 0.5
     proj = (cb @ scd) @ w.T
+    if scale is not None:
+        proj = proj * scale[None, :]
     s = proj.gather(0, idx[None, :])[0]  # sign of each filter's best scale
     flip = s < 0
     after = objective(idx, cb)
@@ -294,6 +309,10 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
         var_y = torch.einsum("od,de,oe->o", cbi, scc, cbi)
         if layer.bias is not None:
             mean_y = mean_y + layer.bias.detach().double().cpu()
+        if scale is not None:
+            mean_y, var_y = mean_y * scale, var_y * scale ** 2
+        if shift is not None:
+            mean_y = mean_y + shift
         if bn.affine:
             flip_d = flip.to(bn.weight.device)
             bn.weight[flip_d] = -bn.weight[flip_d]
@@ -308,10 +327,17 @@ def _refit_least_squares(layer: ClusteredConv2d, w: torch.Tensor, mom, ridge: fl
     a = ecc + ridge * (torch.trace(ecc) / dim + 1e-12) * torch.eye(dim, dtype=ecc.dtype)
     idx = layer.index.long().cpu()
     cb = layer.codebook.detach().double().cpu().reshape(layer.num_clusters, -1).clone()
+    scale, _ = _epilogue(layer)
     for j in range(layer.num_clusters):
         members = (idx == j).nonzero()[:, 0]
-        if members.numel():
+        if not members.numel():
+            continue
+        if scale is None:
             cb[j] = torch.linalg.solve(a, ecd @ w[members].mean(0))
+        else:  # filter o is scale_o * c_j: the fit weighs each member's target by its scale
+            sm = scale[members]
+            if float((sm * sm).sum()) > 0:
+                cb[j] = torch.linalg.solve(a, ecd @ (sm[:, None] * w[members]).sum(0)) / float((sm * sm).sum())
     with torch.no_grad():
         layer.codebook.copy_(cb.reshape(layer.codebook.shape).to(layer.codebook.dtype))
     return {"explained_before": float("nan"), "explained_after": float("nan"), "sign_flips": 0}
@@ -323,7 +349,11 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
     """Refit the clustered layers of ``student`` (IN PLACE) to reproduce ``teacher``'s layer outputs.
 
     See the module docstring for the objective.  Only ``ClusteredConv2d`` layers of filter granularity
-    with ``groups == 1`` whose name is a ``Conv2d`` of ``teacher`` are refit; others are left as they are.
+    with ``groups == 1`` whose name is a ``Conv2d`` of ``teacher`` are refit; others are left as they are,
+    and so are layers fused for inference (:meth:`ClusteredConv2d.fuse_bn_relu`: a ReLU in the layer, or the
+    teacher's BatchNorm after it folded in), whose outputs are not the teacher conv's.  A layer's per-filter
+    ``scale`` and ``shift`` (the cosine option's norms and bias, :func:`kcengine.compress`) are kept and
+    accounted for: each filter is ``scale_o`` times its centroid.
 
     Args:
         student: the clustered model (its codebooks, indices and following BN layers are modified).
@@ -368,12 +398,15 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
     finally:
         for h in hooks:
             h.remove()
+    t_bn = following_batchnorm(teacher, images[:2])
     names = {m: n for n, m in student.named_modules()}
     for m in seen:
         n = names[m]
         if n in order:
             continue
         if m.granularity != "filter" or m.groups != 1 or not isinstance(t_mods.get(n), nn.Conv2d):
+            continue
+        if m.relu or (n in t_bn and n not in bn_of):  # fused for inference: its output is past the BN
             continue
         if layers is not None and n not in layers:
             continue
