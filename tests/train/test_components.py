@@ -1,9 +1,11 @@
-"""Augmentation, distillation loss and BN recalibration against plain references."""
+"""Augmentation, distillation loss, BN recalibration and checkpoint layouts against plain references."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+import kcengine
 
 from kcengine.models import cifar_resnet
 from kcengine.train import cifar_augment, distillation_loss, recalibrate_bn
@@ -82,3 +84,24 @@ def test_recalibrate_bn_gives_the_exact_batch_statistics(kit):
     assert not m.training and m.bn1.momentum == 0.1
     with pytest.raises(ValueError, match="max_images"):
         recalibrate_bn(m, x, max_images=0)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_checkpoint_layout_rebuilds_a_dense_model_that_loads_the_clustered_state(kit, cosine):
+    """apply_layout turns a fresh dense model into the clustered one's shape: its state loads strictly and it
+    computes the same outputs (cosine: no bias parameter, the bias in ``shift``, the norms in ``scale``)."""
+    from kcengine.compress.layers import effective_weight
+    from kcengine.train.checkpoint import apply_layout, clustered_layout
+
+    torch.manual_seed(0)
+    dense = kit.TinyNet(bn=False).eval()  # conv2 has a bias
+    cm, _ = kcengine.compress(dense, ratio=0.5, cosine=cosine)
+    layout = clustered_layout(cm)
+    assert layout["conv2"] == {"k": 6, "granularity": "filter", **({"cosine": True} if cosine else {})}
+    rebuilt = apply_layout(kit.TinyNet(bn=False).eval(), layout)
+    rebuilt.load_state_dict(cm.state_dict())  # strict
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), cm(x), rtol=0, atol=0)
+    for name in ("conv1", "conv2"):
+        torch.testing.assert_close(effective_weight(getattr(rebuilt, name)), effective_weight(getattr(cm, name)))

@@ -22,8 +22,10 @@ CHECKPOINT_NAME = "finetune_last.pt"
 
 
 def clustered_layout(model: nn.Module) -> dict[str, dict]:
-    """``{name: {"k", "granularity"}}`` of every ClusteredConv2d in ``model``."""
-    return {n: {"k": int(m.num_clusters), "granularity": m.granularity}
+    """``{name: {"k", "granularity"}}`` of every ClusteredConv2d in ``model``, plus ``"cosine": True`` for the
+    layers of :func:`kcengine.compress`'s cosine option (per-filter norms in ``scale``, the bias in ``shift``)."""
+    return {n: {"k": int(m.num_clusters), "granularity": m.granularity,
+                **({"cosine": True} if getattr(m, "_kc_cosine", False) else {})}
             for n, m in model.named_modules() if isinstance(m, ClusteredConv2d)}
 
 
@@ -40,9 +42,12 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             continue
         if not isinstance(m, nn.Conv2d):
             raise ValueError(f"checkpoint names layer {name!r}, which is not a conv of this model")
+        cosine = bool(spec.get("cosine", False))  # its bias lives in the shift buffer the state dict brings
         new = ClusteredConv2d(m.in_channels, m.out_channels, m.kernel_size, spec["k"], m.stride, m.padding,
-                              m.dilation, m.groups, m.bias is not None, spec["granularity"],
+                              m.dilation, m.groups, m.bias is not None and not cosine, spec["granularity"],
                               device=m.weight.device, dtype=m.weight.dtype)
+        if cosine:
+            new._kc_cosine = True
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model
