@@ -50,6 +50,48 @@ def test_weighted_same_init_matches_sklearn():
         assert res.inertia == pytest.approx(ref.inertia_, rel=1e-6)
 
 
+def _offset_points(dtype, offset, n=200, d=9, seed=0):
+    """Points a few ulps apart around ``offset`` in every coordinate: far from the origin against their spread."""
+    rng = np.random.default_rng(seed)
+    step = np.spacing(dtype(offset))
+    return (dtype(offset) + rng.integers(-3, 4, size=(n, d)).astype(dtype) * step).astype(dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("offset", [1.0, 1e4])
+@pytest.mark.parametrize("k", [3, 10])
+def test_data_far_from_the_origin_matches_sklearn(backend, offset, k):
+    """scikit-learn centers the data before clustering; so do kcengine's backends when the data sits farther from
+    the origin than its spread, where distances and centroids taken around the origin lose the digits that tell
+    the points apart.  Same start -> same labels, inertia and iterations (float64)."""
+    x = _offset_points(np.float64, offset)
+    init = x[np.random.default_rng(1).choice(x.shape[0], k, replace=False)].copy()
+    ref = sk_fit(x, init)
+    algos = ALGOS if backend == "cpu" else ["auto"]
+    for algorithm in algos:
+        res = kcengine.kmeans(x, init=init, backend=backend, algorithm=algorithm)
+        np.testing.assert_array_equal(res.labels, ref.labels_, err_msg=algorithm)
+        assert res.inertia == pytest.approx(ref.inertia_, rel=1e-6), algorithm
+        assert int(res.n_iter) == ref.n_iter_, algorithm
+        np.testing.assert_allclose(res.centroids, ref.cluster_centers_, rtol=1e-15, atol=0, err_msg=algorithm)
+
+
+@pytest.mark.parametrize("offset", [1.0, 100.0, 1e4])
+def test_float32_data_a_few_ulps_apart_converges(offset):
+    """Around 1e4 float32 centroids are a few ulps of each other; taken around the origin, Lloyd and Hamerly ran
+    all 300 iterations without converging.  Centered, every solver converges, each centroid the mean of its
+    members."""
+    x = _offset_points(np.float32, offset)
+    for algorithm in ALGOS:
+        for k in (3, 10):
+            res = kcengine.kmeans(x, k, seed=0, algorithm=algorithm)
+            assert bool(res.converged) and int(res.n_iter) < 100, (algorithm, k, int(res.n_iter))
+            lab, c = np.asarray(res.labels), np.asarray(res.centroids, dtype=np.float64)
+            for j in np.unique(lab):
+                mean = x[lab == j].astype(np.float64).mean(0)
+                np.testing.assert_allclose(c[j], mean, rtol=2 * np.spacing(np.float32(offset)) / offset, atol=0)
+
+
 @pytest.mark.parametrize("granularity", ["filter", "kernel", "element"])
 def test_real_weights_same_init_match_sklearn(granularity):
     weights = real_conv_weights()

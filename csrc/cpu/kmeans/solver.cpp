@@ -265,6 +265,14 @@ double chunked_sum(i64 n, bool par, F&& f) {
 template <class T>
 struct Prepared {
   double tol_abs = 0.0;
+  // Data that sits farther from the origin than its spread (|mean|^2 > the summed per-feature variances)
+  // is clustered centered, as scikit-learn always does: the solvers' float distances and centroids keep
+  // their precision where an offset would eat it (points a few ulps apart around 1e4 never converged).
+  // `shift` is the mean taken off (empty: not centered), `xc` the centered copy; `data` is what the
+  // solvers see: the dataset or that copy.  Given starts lose the shift, results get it back.
+  std::vector<double> shift;
+  std::vector<T> xc;
+  Dataset<T> data;
   std::vector<T> xt;         // [d, xt_ld] transposed copy (direct k-means++), when needed
   i64 xt_ld = 0;
   std::vector<T> xnorm;      // [n] squared norms (direct solvers)
@@ -275,10 +283,13 @@ struct Prepared {
   bool has_direct = false, has_gram = false, has_sorted = false;
 };
 
+// The per-feature mean of the points (unweighted, as scikit-learn's tolerance and centering) and the sum of
+// the per-feature variances.
 template <class T>
-double mean_variance(const Dataset<T>& ds) {
+double feature_moments(const Dataset<T>& ds, std::vector<double>& mean) {
   const i64 n = ds.n, d = ds.d;
-  std::vector<double> mean(d, 0.0), var(d, 0.0);
+  std::vector<double> var(d, 0.0);
+  mean.assign(d, 0.0);
   for (i64 i = 0; i < n; ++i)
     for (i64 j = 0; j < d; ++j) mean[j] += double(ds.x[i * d + j]);
   for (auto& m : mean) m /= double(n);
@@ -289,7 +300,7 @@ double mean_variance(const Dataset<T>& ds) {
     }
   double s = 0.0;
   for (auto v : var) s += v / double(n);
-  return s / double(d);
+  return s;
 }
 
 // G = X X^T in double, from dot products accumulated in T over cache-sized chunks of D.
@@ -1769,11 +1780,11 @@ double est_cost(const Dataset<T>& ds, i64 k, Algo a) {
   }
 }
 
+// The solvers' per-dataset arrays, from the data they see (`prep.data`).
 template <class T>
-void prepare(const Dataset<T>& ds, const Params& params, Prepared<T>& prep, bool want_direct, bool want_gram,
-             bool want_sorted, bool par) {
+void prepare_views(const Dataset<T>& ds, const Params& params, Prepared<T>& prep, bool want_direct, bool want_gram,
+                   bool want_sorted, bool par) {
   const i64 n = ds.n, d = ds.d;
-  prep.tol_abs = params.tol * mean_variance(ds);
   if (want_direct && !prep.has_direct) {
     prep.xnorm.resize(n);
     for (i64 i = 0; i < n; ++i) {
@@ -1811,6 +1822,26 @@ void prepare(const Dataset<T>& ds, const Params& params, Prepared<T>& prep, bool
     }
     prep.has_sorted = true;
   }
+}
+
+template <class T>
+void prepare(const Dataset<T>& ds, const Params& params, Prepared<T>& prep, bool want_direct, bool want_gram,
+             bool want_sorted, bool par) {
+  const i64 n = ds.n, d = ds.d;
+  std::vector<double> mean;
+  const double var_sum = feature_moments(ds, mean);
+  prep.tol_abs = params.tol * (var_sum / double(d));
+  double m2 = 0.0;
+  for (double m : mean) m2 += m * m;
+  prep.data = ds;
+  if (m2 > var_sum) {
+    prep.shift = mean;
+    prep.xc.resize(size_t(n) * d);
+    for (i64 i = 0; i < n; ++i)
+      for (i64 q = 0; q < d; ++q) prep.xc[size_t(i) * d + q] = T(double(ds.x[i * d + q]) - mean[q]);
+    prep.data.x = prep.xc.data();
+  }
+  prepare_views(prep.data, params, prep, want_direct, want_gram, want_sorted, par);
 }
 
 // Greedy k-means++ on [N, D] data, specialized for the direct solvers: the same draws and
@@ -2158,7 +2189,10 @@ void solve_problem(const Dataset<T>& ds, const Prepared<T>& prep, Problem<T>& pr
       random_init(n, k, ds.w, rng, idx);
     }
     std::vector<T> init_c(size_t(k) * d);
-    if (params.init == Init::Given) std::copy(pr.init, pr.init + k * d, init_c.begin());
+    if (params.init == Init::Given && !prep.shift.empty()) {  // in the centered data's coordinates
+      for (i64 j = 0; j < k; ++j)
+        for (i64 q = 0; q < d; ++q) init_c[size_t(j) * d + q] = T(double(pr.init[j * d + q]) - prep.shift[q]);
+    } else if (params.init == Init::Given) std::copy(pr.init, pr.init + k * d, init_c.begin());
     else if (!idx.empty())
       for (i64 j = 0; j < k; ++j) std::copy(ds.x + idx[j] * d, ds.x + (idx[j] + 1) * d, &init_c[size_t(j) * d]);
 
@@ -2184,7 +2218,13 @@ void solve_problem(const Dataset<T>& ds, const Prepared<T>& prep, Problem<T>& pr
     if (r == 0 || run.inertia < best.inertia) std::swap(best, run);
     if (algo == Algo::Exact1D) break;  // deterministic: one run is the optimum
   }
-  std::copy(best.centroids.begin(), best.centroids.end(), pr.centroids);
+  if (prep.shift.empty()) {
+    std::copy(best.centroids.begin(), best.centroids.end(), pr.centroids);
+  } else {
+    for (i64 j = 0; j < k; ++j)
+      for (i64 q = 0; q < d; ++q)
+        pr.centroids[j * d + q] = T(double(best.centroids[size_t(j) * d + q]) + prep.shift[q]);
+  }
   for (i64 i = 0; i < n; ++i) pr.labels[i] = best.labels[i];
   pr.inertia = best.inertia;
   pr.n_iter = best.n_iter;
@@ -2280,8 +2320,9 @@ void run_batch(Batch<T>& batch) {
     std::sort(probs.begin(), probs.end(), [&](i64 a, i64 b) { return cost[a] > cost[b] || (cost[a] == cost[b] && a < b); });
     auto solve = [&](i64 p, bool par) {
       auto& pr = batch.problems[p];
-      const auto& ds = batch.datasets[pr.data];
       auto& pp = prep[local_of[pr.data]];
+      // the solvers see the prepared (maybe centered) data; Distinct returns the caller's points as they are
+      const auto& ds = algo[p] == Algo::Distinct ? batch.datasets[pr.data] : pp.data;
       try {
         solve_problem(ds, pp, pr, params, algo[p], par);
       } catch (const std::runtime_error& e) {

@@ -4,7 +4,8 @@ It is the oracle of the tests and the baseline of the GPU benchmarks, so it favo
 correct code over speed: problems of the same shape are stacked into a dense [B, N, D] batch and
 run through Lloyd's iterations together (converged problems are masked out, not resumed), with
 the same semantics as the cpu backend (greedy k-means++, tol relative to the mean per-feature
-variance, strict convergence, empty clusters moved to far points, final E-step).  Problems of
+variance, strict convergence, empty clusters moved to far points, final E-step, data farther from
+the origin than its spread clustered centered).  Problems of
 different shapes form separate groups.  Memory per group is O(B * (N * D + N * k)): distances
 are computed as ``||c||^2 - 2 x.c`` through ``bmm``, never as an N x k x D difference tensor.
 
@@ -153,12 +154,17 @@ def solve(probs: Problems) -> RawResult:
             w = torch.ones(x.shape[:2], dtype=dtype, device=dev)
         else:
             w = torch.stack([probs.weights[j] for j in di]).to(dtype)
-        tol_abs = probs.tol * x.double().var(1, unbiased=False).mean(1)
+        var = x.double().var(1, unbiased=False)
+        tol_abs = probs.tol * var.mean(1)
+        # as the cpu backend: data farther from the origin than its spread is clustered centered
+        mean = x.double().mean(1)
+        shift = torch.where(((mean * mean).sum(1) > var.sum(1))[:, None], mean, torch.zeros_like(mean))[:, None, :]
+        x = (x.double() - shift).to(dtype)
         best = None
         runs = 1 if probs.init == "given" else probs.n_init
         for _ in range(runs):
             if probs.init == "given":
-                c0 = torch.stack([probs.init_centers[p] for p in members]).clone()
+                c0 = (torch.stack([probs.init_centers[p] for p in members]).double() - shift).to(dtype)
             else:
                 idx = _kmeanspp(x, w, k, gen) if probs.init == "k-means++" else _random_init(w, k, gen)
                 c0 = x[torch.arange(x.shape[0], device=dev).unsqueeze(1), idx]
@@ -173,6 +179,7 @@ def solve(probs: Problems) -> RawResult:
                     shape = (-1,) + (1,) * (new.dim() - 1)
                     best[f] = torch.where(better.view(shape), new, best[f])
         c, lab, it, cv, inert = best
+        c = (c.double() + shift).to(dtype)
         for q, p in enumerate(members):
             cents[p], labels[p] = c[q], lab[q]
             inertia[p], n_iter[p], conv[p] = inert[q], it[q], cv[q]
