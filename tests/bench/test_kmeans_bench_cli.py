@@ -1,4 +1,4 @@
-"""The k-means benchmark's own CLI (``python -m kcengine.bench.kmeans``): argument handling only; the
+"""The k-means benchmark's own CLI (``python -m kcengine.bench.kmeans``): argument handling and its timing loop; the
 workloads themselves are exercised by ``kcengine bench --quick`` (tests/commands)."""
 import pytest
 
@@ -60,3 +60,30 @@ def test_isa_report_names_its_command(monkeypatch, tmp_path):
     assert seen == {"c": f"python -m kcengine.bench.kmeans --isa --out {tmp_path}", "name": "kmeans_isa"}
     assert kb.main(["--isa", "--out", str(tmp_path), "--name", "isa_here"]) == 0
     assert seen["name"] == "isa_here"
+
+
+def test_time_methods_repeats_only_the_quick_calls_and_keeps_the_best(monkeypatch):
+    """min_seconds: a method whose calls add up to less runs again (alternating, at most max_repeat calls);
+    a slow one runs once; a failing one is called once and reported.  The clock is faked: each call of a
+    method takes its listed durations in turn."""
+    durations = {"quick": [0.05, 0.02, 0.04, 0.03, 0.06, 0.01], "slow": [2.0, 1.0], "broken": []}
+    now, order = [0.0], []
+    monkeypatch.setattr(kb.time, "perf_counter", lambda: now[0])
+
+    def fn(m):
+        def run():
+            if m == "broken":
+                raise RuntimeError("no")
+            order.append(m)
+            now[0] += durations[m][sum(o == m for o in order) - 1]
+            return m
+        return run
+
+    methods = ["quick", "slow", "broken"]
+    times, outs, errors = kb.time_methods("w", {m: fn(m) for m in methods}, methods, min_seconds=0.5, max_repeat=5)
+    assert order == ["quick", "slow"] + ["quick"] * 4
+    assert times == pytest.approx({"quick": 0.02, "slow": 2.0, "broken": float("inf")})
+    assert outs == {"quick": "quick", "slow": "slow"} and set(errors) == {"broken"}
+    order.clear()
+    times, _, _ = kb.time_methods("w", {m: fn(m) for m in methods[:2]}, methods[:2], repeat=2)
+    assert order == ["quick", "slow", "slow", "quick"]  # no min_seconds: the repeats only, order alternating

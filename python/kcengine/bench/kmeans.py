@@ -230,35 +230,59 @@ def _geo_ratio(ours: list[float], ref: list[float]) -> float:
     return float(math.exp(sum(logs) / len(logs))) if logs else float("nan")
 
 
-def time_methods(name: str, fns: dict, methods, *, repeat: int = 1, progress=None, sync=None, errors=None):
+def time_methods(name: str, fns: dict, methods, *, repeat: int = 1, progress=None, sync=None, errors=None,
+                 min_seconds: float = 0.0, max_repeat: int = 5):
     """Best-of-``repeat`` seconds of each method's call, alternating the order of the methods over
     repeats (same inputs); a method that raises records its error (NaN in the table) instead of
-    aborting the run.  Returns ``(times, outputs, errors)``; ``sync`` runs before and after each call."""
+    aborting the run.  Returns ``(times, outputs, errors)``; ``sync`` runs before and after each call.
+
+    ``min_seconds``: a method whose calls so far add up to less than this runs again (the quick ones,
+    still alternating, up to ``max_repeat`` calls in all): a call of a few milliseconds on a shared
+    machine is one scheduler hiccup away from reading several times slower, while a call of a minute
+    averages such hiccups out.  ``progress`` is called once per method and repeat of the first loop."""
     times = {m: float("inf") for m in methods}
+    spent = {m: 0.0 for m in methods}
+    calls = {m: 0 for m in methods}
     outs: dict = {}
     errors = dict(errors or {})
+
+    def call(m):
+        try:
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            out = fns[m]()
+            if sync:
+                sync()
+            dt = time.perf_counter() - t0
+            times[m] = min(times[m], dt)
+            spent[m] += dt
+            calls[m] += 1
+            outs[m] = out
+        except Exception as exc:  # a failing baseline records NaN rather than aborting
+            errors[m] = f"{type(exc).__name__}: {exc}"[:200]
+
     for r in range(repeat):
         for m in (methods if r % 2 == 0 else list(reversed(methods))):
-            if m in errors:
-                continue
-            try:
-                if sync:
-                    sync()
-                t0 = time.perf_counter()
-                out = fns[m]()
-                if sync:
-                    sync()
-                times[m] = min(times[m], time.perf_counter() - t0)
-                outs[m] = out
-            except Exception as exc:  # a failing baseline records NaN rather than aborting
-                errors[m] = f"{type(exc).__name__}: {exc}"[:200]
+            if m not in errors:
+                call(m)
             if progress:
                 progress(name, m)
+    r = repeat
+    while True:
+        more = [m for m in methods if m not in errors and spent[m] < min_seconds and calls[m] < max_repeat]
+        if not more:
+            break
+        for m in (more if r % 2 == 0 else list(reversed(more))):
+            call(m)
+        r += 1
     return times, outs, errors
 
 
-def run_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, progress=None) -> list[Row]:
-    """Time every method on ``wl`` (alternating order over repeats) and compare inertia."""
+def run_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, progress=None,
+                 min_seconds: float = 0.0) -> list[Row]:
+    """Time every method on ``wl`` (alternating order over repeats; see :func:`time_methods` for
+    ``min_seconds``) and compare inertia."""
     fns: dict[str, Callable] = {
         "kcengine": lambda: run_kcengine(wl, seed),
         "exact1d": lambda: run_kcengine(wl, seed, algorithm="exact1d"),
@@ -267,7 +291,8 @@ def run_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, progr
         "faiss": lambda: run_faiss(wl, seed),
     }
     methods = [m for m in methods if not (m == "exact1d" and wl.name != "d_element")]
-    times, cents, errors = time_methods(wl.name, fns, methods, repeat=repeat, progress=progress)
+    times, cents, errors = time_methods(wl.name, fns, methods, repeat=repeat, progress=progress,
+                                        min_seconds=min_seconds)
     inert = {m: [_inertia(x, c) for x, c in zip(wl.xs, cs)] for m, cs in cents.items()}
     rows = []
     for m in methods:
