@@ -73,23 +73,55 @@ def test_data_far_from_the_origin_matches_sklearn(backend, offset, k):
         np.testing.assert_array_equal(res.labels, ref.labels_, err_msg=algorithm)
         assert res.inertia == pytest.approx(ref.inertia_, rel=1e-6), algorithm
         assert int(res.n_iter) == ref.n_iter_, algorithm
-        np.testing.assert_allclose(res.centroids, ref.cluster_centers_, rtol=1e-15, atol=0, err_msg=algorithm)
+        # the points span +-3 ulps of the offset: one ulp apart is as close as two roundings of a mean get
+        np.testing.assert_allclose(res.centroids - offset, ref.cluster_centers_ - offset, rtol=0,
+                                   atol=np.spacing(offset), err_msg=algorithm)
 
 
 @pytest.mark.parametrize("offset", [1.0, 100.0, 1e4])
 def test_float32_data_a_few_ulps_apart_converges(offset):
     """Around 1e4 float32 centroids are a few ulps of each other; taken around the origin, Lloyd and Hamerly ran
-    all 300 iterations without converging.  Centered, every solver converges, each centroid the mean of its
-    members."""
+    all 300 iterations without converging.  Centered, every solver converges (the 1-D ones on one coordinate),
+    each centroid the mean of its members to the half ulp of rounding it."""
     x = _offset_points(np.float32, offset)
-    for algorithm in ALGOS:
+    half_ulp = 0.5 * float(np.spacing(np.float32(offset)))
+    for algorithm in ALGOS + ["lloyd1d", "exact1d"]:
+        xa = x[:, :1].copy() if algorithm in ("lloyd1d", "exact1d") else x
         for k in (3, 10):
-            res = kcengine.kmeans(x, k, seed=0, algorithm=algorithm)
+            res = kcengine.kmeans(xa, k, seed=0, algorithm=algorithm)
             assert bool(res.converged) and int(res.n_iter) < 100, (algorithm, k, int(res.n_iter))
             lab, c = np.asarray(res.labels), np.asarray(res.centroids, dtype=np.float64)
             for j in np.unique(lab):
-                mean = x[lab == j].astype(np.float64).mean(0)
-                np.testing.assert_allclose(c[j], mean, rtol=2 * np.spacing(np.float32(offset)) / offset, atol=0)
+                mean = xa[lab == j].astype(np.float64).mean(0)
+                np.testing.assert_allclose(c[j], mean, rtol=0, atol=1.01 * half_ulp, err_msg=algorithm)
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "exact1d", "lloyd1d", "lloyd", "hamerly"])
+def test_centered_data_keeps_single_points_exact(algorithm):
+    """Centering must not cost the exactness of points that are clusters of their own: at k == N on data far
+    from the origin (1-D, as compress's element granularity clusters each coordinate with exact1d) every point
+    comes back as a centroid bit for bit, also the ones near the origin that a round trip through the centered
+    copy rounds."""
+    x = np.array([0.1, 0.3] + [6.0 + 0.01 * i for i in range(20)], dtype=np.float32)[:, None]
+    assert float(x.mean()) ** 2 > float(x.var())  # the data is centered
+    res = kcengine.kmeans(x, x.shape[0], seed=0, algorithm=algorithm)
+    np.testing.assert_array_equal(np.sort(np.asarray(res.centroids)[:, 0]), np.sort(x[:, 0]))
+    assert float(res.inertia) == 0.0
+
+
+def test_sweep_on_centered_data_equals_separate_calls():
+    """One centered dataset shared by a sweep's problems, the last at k == N (the distinct shortcut, which reads
+    the caller's points while the others read the centered copy)."""
+    x = _offset_points(np.float32, 100.0, n=40, d=3, seed=2)
+    x = np.unique(x, axis=0)
+    ks = [2, 7, x.shape[0]]
+    sweep = kcengine.kmeans_sweep(x, ks, seed=0)
+    for k, r in zip(ks, sweep):
+        alone = kcengine.kmeans(x, k, seed=0)
+        np.testing.assert_array_equal(r.centroids, alone.centroids)
+        np.testing.assert_array_equal(r.labels, alone.labels)
+    assert sweep[-1].algorithm == "distinct"
+    np.testing.assert_array_equal(sweep[-1].centroids, x)
 
 
 @pytest.mark.parametrize("granularity", ["filter", "kernel", "element"])

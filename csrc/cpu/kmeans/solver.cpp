@@ -273,6 +273,7 @@ struct Prepared {
   std::vector<double> shift;
   std::vector<T> xc;
   Dataset<T> data;
+  const T* source = nullptr;  // the caller's points (read when centroids are shifted back)
   std::vector<T> xt;         // [d, xt_ld] transposed copy (direct k-means++), when needed
   i64 xt_ld = 0;
   std::vector<T> xnorm;      // [n] squared norms (direct solvers)
@@ -1836,6 +1837,7 @@ void prepare(const Dataset<T>& ds, const Params& params, Prepared<T>& prep, bool
   prep.data = ds;
   if (m2 > var_sum) {
     prep.shift = mean;
+    prep.source = ds.x;
     prep.xc.resize(size_t(n) * d);
     for (i64 i = 0; i < n; ++i)
       for (i64 q = 0; q < d; ++q) prep.xc[size_t(i) * d + q] = T(double(ds.x[i * d + q]) - mean[q]);
@@ -2153,6 +2155,37 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
   }
 }
 
+// Centroids in the caller's coordinates: the centered ones plus the shift, except that a coordinate all of
+// a cluster's members share comes back as that very value (a singleton cluster is its point exactly, as
+// without centering; the round trip through the centered copy could miss it by a few ulps).
+template <class T>
+void shift_back(const Prepared<T>& prep, const Run<T>& run, i64 k, i64 d, T* out) {
+  const i64 n = prep.data.n;
+  std::vector<T> lo(size_t(k) * d), hi(size_t(k) * d);
+  std::vector<char> seen(k, 0);
+  for (i64 i = 0; i < n; ++i) {
+    const i64 j = run.labels[i];
+    const T* x = prep.source + i * d;
+    T* l = &lo[size_t(j) * d];
+    T* h = &hi[size_t(j) * d];
+    if (!seen[j]) {
+      seen[j] = 1;
+      std::copy(x, x + d, l);
+      std::copy(x, x + d, h);
+      continue;
+    }
+    for (i64 q = 0; q < d; ++q) {
+      l[q] = std::min(l[q], x[q]);
+      h[q] = std::max(h[q], x[q]);
+    }
+  }
+  for (i64 j = 0; j < k; ++j)
+    for (i64 q = 0; q < d; ++q) {
+      const size_t o = size_t(j) * d + q;
+      out[o] = seen[j] && lo[o] == hi[o] ? lo[o] : T(double(run.centroids[o]) + prep.shift[q]);
+    }
+}
+
 template <class T>
 void solve_problem(const Dataset<T>& ds, const Prepared<T>& prep, Problem<T>& pr, const Params& params, Algo algo,
                    bool par) {
@@ -2221,9 +2254,7 @@ void solve_problem(const Dataset<T>& ds, const Prepared<T>& prep, Problem<T>& pr
   if (prep.shift.empty()) {
     std::copy(best.centroids.begin(), best.centroids.end(), pr.centroids);
   } else {
-    for (i64 j = 0; j < k; ++j)
-      for (i64 q = 0; q < d; ++q)
-        pr.centroids[j * d + q] = T(double(best.centroids[size_t(j) * d + q]) + prep.shift[q]);
+    shift_back(prep, best, k, d, pr.centroids);
   }
   for (i64 i = 0; i < n; ++i) pr.labels[i] = best.labels[i];
   pr.inertia = best.inertia;

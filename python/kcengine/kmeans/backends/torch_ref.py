@@ -154,17 +154,24 @@ def solve(probs: Problems) -> RawResult:
             w = torch.ones(x.shape[:2], dtype=dtype, device=dev)
         else:
             w = torch.stack([probs.weights[j] for j in di]).to(dtype)
-        var = x.double().var(1, unbiased=False)
+        xd = x.double()
+        var = xd.var(1, unbiased=False)
         tol_abs = probs.tol * var.mean(1)
         # as the cpu backend: data farther from the origin than its spread is clustered centered
-        mean = x.double().mean(1)
-        shift = torch.where(((mean * mean).sum(1) > var.sum(1))[:, None], mean, torch.zeros_like(mean))[:, None, :]
-        x = (x.double() - shift).to(dtype)
+        mean = xd.mean(1)
+        far = (mean * mean).sum(1) > var.sum(1)
+        shift = None
+        if bool(far.any()):
+            shift = torch.where(far[:, None], mean, torch.zeros_like(mean))[:, None, :]
+            x = (xd - shift).to(dtype)
+        del xd
         best = None
         runs = 1 if probs.init == "given" else probs.n_init
         for _ in range(runs):
             if probs.init == "given":
-                c0 = (torch.stack([probs.init_centers[p] for p in members]).double() - shift).to(dtype)
+                c0 = torch.stack([probs.init_centers[p] for p in members]).clone()
+                if shift is not None:
+                    c0 = (c0.double() - shift).to(dtype)
             else:
                 idx = _kmeanspp(x, w, k, gen) if probs.init == "k-means++" else _random_init(w, k, gen)
                 c0 = x[torch.arange(x.shape[0], device=dev).unsqueeze(1), idx]
@@ -179,7 +186,8 @@ def solve(probs: Problems) -> RawResult:
                     shape = (-1,) + (1,) * (new.dim() - 1)
                     best[f] = torch.where(better.view(shape), new, best[f])
         c, lab, it, cv, inert = best
-        c = (c.double() + shift).to(dtype)
+        if shift is not None:
+            c = (c.double() + shift).to(dtype)
         for q, p in enumerate(members):
             cents[p], labels[p] = c[q], lab[q]
             inertia[p], n_iter[p], conv[p] = inert[q], it[q], cv[q]
