@@ -50,14 +50,24 @@ def test_pairs_of_scaled_and_negated_filters_are_recovered_exactly(kit, cosine):
 @pytest.mark.parametrize("cosine", [False, True])
 def test_refit_sets_the_bn_statistics_its_layers_outputs_have(kit, cosine):
     """The BN statistics the refit sets from the patch moments are those recalibrate_bn measures on the same
-    images afterwards (one batch, every patch in the moments), the cosine option's per-filter norms included."""
+    images afterwards (one batch, every patch in the moments), with conv2's bias (cosine: in ``shift``) and the
+    cosine option's per-filter norms in the outputs.  Cosine centroids stay unit-norm."""
     torch.manual_seed(0)
     dense = kit.TinyNet().eval()
+    dense.conv2 = torch.nn.Conv2d(8, 12, 3, padding=1, bias=True)
+    with torch.no_grad():
+        dense.conv2.bias.uniform_(-1.0, 1.0)
     x = _images(64)
     recalibrate_bn(dense, x)
     cm, _ = kcengine.compress(dense, ratio=0.5, cosine=cosine)
     assert (cm.conv1.scale is not None) == cosine and (cm.conv2.scale is not None) == cosine
+    bias = cm.conv2.shift if cosine else cm.conv2.bias
+    assert bias is not None and float(bias.detach().abs().min()) > 0
     assert set(calibrate_outputs(cm, dense, x)) == {"conv1", "conv2"}
+    if cosine:
+        for conv in (cm.conv1, cm.conv2):
+            norms = conv.codebook.detach().reshape(conv.num_clusters, -1).norm(dim=1)
+            torch.testing.assert_close(norms, torch.ones_like(norms))
     measured = recalibrate_bn(copy.deepcopy(cm), x, max_images=None)
     for bn in ("bn1", "bn2"):  # running_var is unbiased: n / (n - 1) = 4096 / 4095 above the moments'
         a, b = getattr(cm, bn), getattr(measured, bn)
@@ -103,6 +113,30 @@ def test_without_bn_least_squares_with_one_centroid_per_filter_gives_back_the_we
     torch.testing.assert_close(effective_weight(cm.conv2), dense.conv2.weight, atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(cm(x), dense(x), atol=1e-4, rtol=1e-4)
+
+
+def test_without_bn_cosine_centroids_are_the_least_squares_fit_of_their_members(kit):
+    """Clusters of several filters, each filter its norm (``scale``) times the centroid: the refit's codebook is
+    the centroid whose scaled responses best match the dense filters' on the calibration patches, computed
+    here by a direct least-squares solve over the members' stacked patch responses."""
+    torch.manual_seed(0)
+    dense = kit.TinyNet(bn=False).eval()
+    x = _images(48)
+    cm, _ = kcengine.compress(dense, {"layers": {"conv2": 4}}, layers=["conv2"], cosine=True)
+    assert len(torch.unique(cm.conv2.index)) == 4 and cm.conv2.index.bincount().max() > 1
+    calibrate_outputs(cm, dense, x, ridge=0.0)
+    with torch.no_grad():
+        inp = torch.relu(dense.conv1(x))
+    p = F.unfold(inp, 3, padding=1).transpose(1, 2).reshape(-1, 72).double()  # every patch of conv2's input
+    w = dense.conv2.weight.detach().double().reshape(12, -1)
+    s = cm.conv2.scale.detach().double()
+    for j in range(4):
+        members = (cm.conv2.index == j).nonzero()[:, 0]
+        a = torch.cat([s[o] * p for o in members])  # rows: s_o * patch, target: the dense filter's response
+        t = torch.cat([p @ w[o] for o in members])
+        want = torch.linalg.lstsq(a, t[:, None]).solution[:, 0]
+        got = cm.conv2.codebook.detach().double().reshape(4, -1)[j]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_following_batchnorm_finds_conv_bn_pairs(kit):

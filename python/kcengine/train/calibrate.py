@@ -277,24 +277,31 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
         if members.numel():
             cb[j] = centroid(members)
     # per-filter best scale s_o = c^T S_cd W_o / c^T S_cc c; orient each centroid to its members' majority sign
-    # and give it the mean member output scale (keeps weights at their natural magnitude)
+    # and give it the mean member output scale (keeps weights at their natural magnitude; cosine layers keep
+    # unit-norm centroids, their norms being the filters')
     # A layer's own per-filter scale (the cosine option's norms: output = (c . x + bias) * scale + shift) multiplies
     # each filter's response: it enters the magnitude, the signs and the BN statistics below.
     scale, shift = _epilogue(layer)
     proj = (cb @ scd) @ w.T  # [K, C_out]: c_j^T S_cd W_o
     if scale is not None:
         proj = proj * scale[None, :]
+    cosine = getattr(layer, "_kc_cosine", False)  # compress's cosine option: unit-norm centroids, norms in scale
     for j in range(k):
         members = (idx == j).nonzero()[:, 0]
         if members.numel() == 0:
             continue
-        sgn = torch.sign((gw[members] * proj[j, members]).sum())
+        sgn = float(torch.sign((gw[members] * proj[j, members]).sum())) or 1.0
+        if cosine:
+            norm = float(cb[j].norm())
+            if norm > 0:
+                cb[j] = cb[j] * sgn / norm
+            continue
         var_c = float(cb[j] @ scc @ cb[j])
         target = float(var_d[members].sqrt().mean())
         if scale is not None:  # the members' responses are the centroid's times their scales
             var_c *= float(scale[members].abs().mean()) ** 2
         if var_c > 0:
-            cb[j] = cb[j] * (sgn if sgn != 0 else 1.0) * target / var_c ** 0.5
+            cb[j] = cb[j] * sgn * target / var_c ** 0.5
     proj = (cb @ scd) @ w.T
     if scale is not None:
         proj = proj * scale[None, :]
