@@ -58,6 +58,27 @@ def test_round_trip_is_exact(tmp_path, granularity):
         assert torch.equal(model.eval()(x), loaded.eval()(x))
 
 
+def test_cosine_layers_round_trip_with_their_norms(tmp_path):
+    """compress's cosine option keeps each filter's norm in ``scale`` and the bias in ``shift``: a compact
+    checkpoint rebuilds such layers (no bias parameter, the cosine flag that effective_weight reads)."""
+    from kcengine.compress.layers import effective_weight
+
+    torch.manual_seed(0)
+    dense = Net().eval()
+    model, _ = kcengine.compress(dense, ratio=0.25, cosine=True)
+    assert model.body[1].bias is None and model.body[1].shift is not None
+    path = tmp_path / "m.pt"
+    kcengine.save_compressed(model, path)
+    loaded = kcengine.load_compressed(path, model=Net())
+    for name in ("conv1", "body.1"):
+        a, b = model.get_submodule(name), loaded.get_submodule(name)
+        assert getattr(b, "_kc_cosine", False) and b.bias is None
+        torch.testing.assert_close(effective_weight(b), effective_weight(a), rtol=0, atol=0)
+    x = torch.randn(1, 16, 9, 9)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded.eval()(x))
+
+
 def test_file_size_against_dense(tmp_path):
     """Filter granularity, K = C_out/4 everywhere: the codebook is 1/4 of the dense weights, the index one byte
     (or two) per filter; the file is smaller than the dense checkpoint by nearly 4x."""

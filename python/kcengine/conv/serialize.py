@@ -28,18 +28,39 @@ import torch.nn as nn
 
 from .module import ClusteredConv2d
 
-__all__ = ["save_compressed", "load_compressed", "checkpoint_sizes", "dense_state_dict"]
+__all__ = ["save_compressed", "load_compressed", "checkpoint_sizes", "dense_state_dict", "layer_config",
+           "layer_from_config"]
 
 FORMAT = "kcengine.compressed/1"
 
 
-def _config(m: ClusteredConv2d) -> dict:
-    return {
+def layer_config(m: ClusteredConv2d) -> dict:
+    """What :func:`layer_from_config` needs to rebuild ``m`` empty (its tensors come from a state dict):
+    geometry, k, granularity, bias, a fused ReLU, the ``scale``/``shift`` buffers, and ``"cosine": True``
+    for a layer of :func:`kcengine.compress`'s cosine option (norms in ``scale``, bias in ``shift``)."""
+    cfg = {
         "in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
         "num_clusters": m.num_clusters, "stride": list(m.stride), "padding": list(m.padding),
         "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None,
         "granularity": m.granularity, "relu": bool(m.relu), "fused_bn": m.scale is not None,
     }
+    if getattr(m, "_kc_cosine", False):
+        cfg["cosine"] = True
+    return cfg
+
+
+def layer_from_config(cfg: dict, *, dtype=None, device=None) -> ClusteredConv2d:
+    """An empty ClusteredConv2d shaped as :func:`layer_config` recorded (its state dict loads strictly)."""
+    cfg = dict(cfg)
+    relu, fused, cosine = cfg.pop("relu", False), cfg.pop("fused_bn", False), cfg.pop("cosine", False)
+    layer = ClusteredConv2d(**cfg, dtype=dtype, device=device)
+    layer.relu = relu
+    if fused:
+        layer.scale = torch.empty(cfg["out_channels"], dtype=layer.codebook.dtype, device=device)
+        layer.shift = torch.empty(cfg["out_channels"], dtype=layer.codebook.dtype, device=device)
+    if cosine:
+        layer._kc_cosine = True
+    return layer
 
 
 def _payload(model: nn.Module, builder, builder_kwargs) -> dict:
@@ -47,7 +68,7 @@ def _payload(model: nn.Module, builder, builder_kwargs) -> dict:
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if builder is not None and (not isinstance(builder, str) or builder.count(":") != 1):
         raise ValueError(f"builder must be 'package.module:callable', got {builder!r}")
-    clustered = {name: _config(m) for name, m in model.named_modules() if isinstance(m, ClusteredConv2d)}
+    clustered = {name: layer_config(m) for name, m in model.named_modules() if isinstance(m, ClusteredConv2d)}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"format": FORMAT, "state_dict": state, "clustered": clustered, "builder": builder,
             "builder_kwargs": dict(builder_kwargs or {})}
@@ -94,16 +115,8 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
         model = copy.deepcopy(model)
     state = payload["state_dict"]
     for name, cfg in payload["clustered"].items():
-        cfg = dict(cfg)
-        relu, fused = cfg.pop("relu"), cfg.pop("fused_bn")
         ref = next((v for k, v in state.items() if k == f"{name}.codebook"), None)
-        dtype = ref.dtype if ref is not None else None
-        layer = ClusteredConv2d(**cfg, dtype=dtype)
-        layer.relu = relu
-        if fused:
-            layer.scale = torch.empty(cfg["out_channels"], dtype=dtype)
-            layer.shift = torch.empty(cfg["out_channels"], dtype=dtype)
-        _set_submodule(model, name, layer)
+        _set_submodule(model, name, layer_from_config(cfg, dtype=ref.dtype if ref is not None else None))
     model.load_state_dict(state, strict=True)
     return model
 

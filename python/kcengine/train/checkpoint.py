@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..conv.module import ClusteredConv2d
+from ..conv.serialize import layer_config, layer_from_config
 
 __all__ = ["clustered_layout", "apply_layout", "save_checkpoint", "load_checkpoint", "CHECKPOINT_NAME"]
 
@@ -22,32 +23,25 @@ CHECKPOINT_NAME = "finetune_last.pt"
 
 
 def clustered_layout(model: nn.Module) -> dict[str, dict]:
-    """``{name: {"k", "granularity"}}`` of every ClusteredConv2d in ``model``, plus ``"cosine": True`` for the
-    layers of :func:`kcengine.compress`'s cosine option (per-filter norms in ``scale``, the bias in ``shift``)."""
-    return {n: {"k": int(m.num_clusters), "granularity": m.granularity,
-                **({"cosine": True} if getattr(m, "_kc_cosine", False) else {})}
-            for n, m in model.named_modules() if isinstance(m, ClusteredConv2d)}
+    """``{name: config}`` of every ClusteredConv2d in ``model``, the configs of compact checkpoints
+    (:func:`kcengine.conv.serialize.layer_config`: k, granularity, bias, epilogue buffers, the cosine option)."""
+    return {n: layer_config(m) for n, m in model.named_modules() if isinstance(m, ClusteredConv2d)}
 
 
 def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
-    """Replace (IN PLACE) each ``nn.Conv2d`` named in ``layout`` by an empty ClusteredConv2d of that k, so
-    that a checkpoint's state dict loads; layers already clustered must match."""
+    """Replace (IN PLACE) each ``nn.Conv2d`` named in ``layout`` by an empty ClusteredConv2d of its config, so
+    that a checkpoint's state dict loads; layers already clustered must match in k and granularity."""
     mods = dict(model.named_modules())
-    for name, spec in layout.items():
+    for name, cfg in layout.items():
         m = mods.get(name)
         if isinstance(m, ClusteredConv2d):
-            if m.num_clusters != spec["k"] or m.granularity != spec["granularity"]:
-                raise ValueError(f"checkpoint layer {name!r} has k={spec['k']} ({spec['granularity']}), the model "
-                                 f"has k={m.num_clusters} ({m.granularity})")
+            if m.num_clusters != cfg["num_clusters"] or m.granularity != cfg["granularity"]:
+                raise ValueError(f"checkpoint layer {name!r} has k={cfg['num_clusters']} ({cfg['granularity']}), "
+                                 f"the model has k={m.num_clusters} ({m.granularity})")
             continue
         if not isinstance(m, nn.Conv2d):
             raise ValueError(f"checkpoint names layer {name!r}, which is not a conv of this model")
-        cosine = bool(spec.get("cosine", False))  # its bias lives in the shift buffer the state dict brings
-        new = ClusteredConv2d(m.in_channels, m.out_channels, m.kernel_size, spec["k"], m.stride, m.padding,
-                              m.dilation, m.groups, m.bias is not None and not cosine, spec["granularity"],
-                              device=m.weight.device, dtype=m.weight.dtype)
-        if cosine:
-            new._kc_cosine = True
+        new = layer_from_config(cfg, dtype=m.weight.dtype, device=m.weight.device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model
