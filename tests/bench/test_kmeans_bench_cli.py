@@ -72,16 +72,16 @@ def test_time_methods_repeats_only_the_quick_calls_and_keeps_the_best(monkeypatc
 
     def fn(m):
         def run():
+            order.append(m)
             if m == "broken":
                 raise RuntimeError("no")
-            order.append(m)
             now[0] += durations[m][sum(o == m for o in order) - 1]
             return m
         return run
 
     methods = ["quick", "slow", "broken"]
     times, outs, errors = kb.time_methods("w", {m: fn(m) for m in methods}, methods, min_seconds=0.5, max_repeat=5)
-    assert order == ["quick", "slow"] + ["quick"] * 4
+    assert order == ["quick", "slow", "broken"] + ["quick"] * 4
     assert times == pytest.approx({"quick": 0.02, "slow": 2.0, "broken": float("inf")})
     assert outs == {"quick": "quick", "slow": "slow"} and set(errors) == {"broken"}
     order.clear()

@@ -280,7 +280,7 @@ def time_methods(name: str, fns: dict, methods, *, repeat: int = 1, progress=Non
 
 
 def run_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, progress=None,
-                 min_seconds: float = 0.0) -> list[Row]:
+                 min_seconds: float = 0.0, max_repeat: int = 5) -> list[Row]:
     """Time every method on ``wl`` (alternating order over repeats; see :func:`time_methods` for
     ``min_seconds``) and compare inertia."""
     fns: dict[str, Callable] = {
@@ -292,7 +292,7 @@ def run_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, progr
     }
     methods = [m for m in methods if not (m == "exact1d" and wl.name != "d_element")]
     times, cents, errors = time_methods(wl.name, fns, methods, repeat=repeat, progress=progress,
-                                        min_seconds=min_seconds)
+                                        min_seconds=min_seconds, max_repeat=max_repeat)
     inert = {m: [_inertia(x, c) for x, c in zip(wl.xs, cs)] for m, cs in cents.items()}
     rows = []
     for m in methods:

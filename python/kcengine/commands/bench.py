@@ -76,7 +76,9 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-QUICK_CALLS_SECONDS = 1.0  # the CPU clustering table: calls quicker than this are repeated (time_methods)
+# The CPU clustering table: a method whose calls add up to less than this runs again, up to QUICK_CALLS_MAX
+# calls in all (time_methods' min_seconds / max_repeat).
+QUICK_CALLS_SECONDS, QUICK_CALLS_MAX = 1.0, 5
 
 
 def run_clustering(args, out: Path) -> dict:
@@ -129,13 +131,13 @@ def run_clustering(args, out: Path) -> dict:
         with tqdm(total=len(wls) * len(methods), desc="clustering", unit="run", leave=False) as bar:
             for wl in wls:
                 rows += kb.run_workload(wl, methods, repeat=1, progress=lambda w, m: bar.update(1),
-                                        min_seconds=QUICK_CALLS_SECONDS)
+                                        min_seconds=QUICK_CALLS_SECONDS, max_repeat=QUICK_CALLS_MAX)
         table, extra = kb.rows_table(rows), ""
     write_csv(out / "clustering.csv", table)
     _plot_clustering(table, out / "clustering_speedup.png")
     timing = "" if args.device == "cuda" else (
         f"\n\nseconds: best call, same inputs; each method runs once, and one whose calls add up to less than "
-        f"{QUICK_CALLS_SECONDS:g} s runs again until they do (at most 5 calls): on a shared machine a call of "
+        f"{QUICK_CALLS_SECONDS:g} s runs again until they do (at most {QUICK_CALLS_MAX} calls): on a shared machine a call of "
         f"milliseconds is easily disturbed, one of a minute averages that out.")
     return {"source": source, "workloads": [{"name": w.name, "problems": w.n_problems, "of": w.total_problems,
                                              "note": w.note} for w in wls],
