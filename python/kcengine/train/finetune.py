@@ -276,7 +276,9 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         seed: seeds every epoch's shuffling and augmentation (from seed, phase and epoch).
         progress: tqdm progress bars (rank 0 only).
         device: where to train (default: where the model is).
-        compress_options: extra keyword arguments for :func:`kcengine.compress` (k-means ``seed``, ...).
+        compress_options: extra keyword arguments for :func:`kcengine.compress` (k-means ``seed``, ...).  With
+            ``cosine=True`` each filter's norm (``scale``) and a conv's bias (``shift``) are buffers: the
+            codebooks train, the norms and biases stay as clustering left them.
     """
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
