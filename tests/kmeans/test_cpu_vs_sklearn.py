@@ -103,10 +103,26 @@ def test_centered_data_keeps_single_points_exact(algorithm):
     comes back as a centroid bit for bit, also the ones near the origin that a round trip through the centered
     copy rounds."""
     x = np.array([0.1, 0.3] + [6.0 + 0.01 * i for i in range(20)], dtype=np.float32)[:, None]
+    k = x.shape[0]
+    x = np.concatenate([x, x[:1]])  # one point twice: auto takes a solver, not the distinct shortcut
     assert float(x.mean()) ** 2 > float(x.var())  # the data is centered
-    res = kcengine.kmeans(x, x.shape[0], seed=0, algorithm=algorithm)
-    np.testing.assert_array_equal(np.sort(np.asarray(res.centroids)[:, 0]), np.sort(x[:, 0]))
+    res = kcengine.kmeans(x, k, seed=0, algorithm=algorithm)
+    assert res.algorithm != "distinct"
+    np.testing.assert_array_equal(np.sort(np.asarray(res.centroids)[:, 0]), np.unique(x[:, 0]))
     assert float(res.inertia) == 0.0
+
+
+@pytest.mark.parametrize("algorithm", ["lloyd", "hamerly", "lloyd1d"])
+def test_centered_data_stopped_early_matches_sklearn(algorithm):
+    """Stopped by max_iter, the final E-step moves a point: the centroids stay the means of the members before
+    it (as scikit-learn returns them), even where the new members share a value."""
+    x = np.array([[100.0], [101.0], [102.0], [110.0]])
+    init = np.array([[100.0], [103.0]])
+    ref = KMeans(2, init=init, n_init=1, max_iter=1).fit(x)
+    res = kcengine.kmeans(x, init=init, max_iter=1, algorithm=algorithm)
+    np.testing.assert_array_equal(res.labels, ref.labels_)
+    np.testing.assert_allclose(res.centroids, ref.cluster_centers_, rtol=1e-15)
+    assert float(res.inertia) == pytest.approx(ref.inertia_, rel=1e-12)
 
 
 def test_sweep_on_centered_data_equals_separate_calls():

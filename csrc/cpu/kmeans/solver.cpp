@@ -2156,8 +2156,10 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
 }
 
 // Centroids in the caller's coordinates: the centered ones plus the shift, except that a coordinate all of
-// a cluster's members share comes back as that very value (a singleton cluster is its point exactly, as
-// without centering; the round trip through the centered copy could miss it by a few ulps).
+// a cluster's members share comes back as that very value when the centroid lies within the round trip's
+// rounding of it (a singleton cluster is its point exactly, as without centering; the trip through the
+// centered copy could miss it by a few ulps of the shift).  The labels are the final E-step's: where that
+// step moved points the centroid is the mean of the members before, and stays as computed.
 template <class T>
 void shift_back(const Prepared<T>& prep, const Run<T>& run, i64 k, i64 d, T* out) {
   const i64 n = prep.data.n;
@@ -2179,10 +2181,15 @@ void shift_back(const Prepared<T>& prep, const Run<T>& run, i64 k, i64 d, T* out
       h[q] = std::max(h[q], x[q]);
     }
   }
+  constexpr double eps = std::numeric_limits<T>::epsilon();
   for (i64 j = 0; j < k; ++j)
     for (i64 q = 0; q < d; ++q) {
       const size_t o = size_t(j) * d + q;
-      out[o] = seen[j] && lo[o] == hi[o] ? lo[o] : T(double(run.centroids[o]) + prep.shift[q]);
+      const double c = double(run.centroids[o]) + prep.shift[q];
+      const double v = double(lo[o]);
+      const bool shared = seen[j] && lo[o] == hi[o] &&
+                          std::abs(v - c) <= 4.0 * eps * std::max(std::abs(v), std::abs(prep.shift[q]));
+      out[o] = shared ? lo[o] : T(c);
     }
 }
 
