@@ -105,3 +105,21 @@ def test_checkpoint_layout_rebuilds_a_dense_model_that_loads_the_clustered_state
         torch.testing.assert_close(rebuilt(x), cm(x), rtol=0, atol=0)
     for name in ("conv1", "conv2"):
         torch.testing.assert_close(effective_weight(getattr(rebuilt, name)), effective_weight(getattr(cm, name)))
+
+
+def test_checkpoint_layout_written_before_the_full_configs_still_resumes(kit):
+    """Finetune checkpoints used to store {"k", "granularity"} per layer: apply_layout rebuilds those layers from
+    the dense conv's geometry, so a run interrupted before the format change resumes."""
+    from kcengine.train.checkpoint import apply_layout
+
+    torch.manual_seed(0)
+    dense = kit.TinyNet().eval()
+    cm, _ = kcengine.compress(dense, ratio=0.5)
+    old = {n: {"k": m.num_clusters, "granularity": m.granularity} for n, m in cm.named_modules()
+           if isinstance(m, kcengine.nn.ClusteredConv2d)}
+    rebuilt = apply_layout(kit.TinyNet().eval(), old)
+    rebuilt.load_state_dict(cm.state_dict())  # strict
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), cm(x), rtol=0, atol=0)
+    assert apply_layout(rebuilt, old) is rebuilt  # layers already clustered: checked, kept

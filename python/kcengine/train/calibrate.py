@@ -288,14 +288,15 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
     cosine = getattr(layer, "_kc_cosine", False)  # compress's cosine option: unit-norm centroids, norms in scale
     for j in range(k):
         members = (idx == j).nonzero()[:, 0]
-        if members.numel() == 0:
-            continue
-        sgn = float(torch.sign((gw[members] * proj[j, members]).sum())) or 1.0
-        if cosine:
+        if cosine:  # every row, an unused one too
             norm = float(cb[j].norm())
+            sgn = float(torch.sign((gw[members] * proj[j, members]).sum())) or 1.0  # an empty sum: 1
             if norm > 0:
                 cb[j] = cb[j] * sgn / norm
             continue
+        if members.numel() == 0:
+            continue
+        sgn = float(torch.sign((gw[members] * proj[j, members]).sum())) or 1.0
         var_c = float(cb[j] @ scc @ cb[j])
         target = float(var_d[members].sqrt().mean())
         if scale is not None:  # the members' responses are the centroid's times their scales

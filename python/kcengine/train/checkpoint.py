@@ -34,10 +34,19 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
     mods = dict(model.named_modules())
     for name, cfg in layout.items():
         m = mods.get(name)
+        if "num_clusters" not in cfg and isinstance(m, nn.Conv2d):  # a layout written before the full configs
+            cosine = bool(cfg.get("cosine", False))
+            cfg = {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
+                   "num_clusters": cfg["k"], "stride": list(m.stride), "padding": list(m.padding),
+                   "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None and not cosine,
+                   "granularity": cfg["granularity"], "fused_bn": cosine, "cosine": cosine}
+        k = cfg.get("num_clusters", cfg.get("k"))
         if isinstance(m, ClusteredConv2d):
-            if m.num_clusters != cfg["num_clusters"] or m.granularity != cfg["granularity"]:
-                raise ValueError(f"checkpoint layer {name!r} has k={cfg['num_clusters']} ({cfg['granularity']}), "
+            if m.num_clusters != k or m.granularity != cfg["granularity"]:
+                raise ValueError(f"checkpoint layer {name!r} has k={k} ({cfg['granularity']}), "
                                  f"the model has k={m.num_clusters} ({m.granularity})")
+            if cfg.get("cosine", False):
+                m._kc_cosine = True
             continue
         if not isinstance(m, nn.Conv2d):
             raise ValueError(f"checkpoint names layer {name!r}, which is not a conv of this model")
