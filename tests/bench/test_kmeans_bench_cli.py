@@ -80,8 +80,11 @@ def test_time_methods_repeats_only_the_quick_calls_and_keeps_the_best(monkeypatc
         return run
 
     methods = ["quick", "slow", "broken"]
-    times, outs, errors = kb.time_methods("w", {m: fn(m) for m in methods}, methods, min_seconds=0.5, max_repeat=5)
+    calls = {}
+    times, outs, errors = kb.time_methods("w", {m: fn(m) for m in methods}, methods, min_seconds=0.5, max_repeat=5,
+                                          calls=calls)
     assert order == ["quick", "slow", "broken"] + ["quick"] * 4
+    assert calls == {"quick": 5, "slow": 1, "broken": 0}
     assert times == pytest.approx({"quick": 0.02, "slow": 2.0, "broken": float("inf")})
     assert outs == {"quick": "quick", "slow": "slow"} and set(errors) == {"broken"}
     order.clear()

@@ -231,7 +231,7 @@ def _geo_ratio(ours: list[float], ref: list[float]) -> float:
 
 
 def time_methods(name: str, fns: dict, methods, *, repeat: int = 1, progress=None, sync=None, errors=None,
-                 min_seconds: float = 0.0, max_repeat: int = 5):
+                 min_seconds: float = 0.0, max_repeat: int = 5, calls: dict | None = None):
     """Best-of-``repeat`` seconds of each method's call, alternating the order of the methods over
     repeats (same inputs); a method that raises records its error (NaN in the table) instead of
     aborting the run.  Returns ``(times, outputs, errors)``; ``sync`` runs before and after each call.
@@ -239,10 +239,13 @@ def time_methods(name: str, fns: dict, methods, *, repeat: int = 1, progress=Non
     ``min_seconds``: a method whose calls so far add up to less than this runs again (the quick ones,
     still alternating, up to ``max_repeat`` calls in all): a call of a few milliseconds on a shared
     machine is one scheduler hiccup away from reading several times slower, while a call of a minute
-    averages such hiccups out.  ``progress`` is called once per method and repeat of the first loop."""
+    averages such hiccups out (the best of more calls is also a little lower: ``calls``, when given, is
+    filled with each method's number of calls, for the table to say).  ``progress`` is called once per method
+    and repeat of the first loop."""
     times = {m: float("inf") for m in methods}
     spent = {m: 0.0 for m in methods}
-    calls = {m: 0 for m in methods}
+    calls = {} if calls is None else calls
+    calls.update({m: 0 for m in methods})
     outs: dict = {}
     errors = dict(errors or {})
 
@@ -291,12 +294,14 @@ def run_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, progr
         "faiss": lambda: run_faiss(wl, seed),
     }
     methods = [m for m in methods if not (m == "exact1d" and wl.name != "d_element")]
+    calls: dict = {}
     times, cents, errors = time_methods(wl.name, fns, methods, repeat=repeat, progress=progress,
-                                        min_seconds=min_seconds, max_repeat=max_repeat)
+                                        min_seconds=min_seconds, max_repeat=max_repeat, calls=calls)
     inert = {m: [_inertia(x, c) for x, c in zip(wl.xs, cs)] for m, cs in cents.items()}
     rows = []
     for m in methods:
-        row = Row(wl.name, m, wl.n_problems, times[m] if m in cents else float("nan"), note=errors.get(m, ""))
+        note = errors.get(m, "") or (f"best of {calls[m]} calls" if calls.get(m, 0) > repeat else "")
+        row = Row(wl.name, m, wl.n_problems, times[m] if m in cents else float("nan"), note=note)
         if "sklearn" in cents and m in cents:
             row.speedup_vs_sklearn = times["sklearn"] / times[m]
             row.inertia_ratio = _geo_ratio(inert[m], inert["sklearn"])

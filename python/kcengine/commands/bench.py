@@ -137,8 +137,8 @@ def run_clustering(args, out: Path) -> dict:
     _plot_clustering(table, out / "clustering_speedup.png")
     timing = "" if args.device == "cuda" else (
         f"\n\nseconds: best call, same inputs; each method runs once, and one whose calls add up to less than "
-        f"{QUICK_CALLS_SECONDS:g} s runs again until they do (at most {QUICK_CALLS_MAX} calls): on a shared machine a call of "
-        f"milliseconds is easily disturbed, one of a minute averages that out.")
+        f"{QUICK_CALLS_SECONDS:g} s runs again until they do (at most {QUICK_CALLS_MAX} calls; the note says so): on a "
+        f"shared machine a call of milliseconds is easily disturbed, one of a minute averages that out.")
     return {"source": source, "workloads": [{"name": w.name, "problems": w.n_problems, "of": w.total_problems,
                                              "note": w.note} for w in wls],
             "rows": table, "markdown": source + timing + "\n\n" + markdown_table(table) + extra}
