@@ -8,8 +8,8 @@
 namespace kcengine::km {
 
 enum class Init : int { KMeansPP = 0, Random = 1, Given = 2 };
-// Distinct is never requested: "auto" picks it for k == N distinct points of positive weight (each
-// point its own centroid).
+// Distinct is never requested: "auto" picks it for k == N distinct points of positive weight and a
+// k-means++ or random init (each point its own centroid).
 enum class Algo : int { Auto = 0, Lloyd = 1, Hamerly = 2, Gram = 3, Lloyd1D = 4, Exact1D = 5, Yinyang = 6, TopM = 7,
                         Distinct = 8 };
 

@@ -273,7 +273,6 @@ struct Prepared {
   std::vector<double> shift;
   std::vector<T> xc;
   Dataset<T> data;
-  const T* source = nullptr;  // the caller's points (read when centroids are shifted back)
   std::vector<T> xt;         // [d, xt_ld] transposed copy (direct k-means++), when needed
   i64 xt_ld = 0;
   std::vector<T> xnorm;      // [n] squared norms (direct solvers)
@@ -695,7 +694,7 @@ struct LabelMoves {
   // The M-step's sums: from scratch after the first E-step (every point counts as changed), then by
   // the moves.  Returns the number of changed labels.
   template <class T>
-  i64 sums(const Dataset<T>& ds, const i32* lab, bool first, std::vector<double>& sums,
+  i64 update_sums(const Dataset<T>& ds, const i32* lab, bool first, std::vector<double>& sums,
            std::vector<double>& wsum) const {
     if (!first) return apply(ds, lab, sums, wsum);
     sums_of_labels(ds, lab, sums, wsum);
@@ -1024,7 +1023,7 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
     if (it == 0) full_assign();
     else filtered_assign(it);
     // M-step: sums from scratch the first time, then from the points that changed label.
-    const i64 changed = moves.sums(ds, lab.data(), it == 0, sums, wsum);
+    const i64 changed = moves.update_sums(ds, lab.data(), it == 0, sums, wsum);
     std::vector<double> sums_m(sums), wsum_m(wsum);  // the repair edits a copy: sums track labels
     const double shift_tot = new_centers(ds, lab, C, sums_m.data(), wsum_m.data(), cnew, delta, empty, d2own, par);
     std::fill(gdelta.begin(), gdelta.end(), 0.0);
@@ -1391,7 +1390,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     assign(it == 0);
     // M-step: sums from scratch the first time, then from the points that changed label (listing
     // them in the E-step instead of comparing all labels took 5% off resnet18's 262,144-point layers).
-    const i64 changed = moves.sums(ds, lab.data(), it == 0, sums, wsum);
+    const i64 changed = moves.update_sums(ds, lab.data(), it == 0, sums, wsum);
     std::vector<double> sums_m(sums), wsum_m(wsum);  // the repair edits a copy: sums track labels
     const double shift_tot = new_centers(ds, lab, C, sums_m.data(), wsum_m.data(), cnew, delta, empty, d2own, par);
     double dmax = 0.0;
@@ -1781,10 +1780,18 @@ double est_cost(const Dataset<T>& ds, i64 k, Algo a) {
   }
 }
 
+// `rows` points of dimension d minus `shift`, rounded once to T.
+template <class T>
+void center_rows(const T* x, i64 rows, i64 d, const std::vector<double>& shift, T* out) {
+  for (i64 i = 0; i < rows; ++i)
+    for (i64 q = 0; q < d; ++q) out[i * d + q] = T(double(x[i * d + q]) - shift[q]);
+}
+
 // The solvers' per-dataset arrays, from the data they see (`prep.data`).
 template <class T>
-void prepare_views(const Dataset<T>& ds, const Params& params, Prepared<T>& prep, bool want_direct, bool want_gram,
-                   bool want_sorted, bool par) {
+void prepare_views(const Params& params, Prepared<T>& prep, bool want_direct, bool want_gram, bool want_sorted,
+                   bool par) {
+  const Dataset<T>& ds = prep.data;
   const i64 n = ds.n, d = ds.d;
   if (want_direct && !prep.has_direct) {
     prep.xnorm.resize(n);
@@ -1837,13 +1844,11 @@ void prepare(const Dataset<T>& ds, const Params& params, Prepared<T>& prep, bool
   prep.data = ds;
   if (m2 > var_sum) {
     prep.shift = mean;
-    prep.source = ds.x;
     prep.xc.resize(size_t(n) * d);
-    for (i64 i = 0; i < n; ++i)
-      for (i64 q = 0; q < d; ++q) prep.xc[size_t(i) * d + q] = T(double(ds.x[i * d + q]) - mean[q]);
+    center_rows(ds.x, n, d, mean, prep.xc.data());
     prep.data.x = prep.xc.data();
   }
-  prepare_views(prep.data, params, prep, want_direct, want_gram, want_sorted, par);
+  prepare_views(params, prep, want_direct, want_gram, want_sorted, par);
 }
 
 // Greedy k-means++ on [N, D] data, specialized for the direct solvers: the same draws and
@@ -2161,45 +2166,38 @@ void kmeanspp_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Rng& 
 // centered copy could miss it by a few ulps of the shift).  The labels are the final E-step's: where that
 // step moved points the centroid is the mean of the members before, and stays as computed.
 template <class T>
-void shift_back(const Prepared<T>& prep, const Run<T>& run, i64 k, i64 d, T* out) {
-  const i64 n = prep.data.n;
-  std::vector<T> lo(size_t(k) * d), hi(size_t(k) * d);
-  std::vector<char> seen(k, 0);
+void shift_back(const Dataset<T>& src, const Prepared<T>& prep, const Run<T>& run, T* out) {
+  const i64 n = src.n, d = src.d, kd = i64(run.centroids.size());
+  constexpr T inf = std::numeric_limits<T>::infinity();  // an empty cluster keeps lo > hi
+  std::vector<T> lo(kd, inf), hi(kd, -inf);
   for (i64 i = 0; i < n; ++i) {
-    const i64 j = run.labels[i];
-    const T* x = prep.source + i * d;
-    T* l = &lo[size_t(j) * d];
-    T* h = &hi[size_t(j) * d];
-    if (!seen[j]) {
-      seen[j] = 1;
-      std::copy(x, x + d, l);
-      std::copy(x, x + d, h);
-      continue;
-    }
+    const T* x = src.x + i * d;
+    T* l = &lo[size_t(run.labels[i]) * d];
+    T* h = &hi[size_t(run.labels[i]) * d];
     for (i64 q = 0; q < d; ++q) {
       l[q] = std::min(l[q], x[q]);
       h[q] = std::max(h[q], x[q]);
     }
   }
   constexpr double eps = std::numeric_limits<T>::epsilon();
-  for (i64 j = 0; j < k; ++j)
-    for (i64 q = 0; q < d; ++q) {
-      const size_t o = size_t(j) * d + q;
-      const double c = double(run.centroids[o]) + prep.shift[q];
-      const double v = double(lo[o]);
-      const bool shared = seen[j] && lo[o] == hi[o] &&
-                          std::abs(v - c) <= 4.0 * eps * std::max(std::abs(v), std::abs(prep.shift[q]));
-      out[o] = shared ? lo[o] : T(c);
-    }
+  for (i64 o = 0; o < kd; ++o) {
+    const double shift = prep.shift[o % d];
+    const double c = double(run.centroids[o]) + shift;
+    const double v = double(lo[o]);
+    const bool shared = lo[o] == hi[o] && std::abs(v - c) <= 4.0 * eps * std::max(std::abs(v), std::abs(shift));
+    out[o] = shared ? lo[o] : T(c);
+  }
 }
 
 template <class T>
-void solve_problem(const Dataset<T>& ds, const Prepared<T>& prep, Problem<T>& pr, const Params& params, Algo algo,
+// `src`: the caller's dataset; the solvers see `prep.data` (maybe its centered copy).
+void solve_problem(const Dataset<T>& src, const Prepared<T>& prep, Problem<T>& pr, const Params& params, Algo algo,
                    bool par) {
-  if (algo == Algo::Distinct) {
-    solve_distinct(ds, pr);
+  if (algo == Algo::Distinct) {  // the caller's points as they are (their dataset may not be prepared)
+    solve_distinct(src, pr);
     return;
   }
+  const Dataset<T>& ds = prep.data;
   const i64 n = ds.n, d = ds.d, k = pr.k;
   // Inner parallel loops pay a barrier each: only worth it when one pass has real work.
   par = par && (algo == Algo::Gram ? n >= 1024 : n * std::max<i64>(d, 4) >= (i64(1) << 17));
@@ -2229,11 +2227,10 @@ void solve_problem(const Dataset<T>& ds, const Prepared<T>& prep, Problem<T>& pr
       random_init(n, k, ds.w, rng, idx);
     }
     std::vector<T> init_c(size_t(k) * d);
-    if (params.init == Init::Given && !prep.shift.empty()) {  // in the centered data's coordinates
-      for (i64 j = 0; j < k; ++j)
-        for (i64 q = 0; q < d; ++q) init_c[size_t(j) * d + q] = T(double(pr.init[j * d + q]) - prep.shift[q]);
-    } else if (params.init == Init::Given) std::copy(pr.init, pr.init + k * d, init_c.begin());
-    else if (!idx.empty())
+    if (params.init == Init::Given) {  // in the coordinates of the data the solvers see
+      if (prep.shift.empty()) std::copy(pr.init, pr.init + k * d, init_c.begin());
+      else center_rows(pr.init, k, d, prep.shift, init_c.data());
+    } else if (!idx.empty())
       for (i64 j = 0; j < k; ++j) std::copy(ds.x + idx[j] * d, ds.x + (idx[j] + 1) * d, &init_c[size_t(j) * d]);
 
     switch (algo) {
@@ -2261,7 +2258,7 @@ void solve_problem(const Dataset<T>& ds, const Prepared<T>& prep, Problem<T>& pr
   if (prep.shift.empty()) {
     std::copy(best.centroids.begin(), best.centroids.end(), pr.centroids);
   } else {
-    shift_back(prep, best, k, d, pr.centroids);
+    shift_back(src, prep, best, pr.centroids);
   }
   for (i64 i = 0; i < n; ++i) pr.labels[i] = best.labels[i];
   pr.inertia = best.inertia;
@@ -2359,8 +2356,7 @@ void run_batch(Batch<T>& batch) {
     auto solve = [&](i64 p, bool par) {
       auto& pr = batch.problems[p];
       auto& pp = prep[local_of[pr.data]];
-      // the solvers see the prepared (maybe centered) data; Distinct returns the caller's points as they are
-      const auto& ds = algo[p] == Algo::Distinct ? batch.datasets[pr.data] : pp.data;
+      const auto& ds = batch.datasets[pr.data];
       try {
         solve_problem(ds, pp, pr, params, algo[p], par);
       } catch (const std::runtime_error& e) {
