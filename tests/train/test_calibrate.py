@@ -88,11 +88,7 @@ def test_layers_fused_for_inference_are_left_alone(kit):
 
 
 def test_refit_never_lowers_the_explained_variance(kit):
-    torch.manual_seed(0)
-    dense = kit.TinyNet().eval()
-    x = _images(48)
-    recalibrate_bn(dense, x)
-    cm, _ = kcengine.compress(dense, ratio=0.5)
+    dense, cm, x = _clustered_tiny(kit, 48)
     info = calibrate_outputs(cm, dense, x)
     assert set(info) == {"conv1", "conv2"}
     for name, r in info.items():
@@ -239,9 +235,10 @@ def test_untraceable_or_hooked_models_take_the_per_layer_path(kit, monkeypatch):
     dense, cm, x = _clustered_tiny(kit)
     ref = copy.deepcopy(cm)
     ref_info = calibrate_outputs(ref, dense, x, lockstep=False)
+    calls = _counting_layer_input(monkeypatch)
     for forward in (branchy, runs_differently):
         d, c = _variant(kit, forward, dense, cm)
-        calls = _counting_layer_input(monkeypatch)
+        calls.clear()
         assert calibrate_outputs(c, d, x) == ref_info and _same_state(c, ref), forward.__name__
         assert len(calls) == 4  # both models, both layers
     hooked = copy.deepcopy(cm)

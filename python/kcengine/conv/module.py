@@ -52,8 +52,10 @@ class ClusteredConv2d(nn.Module):
         index: buffer of the smallest integer dtype for K (uint8 when K <= 256, else int16/int32):
             ``[C_out]`` (filter) or ``[C_out, C_in/groups]`` (kernel).  Not trained.
         bias: ``nn.Parameter [C_out]`` or None.
-        scale, shift: ``[C_out]`` buffers of a fused eval BatchNorm (None until :meth:`fuse_bn_relu`).
+        scale, shift: ``[C_out]`` buffers of a fused eval BatchNorm (None until :meth:`fuse_bn_relu`), or
+            of :func:`kcengine.compress`'s cosine option: each filter's norm and the conv's bias.
         relu: whether a ReLU is fused after the affine.
+        _kc_cosine: True for a layer of the cosine option (its centroids unit-norm, norms in ``scale``).
         backend: ``"auto"`` or a backend name for :func:`kcengine.indexed_conv2d`'s registry.
 
     ``forward(x, residual=None)`` returns ``act((conv(x) + bias) * scale + shift + residual)``.
@@ -64,6 +66,8 @@ class ClusteredConv2d(nn.Module):
     ``.data``, and in-place writes into tensors made under ``torch.inference_mode`` (a layer built or
     loaded there), bypass the version counter: call :meth:`invalidate_cache` after them.
     """
+
+    _kc_cosine = False  # set by compress (cosine option) and by layer_from_config
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, num_clusters: int, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, granularity: str = "filter", device=None,

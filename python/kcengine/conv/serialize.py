@@ -28,23 +28,25 @@ import torch.nn as nn
 
 from .module import ClusteredConv2d
 
-__all__ = ["save_compressed", "load_compressed", "checkpoint_sizes", "dense_state_dict", "layer_config",
-           "layer_from_config"]
+__all__ = ["save_compressed", "load_compressed", "checkpoint_sizes", "dense_state_dict", "conv_geometry",
+           "layer_config", "layer_from_config"]
 
 FORMAT = "kcengine.compressed/1"
+
+
+def conv_geometry(m: nn.Module) -> dict:
+    """The constructor's geometry of a conv (``nn.Conv2d`` or :class:`ClusteredConv2d`)."""
+    return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
+            "stride": list(m.stride), "padding": list(m.padding), "dilation": list(m.dilation), "groups": m.groups}
 
 
 def layer_config(m: ClusteredConv2d) -> dict:
     """What :func:`layer_from_config` needs to rebuild ``m`` empty (its tensors come from a state dict):
     geometry, k, granularity, bias, a fused ReLU, the ``scale``/``shift`` buffers, and ``"cosine": True``
     for a layer of :func:`kcengine.compress`'s cosine option (norms in ``scale``, bias in ``shift``)."""
-    cfg = {
-        "in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
-        "num_clusters": m.num_clusters, "stride": list(m.stride), "padding": list(m.padding),
-        "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None,
-        "granularity": m.granularity, "relu": bool(m.relu), "fused_bn": m.scale is not None,
-    }
-    if getattr(m, "_kc_cosine", False):
+    cfg = {**conv_geometry(m), "num_clusters": m.num_clusters, "bias": m.bias is not None,
+           "granularity": m.granularity, "relu": bool(m.relu), "fused_bn": m.scale is not None}
+    if m._kc_cosine:
         cfg["cosine"] = True
     return cfg
 

@@ -21,7 +21,8 @@ index: assignment = argmax of ``cos^2``; update = top generalized eigenvector of
 the objective.  The BN's running statistics are then set analytically for the new responses and
 ``gamma_o`` flipped where the best scale is negative.  Without a BN right after the conv (or
 ``affine=False``) the scale cannot be absorbed: the index is kept and the codebook is the least-squares
-fit of the dense outputs, ``c_j = S_cc^-1 S_cd mean_o W_o`` on uncentered moments.
+fit of the dense outputs, ``c_j = S_cc^-1 S_cd mean_o W_o`` on uncentered moments (with per-filter scales
+``s_o``: ``S_cc^-1 S_cd sum_o s_o W_o / sum_o s_o^2``).
 
 Each layer needs its input in both models, the student's produced by the layers refit before it.  Models
 that torch.fx can trace (the CIFAR ResNets, torchvision's) are run once, student and teacher node by node in
@@ -142,7 +143,6 @@ def _lockstep_inputs(model: nn.Module, traced, x: torch.Tensor, names):
     change that module first.  Values are dropped after their last use."""
     graph, constants = traced
     run = _Runner(model, graph, constants)
-    run.env = {}
     seen = set()
     for node in graph.nodes:
         if node.op == "output":
@@ -282,31 +282,27 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
     # A layer's own per-filter scale (the cosine option's norms: output = (c . x + bias) * scale + shift) multiplies
     # each filter's response: it enters the magnitude, the signs and the BN statistics below.
     scale, shift = _epilogue(layer)
-    proj = (cb @ scd) @ w.T  # [K, C_out]: c_j^T S_cd W_o
-    if scale is not None:
-        proj = proj * scale[None, :]
-    cosine = getattr(layer, "_kc_cosine", False)  # compress's cosine option: unit-norm centroids, norms in scale
+
+    def responses(cb):  # [K, C_out]: c_j^T S_cd W_o, times filter o's own scale
+        proj = (cb @ scd) @ w.T
+        return proj if scale is None else proj * scale[None, :]
+
+    proj = responses(cb)
     for j in range(k):
         members = (idx == j).nonzero()[:, 0]
-        if cosine:  # every row, an unused one too
+        sgn = float(torch.sign((gw[members] * proj[j, members]).sum())) or 1.0  # an empty sum: 1
+        if layer._kc_cosine:  # every row unit-norm, an unused one too
             norm = float(cb[j].norm())
-            sgn = float(torch.sign((gw[members] * proj[j, members]).sum())) or 1.0  # an empty sum: 1
             if norm > 0:
                 cb[j] = cb[j] * sgn / norm
             continue
         if members.numel() == 0:
             continue
-        sgn = float(torch.sign((gw[members] * proj[j, members]).sum())) or 1.0
         var_c = float(cb[j] @ scc @ cb[j])
         target = float(var_d[members].sqrt().mean())
-        if scale is not None:  # the members' responses are the centroid's times their scales
-            var_c *= float(scale[members].abs().mean()) ** 2
         if var_c > 0:
             cb[j] = cb[j] * sgn * target / var_c ** 0.5
-    proj = (cb @ scd) @ w.T
-    if scale is not None:
-        proj = proj * scale[None, :]
-    s = proj.gather(0, idx[None, :])[0]  # sign of each filter's best scale
+    s = responses(cb).gather(0, idx[None, :])[0]  # sign of each filter's best scale
     flip = s < 0
     after = objective(idx, cb)
     with torch.no_grad():
@@ -406,7 +402,7 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
     finally:
         for h in hooks:
             h.remove()
-    t_bn = following_batchnorm(teacher, images[:2])
+    t_bn = following_batchnorm(teacher, images[:2])  # the teacher's conv -> BN pairs: which layers were fused
     names = {m: n for n, m in student.named_modules()}
     for m in seen:
         n = names[m]
@@ -444,9 +440,9 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
         g_s, g_t = (_traced_graph(student), _traced_graph(teacher)) if order and lockstep else (None, None)
         if g_s is not None and g_t is not None:
             chunks = [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)]
-            names = set(order)
-            runs_s = [_lockstep_inputs(student, g_s, c, names) for c in chunks]
-            runs_t = [_lockstep_inputs(teacher, g_t, c, names) for c in chunks]
+            wanted = set(order)
+            runs_s = [_lockstep_inputs(student, g_s, c, wanted) for c in chunks]
+            runs_t = [_lockstep_inputs(teacher, g_t, c, wanted) for c in chunks]
             runs = runs_s + runs_t
             with torch.no_grad():
                 for n in order:  # the traced forward order is the hooks' order; stop at any mismatch

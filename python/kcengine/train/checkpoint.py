@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..conv.module import ClusteredConv2d
-from ..conv.serialize import layer_config, layer_from_config
+from ..conv.serialize import conv_geometry, layer_config, layer_from_config
 
 __all__ = ["clustered_layout", "apply_layout", "save_checkpoint", "load_checkpoint", "CHECKPOINT_NAME"]
 
@@ -35,10 +35,8 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
     for name, cfg in layout.items():
         m = mods.get(name)
         if "num_clusters" not in cfg and isinstance(m, nn.Conv2d):  # a layout written before the full configs
-            cosine = bool(cfg.get("cosine", False))
-            cfg = {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
-                   "num_clusters": cfg["k"], "stride": list(m.stride), "padding": list(m.padding),
-                   "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None and not cosine,
+            cosine = bool(cfg.get("cosine", False))  # only layouts of 2c5abe2 .. 5151126 carry it
+            cfg = {**conv_geometry(m), "num_clusters": cfg["k"], "bias": m.bias is not None and not cosine,
                    "granularity": cfg["granularity"], "fused_bn": cosine, "cosine": cosine}
         k = cfg.get("num_clusters", cfg.get("k"))
         if isinstance(m, ClusteredConv2d):
