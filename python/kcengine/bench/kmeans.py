@@ -265,19 +265,17 @@ def time_methods(name: str, fns: dict, methods, *, repeat: int = 1, progress=Non
         except Exception as exc:  # a failing baseline records NaN rather than aborting
             errors[m] = f"{type(exc).__name__}: {exc}"[:200]
 
-    for r in range(repeat):
-        for m in (methods if r % 2 == 0 else list(reversed(methods))):
+    r = 0
+    while True:  # the repeats for every method, then more rounds for the quick ones
+        todo = methods if r < repeat else [m for m in methods if m not in errors and spent[m] < min_seconds
+                                           and calls[m] < max_repeat]
+        if not todo:
+            break
+        for m in (todo if r % 2 == 0 else list(reversed(todo))):
             if m not in errors:
                 call(m)
-            if progress:
+            if progress and r < repeat:
                 progress(name, m)
-    r = repeat
-    while True:
-        more = [m for m in methods if m not in errors and spent[m] < min_seconds and calls[m] < max_repeat]
-        if not more:
-            break
-        for m in (more if r % 2 == 0 else list(reversed(more))):
-            call(m)
         r += 1
     return times, outs, errors
 
@@ -300,7 +298,7 @@ def run_workload(wl: Workload, methods, *, repeat: int = 1, seed: int = 0, progr
     inert = {m: [_inertia(x, c) for x, c in zip(wl.xs, cs)] for m, cs in cents.items()}
     rows = []
     for m in methods:
-        note = errors.get(m, "") or (f"best of {calls[m]} calls" if calls.get(m, 0) > repeat else "")
+        note = errors.get(m, "") or (f"best of {calls[m]} calls" if calls[m] > repeat else "")
         row = Row(wl.name, m, wl.n_problems, times[m] if m in cents else float("nan"), note=note)
         if "sklearn" in cents and m in cents:
             row.speedup_vs_sklearn = times["sklearn"] / times[m]

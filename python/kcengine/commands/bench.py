@@ -122,6 +122,7 @@ def run_clustering(args, out: Path) -> dict:
         write_csv(out / "clustering_kernels.csv", kernels)
         extra = ("\nKernels (fraction of the device's measured ceilings):\n\n" + markdown_table(kernels)
                  if kernels else "")
+        timing = ""
     else:
         methods = kb.available_methods("cpu")
         # The torch reference is the GPU baseline; on the CPU it is the slowest method by far
@@ -133,12 +134,12 @@ def run_clustering(args, out: Path) -> dict:
                 rows += kb.run_workload(wl, methods, repeat=1, progress=lambda w, m: bar.update(1),
                                         min_seconds=QUICK_CALLS_SECONDS, max_repeat=QUICK_CALLS_MAX)
         table, extra = kb.rows_table(rows), ""
+        timing = (f"\n\nseconds: best call, same inputs; each method runs once, and one whose calls add up to less "
+                  f"than {QUICK_CALLS_SECONDS:g} s runs again until they do (at most {QUICK_CALLS_MAX} calls; the note "
+                  f"says so): on a shared machine a call of milliseconds is easily disturbed, one of a minute averages "
+                  f"that out.")
     write_csv(out / "clustering.csv", table)
     _plot_clustering(table, out / "clustering_speedup.png")
-    timing = "" if args.device == "cuda" else (
-        f"\n\nseconds: best call, same inputs; each method runs once, and one whose calls add up to less than "
-        f"{QUICK_CALLS_SECONDS:g} s runs again until they do (at most {QUICK_CALLS_MAX} calls; the note says so): on a "
-        f"shared machine a call of milliseconds is easily disturbed, one of a minute averages that out.")
     return {"source": source, "workloads": [{"name": w.name, "problems": w.n_problems, "of": w.total_problems,
                                              "note": w.note} for w in wls],
             "rows": table, "markdown": source + timing + "\n\n" + markdown_table(table) + extra}
