@@ -157,29 +157,10 @@ struct Top8 {
 #endif
 };
 
-#if KC_SIMD16 && !defined(__AVX512F__)
-// kCompress8[m]: the positions of m's set bits, ascending, one per byte (the rest 0).
-struct Compress8Table {
-  uint64_t v[256];
-  constexpr Compress8Table() : v() {
-    for (unsigned m = 0; m < 256; ++m) {
-      uint64_t packed = 0;
-      int n = 0;
-      for (unsigned b = 0; b < 8; ++b)
-        if (m >> b & 1u) packed |= uint64_t(b) << (8 * n++);
-      v[m] = packed;
-    }
-  }
-  constexpr uint64_t operator[](unsigned m) const { return v[m]; }
-};
-constexpr Compress8Table kCompress8{};
-#endif
-
-// The 16 values (v[0..16) or a register's lanes) set in `mask` and their indices base + lane,
-// packed to the front of ov/oj (each must have room for 16); returns how many.  The scalar loop
-// serves the generic copy and double data; float SIMD scans pack from the register.
+// The 16 values v[0..16) set in `mask` and their indices base + lane, packed to the front of ov/oj
+// (each must have room for 16); returns how many.
 template <class T>
-inline int compress16_scalar(const T* v, unsigned mask, i32 base, T* ov, i32* oj) {
+inline int compress16(const T* v, unsigned mask, i32 base, T* ov, i32* oj) {
   int n = 0;
   for (; mask; mask &= mask - 1) {
     const int l = __builtin_ctz(mask);
@@ -188,39 +169,25 @@ inline int compress16_scalar(const T* v, unsigned mask, i32 base, T* ov, i32* oj
   }
   return n;
 }
-#if KC_SIMD16
-// With no branch on the mask (it is unpredictable where a scan calls this): always stores 16 values
-// and indices.  AVX2 has no compress: each half's lanes are permuted by kCompress8[its mask] and
-// stored whole, the second half over what lies past the first's kept lanes.
-inline int compress16(F16 a, unsigned mask, i32 base, float* ov, i32* oj) {
-#if defined(__AVX512F__)
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  _mm512_storeu_ps(ov, _mm512_maskz_compress_ps(__mmask16(mask), a.v));
-  _mm512_storeu_si512(reinterpret_cast<void*>(oj),
-                      _mm512_maskz_compress_epi32(__mmask16(mask), _mm512_add_epi32(_mm512_set1_epi32(base), lanes)));
-  return __builtin_popcount(mask);
-#else
-  const unsigned m0 = mask & 0xFFu, m1 = (mask >> 8) & 0xFFu;
-  const __m256i p0 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kCompress8[m0])));
-  const __m256i p1 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kCompress8[m1])));
-  const int n0 = __builtin_popcount(m0);
-  _mm256_storeu_ps(ov, _mm256_permutevar8x32_ps(a.lo, p0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(oj), _mm256_add_epi32(p0, _mm256_set1_epi32(base)));
-  _mm256_storeu_ps(ov + n0, _mm256_permutevar8x32_ps(a.hi, p1));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(oj + n0), _mm256_add_epi32(p1, _mm256_set1_epi32(base + 8)));
-  return n0 + __builtin_popcount(m1);
-#endif
-}
-#endif
 
 // v rounded to a float no greater (below) / no smaller (above) than v: a stored lower / upper bound.
+// (The step to the neighbouring float is taken on the bits, as std::nextafter takes it: that is a libm
+// call, and the top-m solver rounds a bound for every point it examines.)
+inline float float_step(float f, bool down) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (f == 0.0f) u = down ? 0x80000001u : 0x00000001u;  // the smallest subnormal of the needed sign
+  else u = (f > 0.0f) == down ? u - 1 : u + 1;            // toward zero / away from zero
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 inline float float_below(double v) {
-  float f = float(v);
-  return double(f) > v ? std::nextafter(f, -std::numeric_limits<float>::infinity()) : f;
+  const float f = float(v);
+  return double(f) > v ? float_step(f, true) : f;
 }
 inline float float_above(double v) {
-  float f = float(v);
-  return double(f) < v ? std::nextafter(f, std::numeric_limits<float>::infinity()) : f;
+  const float f = float(v);
+  return double(f) < v ? float_step(f, false) : f;
 }
 
 // Bit l set where wake[l] <= due[lab[l]], for 16 points (one AVX-512 or two AVX2 gathers per 16).
@@ -1115,12 +1082,12 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   std::vector<float> wake(nw, std::numeric_limits<float>::infinity()), due(kp, 0.0f);
   double cf = 0.0;
   auto set_wake = [&](i64 i, double gap) { wake[i] = float_below(cum[lab[i]] + cf + gap); };
-  auto dist = [d](const T* x, const T* cj) {
+  auto dist2 = [d](const T* x, const T* cj) {  // squared, in double
 #if defined(__AVX512F__)
     if constexpr (DC == 9 && std::is_same_v<T, float>) {  // 8 coordinates in one vector, in double
       const __m512d u = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x)), _mm512_cvtps_pd(_mm256_loadu_ps(cj)));
       const double t = double(x[8]) - double(cj[8]);
-      return std::sqrt(_mm512_reduce_add_pd(_mm512_mul_pd(u, u)) + t * t);
+      return _mm512_reduce_add_pd(_mm512_mul_pd(u, u)) + t * t;
     }
 #elif KC_SIMD16
     // 8 coordinates in two vectors, in double.  (Summed in another order than the AVX-512 reduction:
@@ -1131,11 +1098,12 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       const __m256d s4 = _mm256_fmadd_pd(b, b, _mm256_mul_pd(a, a));
       const __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
       const double t = double(x[8]) - double(cj[8]);
-      return std::sqrt(_mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2))) + t * t);
+      return _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2))) + t * t;
     }
 #endif
-    return std::sqrt(sqdist(x, cj, d));
+    return sqdist(x, cj, d);
   };
+  auto dist = [&](const T* x, const T* cj) { return std::sqrt(dist2(x, cj)); };
   std::vector<i32> empty;
   // The end of a scan of point i: tv/tj64 hold its M + 2 nearest (squared, ascending; index -1 where
   // fewer centers or where float distances overflowed).
@@ -1177,9 +1145,9 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     const T* x = ds.x + i * d;
     Top8 top(thr2);
     // With a finite threshold the centers under it are gathered without branches (a handful,
-    // typically) and selected at the end, the buffer emptied into the selection when full.  (With
-    // float SIMD they are packed straight from the register: a branch on whether a block admits any
-    // center mispredicted for the handful that do; 3-5% of resnet18's 262,144-point layers.)
+    // typically) and selected at the end, the buffer emptied into the selection when full.  (A
+    // branch on whether a block admits any center mispredicted for the handful that do; 3-5% of
+    // resnet18's 262,144-point layers.)
     constexpr int kCand = 64;
     T cv[kCand + L];
     i32 cx[kCand + L];
@@ -1187,6 +1155,44 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     const bool fixed = thr2 < kInf;
     T tf = T(thr2);
     alignas(64) T dl[L];
+#if KC_SIMD16
+    if constexpr (std::is_same_v<T, float>) {
+      // Float SIMD with a finite threshold: the distances of 4 blocks (64 centers) are stored whole,
+      // their masks joined in one word, and its few set bits inserted after the 4 blocks, the
+      // threshold tightened to the selection's.  (Packing each block's admitted lanes as they came,
+      // permuted by a table on AVX2, cost about as much as the distances themselves and chained each
+      // block's store address on the previous count: 5% of resnet18's 262,144-point layers.)
+      if (fixed) {
+        alignas(64) float seg[4 * L];
+        for (i64 s0 = 0; s0 < kp; s0 += 4 * L) {
+          const F16 th = f16_set1(tf);
+          const int nb = int(std::min<i64>(4, (kp - s0) / L));
+          uint64_t word = 0;
+          for (int bq = 0; bq < nb; ++bq) {
+            const i64 j0 = s0 + bq * L;
+            F16 acc = f16_zero();
+            for (i64 q = 0; q < d; ++q) {
+              const F16 u = f16_set1(x[q]) - f16_load(&ct[size_t(q) * kp + j0]);
+              acc = f16_fmadd(u, u, acc);
+            }
+            f16_store(seg + bq * L, acc);
+            const unsigned live = j0 + L > k ? (1u << (k - j0)) - 1u : 0xFFFFu;
+            word |= uint64_t(m16_bits(f16_lt(acc, th)) & live) << (bq * L);
+          }
+          for (; word; word &= word - 1) {
+            const int l = __builtin_ctzll(word);
+            top.insert(double(seg[l]), s0 + l);
+          }
+          tf = T(top.at(M + 1));
+        }
+        double tv[8];
+        i64 tj64[8];
+        top.get(tv, tj64);
+        settle(i, b, tv, tj64);
+        return;
+      }
+    }
+#endif
     for (i64 j0 = 0; j0 < kp; j0 += L) {
       const unsigned live = j0 + L > k ? (1u << (k - j0)) - 1u : 0xFFFFu;  // lanes past k: padding
       unsigned mask;
@@ -1197,12 +1203,8 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
           const F16 u = f16_set1(x[q]) - f16_load(&ct[size_t(q) * kp + j0]);
           acc = f16_fmadd(u, u, acc);
         }
-        mask = m16_bits(f16_lt(acc, f16_set1(fixed ? tf : T(top.at(M + 1))))) & live;
-        if (fixed) {
-          nc += compress16(acc, mask, i32(j0), cv + nc, cx + nc);
-        } else if (mask) {
-          f16_store(dl, acc);  // dl is read only for the lanes a mask admits
-        }
+        mask = m16_bits(f16_lt(acc, f16_set1(T(top.at(M + 1))))) & live;  // not fixed: that returned above
+        if (mask) f16_store(dl, acc);  // dl is read only for the lanes a mask admits
       } else
 #endif
       {
@@ -1218,7 +1220,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
           }
         }
         mask = lt_mask16(dl, fixed ? tf : T(top.at(M + 1))) & live;
-        if (fixed) nc += compress16_scalar(dl, mask, i32(j0), cv + nc, cx + nc);
+        if (fixed) nc += compress16(dl, mask, i32(j0), cv + nc, cx + nc);
       }
       if (fixed) {  // the candidates are packed: empty the buffer into the selection when full
         if (nc > kCand) {
@@ -1305,16 +1307,32 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     Bounds& b = bd[i];
     const T* x = ds.x + i * d;
     const double far = b.far_abs - cf;
+    // Squared distances first: when the own center is the nearest of the listed ones (most due points)
+    // two square roots settle the point.  (sqrt is monotone, so these are the comparisons of the
+    // distances below, and the same wake.)
     double ev[M + 1];
     i32 ej[M + 1];
     ej[0] = lab[i];
-    ev[0] = dist(x, &c[size_t(lab[i]) * d]);
-    double lo = far, emax = ev[0];
+    ev[0] = dist2(x, &c[size_t(lab[i]) * d]);
+    double qlo = kInf;
     for (int s = 0; s < M; ++s) {
       ej[s + 1] = b.cid[s];
-      ev[s + 1] = b.cid[s] < 0 ? kInf : dist(x, &c[size_t(b.cid[s]) * d]);
-      lo = std::min(lo, ev[s + 1]);
-      emax = std::max(emax, ev[s + 1]);
+      ev[s + 1] = b.cid[s] < 0 ? kInf : dist2(x, &c[size_t(b.cid[s]) * d]);
+      qlo = std::min(qlo, ev[s + 1]);
+    }
+    if (ev[0] <= qlo) {
+      const double e0 = std::sqrt(ev[0]), lo = std::min(far, std::sqrt(qlo));
+      if (e0 <= lo) {
+        set_wake(i, lo - e0);
+        return;
+      }
+    }
+    double lo = far;
+    for (int s = 0; s <= M; ++s) ev[s] = std::sqrt(ev[s]);
+    double emax = ev[0];
+    for (int s = 1; s <= M; ++s) {
+      lo = std::min(lo, ev[s]);
+      emax = std::max(emax, ev[s]);
     }
     if (ev[0] <= lo) {
       set_wake(i, lo - ev[0]);
