@@ -205,6 +205,64 @@ def test_packed_driver_matches_cpu_backend(init, n_init, weighted, dtype):
     _compare(probs)
 
 
+def _offset_points(dtype, offset, n, d, seed):
+    """Points a few ulps apart around ``offset`` in every coordinate: far from the origin against their spread."""
+    rng = np.random.default_rng(seed)
+    step = np.spacing(dtype(offset))
+    return (dtype(offset) + rng.integers(-3, 4, size=(n, d)).astype(dtype) * step).astype(dtype)
+
+
+def _solve_packed_torch(probs):
+    out: list = []
+    pt = api._convert(probs, "torch")
+    cb.solve_packed(pt, list(range(pt.n_problems)), cb.TorchKernels(), out)
+    return cb.collect(pt, out)
+
+
+def test_packed_driver_centers_data_far_from_the_origin():
+    """The cuda and triton backends' driver clusters a dataset farther from the origin than its spread
+    centered, as the cpu core does: float64 offset data from the same starts gives the cpu backend's labels,
+    iterations and inertia, centroids within an ulp of the offset; a dataset near the origin in the same
+    batch, and one of another D, are untouched by the shifts; the caller's arrays are not modified."""
+    rng = np.random.default_rng(4)
+    xs = [_offset_points(np.float64, 1e4, 120, 9, 0), rng.normal(size=(90, 9)),
+          _offset_points(np.float64, 1.0, 70, 3, 1) + np.float64(0.0)]
+    ks = [6, 5, 4]
+    init = [x[np.random.default_rng(i).choice(x.shape[0], k, replace=False)].copy() for i, (x, k) in
+            enumerate(zip(xs, ks))]
+    before = [x.copy() for x in xs], [c.copy() for c in init]
+    probs, _ = api._build(xs, None, init=init, n_init=1, max_iter=300, tol=1e-4, sample_weight=None, seed=0,
+                          algorithm="auto")
+    got = _solve_packed_torch(probs)
+    ref = cpu_backend.solve(api._convert(probs, "cpu"))
+    for p, x in enumerate(xs):
+        assert np.array_equal(got.labels[p].numpy(), ref.labels[p]), f"labels of problem {p}"
+        c, r = got.centroids[p].numpy(), ref.centroids[p]
+        np.testing.assert_allclose(c - 1e4 * (p == 0), r - 1e4 * (p == 0), rtol=0, atol=np.spacing(x.max()))
+        assert int(got.n_iter[p]) == int(ref.n_iter[p]) and bool(got.converged[p])
+    np.testing.assert_allclose(got.inertia.numpy(), ref.inertia, rtol=1e-6)
+    assert all(np.array_equal(a, b) for a, b in zip(xs, before[0]))
+    assert all(np.array_equal(a, b) for a, b in zip(init, before[1]))
+
+
+@pytest.mark.parametrize("offset", [100.0, 1e4])
+def test_packed_driver_converges_on_float32_points_a_few_ulps_apart(offset):
+    """Around the origin, the driver's fp32 dot-form distances cannot tell such points apart (their squared
+    norms agree to ~1e-7 relative while the points differ by ~1e-7 absolute) and Lloyd ran all 300 iterations
+    without converging.  Centered, it converges, each centroid the mean of its members to the half ulp."""
+    x = _offset_points(np.float32, offset, 200, 9, 0)
+    half_ulp = 0.5 * float(np.spacing(np.float32(offset)))
+    probs, _ = api._build([x, x], [3, 10], init="k-means++", n_init=1, max_iter=300, tol=1e-4, sample_weight=None,
+                          seed=0, algorithm="auto")
+    got = _solve_packed_torch(probs)
+    for p in range(2):
+        assert bool(got.converged[p]) and int(got.n_iter[p]) < 100, (p, int(got.n_iter[p]))
+        lab, c = got.labels[p].numpy(), got.centroids[p].numpy().astype(np.float64)
+        assert len(np.unique(lab)) == c.shape[0]
+        for j in np.unique(lab):
+            np.testing.assert_allclose(c[j], x[lab == j].astype(np.float64).mean(0), rtol=0, atol=1.01 * half_ulp)
+
+
 def test_packed_driver_results_gathered_over_two_chunks():
     """A batch solved in two calls into one ``out`` (as the fused and packed paths do), with n_init = 3:
     every problem's best run lands at its index, equal to the one-call result, and its labels do not

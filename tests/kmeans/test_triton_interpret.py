@@ -155,6 +155,20 @@ _SCRIPT = textwrap.dedent(
                               algorithm="auto")
         compare(probs)
 
+    @check("backend_given_init_offset_float64")
+    def _():  # farther from the origin than its spread: clustered centered, as the cpu core does
+        x = 1e4 + torch.tensor(rng.integers(-3, 4, size=(40, 5))).double() * float(np.spacing(1e4))
+        init = x[:4].clone()
+        probs, _ = api._build([x, x[:25] - 1e4], None, init=[init, init[:3] - 1e4], n_init=1, max_iter=100,
+                              tol=1e-4, sample_weight=None, seed=0, algorithm="auto")
+        got = triton_backend.solve(api._convert(probs, "triton"))
+        ref = cpu_backend.solve(api._convert(probs, "cpu"))
+        for p in range(2):
+            assert np.array_equal(got.labels[p].numpy(), ref.labels[p]), f"labels of problem {p}"
+            np.testing.assert_allclose(got.centroids[p].numpy(), ref.centroids[p], rtol=0, atol=float(np.spacing(1e4)))
+        np.testing.assert_array_equal(got.n_iter.numpy(), ref.n_iter)
+        assert bool(got.converged.all())
+
     print("RESULTS" + json.dumps(results))
     """
 )
@@ -173,7 +187,8 @@ def interpreted():
 
 KERNEL_CHECKS = [f"{k}_{t}" for k in ("assign", "segment_sum", "kpp_pass", "sqdist") for t in ("float32", "float64")]
 BACKEND_CHECKS = ["backend_ragged_kmeanspp_float32", "backend_weighted_random_ninit_float64",
-                  "backend_sweep_shared_dataset", "backend_given_init_with_empty_clusters"]
+                  "backend_sweep_shared_dataset", "backend_given_init_with_empty_clusters",
+                  "backend_given_init_offset_float64"]
 
 
 @pytest.mark.parametrize("name", KERNEL_CHECKS)

@@ -430,8 +430,7 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
             clusters, is ``<= tol * mean(var(x, axis=0))``, or when no label changed.
             (Data farther from the origin than its spread, ``|mean(x, axis=0)|^2 > sum(var(x, axis=0))``,
             is clustered centered, as scikit-learn clusters all data, so an offset costs no precision;
-            centroids come back in ``x``'s coordinates.  The cpu and torch backends do this; cuda and
-            triton do not yet.)
+            centroids come back in ``x``'s coordinates.  Every backend does this.)
         sample_weight: ``[N]`` (``[B, N]`` or a list for batches) non-negative weights.
         seed: int for a reproducible run (per backend), or ``None``.  On the cpu, cuda and triton
             backends every problem of a batch draws from the same stream, so a problem gets the

@@ -22,7 +22,9 @@ form ``||c||^2 - 2 x.c`` in the data's dtype, first index of the minimum, sums i
 clusters take the farthest points (positive weight, positive distance, a cluster that keeps
 weight, no duplicate coordinates), strict convergence when no label changes, ``tol`` relative to
 the mean per-feature variance, a final E-step unless convergence was strict, the best of
-``n_init`` runs by inertia.  Random streams are the cpu backend's (xoshiro256** seeded by
+``n_init`` runs by inertia, a dataset farther from the origin than its spread clustered centered
+(:func:`pack` shifts it, :func:`store_best` shifts the centroids back; the cpu core's rule that a
+coordinate all of a cluster's members share comes back exactly is not applied).  Random streams are the cpu backend's (xoshiro256** seeded by
 splitmix64 from ``(seed, run)``), so a problem gets the same start in a batch as alone.
 
 Nothing here imports cupy at module level: the launch-parameter logic is plain Python and
@@ -202,6 +204,8 @@ class Packed:
     goff_h: np.ndarray
     dev: dict  # name -> device tensor (int64): xoff roff loff coff goff n d k, e_job, g_job, g_coff, g_d
     tol_abs: torch.Tensor
+    shift: torch.Tensor  # float64: each dataset's shift (its mean, or zeros), concatenated
+    soff_h: np.ndarray   # per job: where its dataset's shift starts in ``shift``
 
     @property
     def n_jobs(self) -> int:
@@ -219,20 +223,45 @@ class Packed:
     def n_cvals(self) -> int:
         return int((self.k * self.d).sum())
 
+    def _shift_of(self, jobs: np.ndarray) -> torch.Tensor:
+        """The shift of every centroid coordinate of ``jobs`` (their ``[k, d]`` blocks concatenated)."""
+        sizes = self.k[jobs] * self.d[jobs]
+        local = _ranges(np.zeros(len(jobs), dtype=np.int64), sizes)
+        idx = np.repeat(self.soff_h[jobs], sizes) + local % np.repeat(self.d[jobs], sizes)
+        return self.shift[torch.as_tensor(idx, device=self.shift.device)]
 
-def _dataset_tols(X: torch.Tensor, ds_n: np.ndarray, ds_d: np.ndarray, tol: float) -> torch.Tensor:
-    """``tol`` times the mean per-feature variance of every dataset packed in ``X`` (flat, row-major
-    [n_s, d_s] blocks, in order), as a float64 tensor on X's device, with no host synchronization
-    (one per dataset was the largest host cost of a batch of thousands of small problems on a GPU).
+    def centered(self, C: torch.Tensor, jobs: np.ndarray) -> torch.Tensor:
+        """Centroids of ``jobs`` in the caller's coordinates moved into X's (given starts)."""
+        return (C.double() - self._shift_of(jobs)).to(self.X.dtype)
 
-    Consecutive datasets of one D form one [rows, D] block; per dataset and feature, segment sums
-    along the rows give the mean, then the mean squared deviation from it: two passes in float64 in
-    a fixed order (deterministic), like the cpu core's per-dataset variance."""
+    def uncentered(self, C: torch.Tensor, jobs: np.ndarray) -> torch.Tensor:
+        """Centroids of ``jobs`` in X's coordinates moved back into the caller's."""
+        return (C.double() + self._shift_of(jobs)).to(self.X.dtype)
+
+    def given_starts(self, probs: Problems) -> torch.Tensor:
+        """Every job's given initial centroids, concatenated, in X's coordinates."""
+        C = torch.cat([probs.init_centers[int(p)].reshape(-1) for p in self.problem])
+        return self.centered(C, np.arange(self.n_jobs))
+
+
+def _dataset_stats(X: torch.Tensor, ds_n: np.ndarray, ds_d: np.ndarray,
+                   tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the datasets packed in ``X`` (flat, row-major ``[n_s, d_s]`` blocks, in order): ``tol``
+    times each one's mean per-feature variance (float64), ``X`` with every dataset farther from the
+    origin than its spread (``|mean|^2 >`` the summed variances) centered, as the cpu core clusters
+    it (a float32 offset would otherwise cost the fp32 dot-form distances their precision), and the
+    shifts (the means of those datasets, zeros for the others; float64, concatenated).
+
+    No host synchronization (one per dataset was the largest host cost of a batch of thousands of
+    small problems on a GPU): consecutive datasets of one D form one ``[rows, D]`` block; per dataset
+    and feature, segment sums along the rows give the mean, then the mean squared deviation from it:
+    two passes in float64 in a fixed order (deterministic), like the cpu core's.  A dataset that is
+    not shifted comes back bit for bit (``x - 0``)."""
     dev = X.device
     size = ds_n * ds_d
     start = np.cumsum(size) - size
     cuts = np.flatnonzero(np.diff(ds_d)) + 1
-    out = []
+    tols, xs, shifts = [], [], []
     for b, e in zip(np.r_[0, cuts], np.r_[cuts, len(ds_d)]):
         d = int(ds_d[b])
         lens = torch.as_tensor(ds_n[b:e], device=dev)
@@ -241,8 +270,16 @@ def _dataset_tols(X: torch.Tensor, ds_n: np.ndarray, ds_d: np.ndarray, tol: floa
         mean = torch.segment_reduce(block, "sum", lengths=lens, axis=0, unsafe=True) / rows
         dev2 = (block - torch.repeat_interleave(mean, lens, dim=0, output_size=block.shape[0])) ** 2
         var = torch.segment_reduce(dev2, "sum", lengths=lens, axis=0, unsafe=True) / rows
-        out.append(tol * var.mean(1))
-    return out[0] if len(out) == 1 else torch.cat(out)
+        del dev2
+        tols.append(tol * var.mean(1))
+        far = (mean * mean).sum(1) > var.sum(1)
+        shift = mean * far.unsqueeze(1)
+        xs.append((block - torch.repeat_interleave(shift, lens, dim=0, output_size=block.shape[0]))
+                  .to(X.dtype).reshape(-1))
+        shifts.append(shift.reshape(-1))
+    if len(tols) == 1:
+        return tols[0], xs[0], shifts[0]
+    return torch.cat(tols), torch.cat(xs), torch.cat(shifts)
 
 
 def pack(probs: Problems, problems: list[int]) -> Packed:
@@ -263,7 +300,8 @@ def pack(probs: Problems, problems: list[int]) -> Packed:
     ds_d = np.array([a.shape[1] for a in dsets], dtype=np.int64)
     ds_xoff = np.cumsum(ds_n * ds_d) - ds_n * ds_d
     ds_roff = np.cumsum(ds_n) - ds_n
-    ds_tol = _dataset_tols(X, ds_n, ds_d, probs.tol)
+    ds_tol, X, shift = _dataset_stats(X, ds_n, ds_d, probs.tol)
+    ds_soff = np.cumsum(ds_d) - ds_d
     jp = np.repeat(np.asarray(problems, dtype=np.int64), runs)
     jr = np.tile(np.arange(runs, dtype=np.int64), len(problems))
     js = np.array([slot[int(probs.data_index[p])] for p in jp], dtype=np.int64)
@@ -283,7 +321,8 @@ def pack(probs: Problems, problems: list[int]) -> Packed:
                 g_d=t(d[g_job]))
     tol_abs = ds_tol[t(js)]
     return Packed(X=X.contiguous(), W=W.contiguous(), n=n, d=d, k=k, run=jr, problem=jp, xoff_h=ds_xoff[js],
-                  roff_h=ds_roff[js], loff_h=loff, coff_h=coff, goff_h=goff, dev=devs, tol_abs=tol_abs)
+                  roff_h=ds_roff[js], loff_h=loff, coff_h=coff, goff_h=goff, dev=devs, tol_abs=tol_abs,
+                  shift=shift, soff_h=ds_soff[js])
 
 
 def _on(lengths, device) -> torch.Tensor:
@@ -501,7 +540,7 @@ class PackedLloyd:
     def initial_centroids(self) -> torch.Tensor:
         P, probs = self.P, self.probs
         if probs.init == "given":
-            return torch.cat([probs.init_centers[int(p)].reshape(-1) for p in P.problem]).to(P.X.dtype)
+            return P.given_starts(probs)
         U = self._uniforms()
         chosen = self.seed_kmeanspp(U) if probs.init == "k-means++" else self.seed_random(U)
         return self._gather_points(chosen)
@@ -626,6 +665,7 @@ def store_best(out: list, problems: list[int], P: Packed, C: torch.Tensor, lab: 
     if runs > 1:  # keep the best runs only (views into every run's buffers would keep them all alive)
         C = C[torch.as_tensor(_ranges(P.coff_h[jh], c_sizes), device=C.device)]
         lab = lab[torch.as_tensor(_ranges(P.loff_h[jh], l_sizes), device=lab.device)]
+    C = P.uncentered(C, jh)  # (a new tensor: the best runs' centroids only, as above)
     cents = [c.view(k, d) for c, (k, d) in zip(torch.split(C, c_sizes.tolist()), shapes)]
     labels = list(torch.split(lab.long(), l_sizes.tolist()))
     out.append((np.asarray(problems, dtype=np.int64), cents, labels, inertia[jb].double(), n_iter[jb].int(),
@@ -803,7 +843,7 @@ def _solve_fused(probs: Problems, problems: list[int], out: list) -> None:
     meta = torch.stack([v["xoff"], v["roff"], v["loff"], v["coff"], v["n"], v["d"], v["k"],
                         torch.as_tensor(P.run, device=dev)], 1).contiguous()
     if probs.init == "given":
-        init_c = torch.cat([probs.init_centers[int(p)].reshape(-1) for p in P.problem]).to(P.X.dtype)
+        init_c = P.given_starts(probs)
     else:
         init_c = torch.zeros(1, dtype=P.X.dtype, device=dev)
     C = torch.empty(P.n_cvals, dtype=P.X.dtype, device=dev)
