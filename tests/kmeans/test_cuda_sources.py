@@ -221,12 +221,12 @@ def _solve_packed_torch(probs):
 
 def test_packed_driver_centers_data_far_from_the_origin():
     """The cuda and triton backends' driver clusters a dataset farther from the origin than its spread
-    centered, as the cpu core does: float64 offset data from the same starts gives the cpu backend's labels,
-    iterations and inertia, centroids within an ulp of the offset; a dataset near the origin in the same
-    batch, and one of another D, are untouched by the shifts; the caller's arrays are not modified."""
+    centered, as the cpu core does: float64 offset data from the same starts (around 1e4 and, with another D,
+    around 1) gives the cpu backend's labels, iterations and inertia, centroids within an ulp of the offset;
+    a dataset near the origin in the same batch is not shifted; the caller's arrays are not modified."""
     rng = np.random.default_rng(4)
     xs = [_offset_points(np.float64, 1e4, 120, 9, 0), rng.normal(size=(90, 9)),
-          _offset_points(np.float64, 1.0, 70, 3, 1) + np.float64(0.0)]
+          _offset_points(np.float64, 1.0, 70, 3, 1)]
     ks = [6, 5, 4]
     init = [x[np.random.default_rng(i).choice(x.shape[0], k, replace=False)].copy() for i, (x, k) in
             enumerate(zip(xs, ks))]
@@ -241,6 +241,13 @@ def test_packed_driver_centers_data_far_from_the_origin():
         np.testing.assert_allclose(c - 1e4 * (p == 0), r - 1e4 * (p == 0), rtol=0, atol=np.spacing(x.max()))
         assert int(got.n_iter[p]) == int(ref.n_iter[p]) and bool(got.converged[p])
     np.testing.assert_allclose(got.inertia.numpy(), ref.inertia, rtol=1e-6)
+    pt = api._convert(probs, "torch")
+    P = cb.pack(pt, [0, 1, 2])
+    assert torch.equal(P.X[120 * 9:120 * 9 + 90 * 9], pt.datasets[1].reshape(-1))  # near the origin: as given
+    assert not bool(P.shift[9:18].any()) and bool(P.shift[:9].all()) and bool(P.shift[18:].all())
+    c1 = torch.tensor([[-0.0, 1.5] + [0.25] * 7] * 5, dtype=torch.float64).reshape(-1)  # job 1: k = 5, d = 9
+    back = P.uncentered(c1, np.array([1]))
+    assert torch.equal(back, c1) and bool(torch.signbit(back[0]))  # not shifted: bit for bit, -0.0 kept
     assert all(np.array_equal(a, b) for a, b in zip(xs, before[0]))
     assert all(np.array_equal(a, b) for a, b in zip(init, before[1]))
 

@@ -24,8 +24,9 @@ weight, no duplicate coordinates), strict convergence when no label changes, ``t
 the mean per-feature variance, a final E-step unless convergence was strict, the best of
 ``n_init`` runs by inertia, a dataset farther from the origin than its spread clustered centered
 (:func:`pack` shifts it, :func:`store_best` shifts the centroids back; the cpu core's rule that a
-coordinate all of a cluster's members share comes back exactly is not applied).  Random streams are the cpu backend's (xoshiro256** seeded by
-splitmix64 from ``(seed, run)``), so a problem gets the same start in a batch as alone.
+coordinate all of a cluster's members share comes back exactly is not applied).  Random streams are
+the cpu backend's (xoshiro256** seeded by splitmix64 from ``(seed, run)``), so a problem gets the
+same start in a batch as alone.
 
 Nothing here imports cupy at module level: the launch-parameter logic is plain Python and
 unit-tested without a GPU (tests/kmeans/test_cuda_sources.py).
@@ -184,7 +185,8 @@ class Packed:
     """Jobs (problem, run) of one dtype packed for the kernels.  Host copies (numpy) of the
     shapes drive launches; device copies (int64 tensors) are read by the kernels.
 
-    ``X`` is the flat concatenation of the datasets, ``W`` their weights (ones when unweighted);
+    ``X`` is the flat concatenation of the datasets, each centered where it lies farther from the
+    origin than its spread (``shift``; see :func:`_dataset_stats`), ``W`` their weights (ones when unweighted);
     a job's points are rows ``[0, n)`` of its dataset at element offset ``xoff`` / row offset
     ``roff``; its labels live at ``[loff, loff + n)`` of the entry arrays, its centroids at
     elements ``[coff, coff + k * d)`` of ``C``, its clusters at ids ``[goff, goff + k)``.
@@ -230,13 +232,18 @@ class Packed:
         idx = np.repeat(self.soff_h[jobs], sizes) + local % np.repeat(self.d[jobs], sizes)
         return self.shift[torch.as_tensor(idx, device=self.shift.device)]
 
+    def _moved(self, C: torch.Tensor, jobs: np.ndarray, sign: float) -> torch.Tensor:
+        s = self._shift_of(jobs)
+        return torch.where(s != 0, (C.double() + sign * s).to(self.X.dtype), C.to(self.X.dtype))  # 0: as is
+
     def centered(self, C: torch.Tensor, jobs: np.ndarray) -> torch.Tensor:
         """Centroids of ``jobs`` in the caller's coordinates moved into X's (given starts)."""
-        return (C.double() - self._shift_of(jobs)).to(self.X.dtype)
+        return self._moved(C, jobs, -1.0)
 
     def uncentered(self, C: torch.Tensor, jobs: np.ndarray) -> torch.Tensor:
-        """Centroids of ``jobs`` in X's coordinates moved back into the caller's."""
-        return (C.double() + self._shift_of(jobs)).to(self.X.dtype)
+        """Centroids of ``jobs`` in X's coordinates moved back into the caller's (unshifted
+        coordinates come back bit for bit, -0.0 included)."""
+        return self._moved(C, jobs, 1.0)
 
     def given_starts(self, probs: Problems) -> torch.Tensor:
         """Every job's given initial centroids, concatenated, in X's coordinates."""
@@ -256,7 +263,9 @@ def _dataset_stats(X: torch.Tensor, ds_n: np.ndarray, ds_d: np.ndarray,
     small problems on a GPU): consecutive datasets of one D form one ``[rows, D]`` block; per dataset
     and feature, segment sums along the rows give the mean, then the mean squared deviation from it:
     two passes in float64 in a fixed order (deterministic), like the cpu core's.  A dataset that is
-    not shifted comes back bit for bit (``x - 0``)."""
+    not shifted comes back bit for bit.  (The decision sums the variances in another order than the
+    cpu core: a dataset whose |mean|^2 equals its summed variance to the last bits may be centered by
+    one backend and not the other, which moves results by rounding only.)"""
     dev = X.device
     size = ds_n * ds_d
     start = np.cumsum(size) - size
@@ -268,15 +277,13 @@ def _dataset_stats(X: torch.Tensor, ds_n: np.ndarray, ds_d: np.ndarray,
         block = X[int(start[b]):int(start[b] + size[b:e].sum())].view(-1, d).double()
         rows = torch.as_tensor(ds_n[b:e], dtype=torch.float64, device=dev).unsqueeze(1)
         mean = torch.segment_reduce(block, "sum", lengths=lens, axis=0, unsafe=True) / rows
-        dev2 = (block - torch.repeat_interleave(mean, lens, dim=0, output_size=block.shape[0])) ** 2
-        var = torch.segment_reduce(dev2, "sum", lengths=lens, axis=0, unsafe=True) / rows
-        del dev2
+        cen = block - torch.repeat_interleave(mean, lens, dim=0, output_size=block.shape[0])
+        var = torch.segment_reduce(cen * cen, "sum", lengths=lens, axis=0, unsafe=True) / rows
         tols.append(tol * var.mean(1))
         far = (mean * mean).sum(1) > var.sum(1)
-        shift = mean * far.unsqueeze(1)
-        xs.append((block - torch.repeat_interleave(shift, lens, dim=0, output_size=block.shape[0]))
-                  .to(X.dtype).reshape(-1))
-        shifts.append(shift.reshape(-1))
+        far_rows = torch.repeat_interleave(far, lens, output_size=block.shape[0]).unsqueeze(1)
+        xs.append(torch.where(far_rows, cen, block).to(X.dtype).reshape(-1))
+        shifts.append(torch.where(far.unsqueeze(1), mean, torch.zeros_like(mean)).reshape(-1))
     if len(tols) == 1:
         return tols[0], xs[0], shifts[0]
     return torch.cat(tols), torch.cat(xs), torch.cat(shifts)
