@@ -1178,19 +1178,19 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   auto full_scan = [&](i64 i, Bounds& b, double thr2) {  // sets b and lab[i]
     static_assert(M + 2 <= 8, "the scan keeps its top M + 2 in a Top8");
     const T* x = ds.x + i * d;
-    Top8 top(thr2);
-    // With a finite threshold the centers under it are gathered without branches (a handful,
-    // typically) and selected at the end, the buffer emptied into the selection when full.  (A
-    // branch on whether a block admits any center mispredicted for the handful that do; 3-5% of
-    // resnet18's 262,144-point layers.)
-    constexpr int kCand = 64;
-    T cv[kCand + L];
-    i32 cx[kCand + L];
-    int nc = 0;
     const bool fixed = thr2 < kInf;
     T tf = T(thr2);
-    alignas(64) T dl[L];
 #if KC_SIMD16
+    // Float SIMD: the squared distances to the 16 centers of the block at j0, in registers.  (Generic, so
+    // that only the float instantiation, the one that calls it, compiles its body.)
+    auto dist16 = [&](auto j0) {
+      F16 acc = f16_zero();
+      for (i64 q = 0; q < d; ++q) {
+        const F16 u = f16_set1(x[q]) - f16_load(&ct[size_t(q) * kp + j0]);
+        acc = f16_fmadd(u, u, acc);
+      }
+      return acc;
+    };
     if constexpr (std::is_same_v<T, float>) {
       // Float SIMD with a finite threshold: the distances of 4 blocks (64 centers) are stored whole,
       // their masks joined in one word, and its few set bits inserted after the 4 blocks, the
@@ -1206,11 +1206,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
           uint64_t word = 0;
           for (int bq = 0; bq < nb; ++bq) {
             const i64 j0 = s0 + bq * L;
-            F16 acc = f16_zero();
-            for (i64 q = 0; q < d; ++q) {
-              const F16 u = f16_set1(x[q]) - f16_load(&ct[size_t(q) * kp + j0]);
-              acc = f16_fmadd(u, u, acc);
-            }
+            const F16 acc = dist16(j0);
             f16_store(seg + bq * L, acc);
             const unsigned live = j0 + L > k ? (1u << (k - j0)) - 1u : 0xFFFFu;
             word |= uint64_t(m16_bits(f16_lt(acc, th)) & live) << (bq * L);
@@ -1229,16 +1225,22 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       }
     }
 #endif
+    Top8 top(thr2);
+    // Double data and the generic copy, with a finite threshold: the centers under it are gathered
+    // without branches (a handful, typically) and selected at the end, the buffer emptied into the
+    // selection when full.  (A branch on whether a block admits any center mispredicted for the
+    // handful that do; 3-5% of resnet18's 262,144-point layers.)
+    constexpr int kCand = 64;
+    T cv[kCand + L];
+    i32 cx[kCand + L];
+    int nc = 0;
+    alignas(64) T dl[L];
     for (i64 j0 = 0; j0 < kp; j0 += L) {
       const unsigned live = j0 + L > k ? (1u << (k - j0)) - 1u : 0xFFFFu;  // lanes past k: padding
       unsigned mask;
 #if KC_SIMD16
       if constexpr (std::is_same_v<T, float>) {  // the 16 sums in registers (not dl) until compared
-        F16 acc = f16_zero();
-        for (i64 q = 0; q < d; ++q) {
-          const F16 u = f16_set1(x[q]) - f16_load(&ct[size_t(q) * kp + j0]);
-          acc = f16_fmadd(u, u, acc);
-        }
+        const F16 acc = dist16(j0);
         mask = m16_bits(f16_lt(acc, f16_set1(T(top.at(M + 1))))) & live;  // not fixed: that returned above
         if (mask) f16_store(dl, acc);  // dl is read only for the lanes a mask admits
       } else
@@ -1344,8 +1346,8 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     const T* x = ds.x + i * d;
     const double far = b.far_abs - cf;
     // Squared distances first: when the own center is the nearest of the listed ones (most due points)
-    // two square roots settle the point.  (sqrt is monotone, so these are the comparisons of the
-    // distances below, and the same wake.)
+    // two square roots settle the point, with the wake the distances below would give (sqrt is
+    // monotone); otherwise, and where distinct squares round to one distance, the distances decide.
     double ev[M + 1];
     i32 ej[M + 1];
     ej[0] = lab[i];
