@@ -230,7 +230,11 @@ def test_exact1d_is_optimal_and_never_worse_than_lloyd():
                                          (1029, 9, 5, np.float32), (37, 9, 6, np.float32),
                                          (1050, 9, 7, np.float32), (1001, 9, 2, np.float32),
                                          (9005, 9, 3, np.float32), (9007, 9, 4, np.float32),
-                                         (9001, 9, 6, np.float32), (9003, 9, 7, np.float32)])
+                                         (9001, 9, 6, np.float32), (9003, 9, 7, np.float32),
+                                         # a scan's segments of 64 centers: partial (k = 37, 100), and
+                                         # float data of another D
+                                         (3001, 9, 37, np.float32), (10007, 9, 100, np.float32),
+                                         (3000, 5, 45, np.float32)])
 def test_topm_equals_plain_lloyd(n, d, k, dtype):
     """The top-m bound solver skips distance work but must walk Lloyd's exact trajectory: same
     labels, centroids, inertia and iteration count as plain Lloyd from the same start (labels
