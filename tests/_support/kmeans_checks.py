@@ -19,3 +19,10 @@ def assert_seeded_quality(got, ref, probs) -> None:
         if float(ref.inertia[p]) > 1e-9:
             logs.append(np.log(max(float(got.inertia[p]), 1e-12) / float(ref.inertia[p])))
     assert np.exp(np.mean(logs)) <= 1.2, np.exp(logs)
+
+
+def offset_points(dtype, offset, n=200, d=9, seed=0):
+    """Points a few ulps apart around ``offset`` in every coordinate: far from the origin against their spread."""
+    rng = np.random.default_rng(seed)
+    step = np.spacing(dtype(offset))
+    return (dtype(offset) + rng.integers(-3, 4, size=(n, d)).astype(dtype) * step).astype(dtype)

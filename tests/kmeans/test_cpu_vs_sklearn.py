@@ -4,6 +4,7 @@ import pytest
 from sklearn.cluster import KMeans
 
 import kcengine
+from kmeans_checks import offset_points
 from kmeans_data import blobs, real_conv_weights
 
 ALGOS = ["lloyd", "hamerly", "yinyang", "topm", "gram", "auto"]
@@ -50,13 +51,6 @@ def test_weighted_same_init_matches_sklearn():
         assert res.inertia == pytest.approx(ref.inertia_, rel=1e-6)
 
 
-def _offset_points(dtype, offset, n=200, d=9, seed=0):
-    """Points a few ulps apart around ``offset`` in every coordinate: far from the origin against their spread."""
-    rng = np.random.default_rng(seed)
-    step = np.spacing(dtype(offset))
-    return (dtype(offset) + rng.integers(-3, 4, size=(n, d)).astype(dtype) * step).astype(dtype)
-
-
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("offset", [1.0, 1e4])
 @pytest.mark.parametrize("k", [3, 10])
@@ -64,7 +58,7 @@ def test_data_far_from_the_origin_matches_sklearn(backend, offset, k):
     """scikit-learn centers the data before clustering; so do kcengine's backends when the data sits farther from
     the origin than its spread, where distances and centroids taken around the origin lose the digits that tell
     the points apart.  Same start -> same labels, inertia and iterations (float64)."""
-    x = _offset_points(np.float64, offset)
+    x = offset_points(np.float64, offset)
     init = x[np.random.default_rng(1).choice(x.shape[0], k, replace=False)].copy()
     ref = sk_fit(x, init)
     algos = ALGOS if backend == "cpu" else ["auto"]
@@ -83,7 +77,7 @@ def test_float32_data_a_few_ulps_apart_converges(offset):
     """Around 1e4 float32 centroids are a few ulps of each other; taken around the origin, Lloyd and Hamerly ran
     all 300 iterations without converging.  Centered, every solver converges (the 1-D ones on one coordinate),
     each centroid the mean of its members to the half ulp of rounding it."""
-    x = _offset_points(np.float32, offset)
+    x = offset_points(np.float32, offset)
     half_ulp = 0.5 * float(np.spacing(np.float32(offset)))
     for algorithm in ALGOS + ["lloyd1d", "exact1d"]:
         xa = x[:, :1].copy() if algorithm in ("lloyd1d", "exact1d") else x
@@ -128,7 +122,7 @@ def test_centered_data_stopped_early_matches_sklearn(algorithm):
 def test_sweep_on_centered_data_equals_separate_calls():
     """One centered dataset shared by a sweep's problems, the last at k == N (the distinct shortcut, which reads
     the caller's points while the others read the centered copy)."""
-    x = _offset_points(np.float32, 100.0, n=40, d=3, seed=2)
+    x = offset_points(np.float32, 100.0, n=40, d=3, seed=2)
     x = np.unique(x, axis=0)
     ks = [2, 7, x.shape[0]]
     sweep = kcengine.kmeans_sweep(x, ks, seed=0)

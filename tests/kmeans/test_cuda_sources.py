@@ -21,7 +21,7 @@ import torch
 from kcengine.kmeans import api
 from kcengine.kmeans.backends import cpu as cpu_backend
 from kcengine.kmeans.backends import cuda as cb
-from kmeans_checks import assert_seeded_quality
+from kmeans_checks import assert_seeded_quality, offset_points
 
 SRC = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 CU_FILES = sorted(SRC.glob("*.cu"))
@@ -205,13 +205,6 @@ def test_packed_driver_matches_cpu_backend(init, n_init, weighted, dtype):
     _compare(probs)
 
 
-def _offset_points(dtype, offset, n, d, seed):
-    """Points a few ulps apart around ``offset`` in every coordinate: far from the origin against their spread."""
-    rng = np.random.default_rng(seed)
-    step = np.spacing(dtype(offset))
-    return (dtype(offset) + rng.integers(-3, 4, size=(n, d)).astype(dtype) * step).astype(dtype)
-
-
 def _solve_packed_torch(probs):
     out: list = []
     pt = api._convert(probs, "torch")
@@ -225,8 +218,8 @@ def test_packed_driver_centers_data_far_from_the_origin():
     around 1) gives the cpu backend's labels, iterations and inertia, centroids within an ulp of the offset;
     a dataset near the origin in the same batch is not shifted; the caller's arrays are not modified."""
     rng = np.random.default_rng(4)
-    xs = [_offset_points(np.float64, 1e4, 120, 9, 0), rng.normal(size=(90, 9)),
-          _offset_points(np.float64, 1.0, 70, 3, 1)]
+    xs = [offset_points(np.float64, 1e4, 120, 9, 0), rng.normal(size=(90, 9)),
+          offset_points(np.float64, 1.0, 70, 3, 1)]
     ks = [6, 5, 4]
     init = [x[np.random.default_rng(i).choice(x.shape[0], k, replace=False)].copy() for i, (x, k) in
             enumerate(zip(xs, ks))]
@@ -257,7 +250,7 @@ def test_packed_driver_converges_on_float32_points_a_few_ulps_apart(offset):
     """Around the origin, the driver's fp32 dot-form distances cannot tell such points apart (their squared
     norms agree to ~1e-7 relative while the points differ by ~1e-7 absolute) and Lloyd ran all 300 iterations
     without converging.  Centered, it converges, each centroid the mean of its members to the half ulp."""
-    x = _offset_points(np.float32, offset, 200, 9, 0)
+    x = offset_points(np.float32, offset, 200, 9, 0)
     half_ulp = 0.5 * float(np.spacing(np.float32(offset)))
     probs, _ = api._build([x, x], [3, 10], init="k-means++", n_init=1, max_iter=300, tol=1e-4, sample_weight=None,
                           seed=0, algorithm="auto")

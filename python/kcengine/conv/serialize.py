@@ -60,8 +60,7 @@ def layer_from_config(cfg: dict, *, dtype=None, device=None) -> ClusteredConv2d:
     if fused:
         layer.scale = torch.empty(cfg["out_channels"], dtype=layer.codebook.dtype, device=device)
         layer.shift = torch.empty(cfg["out_channels"], dtype=layer.codebook.dtype, device=device)
-    if cosine:
-        layer._kc_cosine = True
+    layer._kc_cosine = cosine
     return layer
 
 
@@ -117,7 +116,7 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
         model = copy.deepcopy(model)
     state = payload["state_dict"]
     for name, cfg in payload["clustered"].items():
-        ref = next((v for k, v in state.items() if k == f"{name}.codebook"), None)
+        ref = state.get(f"{name}.codebook")
         _set_submodule(model, name, layer_from_config(cfg, dtype=ref.dtype if ref is not None else None))
     model.load_state_dict(state, strict=True)
     return model

@@ -412,6 +412,17 @@ def _run(probs: Problems, backend, like) -> tuple[str, RawResult]:
                                        lambda name, impl: impl(_convert(probs, name)))
 
 
+def far_shift(mean, var):
+    """The centering rule every backend applies (the cpu core's ``prepare`` is its C++ twin): a dataset
+    farther from the origin than its spread, ``|mean|^2 >`` its summed per-feature variances, is
+    clustered as ``x - mean``.  ``mean``, ``var``: ``[..., D]`` float64 tensors.  Returns ``far``
+    (``[...]`` bool) and the shift (``mean`` where far, else +0.0)."""
+    import torch
+
+    far = (mean * mean).sum(-1) > var.sum(-1)
+    return far, torch.where(far.unsqueeze(-1), mean, torch.zeros_like(mean))
+
+
 def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300, tol: float = 1e-4,
            sample_weight=None, seed=None, backend: str = "auto", algorithm: str = "auto") -> KMeansResult:
     """Cluster one problem, a dense batch or a ragged batch of problems with Lloyd's k-means.

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..api import Problems, RawResult
+from ..api import Problems, RawResult, far_shift
 
 __all__ = [
     "solve", "fused_smem_bytes", "fits_fused", "fused_threads", "fused_buckets", "assign_tiles",
@@ -233,6 +233,8 @@ class Packed:
         return self.shift[torch.as_tensor(idx, device=self.shift.device)]
 
     def _moved(self, C: torch.Tensor, jobs: np.ndarray, sign: float) -> torch.Tensor:
+        if not bool(self.shift.any()):  # nothing shifted (the usual case): no index, no pass over C
+            return C.to(self.X.dtype)
         s = self._shift_of(jobs)
         return torch.where(s != 0, (C.double() + sign * s).to(self.X.dtype), C.to(self.X.dtype))  # 0: as is
 
@@ -280,10 +282,10 @@ def _dataset_stats(X: torch.Tensor, ds_n: np.ndarray, ds_d: np.ndarray,
         cen = block - torch.repeat_interleave(mean, lens, dim=0, output_size=block.shape[0])
         var = torch.segment_reduce(cen * cen, "sum", lengths=lens, axis=0, unsafe=True) / rows
         tols.append(tol * var.mean(1))
-        far = (mean * mean).sum(1) > var.sum(1)
+        far, shift = far_shift(mean, var)
         far_rows = torch.repeat_interleave(far, lens, output_size=block.shape[0]).unsqueeze(1)
-        xs.append(torch.where(far_rows, cen, block).to(X.dtype).reshape(-1))
-        shifts.append(torch.where(far.unsqueeze(1), mean, torch.zeros_like(mean)).reshape(-1))
+        xs.append(torch.where(far_rows, cen, block, out=cen).to(X.dtype).reshape(-1))
+        shifts.append(shift.reshape(-1))
     if len(tols) == 1:
         return tols[0], xs[0], shifts[0]
     return torch.cat(tols), torch.cat(xs), torch.cat(shifts)

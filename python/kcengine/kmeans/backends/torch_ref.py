@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 
-from ..api import Problems, RawResult
+from ..api import Problems, RawResult, far_shift
 
 
 def _sqdist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -158,18 +158,18 @@ def solve(probs: Problems) -> RawResult:
         var = xd.var(1, unbiased=False)
         tol_abs = probs.tol * var.mean(1)
         # as the cpu backend: data farther from the origin than its spread is clustered centered
-        mean = xd.mean(1)
-        far = (mean * mean).sum(1) > var.sum(1)
-        shift = None
+        far, shift = far_shift(xd.mean(1), var)
         if bool(far.any()):
-            shift = torch.where(far[:, None], mean, torch.zeros_like(mean))[:, None, :]
+            shift = shift[:, None, :]
             x = (xd - shift).to(dtype)
+        else:
+            shift = None
         del xd
         best = None
         runs = 1 if probs.init == "given" else probs.n_init
         for _ in range(runs):
             if probs.init == "given":
-                c0 = torch.stack([probs.init_centers[p] for p in members]).clone()
+                c0 = torch.stack([probs.init_centers[p] for p in members])
                 if shift is not None:
                     c0 = (c0.double() - shift).to(dtype)
             else:
