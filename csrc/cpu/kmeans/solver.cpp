@@ -1180,6 +1180,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     const T* x = ds.x + i * d;
     const bool fixed = thr2 < kInf;
     T tf = T(thr2);
+    auto live = [&](i64 j0) -> unsigned { return j0 + L > k ? (1u << (k - j0)) - 1u : 0xFFFFu; };  // past k: padding
 #if KC_SIMD16
     // Float SIMD: the squared distances to the 16 centers of the block at j0, in registers.  (Generic, so
     // that only the float instantiation, the one that calls it, compiles its body.)
@@ -1208,8 +1209,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
             const i64 j0 = s0 + bq * L;
             const F16 acc = dist16(j0);
             f16_store(seg + bq * L, acc);
-            const unsigned live = j0 + L > k ? (1u << (k - j0)) - 1u : 0xFFFFu;
-            word |= uint64_t(m16_bits(f16_lt(acc, th)) & live) << (bq * L);
+            word |= uint64_t(m16_bits(f16_lt(acc, th)) & live(j0)) << (bq * L);
           }
           for (; word; word &= word - 1) {
             const int l = __builtin_ctzll(word);
@@ -1236,12 +1236,11 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     int nc = 0;
     alignas(64) T dl[L];
     for (i64 j0 = 0; j0 < kp; j0 += L) {
-      const unsigned live = j0 + L > k ? (1u << (k - j0)) - 1u : 0xFFFFu;  // lanes past k: padding
       unsigned mask;
 #if KC_SIMD16
       if constexpr (std::is_same_v<T, float>) {  // the 16 sums in registers (not dl) until compared
         const F16 acc = dist16(j0);
-        mask = m16_bits(f16_lt(acc, f16_set1(T(top.at(M + 1))))) & live;  // not fixed: that returned above
+        mask = m16_bits(f16_lt(acc, f16_set1(T(top.at(M + 1))))) & live(j0);  // not fixed: that returned above
         if (mask) f16_store(dl, acc);  // dl is read only for the lanes a mask admits
       } else
 #endif
@@ -1257,7 +1256,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
             dl[lane] += u * u;
           }
         }
-        mask = lt_mask16(dl, fixed ? tf : T(top.at(M + 1))) & live;
+        mask = lt_mask16(dl, fixed ? tf : T(top.at(M + 1))) & live(j0);
         if (fixed) nc += compress16(dl, mask, i32(j0), cv + nc, cx + nc);
       }
       if (fixed) {  // the candidates are packed: empty the buffer into the selection when full
