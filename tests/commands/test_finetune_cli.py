@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+import kcengine
+
 from kcengine.cli import main
 
 
@@ -33,8 +35,12 @@ def test_finetune_writes_model_history_and_curves(ckpt, cifar, tmp_path, capsys)
     assert h["mode"] == "centroids" and len(h["history"]) == 2
     assert all(0 <= r["eval_top1"] <= 1 for r in h["history"])
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    state = torch.load(out / "model.pt", weights_only=True)
+    state = torch.load(out / "model.pt", weights_only=True)["state_dict"]  # a save_compressed file
     assert "layer1.0.conv1.codebook" in state and "layer1.0.conv1.index" in state
+    back = kcengine.load_compressed(out / "model.pt")  # no skeleton needed: the builder is recorded
+    assert isinstance(back.layer1[0].conv1, kcengine.nn.ClusteredConv2d)
+    sd = back.state_dict()
+    assert sd.keys() == state.keys() and all(torch.equal(sd[n], state[n]) for n in state)
     assert "after 2 epochs" in capsys.readouterr().out
 
 

@@ -3,7 +3,10 @@ import json
 import pytest
 import torch
 
+from kcengine import compress
 from kcengine.cli import main
+from kcengine.conv import ClusteredConv2d
+from kcengine.models import load_model
 
 
 @pytest.fixture()
@@ -35,8 +38,27 @@ def test_prune_writes_report(ckpt, cifar, tmp_path):
                  "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert len(rep["layers"]) == 6 and all(lr["k"] == 32 for lr in rep["layers"])
-    sd = torch.load(out / "model.pt", weights_only=True)
+    sd = torch.load(out / "model.pt", weights_only=True)["state_dict"]  # a save_compressed file
     assert "layer3.0.conv1.codebook" in sd
+
+
+def test_prune_output_reads_back_as_weights(ckpt, cifar, tmp_path, capsys):
+    # what prune writes is what eval --weights and load_model take: the clustered model, bit for bit
+    out = tmp_path / "pr"
+    assert main(["prune", "--weights", str(ckpt), "--no-eval", "--ratio", "0.5", "--seed", "3",
+                 "--out", str(out)]) == 0
+    dense = load_model("resnet20", ckpt).model
+    want, _ = compress(dense, ratio=0.5, seed=3)
+    got = load_model("resnet20", out / "model.pt").model
+    assert sum(isinstance(m, ClusteredConv2d) for m in got.modules()) == 19 and not got.training
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(got(x), want.eval()(x))
+    capsys.readouterr()
+    assert main(["eval", "--weights", str(out / "model.pt"), "--data", str(cifar), "--no-progress"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="does not fit"):  # a compressed resnet20 is not a resnet32
+        load_model("resnet32", out / "model.pt")
 
 
 def test_prune_plan_takes_a_bare_ratio(ckpt, tmp_path):

@@ -16,7 +16,8 @@ def add_model_data_arguments(parser) -> None:
                    help="resnet20/32/44/56/110 (CIFAR) or a torchvision model name (default resnet20)")
     g.add_argument("--weights", default="pretrained",
                    help="'pretrained' (public weights via the torch hub cache), a torchvision weights name, a "
-                        "checkpoint PATH, or 'none' (default init: speed-only work)")
+                        "checkpoint PATH (a state dict, or the model.pt of prune/finetune --out: loaded clustered), or 'none' "
+                        "(default init: speed-only work)")
     g.add_argument("--no-download", action="store_true", help="take pretrained weights only from the hub cache")
     g.add_argument("--data", default=None,
                    help="CIFAR-10 python-batches folder (CIFAR models; default ../shared/data) or an ImageFolder root")
@@ -49,6 +50,16 @@ def load_cifar_split(args, lm, split: str, limit=None):
         return cifar10_dataset(root, split, Normalization(lm.mean, lm.std), limit=limit)
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
+
+
+def save_clustered(lm, model, path) -> int:
+    """Write ``model`` (``lm``'s architecture, clustered) as a compact checkpoint that ``--weights PATH`` and
+    :func:`kcengine.load_compressed` (no skeleton needed: the builder is recorded) read back; returns bytes."""
+    from ..conv.serialize import save_compressed
+    from ..models.zoo import model_builder
+
+    builder, kwargs = model_builder(lm.name, lm.num_classes)
+    return save_compressed(model, path, builder=builder, builder_kwargs=kwargs)
 
 
 def load_model_arg(args, *, need_trained: bool):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .eval import add_model_data_arguments, load_cifar_split, load_model_arg
+from .eval import add_model_data_arguments, save_clustered, load_cifar_split, load_model_arg
 
 HELP = "cluster a CIFAR model and recover accuracy (frozen / centroids / progressive, distillation, resume)"
 
@@ -51,7 +51,7 @@ def add_arguments(parser) -> None:
     t.add_argument("--no-resume", action="store_true", help="start over even if --checkpoint-dir has a checkpoint")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--out", default=None, help="folder for model.pt, history.json and curves.png")
+    parser.add_argument("--out", default=None, help="folder for model.pt (the trained model, compact: --weights of eval and kcengine.load_compressed read it), history.json and curves.png")
 
 
 def _order_arg(text):
@@ -118,7 +118,7 @@ def run(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save(res.model.state_dict(), out / "model.pt")
+        save_clustered(lm, res.model, out / "model.pt")
         (out / "history.json").write_text(json.dumps({
             "model": lm.name, "mode": args.mode, "plan": plan if isinstance(plan, dict) else str(plan),
             "accuracy_clustered": res.accuracy_clustered, "accuracy_start": res.accuracy_start,

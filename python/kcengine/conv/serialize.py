@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .module import ClusteredConv2d
 
-__all__ = ["save_compressed", "load_compressed", "checkpoint_sizes", "dense_state_dict", "conv_geometry",
+__all__ = ["save_compressed", "load_compressed", "is_compressed_file", "checkpoint_sizes", "dense_state_dict", "conv_geometry",
            "layer_config", "layer_from_config"]
 
 FORMAT = "kcengine.compressed/1"
@@ -92,6 +92,16 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     if not hasattr(parent, leaf):
         raise ValueError(f"the skeleton has no module {path!r} to replace with a clustered layer")
     setattr(parent, leaf, new)
+
+
+def is_compressed_file(path) -> bool:
+    """True when ``path`` is a file written by :func:`save_compressed` (read with ``weights_only=True``; any
+    file that cannot be read so, or holds something else, gives False)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
 
 
 def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu") -> nn.Module:

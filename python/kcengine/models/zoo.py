@@ -102,6 +102,31 @@ def _is_path_like(weights) -> bool:
                                          or "/" in weights)
 
 
+def model_builder(name: str, num_classes: int | None = None) -> tuple[str, dict]:
+    """``(builder, builder_kwargs)`` that rebuild model ``name`` untrained, for :func:`kcengine.save_compressed`
+    (so that :func:`kcengine.load_compressed` needs no skeleton)."""
+    depth = _cifar_depth(name)
+    if depth is not None:
+        return "kcengine.models.cifar_resnet:cifar_resnet", {"depth": depth, "num_classes": num_classes or 10}
+    return "torchvision.models:get_model", {"name": name, "weights": None, "num_classes": num_classes or 1000}
+
+
+def _fill_from_file(model: nn.Module, path) -> nn.Module:
+    """``model`` with the weights in the file at ``path``: a compact checkpoint of :func:`kcengine.save_compressed`
+    (what ``kcengine prune/finetune --out`` write) comes back with its clustered layers clustered (a new module;
+    ``model`` is the skeleton), any other checkpoint is loaded into ``model`` as a state dict."""
+    from ..conv.serialize import is_compressed_file, load_compressed
+
+    if Path(path).is_file() and is_compressed_file(path):
+        try:
+            return load_compressed(path, model)
+        except RuntimeError as exc:  # load_state_dict's mismatch report
+            raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: "
+                             f"{str(exc)[:300]}") from None
+    load_state_dict_into(model, read_checkpoint(path))
+    return model
+
+
 def _cached_hub_load(url: str, what: str, allow_download: bool) -> dict:
     cached = hub_cache_path(url)
     if not cached.is_file() and not allow_download:
@@ -127,7 +152,9 @@ def load_model(name: str, weights="pretrained", *, num_classes: int | None = Non
     Args:
         name: ``resnet20|32|44|56|110`` (CIFAR) or a torchvision classification model name.
         weights: ``"pretrained"`` (the public weights for ``name``), a torchvision weights enum
-            name (``"IMAGENET1K_V2"``), a checkpoint path, or ``None`` for the default init.
+            name (``"IMAGENET1K_V2"``), a checkpoint path (a state dict in any common wrapping, or a
+            :func:`kcengine.save_compressed` file such as ``kcengine prune --out``'s ``model.pt``, whose
+            clustered layers come back clustered), or ``None`` for the default init.
         num_classes: output classes (default 10 for CIFAR, 1000 for torchvision).
         allow_download: when False, pretrained weights come only from the torch hub cache.
 
@@ -151,7 +178,7 @@ def _load_cifar(name, depth, weights, num_classes, allow_download) -> LoadedMode
         out.weights = "default initialization (no pretrained weights loaded)"
         out.notes.append(f"{name}: default initialization; accuracy figures are meaningless")
     elif _is_path_like(weights):
-        load_state_dict_into(model, read_checkpoint(weights))
+        out.model = _fill_from_file(model, weights)
         out.pretrained, out.weights = True, str(weights)
     elif weights in _PRETRAINED:
         url = CIFAR_CHECKPOINT_URLS[name]
@@ -161,7 +188,7 @@ def _load_cifar(name, depth, weights, num_classes, allow_download) -> LoadedMode
         out.pretrained, out.weights = True, url
     else:
         raise ValueError(f"weights={weights!r} is not a path, 'pretrained' or None for CIFAR model {name}")
-    model.eval()
+    out.model.eval()
     return out
 
 
@@ -182,7 +209,7 @@ def _load_torchvision(name, weights, num_classes, allow_download) -> LoadedModel
             out.weights = "default initialization (no pretrained weights loaded)"
             out.notes.append(f"{name}: default initialization; accuracy figures are meaningless")
         else:
-            load_state_dict_into(out.model, read_checkpoint(weights))
+            out.model = _fill_from_file(out.model, weights)
             out.pretrained, out.weights = True, str(weights)
     else:
         key = "DEFAULT" if weights in _PRETRAINED else str(weights)
