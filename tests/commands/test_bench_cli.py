@@ -49,6 +49,8 @@ def test_bench_quick_writes_report_folder(tmp_path):
     (["--model", "resnet20", "--data", "/nonexistent/folder"], "--data /nonexistent/folder: no such folder"),
     (["--model", "resnet20", "--ratio", "1.5"], "--ratio must be in (0, 1], got 1.5"),
     (["--model", "resnet20", "--sections", "speed"], "--sections: unknown section 'speed'"),
+    (["--model", "resnet20", "--max-problems", "0"], "--max-problems must be >= 1, got 0"),
+    (["--model", "resnet20", "--max-problems", "-1"], "--max-problems must be >= 1, got -1"),
 ])
 def test_bench_user_errors_are_one_line(args, match):
     r = run_cli("bench", *args)
@@ -56,6 +58,23 @@ def test_bench_user_errors_are_one_line(args, match):
     assert match in r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_refuses_a_clustered_model_as_weights(tmp_path):
+    # prune/finetune --out write a compact clustered model; bench would find no dense conv to cluster in it
+    import torch
+
+    import kcengine
+    from kcengine.models import CifarResNet
+
+    torch.manual_seed(0)
+    clustered, _ = kcengine.compress(CifarResNet(20), ratio=0.5)
+    path = tmp_path / "model.pt"
+    kcengine.save_compressed(clustered, path)
+    r = run_cli("bench", "--model", "resnet20", "--quick", "--weights", str(path), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"--weights {path}: a clustered model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_bench_data_folder_of_wrong_layout(tmp_path):

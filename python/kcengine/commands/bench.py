@@ -64,6 +64,15 @@ def _check_args(args):
                         f"mobilenet_v3_small, resnet20, resnet56)")
     if args.weights is not None and args.weights not in ("none", "pretrained") and not Path(args.weights).is_file():
         raise UserError(f"--weights {args.weights}: no such file")
+    if args.weights is not None and args.weights not in ("none", "pretrained"):
+        from ..conv.serialize import is_compressed_file
+
+        if is_compressed_file(args.weights):
+            raise UserError(f"--weights {args.weights}: a clustered model (a save_compressed file, as prune and "
+                            f"finetune --out write); bench clusters a dense model itself: pass the dense weights "
+                            f"(evaluate a clustered model with `kcengine eval --weights`)")
+    if args.max_problems is not None and args.max_problems < 1:
+        raise UserError(f"--max-problems must be >= 1, got {args.max_problems}")
     if args.data is not None and not Path(args.data).is_dir():
         raise UserError(f"--data {args.data}: no such folder")
     return sections
