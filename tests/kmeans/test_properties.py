@@ -54,6 +54,21 @@ def test_dense_batch_shapes_and_equality_with_alone():
         alone = kcengine.kmeans(x[b], 3, seed=1)
         np.testing.assert_array_equal(r.labels[b], alone.labels)
     assert len(r) == 6 and float(r[2].inertia) == float(r.inertia[2])
+    problems = list(r)  # iterating a batch gives its problems, as indexing does
+    assert len(problems) == 6 and all(np.array_equal(p.labels, r.labels[b]) for b, p in enumerate(problems))
+    assert [float(p.inertia) for p in problems] == [float(v) for v in r.inertia]
+
+
+def test_ragged_result_iterates_over_problems_and_a_single_one_does_not():
+    xs = [blobs(30, 3, 2, seed=0).astype(np.float32), blobs(40, 5, 3, seed=1).astype(np.float32)]
+    r = kcengine.kmeans(xs, [2, 3], seed=0)
+    got = [p.centroids.shape for p in r]
+    assert got == [(2, 3), (3, 5)]
+    one = kcengine.kmeans(xs[0], 2, seed=0)
+    with pytest.raises(TypeError, match="single-problem"):
+        list(one)
+    with pytest.raises(IndexError, match="single problem"):
+        one[0]
 
 
 def test_sweep_equals_separate_calls():

@@ -28,6 +28,9 @@ class KMeansResult:
     ``n_iter`` the number of Lloyd iterations run (0 for ``algorithm="exact1d"`` and ``"distinct"``),
     ``converged`` whether the tolerance or strict (no label change) convergence was reached before
     ``max_iter``.  ``backend`` names the backend that ran and ``algorithm`` the solver used per problem.
+
+    A batch's result is a sequence of per-problem results: ``len(res)``, ``res[i]`` and ``for r in res``
+    (a single problem's result has neither length nor items).
     """
 
     centroids: Any
@@ -38,8 +41,10 @@ class KMeansResult:
     backend: str = "cpu"
     algorithm: Any = None
 
-    def __iter__(self):  # allows ``centroids, labels, *_ = kmeans(...)``
-        yield from (self.centroids, self.labels, self.inertia, self.n_iter, self.converged)
+    def __iter__(self):
+        """A batch's results one problem at a time (``for r in kmeans(batch, k)``), as ``result[i]`` gives them."""
+        for i in range(len(self)):
+            yield self[i]
 
     def __getitem__(self, i: int) -> "KMeansResult":
         """The result of problem ``i`` of a batch, as a single-problem result."""
