@@ -34,6 +34,8 @@ X = np.random.default_rng(0).normal(size=(20, 3))
     (X, 2, {"max_iter": 0}, r"max_iter must be >= 1, got 0"),
     (X, 2, {"tol": -1.0}, r"tol must be a finite number >= 0, got -1.0"),
     (X, 2, {"seed": -3}, r"seed must be >= 0, got -3"),
+    (X, 2, {"seed": 2**64}, r"seed must be <= 9223372036854775807, got 18446744073709551616"),
+    (X, 2, {"seed": 1.5}, r"seed must be an int, got 1.5"),
     (X, 2, {"algorithm": "elkan"}, r"algorithm must be one of"),
     (X, 2, {"algorithm": "exact1d"}, r"needs 1-D points \(D == 1\); problem 0 has D=3"),
     (X, 2, {"backend": "gpu"}, r"backend='gpu' is not one of"),

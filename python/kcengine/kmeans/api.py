@@ -118,12 +118,14 @@ def _nonfinite(arrays) -> list[int]:
     return [i for i, a in enumerate(arrays) if not _all_finite(a)]
 
 
-def _check_int(value, what: str, *, low: int | None = None) -> int:
+def _check_int(value, what: str, *, low: int | None = None, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{what} must be an int, got {value!r}")
     value = int(value)
     if low is not None and value < low:
         raise ValueError(f"{what} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{what} must be <= {high}, got {value}")
     return value
 
 
@@ -296,7 +298,7 @@ def _resolve_seed(seed) -> int:
         return int(np.random.default_rng().integers(0, 2**63 - 1))
     if isinstance(seed, np.random.Generator):
         return int(seed.integers(0, 2**63 - 1))
-    return _check_int(seed, "seed", low=0)
+    return _check_int(seed, "seed", low=0, high=2**63 - 1)  # what every backend's generator takes
 
 
 def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm, sweep_ks=None):
@@ -443,7 +445,8 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
             is clustered centered, as scikit-learn clusters all data, so an offset costs no precision;
             centroids come back in ``x``'s coordinates.  Every backend does this.)
         sample_weight: ``[N]`` (``[B, N]`` or a list for batches) non-negative weights.
-        seed: int for a reproducible run (per backend), or ``None``.  On the cpu, cuda and triton
+        seed: int in ``[0, 2**63 - 1]`` for a reproducible run (per backend), a ``numpy.random.Generator``
+            (one integer is drawn from it), or ``None``.  On the cpu, cuda and triton
             backends every problem of a batch draws from the same stream, so a problem gets the
             same result in a batch as alone (the torch reference draws batch-wide).
         backend: ``"auto"``, ``"cpu"``, ``"torch"``, ``"cuda"``, ``"triton"`` (env
