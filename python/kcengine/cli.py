@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 COMMANDS = ("bench", "env", "prune", "eval", "sweep", "finetune")
 
@@ -39,17 +40,42 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     return parser, mods
 
 
+def _make_out(out) -> Path | None:
+    """Create the ``--out`` folder before any work, so that a path that cannot be one (an existing file, a
+    place under a file, an unwritable one) is a one-line error now rather than a traceback after minutes of
+    clustering.  Returns the folder when this call created it (``main`` removes it again, if still empty,
+    when the command fails), else None."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if path.is_dir():
+        return None
+    try:
+        path.mkdir(parents=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    return path
+
+
 def main(argv=None) -> int:
     parser, mods = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not args.command:
         parser.print_help()
         return 2
+    made, rc = None, 1
     try:
-        return int(mods[args.command].run(args) or 0)
+        made = _make_out(args.out) if getattr(args, "out", None) else None
+        rc = int(mods[args.command].run(args) or 0)
+        return rc
     except UserError as exc:
         print(f"kcengine {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        rc = 2
+        return rc
     except KeyboardInterrupt:
         print("kcengine: interrupted", file=sys.stderr)
-        return 130
+        rc = 130
+        return rc
+    finally:
+        if made is not None and rc != 0 and made.is_dir() and not any(made.iterdir()):
+            made.rmdir()  # a failed command leaves no empty --out folder behind

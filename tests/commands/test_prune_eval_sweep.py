@@ -90,6 +90,20 @@ def test_user_errors_are_one_line(argv, msg, capsys):
     assert msg in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", [["eval", "--weights", "none"], ["prune", "--weights", "none", "--no-eval",
+                                     "--ratio", "0.5"], ["sweep", "--weights", "none"], ["bench", "--quick"]])
+def test_out_that_cannot_be_a_folder_is_a_user_error_before_any_work(command, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert main([*command, "--out", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {afile}: exists and is not a folder" in err and err.count("\n") == 1
+    assert afile.read_text() == "keep me"
+    assert main([*command, "--out", str(afile / "sub")]) == 2  # under a file: cannot be created
+    err = capsys.readouterr().err
+    assert f"--out {afile / 'sub'}: cannot create the folder" in err and err.count("\n") == 1
+
+
 def test_missing_pretrained_weights_is_a_user_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert main(["eval", "--no-download"]) == 2
