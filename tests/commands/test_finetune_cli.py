@@ -86,3 +86,12 @@ def test_training_defaults_are_finetunes_own():
         assert getattr(args, name) == sig[name], name
     assert args.train_batch_size == RECOMMENDED_BATCH
     assert not args.no_augment and sig["augment"]
+
+
+def test_finetune_limit_and_split_arguments(ckpt, cifar, capsys):
+    # --limit counts training images and must be >= 1; there is no --split (train on train, evaluate on test)
+    assert main(_args(ckpt, cifar)[:-3] + ["--limit", "0", "--no-progress"]) == 2
+    assert "--limit must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_args(ckpt, cifar, "--split", "train"))
+    assert "unrecognized arguments: --split" in capsys.readouterr().err

@@ -10,10 +10,13 @@ from pathlib import Path
 HELP = "evaluate a model (top-1/top-5, per-class accuracy, confusion matrix)"
 
 
-def add_model_data_arguments(parser) -> None:
+def add_model_data_arguments(parser, *, training: bool = False) -> None:
+    """The model/weights/data options; ``training``: finetune's form (CIFAR models only, trains on the train
+    split and evaluates on the whole test split, so no --split and --limit counts training images)."""
     g = parser.add_argument_group("model and data")
     g.add_argument("--model", default="resnet20",
-                   help="resnet20/32/44/56/110 (CIFAR) or a torchvision model name (default resnet20)")
+                   help="resnet20/32/44/56/110 (CIFAR-10; default resnet20)" if training else
+                   "resnet20/32/44/56/110 (CIFAR) or a torchvision model name (default resnet20)")
     g.add_argument("--weights", default="pretrained",
                    help="'pretrained' (public weights via the torch hub cache), a torchvision weights name, a "
                         "checkpoint PATH (a state dict, or the model.pt of prune/finetune --out: loaded clustered), or 'none' "
@@ -21,8 +24,12 @@ def add_model_data_arguments(parser) -> None:
     g.add_argument("--no-download", action="store_true", help="take pretrained weights only from the hub cache")
     g.add_argument("--data", default=None,
                    help="CIFAR-10 python-batches folder (CIFAR models; default ../shared/data) or an ImageFolder root")
-    g.add_argument("--split", default="test", choices=("test", "train"), help="CIFAR split (default test)")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    if training:
+        g.add_argument("--limit", type=int, default=None,
+                       help="train on only the first N training images (evaluation: the whole test split)")
+    else:
+        g.add_argument("--split", default="test", choices=("test", "train"), help="CIFAR split (default test)")
+        g.add_argument("--limit", type=int, default=None, help="use only the first N images")
     g.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
 
 

@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
                                   SCHEDULES, STAGE_TRAINING, finetune_defaults)
 
     ft = finetune_defaults()  # the training options' defaults are finetune's own (the recipe lives in one place)
-    add_model_data_arguments(parser)
+    add_model_data_arguments(parser, training=True)
     g = parser.add_argument_group("plan")
     g.add_argument("--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")
     g.add_argument("--plan", default=None, help="as for prune: R | ratio=R | relative_inertia=F | elbow | map:... ")
@@ -76,6 +76,8 @@ def run(args) -> int:
 
     if args.plan is None and args.ratio is None:
         raise UserError("give --ratio R or --plan PLAN (e.g. --ratio 0.5, --plan map:conv1=8)")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
     if args.train_batch_size < 1:
         raise UserError(f"--train-batch-size must be >= 1, got {args.train_batch_size}")
     if args.threads is not None:
