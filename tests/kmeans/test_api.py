@@ -40,6 +40,8 @@ X = np.random.default_rng(0).normal(size=(20, 3))
     (X, 2, {"algorithm": "exact1d"}, r"needs 1-D points \(D == 1\); problem 0 has D=3"),
     (X, 2, {"backend": "gpu"}, r"backend='gpu' is not one of"),
     ([], 2, {}, r"x is an empty list"),
+    ([[0.0, 1.0], [1.0, 2.0], [5.0, 5.0]], 2, {}, r"x\[0\] must have shape \[N, D\], got shape \(2,\); a list of "
+     r"points is read as a ragged batch of problems: for one dataset pass np.asarray\(x\)"),
     (X, 2.5, {}, r"k must be an int, got 2.5"),
 ])
 def test_bad_input_raises_value_error(x, k, kw, match):

@@ -140,7 +140,9 @@ def _split_input(x):
             raise ValueError("x mixes numpy arrays and torch tensors; pass one kind")
         for i, a in enumerate(parts):
             if a.ndim != 2:
-                raise ValueError(f"x[{i}] must have shape [N, D], got shape {tuple(a.shape)}")
+                hint = ("; a list of points is read as a ragged batch of problems: for one dataset pass "
+                        "np.asarray(x)" if a.ndim == 1 and not hasattr(x[i], "shape") else "")
+                raise ValueError(f"x[{i}] must have shape [N, D], got shape {tuple(a.shape)}{hint}")
             _check_float(a, f"x[{i}]")
         dtypes = {_dtype_name(a) for a in parts}
         if len(dtypes) > 1:
