@@ -43,18 +43,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 def _make_out(out) -> Path | None:
     """Create the ``--out`` folder before any work, so that a path that cannot be one (an existing file, a
     place under a file, an unwritable one) is a one-line error now rather than a traceback after minutes of
-    clustering.  Returns the folder when this call created it (``main`` removes it again, if still empty,
-    when the command fails), else None."""
+    clustering.  Returns the outermost folder this call created (``main`` removes what it created again,
+    if still empty, when the command fails), else None."""
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
-    if path.is_dir():
-        return None
     try:
-        path.mkdir(parents=True)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
-    return path
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {out}: exists and is not a folder")
+        if path.is_dir():
+            return None
+        top = path
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
+        path.mkdir(parents=True, exist_ok=True)  # exist_ok: torchrun's ranks all get here at once
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise UserError(f"--out {out}: cannot create the folder ({getattr(exc, 'strerror', None) or exc})") from None
+    return top
 
 
 def main(argv=None) -> int:
@@ -77,5 +80,7 @@ def main(argv=None) -> int:
         rc = 130
         return rc
     finally:
-        if made is not None and rc != 0 and made.is_dir() and not any(made.iterdir()):
-            made.rmdir()  # a failed command leaves no empty --out folder behind
+        if made is not None and rc != 0:  # a failed command leaves no empty --out folders behind
+            for d in sorted((p for p in [made, *made.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)):
+                if not any(d.iterdir()):
+                    d.rmdir()

@@ -102,6 +102,9 @@ def test_out_that_cannot_be_a_folder_is_a_user_error_before_any_work(command, tm
     assert main([*command, "--out", str(afile / "sub")]) == 2  # under a file: cannot be created
     err = capsys.readouterr().err
     assert f"--out {afile / 'sub'}: cannot create the folder" in err and err.count("\n") == 1
+    nested = tmp_path / "n1" / "n2"  # created for the command, removed again when it fails
+    assert main([*command, "--out", str(nested), "--model", "resnet19"]) == 2
+    assert not (tmp_path / "n1").exists()
 
 
 def test_missing_pretrained_weights_is_a_user_error(tmp_path, monkeypatch, capsys):

@@ -42,6 +42,8 @@ X = np.random.default_rng(0).normal(size=(20, 3))
     ([], 2, {}, r"x is an empty list"),
     ([[0.0, 1.0], [1.0, 2.0], [5.0, 5.0]], 2, {}, r"x\[0\] must have shape \[N, D\], got shape \(2,\); a list of "
      r"points is read as a ragged batch of problems: for one dataset pass np.asarray\(x\)"),
+    ([1.0, 2.0, 3.0], 2, {}, r"x\[0\] must have shape \[N, D\], got shape \(\); a list of points is read as a "
+     r"ragged batch of problems: for one dataset pass np.asarray\(x\).reshape\(-1, 1\)"),
     (X, 2.5, {}, r"k must be an int, got 2.5"),
 ])
 def test_bad_input_raises_value_error(x, k, kw, match):

@@ -18,12 +18,14 @@ def add_model_data_arguments(parser, *, training: bool = False) -> None:
                    help="resnet20/32/44/56/110 (CIFAR-10; default resnet20)" if training else
                    "resnet20/32/44/56/110 (CIFAR) or a torchvision model name (default resnet20)")
     g.add_argument("--weights", default="pretrained",
-                   help="'pretrained' (public weights via the torch hub cache), a torchvision weights name, a "
-                        "checkpoint PATH (a state dict, or the model.pt of prune/finetune --out: loaded clustered), or 'none' "
-                        "(default init: speed-only work)")
+                   help="'pretrained' (public weights via the torch hub cache), "
+                        + ("" if training else "a torchvision weights name, ")
+                        + "a checkpoint PATH (a state dict, or the model.pt of prune/finetune --out: loaded "
+                          "clustered), or 'none' (default init: speed-only work)")
     g.add_argument("--no-download", action="store_true", help="take pretrained weights only from the hub cache")
     g.add_argument("--data", default=None,
-                   help="CIFAR-10 python-batches folder (CIFAR models; default ../shared/data) or an ImageFolder root")
+                   help="CIFAR-10 python-batches folder (default ../shared/data)" if training else
+                   "CIFAR-10 python-batches folder (CIFAR models; default ../shared/data) or an ImageFolder root")
     if training:
         g.add_argument("--limit", type=int, default=None,
                        help="train on only the first N training images (evaluation: the whole test split)")

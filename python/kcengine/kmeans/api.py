@@ -141,7 +141,8 @@ def _split_input(x):
         for i, a in enumerate(parts):
             if a.ndim != 2:
                 hint = ("; a list of points is read as a ragged batch of problems: for one dataset pass "
-                        "np.asarray(x)" if a.ndim == 1 and not hasattr(x[i], "shape") else "")
+                        "np.asarray(x)" + (".reshape(-1, 1)" if a.ndim == 0 else "")
+                        if a.ndim <= 1 and not hasattr(x[i], "shape") else "")
                 raise ValueError(f"x[{i}] must have shape [N, D], got shape {tuple(a.shape)}{hint}")
             _check_float(a, f"x[{i}]")
         dtypes = {_dtype_name(a) for a in parts}
