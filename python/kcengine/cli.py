@@ -66,21 +66,19 @@ def main(argv=None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    made, rc = None, 1
+    made, rc = None, 1  # rc stays 1 when the command raises
     try:
         made = _make_out(args.out) if getattr(args, "out", None) else None
         rc = int(mods[args.command].run(args) or 0)
-        return rc
     except UserError as exc:
         print(f"kcengine {args.command}: error: {exc}", file=sys.stderr)
         rc = 2
-        return rc
     except KeyboardInterrupt:
         print("kcengine: interrupted", file=sys.stderr)
         rc = 130
-        return rc
     finally:
         if made is not None and rc != 0:  # a failed command leaves no empty --out folders behind
             for d in sorted((p for p in [made, *made.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)):
                 if not any(d.iterdir()):
                     d.rmdir()
+    return rc

@@ -62,11 +62,11 @@ def _check_args(args):
     if args.model not in list_models():
         raise UserError(f"--model {args.model!r} is not a supported model (try resnet18, resnet50, "
                         f"mobilenet_v3_small, resnet20, resnet56)")
-    if args.weights is not None and args.weights not in ("none", "pretrained") and not Path(args.weights).is_file():
-        raise UserError(f"--weights {args.weights}: no such file")
     if args.weights is not None and args.weights not in ("none", "pretrained"):
         from ..conv.serialize import is_compressed_file
 
+        if not Path(args.weights).is_file():
+            raise UserError(f"--weights {args.weights}: no such file")
         if is_compressed_file(args.weights):
             raise UserError(f"--weights {args.weights}: a clustered model (a save_compressed file, as prune and "
                             f"finetune --out write); bench clusters a dense model itself: pass the dense weights "

@@ -26,12 +26,11 @@ def add_model_data_arguments(parser, *, training: bool = False) -> None:
     g.add_argument("--data", default=None,
                    help="CIFAR-10 python-batches folder (default ../shared/data)" if training else
                    "CIFAR-10 python-batches folder (CIFAR models; default ../shared/data) or an ImageFolder root")
-    if training:
-        g.add_argument("--limit", type=int, default=None,
-                       help="train on only the first N training images (evaluation: the whole test split)")
-    else:
+    if not training:
         g.add_argument("--split", default="test", choices=("test", "train"), help="CIFAR split (default test)")
-        g.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    g.add_argument("--limit", type=int, default=None,
+                   help="train on only the first N training images (evaluation: the whole test split)" if training
+                   else "use only the first N images")
     g.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .eval import add_model_data_arguments, save_clustered, load_cifar_split, load_model_arg
+from .eval import add_model_data_arguments, load_cifar_split, load_model_arg, save_clustered
 
 HELP = "cluster a CIFAR model and recover accuracy (frozen / centroids / progressive, distillation, resume)"
 
@@ -51,7 +51,8 @@ def add_arguments(parser) -> None:
     t.add_argument("--no-resume", action="store_true", help="start over even if --checkpoint-dir has a checkpoint")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--out", default=None, help="folder for model.pt (the trained model, compact: --weights of eval and kcengine.load_compressed read it), history.json and curves.png")
+    parser.add_argument("--out", default=None, help="folder for model.pt (the trained model, compact: --weights of "
+                        "eval and kcengine.load_compressed read it), history.json and curves.png")
 
 
 def _order_arg(text):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .eval import add_model_data_arguments, save_clustered, load_data_arg, load_model_arg
+from .eval import add_model_data_arguments, load_data_arg, load_model_arg, save_clustered
 
 HELP = "cluster conv weights with a plan (ratio, inertia, elbow, per-layer map, by channels)"
 
@@ -22,7 +22,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--backend", default="auto", help="k-means backend (auto, cpu, torch, cuda, triton)")
     parser.add_argument("--no-eval", action="store_true", help="skip accuracy (allows --weights none)")
-    parser.add_argument("--out", default=None, help="folder for report.json, report.md and model.pt (the clustered model, compact: --weights of eval and kcengine.load_compressed read it)")
+    parser.add_argument("--out", default=None, help="folder for report.json, report.md and model.pt (the clustered "
+                        "model, compact: --weights of eval and kcengine.load_compressed read it)")
 
 
 def _layers_arg(text):

@@ -28,8 +28,8 @@ import torch.nn as nn
 
 from .module import ClusteredConv2d
 
-__all__ = ["save_compressed", "load_compressed", "is_compressed_file", "checkpoint_sizes", "dense_state_dict", "conv_geometry",
-           "layer_config", "layer_from_config"]
+__all__ = ["save_compressed", "load_compressed", "is_compressed_file", "checkpoint_sizes", "dense_state_dict",
+           "conv_geometry", "layer_config", "layer_from_config"]
 
 FORMAT = "kcengine.compressed/1"
 
@@ -96,9 +96,10 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
 
 def is_compressed_file(path) -> bool:
     """True when ``path`` is a file written by :func:`save_compressed` (read with ``weights_only=True``; any
-    file that cannot be read so, or holds something else, gives False)."""
+    file that cannot be read so, or holds something else, gives False).  Memory-mapped, so the tensors are not
+    read: the check costs about one read of the file's index, not of its weights."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return False
     return isinstance(payload, dict) and payload.get("format") == FORMAT

@@ -117,7 +117,7 @@ def _fill_from_file(model: nn.Module, path) -> nn.Module:
     ``model`` is the skeleton), any other checkpoint is loaded into ``model`` as a state dict."""
     from ..conv.serialize import is_compressed_file, load_compressed
 
-    if Path(path).is_file() and is_compressed_file(path):
+    if is_compressed_file(path):  # False for a missing file: read_checkpoint then says so
         try:
             return load_compressed(path, model)
         except RuntimeError as exc:  # load_state_dict's mismatch report
