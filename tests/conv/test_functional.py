@@ -120,6 +120,7 @@ def test_gradients_are_tied_dense_gradients(granularity, backend):
     xr, br, sr, tr, rr = ref_leaves
     yr = torch.relu((F.conv2d(xr, w, br, **conv)) * sr.view(1, -1, 1, 1) + tr.view(1, -1, 1, 1) + rr)
     yr.backward(grad_out)
+    _close(y.detach(), yr.detach(), dtype)  # the forward under autograd (kernel: the dense-weight path) too
     if granularity == "filter":
         cb_grad = torch.zeros_like(cb).index_add_(0, idx, w.grad)
     else:

@@ -193,10 +193,13 @@ def _epilogue_fn():
 def triton_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, granularity, scale, shift, relu,
                           residual, plan=None, index32=None, **_):
     """The ``triton`` backend: cuDNN conv (K filters / depthwise maps) + one fused Triton pass."""
-    from .backends import _fold_bias, unique_maps
+    from .backends import _fold_bias, _needs_grad, _torch_epilogue, kernel_dense_conv, unique_maps
 
     _check_device(x, "x")
     scale, shift = _fold_bias(bias, scale, shift)
+    if granularity == "kernel" and _needs_grad(x, codebook, scale, shift, residual):  # training: dense weight
+        y = kernel_dense_conv(x, codebook, index, stride, padding, dilation)
+        return _torch_epilogue(y, scale, shift, relu, residual)
     kind, src, idx32 = unique_maps(x, codebook, index, granularity, stride, padding, dilation, plan, index32)
     if kind == "gather_sum":
         src = src.contiguous()
