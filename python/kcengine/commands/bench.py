@@ -20,18 +20,27 @@ SECTIONS = ("clustering", "inference", "accuracy")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="resnet18", help="resnet18/34/50, mobilenet_v3_small, resnet20..110, ...")
-    p.add_argument("--weights", default=None, help="checkpoint path (default: pretrained when available)")
-    p.add_argument("--data", default=None, help="dataset folder (CIFAR-10 python batches for CIFAR ResNets)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--backend", default="auto", help="kcengine backend: auto, cpu, torch, cuda, triton")
-    p.add_argument("--ratio", type=float, default=0.25, help="k = round(C_out * ratio) for inference/accuracy")
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma list of " + ", ".join(SECTIONS))
+    p.add_argument("--model", default="resnet18",
+                   help="resnet18/34/50, mobilenet_v3_small, resnet20..110, ... (default resnet18)")
+    p.add_argument("--weights", default=None,
+                   help="'pretrained', 'none' (default init) or a checkpoint PATH (default: ../shared/data's "
+                        "checkpoint for a CIFAR ResNet, else pretrained weights from the hub cache, else default init)")
+    p.add_argument("--data", default=None,
+                   help="CIFAR-10 python-batches folder for the accuracy section, which CIFAR ResNets alone run "
+                        "(default ../shared/data's when present, else the section is skipped)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default cpu)")
+    p.add_argument("--backend", default="auto", help="kcengine backend: auto, cpu, torch, cuda, triton (default auto)")
+    p.add_argument("--ratio", type=float, default=0.25,
+                   help="k = round(C_out * ratio) for inference/accuracy (default 0.25)")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help="comma list of " + ", ".join(SECTIONS) + " (default: all)")
     p.add_argument("--quick", action="store_true", help="small workloads: the whole run in about a minute")
-    p.add_argument("--max-problems", type=int, default=None, help="cap problems per clustering workload")
+    p.add_argument("--max-problems", type=int, default=None,
+                   help="cap problems per clustering workload (default: a_sweep 32 and d_element 2000 evenly spaced "
+                        "problems, the others whole; --quick: 12 each, d_element 200)")
     p.add_argument("--recover-epochs", type=int, default=0,
                    help="finetune each clustered model this many epochs (centroids mode, distillation) and report "
-                        "the recovered accuracy too (default 0 on CPU)")
+                        "the recovered accuracy too (default 0)")
     p.add_argument("--out", default=None, help="output folder (default kcengine-bench-<model>-<timestamp>)")
     p.add_argument("--json", action="store_true", help="print results.json to stdout instead of the summary")
 

@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
 
     ft = finetune_defaults()  # the training options' defaults are finetune's own (the recipe lives in one place)
     add_model_data_arguments(parser, training=True)
-    g = parser.add_argument_group("plan")
+    g = parser.add_argument_group("plan", "one of --ratio or --plan is required")
     g.add_argument("--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")
     g.add_argument("--plan", default=None, help="as for prune: R | ratio=R | relative_inertia=F | elbow | map:... ")
     g.add_argument("--granularity", default=ft["granularity"], choices=GRANULARITIES)

@@ -10,7 +10,7 @@ HELP = "cluster conv weights with a plan (ratio, inertia, elbow, per-layer map, 
 
 def add_arguments(parser) -> None:
     add_model_data_arguments(parser)
-    g = parser.add_argument_group("plan")
+    g = parser.add_argument_group("plan", "one of --ratio or --plan is required")
     g.add_argument("--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")
     g.add_argument("--plan", default=None,
                    help="R (a ratio, as --ratio R) | ratio=R | inertia=X | relative_inertia=F | elbow[=A:B:STEP] | "
