@@ -59,6 +59,12 @@ def test_prune_output_reads_back_as_weights(ckpt, cifar, tmp_path, capsys):
     assert "top-1" in capsys.readouterr().out
     with pytest.raises(ValueError, match="does not fit"):  # a compressed resnet20 is not a resnet32
         load_model("resnet32", out / "model.pt")
+    capsys.readouterr()
+    for cmd in (["prune", "--ratio", "0.5", "--no-eval"], ["sweep"]):  # not clustered again: one line saying why
+        assert main([*cmd, "--weights", str(out / "model.pt"), "--data", str(cifar),
+                     "--out", str(tmp_path / cmd[0])]) == 2
+        err = capsys.readouterr().err
+        assert "already clustered (19 clustered conv layers" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_prune_plan_takes_a_bare_ratio(ckpt, tmp_path):

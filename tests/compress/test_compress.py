@@ -259,6 +259,10 @@ def test_compress_argument_errors_name_the_value():
         compress(m, ratio=0.5, granularity="element", threshold=0.1)
     with pytest.raises(ValueError, match="holds no nn.Conv2d"):
         compress(nn.Linear(2, 2), ratio=0.5)
+    for gran in ("filter", "element"):  # a clustered model is told so, not "no nn.Conv2d"
+        clustered, _ = compress(m, ratio=0.5, granularity=gran)
+        with pytest.raises(ValueError, match="already clustered \\(3 clustered conv layers"):
+            compress(clustered, ratio=0.5)
 
 
 def test_report_json_and_markdown(tmp_path):

@@ -14,7 +14,7 @@ from .layers import GRANULARITIES, LayerProblem, effective_weight
 from .plan import ByChannels, Elbow, FixedRatio, PerLayer, k_from_value, parse_plan, ratio_to_k, select_layers
 from .report import CompressionReport, LayerReport
 
-__all__ = ["compress", "conv_layers", "candidate_ks", "elbow_index", "sweep_layer", "replace_module"]
+__all__ = ["compress", "conv_layers", "require_dense_convs", "candidate_ks", "elbow_index", "sweep_layer", "replace_module"]
 
 _KMEANS_OPTIONS = ("seed", "backend", "max_iter", "n_init", "tol", "algorithm")
 
@@ -22,6 +22,20 @@ _KMEANS_OPTIONS = ("seed", "backend", "max_iter", "n_init", "tol", "algorithm")
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     """``(name, module)`` of every ``nn.Conv2d`` in ``model``, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def require_dense_convs(model: nn.Module, convs) -> None:
+    """ValueError when ``model`` has no dense conv left because it is already clustered (the plain
+    "no nn.Conv2d" error of :func:`select_layers` would not say why)."""
+    if convs:
+        return
+    from ..conv.module import ClusteredConv2d
+    from .layers import ElementClusteredConv2d
+
+    n = sum(isinstance(m, (ClusteredConv2d, ElementClusteredConv2d)) for m in model.modules())
+    if n:
+        raise ValueError(f"the model is already clustered ({n} clustered conv layers, no nn.Conv2d left): "
+                         f"compress and sweep start from the dense model (its checkpoint, not a compact file)")
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -177,6 +191,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
             raise ValueError("threshold applies to granularity 'filter' or 'kernel', not 'element'")
     strategy = parse_plan(plan, ratio)
     convs = conv_layers(model)
+    require_dense_convs(model, convs)
     by_name = dict(convs)
     selected = select_layers([n for n, _ in convs], layers)
     probs = [LayerProblem(n, by_name[n], granularity, cosine) for n in selected]

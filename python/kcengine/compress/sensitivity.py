@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .apply import _kmeans_kwargs, candidate_ks, conv_layers, sweep_layer
+from .apply import _kmeans_kwargs, candidate_ks, conv_layers, require_dense_convs, sweep_layer
 from .layers import LayerProblem
 from .plan import select_layers
 
@@ -183,6 +183,7 @@ def sensitivity_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"images and labels differ in length: {images.shape[0]} vs {labels.shape[0]}")
     convs = conv_layers(model)
+    require_dense_convs(model, convs)
     by_name = dict(convs)
     selected = select_layers([n for n, _ in convs], layers)
     total_model = sum(m.weight.numel() for _, m in convs)

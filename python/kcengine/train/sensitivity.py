@@ -43,7 +43,7 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
     :func:`~kcengine.train.calibrate.calibrate_outputs` and running it whole).
     """
     from ..compress import compress
-    from ..compress.apply import candidate_ks, conv_layers
+    from ..compress.apply import candidate_ks, conv_layers, require_dense_convs
     from ..compress.plan import select_layers
     from ..conv import ClusteredConv2d
     from .calibrate import _layer_input, _moments, _refit_layer, calibrate_outputs, following_batchnorm
@@ -59,6 +59,7 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
     model.eval()
     try:
         convs = [(n, m) for n, m in conv_layers(model) if m.groups == 1]
+        require_dense_convs(model, convs)
         selected = select_layers([n for n, _ in convs], layers)
         by_name = dict(convs)
 
