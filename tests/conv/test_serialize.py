@@ -120,3 +120,25 @@ def test_builder_and_errors(tmp_path):
     loaded = kcengine.load_compressed(path)
     assert isinstance(loaded.layer1[0].conv1, ClusteredConv2d) and conv is not None
     assert torch.equal(loaded.fc.weight, rn.fc.weight)
+
+
+def test_malformed_files_are_value_errors_naming_the_file(tmp_path):
+    path = tmp_path / "m.pt"
+    kcengine.save_compressed(_cluster(Net()), path, builder="torchvision.models:resnet18")
+    good = torch.load(path, weights_only=True)
+    name = next(iter(good["clustered"]))
+    cases = [  # (what is broken, message)
+        ({"state_dict": None}, "'state_dict' is NoneType"),
+        ({"clustered": [1]}, "'clustered' must map layer names"),
+        ({"clustered": {name: {**good["clustered"][name], "num_clusters": "x"}}}, f"layer '{name}' has an unusable"),
+        ({"clustered": {name: {"in_channels": 3}}}, f"layer '{name}' has an unusable"),
+        ({"builder": "nope"}, "builder 'nope' is not 'module:callable'"),
+        ({"builder_kwargs": [1]}, "builder_kwargs is list"),
+        ({"builder": "kcengine_no_such_module:f"}, "cannot be imported here"),
+    ]
+    for change, msg in cases:
+        bad = tmp_path / "bad.pt"
+        torch.save({**good, **change}, bad)
+        with pytest.raises(ValueError, match=msg) as info:
+            kcengine.load_compressed(bad, model=None if "builder" in str(change) else Net())
+        assert str(bad) in str(info.value) or "model=" in str(info.value)

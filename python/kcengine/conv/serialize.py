@@ -115,12 +115,18 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a kcengine compressed checkpoint (format {FORMAT!r})")
+    _check_payload(payload, path)
     if model is None:
         builder = payload.get("builder")
         if not builder:
             raise ValueError(f"model=None but {path} records no builder: pass model=<skeleton of the architecture>")
         mod_name, _, fn_name = builder.partition(":")
-        model = getattr(importlib.import_module(mod_name), fn_name)(**payload.get("builder_kwargs", {}))
+        try:
+            build = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"{path} records builder {builder!r}, which cannot be imported here ({exc}): "
+                             f"pass model=<skeleton of the architecture>") from None
+        model = build(**payload.get("builder_kwargs", {}))
     elif not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module skeleton or None, got {type(model).__name__}")
     else:
@@ -128,9 +134,29 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
     state = payload["state_dict"]
     for name, cfg in payload["clustered"].items():
         ref = state.get(f"{name}.codebook")
-        _set_submodule(model, name, layer_from_config(cfg, dtype=ref.dtype if ref is not None else None))
+        try:
+            layer = layer_from_config(cfg, dtype=ref.dtype if isinstance(ref, torch.Tensor) else None)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: clustered layer {name!r} has an unusable config {cfg!r} ({exc})") from None
+        _set_submodule(model, name, layer)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _check_payload(payload: dict, path) -> None:
+    """ValueError naming the file when a payload with our format tag lacks what :func:`load_compressed`
+    reads (a truncated or hand-edited file), instead of a KeyError deep inside the rebuild."""
+    state, clustered = payload.get("state_dict"), payload.get("clustered")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: malformed compressed checkpoint, 'state_dict' is "
+                         f"{type(state).__name__}, not a dict")
+    if not isinstance(clustered, dict) or not all(isinstance(c, dict) for c in clustered.values()):
+        raise ValueError(f"{path}: malformed compressed checkpoint, 'clustered' must map layer names to configs")
+    builder, kwargs = payload.get("builder"), payload.get("builder_kwargs", {})
+    if builder is not None and (not isinstance(builder, str) or builder.count(":") != 1):
+        raise ValueError(f"{path}: malformed compressed checkpoint, builder {builder!r} is not 'module:callable'")
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{path}: malformed compressed checkpoint, builder_kwargs is {type(kwargs).__name__}")
 
 
 def dense_state_dict(model: nn.Module) -> dict:
