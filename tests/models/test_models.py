@@ -94,6 +94,27 @@ def test_torchvision_by_name_without_weights_and_missing_enum_weights(tmp_path, 
         load_model("resnet19")
 
 
+def test_torchvision_compact_file_round_trips_through_its_builder(tmp_path):
+    # what prune --out writes for a torchvision model: load_compressed rebuilds it from the recorded
+    # builder alone, load_model from the path, both equal to the clustered model
+    import kcengine
+    from kcengine.models.zoo import model_builder
+    from kcengine.nn import ClusteredConv2d
+
+    torch.manual_seed(0)
+    dense = load_model("mobilenet_v3_small", None, num_classes=7).model
+    clustered, _ = kcengine.compress(dense, ratio=0.5, layers="features.0.0|features.1.block.2.0")
+    builder, kwargs = model_builder("mobilenet_v3_small", num_classes=7)
+    path = tmp_path / "model.pt"
+    kcengine.save_compressed(clustered, path, builder=builder, builder_kwargs=kwargs)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = clustered.eval()(x)
+        for got in (kcengine.load_compressed(path), load_model("mobilenet_v3_small", str(path), num_classes=7).model):
+            assert sum(isinstance(m, ClusteredConv2d) for m in got.modules()) == 2
+            assert torch.equal(got.eval()(x), want)
+
+
 def test_pretrained_cifar_loads_through_the_hub_cache(shared_data, tmp_path, monkeypatch):
     """The real path: load_state_dict_from_url(public URL) finds the file in $TORCH_HOME/hub/checkpoints."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))

@@ -11,7 +11,10 @@ Two families:
   loaded by torchvision itself (the same hub cache).
 
 ``weights`` may also be a path to a checkpoint file of any format :mod:`.checkpoints` reads, or
-``None`` for the default initialization (speed-only work; no accuracy claims can be made).
+``None`` for the default initialization (speed-only work; no accuracy claims can be made).  A path
+to a compact file of :func:`kcengine.save_compressed` (the ``model.pt`` that ``kcengine prune`` and
+``finetune`` write with ``--out``) loads the model with its clustered layers clustered; those files
+record :func:`model_builder`'s builder, so :func:`kcengine.load_compressed` alone also rebuilds them.
 When pretrained weights are asked for but are neither cached nor downloadable,
 :class:`MissingWeightsError` says what is missing and how to provide it.
 """
