@@ -132,9 +132,12 @@ def candidates(op: str, backend: str | None, device="cpu") -> tuple[list[str], b
         if backend not in _OPS[op].impls:
             raise RuntimeError(f"backend={backend!r} does not implement {op}")
         if dev not in _DEVICES[backend]:
+            reason = backend_status(backend)
+            here = f"; it cannot run here at all: {reason}" if reason else \
+                f"; move the data there first, e.g. torch.as_tensor(x, device='{_DEVICES[backend][0]}')"
             raise RuntimeError(
                 f"backend={backend!r} cannot run on data on device {dev!r} "
-                f"(it takes {', '.join(_DEVICES[backend])} data)"
+                f"(it takes {', '.join(_DEVICES[backend])} data{here})"
             )
         reason = backend_status(backend)
         if reason:

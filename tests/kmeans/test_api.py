@@ -86,7 +86,8 @@ def test_explicit_backend_that_cannot_run_raises():
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the cuda backend may be able to run")
-    with pytest.raises(RuntimeError, match="backend='cuda'"):
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run on data on device 'cpu' .*cannot run here at all: "
+                                           "no CUDA device"):
         kcengine.kmeans(X, 2, backend="cuda")
 
 
