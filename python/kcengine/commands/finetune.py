@@ -14,42 +14,52 @@ HELP = "cluster a CIFAR model and recover accuracy (frozen / centroids / progres
 
 
 def add_arguments(parser) -> None:
-    from ..train.finetune import (DEFAULT_LR, GRANULARITIES, LR_REFERENCE_BATCH, MODES, OPTIMIZERS, RECOMMENDED_BATCH,
-                                  SCHEDULES, STAGE_TRAINING, finetune_defaults)
+    from ..train.finetune import (DEFAULT_EPOCHS, DEFAULT_LR, GRANULARITIES, LR_REFERENCE_BATCH, MODES, OPTIMIZERS,
+                                  RECOMMENDED_BATCH, SCHEDULES, STAGE_TRAINING, finetune_defaults)
 
     ft = finetune_defaults()  # the training options' defaults are finetune's own (the recipe lives in one place)
+
+    def add(group, *names, **kw):  # the help shows each default, so the recipe can be read off --help
+        d = kw.get("default")
+        if d is not None and kw.get("action") is None:
+            kw["help"] = f"{kw.get('help', '')} (default {d:g})".strip() if isinstance(d, float) \
+                else f"{kw.get('help', '')} (default {d})".strip()
+        return group.add_argument(*names, **kw)
+
     add_model_data_arguments(parser, training=True)
     g = parser.add_argument_group("plan", "one of --ratio or --plan is required")
-    g.add_argument("--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")
-    g.add_argument("--plan", default=None, help="as for prune: R | ratio=R | relative_inertia=F | elbow | map:... ")
-    g.add_argument("--granularity", default=ft["granularity"], choices=GRANULARITIES)
-    g.add_argument("--kmeans-seed", type=int, default=0)
+    add(g, "--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")
+    add(g, "--plan", default=None, help="as for prune: R | ratio=R | relative_inertia=F | elbow | map:... ")
+    add(g, "--granularity", default=ft["granularity"], choices=GRANULARITIES)
+    add(g, "--kmeans-seed", type=int, default=0)
     t = parser.add_argument_group("training (defaults: the recommended recipe)")
-    t.add_argument("--mode", default=ft["mode"], choices=MODES)
-    t.add_argument("--epochs", type=int, default=None, help="epochs (progressive: after the last stage)")
-    t.add_argument("--order", default=None,
-                   help="progressive stages, ';'-separated; each a regex or ','-separated names "
-                        "(default: top-level groups, deepest first)")
-    t.add_argument("--stage-epochs", type=int, default=ft["stage_epochs"], help="progressive: epochs after each stage")
-    t.add_argument("--stage-training", default=ft["stage_training"], choices=STAGE_TRAINING)
-    t.add_argument("--optimizer", default=ft["optimizer"], choices=OPTIMIZERS)
-    t.add_argument("--lr", type=float, default=None,
-                   help=f"peak learning rate (default for sgd: {DEFAULT_LR['sgd']:g} per {LR_REFERENCE_BATCH} images "
-                        "of --train-batch-size)")
-    t.add_argument("--schedule", default=ft["schedule"], choices=SCHEDULES)
-    t.add_argument("--weight-decay", type=float, default=ft["weight_decay"])
-    t.add_argument("--temperature", type=float, default=ft["temperature"], help="distillation temperature")
-    t.add_argument("--alpha", type=float, default=ft["alpha"], help="weight of the distillation term (0: plain CE)")
-    t.add_argument("--feature-weight", type=float, default=ft["feature_weight"],
-                   help="weight of the block-output matching term (0: off)")
-    t.add_argument("--no-augment", action="store_true", help="no crop + flip")
-    t.add_argument("--mixup", type=float, default=ft["mixup"], help="mixup Beta(a, a) parameter (0: no mixup)")
-    t.add_argument("--no-refit", action="store_true", help="skip the output-aware refit of clustered layers")
-    t.add_argument("--train-batch-size", type=int, default=RECOMMENDED_BATCH)
-    t.add_argument("--seed", type=int, default=ft["seed"])
-    t.add_argument("--checkpoint-dir", default=None, help="checkpoint every epoch; an existing one is resumed")
-    t.add_argument("--no-resume", action="store_true", help="start over even if --checkpoint-dir has a checkpoint")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add(t, "--mode", default=ft["mode"], choices=MODES)
+    add(t, "--epochs", type=int, default=None,
+        help="epochs (progressive: after the last stage; default by mode: "
+             + ", ".join(f"{m} {e}" for m, e in DEFAULT_EPOCHS.items()) + ")")
+    add(t, "--order", default=None,
+        help="progressive stages, ';'-separated; each a regex or ','-separated names "
+             "(default: top-level groups, deepest first)")
+    add(t, "--stage-epochs", type=int, default=ft["stage_epochs"], help="progressive: epochs after each stage")
+    add(t, "--stage-training", default=ft["stage_training"], choices=STAGE_TRAINING)
+    add(t, "--optimizer", default=ft["optimizer"], choices=OPTIMIZERS)
+    add(t, "--lr", type=float, default=None,
+        help=f"peak learning rate (default for sgd: {DEFAULT_LR['sgd']:g} per {LR_REFERENCE_BATCH} images "
+             "of --train-batch-size)")
+    add(t, "--schedule", default=ft["schedule"], choices=SCHEDULES)
+    add(t, "--weight-decay", type=float, default=ft["weight_decay"])
+    add(t, "--temperature", type=float, default=ft["temperature"], help="distillation temperature")
+    add(t, "--alpha", type=float, default=ft["alpha"], help="weight of the distillation term (0: plain CE)")
+    add(t, "--feature-weight", type=float, default=ft["feature_weight"],
+        help="weight of the block-output matching term (0: off)")
+    add(t, "--no-augment", action="store_true", help="no crop + flip")
+    add(t, "--mixup", type=float, default=ft["mixup"], help="mixup Beta(a, a) parameter (0: no mixup)")
+    add(t, "--no-refit", action="store_true", help="skip the output-aware refit of clustered layers")
+    add(t, "--train-batch-size", type=int, default=RECOMMENDED_BATCH)
+    add(t, "--seed", type=int, default=ft["seed"])
+    add(t, "--checkpoint-dir", default=None, help="checkpoint every epoch; an existing one is resumed")
+    add(t, "--no-resume", action="store_true", help="start over even if --checkpoint-dir has a checkpoint")
+    add(t, "--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", default=None, help="folder for model.pt (the trained model, compact: --weights of "
                         "eval and kcengine.load_compressed read it), history.json and curves.png")
