@@ -21,7 +21,7 @@ def add_model_data_arguments(parser, *, training: bool = False) -> None:
                    help="'pretrained' (public weights via the torch hub cache), "
                         + ("" if training else "a torchvision weights name, ")
                         + "a checkpoint PATH (a state dict, or the model.pt of prune/finetune --out: loaded "
-                          "clustered), or 'none' (default init: speed-only work)")
+                          "clustered), or 'none' (default init: speed-only work); default pretrained")
     g.add_argument("--no-download", action="store_true", help="take pretrained weights only from the hub cache")
     g.add_argument("--data", default=None,
                    help="CIFAR-10 python-batches folder (default ../shared/data)" if training else

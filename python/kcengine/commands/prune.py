@@ -15,12 +15,13 @@ def add_arguments(parser) -> None:
     g.add_argument("--plan", default=None,
                    help="R (a ratio, as --ratio R) | ratio=R | inertia=X | relative_inertia=F | elbow[=A:B:STEP] | "
                         "map:NAME=K,... | channels:C=K,...")
-    g.add_argument("--granularity", default="filter", choices=("filter", "kernel", "element"))
-    g.add_argument("--layers", default=None, help="'first', a regex (full match) or comma-separated names")
-    g.add_argument("--threshold", type=float, default=None, help="filters farther than this keep their weights")
+    g.add_argument("--granularity", default="filter", choices=("filter", "kernel", "element"), help="(default filter)")
+    g.add_argument("--layers", default=None,
+                   help="'first', a regex (full match) or comma-separated names (default: every conv)")
+    g.add_argument("--threshold", type=float, default=None, help="filters farther than this keep their weights (default: none kept)")
     g.add_argument("--cosine", action="store_true", help="cluster normalized filters, keep each norm")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--backend", default="auto", help="k-means backend (auto, cpu, torch, cuda, triton)")
+    g.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    g.add_argument("--backend", default="auto", help="k-means backend: auto, cpu, torch, cuda, triton (default auto)")
     parser.add_argument("--no-eval", action="store_true", help="skip accuracy (allows --weights none)")
     parser.add_argument("--out", default=None, help="folder for report.json, report.md and model.pt (the clustered "
                         "model, compact: --weights of eval and kcengine.load_compressed read it)")

@@ -10,12 +10,15 @@ HELP = "per-layer sensitivity sweep: accuracy and F = acc/(unique/total) for eac
 
 def add_arguments(parser) -> None:
     add_model_data_arguments(parser)
-    parser.add_argument("--granularity", default="filter", choices=("filter", "kernel", "element"))
-    parser.add_argument("--layers", default=None, help="'first', a regex (full match) or comma-separated names")
+    parser.add_argument("--granularity", default="filter", choices=("filter", "kernel", "element"),
+                        help="(default filter)")
+    parser.add_argument("--layers", default=None,
+                        help="'first', a regex (full match) or comma-separated names (default: every conv)")
     parser.add_argument("--ratios", default=None,
                         help="comma-separated k/N values (default 1/16, 2/16, ..., 1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default="auto", help="k-means backend")
+    parser.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    parser.add_argument("--backend", default="auto",
+                        help="k-means backend: auto, cpu, torch, cuda, triton (default auto)")
     parser.add_argument("--out", default=None, help="folder for sweep.csv, sweep.md and sweep.png")
 
 
