@@ -115,5 +115,22 @@ def test_out_that_cannot_be_a_folder_is_a_user_error_before_any_work(command, tm
 
 def test_missing_pretrained_weights_is_a_user_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("KCENGINE_DATA", str(tmp_path / "no-shared-data"))  # no ../shared copy to fall back on
     assert main(["eval", "--no-download"]) == 2
+    assert "not in the torch hub cache" in capsys.readouterr().err
+
+
+def test_pretrained_falls_back_on_the_shared_copy_of_the_public_file(ckpt, cifar, tmp_path, monkeypatch, capsys):
+    # the default --weights pretrained, offline, with the published file in <shared data>/checkpoints
+    import shutil
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    shared = tmp_path / "shared-data"
+    (shared / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt, shared / "checkpoints" / "resnet20-12fca82f.th")
+    shutil.copy(ckpt, shared / "checkpoints" / "resnet32-d509ac18.th.not-this-one")
+    monkeypatch.setenv("KCENGINE_DATA", str(shared))
+    assert main(["eval", "--no-download", "--data", str(cifar), "--no-progress"]) == 0
+    assert f"resnet20 ({shared / 'checkpoints' / 'resnet20-12fca82f.th'}): top-1" in capsys.readouterr().out
+    assert main(["eval", "--model", "resnet32", "--no-download", "--data", str(cifar)]) == 2  # another name: none
     assert "not in the torch hub cache" in capsys.readouterr().err

@@ -18,7 +18,8 @@ def add_model_data_arguments(parser, *, training: bool = False) -> None:
                    help="resnet20/32/44/56/110 (CIFAR-10; default resnet20)" if training else
                    "resnet20/32/44/56/110 (CIFAR) or a torchvision model name (default resnet20)")
     g.add_argument("--weights", default="pretrained",
-                   help="'pretrained' (public weights via the torch hub cache), "
+                   help="'pretrained' (public weights via the torch hub cache, or for a CIFAR ResNet the same file in "
+                        "../shared/data/checkpoints), "
                         + ("" if training else "a torchvision weights name, ")
                         + "a checkpoint PATH (a state dict, or the model.pt of prune/finetune --out: loaded "
                           "clustered), or 'none' (default init: speed-only work); default pretrained")
@@ -70,12 +71,29 @@ def save_clustered(lm, model, path) -> int:
     return save_compressed(model, path, builder=builder, builder_kwargs=kwargs)
 
 
+def _shared_copy_of_pretrained(name: str) -> str | None:
+    """For a CIFAR ResNet whose public checkpoint is not in the torch hub cache: the same file (same name, as
+    published) in ``../shared/data/checkpoints`` when there is one, so that the default ``--weights
+    pretrained`` works offline beside the shared data; else None (the hub cache or a download)."""
+    from ..bench.common import shared_data_dir
+    from ..models import CIFAR_CHECKPOINT_URLS, hub_cache_path
+
+    url = CIFAR_CHECKPOINT_URLS.get(name)
+    if url is None or hub_cache_path(url).is_file():
+        return None
+    data = shared_data_dir()
+    local = data / "checkpoints" / hub_cache_path(url).name if data is not None else None
+    return str(local) if local is not None and local.is_file() else None
+
+
 def load_model_arg(args, *, need_trained: bool):
     """The LoadedModel the arguments name; UserError for missing weights or unknown names."""
     from ..cli import UserError
     from ..models import MissingWeightsError, load_model
 
     weights = None if str(args.weights).lower() == "none" else args.weights
+    if weights == "pretrained":
+        weights = _shared_copy_of_pretrained(args.model) or weights
     try:
         lm = load_model(args.model, weights, allow_download=not args.no_download)
     except MissingWeightsError as exc:
