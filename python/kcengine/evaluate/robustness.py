@@ -1,0 +1,167 @@
+"""Adversarial robustness: accuracy under FGSM and PGD attacks bounded in L-infinity.
+
+Does clustering the weights make a network easier to fool?  :func:`adversarial_accuracy` answers it for
+any model, dense or clustered, on the same images.  The attacks work in pixel space: the data are the
+model's normalized inputs, ``mean``/``std`` (the normalization the weights expect, ``LoadedModel.mean`` /
+``.std``) map them back to [0, 1] RGB, each image may move by at most ``eps`` per pixel and channel
+(``8/255`` is the common CIFAR budget, ``1/255`` and ``2/255`` small ones), and stays a valid image.
+
+* ``"fgsm"``: one step of size ``eps`` along the sign of the loss gradient (Goodfellow et al., 2015).
+* ``"pgd"``: ``steps`` signed-gradient steps of ``step_size`` (default ``2.5 * eps / steps``), each
+  projected back into the eps-box and [0, 1], from a uniform random start in the box (``random_start``;
+  Madry et al., 2018).  The random start is drawn from ``seed``: a run is reproducible.
+
+The loss is the cross-entropy of the model's logits.  An image counts as robust when the model classifies
+it correctly both as given and after the attack, so ``robust_top1 <= clean_top1``.  The model runs in eval
+mode (BatchNorm statistics fixed); only the input's gradient is computed, so the caller's model is left as
+it was (parameters, their ``.grad``, train/eval mode).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .metrics import _batches, _length
+
+__all__ = ["ATTACKS", "RobustResult", "adversarial_examples", "adversarial_accuracy"]
+
+ATTACKS = ("fgsm", "pgd")
+
+
+@dataclass
+class RobustResult:
+    """Accuracy of ``total`` images as given (``clean_top1``) and under the attack (``robust_top1``: correct
+    both ways), with the attack's parameters (``eps`` and ``step_size`` in [0, 1] pixel units)."""
+
+    attack: str
+    eps: float
+    steps: int
+    step_size: float
+    clean_top1: float
+    robust_top1: float
+    correct_clean: int
+    correct_robust: int
+    total: int
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def label(self) -> str:
+        """``"PGD-10, eps 2/255"``-style name of the attack."""
+        name = "FGSM" if self.attack == "fgsm" else f"PGD-{self.steps}"
+        return f"{name}, eps {eps_text(self.eps)}"
+
+
+def eps_text(eps: float) -> str:
+    """``eps`` as ``n/255`` when it is one (to 1e-9), else as a decimal."""
+    n = eps * 255
+    return f"{round(n)}/255" if abs(n - round(n)) < 1e-6 else f"{eps:g}"
+
+
+def _check(attack, eps, steps, step_size, mean, std):
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {ATTACKS}, got attack={attack!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
+        raise ValueError(f"eps must be a number in [0, 1] (pixel units: 8/255 = {8 / 255:.4f}), got eps={eps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got steps={steps!r}")
+    if step_size is not None and (isinstance(step_size, bool) or not isinstance(step_size, (int, float))
+                                  or not step_size > 0):
+        raise ValueError(f"step_size must be a number > 0 or None, got step_size={step_size!r}")
+    if len(mean) != len(std) or any(s <= 0 for s in std):
+        raise ValueError(f"mean and std need one entry per channel and std > 0, got mean={mean}, std={std}")
+
+
+def _stats(mean, std, x):
+    shape = (1, -1, 1, 1)
+    return (torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape),
+            torch.tensor(std, dtype=x.dtype, device=x.device).view(shape))
+
+
+def _input_grad(model, x, y):
+    """d CE(model(x), y) / dx, without touching any parameter's ``.grad``."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        loss = F.cross_entropy(model(x), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, [x])
+    return g
+
+
+def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mean, std, eps: float,
+                         attack: str = "pgd", steps: int = 10, step_size: float | None = None,
+                         random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The attacked images of one batch: ``x`` normalized ``[N, C, H, W]`` (the model's input), ``y`` labels;
+    returns new normalized images, each within ``eps`` of its original in [0, 1] pixel space (see the module
+    docstring).  The model is used as it is (put it in eval mode first); ``x`` is not modified."""
+    _check(attack, eps, steps, step_size, mean, std)
+    m, s = _stats(mean, std, x)
+    pix = (x.detach() * s + m).clamp(0, 1)
+
+    def to_input(p):
+        return (p - m) / s
+
+    if attack == "fgsm" or eps == 0:
+        if eps == 0:
+            return to_input(pix)
+        # the gradient w.r.t. the pixels is the input's gradient divided by std: same sign
+        g = _input_grad(model, to_input(pix), y)
+        return to_input((pix + eps * g.sign()).clamp(0, 1))
+    alpha = step_size if step_size is not None else 2.5 * eps / steps
+    adv = pix.clone()
+    if random_start:
+        noise = torch.rand(pix.shape, generator=generator, dtype=pix.dtype, device="cpu").to(pix.device)
+        adv = (pix + (2 * noise - 1) * eps).clamp(0, 1)
+    for _ in range(steps):
+        g = _input_grad(model, to_input(adv), y)
+        adv = adv + alpha * g.sign()
+        adv = torch.min(torch.max(adv, pix - eps), pix + eps).clamp(0, 1)
+    return to_input(adv)
+
+
+def adversarial_accuracy(model: nn.Module, data, *, mean, std, eps: float = 2 / 255, attack: str = "pgd",
+                         steps: int = 10, step_size: float | None = None, random_start: bool = True,
+                         batch_size: int = 500, device="cpu", seed: int = 0, progress: bool = False) -> RobustResult:
+    """Accuracy of ``model`` on ``data`` (a DataLoader, a Dataset or an ``(images, labels)`` pair of normalized
+    images, as :func:`kcengine.evaluate.evaluate` takes) as given and under ``attack``; see the module
+    docstring.  ``mean``/``std``: the per-channel normalization of the images (``LoadedModel.mean/std``)."""
+    _check(attack, eps, steps, step_size, mean, std)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
+    gen = torch.Generator().manual_seed(int(seed))
+    was_training = model.training
+    model.eval()
+    clean = robust = total = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=_length(data), desc=f"{attack} eps {eps_text(eps)}", unit="img", leave=False)
+    t0 = time.perf_counter()
+    try:
+        for x, y in _batches(data, batch_size):
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                ok = model(x).argmax(1) == y
+            adv = adversarial_examples(model, x, y, mean=mean, std=std, eps=eps, attack=attack, steps=steps,
+                                       step_size=step_size, random_start=random_start, generator=gen)
+            with torch.no_grad():
+                ok_adv = model(adv).argmax(1) == y
+            clean += int(ok.sum())
+            robust += int((ok & ok_adv).sum())
+            total += int(y.shape[0])
+            if bar is not None:
+                bar.update(int(y.shape[0]))
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("data holds no images")
+    alpha = eps if attack == "fgsm" else (step_size if step_size is not None else 2.5 * eps / steps)
+    return RobustResult(attack, float(eps), 1 if attack == "fgsm" else steps, float(alpha), clean / total,
+                        robust / total, clean, robust, total, time.perf_counter() - t0)

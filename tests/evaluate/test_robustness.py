@@ -1,0 +1,141 @@
+"""FGSM / PGD against an independent numpy reference (a linear softmax model, whose input gradient has a
+closed form), their box and validity properties, and clustered models attacked like their dense twins."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import kcengine
+from kcengine.evaluate import adversarial_accuracy, adversarial_examples, evaluate
+from kcengine.nn import ClusteredConv2d
+
+MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+
+def _images(n=16, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    pix = torch.randint(0, 256, (n, 3, 6, 5), generator=g).to(dtype) / 255
+    m, s = torch.tensor(MEAN, dtype=dtype).view(1, 3, 1, 1), torch.tensor(STD, dtype=dtype).view(1, 3, 1, 1)
+    return pix, (pix - m) / s, torch.randint(0, 4, (n,), generator=g)
+
+
+def _np_grad_pixels(W, b, pix, y):
+    """d CE / d pixels of logits = W @ ((pix - mean) / std).flatten() + b, in numpy."""
+    m, s = np.array(MEAN).reshape(1, 3, 1, 1), np.array(STD).reshape(1, 3, 1, 1)
+    z = ((pix - m) / s).reshape(len(pix), -1)
+    logits = z @ W.T + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1
+    return (p @ W).reshape(pix.shape) / s
+
+
+def _linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(3 * 6 * 5, 4).double()
+    return nn.Sequential(nn.Flatten(), lin), lin.weight.detach().numpy(), lin.bias.detach().numpy()
+
+
+def _pixels(x):
+    m, s = torch.tensor(MEAN, dtype=x.dtype).view(1, 3, 1, 1), torch.tensor(STD, dtype=x.dtype).view(1, 3, 1, 1)
+    return x * s + m
+
+
+def test_fgsm_and_pgd_match_the_numpy_reference():
+    model, W, b = _linear()
+    pix, x, y = _images()
+    eps = 3 / 255
+    ref = np.clip(pix.numpy() + eps * np.sign(_np_grad_pixels(W, b, pix.numpy(), y.numpy())), 0, 1)
+    got = adversarial_examples(model, x, y, mean=MEAN, std=STD, eps=eps, attack="fgsm")
+    np.testing.assert_allclose(_pixels(got).numpy(), ref, atol=1e-12)
+    # PGD without a random start: signed steps of 1/255, each projected into the box and [0, 1]
+    adv = pix.numpy().copy()
+    for _ in range(5):
+        adv = adv + (1 / 255) * np.sign(_np_grad_pixels(W, b, adv, y.numpy()))
+        adv = np.clip(np.clip(adv, pix.numpy() - eps, pix.numpy() + eps), 0, 1)
+    got = adversarial_examples(model, x, y, mean=MEAN, std=STD, eps=eps, attack="pgd", steps=5, step_size=1 / 255,
+                               random_start=False)
+    np.testing.assert_allclose(_pixels(got).numpy(), adv, atol=1e-12)
+    assert not np.allclose(adv, ref)  # the two attacks really differ here
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x)))
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def _trained_net():
+    torch.manual_seed(1)
+    net = _Net().double()
+    _, x, y = _images(64, seed=5)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(30):  # enough that it classifies some images right, so the attack has something to undo
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net.eval(), x, y
+
+
+def test_pgd_stays_in_the_box_and_is_reproducible_and_leaves_the_model_alone():
+    net, x, y = _trained_net()
+    net.train()  # the caller's mode comes back
+    before = copy.deepcopy(net.state_dict())
+    for p in net.parameters():
+        p.grad = None
+    r = adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, eps=0.1, steps=7, batch_size=20, seed=3)
+    assert net.training and all(p.grad is None for p in net.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    clean = evaluate(net, (x, y))
+    assert r.clean_top1 == clean.top1 and r.total == 64 and r.steps == 7
+    assert r.robust_top1 < r.clean_top1  # the attack flips some correct answers
+    again = adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, eps=0.1, steps=7, batch_size=20, seed=3)
+    assert (again.correct_robust, again.correct_clean) == (r.correct_robust, r.correct_clean)
+    net.eval()
+    pix = _pixels(x)
+    for attack in ("fgsm", "pgd"):
+        adv = _pixels(adversarial_examples(net, x, y, mean=MEAN, std=STD, eps=4 / 255, attack=attack, steps=3,
+                                           generator=torch.Generator().manual_seed(0)))
+        assert (adv - pix).abs().max() <= 4 / 255 + 1e-12 and adv.min() >= 0 and adv.max() <= 1
+        assert (adv - pix).abs().max() > 3.9 / 255  # and uses it
+    zero = adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, eps=0.0)
+    assert zero.robust_top1 == zero.clean_top1
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_clustered_model_is_attacked_like_its_dense_twin(granularity):
+    net, x, y = _trained_net()
+    small, _ = kcengine.compress(net, ratio=0.5, granularity=granularity, seed=0)
+    assert sum(isinstance(m, ClusteredConv2d) for m in small.modules()) == 2
+    twin = copy.deepcopy(net)  # plain nn.Conv2d layers holding each clustered layer's dense weight
+    for name in ("conv1", "conv2"):
+        layer = getattr(small, name)
+        conv = getattr(twin, name)
+        with torch.no_grad():
+            conv.weight.copy_(layer.to_dense())
+    for attack in ("fgsm", "pgd"):
+        kw = dict(mean=MEAN, std=STD, eps=2 / 255, attack=attack, steps=4)
+        got = adversarial_examples(small.eval(), x, y, generator=torch.Generator().manual_seed(0), **kw)
+        want = adversarial_examples(twin.eval(), x, y, generator=torch.Generator().manual_seed(0), **kw)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+
+
+def test_bad_arguments_name_the_value():
+    net, x, y = _trained_net()
+    for kw, msg in [(dict(attack="cw"), "attack must be one of"), (dict(eps=-0.1), "eps must be a number in"),
+                    (dict(eps=8), "got eps=8"), (dict(steps=0), "steps must be an int >= 1, got steps=0"),
+                    (dict(step_size=0), "step_size must be"), (dict(std=(1, 0, 1)), "std > 0")]:
+        args = {"mean": MEAN, "std": STD, **kw}
+        with pytest.raises(ValueError, match=msg):
+            adversarial_accuracy(net, (x, y), **args)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, batch_size=0)
