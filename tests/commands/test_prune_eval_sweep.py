@@ -32,6 +32,25 @@ def test_eval_writes_json_and_png(ckpt, cifar, tmp_path, capsys):
     assert "top-1" in capsys.readouterr().out
 
 
+def test_eval_attack_reports_the_library_figure(ckpt, cifar, tmp_path, capsys):
+    from kcengine.data import cifar10_dataset
+    from kcengine.evaluate import adversarial_accuracy
+
+    out = tmp_path / "ev"
+    assert main(["eval", "--weights", str(ckpt), "--data", str(cifar), "--attack", "pgd", "--eps", "8/255",
+                 "--attack-steps", "3", "--out", str(out), "--no-progress"]) == 0
+    got = json.loads((out / "eval.json").read_text())["adversarial"]
+    lm = load_model("resnet20", ckpt)
+    want = adversarial_accuracy(lm.model, cifar10_dataset(cifar, "test", None), mean=lm.mean, std=lm.std,
+                                eps=8 / 255, attack="pgd", steps=3, batch_size=500)
+    assert (got["correct_robust"], got["correct_clean"], got["total"]) == \
+        (want.correct_robust, want.correct_clean, want.total) == (got["correct_robust"], got["correct_clean"], 12)
+    assert "under PGD-3, eps 8/255: top-1" in capsys.readouterr().out
+    for bad, msg in (("2/0", "a number or N/255"), ("1.5", "must be in [0, 1]")):
+        assert main(["eval", "--weights", str(ckpt), "--data", str(cifar), "--attack", "fgsm", "--eps", bad]) == 2
+        assert msg in capsys.readouterr().err
+
+
 def test_prune_writes_report(ckpt, cifar, tmp_path):
     out = tmp_path / "pr"
     assert main(["prune", "--weights", str(ckpt), "--data", str(cifar), "--plan", "map:layer3\\..*=0.5",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HELP = "evaluate a model (top-1/top-5, per-class accuracy, confusion matrix)"
+HELP = "evaluate a model (top-1/top-5, per-class accuracy, confusion matrix, accuracy under FGSM/PGD)"
 
 
 def add_model_data_arguments(parser, *, training: bool = False) -> None:
@@ -135,13 +135,37 @@ def load_data_arg(args, lm):
 
 def add_arguments(parser) -> None:
     add_model_data_arguments(parser)
+    a = parser.add_argument_group("adversarial robustness (kcengine.evaluate.adversarial_accuracy)")
+    a.add_argument("--attack", default=None, choices=("fgsm", "pgd"),
+                   help="also report accuracy under this L-infinity attack (default: none)")
+    a.add_argument("--eps", default="2/255",
+                   help="the attack's budget per pixel in [0, 1] units, a number or N/255 (default 2/255)")
+    a.add_argument("--attack-steps", type=int, default=10, help="PGD steps (default 10)")
     parser.add_argument("--out", default=None, help="folder for eval.json and confusion.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run(args) -> int:
-    from ..evaluate import confusion_png, evaluate
+def _eps_arg(text: str) -> float:
+    """``--eps``: a number or ``N/255``; UserError otherwise or outside [0, 1]."""
+    from ..cli import UserError
 
+    try:
+        num, _, den = str(text).partition("/")
+        val = float(num) / (float(den) if den else 1.0)
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"--eps must be a number or N/255, got {text!r}") from None
+    if not 0 <= val <= 1:
+        raise UserError(f"--eps must be in [0, 1] (pixel units; 8/255 = {8 / 255:.4f}), got {text!r}")
+    return val
+
+
+def run(args) -> int:
+    from ..cli import UserError
+    from ..evaluate import adversarial_accuracy, confusion_png, evaluate
+
+    eps = _eps_arg(args.eps) if args.attack else None
+    if args.attack and args.attack_steps < 1:
+        raise UserError(f"--attack-steps must be >= 1, got {args.attack_steps}")
     lm = load_model_arg(args, need_trained=True)
     data = load_data_arg(args, lm)
     r = evaluate(lm.model, data, batch_size=args.batch_size, progress=not args.no_progress, desc=lm.name)
@@ -149,11 +173,20 @@ def run(args) -> int:
           f"{r.seconds:.1f} s")
     for name, acc in zip(r.classes, r.per_class):
         print(f"  {name:>12s}: {'n/a' if acc != acc else f'{100 * acc:.1f}%'}")
+    robust = None
+    if args.attack:
+        robust = adversarial_accuracy(lm.model, data, mean=lm.mean, std=lm.std, eps=eps, attack=args.attack,
+                                      steps=args.attack_steps, batch_size=args.batch_size,
+                                      progress=not args.no_progress)
+        print(f"under {robust.label()}: top-1 {100 * robust.robust_top1:.2f}% ({robust.correct_robust}/"
+              f"{robust.total}; correct as given and after the attack), {robust.seconds:.1f} s")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         d = r.as_dict()
         d.update(model=lm.name, weights=lm.weights)
+        if robust is not None:
+            d["adversarial"] = robust.as_dict()
         (out / "eval.json").write_text(json.dumps(d, indent=2) + "\n")
         confusion_png(r.confusion, out / "confusion.png", classes=r.classes, title=f"{lm.name}: top-1 "
                       f"{100 * r.top1:.2f}%")
