@@ -1,0 +1,20 @@
+"""kcengine.bench.robustness: the --attacks syntax and its errors (the attacks themselves: test_robustness)."""
+import pytest
+
+from kcengine.bench.robustness import main, parse_attacks
+
+
+def test_attacks_parse_in_255ths():
+    assert parse_attacks("fgsm:1,pgd:2") == [("fgsm", 1 / 255), ("pgd", 2 / 255)]
+    assert parse_attacks(" pgd:0.5 ") == [("pgd", 0.5 / 255)]
+    for bad in ("cw:1", "pgd", "pgd:x", "fgsm:300", "pgd:-1"):
+        with pytest.raises(ValueError, match="is not fgsm:N or pgd:N"):
+            parse_attacks(bad)
+
+
+def test_cli_errors_name_the_value(capsys):
+    for argv, msg in ((["--attacks", "pgd:x"], "'pgd:x' is not fgsm:N"), (["--ratios", "0"], "--ratios must be"),
+                      (["--steps", "0"], "--steps >= 1")):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2 and msg in capsys.readouterr().err
