@@ -50,3 +50,25 @@ def test_readme_snippets_run(tmp_path, monkeypatch):
         torch.testing.assert_close(loaded.eval()(ns["x"]), small.eval()(ns["x"]))
         torch.testing.assert_close(ns["y"], small(ns["x"]), rtol=1e-4, atol=1e-4)
     assert w.shape == (64, 64, 3, 3)
+
+
+def test_readme_cli_lines_parse():
+    """Every `python -m kcengine ...` / `torchrun ... -m kcengine ...` line of the README's bash blocks names a
+    command and options the CLI accepts (what each command does is tested in tests/commands)."""
+    import shlex
+
+    from kcengine.cli import build_parser
+
+    parser, _ = build_parser()
+    lines = [ln.split("#")[0].strip() for b in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+             for ln in b.splitlines()]
+    argvs = []
+    for ln in lines:
+        for part in ln.split("&&"):
+            words = shlex.split(part)
+            if "kcengine" in words and "-m" in words and words[words.index("kcengine") - 1] == "-m":
+                argvs.append(words[words.index("kcengine") + 1:])
+    assert len(argvs) >= 8 and {a[0] for a in argvs} >= {"bench", "eval", "prune", "finetune", "sweep"}
+    for argv in argvs:
+        args = parser.parse_args(argv)
+        assert args.command == argv[0]
