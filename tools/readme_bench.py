@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                 r / "recovery_resnet20_seeds_b64.md", [("", None)], note=seed_summary(r / "recovery_resnet20_seeds_b64.md")),
         section("Recovery of resnet20: the spread over finetune seeds (batch 128, before)", r / "recovery_resnet20_seeds.md",
                 [("", None)], note=seed_summary(r / "recovery_resnet20_seeds.md")),
+        section("Adversarial robustness of resnet20 (CIFAR-10 sample): dense against clustered and recovered",
+                r / "robustness_resnet20.md", [("", None)],
+                note="`robust_top1`: correct as given and after the attack (L-infinity, eps in [0, 1] pixel units; "
+                     "PGD from a random start, steps of 2.5 eps / steps); the clustered models are recovered with "
+                     "finetune's defaults first. The file gives the whole setup."),
         section("Clustering on a GPU (NVIDIA H200): resnet18 shapes", r / "kmeans_gpu.md", [("", "## resnet18")]),
         section("Clustering on a GPU (NVIDIA H200): e_large, all 3x3 kernels of resnet18 as one problem, k = 4096",
                 r / "kmeans_gpu_large.md", [("", "## resnet18")]),
