@@ -129,6 +129,52 @@ def test_clustered_model_is_attacked_like_its_dense_twin(granularity):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
 
 
+class _LabelReader(nn.Module):
+    """Predicts class c when pixel [0, 0, 0] is c/4 (in [0, 1] pixel units): its answers are set by the images."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        v = x[:, 0, 0, 0] * STD[0] + MEAN[0]
+        return -self.scale * (v[:, None] - torch.arange(4, dtype=x.dtype) / 4).abs()
+
+
+def _encode(pix, labels):
+    pix = pix.clone()
+    pix[:, 0, 0, 0] = labels.to(pix.dtype) / 4
+    m, s = torch.tensor(MEAN, dtype=pix.dtype).view(1, 3, 1, 1), torch.tensor(STD, dtype=pix.dtype).view(1, 3, 1, 1)
+    return (pix - m) / s
+
+
+def test_robust_needs_both_answers_right_and_every_module_mode_comes_back(monkeypatch):
+    import kcengine.evaluate.robustness as rb
+
+    pix, _, y = _images(16)
+    wrong = (y + 1) % 4
+    half = torch.arange(16) % 2 == 0
+    x = _encode(pix, torch.where(half, y, wrong))  # right as given on the even images only
+    model = nn.Sequential(_LabelReader(), nn.Identity())
+    model.train()
+    model[1].eval()
+    # an "attack" that makes the model right everywhere: robust still counts only the images right as given
+    monkeypatch.setattr(rb, "adversarial_examples", lambda m, xb, yb, **kw: _encode(_pixels(xb), yb))
+    r = adversarial_accuracy(model, (x, y), mean=MEAN, std=STD, eps=0.1, batch_size=5)
+    assert (r.correct_clean, r.correct_robust, r.total) == (8, 8, 16)
+    assert model.training and model[0].training and not model[1].training
+
+
+def test_random_start_and_seed_matter():
+    net, x, y = _trained_net()
+    kw = dict(mean=MEAN, std=STD, eps=8 / 255, attack="pgd", steps=2)
+    a = adversarial_examples(net, x, y, generator=torch.Generator().manual_seed(0), **kw)
+    b = adversarial_examples(net, x, y, generator=torch.Generator().manual_seed(1), **kw)
+    c = adversarial_examples(net, x, y, random_start=False, **kw)
+    d = adversarial_examples(net, x, y, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(a, d) and not torch.equal(a, b) and not torch.equal(a, c)
+
+
 def test_bad_arguments_name_the_value():
     net, x, y = _trained_net()
     for kw, msg in [(dict(attack="cw"), "attack must be one of"), (dict(eps=-0.1), "eps must be a number in"),
@@ -139,3 +185,13 @@ def test_bad_arguments_name_the_value():
             adversarial_accuracy(net, (x, y), **args)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, batch_size=0)
+    with pytest.raises(ValueError, match="step_size is PGD's"):
+        adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, attack="fgsm", step_size=0.01)
+    with pytest.raises(ValueError, match="C = len\\(mean\\) = 4, got shape \\(64, 3, 6, 5\\)"):
+        adversarial_accuracy(net, (x, y), mean=MEAN + (0.5,), std=STD + (0.5,))
+    with pytest.raises(ValueError, match="not \\[0, 1\\]: pass the normalization"):
+        adversarial_accuracy(net, (x * 5, y), mean=MEAN, std=STD)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+        adversarial_accuracy(net, (x, y), mean=MEAN, std=STD)
+    r = adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, eps=np.float32(2 / 255), steps=np.int64(2))
+    assert r.steps == 2 and abs(r.eps - 2 / 255) < 1e-8

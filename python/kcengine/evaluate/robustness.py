@@ -14,11 +14,15 @@ model's normalized inputs, ``mean``/``std`` (the normalization the weights expec
 The loss is the cross-entropy of the model's logits.  An image counts as robust when the model classifies
 it correctly both as given and after the attack, so ``robust_top1 <= clean_top1``.  The model runs in eval
 mode (BatchNorm statistics fixed); only the input's gradient is computed, so the caller's model is left as
-it was (parameters, their ``.grad``, train/eval mode).
+it was (parameters, their ``.grad``, every submodule's train/eval mode).  The images must map into [0, 1]
+under ``mean``/``std`` (a ValueError says so otherwise: the wrong normalization was given).  The random
+starts are drawn batch after batch from one generator: the same ``seed`` and ``batch_size`` give the same
+figures.  Gradients are needed, so the functions cannot run under ``torch.inference_mode()``.
 """
 from __future__ import annotations
 
 import time
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -58,23 +62,43 @@ class RobustResult:
 
 
 def eps_text(eps: float) -> str:
-    """``eps`` as ``n/255`` when it is one (to 1e-9), else as a decimal."""
+    """``eps`` as ``n/255`` when it is one (to about 4e-9), else as a decimal."""
     n = eps * 255
     return f"{round(n)}/255" if abs(n - round(n)) < 1e-6 else f"{eps:g}"
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _check(attack, eps, steps, step_size, mean, std):
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {ATTACKS}, got attack={attack!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
+    if not _real(eps) or not 0 <= eps <= 1:
         raise ValueError(f"eps must be a number in [0, 1] (pixel units: 8/255 = {8 / 255:.4f}), got eps={eps!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got steps={steps!r}")
-    if step_size is not None and (isinstance(step_size, bool) or not isinstance(step_size, (int, float))
-                                  or not step_size > 0):
+    if step_size is not None and (not _real(step_size) or not step_size > 0):
         raise ValueError(f"step_size must be a number > 0 or None, got step_size={step_size!r}")
+    if step_size is not None and attack == "fgsm":
+        raise ValueError("step_size is PGD's; FGSM takes one step of eps (got attack='fgsm' with step_size)")
     if len(mean) != len(std) or any(s <= 0 for s in std):
         raise ValueError(f"mean and std need one entry per channel and std > 0, got mean={mean}, std={std}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("adversarial attacks need input gradients: call them outside torch.inference_mode()")
+
+
+def _pixels(x, mean, std):
+    """``x`` mapped back to [0, 1] pixels (ValueError when the channels or the range do not fit)."""
+    if x.dim() != 4 or x.shape[1] != len(mean):
+        raise ValueError(f"images must be [N, C, H, W] with C = len(mean) = {len(mean)}, got shape {tuple(x.shape)}")
+    m, s = _stats(mean, std, x)
+    pix = x.detach() * s + m
+    lo, hi = float(pix.min()), float(pix.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"the images span [{lo:.3g}, {hi:.3g}] in pixel units under mean={tuple(mean)}, "
+                         f"std={tuple(std)}, not [0, 1]: pass the normalization the images were made with")
+    return pix.clamp(0, 1), m, s
 
 
 def _stats(mean, std, x):
@@ -97,10 +121,10 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
                          random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """The attacked images of one batch: ``x`` normalized ``[N, C, H, W]`` (the model's input), ``y`` labels;
     returns new normalized images, each within ``eps`` of its original in [0, 1] pixel space (see the module
-    docstring).  The model is used as it is (put it in eval mode first); ``x`` is not modified."""
+    docstring).  ``step_size`` and ``random_start`` are PGD's.  The model is used as it is (put it in eval
+    mode first); ``x`` is not modified."""
     _check(attack, eps, steps, step_size, mean, std)
-    m, s = _stats(mean, std, x)
-    pix = (x.detach() * s + m).clamp(0, 1)
+    pix, m, s = _pixels(x, mean, std)
 
     def to_input(p):
         return (p - m) / s
@@ -133,7 +157,7 @@ def adversarial_accuracy(model: nn.Module, data, *, mean, std, eps: float = 2 / 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
     gen = torch.Generator().manual_seed(int(seed))
-    was_training = model.training
+    modes = [(mod, mod.training) for mod in model.modules()]
     model.eval()
     clean = robust = total = 0
     bar = None
@@ -159,7 +183,8 @@ def adversarial_accuracy(model: nn.Module, data, *, mean, std, eps: float = 2 / 
     finally:
         if bar is not None:
             bar.close()
-        model.train(was_training)
+        for mod, training in modes:
+            mod.training = training
     if total == 0:
         raise ValueError("data holds no images")
     alpha = eps if attack == "fgsm" else (step_size if step_size is not None else 2.5 * eps / steps)
