@@ -4,6 +4,7 @@ Also holds the model/data arguments and loading shared by ``prune`` and ``sweep`
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def add_model_data_arguments(parser, *, training: bool = False) -> None:
         g.add_argument("--split", default="test", choices=("test", "train"), help="CIFAR split (default test)")
     g.add_argument("--limit", type=int, default=None,
                    help="train on only the first N training images (evaluation: the whole test split)" if training
-                   else "use only the first N images")
+                   else "use only the first N images (default: all)")
     g.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
 
 
@@ -78,12 +79,19 @@ def _shared_copy_of_pretrained(name: str) -> str | None:
     from ..bench.common import shared_data_dir
     from ..models import CIFAR_CHECKPOINT_URLS, hub_cache_path
 
-    url = CIFAR_CHECKPOINT_URLS.get(name)
+    from ..models.zoo import _cifar_depth
+
+    depth = _cifar_depth(name)
+    url = CIFAR_CHECKPOINT_URLS.get(f"resnet{depth}") if depth is not None else None
     if url is None or hub_cache_path(url).is_file():
         return None
     data = shared_data_dir()
     local = data / "checkpoints" / hub_cache_path(url).name if data is not None else None
-    return str(local) if local is not None and local.is_file() else None
+    if local is None or not local.is_file():
+        return None
+    # the published name carries the start of the file's sha256 (what the hub's check_hash verifies)
+    expected = local.name.rsplit("-", 1)[-1].split(".")[0]
+    return str(local) if hashlib.sha256(local.read_bytes()).hexdigest().startswith(expected) else None
 
 
 def load_model_arg(args, *, need_trained: bool):
@@ -138,9 +146,9 @@ def add_arguments(parser) -> None:
     a = parser.add_argument_group("adversarial robustness (kcengine.evaluate.adversarial_accuracy)")
     a.add_argument("--attack", default=None, choices=("fgsm", "pgd"),
                    help="also report accuracy under this L-infinity attack (default: none)")
-    a.add_argument("--eps", default="2/255",
+    a.add_argument("--eps", default=None,
                    help="the attack's budget per pixel in [0, 1] units, a number or N/255 (default 2/255)")
-    a.add_argument("--attack-steps", type=int, default=10, help="PGD steps (default 10)")
+    a.add_argument("--attack-steps", type=int, default=None, help="PGD steps (default 10)")
     parser.add_argument("--out", default=None, help="folder for eval.json and confusion.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -163,9 +171,14 @@ def run(args) -> int:
     from ..cli import UserError
     from ..evaluate import adversarial_accuracy, confusion_png, evaluate
 
-    eps = _eps_arg(args.eps) if args.attack else None
-    if args.attack and args.attack_steps < 1:
-        raise UserError(f"--attack-steps must be >= 1, got {args.attack_steps}")
+    if not args.attack and (args.eps is not None or args.attack_steps is not None):
+        raise UserError("--eps and --attack-steps set up an attack: add --attack fgsm or --attack pgd")
+    eps = _eps_arg(args.eps if args.eps is not None else "2/255") if args.attack else None
+    if args.attack == "fgsm" and args.attack_steps is not None:
+        raise UserError("--attack-steps is PGD's: FGSM takes one step")
+    steps = 10 if args.attack_steps is None else args.attack_steps
+    if args.attack == "pgd" and steps < 1:
+        raise UserError(f"--attack-steps must be >= 1, got {steps}")
     lm = load_model_arg(args, need_trained=True)
     data = load_data_arg(args, lm)
     r = evaluate(lm.model, data, batch_size=args.batch_size, progress=not args.no_progress, desc=lm.name)
@@ -176,7 +189,7 @@ def run(args) -> int:
     robust = None
     if args.attack:
         robust = adversarial_accuracy(lm.model, data, mean=lm.mean, std=lm.std, eps=eps, attack=args.attack,
-                                      steps=args.attack_steps, batch_size=args.batch_size,
+                                      steps=steps, batch_size=args.batch_size,
                                       progress=not args.no_progress)
         print(f"under {robust.label()}: top-1 {100 * robust.robust_top1:.2f}% ({robust.correct_robust}/"
               f"{robust.total}; correct as given and after the attack), {robust.seconds:.1f} s")
