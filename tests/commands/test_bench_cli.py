@@ -25,6 +25,7 @@ def test_bench_quick_writes_report_folder(tmp_path):
     for key in ("date", "commit", "machine", "timings_s"):
         assert key in res
     clus = res["sections"]["clustering"]
+    assert "default initialization (seed 0; --weights none)" in clus["source"]  # none means none here too
     methods = {row["method"] for row in clus["rows"]}
     assert "kcengine" in methods
     assert {row["workload"] for row in clus["rows"]} == {"a_sweep", "b_filters", "c_kernels", "d_element"}

@@ -121,15 +121,20 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
     p.add_argument("--epochs", type=int, default=None, help="finetune epochs (default: finetune's)")
     p.add_argument("--name", default=None, help="write robustness_NAME.md/.csv (default: the model name)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     a = p.parse_args(argv)
     try:
         ratios = [float(v) for v in a.ratios.split(",")]
+    except ValueError:
+        ratios = []
+    if not ratios or any(not 0 < r <= 1 for r in ratios):
+        p.error(f"--ratios must be comma-separated numbers in (0, 1], got {a.ratios!r}")
+    try:
         attacks = parse_attacks(a.attacks)
     except ValueError as exc:
         p.error(str(exc))
-    if any(not 0 < r <= 1 for r in ratios) or a.steps < 1:
-        p.error(f"--ratios must be in (0, 1] and --steps >= 1, got {a.ratios!r}, {a.steps}")
+    if a.steps < 1:
+        p.error(f"--steps must be >= 1, got {a.steps}")
     path = run(a.model, a.out, ratios, attacks, steps=a.steps, threads=a.threads, name=a.name, epochs=a.epochs)
     print(f"wrote {path}")
     return 0

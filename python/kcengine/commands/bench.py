@@ -109,8 +109,16 @@ def run_clustering(args, out: Path) -> dict:
         caps = dict(max_problems={"a_sweep": 12, "b_filters": 12, "c_kernels": 12, "d_element": 200}, sweep_step=8)
     else:  # sized so the default run takes minutes; 1-D problems are cheap, so many more of them
         caps = dict(max_problems={"a_sweep": 32, "d_element": 2000}, sweep_step=1)
-    weights = None if args.weights in (None, "pretrained", "none") else args.weights
-    layers, source = kb.load_weights(args.model, weights)
+    if args.weights == "none":  # the default initialization here too, as in the other sections
+        import torch
+
+        from ..models import load_model
+
+        torch.manual_seed(0)
+        layers = kb.conv_weights(load_model(args.model, None).model)
+        source = f"{args.model} with its default initialization (seed 0; --weights none)"
+    else:
+        layers, source = kb.load_weights(args.model, None if args.weights == "pretrained" else args.weights)
     if args.quick:  # the first layers only: the smallest problems of every workload kind
         layers = layers[:6]
         source += "; --quick: the first 6 conv layers"

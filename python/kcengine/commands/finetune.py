@@ -44,8 +44,8 @@ def add_arguments(parser) -> None:
     add(t, "--stage-training", default=ft["stage_training"], choices=STAGE_TRAINING)
     add(t, "--optimizer", default=ft["optimizer"], choices=OPTIMIZERS)
     add(t, "--lr", type=float, default=None,
-        help=f"peak learning rate (default for sgd: {DEFAULT_LR['sgd']:g} per {LR_REFERENCE_BATCH} images "
-             "of --train-batch-size)")
+        help=f"peak learning rate (default: {DEFAULT_LR['sgd']:g} for sgd, {DEFAULT_LR['adamw']:g} for adamw, per "
+             f"{LR_REFERENCE_BATCH} images of --train-batch-size)")
     add(t, "--schedule", default=ft["schedule"], choices=SCHEDULES)
     add(t, "--weight-decay", type=float, default=ft["weight_decay"])
     add(t, "--temperature", type=float, default=ft["temperature"], help="distillation temperature")
@@ -59,7 +59,7 @@ def add_arguments(parser) -> None:
     add(t, "--seed", type=int, default=ft["seed"])
     add(t, "--checkpoint-dir", default=None, help="checkpoint every epoch; an existing one is resumed")
     add(t, "--no-resume", action="store_true", help="start over even if --checkpoint-dir has a checkpoint")
-    add(t, "--threads", type=int, default=None, help="torch CPU threads")
+    add(t, "--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", default=None, help="folder for model.pt (the trained model, compact: --weights of "
                         "eval and kcengine.load_compressed read it), history.json and curves.png")

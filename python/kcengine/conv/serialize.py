@@ -126,7 +126,11 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"{path} records builder {builder!r}, which cannot be imported here ({exc}): "
                              f"pass model=<skeleton of the architecture>") from None
-        model = build(**payload.get("builder_kwargs", {}))
+        try:
+            model = build(**payload.get("builder_kwargs", {}))
+        except TypeError as exc:  # builder_kwargs that the builder does not take
+            raise ValueError(f"{path}: builder {builder!r} rejects the recorded builder_kwargs "
+                             f"{payload.get('builder_kwargs')!r} ({exc})") from None
     elif not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module skeleton or None, got {type(model).__name__}")
     else:

@@ -58,8 +58,8 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
     was_training = model.training
     model.eval()
     try:
+        require_dense_convs(model, conv_layers(model))
         convs = [(n, m) for n, m in conv_layers(model) if m.groups == 1]
-        require_dense_convs(model, convs)
         selected = select_layers([n for n, _ in convs], layers)
         by_name = dict(convs)
 
