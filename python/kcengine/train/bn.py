@@ -3,6 +3,14 @@
 Clustering changes every conv's output distribution, so the running mean/variance the BN layers
 hold no longer match.  Re-estimating them on a few hundred training images (forward passes only,
 no gradients) recovers a large part of the accuracy for almost no cost.
+
+Measured on the dense resnet20 checkpoint (CIFAR sample, 846 test images, 91.73% with its own statistics):
+re-estimated on 512 or 4,660 plain training images it scores 88.3 / 88.1%, and on the test images
+themselves 87.4%; on training images cropped from a BLACK 4-pixel border (the checkpoint's own training
+pipeline pads before normalizing) 91.3 / 91.6%.  The statistics a network was trained with belong to its
+augmentation: on a model that is already good (kernel granularity at k = N/2: 90.2%) recalibration on plain
+images costs accuracy (86.3%).  The step pays where clustering broke the statistics (filter granularity at
+C_out/2: 9.0% -> 17.8%), and finetune's training re-estimates them anyway.
 """
 from __future__ import annotations
 

@@ -51,7 +51,8 @@ CutMix (a box of the partner pasted, lam from the same Beta(1, 1); seed 0, C_out
 crop and flip, before mixup; seed 0, C_out/2, an unrecorded run) 85.9%.  AdamW at its default LR (5e-4 at batch 64;
 seed 0, C_out/2, an unrecorded run): 84.9%.  Sharpness-aware minimization (SAM, rho = 0.05 on the trainable
 parameters' whole gradient, the teacher's outputs reused for the second pass; seed 0, C_out/2, an unrecorded
-run): 86.4%.
+run): 86.4%.  Crops padded with black (the checkpoint's own pipeline, whose BN statistics it restores, see
+:mod:`kcengine.train.bn`) and BN recalibrated on such crops (seed 0, C_out/2, an unrecorded run): 86.1%.
 
 The caller's ``model`` (and ``teacher``) are never modified: the run trains a copy, returned as
 ``FinetuneResult.model``.
