@@ -43,6 +43,20 @@ def shared_data_dir() -> Path | None:
     return p if p.is_dir() else None
 
 
+def cifar_sample_model(model_name: str, suite: str):
+    """``(LoadedModel, data folder)``: CIFAR ResNet ``model_name`` with its public checkpoint as
+    ``../shared/data/checkpoints`` holds it, for the suites that measure accuracy on the CIFAR sample;
+    FileNotFoundError naming ``suite`` when the folder is absent."""
+    from ..models import CIFAR_CHECKPOINT_URLS, load_model
+
+    data = shared_data_dir()
+    if data is None:
+        raise FileNotFoundError(f"../shared/data is absent (set KCENGINE_DATA): the {suite} bench needs the CIFAR "
+                                f"sample and checkpoints")
+    name = os.path.basename(CIFAR_CHECKPOINT_URLS[model_name])
+    return load_model(model_name, data / "checkpoints" / name), data
+
+
 def git_commit(short: bool = True) -> str:
     """The checkout's commit (``+dirty`` when code outside bench/results differs), or ``$KCENGINE_COMMIT``
     where the tree has no git metadata (a copy sent to a GPU machine)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .common import git_commit, machine_info, markdown_table, now_utc, shared_data_dir, write_csv
+from .common import cifar_sample_model, git_commit, machine_info, markdown_table, now_utc, write_csv
 
 __all__ = ["run", "parse_runs", "parse_set"]
 
@@ -55,7 +55,6 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     from ..compress.plan import ratio_to_k
     from ..data.datasets import Normalization, cifar10_dataset, make_loader
     from ..evaluate import top1_accuracy
-    from ..models import load_model
     from ..train import DEFAULT_EPOCHS, finetune, recalibrate_bn
     from ..train.finetune import DEFAULT_LR, LR_REFERENCE_BATCH, RECOMMENDED_BATCH, default_lr, finetune_defaults
     from ..train.sensitivity import allocate_ks, output_sensitivity
@@ -64,13 +63,8 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
         raise ValueError("pass the finetune seed through seeds= or finetune_options, not both")
     seeds = [int(v) for v in seeds] if seeds is not None else None
     torch.set_num_threads(threads)
-    data = shared_data_dir()
-    if data is None:
-        raise FileNotFoundError("../shared/data is absent (set KCENGINE_DATA): the recovery bench needs the CIFAR "
-                                "sample and checkpoints")
+    lm, data = cifar_sample_model(model_name, "recovery")
     name = name or model_name
-    ckpt = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}[model_name]
-    lm = load_model(model_name, data / "checkpoints" / ckpt)
     norm = Normalization(lm.mean, lm.std)
     train = cifar10_dataset(data, "train", norm, limit=limit_train)
     test = cifar10_dataset(data, "test", norm)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .common import git_commit, machine_info, markdown_table, now_utc, shared_data_dir, write_csv
+from .common import cifar_sample_model, git_commit, machine_info, markdown_table, now_utc, write_csv
 
 __all__ = ["run", "parse_attacks"]
 
@@ -46,19 +46,13 @@ def run(model_name: str = "resnet20", out_dir="bench/results", ratios=(0.75, 0.5
     from ..data.datasets import Normalization, cifar10_dataset, make_loader
     from ..evaluate import adversarial_accuracy
     from ..evaluate.robustness import eps_text
-    from ..models import load_model
     from ..train import finetune
     from ..train.finetune import RECOMMENDED_BATCH
 
     attack_list = parse_attacks(attacks) if isinstance(attacks, str) else list(attacks)
     torch.set_num_threads(threads)
-    data = shared_data_dir()
-    if data is None:
-        raise FileNotFoundError("../shared/data is absent (set KCENGINE_DATA): the robustness bench needs the CIFAR "
-                                "sample and checkpoints")
+    lm, data = cifar_sample_model(model_name, "robustness")
     name = name or model_name
-    ckpt = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}[model_name]
-    lm = load_model(model_name, data / "checkpoints" / ckpt)
     norm = Normalization(lm.mean, lm.std)
     test = cifar10_dataset(data, "test", norm)
     evald = (test.images, test.labels)
