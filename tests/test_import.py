@@ -10,6 +10,9 @@ def test_import_is_light():
         "assert not bad, bad\n"
         "torch = sys.modules.get('torch')\n"
         "assert torch is None or not torch.cuda.is_initialized(), 'CUDA initialized on import'\n"
+        "assert all(callable(getattr(kcengine, n, None)) or n in ('nn', 'evaluate', '__version__')\n"
+        "           for n in kcengine.__all__)\n"
+        "assert callable(kcengine.evaluate.adversarial_accuracy) and callable(kcengine.evaluate.evaluate)\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -4,7 +4,7 @@ The public face; everything here is a re-export.  Importing kcengine initializes
 imports neither cupy nor triton (those load only when a backend that needs them runs); torch is
 imported, torchvision and matplotlib load lazily.
 """
-from . import nn
+from . import evaluate, nn
 from ._registry import backend_status
 from .compress import compress
 from .conv import indexed_conv2d, load_compressed, save_compressed
@@ -16,6 +16,6 @@ __version__ = "0.1.0"
 __all__ = [
     "kmeans", "kmeans_sweep", "KMeansResult",
     "indexed_conv2d", "nn", "save_compressed", "load_compressed",
-    "compress", "finetune",
+    "compress", "finetune", "evaluate",
     "backend_status", "__version__",
 ]
