@@ -6,10 +6,8 @@
 //
 //   gather_epilogue  (filter granularity)
 //       out[n, o, s] = act(u[n, index[o], s] * scale[o] + shift[o] (+ residual[n, o, s]))
-//   gather_sum       (kernel granularity)
-//       out[n, o, s] = act(sum_i p[n, pair[o, i], s] * scale[o] + shift[o] (+ residual[n, o, s]))
 //
-// act is the identity or ReLU.  Both take numpy buffers (torch CPU tensors pass zero-copy through
+// act is the identity or ReLU.  It takes numpy buffers (torch CPU tensors pass zero-copy through
 // .numpy()), float32 or float64, and write into a caller-allocated `out`.  Every size, dtype and
 // index is checked here too: a bad call raises ValueError, never reads out of bounds.
 #include <pybind11/numpy.h>
@@ -124,10 +122,6 @@ std::vector<T> affine_or(const py::object& v, py::ssize_t c, T fill, const char*
       if (relu)                                                                                            \
         for (int64_t o = 0; o < C; ++o) dst[o] = dst[o] > T(0) ? dst[o] : T(0);                            \
     }                                                                                                      \
-  }                                                                                                        \
-  /* acc[0:n] += row[0:n] */                                                                               \
-  KC_CLONES void add_row_##SUFFIX(const T* __restrict row, T* __restrict acc, int64_t n) {                 \
-    for (int64_t s = 0; s < n; ++s) acc[s] += row[s];                                                      \
   }
 
 KC_DEFINE_ROW_KERNELS(float, f32)
@@ -170,7 +164,6 @@ inline void gather_pixels(const double* u, int64_t K, const int32_t* idx, const 
                           const double* res, double* out, int64_t C, int64_t m0, int64_t m1, bool relu) {
   gather_pixels_f64(u, K, idx, a, b, res, out, C, m0, m1, relu);
 }
-inline void add_row(const float* row, float* acc, int64_t n) { add_row_f32(row, acc, n); }
 
 // Channels-last float32 gather for K <= 128 with AVX-512: the K values of a pixel sit in NSEG pairs of
 // registers (32 values per pair) and each 16 outputs are one two-source permute (vpermt2ps) per pair,
@@ -397,7 +390,6 @@ GatherCopy gather_copy(const std::string& isa, int64_t K, bool is_float) {
   return {"plain", gather_pixels_f32};
 }
 
-inline void add_row(const double* row, double* acc, int64_t n) { add_row_f64(row, acc, n); }
 
 // Checks an int32 index array's range; returns it as a pointer into the (kept-alive) array.
 const int32_t* checked_index(const py::array& index, const char* name, int64_t count, int64_t K) {
@@ -460,38 +452,6 @@ void gather_epilogue_impl(const py::array& u, const int32_t* idx, const std::vec
   }
 }
 
-template <typename T>
-void gather_sum_impl(const py::array& p, const int32_t* pair, int64_t C, int64_t Cin, const std::vector<T>& a,
-                     const std::vector<T>& b, const Epilogue& ep, py::array& out, int nt) {
-  const T* pp = static_cast<const T*>(p.data());
-  T* op = static_cast<T*>(out.mutable_data());
-  const T* rp = ep.has_residual ? static_cast<const T*>(ep.residual.data()) : nullptr;
-  const bool relu = ep.relu;
-  const int64_t N = p.shape(0), P = p.shape(1), S = p.shape(2);
-  // Pixel tiles sized so that one image's tile of p (P rows) stays in the L2 cache.
-  int64_t tile = (256 * 1024 / static_cast<int64_t>(sizeof(T))) / std::max<int64_t>(P, 1);
-  tile = std::max<int64_t>(16, std::min<int64_t>(1024, tile / 16 * 16));
-  tile = std::min(tile, S);
-  const int64_t ntiles = (S + tile - 1) / tile;
-  py::gil_scoped_release nogil;
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<T> acc(static_cast<size_t>(tile));
-#pragma omp for schedule(static)
-    for (int64_t w = 0; w < N * ntiles; ++w) {
-      const int64_t n = w / ntiles, s0 = (w % ntiles) * tile, len = std::min(tile, S - s0);
-      const T* base = pp + n * P * S + s0;
-      for (int64_t o = 0; o < C; ++o) {
-        std::fill(acc.begin(), acc.begin() + len, T(0));
-        const int32_t* pr = pair + o * Cin;
-        for (int64_t i = 0; i < Cin; ++i) add_row(base + static_cast<int64_t>(pr[i]) * S, acc.data(), len);
-        const int64_t off = (n * C + o) * S + s0;
-        affine_row(acc.data(), rp ? rp + off : nullptr, op + off, len, a[o], b[o], relu);
-      }
-    }
-  }
-}
-
 Epilogue make_epilogue(const py::object& residual, bool relu, const py::array& out) {
   Epilogue ep;
   ep.relu = relu;
@@ -545,27 +505,6 @@ void gather_epilogue(py::array u, py::array index, py::object scale, py::object 
                                  affine_or<double>(shift, C, 0.0, "shift"), ep, out, nt);
 }
 
-void gather_sum(py::array p, py::array pair, py::object scale, py::object shift, py::object residual, bool relu,
-                py::array out, int threads) {
-  const int nt = resolve_threads(threads);
-  check_float_pair(p, "p", out);
-  check_ndim(p, "p", 3);
-  check_ndim(out, "out", 3);
-  check_ndim(pair, "pair", 2);
-  check_dim(out, "out", 0, p.shape(0), "N");
-  check_dim(out, "out", 2, p.shape(2), "S");
-  const py::ssize_t C = out.shape(1), Cin = pair.shape(1), P = p.shape(1);
-  check_dim(pair, "pair", 0, C, "C_out");
-  if (P < 1) throw py::value_error("p must have at least one channel, got shape " + shape_str(p));
-  const int32_t* pr = checked_index(pair, "pair", C * Cin, P);
-  Epilogue ep = make_epilogue(residual, relu, out);
-  if (p.dtype().is(py::dtype::of<float>()))
-    gather_sum_impl<float>(p, pr, C, Cin, affine_or<float>(scale, C, 1.f, "scale"),
-                           affine_or<float>(shift, C, 0.f, "shift"), ep, out, nt);
-  else
-    gather_sum_impl<double>(p, pr, C, Cin, affine_or<double>(scale, C, 1.0, "scale"),
-                            affine_or<double>(shift, C, 0.0, "shift"), ep, out, nt);
-}
 
 
 // ---------------------------------------------------------------------------------------------
@@ -1055,9 +994,6 @@ void register_conv(py::module_& m) {
   }, py::arg("K"), py::arg("dtype"),
         "The copy conv_gather_epilogue takes for channels-last u with K maps under the current instruction "
         "set: avx512_permute, avx2_permute, avx2_transpose or plain");
-  m.def("conv_gather_sum", &gather_sum, py::arg("p"), py::arg("pair"), py::arg("scale"), py::arg("shift"),
-        py::arg("residual"), py::arg("relu"), py::arg("out"), py::arg("threads") = 0,
-        "out[n,o,s] = act(sum_i p[n,pair[o,i],s]*scale[o]+shift[o] (+residual)); p [N,P,S]; pair int32 [C_out,C_in]");
   py::class_<DirectPack>(m, "ConvDirectPack",
                          "The codebook side of conv_kernel_direct in its native layout (build with conv_kernel_pack)")
       .def_property_readonly("shape", [](const DirectPack& p) { return py::make_tuple(p.Cin, p.taps, p.M, p.C); },

@@ -23,8 +23,6 @@ def kmeans_batch_f64(datasets: Sequence[npt.NDArray[np.float64]], weights: Optio
 
 def conv_gather_epilogue(u: np.ndarray, index: np.ndarray, scale: Optional[np.ndarray], shift: Optional[np.ndarray],
                          residual: Optional[np.ndarray], relu: bool, out: np.ndarray, threads: int = 0) -> None: ...
-def conv_gather_sum(p: np.ndarray, pair: np.ndarray, scale: Optional[np.ndarray], shift: Optional[np.ndarray],
-                    residual: Optional[np.ndarray], relu: bool, out: np.ndarray, threads: int = 0) -> None: ...
 class ConvDirectPack:
     """The codebook side of conv_kernel_direct in its native layout (from conv_kernel_pack)."""
     @property

@@ -23,7 +23,8 @@ groups == 1) and share one signature::
   already mapped.
 * Kernel granularity under autograd (training), in every backend (torch, cpu, triton): the dense weight
   ``codebook[index]`` and one dense conv (:func:`kernel_dense_conv`), far cheaper in time and memory
-  than the depthwise maps and their gather-sum, which stay the inference paths.
+  than the depthwise maps and their gather-sum (which stay the torch and triton backends' inference
+  path; the cpu backend infers through its direct kernel).
 """
 from __future__ import annotations
 
@@ -299,40 +300,28 @@ def _native_gather(u, index32, scale, shift, residual, relu, pooled=True):
     return out
 
 
-def _native_gather_sum(p, pair32, scale, shift, residual, relu, pooled=True):
-    n, n_maps, h, w = p.shape
-    c_out = pair32.shape[0]
-    out = _empty_out((n, c_out, h, w), p.dtype, False, pooled)
-    res = None if residual is None else residual.detach().contiguous().reshape(n, c_out, h * w).numpy()
-    _core().conv_gather_sum(p.detach().contiguous().reshape(n, n_maps, h * w).numpy(), pair32.numpy(), _np(scale),
-                            _np(shift), res, relu, out.reshape(n, c_out, h * w).numpy())
-    return out
-
-
 def _ref_gather(u, index, scale, shift, residual, relu):
     return _torch_epilogue(u.index_select(1, index.long()), scale, shift, relu, residual)
 
 
-def _ref_gather_sum(p, pair, scale, shift, residual, relu):
-    return _torch_epilogue(torch_gather_sum(p, pair), scale, shift, relu, residual)
-
-
 class _NativeEpilogue(torch.autograd.Function):
-    """Native forward of the gather (or gather-sum) epilogue; backward via the torch reference."""
+    """Native forward of the filter-granularity gather epilogue; backward via the torch reference.  (Kernel
+    granularity never gets here under autograd: it trains through :func:`kernel_dense_conv`.  The triton
+    backend subclasses this for its forward, gather and gather-sum alike; only a gather is ever recorded.)"""
 
     @staticmethod
     def forward(ctx, kind, src, index32, scale, shift, residual, relu):
         ctx.kind, ctx.relu = kind, relu
         ctx.save_for_backward(src, index32, scale, shift, residual)
         # autograd's outputs come from torch's allocator (a cached block is a numpy-owned storage)
-        if kind == "gather":
-            return _native_gather(src, index32, scale, shift, residual, relu, pooled=False)
-        return _native_gather_sum(src, index32, scale, shift, residual, relu, pooled=False)
+        return _native_gather(src, index32, scale, shift, residual, relu, pooled=False)
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.kind != "gather":  # pragma: no cover - kernel granularity trains through kernel_dense_conv
+            raise RuntimeError(f"no backward for the {ctx.kind} epilogue")
         src, index32, scale, shift, residual = ctx.saved_tensors
-        ref = _ref_gather if ctx.kind == "gather" else _ref_gather_sum
+        ref = _ref_gather
         leaves = [t.detach().requires_grad_(True) if t is not None else None
                   for t in (src, scale, shift, residual)]
         with torch.enable_grad():
@@ -407,8 +396,9 @@ def unique_maps(x, codebook, index, granularity, stride, padding, dilation, plan
                 packed: PackedCodebook | None = None):
     """The compute-bound half shared by the cpu and triton backends, run by torch (oneDNN / cuDNN):
     ``("gather", u, index32)`` with ``u`` = the K unique filters' output maps (filter granularity), or
-    ``("gather_sum", p, pair32)`` with ``p`` = the depthwise codebook maps (kernel granularity).  The
-    backend's epilogue turns them into the layer's output.  ``packed``: a module's reordered codebook
+    ``("gather_sum", p, pair32)`` with ``p`` = the depthwise codebook maps (kernel granularity, triton only:
+    the cpu backend computes that granularity directly).  The backend's epilogue turns them into the layer's
+    output.  ``packed``: a module's reordered codebook
     (filter granularity, CPU inference), used where it applies."""
     if granularity == "filter":
         idx32 = index32 if index32 is not None else index.to(torch.int32).contiguous()
@@ -436,13 +426,10 @@ def cpu_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, gran
             return _torch_epilogue(y, scale, shift, relu, residual)
         plan = plan if plan is not None else kernel_plan(index, codebook.shape[0])
         return _kernel_direct(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual)
-    kind, src, idx32 = unique_maps(x, codebook, index, granularity, stride, padding, dilation, plan, index32,
-                                   packed)
-    if _needs_grad(src, scale, shift, residual):
-        return _NativeEpilogue.apply(kind, src, idx32, scale, shift, residual, relu)
-    if kind == "gather":
-        return _native_gather(src, idx32, scale, shift, residual, relu)
-    return _native_gather_sum(src, idx32, scale, shift, residual, relu)
+    _, u, idx32 = unique_maps(x, codebook, index, "filter", stride, padding, dilation, plan, index32, packed)
+    if _needs_grad(u, scale, shift, residual):
+        return _NativeEpilogue.apply("gather", u, idx32, scale, shift, residual, relu)
+    return _native_gather(u, idx32, scale, shift, residual, relu)
 
 
 def _out_hw(x, k, stride, padding, dilation):
