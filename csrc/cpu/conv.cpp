@@ -506,7 +506,6 @@ void gather_epilogue(py::array u, py::array index, py::object scale, py::object 
 }
 
 
-
 // ---------------------------------------------------------------------------------------------
 // Kernel granularity, fused direct kernel (inference): no depthwise maps in memory.
 //   For a tile of output pixels and each input channel i: the M codebook responses of channel i

@@ -135,7 +135,8 @@ def test_malformed_files_are_value_errors_naming_the_file(tmp_path):
         ({"builder": "nope"}, "builder 'nope' is not 'module:callable'"),
         ({"builder_kwargs": [1]}, "builder_kwargs is list"),
         ({"builder": "kcengine_no_such_module:f"}, "cannot be imported here"),
-        ({"builder_kwargs": {"depht": 20}}, "rejects the recorded builder_kwargs"),
+        ({"builder_kwargs": {"depht": 20}}, "failed with the recorded builder_kwargs"),
+        ({"builder_kwargs": {"num_classes": 3}}, "does not fit ResNet: the skeleton has no module 'body'"),
     ]
     for change, msg in cases:
         bad = tmp_path / "bad.pt"

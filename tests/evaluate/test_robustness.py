@@ -1,6 +1,7 @@
 """FGSM / PGD against an independent numpy reference (a linear softmax model, whose input gradient has a
 closed form), their box and validity properties, and clustered models attacked like their dense twins."""
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -103,7 +104,8 @@ def test_pgd_stays_in_the_box_and_is_reproducible_and_leaves_the_model_alone():
     net.eval()
     pix = _pixels(x)
     for attack in ("fgsm", "pgd"):
-        adv = _pixels(adversarial_examples(net, x, y, mean=MEAN, std=STD, eps=4 / 255, attack=attack, steps=3,
+        adv = _pixels(adversarial_examples(net, x, y, mean=MEAN, std=STD, eps=4 / 255, attack=attack,
+                                           steps=3 if attack == "pgd" else None,
                                            generator=torch.Generator().manual_seed(0)))
         assert (adv - pix).abs().max() <= 4 / 255 + 1e-12 and adv.min() >= 0 and adv.max() <= 1
         assert (adv - pix).abs().max() > 3.9 / 255  # and uses it
@@ -123,7 +125,7 @@ def test_clustered_model_is_attacked_like_its_dense_twin(granularity):
         with torch.no_grad():
             conv.weight.copy_(layer.to_dense())
     for attack in ("fgsm", "pgd"):
-        kw = dict(mean=MEAN, std=STD, eps=2 / 255, attack=attack, steps=4)
+        kw = dict(mean=MEAN, std=STD, eps=2 / 255, attack=attack, steps=4 if attack == "pgd" else None)
         got = adversarial_examples(small.eval(), x, y, generator=torch.Generator().manual_seed(0), **kw)
         want = adversarial_examples(twin.eval(), x, y, generator=torch.Generator().manual_seed(0), **kw)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
@@ -178,7 +180,7 @@ def test_random_start_and_seed_matter():
 def test_bad_arguments_name_the_value():
     net, x, y = _trained_net()
     for kw, msg in [(dict(attack="cw"), "attack must be one of"), (dict(eps=-0.1), "eps must be a number in"),
-                    (dict(eps=8), "got eps=8"), (dict(steps=0), "steps must be an int >= 1, got steps=0"),
+                    (dict(eps=8), "got eps=8"), (dict(steps=0), "steps must be an int >= 1 or None, got steps=0"),
                     (dict(step_size=0), "step_size must be"), (dict(std=(1, 0, 1)), "std > 0")]:
         args = {"mean": MEAN, "std": STD, **kw}
         with pytest.raises(ValueError, match=msg):
@@ -193,5 +195,9 @@ def test_bad_arguments_name_the_value():
         adversarial_accuracy(net, (x * 5, y), mean=MEAN, std=STD)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
         adversarial_accuracy(net, (x, y), mean=MEAN, std=STD)
-    r = adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, eps=np.float32(2 / 255), steps=np.int64(2))
-    assert r.steps == 2 and abs(r.eps - 2 / 255) < 1e-8
+    with pytest.raises(ValueError, match="steps is PGD's"):
+        adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, attack="fgsm", steps=5)
+    r = adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, eps=np.float32(32 / 255), steps=np.int64(2))
+    assert type(r.steps) is int and r.steps == 2 and abs(r.eps - 32 / 255) < 1e-8
+    assert r.label() == "PGD-2, eps 32/255" and json.loads(json.dumps(r.as_dict()))["steps"] == 2
+    assert adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, eps=0.01).steps == 10  # PGD's default

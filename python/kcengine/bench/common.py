@@ -48,13 +48,19 @@ def cifar_sample_model(model_name: str, suite: str):
     ``../shared/data/checkpoints`` holds it, for the suites that measure accuracy on the CIFAR sample;
     FileNotFoundError naming ``suite`` when the folder is absent."""
     from ..models import CIFAR_CHECKPOINT_URLS, load_model
+    from ..models.zoo import _cifar_depth
 
+    depth = _cifar_depth(model_name)
+    if depth is None:
+        raise ValueError(f"the {suite} bench takes a CIFAR ResNet (resnet20/32/44/56/110), got {model_name!r}")
     data = shared_data_dir()
     if data is None:
         raise FileNotFoundError(f"../shared/data is absent (set KCENGINE_DATA): the {suite} bench needs the CIFAR "
                                 f"sample and checkpoints")
-    name = os.path.basename(CIFAR_CHECKPOINT_URLS[model_name])
-    return load_model(model_name, data / "checkpoints" / name), data
+    path = data / "checkpoints" / os.path.basename(CIFAR_CHECKPOINT_URLS[f"resnet{depth}"])
+    if not path.is_file():
+        raise FileNotFoundError(f"the {suite} bench needs {path} (the public resnet{depth} checkpoint)")
+    return load_model(f"resnet{depth}", path), data
 
 
 def git_commit(short: bool = True) -> str:

@@ -82,7 +82,8 @@ def run(model_name: str = "resnet20", out_dir="bench/results", ratios=(0.75, 0.5
 
     def attack_all(label, model, unique, note):
         for attack, eps in attack_list:
-            r = adversarial_accuracy(model, evald, mean=lm.mean, std=lm.std, eps=eps, attack=attack, steps=steps,
+            r = adversarial_accuracy(model, evald, mean=lm.mean, std=lm.std, eps=eps, attack=attack,
+                                     steps=steps if attack == "pgd" else None,
                                      batch_size=250, seed=0)
             rows.append({"model": label, "unique_filters": unique, "attack": r.label().split(",")[0],
                          "eps": eps_text(eps), "clean_top1": r.clean_top1, "robust_top1": r.robust_top1,

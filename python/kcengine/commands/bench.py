@@ -71,6 +71,8 @@ def _check_args(args):
     if args.model not in list_models():
         raise UserError(f"--model {args.model!r} is not a supported model (try resnet18, resnet50, "
                         f"mobilenet_v3_small, resnet20, resnet56)")
+    if args.weights is not None and args.weights.lower() in ("none", "pretrained"):
+        args.weights = args.weights.lower()  # as eval and prune read them
     if args.weights is not None and args.weights not in ("none", "pretrained"):
         from ..conv.serialize import is_compressed_file
 

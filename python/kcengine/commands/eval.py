@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 HELP = "evaluate a model (top-1/top-5, per-class accuracy, confusion matrix, accuracy under FGSM/PGD)"
@@ -91,7 +92,11 @@ def _shared_copy_of_pretrained(name: str) -> str | None:
         return None
     # the published name carries the start of the file's sha256 (what the hub's check_hash verifies)
     expected = local.name.rsplit("-", 1)[-1].split(".")[0]
-    return str(local) if hashlib.sha256(local.read_bytes()).hexdigest().startswith(expected) else None
+    if hashlib.sha256(local.read_bytes()).hexdigest().startswith(expected):
+        return str(local)
+    print(f"note: {local} is not the published file (its sha256 does not start with {expected}): not used",
+          file=sys.stderr)
+    return None
 
 
 def load_model_arg(args, *, need_trained: bool):
@@ -189,7 +194,7 @@ def run(args) -> int:
     robust = None
     if args.attack:
         robust = adversarial_accuracy(lm.model, data, mean=lm.mean, std=lm.std, eps=eps, attack=args.attack,
-                                      steps=steps, batch_size=args.batch_size,
+                                      steps=steps if args.attack == "pgd" else None, batch_size=args.batch_size,
                                       progress=not args.no_progress)
         print(f"under {robust.label()}: top-1 {100 * robust.robust_top1:.2f}% ({robust.correct_robust}/"
               f"{robust.total}; correct as given and after the attack), {robust.seconds:.1f} s")

@@ -128,8 +128,8 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
                              f"pass model=<skeleton of the architecture>") from None
         try:
             model = build(**payload.get("builder_kwargs", {}))
-        except TypeError as exc:  # builder_kwargs that the builder does not take
-            raise ValueError(f"{path}: builder {builder!r} rejects the recorded builder_kwargs "
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: builder {builder!r} failed with the recorded builder_kwargs "
                              f"{payload.get('builder_kwargs')!r} ({exc})") from None
     elif not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module skeleton or None, got {type(model).__name__}")
@@ -142,8 +142,15 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
             layer = layer_from_config(cfg, dtype=ref.dtype if isinstance(ref, torch.Tensor) else None)
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"{path}: clustered layer {name!r} has an unusable config {cfg!r} ({exc})") from None
-        _set_submodule(model, name, layer)
-    model.load_state_dict(state, strict=True)
+        try:
+            _set_submodule(model, name, layer)
+        except ValueError as exc:
+            raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: {exc}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # load_state_dict's mismatch report
+        raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: "
+                         f"{str(exc)[:300]}") from None
     return model
 
 

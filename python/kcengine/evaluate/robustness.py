@@ -7,7 +7,7 @@ model's normalized inputs, ``mean``/``std`` (the normalization the weights expec
 (``8/255`` is the common CIFAR budget, ``1/255`` and ``2/255`` small ones), and stays a valid image.
 
 * ``"fgsm"``: one step of size ``eps`` along the sign of the loss gradient (Goodfellow et al., 2015).
-* ``"pgd"``: ``steps`` signed-gradient steps of ``step_size`` (default ``2.5 * eps / steps``), each
+* ``"pgd"``: ``steps`` (default 10) signed-gradient steps of ``step_size`` (default ``2.5 * eps / steps``), each
   projected back into the eps-box and [0, 1], from a uniform random start in the box (``random_start``;
   Madry et al., 2018).  The random start is drawn from ``seed``: a run is reproducible.
 
@@ -34,6 +34,7 @@ from .metrics import _batches, _length
 __all__ = ["ATTACKS", "RobustResult", "adversarial_examples", "adversarial_accuracy"]
 
 ATTACKS = ("fgsm", "pgd")
+PGD_STEPS = 10  # PGD's steps when not given
 
 
 @dataclass
@@ -62,9 +63,10 @@ class RobustResult:
 
 
 def eps_text(eps: float) -> str:
-    """``eps`` as ``n/255`` when it is one (to about 4e-9), else as a decimal."""
-    n = eps * 255
-    return f"{round(n)}/255" if abs(n - round(n)) < 1e-6 else f"{eps:g}"
+    """``eps`` as ``n/255`` when it is one (to 1e-4 of 1/255: float32 values of n/255 included), else as a
+    decimal."""
+    n = float(eps) * 255
+    return f"{round(n)}/255" if abs(n - round(n)) < 1e-4 else f"{float(eps):g}"
 
 
 def _real(v) -> bool:
@@ -76,8 +78,10 @@ def _check(attack, eps, steps, step_size, mean, std):
         raise ValueError(f"attack must be one of {ATTACKS}, got attack={attack!r}")
     if not _real(eps) or not 0 <= eps <= 1:
         raise ValueError(f"eps must be a number in [0, 1] (pixel units: 8/255 = {8 / 255:.4f}), got eps={eps!r}")
-    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got steps={steps!r}")
+    if steps is not None and (not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"steps must be an int >= 1 or None, got steps={steps!r}")
+    if attack == "fgsm" and steps not in (None, 1):
+        raise ValueError(f"steps is PGD's; FGSM takes one step of eps (got attack='fgsm' with steps={steps!r})")
     if step_size is not None and (not _real(step_size) or not step_size > 0):
         raise ValueError(f"step_size must be a number > 0 or None, got step_size={step_size!r}")
     if step_size is not None and attack == "fgsm":
@@ -117,13 +121,14 @@ def _input_grad(model, x, y):
 
 
 def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mean, std, eps: float,
-                         attack: str = "pgd", steps: int = 10, step_size: float | None = None,
+                         attack: str = "pgd", steps: int | None = None, step_size: float | None = None,
                          random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """The attacked images of one batch: ``x`` normalized ``[N, C, H, W]`` (the model's input), ``y`` labels;
     returns new normalized images, each within ``eps`` of its original in [0, 1] pixel space (see the module
     docstring).  ``step_size`` and ``random_start`` are PGD's.  The model is used as it is (put it in eval
     mode first); ``x`` is not modified."""
     _check(attack, eps, steps, step_size, mean, std)
+    steps = PGD_STEPS if steps is None else int(steps)
     pix, m, s = _pixels(x, mean, std)
 
     def to_input(p):
@@ -148,7 +153,7 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
 
 
 def adversarial_accuracy(model: nn.Module, data, *, mean, std, eps: float = 2 / 255, attack: str = "pgd",
-                         steps: int = 10, step_size: float | None = None, random_start: bool = True,
+                         steps: int | None = None, step_size: float | None = None, random_start: bool = True,
                          batch_size: int = 500, device="cpu", seed: int = 0, progress: bool = False) -> RobustResult:
     """Accuracy of ``model`` on ``data`` (a DataLoader, a Dataset or an ``(images, labels)`` pair of normalized
     images, as :func:`kcengine.evaluate.evaluate` takes) as given and under ``attack``; see the module
@@ -187,6 +192,7 @@ def adversarial_accuracy(model: nn.Module, data, *, mean, std, eps: float = 2 / 
             mod.training = training
     if total == 0:
         raise ValueError("data holds no images")
+    steps = 1 if attack == "fgsm" else (PGD_STEPS if steps is None else int(steps))
     alpha = eps if attack == "fgsm" else (step_size if step_size is not None else 2.5 * eps / steps)
-    return RobustResult(attack, float(eps), 1 if attack == "fgsm" else steps, float(alpha), clean / total,
+    return RobustResult(attack, float(eps), steps, float(alpha), clean / total,
                         robust / total, clean, robust, total, time.perf_counter() - t0)

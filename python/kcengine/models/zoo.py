@@ -121,11 +121,7 @@ def _fill_from_file(model: nn.Module, path) -> nn.Module:
     from ..conv.serialize import is_compressed_file, load_compressed
 
     if is_compressed_file(path):  # False for a missing file: read_checkpoint then says so
-        try:
-            return load_compressed(path, model)
-        except RuntimeError as exc:  # load_state_dict's mismatch report
-            raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: "
-                             f"{str(exc)[:300]}") from None
+        return load_compressed(path, model)  # a file for another architecture: ValueError "does not fit"
     load_state_dict_into(model, read_checkpoint(path))
     return model
 

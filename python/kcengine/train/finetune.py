@@ -22,7 +22,8 @@ alpha=0.9, block features at weight 2) on mixup batches (lam ~ U(0, 1); the teac
 images), SGD with Nesterov momentum, one-cycle LR peaking at 0.01 per 128 images of batch (scaled with the
 loader's batch size: 0.005 at the recommended batch of 64, ``RECOMMENDED_BATCH``), CIFAR crop+flip
 augmentation.  Mixup is what makes the long schedule pay on a small training set: resnet20 at k = C_out/2 on
-the 4,660-image sample reaches 86.9% after 20 epochs with it, 85.1% without (84.3% vs 84.8% after 8).
+the 4,660-image sample reaches 86.9% after 20 epochs with it, 85.1% without (84.3% vs 84.8% after 8; these
+at batch 128, before the recipe moved to 64).
 Matching the blocks' outputs (feature_weight) is kept for its average: +1.2 and +1.4 points over the same run
 without it at one thread (seeds 0 and 1: 86.3 -> 87.5%, 85.8 -> 87.2%), but -0.6 in the recorded two-thread
 pair (87.1 -> 86.5%, bench/results/recovery_resnet20_nofeat.md).  Batch 64 at the same LR per image gives
