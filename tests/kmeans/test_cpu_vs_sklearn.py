@@ -253,3 +253,23 @@ def test_topm_repairs_empty_clusters_like_lloyd():
     np.testing.assert_array_equal(res.labels, ref.labels)
     np.testing.assert_allclose(res.centroids, ref.centroids, rtol=1e-12)
     assert len(np.unique(res.centroids, axis=0)) == 8
+
+
+@pytest.mark.parametrize("algorithm", ["yinyang", "topm"])
+@pytest.mark.parametrize("seed", range(6))
+def test_incremental_sums_empty_a_cluster_whose_weighted_members_left(algorithm, seed):
+    """Yinyang and top-m move a changed point's weight between clusters' sums instead of summing from
+    scratch; with weights such as 0.1 + 0.2 - 0.1 - 0.2 the remainder is not 0, so a cluster that lost its
+    last member of positive weight must still be found empty and repaired as plain Lloyd repairs it (a
+    remainder once left a center at remainder / remainder).  Many zero weights and k near the number of
+    positive ones make such clusters common."""
+    rng = np.random.default_rng(100 + seed)
+    n, k = 300, 120
+    x = rng.normal(size=(n, 9))
+    w = rng.uniform(0.05, 2.0, size=n) * (rng.uniform(size=n) > 0.35)
+    init = x[rng.choice(n, k, replace=False)].copy()  # some centers start on points of weight 0
+    ref = kcengine.kmeans(x, k, init=init, sample_weight=w, algorithm="lloyd", max_iter=30)
+    res = kcengine.kmeans(x, k, init=init, sample_weight=w, algorithm=algorithm, max_iter=30)
+    np.testing.assert_array_equal(res.labels, ref.labels)
+    np.testing.assert_allclose(res.centroids, ref.centroids, rtol=1e-9, atol=1e-9)
+    assert int(res.n_iter) == int(ref.n_iter)

@@ -668,18 +668,30 @@ void sums_of_labels(const Dataset<T>& ds, const i32* lab, std::vector<double>& s
 // chunk written by the one thread that assigns it, in index order).  apply moves their weight from
 // the old cluster to the new, chunk after chunk: the order a scan of all labels against the previous
 // ones would take, without that scan and the copy of the labels each iteration.  Returns the count.
+// With non-integer weights, sums moved in and out of a cluster need not cancel exactly: a cluster
+// whose last member of positive weight left would keep a residue of rounding in its weight and sums
+// (a center at residue / residue, and no repair, since only a weight of exactly 0 is empty).  So the
+// members of positive weight are counted per cluster, and a cluster with none gets exact zeros, as a
+// solver that sums from scratch each iteration finds it (unit weights cancel exactly, the coordinate
+// sums need not).
 struct LabelMoves {
   std::vector<std::vector<std::pair<i64, i32>>> chunks;
+  std::vector<i64> members;  // per cluster: how many points of positive weight it holds
   explicit LabelMoves(i64 nchunks) : chunks(nchunks) {}
   template <class T>
-  i64 apply(const Dataset<T>& ds, const i32* lab, std::vector<double>& sums, std::vector<double>& wsum) const {
+  i64 apply(const Dataset<T>& ds, const i32* lab, std::vector<double>& sums, std::vector<double>& wsum) {
     const i64 d = ds.d;
     i64 changed = 0;
+    bool emptied = false;
     for (const auto& mv : chunks) {
       changed += i64(mv.size());
       for (const auto& [i, from] : mv) {
         const i32 to = lab[i];
         const double wi = weight(ds.w, i);
+        if (wi > 0) {
+          emptied |= --members[from] == 0;
+          ++members[to];
+        }
         double* so = &sums[size_t(from) * d];
         double* sn = &sums[size_t(to) * d];
         const T* x = ds.x + i * d;
@@ -691,15 +703,24 @@ struct LabelMoves {
         wsum[to] += wi;
       }
     }
+    if (emptied)
+      for (size_t j = 0; j < members.size(); ++j)
+        if (members[j] == 0) {
+          wsum[j] = 0.0;
+          std::fill(sums.begin() + j * d, sums.begin() + (j + 1) * d, 0.0);
+        }
     return changed;
   }
   // The M-step's sums: from scratch after the first E-step (every point counts as changed), then by
   // the moves.  Returns the number of changed labels.
   template <class T>
   i64 update_sums(const Dataset<T>& ds, const i32* lab, bool first, std::vector<double>& sums,
-           std::vector<double>& wsum) const {
+                  std::vector<double>& wsum) {
     if (!first) return apply(ds, lab, sums, wsum);
     sums_of_labels(ds, lab, sums, wsum);
+    members.assign(wsum.size(), 0);
+    for (i64 i = 0; i < ds.n; ++i)
+      if (weight(ds.w, i) > 0) ++members[lab[i]];
     return ds.n;
   }
 };
