@@ -445,16 +445,23 @@ void assign_range(const T* X, const T* xnorm, i64 i0, i64 i1, const Centers<T>& 
 // point's contribution moves from its cluster's sums to the empty one's.  Labels are left as they
 // are (the next E-step reassigns).  We only take points of positive weight, at positive distance,
 // whose cluster keeps some weight, and never the same coordinates twice, so relocated centers
-// are distinct from each other and from the clusters they leave.
+// are distinct from each other and from the clusters they leave.  "Keeps some weight" counts the
+// cluster's other members of positive weight rather than subtracting weights: a sum kept by moving
+// points in and out (Yinyang, top-m) or taken as a difference of prefix sums (lloyd1d) carries
+// rounding, and a lone member's cluster would seem to keep a remainder.
 // `sums` may be null (the Gram solver tracks membership instead: moved[e] = point).
 template <class P>
-void relocate(i64 n, i64 d, const P* X, const double* w, const i32* lab, const double* d2,
+void relocate(i64 n, i64 k, i64 d, const P* X, const double* w, const i32* lab, const double* d2,
               const std::vector<i32>& empty, double* sums, double* wsum, std::vector<i64>& moved) {
   moved.assign(empty.size(), -1);
+  std::vector<i64> members(k, 0);  // per cluster: its points of positive weight
   std::vector<i64> cand;
   cand.reserve(n);
   for (i64 i = 0; i < n; ++i)
-    if (weight(w, i) > 0 && d2[i] > 0) cand.push_back(i);
+    if (weight(w, i) > 0) {
+      ++members[lab[i]];
+      if (d2[i] > 0) cand.push_back(i);
+    }
   std::sort(cand.begin(), cand.end(), [&](i64 a, i64 b) { return d2[a] > d2[b] || (d2[a] == d2[b] && a < b); });
   std::vector<i64> picked;
   size_t pos = 0;
@@ -463,7 +470,7 @@ void relocate(i64 n, i64 d, const P* X, const double* w, const i32* lab, const d
       const i64 i = cand[pos];
       const double wi = weight(w, i);
       const i32 from = lab[i];
-      if (wsum[from] - wi <= 0) continue;
+      if (members[from] <= 1) continue;
       bool dup = false;
       for (i64 q : picked)
         if (std::equal(X + q * d, X + (q + 1) * d, X + i * d)) { dup = true; break; }
@@ -477,6 +484,8 @@ void relocate(i64 n, i64 d, const P* X, const double* w, const i32* lab, const d
       }
       wsum[from] -= wi;
       wsum[to] = wi;
+      --members[from];
+      members[to] = 1;
       moved[e] = i;
       picked.push_back(i);
       ++pos;
@@ -625,7 +634,7 @@ double new_centers(const Dataset<T>& ds, const std::vector<i32>& lab, const Cent
     std::vector<i64> moved;
 #pragma omp parallel for if (par) schedule(static)
     for (i64 i = 0; i < n; ++i) d2own[i] = sqdist(ds.x + i * d, &C.c[size_t(lab[i]) * d], d);
-    relocate(n, d, ds.x, ds.w, lab.data(), d2own.data(), empty, sums, wsum, moved);
+    relocate(n, k, d, ds.x, ds.w, lab.data(), d2own.data(), empty, sums, wsum, moved);
   }
   double shift_tot = 0;
   for (i64 j = 0; j < k; ++j) {
@@ -1551,7 +1560,7 @@ bool solve_gram(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       if (wsum[j] <= 0) empty.push_back(i32(j));
     if (!empty.empty()) {
       for (i64 i = 0; i < n; ++i) d2own[i] = std::max(0.0, G[i * n + i] + best[i]);
-      relocate(n, d, ds.x, w, lab.data(), d2own.data(), empty, nullptr, wsum.data(), moved);
+      relocate(n, k, d, ds.x, w, lab.data(), d2own.data(), empty, nullptr, wsum.data(), moved);
       for (size_t e = 0; e < empty.size(); ++e) {
         if (moved[e] < 0) return false;
         eff[moved[e]] = empty[e];
@@ -1686,7 +1695,7 @@ void solve_1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::v
       for (i64 j = 0; j < k; ++j)
         for (i64 p = lo[j]; p < hi[j]; ++p) lab[p] = i32(j);
       for (i64 p = 0; p < n; ++p) d2[p] = (v[p] - c[lab[p]]) * (v[p] - c[lab[p]]);
-      relocate(n, i64(1), v.data(), prep.sw.data(), lab.data(), d2.data(), empty, S.data(), W.data(), moved);
+      relocate(n, k, i64(1), v.data(), prep.sw.data(), lab.data(), d2.data(), empty, S.data(), W.data(), moved);
     }
     double shift_tot = 0;
     for (i64 j = 0; j < k; ++j) {
