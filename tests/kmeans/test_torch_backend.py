@@ -22,6 +22,22 @@ def test_torch_equals_cpu_on_same_init(n, d, k, dtype):
     np.testing.assert_allclose(a.centroids, b.centroids, rtol=rtol, atol=1e-6)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_torch_equals_cpu_when_the_repair_meets_zero_weights(seed):
+    """Weights with zeros and k above the points of positive weight: clusters of weight 0 appear every
+    iteration, and both backends repair them by the same rule (a point is taken only from a cluster that
+    keeps another member of positive weight)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(13, 8))
+    w = rng.uniform(0.05, 2.0, size=13) * (rng.uniform(size=13) > 0.3)
+    w[0] = max(w[0], 0.5)
+    init = x[rng.choice(13, 10, replace=False)].copy()
+    a = kcengine.kmeans(x, 10, init=init, sample_weight=w, backend="cpu", algorithm="topm")
+    b = kcengine.kmeans(x, 10, init=init, sample_weight=w, backend="torch")
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert int(a.n_iter) == int(b.n_iter)
+    np.testing.assert_allclose(a.centroids, b.centroids, rtol=1e-10, atol=1e-10)
+
 def test_torch_ragged_batch_and_weights():
     probs = [blobs(40, 2, 3, seed=1), blobs(70, 5, 4, seed=2), blobs(40, 2, 3, seed=3)]
     ws = [np.random.default_rng(i).uniform(0.5, 2, size=len(p)) for i, p in enumerate(probs)]

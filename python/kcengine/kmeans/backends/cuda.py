@@ -570,6 +570,7 @@ class PackedLloyd:
         d2 = ((X.astype(np.float64) - C[lb].astype(np.float64)) ** 2).sum(1)
         cand = [i for i in range(n) if w[i] > 0 and d2[i] > 0]
         cand.sort(key=lambda i: (-d2[i], i))
+        members = np.bincount(lb[w > 0], minlength=k)  # a cluster keeps weight while it keeps such a member
         picked: list[int] = []
         pos = 0
         for e in empty:
@@ -577,12 +578,14 @@ class PackedLloyd:
                 i = cand[pos]
                 pos += 1
                 f = lb[i]
-                if ws[f] - w[i] <= 0 or any(np.array_equal(X[q], X[i]) for q in picked):
+                if members[f] <= 1 or any(np.array_equal(X[q], X[i]) for q in picked):
                     continue
                 S[f] -= w[i] * X[i].astype(np.float64)
                 ws[f] -= w[i]
                 S[e] = w[i] * X[i].astype(np.float64)
                 ws[e] = w[i]
+                members[f] -= 1
+                members[e] = 1
                 picked.append(i)
                 break
         sums[c0:c0 + k * d] = torch.as_tensor(S.reshape(-1), device=sums.device)

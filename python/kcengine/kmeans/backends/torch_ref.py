@@ -63,6 +63,9 @@ def _relocate(x, w, lab, d2own, sums, wsum):
     if not empty:
         return
     order = sorted(range(x.shape[0]), key=lambda i: (-float(d2own[i]), i))
+    # A cluster keeps weight while it keeps a member of positive weight (counted, as the cpu backend
+    # counts: a difference of weight sums would carry rounding).
+    members = torch.bincount(lab[w > 0].long(), minlength=wsum.shape[0]).tolist()
     picked: list[int] = []
     pos = 0
     for e in empty:
@@ -70,7 +73,7 @@ def _relocate(x, w, lab, d2own, sums, wsum):
             i = order[pos]
             pos += 1
             wi = float(w[i])
-            if wi <= 0 or float(d2own[i]) <= 0 or float(wsum[lab[i]]) - wi <= 0:
+            if wi <= 0 or float(d2own[i]) <= 0 or members[int(lab[i])] <= 1:
                 continue
             if any(torch.equal(x[q], x[i]) for q in picked):
                 continue
@@ -79,6 +82,8 @@ def _relocate(x, w, lab, d2own, sums, wsum):
             wsum[f] -= wi
             sums[e] = wi * x[i]
             wsum[e] = wi
+            members[f] -= 1
+            members[e] = 1
             picked.append(i)
             break
 
