@@ -285,6 +285,57 @@ def test_packed_codebook_inference_matches_dense_and_follows_updates(geom):
         _close(layer(x64), ref, torch.float64)
 
 
+def test_single_input_channel_with_a_one_pixel_wide_output_matches_dense():
+    """One input channel, a stride along W above 1 and an output one pixel wide: torch 2.15's oneDNN op behind
+    the packed codebook returned values it never computed here (relative errors of 1 to 1e27), so that case
+    runs through F.conv2d."""
+    torch.manual_seed(0)
+    for (kh, kw), stride, padding, dilation, (h, w) in [((7, 7), (1, 2), (3, 0), (1, 1), (8, 7)),
+                                                        ((5, 5), (1, 3), (2, 2), (2, 1), (13, 2)),
+                                                        ((3, 3), (1, 3), (0, 0), (2, 1), (17, 5))]:
+        conv = nn.Conv2d(1, 16, (kh, kw), stride, padding, dilation, bias=False)
+        res = SimpleNamespace(centroids=conv.weight.detach().reshape(16, -1)[:3].clone(), labels=torch.arange(16) % 3)
+        layer = ClusteredConv2d.from_conv(conv, res, "filter", backend="cpu").eval()
+        x = torch.randn(3, 1, h, w)  # one channel: contiguous in both memory formats
+        with torch.no_grad():
+            ref = F.conv2d(x.double(), layer.to_dense().double(), None, stride, padding, dilation)
+            assert ref.shape[-1] == 1
+            _close(layer(x), ref.float())
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_random_geometries_match_dense(granularity):
+    """Seeded sweep of shapes, strides, paddings, dilations and memory formats (the fuzzing that found the case
+    above, kept small): every output equals F.conv2d with the dense weight codebook[index]."""
+    rng = np.random.default_rng(7)
+    done = 0
+    while done < 60:
+        c_in, c_out = int(rng.choice([1, 2, 3, 8, 17])), int(rng.choice([1, 4, 7, 16]))
+        kh, kw = int(rng.choice([1, 3, 5])), int(rng.choice([1, 3, 5]))
+        stride = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        padding = (int(rng.integers(0, 3)), int(rng.integers(0, 3)))
+        dilation = (int(rng.choice([1, 2])), int(rng.choice([1, 2])))
+        h, w = int(rng.integers(1, 16)), int(rng.integers(1, 16))
+        if h + 2 * padding[0] - dilation[0] * (kh - 1) - 1 < 0 or w + 2 * padding[1] - dilation[1] * (kw - 1) - 1 < 0:
+            continue
+        n_points = c_out if granularity == "filter" else c_out * c_in
+        k = int(rng.integers(1, min(n_points, 12) + 1))
+        layer = ClusteredConv2d(c_in, c_out, (kh, kw), k, stride, padding, dilation, bias=bool(rng.integers(2)),
+                                granularity=granularity, backend="cpu").eval()
+        with torch.no_grad():
+            layer.index.copy_(torch.as_tensor(rng.integers(0, k, size=tuple(layer.index.shape))))
+        layer.relu = bool(rng.integers(2))
+        x = torch.as_tensor(rng.normal(size=(int(rng.choice([1, 3])), c_in, h, w)), dtype=torch.float32)
+        if rng.integers(2):
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            ref = F.conv2d(x.double(), layer.to_dense().double(), None if layer.bias is None else layer.bias.double(),
+                           stride, padding, dilation)
+            if layer.relu:
+                ref = ref.relu()
+            _close(layer(x), ref.float())
+        done += 1
+
 def _clustered_3x3(c_in, c_out, k, granularity):
     """A padded 3x3 conv clustered with its first k filters (or kernels) as centroids, members round robin."""
     conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=True)

@@ -350,7 +350,12 @@ class PackedCodebook:
     through ``torch.ops.mkldnn._convolution_pointwise`` with the stored reorder, refreshed when the
     codebook (identity, storage, in-place version) or the geometry changes.  Returns None where it
     does not apply (autograd, not float32, not channels-last, no oneDNN, or the private op missing or
-    failing in this torch build; then it stays off) and the caller runs ``F.conv2d``."""
+    failing in this torch build; then it stays off) and the caller runs ``F.conv2d``.
+
+    Nor for a single input channel: there the private op, given a stride along W above 1 and an output
+    one pixel wide, returned wrong values (torch 2.15: 117 of 1,150 such random geometries, errors as
+    large as the outputs or far larger, values it never computed), where ``F.conv2d`` is right.  No other
+    channel count showed it (fuzzed with 1 to 64 input channels)."""
 
     _supported: bool | None = None  # probed once per process
 
@@ -374,8 +379,8 @@ class PackedCodebook:
 
     def conv(self, x, codebook, stride, padding, dilation):
         if (x.device.type != "cpu" or x.dtype != torch.float32 or codebook.dtype != torch.float32 or x.dim() != 4
-                or not x.is_contiguous(memory_format=torch.channels_last) or _needs_grad(x, codebook)
-                or not self._available()):
+                or x.shape[1] == 1 or not x.is_contiguous(memory_format=torch.channels_last)
+                or _needs_grad(x, codebook) or not self._available()):
             return None
         version = tensor_version(codebook)
         args = (list(padding), list(stride), list(dilation), 1)
