@@ -32,6 +32,8 @@ X = np.random.default_rng(0).normal(size=(20, 3))
     (X, 2, {"init": X[:2], "n_init": 3}, r"n_init=3 with given initial centroids"),
     (X, 2, {"n_init": 0}, r"n_init must be >= 1, got 0"),
     (X, 2, {"max_iter": 0}, r"max_iter must be >= 1, got 0"),
+    (X, 2, {"max_iter": 2**40}, r"max_iter must be <= 2147483647, got 1099511627776"),  # was pybind11's TypeError
+    (X, 2, {"n_init": 2**31}, r"n_init must be <= 2147483647, got 2147483648"),
     (X, 2, {"tol": -1.0}, r"tol must be a finite number >= 0, got -1.0"),
     (X, 2, {"seed": -3}, r"seed must be >= 0, got -3"),
     (X, 2, {"seed": 2**64}, r"seed must be <= 9223372036854775807, got 18446744073709551616"),
@@ -49,6 +51,14 @@ X = np.random.default_rng(0).normal(size=(20, 3))
 def test_bad_input_raises_value_error(x, k, kw, match):
     with pytest.raises(ValueError, match=match):
         kcengine.kmeans(x, k, **kw)
+
+
+def test_meta_tensor_is_refused_by_name():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="x is a tensor on the meta device"):
+        kcengine.kmeans(torch.empty(20, 3, device="meta"), 2)
+    with pytest.raises(ValueError, match=r"x\[1\] is a tensor on the meta device"):
+        kcengine.kmeans([torch.zeros(20, 3), torch.empty(20, 3, device="meta")], 2)
 
 
 def test_sweep_bad_input():

@@ -75,6 +75,8 @@ def _dtype_name(a) -> str:
 
 def _as_array(a, what: str):
     """A numpy array or torch tensor for ``a`` (array-likes go through numpy)."""
+    if _is_torch(a) and a.device.type == "meta":
+        raise ValueError(f"{what} is a tensor on the meta device: it has a shape but no values to cluster")
     if isinstance(a, np.ndarray) or _is_torch(a):
         return a
     try:
@@ -116,6 +118,9 @@ def _nonfinite(arrays) -> list[int]:
         if bool(torch.isfinite(whole).all()):  # a value cast out of range reads Inf: checked one by one below
             return []
     return [i for i, a in enumerate(arrays) if not _all_finite(a)]
+
+
+_INT32_MAX = 2**31 - 1
 
 
 def _check_int(value, what: str, *, low: int | None = None, high: int | None = None) -> int:
@@ -325,10 +330,10 @@ def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm,
                 name = "init" if layout == "single" else f"init of problem {i}"
                 raise ValueError(f"{name} has {c.shape[0]} centroids but k={kv}")
     weights = _check_weights(sample_weight, parts, layout)
-    n_init = _check_int(n_init, "n_init", low=1)
+    n_init = _check_int(n_init, "n_init", low=1, high=_INT32_MAX)
     if kind == "given" and n_init != 1:
         raise ValueError(f"n_init={n_init} with given initial centroids would rerun the same start; pass n_init=1")
-    max_iter = _check_int(max_iter, "max_iter", low=1)
+    max_iter = _check_int(max_iter, "max_iter", low=1, high=_INT32_MAX)  # the native core counts in int32
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     if algorithm not in ALGORITHMS:
