@@ -80,6 +80,18 @@ def test_properties_and_index_dtype():
         m.set_index(torch.zeros(127, dtype=torch.long))
 
 
+@pytest.mark.parametrize("kw,match", [(dict(kernel_size=0), r"kernel_size must be >= 1, got kernel_size=\(0, 0\)"),
+                                      (dict(stride=(1, 0)), r"stride must be >= 1, got stride=\(1, 0\)"),
+                                      (dict(padding=-1), r"padding must be >= 0, got padding=\(-1, -1\)"),
+                                      (dict(dilation=0), r"dilation must be >= 1, got dilation=\(0, 0\)")])
+def test_constructor_refuses_a_geometry_that_can_never_run(kw, match):
+    """(kernel_size=0 was a ZeroDivisionError; a zero stride or negative padding built a layer every forward
+    refused.)"""
+    args = dict(in_channels=4, out_channels=8, kernel_size=3, num_clusters=3) | kw
+    with pytest.raises(ValueError, match=match):
+        ClusteredConv2d(**args)
+
+
 def test_training_gradients_flow_to_codebook_only():
     torch.manual_seed(1)
     m = ClusteredConv2d(3, 6, 3, 2, padding=1)

@@ -86,6 +86,10 @@ class ClusteredConv2d(nn.Module):
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride, self.padding, self.dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
                                                     _pair(dilation, "dilation"))
+        for name, v, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+                             ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
+            if min(v) < low:  # (forward checks these too; a layer that can never run is refused here)
+                raise ValueError(f"{name} must be >= {low}, got {name}={v}")
         self.granularity = granularity
         self.num_clusters = num_clusters
         self.backend = backend
