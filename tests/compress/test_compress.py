@@ -263,6 +263,19 @@ def test_compress_argument_errors_name_the_value():
         clustered, _ = compress(m, ratio=0.5, granularity=gran)
         with pytest.raises(ValueError, match="already clustered \\(3 clustered conv layers"):
             compress(clustered, ratio=0.5)
+    with pytest.raises(ValueError, match="conv_backend must be one of .* got conv_backend='tpu'"):
+        compress(m, ratio=0.5, conv_backend="tpu")  # was accepted, then failed at the first forward
+    with pytest.raises(ValueError, match="data must be a DataLoader, a Dataset or an \\(images, labels\\) pair"):
+        compress(m, ratio=0.5, eval_data=[1, 2, 3])  # was an AttributeError
+    # the layer is named (before: the conv's padding or the k-means problem's index, no layer)
+    same = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"))
+    with pytest.raises(ValueError, match="layer '0' has padding='same', padding_mode='zeros'"):
+        compress(same, ratio=0.5)
+    nan = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1))
+    with torch.no_grad():
+        nan[1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer '1' has NaN or Inf weights"):
+        compress(nan, ratio=0.5)
 
 
 def test_report_json_and_markdown(tmp_path):

@@ -92,6 +92,12 @@ def test_constructor_refuses_a_geometry_that_can_never_run(kw, match):
         ClusteredConv2d(**args)
 
 
+def test_constructor_refuses_an_unknown_backend():
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cpu', 'torch', 'cuda', 'triton'\), got "
+                                         r"backend='tpu'"):
+        ClusteredConv2d(4, 8, 3, 3, backend="tpu")
+
+
 def test_training_gradients_flow_to_codebook_only():
     torch.manual_seed(1)
     m = ClusteredConv2d(3, 6, 3, 2, padding=1)

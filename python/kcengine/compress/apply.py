@@ -189,11 +189,22 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
             raise ValueError(f"threshold must be a finite number >= 0 or None, got threshold={threshold!r}")
         if granularity == "element":
             raise ValueError("threshold applies to granularity 'filter' or 'kernel', not 'element'")
+    from .._registry import BACKENDS
+
+    if conv_backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"conv_backend must be one of {('auto',) + BACKENDS}, got conv_backend={conv_backend!r}")
     strategy = parse_plan(plan, ratio)
     convs = conv_layers(model)
     require_dense_convs(model, convs)
     by_name = dict(convs)
     selected = select_layers([n for n, _ in convs], layers)
+    for n in selected:  # before any clustering, and naming the layer
+        conv = by_name[n]
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"layer {n!r} has padding={conv.padding!r}, padding_mode={conv.padding_mode!r}: a "
+                             f"clustered conv takes numeric zero padding; leave the layer out with layers=")
+        if not bool(torch.isfinite(conv.weight).all()):
+            raise ValueError(f"layer {n!r} has NaN or Inf weights: k-means needs finite data")
     probs = [LayerProblem(n, by_name[n], granularity, cosine) for n in selected]
     probs, skipped = _filter_by_strategy(strategy, probs)
     kw = _kmeans_kwargs(options, granularity)

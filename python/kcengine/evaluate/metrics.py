@@ -67,7 +67,7 @@ def _length(data) -> int | None:
         if isinstance(data, torch.utils.data.DataLoader):
             return len(data.dataset)  # type: ignore[arg-type]
         return len(data)
-    except TypeError:
+    except (TypeError, AttributeError, IndexError):  # not a shape we know: _batches says what it takes
         return None
 
 
