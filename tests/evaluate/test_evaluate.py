@@ -35,6 +35,25 @@ def test_metrics_against_hand_count(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bad_arguments_name_the_value():
+    """(Labels outside the model's outputs were numpy's IndexError from the confusion matrix, a float batch_size
+    a TypeError, a num_classes below the outputs an IndexError, a list of numbers an AttributeError.)"""
+    import pytest
+
+    logits = torch.eye(6)
+    x = torch.arange(4).float().view(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous()
+    y = torch.tensor([0, 2, 0, 3])
+    for data, kw, msg in [((x, torch.tensor([0, 2, 0, 6])), {}, r"labels must be in \[0, 6\) .* got values in \[0, 6\]"),
+                          ((x, torch.tensor([0, -1, 0, 3])), {}, r"got values in \[-1, 3\]"),
+                          ((x, y.float()), {}, "labels must be integer class indices, got dtype torch.float32"),
+                          ((x, y), dict(batch_size=2.5), "batch_size must be an int >= 1, got batch_size=2.5"),
+                          ((x, y), dict(num_classes=3), "num_classes=3 is below the model's 6 outputs"),
+                          ((x, y), dict(num_classes=0), "num_classes must be an int >= 1 or None, got num_classes=0"),
+                          ([1, 2, 3], {}, r"data must be a DataLoader, a Dataset or an \(images, labels\) pair")]:
+        with pytest.raises(ValueError, match=msg):
+            evaluate(_Fixed(logits), data, **kw)
+
+
 def test_evaluate_keeps_training_mode_and_agrees_with_fast_path():
     m = CifarResNet(20).train()
     ds = synthetic_images(33)

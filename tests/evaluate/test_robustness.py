@@ -185,8 +185,19 @@ def test_bad_arguments_name_the_value():
         args = {"mean": MEAN, "std": STD, **kw}
         with pytest.raises(ValueError, match=msg):
             adversarial_accuracy(net, (x, y), **args)
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got batch_size=0"):
         adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, batch_size=0)
+    # (these three were a TypeError, torch's IndexError and torch's RuntimeError)
+    with pytest.raises(ValueError, match="mean must be a sequence of numbers, one per channel, got mean=None"):
+        adversarial_accuracy(net, (x, y), mean=None, std=STD)
+    y_bad = y.clone()
+    y_bad[0] = 99
+    with pytest.raises(ValueError, match=r"labels must be in \[0, \d+\) \(the model's outputs\), got values in \[\d+, 99\]"):
+        adversarial_accuracy(net, (x, y_bad), mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="labels must be integer class indices, got dtype torch.float32"):
+        adversarial_accuracy(net, (x, y.float()), mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="seed must be an int >= 0, got seed=-1"):
+        adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, seed=-1)
     with pytest.raises(ValueError, match="step_size is PGD's"):
         adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, attack="fgsm", step_size=0.01)
     with pytest.raises(ValueError, match="C = len\\(mean\\) = 4, got shape \\(64, 3, 6, 5\\)"):

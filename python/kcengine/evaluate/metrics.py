@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -60,6 +61,23 @@ def _batches(data, batch_size: int):
     raise ValueError(f"data must be a DataLoader, a Dataset or an (images, labels) pair, got {type(data).__name__}")
 
 
+def _check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got batch_size={batch_size!r}")
+
+
+def check_labels(y: torch.Tensor, logits: torch.Tensor) -> None:
+    """ValueError unless ``y`` holds one integer class label per image, each one of the model's outputs."""
+    if y.dim() != 1 or y.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels must be [N] with one label per image (N = {logits.shape[0]}), got shape "
+                         f"{tuple(y.shape)}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+        raise ValueError(f"labels must be in [0, {logits.shape[1]}) (the model's outputs), got values in "
+                         f"[{int(y.min())}, {int(y.max())}]")
+
+
 def _length(data) -> int | None:
     try:
         if isinstance(data, (tuple, list)):
@@ -76,8 +94,10 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num
     """Evaluate ``model`` on ``data``; see the module docstring."""
     import time
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
+    _check_batch_size(batch_size)
+    if num_classes is not None and (not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be an int >= 1 or None, got num_classes={num_classes!r}")
     if classes is None:
         classes = getattr(data, "classes", None) or getattr(getattr(data, "dataset", None), "classes", None)
     was_training = model.training
@@ -97,6 +117,9 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num
                 x = x.to(device)
                 y = y.to(device)
                 logits = model(x)
+                check_labels(y, logits)
+                if num_classes is not None and num_classes < logits.shape[1]:
+                    raise ValueError(f"num_classes={num_classes} is below the model's {logits.shape[1]} outputs")
                 k = min(5, logits.shape[1])
                 top = logits.topk(k, dim=1).indices
                 correct1 += int((top[:, 0] == y).sum())

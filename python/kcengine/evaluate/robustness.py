@@ -21,15 +21,15 @@ figures.  Gradients are needed, so the functions cannot run under ``torch.infere
 """
 from __future__ import annotations
 
-import time
 import numbers
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import _batches, _length
+from .metrics import _batches, _check_batch_size, _length, check_labels
 
 __all__ = ["ATTACKS", "RobustResult", "adversarial_examples", "adversarial_accuracy"]
 
@@ -86,6 +86,10 @@ def _check(attack, eps, steps, step_size, mean, std):
         raise ValueError(f"step_size must be a number > 0 or None, got step_size={step_size!r}")
     if step_size is not None and attack == "fgsm":
         raise ValueError("step_size is PGD's; FGSM takes one step of eps (got attack='fgsm' with step_size)")
+    for name, v in (("mean", mean), ("std", std)):
+        if (not isinstance(v, (tuple, list, torch.Tensor)) or len(v) == 0
+                or not all(_real(e.item() if isinstance(e, torch.Tensor) else e) for e in v)):
+            raise ValueError(f"{name} must be a sequence of numbers, one per channel, got {name}={v!r}")
     if len(mean) != len(std) or any(s <= 0 for s in std):
         raise ValueError(f"mean and std need one entry per channel and std > 0, got mean={mean}, std={std}")
     if torch.is_inference_mode_enabled():
@@ -159,8 +163,9 @@ def adversarial_accuracy(model: nn.Module, data, *, mean, std, eps: float = 2 / 
     images, as :func:`kcengine.evaluate.evaluate` takes) as given and under ``attack``; see the module
     docstring.  ``mean``/``std``: the per-channel normalization of the images (``LoadedModel.mean/std``)."""
     _check(attack, eps, steps, step_size, mean, std)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
+    _check_batch_size(batch_size)
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got seed={seed!r}")
     gen = torch.Generator().manual_seed(int(seed))
     modes = [(mod, mod.training) for mod in model.modules()]
     model.eval()
@@ -175,7 +180,9 @@ def adversarial_accuracy(model: nn.Module, data, *, mean, std, eps: float = 2 / 
         for x, y in _batches(data, batch_size):
             x, y = x.to(device), y.to(device)
             with torch.no_grad():
-                ok = model(x).argmax(1) == y
+                logits = model(x)
+                check_labels(y, logits)
+                ok = logits.argmax(1) == y
             adv = adversarial_examples(model, x, y, mean=mean, std=std, eps=eps, attack=attack, steps=steps,
                                        step_size=step_size, random_start=random_start, generator=gen)
             with torch.no_grad():
