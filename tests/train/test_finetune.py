@@ -275,6 +275,22 @@ def test_bad_arguments(tiny, kw, match):
         finetune(model, loader, **kw)
 
 
+def test_bad_training_data_is_named(tiny):
+    """(Labels outside the outputs were torch's one_hot RuntimeError, float labels another, a dataset of dicts
+    torch.stack's TypeError, an empty one 'recalibrate_bn got no images'.)"""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, ds, loader = tiny
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    x, y = ds.images, ds.labels
+    for data, match in [(TensorDataset(x, y + 10), r"labels must be in \[0, 4\) \(the model's outputs\)"),
+                        (TensorDataset(x, y.float()), "labels must be integer class indices"),
+                        ([{"image": x[0]}] * 4, r"must give \(image tensor, label\) pairs, item 0 is dict"),
+                        (TensorDataset(x[:0], y[:0]), "train_loader's dataset holds no images")]:
+        with pytest.raises(ValueError, match=match):
+            finetune(cm, DataLoader(data, batch_size=8), epochs=1, progress=False)
+
+
 def test_dense_model_without_plan_is_refused(tiny):
     model, ds, loader = tiny
     with pytest.raises(ValueError, match="no ClusteredConv2d"):

@@ -73,6 +73,7 @@ import torch
 from torch import nn
 
 from ..conv.module import ClusteredConv2d
+from ..evaluate.metrics import check_labels
 from . import distributed as dd
 from .augment import cifar_augment
 from .bn import recalibrate_bn
@@ -187,12 +188,20 @@ def _dataset_images(loader, n: int) -> torch.Tensor:
     """The first ``n`` images of the loader's dataset (same on every process; no augmentation)."""
     ds = loader.dataset
     if hasattr(ds, "tensors"):
-        return ds.tensors[0][:n]
-    xs = []
-    for i in range(min(n, len(ds))):
-        item = ds[i]
-        xs.append(item[0] if isinstance(item, (tuple, list)) else item)
-    return torch.stack(xs)
+        x = ds.tensors[0][:n]
+    else:
+        xs = []
+        for i in range(min(n, len(ds))):
+            item = ds[i]
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], torch.Tensor)):
+                got = (f"({', '.join(type(e).__name__ for e in item)})" if isinstance(item, (tuple, list))
+                       else type(item).__name__)
+                raise ValueError(f"train_loader's dataset must give (image tensor, label) pairs, item {i} is {got}")
+            xs.append(item[0])
+        x = torch.stack(xs) if xs else torch.empty(0)
+    if x.shape[0] == 0:
+        raise ValueError("train_loader's dataset holds no images")
+    return x
 
 
 @dataclass
@@ -512,6 +521,7 @@ def _run_epochs(work, teacher, loader, orig_loader, phase, pi, first_epoch, resu
                 with torch.no_grad():
                     t_logits = teacher(x)
             out = net(x)
+            check_labels(y, out)
             if mixup > 0:
                 onehot = torch.nn.functional.one_hot(y, out.shape[1]).to(out.dtype)
                 target = lam * onehot + (1.0 - lam) * onehot[perm]
