@@ -79,6 +79,32 @@ def test_cosine_layers_round_trip_with_their_norms(tmp_path):
         assert torch.equal(model(x), loaded.eval()(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_element_layers_round_trip(tmp_path, dtype):
+    """Per-element layers (compress granularity="element") are rebuilt too: ``prune --granularity element``
+    wrote a model.pt that neither ``eval --weights`` nor load_compressed could read (the skeleton's dense
+    convs met a state dict of codebooks and indexes).  Also a strided, dilated and grouped conv, and the
+    dense state dict those layers give."""
+    from kcengine.compress.layers import ElementClusteredConv2d
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, (1, 3), stride=(2, 1),
+                          padding=(0, 2), dilation=(1, 2), groups=2, bias=False)).eval().to(dtype)
+    model, _ = kcengine.compress(dense, ratio=0.5, granularity="element")
+    assert all(isinstance(model[i], ElementClusteredConv2d) for i in (0, 2))
+    path = tmp_path / "m.pt"
+    kcengine.save_compressed(model, path)
+    loaded = kcengine.load_compressed(path, model=dense)
+    assert isinstance(loaded[2], ElementClusteredConv2d) and loaded[2].bias is None and loaded[2].groups == 2
+    assert loaded[0].codebook.dtype == dtype and loaded[0].num_clusters == model[0].num_clusters
+    x = torch.randn(2, 4, 7, 9, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    dsd = dense_state_dict(model)
+    assert set(dsd) == {"0.weight", "0.bias", "2.weight"}
+    assert torch.equal(dsd["2.weight"], model[2].to_dense().detach())
+
+
 def test_file_size_against_dense(tmp_path):
     """Filter granularity, K = C_out/4 everywhere: the codebook is 1/4 of the dense weights, the index one byte
     (or two) per filter; the file is smaller than the dense checkpoint by nearly 4x."""

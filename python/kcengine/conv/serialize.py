@@ -5,12 +5,13 @@ File format (one ``torch.save`` of plain containers, loadable with ``torch.load(
     {"format": "kcengine.compressed/1",
      "state_dict": model.state_dict(),          # codebooks as floats, indexes as uint8/int16/int32
      "clustered": {module_path: layer config},  # what ClusteredConv2d(...) needs to be rebuilt
+     "element": {module_path: geometry + K},    # per-element layers (compress granularity="element")
      "builder": "pkg.module:callable" | None, "builder_kwargs": {...}}
 
 Rebuilding: the architecture is not pickled (weights_only forbids code).  :func:`load_compressed`
 takes a *skeleton*, any ``nn.Module`` of the original architecture (dense or clustered); the layers
 at the recorded paths are replaced by ``ClusteredConv2d`` built from their configs, then the whole
-state_dict is loaded strictly.  Alternatively ``save_compressed(..., builder="torchvision.models:resnet18")``
+state_dict is loaded strictly (files written before the "element" key existed read as having none).  Alternatively ``save_compressed(..., builder="torchvision.models:resnet18")``
 records an importable constructor, and ``load_compressed(path)`` calls it (with ``builder_kwargs``)
 to make the skeleton — only do that for files you trust.
 Fused inference graphs (:func:`fuse_for_inference`) are not saved: save the model, fuse after loading.
@@ -64,14 +65,39 @@ def layer_from_config(cfg: dict, *, dtype=None, device=None) -> ClusteredConv2d:
     return layer
 
 
+def _element_layers(model: nn.Module) -> dict:
+    from ..compress.layers import ElementClusteredConv2d
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, ElementClusteredConv2d)}
+
+
+def element_config(m) -> dict:
+    """What :func:`element_from_config` needs to rebuild an ``ElementClusteredConv2d`` empty."""
+    return {**conv_geometry(m), "num_clusters": int(m.num_clusters), "bias": m.bias is not None}
+
+
+def element_from_config(cfg: dict, *, dtype=None):
+    """An empty ``ElementClusteredConv2d`` shaped as :func:`element_config` recorded."""
+    from ..compress.layers import ElementClusteredConv2d
+
+    cfg = dict(cfg)
+    k, bias = int(cfg.pop("num_clusters")), bool(cfg.pop("bias"))
+    conv = nn.Conv2d(**cfg, bias=bias, dtype=dtype)
+    c_out, cig, kh, kw = conv.weight.shape
+    d = cig * kh * kw
+    return ElementClusteredConv2d(conv, torch.zeros(d, k, dtype=conv.weight.dtype),
+                                  torch.zeros(c_out, d, dtype=torch.int64))
+
+
 def _payload(model: nn.Module, builder, builder_kwargs) -> dict:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if builder is not None and (not isinstance(builder, str) or builder.count(":") != 1):
         raise ValueError(f"builder must be 'package.module:callable', got {builder!r}")
     clustered = {name: layer_config(m) for name, m in model.named_modules() if isinstance(m, ClusteredConv2d)}
+    element = {name: element_config(m) for name, m in _element_layers(model).items()}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"format": FORMAT, "state_dict": state, "clustered": clustered, "builder": builder,
+    return {"format": FORMAT, "state_dict": state, "clustered": clustered, "element": element, "builder": builder,
             "builder_kwargs": dict(builder_kwargs or {})}
 
 
@@ -146,6 +172,16 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
             _set_submodule(model, name, layer)
         except ValueError as exc:
             raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: {exc}") from None
+    for name, cfg in payload.get("element", {}).items():
+        ref = state.get(f"{name}.codebook")
+        try:
+            layer = element_from_config(cfg, dtype=ref.dtype if isinstance(ref, torch.Tensor) else None)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: per-element layer {name!r} has an unusable config {cfg!r} ({exc})") from None
+        try:
+            _set_submodule(model, name, layer)
+        except ValueError as exc:
+            raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: {exc}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # load_state_dict's mismatch report
@@ -163,6 +199,9 @@ def _check_payload(payload: dict, path) -> None:
                          f"{type(state).__name__}, not a dict")
     if not isinstance(clustered, dict) or not all(isinstance(c, dict) for c in clustered.values()):
         raise ValueError(f"{path}: malformed compressed checkpoint, 'clustered' must map layer names to configs")
+    element = payload.get("element", {})
+    if not isinstance(element, dict) or not all(isinstance(c, dict) for c in element.values()):
+        raise ValueError(f"{path}: malformed compressed checkpoint, 'element' must map layer names to configs")
     builder, kwargs = payload.get("builder"), payload.get("builder_kwargs", {})
     if builder is not None and (not isinstance(builder, str) or builder.count(":") != 1):
         raise ValueError(f"{path}: malformed compressed checkpoint, builder {builder!r} is not 'module:callable'")
@@ -174,6 +213,7 @@ def dense_state_dict(model: nn.Module) -> dict:
     """``model``'s state_dict with every clustered layer written as a dense Conv2d (``weight`` [+ ``bias``])."""
     out = {}
     clustered = {name for name, m in model.named_modules() if isinstance(m, ClusteredConv2d)}
+    clustered |= set(_element_layers(model))
     for k, v in model.state_dict().items():
         mod, _, leaf = k.rpartition(".")
         if mod in clustered:
