@@ -162,26 +162,20 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
     else:
         model = copy.deepcopy(model)
     state = payload["state_dict"]
-    for name, cfg in payload["clustered"].items():
-        ref = state.get(f"{name}.codebook")
-        try:
-            layer = layer_from_config(cfg, dtype=ref.dtype if isinstance(ref, torch.Tensor) else None)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ValueError(f"{path}: clustered layer {name!r} has an unusable config {cfg!r} ({exc})") from None
-        try:
-            _set_submodule(model, name, layer)
-        except ValueError as exc:
-            raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: {exc}") from None
-    for name, cfg in payload.get("element", {}).items():
-        ref = state.get(f"{name}.codebook")
-        try:
-            layer = element_from_config(cfg, dtype=ref.dtype if isinstance(ref, torch.Tensor) else None)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ValueError(f"{path}: per-element layer {name!r} has an unusable config {cfg!r} ({exc})") from None
-        try:
-            _set_submodule(model, name, layer)
-        except ValueError as exc:
-            raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: {exc}") from None
+    kinds = ((payload["clustered"], layer_from_config, "clustered"),
+             (payload.get("element", {}), element_from_config, "per-element"))
+    for configs, build_layer, kind in kinds:
+        for name, cfg in configs.items():
+            ref = state.get(f"{name}.codebook")
+            try:
+                layer = build_layer(cfg, dtype=ref.dtype if isinstance(ref, torch.Tensor) else None)
+            except (TypeError, ValueError, KeyError) as exc:
+                raise ValueError(f"{path}: {kind} layer {name!r} has an unusable config {cfg!r} ({exc})") from None
+            try:
+                _set_submodule(model, name, layer)
+            except ValueError as exc:
+                raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: "
+                                 f"{exc}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # load_state_dict's mismatch report
