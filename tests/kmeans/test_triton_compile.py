@@ -56,7 +56,7 @@ def _conv_launches(monkeypatch):
     # the launchers accept CPU tensors only under the interpreter: let them run there, recording
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setitem(ck._KERNELS, True, (triton, rec["gather"], rec["gather_sum"]))
-    for dtype in (torch.float32, torch.float16):
+    for dtype in (torch.float32, torch.float16, torch.float64):  # float64 accumulates in fp64
         u = torch.randn(2, 3, 5, 7).to(dtype)
         idx = torch.tensor([2, 0, 1, 1], dtype=torch.int32)
         vec = torch.randn(4).to(dtype)

@@ -6,7 +6,8 @@ torch; these kernels finish the layer in one pass over memory, like the C++ core
 * ``_gather_epilogue_kernel``: ``out[n, o, s] = act(u[n, index[o], s] * scale[o] + shift[o] (+ res[n, o, s]))``
 * ``_gather_sum_kernel``: ``out[n, o, s] = act(sum_i p[n, pair[o, i], s] * scale[o] + shift[o] (+ res))``
 
-(``s`` = flattened spatial position; any memory format works through strides; accumulation in fp32.)
+(``s`` = flattened spatial position; any memory format works through strides; accumulation in fp32, in fp64
+for float64 tensors: fp32 arithmetic gave float64 outputs relative errors of 1e-8.)
 Triton is imported only when a kernel is first needed, so ``import kcengine`` never loads it.
 Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (that is how the tests check them
 without a GPU); kernels are built once per interpreter setting.  The kernels use only core builtins
@@ -43,20 +44,20 @@ def _kernels():
     def _gather_epilogue_kernel(u_ptr, idx_ptr, a_ptr, b_ptr, r_ptr, o_ptr, C, S,
                                 u_sn, u_sc, u_ss, o_sn, o_sc, o_ss, r_sn, r_sc, r_ss,
                                 HAS_A: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
-                                RELU: tl.constexpr, BLOCK: tl.constexpr):
+                                RELU: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
         row = tl.program_id(0)  # n * C + o
         n = row // C
         o = row % C
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < S
         src = tl.load(idx_ptr + o).to(tl.int64)
-        v = tl.load(u_ptr + n * u_sn + src * u_sc + offs * u_ss, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(u_ptr + n * u_sn + src * u_sc + offs * u_ss, mask=mask, other=0.0).to(ACC)
         if HAS_A:
-            v = v * tl.load(a_ptr + o).to(tl.float32)
+            v = v * tl.load(a_ptr + o).to(ACC)
         if HAS_B:
-            v = v + tl.load(b_ptr + o).to(tl.float32)
+            v = v + tl.load(b_ptr + o).to(ACC)
         if HAS_R:
-            v = v + tl.load(r_ptr + n * r_sn + o * r_sc + offs * r_ss, mask=mask, other=0.0).to(tl.float32)
+            v = v + tl.load(r_ptr + n * r_sn + o * r_sc + offs * r_ss, mask=mask, other=0.0).to(ACC)
         if RELU:
             v = tl.maximum(v, 0.0)
         tl.store(o_ptr + n * o_sn + o * o_sc + offs * o_ss, v.to(o_ptr.dtype.element_ty), mask=mask)
@@ -65,23 +66,23 @@ def _kernels():
     def _gather_sum_kernel(p_ptr, pair_ptr, a_ptr, b_ptr, r_ptr, o_ptr, C, CIN, S,
                            p_sn, p_sc, p_ss, o_sn, o_sc, o_ss, r_sn, r_sc, r_ss,
                            HAS_A: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
-                           RELU: tl.constexpr, BLOCK: tl.constexpr):
+                           RELU: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
         row = tl.program_id(0)
         n = row // C
         o = row % C
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < S
-        acc = tl.full([BLOCK], 0.0, tl.float32)  # core builtin: tl.zeros is a stdlib @jit fn (see module doc)
+        acc = tl.full([BLOCK], 0.0, ACC)  # core builtin: tl.zeros is a stdlib @jit fn (see module doc)
         base = p_ptr + n * p_sn + offs * p_ss
         for i in range(0, CIN):
             src = tl.load(pair_ptr + o * CIN + i).to(tl.int64)
-            acc += tl.load(base + src * p_sc, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(base + src * p_sc, mask=mask, other=0.0).to(ACC)
         if HAS_A:
-            acc = acc * tl.load(a_ptr + o).to(tl.float32)
+            acc = acc * tl.load(a_ptr + o).to(ACC)
         if HAS_B:
-            acc = acc + tl.load(b_ptr + o).to(tl.float32)
+            acc = acc + tl.load(b_ptr + o).to(ACC)
         if HAS_R:
-            acc = acc + tl.load(r_ptr + n * r_sn + o * r_sc + offs * r_ss, mask=mask, other=0.0).to(tl.float32)
+            acc = acc + tl.load(r_ptr + n * r_sn + o * r_sc + offs * r_ss, mask=mask, other=0.0).to(ACC)
         if RELU:
             acc = tl.maximum(acc, 0.0)
         tl.store(o_ptr + n * o_sn + o * o_sc + offs * o_ss, acc.to(o_ptr.dtype.element_ty), mask=mask)
@@ -125,8 +126,10 @@ def _launch(kind, src, index32, scale, shift, residual, relu, block=None):
     grid = (n * c_out, triton.cdiv(s, block))
     a = scale if scale is not None else out
     b = shift if shift is not None else out
+    import triton.language as tl
+
     common = dict(HAS_A=scale is not None, HAS_B=shift is not None, HAS_R=residual is not None, RELU=bool(relu),
-                  BLOCK=block)
+                  BLOCK=block, ACC=tl.float64 if src.dtype == torch.float64 else tl.float32)
     if kind == "gather":
         k_gather[grid](src, index32, a, b, res, out, c_out, s, *_flat_strides(src), *_flat_strides(out),
                        *_flat_strides(res), **common)
