@@ -92,6 +92,39 @@ def test_constructor_refuses_a_geometry_that_can_never_run(kw, match):
         ClusteredConv2d(**args)
 
 
+def test_copies_and_pickles_after_channels_last_inference():
+    """A layer that has run float32 channels-last inference holds a codebook reordered by oneDNN (an opaque
+    tensor with no storage): copy.deepcopy, pickle and torch.save of the module raised NotImplementedError,
+    so an evaluated model could not be fused (fuse_for_inference copies) or finetuned (finetune copies).
+    Copies now leave the cache behind and rebuild it."""
+    import copy
+    import io
+    import pickle
+
+    from kcengine.conv.backends import PackedCodebook
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    res = SimpleNamespace(centroids=conv.weight.detach().reshape(16, -1)[:4].clone(), labels=torch.arange(16) % 4)
+    layer = ClusteredConv2d.from_conv(conv, res, "filter", backend="cpu").eval()
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = layer(x)
+    if PackedCodebook._available():
+        assert layer._cache.packed.key is not None  # the opaque reorder is there
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    copies = [copy.deepcopy(layer), pickle.loads(pickle.dumps(layer)), torch.load(buf, weights_only=False)]
+    fused = fuse_for_inference(nn.Sequential(layer, nn.BatchNorm2d(16).eval(), nn.ReLU()))
+    with torch.no_grad():
+        for c in copies:
+            assert torch.equal(c(x), y)
+        ref = torch.relu(nn.BatchNorm2d(16).eval()(y))
+        torch.testing.assert_close(fused(x), ref, atol=1e-5, rtol=1e-5)
+    assert layer._cache is not None  # the original keeps its cache
+
+
 def test_constructor_refuses_an_unknown_backend():
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cpu', 'torch', 'cuda', 'triton'\), got "
                                          r"backend='tpu'"):
