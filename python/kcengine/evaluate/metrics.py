@@ -61,9 +61,12 @@ def _batches(data, batch_size: int):
     raise ValueError(f"data must be a DataLoader, a Dataset or an (images, labels) pair, got {type(data).__name__}")
 
 
-def _check_batch_size(batch_size) -> None:
-    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got batch_size={batch_size!r}")
+def _check_int(value, name: str, low: int, *, optional: bool = False) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int >= ``low`` (or None, when ``optional``)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}{' or None' if optional else ''}, got {name}={value!r}")
 
 
 def check_labels(y: torch.Tensor, logits: torch.Tensor) -> None:
@@ -94,10 +97,8 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num
     """Evaluate ``model`` on ``data``; see the module docstring."""
     import time
 
-    _check_batch_size(batch_size)
-    if num_classes is not None and (not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool)
-                                    or num_classes < 1):
-        raise ValueError(f"num_classes must be an int >= 1 or None, got num_classes={num_classes!r}")
+    _check_int(batch_size, "batch_size", 1)
+    _check_int(num_classes, "num_classes", 1, optional=True)
     if classes is None:
         classes = getattr(data, "classes", None) or getattr(getattr(data, "dataset", None), "classes", None)
     was_training = model.training

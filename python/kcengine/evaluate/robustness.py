@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import _batches, _check_batch_size, _length, check_labels
+from .metrics import _batches, _check_int, _length, check_labels
 
 __all__ = ["ATTACKS", "RobustResult", "adversarial_examples", "adversarial_accuracy"]
 
@@ -78,8 +78,7 @@ def _check(attack, eps, steps, step_size, mean, std):
         raise ValueError(f"attack must be one of {ATTACKS}, got attack={attack!r}")
     if not _real(eps) or not 0 <= eps <= 1:
         raise ValueError(f"eps must be a number in [0, 1] (pixel units: 8/255 = {8 / 255:.4f}), got eps={eps!r}")
-    if steps is not None and (not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1):
-        raise ValueError(f"steps must be an int >= 1 or None, got steps={steps!r}")
+    _check_int(steps, "steps", 1, optional=True)
     if attack == "fgsm" and steps not in (None, 1):
         raise ValueError(f"steps is PGD's; FGSM takes one step of eps (got attack='fgsm' with steps={steps!r})")
     if step_size is not None and (not _real(step_size) or not step_size > 0):
@@ -163,9 +162,8 @@ def adversarial_accuracy(model: nn.Module, data, *, mean, std, eps: float = 2 / 
     images, as :func:`kcengine.evaluate.evaluate` takes) as given and under ``attack``; see the module
     docstring.  ``mean``/``std``: the per-channel normalization of the images (``LoadedModel.mean/std``)."""
     _check(attack, eps, steps, step_size, mean, std)
-    _check_batch_size(batch_size)
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got seed={seed!r}")
+    _check_int(batch_size, "batch_size", 1)
+    _check_int(seed, "seed", 0)
     gen = torch.Generator().manual_seed(int(seed))
     modes = [(mod, mod.training) for mod in model.modules()]
     model.eval()
