@@ -94,6 +94,13 @@ def register(op: str, backend: str, target: str) -> None:
     _OPS.setdefault(op, _Op()).impls[backend] = target
 
 
+def check_backend_name(value, name: str = "backend") -> None:
+    """ValueError naming the argument ``name`` unless ``value`` is "auto" or one of ``BACKENDS`` (for arguments
+    stored now and resolved later, e.g. a layer's backend)."""
+    if value not in ("auto",) + BACKENDS:
+        raise ValueError(f"{name} must be one of {('auto',) + BACKENDS}, got {name}={value!r}")
+
+
 def backend_status(backend: str) -> str | None:
     """``None`` when ``backend`` can run here, else the reason it cannot."""
     if backend not in _CHECKS:

@@ -189,10 +189,9 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
             raise ValueError(f"threshold must be a finite number >= 0 or None, got threshold={threshold!r}")
         if granularity == "element":
             raise ValueError("threshold applies to granularity 'filter' or 'kernel', not 'element'")
-    from .._registry import BACKENDS
+    from .._registry import check_backend_name
 
-    if conv_backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"conv_backend must be one of {('auto',) + BACKENDS}, got conv_backend={conv_backend!r}")
+    check_backend_name(conv_backend, "conv_backend")
     strategy = parse_plan(plan, ratio)
     convs = conv_layers(model)
     require_dense_convs(model, convs)

@@ -75,8 +75,7 @@ class ClusteredConv2d(nn.Module):
         super().__init__()
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if backend not in ("auto",) + _registry.BACKENDS:
-            raise ValueError(f"backend must be one of {('auto',) + _registry.BACKENDS}, got backend={backend!r}")
+        _registry.check_backend_name(backend)
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("num_clusters", num_clusters),
                         ("groups", groups)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
