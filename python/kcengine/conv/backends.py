@@ -363,6 +363,13 @@ class PackedCodebook:
         self._entry = None  # (key, reordered weight), replaced as one object: calls from several threads
         #                     each use a consistent pair
 
+    def __getstate__(self):
+        """Copies and pickles leave the reorder behind (made again on the next call): it is an opaque oneDNN
+        tensor with no storage, which ``copy.deepcopy``, ``pickle`` and ``torch.save`` cannot copy (a layer,
+        or a dense baseline, that had run channels-last float32 inference could not be copied, so a model
+        could be neither fused nor finetuned after it)."""
+        return {"_entry": None}
+
     @property
     def key(self):
         """What the stored reorder was made for (None before the first packed call)."""

@@ -296,17 +296,6 @@ class ClusteredConv2d(nn.Module):
         _, y = _registry.run_with_fallback("conv", self.backend, x.device, call)
         return y
 
-    def __getstate__(self):
-        """Copies and pickles (``copy.deepcopy``, ``torch.save`` of the module) leave the derived cache behind:
-        it is rebuilt on the first forward.  (It may hold a codebook reordered by oneDNN, an opaque tensor
-        that has no storage to copy: a layer that had run channels-last float32 inference could not be
-        deep-copied, so neither fused nor finetuned.)"""
-        state = super().__getstate__()
-        state = dict(state)
-        state["_cache"] = None
-        state.pop("_checked", None)
-        return state
-
     def invalidate_cache(self) -> None:
         """Drop what forward derived from ``index`` and ``codebook``.  Needed only after writes torch's
         version counter does not see: through ``.data``, or in place into tensors made under
