@@ -126,10 +126,9 @@ def _launch(kind, src, index32, scale, shift, residual, relu, block=None):
     grid = (n * c_out, triton.cdiv(s, block))
     a = scale if scale is not None else out
     b = shift if shift is not None else out
-    import triton.language as tl
-
+    acc = triton.language.float64 if src.dtype == torch.float64 else triton.language.float32
     common = dict(HAS_A=scale is not None, HAS_B=shift is not None, HAS_R=residual is not None, RELU=bool(relu),
-                  BLOCK=block, ACC=tl.float64 if src.dtype == torch.float64 else tl.float32)
+                  BLOCK=block, ACC=acc)
     if kind == "gather":
         k_gather[grid](src, index32, a, b, res, out, c_out, s, *_flat_strides(src), *_flat_strides(out),
                        *_flat_strides(res), **common)
