@@ -1,4 +1,5 @@
 """ClusteredConv2d: construction from k-means, forward vs dense, training, BN/ReLU fusion."""
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -291,6 +292,34 @@ def test_repeated_forwards_still_reject_bad_arguments():
         layer.codebook = nn.Parameter(torch.randn(3, 4, 3, 3))  # replaced by one of the wrong C_in
         with pytest.raises(ValueError, match="codebook"):
             layer(x)
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+@pytest.mark.parametrize("what", ["bigger kernel", "fewer centroids", "more centroids", "short index"])
+def test_replaced_codebook_or_index_of_another_shape_is_refused(granularity, what):
+    """``codebook`` and ``index`` are plain attributes: one of another shape must not compute some other
+    convolution than the layer describes (a 5x5 codebook in a 3x3 layer used to run as a 5x5 conv) nor
+    fail deep in a backend; the error names the attribute, the shape wanted and the shape given."""
+    torch.manual_seed(0)
+    layer = ClusteredConv2d(6, 10, 3, 4, padding=1, granularity=granularity)
+    x = torch.randn(2, 6, 8, 8)
+    ref = F.conv2d(x, layer.to_dense(), layer.bias, padding=1)
+    with torch.no_grad():
+        _close(layer(x), ref)  # a good forward first: its checks are then cached
+    cb = layer.codebook.detach()
+    if what == "bigger kernel":
+        bad, name = cb.new_zeros(cb.shape[:-2] + (5, 5)), "codebook"
+    elif what == "fewer centroids":
+        bad, name = cb[:2].clone(), "codebook"
+    elif what == "more centroids":
+        bad, name = torch.cat([cb, cb]), "codebook"
+    else:
+        bad, name = layer.index[:3].clone(), "index"
+    want = tuple(cb.shape) if name == "codebook" else tuple(layer.index.shape)
+    setattr(layer, name, nn.Parameter(bad) if name == "codebook" else bad)
+    with pytest.raises(ValueError, match=rf"{name} must have shape {re.escape(str(want))}.*got "
+                                         rf"{re.escape(str(tuple(bad.shape)))}"):
+        layer(x)
 
 
 @pytest.mark.parametrize("geom", [dict(k=3, stride=1, padding=1, dilation=1), dict(k=3, stride=2, padding=1, dilation=1),

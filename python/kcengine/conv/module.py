@@ -98,10 +98,7 @@ class ClusteredConv2d(nn.Module):
         kh, kw = self.kernel_size
         cig = in_channels // groups
         fk = dict(device=device, dtype=dtype)
-        if granularity == "filter":
-            cb_shape, idx_shape = (num_clusters, cig, kh, kw), (out_channels,)
-        else:
-            cb_shape, idx_shape = (num_clusters, kh, kw), (out_channels, cig)
+        cb_shape, idx_shape = self._shapes()
         self.codebook = nn.Parameter(torch.empty(cb_shape, **fk))
         bound = 1.0 / math.sqrt(cig * kh * kw)
         nn.init.uniform_(self.codebook, -bound, bound)
@@ -271,10 +268,33 @@ class ClusteredConv2d(nn.Module):
         checked = self.__dict__.get("_checked")
         if checked is not None and checked[0] == key:
             return checked[1]
+        self._check_own_shapes()
         geometry = _validate(x, cb, idx, self.bias, self.stride, self.padding, self.dilation, self.groups,
                              self.granularity, self.scale, self.shift, residual, check_range=False)
         self.__dict__["_checked"] = (key, geometry)
         return geometry
+
+    def _shapes(self) -> tuple:
+        """(codebook shape, index shape) this layer's configuration calls for."""
+        kh, kw = self.kernel_size
+        cig = self.in_channels // self.groups
+        if self.granularity == "filter":
+            return (self.num_clusters, cig, kh, kw), (self.out_channels,)
+        return (self.num_clusters, kh, kw), (self.out_channels, cig)
+
+    def _check_own_shapes(self) -> None:
+        """``codebook`` and ``index`` are plain attributes a caller can reassign: one of another shape
+        would otherwise compute a different convolution than ``kernel_size``/``num_clusters`` describe
+        (a 5x5 codebook in a 3x3 layer) or fail deep in a backend with a message about something else."""
+        cb_shape, idx_shape = self._shapes()
+        for name, want in (("codebook", cb_shape), ("index", idx_shape)):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(
+                    f"{name} must have shape {want} for this layer (num_clusters={self.num_clusters}, "
+                    f"kernel_size={self.kernel_size}, granularity={self.granularity!r}), got {got}; build a new "
+                    f"ClusteredConv2d for another shape")
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         cache = self._prepared()
