@@ -49,6 +49,8 @@ def test_bad_arguments_name_the_value():
                           ((x, y), dict(batch_size=2.5), "batch_size must be an int >= 1, got batch_size=2.5"),
                           ((x, y), dict(num_classes=3), "num_classes=3 is below the model's 6 outputs"),
                           ((x, y), dict(num_classes=0), "num_classes must be an int >= 1 or None, got num_classes=0"),
+                          ((x, y), dict(device="tpu"), "device must be a torch device .* got device='tpu'"),
+                          ((x, y), dict(device=3.5), "device must be a torch device .* got device=3.5"),
                           ([1, 2, 3], {}, r"data must be a DataLoader, a Dataset or an \(images, labels\) pair")]:
         with pytest.raises(ValueError, match=msg):
             evaluate(_Fixed(logits), data, **kw)

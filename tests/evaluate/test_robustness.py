@@ -198,6 +198,8 @@ def test_bad_arguments_name_the_value():
         adversarial_accuracy(net, (x, y.float()), mean=MEAN, std=STD)
     with pytest.raises(ValueError, match="seed must be an int >= 0, got seed=-1"):
         adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, seed=-1)
+    with pytest.raises(ValueError, match="device must be a torch device .* got device='tpu'"):
+        adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, device="tpu")
     with pytest.raises(ValueError, match="step_size is PGD's"):
         adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, attack="fgsm", step_size=0.01)
     with pytest.raises(ValueError, match="C = len\\(mean\\) = 4, got shape \\(64, 3, 6, 5\\)"):

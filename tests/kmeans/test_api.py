@@ -30,14 +30,14 @@ X = np.random.default_rng(0).normal(size=(20, 3))
     (X, 2, {"init": X[:3]}, r"init has 3 centroids but k=2"),
     (X, 2, {"init": X[:2, :2]}, r"init must have shape \[k, 3\]"),
     (X, 2, {"init": X[:2], "n_init": 3}, r"n_init=3 with given initial centroids"),
-    (X, 2, {"n_init": 0}, r"n_init must be >= 1, got 0"),
-    (X, 2, {"max_iter": 0}, r"max_iter must be >= 1, got 0"),
-    (X, 2, {"max_iter": 2**40}, r"max_iter must be <= 2147483647, got 1099511627776"),  # was pybind11's TypeError
-    (X, 2, {"n_init": 2**31}, r"n_init must be <= 2147483647, got 2147483648"),
+    (X, 2, {"n_init": 0}, r"n_init must be an int in \[1, 2147483647\], got n_init=0"),
+    (X, 2, {"max_iter": 0}, r"max_iter must be an int in \[1, 2147483647\], got max_iter=0"),
+    (X, 2, {"max_iter": 2**40}, r"max_iter must be an int in \[1, 2147483647\], got max_iter=1099511627776"),  # was pybind11's TypeError
+    (X, 2, {"n_init": 2**31}, r"n_init must be an int in \[1, 2147483647\], got n_init=2147483648"),
     (X, 2, {"tol": -1.0}, r"tol must be a finite number >= 0, got -1.0"),
-    (X, 2, {"seed": -3}, r"seed must be >= 0, got -3"),
-    (X, 2, {"seed": 2**64}, r"seed must be <= 9223372036854775807, got 18446744073709551616"),
-    (X, 2, {"seed": 1.5}, r"seed must be an int, got 1.5"),
+    (X, 2, {"seed": -3}, r"seed must be an int in \[0, 9223372036854775807\], got seed=-3"),
+    (X, 2, {"seed": 2**64}, r"seed must be an int in \[0, 9223372036854775807\], got seed=18446744073709551616"),
+    (X, 2, {"seed": 1.5}, r"seed must be an int in \[0, 9223372036854775807\], got seed=1.5"),
     (X, 2, {"algorithm": "elkan"}, r"algorithm must be one of"),
     (X, 2, {"algorithm": "exact1d"}, r"needs 1-D points \(D == 1\); problem 0 has D=3"),
     (X, 2, {"backend": "gpu"}, r"backend='gpu' is not one of"),
@@ -46,7 +46,7 @@ X = np.random.default_rng(0).normal(size=(20, 3))
      r"points is read as a ragged batch of problems: for one dataset pass np.asarray\(x\)"),
     ([1.0, 2.0, 3.0], 2, {}, r"x\[0\] must have shape \[N, D\], got shape \(\); a list of points is read as a "
      r"ragged batch of problems: for one dataset pass np.asarray\(x\).reshape\(-1, 1\)"),
-    (X, 2.5, {}, r"k must be an int, got 2.5"),
+    (X, 2.5, {}, r"k must be an int, got k=2.5"),
 ])
 def test_bad_input_raises_value_error(x, k, kw, match):
     with pytest.raises(ValueError, match=match):

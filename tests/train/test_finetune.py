@@ -1,6 +1,7 @@
 """kcengine.finetune: modes keep their invariants, progressive order, resume, validation."""
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -268,11 +269,38 @@ def test_default_peak_lr_scales_with_the_loaders_batch(tiny):
     ({"stage_training": "thaw"}, r"stage_training must be one of \('keep', 'freeze'\), got stage_training='thaw'"),
     ({"granularity": "element"},
      r"granularity must be one of \('filter', 'kernel'\) for finetuning, got granularity='element'"),
+    ({"device": "tpu"}, r"device must be a torch device or a string such as 'cpu' or 'cuda:0', got device='tpu'"),
+    ({"seed": 1.0}, r"seed must be an int >= 0, got seed=1.0"),
+    ({"calibration_images": np.int64(0)}, r"calibration_images must be an int >= 1, got calibration_images="),
+    ({"checkpoint_dir": 3}, "checkpoint_dir must be a path"),
 ])
 def test_bad_arguments(tiny, kw, match):
     model, ds, loader = tiny
     with pytest.raises(ValueError, match=match):
         finetune(model, loader, **kw)
+
+
+def test_checkpoint_dir_that_is_a_file_is_refused_before_training(tiny, tmp_path):
+    """(Was FileExistsError from mkdir after the first epoch's work.)"""
+    model, ds, loader = tiny
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    f = tmp_path / "ckpt"
+    f.write_text("not a directory")
+    with pytest.raises(ValueError, match=r"checkpoint_dir must be a directory .*got checkpoint_dir='.*ckpt', an "
+                                         r"existing file"):
+        finetune(cm, loader, epochs=1, checkpoint_dir=f, progress=False)
+    assert f.read_text() == "not a directory"
+
+
+def test_numpy_integers_are_accepted_as_counts(tiny):
+    """Counts read from numpy (a config array, np.arange) are ints too: the same run as with Python ints."""
+    model, ds, loader = tiny
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    kw = dict(teacher=model, schedule="constant", progress=False)
+    a = finetune(cm, loader, epochs=np.int64(1), seed=np.int32(3), calibration_images=np.int64(32), **kw)
+    b = finetune(cm, loader, epochs=1, seed=3, calibration_images=32, **kw)
+    assert len(a.history) == len(b.history) == 1
+    assert a.history[0]["loss"] == pytest.approx(b.history[0]["loss"], rel=1e-6)
 
 
 def test_bad_training_data_is_named(tiny):

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from .._checks import check_device, check_int
 
 __all__ = ["EvalResult", "evaluate", "top1_accuracy", "confusion_png"]
 
@@ -61,14 +62,6 @@ def _batches(data, batch_size: int):
     raise ValueError(f"data must be a DataLoader, a Dataset or an (images, labels) pair, got {type(data).__name__}")
 
 
-def _check_int(value, name: str, low: int, *, optional: bool = False) -> None:
-    """ValueError naming ``name`` unless ``value`` is an int >= ``low`` (or None, when ``optional``)."""
-    if optional and value is None:
-        return
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}{' or None' if optional else ''}, got {name}={value!r}")
-
-
 def check_labels(y: torch.Tensor, logits: torch.Tensor) -> None:
     """ValueError unless ``y`` holds one integer class label per image, each one of the model's outputs."""
     if y.dim() != 1 or y.shape[0] != logits.shape[0]:
@@ -97,8 +90,9 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num
     """Evaluate ``model`` on ``data``; see the module docstring."""
     import time
 
-    _check_int(batch_size, "batch_size", 1)
-    _check_int(num_classes, "num_classes", 1, optional=True)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    num_classes = check_int(num_classes, "num_classes", 1, optional=True)
+    device = check_device(device)
     if classes is None:
         classes = getattr(data, "classes", None) or getattr(getattr(data, "dataset", None), "classes", None)
     was_training = model.training

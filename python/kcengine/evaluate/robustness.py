@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import _batches, _check_int, _length, check_labels
+from .._checks import check_device, check_int
+from .metrics import _batches, _length, check_labels
 
 __all__ = ["ATTACKS", "RobustResult", "adversarial_examples", "adversarial_accuracy"]
 
@@ -78,7 +79,7 @@ def _check(attack, eps, steps, step_size, mean, std):
         raise ValueError(f"attack must be one of {ATTACKS}, got attack={attack!r}")
     if not _real(eps) or not 0 <= eps <= 1:
         raise ValueError(f"eps must be a number in [0, 1] (pixel units: 8/255 = {8 / 255:.4f}), got eps={eps!r}")
-    _check_int(steps, "steps", 1, optional=True)
+    steps = check_int(steps, "steps", 1, optional=True)
     if attack == "fgsm" and steps not in (None, 1):
         raise ValueError(f"steps is PGD's; FGSM takes one step of eps (got attack='fgsm' with steps={steps!r})")
     if step_size is not None and (not _real(step_size) or not step_size > 0):
@@ -162,8 +163,9 @@ def adversarial_accuracy(model: nn.Module, data, *, mean, std, eps: float = 2 / 
     images, as :func:`kcengine.evaluate.evaluate` takes) as given and under ``attack``; see the module
     docstring.  ``mean``/``std``: the per-channel normalization of the images (``LoadedModel.mean/std``)."""
     _check(attack, eps, steps, step_size, mean, std)
-    _check_int(batch_size, "batch_size", 1)
-    _check_int(seed, "seed", 0)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    seed = check_int(seed, "seed", 0)
+    device = check_device(device)
     gen = torch.Generator().manual_seed(int(seed))
     modes = [(mod, mod.training) for mod in model.modules()]
     model.eval()

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .. import _registry
+from .._checks import check_int
 from .result import KMeansResult
 
 __all__ = ["kmeans", "kmeans_sweep", "Problems", "RawResult", "ALGORITHMS", "INITS"]
@@ -123,17 +124,6 @@ def _nonfinite(arrays) -> list[int]:
 _INT32_MAX = 2**31 - 1
 
 
-def _check_int(value, what: str, *, low: int | None = None, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{what} must be an int, got {value!r}")
-    value = int(value)
-    if low is not None and value < low:
-        raise ValueError(f"{what} must be >= {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"{what} must be <= {high}, got {value}")
-    return value
-
-
 def _split_input(x):
     """(list of [N, D] problem arrays, layout) with layout in {"single", "dense", "ragged"}."""
     if isinstance(x, (list, tuple)):
@@ -188,9 +178,9 @@ def _check_k(k, parts, layout) -> np.ndarray:
             raise ValueError(f"k must be an int for a single problem, got a sequence of {len(ks)}")
         if len(ks) != B:
             raise ValueError(f"k has {len(ks)} entries but x holds {B} problems; pass one k per problem or one int")
-        ks = [_check_int(v, f"k[{i}]") for i, v in enumerate(ks)]
+        ks = [check_int(v, f"k[{i}]") for i, v in enumerate(ks)]
     else:
-        ks = [_check_int(k, "k")] * B
+        ks = [check_int(k, "k")] * B
     for i, (kv, a) in enumerate(zip(ks, parts)):
         where = "" if layout == "single" else f" for problem {i}"
         if kv < 1:
@@ -306,7 +296,7 @@ def _resolve_seed(seed) -> int:
         return int(np.random.default_rng().integers(0, 2**63 - 1))
     if isinstance(seed, np.random.Generator):
         return int(seed.integers(0, 2**63 - 1))
-    return _check_int(seed, "seed", low=0, high=2**63 - 1)  # what every backend's generator takes
+    return check_int(seed, "seed", 0, 2**63 - 1)  # what every backend's generator takes
 
 
 def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm, sweep_ks=None):
@@ -330,10 +320,10 @@ def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm,
                 name = "init" if layout == "single" else f"init of problem {i}"
                 raise ValueError(f"{name} has {c.shape[0]} centroids but k={kv}")
     weights = _check_weights(sample_weight, parts, layout)
-    n_init = _check_int(n_init, "n_init", low=1, high=_INT32_MAX)
+    n_init = check_int(n_init, "n_init", 1, _INT32_MAX)
     if kind == "given" and n_init != 1:
         raise ValueError(f"n_init={n_init} with given initial centroids would rerun the same start; pass n_init=1")
-    max_iter = _check_int(max_iter, "max_iter", low=1, high=_INT32_MAX)  # the native core counts in int32
+    max_iter = check_int(max_iter, "max_iter", 1, _INT32_MAX)  # the native core counts in int32
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     if algorithm not in ALGORITHMS:

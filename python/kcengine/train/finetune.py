@@ -65,6 +65,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._checks import check_device, check_float, check_int
 from ..conv.module import ClusteredConv2d
 from ..evaluate.metrics import check_labels
 from . import distributed as dd
@@ -169,19 +171,6 @@ def lr_factor(schedule: str, t: float) -> float:
     if schedule == "constant":
         return 1.0
     raise ValueError(f"schedule must be one of {SCHEDULES}, got schedule={schedule!r}")
-
-
-def _check_int(v, name, lo=0):
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {name}={v!r}")
-
-
-def _check_float(v, name, lo=0.0, lo_open=False, hi=None):
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
-        (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
-    if not ok:
-        rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
-        raise ValueError(f"{name} must be a finite number {rng}, got {name}={v!r}")
 
 
 def _dataset_images(loader, n: int) -> torch.Tensor:
@@ -314,29 +303,37 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise ValueError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
     epochs = DEFAULT_EPOCHS[mode] if epochs is None else epochs
-    _check_int(epochs, "epochs")
+    epochs = check_int(epochs, "epochs", 0)
     lr = default_lr(optimizer, train_loader.batch_size) if lr is None else lr
-    _check_float(lr, "lr", 0.0, lo_open=True)
-    _check_float(momentum, "momentum", 0.0, hi=1.0)
-    _check_float(weight_decay, "weight_decay")
-    _check_float(temperature, "temperature", 0.0, lo_open=True)
-    _check_float(alpha, "alpha", 0.0, hi=1.0)
-    _check_float(feature_weight, "feature_weight")
-    _check_float(mixup, "mixup")
-    _check_int(calibration_images, "calibration_images", 1)
-    _check_int(seed, "seed")
+    lr = check_float(lr, "lr", 0.0, low_open=True)
+    momentum = check_float(momentum, "momentum", 0.0, high=1.0)
+    weight_decay = check_float(weight_decay, "weight_decay")
+    temperature = check_float(temperature, "temperature", 0.0, low_open=True)
+    alpha = check_float(alpha, "alpha", 0.0, high=1.0)
+    feature_weight = check_float(feature_weight, "feature_weight")
+    mixup = check_float(mixup, "mixup")
+    calibration_images = check_int(calibration_images, "calibration_images", 1)
+    seed = check_int(seed, "seed", 0)
     if output_calibration is None:
         output_calibration = plan is not None
     if mode == "progressive" and plan is None:
         raise ValueError("mode='progressive' needs plan= (e.g. plan={'ratio': 0.5}): it clusters the dense "
                          "model stage by stage")
 
+    if checkpoint_dir is not None:
+        if not isinstance(checkpoint_dir, (str, os.PathLike)):
+            raise ValueError(f"checkpoint_dir must be a path (str or os.PathLike) or None, got "
+                             f"{type(checkpoint_dir).__name__}")
+        if Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+            raise ValueError(f"checkpoint_dir must be a directory (it is created if missing), got "
+                             f"checkpoint_dir={str(checkpoint_dir)!r}, an existing file")
+
     from ..compress import compress
 
     if device is None:
         p0 = next(model.parameters(), None)
         device = p0.device if p0 is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = check_device(device)
     copts = dict(compress_options or {})
     work = copy.deepcopy(model).to(device)
     if teacher is None and plan is not None:
@@ -364,8 +361,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
             per = list(stage_epochs)
             if len(per) != len(stages):
                 raise ValueError(f"stage_epochs has {len(per)} entries for {len(stages)} stages")
-        for v in per:
-            _check_int(v, "stage_epochs")
+        per = [check_int(v, "stage_epochs", 0) for v in per]
         phases = [_Phase(f"stage {i + 1}", e, s) for i, (s, e) in enumerate(zip(stages, per))]
         phases.append(_Phase("final", epochs))
     else:

@@ -1,0 +1,61 @@
+"""Argument checks shared by the public entry points, so every one words its errors the same way:
+``<name> must be <what>, got <name>=<value>``."""
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__ = ["check_int", "check_float", "check_device"]
+
+
+def check_int(value, name: str, low: int | None = None, high: int | None = None, *, optional: bool = False):
+    """``value`` as a Python int (any integral type is accepted: ``numpy.int64`` too, ``bool`` not), or None
+    when ``optional``; ValueError naming ``name`` and the value unless ``low <= value <= high``."""
+    if optional and value is None:
+        return None
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if ok:
+        v = int(value)
+        ok = (low is None or v >= low) and (high is None or v <= high)
+    if not ok:
+        if low is not None and high is not None:
+            what = f"an int in [{low}, {high}]"
+        elif low is not None:
+            what = f"an int >= {low}"
+        elif high is not None:
+            what = f"an int <= {high}"
+        else:
+            what = "an int"
+        raise ValueError(f"{name} must be {what}{' or None' if optional else ''}, got {name}={value!r}")
+    return v
+
+
+def check_float(value, name: str, low: float = 0.0, *, low_open: bool = False, high: float | None = None) -> float:
+    """``value`` as a Python float; ValueError naming ``name`` and the value unless it is a finite real number
+    ``>= low`` (``> low`` when ``low_open``) and ``<= high``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and \
+        (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        rng = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ValueError(f"{name} must be a finite number {rng}, got {name}={value!r}")
+    return float(value)
+
+
+def check_device(device, name: str = "device"):
+    """``device`` as a ``torch.device``; ValueError naming ``name`` for a string torch cannot parse
+    (``"tpu"``), another type, or a CUDA device this process cannot use (none, or an ordinal past the
+    last), instead of torch's RuntimeError or AssertionError from deep inside the first ``.to()``."""
+    import torch
+
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a torch device or a string such as 'cpu' or 'cuda:0', got "
+                         f"{name}={device!r} ({exc})") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"{name}={device!r} but torch sees no CUDA device here; use {name}='cpu'")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"{name}={device!r} but torch sees {n} CUDA device(s) (0..{n - 1})")
+    return dev
