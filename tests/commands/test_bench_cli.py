@@ -7,8 +7,8 @@ import sys
 import pytest
 
 
-def run_cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+def run_cli(*args, timeout=600, **env_extra):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **env_extra)
     return subprocess.run([sys.executable, "-m", "kcengine", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -76,6 +76,19 @@ def test_bench_refuses_a_clustered_model_as_weights(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"--weights {path}: a clustered model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_explicit_pretrained_weights_that_are_missing_is_an_error_in_every_section(tmp_path):
+    """Without --weights the clustering section falls back to the default init (its speed needs only the
+    shapes) and says so; an explicit --weights pretrained that the hub cache cannot give used to fall back
+    the same way, silently benchmarking untrained filters under the name the user asked for."""
+    for section in ("clustering", "inference"):
+        r = run_cli("bench", "--model", "resnet18", "--sections", section, "--quick", "--weights", "pretrained",
+                    "--out", str(tmp_path / section), TORCH_HOME=str(tmp_path / "empty_hub"))
+        assert r.returncode == 2, (section, r.stderr[-2000:])
+        assert "pretrained" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / section).exists()
 
 
 def test_bench_data_folder_of_wrong_layout(tmp_path):

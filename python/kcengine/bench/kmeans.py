@@ -63,12 +63,15 @@ def conv_weights(model) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def load_weights(model_name: str, weights=None) -> tuple[list[tuple[str, np.ndarray]], str]:
+def load_weights(model_name: str, weights=None, *, require_trained: bool = False
+                 ) -> tuple[list[tuple[str, np.ndarray]], str]:
     """Conv weights of ``model_name`` and a line saying where they came from.
 
     CIFAR ResNets use the real checkpoint in ``../shared/data/checkpoints`` when present (or
     ``weights``); torchvision models their pretrained weights when cached, else the default
-    init with seed 0 (speed work only needs the shapes)."""
+    init with seed 0 (speed work only needs the shapes) -- unless ``require_trained``, where
+    :class:`~kcengine.models.checkpoints.MissingWeightsError` is raised instead (the CLI's explicit
+    ``--weights pretrained``)."""
     import torch
 
     from ..models import load_model
@@ -85,6 +88,8 @@ def load_weights(model_name: str, weights=None) -> tuple[list[tuple[str, np.ndar
         lm = load_model(model_name, weights if weights is not None else "pretrained", allow_download=False)
         src = f"{model_name} weights from {Path(str(lm.weights)).name}"
     except MissingWeightsError:
+        if require_trained:
+            raise
         torch.manual_seed(0)
         lm = load_model(model_name, None)
         src = (f"{model_name} with its default initialization (seed 0; no pretrained weights here: shapes are what "

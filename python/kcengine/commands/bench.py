@@ -120,7 +120,13 @@ def run_clustering(args, out: Path) -> dict:
         layers = kb.conv_weights(load_model(args.model, None).model)
         source = f"{args.model} with its default initialization (seed 0; --weights none)"
     else:
-        layers, source = kb.load_weights(args.model, None if args.weights == "pretrained" else args.weights)
+        from ..models.checkpoints import MissingWeightsError
+
+        try:  # an explicit --weights pretrained that cannot be had is an error, as in the other sections
+            layers, source = kb.load_weights(args.model, None if args.weights == "pretrained" else args.weights,
+                                             require_trained=args.weights == "pretrained")
+        except MissingWeightsError as exc:
+            raise UserError(str(exc)) from None
     if args.quick:  # the first layers only: the smallest problems of every workload kind
         layers = layers[:6]
         source += "; --quick: the first 6 conv layers"
