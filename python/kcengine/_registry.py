@@ -162,12 +162,22 @@ def resolve(op: str, backend: str | None = "auto", device="cpu") -> tuple[str, C
     return names[0], _load(op, names[0])
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed: torch's OutOfMemoryError (CUDA) or its CPU allocator's
+    RuntimeError, whose only mark is the message."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    msg = str(exc)
+    return "can't allocate memory" in msg or "out of memory" in msg.lower()
+
+
 def run_with_fallback(op: str, backend: str | None, device, call: Callable[[str, Callable], object]):
     """Run ``call(name, impl)`` on the resolved backend; returns ``(name, result)``.
 
     An auto-selected backend that raises ``RuntimeError``/``NotImplementedError`` is skipped
     with a warning and the next candidate is tried; an explicitly requested backend's error
-    propagates unchanged.
+    propagates unchanged, and so does running out of memory (the next backend on the same device
+    needs the same output: trying it only repeats the failure under a misleading warning).
     """
     names, explicit = candidates(op, backend, device)
     last_exc: Exception | None = None
@@ -178,6 +188,8 @@ def run_with_fallback(op: str, backend: str | None, device, call: Callable[[str,
         try:
             return name, call(name, impl)
         except (RuntimeError, NotImplementedError) as exc:
+            if _out_of_memory(exc):
+                raise
             last_exc = exc
             warnings.warn(f"kcengine: backend {name!r} failed for {op} ({exc}); falling back",
                           RuntimeWarning, stacklevel=3)

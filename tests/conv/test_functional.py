@@ -453,3 +453,15 @@ def test_import_touches_no_triton_or_cupy():
     code = "import sys, kcengine, kcengine.nn; print(any(m.split('.')[0] in ('triton', 'cupy') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("padding", [2**31, 2**40])
+def test_padding_past_a_64bit_byte_count_is_refused_by_name(padding):
+    """torch's own size arithmetic wraps there (F.conv2d with padding=2**31 asks its allocator for ~1 TB, not
+    the ~3e20 bytes meant): the argument check refuses it before any backend runs."""
+    from kcengine.conv.functional import indexed_conv2d
+
+    x = torch.randn(1, 2, 4, 4)
+    cb, idx = torch.randn(2, 2, 3, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match=rf"padding=\({padding}, {padding}\).*past what a 64-bit byte count"):
+        indexed_conv2d(x, cb, idx, padding=padding)

@@ -35,6 +35,7 @@ from .. import _registry
 __all__ = ["indexed_conv2d", "dense_weight", "GRANULARITIES", "FLOAT_DTYPES"]
 
 GRANULARITIES = ("filter", "kernel")
+_MAX_BYTES = 2**62  # any buffer of a conv must stay well inside a signed 64-bit byte count
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -154,6 +155,15 @@ def _validate(x, codebook, index, bias, stride, padding, dilation, groups, granu
     if ho < 1 or wo < 1:
         raise ValueError(f"x of spatial size {h}x{w} is too small for a {kh}x{kw} kernel with padding={padding}, "
                          f"dilation={dilation} (output would be {ho}x{wo})")
+    # Sizes past what a 64-bit byte count holds wrap around inside torch's own allocation arithmetic
+    # (F.conv2d with padding=2**31 asks for ~1 TB instead of ~3e20 bytes): refuse them here, by name.
+    cig = x.shape[1] // groups
+    biggest = max(x.shape[0] * c_out * ho * wo, cig * kh * kw * ho * wo,
+                  x.shape[0] * x.shape[1] * (h + 2 * padding[0]) * (w + 2 * padding[1]))
+    if biggest * x.element_size() >= _MAX_BYTES:
+        raise ValueError(f"padding={padding}, stride={stride}, dilation={dilation} on x of shape {tuple(x.shape)} "
+                         f"would make an output of {ho}x{wo} pixels: buffers of {biggest} elements, past what "
+                         f"a 64-bit byte count can address")
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
             raise ValueError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")

@@ -1,0 +1,64 @@
+"""kcengine._registry.run_with_fallback: which run-time failures move on to the next backend and which stop."""
+import warnings
+
+import pytest
+
+from kcengine import _registry
+
+CALLS = []
+
+
+def _fail_runtime(*a):
+    CALLS.append("cpu")
+    raise RuntimeError("kernel not built for this shape")
+
+
+def _fail_cpu_oom(*a):
+    CALLS.append("cpu")
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+                       "to allocate 2880057600288 bytes")
+
+
+def _ok(*a):
+    CALLS.append("torch")
+    return "torch result"
+
+
+@pytest.fixture()
+def op():
+    name = "test_fallback_op"
+    yield name
+    _registry._OPS.pop(name, None)
+    CALLS.clear()
+
+
+def _register(op, cpu_impl):
+    _registry.register(op, "cpu", f"{__name__}:{cpu_impl}")
+    _registry.register(op, "torch", f"{__name__}:_ok")
+
+
+def test_a_failing_auto_backend_warns_and_falls_back(op, monkeypatch):
+    monkeypatch.delenv("KCENGINE_BACKEND", raising=False)
+    _register(op, "_fail_runtime")
+    with pytest.warns(RuntimeWarning, match="backend 'cpu' failed for test_fallback_op .*kernel not built"):
+        name, out = _registry.run_with_fallback(op, "auto", "cpu", lambda n, impl: impl())
+    assert (name, out, CALLS) == ("torch", "torch result", ["cpu", "torch"])
+
+
+def test_out_of_memory_is_not_retried_on_another_backend(op, monkeypatch):
+    """The next backend on the same device needs the same output: retrying only repeated the failure under
+    warnings saying each backend 'failed'."""
+    monkeypatch.delenv("KCENGINE_BACKEND", raising=False)
+    _register(op, "_fail_cpu_oom")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="can't allocate memory"):
+            _registry.run_with_fallback(op, "auto", "cpu", lambda n, impl: impl())
+    assert CALLS == ["cpu"]
+
+
+def test_an_explicit_backend_error_propagates(op):
+    _register(op, "_fail_runtime")
+    with pytest.raises(RuntimeError, match="kernel not built"):
+        _registry.run_with_fallback(op, "cpu", "cpu", lambda n, impl: impl())
+    assert CALLS == ["cpu"]
