@@ -1,5 +1,8 @@
 """Input validation of kcengine.kmeans / kmeans_sweep and the backend registry."""
+import re
+
 import numpy as np
+import torch
 import pytest
 
 import kcengine
@@ -68,6 +71,30 @@ def test_sweep_bad_input():
         kcengine.kmeans_sweep(X, [2, 30])
     with pytest.raises(ValueError, match="takes one \\[N, D\\] dataset"):
         kcengine.kmeans_sweep([X, X], [2])
+
+
+@pytest.mark.parametrize("dtype, scale", [(np.float64, 1e160), (np.float32, 1e20)])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_values_whose_squared_distances_overflow_are_refused(dtype, scale, kind):
+    """Data of 1e155 (float64) or 1e20 (float32) made every distance inf: all backends then returned an inf
+    inertia and labels from ties (as scikit-learn does, silently).  The error names the problem and the bound,
+    sqrt(finfo.max / (16 D)); data just inside the bound still clusters to a finite inertia."""
+    rng = np.random.default_rng(0)
+    ok = rng.normal(size=(30, 5)).astype(dtype)
+    big = (ok * scale).astype(dtype)
+    conv = (lambda a: torch.from_numpy(a)) if kind == "torch" else (lambda a: a)
+    bound = float(np.sqrt(np.finfo(dtype).max / (16 * 5)))
+    limit = re.escape(f"{bound:.3g}")
+    with pytest.raises(ValueError, match=rf"problem 1 holds values up to .* D=5-dimensional points would overflow "
+                                         rf"{np.dtype(dtype).name} \(\|values\| must stay below {limit}"):
+        kcengine.kmeans([conv(ok), conv(big)], 3, seed=0)
+    with pytest.raises(ValueError, match=r"^x holds values up to"):
+        kcengine.kmeans(conv(big), 3, seed=0)
+    with pytest.raises(ValueError, match=r"^init holds values up to"):
+        kcengine.kmeans(conv(ok), 3, init=conv(big[:3].copy()), seed=0)
+    inside = (ok / np.abs(ok).max() * bound * 0.99).astype(dtype)
+    r = kcengine.kmeans(conv(inside), 3, seed=0)
+    assert np.isfinite(float(r.inertia)) and len(np.unique(np.asarray(r.labels))) == 3
 
 
 def test_native_checks_repeat_the_api_messages():

@@ -16,6 +16,7 @@ def problem(draw):
     k = draw(st.integers(1, n))
     kind = draw(st.sampled_from(["normal", "duplicates", "constant", "huge", "tiny"]))
     rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
     if kind == "normal":
         x = rng.normal(size=(n, d))
     elif kind == "duplicates":
@@ -23,10 +24,10 @@ def problem(draw):
     elif kind == "constant":
         x = np.full((n, d), 3.5)
     elif kind == "huge":
-        x = rng.normal(size=(n, d)) * 1e30
+        # as large as kmeans takes (past ~1e17 float32 squared distances overflow: ValueError, test_api)
+        x = rng.normal(size=(n, d)) * (1e30 if dtype == np.float64 else 1e16)
     else:
         x = rng.normal(size=(n, d)) * 1e-30
-    dtype = draw(st.sampled_from([np.float32, np.float64]))
     w = None
     if draw(st.booleans()):
         w = rng.uniform(0, 2, size=n) * (rng.uniform(size=n) > 0.3)

@@ -164,10 +164,75 @@ def _check_problems(parts, layout) -> None:
         name = "x" if layout == "single" else f"problem {i}"
         if a.shape[0] == 0 or a.shape[1] == 0:
             raise ValueError(f"{name} is empty (shape {tuple(a.shape)}): it needs N >= 1 points of D >= 1 features")
+    # One pass over all the data answers both questions below for the usual input; only data that fails
+    # it is examined problem by problem, to name the first bad one.
+    keys = {(a.dtype, a.shape[1]) for a in parts}
+    if _max_abs_all(parts) <= min(_overflow_limit(str(t).replace("torch.", ""), d) for t, d in keys):
+        return
     bad = _nonfinite(parts)
     if bad:
         name = "x" if layout == "single" else f"problem {bad[0]}"
         raise ValueError(f"{name} holds NaN or Inf values; k-means needs finite data")
+    big = _past_overflow_limit(parts)
+    if big is not None:
+        i, m, limit = big
+        name = "x" if layout == "single" else f"problem {i}"
+        raise ValueError(f"{name} holds values up to {m:.3g} in magnitude: squared distances between its "
+                         f"D={parts[i].shape[1]}-dimensional points would overflow {_dtype_name(parts[i])} "
+                         f"(|values| must stay below {limit:.3g}); rescale the data, k-means is scale-equivariant")
+
+
+def _overflow_limit(dtype_name: str, d: int) -> float:
+    """The largest |value| whose squared distances (at most 4·D·m² between two points, then summed into
+    the inertia and the centroid updates) stay a factor 4 inside the dtype's range."""
+    return math.sqrt(_FMAX[dtype_name] / (16.0 * d))
+
+
+_FMAX = {"float32": float(np.finfo(np.float32).max), "float64": float(np.finfo(np.float64).max)}
+
+
+def _max_abs(a) -> float:
+    """Largest |value| of one array, NaN when it holds a NaN; no copy of a numpy array."""
+    if _is_torch(a):
+        return float(a.detach().abs().amax()) if a.numel() else 0.0
+    if a.size == 0:
+        return 0.0
+    return float(np.maximum(np.max(a), -np.min(a)))  # np.maximum keeps a NaN
+
+
+def _max_abs_all(arrays) -> float:
+    """Largest |value| over all ``arrays`` (NaN when one holds a NaN, inf for an Inf).  Many small arrays (the
+    ragged batches of 1-D problems) are joined and scanned at once: one call per array costs more than the
+    scan; a few big ones are scanned in place, so no copy of the data is made."""
+    total = sum(a.numel() if _is_torch(a) else a.size for a in arrays)
+    if len(arrays) > 8 and total <= (1 << 22):
+        if _one_torch_device(arrays):
+            import torch
+
+            flat = [a.reshape(-1) for a in arrays]
+            if len({a.dtype for a in arrays}) > 1:
+                flat = [a.to(torch.float64) for a in flat]
+            return float(torch.cat(flat).abs().amax())
+        if not any(_is_torch(a) for a in arrays):
+            return float(np.abs(np.concatenate(arrays, axis=None)).max())
+    worst = 0.0
+    for a in arrays:
+        m = _max_abs(a)
+        if not m <= worst:  # NaN or larger
+            if m != m:
+                return m
+            worst = m
+    return worst
+
+
+def _past_overflow_limit(parts) -> tuple[int, float, float] | None:
+    """(index, largest |value|, limit) of the first problem whose values would overflow its distances
+    (:func:`_overflow_limit`), or None.  Finite data assumed."""
+    for i, a in enumerate(parts):
+        m, limit = _max_abs(a), _overflow_limit(_dtype_name(a), a.shape[1])
+        if m > limit:
+            return i, m, limit
+    return None
 
 
 def _check_k(k, parts, layout) -> np.ndarray:
@@ -266,6 +331,12 @@ def _check_init(init, parts, layout, k_arg):
     bad = _nonfinite(cs)
     if bad:
         raise ValueError(f"{'init' if layout == 'single' else f'init of problem {bad[0]}'} holds NaN or Inf values")
+    big = _past_overflow_limit(cs)
+    if big is not None:
+        i, m, limit = big
+        raise ValueError(f"{'init' if layout == 'single' else f'init of problem {i}'} holds values up to {m:.3g} in "
+                         f"magnitude: its distances to the points would overflow {_dtype_name(cs[i])} (|values| must "
+                         f"stay below {limit:.3g})")
     return "given", cs
 
 
@@ -467,7 +538,9 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
         shaped like ``x`` (see its docstring) and of ``x``'s array type and device.
 
     Raises:
-        ValueError: bad input (the message names the argument and the offending value).
+        ValueError: bad input (the message names the argument and the offending value), including data or
+            given centroids holding NaN/Inf or values so large that squared distances overflow the dtype
+            (``|x| >= sqrt(finfo.max / (16 D))``: about 3.4e153 / sqrt(D) in float64, 4.6e18 / sqrt(D) in float32).
         RuntimeError: an explicitly requested backend cannot run here.
     """
     probs, layout = _build(x, k, init=init, n_init=n_init, max_iter=max_iter, tol=tol,
