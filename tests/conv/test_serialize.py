@@ -1,5 +1,6 @@
 """save_compressed / load_compressed: exact round trip, compact index, file size against dense."""
 import io
+import re
 
 import pytest
 import torch
@@ -170,3 +171,32 @@ def test_malformed_files_are_value_errors_naming_the_file(tmp_path):
         with pytest.raises(ValueError, match=msg) as info:
             kcengine.load_compressed(bad, model=None if "builder" in str(change) else Net())
         assert str(bad) in str(info.value)
+
+
+def test_unreadable_files_and_bad_paths_are_value_errors_naming_them(tmp_path):
+    """A truncated file was torch's RuntimeError (miniz), random bytes an UnpicklingError suggesting
+    weights_only=False, a folder a RuntimeError on save, a missing folder 'Parent directory ... does not
+    exist' (RuntimeError), and path=None an AttributeError about seek."""
+    path = tmp_path / "m.pt"
+    model = _cluster(Net())
+    kcengine.save_compressed(model, path)
+    raw = path.read_bytes()
+    files = {"trunc.pt": raw[: len(raw) // 2], "random.pt": bytes(range(256)) * 4, "empty.pt": b""}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / name))} could not be read as a kcengine "
+                                             rf"compressed checkpoint"):
+            kcengine.load_compressed(tmp_path / name, model=Net())
+    with pytest.raises(ValueError, match=r"do not load with torch.load\(weights_only=True\)"):
+        kcengine.load_compressed(tmp_path / "random.pt", model=Net())
+    for bad, msg in [(None, "path must be a file path .* got NoneType"), (3, "got int"),
+                     (tmp_path, "is a folder; give the checkpoint file's path")]:
+        with pytest.raises(ValueError, match=msg):
+            kcengine.load_compressed(bad, model=Net())
+        with pytest.raises(ValueError, match=msg):
+            kcengine.save_compressed(model, bad)
+    with pytest.raises(ValueError, match=r"its folder '.*no_such_folder' does not exist"):
+        kcengine.save_compressed(model, tmp_path / "no_such_folder" / "m.pt")
+    with pytest.raises(FileNotFoundError):  # a missing file stays the OS's own error
+        kcengine.load_compressed(tmp_path / "missing.pt", model=Net())
+    assert kcengine.load_compressed(path, model=Net()) is not None  # and the good file still loads

@@ -22,6 +22,7 @@ import copy
 import importlib
 import io
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -101,10 +102,23 @@ def _payload(model: nn.Module, builder, builder_kwargs) -> dict:
             "builder_kwargs": dict(builder_kwargs or {})}
 
 
+def _check_path(path, for_writing: bool) -> Path:
+    """``path`` as a Path; ValueError naming it when it is not a path, is a folder, or (writing) sits in a
+    folder that does not exist -- torch.save/torch.load would raise a RuntimeError or AttributeError there."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"path={str(path)!r} is a folder; give the checkpoint file's path")
+    if for_writing and not p.absolute().parent.is_dir():
+        raise ValueError(f"path={str(path)!r}: its folder {str(p.absolute().parent)!r} does not exist")
+    return p
+
+
 def save_compressed(model: nn.Module, path, *, builder: str | None = None, builder_kwargs: dict | None = None) -> int:
-    """Write ``model``'s compact checkpoint to ``path``; returns the bytes written."""
+    """Write ``model``'s compact checkpoint to ``path`` (a file path); returns the bytes written."""
+    path = _check_path(path, for_writing=True)
     payload = _payload(model, builder, builder_kwargs)
-    path = Path(path)
     torch.save(payload, path)
     return os.path.getsize(path)
 
@@ -138,7 +152,17 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
     file's recorded ``builder`` constructs one; with neither, ValueError.  Loads with
     ``torch.load(weights_only=True)`` and ``load_state_dict(strict=True)``.
     """
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    _check_path(path, for_writing=False)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except pickle.UnpicklingError:  # torch's text here suggests weights_only=False: not for a file of unknown origin
+        raise ValueError(f"{path} could not be read as a kcengine compressed checkpoint: its contents do not load "
+                         f"with torch.load(weights_only=True), which every file save_compressed writes does") from None
+    except Exception as exc:  # a truncated zip (RuntimeError), an empty file (EOFError), ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} could not be read as a kcengine compressed checkpoint: {first}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a kcengine compressed checkpoint (format {FORMAT!r})")
     _check_payload(payload, path)
