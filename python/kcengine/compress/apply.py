@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._checks import check_float, check_int
 from ..kmeans import kmeans, kmeans_sweep
 from .layers import GRANULARITIES, LayerProblem, effective_weight
 from .plan import ByChannels, Elbow, FixedRatio, PerLayer, k_from_value, parse_plan, ratio_to_k, select_layers
@@ -183,10 +183,12 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     unknown = sorted(set(options) - set(_KMEANS_OPTIONS))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; k-means options are {_KMEANS_OPTIONS}")
+    eval_batch_size = check_int(eval_batch_size, "eval_batch_size", 1)
     if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0 \
-                or not math.isfinite(threshold):
-            raise ValueError(f"threshold must be a finite number >= 0 or None, got threshold={threshold!r}")
+        try:
+            threshold = check_float(threshold, "threshold")
+        except ValueError:
+            raise ValueError(f"threshold must be a finite number >= 0 or None, got threshold={threshold!r}") from None
         if granularity == "element":
             raise ValueError("threshold applies to granularity 'filter' or 'kernel', not 'element'")
     from .._registry import check_backend_name
