@@ -71,6 +71,9 @@ def test_sweep_bad_input():
         kcengine.kmeans_sweep(X, [2, 30])
     with pytest.raises(ValueError, match="takes one \\[N, D\\] dataset"):
         kcengine.kmeans_sweep([X, X], [2])
+    for ks in (5, None, "23", np.array([[2, 3]])):  # were TypeErrors ('int' object is not iterable), or chars
+        with pytest.raises(ValueError, match=r"ks must be a sequence of ints \(e.g. range\(2, 17\)\), got"):
+            kcengine.kmeans_sweep(X, ks)
 
 
 @pytest.mark.parametrize("dtype, scale", [(np.float64, 1e160), (np.float32, 1e20)])

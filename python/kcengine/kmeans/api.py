@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import abc
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -562,6 +563,10 @@ def kmeans_sweep(x, ks: Iterable[int], *, init="k-means++", n_init: int = 1, max
     Returns:
         One single-problem :class:`KMeansResult` per entry of ``ks``, in order.
     """
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, abc.Iterable) or (_is_torch(ks) and ks.dim() != 1) or \
+            (isinstance(ks, np.ndarray) and ks.ndim != 1):
+        raise ValueError(f"ks must be a sequence of ints (e.g. range(2, 17)), got {type(ks).__name__} "
+                         f"{ks!r:.60}; for one k call kmeans(x, k)")
     ks = list(ks)
     if len(ks) == 0:
         raise ValueError("ks is empty: pass at least one k")
