@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -77,9 +78,20 @@ def test_prune_output_reads_back_as_weights(ckpt, cifar, tmp_path, capsys):
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(got(x), want.eval()(x))
+    with torch.no_grad():  # the --out folder itself names its model.pt (was "weights file ... does not exist")
+        assert torch.equal(load_model("resnet20", out).model(x), want(x))
     capsys.readouterr()
     assert main(["eval", "--weights", str(out / "model.pt"), "--data", str(cifar), "--no-progress"]) == 0
-    assert "top-1" in capsys.readouterr().out
+    by_file = capsys.readouterr().out
+    assert "top-1" in by_file
+    assert main(["eval", "--weights", str(out), "--data", str(cifar), "--no-progress"]) == 0
+    by_folder = capsys.readouterr().out
+    figures = re.compile(r"top-1 [\d.]+% \(\d+/\d+\), top-5 [\d.]+%")
+    assert figures.search(by_folder).group() == figures.search(by_file).group()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", "--weights", str(empty), "--data", str(cifar), "--no-progress"]) == 2
+    assert "is a folder without a model.pt" in capsys.readouterr().err
     with pytest.raises(ValueError, match="does not fit"):  # a compressed resnet20 is not a resnet32
         load_model("resnet32", out / "model.pt")
     capsys.readouterr()

@@ -82,6 +82,7 @@ def run(args) -> int:
     from ..cli import UserError
     from ..data import make_loader
     from ..models import is_cifar_model
+    from ..models.zoo import OUT_MODEL_NAME
     from ..train import distributed as dd
     from ..train import finetune
 
@@ -131,7 +132,7 @@ def run(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        save_clustered(lm, res.model, out / "model.pt")
+        save_clustered(lm, res.model, out / OUT_MODEL_NAME)
         (out / "history.json").write_text(json.dumps({
             "model": lm.name, "mode": args.mode, "plan": plan if isinstance(plan, dict) else str(plan),
             "accuracy_clustered": res.accuracy_clustered, "accuracy_start": res.accuracy_start,

@@ -40,6 +40,7 @@ def run(args) -> int:
 
     from ..cli import UserError
     from ..compress import compress
+    from ..models.zoo import OUT_MODEL_NAME
 
     if args.plan is None and args.ratio is None:
         raise UserError("give --ratio R or --plan PLAN (e.g. --ratio 0.5, --plan elbow, --plan map:conv1=8)")
@@ -57,6 +58,6 @@ def run(args) -> int:
         out = Path(args.out)
         report.to_json(out / "report.json")
         report.to_markdown(out / "report.md", title=f"{lm.name}: {report.plan}, {report.granularity}")
-        save_clustered(lm, model, out / "model.pt")
+        save_clustered(lm, model, out / OUT_MODEL_NAME)
         print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {out / 'model.pt'}")
     return 0

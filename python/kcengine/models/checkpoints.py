@@ -72,6 +72,8 @@ def read_checkpoint(path) -> dict[str, torch.Tensor]:
     ``weights_only=False``, which is used only for files the caller named explicitly.
     """
     path = Path(path)
+    if path.is_dir():
+        raise MissingWeightsError(f"weights file {str(path)!r} is a folder, not a checkpoint file")
     if not path.is_file():
         raise MissingWeightsError(f"weights file {str(path)!r} does not exist")
     try:

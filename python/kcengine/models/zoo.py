@@ -48,6 +48,7 @@ CIFAR_STD = IMAGENET_STD
 
 _PRETRAINED = ("pretrained", "default", "DEFAULT")
 _NONE = (None, "none", "random", "init")
+OUT_MODEL_NAME = "model.pt"  # the clustered model in the --out folder of kcengine prune / finetune
 
 
 @dataclass
@@ -120,6 +121,12 @@ def _fill_from_file(model: nn.Module, path) -> nn.Module:
     ``model`` is the skeleton), any other checkpoint is loaded into ``model`` as a state dict."""
     from ..conv.serialize import is_compressed_file, load_compressed
 
+    if Path(path).is_dir():  # the report folder of prune/finetune --out: its model.pt
+        inner = Path(path) / OUT_MODEL_NAME
+        if not inner.is_file():
+            raise MissingWeightsError(f"weights {str(path)!r} is a folder without a {OUT_MODEL_NAME} (the file "
+                                      f"kcengine prune/finetune --out write there); give a checkpoint file")
+        path = inner
     if is_compressed_file(path):  # False for a missing file: read_checkpoint then says so
         return load_compressed(path, model)  # a file for another architecture: ValueError "does not fit"
     load_state_dict_into(model, read_checkpoint(path))
@@ -153,7 +160,8 @@ def load_model(name: str, weights="pretrained", *, num_classes: int | None = Non
         weights: ``"pretrained"`` (the public weights for ``name``), a torchvision weights enum
             name (``"IMAGENET1K_V2"``), a checkpoint path (a state dict in any common wrapping, or a
             :func:`kcengine.save_compressed` file such as ``kcengine prune --out``'s ``model.pt``, whose
-            clustered layers come back clustered), or ``None`` for the default init.
+            clustered layers come back clustered; that ``--out`` folder itself also works), or ``None`` for
+            the default init.
         num_classes: output classes (default 10 for CIFAR, 1000 for torchvision).
         allow_download: when False, pretrained weights come only from the torch hub cache.
 
