@@ -223,6 +223,48 @@ def test_fuse_for_inference_resnet18(granularity):
         _close(fused(x), dense(x))
 
 
+class _BroadcastTail(nn.Module):
+    """conv -> bn -> (+ r) -> relu, where r only broadcasts to the conv's output (or has another dtype)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.conv = ClusteredConv2d(8, 8, 3, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        r = {"per-channel": x[:, :, :1, :1], "row": x[:1], "wider dtype": x.double(), "same": x}[self.kind]
+        return torch.relu(self.bn(self.conv(x)) + r)
+
+
+@pytest.mark.parametrize("kind", ["per-channel", "row", "wider dtype", "same"])
+def test_fused_residual_that_only_broadcasts_is_added_after_the_conv(kind):
+    """fuse_for_inference fuses `bn(conv(x)) + r` whatever r's shape (the trace cannot know it); the fused
+    layer refused an r that merely broadcasts ('residual must have the output's shape'), so a model that ran
+    unfused failed fused.  Now such an r (or one of another dtype) is added after the conv, as torch's +
+    would, and the fused model equals the unfused one and a dense F.conv2d reference."""
+    torch.manual_seed(5)
+    model = _BroadcastTail(kind)
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2)
+    model.bn.weight.data.uniform_(-2, 2)
+    model.eval()
+    fused = fuse_for_inference(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())  # the BN and the add were fused
+    x = torch.randn(2, 8, 6, 7)
+    with torch.no_grad():
+        r = {"per-channel": x[:, :, :1, :1], "row": x[:1], "wider dtype": x.double(), "same": x}[kind]
+        ref = torch.relu(model.bn(F.conv2d(x, model.conv.to_dense(), None, padding=1)) + r)
+        got = fused(x)
+        assert got.dtype == ref.dtype
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+        layer = [m for m in fused.modules() if isinstance(m, ClusteredConv2d)][0]
+        with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 8, 6, 7\) or broadcast "
+                                             r"to it, got \(2, 8, 6, 2\)"):
+            layer(x, torch.randn(2, 8, 6, 2))
+
+
 def test_fuse_for_inference_composes_with_an_existing_affine():
     """A layer whose scale/shift are already set (e.g. per-filter norms) still absorbs the following BN + ReLU."""
     torch.manual_seed(4)

@@ -58,7 +58,9 @@ class ClusteredConv2d(nn.Module):
         _kc_cosine: True for a layer of the cosine option (its centroids unit-norm, norms in ``scale``).
         backend: ``"auto"`` or a backend name for :func:`kcengine.indexed_conv2d`'s registry.
 
-    ``forward(x, residual=None)`` returns ``act((conv(x) + bias) * scale + shift + residual)``.
+    ``forward(x, residual=None)`` returns ``act((conv(x) + bias) * scale + shift + residual)``; a residual of
+    the output's shape and x's dtype is added in the conv's epilogue, one that broadcasts to the output (or
+    of another dtype, promoted as torch's ``+`` does) after it.
 
     Forward keeps what it derives from ``index`` and ``codebook`` (int32 index, kernel plan, the
     codebook reordered for oneDNN) and rebuilds it when their storage or in-place version changes:
@@ -255,7 +257,8 @@ class ClusteredConv2d(nn.Module):
         return c
 
     def _checked_geometry(self, x, residual) -> tuple:
-        """``_validate``'s normalized (stride, padding, dilation), re-derived only when something it checks
+        """(``_validate``'s normalized (stride, padding, dilation), whether the residual goes into the epilogue
+        (:meth:`_residual_in_epilogue`)), re-derived only when something it checks
         changed: its verdict depends on the shapes, dtypes and devices of the arguments alone (index
         values are checked by ``_prepared``), so a forward with the same signature as the last one
         skips the ~20 checks (tens of microseconds per layer, noticeable at batch 1)."""
@@ -269,10 +272,35 @@ class ClusteredConv2d(nn.Module):
         if checked is not None and checked[0] == key:
             return checked[1]
         self._check_own_shapes()
+        in_epilogue = self._residual_in_epilogue(x, residual)
         geometry = _validate(x, cb, idx, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                             self.granularity, self.scale, self.shift, residual, check_range=False)
-        self.__dict__["_checked"] = (key, geometry)
-        return geometry
+                             self.granularity, self.scale, self.shift, residual if in_epilogue else None,
+                             check_range=False)
+        self.__dict__["_checked"] = (key, (geometry, in_epilogue))
+        return geometry, in_epilogue
+
+    def _residual_in_epilogue(self, x, residual) -> bool:
+        """Whether ``residual`` goes into the conv's epilogue: it has exactly the output's shape and x's dtype
+        (``_validate`` judges anything that is not a tensor of x's device).  A residual that only broadcasts to
+        the output, or of another dtype, is added after the conv instead, as the unfused ``bn(conv(x)) + r``
+        of :func:`fuse_for_inference`'s input would add it; one that does not broadcast is a ValueError."""
+        if residual is None or not isinstance(residual, torch.Tensor) or not isinstance(x, torch.Tensor) or \
+                x.dim() != 4 or residual.device != x.device:
+            return True
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        out = (x.shape[0], self.out_channels, ho, wo)
+        if ho < 1 or wo < 1 or (tuple(residual.shape) == out and residual.dtype == x.dtype):
+            return True
+        try:
+            fits = tuple(torch.broadcast_shapes(out, residual.shape)) == out
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"residual must have the output's shape {out} or broadcast to it, got "
+                             f"{tuple(residual.shape)}")
+        return False
 
     def _shapes(self) -> tuple:
         """(codebook shape, index shape) this layer's configuration calls for."""
@@ -298,11 +326,23 @@ class ClusteredConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         cache = self._prepared()
-        stride, padding, dilation = self._checked_geometry(x, residual)
+        (stride, padding, dilation), in_epilogue = self._checked_geometry(x, residual)
+        relu = self.relu
+        if not in_epilogue:  # a broadcast residual (or one of another dtype): added after the conv
+            residual_after, residual, relu = residual, None, False
         if self.groups > 1:
             y = F.conv2d(x, self.to_dense(), self.bias, stride, padding, dilation, self.groups)
-            return _torch_epilogue(y, self.scale, self.shift, self.relu, residual)
+            y = _torch_epilogue(y, self.scale, self.shift, relu, residual)
+        else:
+            y = self._indexed(x, residual, relu, cache, stride, padding, dilation)
+        if not in_epilogue:
+            y = y + residual_after
+            if self.relu:
+                y = torch.relu(y)
+        return y
 
+    def _indexed(self, x, residual, relu, cache, stride, padding, dilation) -> torch.Tensor:
+        """The conv through the backend registry (its epilogue: bias, scale/shift, residual, ``relu``)."""
         def call(name, impl):
             extra = {}
             if name in ("cpu", "torch"):
@@ -311,7 +351,7 @@ class ClusteredConv2d(nn.Module):
                 extra["index32"] = cache.index32
                 extra["packed"] = cache.packed
             return impl(x, self.codebook, self.index, self.bias, stride, padding, dilation, self.granularity,
-                        self.scale, self.shift, self.relu, residual, **extra)
+                        self.scale, self.shift, relu, residual, **extra)
 
         _, y = _registry.run_with_fallback("conv", self.backend, x.device, call)
         return y
