@@ -69,3 +69,48 @@ def test_resnet20_checkpoint_accuracy_on_cifar_subset(shared_data):
     ds = cifar10_dataset(shared_data, "test")
     r = evaluate(lm.model, ds)
     assert (r.correct, r.total) == (776, 846)  # 91.73%, as published for this checkpoint
+
+
+class _Items(torch.utils.data.Dataset):
+    """Eight items of one shape of batch or another."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        x, y = torch.full((1, 2, 2), float(i)), i % 6
+        return {"dict": {"image": x, "label": y}, "triple": (x, y, 0), "bare": x,
+                "uint8": (x.to(torch.uint8), y), "pair": (x, y)}[self.kind]
+
+
+def test_batches_of_another_structure_are_named():
+    """A loader of dicts was unpacked into its keys ('str' object has no attribute 'to'), a triple or bare
+    images gave 'too many values to unpack', uint8 pixels failed in the model's first conv; the
+    adversarial evaluation reads batches the same way."""
+    import pytest
+
+    from kcengine.evaluate import adversarial_accuracy
+
+    model = _Fixed(torch.eye(8))
+    cases = [("dict", r"each batch of data must be an \(images, labels\) pair, got a dict with keys \['image', "
+                      r"'label'\]"),
+             ("triple", r"got a list of 3: \(Tensor, Tensor, Tensor\)"), ("bare", r"pair, got Tensor"),
+             ("uint8", r"images must be a floating-point tensor, .* got dtype torch.uint8")]
+    for kind, msg in cases:
+        for data in (_Items(kind), torch.utils.data.DataLoader(_Items(kind), batch_size=4)):
+            with pytest.raises(ValueError, match=msg):
+                evaluate(model, data)
+            with pytest.raises(ValueError, match=msg):
+                adversarial_accuracy(model, data, mean=(0.5,), std=(0.5,), steps=1)
+    x = torch.arange(4).float().view(4, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"labels must be a tensor of class indices, got list"):
+        evaluate(model, (x, [0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"images and labels differ in length: shapes \(4, 1, 1, 1\) vs \(3,\)"):
+        evaluate(model, (x, torch.tensor([0, 1, 2])))
+    with pytest.raises(ValueError, match=r"images must be a floating-point tensor"):
+        evaluate(model, (x.to(torch.uint8), torch.tensor([0, 1, 2, 3])))
+    r = evaluate(model, _Items("pair"))  # the well-formed loader still works
+    assert r.total == 8

@@ -44,22 +44,43 @@ class EvalResult:
 def _batches(data, batch_size: int):
     """Yield (x, y) batches from a DataLoader, a Dataset or an (images, labels) pair."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"images and labels differ in length: {x.shape[0]} vs {y.shape[0]}")
+        x, y = _pair(tuple(data))
+        if not isinstance(y, torch.Tensor):
+            raise ValueError(f"labels must be a tensor of class indices, got {type(y).__name__}")
+        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"images and labels differ in length: shapes {tuple(x.shape)} vs {tuple(y.shape)}")
         for i in range(0, x.shape[0], batch_size):
             yield x[i:i + batch_size], y[i:i + batch_size]
         return
     if isinstance(data, torch.utils.data.DataLoader):
-        yield from data
+        yield from map(_pair, data)
         return
     if isinstance(data, torch.utils.data.Dataset):
         if hasattr(data, "tensors") and len(data.tensors) == 2:
             yield from _batches(tuple(data.tensors), batch_size)
             return
-        yield from torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+        yield from map(_pair, torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False))
         return
     raise ValueError(f"data must be a DataLoader, a Dataset or an (images, labels) pair, got {type(data).__name__}")
+
+
+def _pair(batch) -> tuple:
+    """A loader's batch as (images, labels); ValueError naming what came instead (a dict of fields, a triple,
+    bare images were unpacked into strings or 'too many values to unpack'; uint8 pixels failed in the first
+    conv with 'expected scalar type Byte')."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor)):
+        if isinstance(batch, dict):
+            got = f"a dict with keys {sorted(map(str, batch))}"
+        elif isinstance(batch, (tuple, list)):
+            got = f"a {type(batch).__name__} of {len(batch)}: ({', '.join(type(b).__name__ for b in batch)})"
+        else:
+            got = type(batch).__name__
+        raise ValueError(f"each batch of data must be an (images, labels) pair, got {got}")
+    x, y = batch
+    if not x.is_floating_point():
+        raise ValueError(f"images must be a floating-point tensor, normalized as the model expects, got dtype "
+                         f"{x.dtype} (raw pixels? kcengine.data's loaders normalize them)")
+    return x, y
 
 
 def check_labels(y: torch.Tensor, logits: torch.Tensor) -> None:
