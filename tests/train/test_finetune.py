@@ -314,9 +314,24 @@ def test_bad_training_data_is_named(tiny):
     for data, match in [(TensorDataset(x, y + 10), r"labels must be in \[0, 4\) \(the model's outputs\)"),
                         (TensorDataset(x, y.float()), "labels must be integer class indices"),
                         ([{"image": x[0]}] * 4, r"must give \(image tensor, label\) pairs, item 0 is dict"),
-                        (TensorDataset(x[:0], y[:0]), "train_loader's dataset holds no images")]:
+                        (TensorDataset(x[:0], y[:0]), "train_loader's dataset holds no images"),
+                        (TensorDataset((x * 40).to(torch.uint8), y), "images must be a floating-point tensor")]:
         with pytest.raises(ValueError, match=match):
             finetune(cm, DataLoader(data, batch_size=8), epochs=1, progress=False)
+
+
+def test_training_batches_that_are_not_pairs_are_named(tiny):
+    """Dataset items may be pairs while the loader's collate makes dicts: each batch is checked as evaluate
+    checks its batches (was: the dict unpacked into its two keys, then 'str' object has no attribute 'to')."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, ds, loader = tiny
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    data = TensorDataset(ds.images, ds.labels)
+    as_dicts = DataLoader(data, batch_size=8, collate_fn=lambda b: {"image": torch.stack([i for i, _ in b]),
+                                                                    "label": torch.stack([t for _, t in b])})
+    with pytest.raises(ValueError, match=r"each batch of data must be an \(images, labels\) pair, got a dict"):
+        finetune(cm, as_dicts, epochs=1, progress=False)
 
 
 def test_dense_model_without_plan_is_refused(tiny):

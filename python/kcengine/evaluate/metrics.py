@@ -44,7 +44,7 @@ class EvalResult:
 def _batches(data, batch_size: int):
     """Yield (x, y) batches from a DataLoader, a Dataset or an (images, labels) pair."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        x, y = _pair(tuple(data))
+        x, y = image_label_pair(tuple(data))
         if not isinstance(y, torch.Tensor):
             raise ValueError(f"labels must be a tensor of class indices, got {type(y).__name__}")
         if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
@@ -53,18 +53,18 @@ def _batches(data, batch_size: int):
             yield x[i:i + batch_size], y[i:i + batch_size]
         return
     if isinstance(data, torch.utils.data.DataLoader):
-        yield from map(_pair, data)
+        yield from map(image_label_pair, data)
         return
     if isinstance(data, torch.utils.data.Dataset):
         if hasattr(data, "tensors") and len(data.tensors) == 2:
             yield from _batches(tuple(data.tensors), batch_size)
             return
-        yield from map(_pair, torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False))
+        yield from map(image_label_pair, torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False))
         return
     raise ValueError(f"data must be a DataLoader, a Dataset or an (images, labels) pair, got {type(data).__name__}")
 
 
-def _pair(batch) -> tuple:
+def image_label_pair(batch) -> tuple:
     """A loader's batch as (images, labels); ValueError naming what came instead (a dict of fields, a triple,
     bare images were unpacked into strings or 'too many values to unpack'; uint8 pixels failed in the first
     conv with 'expected scalar type Byte')."""

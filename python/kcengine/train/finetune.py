@@ -75,7 +75,7 @@ from torch import nn
 
 from .._checks import check_device, check_float, check_int
 from ..conv.module import ClusteredConv2d
-from ..evaluate.metrics import check_labels
+from ..evaluate.metrics import check_labels, image_label_pair
 from . import distributed as dd
 from .augment import cifar_augment
 from .bn import recalibrate_bn
@@ -188,6 +188,9 @@ def _dataset_images(loader, n: int) -> torch.Tensor:
                 raise ValueError(f"train_loader's dataset must give (image tensor, label) pairs, item {i} is {got}")
             xs.append(item[0])
         x = torch.stack(xs) if xs else torch.empty(0)
+    if not x.is_floating_point():
+        raise ValueError(f"train_loader's images must be a floating-point tensor, normalized as the model expects, "
+                         f"got dtype {x.dtype} (raw pixels? kcengine.data's loaders normalize them)")
     if x.shape[0] == 0:
         raise ValueError("train_loader's dataset holds no images")
     return x
@@ -503,7 +506,8 @@ def _run_epochs(work, teacher, loader, orig_loader, phase, pi, first_epoch, resu
 
             bar = tqdm(loader, desc=f"{phase.name} epoch {epoch + 1}/{phase.epochs}", leave=False, unit="batch")
             it = bar
-        for x, y in it:
+        for batch in it:
+            x, y = image_label_pair(batch)
             x, y = x.to(device), y.to(device)
             if augment:
                 x = cifar_augment(x, gen)
