@@ -146,3 +146,21 @@ def test_init_inferred_k_and_batch_init():
     xb = np.stack([X, X * 2])
     rb = kcengine.kmeans(xb, init=xb[:, :3].copy())
     assert rb.centroids.shape == (2, 3, 3)
+
+
+def test_non_native_byte_order_is_read_as_its_dtype():
+    """float64 stored big-endian (np.dtype('>f8'), as from some files) was refused with 'must be float32 or
+    float64, got dtype >f8'; it is float64: same result as native data, the caller's arrays untouched."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(60, 4))
+    w = rng.uniform(0.5, 2.0, size=60)
+    xb, wb, cb = x.astype(">f8"), w.astype(">f8"), x[:3].astype(">f4")
+    keep = (xb.copy(), wb.copy())
+    a = kcengine.kmeans(x, 3, seed=1, sample_weight=w)
+    b = kcengine.kmeans(xb, 3, seed=1, sample_weight=wb)
+    assert b.centroids.dtype == np.float64 and b.centroids.dtype.isnative
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    assert np.array_equal(xb, keep[0]) and xb.dtype == np.dtype(">f8") and np.array_equal(wb, keep[1])
+    c32 = kcengine.kmeans(x.astype(np.float32).astype(">f4"), 3, init=cb, n_init=1)
+    assert c32.centroids.dtype == np.float32

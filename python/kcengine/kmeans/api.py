@@ -76,10 +76,13 @@ def _dtype_name(a) -> str:
 
 
 def _as_array(a, what: str):
-    """A numpy array or torch tensor for ``a`` (array-likes go through numpy)."""
+    """A numpy array or torch tensor for ``a`` (array-likes go through numpy; a numpy array of non-native byte
+    order, e.g. float64 read big-endian from a file, becomes a native copy: the caller's is not touched)."""
     if _is_torch(a) and a.device.type == "meta":
         raise ValueError(f"{what} is a tensor on the meta device: it has a shape but no values to cluster")
-    if isinstance(a, np.ndarray) or _is_torch(a):
+    if isinstance(a, np.ndarray):
+        return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+    if _is_torch(a):
         return a
     try:
         return np.asarray(a)
