@@ -43,6 +43,9 @@ def test_reader_errors(tmp_path):
     _write_batches(tmp_path)
     with pytest.raises(ValueError, match="split must be"):
         read_cifar10(tmp_path, "val")
+    for root in (None, 3):  # was TypeError from Path()
+        with pytest.raises(ValueError, match="root must be a folder path"):
+            read_cifar10(root)
 
 
 def test_normalization_matches_formula(tmp_path):

@@ -38,6 +38,16 @@ def test_bad_depth_is_a_clear_error():
         CifarResNet(21)
 
 
+@pytest.mark.parametrize("name", ["resnet20", "resnet18"])
+@pytest.mark.parametrize("n", [0, -1, 2.0])
+def test_bad_num_classes_is_refused(name, n):
+    """num_classes=0 silently built 10 (or 1000) outputs ('or' default), -1 a torch RuntimeError."""
+    from kcengine.models import load_model
+
+    with pytest.raises(ValueError, match=rf"num_classes must be an int >= 1 or None, got num_classes={n}"):
+        load_model(name, None, num_classes=n)
+
+
 def _variants(state):
     yield state
     yield {"state_dict": state}

@@ -9,6 +9,7 @@ number of rows is read from the files, so a subset (such as the 846-test / 4,660
 """
 from __future__ import annotations
 
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ class CifarSplit:
 
 def find_cifar10(root) -> Path:
     """The ``cifar-10-batches-py`` folder at ``root`` or directly inside it."""
+    if not isinstance(root, (str, os.PathLike)):
+        raise ValueError(f"root must be a folder path (str or os.PathLike), got {type(root).__name__}")
     root = Path(root)
     for cand in (root, root / "cifar-10-batches-py"):
         if (cand / "test_batch").is_file() or (cand / "data_batch_1").is_file():

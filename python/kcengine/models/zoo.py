@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._checks import check_int
 from .checkpoints import MissingWeightsError, hub_cache_path, load_state_dict_into, read_checkpoint
 from .cifar_resnet import CIFAR_DEPTHS, CifarResNet
 
@@ -170,6 +171,7 @@ def load_model(name: str, weights="pretrained", *, num_classes: int | None = Non
         MissingWeightsError: the pretrained weights are neither cached nor downloadable, or a
             weights path does not exist.
     """
+    check_int(num_classes, "num_classes", 1, optional=True)  # 0 read as "not given" (10), -1 a torch RuntimeError
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a model name such as 'resnet20' or 'resnet18', got {name!r}")
     depth = _cifar_depth(name)
