@@ -104,6 +104,14 @@ def test_progressive_default_order_is_deepest_group_first():
         resolve_order(["conv1", ["conv1"]], names)
     with pytest.raises(ValueError, match="matches no layer"):
         resolve_order(["nope"], names)
+    # the groups the default order uses, by their module names (was "order stage 'layer1' matches no layer")
+    assert resolve_order(["conv1", "layer1", "layer2.0", "layer3"], names) == \
+        [["conv1"], ["layer1.0.conv1", "layer1.0.conv2"], ["layer2.0.conv1"], ["layer3.0.conv1"]]
+    with pytest.raises(ValueError, match="order stage 'layer' matches no layer"):  # a prefix, not a module
+        resolve_order(["layer"], names)
+    with pytest.raises(ValueError, match=r"order stage 'layer\[' is neither a layer, a module holding layers, nor "
+                                         r"a valid regex"):
+        resolve_order(["layer["], names)
 
 
 def test_progressive_freeze_fixes_earlier_stages(tiny):

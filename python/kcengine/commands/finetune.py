@@ -38,8 +38,8 @@ def add_arguments(parser) -> None:
         help="epochs (progressive: after the last stage; default by mode: "
              + ", ".join(f"{m} {e}" for m, e in DEFAULT_EPOCHS.items()) + ")")
     add(t, "--order", default=None,
-        help="progressive stages, ';'-separated; each a regex or ','-separated names "
-             "(default: top-level groups, deepest first)")
+        help="progressive stages, ';'-separated; each a module (layer2), a regex or ','-separated names "
+             "(default: top-level groups, deepest first: layer3;layer2;layer1;conv1 for a CIFAR ResNet)")
     add(t, "--stage-epochs", type=int, default=ft["stage_epochs"], help="progressive: epochs after each stage")
     add(t, "--stage-training", default=ft["stage_training"], choices=STAGE_TRAINING)
     add(t, "--optimizer", default=ft["optimizer"], choices=OPTIMIZERS)

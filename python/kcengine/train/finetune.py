@@ -254,8 +254,8 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         plan: a :func:`kcengine.compress` plan (a ratio such as 0.5, a dict, ...): cluster the dense ``model`` first
             (required for ``progressive``; each layer gets the k this plan gives it on the dense model).
         granularity: ``"filter"`` or ``"kernel"``, used with ``plan``.
-        order: progressive stages: list of layer names, regexes or lists of names (default: top-level groups,
-            deepest first, e.g. layer3, layer2, layer1, conv1).
+        order: progressive stages: list of layer names, module names (``"layer2"``), regexes or lists of names
+            (default: top-level groups, deepest first, e.g. layer3, layer2, layer1, conv1).
         stage_epochs: progressive: recovery epochs after each stage (an int, or one int per stage).
         stage_training: progressive: ``"keep"`` (earlier stages' codebooks keep training) or ``"freeze"``.
         optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``; ``lr`` its peak LR (default

@@ -20,7 +20,8 @@ def default_order(names: list[str]) -> list[list[str]]:
 
 def resolve_order(order, names: list[str]) -> list[list[str]]:
     """Stages as lists of conv names from ``order``: None (``default_order``), or a list whose items are
-    a layer name, a regex (full match) or a list of names.  Every name must be a conv of the plan and
+    a layer name, a module name (``"layer1"``: every conv of the plan inside it, as the default groups are),
+    a regex (full match) or a list of names.  Every name must be a conv of the plan and
     appear in exactly one stage; names no stage mentions are not clustered."""
     if order is None:
         return default_order(names)
@@ -29,7 +30,13 @@ def resolve_order(order, names: list[str]) -> list[list[str]]:
     stages, used = [], set()
     for item in order:
         if isinstance(item, str):
-            stage = [item] if item in names else [n for n in names if re.fullmatch(item, n)]
+            stage = [item] if item in names else [n for n in names if n.startswith(item + ".")]
+            if not stage:
+                try:
+                    stage = [n for n in names if re.fullmatch(item, n)]
+                except re.error as exc:
+                    raise ValueError(f"order stage {item!r} is neither a layer, a module holding layers, nor a "
+                                     f"valid regex ({exc})") from None
         elif isinstance(item, (list, tuple)) and all(isinstance(s, str) for s in item):
             bad = [s for s in item if s not in names]
             if bad:
