@@ -55,7 +55,9 @@ parameters' whole gradient, the teacher's outputs reused for the second pass; se
 run): 86.4%.  Crops padded with black (the checkpoint's own pipeline, whose BN statistics it restores, see
 :mod:`kcengine.train.bn`) and BN recalibrated on such crops (seed 0, C_out/2, an unrecorded run): 86.1%.  The clustering as the best
 of 10 k-means runs (``compress_options={"n_init": 10}``; seed 0, C_out/2, an unrecorded run): the refit
-starts at the same 76.5% and ends at 86.2%.
+starts at the same 76.5% and ends at 86.2%.  Progressive clustering with the same 20 epochs (3 after each of the
+four stages, 8 after the last; C_out/2, seed 0): 85.2% deepest group first, 86.1% shallowest first
+(bench/results/recovery_prog20.md, recovery_prog20fwd.md), below the 87.9% of training all the codebooks at once.
 
 The caller's ``model`` (and ``teacher``) are never modified: the run trains a copy, returned as
 ``FinetuneResult.model``.
