@@ -168,6 +168,48 @@ def test_kmeanspp_quality_over_20_seeds():
     assert np.mean(ratios) <= 1.01, ratios
 
 
+def test_kmeanspp_1d_with_many_centers_matches_sklearn_quality():
+    """1-D problems with N k above 2**22 seed through the sorted-order k-means++ (a Fenwick tree of the
+    potentials, each candidate costing only the run of points it improves; the scan per step took minutes
+    for kernel granularity of 1x1 convs, k = N/2).  Same procedure, so the same quality: mean inertia
+    within 1% of scikit-learn's over seeds, after seeding alone (max_iter=1) and converged; reproducible."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=15000), rng.normal(5.0, 0.3, size=5000)]).reshape(-1, 1)
+    k = 256  # N k = 5.1e6
+    for max_iter in (1, 300):
+        ours = [float(kcengine.kmeans(x, k, seed=s, algorithm="lloyd1d", max_iter=max_iter).inertia)
+                for s in range(8)]
+        theirs = [KMeans(k, n_init=1, random_state=s, max_iter=max_iter).fit(x).inertia_ for s in range(8)]
+        assert np.mean(ours) <= 1.01 * np.mean(theirs), (max_iter, np.mean(ours) / np.mean(theirs))
+    a, b = (kcengine.kmeans(x, k, seed=3, algorithm="lloyd1d") for _ in range(2))
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    assert not np.array_equal(a.centroids, kcengine.kmeans(x, k, seed=4, algorithm="lloyd1d").centroids)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kmeanspp_1d_with_many_centers_edge_cases(weighted):
+    """k = N of distinct values: every value its own center; fewer distinct values than k: each of them
+    a center, inertia 0; integer weights act as repetitions (same mean inertia over seeds within 2%)."""
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=(4096, 1))  # N k = 16.8e6
+    w = rng.integers(1, 4, size=4096).astype(float) if weighted else None
+    r = kcengine.kmeans(y, 4096, seed=0, algorithm="lloyd1d", sample_weight=w)
+    assert len(np.unique(r.centroids)) == 4096 and float(r.inertia) <= 1e-20
+    z = np.repeat(np.arange(100.0), 50).reshape(-1, 1)
+    r = kcengine.kmeans(z, 2000, seed=0, algorithm="lloyd1d", sample_weight=np.ones(5000) if weighted else None)
+    assert len(np.unique(r.centroids)) == 100 and float(r.inertia) == 0.0
+    if weighted:
+        vals = np.round(rng.normal(size=40000) * 1000) / 1000
+        u, counts = np.unique(vals, return_counts=True)
+        k = 1000
+        assert len(u) * k > 2**22 and counts.max() > 1  # both problems take the sorted-order seeding
+        a = np.mean([float(kcengine.kmeans(u[:, None], k, sample_weight=counts.astype(float), seed=s,
+                                           algorithm="lloyd1d").inertia) for s in range(8)])
+        b = np.mean([float(kcengine.kmeans(vals[:, None], k, seed=s, algorithm="lloyd1d").inertia)
+                     for s in range(8)])
+        assert abs(a / b - 1) <= 0.02, a / b
+
+
 def test_kmeanspp_quality_on_real_kernels():
     w = real_conv_weights()["layer3.1.conv2.weight"]  # [64, 64, 3, 3] float32
     x = w.reshape(-1, 9)

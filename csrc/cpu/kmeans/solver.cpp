@@ -524,6 +524,125 @@ void kmeanspp(i64 n, i64 k, const double* w, Rng& rng, Pass&& pass, std::vector<
   }
 }
 
+// Greedy k-means++ on sorted 1-D data, in O(N log N) per pass over the data instead of O(N k).
+// The same procedure as kmeanspp() -- first point by weight, then per step 2 + ln k candidates drawn by
+// weight x squared distance to the nearest chosen point, the one leaving the least potential kept -- with
+// three changes of bookkeeping (not of distribution):
+// * the draw searches a Fenwick tree of the potentials in sorted order (kmeanspp scans a cumulative sum in
+//   the caller's order): the same probabilities, another point for the same uniform number;
+// * a candidate at value c improves exactly the points around it whose current distance exceeds |v - c|,
+//   a contiguous run of the sorted values (left of c the improved points are those past the midpoint to
+//   the nearest chosen value below, right of it likewise), found by walking out from the candidate until a
+//   point does not improve: a candidate costs its run, not N;
+// * the potentials left are summed by the tree; it is rebuilt from the points whenever the total has halved
+//   since the last build, so its rounding stays relative to the current total (which falls like 1/k^2).
+// Used where N k is large (kernel granularity of 1x1 convs asks for k = N/2 of a million values: hours as
+// a scan per step).  Returns original indices, like kmeanspp().
+template <class T>
+void kmeanspp_1d(const Prepared<T>& prep, i64 n, i64 k, Rng& rng, std::vector<i64>& chosen) {
+  const std::vector<double>& v = prep.sv;
+  const std::vector<double>& w = prep.sw;
+  std::vector<double> tree(size_t(n) + 1), closest(n), pot(n);
+  i64 top = 1;
+  while (top * 2 <= n) top *= 2;
+  auto build = [&]() {
+    for (i64 p = 0; p < n; ++p) tree[p + 1] = pot[p];
+    for (i64 i = 1; i <= n; ++i) {
+      const i64 up = i + (i & -i);
+      if (up <= n) tree[up] += tree[i];
+    }
+  };
+  auto add = [&](i64 p, double delta) {
+    for (i64 i = p + 1; i <= n; i += i & -i) tree[i] += delta;
+  };
+  auto total = [&]() {
+    double t = 0;
+    for (i64 i = n; i > 0; i -= i & -i) t += tree[i];
+    return t;
+  };
+  // The first sorted position whose prefix of potentials exceeds r (the tree's search), moved to the nearest
+  // point of positive potential should rounding have landed on one without; -1 when there is none.
+  auto draw = [&](double r) -> i64 {
+    i64 pos = 0;
+    for (i64 step = top; step > 0; step >>= 1)
+      if (pos + step <= n && tree[pos + step] <= r) {
+        pos += step;
+        r -= tree[pos];
+      }
+    pos = std::min(pos, n - 1);
+    if (pot[pos] > 0) return pos;
+    for (i64 a = pos + 1, b = pos - 1; a < n || b >= 0; ++a, --b) {
+      if (a < n && pot[a] > 0) return a;
+      if (b >= 0 && pot[b] > 0) return b;
+    }
+    return -1;
+  };
+  // Sum of w (closest - d2) over the run of points a center at sorted position q improves; with `apply`,
+  // also makes d2 their distance.
+  auto improve = [&](i64 q, bool apply) -> double {
+    const double c = v[q];
+    double gain = 0;
+    auto visit = [&](i64 p) -> bool {
+      const double d2 = (v[p] - c) * (v[p] - c);
+      if (!(d2 < closest[p])) return false;
+      gain += w[p] * (closest[p] - d2);
+      if (apply) {
+        const double np = w[p] * d2;
+        add(p, np - pot[p]);
+        pot[p] = np;
+        closest[p] = d2;
+      }
+      return true;
+    };
+    for (i64 p = q; p < n && visit(p); ++p) {}
+    for (i64 p = q - 1; p >= 0 && visit(p); --p) {}
+    return gain;
+  };
+
+  chosen.assign(k, 0);
+  // The first point: by weight alone (every closest infinite), as kmeanspp draws it.
+  for (i64 p = 0; p < n; ++p) pot[p] = w[p];
+  build();
+  i64 q0 = draw(rng.uniform() * total());
+  if (q0 < 0) q0 = n - 1;  // no positive weight: cannot come from the API's checks; stay well formed
+  chosen[0] = prep.order[q0];
+  for (i64 p = 0; p < n; ++p) {
+    closest[p] = (v[p] - v[q0]) * (v[p] - v[q0]);
+    pot[p] = w[p] * closest[p];
+  }
+  build();
+  double built = total();
+  const i64 trials = 2 + i64(std::log(double(k)));
+  std::vector<i64> cq(trials);
+  for (i64 c = 1; c < k; ++c) {
+    double tot = total();
+    if (tot < 0.5 * built) {
+      build();
+      built = tot = total();
+    }
+    i64 best = -1;
+    double best_gain = -1;
+    for (i64 t = 0; t < trials; ++t) {
+      cq[t] = tot > 0 ? draw(rng.uniform() * tot) : -1;
+      if (cq[t] < 0) continue;
+      const double g = improve(cq[t], false);
+      if (g > best_gain) {  // the least potential left: the largest gain, the first trial on a tie
+        best_gain = g;
+        best = cq[t];
+      }
+    }
+    if (best < 0) {  // every point sits on a chosen value (fewer distinct values than k): as kmeanspp, the last
+      chosen[c] = n - 1;
+      continue;
+    }
+    improve(best, true);
+    chosen[c] = prep.order[best];
+  }
+}
+
+// Above this many point-center pairs, 1-D k-means++ runs kmeanspp_1d (the scan per step is N k).
+constexpr double kSeed1DFast = double(1 << 22);
+
 // The candidate pass for one chunk of points: out = min(d2, closest), returns sum w * out.
 inline double fuse_min_pot(i64 i0, i64 i1, const double* d2, const double* closest, const double* w, double* out) {
   double pot = 0;
@@ -2299,6 +2418,8 @@ void solve_problem(const Dataset<T>& src, const Prepared<T>& prep, Problem<T>& p
           for (i64 i = 0; i < n; ++i) d2[i] = std::max(0.0, G[i * n + i] + G[c * n + c] - 2.0 * G[c * n + i]);
           return fuse_min_pot(0, n, d2.data(), closest, ds.w, o);
         }, idx);
+      } else if (algo == Algo::Lloyd1D && double(n) * double(k) > kSeed1DFast) {
+        kmeanspp_1d(prep, n, k, rng, idx);
       } else if (algo == Algo::Lloyd1D) {
         kmeanspp(n, k, ds.w, rng, [&](i64 c, const double* closest, double* o) {
           const double xc = double(ds.x[c]);
