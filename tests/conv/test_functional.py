@@ -465,3 +465,40 @@ def test_padding_past_a_64bit_byte_count_is_refused_by_name(padding):
     cb, idx = torch.randn(2, 2, 3, 3), torch.tensor([0, 1, 0, 1])
     with pytest.raises(ValueError, match=rf"padding=\({padding}, {padding}\).*past what a 64-bit byte count"):
         indexed_conv2d(x, cb, idx, padding=padding)
+
+
+def _reference_plan(index, k):
+    """The kernel plan from a dense [C_in, k] table of the kernels each input channel uses."""
+    idx = index.long()
+    c_out, c_in = idx.shape
+    used = torch.zeros(c_in, k, dtype=torch.bool)
+    used[torch.arange(c_in).expand(c_out, c_in), idx] = True
+    m = int(used.sum(1).max())
+    pos = used.long().cumsum(1) - 1
+    slots = used.long().argmax(1)[:, None].repeat(1, m)
+    ii, kk = used.nonzero(as_tuple=True)
+    slots[ii, pos[ii, kk]] = kk
+    pair = torch.arange(c_in)[None, :] * m + pos.gather(1, idx.t().contiguous()).t()
+    return slots, pair, m
+
+
+def test_kernel_plan_equals_the_dense_table_reference_and_needs_no_table():
+    """kernel_plan builds from the sorted distinct (channel, kernel) pairs; it used to allocate the [C_in, K]
+    table (and an int64 cumsum of it): 0.5 GB for a 320x1280 1x1 conv at K = N/2, gigabytes for resnet50's.
+    Same plan as the table gives; and a K no table could hold (2**31 - 1) is no problem."""
+    from kcengine.conv.backends import kernel_plan
+
+    g = torch.Generator().manual_seed(0)
+    for t in range(200):
+        c_out, c_in, k = (int(v) for v in torch.randint(1, 40, (3,), generator=g))
+        idx = torch.randint(0, k, (c_out, c_in), generator=g)
+        if t % 3 == 0:
+            idx = idx % max(1, k // 4)  # channels sharing few kernels
+        plan = kernel_plan(idx.to(torch.uint8 if k <= 256 else torch.int32), k)
+        slots, pair, m = _reference_plan(idx, k)
+        assert plan.m == m and torch.equal(plan.slots, slots) and torch.equal(plan.pair, pair), (c_out, c_in, k)
+    big = 2**31 - 1
+    idx = torch.tensor([[0, big - 1, 5], [big - 1, big - 1, 7]], dtype=torch.int32)
+    plan = kernel_plan(idx, big)
+    assert plan.m == 2 and plan.slots.tolist() == [[0, big - 1], [big - 1, big - 1], [5, 7]]
+    assert torch.equal(plan.slots.reshape(-1)[plan.pair.reshape(-1)].reshape(2, 3), idx.long())
