@@ -315,3 +315,25 @@ def test_incremental_sums_empty_a_cluster_whose_weighted_members_left(algorithm,
     np.testing.assert_array_equal(res.labels, ref.labels)
     np.testing.assert_allclose(res.centroids, ref.centroids, rtol=1e-9, atol=1e-9)
     assert int(res.n_iter) == int(ref.n_iter)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_exact1d_sweep_shares_one_table_and_equals_separate_calls(weighted):
+    """The exact 1-D problems of one dataset in a batch (a k sweep: the element plans' elbow) share one DP
+    table built for their largest k; each k's result is bit-equal to solving it alone, in a sweep and in a
+    ragged batch that mixes shared and unshared datasets."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(700, 1))
+    w = rng.uniform(0, 2, size=700) * (rng.uniform(size=700) > 0.2) if weighted else None
+    ks = [2, 5, 37, 350, 700, 120]
+    for k, r in zip(ks, kcengine.kmeans_sweep(x, ks, algorithm="exact1d", sample_weight=w)):
+        s = kcengine.kmeans(x, k, algorithm="exact1d", sample_weight=w)
+        np.testing.assert_array_equal(r.centroids, s.centroids)
+        np.testing.assert_array_equal(r.labels, s.labels)
+        assert float(r.inertia) == float(s.inertia)
+    xs, kk = [x, x, x[:300], x, x[:300]], [10, 600, 50, 3, 299]
+    rb = kcengine.kmeans(xs, kk, algorithm="exact1d")
+    for a, k, c, lab in zip(xs, kk, rb.centroids, rb.labels):
+        s = kcengine.kmeans(a, k, algorithm="exact1d")
+        np.testing.assert_array_equal(c, s.centroids)
+        np.testing.assert_array_equal(lab, s.labels)

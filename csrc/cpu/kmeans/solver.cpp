@@ -1841,8 +1841,18 @@ void solve_1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::v
 // ------------------------------------------------------------------------------- exact 1-D
 // Optimal k-means in 1-D: clusters are intervals of the sorted points; dp[m][i] = best cost of
 // the first i points in m clusters, with the optimal split monotone in i (divide and conquer).
+// The split table of the exact 1-D DP for every number of clusters up to kmax: row m - 1 holds, for each
+// prefix length i, where the optimal m-clustering of the first i sorted points starts its last interval.
+// Level m depends only on level m - 1, never on kmax, so one table serves every k <= kmax with the very
+// splits a table built for k alone would hold: a k sweep of one dataset (the element plans' elbow and
+// inertia sweeps: 20 k per coordinate) costs one DP instead of one per k.
+struct Exact1DTable {
+  i64 kmax = 0;
+  std::vector<i32> split;
+};
+
 template <class T>
-void solve_exact1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Run<T>& out) {
+void exact1d_table(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Exact1DTable& tb) {
   const i64 n = ds.n;
   const auto& v = prep.sv;
   const auto& sw = prep.sw;
@@ -1862,7 +1872,9 @@ void solve_exact1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Run<T>&
     return std::max(0.0, (P2[b] - P2[a]) - s * s / W);
   };
   std::vector<double> prev(n + 1, kInf), cur(n + 1, kInf);
-  std::vector<i32> split(size_t(k) * (n + 1), 0);
+  tb.kmax = k;
+  tb.split.assign(size_t(k) * (n + 1), 0);
+  std::vector<i32>& split = tb.split;
   for (i64 i = 1; i <= n; ++i) prev[i] = cost(0, i);
   for (i64 m = 2; m <= k; ++m) {
     std::fill(cur.begin(), cur.end(), kInf);
@@ -1888,6 +1900,22 @@ void solve_exact1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Run<T>&
     }
     prev.swap(cur);
   }
+}
+
+// The optimal k-clustering of 1-D data (dynamic programming over the sorted values), from `shared` when it
+// was built for at least k clusters, else from a table of its own.
+template <class T>
+void solve_exact1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Run<T>& out,
+                   const Exact1DTable* shared = nullptr) {
+  const i64 n = ds.n;
+  const auto& v = prep.sv;
+  const auto& PW = prep.pw;
+  Exact1DTable own;
+  if (shared == nullptr || shared->kmax < k) {
+    exact1d_table(ds, prep, k, own);
+    shared = &own;
+  }
+  const std::vector<i32>& split = shared->split;
   // Backtrack the interval ends.
   std::vector<i64> bound(k + 1);
   bound[k] = n;
@@ -2396,7 +2424,7 @@ void shift_back(const Dataset<T>& src, const Prepared<T>& prep, const Run<T>& ru
 template <class T>
 // `src`: the caller's dataset; the solvers see `prep.data` (maybe its centered copy).
 void solve_problem(const Dataset<T>& src, const Prepared<T>& prep, Problem<T>& pr, const Params& params, Algo algo,
-                   bool par) {
+                   bool par, const Exact1DTable* exact_table = nullptr) {
   if (algo == Algo::Distinct) {  // the caller's points as they are (their dataset may not be prepared)
     solve_distinct(src, pr);
     return;
@@ -2440,7 +2468,7 @@ void solve_problem(const Dataset<T>& src, const Prepared<T>& prep, Problem<T>& p
       for (i64 j = 0; j < k; ++j) std::copy(ds.x + idx[j] * d, ds.x + (idx[j] + 1) * d, &init_c[size_t(j) * d]);
 
     switch (algo) {
-      case Algo::Exact1D: solve_exact1d(ds, prep, k, run); break;
+      case Algo::Exact1D: solve_exact1d(ds, prep, k, run, exact_table); break;
       case Algo::Lloyd1D: {
         std::vector<double> c0(init_c.begin(), init_c.end());
         solve_1d(ds, prep, k, c0, params.max_iter, run);
@@ -2559,24 +2587,55 @@ void run_batch(Batch<T>& batch) {
     for (i64 q = start; q < end; ++q)
       for (i64 p : by_ds[ds_order[q]]) { probs.push_back(p); total += cost[p]; }
     std::sort(probs.begin(), probs.end(), [&](i64 a, i64 b) { return cost[a] > cost[b] || (cost[a] == cost[b] && a < b); });
-    auto solve = [&](i64 p, bool par) {
+    // Tasks: one problem each, except the exact 1-D problems of one dataset (a k sweep), which form one task
+    // sharing one DP table built for their largest k; a task sits where its costliest problem sorts.
+    std::vector<std::vector<i64>> tasks;
+    {
+      std::vector<i64> exact_count(nd, 0), exact_task(nd, -1);
+      for (i64 p : probs)
+        if (algo[p] == Algo::Exact1D) ++exact_count[batch.problems[p].data];
+      for (i64 p : probs) {
+        const i64 j = batch.problems[p].data;
+        if (algo[p] != Algo::Exact1D || exact_count[j] < 2) {
+          tasks.push_back({p});
+        } else if (exact_task[j] < 0) {
+          exact_task[j] = i64(tasks.size());
+          tasks.push_back({p});
+        } else {
+          tasks[exact_task[j]].push_back(p);
+        }
+      }
+    }
+    auto solve = [&](i64 p, bool par, const Exact1DTable* table) {
       auto& pr = batch.problems[p];
       auto& pp = prep[local_of[pr.data]];
       const auto& ds = batch.datasets[pr.data];
       try {
-        solve_problem(ds, pp, pr, params, algo[p], par);
+        solve_problem(ds, pp, pr, params, algo[p], par, table);
       } catch (const std::runtime_error& e) {
         if (std::string(e.what()) != "gram fallback") throw;
         solve_problem(ds, pp, pr, params, Algo::Hamerly, par);
       }
     };
+    auto run_task = [&](const std::vector<i64>& task, bool par) {
+      if (task.size() == 1) {
+        solve(task[0], par, nullptr);
+        return;
+      }
+      const auto& pr0 = batch.problems[task[0]];
+      i64 kmax = 0;
+      for (i64 p : task) kmax = std::max<i64>(kmax, batch.problems[p].k);
+      Exact1DTable table;
+      exact1d_table(prep[local_of[pr0.data]].data, prep[local_of[pr0.data]], kmax, table);
+      for (i64 p : task) solve(p, par, &table);
+    };
     size_t big = 0;
-    while (big < probs.size() && nth > 1 && cost[probs[big]] * nth > total) ++big;
-    for (size_t q = 0; q < big; ++q) solve(probs[q], true);
-    const i64 rest = i64(probs.size() - big);
+    while (big < tasks.size() && nth > 1 && cost[tasks[big][0]] * nth > total) ++big;
+    for (size_t q = 0; q < big; ++q) run_task(tasks[q], true);
+    const i64 rest = i64(tasks.size() - big);
 #pragma omp parallel for if (team) schedule(dynamic, 1)
     for (i64 q = 0; q < rest; ++q) {
-      try { solve(probs[big + q], false); } catch (const std::exception& e) {
+      try { run_task(tasks[big + q], false); } catch (const std::exception& e) {
 #pragma omp critical
         error = e.what();
       }
