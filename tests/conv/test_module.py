@@ -263,6 +263,9 @@ def test_fused_residual_that_only_broadcasts_is_added_after_the_conv(kind):
         with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 8, 6, 7\) or broadcast "
                                              r"to it, got \(2, 8, 6, 2\)"):
             layer(x, torch.randn(2, 8, 6, 2))
+        layer.stride = (0, 0)  # reassigned geometry: the check names it (was ZeroDivisionError computing the shape)
+        with pytest.raises(ValueError, match=r"stride must be >= 1, got \(0, 0\)"):
+            layer(x, x[:, :, :1, :1])
 
 
 def test_fuse_for_inference_composes_with_an_existing_affine():

@@ -287,9 +287,13 @@ class ClusteredConv2d(nn.Module):
         if residual is None or not isinstance(residual, torch.Tensor) or not isinstance(x, torch.Tensor) or \
                 x.dim() != 4 or residual.device != x.device:
             return True
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        try:
+            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(getattr(self, a), a) for a in
+                                                       ("kernel_size", "stride", "padding", "dilation"))
+            ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        except (TypeError, ValueError, ZeroDivisionError):  # reassigned geometry: _validate names what is wrong
+            return True
         out = (x.shape[0], self.out_channels, ho, wo)
         if ho < 1 or wo < 1 or (tuple(residual.shape) == out and residual.dtype == x.dtype):
             return True
