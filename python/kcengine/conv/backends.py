@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .functional import _fold_bias, _torch_epilogue
+from .functional import _fold_bias, _torch_epilogue, output_hw
 
 __all__ = ["torch_indexed_conv2d", "cpu_indexed_conv2d", "KernelPlan", "kernel_plan"]
 
@@ -450,15 +450,11 @@ def cpu_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, gran
     return _native_gather(u, idx32, scale, shift, residual, relu)
 
 
-def _out_hw(x, k, stride, padding, dilation):
-    return tuple((x.shape[2 + d] + 2 * padding[d] - dilation[d] * (k[d] - 1) - 1) // stride[d] + 1 for d in (0, 1))
-
-
 def _kernel_direct(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual):
     """Inference kernel granularity in one native pass (no depthwise maps in memory); channels-last output."""
     n, c_in, _, _ = x.shape
     kh, kw = codebook.shape[-2:]
-    ho, wo = _out_hw(x, (kh, kw), stride, padding, dilation)
+    ho, wo = output_hw(x.shape, (kh, kw), stride, padding, dilation)
     c_out = plan.pair.shape[0]
     xl = x.detach().contiguous(memory_format=torch.channels_last)
     out = _empty_out((n, c_out, ho, wo), x.dtype, True)

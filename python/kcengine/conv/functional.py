@@ -68,6 +68,13 @@ def dense_weight(codebook: torch.Tensor, index: torch.Tensor, granularity: str, 
     raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
 
 
+def output_hw(x_shape, kernel, stride, padding, dilation) -> tuple[int, int]:
+    """(H_out, W_out) of a conv of ``kernel`` (kh, kw) over an input of shape ``x_shape`` [N, C, H, W], with
+    pairs for stride, padding and dilation (may be < 1 for an input too small: callers check)."""
+    return tuple((x_shape[2 + d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1
+                 for d in (0, 1))
+
+
 def _check_vector(v, name: str, c_out: int, x: torch.Tensor):
     if v is None:
         return None
@@ -150,8 +157,7 @@ def _validate(x, codebook, index, bias, stride, padding, dilation, groups, granu
     _check_vector(scale, "scale", c_out, x)
     _check_vector(shift, "shift", c_out, x)
     h, w = x.shape[2:]
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = output_hw(x.shape, (kh, kw), stride, padding, dilation)
     if ho < 1 or wo < 1:
         raise ValueError(f"x of spatial size {h}x{w} is too small for a {kh}x{kw} kernel with padding={padding}, "
                          f"dilation={dilation} (output would be {ho}x{wo})")

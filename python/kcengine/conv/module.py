@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import _registry
 from .backends import PackedCodebook, tensor_version
-from .functional import GRANULARITIES, _pair, _torch_epilogue, _validate, dense_weight
+from .functional import GRANULARITIES, _pair, _torch_epilogue, _validate, dense_weight, output_hw
 
 __all__ = ["ClusteredConv2d", "index_dtype_for"]
 
@@ -288,11 +288,9 @@ class ClusteredConv2d(nn.Module):
                 x.dim() != 4 or residual.device != x.device:
             return True
         try:
-            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(getattr(self, a), a) for a in
-                                                       ("kernel_size", "stride", "padding", "dilation"))
-            ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-            wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        except (TypeError, ValueError, ZeroDivisionError):  # reassigned geometry: _validate names what is wrong
+            ho, wo = output_hw(x.shape, *(_pair(getattr(self, a), a) for a in
+                                          ("kernel_size", "stride", "padding", "dilation")))
+        except (ValueError, ZeroDivisionError):  # reassigned geometry: _validate names what is wrong
             return True
         out = (x.shape[0], self.out_channels, ho, wo)
         if ho < 1 or wo < 1 or (tuple(residual.shape) == out and residual.dtype == x.dtype):

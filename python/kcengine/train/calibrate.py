@@ -37,7 +37,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..conv.backends import _out_hw
+from ..conv.functional import output_hw
 from ..conv.fuse import _Tracer
 from ..conv.module import ClusteredConv2d
 
@@ -163,7 +163,7 @@ def _lockstep_inputs(model: nn.Module, traced, x: torch.Tensor, names):
 def _patch_rows(x: torch.Tensor, rows: torch.Tensor, *, kernel_size, dilation, padding, stride) -> torch.Tensor:
     """Rows ``rows`` of ``F.unfold(x, ...).transpose(1, 2).reshape(-1, C * kh * kw)`` (row = image * positions +
     position), gathered from the zero-padded input without unfolding the other positions."""
-    ho, wo = _out_hw(x, kernel_size, stride, padding, dilation)
+    ho, wo = output_hw(x.shape, kernel_size, stride, padding, dilation)
     per_image = ho * wo
     img, pos = rows // per_image, rows % per_image
     ys = (pos // wo * stride[0])[:, None, None] + (torch.arange(kernel_size[0]) * dilation[0])[None, :, None]
@@ -189,7 +189,7 @@ def _moments(layer: ClusteredConv2d, xc: torch.Tensor, xd: torch.Tensor, max_pat
     g = torch.Generator().manual_seed(seed)
     n_img = xc.shape[0]
     same = xd is xc
-    ho, wo = _out_hw(xc, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+    ho, wo = output_hw(xc.shape, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
     for i in range(0, n_img, chunk):
         rows = min(chunk, n_img - i) * ho * wo
         keep = max(1, int(max_patches * min(chunk, n_img - i) / n_img))
