@@ -72,9 +72,13 @@ def _is_torch(a) -> bool:
 
 
 def _dtype_name(a) -> str:
-    """"float32", "float64", ... for a numpy array or torch tensor (cached per dtype: ``str`` of a numpy dtype
-    costs microseconds, thousands of times per ragged batch of small problems)."""
-    dt = a.dtype
+    """"float32", "float64", ... for a numpy array or torch tensor."""
+    return _name_of_dtype(a.dtype)
+
+
+def _name_of_dtype(dt) -> str:
+    """The name of a numpy or torch dtype, cached per dtype (``str`` of a numpy dtype costs microseconds,
+    thousands of times per ragged batch of small problems)."""
     name = _DTYPE_NAMES.get(dt)
     if name is None:
         name = _DTYPE_NAMES[dt] = str(dt).replace("torch.", "")
@@ -180,7 +184,7 @@ def _check_problems(parts, layout) -> None:
     # One pass over all the data answers both questions below for the usual input; only data that fails
     # it is examined problem by problem, to name the first bad one.
     keys = {(a.dtype, a.shape[1]) for a in parts}
-    if _max_abs_all(parts) <= min(_overflow_limit(str(t).replace("torch.", ""), d) for t, d in keys):
+    if _max_abs_all(parts) <= min(_overflow_limit(_name_of_dtype(t), d) for t, d in keys):
         return
     bad = _nonfinite(parts)
     if bad:
