@@ -77,10 +77,15 @@ def image_label_pair(batch) -> tuple:
             got = type(batch).__name__
         raise ValueError(f"each batch of data must be an (images, labels) pair, got {got}")
     x, y = batch
-    if not x.is_floating_point():
-        raise ValueError(f"images must be a floating-point tensor, normalized as the model expects, got dtype "
-                         f"{x.dtype} (raw pixels? kcengine.data's loaders normalize them)")
+    check_float_images(x)
     return x, y
+
+
+def check_float_images(x: torch.Tensor, what: str = "images") -> None:
+    """ValueError unless ``x`` is floating point (integer pixels fail in the model's first conv)."""
+    if not x.is_floating_point():
+        raise ValueError(f"{what} must be a floating-point tensor, normalized as the model expects, got dtype "
+                         f"{x.dtype} (raw pixels? kcengine.data's loaders normalize them)")
 
 
 def check_labels(y: torch.Tensor, logits: torch.Tensor) -> None:

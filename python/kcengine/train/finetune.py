@@ -77,7 +77,7 @@ from torch import nn
 
 from .._checks import check_device, check_float, check_int
 from ..conv.module import ClusteredConv2d
-from ..evaluate.metrics import check_labels, image_label_pair
+from ..evaluate.metrics import check_float_images, check_labels, image_label_pair
 from . import distributed as dd
 from .augment import cifar_augment
 from .bn import recalibrate_bn
@@ -190,9 +190,7 @@ def _dataset_images(loader, n: int) -> torch.Tensor:
                 raise ValueError(f"train_loader's dataset must give (image tensor, label) pairs, item {i} is {got}")
             xs.append(item[0])
         x = torch.stack(xs) if xs else torch.empty(0)
-    if not x.is_floating_point():
-        raise ValueError(f"train_loader's images must be a floating-point tensor, normalized as the model expects, "
-                         f"got dtype {x.dtype} (raw pixels? kcengine.data's loaders normalize them)")
+    check_float_images(x, "train_loader's images")
     if x.shape[0] == 0:
         raise ValueError("train_loader's dataset holds no images")
     return x
