@@ -268,6 +268,47 @@ def test_fused_residual_that_only_broadcasts_is_added_after_the_conv(kind):
             layer(x, x[:, :, :1, :1])
 
 
+class _InPlaceTail(nn.Module):
+    """relu(r += bn(conv(x))): `s` writes into r, which `alias` reads afterwards (eager: the sum)."""
+
+    def __init__(self, alias):
+        super().__init__()
+        self.alias = alias
+        self.pre = nn.Conv2d(4, 8, 3, padding=1)
+        self.conv = ClusteredConv2d(4, 8, 3, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        s = self.pre(x)
+        t = s
+        s += self.bn(self.conv(x))
+        out = torch.relu(s)
+        return out + t if self.alias else out
+
+
+@pytest.mark.parametrize("alias", [True, False])
+def test_fuse_for_inference_keeps_an_in_place_add_into_a_residual_read_later(alias):
+    """torch.fx records `s += y` as `s + y` (fx.Proxy has no in-place dunders), so a tensor read under another
+    name after the add saw the sum in eager mode and the old value in the fused model: a silent difference of
+    several units.  The tracer now records the in-place add, and fuse_for_inference leaves such an add unfused
+    (the conv + BN still fuse).  Checked against the same chain computed with F.conv2d on the dense weight."""
+    torch.manual_seed(6)
+    model = _InPlaceTail(alias)
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    fused = fuse_for_inference(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    layer = [m for m in fused.modules() if isinstance(m, ClusteredConv2d)][0]
+    assert layer.relu is (not alias)  # without the alias the whole tail fuses, as in a ResNet block
+    x = torch.randn(2, 4, 6, 7)
+    with torch.no_grad():
+        s = model.pre(x) + model.bn(F.conv2d(x, model.conv.to_dense(), None, padding=1))
+        ref = torch.relu(s) + s if alias else torch.relu(s)
+        _close(model(x), ref)
+        _close(fused(x), ref)
+
+
 def test_fuse_for_inference_composes_with_an_existing_affine():
     """A layer whose scale/shift are already set (e.g. per-filter norms) still absorbs the following BN + ReLU."""
     torch.manual_seed(4)

@@ -7,7 +7,8 @@
 * ``conv -> bn``                         by ``conv'(x)``,
 
 where ``conv'`` is :meth:`ClusteredConv2d.fuse_bn_relu` of the layer.  A link is fused only when each
-intermediate result has exactly one user and the conv module is called once.  Works for any
+intermediate result has exactly one user and the conv module is called once; an in-place ``r += bn(...)``
+only when ``r`` has no other user (eager mode would change ``r`` for them, the fused layer does not).  Works for any
 FX-traceable model (torchvision ResNets are); the input model is not modified.
 """
 from __future__ import annotations
@@ -27,11 +28,37 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 _RELU_FNS = (torch.relu, torch.nn.functional.relu, torch.relu_)
 
 
+class _Proxy(fx.Proxy):
+    """A proxy that records ``a += b`` (and -=, *=, /=) as the in-place operator.  fx.Proxy has no in-place
+    dunders, so Python falls back to ``a = a + b`` and the graph loses the write: code that reads the old
+    tensor under another name afterwards (``t = s; s += y; ... t``) then sees ``s`` in eager mode and the
+    unchanged value in the traced copy."""
+
+    def _inplace(self, op, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    def __iadd__(self, other):
+        return self._inplace(operator.iadd, other)
+
+    def __isub__(self, other):
+        return self._inplace(operator.isub, other)
+
+    def __imul__(self, other):
+        return self._inplace(operator.imul, other)
+
+    def __itruediv__(self, other):
+        return self._inplace(operator.itruediv, other)
+
+
 class _Tracer(fx.Tracer):
-    """Keeps ClusteredConv2d as a leaf (its forward validates real tensors)."""
+    """Keeps ClusteredConv2d as a leaf (its forward validates real tensors) and records in-place arithmetic
+    as such (:class:`_Proxy`)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, ClusteredConv2d) or super().is_leaf_module(m, qualname)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
 
 def _is_module(node, gm, cls) -> bool:
@@ -83,7 +110,11 @@ def fuse_for_inference(model: nn.Module) -> fx.GraphModule:
                 and not nxt.kwargs:
             other = nxt.args[1] if nxt.args[0] is bn_node else nxt.args[0]
             after = _only_user(nxt)
-            if isinstance(other, fx.Node) and other is not bn_node and after is not None and _is_relu(after, gm):
+            # `r += bn(conv(x))` writes into r: fused, r is left as it was, so r may have no other user
+            # (one that reads r after the add would see the sum in eager mode, the old r once fused).
+            writes_residual = nxt.target is operator.iadd and nxt.args[0] is other and len(other.users) != 1
+            if isinstance(other, fx.Node) and other is not bn_node and after is not None and _is_relu(after, gm) \
+                    and not writes_residual:
                 residual, relu_node, add_node, last = other, after, nxt, after
         elif nxt is not None and _is_relu(nxt, gm):
             relu_node, last = nxt, nxt
