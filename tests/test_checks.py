@@ -42,6 +42,14 @@ def test_check_float(v, kw, ok):
             check_float(v, "x", 0.0, **kw)
 
 
+def test_check_float_optional():
+    assert check_float(None, "x", optional=True) is None
+    with pytest.raises(ValueError, match=r"x must be a finite number >= 0.0 or None, got x=-1"):
+        check_float(-1, "x", optional=True)
+    with pytest.raises(ValueError, match=r"x must be a finite number >= 0.0, got x=None"):
+        check_float(None, "x")
+
+
 def test_check_device():
     assert check_device("cpu") == torch.device("cpu")
     assert check_device(torch.device("cpu")) == torch.device("cpu")

@@ -30,14 +30,17 @@ def check_int(value, name: str, low: int | None = None, high: int | None = None,
     return v
 
 
-def check_float(value, name: str, low: float = 0.0, *, low_open: bool = False, high: float | None = None) -> float:
-    """``value`` as a Python float; ValueError naming ``name`` and the value unless it is a finite real number
-    ``>= low`` (``> low`` when ``low_open``) and ``<= high``."""
+def check_float(value, name: str, low: float = 0.0, *, low_open: bool = False, high: float | None = None,
+                optional: bool = False) -> float | None:
+    """``value`` as a Python float, or None when ``optional``; ValueError naming ``name`` and the value unless it
+    is a finite real number ``>= low`` (``> low`` when ``low_open``) and ``<= high``."""
+    if optional and value is None:
+        return None
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and \
         (value > low if low_open else value >= low) and (high is None or value <= high)
     if not ok:
         rng = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-        raise ValueError(f"{name} must be a finite number {rng}, got {name}={value!r}")
+        raise ValueError(f"{name} must be a finite number {rng}{' or None' if optional else ''}, got {name}={value!r}")
     return float(value)
 
 

@@ -257,7 +257,7 @@ def test_compress_argument_errors_name_the_value():
         compress(m, ratio=0.5, sede=1)
     with pytest.raises(ValueError, match="threshold applies"):
         compress(m, ratio=0.5, granularity="element", threshold=0.1)
-    with pytest.raises(ValueError, match=r"threshold must be a finite number >= 0 or None, got threshold=nan"):
+    with pytest.raises(ValueError, match=r"threshold must be a finite number >= 0.0 or None, got threshold=nan"):
         compress(m, ratio=0.5, threshold=float("nan"))
     with pytest.raises(ValueError, match="eval_batch_size must be an int >= 1, got eval_batch_size=0"):
         compress(m, ratio=0.5, eval_batch_size=0)  # was accepted while eval_data was None

@@ -184,11 +184,8 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; k-means options are {_KMEANS_OPTIONS}")
     eval_batch_size = check_int(eval_batch_size, "eval_batch_size", 1)
+    threshold = check_float(threshold, "threshold", optional=True)
     if threshold is not None:
-        try:
-            threshold = check_float(threshold, "threshold")
-        except ValueError:
-            raise ValueError(f"threshold must be a finite number >= 0 or None, got threshold={threshold!r}") from None
         if granularity == "element":
             raise ValueError("threshold applies to granularity 'filter' or 'kernel', not 'element'")
     from .._registry import check_backend_name
