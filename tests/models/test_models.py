@@ -75,6 +75,24 @@ def test_whole_module_pickle_loads(tmp_path):
     assert torch.equal(read_checkpoint(p)["linear.weight"], src.linear.weight)
 
 
+def test_unreadable_checkpoint_is_a_value_error_naming_the_file(tmp_path):
+    """A file torch.load cannot read (text, empty, a truncated zip) raised torch's own UnpicklingError or
+    EOFError, naming neither the file nor the argument; a non-path raised pathlib's TypeError."""
+    good = tmp_path / "good.th"
+    torch.save(CifarResNet(20).state_dict(), good)
+    cases = {"text.th": b"hello\n", "empty.th": b"", "truncated.th": good.read_bytes()[:200]}
+    for name, data in cases.items():
+        p = tmp_path / name
+        p.write_bytes(data)
+        with pytest.raises(ValueError, match=rf"weights file '.*{name}' could not be read by torch.load \("):
+            read_checkpoint(p)
+        with pytest.raises(ValueError, match=rf"weights file '.*{name}' could not be read by torch.load"):
+            load_model("resnet20", str(p))
+    with pytest.raises(ValueError, match=r"weights file must be a path \(str or os.PathLike\), got int"):
+        read_checkpoint(3)
+    assert set(read_checkpoint(good)) == set(CifarResNet(20).state_dict())  # the check refuses only bad files
+
+
 def test_mismatching_checkpoint_says_what_differs():
     state = CifarResNet(20).state_dict()
     with pytest.raises(ValueError, match="missing|unexpected|another shape"):

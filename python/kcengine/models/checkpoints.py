@@ -71,6 +71,8 @@ def read_checkpoint(path) -> dict[str, torch.Tensor]:
     Tries ``weights_only=True`` first (safe); a file that pickles a whole module needs
     ``weights_only=False``, which is used only for files the caller named explicitly.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"weights file must be a path (str or os.PathLike), got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
         raise MissingWeightsError(f"weights file {str(path)!r} is a folder, not a checkpoint file")
@@ -79,7 +81,12 @@ def read_checkpoint(path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # not a torch file: UnpicklingError, a truncated zip's RuntimeError, EOFError, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ValueError(f"weights file {str(path)!r} could not be read by torch.load "
+                             f"({type(exc).__name__}{': ' + first if first else ''})") from None
     return extract_state_dict(obj)
 
 
