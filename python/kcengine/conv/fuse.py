@@ -7,9 +7,9 @@
 * ``conv -> bn``                         by ``conv'(x)``,
 
 where ``conv'`` is :meth:`ClusteredConv2d.fuse_bn_relu` of the layer.  A link is fused only when each
-intermediate result has exactly one user and the conv module is called once; an in-place ``r += bn(...)``
-only when ``r`` has no other user (eager mode would change ``r`` for them, the fused layer does not).  Works for any
-FX-traceable model (torchvision ResNets are); the input model is not modified.
+intermediate result has exactly one user and the conv module is called once; an in-place
+``r += bn(...)`` only when ``r`` has no other user (eager mode would change ``r`` for them, the fused layer
+does not).  Works for any FX-traceable model (torchvision ResNets are); the input model is not modified.
 """
 from __future__ import annotations
 
@@ -112,9 +112,9 @@ def fuse_for_inference(model: nn.Module) -> fx.GraphModule:
             after = _only_user(nxt)
             # `r += bn(conv(x))` writes into r: fused, r is left as it was, so r may have no other user
             # (one that reads r after the add would see the sum in eager mode, the old r once fused).
-            writes_residual = nxt.target is operator.iadd and nxt.args[0] is other and len(other.users) != 1
+            writes_residual = nxt.target is operator.iadd and nxt.args[0] is other
             if isinstance(other, fx.Node) and other is not bn_node and after is not None and _is_relu(after, gm) \
-                    and not writes_residual:
+                    and not (writes_residual and len(other.users) != 1):
                 residual, relu_node, add_node, last = other, after, nxt, after
         elif nxt is not None and _is_relu(nxt, gm):
             relu_node, last = nxt, nxt
