@@ -197,6 +197,52 @@ def test_lockstep_run_refits_exactly_as_forwards_up_to_each_layer(kit, monkeypat
     assert not _same_state(a, cm)  # the refit did change the model
 
 
+def test_lockstep_runs_in_place_residual_adds_as_the_forwards_do(monkeypatch):
+    """torchvision's BasicBlock adds its shortcut in place (`out += identity`), which the tracer records as
+    operator.iadd since fuse's in-place fix: the lockstep run executes those writes node by node, and must
+    still refit every layer exactly as the per-layer forwards (eager modules) do."""
+    from torchvision.models.resnet import BasicBlock
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16),
+                                torch.nn.ReLU(), BasicBlock(16, 16), BasicBlock(16, 16),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    for m in dense.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2)
+    dense.eval()
+    x = torch.randn(24, 3, 12, 12)
+    cm, _ = kcengine.compress(dense, 0.5, seed=0)
+    (info_a, a), (info_b, b), n_calls = _both_paths(cm.eval(), dense, x, monkeypatch)
+    assert n_calls == 0 and len(info_a) == 5  # every conv refit, in one lockstep run
+    assert info_a == info_b and _same_state(a, b)
+    assert not _same_state(a, cm)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+def test_ridged_cholesky_grows_the_ridge_only_where_the_moments_need_it():
+    """Few calibration patches give an input covariance of low rank whose float32 rounding leaves eigenvalues
+    of about -1e-7 x the largest: the relative ridge (1e-4 x the MEAN variance) fell below that on resnet18's
+    layer4 with 4 images of 32x32 and torch.linalg.cholesky raised.  The ridge now grows tenfold until the
+    factorization succeeds; a well-conditioned matrix keeps exactly the old ridge."""
+    torch.manual_seed(0)
+    dim = 400
+    a = torch.randn(dim, 3, dtype=torch.float64) * 10
+    noise = torch.randn(dim, dim, dtype=torch.float64) * 1e-2  # eigenvalues to -0.28: 7e-6 of the largest
+    skewed = a @ a.T + 0.5 * (noise + noise.T)
+    old = skewed + 1e-4 * (torch.trace(skewed) / dim + 1e-12) * torch.eye(dim, dtype=torch.float64)
+    assert int(torch.linalg.cholesky_ex(old)[1]) != 0  # the old single try fails here
+    s_r, chol = cal._ridged_cholesky(skewed, 1e-4)
+    torch.testing.assert_close(chol @ chol.T, s_r, rtol=1e-10, atol=1e-9)
+    assert torch.equal(s_r - skewed, torch.diag(torch.diagonal(s_r - skewed)))  # only the diagonal grew
+    good = a @ a.T + torch.eye(dim, dtype=torch.float64)
+    s_r, chol = cal._ridged_cholesky(good, 1e-4)
+    assert torch.equal(s_r, good + 1e-4 * (torch.trace(good) / dim + 1e-12) * torch.eye(dim, dtype=torch.float64))
+    assert torch.equal(chol, torch.linalg.cholesky(s_r))
+
+
 def _variant(kit, forward, dense, cm):
     """TinyNet-shaped dense and clustered models with another forward (same weights)."""
     cls = type("Variant", (kit.TinyNet,), {"forward": forward})

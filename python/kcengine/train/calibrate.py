@@ -230,15 +230,31 @@ def _top_gen_eig(u: torch.Tensor, su: torch.Tensor) -> torch.Tensor:
     return su @ vecs[:, -1]
 
 
+def _ridged_cholesky(s: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s_r, L)``: ``s_r = s + r I`` with ``r = ridge * mean variance`` and its Cholesky factor.  The moments
+    carry float32 rounding (about 1e-7 of the largest eigenvalue, which can be negative); with few calibration
+    patches the spectrum is so skewed that ``r`` falls below that and the factorization fails.  Then ``r``
+    grows tenfold until it succeeds (a well-conditioned ``s``, every recorded refit, factors at the first)."""
+    dim = s.shape[0]
+    base = torch.trace(s) / dim + 1e-12
+    eye = torch.eye(dim, dtype=s.dtype)
+    for _ in range(12):
+        s_r = s + ridge * base * eye
+        chol, info = torch.linalg.cholesky_ex(s_r)
+        if int(info) == 0:
+            return s_r, chol
+        ridge *= 10.0
+    raise ValueError("the calibration images' input covariance could not be factored even with a ridge of "
+                     f"{ridge / 10:g} x its mean variance; use more calibration images")
+
+
 def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, mom, iterations: int,
                    ridge: float) -> dict:  # noqa: C901
     ecc, ecd, edd, mc, md = mom
     scc = ecc - torch.outer(mc, mc)
     scd = ecd - torch.outer(mc, md)
     sdd = edd - torch.outer(md, md)
-    dim = scc.shape[0]
-    scc_r = scc + ridge * (torch.trace(scc) / dim + 1e-12) * torch.eye(dim, dtype=scc.dtype)
-    chol = torch.linalg.cholesky(scc_r)
+    scc_r, chol = _ridged_cholesky(scc, ridge)
     var_d = torch.einsum("od,de,oe->o", w, sdd, w).clamp_min(1e-20)  # dense channel variances
     b = (w @ scd.T) / var_d.sqrt()[:, None]  # [C_out, D] rows b_o = S_cd W_o / ||W_o||
     gw = bn.weight.detach().double().cpu() ** 2 if bn.affine else torch.ones(w.shape[0], dtype=torch.float64)
