@@ -381,7 +381,8 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
         images: calibration batch ``[N, C, H, W]`` (a few hundred training images).
         layers: names to refit (default: every eligible layer), processed in forward order.
         iterations: Lloyd iterations of the assignment/eigenvector updates per layer.
-        ridge: Tikhonov term, relative to the mean input variance.
+        ridge: Tikhonov term, relative to the mean input variance (grown tenfold at a time for a layer whose
+            input covariance would not factor with it: few calibration patches, see :func:`_ridged_cholesky`).
         max_patches: patch positions used for the moments of each layer (a fixed random subset).
         seed: seed of that subset.
         batch_size: images per forward.  The lockstep run holds every batch's pending activations of both
