@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_int", "check_float", "check_device"]
+__all__ = ["check_int", "check_float", "check_device", "first_line"]
 
 
 def check_int(value, name: str, low: int | None = None, high: int | None = None, *, optional: bool = False):
@@ -62,3 +62,10 @@ def check_device(device, name: str = "device"):
         if dev.index is not None and dev.index >= n:
             raise ValueError(f"{name}={device!r} but torch sees {n} CUDA device(s) (0..{n - 1})")
     return dev
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message ("" when it has none): what an error that wraps a library's error
+    (torch.load's, say) quotes of it."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .._checks import first_line
 from .module import ClusteredConv2d
 
 __all__ = ["save_compressed", "load_compressed", "is_compressed_file", "checkpoint_sizes", "dense_state_dict",
@@ -161,7 +162,7 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
         raise ValueError(f"{path} could not be read as a kcengine compressed checkpoint: its contents do not load "
                          f"with torch.load(weights_only=True), which every file save_compressed writes does") from None
     except Exception as exc:  # a truncated zip (RuntimeError), an empty file (EOFError), ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         raise ValueError(f"{path} could not be read as a kcengine compressed checkpoint: {first}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a kcengine compressed checkpoint (format {FORMAT!r})")

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._checks import first_line
+
 __all__ = ["MissingWeightsError", "extract_state_dict", "strip_prefixes", "load_state_dict_into", "read_checkpoint",
            "hub_cache_path"]
 
@@ -84,7 +86,7 @@ def read_checkpoint(path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # not a torch file: UnpicklingError, a truncated zip's RuntimeError, EOFError, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            first = first_line(exc)
             raise ValueError(f"weights file {str(path)!r} could not be read by torch.load "
                              f"({type(exc).__name__}{': ' + first if first else ''})") from None
     return extract_state_dict(obj)
