@@ -613,7 +613,6 @@ void kmeanspp_1d(const Prepared<T>& prep, i64 n, i64 k, Rng& rng, std::vector<i6
   build();
   double built = total();
   const i64 trials = 2 + i64(std::log(double(k)));
-  std::vector<i64> cq(trials);
   for (i64 c = 1; c < k; ++c) {
     double tot = total();
     if (tot < 0.5 * built) {
@@ -623,12 +622,12 @@ void kmeanspp_1d(const Prepared<T>& prep, i64 n, i64 k, Rng& rng, std::vector<i6
     i64 best = -1;
     double best_gain = -1;
     for (i64 t = 0; t < trials; ++t) {
-      cq[t] = tot > 0 ? draw(rng.uniform() * tot) : -1;
-      if (cq[t] < 0) continue;
-      const double g = improve(cq[t], false);
+      const i64 q = tot > 0 ? draw(rng.uniform() * tot) : -1;
+      if (q < 0) continue;
+      const double g = improve(q, false);
       if (g > best_gain) {  // the least potential left: the largest gain, the first trial on a tie
         best_gain = g;
-        best = cq[t];
+        best = q;
       }
     }
     if (best < 0) {  // every point sits on a chosen value (fewer distinct values than k): as kmeanspp, the last
@@ -1841,6 +1840,7 @@ void solve_1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::v
 // ------------------------------------------------------------------------------- exact 1-D
 // Optimal k-means in 1-D: clusters are intervals of the sorted points; dp[m][i] = best cost of
 // the first i points in m clusters, with the optimal split monotone in i (divide and conquer).
+//
 // The split table of the exact 1-D DP for every number of clusters up to kmax: row m - 1 holds, for each
 // prefix length i, where the optimal m-clustering of the first i sorted points starts its last interval.
 // Level m depends only on level m - 1, never on kmax, so one table serves every k <= kmax with the very
