@@ -715,12 +715,16 @@ constexpr int kQuad = 4;  // input channels per scatter pass of the pixel-lane p
 constexpr int64_t kShortTaps = 9;
 namespace pixvec_avx512 {
 #define KC_PIXVEC_TARGET "avx2,fma,avx512f,avx512vl"
+#define KC_PIXVEC_LANES 16
 #include "conv_pixvec.h"
+#undef KC_PIXVEC_LANES
 #undef KC_PIXVEC_TARGET
 }  // namespace pixvec_avx512
 namespace pixvec_avx2 {
 #define KC_PIXVEC_TARGET "avx2,fma"
+#define KC_PIXVEC_LANES 8
 #include "conv_pixvec.h"
+#undef KC_PIXVEC_LANES
 #undef KC_PIXVEC_TARGET
 }  // namespace pixvec_avx2
 
@@ -787,13 +791,14 @@ std::unique_ptr<DirectPack> make_direct_pack(py::array wt, py::array slot) {
   const bool padded = pk->fast || pk->pixvec;
   pk->Cpad = padded ? (pk->C + 15) / 16 * 16 : pk->C;
   pk->Mpad = padded ? (pk->M + 15) / 16 * 16 : pk->M;
-  pk->tw = pk->pixvec && pk->Mpad <= 64 ? 16 : 8;  // 16 KB of responses per quad at most
+  // 16 KB of responses per quad at most on AVX2; AVX-512's 16 lanes make every tile 16 pixels
+  pk->tw = pk->pixvec && (pk->isa == "avx512" || pk->Mpad <= 64) ? 16 : 8;
   if (f32) pk->w = pack_weights(static_cast<const float*>(wt.data()), *pk, pk->wf_store);
   else pk->w = pack_weights(static_cast<const double*>(wt.data()), *pk, pk->wd_store);
   if (pk->pixvec) {  // [C_in/4][Cpad][4]: offsets of the response vectors in pv (see conv_pixvec.h)
     const int64_t quads = (pk->Cin + kQuad - 1) / kQuad, pstride = pk->Mpad * pk->tw;
     if (kQuad * pstride > INT32_MAX) throw py::value_error("wt has too many maps per channel: M=" + std::to_string(pk->M));
-    // 16-bit offsets up to Mpad = 2032 maps per channel with 8-pixel tiles (always with 16-pixel ones)
+    // 16-bit offsets up to Mpad = 2032 maps per channel with 8-pixel tiles, 1008 with 16-pixel ones
     const bool narrow = kQuad * pstride <= 0xFFFF;
     const size_t count = static_cast<size_t>(quads * pk->Cpad * kQuad);
     int32_t* s2 = narrow ? nullptr : aligned_alloc_vec(pk->s_store, count);
@@ -908,17 +913,18 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
           const auto run_pixvec = [&](const auto* slots, auto nv) {
             using S = std::remove_cv_t<std::remove_pointer_t<decltype(slots)>>;
             constexpr int NV = decltype(nv)::value;
-            if (pixvec512)
-              pixvec_avx512::direct_tile_pixvec<S, NV>(xp, wuse, slots, gp, Cpad, Mpad, tl.m0, np, acc2, acc, xv,
-                                                       pv, off.data());
-            else
+            if (pixvec512) {
+              if constexpr (NV == 1)  // one vector of 16 pixels (see conv_pixvec.h)
+                pixvec_avx512::direct_tile_pixvec<S, 1>(xp, wuse, slots, gp, Cpad, Mpad, tl.m0, np, acc2, acc, xv,
+                                                        pv, off.data());
+            } else
               pixvec_avx2::direct_tile_pixvec<S, NV>(xp, wuse, slots, gp, Cpad, Mpad, tl.m0, np, acc2, acc, xv, pv,
                                                      off.data());
           };
           using One = std::integral_constant<int, 1>;
           using Two = std::integral_constant<int, 2>;
-          if (tw == 16) run_pixvec(pk.s16, Two{});  // 16-pixel tiles have at most 64 maps: 16-bit offsets
-          else if (pk.s16) run_pixvec(pk.s16, One{});
+          if (tw == 16 && !pixvec512) run_pixvec(pk.s16, Two{});  // AVX2, at most 64 maps: 16-bit offsets
+          else if (pk.s16) run_pixvec(pk.s16, One{});  // a vector of 8 (AVX2) or 16 (AVX-512) pixels
           else run_pixvec(suse, One{});
         }
         else if (fast) direct_tile_avx512(xp, wuse, suse, gp, Cpad, Mpad, n, ho, wo0, np, acc, xv);

@@ -1,11 +1,37 @@
 // The pixel-lane tile of the kernel-granularity direct conv (see conv.cpp), written once and compiled
 // twice: conv.cpp includes this file inside one namespace per instruction set, with KC_PIXVEC_TARGET
-// set to that set's target string ("avx2,fma" / "avx2,fma,avx512f,avx512vl").  The code is AVX2
-// (8 float lanes, one lane per pixel of a tile); under AVX-512 the compiler may use its 32 registers
-// and EVEX broadcasts.  No include guard: each inclusion defines the function in its own namespace.
-// Needs ConvGeom, kQuad and transpose8 (an AVX2 8x8 transpose, inlined into either copy) from conv.cpp.
+// set to that set's target string ("avx2,fma" / "avx2,fma,avx512f,avx512vl") and KC_PIXVEC_LANES to its
+// float vector width (8: __m256, 16: __m512), one lane per pixel of a tile.  The window transpose and the
+// final 8x8 transposes are AVX2 in both copies.  No include guard: each inclusion defines the functions
+// in its own namespace.  Needs ConvGeom, kQuad and transpose8 (an AVX2 8x8 transpose, inlined into either
+// copy) from conv.cpp.
 #ifndef KC_PIXVEC_TARGET
 #error "define KC_PIXVEC_TARGET before including conv_pixvec.h"
+#endif
+#if KC_PIXVEC_LANES != 8 && KC_PIXVEC_LANES != 16
+#error "define KC_PIXVEC_LANES as 8 or 16 before including conv_pixvec.h"
+#endif
+
+// The vector of kLanes floats and the five operations the tile needs (aligned loads and stores).
+constexpr int kLanes = KC_PIXVEC_LANES;
+#if KC_PIXVEC_LANES == 16
+using vecf = __m512;
+__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vzero() { return _mm512_setzero_ps(); }
+__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vload(const float* p) { return _mm512_load_ps(p); }
+__attribute__((target(KC_PIXVEC_TARGET))) inline void vstore(float* p, vecf v) { _mm512_store_ps(p, v); }
+__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vadd(vecf a, vecf b) { return _mm512_add_ps(a, b); }
+__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vfma(const float* s, vecf x, vecf acc) {
+  return _mm512_fmadd_ps(_mm512_set1_ps(*s), x, acc);
+}
+#else
+using vecf = __m256;
+__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vzero() { return _mm256_setzero_ps(); }
+__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vload(const float* p) { return _mm256_load_ps(p); }
+__attribute__((target(KC_PIXVEC_TARGET))) inline void vstore(float* p, vecf v) { _mm256_store_ps(p, v); }
+__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vadd(vecf a, vecf b) { return _mm256_add_ps(a, b); }
+__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vfma(const float* s, vecf x, vecf acc) {
+  return _mm256_fmadd_ps(_mm256_broadcast_ss(s), x, acc);
+}
 #endif
 
 // The window values of input channels [i0, i0 + 4) for the tile's TW pixels: xt[(c * taps + k) * TW + t],
@@ -46,32 +72,31 @@ __attribute__((target(KC_PIXVEC_TARGET))) inline void quad_window(const float* _
     }
 }
 
-// MB maps [m, m + MB) of one input channel's responses for the tile's TW = 8 * NV pixels:
+// MB maps [m, m + MB) of one input channel's responses for the tile's TW = kLanes * NV pixels:
 // pc[(m + q) * TW + t] = sum_k w[k * Mpad + m + q] * xc[k * TW + t], MB * NV independent FMA chains.
 template <int NV, int MB>
 __attribute__((target(KC_PIXVEC_TARGET))) inline void responses_block(const float* __restrict xc,
                                                                        const float* __restrict w, int64_t taps,
                                                                        int64_t Mpad, int64_t m, float* __restrict pc) {
-  constexpr int TW = 8 * NV;
-  __m256 r[MB][NV];
+  constexpr int TW = kLanes * NV;
+  vecf r[MB][NV];
   for (int q = 0; q < MB; ++q)
-    for (int v = 0; v < NV; ++v) r[q][v] = _mm256_setzero_ps();
+    for (int v = 0; v < NV; ++v) r[q][v] = vzero();
   for (int64_t k = 0; k < taps; ++k) {
-    __m256 xk[NV];
-    for (int v = 0; v < NV; ++v) xk[v] = _mm256_load_ps(xc + k * TW + 8 * v);
+    vecf xk[NV];
+    for (int v = 0; v < NV; ++v) xk[v] = vload(xc + k * TW + kLanes * v);
     const float* wk = w + k * Mpad + m;
-    for (int q = 0; q < MB; ++q) {
-      const __m256 b = _mm256_broadcast_ss(wk + q);
-      for (int v = 0; v < NV; ++v) r[q][v] = _mm256_fmadd_ps(b, xk[v], r[q][v]);
-    }
+    for (int q = 0; q < MB; ++q)
+      for (int v = 0; v < NV; ++v) r[q][v] = vfma(wk + q, xk[v], r[q][v]);
   }
   for (int q = 0; q < MB; ++q)
-    for (int v = 0; v < NV; ++v) _mm256_store_ps(pc + (m + q) * TW + 8 * v, r[q][v]);
+    for (int v = 0; v < NV; ++v) vstore(pc + (m + q) * TW + kLanes * v, r[q][v]);
 }
 
 // The M responses of one input channel for the tile's TW pixels: pc[m * TW + t] = sum_k w[k * Mpad + m] *
 // xc[k * TW + t].  MB maps at a time, each NV vectors of pixels: MB * NV independent FMA chains (8),
-// enough for the FMA latency, and with NV = 2 each weight broadcast feeds two FMAs.  M is rounded up
+// enough for the FMA latency, and with NV = 2 (AVX2) each weight broadcast feeds two FMAs.  (On AVX-512,
+// NV = 1 with 16 chains of 16 maps measured no faster than 8 chains, Zen 5.)  M is rounded up
 // to a multiple of MB with the pack's zero maps (Mpad is a multiple of 16): a lone map's chain would
 // wait on the FMA latency at every tap, costing as much as a block.
 template <int NV>
@@ -87,8 +112,8 @@ __attribute__((target(KC_PIXVEC_TARGET))) inline void channel_responses_px(const
 // channel_responses_px<2> with 12 chains (6 maps x 2 vectors of the 16 pixels) instead of 8: slack over
 // the 8 the FMA latency needs.  Taken for kernels of more than kShortTaps taps (the 7x7 stem), where the
 // tap loop is long enough to pay: measured on AVX2 (Zen 3), resnet18's stem at 32 maps ran 6% faster,
-// while on 3x3 layers the narrow tail blocks ate the gain.  (The AVX-512 copy takes it too, for 33-64
-// maps at NV = 2; not measured on an AVX-512 CPU.)  The last maps take a block of 6, 4 or 2
+// while on 3x3 layers the narrow tail blocks ate the gain.  AVX2 copy only (the AVX-512 one runs NV = 1).
+// The last maps take a block of 6, 4 or 2
 // that stays inside Mpad (a multiple of 16, so M = Mpad leaves 4, 2 or 0 after the blocks of 6).
 __attribute__((target(KC_PIXVEC_TARGET))) inline void channel_responses_px12(const float* __restrict xc,
                                                                               const float* __restrict w, int64_t taps,
@@ -106,11 +131,14 @@ __attribute__((target(KC_PIXVEC_TARGET))) inline void channel_responses_px12(con
 // permute/gather scatter of direct_tile_avx512 costs up to four permutes per 16 outputs, and on AVX2
 // for every M (it has no 16-lane permutes): the pixels are the vector lanes instead.
 //
-// A tile is TW = 8 * NV consecutive output pixels of the whole batch (flattened [N, H_out, W_out]
+// A tile is TW = kLanes * NV consecutive output pixels of the whole batch (flattened [N, H_out, W_out]
 // order, so a tile may span rows and images and only the batch's last tile has idle lanes).  For
 // each quad of input channels: the window values xt [4][taps][TW] and the M responses pv [c][M][TW]
 // of each channel c of the quad (independent FMA chains), then every output o adds the four response
 // vectors it takes: acc[o] += sum_c pv[c][slot[i0 + c, o]] (acc [C][TW], L1-resident up to C = 512 at TW = 8, 256 at TW = 16).
+// Tiles: AVX2 takes 16 pixels (NV = 2) up to 64 padded maps and 8 beyond, where a quad's responses would
+// outgrow 16 KB; AVX-512 one vector of 16 pixels for every M (32-pixel tiles, NV = 2, measured no
+// faster on Zen 5: the responses and acc double for the same broadcasts saved).
 // slotp is [C_in/4][Cpad][4] here, each entry the float offset of its response vector in pv
 // (c * Mpad * TW + slot * TW), so the four offsets of an output are one 64-bit load (16-bit offsets)
 // or two, and acc[o] is loaded and stored once per quad: the scatter is bound by its loads.  With
@@ -119,13 +147,13 @@ __attribute__((target(KC_PIXVEC_TARGET))) inline void channel_responses_px12(con
 // accT [TW][Cpad] for the shared epilogue.  off [taps][TW]: the x offset of each (tap, pixel)
 // without the channel, -1 outside the image or past the batch.
 // S: the offset type, uint16_t where they fit (one 64-bit load an output), else int32_t.  NV: vectors
-// of 8 pixels per tile.  The tile is pixels [m0, m0 + np) of the flattened output, np <= TW.
+// of kLanes pixels per tile.  The tile is pixels [m0, m0 + np) of the flattened output, np <= TW.
 template <typename S, int NV>
 __attribute__((target(KC_PIXVEC_TARGET))) void direct_tile_pixvec(
     const float* __restrict x, const float* __restrict wtp, const S* __restrict slotp, const ConvGeom& g,
     int64_t Cpad, int64_t Mpad, int64_t m0, int np, float* __restrict acc, float* __restrict accT,
     float* __restrict xt, float* __restrict pv, int64_t* __restrict off) {
-  constexpr int TW = 8 * NV;
+  constexpr int TW = kLanes * NV;
   const int64_t taps = g.kh * g.kw, C = g.C, M = g.M;
   // off[k][t] = base[t] + (a * dh * W + b * dw) * C_in for tap k = (a, b) where the tap is inside the
   // image, else -1: adds, compares and masks over contiguous pixels (vectorized)
@@ -153,7 +181,7 @@ __attribute__((target(KC_PIXVEC_TARGET))) void direct_tile_pixvec(
         ok[t] = ((base[t] + delta) & in) | ~in;
       }
     }
-  for (int64_t e = 0; e < Cpad * TW; e += 8) _mm256_store_ps(acc + e, _mm256_setzero_ps());
+  for (int64_t e = 0; e < Cpad * TW; e += kLanes) vstore(acc + e, vzero());
   const int64_t pstride = Mpad * TW, xsize = g.N * g.H * g.W * g.Cin;
   for (int64_t i0 = g.c_lo; i0 < g.c_hi; i0 += kQuad) {  // c_lo is a multiple of 16
     const int nc = static_cast<int>(std::min<int64_t>(kQuad, g.c_hi - i0));
@@ -161,7 +189,7 @@ __attribute__((target(KC_PIXVEC_TARGET))) void direct_tile_pixvec(
     for (int c = 0; c < kQuad; ++c) {
       float* pc = pv + c * pstride;
       if (c >= nc) {  // past C_in: its slots point at pc[0..TW)
-        for (int v = 0; v < NV; ++v) _mm256_store_ps(pc + 8 * v, _mm256_setzero_ps());
+        for (int v = 0; v < NV; ++v) vstore(pc + kLanes * v, vzero());
         continue;
       }
       const float* xc = xt + c * taps * TW;
@@ -183,11 +211,10 @@ __attribute__((target(KC_PIXVEC_TARGET))) void direct_tile_pixvec(
         o0 = uint32_t(s01), o1 = s01 >> 32, o2 = uint32_t(s23), o3 = s23 >> 32;
       }
       for (int v = 0; v < NV; ++v) {
-        const float* p = pv + 8 * v;
-        const __m256 u01 = _mm256_add_ps(_mm256_load_ps(p + o0), _mm256_load_ps(p + o1));
-        const __m256 u23 = _mm256_add_ps(_mm256_load_ps(p + o2), _mm256_load_ps(p + o3));
-        float* ao = acc + o * TW + 8 * v;
-        _mm256_store_ps(ao, _mm256_add_ps(_mm256_load_ps(ao), _mm256_add_ps(u01, u23)));
+        const float* p = pv + kLanes * v;
+        const vecf u01 = vadd(vload(p + o0), vload(p + o1)), u23 = vadd(vload(p + o2), vload(p + o3));
+        float* ao = acc + o * TW + kLanes * v;
+        vstore(ao, vadd(vload(ao), vadd(u01, u23)));
       }
     }
   }

@@ -271,7 +271,7 @@ def test_native_direct_kernel_any_thread_count(c_in, c_out, k, kk, dtype):
     if dtype == torch.float32 and pack.isa != "generic":  # the path the case is named for is taken
         lanes = pack.isa == "avx2" or plan.m > 32
         assert pack.pixel_lanes == lanes, (plan.m, pack.pixel_lanes)
-        assert pack.tile_pixels == (16 if lanes and plan.m <= 64 else 8)
+        assert pack.tile_pixels == (16 if lanes and (pack.isa == "avx512" or plan.m <= 64) else 8)
     geom = [k, k, 1, 1, k // 2, k // 2, 1, 1]
     xn = x.permute(0, 2, 3, 1).numpy()
     for threads in (1, 2, 3):
@@ -296,11 +296,12 @@ def test_native_direct_kernel_any_thread_count(c_in, c_out, k, kk, dtype):
         assert twin.direct_pack(cb).shape == pack.shape
 
 
-@pytest.mark.parametrize("c_out", [40, 2100])
+@pytest.mark.parametrize("c_out", [40, 1100, 2100])
 def test_native_direct_kernel_slot_offset_widths(c_out):
-    """The pixel-lane path stores each output's four response offsets in 16 bits while they fit (up to
-    2032 maps per input channel) and in 32 bits beyond: both equal F.conv2d.  c_out = 2100 with every
-    output of a channel on its own kernel gives 2100 maps per channel."""
+    """The pixel-lane path stores each output's four response offsets in 16 bits while they fit (four
+    channels' responses, Mpad * tile_pixels floats each, within 65,535: up to 2032 maps per input channel
+    with 8-pixel tiles, 1008 with 16-pixel ones) and in 32 bits beyond: both equal F.conv2d.  c_out = 1100
+    or 2100 with every output of a channel on its own kernel gives that many maps per channel."""
     from kcengine import _core
     from kcengine.conv.backends import kernel_plan
 
@@ -313,7 +314,7 @@ def test_native_direct_kernel_slot_offset_widths(c_out):
     pack = plan.direct_pack(cb)
     if not pack.pixel_lanes:
         pytest.skip("this CPU has no pixel-lane path (AVX2 or AVX-512)")
-    assert pack.slot_bits == (16 if plan.m <= 2032 else 32)
+    assert pack.slot_bits == (16 if plan.m <= (2032 if pack.tile_pixels == 8 else 1008) else 32)
     ref = F.conv2d(x, dense_weight(cb, idx, "kernel"), padding=1)
     for threads in (1, 2):
         out = torch.empty_like(ref, memory_format=torch.channels_last)
@@ -341,7 +342,8 @@ def test_native_direct_kernel_slot_offset_widths(c_out):
 def test_native_direct_kernel_every_isa_copy(isa, shape, runnable_isas):
     """conv_kernel_direct with each instruction set's copy this CPU can run (KCENGINE_CPU_ISA): the
     pack records the set it was built for and the path it takes (pixel lanes on AVX2 for every M, on
-    AVX-512 above 32 maps; 16-pixel tiles up to 64 padded maps), and every copy equals F.conv2d with
+    AVX-512 above 32 maps; 16-pixel tiles: AVX-512's vectors, AVX2's pairs of vectors up to 64 padded maps),
+    and every copy equals F.conv2d with
     the fused affine, residual and ReLU, on 1, 2 and 3 threads."""
     from kcengine import _core
     from kcengine.conv.backends import kernel_plan
@@ -366,7 +368,7 @@ def test_native_direct_kernel_every_isa_copy(isa, shape, runnable_isas):
     assert pack.isa == isa
     lanes = {"generic": False, "avx2": True, "avx512": kk > 32}[isa]
     assert pack.pixel_lanes == lanes
-    assert pack.tile_pixels == (16 if lanes and (kk + 15) // 16 * 16 <= 64 else 8)
+    assert pack.tile_pixels == (16 if lanes and (isa == "avx512" or (kk + 15) // 16 * 16 <= 64) else 8)
     xn = x.permute(0, 2, 3, 1).contiguous().numpy()
     rn = res.permute(0, 2, 3, 1).contiguous().numpy()
     for threads in (1, 2, 3):
