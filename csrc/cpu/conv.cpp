@@ -666,7 +666,8 @@ __attribute__((target("avx512f"))) void direct_tile_regacc(const float* __restri
   }
 }
 
-// AVX-512 float32 tile for M <= 32 (more maps take the pixel-lane path, conv_pixvec.h): p_i stays in
+// AVX-512 float32 tile for 9..32 maps and at most 64 outputs beyond 3x3 (the 7x7 stem; see
+// make_direct_pack for where the pixel-lane path, conv_pixvec.h, runs instead): p_i stays in
 // two registers per pixel and scatters with vpermt2ps.  acc is [kTile][Cpad], slot rows padded to Cpad
 // (= C rounded up to 16) with valid slots.
 __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restrict x, const float* __restrict wtp,
@@ -708,7 +709,8 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
   }
 }
 
-// The pixel-lane path (any M on AVX2, M > 32 on AVX-512): conv_pixvec.h, one copy per instruction set.
+// The pixel-lane path (any M on AVX2; on AVX-512 see make_direct_pack): conv_pixvec.h, one copy per
+// instruction set.
 constexpr int kQuad = 4;  // input channels per scatter pass of the pixel-lane path
 // Kernels of up to this many taps (3x3) take the short-kernel routines: regacc tiles, 8-pixel response
 // chains; deeper ones (the 7x7 stem) the long ones.
@@ -787,7 +789,11 @@ std::unique_ptr<DirectPack> make_direct_pack(py::array wt, py::array slot) {
   const int32_t* sp = checked_index(slot, "slot", pk->Cin * pk->C, pk->M);
   pk->isa = pick_isa();
   pk->fast = f32 && pk->isa == "avx512";
-  pk->pixvec = f32 && (pk->isa == "avx2" || (pk->isa == "avx512" && pk->M > 32));  // see conv_pixvec.h
+  // AVX-512 keeps its register tiles (direct_tile_regacc, direct_tile_avx512) for at most 64 outputs and
+  // 9..32 maps, where they beat the 16-lane pixel tiles; elsewhere the pixel lanes win (Zen 5, batch 1
+  // and 32, resnet18 3x3 shapes: 128 outputs at 16 / 32 maps 1.9x / 1.5x dense against 1.4x / 1.1x;
+  // 64 outputs at 8 maps 1.6x against 1.3x; at 32 maps 0.9-1.0x against 0.95-1.1x)
+  pk->pixvec = f32 && (pk->isa == "avx2" || (pk->isa == "avx512" && (pk->M > 32 || pk->M <= 8 || pk->C > 64)));
   const bool padded = pk->fast || pk->pixvec;
   pk->Cpad = padded ? (pk->C + 15) / 16 * 16 : pk->C;
   pk->Mpad = padded ? (pk->M + 15) / 16 * 16 : pk->M;
@@ -834,7 +840,7 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
   using RegAcc = void (*)(const float*, const float*, const int32_t*, const ConvGeom&, int64_t, int64_t, int64_t,
                           int64_t, int64_t, int, float*, float*);
   RegAcc regacc = nullptr;  // see direct_tile_regacc
-  if (fast && g.M <= 32 && g.C <= 64 && taps <= kShortTaps) {  // deeper taps (the 7x7 stem) want all 8 pixels' chains
+  if (fast && !pixvec && g.C <= 64 && taps <= kShortTaps) {  // deeper taps (the 7x7 stem) want all 8 pixels' chains
     const int nch = int((g.C + 15) / 16);
     if (g.M <= 16) regacc = nch == 1 ? direct_tile_regacc<1, 1> : nch == 2 ? direct_tile_regacc<2, 1>
                           : nch == 3 ? direct_tile_regacc<3, 1> : direct_tile_regacc<4, 1>;

@@ -127,9 +127,9 @@ __attribute__((target(KC_PIXVEC_TARGET))) inline void channel_responses_px12(con
   else if (r >= 1) responses_block<2, 2>(xc, w, taps, Mpad, m, pc);
 }
 
-// Taken on AVX-512 for large M (more than 32 codebook maps per input channel), where the
-// permute/gather scatter of direct_tile_avx512 costs up to four permutes per 16 outputs, and on AVX2
-// for every M (it has no 16-lane permutes): the pixels are the vector lanes instead.
+// Taken on AVX2 for every M (it has no 16-lane permutes), and on AVX-512 wherever the register tiles
+// of conv.cpp lose to it (more than 32 maps per input channel, more than 64 outputs, or at most 8
+// maps; see make_direct_pack): the pixels are the vector lanes instead.
 //
 // A tile is TW = kLanes * NV consecutive output pixels of the whole batch (flattened [N, H_out, W_out]
 // order, so a tile may span rows and images and only the batch's last tile has idle lanes).  For

@@ -236,12 +236,15 @@ def test_native_core_checks_its_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("c_in,c_out,k,kk", [
-    # With 8-pixel tiles (7 of them; AVX-512 paths, and pixel lanes above 64 maps) C_in = 50 splits into
-    # 32 + 18 channels on 2 and 3 threads, 47 into 16 + 16 + 15 on 3; 37 not at all (a last part of 5
-    # would cost more than it balances).  With 16-pixel tiles (4; pixel lanes up to 64 maps) they split
-    # on 3 threads only.  The register cases below name the AVX-512 paths; on AVX2 all take pixel lanes.
-    (50, 40, 3, 12),   # <= 64 outputs, <= 16 maps: responses and sums in registers
-    (50, 80, 3, 20),   # > 64 outputs, 16 < maps <= 32: responses in registers, permuted into the sums
+    # With 8-pixel tiles (7 of them; AVX-512 register paths, and AVX2 pixel lanes above 64 maps) C_in = 50
+    # splits into 32 + 18 channels on 2 and 3 threads, 47 into 16 + 16 + 15 on 3; 37 not at all (a last
+    # part of 5 would cost more than it balances).  With 16-pixel tiles (4; AVX-512 pixel lanes, AVX2 ones
+    # up to 64 maps) they split on 3 threads only.  The cases below name the AVX-512 paths; on AVX2 all
+    # take pixel lanes.
+    (50, 40, 3, 12),   # <= 64 outputs, 9..16 maps, 3x3: responses and sums in registers
+    (50, 40, 3, 6),    # <= 8 maps: pixels as lanes
+    (50, 60, 5, 20),   # <= 64 outputs, 16 < maps <= 32, 5x5: responses in registers, permuted into the sums
+    (50, 80, 3, 20),   # > 64 outputs: pixels as lanes
     (37, 70, 3, 48),   # > 32 maps: pixels as lanes, a last quad of input channels with 1 of 4 live
     (47, 70, 3, 48),   # the same with 3 of 4 live
     (50, 70, 5, 80),   # 5x5, pixels as lanes, 2 of 4 live
@@ -269,7 +272,7 @@ def test_native_direct_kernel_any_thread_count(c_in, c_out, k, kk, dtype):
     pack = plan.direct_pack(cb)
     assert plan.direct_pack(cb) is pack and pack.shape == (c_in, k * k, plan.m, c_out)
     if dtype == torch.float32 and pack.isa != "generic":  # the path the case is named for is taken
-        lanes = pack.isa == "avx2" or plan.m > 32
+        lanes = pack.isa == "avx2" or plan.m > 32 or plan.m <= 8 or c_out > 64
         assert pack.pixel_lanes == lanes, (plan.m, pack.pixel_lanes)
         assert pack.tile_pixels == (16 if lanes and (pack.isa == "avx512" or plan.m <= 64) else 8)
     geom = [k, k, 1, 1, k // 2, k // 2, 1, 1]
@@ -342,9 +345,9 @@ def test_native_direct_kernel_slot_offset_widths(c_out):
 def test_native_direct_kernel_every_isa_copy(isa, shape, runnable_isas):
     """conv_kernel_direct with each instruction set's copy this CPU can run (KCENGINE_CPU_ISA): the
     pack records the set it was built for and the path it takes (pixel lanes on AVX2 for every M, on
-    AVX-512 above 32 maps; 16-pixel tiles: AVX-512's vectors, AVX2's pairs of vectors up to 64 padded maps),
-    and every copy equals F.conv2d with
-    the fused affine, residual and ReLU, on 1, 2 and 3 threads."""
+    AVX-512 above 32 maps, above 64 outputs or at most 8 maps; 16-pixel tiles: AVX-512's vectors, AVX2's
+    pairs of vectors up to 64 padded maps), and every copy equals F.conv2d with the fused affine, residual
+    and ReLU, on 1, 2 and 3 threads."""
     from kcengine import _core
     from kcengine.conv.backends import kernel_plan
 
@@ -366,7 +369,7 @@ def test_native_direct_kernel_every_isa_copy(isa, shape, runnable_isas):
         assert plan.m == kk
         pack = _core.conv_kernel_pack(plan.tap_weights(cb).numpy(), plan.slot_table().numpy())
     assert pack.isa == isa
-    lanes = {"generic": False, "avx2": True, "avx512": kk > 32}[isa]
+    lanes = {"generic": False, "avx2": True, "avx512": kk > 32 or kk <= 8 or co > 64}[isa]
     assert pack.pixel_lanes == lanes
     assert pack.tile_pixels == (16 if lanes and (isa == "avx512" or (kk + 15) // 16 * 16 <= 64) else 8)
     xn = x.permute(0, 2, 3, 1).contiguous().numpy()
