@@ -746,7 +746,7 @@ T* aligned_alloc_vec(std::vector<T>& v, size_t n) {  // 64-byte aligned view int
 struct DirectPack {
   std::string isa;  // "avx512", "avx2" or "generic"
   bool f64 = false, fast = false, pixvec = false;  // fast: the AVX-512 register paths
-  int tw = 8;  // pixels per tile of the pixel-lane path: 16 where a quad's responses stay small (Mpad <= 64)
+  int tw = 8;  // pixels per tile of the pixel-lane path: 16 on AVX-512, and on AVX2 up to Mpad = 64
   int64_t Cin = 0, taps = 0, M = 0, C = 0, Cpad = 0, Mpad = 0;
   std::vector<float> wf_store;
   std::vector<double> wd_store;
@@ -1012,9 +1012,10 @@ void register_conv(py::module_& m) {
       .def_property_readonly("slot_bits", [](const DirectPack& p) { return p.s16 ? 16 : 32; },
                              "width of the stored slot offsets (16 where they fit the pixel-lane path's table)")
       .def_property_readonly("pixel_lanes", [](const DirectPack& p) { return p.pixvec; },
-                             "whether calls take the pixel-lane path (float32 on AVX2, or > 32 maps on AVX-512)")
+                             "whether calls take the pixel-lane path (float32: on AVX2 always; on AVX-512 with > 32 or <= 8 "
+                             "maps, or > 64 outputs)")
       .def_property_readonly("tile_pixels", [](const DirectPack& p) { return p.pixvec ? p.tw : kTile; },
-                             "output pixels per tile (16 on the pixel-lane path with up to 64 maps, else 8)")
+                             "output pixels per tile (16 on AVX-512's pixel-lane path and AVX2's up to 64 maps, else 8)")
       .def_property_readonly("isa", [](const DirectPack& p) { return p.isa; },
                              "the instruction set the pack was built for (kcengine's pick: best of the CPU, or "
                              "env KCENGINE_CPU_ISA)");
