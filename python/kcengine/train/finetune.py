@@ -58,6 +58,10 @@ of 10 k-means runs (``compress_options={"n_init": 10}``; seed 0, C_out/2, an unr
 starts at the same 76.5% and ends at 86.2%.  Progressive clustering with the same 20 epochs (3 after each of the
 four stages, 8 after the last; C_out/2, seed 0): 85.2% deepest group first, 86.1% shallowest first
 (bench/results/recovery_prog20.md, recovery_prog20fwd.md), below the 87.9% of training all the codebooks at once.
+Colour jitter after the crop and flip (brightness, contrast and saturation each scaled by U(0.6, 1.4) per
+image; seed 0, C_out/2, an unrecorded run): 86.9%.  resnet56 (93.3% on the sample) as the logit teacher, the
+dense resnet20 still the refit's and the block features' reference (seed 0, mixed plan, an unrecorded run):
+86.1%, against 87.0% with resnet20's own logits.
 
 The caller's ``model`` (and ``teacher``) are never modified: the run trains a copy, returned as
 ``FinetuneResult.model``.
