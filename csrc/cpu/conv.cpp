@@ -577,43 +577,86 @@ inline void direct_tile_generic(const double* x, const double* wt, const int32_t
   direct_tile_generic_f64(x, wt, slot, g, n, ho, wo0, np, acc, xv, pv);
 }
 
+// Where window_block puts the window values of a channel block: xv[t * PS + a * RS + b * S + c] for
+// pixel t, kernel row a, column b, channel c of the block.  S = 16 channels (C_in when C_in < 16); rows
+// of few channels (the RGB stem's 7 x 3 floats) padded to RS = 32, so each is two aligned whole-vector
+// stores (exact-length copies, a memcpy call or masked stores, cost more than the stem's responses on
+// Zen 5, and overlapping wider stores stall the loads that read them back); else RS = kw * S.
+struct WindowLayout {
+  int64_t S, RS, PS;
+};
+inline WindowLayout window_layout(const ConvGeom& g) {
+  const int64_t S = std::min<int64_t>(g.Cin, 16);
+  const int64_t RS = S == g.Cin && g.kw >= 2 && g.kw * S <= 32 ? 32 : g.kw * S;  // kw >= 2: fits [kTile][taps][16]
+  return {S, RS, g.kh * RS};
+}
+
+// The layout of x itself seen from the first of np consecutive output pixels of row (n, ho) from
+// column wo0, when every tap of all of them lies inside the image: channel_responses then reads x in
+// place (*base, channel 0) instead of a copy in xv.  False where a window crosses the border.
+inline bool window_in_place(const float* x, const ConvGeom& g, int64_t n, int64_t ho, int64_t wo0, int np,
+                            const float** base, WindowLayout* L) {
+  const int64_t h0 = ho * g.sh - g.ph, w0 = wo0 * g.sw - g.pw, w1 = (wo0 + np - 1) * g.sw - g.pw;
+  if (h0 < 0 || h0 + (g.kh - 1) * g.dh >= g.H || w0 < 0 || w1 + (g.kw - 1) * g.dw >= g.W) return false;
+  *base = x + ((n * g.H + h0) * g.W + w0) * g.Cin;
+  *L = {g.dw * g.Cin, g.dh * g.W * g.Cin, g.sw * g.Cin};
+  return true;
+}
+
 // The responses of one input channel for NP pixels, NR blocks of 16 codebook maps, in registers:
-// a[t][r][l] = sum_k xs[(t * taps + k) * S] * w[k * Mpad + r * 16 + l].  The pixels are independent
-// FMA chains (one chain per pixel would wait on the FMA latency at every tap).
+// a[t][r][l] = sum_k xs[t * PS + a * RS + b * S] * w[k * Mpad + r * 16 + l], tap k = (a, b).  The
+// pixels are independent FMA chains (one chain per pixel would wait on the FMA latency at every tap).
 template <int NR, int NP>
 __attribute__((target("avx512f"), always_inline)) inline void channel_responses(
-    const float* __restrict xs, int64_t S, const float* __restrict w, int64_t taps, int64_t Mpad,
+    const float* __restrict xs, const WindowLayout& L, const ConvGeom& g, const float* __restrict w, int64_t Mpad,
     __m512 (&a)[NP][NR]) {
   for (int t = 0; t < NP; ++t)
     for (int r = 0; r < NR; ++r) a[t][r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < taps; ++k) {
-    __m512 wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = _mm512_load_ps(w + k * Mpad + r * 16);
-    for (int t = 0; t < NP; ++t) {
-      const __m512 xk = _mm512_set1_ps(xs[(t * taps + k) * S]);
-      for (int r = 0; r < NR; ++r) a[t][r] = _mm512_fmadd_ps(xk, wv[r], a[t][r]);
+  for (int64_t ka = 0; ka < g.kh; ++ka)
+    for (int64_t kb = 0; kb < g.kw; ++kb) {
+      const int64_t k = ka * g.kw + kb;
+      const float* xk0 = xs + ka * L.RS + kb * L.S;
+      __m512 wv[NR];
+      for (int r = 0; r < NR; ++r) wv[r] = _mm512_load_ps(w + k * Mpad + r * 16);
+      for (int t = 0; t < NP; ++t) {
+        const __m512 xk = _mm512_set1_ps(xk0[t * L.PS]);
+        for (int r = 0; r < NR; ++r) a[t][r] = _mm512_fmadd_ps(xk, wv[r], a[t][r]);
+      }
     }
-  }
 }
 
 // The window values of input channels [i, i + min(16, C_in - i)) for pixels t in [t0, t1) of the
-// tile: xv[(t * taps + k) * S + c] (S = 16, or C_in when C_in < 16), zero outside the image.
-__attribute__((target("avx512f"))) void window_block(const float* __restrict x, const ConvGeom& g, int64_t n,
-                                                      int64_t ho, int64_t wo0, int t0, int t1, int64_t i, int64_t S,
-                                                      float* __restrict xv) {
-  const int64_t taps = g.kh * g.kw, nb = std::min<int64_t>(16, g.Cin - i);
+// tile, laid out as L says (window_layout), zero outside the image.
+__attribute__((target("avx512f"))) void window_block(const float* __restrict x, const ConvGeom& g,
+                                                      const WindowLayout& L, int64_t n, int64_t ho, int64_t wo0,
+                                                      int t0, int t1, int64_t i, float* __restrict xv) {
+  const int64_t S = L.S, nb = std::min<int64_t>(16, g.Cin - i), len = g.kw * S;
+  const float* xend = x + g.N * g.H * g.W * g.Cin;
   for (int t = t0; t < t1; ++t) {
     const int64_t wo = wo0 + t, w0 = wo * g.sw - g.pw;
     for (int64_t a = 0; a < g.kh; ++a) {
       const int64_t h = ho * g.sh - g.ph + a * g.dh;
-      float* drow = xv + (t * taps + a * g.kw) * S;
+      float* drow = xv + t * L.PS + a * L.RS;
       if (!(h >= 0 && h < g.H)) {
-        std::fill(drow, drow + g.kw * S, 0.0f);
+        std::fill(drow, drow + len, 0.0f);
         continue;
       }
       const float* xrow = x + (n * g.H + h) * g.W * g.Cin + i;
       if (S == g.Cin && g.dw == 1 && w0 >= 0 && w0 + g.kw <= g.W) {
-        std::copy(xrow + w0 * g.Cin, xrow + (w0 + g.kw) * g.Cin, drow);
+        const float* src = xrow + w0 * g.Cin;
+        if (L.RS == 32) {  // a padded row: lanes past len carry whatever follows (never read)
+          if (src + 32 <= xend) {
+            _mm512_store_ps(drow, _mm512_loadu_ps(src));
+            _mm512_store_ps(drow + 16, _mm512_loadu_ps(src + 16));
+          } else {
+            const __mmask16 m0 = len >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << len) - 1);
+            const __mmask16 m1 = len > 16 ? __mmask16((1u << (len - 16)) - 1) : __mmask16(0);
+            _mm512_store_ps(drow, _mm512_maskz_loadu_ps(m0, src));
+            _mm512_store_ps(drow + 16, _mm512_maskz_loadu_ps(m1, src + 16));
+          }
+        } else {
+          std::copy(src, src + len, drow);
+        }
         continue;
       }
       for (int64_t b = 0; b < g.kw; ++b) {
@@ -638,19 +681,25 @@ __attribute__((target("avx512f"))) void direct_tile_regacc(const float* __restri
                                                             int64_t wo0, int np, float* __restrict acc,
                                                             float* __restrict xv) {
   constexpr int PG = 8 * (NCH + NR) + NR + 2 <= 30 ? 8 : 4;  // pixels whose sums and responses fit in 32 registers
-  const int64_t taps = g.kh * g.kw, S = std::min<int64_t>(g.Cin, 16);
+  const int64_t taps = g.kh * g.kw;
+  const WindowLayout Lw = window_layout(g);
   for (int t0 = 0; t0 < np; t0 += PG) {
     const int t1 = std::min(np, t0 + PG);
+    // a group whose windows all lie inside the image reads x where it is (window_in_place)
+    WindowLayout L = Lw;
+    const float* xin = nullptr;
+    const bool in_place = t1 - t0 == PG && window_in_place(x, g, n, ho, wo0 + t0, PG, &xin, &L);
     __m512 A[PG][NCH];
     for (int p = 0; p < PG; ++p)
       for (int c = 0; c < NCH; ++c) A[p][c] = _mm512_setzero_ps();
     for (int64_t i = g.c_lo; i < g.c_hi; ++i) {
       const int64_t ii = i % 16;
-      if (ii == 0) window_block(x, g, n, ho, wo0, t0, t1, i, S, xv);
-      const float* xs = xv + t0 * taps * S + ii;  // pixels past t1 read stale values; their sums are never stored
+      if (!in_place && ii == 0) window_block(x, g, L, n, ho, wo0, t0, t1, i, xv);
+      // pixels past t1 read stale values; their sums are never stored
+      const float* xs = in_place ? xin + i : xv + t0 * L.PS + ii;
       const float* wi = wtp + i * taps * Mpad;
       __m512 P[PG][NR];
-      channel_responses<NR, PG>(xs, S, wi, taps, Mpad, P);
+      channel_responses<NR, PG>(xs, L, g, wi, Mpad, P);
       const int32_t* si = slotp + i * Cpad;
       for (int c = 0; c < NCH; ++c) {
         const __m512i ix = _mm512_load_si512(reinterpret_cast<const void*>(si + c * 16));
@@ -666,7 +715,7 @@ __attribute__((target("avx512f"))) void direct_tile_regacc(const float* __restri
   }
 }
 
-// AVX-512 float32 tile for 9..32 maps and at most 64 outputs beyond 3x3 (the 7x7 stem; see
+// AVX-512 float32 tile for up to 32 maps and at most 64 outputs beyond 3x3 (the 7x7 stem; see
 // make_direct_pack for where the pixel-lane path, conv_pixvec.h, runs instead): p_i stays in
 // two registers per pixel and scatters with vpermt2ps.  acc is [kTile][Cpad], slot rows padded to Cpad
 // (= C rounded up to 16) with valid slots.
@@ -676,34 +725,41 @@ __attribute__((target("avx512f"))) void direct_tile_avx512(const float* __restri
                                                             int64_t wo0, int np, float* __restrict acc,
                                                             float* __restrict xv) {
   const int64_t taps = g.kh * g.kw, nch = Cpad / 16;
-  for (int64_t e = 0; e < kTile * Cpad; e += 16) _mm512_store_ps(acc + e, _mm512_setzero_ps());
+  // The first input channel stores its sums (no zeroing pass: GCC turned one into a memset call per
+  // tile, 10% of the RGB stem's time); rows past np are zeroed, as the split-C_in sum adds them.
+  for (int64_t e = np * Cpad; e < kTile * Cpad; e += 16) _mm512_store_ps(acc + e, _mm512_setzero_ps());
   // Input channels in blocks of S = 16 (S = C_in when C_in < 16, the RGB stem): the window values of
   // the block for every (pixel, tap) come in as one vector load each (channels-last rows are
-  // contiguous), so the channel loop below reads its scalars from an L1 buffer xv [kTile][taps][S]
-  // instead of gathering them one by one.  With S = C_in a window row (kw taps) is one memcpy.
-  const int64_t S = std::min<int64_t>(g.Cin, 16);
+  // contiguous), so the channel loop below reads its scalars from an L1 buffer xv (window_layout)
+  // instead of gathering them one by one.  With S = C_in a window row (kw taps) is one or two moves.
+  // A tile whose windows all lie inside the image (window_in_place) reads x where it is: no copy.
+  WindowLayout L = window_layout(g);
+  const float* xin = nullptr;
+  const bool in_place = np == kTile && window_in_place(x, g, n, ho, wo0, kTile, &xin, &L);
   for (int64_t i = g.c_lo; i < g.c_hi; ++i) {
     const int64_t ii = i % 16;
-    if (ii == 0) window_block(x, g, n, ho, wo0, 0, np, i, S, xv);
-    const float* xs = xv + ii;  // xs[(t * taps + k) * S]: tap k of pixel t, channel i
+    if (!in_place && ii == 0) window_block(x, g, L, n, ho, wo0, 0, np, i, xv);
+    const float* xs = in_place ? xin + i : xv + ii;  // channel i
     const float* wi = wtp + i * taps * Mpad;  // [taps][Mpad], zero padded
     const int32_t* si = slotp + i * Cpad;
     // the responses stay in registers: lo/hi = maps 0-15 / 16-31 of each pixel
     __m512 lo[kTile], hi[kTile];
     if (Mpad > 16) {
       __m512 a[kTile][2];
-      channel_responses<2, kTile>(xs, S, wi, taps, Mpad, a);
+      channel_responses<2, kTile>(xs, L, g, wi, Mpad, a);
       for (int t = 0; t < kTile; ++t) { lo[t] = a[t][0]; hi[t] = a[t][1]; }
     } else {
       __m512 a[kTile][1];
-      channel_responses<1, kTile>(xs, S, wi, taps, Mpad, a);
+      channel_responses<1, kTile>(xs, L, g, wi, Mpad, a);
       for (int t = 0; t < kTile; ++t) { lo[t] = a[t][0]; hi[t] = _mm512_setzero_ps(); }
     }
+    const bool first = i == g.c_lo;
     for (int64_t c = 0; c < nch; ++c) {
       const __m512i ix = _mm512_load_si512(reinterpret_cast<const void*>(si + c * 16));
       for (int t = 0; t < np; ++t) {
         float* a = acc + t * Cpad + c * 16;
-        _mm512_store_ps(a, _mm512_add_ps(_mm512_load_ps(a), _mm512_permutex2var_ps(lo[t], ix, hi[t])));
+        const __m512 v = _mm512_permutex2var_ps(lo[t], ix, hi[t]);
+        _mm512_store_ps(a, first ? v : _mm512_add_ps(_mm512_load_ps(a), v));
       }
     }
   }
@@ -790,10 +846,12 @@ std::unique_ptr<DirectPack> make_direct_pack(py::array wt, py::array slot) {
   pk->isa = pick_isa();
   pk->fast = f32 && pk->isa == "avx512";
   // AVX-512 keeps its register tiles (direct_tile_regacc, direct_tile_avx512) for at most 64 outputs and
-  // 9..32 maps, where they beat the 16-lane pixel tiles; elsewhere the pixel lanes win (Zen 5, batch 1
-  // and 32, resnet18 3x3 shapes: 128 outputs at 16 / 32 maps 1.9x / 1.5x dense against 1.4x / 1.1x;
-  // 64 outputs at 8 maps 1.6x against 1.3x; at 32 maps 0.9-1.0x against 0.95-1.1x)
-  pk->pixvec = f32 && (pk->isa == "avx2" || (pk->isa == "avx512" && (pk->M > 32 || pk->M <= 8 || pk->C > 64)));
+  // up to 32 maps (3x3 and smaller: 9..32), where they beat the 16-lane pixel tiles; elsewhere the pixel
+  // lanes win (Zen 5, batch 1 and 32, resnet18 shapes: 128 outputs at 16 / 32 maps 1.8x / 1.45x dense
+  // against 1.4x / 1.25x; 64 outputs, 3x3, at 8 maps 1.65x / 1.35x against 1.5x / 1.2x; the 7x7 stem at
+  // 8 maps 1.4x / 1.15x against 1.7x / 1.45x)
+  pk->pixvec = f32 && (pk->isa == "avx2" || (pk->isa == "avx512" && (pk->M > 32 || pk->C > 64 ||
+                                                                     (pk->M <= 8 && pk->taps <= kShortTaps))));
   const bool padded = pk->fast || pk->pixvec;
   pk->Cpad = padded ? (pk->C + 15) / 16 * 16 : pk->C;
   pk->Mpad = padded ? (pk->M + 15) / 16 * 16 : pk->M;
@@ -1012,8 +1070,8 @@ void register_conv(py::module_& m) {
       .def_property_readonly("slot_bits", [](const DirectPack& p) { return p.s16 ? 16 : 32; },
                              "width of the stored slot offsets (16 where they fit the pixel-lane path's table)")
       .def_property_readonly("pixel_lanes", [](const DirectPack& p) { return p.pixvec; },
-                             "whether calls take the pixel-lane path (float32: on AVX2 always; on AVX-512 with > 32 or <= 8 "
-                             "maps, or > 64 outputs)")
+                             "whether calls take the pixel-lane path (float32: on AVX2 always; on AVX-512 with > 32 maps, "
+                             "> 64 outputs, or <= 8 maps of a 3x3 or smaller kernel)")
       .def_property_readonly("tile_pixels", [](const DirectPack& p) { return p.pixvec ? p.tw : kTile; },
                              "output pixels per tile (16 on AVX-512's pixel-lane path and AVX2's up to 64 maps, else 8)")
       .def_property_readonly("isa", [](const DirectPack& p) { return p.isa; },

@@ -129,7 +129,7 @@ __attribute__((target(KC_PIXVEC_TARGET))) inline void channel_responses_px12(con
 
 // Taken on AVX2 for every M (it has no 16-lane permutes), and on AVX-512 wherever the register tiles
 // of conv.cpp lose to it (more than 32 maps per input channel, more than 64 outputs, or at most 8
-// maps; see make_direct_pack): the pixels are the vector lanes instead.
+// maps of a 3x3 or smaller kernel; see make_direct_pack): the pixels are the vector lanes instead.
 //
 // A tile is TW = kLanes * NV consecutive output pixels of the whole batch (flattened [N, H_out, W_out]
 // order, so a tile may span rows and images and only the batch's last tile has idle lanes).  For

@@ -242,7 +242,8 @@ def test_native_core_checks_its_inputs():
     # up to 64 maps) they split on 3 threads only.  The cases below name the AVX-512 paths; on AVX2 all
     # take pixel lanes.
     (50, 40, 3, 12),   # <= 64 outputs, 9..16 maps, 3x3: responses and sums in registers
-    (50, 40, 3, 6),    # <= 8 maps: pixels as lanes
+    (50, 40, 3, 6),    # <= 8 maps, 3x3: pixels as lanes
+    (50, 40, 5, 6),    # <= 8 maps, 5x5: responses in registers, permuted into the sums
     (50, 60, 5, 20),   # <= 64 outputs, 16 < maps <= 32, 5x5: responses in registers, permuted into the sums
     (50, 80, 3, 20),   # > 64 outputs: pixels as lanes
     (37, 70, 3, 48),   # > 32 maps: pixels as lanes, a last quad of input channels with 1 of 4 live
@@ -272,7 +273,7 @@ def test_native_direct_kernel_any_thread_count(c_in, c_out, k, kk, dtype):
     pack = plan.direct_pack(cb)
     assert plan.direct_pack(cb) is pack and pack.shape == (c_in, k * k, plan.m, c_out)
     if dtype == torch.float32 and pack.isa != "generic":  # the path the case is named for is taken
-        lanes = pack.isa == "avx2" or plan.m > 32 or plan.m <= 8 or c_out > 64
+        lanes = pack.isa == "avx2" or plan.m > 32 or c_out > 64 or (plan.m <= 8 and k <= 3)
         assert pack.pixel_lanes == lanes, (plan.m, pack.pixel_lanes)
         assert pack.tile_pixels == (16 if lanes and (pack.isa == "avx512" or plan.m <= 64) else 8)
     geom = [k, k, 1, 1, k // 2, k // 2, 1, 1]
@@ -341,13 +342,18 @@ def test_native_direct_kernel_slot_offset_widths(c_out):
     (2, 9, 53, 7, 10, 3, 1, 1, 1, 48),    # Mpad 48: 16-pixel tiles; > 32 maps, pixel lanes on AVX-512 too
     (1, 8, 70, 5, 9, 1, 1, 0, 1, 70),     # Mpad 80: 8-pixel tiles, 1x1
     (1, 47, 30, 7, 7, 3, 1, 1, 1, 12),    # 4 tiles: on 3 threads C_in splits into 16 + 16 + 15 (a 3-live quad)
+    # wide enough for register tiles whose windows lie inside the image (read in place, not copied),
+    # beside border tiles: the RGB stem's padded window rows, and 3x3 groups of 8 or 4 pixels
+    (2, 3, 40, 20, 30, 7, 1, 3, 1, 20),
+    (1, 20, 40, 12, 26, 3, 1, 1, 1, 12),
+    (1, 20, 60, 12, 26, 3, 1, 1, 1, 24),
 ])
 def test_native_direct_kernel_every_isa_copy(isa, shape, runnable_isas):
     """conv_kernel_direct with each instruction set's copy this CPU can run (KCENGINE_CPU_ISA): the
     pack records the set it was built for and the path it takes (pixel lanes on AVX2 for every M, on
-    AVX-512 above 32 maps, above 64 outputs or at most 8 maps; 16-pixel tiles: AVX-512's vectors, AVX2's
-    pairs of vectors up to 64 padded maps), and every copy equals F.conv2d with the fused affine, residual
-    and ReLU, on 1, 2 and 3 threads."""
+    AVX-512 above 32 maps, above 64 outputs or at most 8 maps of a 3x3 or smaller kernel; 16-pixel tiles:
+    AVX-512's vectors, AVX2's pairs of vectors up to 64 padded maps), and every copy equals F.conv2d with
+    the fused affine, residual and ReLU, on 1, 2 and 3 threads."""
     from kcengine import _core
     from kcengine.conv.backends import kernel_plan
 
@@ -369,7 +375,7 @@ def test_native_direct_kernel_every_isa_copy(isa, shape, runnable_isas):
         assert plan.m == kk
         pack = _core.conv_kernel_pack(plan.tap_weights(cb).numpy(), plan.slot_table().numpy())
     assert pack.isa == isa
-    lanes = {"generic": False, "avx2": True, "avx512": kk > 32 or kk <= 8 or co > 64}[isa]
+    lanes = {"generic": False, "avx2": True, "avx512": kk > 32 or co > 64 or (kk <= 8 and k <= 3)}[isa]
     assert pack.pixel_lanes == lanes
     assert pack.tile_pixels == (16 if lanes and (isa == "avx512" or (kk + 15) // 16 * 16 <= 64) else 8)
     xn = x.permute(0, 2, 3, 1).contiguous().numpy()
