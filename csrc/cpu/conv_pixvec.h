@@ -12,25 +12,27 @@
 #error "define KC_PIXVEC_LANES as 8 or 16 before including conv_pixvec.h"
 #endif
 
-// The vector of kLanes floats and the five operations the tile needs (aligned loads and stores).
+// The vector of kLanes floats and the six operations the tile needs (aligned loads and stores).
 constexpr int kLanes = KC_PIXVEC_LANES;
 #if KC_PIXVEC_LANES == 16
 using vecf = __m512;
-__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vzero() { return _mm512_setzero_ps(); }
-__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vload(const float* p) { return _mm512_load_ps(p); }
-__attribute__((target(KC_PIXVEC_TARGET))) inline void vstore(float* p, vecf v) { _mm512_store_ps(p, v); }
-__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vadd(vecf a, vecf b) { return _mm512_add_ps(a, b); }
-__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vfma(const float* s, vecf x, vecf acc) {
-  return _mm512_fmadd_ps(_mm512_set1_ps(*s), x, acc);
+__attribute__((target(KC_PIXVEC_TARGET), always_inline)) inline vecf vzero() { return _mm512_setzero_ps(); }
+__attribute__((target(KC_PIXVEC_TARGET), always_inline)) inline vecf vload(const float* p) { return _mm512_load_ps(p); }
+__attribute__((target(KC_PIXVEC_TARGET), always_inline)) inline void vstore(float* p, vecf v) { _mm512_store_ps(p, v); }
+__attribute__((target(KC_PIXVEC_TARGET), always_inline)) inline vecf vadd(vecf a, vecf b) { return _mm512_add_ps(a, b); }
+__attribute__((target(KC_PIXVEC_TARGET), always_inline)) inline vecf vbcast(const float* s) { return _mm512_set1_ps(*s); }
+__attribute__((target(KC_PIXVEC_TARGET), always_inline)) inline vecf vfma(vecf a, vecf b, vecf c) {
+  return _mm512_fmadd_ps(a, b, c);
 }
 #else
 using vecf = __m256;
-__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vzero() { return _mm256_setzero_ps(); }
-__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vload(const float* p) { return _mm256_load_ps(p); }
-__attribute__((target(KC_PIXVEC_TARGET))) inline void vstore(float* p, vecf v) { _mm256_store_ps(p, v); }
-__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vadd(vecf a, vecf b) { return _mm256_add_ps(a, b); }
-__attribute__((target(KC_PIXVEC_TARGET))) inline vecf vfma(const float* s, vecf x, vecf acc) {
-  return _mm256_fmadd_ps(_mm256_broadcast_ss(s), x, acc);
+__attribute__((target(KC_PIXVEC_TARGET), always_inline)) inline vecf vzero() { return _mm256_setzero_ps(); }
+__attribute__((target(KC_PIXVEC_TARGET), always_inline)) inline vecf vload(const float* p) { return _mm256_load_ps(p); }
+__attribute__((target(KC_PIXVEC_TARGET), always_inline)) inline void vstore(float* p, vecf v) { _mm256_store_ps(p, v); }
+__attribute__((target(KC_PIXVEC_TARGET), always_inline)) inline vecf vadd(vecf a, vecf b) { return _mm256_add_ps(a, b); }
+__attribute__((target(KC_PIXVEC_TARGET), always_inline)) inline vecf vbcast(const float* s) { return _mm256_broadcast_ss(s); }
+__attribute__((target(KC_PIXVEC_TARGET), always_inline)) inline vecf vfma(vecf a, vecf b, vecf c) {
+  return _mm256_fmadd_ps(a, b, c);
 }
 #endif
 
@@ -86,8 +88,10 @@ __attribute__((target(KC_PIXVEC_TARGET))) inline void responses_block(const floa
     vecf xk[NV];
     for (int v = 0; v < NV; ++v) xk[v] = vload(xc + k * TW + kLanes * v);
     const float* wk = w + k * Mpad + m;
-    for (int q = 0; q < MB; ++q)
-      for (int v = 0; v < NV; ++v) r[q][v] = vfma(wk + q, xk[v], r[q][v]);
+    for (int q = 0; q < MB; ++q) {
+      const vecf bq = vbcast(wk + q);
+      for (int v = 0; v < NV; ++v) r[q][v] = vfma(bq, xk[v], r[q][v]);
+    }
   }
   for (int q = 0; q < MB; ++q)
     for (int v = 0; v < NV; ++v) vstore(pc + (m + q) * TW + kLanes * v, r[q][v]);
