@@ -15,6 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+KERNEL_E2E = "## End to end: resnet18 inference, every conv clustered at kernel granularity"
+KERNEL_E2E_CAPTION = "End to end with every conv at kernel granularity, fused, channels-last (not a target):"
 
 
 def meta(text: str) -> list[str]:
@@ -85,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         section("Clustering on the CPU: resnet18 (default init), one thread per method",
                 r / "kmeans_cpu_resnet18_1thread.md", [("", "## resnet18")]),
         section("Centroid-indexed convolution (resnet18 shapes), all cores", r / "indexed_conv.md",
-                [("", "## Targets")]),
+                [("", "## Targets"), (KERNEL_E2E_CAPTION, KERNEL_E2E)]),
         section("Centroid-indexed convolution (resnet18 shapes), one thread per side", r / "indexed_conv_1thread.md",
-                [("", "## Targets")]),
+                [("", "## Targets"), (KERNEL_E2E_CAPTION, KERNEL_E2E)]),
         section("Centroid-indexed convolution (resnet18 shapes), all cores, on an AVX2 CPU without AVX-512",
                 r / "indexed_conv_avx2.md", [("", "## Targets")]),
         section("Compression of resnet20 without recovery (CIFAR-10 sample)", r / "compression_resnet20.md",

@@ -31,11 +31,15 @@ def test_bench_runs_small(tmp_path):
     frozen = [e for e in r["e2e"] if e["memory_format"] == FROZEN_ROW]
     assert len(frozen) == 1  # measured against the frozen dense model too (NaN only where TorchScript fails)
     assert frozen[0]["max_rel_err"] < 1e-4 or not math.isfinite(frozen[0]["speedup"])
+    # kernel granularity end to end: K = C_out/8 and C_out/4, fused, equal to the dense weights' output
+    assert [(e["batch"], e["K"]) for e in r["e2e_kernel"]] == [(1, "C_out/8"), (1, "C_out/4")]
+    assert all(e["max_rel_err"] < 1e-4 and e["speedup"] > 0 for e in r["e2e_kernel"]), r["e2e_kernel"]
     assert len(r["checkpoint"]) == 6
     for c in r["checkpoint"]:  # codebook 1/d of the conv weights plus uint8 indexes; fc and BN stored alike
         assert 1.5 < c["ratio"] < 20, c
     md = (tmp_path / "indexed_conv.md").read_text()
     assert "Checkpoint size" in md and "unique_conv_speedup" in md and "speedup_vs_eager" in md
+    assert "every conv clustered at kernel granularity" in md and (tmp_path / "indexed_conv_e2e_kernel.csv").is_file()
     assert "commit" in md and "torch threads" in md and str(torch.get_num_threads()) in md
     assert f"- allocator: {r['info']['allocator']}" in md
     # the best-of counts it used, and only for what it ran

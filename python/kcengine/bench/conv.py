@@ -13,7 +13,9 @@ Two parts, one process, same inputs, alternating order (dense, clustered, dense,
   gather-sum adds).
 * **end to end**: resnet18 (eval) with every conv clustered (filter, K = C_out/4) and conv+BN(+add)+ReLU fused
   (:func:`kcengine.nn.fuse_for_inference`) vs the dense model, in NCHW and channels-last memory formats, and
-  vs the dense model frozen for inference by TorchScript (:func:`.baselines.frozen_dense`).
+  vs the dense model frozen for inference by TorchScript (:func:`.baselines.frozen_dense`); and the same model
+  with every conv at kernel granularity (K = C_out/8 and C_out/4) against its dense weights, channels-last
+  (when the run includes kernel granularity).
 
 Run: ``python -m kcengine.bench.conv --out bench/results`` (writes indexed_conv.md and .csv).
 """
@@ -34,8 +36,8 @@ from .baselines import PackedDenseConv, frozen_dense
 from .common import (command_line, git_commit, keep_freed_memory_mapped, machine_info, markdown_table, now_utc,
                      rel_diff, time_against, time_alternating, write_csv)
 
-__all__ = ["resnet18_conv_shapes", "run_layer_bench", "run_e2e_bench", "run_checkpoint_sizes", "run_conv_bench",
-           "main"]
+__all__ = ["resnet18_conv_shapes", "run_layer_bench", "run_e2e_bench", "run_e2e_kernel_bench", "run_checkpoint_sizes",
+           "run_conv_bench", "main"]
 
 
 def resnet18_conv_shapes(size: int = 224) -> list[dict]:
@@ -255,6 +257,29 @@ def run_e2e_bench(batches=(32, 1), size: int = 224, repeat: dict | None = None, 
 FROZEN_ROW = "vs dense frozen (TorchScript), channels_last"
 
 
+def run_e2e_kernel_bench(batches=(32, 1), divisors=(8, 4), size: int = 224, repeat: dict | None = None,
+                         log=print) -> list[dict]:
+    """resnet18 inference with every conv clustered at kernel granularity (K = C_out / d kernels per layer)
+    and BN/add/ReLU fused, against the same weights dense, both channels-last (the native kernel pass runs
+    channels-last)."""
+    from ..conv import fuse_for_inference
+
+    rows = []
+    for d in divisors:
+        dense, clustered = _clustered_resnet18(d, "kernel")
+        fused = fuse_for_inference(clustered).to(memory_format=torch.channels_last)
+        dense = dense.to(memory_format=torch.channels_last)
+        for n in batches:
+            torch.manual_seed(n)
+            x = torch.randn(n, 3, size, size).contiguous(memory_format=torch.channels_last)
+            td, tf, err = time_against(lambda: dense(x), lambda: fused(x), _repeat_count(repeat, E2E_REPEAT, n))
+            rows.append({"batch": n, "K": f"C_out/{d}", "dense_ms": td * 1e3, "clustered_fused_ms": tf * 1e3,
+                         "speedup": td / tf, "max_rel_err": err})
+            log(f"  e2e kernel K=C_out/{d} b={n}: dense {td*1e3:.1f} ms, clustered+fused {tf*1e3:.1f} ms, "
+                f"x{td/tf:.2f}")
+    return rows
+
+
 def run_checkpoint_sizes(divisors=(8, 4, 2), granularities=("filter", "kernel"), log=print) -> list[dict]:
     """On-disk bytes of resnet18's compact checkpoint vs its dense checkpoint, per granularity and K."""
     from ..conv.serialize import checkpoint_sizes
@@ -313,6 +338,8 @@ def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat
     layer_rows = run_layer_bench(batches, divisors, granularities, size, repeat=repeats["layers"], log=log)
     e2e_rows = (run_e2e_bench(tuple(sorted(batches, reverse=True)), size, repeat=repeats["e2e"], log=log)
                 if e2e else [])
+    e2e_kernel_rows = (run_e2e_kernel_bench(tuple(sorted(batches, reverse=True)), size=size, repeat=repeats["e2e"],
+                                            log=log) if e2e and "kernel" in granularities else [])
     summary = []
     for n in batches:
         for gran in granularities:
@@ -327,13 +354,15 @@ def _run(out_dir, batches, divisors, granularities, e2e, size, log, layer_repeat
                                 "geomean_unique_conv_speedup_3x3": _geomean([r["unique_conv_speedup"] for r in sel3]),
                                 "geomean_flop_reduction_3x3": _geomean([1 / r["flop_ratio"] for r in sel3])})
     result = {"info": info, "commit": git_commit(), "date": now_utc(), "layers": layer_rows, "e2e": e2e_rows,
-              "checkpoint": ckpt_rows, "command": command,
+              "e2e_kernel": e2e_kernel_rows, "checkpoint": ckpt_rows, "command": command,
               "repeats": repeats,
               "summary": summary, "seconds": time.perf_counter() - t0}
     if out_dir is not None:
         out = Path(out_dir)
         write_csv(out / f"{name}.csv", layer_rows)
         write_csv(out / f"{name}_e2e.csv", e2e_rows)
+        if e2e_kernel_rows:
+            write_csv(out / f"{name}_e2e_kernel.csv", e2e_kernel_rows)
         (out / f"{name}.md").write_text(_markdown(result))
     return result
 
@@ -424,6 +453,12 @@ def _markdown(r: dict) -> str:
              "into the convs, weights prepacked for oneDNN, ReLU fused), the strongest stock-PyTorch CPU "
              "inference without a compiler, so that ratio is what clustering itself buys.", "",
              markdown_table(r["e2e"]) if r["e2e"] else "(not run)\n",
+             "", "## End to end: resnet18 inference, every conv clustered at kernel granularity, "
+             "conv+BN(+residual)+ReLU fused", "",
+             "Not a target of the issue. K = C_out/d kernels per layer (random clustering, as in the per-layer "
+             "rows), the native kernel pass for every conv (the 1x1 downsamples too); dense = the same weights as "
+             "eager Conv2d layers; both channels-last.", "",
+             markdown_table(r["e2e_kernel"]) if r.get("e2e_kernel") else "(not run)\n",
              "", "## Checkpoint size: resnet18 with every conv clustered", "",
              "`save_compressed` (codebooks float32, indexes uint8) against `torch.save` of the dense state_dict "
              "(same model, clustered layers written as dense Conv2d weights; BatchNorm and fc are stored alike in "
