@@ -898,8 +898,10 @@ void kernel_direct_impl(const py::array& x, const DirectPack& pk, const ConvGeom
   using RegAcc = void (*)(const float*, const float*, const int32_t*, const ConvGeom&, int64_t, int64_t, int64_t,
                           int64_t, int64_t, int, float*, float*);
   RegAcc regacc = nullptr;  // see direct_tile_regacc
-  if (fast && !pixvec && g.C <= 64 && taps <= kShortTaps) {  // deeper taps (the 7x7 stem) want all 8 pixels' chains
-    const int nch = int((g.C + 15) / 16);
+  // Off the pixel lanes an AVX-512 pack has at most 64 outputs and 32 maps (make_direct_pack); deeper taps
+  // (the 7x7 stem) want all 8 pixels' chains of direct_tile_avx512.
+  if (fast && !pixvec && taps <= kShortTaps) {
+    const int nch = int((g.C + 15) / 16);  // 1..4
     if (g.M <= 16) regacc = nch == 1 ? direct_tile_regacc<1, 1> : nch == 2 ? direct_tile_regacc<2, 1>
                           : nch == 3 ? direct_tile_regacc<3, 1> : direct_tile_regacc<4, 1>;
     else regacc = nch == 1 ? direct_tile_regacc<1, 2> : nch == 2 ? direct_tile_regacc<2, 2>
