@@ -164,3 +164,42 @@ def test_non_native_byte_order_is_read_as_its_dtype():
     assert np.array_equal(xb, keep[0]) and xb.dtype == np.dtype(">f8") and np.array_equal(wb, keep[1])
     c32 = kcengine.kmeans(x.astype(np.float32).astype(">f4"), 3, init=cb, n_init=1)
     assert c32.centroids.dtype == np.float32
+
+
+def test_finiteness_check_of_views_scans_their_base_soundly():
+
+    """The finiteness / overflow check scans numpy views of one base as that base (thousands of per-column
+    problems cost one scan).  A bad value in a view is still named by problem; a bad value only in the part of
+    the base no problem reads is no error; views of a different dtype or misaligned ones are scanned as given."""
+    from kcengine.kmeans.api import _max_abs_all
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(12, 40)).astype(np.float32)
+    before = base.copy()
+    cols = [base[j][:, None] for j in range(10)]  # rows 10 and 11 of the base belong to no problem
+    assert all(c.base is base for c in cols)
+    bad_outside = base.copy()
+    bad_outside[11, 3] = np.nan
+    r = kcengine.kmeans([bad_outside[j][:, None] for j in range(10)], 3, seed=0)
+    ref = kcengine.kmeans(cols, 3, seed=0)
+    for a, b in zip(r.labels, ref.labels):
+        np.testing.assert_array_equal(a, b)
+    bad_inside = base.copy()
+    bad_inside[7, 5] = np.inf
+    with pytest.raises(ValueError, match="problem 7 holds NaN or Inf"):
+        kcengine.kmeans([bad_inside[j][:, None] for j in range(10)], 3, seed=0)
+    huge = base.copy()
+    huge[4, 0] = 1e20
+    with pytest.raises(ValueError, match="problem 4 holds values up to 1e\\+20"):
+        kcengine.kmeans([huge[j][:, None] for j in range(10)], 3, seed=0)
+    # A float32 view straddling two float32 items of its base: a NaN formed across them is found.
+    raw = np.zeros(64, np.float32)
+    raw.view(np.uint8)[6:10] = np.frombuffer(np.float32(np.nan).tobytes(), np.uint8)
+    shifted = raw.view(np.uint8)[2:2 + 4 * 16].view(np.float32)
+    assert shifted.base is raw and not shifted.flags.aligned and np.isnan(shifted).any()
+    parts = [raw[:16].reshape(8, 2), shifted.reshape(8, 2)]
+    assert np.isnan(_max_abs_all(parts))  # the shared check itself (the native core re-checks its input)
+    with pytest.raises(ValueError, match="problem 1 holds NaN or Inf"):
+        kcengine.kmeans(parts, 2, seed=0)
+    # The caller's arrays are read only.
+    np.testing.assert_array_equal(base, before)

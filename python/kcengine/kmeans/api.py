@@ -67,6 +67,8 @@ class RawResult:
 # ----------------------------------------------------------------------------- input checks
 
 def _is_torch(a) -> bool:
+    if type(a) is np.ndarray:  # the common case first: this runs once per problem of a batch
+        return False
     mod = type(a).__module__
     return mod.startswith("torch") and hasattr(a, "detach")
 
@@ -217,29 +219,85 @@ def _max_abs(a) -> float:
     return float(np.maximum(np.max(a), -np.min(a)))  # np.maximum keeps a NaN
 
 
+_JOIN_ELEMS = 1 << 14  # numpy arrays up to this size are scanned joined, in pieces of about this size
+
+
 def _max_abs_all(arrays) -> float:
     """Largest |value| over all ``arrays`` (NaN when one holds a NaN, inf for an Inf).  Many small arrays (the
     ragged batches of 1-D problems) are joined and scanned at once: one call per array costs more than the
-    scan; a few big ones are scanned in place, so no copy of the data is made."""
+    scan.  Numpy arrays are joined in pieces of at most 64 KB of float32 and larger ones scanned in place, so
+    the check allocates nothing big: a fresh megabyte-sized temporary costs its page faults (0.5 ms for 1 MB
+    here, 3% of resnet20's whole 3x3-kernel batch) where max and min over the data cost 0.05 ms."""
     total = sum(a.numel() if _is_torch(a) else a.size for a in arrays)
-    if len(arrays) > 8 and total <= (1 << 22):
-        if _one_torch_device(arrays):
-            import torch
+    if len(arrays) > 8 and total <= (1 << 22) and _one_torch_device(arrays):
+        import torch
 
-            flat = [a.reshape(-1) for a in arrays]
-            if len({a.dtype for a in arrays}) > 1:
-                flat = [a.to(torch.float64) for a in flat]
-            return float(torch.cat(flat).abs().amax())
-        if not any(_is_torch(a) for a in arrays):
-            return float(np.abs(np.concatenate(arrays, axis=None)).max())
+        flat = [a.reshape(-1) for a in arrays]
+        if len({a.dtype for a in arrays}) > 1:
+            flat = [a.to(torch.float64) for a in flat]
+        return float(torch.cat(flat).abs().amax())
     worst = 0.0
-    for a in arrays:
-        m = _max_abs(a)
+    piece, size = [], 0
+    arrays = _scan_units(arrays)
+
+    def take(m: float) -> bool:  # False once a NaN is seen
+        nonlocal worst
         if not m <= worst:  # NaN or larger
             if m != m:
-                return m
+                return False
             worst = m
+        return True
+
+    def flush() -> bool:
+        nonlocal piece, size
+        joined = piece[0] if len(piece) == 1 else np.concatenate([p.reshape(-1) for p in piece])
+        piece, size = [], 0
+        return take(_max_abs(joined))
+
+    for a in arrays:
+        if _is_torch(a) or a.size > _JOIN_ELEMS:
+            if not take(_max_abs(a)):
+                return float("nan")
+            continue
+        if size + a.size > _JOIN_ELEMS and piece and not flush():
+            return float("nan")
+        piece.append(a)
+        size += a.size
+    if piece and not flush():
+        return float("nan")
     return worst
+
+
+def _scan_units(arrays) -> list:
+    """What :func:`_max_abs_all` scans for ``arrays``: each distinct object once (a k sweep passes one array
+    per k), and numpy views of one base (the columns of a weight matrix as 1-D problems) as that base, when
+    every element of the views is an element of the base and the base is at most twice their size.  One
+    call per array costs ~0.5 us; resnet20's 5,643 per-coordinate problems are 19 bases.  A superset is
+    safe: a value outside the views that fails the check only sends the caller to its per-problem path."""
+    groups: dict = {}
+    out = []
+    seen = set()
+    for a in arrays:
+        if id(a) in seen:
+            continue
+        seen.add(id(a))
+        b = a.base if type(a) is np.ndarray else None
+        # Same dtype, both aligned (for float32/64: address and strides multiples of the item size): the view
+        # reads whole items of the base, not bytes straddling two.
+        if type(b) is np.ndarray and b.dtype == a.dtype and a.flags.aligned:
+            g = groups.get(id(b))
+            if g is None:
+                g = groups[id(b)] = (b, []) if b.flags.aligned else None
+            if g is not None:
+                g[1].append(a)
+                continue
+        out.append(a)
+    for b, views in (g for g in groups.values() if g is not None):
+        if b.size <= 2 * sum(v.size for v in views):
+            out.append(b)
+        else:
+            out.extend(views)
+    return out
 
 
 def _past_overflow_limit(parts) -> tuple[int, float, float] | None:
