@@ -143,11 +143,26 @@ def _nonfinite(arrays) -> list[int]:
 _INT32_MAX = 2**31 - 1
 
 
+def _plain_float_arrays(xs) -> bool:
+    """Whether ``xs`` are all 2-D numpy arrays of one native float dtype: the batch the checks of
+    :func:`_split_input` pass with no conversion (checked as one signature set: a ragged batch of thousands
+    of 1-D problems spent milliseconds on per-array checks)."""
+    if not all(type(a) is np.ndarray for a in xs):
+        return False
+    sig = {(a.ndim, a.dtype) for a in xs}
+    if len(sig) != 1:
+        return False
+    ndim, dt = next(iter(sig))
+    return ndim == 2 and dt in (np.dtype(np.float32), np.dtype(np.float64))  # native byte order only
+
+
 def _split_input(x):
     """(list of [N, D] problem arrays, layout) with layout in {"single", "dense", "ragged"}."""
     if isinstance(x, (list, tuple)):
         if len(x) == 0:
             raise ValueError("x is an empty list: a ragged batch needs at least one problem")
+        if _plain_float_arrays(x):  # the common ragged batch: nothing to convert, one signature to check
+            return list(x), "ragged"
         parts = [_as_array(a, f"x[{i}]") for i, a in enumerate(x)]
         kinds = {_is_torch(a) for a in parts}
         if len(kinds) > 1:
@@ -179,10 +194,12 @@ def _split_input(x):
 
 
 def _check_problems(parts, layout) -> None:
-    for i, a in enumerate(parts):
-        name = "x" if layout == "single" else f"problem {i}"
-        if a.shape[0] == 0 or a.shape[1] == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(a.shape)}): it needs N >= 1 points of D >= 1 features")
+    if not all(a.shape[0] and a.shape[1] for a in parts):
+        for i, a in enumerate(parts):
+            name = "x" if layout == "single" else f"problem {i}"
+            if a.shape[0] == 0 or a.shape[1] == 0:
+                raise ValueError(f"{name} is empty (shape {tuple(a.shape)}): it needs N >= 1 points of D >= 1 "
+                                 "features")
     # One pass over all the data answers both questions below for the usual input; only data that fails
     # it is examined problem by problem, to name the first bad one.
     keys = {(a.dtype, a.shape[1]) for a in parts}
@@ -318,9 +335,17 @@ def _check_k(k, parts, layout) -> np.ndarray:
             raise ValueError(f"k must be an int for a single problem, got a sequence of {len(ks)}")
         if len(ks) != B:
             raise ValueError(f"k has {len(ks)} entries but x holds {B} problems; pass one k per problem or one int")
-        ks = [check_int(v, f"k[{i}]") for i, v in enumerate(ks)]
+        if not all(type(v) is int for v in ks):  # plain ints (and numpy's, via tolist) need no per-entry check
+            ks = [check_int(v, f"k[{i}]") for i, v in enumerate(ks)]
     else:
         ks = [check_int(k, "k")] * B
+    karr = np.asarray(ks, dtype=np.int64) if ks and max(ks) < 2**63 and min(ks) >= -2**63 else None
+    if karr is not None:
+        rows = np.fromiter((a.shape[0] for a in parts), dtype=np.int64, count=B)
+        if not ((karr >= 1) & (karr <= rows)).all():
+            karr = None  # a bad entry: found and named below
+        else:
+            return karr
     for i, (kv, a) in enumerate(zip(ks, parts)):
         where = "" if layout == "single" else f" for problem {i}"
         if kv < 1:
@@ -491,6 +516,12 @@ def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm,
 def _share_repeated(parts, weights):
     """Problems of a ragged list that pass the very same array (and weights) share one dataset,
     so per-dataset work (Gram matrix, sort) is done once: ``kmeans([w1, w1, w2], [2, 3, 2])``."""
+    if weights is None:
+        first = {}
+        for a in parts:
+            first.setdefault(id(a), a)
+        if len(first) == len(parts):  # nothing repeated: the usual ragged batch
+            return parts, None, np.arange(len(parts), dtype=np.int64)
     seen: dict = {}
     uniq, uw, index = [], [], []
     for i, a in enumerate(parts):
@@ -509,7 +540,11 @@ def _convert(probs: Problems, backend: str) -> Problems:
     ref = probs.datasets[0]
     if backend == "cpu":
         dtype = np.dtype(_dtype_name(ref))
-        conv = lambda a: _to_numpy(a, dtype)  # noqa: E731
+
+        def conv(a):
+            if type(a) is np.ndarray and a.dtype == dtype and a.flags.c_contiguous:
+                return a  # already the native core's form (no call, for batches of thousands)
+            return _to_numpy(a, dtype)
         convw = lambda a: _to_numpy(a, np.float64)  # noqa: E731
     else:
         import torch
@@ -540,8 +575,10 @@ def _format(raw: RawResult, layout: str, like, backend: str) -> KMeansResult:
             return _to_torch(a, like)
         return a.detach().cpu().numpy() if _is_torch(a) else np.asarray(a)
 
-    cents = [arr(c) for c in raw.centroids]
-    labels = [arr(lab) for lab in raw.labels]
+    plain = not torch_out and all(type(c) is np.ndarray for c in raw.centroids) and all(
+        type(lab) is np.ndarray for lab in raw.labels)
+    cents = list(raw.centroids) if plain else [arr(c) for c in raw.centroids]
+    labels = list(raw.labels) if plain else [arr(lab) for lab in raw.labels]
     inertia, n_iter, conv = arr(raw.inertia), arr(raw.n_iter), arr(raw.converged)
     if layout == "single":
         return KMeansResult(cents[0], labels[0], inertia[0], n_iter[0], conv[0], backend, raw.algorithm[0])
