@@ -63,7 +63,7 @@ def _splitmix(state: int) -> tuple[int, int]:
 
 def rng_uniforms(seed: int, stream: int, count: int) -> np.ndarray:
     """The first ``count`` uniforms in [0, 1) of the cpu backend's stream ``(seed, stream)``
-    (xoshiro256** seeded by splitmix64; ``csrc/cpu/kmeans/solver.cpp`` ``Rng``)."""
+    (xoshiro256** seeded by splitmix64; ``csrc/cpu/kmeans/common.h`` ``Rng``)."""
     x = (seed ^ ((0x6A09E667F3BCC909 * (stream + 1)) & _M64)) & _M64
     s = [0, 0, 0, 0]
     for i in range(4):

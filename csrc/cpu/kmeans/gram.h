@@ -1,0 +1,138 @@
+// Lloyd through the N x N Gram matrix (D large against N).
+// A part of solver.cpp: included there inside the per-instruction-set anonymous namespace (after simd16.h
+// and the parts listed before it), so every ISA copy compiles its own definitions.
+#pragma once
+#ifndef KC_ARCH
+#error "gram.h is part of solver.cpp, included inside its per-instruction-set namespace"
+#endif
+
+// --------------------------------------------------------------------------- Gram-matrix Lloyd
+// Centers are represented by their members: c_j = sum_{l in S_j} w_l x_l / W_j, so
+// <x_i, c_j> = sum_l (w_l / W_j) G[l, i] and ||c_j||^2 = sum_{l in S_j} (w_l / W_j) <x_l, c_j>.
+// An iteration costs O(N^2 + N k) instead of O(N k D).  Returns false (caller falls back to the
+// direct solver) in the one case membership cannot represent: an empty cluster with no point to
+// take.
+template <class T>
+bool solve_gram(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::vector<i64>* init_idx,
+                const T* init_c, int max_iter, bool par, Run<T>& out) {
+  const i64 n = ds.n, d = ds.d;
+  const double* w = ds.w;
+  const double* G = prep.gram.data();
+  std::vector<double> cr(size_t(k) * n), crn(size_t(k) * n), cn(k), cnn(k);
+  if (init_idx) {
+    for (i64 j = 0; j < k; ++j) {
+      const i64 p = (*init_idx)[j];
+      std::copy(G + p * n, G + (p + 1) * n, &cr[size_t(j) * n]);
+      cn[j] = G[p * n + p];
+    }
+  } else {
+    for (i64 j = 0; j < k; ++j) {
+      const T* c = init_c + j * d;
+      double s = 0;
+      for (i64 q = 0; q < d; ++q) s += double(c[q]) * double(c[q]);
+      cn[j] = s;
+#pragma omp parallel for if (par) schedule(static)
+      for (i64 i = 0; i < n; ++i) {
+        double dot = 0;
+        const T* x = ds.x + i * d;
+        for (i64 q = 0; q < d; ++q) dot += double(x[q]) * double(c[q]);
+        cr[size_t(j) * n + i] = dot;
+      }
+    }
+  }
+  std::vector<i32> lab(n), lab_old(n, -1), eff(n);
+  std::vector<double> best(n), d2own(n), wsum(k), coef(n);
+  std::vector<i32> empty;
+  std::vector<i64> moved;
+  auto e_step = [&]() {
+    std::fill(best.begin(), best.end(), kInf);
+    for (i64 j = 0; j < k; ++j) {
+      const double* row = &cr[size_t(j) * n];
+      const double c = cn[j];
+      for (i64 i = 0; i < n; ++i) {
+        const double v = c - 2.0 * row[i];
+        if (v < best[i]) { best[i] = v; lab[i] = i32(j); }
+      }
+    }
+  };
+  bool strict = false;
+  int it = 0;
+  for (it = 0; it < max_iter; ++it) {
+    e_step();
+    std::fill(wsum.begin(), wsum.end(), 0.0);
+    for (i64 i = 0; i < n; ++i) wsum[lab[i]] += weight(w, i);
+    eff = lab;
+    empty.clear();
+    for (i64 j = 0; j < k; ++j)
+      if (wsum[j] <= 0) empty.push_back(i32(j));
+    if (!empty.empty()) {
+      for (i64 i = 0; i < n; ++i) d2own[i] = std::max(0.0, G[i * n + i] + best[i]);
+      relocate(n, k, d, ds.x, w, lab.data(), d2own.data(), empty, nullptr, wsum.data(), moved);
+      for (size_t e = 0; e < empty.size(); ++e) {
+        if (moved[e] < 0) return false;
+        eff[moved[e]] = empty[e];
+      }
+    }
+    // New cross products <x_i, c_j> for every i: one pass over G's rows.
+    for (i64 l = 0; l < n; ++l) coef[l] = weight(w, l) / wsum[eff[l]];
+    std::fill(crn.begin(), crn.end(), 0.0);
+    if (par) {
+      const int nth = omp_get_max_threads();
+#pragma omp parallel num_threads(nth)
+      {
+        const int t = omp_get_thread_num();
+        const i64 lo = n * t / nth, hi = n * (t + 1) / nth;
+        for (i64 l = 0; l < n; ++l) {
+          if (coef[l] == 0.0) continue;
+          double* dst = &crn[size_t(eff[l]) * n];
+          const double* g = G + l * n;
+          const double a = coef[l];
+#pragma omp simd
+          for (i64 i = lo; i < hi; ++i) dst[i] += a * g[i];
+        }
+      }
+    } else {
+      for (i64 l = 0; l < n; ++l) {
+        if (coef[l] == 0.0) continue;
+        double* dst = &crn[size_t(eff[l]) * n];
+        const double* g = G + l * n;
+        const double a = coef[l];
+#pragma omp simd
+        for (i64 i = 0; i < n; ++i) dst[i] += a * g[i];
+      }
+    }
+    // ||c_new||^2 and <c_new, c_old> from the members; shift = ||c_new - c_old||^2.
+    std::fill(cnn.begin(), cnn.end(), 0.0);
+    std::vector<double> cross_old(k, 0.0);
+    for (i64 l = 0; l < n; ++l) {
+      const i64 j = eff[l];
+      cnn[j] += coef[l] * crn[size_t(j) * n + l];
+      cross_old[j] += coef[l] * cr[size_t(j) * n + l];
+    }
+    double shift_tot = 0;
+    for (i64 j = 0; j < k; ++j) shift_tot += std::max(0.0, cnn[j] - 2.0 * cross_old[j] + cn[j]);
+    cr.swap(crn);
+    cn.swap(cnn);
+    // Labels unchanged: converged.  The final E-step is skipped unless a relocation moved a
+    // center in this very step (the labels would not match the returned centroids otherwise).
+    if (lab == lab_old) { strict = empty.empty(); break; }
+    if (shift_tot <= prep.tol_abs) break;
+    lab_old = lab;
+  }
+  out.converged = it < max_iter;
+  out.n_iter = i32(std::min(it + 1, max_iter));
+  if (!strict) e_step();
+  // Materialize the centroids from the members of the last M-step.
+  out.centroids.assign(size_t(k) * d, T(0));
+  std::vector<double> acc(size_t(k) * d, 0.0);
+  for (i64 l = 0; l < n; ++l) {
+    if (coef[l] == 0.0) continue;
+    double* a = &acc[size_t(eff[l]) * d];
+    const T* x = ds.x + l * d;
+    for (i64 q = 0; q < d; ++q) a[q] += coef[l] * double(x[q]);
+  }
+  for (size_t q = 0; q < acc.size(); ++q) out.centroids[q] = T(acc[q]);
+  out.labels.swap(lab);
+  out.algo = Algo::Gram;
+  return true;
+}

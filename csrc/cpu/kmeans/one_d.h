@@ -1,0 +1,213 @@
+// D == 1: Lloyd on the sorted values, and the exact (optimal) 1-D clustering.
+// A part of solver.cpp: included there inside the per-instruction-set anonymous namespace (after simd16.h
+// and the parts listed before it), so every ISA copy compiles its own definitions.
+#pragma once
+#ifndef KC_ARCH
+#error "one_d.h is part of solver.cpp, included inside its per-instruction-set namespace"
+#endif
+
+// ------------------------------------------------------------------------------- 1-D Lloyd
+// Points sorted once per dataset; with centers sorted, each cluster is an interval of the sorted
+// points, found by binary search on "the right neighbour is nearer" (ties to the lower index, as
+// argmin).  Sums come from prefix sums, so an iteration costs O(k log N).
+template <class T>
+void solve_1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::vector<double>& init, int max_iter,
+              Run<T>& out) {
+  const i64 n = ds.n;
+  const auto& v = prep.sv;
+  std::vector<double> c = init, cnew(k), S(k), W(k);
+  std::vector<i64> lo(k), hi(k), lo_old(k, -1), hi_old(k, -1), ordc(k);
+  auto e_step = [&]() {
+    std::iota(ordc.begin(), ordc.end(), 0);
+    std::sort(ordc.begin(), ordc.end(), [&](i64 a, i64 b) { return c[a] < c[b] || (c[a] == c[b] && a < b); });
+    std::fill(lo.begin(), lo.end(), 0);
+    std::fill(hi.begin(), hi.end(), 0);
+    i64 start = 0, prev = -1;
+    for (i64 m = 0; m < k; ++m) {
+      const i64 a = ordc[m];
+      if (prev >= 0 && c[a] == c[prev]) continue;  // duplicate value: the lower index owns it
+      // Find the next distinct center.
+      i64 nb = -1;
+      for (i64 m2 = m + 1; m2 < k; ++m2)
+        if (c[ordc[m2]] != c[a]) { nb = ordc[m2]; break; }
+      i64 end = n;
+      if (nb >= 0) {
+        // nb (the larger center) is nearer past the midpoint.  Comparing against the midpoint
+        // keeps the predicate monotone in v; squared distances of two centers an ulp apart round
+        // equal far from the boundary and would break the binary search.
+        const double half = 0.5 * (c[a] + c[nb]);
+        i64 L = start, R = n;  // first position where nb beats a
+        while (L < R) {
+          const i64 mid = (L + R) / 2;
+          if (v[mid] > half || (v[mid] == half && nb < a)) R = mid;
+          else L = mid + 1;
+        }
+        end = L;
+      }
+      lo[a] = start;
+      hi[a] = end;
+      start = end;
+      prev = a;
+    }
+    for (i64 j = 0; j < k; ++j)
+      if (lo[j] == hi[j]) lo[j] = hi[j] = 0;
+  };
+  std::vector<i32> empty;
+  std::vector<i64> moved;
+  bool strict = false;
+  int it = 0;
+  for (it = 0; it < max_iter; ++it) {
+    e_step();
+    empty.clear();
+    for (i64 j = 0; j < k; ++j) {
+      W[j] = prep.pw[hi[j]] - prep.pw[lo[j]];
+      S[j] = prep.pwx[hi[j]] - prep.pwx[lo[j]];
+      if (W[j] <= 0) empty.push_back(i32(j));
+    }
+    if (!empty.empty()) {
+      // Rare: materialize sorted-position labels and distances for the repair.
+      std::vector<i32> lab(n);
+      std::vector<double> d2(n);
+      for (i64 j = 0; j < k; ++j)
+        for (i64 p = lo[j]; p < hi[j]; ++p) lab[p] = i32(j);
+      for (i64 p = 0; p < n; ++p) d2[p] = (v[p] - c[lab[p]]) * (v[p] - c[lab[p]]);
+      relocate(n, k, i64(1), v.data(), prep.sw.data(), lab.data(), d2.data(), empty, S.data(), W.data(), moved);
+    }
+    double shift_tot = 0;
+    for (i64 j = 0; j < k; ++j) {
+      cnew[j] = W[j] > 0 ? S[j] / W[j] : c[j];
+      shift_tot += (cnew[j] - c[j]) * (cnew[j] - c[j]);
+    }
+    c.swap(cnew);
+    if (lo == lo_old && hi == hi_old) { strict = empty.empty(); break; }
+    if (shift_tot <= prep.tol_abs) break;
+    lo_old = lo;
+    hi_old = hi;
+  }
+  out.converged = it < max_iter;
+  out.n_iter = i32(std::min(it + 1, max_iter));
+  if (!strict) e_step();
+  out.centroids.resize(k);
+  for (i64 j = 0; j < k; ++j) out.centroids[j] = T(c[j]);
+  out.labels.assign(n, 0);
+  for (i64 j = 0; j < k; ++j)
+    for (i64 p = lo[j]; p < hi[j]; ++p) out.labels[prep.order[p]] = i32(j);
+  out.algo = Algo::Lloyd1D;
+}
+
+// ------------------------------------------------------------------------------- exact 1-D
+// Optimal k-means in 1-D: clusters are intervals of the sorted points; dp[m][i] = best cost of
+// the first i points in m clusters, with the optimal split monotone in i (divide and conquer).
+//
+// The split table of the exact 1-D DP for every number of clusters up to kmax: row m - 1 holds, for each
+// prefix length i, where the optimal m-clustering of the first i sorted points starts its last interval.
+// Level m depends only on level m - 1, never on kmax, so one table serves every k <= kmax with the very
+// splits a table built for k alone would hold: a k sweep of one dataset (the element plans' elbow and
+// inertia sweeps: 20 k per coordinate) costs one DP instead of one per k.
+struct Exact1DTable {
+  i64 kmax = 0;
+  std::vector<i32> split;
+};
+
+template <class T>
+void exact1d_table(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Exact1DTable& tb) {
+  const i64 n = ds.n;
+  const auto& v = prep.sv;
+  const auto& sw = prep.sw;
+  double mean = prep.pwx[n] / std::max(prep.pw[n], 1e-300);
+  if (!(prep.pw[n] > 0)) mean = 0;
+  std::vector<double> P1(n + 1, 0.0), P2(n + 1, 0.0);
+  for (i64 i = 0; i < n; ++i) {
+    const double t = v[i] - mean;
+    P1[i + 1] = P1[i] + sw[i] * t;
+    P2[i + 1] = P2[i] + sw[i] * t * t;
+  }
+  const auto& PW = prep.pw;
+  auto cost = [&](i64 a, i64 b) {  // [a, b)
+    const double W = PW[b] - PW[a];
+    if (W <= 0) return 0.0;
+    const double s = P1[b] - P1[a];
+    return std::max(0.0, (P2[b] - P2[a]) - s * s / W);
+  };
+  std::vector<double> prev(n + 1, kInf), cur(n + 1, kInf);
+  tb.kmax = k;
+  tb.split.assign(size_t(k) * (n + 1), 0);
+  std::vector<i32>& split = tb.split;
+  for (i64 i = 1; i <= n; ++i) prev[i] = cost(0, i);
+  for (i64 m = 2; m <= k; ++m) {
+    std::fill(cur.begin(), cur.end(), kInf);
+    i32* sp = &split[size_t(m - 1) * (n + 1)];
+    // cur[i] = min_{j in [m-1, i-1]} prev[j] + cost(j, i), for i in [m, n].
+    struct Frame { i64 lo, hi, olo, ohi; };
+    std::vector<Frame> stack{{m, n, m - 1, n - 1}};
+    while (!stack.empty()) {
+      const Frame f = stack.back();
+      stack.pop_back();
+      if (f.lo > f.hi) continue;
+      const i64 mid = (f.lo + f.hi) / 2;
+      double bestv = kInf;
+      i64 bestj = f.olo;
+      for (i64 j = f.olo; j <= std::min(mid - 1, f.ohi); ++j) {
+        const double val = prev[j] + cost(j, mid);
+        if (val < bestv) { bestv = val; bestj = j; }
+      }
+      cur[mid] = bestv;
+      sp[mid] = i32(bestj);
+      stack.push_back({f.lo, mid - 1, f.olo, bestj});
+      stack.push_back({mid + 1, f.hi, bestj, f.ohi});
+    }
+    prev.swap(cur);
+  }
+}
+
+// The optimal k-clustering of 1-D data (dynamic programming over the sorted values), from `shared` when it
+// was built for at least k clusters, else from a table of its own.
+template <class T>
+void solve_exact1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Run<T>& out,
+                   const Exact1DTable* shared = nullptr) {
+  const i64 n = ds.n;
+  const auto& v = prep.sv;
+  const auto& PW = prep.pw;
+  Exact1DTable own;
+  if (shared == nullptr || shared->kmax < k) {
+    exact1d_table(ds, prep, k, own);
+    shared = &own;
+  }
+  const std::vector<i32>& split = shared->split;
+  // Backtrack the interval ends.
+  std::vector<i64> bound(k + 1);
+  bound[k] = n;
+  for (i64 m = k; m >= 2; --m) bound[m - 1] = split[size_t(m - 1) * (n + 1) + bound[m]];
+  bound[0] = 0;
+  out.centroids.resize(k);
+  out.labels.assign(n, 0);
+  for (i64 m = 0; m < k; ++m) {
+    const i64 a = bound[m], b = bound[m + 1];
+    const double W = PW[b] - PW[a];
+    double c;
+    if (W > 0) c = (prep.pwx[b] - prep.pwx[a]) / W;
+    else {
+      c = 0;
+      for (i64 p = a; p < b; ++p) c += v[p];
+      c /= double(std::max<i64>(1, b - a));
+    }
+    // Interval means of sorted data never decrease; rounding can make two means of equal values
+    // differ by an ulp in the wrong order; the binary search below needs them sorted.
+    out.centroids[m] = m > 0 ? std::max(T(c), out.centroids[m - 1]) : T(c);
+  }
+  // Labels: the nearest centroid (ties to the lower index).  For points of positive weight this is
+  // their optimal interval; a weightless point may sit in any interval at no cost, so it is
+  // labelled by distance instead.
+  std::vector<double> cs(k);
+  for (i64 m = 0; m < k; ++m) cs[m] = double(out.centroids[m]);
+  for (i64 p = 0; p < n; ++p) {  // cs is sorted: the nearest is next to v's insertion point
+    const i64 j = std::lower_bound(cs.begin(), cs.end(), v[p]) - cs.begin();
+    i64 m = j < k ? j : k - 1;
+    if (j > 0 && (j == k || std::abs(v[p] - cs[j - 1]) <= std::abs(v[p] - cs[j]))) m = j - 1;
+    m = std::lower_bound(cs.begin(), cs.end(), cs[m]) - cs.begin();  // first of a run of equal centroids
+    out.labels[prep.order[p]] = i32(m);
+  }
+  out.n_iter = 0;
+  out.converged = true;
+  out.algo = Algo::Exact1D;
+}
