@@ -11,7 +11,6 @@ template <class T>
 void solve_direct(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::vector<T>& init, int max_iter,
                   bool bounds, bool par, Run<T>& out) {
   const i64 n = ds.n, d = ds.d;
-  const double* w = ds.w;
   Centers<T> C;
   C.init(k, d);
   C.c = init;
