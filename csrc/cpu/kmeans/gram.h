@@ -76,30 +76,25 @@ bool solve_gram(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     // New cross products <x_i, c_j> for every i: one pass over G's rows.
     for (i64 l = 0; l < n; ++l) coef[l] = weight(w, l) / wsum[eff[l]];
     std::fill(crn.begin(), crn.end(), 0.0);
-    if (par) {
-      const int nth = omp_get_max_threads();
-#pragma omp parallel num_threads(nth)
-      {
-        const int t = omp_get_thread_num();
-        const i64 lo = n * t / nth, hi = n * (t + 1) / nth;
-        for (i64 l = 0; l < n; ++l) {
-          if (coef[l] == 0.0) continue;
-          double* dst = &crn[size_t(eff[l]) * n];
-          const double* g = G + l * n;
-          const double a = coef[l];
-#pragma omp simd
-          for (i64 i = lo; i < hi; ++i) dst[i] += a * g[i];
-        }
-      }
-    } else {
+    auto add_columns = [&](i64 lo, i64 hi) {  // columns [lo, hi) of every member's weighted Gram row
       for (i64 l = 0; l < n; ++l) {
         if (coef[l] == 0.0) continue;
         double* dst = &crn[size_t(eff[l]) * n];
         const double* g = G + l * n;
         const double a = coef[l];
 #pragma omp simd
-        for (i64 i = 0; i < n; ++i) dst[i] += a * g[i];
+        for (i64 i = lo; i < hi; ++i) dst[i] += a * g[i];
       }
+    };
+    if (par) {
+      const int nth = omp_get_max_threads();
+#pragma omp parallel num_threads(nth)
+      {
+        const int t = omp_get_thread_num();
+        add_columns(n * t / nth, n * (t + 1) / nth);
+      }
+    } else {
+      add_columns(0, n);
     }
     // ||c_new||^2 and <c_new, c_old> from the members; shift = ||c_new - c_old||^2.
     std::fill(cnn.begin(), cnn.end(), 0.0);
