@@ -203,3 +203,41 @@ def test_finiteness_check_of_views_scans_their_base_soundly():
         kcengine.kmeans(parts, 2, seed=0)
     # The caller's arrays are read only.
     np.testing.assert_array_equal(base, before)
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_batch_fast_paths_match_plain_copies(case):
+    """The batch-wide input paths (one signature for plain numpy ragged batches, k checked as one array,
+    repeated arrays shared, views of one base scanned as the base) against the same batch passed as fresh
+    contiguous copies, one per problem, and k as numpy integers: the same results, bit for bit, and the
+    same error naming the same problem when one entry is bad."""
+    rng = np.random.default_rng(case)
+    base = rng.normal(size=(rng.integers(3, 9), rng.integers(20, 60))).astype([np.float32, np.float64][case % 2])
+    parts, ks = [], []
+    for j in range(base.shape[0]):
+        kind = rng.integers(3)
+        if kind == 0:
+            parts.append(base[j][:, None])                      # a column view of the base
+        elif kind == 1:
+            even = base.shape[1] // 2 * 2
+            parts.append(base[j][:even].reshape(-1, 2)[: rng.integers(3, 10)])  # a view, D = 2
+        else:
+            parts.append(parts[-1] if parts else base[0][:, None])  # the same object again
+        ks.append(int(rng.integers(1, 4)))
+    copies = [np.array(a, copy=True) for a in parts]
+    before = base.copy()
+    got = kcengine.kmeans(parts, ks, seed=case)
+    ref = kcengine.kmeans(copies, np.asarray(ks, dtype=np.int32), seed=case)
+    for a, b in zip(got.labels, ref.labels):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(got.centroids, ref.centroids):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got.inertia, ref.inertia)
+    np.testing.assert_array_equal(base, before)
+    bad = list(ks)
+    j = int(rng.integers(len(bad)))
+    bad[j] = parts[j].shape[0] + 1
+    for x in (parts, copies):
+        with pytest.raises(ValueError, match=rf"n_samples={parts[j].shape[0]} should be >= k={bad[j]} "
+                                             rf"for problem {j}$"):
+            kcengine.kmeans(x, bad, seed=case)
