@@ -297,6 +297,40 @@ def test_topm_repairs_empty_clusters_like_lloyd():
     assert len(np.unique(res.centroids, axis=0)) == 8
 
 
+@pytest.mark.parametrize("case", ["blobs", "offset", "relocate", "duplicates", "large"])
+def test_topm_movers_keep_lloyd_trajectory(case):
+    """Float 9-D top-m checks the centers that moved most ("movers") against every point's bounds instead
+    of eroding all bounds by their drift (always in the first M-step, where the first E-step scanned every
+    point).  The trajectory must stay plain Lloyd's: k-means++ seeding (the transposed copy the seeding
+    made) and given centers (the solver's own copy); blobs whose late iterations move a few centers;
+    data far from the origin (the centered copy); centers relocated into empty clusters (the largest
+    drifts); duplicated points (ties); more than 8192 points (4 listed competitors)."""
+    rng = np.random.default_rng(7)
+    n, k, init, seed = 4096, 256, "k-means++", 3
+    if case in ("blobs", "offset", "large"):
+        n = 12000 if case == "large" else n
+        centers = rng.normal(size=(300, 9))
+        x = centers[rng.integers(0, 300, n)] + 0.3 * rng.normal(size=(n, 9))
+        if case == "offset":
+            x += 50.0
+    elif case == "relocate":
+        x = rng.normal(size=(n, 9))
+        init = np.concatenate([x[:k - 40], np.full((40, 9), 30.0) + rng.normal(size=(40, 9))])
+    else:
+        x = rng.normal(size=(n, 9))
+        x[n // 2:] = x[:n - n // 2]
+    x = x.astype(np.float32)
+    if not isinstance(init, str):
+        init = init.astype(np.float32)
+    ref = kcengine.kmeans(x, k, init=init, seed=seed, algorithm="lloyd")
+    res = kcengine.kmeans(x, k, init=init, seed=seed, algorithm="topm")
+    assert int(ref.n_iter) > 3
+    np.testing.assert_array_equal(res.labels, ref.labels)
+    np.testing.assert_allclose(res.centroids, ref.centroids, rtol=1e-5, atol=1e-6)
+    assert int(res.n_iter) == int(ref.n_iter) and bool(res.converged) == bool(ref.converged)
+    assert float(res.inertia) == pytest.approx(float(ref.inertia), rel=1e-9)
+
+
 @pytest.mark.parametrize("algorithm", ["yinyang", "topm"])
 @pytest.mark.parametrize("seed", range(6))
 def test_incremental_sums_empty_a_cluster_whose_weighted_members_left(algorithm, seed):
