@@ -55,6 +55,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   // examined, so they need no storage.
   struct Bounds {
     double far_abs;
+    double near_abs;  // the bound the wake rests on plus cf when it was set (the movers' test of listed ones)
     i32 cid[M];       // -1: no competitor in this slot (k <= M)
   };
   std::vector<Bounds> bd(n);
@@ -72,10 +73,9 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   std::vector<float> farf(nw, 0.0f);  // far_abs rounded up to float, for the movers' vector test
   double cf = 0.0;
   // lo: the lower bound on every competitor's distance the wake rests on, own: the own distance.
-  std::vector<double> near_abs(n, 0.0);  // lo + cf when the wake was set (the movers' test of listed ones)
   auto set_wake = [&](i64 i, double lo, double own) {
     wake[i] = float_below(cum[lab[i]] + cf + (lo - own));
-    near_abs[i] = lo + cf;
+    bd[i].near_abs = lo + cf;
   };
   auto dist2 = [d](const T* x, const T* cj) {  // squared, in double
 #if defined(__AVX512F__)
@@ -413,7 +413,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   // most in an M-step (up to kMovers, how many chosen below) are kept out of cf, which grows by the
   // largest drift of the others, and checked exactly instead: each one's distance to every point (16
   // points a vector) against the point's far bound, lowered where it came closer, or, where it is one of
-  // the point's listed competitors, against the bound its wake rests on (near_abs); a point whose bound
+  // the point's listed competitors, against the bound its wake rests on (Bounds::near_abs); a point whose bound
   // gave way is made due.  The iterates are the same whatever the movers (resnet20's 3x3 kernels at
   // k = 256: a fifth of the whole call less, the due points 65 -> 44% of the point-iterations, the full
   // scans 48 -> 20%; resnet18's large layers, whose late drifts are spread out, choose few and gain little).
@@ -469,7 +469,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
             bool listed = false;
             for (int s = 0; s < M; ++s) listed |= bd[i].cid[s] == j;
             if (listed) {  // the wake assumed it no nearer than near_abs - cf
-              if (dm < near_abs[i] - cf) wake[i] = -std::numeric_limits<float>::infinity();
+              if (dm < bd[i].near_abs - cf) wake[i] = -std::numeric_limits<float>::infinity();
             } else if (dm < bd[i].far_abs - cf) {
               bd[i].far_abs = dm + cf;
               farf[i] = float_above(bd[i].far_abs);
