@@ -420,8 +420,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   // large layers, whose late drifts are spread out, choose few and gain nothing measurable).
   constexpr bool kUseMovers = DC == 9 && std::is_same_v<T, float> && KC_SIMD16;
   constexpr int kMovers = kUseMovers ? 32 : 0;  // at most 32 (mover_pass keeps a mask each)
-  std::vector<i32> mv;  // this M-step's movers
-  std::vector<char> is_mover(k, 0);
+  std::vector<i32> movers;  // this M-step's
   std::vector<double> dsort;
   std::vector<float> xt_own;  // the points transposed, [DC][xld], when the seeding did not make prep.xt
   const float* xt = nullptr;
@@ -441,7 +440,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   auto mover_pass = [&]() {
 #if KC_SIMD16
     if constexpr (kUseMovers) {
-      const int nm = int(mv.size());
+      const int nm = int(movers.size());
       const float cff = float_below(cf);
 #pragma omp parallel for if (par) schedule(static)
       for (i64 i0 = 0; i0 < n; i0 += L) {
@@ -456,7 +455,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
         unsigned any = 0;
         const unsigned lv = m16_bits(live);
         for (int t = 0; t < nm; ++t) {
-          const unsigned mk = m16_bits(f16_lt(sqdist16_to<DC>(xv, &c[size_t(mv[t]) * DC]), thr2)) & lv;
+          const unsigned mk = m16_bits(f16_lt(sqdist16_to<DC>(xv, &c[size_t(movers[t]) * DC]), thr2)) & lv;
           masks[t] = mk;
           any |= mk;
         }
@@ -465,7 +464,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
           const i64 i = i0 + l;
           for (int t = 0; t < nm; ++t) {
             if (!(masks[t] >> l & 1u)) continue;
-            const i32 j = mv[t];
+            const i32 j = movers[t];
             const double dm = dist(ds.x + i * DC, &c[size_t(j) * DC]);
             bool listed = false;
             for (int s = 0; s < M; ++s) listed |= bd[i].cid[s] == j;
@@ -494,7 +493,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     const double shift_tot = new_centers(ds, lab, C, sums_m.data(), wsum_m.data(), cnew, delta, empty, d2own, par);
     double dmax = 0.0;
     for (i64 j = 0; j < k; ++j) dmax = std::max(dmax, delta[j]);
-    mv.clear();
+    movers.clear();
     double davg = 0.0;  // the points' mean own-center drift
     if (kMovers > 0) {
       double dw = 0.0, ww = 0.0;
@@ -529,10 +528,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       if (r > 0) {  // the centers whose drift exceeds the (r + 1)-th largest
         const double rest = dsort[r];
         for (i64 j = 0; j < k; ++j)
-          if (delta[j] > rest) {
-            mv.push_back(i32(j));
-            is_mover[j] = 1;
-          }
+          if (delta[j] > rest) movers.push_back(i32(j));
         dmax = rest;
       }
     }
@@ -545,10 +541,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     }
     C.c.swap(cnew);
     C.refresh();
-    if (!mv.empty()) {
-      mover_pass();
-      for (i32 j : mv) is_mover[j] = 0;
-    }
+    if (!movers.empty()) mover_pass();
     if (changed == 0 && it > 0) { strict = empty.empty(); break; }
     if (shift_tot <= prep.tol_abs) break;
   }
