@@ -339,12 +339,10 @@ def _check_k(k, parts, layout) -> np.ndarray:
             ks = [check_int(v, f"k[{i}]") for i, v in enumerate(ks)]
     else:
         ks = [check_int(k, "k")] * B
-    karr = np.asarray(ks, dtype=np.int64) if ks and max(ks) < 2**63 and min(ks) >= -2**63 else None
-    if karr is not None:
+    if ks and -2**63 <= min(ks) and max(ks) < 2**63:  # the usual case, checked as one array; a bad entry is
+        karr = np.asarray(ks, dtype=np.int64)          # found and named by the loop below
         rows = np.fromiter((a.shape[0] for a in parts), dtype=np.int64, count=B)
-        if not ((karr >= 1) & (karr <= rows)).all():
-            karr = None  # a bad entry: found and named below
-        else:
+        if ((karr >= 1) & (karr <= rows)).all():
             return karr
     for i, (kv, a) in enumerate(zip(ks, parts)):
         where = "" if layout == "single" else f" for problem {i}"
@@ -516,12 +514,8 @@ def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm,
 def _share_repeated(parts, weights):
     """Problems of a ragged list that pass the very same array (and weights) share one dataset,
     so per-dataset work (Gram matrix, sort) is done once: ``kmeans([w1, w1, w2], [2, 3, 2])``."""
-    if weights is None:
-        first = {}
-        for a in parts:
-            first.setdefault(id(a), a)
-        if len(first) == len(parts):  # nothing repeated: the usual ragged batch
-            return parts, None, np.arange(len(parts), dtype=np.int64)
+    if weights is None and len({id(a) for a in parts}) == len(parts):  # nothing repeated: the usual ragged batch
+        return parts, None, np.arange(len(parts), dtype=np.int64)
     seen: dict = {}
     uniq, uw, index = [], [], []
     for i, a in enumerate(parts):
