@@ -53,9 +53,11 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   // stored plus the erosion `cf` at the time it was set (the bound now is far_abs - cf).  The
   // distances to the own center and the listed ones are recomputed exactly whenever the point is
   // examined, so they need no storage.
+  // The movers (below) run in the vector copies on float 9-D data; only there is their bookkeeping kept.
+  constexpr bool kUseMovers = DC == 9 && std::is_same_v<T, float> && KC_SIMD16;
   struct Bounds {
     double far_abs;
-    double near_abs;  // the bound the wake rests on plus cf when it was set (the movers' test of listed ones)
+    double near_abs;  // movers: the bound the wake rests on plus cf when it was set (their test of listed ones)
     i32 cid[M];       // -1: no competitor in this slot (k <= M)
   };
   std::vector<Bounds> bd(n);
@@ -70,12 +72,12 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   std::vector<i32> lab(nw, 0);
   std::vector<double> sums(size_t(k) * d, 0.0), wsum(k, 0.0), delta(k, 0.0), d2own(n), cum(k, 0.0);
   std::vector<float> wake(nw, std::numeric_limits<float>::infinity()), due(kp, 0.0f);
-  std::vector<float> farf(nw, 0.0f);  // far_abs rounded up to float, for the movers' vector test
+  std::vector<float> farf(kUseMovers ? nw : 0, 0.0f);  // movers: far_abs rounded up to float, for their vector test
   double cf = 0.0;
   // lo: the lower bound on every competitor's distance the wake rests on, own: the own distance.
   auto set_wake = [&](i64 i, double lo, double own) {
     wake[i] = float_below(cum[lab[i]] + cf + (lo - own));
-    bd[i].near_abs = lo + cf;
+    if constexpr (kUseMovers) bd[i].near_abs = lo + cf;
   };
   auto dist2 = [d](const T* x, const T* cj) {  // squared, in double
 #if defined(__AVX512F__)
@@ -128,7 +130,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     lab[i] = tj[0];
     for (int s = 0; s < M; ++s) b.cid[s] = tj[s + 1];
     b.far_abs = far + cf;
-    farf[i] = float_above(b.far_abs);
+    if constexpr (kUseMovers) farf[i] = float_above(b.far_abs);
     set_wake(i, std::min(ev[1], far), ev[0]);
   };
   // All distances of point i (squared, in T as the scan computes them) below `thr2`: the nearest
@@ -418,7 +420,6 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   // k = 256: a fifth of the whole call less; with 32 movers every step the due points were 65 -> 44% of
   // the point-iterations and the full scans 48 -> 20%, and the chosen counts below run as fast; resnet18's
   // large layers, whose late drifts are spread out, choose few and gain nothing measurable).
-  constexpr bool kUseMovers = DC == 9 && std::is_same_v<T, float> && KC_SIMD16;
   constexpr int kMovers = kUseMovers ? 32 : 0;  // at most 32 (mover_pass keeps a mask each)
   std::vector<i32> movers;  // this M-step's
   std::vector<double> dsort;
