@@ -254,6 +254,46 @@ def test_exact1d_is_optimal_and_never_worse_than_lloyd():
         assert bool(res.converged) and int(res.n_iter) == 0
 
 
+def _plain_dp_1d(v, w, k):
+    """The optimal k-clustering cost of 1-D values by the plain O(k n^2) dynamic program over sorted values."""
+    o = np.argsort(v, kind="stable")
+    v, w = v[o], (np.ones_like(v) if w is None else w[o])
+    n = len(v)
+    P0, P1, P2 = (np.concatenate([[0.0], np.cumsum(a)]) for a in (w, w * v, w * v * v))
+    a, b = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    W = P0[b] - P0[a]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cost = np.where(W > 0, (P2[b] - P2[a]) - (P1[b] - P1[a]) ** 2 / np.where(W > 0, W, 1.0), 0.0)
+    cost = np.where(b > a, np.maximum(cost, 0.0), np.inf)  # cost[j, i]: the interval [j, i)
+    best = cost[0].copy()
+    for _ in range(2, k + 1):
+        best = (best[:, None] + cost).min(axis=0)
+    return best[n]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_exact1d_with_many_clusters_is_optimal(weighted):
+    """Where 2 k log2(n) > n (k = n/2 for the element plans) the exact 1-D table takes Knuth's bounds, and a
+    table for one k fills only the prefixes that k needs; below, divide and conquer.  Both reach the optimum
+    of the plain O(k n^2) program, weighted or not, on values with many ties, and with fewer distinct values
+    than k (inertia 0)."""
+    rng = np.random.default_rng(3)
+    for n, k in [(60, 30), (61, 20), (40, 12), (100, 50), (64, 63), (300, 4)]:
+        v = np.round(rng.normal(size=n) * 4) / 4
+        w = rng.uniform(0.5, 2.0, size=n) if weighted else None
+        r = kcengine.kmeans(v[:, None], k, algorithm="exact1d", sample_weight=w)
+        ref = _plain_dp_1d(v, w, k)
+        assert float(r.inertia) == pytest.approx(ref, rel=1e-9, abs=1e-12), (n, k)
+        c = np.asarray(r.centroids)[:, 0]
+        lab = np.asarray(r.labels)
+        assert np.all(np.diff(c) >= 0)
+        d2 = (v[:, None] - c[None, :]) ** 2
+        assert np.all(d2[np.arange(n), lab] <= d2.min(1) + 1e-12)  # every label a nearest centroid
+    u = np.arange(25.0)
+    r = kcengine.kmeans(np.repeat(u, 3)[:, None], 40, algorithm="exact1d")
+    assert float(r.inertia) == 0.0 and len(np.unique(np.asarray(r.centroids))) == 25
+
+
 @pytest.mark.parametrize("n,d,k,dtype", [(20000, 9, 256, np.float64),  # 3x3 kernels: the d = 9 build, threaded
                                          (3000, 5, 40, np.float64),  # the generic-d build
                                          (500, 9, 2, np.float64),  # no more centers than listed competitors
