@@ -71,6 +71,8 @@ def test_prune_output_reads_back_as_weights(ckpt, cifar, tmp_path, capsys):
     out = tmp_path / "pr"
     assert main(["prune", "--weights", str(ckpt), "--no-eval", "--ratio", "0.5", "--seed", "3",
                  "--out", str(out)]) == 0
+    cap = capsys.readouterr()  # the step that can take long is announced on stderr, the report is on stdout
+    assert cap.err.startswith("kcengine prune: clustering 19 layer(s) at filter granularity") and "| layer |" in cap.out
     dense = load_model("resnet20", ckpt).model
     want, _ = compress(dense, ratio=0.5, seed=3)
     got = load_model("resnet20", out / "model.pt").model

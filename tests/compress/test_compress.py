@@ -239,6 +239,30 @@ def test_plan_forms_parse():
     assert isinstance(parse_plan({"layers": {"head": 2}}), PerLayer)
 
 
+def test_progress_names_each_long_step_after_the_checks():
+    """progress= gets one line before the k sweeps (inertia/elbow plans), the clustering and the evaluation,
+    and nothing when an argument is refused (those fail before any work)."""
+    m = _net()
+    lines = []
+    compress(m, ratio=0.5, progress=lines.append)
+    assert lines == ["clustering 3 layer(s) at filter granularity: 3 k-means problem(s), 28 points, 14 centers "
+                     "in all, one batched call"]
+    lines.clear()
+    compress(m, ratio=0.5, granularity="kernel", layers=["head"], eval_data=(_x(), torch.arange(8) % 6),
+             progress=lines.append)
+    assert lines == ["clustering 1 layer(s) at kernel granularity: 1 k-means problem(s), 60 points, 30 centers in "
+                     "all, one batched call", "evaluating the accuracy of the model before and after"]
+    lines.clear()
+    compress(m, plan="elbow", layers=["features.0"], progress=lines.append)  # the sweep's fit is reused
+    assert len(lines) == 1 and lines[0].startswith("choosing k for 1 layer(s), elbow over ratios")
+    lines.clear()
+    with pytest.raises(ValueError, match="names layer 'nope'"):
+        compress(m, plan="map:nope=2", progress=lines.append)
+    assert lines == []
+    with pytest.raises(ValueError, match="progress must be None or a callable taking one line of text, got 3"):
+        compress(m, ratio=0.5, progress=3)
+
+
 def test_compress_argument_errors_name_the_value():
     m = _net()
     with pytest.raises(ValueError, match="granularity must be one of .* got granularity='row'"):

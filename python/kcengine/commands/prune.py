@@ -35,6 +35,13 @@ def _layers_arg(text):
     return text
 
 
+def _progress(msg: str) -> None:
+    """compress's progress lines go to stderr, so stdout carries only the report."""
+    import sys
+
+    print(f"kcengine prune: {msg}", file=sys.stderr, flush=True)
+
+
 def run(args) -> int:
     import torch
 
@@ -50,7 +57,7 @@ def run(args) -> int:
         model, report = compress(lm.model, args.plan, ratio=args.ratio, granularity=args.granularity,
                                  layers=_layers_arg(args.layers), threshold=args.threshold, cosine=args.cosine,
                                  eval_data=data, eval_batch_size=args.batch_size, seed=args.seed,
-                                 backend=args.backend)
+                                 backend=args.backend, progress=_progress)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     print(report.to_markdown(title=f"{lm.name}: {report.plan}, {report.granularity}"))

@@ -149,7 +149,7 @@ def _filter_by_strategy(strategy, probs: list[LayerProblem]) -> tuple[list[Layer
 
 def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "filter", layers=None,
              threshold: float | None = None, cosine: bool = False, eval_data=None, eval_batch_size: int = 500,
-             conv_backend: str = "auto", **options):
+             conv_backend: str = "auto", progress=None, **options):
     """Cluster the conv weights of ``model`` and return ``(new_model, report)``.
 
     Works on any ``nn.Module`` holding ``nn.Conv2d`` layers.  ``model`` is not modified: the result
@@ -169,6 +169,9 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
         eval_data: optional ``(images, labels)`` / Dataset / DataLoader: accuracy before and after
             goes into the report.
         conv_backend: backend of the ClusteredConv2d layers.
+        progress: None, or a callable given one line of text before each step that can take long (the
+            per-layer k sweeps of the inertia and elbow plans, the clustering, the accuracy evaluation),
+            after every argument was checked; ``kcengine prune`` prints them to stderr.
         **options: k-means options ``seed`` (default 0), ``backend``, ``max_iter``, ``n_init``,
             ``tol``, ``algorithm`` (default ``"exact1d"`` for element).
 
@@ -184,6 +187,9 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; k-means options are {_KMEANS_OPTIONS}")
     eval_batch_size = check_int(eval_batch_size, "eval_batch_size", 1)
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress must be None or a callable taking one line of text, got {progress!r}")
+    say = progress or (lambda msg: None)
     threshold = check_float(threshold, "threshold", optional=True)
     if threshold is not None:
         if granularity == "element":
@@ -208,6 +214,8 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     kw = _kmeans_kwargs(options, granularity)
 
     t0 = time.perf_counter()
+    if probs and not isinstance(strategy, (FixedRatio, PerLayer, ByChannels)):
+        say(f"choosing k for {len(probs)} layer(s), {strategy.describe()}: a k-means sweep per layer")
     ks, reuse, notes = _choose_ks(strategy, probs, kw)
     todo = [p for p in probs if p.name not in reuse]
     fits = dict(reuse)
@@ -218,6 +226,8 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
                 xs.append(x)
                 kk.append(ks[p.name])
                 owner.append(p.name)
+        say(f"clustering {len(todo)} layer(s) at {granularity} granularity: {len(xs)} k-means problem(s), "
+            f"{sum(int(x.shape[0]) for x in xs)} points, {sum(kk)} centers in all, one batched call")
         r = kmeans(xs, kk, **kw)
         inert = np.asarray(r.inertia, dtype=np.float64)
         for p in todo:
@@ -249,6 +259,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     if eval_data is not None:
         from ..evaluate import evaluate
 
+        say("evaluating the accuracy of the model before and after")
         report.accuracy_before = evaluate(model, eval_data, batch_size=eval_batch_size).top1
         report.accuracy_after = evaluate(new_model, eval_data, batch_size=eval_batch_size).top1
     report.seconds_total = time.perf_counter() - t_start
