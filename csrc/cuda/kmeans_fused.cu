@@ -218,9 +218,15 @@ __device__ void random_init(const T* W, FusedLayout<T>& L, i64 n, i64 d, i64 k, 
   __syncthreads();
 }
 
+// A distance with the low 12 of its 52 mantissa bits cleared (the cpu core's round_low_bits): the
+// relocation's key, so that distances equal to about 40 bits tie and go by index.
+__device__ inline double kc_round_low_bits(double x) {
+  return __longlong_as_double(__double_as_longlong(x) & ~0xFFFll);
+}
+
 // Empty clusters take the farthest points (cpu core's relocate): candidates in order of
-// decreasing distance to their own (old) center, ties by index; a candidate is consumed whether
-// or not it is taken.  aux[i] holds that distance.
+// decreasing distance to their own (old) center, distances equal to about 40 bits tied and taken
+// by index; a candidate is consumed whether or not it is taken.  aux[i] holds that distance.
 template <class T>
 __device__ void relocate(const T* W, FusedLayout<T>& L, i64 n, i64 d, i64 k) {
   const int tid = threadIdx.x;
@@ -234,7 +240,7 @@ __device__ void relocate(const T* W, FusedLayout<T>& L, i64 n, i64 d, i64 k) {
       double key = -1.0;
       int idx = -1;
       for (i64 i = tid; i < n; i += blockDim.x) {
-        const double v = L.aux[i];
+        const double v = kc_round_low_bits(L.aux[i]);
         if (!(double(W[i]) > 0) || !(v > 0)) continue;
         if (!(v < last_key || (v == last_key && int(i) > last_idx))) continue;
         if (idx < 0 || v > key) { key = v; idx = int(i); }  // i increasing: ties keep the smaller

@@ -241,3 +241,18 @@ def test_batch_fast_paths_match_plain_copies(case):
         with pytest.raises(ValueError, match=rf"n_samples={parts[j].shape[0]} should be >= k={bad[j]} "
                                              rf"for problem {j}$"):
             kcengine.kmeans(x, bad, seed=case)
+
+
+def test_far_first_orders_the_repair_farthest_first_with_near_ties_by_index():
+    """The empty-cluster repair's order (the torch and cuda backends' copy of the cpu core's): farthest first;
+    distances an ulp apart, as the two members of a two-point cluster come out of centers computed two ways,
+    tie and go by index, so every backend picks the same point."""
+    from kcengine.kmeans.api import far_first
+
+    two_up = float(np.nextafter(2.0, 3.0))
+    d2 = [1.0, two_up, 2.0, 0.5, 2.0, 3.0]
+    assert far_first(d2, range(6)) == [5, 1, 2, 4, 0, 3]
+    assert far_first(d2, [4, 2, 1]) == [1, 2, 4]  # the candidates as given, any order
+    assert far_first(d2, [0, 3]) == [0, 3]
+    assert far_first(d2, []) == []
+    assert far_first([1.0, 1.0 + 1e-9], [0, 1]) == [1, 0]  # a real difference still counts

@@ -600,6 +600,19 @@ def far_shift(mean, var):
     return far, torch.where(far.unsqueeze(-1), mean, torch.zeros_like(mean))
 
 
+def far_first(d2, cand) -> list[int]:
+    """The order in which the empty-cluster repair offers points (the cpu core's ``relocate`` is its C++
+    twin): the point indices ``cand`` by decreasing ``d2[i]`` (squared distance to the point's own center),
+    distances equal to about 40 bits (the low 12 of the 52 mantissa bits cleared) counting as a tie that the
+    lower index wins.  Equal distances in exact arithmetic (the two members of a two-point cluster) then order
+    alike in every backend, whatever the last bits of their centers."""
+    cand = np.asarray(cand, dtype=np.int64)
+    if cand.size == 0:
+        return []
+    key = (np.asarray(d2, dtype=np.float64)[cand].view(np.uint64) & ~np.uint64(0xFFF)).view(np.float64)
+    return cand[np.lexsort((cand, -key))].tolist()
+
+
 def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300, tol: float = 1e-4,
            sample_weight=None, seed=None, backend: str = "auto", algorithm: str = "auto") -> KMeansResult:
     """Cluster one problem, a dense batch or a ragged batch of problems with Lloyd's k-means.

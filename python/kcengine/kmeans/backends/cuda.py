@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..api import Problems, RawResult, far_shift
+from ..api import Problems, RawResult, far_first, far_shift
 
 __all__ = [
     "solve", "fused_smem_bytes", "fits_fused", "fused_threads", "fused_buckets", "assign_tiles",
@@ -568,8 +568,7 @@ class PackedLloyd:
         S = sums[c0:c0 + k * d].view(k, d).cpu().numpy().copy()
         ws = wsum[g0:g0 + k].cpu().numpy().copy()
         d2 = ((X.astype(np.float64) - C[lb].astype(np.float64)) ** 2).sum(1)
-        cand = [i for i in range(n) if w[i] > 0 and d2[i] > 0]
-        cand.sort(key=lambda i: (-d2[i], i))
+        cand = far_first(d2, np.nonzero((w > 0) & (d2 > 0))[0])
         members = np.bincount(lb[w > 0], minlength=k)  # a cluster keeps weight while it keeps such a member
         picked: list[int] = []
         pos = 0

@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 
-from ..api import Problems, RawResult, far_shift
+from ..api import Problems, RawResult, far_first, far_shift
 
 
 def _sqdist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def _relocate(x, w, lab, d2own, sums, wsum):
     empty = torch.nonzero(wsum <= 0).flatten().tolist()
     if not empty:
         return
-    order = sorted(range(x.shape[0]), key=lambda i: (-float(d2own[i]), i))
+    order = far_first(d2own.double().cpu().numpy(), range(x.shape[0]))
     # A cluster keeps weight while it keeps a member of positive weight (counted, as the cpu backend
     # counts: a difference of weight sums would carry rounding).
     members = torch.bincount(lab[w > 0].long(), minlength=wsum.shape[0]).tolist()
