@@ -218,14 +218,14 @@ __device__ void random_init(const T* W, FusedLayout<T>& L, i64 n, i64 d, i64 k, 
   __syncthreads();
 }
 
-// A distance with the low 12 of its 52 mantissa bits cleared (the cpu core's round_low_bits): the
-// relocation's key, so that distances equal to about 40 bits tie and go by index.
+// A distance with the low 20 of its 52 mantissa bits cleared (the cpu core's round_low_bits): the
+// relocation's key, so that distances equal to about 32 bits tie and go by index.
 __device__ inline double kc_round_low_bits(double x) {
-  return __longlong_as_double(__double_as_longlong(x) & ~0xFFFll);
+  return __longlong_as_double(__double_as_longlong(x) & ~0xFFFFFll);
 }
 
 // Empty clusters take the farthest points (cpu core's relocate): candidates in order of
-// decreasing distance to their own (old) center, distances equal to about 40 bits tied and taken
+// decreasing distance to their own (old) center, distances equal to about 32 bits tied and taken
 // by index; a candidate is consumed whether or not it is taken.  aux[i] holds that distance.
 template <class T>
 __device__ void relocate(const T* W, FusedLayout<T>& L, i64 n, i64 d, i64 k) {

@@ -33,6 +33,29 @@ def test_every_label_is_the_nearest_centroid(algorithm):
     assert r.inertia == pytest.approx(own.sum(), rel=1e-9)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_lloyd1d_two_point_clusters_are_bit_equal_to_lloyds(weighted):
+    """lloyd1d takes a cluster's sums from prefix sums, except for small clusters, which it sums as Lloyd
+    does: a two-point cluster's center is then bit-equal to Lloyd's (w * x summed in double, in either
+    order), so its members' distances, equal in exact arithmetic, tie alike in the empty-cluster repair.
+    (From prefix sums over points out to +-500 the centers came out an ulp or more apart.)"""
+    rng = np.random.default_rng(3)
+    mid = np.linspace(-500.0, 500.0, 101) + rng.uniform(-2, 2, size=101)
+    half = rng.uniform(0.1, 1.0, size=101)
+    x = np.concatenate([mid - half, mid + half])[:, None]
+    perm = rng.permutation(len(x))
+    x = x[perm]
+    w = rng.uniform(0.5, 2.0, size=len(x)) if weighted else None
+    a = kcengine.kmeans(x, 101, init=mid[:, None], sample_weight=w, max_iter=1, algorithm="lloyd1d")
+    b = kcengine.kmeans(x, 101, init=mid[:, None], sample_weight=w, max_iter=1, algorithm="lloyd")
+    assert (np.bincount(a.labels, minlength=101) == 2).all()
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    ww = np.ones(len(x)) if w is None else w
+    expect = np.bincount(a.labels, ww * x[:, 0]) / np.bincount(a.labels, ww)
+    np.testing.assert_allclose(a.centroids[:, 0], expect, rtol=0, atol=1e-12)
+
+
 def test_ragged_batch_equals_each_problem_alone():
     rng = np.random.default_rng(0)
     probs = [blobs(int(rng.integers(20, 200)), int(d), 5, seed=i) for i, d in enumerate([1, 2, 9, 64, 300, 3])]

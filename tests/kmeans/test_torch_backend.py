@@ -68,3 +68,16 @@ def test_torch_empty_cluster_repair_matches_cpu():
     np.testing.assert_array_equal(a.labels, b.labels)
     assert float(a.inertia) == pytest.approx(float(b.inertia), rel=1e-10)
     assert len(np.unique(a.labels)) == 4
+
+
+@pytest.mark.parametrize("algorithm", ["lloyd1d", "lloyd", "hamerly", "yinyang", "topm", "gram"])
+def test_repair_tie_goes_to_the_lower_index_not_the_smaller_value(algorithm):
+    """Point 0 (at 1) and point 1 (at -1) are equally far from their cluster's center 0, and cluster 2
+    starts empty: the tie goes to point 0, the lower index, in every backend -- lloyd1d, which works on
+    the sorted values (point 1 first), once gave it to point 1."""
+    x = np.array([[1.0], [-1.0], [5.0], [5.25]])
+    init = np.array([[0.0], [5.125], [100.0]])
+    a = kcengine.kmeans(x, 3, init=init, backend="cpu", algorithm=algorithm)
+    b = kcengine.kmeans(x, 3, init=init, backend="torch")
+    assert b.labels.tolist() == [2, 0, 1, 1]
+    assert a.labels.tolist() == [2, 0, 1, 1] and a.algorithm == algorithm

@@ -397,12 +397,13 @@ void assign_range(const T* X, const T* xnorm, i64 i0, i64 i1, const Centers<T>& 
   }
 }
 
-// x (finite, >= 0) with the low 12 of its 52 mantissa bits cleared: values that agree to about 40 bits
-// mostly come out equal (two values an ulp apart still straddle a boundary once in 4096).
+// x (finite, >= 0) with the low 20 of its 52 mantissa bits cleared: values that agree to about 32 bits
+// (2e-10 relative) mostly come out equal; two that differ by d relative straddle a boundary with
+// probability about d / 2e-10.
 inline double round_low_bits(double x) {
   uint64_t u;
   std::memcpy(&u, &x, sizeof u);
-  u &= ~uint64_t(0xFFF);
+  u &= ~uint64_t(0xFFFFF);
   std::memcpy(&x, &u, sizeof u);
   return x;
 }
@@ -416,10 +417,12 @@ inline double round_low_bits(double x) {
 // cluster's other members of positive weight rather than subtracting weights: a sum kept by moving
 // points in and out (Yinyang, top-m) or taken as a difference of prefix sums (lloyd1d) carries
 // rounding, and a lone member's cluster would seem to keep a remainder.
-// `sums` may be null (the Gram solver tracks membership instead: moved[e] = point).
+// `sums` may be null (the Gram solver tracks membership instead: moved[e] = point).  `index`, when given,
+// is each row's index in the caller's data (lloyd1d passes its sorted values): ties go by it, not by row.
 template <class P>
 void relocate(i64 n, i64 k, i64 d, const P* X, const double* w, const i32* lab, const double* d2,
-              const std::vector<i32>& empty, double* sums, double* wsum, std::vector<i64>& moved) {
+              const std::vector<i32>& empty, double* sums, double* wsum, std::vector<i64>& moved,
+              const i64* index = nullptr) {
   moved.assign(empty.size(), -1);
   std::vector<i64> members(k, 0);  // per cluster: its points of positive weight
   std::vector<i64> cand;
@@ -429,16 +432,18 @@ void relocate(i64 n, i64 k, i64 d, const P* X, const double* w, const i32* lab, 
       ++members[lab[i]];
       if (d2[i] > 0) cand.push_back(i);
     }
-  // Farthest first, distances equal to about 40 bits counting as a tie that the lower index wins: solvers
-  // whose centers differ in the last bits (running sums against fresh ones) then repair alike where the
-  // distances are equal in exact arithmetic -- the two members of a two-point cluster always are.  (Compared
-  // exactly, such a tie went by the rounding: Yinyang and top-m parted from Lloyd on 2 of 3000 fuzzed
-  // problems of 1-3-D points at k near N.)
-  std::vector<std::pair<double, i64>> order;  // (distance to 40 bits, point)
+  // Farthest first, distances equal to about 32 bits counting as a tie that the lower index wins: solvers
+  // whose centers or distances differ in the last bits (running sums against fresh ones, differences of
+  // prefix sums, a center (a + b) / 2 rounded) then repair alike where the distances are equal in exact
+  // arithmetic -- the two members of a two-point cluster always are, yet come out up to 1e-13 apart.
+  // (Compared exactly, such a tie went by the rounding: Yinyang and top-m parted from Lloyd on 2 of 3000
+  // fuzzed problems of 1-3-D points at k near N; at 40 bits one 1-D problem in 5000 still straddled.)
+  std::vector<std::pair<double, i64>> order;  // (distance to 32 bits, point)
   order.reserve(cand.size());
   for (i64 i : cand) order.emplace_back(round_low_bits(d2[i]), i);
-  std::sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  auto idx = [&](i64 i) { return index ? index[i] : i; };
+  std::sort(order.begin(), order.end(), [&](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && idx(a.second) < idx(b.second));
   });
   for (size_t c = 0; c < order.size(); ++c) cand[c] = order[c].second;
   std::vector<i64> picked;

@@ -9,7 +9,9 @@
 // ------------------------------------------------------------------------------- 1-D Lloyd
 // Points sorted once per dataset; with centers sorted, each cluster is an interval of the sorted
 // points, found by binary search on "the right neighbour is nearer" (ties to the lower index, as
-// argmin).  Sums come from prefix sums, so an iteration costs O(k log N).
+// argmin).  Sums come from prefix sums (small clusters' directly), so an iteration costs O(k log N).
+constexpr i64 kDirectSum = 8;  // clusters of up to this many points are summed directly, not from prefix sums
+
 template <class T>
 void solve_1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::vector<double>& init, int max_iter,
               Run<T>& out) {
@@ -60,8 +62,29 @@ void solve_1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::v
     e_step();
     empty.clear();
     for (i64 j = 0; j < k; ++j) {
-      W[j] = prep.pw[hi[j]] - prep.pw[lo[j]];
-      S[j] = prep.pwx[hi[j]] - prep.pwx[lo[j]];
+      if (hi[j] - lo[j] <= kDirectSum) {
+        // Summed as Lloyd sums (w * x accumulated in double, in index order: the products may be fused
+        // into the adds, which then do not commute): the center comes out bit-equal to Lloyd's, where a
+        // difference of prefix sums carries the prefix's rounding (1e-13 off, enough to order a two-point
+        // cluster's members, equally far from it in exact arithmetic, differently in the repair).
+        i64 pos[kDirectSum];
+        i64 m = 0;
+        for (i64 p = lo[j]; p < hi[j]; ++p) {
+          i64 q = m++;
+          for (; q > 0 && prep.order[pos[q - 1]] > prep.order[p]; --q) pos[q] = pos[q - 1];
+          pos[q] = p;
+        }
+        double w = 0, s = 0;
+        for (i64 q = 0; q < m; ++q) {
+          w += prep.sw[pos[q]];
+          s += prep.sw[pos[q]] * v[pos[q]];
+        }
+        W[j] = w;
+        S[j] = s;
+      } else {
+        W[j] = prep.pw[hi[j]] - prep.pw[lo[j]];
+        S[j] = prep.pwx[hi[j]] - prep.pwx[lo[j]];
+      }
       if (W[j] <= 0) empty.push_back(i32(j));
     }
     if (!empty.empty()) {
@@ -71,7 +94,8 @@ void solve_1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::v
       for (i64 j = 0; j < k; ++j)
         for (i64 p = lo[j]; p < hi[j]; ++p) lab[p] = i32(j);
       for (i64 p = 0; p < n; ++p) d2[p] = (v[p] - c[lab[p]]) * (v[p] - c[lab[p]]);
-      relocate(n, k, i64(1), v.data(), prep.sw.data(), lab.data(), d2.data(), empty, S.data(), W.data(), moved);
+      relocate(n, k, i64(1), v.data(), prep.sw.data(), lab.data(), d2.data(), empty, S.data(), W.data(), moved,
+               prep.order.data());
     }
     double shift_tot = 0;
     for (i64 j = 0; j < k; ++j) {

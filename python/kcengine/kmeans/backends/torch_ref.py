@@ -57,12 +57,16 @@ def _random_init(w, k, gen) -> torch.Tensor:
     return torch.multinomial(ww, k, replacement=False, generator=gen)
 
 
-def _relocate(x, w, lab, d2own, sums, wsum):
-    """scikit-learn's empty-cluster repair for one problem (in place on sums/wsum)."""
+def _relocate(x, w, lab, c, sums, wsum):
+    """scikit-learn's empty-cluster repair for one problem (in place on sums/wsum); x, w, c in double."""
     empty = torch.nonzero(wsum <= 0).flatten().tolist()
     if not empty:
         return
-    order = far_first(d2own.double().cpu().numpy(), range(x.shape[0]))
+    # Each point's squared distance to its (old) center c[lab], as the cpu core takes it: differences
+    # squared in double, not the E-step's dot form, whose rounding (1e-12 relative on points well away
+    # from the origin) could order two equally far points unlike the cpu backend does.
+    d2own = ((x - c[lab]) ** 2).sum(1)
+    order = far_first(d2own.cpu().numpy(), range(x.shape[0]))
     # A cluster keeps weight while it keeps a member of positive weight (counted, as the cpu backend
     # counts: a difference of weight sums would carry rounding).
     members = torch.bincount(lab[w > 0].long(), minlength=wsum.shape[0]).tolist()
@@ -104,14 +108,13 @@ def _lloyd(x, w, c, max_iter, tol_abs):
         xa, wa, ca = x[a], w[a], c[a]
         d2 = _sqdist(xa, ca)
         la = d2.argmin(2)
-        d2own = d2.gather(2, la.unsqueeze(2)).squeeze(2)
         sums = torch.zeros(a.numel(), k, D, dtype=torch.float64, device=x.device)
         sums.scatter_add_(1, la.unsqueeze(2).expand(-1, -1, D), (xa * wa.unsqueeze(2)).double())
         wsum = torch.zeros(a.numel(), k, dtype=torch.float64, device=x.device)
         wsum.scatter_add_(1, la, wa.double())
         had_empty = (wsum <= 0).any(1)
         for j in torch.nonzero(had_empty).flatten().tolist():
-            _relocate(xa[j].double(), wa[j].double(), la[j], d2own[j], sums[j], wsum[j])
+            _relocate(xa[j].double(), wa[j].double(), la[j], ca[j].double(), sums[j], wsum[j])
         cnew = torch.where(wsum.unsqueeze(2) > 0, sums / wsum.clamp_min(1e-300).unsqueeze(2), ca.double()).to(x.dtype)
         shift = ((cnew.double() - ca.double()) ** 2).sum((1, 2))
         c[a] = cnew
