@@ -603,13 +603,13 @@ def far_shift(mean, var):
 def far_first(d2, cand) -> list[int]:
     """The order in which the empty-cluster repair offers points (the cpu core's ``relocate`` is its C++
     twin): the point indices ``cand`` by decreasing ``d2[i]`` (squared distance to the point's own center),
-    distances equal to about 40 bits (the low 12 of the 52 mantissa bits cleared) counting as a tie that the
+    distances equal to about 32 bits (the low 20 of the 52 mantissa bits cleared) counting as a tie that the
     lower index wins.  Equal distances in exact arithmetic (the two members of a two-point cluster) then order
     alike in every backend, whatever the last bits of their centers."""
     cand = np.asarray(cand, dtype=np.int64)
     if cand.size == 0:
         return []
-    key = (np.asarray(d2, dtype=np.float64)[cand].view(np.uint64) & ~np.uint64(0xFFF)).view(np.float64)
+    key = (np.asarray(d2, dtype=np.float64)[cand].view(np.uint64) & ~np.uint64(0xFFFFF)).view(np.float64)
     return cand[np.lexsort((cand, -key))].tolist()
 
 
@@ -650,7 +650,15 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
             (``"lloyd"`` = plain Lloyd, ``"hamerly"``, ``"yinyang"``, ``"topm"``, ``"gram"``,
             ``"lloyd1d"``), or ``"exact1d"``: the globally optimal 1-D clustering (D == 1 only).
             ``"topm"`` hands float32 data beyond 1e18 in magnitude to Yinyang (its float distances
-            would overflow).
+            would overflow).  The methods walk Lloyd's iterates up to rounding: plain Lloyd and Hamerly
+            (and the torch backend) label points by dot-form distances ``|x|^2 - 2 x.c + |c|^2`` in the
+            data's precision, as scikit-learn does, whose rounding is about eps * |x|^2; Yinyang, top-m
+            and the 1-D methods by double-precision differences.  So a point whose two nearest centers
+            are equally far to within that rounding (in float32 about 1e-7 of |x|^2; in float64 about
+            1e-16, centers within some 1e-8 |x| of each other) may go to the other one, and the runs
+            part from there: about one in a thousand fuzzed float32 problems of up to 3000 points; in
+            float64 one of 10,000 fuzzed 1-2-D problems with k >= N/2 (two points 2e-8 apart), none
+            in the 36,000 examples of a long trajectory fuzz.
 
     Returns:
         :class:`KMeansResult` with centroids, labels, inertia, n_iter, converged per problem,
