@@ -9,9 +9,7 @@
 // ------------------------------------------------------------------------------- 1-D Lloyd
 // Points sorted once per dataset; with centers sorted, each cluster is an interval of the sorted
 // points, found by binary search on "the right neighbour is nearer" (ties to the lower index, as
-// argmin).  Sums come from prefix sums (small clusters' directly), so an iteration costs O(k log N).
-constexpr i64 kDirectSum = 8;  // clusters of up to this many points are summed directly, not from prefix sums
-
+// argmin).  Sums come from prefix sums (one- and two-point clusters' directly), so an iteration costs O(k log N).
 template <class T>
 void solve_1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::vector<double>& init, int max_iter,
               Run<T>& out) {
@@ -62,29 +60,25 @@ void solve_1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std::v
     e_step();
     empty.clear();
     for (i64 j = 0; j < k; ++j) {
-      if (hi[j] - lo[j] <= kDirectSum) {
-        // Summed as Lloyd sums (w * x accumulated in double, in index order: the products may be fused
-        // into the adds, which then do not commute): the center comes out bit-equal to Lloyd's, where a
-        // difference of prefix sums carries the prefix's rounding (1e-13 off, enough to order a two-point
-        // cluster's members, equally far from it in exact arithmetic, differently in the repair).
-        i64 pos[kDirectSum];
-        i64 m = 0;
-        for (i64 p = lo[j]; p < hi[j]; ++p) {
-          i64 q = m++;
-          for (; q > 0 && prep.order[pos[q - 1]] > prep.order[p]; --q) pos[q] = pos[q - 1];
-          pos[q] = p;
-        }
-        double w = 0, s = 0;
-        for (i64 q = 0; q < m; ++q) {
-          w += prep.sw[pos[q]];
-          s += prep.sw[pos[q]] * v[pos[q]];
-        }
-        W[j] = w;
-        S[j] = s;
-      } else {
-        W[j] = prep.pw[hi[j]] - prep.pw[lo[j]];
-        S[j] = prep.pwx[hi[j]] - prep.pwx[lo[j]];
-      }
+      const i64 len = hi[j] - lo[j];
+      // One- and two-point clusters are summed as Lloyd sums them (w * x accumulated in double, in
+      // index order: a product fused into the add does not commute), so their centers come out
+      // bit-equal to Lloyd's.  A difference of prefix sums carries the prefix's rounding (1e-13 off out
+      // to +-500): enough for a two-point cluster's members, equally far from its center in exact
+      // arithmetic, to order differently in the empty-cluster repair.
+      // (Both sums are formed and one is selected: a branch on the length mispredicts at k near N.)
+      const i64 p0 = lo[j], p1 = std::min(p0 + 1, n - 1);
+      const bool two = len == 2, flip = two && prep.order[p1] < prep.order[p0];
+      const i64 a = flip ? p1 : p0, b = flip ? p0 : p1;
+      const double wa = len >= 1 ? prep.sw[a] : 0.0, wb = two ? prep.sw[b] : 0.0;
+      double w = 0, s = 0;
+      w += wa;
+      s += wa * v[a];
+      w += wb;
+      s += wb * v[b];  // + 0 * v[b] = + 0 for one point: exact
+      const double wp = prep.pw[hi[j]] - prep.pw[lo[j]], sp = prep.pwx[hi[j]] - prep.pwx[lo[j]];
+      W[j] = len <= 2 ? w : wp;
+      S[j] = len <= 2 ? s : sp;
       if (W[j] <= 0) empty.push_back(i32(j));
     }
     if (!empty.empty()) {
