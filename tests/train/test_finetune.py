@@ -43,6 +43,32 @@ def test_frozen_changes_no_clustered_weight_but_trains_the_rest(tiny):
         assert torch.equal(cm.state_dict()[k], v), k
 
 
+def test_history_reports_each_epochs_mean_loss_and_train_accuracy(tiny, monkeypatch):
+    """The epoch's row is the image-weighted mean of the batches' losses and the share of images whose
+    logits' argmax was the label (the sums are kept on the device and read back once per epoch)."""
+    model, ds, loader = tiny
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    ft = sys.modules["kcengine.train.finetune"]
+    real = ft.distillation_loss
+    seen = []
+
+    def recording(out, t_logits, target, **kw):
+        loss = real(out, t_logits, target, **kw)
+        seen.append((float(loss.detach()), out.detach().argmax(1).clone(), out.shape[0]))
+        return loss
+
+    monkeypatch.setattr(ft, "distillation_loss", recording)
+    labels = [y for _, y in make_loader(ds, 16, shuffle=False)]
+    r = finetune(cm, make_loader(ds, 16, shuffle=False), mode="centroids", teacher=model, augment=False, mixup=0.0,
+                 feature_weight=0.0, **{**FAST, "epochs": 1})
+    assert len(seen) == len(labels) == 3
+    n = sum(b for _, _, b in seen)
+    row = r.history[-1]
+    assert row["loss"] == pytest.approx(sum(l * b for l, _, b in seen) / n, rel=1e-12)
+    correct = sum(int((p == y).sum()) for (_, p, _), y in zip(seen, labels))
+    assert row["train_top1"] == pytest.approx(correct / n, rel=1e-12) and 0 < correct < n
+
+
 def test_centroids_keeps_every_filter_equal_to_its_centroid(tiny):
     model, ds, loader = tiny
     cm, _ = kcengine.compress(model, ratio=0.5)

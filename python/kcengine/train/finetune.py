@@ -107,6 +107,7 @@ DEFAULT_EPOCHS = {"frozen": 4, "centroids": 20, "progressive": 4}
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
 LR_REFERENCE_BATCH = 128
 RECOMMENDED_BATCH = 64  # the recipe's batch (bench/results/recovery_resnet20.md)
+POSTFIX_EVERY = 20  # batches between the progress bar's loss updates (each one reads the running sum back)
 
 
 def default_lr(optimizer: str, batch_size: int | None) -> float:
@@ -504,7 +505,11 @@ def _run_epochs(work, teacher, loader, orig_loader, phase, pi, first_epoch, resu
                 ld.sampler.set_epoch(eseed)
         gen = torch.Generator().manual_seed(eseed * 31 + dd.rank())
         net.train()
-        tot_loss = tot_correct = tot_n = 0.0
+        # Running sums kept where the model runs (float64: the same sums as Python floats would give), read
+        # back once per epoch and every POSTFIX_EVERY batches for the progress bar: a read per batch waits
+        # for the device each step.
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, correct
+        tot_n = 0
         it = loader
         bar = None
         if progress:
@@ -512,8 +517,9 @@ def _run_epochs(work, teacher, loader, orig_loader, phase, pi, first_epoch, resu
 
             bar = tqdm(loader, desc=f"{phase.name} epoch {epoch + 1}/{phase.epochs}", leave=False, unit="batch")
             it = bar
-        for batch in it:
+        for bi, batch in enumerate(it):
             x, y = image_label_pair(batch)
+            y_host = y if y.device.type == "cpu" else None  # the labels' check reads them here, no device wait
             x, y = x.to(device), y.to(device)
             if augment:
                 x = cifar_augment(x, gen)
@@ -527,7 +533,7 @@ def _run_epochs(work, teacher, loader, orig_loader, phase, pi, first_epoch, resu
                 with torch.no_grad():
                     t_logits = teacher(x)
             out = net(x)
-            check_labels(y, out)
+            check_labels(y if y_host is None else y_host, out)
             if mixup > 0:
                 onehot = torch.nn.functional.one_hot(y, out.shape[1]).to(out.dtype)
                 target = lam * onehot + (1.0 - lam) * onehot[perm]
@@ -540,14 +546,15 @@ def _run_epochs(work, teacher, loader, orig_loader, phase, pi, first_epoch, resu
             opt.step()
             sched.step()
             n = y.shape[0]
-            tot_loss += float(loss.detach()) * n
-            tot_correct += float((out.detach().argmax(1) == y).sum())
+            sums[0] += loss.detach().double() * n
+            sums[1] += (out.detach().argmax(1) == y).sum()
             tot_n += n
-            if bar is not None:
-                bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", refresh=False)
+            if bar is not None and bi % POSTFIX_EVERY == 0:
+                bar.set_postfix(loss=f"{float(sums[0]) / tot_n:.4f}", refresh=False)
         if bar is not None:
             bar.close()
-        tot_loss, tot_correct, tot_n = dd.all_sum([tot_loss, tot_correct, tot_n], device=device)
+        tot_loss, tot_correct = sums.tolist()
+        tot_loss, tot_correct, tot_n = dd.all_sum([tot_loss, tot_correct, float(tot_n)], device=device)
         row = {"phase": phase.name, "epoch": epoch + 1, "loss": tot_loss / max(tot_n, 1),
                "train_top1": tot_correct / max(tot_n, 1), "eval_top1": evaluate_now(),
                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
