@@ -33,6 +33,12 @@ X = np.random.default_rng(0).normal(size=(20, 3))
     (X, 2, {"init": X[:3]}, r"init has 3 centroids but k=2"),
     (X, 2, {"init": X[:2, :2]}, r"init must have shape \[k, 3\]"),
     (X, 2, {"init": X[:2], "n_init": 3}, r"n_init=3 with given initial centroids"),
+    (X, 2, {"init": None}, r"init must be one of \('k-means\+\+', 'random'\) or an array of initial centroids, "
+     r"got None"),  # was: init must have shape [k, 3], got shape ()
+    (X, 2, {"init": 3}, r"init must be one of .* got 3$"),
+    (X, 2, {"init": lambda a, k, rs: a[:k]}, r"got the callable '<lambda>' \(scikit-learn's init\(X, k, "
+     r"random_state\) form is not taken"),
+    (X, 2, {"init": [[0.0, 1.0], [2.0, 3.0]]}, r"init must have shape \[k, 3\], got shape \(2, 2\)"),
     (X, 2, {"n_init": 0}, r"n_init must be an int in \[1, 2147483647\], got n_init=0"),
     (X, 2, {"max_iter": 0}, r"max_iter must be an int in \[1, 2147483647\], got max_iter=0"),
     (X, 2, {"max_iter": 2**40}, r"max_iter must be an int in \[1, 2147483647\], got max_iter=1099511627776"),  # was pybind11's TypeError
@@ -54,6 +60,18 @@ X = np.random.default_rng(0).normal(size=(20, 3))
 def test_bad_input_raises_value_error(x, k, kw, match):
     with pytest.raises(ValueError, match=match):
         kcengine.kmeans(x, k, **kw)
+
+
+def test_init_as_nested_lists_is_one_problems_centroids():
+    """A single problem's init written as nested lists of numbers is read as the [k, D] array it spells (it was
+    taken for a batch of k problems and refused); for a batch, a list stays one entry per problem."""
+    a = kcengine.kmeans(X.astype(np.float32), 2, init=X[:2].tolist())
+    b = kcengine.kmeans(X.astype(np.float32), 2, init=X[:2].astype(np.float32))
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    assert a.centroids.dtype == np.float32
+    with pytest.raises(ValueError, match=r"init of problem 0 must have shape \[k, 3\], got shape \(3,\)"):
+        kcengine.kmeans([X, X], 2, init=X[:2].tolist())
 
 
 def test_meta_tensor_is_refused_by_name():

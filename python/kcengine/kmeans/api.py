@@ -407,6 +407,15 @@ def _check_init(init, parts, layout, k_arg):
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS} or an array of initial centroids, got {init!r}")
         return init, None
+    if callable(init):
+        raise ValueError(f"init must be one of {INITS} or an array of initial centroids, got the callable "
+                         f"{getattr(init, '__name__', type(init).__name__)!r} (scikit-learn's init(X, k, random_state) "
+                         "form is not taken: call it and pass the centroids it returns)")
+    if init is None or isinstance(init, (bool, numbers.Number, dict, set)):
+        raise ValueError(f"init must be one of {INITS} or an array of initial centroids, got {init!r}")
+    if layout == "single" and isinstance(init, (list, tuple)) and all(
+            isinstance(r, (list, tuple)) and all(isinstance(v, numbers.Real) for v in r) for r in init):
+        init = np.asarray(init, dtype=np.float64)  # one problem's centroids written as nested lists
     if layout == "ragged" or isinstance(init, (list, tuple)):
         if not isinstance(init, (list, tuple)) or len(init) != len(parts):
             raise ValueError(f"init for a batch of {len(parts)} problems must be a list of {len(parts)} "
