@@ -659,15 +659,16 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
             (``"lloyd"`` = plain Lloyd, ``"hamerly"``, ``"yinyang"``, ``"topm"``, ``"gram"``,
             ``"lloyd1d"``), or ``"exact1d"``: the globally optimal 1-D clustering (D == 1 only).
             ``"topm"`` hands float32 data beyond 1e18 in magnitude to Yinyang (its float distances
-            would overflow).  The methods walk Lloyd's iterates up to rounding: plain Lloyd and Hamerly
-            (and the torch backend) label points by dot-form distances ``|x|^2 - 2 x.c + |c|^2`` in the
-            data's precision, as scikit-learn does, whose rounding is about eps * |x|^2; Yinyang, top-m
-            and the 1-D methods by double-precision differences.  So a point whose two nearest centers
-            are equally far to within that rounding (in float32 about 1e-7 of |x|^2; in float64 about
-            1e-16, centers within some 1e-8 |x| of each other) may go to the other one, and the runs
-            part from there: about one in a thousand fuzzed float32 problems of up to 3000 points; in
-            float64 one of 10,000 fuzzed 1-2-D problems with k >= N/2 (two points 2e-8 apart), none
-            in the 36,000 examples of a long trajectory fuzz.
+            would overflow).  The methods walk Lloyd's iterates up to rounding.  Each computes distances
+            its own way -- plain Lloyd and Hamerly (and the torch backend) in the dot form
+            ``|x|^2 - 2 x.c + |c|^2`` in the data's precision, as scikit-learn does, with a rounding of
+            about eps * |x|^2; Yinyang, top-m and the 1-D methods as double-precision differences -- and
+            the generic, AVX2 and AVX-512 builds sum in different orders.  So a point whose two nearest
+            centers are equally far to within that rounding (in float32 about 1e-7 of |x|^2; in float64
+            about 1e-16, centers within some 1e-8 |x| of each other) may go to either, and the runs part
+            from there: in fuzzing, a few in a thousand float32 problems of up to 3000 points (6 in
+            2,000); in float64 one of 10,000 1-2-D problems with k >= N/2 (two points 2e-8 apart), none in
+            the 36,000 examples of a long trajectory fuzz.
 
     Returns:
         :class:`KMeansResult` with centroids, labels, inertia, n_iter, converged per problem,
