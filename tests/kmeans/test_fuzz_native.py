@@ -1,6 +1,7 @@
 """Hypothesis fuzzing of shapes and values into the native core: never a crash, always a
 well-formed result (labels in range and nearest, inertia consistent)."""
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -108,7 +109,7 @@ def test_cpu_and_torch_repair_alike_at_large_k(seed):
     top-m/Hamerly in 2-D) and the torch reference must repair them alike and end with the same labels.
     (Derandomized: a fuzz of 10,000 such problems met one dot-form near-tie, two points 2e-8 apart, that
     parts them legitimately; fixed examples keep CI from drawing one.)"""
-    torch = __import__("pytest").importorskip("torch")
+    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(seed)
     n = int(rng.integers(2, 300))
     d = int(rng.choice([1, 1, 2]))

@@ -438,14 +438,11 @@ void relocate(i64 n, i64 k, i64 d, const P* X, const double* w, const i32* lab, 
   // arithmetic -- the two members of a two-point cluster always are, yet come out up to 1e-13 apart.
   // (Compared exactly, such a tie went by the rounding: Yinyang and top-m parted from Lloyd on 2 of 3000
   // fuzzed problems of 1-3-D points at k near N; at 40 bits one 1-D problem in 5000 still straddled.)
-  std::vector<std::pair<double, i64>> order;  // (distance to 32 bits, point)
-  order.reserve(cand.size());
-  for (i64 i : cand) order.emplace_back(round_low_bits(d2[i]), i);
   auto idx = [&](i64 i) { return index ? index[i] : i; };
-  std::sort(order.begin(), order.end(), [&](const auto& a, const auto& b) {
-    return a.first > b.first || (a.first == b.first && idx(a.second) < idx(b.second));
+  std::sort(cand.begin(), cand.end(), [&](i64 a, i64 b) {
+    const double ka = round_low_bits(d2[a]), kb = round_low_bits(d2[b]);  // distances to 32 bits
+    return ka > kb || (ka == kb && idx(a) < idx(b));
   });
-  for (size_t c = 0; c < order.size(); ++c) cand[c] = order[c].second;
   std::vector<i64> picked;
   size_t pos = 0;
   for (size_t e = 0; e < empty.size(); ++e) {

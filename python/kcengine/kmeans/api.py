@@ -411,7 +411,7 @@ def _check_init(init, parts, layout, k_arg):
         raise ValueError(f"init must be one of {INITS} or an array of initial centroids, got the callable "
                          f"{getattr(init, '__name__', type(init).__name__)!r} (scikit-learn's init(X, k, random_state) "
                          "form is not taken: call it and pass the centroids it returns)")
-    if init is None or isinstance(init, (bool, numbers.Number, dict, set)):
+    if init is None or isinstance(init, (numbers.Number, dict, set)):
         raise ValueError(f"init must be one of {INITS} or an array of initial centroids, got {init!r}")
     if layout == "single" and isinstance(init, (list, tuple)) and all(
             isinstance(r, (list, tuple)) and all(isinstance(v, numbers.Real) for v in r) for r in init):

@@ -521,9 +521,8 @@ def _run_epochs(work, teacher, loader, orig_loader, phase, pi, first_epoch, resu
             bar = tqdm(loader, desc=f"{phase.name} epoch {epoch + 1}/{phase.epochs}", leave=False, unit="batch")
             it = bar
         for bi, batch in enumerate(it):
-            x, y = image_label_pair(batch)
-            y_host = y if y.device.type == "cpu" else None  # the labels' check reads them here, no device wait
-            x, y = x.to(device), y.to(device)
+            x, y_batch = image_label_pair(batch)
+            x, y = x.to(device), y_batch.to(device)
             if augment:
                 x = cifar_augment(x, gen)
             target = y
@@ -536,7 +535,7 @@ def _run_epochs(work, teacher, loader, orig_loader, phase, pi, first_epoch, resu
                 with torch.no_grad():
                     t_logits = teacher(x)
             out = net(x)
-            check_labels(y if y_host is None else y_host, out)
+            check_labels(y_batch, out)  # the loader's copy (on the host, as a rule): no wait for the device
             if mixup > 0:
                 onehot = torch.nn.functional.one_hot(y, out.shape[1]).to(out.dtype)
                 target = lam * onehot + (1.0 - lam) * onehot[perm]
