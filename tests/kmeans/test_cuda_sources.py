@@ -351,3 +351,18 @@ def test_kernel_args_pass_addresses_and_keep_temporaries():
     assert keep[1].dtype == torch.uint8 and vals[1] == np.uint64(keep[1].data_ptr()) and keep[1].tolist() == [1, 0, 1]
     assert keep[2].is_contiguous() and torch.equal(keep[2], t) and vals[2] == np.uint64(keep[2].data_ptr())
     assert vals[3] == 7 and len(keep) == 3
+
+
+def test_repair_key_clears_the_same_bits_in_every_twin():
+    """The empty-cluster repair's distance key has three copies: the cpu core's ``round_low_bits``, the CUDA
+    kernel's ``kc_round_low_bits`` and Python's ``far_first`` (the torch and cuda backends).  A mask that
+    drifted in one would order near-ties unlike the others; the CUDA one cannot be run here, so each
+    source's mask literal is read and compared with ``api.REPAIR_KEY_LOW_BITS``."""
+    want = (1 << api.REPAIR_KEY_LOW_BITS) - 1
+    cpu = (SRC.parent / "cpu" / "kmeans" / "common.h").read_text()
+    cuda = (SRC / "kmeans_fused.cu").read_text()
+    got_cpu = re.search(r"double round_low_bits\(double x\) \{.*?&= ~uint64_t\((0x[0-9A-Fa-f]+)\)", cpu, re.S)
+    got_cuda = re.search(r"double kc_round_low_bits\(double x\) \{.*?& ~(0x[0-9A-Fa-f]+)ll\)", cuda, re.S)
+    assert got_cpu and got_cuda, "the key's mask is no longer spelled as this test reads it"
+    assert int(got_cpu.group(1), 16) == want
+    assert int(got_cuda.group(1), 16) == want

@@ -609,6 +609,12 @@ def far_shift(mean, var):
     return far, torch.where(far.unsqueeze(-1), mean, torch.zeros_like(mean))
 
 
+# The mantissa bits the repair's distance key clears (``far_first``); the cpu core's ``round_low_bits``
+# (csrc/cpu/kmeans/common.h) and the CUDA kernel's ``kc_round_low_bits`` clear the same, which
+# tests/kmeans/test_cuda_sources.py checks in their sources.
+REPAIR_KEY_LOW_BITS = 20
+
+
 def far_first(d2, cand) -> list[int]:
     """The order in which the empty-cluster repair offers points (the cpu core's ``relocate`` is its C++
     twin): the point indices ``cand`` by decreasing ``d2[i]`` (squared distance to the point's own center),
@@ -618,7 +624,8 @@ def far_first(d2, cand) -> list[int]:
     cand = np.asarray(cand, dtype=np.int64)
     if cand.size == 0:
         return []
-    key = (np.asarray(d2, dtype=np.float64)[cand].view(np.uint64) & ~np.uint64(0xFFFFF)).view(np.float64)
+    low = np.uint64((1 << REPAIR_KEY_LOW_BITS) - 1)
+    key = (np.asarray(d2, dtype=np.float64)[cand].view(np.uint64) & ~low).view(np.float64)
     return cand[np.lexsort((cand, -key))].tolist()
 
 
