@@ -39,9 +39,13 @@ def test_readme_snippets_run(tmp_path, monkeypatch):
     assert [c.shape for c in ns["batch"].centroids] == [(256, 9), (8, 576)]
     assert len(ns["sweep"]) == 63
     assert ns["opt"].centroids.shape == (10, 1)
-    small = ns["small"]
-    assert any(isinstance(m, ClusteredConv2d) and m.granularity == "kernel" for m in small.modules())
-    fresh, _ = kcengine.compress(ns["model"], ratio=0.5, granularity="kernel")  # as clustered, before finetune
+    small, tiny = ns["small"], ns["tiny"]
+    assert {m.granularity for m in small.modules() if isinstance(m, ClusteredConv2d)} == {"filter"}
+    tiny_layers = {n: m for n, m in tiny.named_modules() if isinstance(m, ClusteredConv2d)}
+    assert tiny_layers and all(n.startswith("layer") for n in tiny_layers)  # the stem stays dense
+    assert all(m.granularity == "kernel" and m.num_clusters == 256 for m in tiny_layers.values())
+    assert isinstance(tiny.conv1, torch.nn.Conv2d)
+    fresh, _ = kcengine.compress(ns["model"], ratio=0.5)  # as clustered, before finetune
     pairs = [(a, b) for a, b in zip(small.modules(), fresh.modules()) if isinstance(a, ClusteredConv2d)]
     assert pairs and all(torch.equal(a.index, b.index) for a, b in pairs)
     assert any(not torch.equal(a.codebook, b.codebook) for a, b in pairs)  # `small` is the finetuned model

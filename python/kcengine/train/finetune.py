@@ -42,7 +42,9 @@ first half of the run, no refit) ended at 85.5% (over 70%, cosine: 84.0%): the l
 Other splits of the mixed plan's budget of 344 filters (unrecorded runs, seed 0, one thread): every layer
 of conv1 + layer1 at full width, layer2 at 14, layer3 at 24-25: 85.1%; conv1 16, layer1 12, layer2 16,
 layer3 26-27: 86.1%; conv1 8, layer1 8, layer2 14, layer3 34: 87.1%; conv1 8, layer1 6, layer2 14,
-layer3 36: 86.8% -- none above the uniform C_out/2 split (87.9%), nor the sensitivity allocation (87.0%).
+layer3 36: 86.8%; within every block, conv1 at 3/8 of C_out and conv2 at 5/8 (the stem at 1/2; two
+threads): 83.2%, and the reverse, conv1 at 5/8 and conv2 at 3/8: 86.4% -- none above the uniform C_out/2
+split (87.9%), nor the sensitivity allocation (87.0%).
 Batch 32 (seeds 0, 1: 86.1 / 85.9%) is worse than 64, and a refit on 2,048 images instead of 512 (87.1 /
 87.5%) no better; at C_out/2, mixup Beta(0.4, 0.4) gave 86.8% and weight decay 5e-4 85.6% (seed 0).
 Each image twice per batch with its own crop, flip and mixup partner (batch augmentation: 64 images, 128
