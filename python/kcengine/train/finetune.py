@@ -44,7 +44,10 @@ of conv1 + layer1 at full width, layer2 at 14, layer3 at 24-25: 85.1%; conv1 16,
 layer3 26-27: 86.1%; conv1 8, layer1 8, layer2 14, layer3 34: 87.1%; conv1 8, layer1 6, layer2 14,
 layer3 36: 86.8%; within every block, conv1 at 3/8 of C_out and conv2 at 5/8 (the stem at 1/2; two
 threads): 83.2%, and the reverse, conv1 at 5/8 and conv2 at 3/8: 86.4% -- none above the uniform C_out/2
-split (87.9%), nor the sensitivity allocation (87.0%).
+split (87.9%), nor the sensitivity allocation (87.0%).  Nor does reaching C_out/2 by way of 3/4 (seed 0, two
+threads): 6 epochs at 3/4 (90.5%), the trained filters re-clustered to C_out/2 and BN recalibrated (36.9%), 14
+epochs: 83.9%; the same with the C_out/2 layers refit to the 3/4 model's outputs (76.8%, where the one-shot
+refit starts at 76.5%): 85.5%.
 Batch 32 (seeds 0, 1: 86.1 / 85.9%) is worse than 64, and a refit on 2,048 images instead of 512 (87.1 /
 87.5%) no better; at C_out/2, mixup Beta(0.4, 0.4) gave 86.8% and weight decay 5e-4 85.6% (seed 0).
 Each image twice per batch with its own crop, flip and mixup partner (batch augmentation: 64 images, 128
