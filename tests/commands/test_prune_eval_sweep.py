@@ -104,6 +104,31 @@ def test_prune_output_reads_back_as_weights(ckpt, cifar, tmp_path, capsys):
         assert "already clustered (19 clustered conv layers" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_prune_points_to_finetune_when_clustering_costs_accuracy(ckpt, cifar, capsys, monkeypatch):
+    import importlib
+
+    kc = importlib.import_module("kcengine.compress")  # the package (kcengine.compress is also the function)
+    real = kc.compress
+
+    def fixed_figures(*a, **k):  # 12 random test images decide nothing: the report says 90% -> 10%
+        model, report = real(*a, **k)
+        report.accuracy_before, report.accuracy_after = 0.9, 0.1
+        return model, report
+    monkeypatch.setattr(kc, "compress", fixed_figures)
+    for argv, want in ((["--ratio", "0.5"], "`python -m kcengine finetune --ratio 0.5`"),
+                       (["--plan", "map:layer3\\..*=0.5", "--granularity", "kernel"],
+                        "`python -m kcengine finetune --plan 'map:layer3\\..*=0.5' --granularity kernel`")):
+        assert main(["prune", "--weights", str(ckpt), "--data", str(cifar), *argv]) == 0
+        err = capsys.readouterr().err
+        assert "accuracy 90.00% -> 10.00% is right after clustering, without retraining" in err and want in err, err
+    assert main(["prune", "--weights", str(ckpt), "--data", str(cifar), "--ratio", "0.5", "--granularity",
+                 "element"]) == 0
+    assert "finetune" not in capsys.readouterr().err  # finetune does not train element granularity
+    monkeypatch.setattr(kc, "compress", real)
+    assert main(["prune", "--weights", str(ckpt), "--no-eval", "--ratio", "0.5"]) == 0
+    assert "finetune" not in capsys.readouterr().err  # no figures, no hint
+
+
 def test_prune_plan_takes_a_bare_ratio(ckpt, tmp_path):
     out = tmp_path / "pr"
     assert main(["prune", "--weights", str(ckpt), "--no-eval", "--plan", "0.5", "--out", str(out)]) == 0
