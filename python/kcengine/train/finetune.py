@@ -21,67 +21,17 @@ output-aware refit + BN recalibration, then 20 epochs of codebook training with 
 alpha=0.9, block features at weight 2) on mixup batches (lam ~ U(0, 1); the teacher scores the same mixed
 images), SGD with Nesterov momentum, one-cycle LR peaking at 0.01 per 128 images of batch (scaled with the
 loader's batch size: 0.005 at the recommended batch of 64, ``RECOMMENDED_BATCH``), CIFAR crop+flip
-augmentation.  Mixup is what makes the long schedule pay on a small training set: resnet20 at k = C_out/2 on
-the 4,660-image sample reaches 86.9% after 20 epochs with it, 85.1% without (84.3% vs 84.8% after 8; these
-at batch 128, before the recipe moved to 64).
-Matching the blocks' outputs (feature_weight) is kept for its average: +1.2 and +1.4 points over the same run
-without it at one thread (seeds 0 and 1: 86.3 -> 87.5%, 85.8 -> 87.2%), but -0.6 in the recorded two-thread
-pair (87.1 -> 86.5%, bench/results/recovery_resnet20_nofeat.md).  Batch 64 at the same LR per image gives
-twice the steps in the same epochs: at k = C_out/2, 87.9 / 87.2 / 86.8% over finetune seeds 0-2
-(bench/results/recovery_resnet20_seeds_b64.md) against 86.5 / 86.4 / 85.0% at batch 128
-(recovery_resnet20_seeds.md); on the mixed plan 87.0% (recovery_resnet20.md) and 87.1% (seed 1, an
-unrecorded run) against 88.1 / 87.2 / 86.4%, no change.  A 20-epoch run on this sample moves by up to about
-+-1 point with the seed or the thread count, as large as most of these effects; the 846 test images
-alone give a standard error of about 1.1 points at 87%.  Weights 4 and 10 for the features, peak LR 0.02,
-an average of the weights (EMA), and BN statistics re-estimated on un-mixed images did no better.  The
-temperature (unrecorded runs, batch 64, mixed plan of recovery_resnet20.md, seed 0): T = 1, 2, 4, 8, 16 gave
-83.7, 85.5, 87.0, 88.1, 87.5%; T = 8 over seeds 0-2 88.1 / 87.5 / 87.1% (mean 87.6%, against 87.0 / 87.1% at
-T = 4), but 87.1% at k = C_out/2 (87.9% at T = 4), and without the CE term (alpha = 1) 87.4%: T = 4 stays.
-Annealing from the dense model (each filter = its centroid + s * its dense offset, s going 1 -> 0 over the
-first half of the run, no refit) ended at 85.5% (over 70%, cosine: 84.0%): the loss jumps as s nears 0.
-Other splits of the mixed plan's budget of 344 filters (unrecorded runs, seed 0, one thread): every layer
-of conv1 + layer1 at full width, layer2 at 14, layer3 at 24-25: 85.1%; conv1 16, layer1 12, layer2 16,
-layer3 26-27: 86.1%; conv1 8, layer1 8, layer2 14, layer3 34: 87.1%; conv1 8, layer1 6, layer2 14,
-layer3 36: 86.8%; within every block, conv1 at 3/8 of C_out and conv2 at 5/8 (the stem at 1/2; two
-threads): 83.2%, and the reverse, conv1 at 5/8 and conv2 at 3/8: 86.4% -- none above the uniform C_out/2
-split (87.9%), nor the sensitivity allocation (87.0%).  Nor does reaching C_out/2 by way of 3/4 (seed 0, two
-threads): 6 epochs at 3/4 (90.5%), the trained filters re-clustered to C_out/2 and BN recalibrated (36.9%), 14
-epochs: 83.9%; the same with the C_out/2 layers refit to the 3/4 model's outputs (76.8%, where the one-shot
-refit starts at 76.5%): 85.5%.
-Batch 32 (seeds 0, 1: 86.1 / 85.9%) is worse than 64, and a refit on 2,048 images instead of 512 (87.1 /
-87.5%) no better; at C_out/2, mixup Beta(0.4, 0.4) gave 86.8% and weight decay 5e-4 85.6% (seed 0).
-Each image twice per batch with its own crop, flip and mixup partner (batch augmentation: 64 images, 128
-views, the same LR, twice the compute) gave 87.8 / 87.7% at C_out/2 (seeds 0, 1; 87.9 / 87.2% without).
-CutMix (a box of the partner pasted, lam from the same Beta(1, 1); seed 0, C_out/2) in place of mixup gave
-87.1%, on half the batches 87.4% (87.9% with mixup alone); Cutout (a 16x16 box of each image zeroed after the
-crop and flip, before mixup; seed 0, C_out/2, an unrecorded run) 85.9%.  AdamW at its default LR (5e-4 at batch 64;
-seed 0, C_out/2, an unrecorded run): 84.9%.  Sharpness-aware minimization (SAM, rho = 0.05 on the trainable
-parameters' whole gradient, the teacher's outputs reused for the second pass; seed 0, C_out/2, an unrecorded
-run): 86.4%.  Crops padded with black (the checkpoint's own pipeline, whose BN statistics it restores, see
-:mod:`kcengine.train.bn`) and BN recalibrated on such crops (seed 0, C_out/2, an unrecorded run): 86.1%.  The clustering as the best
-of 10 k-means runs (``compress_options={"n_init": 10}``; seed 0, C_out/2, an unrecorded run): the refit
-starts at the same 76.5% and ends at 86.2%.  Progressive clustering with the same 20 epochs (3 after each of the
-four stages, 8 after the last; C_out/2, seed 0): 85.2% deepest group first, 86.1% shallowest first
-(bench/results/recovery_prog20.md, recovery_prog20fwd.md), below the 87.9% of training all the codebooks at once.
-Colour jitter after the crop and flip (brightness, contrast and saturation each scaled by U(0.6, 1.4) per
-image; seed 0, C_out/2, an unrecorded run): 86.9%.  resnet56 (93.3% on the sample) as the logit teacher, the
-dense resnet20 still the refit's and the block features' reference (seed 0, mixed plan, an unrecorded run):
-86.1%, against 87.0% with resnet20's own logits.  At C_out/2 (seed 0, unrecorded runs, 87.9% with the
-defaults): peak LR 0.0075 at batch 64, 86.3%; weight decay 0, 86.3%; filters clustered by direction
-(``compress_options={"cosine": True}``, norms kept as buffers), 84.3%; a flip-averaged teacher (its logits the
-mean over each image and its mirror; seeds 0, 1, unrecorded runs), 85.8 / 86.9% (87.9 / 87.2% with the plain one);
-each codebook row's gradient scaled by (mean cluster size / its cluster size), so that a centroid's step does not
-grow with its cluster (seeds 0, 1, unrecorded runs), 86.1 / 86.1%.  Also at C_out/2 (unrecorded runs, seeds
-0-2 unless said; 87.9 / 87.2 / 86.8% with the defaults): mixup off for the last 4 of the 20 epochs (seeds 0, 1),
-87.6 / 87.1%; feature weight 1, 86.4 / 86.8 / 86.4%; feature weight 4, 86.3 / 86.9 / 87.6%; momentum 0.95,
-87.5 / 87.2 / 86.2%; the features matched at every BN's output as well as at the blocks (28 points; seeds
-0, 1), 85.9 / 86.6%.  These runs end at 91-92% top-1 on the un-augmented training images themselves (the dense
-teacher: 99.7%): at C_out/2 the student does not fit its own training set, which is why the regularizers
-above (Cutout, colour jitter, weight decay, SAM) cost accuracy and the recipe's gains come from more
-distillation signal per image (mixup with the teacher scoring the mixed images, the block features).  Nor
-does changing the index help as the refit would: reassigning each filter, after the first epoch, to the
-trained centroid that explains its dense channel best (the refit's criterion, by over 2%) moved 384 of 688
-filters, and the accuracy fell from 72.9% after that epoch to 39.8% after the next (a 2-epoch trial, seed 0).
+augmentation.
+
+Why these: at k = C_out/2 on resnet20 the student ends at 91-92% top-1 on its own training images where the
+dense teacher scores 99.7% -- it underfits -- so what pays is more distillation signal per image (mixup with
+the teacher scoring the mixed images: 86.9% against 85.1% without, at batch 128; the block features) and
+more steps (batch 64: 87.9 / 87.2 / 86.8% over finetune seeds 0-2, against 86.5 / 86.4 / 85.0% at 128),
+while regularizers cost accuracy.  About fifty alternatives measured and not kept (optimizers, LRs,
+temperatures, feature weights, augmentations, teachers, clustering starts, index changes during training,
+progressive schedules, other splits of the mixed plan's budget) are listed with their figures in
+bench/RECOVERY.md.  A 20-epoch run on the 4,660-image CIFAR sample moves by up to about +-1 point with the
+seed or the thread count.
 
 The caller's ``model`` (and ``teacher``) are never modified: the run trains a copy, returned as
 ``FinetuneResult.model``.
