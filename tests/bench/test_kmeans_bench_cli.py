@@ -90,3 +90,19 @@ def test_time_methods_repeats_only_the_quick_calls_and_keeps_the_best(monkeypatc
     order.clear()
     times, _, _ = kb.time_methods("w", {m: fn(m) for m in methods[:2]}, methods[:2], repeat=2)
     assert order == ["quick", "slow", "slow", "quick"]  # no min_seconds: the repeats only, order alternating
+
+
+def test_inertia_ratio_counts_problems_every_method_solves_exactly():
+    """k = N: every method reaches inertia 0, and the ratio says they are equal (it read NaN, shown as
+    `inertia xnan` in `kcengine bench --model resnet20 --quick`, whose c_kernels problems all have k = N)."""
+    import numpy as np
+
+    from kcengine.bench.kmeans import Workload, _geo_ratio, run_workload
+
+    assert _geo_ratio([0.0, 0.0], [0.0, 0.0]) == 1.0
+    assert abs(_geo_ratio([2.0, 0.0], [1.0, 0.0]) - 2 ** 0.5) < 1e-12  # the zero pair counts as 1
+    assert _geo_ratio([1.0], [0.0]) != _geo_ratio([1.0], [0.0])  # only the reference at 0: no ratio (NaN)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((48, 9)).astype(np.float32)
+    rows = run_workload(Workload("c_kernels", [x, x[:20]], [48, 20]), ["kcengine", "sklearn"])
+    assert [r.inertia_ratio for r in rows] == [1.0, 1.0]

@@ -11,7 +11,8 @@ Workloads (from the issue "Engine foundation"):
 
 Every method gets the same inputs in one process; times are best-of-``repeat``; quality is the
 inertia of each method's centroids on the full data (faiss subsamples large problems by default),
-summarized as the geometric mean over problems of inertia / scikit-learn's inertia.
+summarized as the geometric mean over problems of inertia / scikit-learn's inertia (a problem that both
+solve at inertia 0, k = N distinct points, counts as 1; before 2026-11-24 such problems were left out).
 ``max_problems`` keeps an evenly spaced subset of a workload's problems (the same subset for every
 method) so large models stay affordable; reports say when that happened.
 """
@@ -231,7 +232,15 @@ class Row:
 
 
 def _geo_ratio(ours: list[float], ref: list[float]) -> float:
-    logs = [math.log(max(a, 1e-300) / b) for a, b in zip(ours, ref) if b > 1e-12 * (1 + a)]
+    """Geometric mean over problems of ``ours / ref``.  A problem where both inertias are zero (k = N
+    distinct points: every method's exact answer) counts as equal; one where only the reference's is zero
+    has no finite ratio and is left out; NaN when no problem is left."""
+    logs = []
+    for a, b in zip(ours, ref):
+        if b > 1e-12 * (1 + a):
+            logs.append(math.log(max(a, 1e-300) / b))
+        elif a <= 1e-12 * (1 + b):
+            logs.append(0.0)
     return float(math.exp(sum(logs) / len(logs))) if logs else float("nan")
 
 
@@ -432,7 +441,8 @@ def write_report(results: list[dict], out_dir: Path, name: str = "kmeans_cpu", c
                  f"{results[0].get('threads', 'default')}")
     lines.append("- seconds: best of the repeats, same inputs, methods alternating order; inertia / sklearn: "
                  "geometric mean over problems of the method's inertia divided by scikit-learn's "
-                 "(k-means++, n_init=1, tol=1e-4, one KMeans per problem)")
+                 "(k-means++, n_init=1, tol=1e-4, one KMeans per problem; a problem both solve at inertia 0, "
+                 "k = N, counts as 1)")
     csv_rows = []
     for res in results:
         lines.append(f"\n## {res['source']}\n")
