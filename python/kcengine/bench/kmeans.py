@@ -11,8 +11,7 @@ Workloads (from the issue "Engine foundation"):
 
 Every method gets the same inputs in one process; times are best-of-``repeat``; quality is the
 inertia of each method's centroids on the full data (faiss subsamples large problems by default),
-summarized as the geometric mean over problems of inertia / scikit-learn's inertia (a problem that both
-solve at inertia 0, k = N distinct points, counts as 1; before 2026-11-24 such problems were left out).
+summarized as the geometric mean over problems of inertia / scikit-learn's inertia (see ``_geo_ratio``).
 ``max_problems`` keeps an evenly spaced subset of a workload's problems (the same subset for every
 method) so large models stay affordable; reports say when that happened.
 """

@@ -74,8 +74,10 @@ def run(args) -> int:
 def _recovery_hint(args, report) -> None:
     """When clustering cost accuracy at a granularity finetune trains, say (on stderr) that these figures come
     without retraining and which command recovers them with the same plan."""
+    from ..train.finetune import GRANULARITIES  # what finetune can cluster and train
+
     before, after = report.accuracy_before, report.accuracy_after
-    if before is None or after is None or after >= before or args.granularity not in ("filter", "kernel"):
+    if before is None or after is None or after >= before or args.granularity not in GRANULARITIES:
         return
     import shlex
 
