@@ -53,6 +53,7 @@ def test_readme_snippets_run(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(ns["x"]), small.eval()(ns["x"]))
         torch.testing.assert_close(ns["y"], small(ns["x"]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ns["program"].module()(ns["x"]), ns["y"], rtol=1e-4, atol=1e-4)
     assert w.shape == (64, 64, 3, 3)
 
 

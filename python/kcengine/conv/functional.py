@@ -164,9 +164,12 @@ def _validate(x, codebook, index, bias, stride, padding, dilation, groups, granu
     # Sizes past what a 64-bit byte count holds wrap around inside torch's own allocation arithmetic
     # (F.conv2d with padding=2**31 asks for ~1 TB instead of ~3e20 bytes): refuse them here, by name.
     cig = x.shape[1] // groups
-    biggest = max(x.shape[0] * c_out * ho * wo, cig * kh * kw * ho * wo,
-                  x.shape[0] * x.shape[1] * (h + 2 * padding[0]) * (w + 2 * padding[1]))
-    if biggest * x.element_size() >= _MAX_BYTES:
+    sizes = (x.shape[0] * c_out * ho * wo, cig * kh * kw * ho * wo,
+             x.shape[0] * x.shape[1] * (h + 2 * padding[0]) * (w + 2 * padding[1]))
+    # Symbolic sizes (torch.export with a dynamic dimension) are left to torch: a comparison here would
+    # pin the dimension to a range in the exported program.
+    if all(isinstance(n, int) for n in sizes) and any(n * x.element_size() >= _MAX_BYTES for n in sizes):
+        biggest = max(sizes)
         raise ValueError(f"padding={padding}, stride={stride}, dilation={dilation} on x of shape {tuple(x.shape)} "
                          f"would make an output of {ho}x{wo} pixels: buffers of {biggest} elements, past what "
                          f"a 64-bit byte count can address")

@@ -67,6 +67,9 @@ class ClusteredConv2d(nn.Module):
     optimizer steps, in-place ops, ``load_state_dict`` and ``.to()`` are seen.  Writes through
     ``.data``, and in-place writes into tensors made under ``torch.inference_mode`` (a layer built or
     loaded there), bypass the version counter: call :meth:`invalidate_cache` after them.
+
+    Under graph capture (``torch.compile``, ``torch.export``, ``torch.jit.trace``) forward is written in torch
+    ops instead of the native kernels, which capture cannot see (see ``_captured``).
     """
 
     _kc_cosine = False  # set by compress (cosine option) and by layer_from_config
@@ -327,6 +330,8 @@ class ClusteredConv2d(nn.Module):
                     f"ClusteredConv2d for another shape")
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return self._captured(x, residual)
         cache = self._prepared()
         (stride, padding, dilation), in_epilogue = self._checked_geometry(x, residual)
         relu = self.relu
@@ -342,6 +347,32 @@ class ClusteredConv2d(nn.Module):
             if self.relu:
                 y = torch.relu(y)
         return y
+
+    def _captured(self, x, residual) -> torch.Tensor:
+        """``forward`` as torch ops only, for graph capture (``torch.compile``, ``torch.export``,
+        ``torch.jit.trace``).  The native kernels write into buffers torch cannot see, so a captured graph
+        would replay their outputs as uninitialized tensors (``torch.jit.trace``), or capture could not run
+        them on its fake tensors (``torch.export``).  The graph computes what the ``torch`` backend does:
+        filter granularity, the K-filter conv of ``x`` with the codebook and a gather of its channels;
+        kernel granularity (and ``groups > 1``), one conv with the dense weight ``codebook[index]``, built
+        in the graph; then the same epilogue.  The checks are an eager call's, but for the range of the
+        index values (data a graph cannot read at capture; an index out of range fails in the gather), and
+        none under ``torch.jit.trace``, which hands sizes over as tensors (comparing them would warn) and
+        replays the graph on whatever shapes it is given."""
+        stride, padding, dilation = self.stride, self.padding, self.dilation
+        if not torch.jit.is_tracing():
+            self._check_own_shapes()
+            in_epilogue = self._residual_in_epilogue(x, residual)
+            stride, padding, dilation = _validate(
+                x, self.codebook, self.index, self.bias, stride, padding, dilation, self.groups, self.granularity,
+                self.scale, self.shift, residual if in_epilogue else None, check_range=False)
+        if self.granularity == "filter" and self.groups == 1:
+            y = F.conv2d(x, self.codebook, None, stride, padding, dilation).index_select(1, self.index.long())
+            if self.bias is not None:  # per output channel, after the gather
+                y = y + self.bias.view(1, -1, 1, 1)
+        else:
+            y = F.conv2d(x, self.to_dense(), self.bias, stride, padding, dilation, self.groups)
+        return _torch_epilogue(y, self.scale, self.shift, self.relu, residual)
 
     def _indexed(self, x, residual, relu, cache, stride, padding, dilation) -> torch.Tensor:
         """The conv through the backend registry (its epilogue: bias, scale/shift, residual, ``relu``)."""

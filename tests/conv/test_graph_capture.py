@@ -1,0 +1,138 @@
+"""ClusteredConv2d under graph capture (torch.jit.trace, torch.export, torch.compile).
+
+The native kernels write into buffers torch cannot see: a capture that recorded them would replay an
+uninitialized output (torch.jit.trace did, and then failed its own sanity check) or could not run them on
+fake tensors (torch.export).  Under capture the layer computes with torch ops; these tests check that a
+captured graph, run on inputs other than those it was captured with, gives what eager forward gives,
+against F.conv2d with the dense weight as the reference.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kcengine
+from kcengine.models.zoo import load_model
+from kcengine.nn import ClusteredConv2d, fuse_for_inference
+
+
+def _close(y, ref):
+    torch.testing.assert_close(y, ref, atol=2e-5 * (ref.abs().max().item() + 1), rtol=2e-5)
+
+
+def _layer(granularity: str, *, groups: int = 1, bias: bool = True, fused: bool = False, seed: int = 0):
+    """A 6 -> 10 channel layer (stride 2, padding 1) with random codebook, index and epilogue."""
+    g = torch.Generator().manual_seed(seed)
+    m = ClusteredConv2d(6, 10, 3, 4, stride=2, padding=1, groups=groups, bias=bias, granularity=granularity)
+    with torch.no_grad():
+        m.codebook.copy_(torch.randn(m.codebook.shape, generator=g))
+        m.index.copy_(torch.randint(0, 4, m.index.shape, generator=g))
+        if bias:
+            m.bias.copy_(torch.randn(10, generator=g))
+    if fused:
+        bn = nn.BatchNorm2d(10).eval()
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.randn(10, generator=g))
+            bn.running_var.copy_(torch.rand(10, generator=g) + 0.5)
+            bn.weight.copy_(torch.randn(10, generator=g))
+            bn.bias.copy_(torch.randn(10, generator=g))
+        m = m.fuse_bn_relu(bn, relu=True)
+    return m.eval()
+
+
+def _dense_reference(m: ClusteredConv2d, x, residual=None):
+    """The layer as F.conv2d with its dense weight, then its epilogue, written out here."""
+    y = F.conv2d(x, m.to_dense(), m.bias, m.stride, m.padding, m.dilation, m.groups)
+    if m.scale is not None:
+        y = y * m.scale.view(1, -1, 1, 1) + m.shift.view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if m.relu else y
+
+
+CASES = [  # (granularity, groups, bias, fused, residual shape: None, "full" or "broadcast")
+    ("filter", 1, True, False, None),
+    ("filter", 1, False, True, "full"),
+    ("filter", 1, True, True, "broadcast"),
+    ("filter", 2, True, False, None),
+    ("kernel", 1, True, False, None),
+    ("kernel", 1, False, True, "full"),
+    ("kernel", 2, True, True, None),
+]
+
+
+def _inputs(residual: str | None, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 6, 9, 11, generator=g)
+    if residual is None:
+        return (x,)
+    shape = (3, 10, 5, 6) if residual == "full" else (1, 10, 1, 6)
+    return x, torch.randn(shape, generator=g)
+
+
+@pytest.mark.parametrize("granularity,groups,bias,fused,residual", CASES)
+def test_trace_replays_on_new_inputs(granularity, groups, bias, fused, residual):
+    m = _layer(granularity, groups=groups, bias=bias, fused=fused)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation notice
+        traced = torch.jit.trace(m, _inputs(residual, 1))
+        new = _inputs(residual, 2)
+        y = traced(*new)
+        _close(y, m(*new))
+        _close(y, _dense_reference(m, *new))
+
+
+@pytest.mark.parametrize("granularity,groups,bias,fused,residual", CASES)
+def test_export_runs_torch_ops_from_the_codebook(granularity, groups, bias, fused, residual):
+    m = _layer(granularity, groups=groups, bias=bias, fused=fused)
+    ep = torch.export.export(m, _inputs(residual, 1))
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert all(str(t).startswith("aten.") for t in targets), targets
+    assert any("conv2d" in str(t) for t in targets)
+    # the codebook stays a parameter of the graph: the dense weight is not baked in as a constant
+    assert "codebook" in ep.graph_signature.parameters
+    assert not ep.constants
+    new = _inputs(residual, 2)
+    with torch.no_grad():
+        y = ep.module()(*new)
+        _close(y, m(*new))
+        _close(y, _dense_reference(m, *new))
+    if granularity == "filter" and groups == 1:  # the conv runs the K unique filters, then a gather
+        conv = next(n for n in ep.graph.nodes if "conv2d" in str(n.target))
+        assert conv.args[1].meta["val"].shape[0] == m.num_clusters
+
+
+@pytest.mark.parametrize("granularity,groups,bias,fused,residual", CASES)
+def test_compile_fullgraph(granularity, groups, bias, fused, residual):
+    m = _layer(granularity, groups=groups, bias=bias, fused=fused)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break fails
+    new = _inputs(residual, 2)
+    with torch.no_grad():
+        _close(compiled(*new), m(*new))
+
+
+def test_compile_trains_the_codebook():
+    """Under torch.compile the codebook gets the gradient eager autograd gives it."""
+    x = _inputs(None, 3)[0]
+    grads = []
+    for fn in (lambda m: m, lambda m: torch.compile(m, backend="aot_eager", fullgraph=True)):
+        m = _layer("filter").train()
+        fn(m)(x).square().sum().backward()
+        grads.append(m.codebook.grad.clone())
+    _close(grads[1], grads[0])
+
+
+def test_export_a_compressed_fused_resnet():
+    """A whole model: resnet20 clustered at both granularities, BN, residual and ReLU fused into its convs,
+    exported with a dynamic batch size and run on another batch of another size."""
+    model = load_model("resnet20", None).model.eval()  # default init: the shapes and the blocks are what matter
+    x1, x2 = torch.randn(2, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    for granularity, plan in (("filter", 0.5), ("kernel", {"layers": {"re:layer.*": 8}})):
+        small, _ = kcengine.compress(model, plan, granularity=granularity)
+        fused = fuse_for_inference(small)
+        ep = torch.export.export(fused, (x1,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        with torch.no_grad():
+            _close(ep.module()(x2), fused(x2))
+            _close(ep.module()(x2), small(x2))
