@@ -124,6 +124,16 @@ def test_compile_trains_the_codebook():
     _close(grads[1], grads[0])
 
 
+def test_meta_device_gives_the_output_shape():
+    """A model moved to the meta device (shape inference, empty-weight initialization) runs forward."""
+    for granularity, plan in (("filter", 0.5), ("kernel", {"layers": {"re:layer.*": 8}})):
+        small, _ = kcengine.compress(load_model("resnet20", None).model.eval(), plan, granularity=granularity)
+        for m in (small, fuse_for_inference(small)):
+            x = torch.randn(5, 3, 32, 32)
+            y = m.to("meta")(x.to("meta"))
+            assert y.is_meta and y.shape == (5, 10)
+
+
 def test_export_a_compressed_fused_resnet():
     """A whole model: resnet20 clustered at both granularities, BN, residual and ReLU fused into its convs,
     exported with a dynamic batch size and run on another batch of another size."""

@@ -68,8 +68,9 @@ class ClusteredConv2d(nn.Module):
     ``.data``, and in-place writes into tensors made under ``torch.inference_mode`` (a layer built or
     loaded there), bypass the version counter: call :meth:`invalidate_cache` after them.
 
-    Under graph capture (``torch.compile``, ``torch.export``, ``torch.jit.trace``) forward is written in torch
-    ops instead of the native kernels, which capture cannot see (see ``_captured``).
+    Under graph capture (``torch.compile``, ``torch.export``, ``torch.jit.trace``), and on the meta device,
+    forward is written in torch ops instead of the native kernels, which capture cannot see (see
+    ``_captured``).
     """
 
     _kc_cosine = False  # set by compress (cosine option) and by layer_from_config
@@ -330,8 +331,8 @@ class ClusteredConv2d(nn.Module):
                     f"ClusteredConv2d for another shape")
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return self._captured(x, residual)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or getattr(x, "is_meta", False):
+            return self._captured(x, residual)  # torch ops only (also what a meta tensor needs: shapes)
         cache = self._prepared()
         (stride, padding, dilation), in_epilogue = self._checked_geometry(x, residual)
         relu = self.relu
