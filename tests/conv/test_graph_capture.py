@@ -124,6 +124,35 @@ def test_compile_trains_the_codebook():
     _close(grads[1], grads[0])
 
 
+class _Functional(nn.Module):
+    """A user's module calling kcengine.indexed_conv2d with its own codebook and index."""
+
+    def __init__(self, layer: ClusteredConv2d):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, residual=None):
+        m = self.layer
+        return kcengine.indexed_conv2d(x, m.codebook, m.index, m.bias, m.stride, m.padding, m.dilation, m.groups,
+                                       m.granularity, scale=m.scale, shift=m.shift, relu=m.relu, residual=residual)
+
+
+@pytest.mark.parametrize("granularity,groups,bias,fused,residual", [c for c in CASES if c[4] != "broadcast"])
+def test_indexed_conv2d_under_capture(granularity, groups, bias, fused, residual):
+    m = _Functional(_layer(granularity, groups=groups, bias=bias, fused=fused))
+    new = _inputs(residual, 2)
+    with torch.no_grad():
+        eager = m(*new)
+        _close(eager, _dense_reference(m.layer, *new))
+        _close(torch.export.export(m, _inputs(residual, 1)).module()(*new), eager)
+        _close(torch.compile(m, backend="aot_eager", fullgraph=True)(*new), eager)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            _close(torch.jit.trace(m, _inputs(residual, 1))(*new), eager)
+        meta = m.layer.to("meta")
+        assert _Functional(meta)(*(t.to("meta") for t in new)).shape == eager.shape
+
+
 def test_meta_device_gives_the_output_shape():
     """A model moved to the meta device (shape inference, empty-weight initialization) runs forward."""
     for granularity, plan in (("filter", 0.5), ("kernel", {"layers": {"re:layer.*": 8}})):

@@ -239,9 +239,15 @@ def indexed_conv2d(
     Gradients flow to ``x``, ``codebook``, ``bias``, ``scale``, ``shift`` and ``residual``; each centroid
     receives the sum of the gradients of the filters/kernels that share it.
     """
+    relu = bool(relu)
+    if capturing(x):
+        if not torch.jit.is_tracing():  # see captured_conv2d for what is checked where
+            stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
+                                                  granularity, scale, shift, residual, check_range=False)
+        return captured_conv2d(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale,
+                               shift, relu, residual)
     stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
                                           granularity, scale, shift, residual)
-    relu = bool(relu)
     if groups > 1:
         return _dense_fallback(x, codebook, index, bias, stride, padding, dilation, groups, granularity,
                                scale, shift, relu, residual)
@@ -251,6 +257,34 @@ def indexed_conv2d(
 
     _, y = _registry.run_with_fallback("conv", backend, x.device, call)
     return y
+
+
+def capturing(x) -> bool:
+    """Whether the conv must be written in torch ops (:func:`captured_conv2d`): torch is capturing a graph
+    (``torch.jit.trace``, ``torch.compile``, ``torch.export``), or ``x`` is on the meta device."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or getattr(x, "is_meta", False)
+
+
+def captured_conv2d(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale, shift, relu,
+                    residual):
+    """The conv in torch ops only, for graph capture and meta tensors.
+
+    The native kernels write into buffers torch cannot see, so a captured graph would replay their outputs
+    as uninitialized tensors (``torch.jit.trace``), or capture could not run them on its fake tensors
+    (``torch.export``).  Here the graph computes what the ``torch`` backend does: filter granularity, the
+    K-filter conv of ``x`` with the codebook and a gather of its channels; kernel granularity (and
+    ``groups > 1``), one conv with the dense weight ``codebook[index]``, gathered in the graph; then the
+    epilogue.  Callers check the arguments as an eager call does, but for the range of the index values
+    (data a graph cannot read at capture; an index out of range fails in the gather), and not at all
+    under ``torch.jit.trace``, which hands sizes over as tensors (comparing them would warn) and replays
+    the graph on whatever shapes it is given."""
+    if granularity == "filter" and groups == 1:
+        y = F.conv2d(x, codebook, None, stride, padding, dilation).index_select(1, index.long())
+        if bias is not None:  # per output channel, after the gather
+            y = y + bias.view(1, -1, 1, 1)
+    else:
+        y = F.conv2d(x, dense_weight(codebook, index, granularity), bias, stride, padding, dilation, groups)
+    return _torch_epilogue(y, scale, shift, relu, residual)
 
 
 def _dense_fallback(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale, shift, relu,

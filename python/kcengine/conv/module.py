@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from .. import _registry
 from .backends import PackedCodebook, tensor_version
-from .functional import GRANULARITIES, _pair, _torch_epilogue, _validate, dense_weight, output_hw
+from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, captured_conv2d, capturing, dense_weight,
+                         output_hw)
 
 __all__ = ["ClusteredConv2d", "index_dtype_for"]
 
@@ -70,7 +71,7 @@ class ClusteredConv2d(nn.Module):
 
     Under graph capture (``torch.compile``, ``torch.export``, ``torch.jit.trace``), and on the meta device,
     forward is written in torch ops instead of the native kernels, which capture cannot see (see
-    ``_captured``).
+    :func:`~kcengine.conv.functional.captured_conv2d`).
     """
 
     _kc_cosine = False  # set by compress (cosine option) and by layer_from_config
@@ -331,8 +332,8 @@ class ClusteredConv2d(nn.Module):
                     f"ClusteredConv2d for another shape")
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if torch.jit.is_tracing() or torch.compiler.is_compiling() or getattr(x, "is_meta", False):
-            return self._captured(x, residual)  # torch ops only (also what a meta tensor needs: shapes)
+        if capturing(x):
+            return self._captured(x, residual)
         cache = self._prepared()
         (stride, padding, dilation), in_epilogue = self._checked_geometry(x, residual)
         relu = self.relu
@@ -350,16 +351,8 @@ class ClusteredConv2d(nn.Module):
         return y
 
     def _captured(self, x, residual) -> torch.Tensor:
-        """``forward`` as torch ops only, for graph capture (``torch.compile``, ``torch.export``,
-        ``torch.jit.trace``).  The native kernels write into buffers torch cannot see, so a captured graph
-        would replay their outputs as uninitialized tensors (``torch.jit.trace``), or capture could not run
-        them on its fake tensors (``torch.export``).  The graph computes what the ``torch`` backend does:
-        filter granularity, the K-filter conv of ``x`` with the codebook and a gather of its channels;
-        kernel granularity (and ``groups > 1``), one conv with the dense weight ``codebook[index]``, built
-        in the graph; then the same epilogue.  The checks are an eager call's, but for the range of the
-        index values (data a graph cannot read at capture; an index out of range fails in the gather), and
-        none under ``torch.jit.trace``, which hands sizes over as tensors (comparing them would warn) and
-        replays the graph on whatever shapes it is given."""
+        """``forward`` in torch ops only (:func:`~kcengine.conv.functional.captured_conv2d`, which says why and
+        what is checked), under graph capture and on the meta device."""
         stride, padding, dilation = self.stride, self.padding, self.dilation
         if not torch.jit.is_tracing():
             self._check_own_shapes()
@@ -367,13 +360,8 @@ class ClusteredConv2d(nn.Module):
             stride, padding, dilation = _validate(
                 x, self.codebook, self.index, self.bias, stride, padding, dilation, self.groups, self.granularity,
                 self.scale, self.shift, residual if in_epilogue else None, check_range=False)
-        if self.granularity == "filter" and self.groups == 1:
-            y = F.conv2d(x, self.codebook, None, stride, padding, dilation).index_select(1, self.index.long())
-            if self.bias is not None:  # per output channel, after the gather
-                y = y + self.bias.view(1, -1, 1, 1)
-        else:
-            y = F.conv2d(x, self.to_dense(), self.bias, stride, padding, dilation, self.groups)
-        return _torch_epilogue(y, self.scale, self.shift, self.relu, residual)
+        return captured_conv2d(x, self.codebook, self.index, self.bias, stride, padding, dilation, self.groups,
+                               self.granularity, self.scale, self.shift, self.relu, residual)
 
     def _indexed(self, x, residual, relu, cache, stride, padding, dilation) -> torch.Tensor:
         """The conv through the backend registry (its epilogue: bias, scale/shift, residual, ``relu``)."""
