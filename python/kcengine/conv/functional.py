@@ -238,8 +238,17 @@ def indexed_conv2d(
 
     Gradients flow to ``x``, ``codebook``, ``bias``, ``scale``, ``shift`` and ``residual``; each centroid
     receives the sum of the gradients of the filters/kernels that share it.
+
+    Under ``torch.autocast`` the conv runs as autocast runs ``F.conv2d``: its floating arguments (but
+    float64 ones) cast to the autocast dtype, the result in that dtype.
     """
     relu = bool(relu)
+    ac = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
+    if ac is not None:  # as autocast runs F.conv2d: in its dtype (gradients reach the originals), autocast off inside
+        c = [autocast_cast(t, ac) for t in (x, codebook, bias, scale, shift, residual)]
+        with torch.autocast(x.device.type, enabled=False):
+            return indexed_conv2d(c[0], c[1], index, c[2], stride, padding, dilation, groups, granularity,
+                                  scale=c[3], shift=c[4], relu=relu, residual=c[5], backend=backend)
     if capturing(x):
         if not torch.jit.is_tracing():  # see captured_conv2d for what is checked where
             stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
@@ -259,10 +268,35 @@ def indexed_conv2d(
     return y
 
 
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # torch < 2.3
+
+
 def capturing(x) -> bool:
     """Whether the conv must be written in torch ops (:func:`captured_conv2d`): torch is capturing a graph
     (``torch.jit.trace``, ``torch.compile``, ``torch.export``), or ``x`` is on the meta device."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or getattr(x, "is_meta", False)
+    return torch.jit.is_tracing() or _is_compiling() or getattr(x, "is_meta", False)
+
+
+def autocast_dtype(x) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` runs convs in on ``x``'s device, or None where it is off."""
+    dev = x.device.type
+    if dev == "meta":  # no autocast there (torch asks for a device it knows)
+        return None
+    try:
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    except (TypeError, AttributeError):  # torch < 2.4: per-device functions
+        if dev == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        if dev == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return None
+
+
+def autocast_cast(t, dtype):
+    """``t`` as ``torch.autocast`` hands a conv its arguments: floating tensors but float64 in ``dtype``."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
 
 
 def captured_conv2d(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale, shift, relu,

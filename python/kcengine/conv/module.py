@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from .. import _registry
 from .backends import PackedCodebook, tensor_version
-from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, captured_conv2d, capturing, dense_weight,
-                         output_hw)
+from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, captured_conv2d,
+                         capturing, dense_weight, indexed_conv2d, output_hw)
 
 __all__ = ["ClusteredConv2d", "index_dtype_for"]
 
@@ -69,7 +69,8 @@ class ClusteredConv2d(nn.Module):
     ``.data``, and in-place writes into tensors made under ``torch.inference_mode`` (a layer built or
     loaded there), bypass the version counter: call :meth:`invalidate_cache` after them.
 
-    Under graph capture (``torch.compile``, ``torch.export``, ``torch.jit.trace``), and on the meta device,
+    Under ``torch.autocast`` the layer runs in the autocast dtype, as ``F.conv2d`` does there.  Under graph
+    capture (``torch.compile``, ``torch.export``, ``torch.jit.trace``), and on the meta device,
     forward is written in torch ops instead of the native kernels, which capture cannot see (see
     :func:`~kcengine.conv.functional.captured_conv2d`).
     """
@@ -332,6 +333,9 @@ class ClusteredConv2d(nn.Module):
                     f"ClusteredConv2d for another shape")
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        ac = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
+        if ac is not None:
+            return self._autocast(x, residual, ac)
         if capturing(x):
             return self._captured(x, residual)
         cache = self._prepared()
@@ -346,6 +350,29 @@ class ClusteredConv2d(nn.Module):
             y = self._indexed(x, residual, relu, cache, stride, padding, dilation)
         if not in_epilogue:
             y = y + residual_after
+            if self.relu:
+                y = torch.relu(y)
+        return y
+
+    def _autocast(self, x, residual, dtype) -> torch.Tensor:
+        """``forward`` under ``torch.autocast``, which runs ``F.conv2d`` in its dtype: the input, the codebook
+        and the epilogue's vectors cast to it (gradients reach the originals), then this layer's computation
+        with autocast off (nothing cast twice; half precision takes the backends' torch paths).  A residual
+        that only broadcasts is added after, as eager forward adds it."""
+        if not capturing(x):
+            self._prepared()  # the index range check of an eager call (a captured graph cannot read the index)
+        tracing = torch.jit.is_tracing()  # no checks there (see captured_conv2d)
+        if not tracing:
+            self._check_own_shapes()
+        in_epilogue = tracing or self._residual_in_epilogue(x, residual)
+        c = [autocast_cast(t, dtype) for t in (x, self.codebook, self.bias, self.scale, self.shift)]
+        with torch.autocast(x.device.type, enabled=False):  # indexed_conv2d writes torch ops under capture
+            y = indexed_conv2d(c[0], c[1], self.index, c[2], self.stride, self.padding, self.dilation, self.groups,
+                               self.granularity, scale=c[3], shift=c[4], relu=self.relu and in_epilogue,
+                               residual=autocast_cast(residual, dtype) if in_epilogue else None,
+                               backend=self.backend)
+        if not in_epilogue:
+            y = y + residual
             if self.relu:
                 y = torch.relu(y)
         return y

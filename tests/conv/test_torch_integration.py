@@ -1,10 +1,13 @@
-"""ClusteredConv2d under graph capture (torch.jit.trace, torch.export, torch.compile).
+"""ClusteredConv2d and indexed_conv2d with torch's machinery: graph capture (torch.jit.trace, torch.export,
+torch.compile), the meta device, torch.autocast.
 
 The native kernels write into buffers torch cannot see: a capture that recorded them would replay an
 uninitialized output (torch.jit.trace did, and then failed its own sanity check) or could not run them on
 fake tensors (torch.export).  Under capture the layer computes with torch ops; these tests check that a
 captured graph, run on inputs other than those it was captured with, gives what eager forward gives,
-against F.conv2d with the dense weight as the reference.
+against F.conv2d with the dense weight as the reference.  Under autocast the layer runs in the autocast
+dtype, as F.conv2d does (the native kernels take float32/float64 only, and autocast hands a layer
+activations of its dtype).
 """
 import warnings
 
@@ -175,3 +178,61 @@ def test_export_a_compressed_fused_resnet():
         with torch.no_grad():
             _close(ep.module()(x2), fused(x2))
             _close(ep.module()(x2), small(x2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("granularity,groups,bias,fused,residual", CASES)
+def test_autocast_runs_in_the_autocast_dtype(granularity, groups, bias, fused, residual, dtype):
+    m = _layer(granularity, groups=groups, bias=bias, fused=fused)
+    args = _inputs(residual, 4)
+    with torch.no_grad():
+        exact = _dense_reference(m, *args)
+        with torch.autocast("cpu", dtype=dtype):
+            y = m(*args)
+            y_fn = _Functional(m)(*args) if residual != "broadcast" else y
+    # a residual that only broadcasts is added after the conv, promoted as torch's + promotes (float32 here)
+    assert y.dtype == (torch.float32 if residual == "broadcast" else dtype) and y_fn.dtype == y.dtype
+    for out in (y, y_fn):
+        torch.testing.assert_close(out.float(), exact, atol=3e-2 * (exact.abs().max().item() + 1), rtol=3e-2)
+
+
+def test_autocast_training_reaches_the_float32_codebook():
+    m = _layer("filter", fused=False).train()
+    x = _inputs(None, 5)[0]
+    m(x).square().sum().backward()
+    exact = m.codebook.grad.clone()
+    m.codebook.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(x).float().square().sum()
+    loss.backward()
+    assert m.codebook.grad.dtype == torch.float32
+    torch.testing.assert_close(m.codebook.grad, exact, atol=5e-2 * exact.abs().max().item(), rtol=5e-2)
+
+
+def test_autocast_a_compressed_fused_resnet():
+    model = load_model("resnet20", None).model.eval()
+    x = torch.randn(4, 3, 32, 32)
+    for granularity, plan in (("filter", 0.5), ("kernel", {"layers": {"re:layer.*": 8}})):
+        small, _ = kcengine.compress(model, plan, granularity=granularity)
+        for m in (small, fuse_for_inference(small)):
+            with torch.no_grad():
+                exact = m(x)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = m(x)
+            assert y.dtype == torch.bfloat16
+            torch.testing.assert_close(y.float(), exact, atol=5e-2 * (exact.abs().max().item() + 1), rtol=5e-2)
+
+
+def test_autocast_under_capture():
+    """torch.compile and torch.export of a clustered model inside torch.autocast."""
+    model = load_model("resnet20", None).model.eval()
+    x1, x2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    for granularity, plan in (("filter", 0.5), ("kernel", {"layers": {"re:layer.*": 8}})):
+        fused = fuse_for_inference(kcengine.compress(model, plan, granularity=granularity)[0])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            eager = fused(x2)
+            compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)(x2)
+            exported = torch.export.export(fused, (x1,)).module()(x2)
+        for y in (compiled, exported):
+            assert y.dtype == eager.dtype == torch.bfloat16
+            torch.testing.assert_close(y.float(), eager.float(), atol=3e-2 * (eager.abs().max().item() + 1), rtol=3e-2)
