@@ -9,6 +9,7 @@ import kcengine
 from kcengine.compress import (ElementClusteredConv2d, compress, effective_weight, elbow_index, local_maxima,
                                parse_plan, sensitivity_sweep)
 from kcengine.compress.plan import ByChannels, Elbow, FixedRatio, InertiaLimit, PerLayer
+from kcengine.nn import ClusteredConv2d
 
 
 class Net(nn.Module):
@@ -296,9 +297,14 @@ def test_compress_argument_errors_name_the_value():
     with pytest.raises(ValueError, match="data must be a DataLoader, a Dataset or an \\(images, labels\\) pair"):
         compress(m, ratio=0.5, eval_data=[1, 2, 3])  # was an AttributeError
     # the layer is named (before: the conv's padding or the k-means problem's index, no layer)
-    same = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"))
-    with pytest.raises(ValueError, match="layer '0' has padding='same', padding_mode='zeros'"):
-        compress(same, ratio=0.5)
+    even = nn.Sequential(nn.Conv2d(3, 4, 2, padding="same"))  # 'same' pads one side more
+    with pytest.raises(ValueError, match="layer '0': padding='same' with kernel_size=\\(2, 2\\), dilation=\\(1, 1\\) "
+                                         "pads one side more than the other"):
+        compress(even, ratio=0.5)
+    reflect = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="layer '0': padding_mode='reflect' \\(padding=\\(1, 1\\)\\): a clustered conv "
+                                         "pads with zeros only; leave the layer out with layers="):
+        compress(reflect, ratio=0.5)
     nan = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1))
     with torch.no_grad():
         nan[1].weight[0, 0] = float("nan")
@@ -357,3 +363,25 @@ def test_resnet20_k_equal_n_keeps_accuracy_and_sweep_prefix_cache_agrees(shared_
     row = res.rows[0]
     new, _ = compress(lm.model, plan="map:layer2.1.conv2=16")
     assert row["k"] == 16 and row["accuracy"] == evaluate(new, (x, y)).top1
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel", "element"])
+def test_string_padding_becomes_numbers(granularity, tmp_path):
+    """padding='same' (odd kernel extents, dilation) and 'valid' convs cluster: with one cluster per point the
+    compressed model equals the dense one, and the saved file loads back."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3, padding="same"), nn.ReLU(), nn.Conv2d(6, 6, (1, 5), padding="same"),
+                      nn.Conv2d(6, 6, 3, padding="same", dilation=2), nn.Conv2d(6, 4, 3, stride=2, padding="valid"))
+    x = torch.randn(2, 3, 11, 13)
+    small, _ = compress(m, ratio=1.0, granularity=granularity)  # every point its own cluster
+    convs = [c for c in small if not isinstance(c, nn.ReLU)]
+    assert [tuple(c.padding) for c in convs] == [(1, 1), (0, 2), (2, 2), (0, 0)]
+    kcengine.save_compressed(small, tmp_path / "m.pt")
+    back = kcengine.load_compressed(tmp_path / "m.pt", m)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(back(x), small(x))
+    with pytest.raises(ValueError, match="conv: padding_mode='circular' \\(padding=\\(1, 1\\)\\): a clustered conv pads "
+                                         "with zeros only"):
+        ClusteredConv2d.from_conv(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+                                  kcengine.kmeans(np.random.rand(4, 27).astype(np.float32), 2))

@@ -10,6 +10,7 @@ from torch import nn
 
 from .._checks import check_float, check_int
 from ..kmeans import kmeans, kmeans_sweep
+from ..conv.module import zero_padding_of
 from .layers import GRANULARITIES, LayerProblem, effective_weight
 from .plan import ByChannels, Elbow, FixedRatio, PerLayer, k_from_value, parse_plan, ratio_to_k, select_layers
 from .report import CompressionReport, LayerReport
@@ -204,9 +205,10 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     selected = select_layers([n for n, _ in convs], layers)
     for n in selected:  # before any clustering, and naming the layer
         conv = by_name[n]
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"layer {n!r} has padding={conv.padding!r}, padding_mode={conv.padding_mode!r}: a "
-                             f"clustered conv takes numeric zero padding; leave the layer out with layers=")
+        try:
+            zero_padding_of(conv)
+        except ValueError as exc:
+            raise ValueError(f"layer {n!r}: {exc}; leave the layer out with layers=") from None
         if not bool(torch.isfinite(conv.weight).all()):
             raise ValueError(f"layer {n!r} has NaN or Inf weights: k-means needs finite data")
     probs = [LayerProblem(n, by_name[n], granularity, cosine) for n in selected]

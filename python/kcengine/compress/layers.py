@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..conv.module import zero_padding_of
 
 __all__ = ["GRANULARITIES", "LayerProblem", "ElementClusteredConv2d", "effective_weight", "n_points"]
 
@@ -61,7 +62,8 @@ class ElementClusteredConv2d(nn.Module):
         if tuple(index.shape) != (c_out, D):
             raise ValueError(f"index must have shape [{c_out}, {D}], got {tuple(index.shape)}")
         self.weight_shape = (c_out, cig, kh, kw)
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.stride, self.dilation, self.groups = conv.stride, conv.dilation, conv.groups
+        self.padding = zero_padding_of(conv)  # "same"/"valid" as numbers (saved files record numbers)
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.num_clusters = int(codebook.shape[1])
         self.codebook = nn.Parameter(codebook.detach().to(conv.weight.dtype).clone())

@@ -15,7 +15,7 @@ from .backends import PackedCodebook, tensor_version
 from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, captured_conv2d,
                          capturing, dense_weight, indexed_conv2d, output_hw)
 
-__all__ = ["ClusteredConv2d", "index_dtype_for"]
+__all__ = ["ClusteredConv2d", "index_dtype_for", "zero_padding_of"]
 
 
 def index_dtype_for(k: int) -> torch.dtype:
@@ -25,6 +25,25 @@ def index_dtype_for(k: int) -> torch.dtype:
     if k <= 32768:
         return torch.int16
     return torch.int32
+
+
+def zero_padding_of(conv: nn.Conv2d) -> tuple[int, int]:
+    """``conv``'s padding as the pair of ints a clustered conv takes: numeric as it is, ``"valid"`` 0,
+    ``"same"`` ``dilation * (kernel - 1) / 2`` on each side.  ValueError for what it cannot take: a
+    ``padding_mode`` other than zeros, or a ``"same"`` that pads one side more than the other (an even
+    ``dilation * (kernel - 1)``)."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"padding_mode={conv.padding_mode!r} (padding={conv.padding!r}): a clustered conv pads with "
+                         f"zeros only")
+    if conv.padding == "valid":
+        return 0, 0
+    if conv.padding == "same":
+        total = [conv.dilation[d] * (conv.kernel_size[d] - 1) for d in (0, 1)]
+        if total[0] % 2 or total[1] % 2:
+            raise ValueError(f"padding='same' with kernel_size={tuple(conv.kernel_size)}, dilation={tuple(conv.dilation)} "
+                             f"pads one side more than the other, which a clustered conv does not take")
+        return total[0] // 2, total[1] // 2
+    return int(conv.padding[0]), int(conv.padding[1])
 
 
 def _as_tensor(a, name: str) -> torch.Tensor:
@@ -131,9 +150,10 @@ class ClusteredConv2d(nn.Module):
         """
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"conv.padding must be numeric with padding_mode='zeros', got padding={conv.padding!r}, "
-                             f"padding_mode={conv.padding_mode!r}")
+        try:
+            padding = zero_padding_of(conv)
+        except ValueError as exc:
+            raise ValueError(f"conv: {exc}") from None
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         for field in ("centroids", "labels"):
@@ -158,7 +178,7 @@ class ClusteredConv2d(nn.Module):
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= k:
             raise ValueError(f"kmeans_result.labels must be in [0, K={k}), got {lo if lo < 0 else hi}")
-        mod = cls(conv.in_channels, conv.out_channels, (kh, kw), k, conv.stride, conv.padding, conv.dilation,
+        mod = cls(conv.in_channels, conv.out_channels, (kh, kw), k, conv.stride, padding, conv.dilation,
                   conv.groups, conv.bias is not None, granularity, device=w.device, dtype=w.dtype, backend=backend)
         with torch.no_grad():
             cb_shape = (k, cig, kh, kw) if granularity == "filter" else (k, kh, kw)
