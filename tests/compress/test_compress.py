@@ -385,3 +385,31 @@ def test_string_padding_becomes_numbers(granularity, tmp_path):
                                          "with zeros only"):
         ClusteredConv2d.from_conv(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
                                   kcengine.kmeans(np.random.rand(4, 27).astype(np.float32), 2))
+
+
+class _StdConv(nn.Conv2d):
+    """A weight-standardized conv: its forward is not a plain conv of its weight."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+def test_conv_subclasses():
+    """A Conv2d subclass with its own forward is refused by name (clustering it would drop that forward); one
+    that keeps Conv2d's forward, such as a parametrized weight, clusters its effective weight."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), _StdConv(4, 4, 3))
+    with pytest.raises(ValueError, match="layer '1': it is a .*_StdConv, a subclass of nn.Conv2d with its own "
+                                         "forward.*; leave the layer out with layers="):
+        compress(m, ratio=0.5)
+    small, _ = compress(m, ratio=0.5, layers=["0"])
+    assert isinstance(small[1], _StdConv)
+    wn = nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 5, 3, padding=1)))
+    x = torch.randn(2, 3, 8, 8)
+    for granularity in ("filter", "kernel"):
+        exact, _ = compress(wn, ratio=1.0, granularity=granularity)
+        assert isinstance(exact[0], ClusteredConv2d)
+        with torch.no_grad():
+            torch.testing.assert_close(exact(x), wn(x), rtol=1e-5, atol=1e-5)

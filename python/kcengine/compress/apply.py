@@ -25,6 +25,17 @@ def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
+def _check_plain_forward(conv: nn.Conv2d) -> None:
+    """ValueError for a subclass of nn.Conv2d that computes its own way (a weight-standardized conv, one that
+    pads in forward, a fused conv-BN): a clustered conv would run a plain conv of its weight instead, a
+    different function.  Subclasses that keep nn.Conv2d's forward (a parametrized weight, read through
+    ``conv.weight``) are plain."""
+    cls = type(conv)
+    if cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward:
+        raise ValueError(f"it is a {cls.__module__}.{cls.__qualname__}, a subclass of nn.Conv2d with its own "
+                         f"forward, which a clustered conv (a plain conv of the clustered weight) would drop")
+
+
 def require_dense_convs(model: nn.Module, convs) -> None:
     """ValueError when ``model`` has no dense conv left because it is already clustered (the plain
     "no nn.Conv2d" error of :func:`select_layers` would not say why)."""
@@ -207,6 +218,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
         conv = by_name[n]
         try:
             zero_padding_of(conv)
+            _check_plain_forward(conv)
         except ValueError as exc:
             raise ValueError(f"layer {n!r}: {exc}; leave the layer out with layers=") from None
         if not bool(torch.isfinite(conv.weight).all()):
