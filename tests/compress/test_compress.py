@@ -301,10 +301,6 @@ def test_compress_argument_errors_name_the_value():
     with pytest.raises(ValueError, match="layer '0': padding='same' with kernel_size=\\(2, 2\\), dilation=\\(1, 1\\) "
                                          "pads one side more than the other"):
         compress(even, ratio=0.5)
-    reflect = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
-    with pytest.raises(ValueError, match="layer '0': padding_mode='reflect' \\(padding=\\(1, 1\\)\\): a clustered conv "
-                                         "pads with zeros only; leave the layer out with layers="):
-        compress(reflect, ratio=0.5)
     nan = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1))
     with torch.no_grad():
         nan[1].weight[0, 0] = float("nan")
@@ -381,10 +377,10 @@ def test_string_padding_becomes_numbers(granularity, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(small(x), m(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(back(x), small(x))
-    with pytest.raises(ValueError, match="conv: padding_mode='circular' \\(padding=\\(1, 1\\)\\): a clustered conv pads "
-                                         "with zeros only"):
-        ClusteredConv2d.from_conv(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
-                                  kcengine.kmeans(np.random.rand(4, 27).astype(np.float32), 2))
+    with pytest.raises(ValueError, match="conv: padding='same' with kernel_size=\\(4, 4\\), dilation=\\(1, 1\\) pads one "
+                                         "side more"):
+        ClusteredConv2d.from_conv(nn.Conv2d(3, 4, 4, padding="same"),
+                                  kcengine.kmeans(np.random.rand(4, 48).astype(np.float32), 2))
 
 
 class _StdConv(nn.Conv2d):
@@ -413,3 +409,30 @@ def test_conv_subclasses():
         assert isinstance(exact[0], ClusteredConv2d)
         with torch.no_grad():
             torch.testing.assert_close(exact(x), wn(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel", "element"])
+def test_padding_modes(granularity, tmp_path):
+    """Convs that pad by reflection, replication or wrapping cluster as nn.Conv2d computes them (the input padded
+    first): exact at ratio 1, eagerly, fused, exported and after a save and load."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(6), nn.ReLU(),
+                      nn.Conv2d(6, 6, 3, padding=(2, 1), dilation=(2, 1), padding_mode="replicate"),
+                      nn.Conv2d(6, 4, 3, stride=2, padding=1, padding_mode="circular"),
+                      nn.Conv2d(4, 4, 5, padding="same", padding_mode="reflect")).eval()
+    x = torch.randn(2, 3, 11, 13)
+    small, _ = compress(m, ratio=1.0, granularity=granularity)
+    convs = [c for c in small if hasattr(c, "codebook")]
+    assert [c.padding_mode for c in convs] == ["reflect", "replicate", "circular", "reflect"]
+    assert "padding_mode='reflect'" in repr(small) or granularity == "element"
+    kcengine.save_compressed(small, tmp_path / "m.pt")
+    back = kcengine.load_compressed(tmp_path / "m.pt", m)
+    with torch.no_grad():
+        want = m(x)
+        torch.testing.assert_close(small(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(back(x), small(x))
+        if granularity != "element":
+            torch.testing.assert_close(kcengine.nn.fuse_for_inference(small)(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.export.export(small, (x,)).module()(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="padding_mode must be one of .* got 'mirror'"):
+        ClusteredConv2d(3, 4, 3, 2, padding=1, padding_mode="mirror")

@@ -320,3 +320,23 @@ def test_patch_rows_are_the_unfolded_rows(c, h, w, k, dil, pad, st):
     full = F.unfold(x, **kw).transpose(1, 2).reshape(-1, c * k[0] * k[1])
     rows = torch.randperm(full.shape[0], generator=torch.Generator().manual_seed(3))[: full.shape[0] // 3 + 1]
     assert torch.equal(cal._patch_rows(x, rows, **kw), full[rows])
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_moments_pad_as_the_layer_pads(mode):
+    """A layer with a padding mode: the refit's patch moments are those of its input padded that way."""
+    from kcengine.nn import ClusteredConv2d
+
+    layer = ClusteredConv2d(3, 4, 3, 2, stride=2, padding=(1, 2), padding_mode=mode)
+    g = torch.Generator().manual_seed(4)
+    xc, xd = torch.randn(6, 3, 9, 8, generator=g), torch.randn(6, 3, 9, 8, generator=g)
+    got = cal._moments(layer, xc, xd, max_patches=10**6, seed=0)
+
+    def patches(x):
+        return F.unfold(F.pad(x, (2, 2, 1, 1), mode=mode), 3, stride=2).transpose(1, 2).reshape(-1, 27).double()
+
+    pc, pd = patches(xc), patches(xd)
+    n = pc.shape[0]
+    want = (pc.T @ pc / n, pc.T @ pd / n, pd.T @ pd / n, pc.mean(0), pd.mean(0))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ from torch import nn
 
 from .._checks import check_float, check_int
 from ..kmeans import kmeans, kmeans_sweep
-from ..conv.module import zero_padding_of
+from ..conv.module import numeric_padding
 from .layers import GRANULARITIES, LayerProblem, effective_weight
 from .plan import ByChannels, Elbow, FixedRatio, PerLayer, k_from_value, parse_plan, ratio_to_k, select_layers
 from .report import CompressionReport, LayerReport
@@ -217,7 +217,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     for n in selected:  # before any clustering, and naming the layer
         conv = by_name[n]
         try:
-            zero_padding_of(conv)
+            numeric_padding(conv)
             _check_plain_forward(conv)
         except ValueError as exc:
             raise ValueError(f"layer {n!r}: {exc}; leave the layer out with layers=") from None

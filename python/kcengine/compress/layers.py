@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ..conv.module import zero_padding_of
+from ..conv.module import numeric_padding
 
 __all__ = ["GRANULARITIES", "LayerProblem", "ElementClusteredConv2d", "effective_weight", "n_points"]
 
@@ -53,6 +53,8 @@ class ElementClusteredConv2d(nn.Module):
         bias: ``nn.Parameter [C_out]`` or None.
     """
 
+    padding_mode = "zeros"  # the class default is what layers pickled before padding modes existed read
+
     def __init__(self, conv: nn.Conv2d, codebook: torch.Tensor, index: torch.Tensor):
         super().__init__()
         c_out, cig, kh, kw = conv.weight.shape
@@ -63,7 +65,8 @@ class ElementClusteredConv2d(nn.Module):
             raise ValueError(f"index must have shape [{c_out}, {D}], got {tuple(index.shape)}")
         self.weight_shape = (c_out, cig, kh, kw)
         self.stride, self.dilation, self.groups = conv.stride, conv.dilation, conv.groups
-        self.padding = zero_padding_of(conv)  # "same"/"valid" as numbers (saved files record numbers)
+        self.padding = numeric_padding(conv)  # "same"/"valid" as numbers (saved files record numbers)
+        self.padding_mode = conv.padding_mode
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.num_clusters = int(codebook.shape[1])
         self.codebook = nn.Parameter(codebook.detach().to(conv.weight.dtype).clone())
@@ -76,6 +79,10 @@ class ElementClusteredConv2d(nn.Module):
         return w.t().reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":  # as nn.Conv2d: the input padded first
+            ph, pw = self.padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            return F.conv2d(x, self.to_dense(), self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, self.to_dense(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     @property

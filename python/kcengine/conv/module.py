@@ -15,7 +15,7 @@ from .backends import PackedCodebook, tensor_version
 from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, captured_conv2d,
                          capturing, dense_weight, indexed_conv2d, output_hw)
 
-__all__ = ["ClusteredConv2d", "index_dtype_for", "zero_padding_of"]
+__all__ = ["ClusteredConv2d", "index_dtype_for", "numeric_padding", "PADDING_MODES"]
 
 
 def index_dtype_for(k: int) -> torch.dtype:
@@ -27,14 +27,13 @@ def index_dtype_for(k: int) -> torch.dtype:
     return torch.int32
 
 
-def zero_padding_of(conv: nn.Conv2d) -> tuple[int, int]:
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")  # nn.Conv2d's
+
+
+def numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
     """``conv``'s padding as the pair of ints a clustered conv takes: numeric as it is, ``"valid"`` 0,
-    ``"same"`` ``dilation * (kernel - 1) / 2`` on each side.  ValueError for what it cannot take: a
-    ``padding_mode`` other than zeros, or a ``"same"`` that pads one side more than the other (an even
-    ``dilation * (kernel - 1)``)."""
-    if conv.padding_mode != "zeros":
-        raise ValueError(f"padding_mode={conv.padding_mode!r} (padding={conv.padding!r}): a clustered conv pads with "
-                         f"zeros only")
+    ``"same"`` ``dilation * (kernel - 1) / 2`` on each side.  ValueError for a ``"same"`` that pads one side
+    more than the other (an odd ``dilation * (kernel - 1)``), which a clustered conv does not take."""
     if conv.padding == "valid":
         return 0, 0
     if conv.padding == "same":
@@ -77,6 +76,8 @@ class ClusteredConv2d(nn.Module):
         relu: whether a ReLU is fused after the affine.
         _kc_cosine: True for a layer of the cosine option (its centroids unit-norm, norms in ``scale``).
         backend: ``"auto"`` or a backend name for :func:`kcengine.indexed_conv2d`'s registry.
+        padding_mode: as nn.Conv2d's (``"zeros"``, ``"reflect"``, ``"replicate"``, ``"circular"``); other than
+            zeros, forward pads the input by ``padding`` that way first and the conv itself pads nothing.
 
     ``forward(x, residual=None)`` returns ``act((conv(x) + bias) * scale + shift + residual)``; a residual of
     the output's shape and x's dtype is added in the conv's epilogue, one that broadcasts to the output (or
@@ -95,11 +96,14 @@ class ClusteredConv2d(nn.Module):
     """
 
     _kc_cosine = False  # set by compress (cosine option) and by layer_from_config
+    padding_mode = "zeros"  # the class default is what layers pickled before padding modes existed read
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, num_clusters: int, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, granularity: str = "filter", device=None,
-                 dtype=None, backend: str = "auto"):
+                 dtype=None, backend: str = "auto", padding_mode: str = "zeros"):
         super().__init__()
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         _registry.check_backend_name(backend)
@@ -118,6 +122,7 @@ class ClusteredConv2d(nn.Module):
                              ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
             if min(v) < low:  # (forward checks these too; a layer that can never run is refused here)
                 raise ValueError(f"{name} must be >= {low}, got {name}={v}")
+        self.padding_mode = padding_mode
         self.granularity = granularity
         self.num_clusters = num_clusters
         self.backend = backend
@@ -151,7 +156,7 @@ class ClusteredConv2d(nn.Module):
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         try:
-            padding = zero_padding_of(conv)
+            padding = numeric_padding(conv)
         except ValueError as exc:
             raise ValueError(f"conv: {exc}") from None
         if granularity not in GRANULARITIES:
@@ -179,7 +184,8 @@ class ClusteredConv2d(nn.Module):
         if lo < 0 or hi >= k:
             raise ValueError(f"kmeans_result.labels must be in [0, K={k}), got {lo if lo < 0 else hi}")
         mod = cls(conv.in_channels, conv.out_channels, (kh, kw), k, conv.stride, padding, conv.dilation,
-                  conv.groups, conv.bias is not None, granularity, device=w.device, dtype=w.dtype, backend=backend)
+                  conv.groups, conv.bias is not None, granularity, device=w.device, dtype=w.dtype, backend=backend,
+                  padding_mode=conv.padding_mode)
         with torch.no_grad():
             cb_shape = (k, cig, kh, kw) if granularity == "filter" else (k, kh, kw)
             mod.codebook.copy_(cent.to(device=w.device, dtype=w.dtype).reshape(cb_shape))
@@ -259,6 +265,16 @@ class ClusteredConv2d(nn.Module):
         return new
 
     # ------------------------------------------------------------------ forward
+    @property
+    def _conv_padding(self):
+        """The conv's own zero padding: ``padding``, or none where ``padding_mode`` pads the input first."""
+        return self.padding if self.padding_mode == "zeros" else (0, 0)
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` padded by ``padding`` in ``padding_mode`` (not zeros), as nn.Conv2d pads it."""
+        ph, pw = _pair(self.padding, "padding")
+        return F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+
     def _prepared(self) -> _Cache:
         idx = self.index
         version = tensor_version(idx)
@@ -293,13 +309,13 @@ class ClusteredConv2d(nn.Module):
 
         cb, idx = self.codebook, self.index
         key = (sig(x), sig(residual), sig(cb), sig(idx), sig(self.bias), sig(self.scale), sig(self.shift),
-               self.stride, self.padding, self.dilation, self.groups, self.granularity)
+               self.stride, self._conv_padding, self.dilation, self.groups, self.granularity)
         checked = self.__dict__.get("_checked")
         if checked is not None and checked[0] == key:
             return checked[1]
         self._check_own_shapes()
         in_epilogue = self._residual_in_epilogue(x, residual)
-        geometry = _validate(x, cb, idx, self.bias, self.stride, self.padding, self.dilation, self.groups,
+        geometry = _validate(x, cb, idx, self.bias, self.stride, self._conv_padding, self.dilation, self.groups,
                              self.granularity, self.scale, self.shift, residual if in_epilogue else None,
                              check_range=False)
         self.__dict__["_checked"] = (key, (geometry, in_epilogue))
@@ -314,8 +330,8 @@ class ClusteredConv2d(nn.Module):
                 x.dim() != 4 or residual.device != x.device:
             return True
         try:
-            ho, wo = output_hw(x.shape, *(_pair(getattr(self, a), a) for a in
-                                          ("kernel_size", "stride", "padding", "dilation")))
+            ho, wo = output_hw(x.shape, *(_pair(getattr(self, a), a.lstrip("_")) for a in
+                                          ("kernel_size", "stride", "_conv_padding", "dilation")))
         except (ValueError, ZeroDivisionError):  # reassigned geometry: _validate names what is wrong
             return True
         out = (x.shape[0], self.out_channels, ho, wo)
@@ -353,6 +369,8 @@ class ClusteredConv2d(nn.Module):
                     f"ClusteredConv2d for another shape")
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.padding_mode != "zeros" and isinstance(x, torch.Tensor) and x.dim() == 4:
+            x = self._pad(x)
         ac = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
         if ac is not None:
             return self._autocast(x, residual, ac)
@@ -387,7 +405,7 @@ class ClusteredConv2d(nn.Module):
         in_epilogue = tracing or self._residual_in_epilogue(x, residual)
         c = [autocast_cast(t, dtype) for t in (x, self.codebook, self.bias, self.scale, self.shift)]
         with torch.autocast(x.device.type, enabled=False):  # indexed_conv2d writes torch ops under capture
-            y = indexed_conv2d(c[0], c[1], self.index, c[2], self.stride, self.padding, self.dilation, self.groups,
+            y = indexed_conv2d(c[0], c[1], self.index, c[2], self.stride, self._conv_padding, self.dilation, self.groups,
                                self.granularity, scale=c[3], shift=c[4], relu=self.relu and in_epilogue,
                                residual=autocast_cast(residual, dtype) if in_epilogue else None,
                                backend=self.backend)
@@ -400,7 +418,7 @@ class ClusteredConv2d(nn.Module):
     def _captured(self, x, residual) -> torch.Tensor:
         """``forward`` in torch ops only (:func:`~kcengine.conv.functional.captured_conv2d`, which says why and
         what is checked), under graph capture and on the meta device."""
-        stride, padding, dilation = self.stride, self.padding, self.dilation
+        stride, padding, dilation = self.stride, self._conv_padding, self.dilation
         if not torch.jit.is_tracing():
             self._check_own_shapes()
             in_epilogue = self._residual_in_epilogue(x, residual)
@@ -454,6 +472,8 @@ class ClusteredConv2d(nn.Module):
              f"granularity={self.granularity!r}, stride={self.stride}")
         if self.padding != (0, 0):
             s += f", padding={self.padding}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         if self.groups != 1:

@@ -38,9 +38,13 @@ FORMAT = "kcengine.compressed/1"
 
 
 def conv_geometry(m: nn.Module) -> dict:
-    """The constructor's geometry of a conv (``nn.Conv2d`` or :class:`ClusteredConv2d`)."""
-    return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
-            "stride": list(m.stride), "padding": list(m.padding), "dilation": list(m.dilation), "groups": m.groups}
+    """The constructor's geometry of a conv (``nn.Conv2d`` or :class:`ClusteredConv2d`); ``padding_mode`` only
+    where it is not zeros (files written before it existed read as zeros)."""
+    geo = {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
+           "stride": list(m.stride), "padding": list(m.padding), "dilation": list(m.dilation), "groups": m.groups}
+    if getattr(m, "padding_mode", "zeros") != "zeros":
+        geo["padding_mode"] = m.padding_mode
+    return geo
 
 
 def layer_config(m: ClusteredConv2d) -> dict:

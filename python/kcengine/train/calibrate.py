@@ -180,7 +180,13 @@ def _moments(layer: ClusteredConv2d, xc: torch.Tensor, xd: torch.Tensor, max_pat
     At most ``max_patches`` patch positions (a fixed random subset, the same for student and teacher).
     ``xd is xc`` (the student's input is the teacher's: every layer before it is dense) computes one product
     and returns it for all three."""
-    kw = dict(kernel_size=layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    same = xd is xc
+    padding = layer.padding
+    if layer.padding_mode != "zeros":  # the inputs padded as the layer pads them, then no zero padding
+        xc = layer._pad(xc)
+        xd = xc if same else layer._pad(xd)
+        padding = (0, 0)
+    kw = dict(kernel_size=layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
     d = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
     acc = [torch.zeros(d, d, dtype=torch.float64, device=xc.device) for _ in range(3)]
     mc = torch.zeros(d, dtype=torch.float64, device=xc.device)
@@ -188,8 +194,7 @@ def _moments(layer: ClusteredConv2d, xc: torch.Tensor, xd: torch.Tensor, max_pat
     n = 0
     g = torch.Generator().manual_seed(seed)
     n_img = xc.shape[0]
-    same = xd is xc
-    ho, wo = output_hw(xc.shape, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+    ho, wo = output_hw(xc.shape, layer.kernel_size, layer.stride, padding, layer.dilation)
     for i in range(0, n_img, chunk):
         rows = min(chunk, n_img - i) * ho * wo
         keep = max(1, int(max_patches * min(chunk, n_img - i) / n_img))
