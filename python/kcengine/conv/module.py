@@ -330,8 +330,9 @@ class ClusteredConv2d(nn.Module):
                 x.dim() != 4 or residual.device != x.device:
             return True
         try:
-            ho, wo = output_hw(x.shape, *(_pair(getattr(self, a), a.lstrip("_")) for a in
-                                          ("kernel_size", "stride", "_conv_padding", "dilation")))
+            geometry = (self.kernel_size, self.stride, self._conv_padding, self.dilation)
+            ho, wo = output_hw(x.shape, *(_pair(v, name) for v, name in
+                                          zip(geometry, ("kernel_size", "stride", "padding", "dilation"))))
         except (ValueError, ZeroDivisionError):  # reassigned geometry: _validate names what is wrong
             return True
         out = (x.shape[0], self.out_channels, ho, wo)
@@ -394,21 +395,19 @@ class ClusteredConv2d(nn.Module):
 
     def _autocast(self, x, residual, dtype) -> torch.Tensor:
         """``forward`` under ``torch.autocast``, which runs ``F.conv2d`` in its dtype: the input, the codebook
-        and the epilogue's vectors cast to it (gradients reach the originals), then this layer's computation
-        with autocast off (nothing cast twice; half precision takes the backends' torch paths).  A residual
-        that only broadcasts is added after, as eager forward adds it."""
-        if not capturing(x):
-            self._prepared()  # the index range check of an eager call (a captured graph cannot read the index)
+        and the epilogue's vectors cast to it (gradients reach the originals), then :func:`indexed_conv2d`
+        with autocast off (nothing cast twice; half precision takes the backends' torch paths; under capture
+        it writes torch ops).  A residual that only broadcasts is added after, as eager forward adds it."""
+        x, cb, bias, scale, shift, res = (autocast_cast(t, dtype) for t in
+                                          (x, self.codebook, self.bias, self.scale, self.shift, residual))
         tracing = torch.jit.is_tracing()  # no checks there (see captured_conv2d)
         if not tracing:
             self._check_own_shapes()
-        in_epilogue = tracing or self._residual_in_epilogue(x, residual)
-        c = [autocast_cast(t, dtype) for t in (x, self.codebook, self.bias, self.scale, self.shift)]
-        with torch.autocast(x.device.type, enabled=False):  # indexed_conv2d writes torch ops under capture
-            y = indexed_conv2d(c[0], c[1], self.index, c[2], self.stride, self._conv_padding, self.dilation, self.groups,
-                               self.granularity, scale=c[3], shift=c[4], relu=self.relu and in_epilogue,
-                               residual=autocast_cast(residual, dtype) if in_epilogue else None,
-                               backend=self.backend)
+        in_epilogue = tracing or self._residual_in_epilogue(x, res)
+        with torch.autocast(x.device.type, enabled=False):
+            y = indexed_conv2d(x, cb, self.index, bias, self.stride, self._conv_padding, self.dilation, self.groups,
+                               self.granularity, scale=scale, shift=shift, relu=self.relu and in_epilogue,
+                               residual=res if in_epilogue else None, backend=self.backend)
         if not in_epilogue:
             y = y + residual
             if self.relu:
