@@ -168,9 +168,9 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     ``"same"`` that pads one side more than the other; a subclass of ``nn.Conv2d`` with its own forward is
     refused by name (clustering it would drop what that forward does: leave it out with ``layers=``).
     ``model`` is not modified: the result is a deep copy whose selected convs are replaced (see
-    :mod:`kcengine.compress.layers` for the module each granularity/option gives).  All selected layers are clustered in ONE batched
-    :func:`kcengine.kmeans` call (ragged: each layer its own N, D and k); the inertia and elbow
-    plans sweep k per layer with :func:`kcengine.kmeans_sweep` and reuse the chosen fit.
+    :mod:`kcengine.compress.layers` for the module each granularity/option gives).  All selected layers
+    are clustered in ONE batched :func:`kcengine.kmeans` call (ragged: each layer its own N, D and k); the
+    inertia and elbow plans sweep k per layer with :func:`kcengine.kmeans_sweep` and reuse the chosen fit.
 
     Args:
         model: the model to compress (left unchanged).
