@@ -377,8 +377,8 @@ def test_string_padding_becomes_numbers(granularity, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(small(x), m(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(back(x), small(x))
-    with pytest.raises(ValueError, match="conv: padding='same' with kernel_size=\\(4, 4\\), dilation=\\(1, 1\\) pads one "
-                                         "side more"):
+    with pytest.raises(ValueError, match="conv: padding='same' with kernel_size=\\(4, 4\\), "
+                                         "dilation=\\(1, 1\\) pads one side more"):
         ClusteredConv2d.from_conv(nn.Conv2d(3, 4, 4, padding="same"),
                                   kcengine.kmeans(np.random.rand(4, 48).astype(np.float32), 2))
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from .. import _registry
 from .backends import PackedCodebook, tensor_version
-from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, captured_conv2d,
-                         capturing, dense_weight, indexed_conv2d, output_hw)
+from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype,
+                         captured_conv2d, capturing, dense_weight, indexed_conv2d, output_hw)
 
 __all__ = ["ClusteredConv2d", "index_dtype_for", "numeric_padding", "PADDING_MODES"]
 
@@ -39,8 +39,9 @@ def numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
     if conv.padding == "same":
         total = [conv.dilation[d] * (conv.kernel_size[d] - 1) for d in (0, 1)]
         if total[0] % 2 or total[1] % 2:
-            raise ValueError(f"padding='same' with kernel_size={tuple(conv.kernel_size)}, dilation={tuple(conv.dilation)} "
-                             f"pads one side more than the other, which a clustered conv does not take")
+            raise ValueError(f"padding='same' with kernel_size={tuple(conv.kernel_size)}, "
+                             f"dilation={tuple(conv.dilation)} pads one side more than the other, which a clustered "
+                             f"conv does not take")
         return total[0] // 2, total[1] // 2
     return int(conv.padding[0]), int(conv.padding[1])
 
