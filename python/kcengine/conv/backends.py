@@ -328,14 +328,18 @@ class _NativeEpilogue(torch.autograd.Function):
             raise RuntimeError(f"no backward for the {ctx.kind} epilogue")
         src, index32, scale, shift, residual = ctx.saved_tensors
         ref = _ref_gather
-        leaves = [t.detach().requires_grad_(True) if t is not None else None
+        # Grad mode is on here only in a backward with create_graph=True (a double backward: gradient
+        # penalties, input-gradient regularizers): the gradients are then built as functions of the saved
+        # tensors themselves, so they differentiate further; otherwise of detached copies.
+        create_graph = torch.is_grad_enabled()
+        leaves = [t if create_graph or t is None else t.detach().requires_grad_(True)
                   for t in (src, scale, shift, residual)]
         with torch.enable_grad():
             y = ref(leaves[0], index32, leaves[1], leaves[2], leaves[3], ctx.relu)
             want = [t for t, need in zip(leaves, (ctx.needs_input_grad[1], ctx.needs_input_grad[3],
                                                   ctx.needs_input_grad[4], ctx.needs_input_grad[5]))
                     if t is not None and need]
-            grads = iter(torch.autograd.grad(y, want, grad) if want else ())
+            grads = iter(torch.autograd.grad(y, want, grad, create_graph=create_graph) if want else ())
         out = []
         for t, need in zip(leaves, (ctx.needs_input_grad[1], ctx.needs_input_grad[3], ctx.needs_input_grad[4],
                                     ctx.needs_input_grad[5])):
