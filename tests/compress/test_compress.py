@@ -436,3 +436,33 @@ def test_padding_modes(granularity, tmp_path):
         torch.testing.assert_close(torch.export.export(small, (x,)).module()(x), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="padding_mode must be one of .* got 'mirror'"):
         ClusteredConv2d(3, 4, 3, 2, padding=1, padding_mode="mirror")
+
+
+def test_shared_and_bare_convs(tmp_path):
+    """A conv registered at two places (applied twice, a shared encoder) becomes ONE clustered layer at both (it
+    was replaced at the first path only, the second use left dense); a bare Conv2d as the model comes back
+    clustered (it came back dense); both survive a save and load."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    m = nn.Sequential(conv, nn.ReLU(), conv).eval()
+    x = torch.randn(2, 4, 6, 6)
+    exact, _ = compress(m, ratio=1.0)
+    assert isinstance(exact[2], ClusteredConv2d) and exact[0] is exact[2]
+    with torch.no_grad():
+        torch.testing.assert_close(exact(x), m(x), rtol=1e-5, atol=1e-5)
+    small, report = compress(m, ratio=0.5)
+    assert small[0] is small[2] and [layer.name for layer in report.layers] == ["0"]
+    kcengine.save_compressed(small, tmp_path / "shared.pt")
+    back = kcengine.load_compressed(tmp_path / "shared.pt", m)
+    assert back[0] is back[2] and isinstance(back[0], ClusteredConv2d)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x))
+
+    bare = nn.Conv2d(3, 5, 3)
+    one, report = compress(bare, ratio=1.0)
+    assert isinstance(one, ClusteredConv2d) and [layer.name for layer in report.layers] == [""]
+    kcengine.save_compressed(one, tmp_path / "bare.pt")
+    y = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(one(y), bare(y), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kcengine.load_compressed(tmp_path / "bare.pt", bare)(y), one(y))

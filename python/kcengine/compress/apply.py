@@ -10,7 +10,7 @@ from torch import nn
 
 from .._checks import check_float, check_int
 from ..kmeans import kmeans, kmeans_sweep
-from ..conv.module import numeric_padding
+from ..conv.module import numeric_padding, replace_module
 from .layers import GRANULARITIES, LayerProblem, effective_weight
 from .plan import ByChannels, Elbow, FixedRatio, PerLayer, k_from_value, parse_plan, ratio_to_k, select_layers
 from .report import CompressionReport, LayerReport
@@ -48,13 +48,6 @@ def require_dense_convs(model: nn.Module, convs) -> None:
     if n:
         raise ValueError(f"the model is already clustered ({n} clustered conv layers, no nn.Conv2d left): "
                          f"compress and sweep start from the dense model (its checkpoint, not a compact file)")
-
-
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Set the submodule at dotted path ``name`` of ``root`` to ``new`` (in place on ``root``)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def candidate_ks(n: int, ratios=None, max_points: int = 64) -> list[int]:
@@ -256,7 +249,10 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     for p in probs:
         cents, labels, inertia = fits[p.name]
         mod = p.build(cents, labels, threshold, backend=conv_backend)
-        replace_module(new_model, p.name, mod)
+        if p.name:
+            replace_module(new_model, p.name, mod)
+        else:  # the model is the conv itself
+            new_model = mod
         w_new = effective_weight(mod).to("cpu", torch.float32)
         delta = (w_new - p.weight).double()
         _, _, n_kept = p.codebook_and_index(cents, labels, threshold) if p.granularity != "element" else (0, 0, 0)

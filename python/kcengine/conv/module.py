@@ -15,7 +15,7 @@ from .backends import PackedCodebook, tensor_version
 from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype,
                          captured_conv2d, capturing, dense_weight, indexed_conv2d, output_hw)
 
-__all__ = ["ClusteredConv2d", "index_dtype_for", "numeric_padding", "PADDING_MODES"]
+__all__ = ["ClusteredConv2d", "index_dtype_for", "numeric_padding", "PADDING_MODES", "replace_module"]
 
 
 def index_dtype_for(k: int) -> torch.dtype:
@@ -25,6 +25,20 @@ def index_dtype_for(k: int) -> torch.dtype:
     if k <= 32768:
         return torch.int16
     return torch.int32
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule at dotted path ``name`` of ``root`` (in place on ``root``), at every
+    path where that same module object sits: a module registered twice (one conv applied at two places, a
+    shared encoder) stays one module.  ``name`` must not be ``""`` (``root`` itself cannot be replaced in
+    place: callers use ``new`` as the model)."""
+    if not name:
+        raise ValueError("cannot replace the root module in place")
+    old = root.get_submodule(name)
+    for path, mod in list(root.named_modules(remove_duplicate=False)):
+        if path and mod is old:
+            parent_path, _, child = path.rpartition(".")
+            setattr(root.get_submodule(parent_path) if parent_path else root, child, new)
 
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")  # nn.Conv2d's

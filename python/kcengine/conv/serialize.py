@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .._checks import first_line
-from .module import ClusteredConv2d
+from .module import ClusteredConv2d, replace_module
 
 __all__ = ["save_compressed", "load_compressed", "is_compressed_file", "checkpoint_sizes", "dense_state_dict",
            "conv_geometry", "layer_config", "layer_from_config"]
@@ -136,7 +136,7 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
         raise ValueError(f"the skeleton has no module {parent_path!r} (needed for clustered layer {path!r})") from exc
     if not hasattr(parent, leaf):
         raise ValueError(f"the skeleton has no module {path!r} to replace with a clustered layer")
-    setattr(parent, leaf, new)
+    replace_module(root, path, new)  # at every path of that module: one shared conv stays one layer
 
 
 def is_compressed_file(path) -> bool:
@@ -200,6 +200,9 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
                 layer = build_layer(cfg, dtype=ref.dtype if isinstance(ref, torch.Tensor) else None)
             except (TypeError, ValueError, KeyError) as exc:
                 raise ValueError(f"{path}: {kind} layer {name!r} has an unusable config {cfg!r} ({exc})") from None
+            if not name:  # the model is the layer itself
+                model = layer
+                continue
             try:
                 _set_submodule(model, name, layer)
             except ValueError as exc:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..conv.module import ClusteredConv2d
+from ..conv.module import ClusteredConv2d, replace_module
 from ..conv.serialize import conv_geometry, layer_config, layer_from_config
 
 __all__ = ["clustered_layout", "apply_layout", "save_checkpoint", "load_checkpoint", "CHECKPOINT_NAME"]
@@ -49,8 +49,7 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
         if not isinstance(m, nn.Conv2d):
             raise ValueError(f"checkpoint names layer {name!r}, which is not a conv of this model")
         new = layer_from_config(cfg, dtype=m.weight.dtype, device=m.weight.device)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        replace_module(model, name, new)
     return model
 
 
