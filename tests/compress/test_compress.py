@@ -466,3 +466,14 @@ def test_shared_and_bare_convs(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(one(y), bare(y), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(kcengine.load_compressed(tmp_path / "bare.pt", bare)(y), one(y))
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel", "element"])
+def test_frozen_convs_stay_frozen(granularity):
+    """The clustered layer's codebook and bias take requires_grad from the conv's weight and bias."""
+    m = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3))
+    m[0].requires_grad_(False)
+    m[1].bias.requires_grad_(False)
+    small, _ = compress(m, ratio=0.5, granularity=granularity)
+    assert [(p.requires_grad) for p in (small[0].codebook, small[0].bias, small[1].codebook, small[1].bias)] == \
+        [False, False, True, False]

@@ -69,9 +69,11 @@ class ElementClusteredConv2d(nn.Module):
         self.padding_mode = conv.padding_mode
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.num_clusters = int(codebook.shape[1])
-        self.codebook = nn.Parameter(codebook.detach().to(conv.weight.dtype).clone())
+        self.codebook = nn.Parameter(codebook.detach().to(conv.weight.dtype).clone(),
+                                     requires_grad=conv.weight.requires_grad)  # a frozen conv stays frozen
         self.register_buffer("index", index.detach().to(torch.int64).clone())
-        self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
+        self.bias = (nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
+                     if conv.bias is not None else None)
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``[C_out, C_in/groups, kh, kw]`` weight (differentiable in the codebook)."""

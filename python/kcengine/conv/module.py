@@ -166,7 +166,8 @@ class ClusteredConv2d(nn.Module):
         ``kcengine.kmeans``: for ``"filter"``, centroids ``[K, C_in/groups*kh*kw]`` and labels ``[C_out]``
         (points = flattened filters); for ``"kernel"``, centroids ``[K, kh*kw]`` and labels
         ``[C_out*C_in/groups]`` (points = flattened 2-D kernels in ``weight.reshape(-1, kh*kw)`` order).
-        The conv's bias is copied; ``conv`` is not modified.
+        The conv's bias is copied; the codebook and bias take ``requires_grad`` from the conv's weight and bias
+        (a frozen conv stays frozen); ``conv`` is not modified.
         """
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
@@ -207,6 +208,9 @@ class ClusteredConv2d(nn.Module):
             mod.set_index(labels.reshape(mod.index.shape))
             if conv.bias is not None:
                 mod.bias.copy_(conv.bias.detach())
+        mod.codebook.requires_grad_(w.requires_grad)  # a frozen conv stays frozen
+        if conv.bias is not None:
+            mod.bias.requires_grad_(conv.bias.requires_grad)
         return mod
 
     def set_index(self, index) -> None:
