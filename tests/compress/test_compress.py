@@ -452,6 +452,7 @@ def test_shared_and_bare_convs(tmp_path):
         torch.testing.assert_close(exact(x), m(x), rtol=1e-5, atol=1e-5)
     small, report = compress(m, ratio=0.5)
     assert small[0] is small[2] and [layer.name for layer in report.layers] == ["0"]
+    assert not any(mod.training for mod in small.modules())  # an eval model stays all eval
     kcengine.save_compressed(small, tmp_path / "shared.pt")
     back = kcengine.load_compressed(tmp_path / "shared.pt", m)
     assert back[0] is back[2] and isinstance(back[0], ClusteredConv2d)

@@ -30,11 +30,12 @@ def index_dtype_for(k: int) -> torch.dtype:
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` in place of the submodule at dotted path ``name`` of ``root`` (in place on ``root``), at every
     path where that same module object sits: a module registered twice (one conv applied at two places, a
-    shared encoder) stays one module.  ``name`` must not be ``""`` (``root`` itself cannot be replaced in
+    shared encoder) stays one module.  ``new`` takes the train/eval mode of the module it replaces.  ``name`` must not be ``""`` (``root`` itself cannot be replaced in
     place: callers use ``new`` as the model)."""
     if not name:
         raise ValueError("cannot replace the root module in place")
     old = root.get_submodule(name)
+    new.train(old.training)  # the mode of the module it stands for (an eval model stays all eval)
     for path, mod in list(root.named_modules(remove_duplicate=False)):
         if path and mod is old:
             parent_path, _, child = path.rpartition(".")

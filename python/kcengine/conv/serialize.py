@@ -201,7 +201,7 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
             except (TypeError, ValueError, KeyError) as exc:
                 raise ValueError(f"{path}: {kind} layer {name!r} has an unusable config {cfg!r} ({exc})") from None
             if not name:  # the model is the layer itself
-                model = layer
+                model = layer.train(model.training)
                 continue
             try:
                 _set_submodule(model, name, layer)
