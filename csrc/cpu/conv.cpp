@@ -82,6 +82,9 @@ std::vector<T> affine_or(const py::object& v, py::ssize_t c, T fill, const char*
 // cloned for AVX-512 / AVX2 / baseline and chosen at load time.
 // ---------------------------------------------------------------------------------------------
 #define KC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// ReLU everywhere below is max(0, v) with v as the operand that wins when unordered (`v < 0 ? 0 : v`,
+// `max_ps(zero, v)`): a NaN passes through, as torch.relu passes it (a NaN turned into 0 hides a diverged
+// model).
 
 #define KC_DEFINE_ROW_KERNELS(T, SUFFIX)                                                                   \
   /* out[s] = act(src[s] * a + b (+ res[s])) over one contiguous row. */                                   \
@@ -91,7 +94,7 @@ std::vector<T> affine_or(const py::object& v, py::ssize_t c, T fill, const char*
       if (relu) {                                                                                          \
         for (int64_t s = 0; s < n; ++s) {                                                                  \
           T v = src[s] * a + b + res[s];                                                                   \
-          dst[s] = v > T(0) ? v : T(0);                                                                    \
+          dst[s] = v < T(0) ? T(0) : v;                                                                    \
         }                                                                                                  \
       } else {                                                                                             \
         for (int64_t s = 0; s < n; ++s) dst[s] = src[s] * a + b + res[s];                                  \
@@ -99,7 +102,7 @@ std::vector<T> affine_or(const py::object& v, py::ssize_t c, T fill, const char*
     } else if (relu) {                                                                                     \
       for (int64_t s = 0; s < n; ++s) {                                                                    \
         T v = src[s] * a + b;                                                                              \
-        dst[s] = v > T(0) ? v : T(0);                                                                      \
+        dst[s] = v < T(0) ? T(0) : v;                                                                      \
       }                                                                                                    \
     } else {                                                                                               \
       for (int64_t s = 0; s < n; ++s) dst[s] = src[s] * a + b;                                             \
@@ -120,7 +123,7 @@ std::vector<T> affine_or(const py::object& v, py::ssize_t c, T fill, const char*
         for (int64_t o = 0; o < C; ++o) dst[o] = src[idx[o]] * a[o] + b[o];                                \
       }                                                                                                    \
       if (relu)                                                                                            \
-        for (int64_t o = 0; o < C; ++o) dst[o] = dst[o] > T(0) ? dst[o] : T(0);                            \
+        for (int64_t o = 0; o < C; ++o) dst[o] = dst[o] < T(0) ? T(0) : dst[o];                            \
     }                                                                                                      \
   }
 
@@ -137,7 +140,7 @@ KC_DEFINE_ROW_KERNELS(double, f64)
       for (int64_t o = 0; o < n; ++o) dst[o] = src[o] * a[o] + b[o];                                       \
     }                                                                                                      \
     if (relu)                                                                                              \
-      for (int64_t o = 0; o < n; ++o) dst[o] = dst[o] > T(0) ? dst[o] : T(0);                              \
+      for (int64_t o = 0; o < n; ++o) dst[o] = dst[o] < T(0) ? T(0) : dst[o];                              \
   }
 KC_DEFINE_AFFINE_VEC(float, f32)
 KC_DEFINE_AFFINE_VEC(double, f64)
@@ -204,7 +207,7 @@ __attribute__((target("avx512f"))) void gather_pixels_perm_f32_t(const float* __
       }
       v = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(mk, a + o), _mm512_maskz_loadu_ps(mk, b + o));
       if (rr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, rr + o));
-      if (relu) v = _mm512_max_ps(v, zero);
+      if (relu) v = _mm512_max_ps(zero, v);
       _mm512_mask_storeu_ps(dst + o, mk, v);
     }
   }
@@ -271,7 +274,7 @@ __attribute__((target("avx2,fma"))) void gather_pixels_perm_avx2_t(const float* 
       __m256 v = permute_pick<NREG>(reg, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + o)));
       v = _mm256_fmadd_ps(v, _mm256_loadu_ps(a + o), _mm256_loadu_ps(b + o));
       if constexpr (RES) v = _mm256_add_ps(v, _mm256_loadu_ps(rr + o));
-      if constexpr (RELU) v = _mm256_max_ps(v, zero);
+      if constexpr (RELU) v = _mm256_max_ps(zero, v);
       _mm256_storeu_ps(dst + o, v);
     }
     if (cfull < C) {  // the last C % 8 channels, masked
@@ -279,7 +282,7 @@ __attribute__((target("avx2,fma"))) void gather_pixels_perm_avx2_t(const float* 
       __m256 v = permute_pick<NREG>(reg, _mm256_maskload_epi32(idx + o, ctail));
       v = _mm256_fmadd_ps(v, _mm256_maskload_ps(a + o, ctail), _mm256_maskload_ps(b + o, ctail));
       if constexpr (RES) v = _mm256_add_ps(v, _mm256_maskload_ps(rr + o, ctail));
-      if constexpr (RELU) v = _mm256_max_ps(v, zero);
+      if constexpr (RELU) v = _mm256_max_ps(zero, v);
       _mm256_maskstore_ps(dst + o, ctail, v);
     }
   }
@@ -346,7 +349,7 @@ __attribute__((target("avx2,fma"))) void gather_pixels_trans_avx2(const float* _
       for (int p = 0; p < 8; ++p) {
         __m256 v = _mm256_fmadd_ps(r[p], av, bv);
         if (rr) v = _mm256_add_ps(v, _mm256_loadu_ps(rr + p * C + o));
-        if (relu) v = _mm256_max_ps(v, _mm256_setzero_ps());
+        if (relu) v = _mm256_max_ps(_mm256_setzero_ps(), v);
         _mm256_storeu_ps(dst + p * C + o, v);
       }
     }
@@ -354,7 +357,7 @@ __attribute__((target("avx2,fma"))) void gather_pixels_trans_avx2(const float* _
       const float* row = ut + static_cast<int64_t>(idx[o]) * 8;
       for (int p = 0; p < 8; ++p) {
         float v = row[p] * a[o] + b[o] + (rr ? rr[p * C + o] : 0.f);
-        dst[p * C + o] = relu ? (v > 0.f ? v : 0.f) : v;
+        dst[p * C + o] = relu ? (v < 0.f ? 0.f : v) : v;
       }
     }
   }

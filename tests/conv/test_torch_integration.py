@@ -275,3 +275,21 @@ def test_gradient_penalty_through_a_clustered_layer():
         return layer.codebook.grad.clone()
 
     _close(penalty_grad(layer), penalty_grad(lambda a: _dense_reference(layer, a)))
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_relu_passes_nan_and_inf(granularity, dtype):
+    """NaN and +-inf in the input reach the output as they do through F.conv2d, BN and torch.relu: the native
+    epilogues' ReLU turned a NaN into 0, hiding a diverged model."""
+    m = _layer(granularity, fused=True).to(dtype)
+    for val in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(2, 6, 9, 11, dtype=dtype)
+        x[1, 2, 4, 5] = val
+        ref = _dense_reference(m, x)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            with torch.no_grad():
+                y = m(x.contiguous(memory_format=fmt))
+            assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+            finite = torch.isfinite(ref)
+            torch.testing.assert_close(y[finite], ref[finite], atol=1e-4, rtol=1e-4)

@@ -41,6 +41,17 @@ def test_gather_epilogue_interpreted(interpret, channels_last, relu):
     torch.testing.assert_close(y2, u[:, idx.long()], atol=0, rtol=0)
 
 
+def test_relu_passes_nan_interpreted(interpret):
+    """A NaN reaching the fused ReLU comes out NaN, as torch.relu gives it (it came out 0)."""
+    u = torch.randn(1, 3, 2, 9)
+    u[0, 1, 1, 4] = float("nan")
+    idx = torch.tensor([1, 0, 1], dtype=torch.int32)
+    for kind, fn in (("gather", lambda: interpret.gather_epilogue(u, idx, relu=True, block=8)),
+                     ("gather_sum", lambda: interpret.gather_sum(u, idx.view(3, 1), relu=True, block=8))):
+        y = fn()
+        assert torch.equal(torch.isnan(y), torch.isnan(torch.relu(u[:, idx.long()]))), kind
+
+
 def test_gather_sum_interpreted(interpret):
     g = torch.Generator().manual_seed(1)
     p = torch.randn(2, 8, 3, 5, generator=g)

@@ -59,7 +59,7 @@ def _kernels():
         if HAS_R:
             v = v + tl.load(r_ptr + n * r_sn + o * r_sc + offs * r_ss, mask=mask, other=0.0).to(ACC)
         if RELU:
-            v = tl.maximum(v, 0.0)
+            v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN passes, as torch.relu
         tl.store(o_ptr + n * o_sn + o * o_sc + offs * o_ss, v.to(o_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -84,7 +84,7 @@ def _kernels():
         if HAS_R:
             acc = acc + tl.load(r_ptr + n * r_sn + o * r_sc + offs * r_ss, mask=mask, other=0.0).to(ACC)
         if RELU:
-            acc = tl.maximum(acc, 0.0)
+            acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(o_ptr + n * o_sn + o * o_sc + offs * o_ss, acc.to(o_ptr.dtype.element_ty), mask=mask)
 
     _KERNELS[mode] = (triton, _gather_epilogue_kernel, _gather_sum_kernel)
