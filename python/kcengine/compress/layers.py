@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ..conv.module import numeric_padding
+from ..conv.module import numeric_padding, pad_input
 
 __all__ = ["GRANULARITIES", "LayerProblem", "ElementClusteredConv2d", "effective_weight", "n_points"]
 
@@ -82,8 +82,7 @@ class ElementClusteredConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":  # as nn.Conv2d: the input padded first
-            ph, pw = self.padding
-            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            x = pad_input(x, self.padding, self.padding_mode)
             return F.conv2d(x, self.to_dense(), self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, self.to_dense(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 

@@ -312,12 +312,12 @@ def captured_conv2d(x, codebook, index, bias, stride, padding, dilation, groups,
     (data a graph cannot read at capture; an index out of range fails in the gather), and not at all
     under ``torch.jit.trace``, which hands sizes over as tensors (comparing them would warn) and replays
     the graph on whatever shapes it is given."""
-    if granularity == "filter" and groups == 1:
-        y = F.conv2d(x, codebook, None, stride, padding, dilation).index_select(1, index.long())
-        if bias is not None:  # per output channel, after the gather
-            y = y + bias.view(1, -1, 1, 1)
-    else:
-        y = F.conv2d(x, dense_weight(codebook, index, granularity), bias, stride, padding, dilation, groups)
+    if granularity != "filter" or groups > 1:
+        return _dense_fallback(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale,
+                               shift, relu, residual)
+    y = F.conv2d(x, codebook, None, stride, padding, dilation).index_select(1, index.long())
+    if bias is not None:  # per output channel, after the gather
+        y = y + bias.view(1, -1, 1, 1)
     return _torch_epilogue(y, scale, shift, relu, residual)
 
 

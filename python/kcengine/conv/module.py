@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from .. import _registry
 from .backends import PackedCodebook, tensor_version
-from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype,
-                         captured_conv2d, capturing, dense_weight, indexed_conv2d, output_hw)
+from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, capturing,
+                         dense_weight, indexed_conv2d, output_hw)
 
-__all__ = ["ClusteredConv2d", "index_dtype_for", "numeric_padding", "PADDING_MODES", "replace_module"]
+__all__ = ["ClusteredConv2d", "index_dtype_for", "numeric_padding", "PADDING_MODES", "replace_module", "pad_input"]
 
 
 def index_dtype_for(k: int) -> torch.dtype:
@@ -59,6 +59,13 @@ def numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
                              f"conv does not take")
         return total[0] // 2, total[1] // 2
     return int(conv.padding[0]), int(conv.padding[1])
+
+
+def pad_input(x: torch.Tensor, padding, padding_mode: str) -> torch.Tensor:
+    """``x`` padded by ``padding`` (a pair) in ``padding_mode`` (not zeros), as nn.Conv2d pads it before a conv
+    that pads nothing: the clustered layers and the refit's patches do it the same way."""
+    ph, pw = _pair(padding, "padding")
+    return F.pad(x, (pw, pw, ph, ph), mode=padding_mode)
 
 
 def _as_tensor(a, name: str) -> torch.Tensor:
@@ -290,11 +297,6 @@ class ClusteredConv2d(nn.Module):
         """The conv's own zero padding: ``padding``, or none where ``padding_mode`` pads the input first."""
         return self.padding if self.padding_mode == "zeros" else (0, 0)
 
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` padded by ``padding`` in ``padding_mode`` (not zeros), as nn.Conv2d pads it."""
-        ph, pw = _pair(self.padding, "padding")
-        return F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
-
     def _prepared(self) -> _Cache:
         idx = self.index
         version = tensor_version(idx)
@@ -391,12 +393,9 @@ class ClusteredConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.padding_mode != "zeros" and isinstance(x, torch.Tensor) and x.dim() == 4:
-            x = self._pad(x)
-        ac = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
-        if ac is not None:
-            return self._autocast(x, residual, ac)
-        if capturing(x):
-            return self._captured(x, residual)
+            x = pad_input(x, self.padding, self.padding_mode)
+        if isinstance(x, torch.Tensor) and (autocast_dtype(x) is not None or capturing(x)):
+            return self._through_functional(x, residual)
         cache = self._prepared()
         (stride, padding, dilation), in_epilogue = self._checked_geometry(x, residual)
         relu = self.relu
@@ -413,39 +412,27 @@ class ClusteredConv2d(nn.Module):
                 y = torch.relu(y)
         return y
 
-    def _autocast(self, x, residual, dtype) -> torch.Tensor:
-        """``forward`` under ``torch.autocast``, which runs ``F.conv2d`` in its dtype: the input, the codebook
-        and the epilogue's vectors cast to it (gradients reach the originals), then :func:`indexed_conv2d`
-        with autocast off (nothing cast twice; half precision takes the backends' torch paths; under capture
-        it writes torch ops).  A residual that only broadcasts is added after, as eager forward adds it."""
-        x, cb, bias, scale, shift, res = (autocast_cast(t, dtype) for t in
-                                          (x, self.codebook, self.bias, self.scale, self.shift, residual))
+    def _through_functional(self, x, residual) -> torch.Tensor:
+        """``forward`` under ``torch.autocast``, graph capture or on the meta device: :func:`indexed_conv2d` runs
+        those itself (autocast: the conv in its dtype; capture and meta: torch ops only, see
+        :func:`~kcengine.conv.functional.captured_conv2d`); the layer adds what is its own, its shape checks and
+        a residual that only broadcasts, added after as eager forward adds it.  Under autocast the residual is
+        judged in the dtype the conv runs in."""
+        ac = autocast_dtype(x)
+        xj, rj = (autocast_cast(x, ac), autocast_cast(residual, ac)) if ac is not None else (x, residual)
         tracing = torch.jit.is_tracing()  # no checks there (see captured_conv2d)
         if not tracing:
             self._check_own_shapes()
-        in_epilogue = tracing or self._residual_in_epilogue(x, res)
-        with torch.autocast(x.device.type, enabled=False):
-            y = indexed_conv2d(x, cb, self.index, bias, self.stride, self._conv_padding, self.dilation, self.groups,
-                               self.granularity, scale=scale, shift=shift, relu=self.relu and in_epilogue,
-                               residual=res if in_epilogue else None, backend=self.backend)
+        in_epilogue = tracing or self._residual_in_epilogue(xj, rj)
+        y = indexed_conv2d(xj, self.codebook, self.index, self.bias, self.stride, self._conv_padding, self.dilation,
+                           self.groups, self.granularity, scale=self.scale, shift=self.shift,
+                           relu=self.relu and in_epilogue, residual=rj if in_epilogue else None,
+                           backend=self.backend)
         if not in_epilogue:
             y = y + residual
             if self.relu:
                 y = torch.relu(y)
         return y
-
-    def _captured(self, x, residual) -> torch.Tensor:
-        """``forward`` in torch ops only (:func:`~kcengine.conv.functional.captured_conv2d`, which says why and
-        what is checked), under graph capture and on the meta device."""
-        stride, padding, dilation = self.stride, self._conv_padding, self.dilation
-        if not torch.jit.is_tracing():
-            self._check_own_shapes()
-            in_epilogue = self._residual_in_epilogue(x, residual)
-            stride, padding, dilation = _validate(
-                x, self.codebook, self.index, self.bias, stride, padding, dilation, self.groups, self.granularity,
-                self.scale, self.shift, residual if in_epilogue else None, check_range=False)
-        return captured_conv2d(x, self.codebook, self.index, self.bias, stride, padding, dilation, self.groups,
-                               self.granularity, self.scale, self.shift, self.relu, residual)
 
     def _indexed(self, x, residual, relu, cache, stride, padding, dilation) -> torch.Tensor:
         """The conv through the backend registry (its epilogue: bias, scale/shift, residual, ``relu``)."""

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..conv.functional import output_hw
 from ..conv.fuse import _Tracer
-from ..conv.module import ClusteredConv2d
+from ..conv.module import ClusteredConv2d, pad_input
 
 __all__ = ["calibrate_outputs", "following_batchnorm"]
 
@@ -183,8 +183,8 @@ def _moments(layer: ClusteredConv2d, xc: torch.Tensor, xd: torch.Tensor, max_pat
     same = xd is xc
     padding = layer.padding
     if layer.padding_mode != "zeros":  # the inputs padded as the layer pads them, then no zero padding
-        xc = layer._pad(xc)
-        xd = xc if same else layer._pad(xd)
+        xc = pad_input(xc, layer.padding, layer.padding_mode)
+        xd = xc if same else pad_input(xd, layer.padding, layer.padding_mode)
         padding = (0, 0)
     kw = dict(kernel_size=layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
     d = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
