@@ -249,10 +249,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     for p in probs:
         cents, labels, inertia = fits[p.name]
         mod = p.build(cents, labels, threshold, backend=conv_backend)
-        if p.name:
-            replace_module(new_model, p.name, mod)
-        else:  # the model is the conv itself
-            new_model = mod.train(model.training)
+        new_model = replace_module(new_model, p.name, mod)  # the layer itself where the model is the conv
         w_new = effective_weight(mod).to("cpu", torch.float32)
         delta = (w_new - p.weight).double()
         _, _, n_kept = p.codebook_and_index(cents, labels, threshold) if p.granularity != "element" else (0, 0, 0)

@@ -27,19 +27,20 @@ def index_dtype_for(k: int) -> torch.dtype:
     return torch.int32
 
 
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` in place of the submodule at dotted path ``name`` of ``root`` (in place on ``root``), at every
-    path where that same module object sits: a module registered twice (one conv applied at two places, a
-    shared encoder) stays one module.  ``new`` takes the train/eval mode of the module it replaces.  ``name`` must not be ``""`` (``root`` itself cannot be replaced in
-    place: callers use ``new`` as the model)."""
-    if not name:
-        raise ValueError("cannot replace the root module in place")
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` in place of the submodule at dotted path ``name`` of ``root``, at every path where that same
+    module object sits (a module registered twice, one conv applied at two places or a shared encoder, stays
+    one module), in place on ``root``; returns the root, which is ``new`` itself where ``name`` is ``""`` (the
+    model is the module).  ``new`` takes the train/eval mode of the module it replaces."""
     old = root.get_submodule(name)
     new.train(old.training)  # the mode of the module it stands for (an eval model stays all eval)
+    if not name:
+        return new
     for path, mod in list(root.named_modules(remove_duplicate=False)):
         if path and mod is old:
             parent_path, _, child = path.rpartition(".")
             setattr(root.get_submodule(parent_path) if parent_path else root, child, new)
+    return root
 
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")  # nn.Conv2d's

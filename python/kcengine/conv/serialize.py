@@ -128,7 +128,10 @@ def save_compressed(model: nn.Module, path, *, builder: str | None = None, build
     return os.path.getsize(path)
 
 
-def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """:func:`replace_module` with the skeleton's fit checked by name; returns the (new) root."""
+    if not path:  # the model is the layer itself
+        return replace_module(root, path, new)
     parent_path, _, leaf = path.rpartition(".")
     try:
         parent = root.get_submodule(parent_path) if parent_path else root
@@ -136,7 +139,7 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
         raise ValueError(f"the skeleton has no module {parent_path!r} (needed for clustered layer {path!r})") from exc
     if not hasattr(parent, leaf):
         raise ValueError(f"the skeleton has no module {path!r} to replace with a clustered layer")
-    replace_module(root, path, new)  # at every path of that module: one shared conv stays one layer
+    return replace_module(root, path, new)  # at every path of that module: one shared conv stays one layer
 
 
 def is_compressed_file(path) -> bool:
@@ -200,11 +203,8 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
                 layer = build_layer(cfg, dtype=ref.dtype if isinstance(ref, torch.Tensor) else None)
             except (TypeError, ValueError, KeyError) as exc:
                 raise ValueError(f"{path}: {kind} layer {name!r} has an unusable config {cfg!r} ({exc})") from None
-            if not name:  # the model is the layer itself
-                model = layer.train(model.training)
-                continue
             try:
-                _set_submodule(model, name, layer)
+                model = _set_submodule(model, name, layer)
             except ValueError as exc:
                 raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: "
                                  f"{exc}") from None

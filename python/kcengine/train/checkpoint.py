@@ -30,7 +30,8 @@ def clustered_layout(model: nn.Module) -> dict[str, dict]:
 
 def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
     """Replace (IN PLACE) each ``nn.Conv2d`` named in ``layout`` by an empty ClusteredConv2d of its config, so
-    that a checkpoint's state dict loads; layers already clustered must match in k and granularity."""
+    that a checkpoint's state dict loads; layers already clustered must match in k and granularity.  Returns
+    the model (the new layer itself where the model is the conv)."""
     mods = dict(model.named_modules())
     for name, cfg in layout.items():
         m = mods.get(name)
@@ -49,7 +50,7 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
         if not isinstance(m, nn.Conv2d):
             raise ValueError(f"checkpoint names layer {name!r}, which is not a conv of this model")
         new = layer_from_config(cfg, dtype=m.weight.dtype, device=m.weight.device)
-        replace_module(model, name, new)
+        model = replace_module(model, name, new)
     return model
 
 

@@ -360,7 +360,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     main = dd.is_main()
     start_phase, start_epoch = 0, 0
     if state is not None:
-        apply_layout(work, state["layout"])
+        work = apply_layout(work, state["layout"])
         work.load_state_dict(state["model"])
         result.history = list(state["history"])
         result.calibration = dict(state.get("calibration", {}))
