@@ -293,3 +293,159 @@ def test_fused_relu_passes_nan_and_inf(granularity, dtype):
             assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
             finite = torch.isfinite(ref)
             torch.testing.assert_close(y[finite], ref[finite], atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile for inference calls the native kernels through torch.ops.kcengine.indexed_conv2d.
+
+from kcengine.conv import native_op  # noqa: E402
+
+needs_custom_ops = pytest.mark.skipif(not native_op._HAVE_CUSTOM_OPS, reason="torch.library.custom_op: torch >= 2.5")
+
+def _compiled_targets(m, *args):
+    """``m`` compiled (fullgraph) with a backend that keeps dynamo's graph and runs it as it is; returns the
+    compiled output and the functions the graph calls."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()  # traced afresh: the environment and grad mode are read while tracing
+    y = torch.compile(m, backend=keep, fullgraph=True)(*args)
+    return y, [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+
+
+def _calls_native_op(targets) -> bool:
+    return any("kcengine.indexed_conv2d" in t for t in targets)
+
+
+def _large_inputs(residual: str | None, seed: int):
+    """Inputs with 4 * 10 * 65 * 65 = 169,000 output values for _layer: enough for the op at filter granularity."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 6, 130, 130, generator=g)
+    if residual is None:
+        return (x,)
+    shape = (4, 10, 65, 65) if residual == "full" else (1, 10, 1, 65)
+    return x, torch.randn(shape, generator=g)
+
+
+@needs_custom_ops
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("granularity,groups,bias,fused,residual", CASES)
+def test_compiled_inference_runs_the_native_op(granularity, groups, bias, fused, residual, channels_last):
+    """Under no_grad a compiled graph calls the op where eager runs the native kernels (groups 1) and they are
+    the faster form, and gives eager's values in eager's memory format; grouped convs keep the torch-op form."""
+    m = _layer(granularity, groups=groups, bias=bias, fused=fused)  # kernel: K = 4 <= C_out / 2 = 5
+    new = _large_inputs(residual, 2)
+    if channels_last:
+        new = tuple(t.contiguous(memory_format=torch.channels_last) for t in new)
+    with torch.no_grad():
+        eager = m(*new)
+        y, targets = _compiled_targets(m, *new)
+    assert _calls_native_op(targets) == (groups == 1), targets
+    if groups == 1 and residual != "broadcast":  # the same kernels on the same inputs
+        assert torch.equal(y, eager)
+        assert y.stride() == eager.stride()
+    _close(y, _dense_reference(m, *new))
+
+
+@needs_custom_ops
+def test_compiled_inference_keeps_torch_ops_where_they_are_faster():
+    """Filter granularity below 131,072 output values, kernel granularity with K above C_out / 2 or 1x1 kernels:
+    there the compiled torch-op form was measured faster than the op (native_op._faster_than_torch_ops)."""
+    with torch.no_grad():
+        small = _inputs(None, 1)[0]  # 3 * 10 * 5 * 6 output values
+        assert not _calls_native_op(_compiled_targets(_layer("filter"), small)[1])
+        assert _calls_native_op(_compiled_targets(_layer("kernel"), small)[1])  # K = 4, C_out = 10
+        wide = ClusteredConv2d(6, 10, 3, 6, stride=2, padding=1, granularity="kernel").eval()  # K = 6 > 5
+        pointwise = ClusteredConv2d(6, 10, 1, 4, granularity="kernel").eval()
+        for m in (wide, pointwise):
+            y, targets = _compiled_targets(m, small)
+            assert not _calls_native_op(targets)
+            _close(y, _dense_reference(m, small))
+
+
+@needs_custom_ops
+def test_compiled_graph_keeps_torch_ops_where_the_op_does_not_apply(monkeypatch):
+    """Training (gradients wanted), float16, the torch backend (argument or KCENGINE_BACKEND) and torch.export
+    keep the torch-op form."""
+    x = _inputs(None, 3)[0]
+    m = _layer("kernel")  # K = 4 <= C_out / 2: the op where it applies at all
+    _, targets = _compiled_targets(m, x)  # grad mode on and a codebook that wants it
+    assert not _calls_native_op(targets)
+    with torch.no_grad():
+        assert _calls_native_op(_compiled_targets(m, x)[1])
+        assert not _calls_native_op(_compiled_targets(_layer("kernel").half(), x.half())[1])
+        m.backend = "torch"
+        assert not _calls_native_op(_compiled_targets(m, x)[1])
+        m.backend = "auto"
+        monkeypatch.setenv("KCENGINE_BACKEND", "torch")
+        assert not _calls_native_op(_compiled_targets(m, x)[1])
+        monkeypatch.delenv("KCENGINE_BACKEND")
+        torch._dynamo.reset()
+        ep = torch.export.export(m, (x,))
+    assert not any("kcengine" in str(n.target) for n in ep.graph.nodes)
+
+
+@needs_custom_ops
+def test_compiled_inference_sees_index_writes_and_checks_their_range():
+    """The op rebuilds what it derived from an index written in place, and refuses values out of range, which
+    the torch-op form of a captured graph cannot check."""
+    m = _layer("kernel", fused=True)
+    x = _inputs(None, 4)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        compiled(x)
+        m.index[0, 0] = (m.index[0, 0] + 1) % m.num_clusters
+        _close(compiled(x), _dense_reference(m, x))
+        m.index[0, 0] = m.num_clusters
+        with pytest.raises(ValueError, match=r"index values must be in \[0, K=4\), got 4"):
+            compiled(x)
+
+
+def _op_arguments():
+    """Argument sets of torch.ops.kcengine.indexed_conv2d: both granularities, every epilogue part, both
+    memory formats, float32 and float64."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for granularity in ("filter", "kernel"):
+        for dtype, fmt, extras in ((torch.float32, torch.contiguous_format, False),
+                                   (torch.float32, torch.channels_last, True),
+                                   (torch.float64, torch.contiguous_format, True)):
+            rnd = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+            x = rnd(2, 6, 9, 11).contiguous(memory_format=fmt)
+            cb = rnd(4, 6, 3, 3) if granularity == "filter" else rnd(4, 3, 3)
+            idx = torch.randint(0, 4, (10,) if granularity == "filter" else (10, 6), generator=g).to(torch.uint8)
+            bias, scale, shift, res = (rnd(10), rnd(10), rnd(10), rnd(2, 10, 5, 6)) if extras else (None,) * 4
+            out.append((x, cb, idx, bias, [2, 2], [1, 1], [1, 1], granularity, scale, shift, extras, res))
+    return out
+
+
+@needs_custom_ops
+@pytest.mark.parametrize("args", _op_arguments())
+def test_native_op_passes_torch_opcheck(args):
+    """torch.library.opcheck: the schema, the fake implementation against the real one (shape, dtype, strides),
+    and the op under AOT dispatch with static and dynamic shapes."""
+    torch.library.opcheck(torch.ops.kcengine.indexed_conv2d.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static",
+                                      "test_aot_dispatch_dynamic"))
+
+
+def test_inductor_compiles_a_fused_clustered_resnet():
+    """The default torch.compile backend (inductor, which generates code from the fake outputs' strides) on a
+    fused resnet20 clustered at both granularities, channels-last, and a second batch of another size (which
+    the compiler takes as a dynamic size).  At filter granularity layer1 calls the op and the deeper layers
+    keep torch ops; at kernel granularity every layer calls the op (K = 8, C_out 16-64)."""
+    model = load_model("resnet20", None).model.eval()
+    x1 = torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    x2 = torch.randn(12, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    for granularity, plan in (("filter", 0.5), ("kernel", {"layers": {"re:layer.*": 8}})):
+        fused = fuse_for_inference(kcengine.compress(model, plan, granularity=granularity)[0])
+        fused = fused.to(memory_format=torch.channels_last)
+        compiled = torch.compile(fused)
+        with torch.no_grad():
+            for x in (x1, x2):
+                _close(compiled(x), fused(x))

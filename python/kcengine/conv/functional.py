@@ -241,6 +241,11 @@ def indexed_conv2d(
 
     Under ``torch.autocast`` the conv runs as autocast runs ``F.conv2d``: its floating arguments (but
     float64 ones) cast to the autocast dtype, the result in that dtype.
+
+    Under graph capture (``torch.export``, ``torch.jit.trace``, ``torch.compile``) the conv is written in torch
+    ops (:func:`captured_conv2d`), but for ``torch.compile`` of inference on the CPU (float32/float64, no
+    gradient wanted) where the native kernels are the faster form, which the graph calls as the custom op
+    ``torch.ops.kcengine.indexed_conv2d`` (:mod:`kcengine.conv.native_op`).
     """
     relu = bool(relu)
     ac = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
@@ -253,6 +258,12 @@ def indexed_conv2d(
         if not torch.jit.is_tracing():  # see captured_conv2d for what is checked where
             stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
                                                   granularity, scale, shift, residual, check_range=False)
+        from . import native_op  # imported with the package (it registers the op): a lookup here
+
+        if native_op.applies(x, codebook, index, bias, scale, shift, residual, stride, padding, dilation, groups,
+                             granularity, backend):
+            return native_op.indexed_conv2d_op(x, codebook, index, bias, stride, padding, dilation, granularity,
+                                               scale, shift, relu, residual)
         return captured_conv2d(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale,
                                shift, relu, residual)
     stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
@@ -311,7 +322,8 @@ def captured_conv2d(x, codebook, index, bias, stride, padding, dilation, groups,
     epilogue.  Callers check the arguments as an eager call does, but for the range of the index values
     (data a graph cannot read at capture; an index out of range fails in the gather), and not at all
     under ``torch.jit.trace``, which hands sizes over as tensors (comparing them would warn) and replays
-    the graph on whatever shapes it is given."""
+    the graph on whatever shapes it is given.  ``torch.compile`` of CPU inference takes the native kernels
+    instead, through a custom op (:mod:`kcengine.conv.native_op`), which checks the index values."""
     if granularity != "filter" or groups > 1:
         return _dense_fallback(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale,
                                shift, relu, residual)

@@ -116,7 +116,8 @@ class ClusteredConv2d(nn.Module):
     Under ``torch.autocast`` the layer runs in the autocast dtype, as ``F.conv2d`` does there.  Under graph
     capture (``torch.compile``, ``torch.export``, ``torch.jit.trace``), and on the meta device,
     forward is written in torch ops instead of the native kernels, which capture cannot see (see
-    :func:`~kcengine.conv.functional.captured_conv2d`).
+    :func:`~kcengine.conv.functional.captured_conv2d`); but ``torch.compile`` of CPU inference calls the
+    native kernels through a custom op (:mod:`kcengine.conv.native_op`).
     """
 
     _kc_cosine = False  # set by compress (cosine option) and by layer_from_config
@@ -415,8 +416,8 @@ class ClusteredConv2d(nn.Module):
 
     def _through_functional(self, x, residual) -> torch.Tensor:
         """``forward`` under ``torch.autocast``, graph capture or on the meta device: :func:`indexed_conv2d` runs
-        those itself (autocast: the conv in its dtype; capture and meta: torch ops only, see
-        :func:`~kcengine.conv.functional.captured_conv2d`); the layer adds what is its own, its shape checks and
+        those itself (autocast: the conv in its dtype; capture and meta: torch ops, see
+        :func:`~kcengine.conv.functional.captured_conv2d`, or the native op under ``torch.compile``); the layer adds what is its own, its shape checks and
         a residual that only broadcasts, added after as eager forward adds it.  Under autocast the residual is
         judged in the dtype the conv runs in."""
         ac = autocast_dtype(x)

@@ -1,0 +1,174 @@
+"""The ``cpu`` backend as a torch custom op, so that ``torch.compile`` keeps the native kernels.
+
+Graph capture cannot see the native kernels, so a captured clustered conv is written in torch ops
+(:func:`~kcengine.conv.functional.captured_conv2d`).  That form is right everywhere, and it is what
+``torch.export`` and ``torch.jit.trace`` record (a portable program).  Under ``torch.compile`` for
+inference it can cost speed: kernel granularity gathers the dense weight and runs one dense conv, up to
+four times slower than the native direct kernel on resnet18's deep layers.  So where the native kernels
+are the faster form, a compiled graph calls them as ``torch.ops.kcengine.indexed_conv2d`` instead.  That
+is an opaque op, with a fake implementation that gives the compiler the output's shape and memory format;
+its real implementation is the ``cpu`` backend's eager call.
+
+It applies where all of these hold (:func:`applies`):
+- ``torch.compile`` is capturing (not ``torch.export`` nor ``torch.jit.trace``);
+- the data is on the CPU in float32 or float64;
+- ``groups`` is 1 and the backend resolves to ``cpu``;
+- no gradient is wanted;
+- the native kernels were measured faster there than the compiled torch-op form: filter granularity with
+  at least 131,072 output values, kernel granularity with K at most C_out / 2 and kernels larger than
+  1x1 (the measurements are beside :func:`_faster_than_torch_ops`).
+
+The op has no autograd formula. A compiled training step keeps the torch-op form, which the compiler
+differentiates.
+
+The op keeps what it derives from an index (the int32 copy, the kernel plan, the codebook's reorders)
+per index tensor, as a layer does, rebuilt when the index's storage or in-place version changes, and it
+checks the index values once per such change.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _registry
+from .backends import _NATIVE_DTYPES, PackedCodebook, cpu_indexed_conv2d, kernel_plan, tensor_version
+from .functional import output_hw
+
+__all__ = ["applies", "indexed_conv2d_op"]
+
+
+_HAVE_CUSTOM_OPS = hasattr(torch.library, "custom_op") and hasattr(torch.compiler, "is_exporting")  # torch >= 2.5
+
+
+def applies(x, codebook, index, bias, scale, shift, residual, stride, padding, dilation, groups: int,
+            granularity: str, backend: Optional[str]) -> bool:
+    """Whether a captured conv should call the native op (see the module's docstring); stride, padding and
+    dilation as pairs."""
+    if not _HAVE_CUSTOM_OPS or torch.jit.is_tracing() or torch.compiler.is_exporting() or groups != 1:
+        return False
+    if x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES:
+        return False
+    if not _resolves_to_cpu(backend):
+        return False
+    ts = (x, codebook, bias, scale, shift, residual)
+    if any(t is not None and t.dtype != x.dtype for t in ts):
+        return False  # mixed dtypes: the eager cpu backend refuses them too; torch ops say why
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts):
+        return False
+    return _faster_than_torch_ops(x, codebook, index, stride, padding, dilation, granularity)
+
+
+# Where the compiled torch-op form is faster, it stays (measured per layer on resnet18 at 224x224, batch 1
+# and 8, and resnet20 at 32x32, batch 1 and 64; fused, channels-last, on the 2-core machine of the
+# records):
+# - Filter granularity: both forms run the same K-filter conv, and the op's fused gather gains where the
+#   output is large (0.5-0.98 of the torch-op form's time from 200,704 output values up).  The op's
+#   dispatch costs about 50 us a call, so at 16,384 values and below it took 1.5-2.3 times as long, and
+#   at 25,088-100,352 values about as long.
+# - Kernel granularity: the torch-op form is one dense conv with the weight gathered from the codebook.
+#   The native direct kernel does less work only where each input channel uses few distinct kernels:
+#   with K <= C_out / 2 it took 0.25-0.92 of the time, at any size.  With K >= C_out (resnet20 at 64
+#   kernels, resnet18's 64-channel layers) it took 1.1-1.7 times as long, as it did for 1x1 convs,
+#   where a dense 1x1 conv is one GEMM.
+_MIN_FILTER_OUTPUT = 1 << 17  # output values (N * C_out * H_out * W_out)
+
+
+def _faster_than_torch_ops(x, codebook, index, stride, padding, dilation, granularity: str) -> bool:
+    c_out = index.shape[0]
+    kh, kw = codebook.shape[-2:]
+    if granularity == "kernel":
+        return kh * kw > 1 and 2 * codebook.shape[0] <= c_out
+    ho, wo = output_hw(x.shape, (kh, kw), stride, padding, dilation)
+    return x.shape[0] * c_out * ho * wo >= _MIN_FILTER_OUTPUT
+
+
+def _resolves_to_cpu(backend: Optional[str]) -> bool:
+    """Whether ``backend`` runs the cpu backend for CPU data, as the registry would resolve it."""
+    if backend in (None, "auto"):
+        backend = os.environ.get(_registry._ENV, "").strip() or "auto"
+    return backend in ("auto", "cpu") and _CPU_OK
+
+
+# Read once at import (importing the native module takes about 2 ms): the compiler traces applies(), and
+# cannot trace an import.
+_CPU_OK = _registry.backend_status("cpu") is None
+
+
+# ------------------------------------------------------------------------------------------------
+# What the op derives from an index, kept per index tensor.
+
+class _Prepared:
+    __slots__ = ("ref", "key", "index32", "plan", "packed")
+
+
+_prepared: dict[int, _Prepared] = {}
+_lock = threading.Lock()
+
+
+def _prepare(index: torch.Tensor, k: int, granularity: str) -> _Prepared:
+    key = (index.data_ptr(), tensor_version(index), index.dtype, tuple(index.shape), k, granularity)
+    hit = _prepared.get(id(index))
+    if hit is not None and hit.ref() is index and hit.key == key:
+        return hit
+    if index.numel():  # a captured graph cannot read the values; here they are checked once per version
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= k:
+            raise ValueError(f"index values must be in [0, K={k}), got {lo if lo < 0 else hi}")
+    p = _Prepared()
+    p.key = key
+    p.index32 = index.to(torch.int32).contiguous()
+    p.plan = kernel_plan(index, k) if granularity == "kernel" else None
+    p.packed = PackedCodebook()
+    ident = id(index)
+
+    def forget(_ref):  # runs as the index is freed, before its id can be reused
+        with _lock:
+            if _prepared.get(ident) is p:
+                del _prepared[ident]
+
+    p.ref = weakref.ref(index, forget)
+    with _lock:
+        _prepared[ident] = p
+    return p
+
+
+def _channels_last_out(x: torch.Tensor, granularity: str) -> bool:
+    """The cpu backend's output format: channels-last for kernel granularity (its direct kernel) and for a
+    channels-last ``x``, contiguous otherwise."""
+    return granularity == "kernel" or (not x.is_contiguous()
+                                       and x.is_contiguous(memory_format=torch.channels_last))
+
+
+# ------------------------------------------------------------------------------------------------
+# The op.
+
+def _indexed_conv2d_op(x: torch.Tensor, codebook: torch.Tensor, index: torch.Tensor, bias: Optional[torch.Tensor],
+                      stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], granularity: str,
+                      scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], relu: bool,
+                      residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`kcengine.indexed_conv2d` on the cpu backend, arguments already checked (stride, padding and
+    dilation as pairs, groups 1); the output in the format :func:`_channels_last_out` says."""
+    p = _prepare(index, codebook.shape[0], granularity)
+    y = cpu_indexed_conv2d(x, codebook, index, bias, tuple(stride), tuple(padding), tuple(dilation), granularity,
+                           scale, shift, relu, residual, plan=p.plan, index32=p.index32, packed=p.packed)
+    fmt = torch.channels_last if _channels_last_out(x, granularity) else torch.contiguous_format
+    return y.contiguous(memory_format=fmt)
+
+
+def _indexed_conv2d_fake(x, codebook, index, bias, stride, padding, dilation, granularity, scale, shift, relu,
+                         residual):
+    ho, wo = output_hw(x.shape, codebook.shape[-2:], stride, padding, dilation)
+    c_out = index.shape[0]
+    fmt = torch.channels_last if _channels_last_out(x, granularity) else torch.contiguous_format
+    return x.new_empty((x.shape[0], c_out, ho, wo)).contiguous(memory_format=fmt)
+
+
+if _HAVE_CUSTOM_OPS:
+    indexed_conv2d_op = torch.library.custom_op("kcengine::indexed_conv2d", mutates_args=())(_indexed_conv2d_op)
+    indexed_conv2d_op.register_fake(_indexed_conv2d_fake)
+else:  # pragma: no cover - old torch: applies() is always False
+    indexed_conv2d_op = None
