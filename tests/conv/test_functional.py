@@ -99,6 +99,88 @@ def test_fused_bias_bn_residual_relu(granularity, dtype, backend, channels_last)
     assert (ref2 == 0).any() and (ref2 > 0).any()  # the ReLU really clips something
 
 
+@pytest.fixture
+def kernel_path(request, monkeypatch):
+    """Forces the cpu backend's kernel-granularity inference onto one path ("direct": the native direct kernel,
+    "dense": the dense weight's conv and the native epilogue; None: its own choice) and counts direct calls."""
+    from kcengine.conv import backends
+
+    path = request.param
+    if path is not None:
+        monkeypatch.setattr(backends, "direct_kernel_pays", lambda *a: path == "direct")
+    calls = []
+    direct = backends._kernel_direct
+    monkeypatch.setattr(backends, "_kernel_direct", lambda *a, **k: calls.append(1) or direct(*a, **k))
+    return path, calls
+
+
+@pytest.mark.parametrize("kernel_path", ["direct", "dense"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_granularity_paths_match_dense(shape, dtype, kernel_path):
+    """Both inference paths of the cpu backend at kernel granularity, on every shape, whichever it would pick."""
+    path, calls = kernel_path
+    x, cb, idx, conv = _case(shape, "kernel", dtype)
+    ref = F.conv2d(x, dense_weight(cb, idx, "kernel"), **conv)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        with torch.no_grad():
+            y = kcengine.indexed_conv2d(x.contiguous(memory_format=fmt), cb, idx, granularity="kernel", backend="cpu",
+                                        **conv)
+        _close(y, ref, dtype)
+        # the direct kernel writes channels-last; the dense path keeps x's format
+        assert y.is_contiguous(memory_format=torch.channels_last if path == "direct" else fmt)
+    assert len(calls) == (2 if path == "direct" else 0)
+
+
+@pytest.mark.parametrize("kernel_path", [None], indirect=True)
+def test_kernel_granularity_takes_the_dense_conv_where_the_direct_kernel_does_more_work(kernel_path):
+    """The direct kernel runs where each input channel uses at most 3/4 of C_out distinct kernels and the kernels
+    are larger than 1x1, or the output is small; elsewhere the dense conv does less work, so it runs (fused
+    epilogue, both formats)."""
+    from kcengine.conv.backends import direct_kernel_pays, kernel_plan
+
+    _, calls = kernel_path
+    g = torch.Generator().manual_seed(3)
+    cases = [  # (C_out, K, kernel, input H = W, direct?); batch 2: 2 * C_out * H * W output values
+        (8, 6, 3, 64, True),    # M = 6 = 3/4 C_out
+        (8, 7, 3, 64, False),   # M = 7 > 3/4 C_out
+        (12, 2, 1, 64, False),  # 1x1
+        (8, 7, 3, 40, True),    # 25,600 output values: below 32,768
+        (12, 2, 1, 32, True),   # 24,576
+    ]
+    for c_out, k, ks, hw, direct in cases:
+        idx = torch.arange(c_out * 5).reshape(c_out, 5) % k  # every input channel uses min(k, c_out) kernels
+        assert direct_kernel_pays(kernel_plan(idx, k).m, c_out, ks, ks, 2 * c_out * hw * hw) == direct
+        cb = torch.randn(k, ks, ks, generator=g)
+        x = torch.randn(2, 5, hw, hw, generator=g)
+        scale, shift = torch.randn(c_out, generator=g), torch.randn(c_out, generator=g)
+        dense = F.conv2d(x, dense_weight(cb, idx, "kernel"), None, 1, ks // 2)
+        residual = torch.randn(dense.shape, generator=g)
+        ref = torch.relu(dense * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1) + residual)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            calls.clear()
+            with torch.no_grad():
+                y = kcengine.indexed_conv2d(x.contiguous(memory_format=fmt), cb, idx, None, 1, ks // 2,
+                                            granularity="kernel", scale=scale, shift=shift, relu=True,
+                                            residual=residual.contiguous(memory_format=fmt), backend="cpu")
+            _close(y, ref, torch.float32)
+            assert len(calls) == int(direct)
+
+
+def test_kernel_layer_dense_path_sees_codebook_writes():
+    """A layer on the dense path keeps the dense weight per codebook version: an in-place write (an optimizer
+    step, load_state_dict) gives the new weight's conv."""
+    from kcengine.nn import ClusteredConv2d
+
+    layer = ClusteredConv2d(5, 4, 3, 6, padding=1, granularity="kernel", bias=False).eval()
+    x = torch.randn(4, 5, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        layer.index.copy_(torch.arange(20).reshape(4, 5) % 6)  # M = 4 = C_out, 65,536 output values: the dense path
+        for _ in range(2):
+            _close(layer(x), F.conv2d(x, layer.to_dense(), None, 1, 1), torch.float32)
+            layer.codebook.mul_(-2.0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("granularity", ["filter", "kernel"])
 def test_gradients_are_tied_dense_gradients(granularity, backend):

@@ -15,7 +15,11 @@ groups == 1) and share one signature::
   per call (half the conv time at batch 1 for resnet18's deep layers; same values).  Kernel,
   inference: one native direct kernel (``conv_kernel_direct``:
   per pixel tile, each input channel's M codebook responses in registers, scattered into the C_out
-  accumulators; the depthwise maps never exist in memory), channels-last output.  Float32/float64
+  accumulators; the depthwise maps never exist in memory), channels-last output, where it does less work
+  than a dense conv or the output is small (M at most 3/4 of C_out and kernels larger than 1x1, or fewer
+  than 32,768 output values: :func:`direct_kernel_pays`);
+  elsewhere the dense weight gathered once per codebook version, its conv (reordered once, as above),
+  and the native gather as the epilogue alone, in ``x``'s memory format.  Float32/float64
   only (other dtypes take the torch path).  Filter, under autograd: the native gather is wrapped in a
   Function whose backward re-runs the torch reference of that step (same maths, autograd-derived) —
   exact weight-sharing gradients.  Outside autograd, native outputs of 1 MiB and more come from the
@@ -97,14 +101,55 @@ class KernelPlan:
         self._cache["direct_pack"] = (key, pack)
         return pack
 
-    def __getstate__(self):  # copies and pickles leave the native pack behind (rebuilt on first use)
+    def dense(self, codebook: torch.Tensor) -> torch.Tensor:
+        """The dense weight ``codebook[index]`` ``[C_out, C_in, kh, kw]`` (the index read back from ``slots`` and
+        ``pair``), for layers the direct kernel does not pay for (:func:`direct_kernel_pays`); cached per codebook
+        version, as :meth:`direct_pack`."""
+        key = (codebook.data_ptr(), tensor_version(codebook), codebook.dtype, codebook.device)
+        hit = self._cache.get("dense")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        w = codebook.detach().index_select(0, self.slots.reshape(-1)[self.pair.reshape(-1)])
+        w = w.reshape(*self.pair.shape, *codebook.shape[1:])
+        self._cache["dense"] = (key, w)
+        return w
+
+    def identity32(self) -> torch.Tensor:
+        """int32 ``arange(C_out)``: the native gather as the epilogue alone, after a dense conv."""
+        hit = self._cache.get("identity32")
+        if hit is None:
+            hit = self._cache["identity32"] = torch.arange(self.pair.shape[0], dtype=torch.int32)
+        return hit
+
+    def __getstate__(self):  # copies and pickles leave the caches behind (rebuilt on first use)
         state = self.__dict__.copy()
-        state["_cache"] = {}  # it holds only the direct pack
+        state["_cache"] = {}  # the direct pack, the dense weight, the identity index
         return state
 
     @property
     def n_maps(self) -> int:
         return int(self.slots.numel())
+
+
+_DENSE_MIN_OUTPUT = 1 << 15  # output values (N * C_out * H_out * W_out) below which the direct kernel always runs
+
+
+def direct_kernel_pays(m: int, c_out: int, kh: int, kw: int, out_values: int) -> bool:
+    """Whether inference at kernel granularity runs the native direct kernel (per input channel its ``m``
+    distinct codebook responses, each scattered into the ``c_out`` outputs that use it) rather than one dense
+    conv with the weight gathered from the codebook, then the native epilogue.
+
+    Measured eager per layer (fused, channels-last; resnet18 at 224x224, batch 1 and 8; resnet20 at 32x32,
+    batch 1 and 64; K from 8 to 256 a layer), the direct kernel's time over the dense path's:
+    - 3x3 with ``m`` at most 1/2 of ``c_out``: 0.34-0.99;
+    - 3x3 from 0.69 to 0.75: 0.62-1.32 (below 1 at batch 1, above at larger batches);
+    - 3x3 above 0.8: 1.11-1.33 on resnet18 and on resnet20 at batch 64;
+    - 1x1 (resnet18's downsampling convs), any ``m``: 0.95-2.85, where the dense conv is one GEMM;
+    - resnet20 at batch 1 (4,096-16,384 output values), any ``m``: 0.54-0.77: there the dense path's two calls
+      cost more than the work it saves.
+    So the direct kernel runs below 32,768 output values, and above it up to ``m = 3/4 c_out`` and not for
+    1x1 kernels."""
+    return out_values < _DENSE_MIN_OUTPUT or (kh * kw > 1 and 4 * m <= 3 * c_out)
 
 
 def kernel_plan(index: torch.Tensor, k: int) -> KernelPlan:
@@ -447,7 +492,17 @@ def cpu_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, gran
             y = kernel_dense_conv(x, codebook, index, stride, padding, dilation)
             return _torch_epilogue(y, scale, shift, relu, residual)
         plan = plan if plan is not None else kernel_plan(index, codebook.shape[0])
-        return _kernel_direct(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual)
+        c_out = plan.pair.shape[0]
+        ho, wo = output_hw(x.shape, codebook.shape[-2:], stride, padding, dilation)
+        if direct_kernel_pays(plan.m, c_out, *codebook.shape[-2:], x.shape[0] * c_out * ho * wo):
+            return _kernel_direct(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual)
+        w = plan.dense(codebook)
+        u = packed.conv(x, w, stride, padding, dilation) if packed is not None else None
+        if u is None:
+            u = F.conv2d(x, w, None, stride, padding, dilation)
+        if scale is None and shift is None and residual is None and not relu:
+            return u
+        return _native_gather(u, plan.identity32(), scale, shift, residual, relu)
     _, u, idx32 = unique_maps(x, codebook, index, "filter", stride, padding, dilation, plan, index32, packed)
     if _needs_grad(u, scale, shift, residual):
         return _NativeEpilogue.apply("gather", u, idx32, scale, shift, residual, relu)
