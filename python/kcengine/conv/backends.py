@@ -141,8 +141,8 @@ def direct_kernel_pays(m: int, c_out: int, kh: int, kw: int, out_values: int) ->
 
     Measured eager per layer (fused, channels-last; resnet18 at 224x224, batch 1 and 8; resnet20 at 32x32,
     batch 1 and 64; K from 8 to 256 a layer), the direct kernel's time over the dense path's:
-    - 3x3 with ``m`` at most 1/2 of ``c_out``: 0.34-0.99;
-    - 3x3 from 0.69 to 0.75: 0.62-1.32 (below 1 at batch 1, above at larger batches);
+    - 3x3 with ``m`` at most 1/2 of ``c_out``: 0.34-0.99 (1.18 on resnet20's 16-channel layers at batch 64);
+    - 3x3 from 0.69 to 0.75: 0.62-1.32 (mostly below 1 at batch 1, above at larger batches);
     - 3x3 above 0.8: 1.11-1.33 on resnet18 and on resnet20 at batch 64;
     - 1x1 (resnet18's downsampling convs), any ``m``: 0.95-2.85, where the dense conv is one GEMM;
     - resnet20 at batch 1 (4,096-16,384 output values), any ``m``: 0.54-0.77: there the dense path's two calls

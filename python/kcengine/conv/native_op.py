@@ -68,12 +68,12 @@ def applies(x, codebook, index, bias, scale, shift, residual, stride, padding, d
 # - Filter granularity: both forms run the same K-filter conv, and the op's fused gather gains where the
 #   output is large (0.5-0.98 of the torch-op form's time from 200,704 output values up).  The op's
 #   dispatch costs about 50 us a call, so at 16,384 values and below it took 1.5-2.3 times as long, and
-#   at 25,088-100,352 values about as long.
+#   at 25,088-100,352 values 0.76-1.21 times.
 # - Kernel granularity: the torch-op form is one dense conv with the weight gathered from the codebook.
 #   The native direct kernel does less work only where each input channel uses few distinct kernels:
 #   with K <= C_out / 2 it took 0.25-0.92 of the time, at any size.  With K >= C_out (resnet20 at 64
-#   kernels, resnet18's 64-channel layers) it took 1.1-1.7 times as long, as it did for 1x1 convs,
-#   where a dense 1x1 conv is one GEMM.
+#   kernels, resnet18's 64-channel layers) it took 1.1-1.7 times as long, and 1.5-2.2 times for 1x1
+#   convs, where a dense 1x1 conv is one GEMM.
 _MIN_FILTER_OUTPUT = 1 << 17  # output values (N * C_out * H_out * W_out)
 
 
