@@ -435,7 +435,9 @@ def _markdown(r: dict) -> str:
              "(a large share of a batch-1 conv). Channels-last input on both sides. Clustered = "
              "`ClusteredConv2d` on the `cpu` backend (filter: oneDNN conv with the K unique filters + one native "
              "gather pass; kernel: one native pass per output pixel tile computing each input channel's M codebook "
-             "responses in registers and scattering them into the C_out accumulators, no depthwise maps in memory).",
+             "responses in registers and scattering them into the C_out accumulators, no depthwise maps in memory; "
+             "for 1x1 kernels, and 3x3 ones with M above 3/4 C_out, from 32,768 output values, the dense weight's "
+             "conv and the native epilogue instead: `kcengine.conv.backends.direct_kernel_pays`).",
              "- FLOP ratio = clustered FLOPs / dense FLOPs (filter: K/C_out; kernel: M/C_out + 1/(2 kh kw)).",
              "- unique conv (filter rows): the layer's K-filter conv alone (oneDNN, as the layer runs it), timed in "
              "the same alternation; dense / unique conv is the most the filter path can reach with oneDNN doing "
@@ -456,7 +458,8 @@ def _markdown(r: dict) -> str:
              "", "## End to end: resnet18 inference, every conv clustered at kernel granularity, "
              "conv+BN(+residual)+ReLU fused", "",
              "Not a target of the issue. K = C_out/d kernels per layer (random clustering, as in the per-layer "
-             "rows), the native kernel pass for every conv (the 1x1 downsamples too); dense = the same weights as "
+             "rows), the native kernel pass for every 3x3 or larger conv, the dense weight's conv for the 1x1 "
+             "downsamples (as the per-layer rows say); dense = the same weights as "
              "eager Conv2d layers; both channels-last.", "",
              markdown_table(r["e2e_kernel"]) if r.get("e2e_kernel") else "(not run)\n",
              "", "## Checkpoint size: resnet18 with every conv clustered", "",
