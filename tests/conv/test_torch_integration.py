@@ -66,12 +66,14 @@ CASES = [  # (granularity, groups, bias, fused, residual shape: None, "full" or 
 ]
 
 
-def _inputs(residual: str | None, seed: int):
+def _inputs(residual: str | None, seed: int, n: int = 3, hw=(9, 11)):
+    """x for _layer (and a residual: None, "full" or "broadcast"), batch n at H x W = hw."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(3, 6, 9, 11, generator=g)
+    x = torch.randn(n, 6, *hw, generator=g)
     if residual is None:
         return (x,)
-    shape = (3, 10, 5, 6) if residual == "full" else (1, 10, 1, 6)
+    ho, wo = ((s - 1) // 2 + 1 for s in hw)  # _layer's 3x3, stride 2, padding 1
+    shape = (n, 10, ho, wo) if residual == "full" else (1, 10, 1, wo)
     return x, torch.randn(shape, generator=g)
 
 
@@ -320,16 +322,6 @@ def _calls_native_op(targets) -> bool:
     return any("kcengine.indexed_conv2d" in t for t in targets)
 
 
-def _large_inputs(residual: str | None, seed: int):
-    """Inputs with 4 * 10 * 65 * 65 = 169,000 output values for _layer: enough for the op at filter granularity."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(4, 6, 130, 130, generator=g)
-    if residual is None:
-        return (x,)
-    shape = (4, 10, 65, 65) if residual == "full" else (1, 10, 1, 65)
-    return x, torch.randn(shape, generator=g)
-
-
 @needs_custom_ops
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("granularity,groups,bias,fused,residual", CASES)
@@ -337,7 +329,7 @@ def test_compiled_inference_runs_the_native_op(granularity, groups, bias, fused,
     """Under no_grad a compiled graph calls the op where eager runs the native kernels (groups 1) and they are
     the faster form, and gives eager's values in eager's memory format; grouped convs keep the torch-op form."""
     m = _layer(granularity, groups=groups, bias=bias, fused=fused)  # kernel: K = 4 <= C_out / 2 = 5
-    new = _large_inputs(residual, 2)
+    new = _inputs(residual, 2, n=4, hw=(130, 130))  # 4 * 10 * 65 * 65 = 169,000 output values: the op applies
     if channels_last:
         new = tuple(t.contiguous(memory_format=torch.channels_last) for t in new)
     with torch.no_grad():
