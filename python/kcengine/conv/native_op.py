@@ -66,7 +66,7 @@ def applies(x, codebook, index, bias, scale, shift, residual, stride, padding, d
 # and 8, and resnet20 at 32x32, batch 1 and 64; fused, channels-last, on the 2-core machine of the
 # records):
 # - Filter granularity: both forms run the same K-filter conv, and the op's fused gather gains where the
-#   output is large (0.5-0.98 of the torch-op form's time from 200,704 output values up).  The op's
+#   output is large (0.47-0.98 of the torch-op form's time from 200,704 output values up).  The op's
 #   dispatch costs about 50 us a call, so at 16,384 values and below it took 1.5-2.3 times as long, and
 #   at 25,088-100,352 values 0.76-1.21 times.
 # - Kernel granularity: the torch-op form is one dense conv with the weight gathered from the codebook.
