@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .functional import _fold_bias, _torch_epilogue, output_hw
+from .functional import _fold_bias, _torch_epilogue, dense_weight, output_hw
 
 __all__ = ["torch_indexed_conv2d", "cpu_indexed_conv2d", "KernelPlan", "kernel_plan"]
 
@@ -101,16 +101,15 @@ class KernelPlan:
         self._cache["direct_pack"] = (key, pack)
         return pack
 
-    def dense(self, codebook: torch.Tensor) -> torch.Tensor:
-        """The dense weight ``codebook[index]`` ``[C_out, C_in, kh, kw]`` (the index read back from ``slots`` and
-        ``pair``), for layers the direct kernel does not pay for (:func:`direct_kernel_pays`); cached per codebook
-        version, as :meth:`direct_pack`."""
+    def dense(self, codebook: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """:func:`~kcengine.conv.functional.dense_weight` of ``codebook`` and ``index`` (the index this plan was
+        built from), for layers the direct kernel does not pay for (:func:`direct_kernel_pays`); cached per
+        codebook version, as :meth:`direct_pack`."""
         key = (codebook.data_ptr(), tensor_version(codebook), codebook.dtype, codebook.device)
         hit = self._cache.get("dense")
         if hit is not None and hit[0] == key:
             return hit[1]
-        w = codebook.detach().index_select(0, self.slots.reshape(-1)[self.pair.reshape(-1)])
-        w = w.reshape(*self.pair.shape, *codebook.shape[1:])
+        w = dense_weight(codebook.detach(), index, "kernel")
         self._cache["dense"] = (key, w)
         return w
 
@@ -191,9 +190,7 @@ def kernel_dense_conv(x, codebook, index, stride, padding, dilation):
     into its centroid: weight sharing, exact.  One SGD step of resnet20 clustered at k = C_out/2 per layer
     (kernel granularity, batch 64, two threads) took 4.7 s through the depthwise maps and the sparse
     gather-sum, 28x a dense step (0.17 s); this way 0.12 s."""
-    c_out, c_in = index.shape
-    w = codebook.index_select(0, index.reshape(-1).long()).reshape(c_out, c_in, *codebook.shape[1:])
-    return F.conv2d(x, w, None, stride, padding, dilation)
+    return F.conv2d(x, dense_weight(codebook, index, "kernel"), None, stride, padding, dilation)
 
 
 def torch_gather_sum(p: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
@@ -496,13 +493,10 @@ def cpu_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, gran
         ho, wo = output_hw(x.shape, codebook.shape[-2:], stride, padding, dilation)
         if direct_kernel_pays(plan.m, c_out, *codebook.shape[-2:], x.shape[0] * c_out * ho * wo):
             return _kernel_direct(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual)
-        w = plan.dense(codebook)
-        u = packed.conv(x, w, stride, padding, dilation) if packed is not None else None
-        if u is None:
-            u = F.conv2d(x, w, None, stride, padding, dilation)
-        if scale is None and shift is None and residual is None and not relu:
-            return u
-        return _native_gather(u, plan.identity32(), scale, shift, residual, relu)
+        # The dense weight as C_out filters taken in order: the filter path below, its gather the epilogue alone.
+        codebook, index32 = plan.dense(codebook, index), plan.identity32()
+        if scale is None and shift is None and residual is None and not relu:  # no epilogue: the conv is all
+            return unique_maps(x, codebook, None, "filter", stride, padding, dilation, None, index32, packed)[1]
     _, u, idx32 = unique_maps(x, codebook, index, "filter", stride, padding, dilation, plan, index32, packed)
     if _needs_grad(u, scale, shift, residual):
         return _NativeEpilogue.apply("gather", u, idx32, scale, shift, residual, relu)
