@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _registry
-from .backends import PackedCodebook, tensor_version
+from .backends import PackedCodebook, kernel_plan, tensor_version
 from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, capturing,
                          dense_weight, indexed_conv2d, output_hw)
 
@@ -78,11 +78,22 @@ def _as_tensor(a, name: str) -> torch.Tensor:
 
 
 class _Cache:
+    """What forward derives from an index (and, in ``packed``, from the codebook), made for ``key``."""
     __slots__ = ("key", "index32", "plan", "packed")
 
-    def __init__(self, key, index32, plan):
-        self.key, self.index32, self.plan = key, index32, plan
-        self.packed = PackedCodebook()  # the codebook in oneDNN's layout (cpu backend, inference)
+    def __init__(self, key, index: torch.Tensor, k: int, granularity: str, groups: int = 1):
+        """Checks the index values against ``k`` (ValueError), then derives: the int32 index, the kernel plan
+        (kernel granularity, groups 1), an empty oneDNN reorder of the codebook (cpu backend, inference)."""
+        if index.numel():
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= k:
+                raise ValueError(f"index values must be in [0, K={k}), got {lo if lo < 0 else hi}")
+        self.key = key
+        self.index32 = index.to(torch.int32).contiguous()
+        self.plan = None
+        if granularity == "kernel" and groups == 1:
+            self.plan = kernel_plan(index, k)
+        self.packed = PackedCodebook()
 
 
 class ClusteredConv2d(nn.Module):
@@ -308,17 +319,7 @@ class ClusteredConv2d(nn.Module):
         c = self._cache
         if c is not None and c.key == key:
             return c
-        if idx.numel():
-            hi = int(idx.max())
-            lo = int(idx.min())
-            if lo < 0 or hi >= self.num_clusters:
-                raise ValueError(f"index values must be in [0, K={self.num_clusters}), got {lo if lo < 0 else hi}")
-        plan = None
-        if self.granularity == "kernel" and self.groups == 1:
-            from .backends import kernel_plan
-
-            plan = kernel_plan(idx, self.num_clusters)
-        c = _Cache(key, idx.to(torch.int32).contiguous(), plan)
+        c = _Cache(key, idx, self.num_clusters, self.granularity, self.groups)
         self._cache = c  # one assignment: a concurrent call keeps the cache it read
         return c
 
@@ -417,9 +418,9 @@ class ClusteredConv2d(nn.Module):
     def _through_functional(self, x, residual) -> torch.Tensor:
         """``forward`` under ``torch.autocast``, graph capture or on the meta device: :func:`indexed_conv2d` runs
         those itself (autocast: the conv in its dtype; capture and meta: torch ops, see
-        :func:`~kcengine.conv.functional.captured_conv2d`, or the native op under ``torch.compile``); the layer adds what is its own, its shape checks and
-        a residual that only broadcasts, added after as eager forward adds it.  Under autocast the residual is
-        judged in the dtype the conv runs in."""
+        :func:`~kcengine.conv.functional.captured_conv2d`, or the native op under ``torch.compile``); the layer
+        adds what is its own, its shape checks and a residual that only broadcasts, added after as eager forward
+        adds it.  Under autocast the residual is judged in the dtype the conv runs in."""
         ac = autocast_dtype(x)
         xj, rj = (autocast_cast(x, ac), autocast_cast(residual, ac)) if ac is not None else (x, residual)
         tracing = torch.jit.is_tracing()  # no checks there (see captured_conv2d)

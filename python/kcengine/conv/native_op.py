@@ -35,8 +35,9 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _registry
-from .backends import _NATIVE_DTYPES, PackedCodebook, cpu_indexed_conv2d, kernel_plan, tensor_version
+from .backends import _NATIVE_DTYPES, cpu_indexed_conv2d, tensor_version
 from .functional import output_hw
+from .module import _Cache
 
 __all__ = ["applies", "indexed_conv2d_op"]
 
@@ -101,39 +102,28 @@ _CPU_OK = _registry.backend_status("cpu") is None
 # ------------------------------------------------------------------------------------------------
 # What the op derives from an index, kept per index tensor.
 
-class _Prepared:
-    __slots__ = ("ref", "key", "index32", "plan", "packed")
-
-
-_prepared: dict[int, _Prepared] = {}
+_prepared: dict[int, tuple] = {}  # id(index) -> (weakref to the index, its _Cache)
 _lock = threading.Lock()
 
 
-def _prepare(index: torch.Tensor, k: int, granularity: str) -> _Prepared:
+def _prepare(index: torch.Tensor, k: int, granularity: str) -> _Cache:
+    """The layer's :class:`~kcengine.conv.module._Cache` for ``index`` (its values checked once per version, which
+    a captured graph cannot do), kept per index tensor until the index is freed."""
     key = (index.data_ptr(), tensor_version(index), index.dtype, tuple(index.shape), k, granularity)
     hit = _prepared.get(id(index))
-    if hit is not None and hit.ref() is index and hit.key == key:
-        return hit
-    if index.numel():  # a captured graph cannot read the values; here they are checked once per version
-        lo, hi = int(index.min()), int(index.max())
-        if lo < 0 or hi >= k:
-            raise ValueError(f"index values must be in [0, K={k}), got {lo if lo < 0 else hi}")
-    p = _Prepared()
-    p.key = key
-    p.index32 = index.to(torch.int32).contiguous()
-    p.plan = kernel_plan(index, k) if granularity == "kernel" else None
-    p.packed = PackedCodebook()
+    if hit is not None and hit[0]() is index and hit[1].key == key:
+        return hit[1]
+    c = _Cache(key, index, k, granularity)
     ident = id(index)
 
     def forget(_ref):  # runs as the index is freed, before its id can be reused
         with _lock:
-            if _prepared.get(ident) is p:
+            if _prepared.get(ident, (None, None))[1] is c:
                 del _prepared[ident]
 
-    p.ref = weakref.ref(index, forget)
     with _lock:
-        _prepared[ident] = p
-    return p
+        _prepared[ident] = (weakref.ref(index, forget), c)
+    return c
 
 
 def _channels_last_out(x: torch.Tensor, granularity: str) -> bool:
