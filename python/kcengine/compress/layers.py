@@ -81,10 +81,10 @@ class ElementClusteredConv2d(nn.Module):
         return w.t().reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding_mode != "zeros":  # as nn.Conv2d: the input padded first
-            x = pad_input(x, self.padding, self.padding_mode)
-            return F.conv2d(x, self.to_dense(), self.bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, self.to_dense(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        padding = self.padding
+        if self.padding_mode != "zeros":  # as nn.Conv2d: the input padded first, the conv pads nothing
+            x, padding = pad_input(x, self.padding, self.padding_mode), 0
+        return F.conv2d(x, self.to_dense(), self.bias, self.stride, padding, self.dilation, self.groups)
 
     @property
     def unique_parameters(self) -> int:
