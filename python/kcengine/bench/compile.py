@@ -105,8 +105,9 @@ def write_report(rows: list[dict], out_dir: Path, name: str, command: str, model
         f"- date: {now_utc()}",
         f"- commit: {git_commit()}",
         f"- recorded by `{command}`",
-        f"- machine: {info['cpu']} ({info['cores']} cores, {info.get('threads', '?')} threads); torch {info['torch']}",
-        f"- input: batch {batch} at {size}x{size}, channels-last, `torch.no_grad()`; resnet18 with its default "
+        f"- machine: {info['cpu']} ({info['cores']} cores, {info.get('threads', '?')} threads); "
+        f"torch {info['torch']}",
+        f"- input: batch {batch} at {size}x{size}, channels-last, `torch.no_grad()`; {model} with its default "
         "initialization (seed 0)",
         "- compiled: `torch.compile(model)` (inductor). native op: the clustered convs call "
         "`torch.ops.kcengine.indexed_conv2d`, the native kernels eager runs; torch ops: that op switched off, the "
