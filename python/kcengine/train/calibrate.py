@@ -181,10 +181,11 @@ def _moments(layer: ClusteredConv2d, xc: torch.Tensor, xd: torch.Tensor, max_pat
     ``xd is xc`` (the student's input is the teacher's: every layer before it is dense) computes one product
     and returns it for all three."""
     same = xd is xc
-    padding = layer._conv_padding  # none where the inputs are padded first, as the layer pads them
-    if layer.padding_mode != "zeros":
+    padding = layer.padding
+    if layer.padding_mode != "zeros":  # the inputs padded as the layer pads them, then no zero padding
         xc = pad_input(xc, layer.padding, layer.padding_mode)
         xd = xc if same else pad_input(xd, layer.padding, layer.padding_mode)
+        padding = (0, 0)
     kw = dict(kernel_size=layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
     d = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
     acc = [torch.zeros(d, d, dtype=torch.float64, device=xc.device) for _ in range(3)]
