@@ -62,3 +62,27 @@ def test_an_explicit_backend_error_propagates(op):
     with pytest.raises(RuntimeError, match="kernel not built"):
         _registry.run_with_fallback(op, "cpu", "cpu", lambda n, impl: impl())
     assert CALLS == ["cpu"]
+
+
+def test_candidates_follow_the_environment_and_new_registrations(op, monkeypatch):
+    """candidates() keeps its answers per (op, backend, device type, KCENGINE_BACKEND): a change of the variable
+    between calls is honoured at once, and a backend registered later is offered from then on."""
+    monkeypatch.delenv("KCENGINE_BACKEND", raising=False)
+    _registry.register(op, "torch", f"{__name__}:_ok")
+    assert _registry.candidates(op, "auto", "cpu") == (["torch"], False)
+    _registry.register(op, "cpu", f"{__name__}:_fail_runtime")
+    assert _registry.candidates(op, "auto", "cpu") == (["cpu", "torch"], False)
+    monkeypatch.setenv("KCENGINE_BACKEND", "torch")
+    assert _registry.candidates(op, "auto", "cpu") == (["torch"], True)
+    assert _registry.candidates(op, "cpu", "cpu") == (["cpu"], True)  # an argument beats the variable
+    monkeypatch.setenv("KCENGINE_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="backend='triton' does not implement test_fallback_op"):
+        _registry.candidates(op, "auto", "cpu")
+    with pytest.raises(RuntimeError, match="does not implement"):  # errors are raised again, not kept
+        _registry.candidates(op, "auto", "cpu")
+    monkeypatch.delenv("KCENGINE_BACKEND")
+    names, _ = _registry.candidates(op, "auto", "cpu")
+    names.append("cuda")  # the caller's list is its own
+    assert _registry.candidates(op, "auto", "cpu") == (["cpu", "torch"], False)
+    with pytest.raises(ValueError, match=r"backend=\['cpu'\] is not one of"):
+        _registry.candidates(op, ["cpu"], "cpu")

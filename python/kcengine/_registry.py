@@ -92,6 +92,7 @@ def register(op: str, backend: str, target: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     _OPS.setdefault(op, _Op()).impls[backend] = target
+    _CANDIDATES.clear()
 
 
 def check_backend_name(value, name: str = "backend") -> None:
@@ -123,11 +124,28 @@ def _device_type(device) -> str:
     return "cuda" if str(dtype).startswith("cuda") else "cpu"
 
 
+# candidates()'s answers, per (op, backend, device type, KCENGINE_BACKEND).  What a backend needs is there or
+# not for the life of the process (register() starts the memo afresh), and every eager layer call asks: at
+# batch 1 on CIFAR, re-running the checks was a fifth of a layer's Python time.  Errors are not kept; they
+# are raised again on each call.
+_CANDIDATES: dict[tuple, tuple[tuple[str, ...], bool]] = {}
+
+
 def candidates(op: str, backend: str | None, device="cpu") -> tuple[list[str], bool]:
     """Backends to try for ``op`` in order, and whether the choice was explicit."""
+    if backend is not None and not isinstance(backend, str):  # unhashable or odd: _candidates says what is wrong
+        return _candidates(op, backend, _device_type(device))
+    key = (op, backend, _device_type(device), os.environ.get(_ENV))
+    hit = _CANDIDATES.get(key)
+    if hit is None:
+        names, explicit = _candidates(op, backend, key[2])
+        hit = _CANDIDATES[key] = (tuple(names), explicit)
+    return list(hit[0]), hit[1]
+
+
+def _candidates(op: str, backend: str | None, dev: str) -> tuple[list[str], bool]:
     if op not in _OPS:
         raise ValueError(f"op={op!r} has no registered backends")
-    dev = _device_type(device)
     explicit = backend not in (None, "auto")
     if not explicit:
         env = os.environ.get(_ENV, "").strip()
