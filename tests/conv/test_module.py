@@ -510,6 +510,44 @@ def _clustered_3x3(c_in, c_out, k, granularity):
     return conv, res
 
 
+@pytest.mark.parametrize("n, c_in, hw, k, packed", [
+    (1, 16, 32, 4, False),   # 16,384 inputs, 4,096 unique-conv outputs: F.conv2d's im2col GEMM
+    (1, 64, 8, 64, False),   # 4,096 outputs
+    (1, 16, 32, 8, True),    # 8,192 outputs: the stored reorder
+    (1, 32, 28, 2, True),    # 25,088 inputs: F.conv2d would run oneDNN and reorder per call
+    (2, 16, 32, 4, True),    # a batch of two: the same
+])
+def test_small_batch_one_convs_take_f_conv2d_and_the_others_the_stored_reorder(n, c_in, hw, k, packed):
+    """The K-filter conv of CPU float32 channels-last inference runs on the stored oneDNN reorder except where
+    F.conv2d is faster (batch 1, at most 20,480 input values, fewer than 8,192 output values: its own im2col
+    path, without the packed call's fixed cost); both equal F.conv2d with the dense weight."""
+    from kcengine.conv.backends import PackedCodebook
+
+    if not PackedCodebook._available():
+        pytest.skip("this torch build has no oneDNN weight-reorder op")
+    torch.manual_seed(0)
+    conv, res = _clustered_3x3(c_in, 2 * k, k, "filter")
+    layer = ClusteredConv2d.from_conv(conv, res, "filter", backend="cpu").eval()
+    x = torch.randn(n, c_in, hw, hw).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        _close(layer(x), F.conv2d(x, layer.to_dense(), layer.bias, padding=1))
+    assert (layer._cache.packed.key is not None) == packed
+
+
+def test_im2col_rule_boundaries():
+    """_im2col_is_faster's thresholds as documented: input values <= 20,480 (torch's own switch to oneDNN), output
+    values < 8,192, batch 1, kernels of at most 3x3."""
+    from kcengine.conv.backends import _im2col_is_faster
+
+    one = ((1, 1), (1, 1), (1, 1))  # stride, padding, dilation
+    assert _im2col_is_faster((1, 20, 32, 32), (7, 20, 3, 3), *one)          # 20,480 in, 7,168 out
+    assert not _im2col_is_faster((1, 20, 32, 33), (7, 20, 3, 3), *one)      # 21,120 in
+    assert not _im2col_is_faster((1, 20, 32, 32), (8, 20, 3, 3), *one)      # 8,192 out
+    assert not _im2col_is_faster((2, 10, 32, 32), (2, 10, 3, 3), *one)      # batch 2
+    assert not _im2col_is_faster((1, 4, 16, 16), (2, 4, 5, 5), (1, 1), (2, 2), (1, 1))  # 5x5
+    assert _im2col_is_faster((1, 4, 16, 16), (2, 4, 1, 1), (1, 1), (0, 0), (1, 1))       # 1x1
+
+
 @pytest.mark.parametrize("granularity", ["filter", "kernel"])
 def test_layer_built_under_inference_mode_keeps_its_caches(granularity):
     """A layer built under torch.inference_mode (its codebook and index are inference tensors, without a

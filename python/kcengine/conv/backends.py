@@ -12,7 +12,8 @@ groups == 1) and share one signature::
 * ``cpu``: filter: the same K-filter conv (torch/oneDNN), then the C++ core's one-pass gather (+ bias,
   BN affine, residual, ReLU).  In inference on float32 channels-last input, a module's K-filter conv
   runs on a codebook reordered once into oneDNN's blocked layout (:class:`PackedCodebook`) instead of
-  per call (half the conv time at batch 1 for resnet18's deep layers; same values).  Kernel,
+  per call (half the conv time at batch 1 for resnet18's deep layers; same values), except for small
+  batch-1 convs (CIFAR's), where ``F.conv2d``'s own im2col path is faster (:func:`_im2col_is_faster`).  Kernel,
   inference: one native direct kernel (``conv_kernel_direct``:
   per pixel tile, each input channel's M codebook responses in registers, scattered into the C_out
   accumulators; the depthwise maps never exist in memory), channels-last output, where it does less work
@@ -230,10 +231,16 @@ def torch_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, gr
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
-def _core():
-    from .. import _core
+_CORE = None
 
-    return _core
+
+def _core():
+    global _CORE
+    if _CORE is None:
+        from .. import _core
+
+        _CORE = _core
+    return _CORE
 
 
 def _np(t):
@@ -267,8 +274,9 @@ def _empty_out(shape, dtype, channels_last: bool, pooled: bool = True) -> torch.
         if _cache_limit() > 0:
             np_dtype = "float64" if dtype == torch.float64 else "float32"
             return torch.from_numpy(_core().pooled_empty(list(shape), np_dtype, channels_last))
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, memory_format=fmt)
+    if channels_last:
+        return torch.empty_permuted(shape, (0, 2, 3, 1), dtype=dtype)
+    return torch.empty(shape, dtype=dtype)
 
 
 _MAX_CACHE_MIB = 1 << 30  # 1 PiB: any real limit; keeps the byte count inside int64
@@ -326,25 +334,28 @@ def empty_output_cache() -> int:
     return int(_core().pool_release())
 
 
+def _rows(t: torch.Tensor, c: int):
+    """A channels-last ``[N, C, H, W]`` tensor as its ``[N*H*W, C]`` numpy view (``view``: never a copy)."""
+    return t.permute(0, 2, 3, 1).view(-1, c).numpy()
+
+
 def _native_gather(u, index32, scale, shift, residual, relu, pooled=True):
     """One pass: out = act(u[:, index] * scale + shift + residual), keeping u's memory format."""
     n, k, h, w = u.shape
     c_out = index32.shape[0]
-    core = _core()
-    if u.dim() == 4 and not u.is_contiguous() and u.is_contiguous(memory_format=torch.channels_last):
+    u = u.detach()
+    if not u.is_contiguous() and u.is_contiguous(memory_format=torch.channels_last):
         out = _empty_out((n, c_out, h, w), u.dtype, True, pooled)
         res = None
         if residual is not None:
-            res = residual.detach().contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-            res = res.reshape(n * h * w, c_out).numpy()
-        core.conv_gather_epilogue(u.detach().permute(0, 2, 3, 1).reshape(n * h * w, k).numpy(), index32.numpy(),
-                                  _np(scale), _np(shift), res, relu,
-                                  out.permute(0, 2, 3, 1).reshape(n * h * w, c_out).numpy(), _threads(out.numel()))
+            res = _rows(residual.detach().contiguous(memory_format=torch.channels_last), c_out)
+        _core().conv_gather_epilogue(_rows(u, k), index32.numpy(), _np(scale), _np(shift), res, relu,
+                                     _rows(out, c_out), _threads(out.numel()))
         return out
     out = _empty_out((n, c_out, h, w), u.dtype, False, pooled)
     res = None if residual is None else residual.detach().contiguous().reshape(n, c_out, h * w).numpy()
-    core.conv_gather_epilogue(u.detach().contiguous().reshape(n, k, h * w).numpy(), index32.numpy(), _np(scale),
-                              _np(shift), res, relu, out.reshape(n, c_out, h * w).numpy(), _threads(out.numel()))
+    _core().conv_gather_epilogue(u.contiguous().reshape(n, k, h * w).numpy(), index32.numpy(), _np(scale),
+                                 _np(shift), res, relu, out.reshape(n, c_out, h * w).numpy(), _threads(out.numel()))
     return out
 
 
@@ -401,8 +412,9 @@ class PackedCodebook:
     one of these and :meth:`conv` runs ``F.conv2d(x, codebook, None, stride, padding, dilation)``
     through ``torch.ops.mkldnn._convolution_pointwise`` with the stored reorder, refreshed when the
     codebook (identity, storage, in-place version) or the geometry changes.  Returns None where it
-    does not apply (autograd, not float32, not channels-last, no oneDNN, or the private op missing or
-    failing in this torch build; then it stays off) and the caller runs ``F.conv2d``.
+    does not apply (autograd, not float32, not channels-last, no oneDNN, the private op missing or
+    failing in this torch build, then it stays off; or a small batch-1 conv, :func:`_im2col_is_faster`)
+    and the caller runs ``F.conv2d``.
 
     Nor for a single input channel: there the private op, given a stride along W above 1 and an output
     one pixel wide, returned wrong values (torch 2.15: 117 of 1,150 such random geometries, errors as
@@ -439,7 +451,8 @@ class PackedCodebook:
     def conv(self, x, codebook, stride, padding, dilation):
         if (x.device.type != "cpu" or x.dtype != torch.float32 or codebook.dtype != torch.float32 or x.dim() != 4
                 or x.shape[1] == 1 or not x.is_contiguous(memory_format=torch.channels_last)
-                or _needs_grad(x, codebook) or not self._available()):
+                or _needs_grad(x, codebook) or not self._available()
+                or _im2col_is_faster(x.shape, codebook.shape, stride, padding, dilation)):
             return None
         version = tensor_version(codebook)
         args = (list(padding), list(stride), list(dilation), 1)
@@ -454,6 +467,27 @@ class PackedCodebook:
             type(self)._supported = False
             self._entry = None
             return None
+
+
+# F.conv2d's own choice for a batch of one with kernels of at most 3x3: oneDNN (with the per-call reorder)
+# only above this many input values, its im2col GEMM below (torch's ``use_mkldnn``).
+_TORCH_IM2COL_MAX_INPUT = 20480
+_IM2COL_MAX_OUTPUT = 8192  # unique-conv output values below which that GEMM beats the stored reorder
+
+
+def _im2col_is_faster(x_shape, w_shape, stride, padding, dilation) -> bool:
+    """Whether ``F.conv2d`` beats :class:`PackedCodebook` for this K-filter conv: a batch of one, small enough
+    that F.conv2d takes its im2col path, with fewer than 8,192 output values.  Measured per shape (3x3,
+    stride 1, channels-last, inference, two threads; F.conv2d's time over the packed call's, two runs): on
+    CIFAR ResNets' layers at batch 1 (16 to 64 channels at 32x32 to 8x8, K from 2 to C_out) 0.55-1.01 below
+    8,192 output values, where the packed call's fixed cost of about 30 us dominates, and 0.92-1.43 from
+    there up; at batch 2 and more, and on resnet18's shapes at batch 1 (inputs of 25,088 values and more),
+    1.0-7.2: there F.conv2d runs oneDNN and reorders the weight on every call."""
+    n, c, h, w = x_shape
+    if n != 1 or w_shape[-2] > 3 or w_shape[-1] > 3 or n * c * h * w > _TORCH_IM2COL_MAX_INPUT:
+        return False
+    ho, wo = output_hw(x_shape, w_shape[-2:], stride, padding, dilation)
+    return w_shape[0] * ho * wo < _IM2COL_MAX_OUTPUT
 
 
 def unique_maps(x, codebook, index, granularity, stride, padding, dilation, plan=None, index32=None,
