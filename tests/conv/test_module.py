@@ -610,3 +610,92 @@ def test_one_layer_called_from_several_threads(granularity):
         assert not errors, errors[0]
         with torch.no_grad():
             layer.codebook.mul_(1.25)  # seen by the version counter: every cache is rebuilt next round
+
+
+def _fused_layer(c_in=6, c_out=10, k=4, stride=1):
+    """A filter-granularity layer with a fused BN (random statistics) and ReLU, on the cpu backend."""
+    conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+    res = SimpleNamespace(centroids=conv.weight.detach().reshape(c_out, -1)[:k].clone(),
+                          labels=torch.arange(c_out) % k)
+    bn = nn.BatchNorm2d(c_out).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return ClusteredConv2d.from_conv(conv, res, "filter", backend="cpu").eval().fuse_bn_relu(bn)
+
+
+def _reference(layer, x, residual=None):
+    """The layer's output from its dense weight and plain torch ops."""
+    y = F.conv2d(x.double(), layer.to_dense().double(), None, layer.stride, layer.padding)
+    if layer.scale is not None:
+        y = y * layer.scale.double()[:, None, None] + layer.shift.double()[:, None, None]
+    if residual is not None:
+        y = y + residual.double()
+    return y.relu() if layer.relu else y
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_prepared_inference_call_follows_every_change(channels_last, monkeypatch):
+    """Eager inference keeps a prepared call per signature (FilterInferenceCall) and uses it only while
+    what it was made for holds: each change below is seen by the very next call, which equals the dense
+    reference (scale, shift and index written in place or through .data, the codebook written in place,
+    attributes reassigned, another input shape, a residual, KCENGINE_BACKEND, grad mode, .to(), a state
+    dict loaded); copies do not share it."""
+    import copy
+
+    monkeypatch.delenv("KCENGINE_BACKEND", raising=False)
+    torch.manual_seed(0)
+    layer = _fused_layer()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(1, 6, 9, 9).contiguous(memory_format=fmt)
+
+    def check(inp=None, residual=None):
+        inp = x if inp is None else inp
+        with torch.no_grad():
+            _close(layer(inp, residual).double(), _reference(layer, inp, residual), torch.float64 if
+                   inp.dtype == torch.float64 else torch.float32)
+
+    check()
+    steady = layer.__dict__["_steady"]
+    check()
+    assert layer.__dict__["_steady"] is steady  # used, not rebuilt
+    with torch.no_grad():
+        layer.scale.mul_(-1.5)  # in place: the call's view shares the memory
+        check()
+        layer.shift.data = torch.randn(10)  # a new storage
+        check()
+        layer.codebook.mul_(0.5)
+        check()
+        layer.index.copy_(torch.arange(10).flip(0) % 4)
+        check()
+    assert layer.__dict__["_steady"] is not steady
+    layer.relu = False
+    assert "_steady" not in layer.__dict__
+    check()
+    layer.stride = (2, 2)
+    check()
+    check(torch.randn(3, 6, 9, 9).contiguous(memory_format=fmt))
+    check(residual=torch.randn(1, 10, 5, 5).contiguous(memory_format=fmt))
+    layer.backend = "auto"
+    check()
+    monkeypatch.setenv("KCENGINE_BACKEND", "torch")
+    with torch.no_grad():
+        layer.scale.mul_(2.0)
+    check()
+    assert layer.__dict__["_steady"].key[6] is None  # the torch backend ran: no call prepared for it
+    monkeypatch.delenv("KCENGINE_BACKEND")
+    y = layer(x)  # gradients recorded: the autograd path
+    y.sum().backward()
+    assert layer.codebook.grad is not None
+    twin = copy.deepcopy(layer)
+    assert "_steady" not in twin.__dict__
+    with torch.no_grad():
+        twin.scale.mul_(3.0)
+    check()
+    layer.to(torch.float64)
+    check(x.double())
+    other = _fused_layer()
+    layer.load_state_dict(other.to(torch.float64).state_dict())
+    check(x.double())

@@ -37,6 +37,7 @@ import numbers
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -244,7 +245,10 @@ def _core():
 
 
 def _np(t):
-    return None if t is None else t.detach().contiguous().numpy()
+    """A tensor's numpy view (contiguous; a numpy array or None passes through)."""
+    if t is None or isinstance(t, np.ndarray):
+        return t
+    return t.detach().contiguous().numpy()
 
 
 # Native epilogues run single-threaded below this many output elements, where starting a parallel region
@@ -340,22 +344,24 @@ def _rows(t: torch.Tensor, c: int):
 
 
 def _native_gather(u, index32, scale, shift, residual, relu, pooled=True):
-    """One pass: out = act(u[:, index] * scale + shift + residual), keeping u's memory format."""
+    """One pass: out = act(u[:, index] * scale + shift + residual), keeping u's memory format.  ``index32``,
+    ``scale`` and ``shift`` are tensors or their numpy views (:class:`FilterInferenceCall`)."""
     n, k, h, w = u.shape
     c_out = index32.shape[0]
     u = u.detach()
+    index32, scale, shift = _np(index32), _np(scale), _np(shift)
     if not u.is_contiguous() and u.is_contiguous(memory_format=torch.channels_last):
         out = _empty_out((n, c_out, h, w), u.dtype, True, pooled)
         res = None
         if residual is not None:
             res = _rows(residual.detach().contiguous(memory_format=torch.channels_last), c_out)
-        _core().conv_gather_epilogue(_rows(u, k), index32.numpy(), _np(scale), _np(shift), res, relu,
-                                     _rows(out, c_out), _threads(out.numel()))
+        _core().conv_gather_epilogue(_rows(u, k), index32, scale, shift, res, relu, _rows(out, c_out),
+                                     _threads(out.numel()))
         return out
     out = _empty_out((n, c_out, h, w), u.dtype, False, pooled)
     res = None if residual is None else residual.detach().contiguous().reshape(n, c_out, h * w).numpy()
-    _core().conv_gather_epilogue(u.contiguous().reshape(n, k, h * w).numpy(), index32.numpy(), _np(scale),
-                                 _np(shift), res, relu, out.reshape(n, c_out, h * w).numpy(), _threads(out.numel()))
+    _core().conv_gather_epilogue(u.contiguous().reshape(n, k, h * w).numpy(), index32, scale, shift, res, relu,
+                                 out.reshape(n, c_out, h * w).numpy(), _threads(out.numel()))
     return out
 
 
@@ -535,6 +541,56 @@ def cpu_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, gran
     if _needs_grad(u, scale, shift, residual):
         return _NativeEpilogue.apply("gather", u, idx32, scale, shift, residual, relu)
     return _native_gather(u, idx32, scale, shift, residual, relu)
+
+
+class FilterInferenceCall:
+    """One layer's eager inference call at filter granularity on the cpu backend, prepared once.
+
+    What :func:`cpu_indexed_conv2d` looks up and checks on every call (the backend, the conv's path, the
+    numpy views of the int32 index, scale and shift) is settled here for one call signature, which
+    :class:`~kcengine.conv.module.ClusteredConv2d` keeps and compares before each use (its
+    ``_steady_key``).  At batch 1 on CIFAR's layers those lookups cost as much as the conv itself.  The
+    call computes what :func:`cpu_indexed_conv2d` computes, the same way: the K-filter conv (``F.conv2d``,
+    or the stored reorder where that is faster), then the native gather.  The numpy views share memory
+    with the layer's tensors, so in-place writes into ``scale`` and ``shift`` are read by the next call;
+    the reorder follows the codebook's version itself."""
+
+    __slots__ = ("key", "codebook", "stride", "padding", "dilation", "packed", "use_packed", "index32",
+                 "scale", "shift", "relu", "__weakref__")
+
+    def __init__(self, key, x, codebook, cache, stride, padding, dilation, scale, shift, relu):
+        self.key = key
+        self.codebook, self.stride, self.padding, self.dilation = codebook, stride, padding, dilation
+        self.packed = cache.packed
+        self.use_packed = x.dtype == torch.float32 and not _im2col_is_faster(x.shape, codebook.shape, stride,
+                                                                              padding, dilation)
+        self.index32 = cache.index32.numpy()
+        self.scale, self.shift = _np(scale), _np(shift)
+        self.relu = relu
+
+    def __call__(self, x, residual):
+        u = self.packed.conv(x, self.codebook, self.stride, self.padding, self.dilation) if self.use_packed else None
+        if u is None:
+            u = F.conv2d(x, self.codebook, None, self.stride, self.padding, self.dilation)
+        return _native_gather(u, self.index32, self.scale, self.shift, residual, self.relu)
+
+
+def filter_inference_call(key, x, codebook, cache, bias, stride, padding, dilation, scale, shift, relu, residual):
+    """A :class:`FilterInferenceCall` for this call of the cpu backend, or None where one does not apply:
+    gradients recorded, data the native gather does not take, scale or shift not contiguous (their views
+    would be copies), or a bias to fold into scale and shift (a new tensor on every call; fused layers
+    have none)."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES or x.dim() != 4:
+        return None
+    if bias is not None and (scale is not None or shift is not None):
+        return None
+    if bias is not None:
+        shift = bias
+    if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in (codebook, scale, shift, residual)):
+        return None
+    if any(t is not None and not t.is_contiguous() for t in (scale, shift)):  # the views must be the tensors'
+        return None
+    return FilterInferenceCall(key, x, codebook, cache, stride, padding, dilation, scale, shift, relu)
 
 
 def _kernel_direct(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual):

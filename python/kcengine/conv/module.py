@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from typing import Optional
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _registry
-from .backends import PackedCodebook, kernel_plan, tensor_version
+from .backends import PackedCodebook, filter_inference_call, kernel_plan, tensor_version
 from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, capturing,
                          dense_weight, indexed_conv2d, output_hw)
 
@@ -122,7 +123,12 @@ class ClusteredConv2d(nn.Module):
     codebook reordered for oneDNN) and rebuilds it when their storage or in-place version changes:
     optimizer steps, in-place ops, ``load_state_dict`` and ``.to()`` are seen.  Writes through
     ``.data``, and in-place writes into tensors made under ``torch.inference_mode`` (a layer built or
-    loaded there), bypass the version counter: call :meth:`invalidate_cache` after them.
+    loaded there), bypass the version counter: call :meth:`invalidate_cache` after them.  Eager inference on
+    the cpu backend at filter granularity also keeps its call prepared for the last input signature (the
+    backend, the conv's path and the epilogue's numpy views looked up once; at batch 1 on CIFAR's layers
+    those lookups cost as much as the conv): assigning any attribute, ``.to()``, ``load_state_dict`` and
+    :meth:`invalidate_cache` drop it, and a new storage or version of the index, new storage of
+    scale, shift or bias, another input signature, grad mode or ``KCENGINE_BACKEND`` set it aside.
 
     Under ``torch.autocast`` the layer runs in the autocast dtype, as ``F.conv2d`` does there.  Under graph
     capture (``torch.compile``, ``torch.export``, ``torch.jit.trace``), and on the meta device,
@@ -399,6 +405,9 @@ class ClusteredConv2d(nn.Module):
             x = pad_input(x, self.padding, self.padding_mode)
         if isinstance(x, torch.Tensor) and (autocast_dtype(x) is not None or capturing(x)):
             return self._through_functional(x, residual)
+        steady = self.__dict__.get("_steady")
+        if steady is not None and steady.key == self._steady_key(x, residual):
+            return steady(x, residual)
         cache = self._prepared()
         (stride, padding, dilation), in_epilogue = self._checked_geometry(x, residual)
         relu = self.relu
@@ -438,7 +447,9 @@ class ClusteredConv2d(nn.Module):
         return y
 
     def _indexed(self, x, residual, relu, cache, stride, padding, dilation) -> torch.Tensor:
-        """The conv through the backend registry (its epilogue: bias, scale/shift, residual, ``relu``)."""
+        """The conv through the backend registry (its epilogue: bias, scale/shift, residual, ``relu``).  A call
+        the cpu backend ran at filter granularity without autograd leaves a prepared call for the next ones
+        with the same signature (:meth:`_steady_key`)."""
         def call(name, impl):
             extra = {}
             if name in ("cpu", "torch"):
@@ -449,8 +460,47 @@ class ClusteredConv2d(nn.Module):
             return impl(x, self.codebook, self.index, self.bias, stride, padding, dilation, self.granularity,
                         self.scale, self.shift, relu, residual, **extra)
 
-        _, y = _registry.run_with_fallback("conv", self.backend, x.device, call)
+        name, y = _registry.run_with_fallback("conv", self.backend, x.device, call)
+        if name == "cpu" and self.granularity == "filter" and relu == self.relu:
+            key = self._steady_key(x, residual)
+            if key is not None:
+                self.__dict__["_steady"] = filter_inference_call(
+                    key, x, self.codebook, cache, self.bias, stride, padding, dilation, self.scale, self.shift,
+                    relu, residual)
         return y
+
+    def _steady_key(self, x, residual):
+        """What a prepared inference call (:class:`~kcengine.conv.backends.FilterInferenceCall`) was made for,
+        beyond the layer's attributes (assigning any of them drops it, as do ``.to()``, ``load_state_dict``
+        and :meth:`invalidate_cache`): the signature of ``x`` and ``residual``, grad and inference mode,
+        ``KCENGINE_BACKEND``, the codebook's shape and dtype, the index's storage and version, the storage
+        and shape of scale, shift and bias.  None where the layer's tensors are not where forward put them
+        (the call is then not prepared)."""
+        if type(x) is not torch.Tensor or (residual is not None and type(residual) is not torch.Tensor):
+            return None
+        p, b = self._parameters, self._buffers
+        cb, idx = p.get("codebook"), b.get("index")
+        if cb is None or idx is None:
+            return None
+        vecs = tuple(None if t is None else (t.data_ptr(), t.shape) for t in (b.get("scale"), b.get("shift"),
+                                                                              p.get("bias")))
+        return (x.shape, x.dtype, x.device,
+                None if residual is None else (residual.shape, residual.dtype, residual.device),
+                torch.is_grad_enabled(), torch.is_inference_mode_enabled(), os.environ.get(_registry._ENV),
+                cb.shape, cb.dtype, idx.data_ptr(), tensor_version(idx), vecs)
+
+    def __setattr__(self, name, value):
+        self.__dict__.pop("_steady", None)  # made for the attributes as they were
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        self.__dict__.pop("_steady", None)
+        super().__delattr__(name)
+
+    def __getstate__(self):  # copies and pickles leave the prepared call behind: its views are this layer's
+        state = super().__getstate__()
+        state.pop("_steady", None)
+        return state
 
     def invalidate_cache(self) -> None:
         """Drop what forward derived from ``index`` and ``codebook``.  Needed only after writes torch's
