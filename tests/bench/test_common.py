@@ -45,3 +45,27 @@ def test_runnable_isas_leaves_out_a_refused_set(monkeypatch):
 
     monkeypatch.setattr(_core, "kmeans_isa", refusing)
     assert runnable_isas()[0] == "generic" and "avx2" not in runnable_isas()
+
+
+def test_time_alternating_runs_its_rounds_in_turn_and_more_for_min_seconds():
+    """Every round calls each function once, in turn (reversed every other round with flip); repeat rounds at
+    least, and more until min_seconds have passed; each result is that function's best call."""
+    import time
+
+    from kcengine.bench.common import time_alternating
+
+    calls = []
+
+    def fn(name, seconds):
+        def f():
+            calls.append(name)
+            time.sleep(seconds)
+        return f
+
+    best = time_alternating((fn("a", 0.002), fn("b", 0.0)), 3, warmup=1, flip=True)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rounds 0 (a b), 1 (b a), 2 (a b)
+    assert best[0] >= 0.002 and best[1] < best[0]
+    calls.clear()
+    t0 = time.perf_counter()
+    time_alternating((fn("a", 0.001),), 2, warmup=0, min_seconds=0.05)
+    assert time.perf_counter() - t0 >= 0.05 and 2 < len(calls) <= 1000

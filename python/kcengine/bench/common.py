@@ -182,21 +182,28 @@ def time_call(fn: Callable[[], object], *, repeat: int = 1, warmup: int = 0, syn
     return best, out
 
 
+_MAX_ROUNDS = 1000  # time_alternating's cap on the rounds min_seconds adds
+
+
 def time_alternating(fns: Sequence[Callable[[], object]], repeat: int, *, warmup: int = 1,
-                     flip: bool = False) -> tuple:
+                     flip: bool = False, min_seconds: float = 0.0) -> tuple:
     """Best seconds of each of ``fns`` over ``repeat`` rounds, run in turn (a, b, c, a, b, c, ...; with
     ``flip`` every other round runs them in reverse order) after ``warmup`` rounds: peers timed side by side
-    on the same inputs, so load from other jobs hits them alike."""
+    on the same inputs, so load from other jobs hits them alike.  ``min_seconds``: more rounds until the
+    rounds took that long in all (at most 1,000), for calls of microseconds, whose best of a few rounds
+    is mostly the machine's noise."""
     for _ in range(warmup):
         for f in fns:
             f()
     best = [float("inf")] * len(fns)
-    for r in range(repeat):
+    start, r = time.perf_counter(), 0
+    while r < repeat or (r < _MAX_ROUNDS and time.perf_counter() - start < min_seconds):
         order = range(len(fns)) if not (flip and r % 2) else reversed(range(len(fns)))
         for j in order:
             t0 = time.perf_counter()
             fns[j]()
             best[j] = min(best[j], time.perf_counter() - t0)
+        r += 1
     return tuple(best)
 
 
@@ -231,14 +238,14 @@ def rel_diff(y, ref, eps: float = 1e-12) -> float:
 
 
 def time_against(reference: Callable[[], object], candidate: Callable[[], object], repeat: int, *,
-                 flip: bool = False) -> tuple[float, float, float]:
+                 flip: bool = False, min_seconds: float = 0.0) -> tuple[float, float, float]:
     """``(reference seconds, candidate seconds, max relative difference)``: both timed alternately
     (:func:`time_alternating`) under ``torch.inference_mode``, then the candidate's output compared with
     the reference's (max abs difference over the reference's max abs value)."""
     import torch
 
     with torch.inference_mode():
-        tr, tc = time_alternating((reference, candidate), repeat, flip=flip)
+        tr, tc = time_alternating((reference, candidate), repeat, flip=flip, min_seconds=min_seconds)
         yr = reference()
         err = rel_diff(candidate(), yr)
     return tr, tc, err

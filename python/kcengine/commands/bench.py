@@ -349,6 +349,9 @@ def run_inference(args, out: Path) -> dict:
         h, w = min(h, 112), min(w, 112)
     batches = (1, 8) if args.quick else (1, 32)
     repeat = {1: 5, 8: 2, 32: 2} if args.quick else {1: 10, 32: 3}
+    # ...and more rounds where calls are short (CIFAR models: a round of milliseconds): half a second a row,
+    # a tenth per layer
+    min_seconds = 0.25 if args.quick else 0.5
     rows = []
     from tqdm.auto import tqdm
 
@@ -365,13 +368,15 @@ def run_inference(args, out: Path) -> dict:
         for fmt_name, fmt in formats:
             x = x0.contiguous(memory_format=fmt)
             dense, fast = dense.to(memory_format=fmt), fast.to(memory_format=fmt)
-            td, tc, err = time_against(lambda: dense(x), lambda: fast(x), repeat.get(n, 2), flip=True)
+            td, tc, err = time_against(lambda: dense(x), lambda: fast(x), repeat.get(n, 2), flip=True,
+                                       min_seconds=min_seconds)
             rows.append({"batch": n, "input": f"{h}x{w}", "memory_format": fmt_name, "dense_ms": td * 1e3,
                          "clustered_ms": tc * 1e3, "speedup": td / tc, "rel_diff_vs_dense": err})
         if frozen is not None:
             x = x0.contiguous(memory_format=torch.channels_last)
             fast = fast.to(memory_format=torch.channels_last)
-            tj, tc, err = time_against(lambda: frozen(x), lambda: fast(x), repeat.get(n, 2), flip=True)
+            tj, tc, err = time_against(lambda: frozen(x), lambda: fast(x), repeat.get(n, 2), flip=True,
+                                       min_seconds=min_seconds)
             rows.append({"batch": n, "input": f"{h}x{w}", "memory_format": "channels_last, dense frozen",
                          "dense_ms": tj * 1e3, "clustered_ms": tc * 1e3, "speedup": tj / tc, "rel_diff_vs_dense": err})
     # Per-layer: each conv alone on its real input (batch 1, channels-last), dense Conv2d vs ClusteredConv2d.
@@ -393,7 +398,8 @@ def run_inference(args, out: Path) -> dict:
                 continue
             # dense: the same stored-reorder oneDNN path as the clustered layer's conv; eager Conv2d beside it
             packed = PackedDenseConv.from_conv(conv)
-            td, tc, te = time_alternating((lambda: packed(xin), lambda: cl(xin), lambda: conv(xin)), 3, flip=True)
+            td, tc, te = time_alternating((lambda: packed(xin), lambda: cl(xin), lambda: conv(xin)), 3, flip=True,
+                                          min_seconds=min_seconds / 5)
             layer_rows.append({"layer": name, "shape": f"{conv.in_channels}->{conv.out_channels} "
                                f"{conv.kernel_size[0]}x{conv.kernel_size[1]}/{conv.stride[0]}",
                                "k": cl.num_clusters, "dense_ms": td * 1e3, "clustered_ms": tc * 1e3,
