@@ -612,18 +612,17 @@ def test_one_layer_called_from_several_threads(granularity):
             layer.codebook.mul_(1.25)  # seen by the version counter: every cache is rebuilt next round
 
 
-def _fused_layer(c_in=6, c_out=10, k=4, stride=1):
-    """A filter-granularity layer with a fused BN (random statistics) and ReLU, on the cpu backend."""
-    conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-    res = SimpleNamespace(centroids=conv.weight.detach().reshape(c_out, -1)[:k].clone(),
-                          labels=torch.arange(c_out) % k)
+def _fused_layer(granularity="filter", c_in=6, c_out=10, k=4):
+    """A layer with a fused BN (random statistics) and ReLU, on the cpu backend."""
+    conv, res = _clustered_3x3(c_in, c_out, k, granularity)
+    conv.bias = None
     bn = nn.BatchNorm2d(c_out).eval()
     with torch.no_grad():
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
-    return ClusteredConv2d.from_conv(conv, res, "filter", backend="cpu").eval().fuse_bn_relu(bn)
+    return ClusteredConv2d.from_conv(conv, res, granularity, backend="cpu").eval().fuse_bn_relu(bn)
 
 
 def _reference(layer, x, residual=None):
@@ -636,9 +635,10 @@ def _reference(layer, x, residual=None):
     return y.relu() if layer.relu else y
 
 
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_prepared_inference_call_follows_every_change(channels_last, monkeypatch):
-    """Eager inference keeps a prepared call per signature (FilterInferenceCall) and uses it only while
+def test_prepared_inference_call_follows_every_change(granularity, channels_last, monkeypatch):
+    """Eager inference keeps a prepared call per signature (backends.inference_call) and uses it only while
     what it was made for holds: each change below is seen by the very next call, which equals the dense
     reference (scale, shift and index written in place or through .data, the codebook written in place,
     attributes reassigned, another input shape, a residual, KCENGINE_BACKEND, grad mode, .to(), a state
@@ -647,7 +647,7 @@ def test_prepared_inference_call_follows_every_change(channels_last, monkeypatch
 
     monkeypatch.delenv("KCENGINE_BACKEND", raising=False)
     torch.manual_seed(0)
-    layer = _fused_layer()
+    layer = _fused_layer(granularity)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(1, 6, 9, 9).contiguous(memory_format=fmt)
 
@@ -659,6 +659,7 @@ def test_prepared_inference_call_follows_every_change(channels_last, monkeypatch
 
     check()
     steady = layer.__dict__["_steady"]
+    assert type(steady).__name__ == {"filter": "FilterInferenceCall", "kernel": "KernelInferenceCall"}[granularity]
     check()
     assert layer.__dict__["_steady"] is steady  # used, not rebuilt
     with torch.no_grad():
@@ -668,7 +669,7 @@ def test_prepared_inference_call_follows_every_change(channels_last, monkeypatch
         check()
         layer.codebook.mul_(0.5)
         check()
-        layer.index.copy_(torch.arange(10).flip(0) % 4)
+        layer.index.copy_(layer.index.flip(0))
         check()
     assert layer.__dict__["_steady"] is not steady
     layer.relu = False
@@ -696,6 +697,6 @@ def test_prepared_inference_call_follows_every_change(channels_last, monkeypatch
     check()
     layer.to(torch.float64)
     check(x.double())
-    other = _fused_layer()
+    other = _fused_layer(granularity)
     layer.load_state_dict(other.to(torch.float64).state_dict())
     check(x.double())

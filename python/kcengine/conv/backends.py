@@ -544,7 +544,7 @@ def cpu_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, gran
 
 
 class FilterInferenceCall:
-    """One layer's eager inference call at filter granularity on the cpu backend, prepared once.
+    """One layer's eager inference call on the cpu backend at filter granularity, prepared once.
 
     What :func:`cpu_indexed_conv2d` looks up and checks on every call (the backend, the conv's path, the
     numpy views of the int32 index, scale and shift) is settled here for one call signature, which
@@ -575,11 +575,32 @@ class FilterInferenceCall:
         return _native_gather(u, self.index32, self.scale, self.shift, residual, self.relu)
 
 
-def filter_inference_call(key, x, codebook, cache, bias, stride, padding, dilation, scale, shift, relu, residual):
-    """A :class:`FilterInferenceCall` for this call of the cpu backend, or None where one does not apply:
-    gradients recorded, data the native gather does not take, scale or shift not contiguous (their views
-    would be copies), or a bias to fold into scale and shift (a new tensor on every call; fused layers
-    have none)."""
+class KernelInferenceCall:
+    """The same at kernel granularity, where the native direct kernel runs (:func:`direct_kernel_pays`): the
+    plan and the numpy views of scale and shift settled; the codebook's pack follows its version
+    (:meth:`KernelPlan.direct_pack`)."""
+
+    __slots__ = ("key", "codebook", "plan", "stride", "padding", "dilation", "scale", "shift", "relu",
+                 "__weakref__")
+
+    def __init__(self, key, codebook, plan, stride, padding, dilation, scale, shift, relu):
+        self.key, self.codebook, self.plan = key, codebook, plan
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.scale, self.shift = _np(scale), _np(shift)
+        self.relu = relu
+
+    def __call__(self, x, residual):
+        return _kernel_direct(x, self.codebook, self.plan, self.stride, self.padding, self.dilation, self.scale,
+                              self.shift, self.relu, residual)
+
+
+def inference_call(key, x, codebook, cache, granularity, bias, stride, padding, dilation, scale, shift, relu,
+                   residual):
+    """A prepared call (:class:`FilterInferenceCall`, :class:`KernelInferenceCall`) for this call of the cpu
+    backend, or None where one does not apply: gradients recorded, data the native kernels do not take,
+    scale or shift not contiguous (their views would be copies), a bias to fold into scale and shift (a new
+    tensor on every call; fused layers have none), or kernel granularity where the direct kernel does not
+    run."""
     if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES or x.dim() != 4:
         return None
     if bias is not None and (scale is not None or shift is not None):
@@ -590,7 +611,16 @@ def filter_inference_call(key, x, codebook, cache, bias, stride, padding, dilati
         return None
     if any(t is not None and not t.is_contiguous() for t in (scale, shift)):  # the views must be the tensors'
         return None
-    return FilterInferenceCall(key, x, codebook, cache, stride, padding, dilation, scale, shift, relu)
+    if granularity == "filter":
+        return FilterInferenceCall(key, x, codebook, cache, stride, padding, dilation, scale, shift, relu)
+    plan = cache.plan
+    if plan is None:
+        return None
+    c_out = plan.pair.shape[0]
+    ho, wo = output_hw(x.shape, codebook.shape[-2:], stride, padding, dilation)
+    if not direct_kernel_pays(plan.m, c_out, *codebook.shape[-2:], x.shape[0] * c_out * ho * wo):
+        return None
+    return KernelInferenceCall(key, codebook, plan, stride, padding, dilation, scale, shift, relu)
 
 
 def _kernel_direct(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual):

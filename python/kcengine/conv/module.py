@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _registry
-from .backends import PackedCodebook, filter_inference_call, kernel_plan, tensor_version
+from .backends import PackedCodebook, inference_call, kernel_plan, tensor_version
 from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, capturing,
                          dense_weight, indexed_conv2d, output_hw)
 
@@ -124,8 +124,8 @@ class ClusteredConv2d(nn.Module):
     optimizer steps, in-place ops, ``load_state_dict`` and ``.to()`` are seen.  Writes through
     ``.data``, and in-place writes into tensors made under ``torch.inference_mode`` (a layer built or
     loaded there), bypass the version counter: call :meth:`invalidate_cache` after them.  Eager inference on
-    the cpu backend at filter granularity also keeps its call prepared for the last input signature (the
-    backend, the conv's path and the epilogue's numpy views looked up once; at batch 1 on CIFAR's layers
+    the cpu backend also keeps its call prepared for the last input signature (the backend, the conv's
+    path and the epilogue's numpy views looked up once; at batch 1 on CIFAR's layers
     those lookups cost as much as the conv): assigning any attribute, ``.to()``, ``load_state_dict`` and
     :meth:`invalidate_cache` drop it, and a new storage or version of the index, new storage of
     scale, shift or bias, another input signature, grad mode or ``KCENGINE_BACKEND`` set it aside.
@@ -448,8 +448,8 @@ class ClusteredConv2d(nn.Module):
 
     def _indexed(self, x, residual, relu, cache, stride, padding, dilation) -> torch.Tensor:
         """The conv through the backend registry (its epilogue: bias, scale/shift, residual, ``relu``).  A call
-        the cpu backend ran at filter granularity without autograd leaves a prepared call for the next ones
-        with the same signature (:meth:`_steady_key`)."""
+        the cpu backend ran without autograd leaves a prepared call for the next ones with the same signature
+        (:meth:`_steady_key`)."""
         def call(name, impl):
             extra = {}
             if name in ("cpu", "torch"):
@@ -461,16 +461,16 @@ class ClusteredConv2d(nn.Module):
                         self.scale, self.shift, relu, residual, **extra)
 
         name, y = _registry.run_with_fallback("conv", self.backend, x.device, call)
-        if name == "cpu" and self.granularity == "filter" and relu == self.relu:
+        if name == "cpu" and relu == self.relu:
             key = self._steady_key(x, residual)
             if key is not None:
-                self.__dict__["_steady"] = filter_inference_call(
-                    key, x, self.codebook, cache, self.bias, stride, padding, dilation, self.scale, self.shift,
-                    relu, residual)
+                self.__dict__["_steady"] = inference_call(
+                    key, x, self.codebook, cache, self.granularity, self.bias, stride, padding, dilation,
+                    self.scale, self.shift, relu, residual)
         return y
 
     def _steady_key(self, x, residual):
-        """What a prepared inference call (:class:`~kcengine.conv.backends.FilterInferenceCall`) was made for,
+        """What a prepared inference call (:func:`~kcengine.conv.backends.inference_call`) was made for,
         beyond the layer's attributes (assigning any of them drops it, as do ``.to()``, ``load_state_dict``
         and :meth:`invalidate_cache`): the signature of ``x`` and ``residual``, grad and inference mode,
         ``KCENGINE_BACKEND``, the codebook's shape and dtype, the index's storage and version, the storage
