@@ -69,3 +69,14 @@ def test_time_alternating_runs_its_rounds_in_turn_and_more_for_min_seconds():
     t0 = time.perf_counter()
     time_alternating((fn("a", 0.001),), 2, warmup=0, min_seconds=0.05)
     assert time.perf_counter() - t0 >= 0.05 and 2 < len(calls) <= 1000
+
+
+def test_cpu_model_names_family_and_model():
+    """Records name the CPU generation, not only the vendor line a shared machine reports."""
+    from kcengine.bench.common import _cpu_model
+
+    info = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n\n"
+            "processor\t: 1\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: other\n")
+    assert _cpu_model(info) == "AMD EPYC, family 25 model 17"
+    assert _cpu_model("model name\t: Some CPU\n") == "Some CPU"
+    assert _cpu_model()  # this machine: something, whatever it reports
