@@ -441,3 +441,69 @@ def test_inductor_compiles_a_fused_clustered_resnet():
         with torch.no_grad():
             for x in (x1, x2):
                 _close(compiled(x), fused(x))
+
+
+def _expected_flops(m: ClusteredConv2d, x) -> int:
+    """The work of the native kernels, from the shapes and the index (written out independently of the op's
+    formula): filter, the K-filter conv; kernel, each input channel's M kernel responses and their sums."""
+    n, c_in, h, w = x.shape
+    ho, wo = (h + 2 - 3) // 2 + 1, (w + 2 - 3) // 2 + 1  # _layer's 3x3, stride 2, padding 1
+    px = n * ho * wo
+    if m.granularity == "filter":
+        return 2 * px * m.num_clusters * c_in * 9
+    m_max = max(len(set(m.index[:, i].tolist())) for i in range(c_in))
+    return 2 * px * c_in * m_max * 9 + px * m.out_channels * c_in
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_flop_counter_counts_the_native_work_and_sees_the_same_output(granularity, channels_last):
+    """torch.utils.flop_counter.FlopCounterMode saw nothing of the native kernels (a channels-last filter model
+    counted 0 FLOPs). Under a dispatch mode, CPU inference runs as torch.ops.kcengine.indexed_conv2d, whose
+    formula counts what the native kernels compute; the output is the eager one. With gradients wanted the
+    layer is written in torch ops and counted as they are (the K-filter conv, or the dense conv that kernel
+    granularity trains through)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = _layer(granularity, bias=False, fused=True)
+    if granularity == "kernel":  # each input channel uses 2 of the 4 kernels: M = 2, below the bound
+        with torch.no_grad():
+            m.index.copy_(torch.arange(10)[:, None] % 2 + 2 * (torch.arange(6)[None, :] % 2))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 6, 9, 11).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        eager = m(x)
+        with FlopCounterMode(display=False) as fc:
+            y = m(x)
+    _close(y, eager)
+    assert fc.get_total_flops() == _expected_flops(m, x) > 0
+    if granularity == "kernel":
+        assert _expected_flops(m, x) == 2 * 60 * 6 * 2 * 9 + 60 * 10 * 6  # M = 2 read from the index
+    counts = fc.get_flop_counts()["Global"]
+    assert [str(op) for op in counts] == ["kcengine.indexed_conv2d"]
+    with FlopCounterMode(display=False) as fc:
+        m(x.requires_grad_())
+    k_or_dense = m.num_clusters if granularity == "filter" else m.out_channels
+    assert fc.get_total_flops() == 2 * 2 * 5 * 6 * k_or_dense * 6 * 9  # one aten conv: N Ho Wo K C_in kh kw
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_fake_tensors_go_through_a_layer(granularity):
+    """Under FakeTensorMode (shape propagation without data) a clustered layer's forward gave an error from the
+    native kernels, which have no data to read; it now returns a fake output of the eager output's shape and
+    memory format, and FlopCounterMode under it counts the bound M = min(K, C_out) for kernel granularity."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = _layer(granularity, bias=False, fused=True)
+    real = torch.randn(2, 6, 9, 11).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        eager = m(real)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        x = mode.from_tensor(real)
+        with FlopCounterMode(display=False) as fc:
+            y = m(x)
+    assert isinstance(y, FakeTensor) and y.shape == eager.shape and y.stride() == eager.stride()
+    px = 2 * 5 * 6
+    want = 2 * px * 4 * 6 * 9 if granularity == "filter" else 2 * px * 6 * 4 * 9 + px * 10 * 6
+    assert fc.get_total_flops() == want

@@ -245,7 +245,9 @@ def indexed_conv2d(
     Under graph capture (``torch.export``, ``torch.jit.trace``, ``torch.compile``) the conv is written in torch
     ops (:func:`captured_conv2d`), but for ``torch.compile`` of inference on the CPU (float32/float64, no
     gradient wanted) where the native kernels are the faster form, which the graph calls as the custom op
-    ``torch.ops.kcengine.indexed_conv2d`` (:mod:`kcengine.conv.native_op`).
+    ``torch.ops.kcengine.indexed_conv2d`` (:mod:`kcengine.conv.native_op`).  Under a ``TorchDispatchMode``
+    (``FlopCounterMode``, ``FakeTensorMode``) CPU inference always calls that op, whose FLOP formula counts
+    the work the native kernels do, and anything else is written in torch ops (:func:`dispatch_mode_active`).
     """
     relu = bool(relu)
     ac = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
@@ -266,6 +268,18 @@ def indexed_conv2d(
                                                scale, shift, relu, residual)
         return captured_conv2d(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale,
                                shift, relu, residual)
+    if dispatch_mode_active():  # FlopCounterMode, FakeTensorMode, ...: ops the mode sees (after capture: see there)
+        stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
+                                              granularity, scale, shift, residual, check_range=False)
+        from . import native_op
+
+        if native_op.applies(x, codebook, index, bias, scale, shift, residual, stride, padding, dilation, groups,
+                             granularity, backend, always=True):
+            native_op.register_flop_formula()
+            return native_op.indexed_conv2d_op(x, codebook, index, bias, stride, padding, dilation, granularity,
+                                               scale, shift, relu, residual)
+        return captured_conv2d(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale,
+                               shift, relu, residual)
     stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
                                           granularity, scale, shift, residual)
     if groups > 1:
@@ -280,6 +294,18 @@ def indexed_conv2d(
 
 
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # torch < 2.3
+
+
+def dispatch_mode_active() -> bool:
+    """Whether a ``TorchDispatchMode`` is on (``torch.utils.flop_counter.FlopCounterMode``, ``FakeTensorMode``,
+    a debugging mode): it sees only ops that go through torch's dispatcher, and fake tensors have no data
+    for the native kernels, so the conv then runs as the op ``torch.ops.kcengine.indexed_conv2d`` (which
+    carries a FLOP formula and a fake implementation) where that applies, else in torch ops
+    (:func:`captured_conv2d`).  Asked only outside graph capture: the compiler cannot trace it."""
+    try:
+        return torch._C._len_torch_dispatch_stack() > 0
+    except AttributeError:  # pragma: no cover - a torch without it: no modes seen
+        return False
 
 
 def capturing(x) -> bool:

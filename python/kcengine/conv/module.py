@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .. import _registry
 from .backends import PackedCodebook, inference_call, kernel_plan, tensor_version
 from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, capturing,
-                         dense_weight, indexed_conv2d, output_hw)
+                         dense_weight, dispatch_mode_active, indexed_conv2d, output_hw)
 
 __all__ = ["ClusteredConv2d", "index_dtype_for", "numeric_padding", "PADDING_MODES", "replace_module", "pad_input"]
 
@@ -134,7 +134,9 @@ class ClusteredConv2d(nn.Module):
     capture (``torch.compile``, ``torch.export``, ``torch.jit.trace``), and on the meta device,
     forward is written in torch ops instead of the native kernels, which capture cannot see (see
     :func:`~kcengine.conv.functional.captured_conv2d`); but ``torch.compile`` of CPU inference calls the
-    native kernels through a custom op (:mod:`kcengine.conv.native_op`).
+    native kernels through a custom op (:mod:`kcengine.conv.native_op`).  Under a ``TorchDispatchMode``
+    (``FlopCounterMode``, ``FakeTensorMode``) CPU inference always calls that op, which the mode sees, and
+    the rest is written in torch ops.
     """
 
     _kc_cosine = False  # set by compress (cosine option) and by layer_from_config
@@ -403,7 +405,8 @@ class ClusteredConv2d(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.padding_mode != "zeros" and isinstance(x, torch.Tensor) and x.dim() == 4:
             x = pad_input(x, self.padding, self.padding_mode)
-        if isinstance(x, torch.Tensor) and (autocast_dtype(x) is not None or capturing(x)):
+        if isinstance(x, torch.Tensor) and (autocast_dtype(x) is not None or capturing(x)
+                                            or dispatch_mode_active()):
             return self._through_functional(x, residual)
         steady = self.__dict__.get("_steady")
         if steady is not None and steady.key == self._steady_key(x, residual):

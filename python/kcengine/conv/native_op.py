@@ -21,6 +21,10 @@ It applies where all of these hold (:func:`applies`):
 The op has no autograd formula. A compiled training step keeps the torch-op form, which the compiler
 differentiates.
 
+Under a ``TorchDispatchMode`` (``FlopCounterMode``, ``FakeTensorMode``) eager CPU inference calls the op
+wherever it can run (``applies(..., always=True)``): the mode sees it, its FLOP formula counts the native
+work (:func:`_indexed_conv2d_flops`), and fake tensors take its fake implementation.
+
 The op keeps what it derives from an index (the int32 copy, the kernel plan, the codebook's reorders)
 per index tensor, as a layer does, rebuilt when the index's storage or in-place version changes, and it
 checks the index values once per such change.
@@ -28,6 +32,7 @@ checks the index values once per such change.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import weakref
 from typing import Optional, Sequence
@@ -46,9 +51,10 @@ _HAVE_CUSTOM_OPS = hasattr(torch.library, "custom_op") and hasattr(torch.compile
 
 
 def applies(x, codebook, index, bias, scale, shift, residual, stride, padding, dilation, groups: int,
-            granularity: str, backend: Optional[str]) -> bool:
+            granularity: str, backend: Optional[str], always: bool = False) -> bool:
     """Whether a captured conv should call the native op (see the module's docstring); stride, padding and
-    dilation as pairs."""
+    dilation as pairs.  ``always``: wherever the op can run, whether or not it is the faster form (under a
+    dispatch mode, :func:`~kcengine.conv.functional.dispatch_mode_active`)."""
     if not _HAVE_CUSTOM_OPS or torch.jit.is_tracing() or torch.compiler.is_exporting() or groups != 1:
         return False
     if x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES:
@@ -60,7 +66,7 @@ def applies(x, codebook, index, bias, scale, shift, residual, stride, padding, d
         return False  # mixed dtypes: the eager cpu backend refuses them too; torch ops say why
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts):
         return False
-    return _faster_than_torch_ops(x, codebook, index, stride, padding, dilation, granularity)
+    return always or _faster_than_torch_ops(x, codebook, index, stride, padding, dilation, granularity)
 
 
 # Where the compiled torch-op form is faster, it stays (measured per layer on resnet18 at 224x224, batch 1
@@ -155,6 +161,61 @@ def _indexed_conv2d_fake(x, codebook, index, bias, stride, padding, dilation, gr
     c_out = index.shape[0]
     fmt = torch.channels_last if _channels_last_out(x, granularity) else torch.contiguous_format
     return x.new_empty((x.shape[0], c_out, ho, wo)).contiguous(memory_format=fmt)
+
+
+def _indexed_conv2d_flops(x, codebook, index, bias, stride, padding, dilation, granularity, scale, shift, relu,
+                          residual, *args, out_val=None, **kwargs) -> int:
+    """``FlopCounterMode``'s count for the op (multiply and add counted apart, as torch counts convs): filter
+    granularity, the K-filter conv, ``2 N H_out W_out K C_in kh kw``; kernel granularity, the M codebook
+    responses of each input channel, ``2 N H_out W_out C_in M kh kw``, plus their sums into the outputs,
+    ``N H_out W_out C_out C_in``.  M (the most kernels any input channel uses) is read from the index; an
+    index without data (fake tensors) counts M = min(K, C_out), its largest value.  The epilogue (scale,
+    shift, residual, ReLU) is not counted, as torch counts no elementwise op."""
+    n, c_in = x.shape[0], x.shape[1]
+    kh, kw = codebook.shape[-2:]
+    ho, wo = output_hw(x.shape, (kh, kw), stride, padding, dilation)
+    px = n * ho * wo
+    k = codebook.shape[0]
+    if granularity == "filter":
+        return 2 * px * k * c_in * kh * kw
+    c_out = index.shape[0]
+    try:
+        m = _prepare(index, k, granularity).plan.m
+    except Exception:  # noqa: BLE001 - no values to read (fake tensors): the bound
+        m = min(k, c_out)
+    return 2 * px * c_in * m * kh * kw + px * c_out * c_in
+
+
+_flops_registered = False
+
+
+def register_flop_formula() -> None:
+    """Tell ``torch.utils.flop_counter`` how to count the op, if that module is loaded (a ``FlopCounterMode``
+    can only be on once it is; importing it with kcengine would import triton).  Called as a dispatch mode
+    meets a clustered conv: the formula goes into the module's registry once, and into the registry of each
+    flop-counting mode on the stack, which keeps a copy made when the mode was built.  Torch versions whose
+    API differs count nothing for the op."""
+    global _flops_registered
+    fc = sys.modules.get("torch.utils.flop_counter")
+    if fc is None or not _HAVE_CUSTOM_OPS:
+        return
+    packet = torch.ops.kcengine.indexed_conv2d
+    if not _flops_registered:
+        _flops_registered = True
+        try:
+            fc.register_flop_formula(packet, get_raw=True)(_indexed_conv2d_flops)
+        except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - older torch, or registered already
+            pass
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        stack = _get_current_dispatch_mode_stack()
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        return
+    for mode in stack:
+        registry = getattr(getattr(mode, "counter", mode), "flop_registry", None)
+        if isinstance(registry, dict) and packet not in registry:
+            registry[packet] = _indexed_conv2d_flops
 
 
 if _HAVE_CUSTOM_OPS:
