@@ -1,5 +1,6 @@
 """kcengine.bench.common helpers that the benchmarks and the test fixtures share."""
 import os
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,18 @@ def test_cpu_model_names_family_and_model():
     assert _cpu_model(info) == "AMD EPYC, family 25 model 17"
     assert _cpu_model("model name\t: Some CPU\n") == "Some CPU"
     assert _cpu_model()  # this machine: something, whatever it reports
+
+
+def test_shown_path_prints_no_absolute_path_of_this_machine(tmp_path):
+    """Reports name data folders relative to the checkout's parent (../shared/...), else by their last two parts."""
+    from kcengine.bench.common import repo_root, shown_path
+
+    root = repo_root()
+    if root is not None:
+        inside = root.parent / "shared" / "data" / "cifar-10-batches-py"
+        assert shown_path(inside) == "../shared/data/cifar-10-batches-py"
+    outside = tmp_path / "some" / "cifar"
+    base = (root or Path.cwd()).resolve().parent
+    if base not in outside.resolve().parents:  # a checkout beside pytest's temporary folders shows it from there
+        assert shown_path(outside) == "some/cifar"
+    assert not shown_path(outside).startswith("/")

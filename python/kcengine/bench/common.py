@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 __all__ = ["machine_info", "git_commit", "now_utc", "time_call", "write_csv", "markdown_table", "repo_root",
-           "shared_data_dir", "peak_rss_mb", "keep_freed_memory_mapped", "runnable_isas", "forced_isa"]
+           "shared_data_dir", "shown_path", "peak_rss_mb", "keep_freed_memory_mapped", "runnable_isas", "forced_isa"]
 
 
 def repo_root() -> Path | None:
@@ -41,6 +41,18 @@ def shared_data_dir() -> Path | None:
         root = Path.cwd()
     p = root.parent / "shared" / "data"
     return p if p.is_dir() else None
+
+
+def shown_path(path) -> str:
+    """``path`` as a report prints it: relative to the checkout's parent when it lies there
+    (``../shared/data/...``), else its last two parts, so that no absolute path of the machine a run was made
+    on ends up in a recorded file."""
+    p = Path(path).resolve()
+    root = repo_root() or Path.cwd()
+    try:
+        return str(Path("..") / p.relative_to(root.resolve().parent))
+    except ValueError:
+        return str(Path(*p.parts[-2:])) if len(p.parts) >= 2 else str(p)
 
 
 def cifar_sample_model(model_name: str, suite: str):

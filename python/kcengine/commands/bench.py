@@ -457,7 +457,7 @@ def _plot_layers(rows, path: Path) -> None:
 def run_accuracy(args, out: Path) -> dict:
     """Accuracy against compression for fixed ratios and the inertia/elbow plans (CIFAR ResNets
     with --data).  Without weights and data the section says why in one line and is skipped."""
-    from ..bench.common import markdown_table, write_csv
+    from ..bench.common import markdown_table, shown_path, write_csv
     from ..models import is_cifar_model
 
     if not is_cifar_model(args.model):
@@ -531,7 +531,7 @@ def run_accuracy(args, out: Path) -> dict:
             rows.append(row)
     write_csv(out / "accuracy.csv", rows)
     _plot_accuracy(rows, out / "accuracy_vs_unique.png")
-    md = f"{src}; {len(labels)} test images of {data_dir}\n\n" + markdown_table(rows)
+    md = f"{src}; {len(labels)} test images of {shown_path(data_dir)}\n\n" + markdown_table(rows)
     return {"source": src, "rows": rows, "markdown": md}
 
 
