@@ -135,6 +135,13 @@ class KernelPlan:
 _DENSE_MIN_OUTPUT = 1 << 15  # output values (N * C_out * H_out * W_out) below which the direct kernel always runs
 
 
+def _takes_direct(x, codebook, plan: KernelPlan, stride, padding, dilation) -> bool:
+    """:func:`direct_kernel_pays` for this call of a kernel-granularity layer."""
+    c_out = plan.pair.shape[0]
+    ho, wo = output_hw(x.shape, codebook.shape[-2:], stride, padding, dilation)
+    return direct_kernel_pays(plan.m, c_out, *codebook.shape[-2:], x.shape[0] * c_out * ho * wo)
+
+
 def direct_kernel_pays(m: int, c_out: int, kh: int, kw: int, out_values: int) -> bool:
     """Whether inference at kernel granularity runs the native direct kernel (per input channel its ``m``
     distinct codebook responses, each scattered into the ``c_out`` outputs that use it) rather than one dense
@@ -529,9 +536,7 @@ def cpu_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, gran
             y = kernel_dense_conv(x, codebook, index, stride, padding, dilation)
             return _torch_epilogue(y, scale, shift, relu, residual)
         plan = plan if plan is not None else kernel_plan(index, codebook.shape[0])
-        c_out = plan.pair.shape[0]
-        ho, wo = output_hw(x.shape, codebook.shape[-2:], stride, padding, dilation)
-        if direct_kernel_pays(plan.m, c_out, *codebook.shape[-2:], x.shape[0] * c_out * ho * wo):
+        if _takes_direct(x, codebook, plan, stride, padding, dilation):
             return _kernel_direct(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual)
         # The dense weight as C_out filters taken in order: the filter path below, its gather the epilogue alone.
         codebook, index32 = plan.dense(codebook, index), plan.identity32()
@@ -603,24 +608,19 @@ def inference_call(key, x, codebook, cache, granularity, bias, stride, padding, 
     run."""
     if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES or x.dim() != 4:
         return None
-    if bias is not None and (scale is not None or shift is not None):
-        return None
-    if bias is not None:
-        shift = bias
+    folded_scale, folded_shift = _fold_bias(bias, scale, shift)
+    if folded_scale is not scale or (folded_shift is not shift and folded_shift is not bias):
+        return None  # the fold made a new tensor
+    scale, shift = folded_scale, folded_shift
     if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in (codebook, scale, shift, residual)):
         return None
     if any(t is not None and not t.is_contiguous() for t in (scale, shift)):  # the views must be the tensors'
         return None
     if granularity == "filter":
         return FilterInferenceCall(key, x, codebook, cache, stride, padding, dilation, scale, shift, relu)
-    plan = cache.plan
-    if plan is None:
+    if cache.plan is None or not _takes_direct(x, codebook, cache.plan, stride, padding, dilation):
         return None
-    c_out = plan.pair.shape[0]
-    ho, wo = output_hw(x.shape, codebook.shape[-2:], stride, padding, dilation)
-    if not direct_kernel_pays(plan.m, c_out, *codebook.shape[-2:], x.shape[0] * c_out * ho * wo):
-        return None
-    return KernelInferenceCall(key, codebook, plan, stride, padding, dilation, scale, shift, relu)
+    return KernelInferenceCall(key, codebook, cache.plan, stride, padding, dilation, scale, shift, relu)
 
 
 def _kernel_direct(x, codebook, plan, stride, padding, dilation, scale, shift, relu, residual):

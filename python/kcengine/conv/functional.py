@@ -256,26 +256,18 @@ def indexed_conv2d(
         with torch.autocast(x.device.type, enabled=False):
             return indexed_conv2d(c[0], c[1], index, c[2], stride, padding, dilation, groups, granularity,
                                   scale=c[3], shift=c[4], relu=relu, residual=c[5], backend=backend)
-    if capturing(x):
+    capture = capturing(x)
+    if capture or dispatch_mode_active():  # (the compiler cannot trace the second: capture is asked first)
         if not torch.jit.is_tracing():  # see captured_conv2d for what is checked where
             stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
                                                   granularity, scale, shift, residual, check_range=False)
         from . import native_op  # imported with the package (it registers the op): a lookup here
 
+        # under a dispatch mode wherever the op can run, so that the mode sees the native work
         if native_op.applies(x, codebook, index, bias, scale, shift, residual, stride, padding, dilation, groups,
-                             granularity, backend):
-            return native_op.indexed_conv2d_op(x, codebook, index, bias, stride, padding, dilation, granularity,
-                                               scale, shift, relu, residual)
-        return captured_conv2d(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale,
-                               shift, relu, residual)
-    if dispatch_mode_active():  # FlopCounterMode, FakeTensorMode, ...: ops the mode sees (after capture: see there)
-        stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
-                                              granularity, scale, shift, residual, check_range=False)
-        from . import native_op
-
-        if native_op.applies(x, codebook, index, bias, scale, shift, residual, stride, padding, dilation, groups,
-                             granularity, backend, always=True):
-            native_op.register_flop_formula()
+                             granularity, backend, always=not capture):
+            if not capture:
+                native_op.register_flop_formula()
             return native_op.indexed_conv2d_op(x, codebook, index, bias, stride, padding, dilation, granularity,
                                                scale, shift, relu, residual)
         return captured_conv2d(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale,

@@ -464,7 +464,7 @@ class ClusteredConv2d(nn.Module):
                         self.scale, self.shift, relu, residual, **extra)
 
         name, y = _registry.run_with_fallback("conv", self.backend, x.device, call)
-        if name == "cpu" and relu == self.relu:
+        if name == "cpu" and relu == self.relu and not torch.is_grad_enabled():  # (training prepares nothing)
             key = self._steady_key(x, residual)
             if key is not None:
                 self.__dict__["_steady"] = inference_call(
