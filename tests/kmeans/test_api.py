@@ -62,6 +62,21 @@ def test_bad_input_raises_value_error(x, k, kw, match):
         kcengine.kmeans(x, k, **kw)
 
 
+@pytest.mark.parametrize("wrap", [np.array, torch.tensor])
+def test_zero_dim_k_is_one_int(wrap):
+    """A 0-d array or tensor k is read as the int it holds, as numpy's integer scalars are (a 0-d tensor
+    raised TypeError: 'int' object is not iterable); a 0-d float is refused by name."""
+    x = X.astype(np.float32)
+    a = kcengine.kmeans(x, wrap(3), seed=0)
+    b = kcengine.kmeans(x, 3, seed=0)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.centroids.shape == (3, 3)
+    batch = kcengine.kmeans(np.stack([x, x]), wrap(4), seed=0)
+    assert batch.centroids.shape == (2, 4, 3)
+    with pytest.raises(ValueError, match=r"k must be an int, got k=2.5"):
+        kcengine.kmeans(x, wrap(2.5))
+
+
 def test_init_as_nested_lists_is_one_problems_centroids():
     """A single problem's init written as nested lists of numbers is read as the [k, D] array it spells (it was
     taken for a batch of k problems and refused); for a batch, a list stays one entry per problem."""
@@ -85,10 +100,14 @@ def test_meta_tensor_is_refused_by_name():
 def test_sweep_bad_input():
     with pytest.raises(ValueError, match="ks is empty"):
         kcengine.kmeans_sweep(X, [])
-    with pytest.raises(ValueError, match=r"n_samples=20 should be >= k=30"):
+    with pytest.raises(ValueError, match=r"n_samples=20 should be >= ks\[1\]=30"):
         kcengine.kmeans_sweep(X, [2, 30])
     with pytest.raises(ValueError, match="takes one \\[N, D\\] dataset"):
         kcengine.kmeans_sweep([X, X], [2])
+    with pytest.raises(ValueError, match=r"ks\[1\] must be >= 1, got ks\[1\]=0$"):  # said "k ... for problem 1"
+        kcengine.kmeans_sweep(X, [2, 0])
+    with pytest.raises(ValueError, match=r"ks\[1\] must be an int, got ks\[1\]=2.5"):
+        kcengine.kmeans_sweep(X, [2, 2.5])
     for ks in (5, None, "23", np.array([[2, 3]])):  # were TypeErrors ('int' object is not iterable), or chars
         with pytest.raises(ValueError, match=r"ks must be a sequence of ints \(e.g. range\(2, 17\)\), got"):
             kcengine.kmeans_sweep(X, ks)

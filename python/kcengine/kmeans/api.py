@@ -327,8 +327,12 @@ def _past_overflow_limit(parts) -> tuple[int, float, float] | None:
     return None
 
 
-def _check_k(k, parts, layout) -> np.ndarray:
+def _check_k(k, parts, layout, name: str = "k") -> np.ndarray:
+    """One k per problem as int64, each in [1, N_i].  ``name`` is "ks" for a sweep, whose entries are
+    named ``ks[i]`` in errors (``k ... for problem i`` otherwise)."""
     B = len(parts)
+    if getattr(k, "ndim", None) == 0:  # a 0-d array or tensor is one k, like numpy's integer scalars
+        k = k.item()
     if isinstance(k, (list, tuple, np.ndarray)) or _is_torch(k):
         ks = [v.item() if hasattr(v, "item") else v for v in (k.tolist() if hasattr(k, "tolist") else k)]
         if layout == "single":
@@ -336,7 +340,7 @@ def _check_k(k, parts, layout) -> np.ndarray:
         if len(ks) != B:
             raise ValueError(f"k has {len(ks)} entries but x holds {B} problems; pass one k per problem or one int")
         if not all(type(v) is int for v in ks):  # plain ints (and numpy's, via tolist) need no per-entry check
-            ks = [check_int(v, f"k[{i}]") for i, v in enumerate(ks)]
+            ks = [check_int(v, f"{name}[{i}]") for i, v in enumerate(ks)]
     else:
         ks = [check_int(k, "k")] * B
     if ks and -2**63 <= min(ks) and max(ks) < 2**63:  # the usual case, checked as one array; a bad entry is
@@ -345,11 +349,14 @@ def _check_k(k, parts, layout) -> np.ndarray:
         if ((karr >= 1) & (karr <= rows)).all():
             return karr
     for i, (kv, a) in enumerate(zip(ks, parts)):
-        where = "" if layout == "single" else f" for problem {i}"
+        if name == "ks":
+            what, where = f"ks[{i}]", ""
+        else:
+            what, where = "k", ("" if layout == "single" else f" for problem {i}")
         if kv < 1:
-            raise ValueError(f"k must be >= 1{where}, got k={kv}")
+            raise ValueError(f"{what} must be >= 1{where}, got {what}={kv}")
         if kv > a.shape[0]:
-            raise ValueError(f"n_samples={a.shape[0]} should be >= k={kv}{where}")
+            raise ValueError(f"n_samples={a.shape[0]} should be >= {what}={kv}{where}")
     return np.asarray(ks, dtype=np.int64)
 
 
@@ -483,7 +490,7 @@ def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm,
     _check_problems(parts, layout)
     kind, centers = _check_init(init, parts, layout, k)
     if sweep_ks is not None:
-        ks = _check_k(list(sweep_ks), parts * len(sweep_ks), "ragged")
+        ks = _check_k(list(sweep_ks), parts * len(sweep_ks), "ragged", name="ks")
         data_index = np.zeros(len(ks), dtype=np.int64)
     else:
         if kind == "given" and k is None:
