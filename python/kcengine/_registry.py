@@ -155,7 +155,8 @@ def _candidates(op: str, backend: str | None, dev: str) -> tuple[list[str], bool
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {('auto',) + BACKENDS}")
         if backend not in _OPS[op].impls:
-            raise RuntimeError(f"backend={backend!r} does not implement {op}")
+            raise RuntimeError(f"backend={backend!r} does not implement {op}; {op} has "
+                               f"{('auto',) + tuple(b for b in BACKENDS if b in _OPS[op].impls)}")
         if dev not in _DEVICES[backend]:
             reason = backend_status(backend)
             here = f"; it cannot run here at all: {reason}" if reason else \

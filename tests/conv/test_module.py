@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
+import kcengine
 from kcengine.nn import ClusteredConv2d, fuse_for_inference
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-12, 1e-10)}
@@ -60,8 +61,62 @@ def test_from_conv_with_kcengine_kmeans_shape_contract():
         ClusteredConv2d.from_conv(conv, SimpleNamespace(centroids=res.centroids, labels=res.labels[:7]))
     with pytest.raises(ValueError, match=r"labels must be in \[0, K=2\), got 2"):
         ClusteredConv2d.from_conv(conv, SimpleNamespace(centroids=res.centroids, labels=res.labels + 1))
-    with pytest.raises(ValueError, match=r"must have .centroids and .labels, missing .labels"):
+    with pytest.raises(ValueError, match=r"must be a k-means result \(with .centroids and .labels\) or an int "
+                                         r"number of clusters, got SimpleNamespace without .labels"):
         ClusteredConv2d.from_conv(conv, SimpleNamespace(centroids=res.centroids))
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_from_conv_with_a_number_of_clusters_runs_kmeans(granularity):
+    """from_conv(conv, K) is from_conv(conv, kcengine.kmeans(points, K, seed=seed)) (it said "missing
+    .centroids"); a K past the number of points, or a bool, is refused by name; a float16 conv is clustered
+    in float32 and keeps its dtype."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    w = conv.weight.detach()
+    pts = w.reshape(8, -1) if granularity == "filter" else w.reshape(-1, 9)
+    want = ClusteredConv2d.from_conv(conv, kcengine.kmeans(pts, 3, seed=5), granularity)
+    got = ClusteredConv2d.from_conv(conv, 3, granularity, seed=5)
+    assert torch.equal(got.index, want.index) and torch.equal(got.codebook, want.codebook)
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(got(x), F.conv2d(x, got.to_dense(), conv.bias, padding=1))
+    assert torch.equal(conv.weight, w)
+    n = pts.shape[0]
+    with pytest.raises(ValueError, match=rf"kmeans_result={n + 1} as a number of clusters must be in \[1, {n}\]"):
+        ClusteredConv2d.from_conv(conv, n + 1, granularity)
+    with pytest.raises(ValueError, match=r"got bool without .centroids"):
+        ClusteredConv2d.from_conv(conv, True, granularity)
+    half = ClusteredConv2d.from_conv(nn.Conv2d(4, 8, 3).half(), 3, granularity)
+    assert half.codebook.dtype == torch.float16 and half.num_clusters == 3
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # the reference's (F.conv2d's)
+def test_string_padding_as_torch_reads_it():
+    """indexed_conv2d takes padding="valid"/"same" as F.conv2d does, an even kernel's odd row and column
+    padded at the bottom and right (it refused any string); ClusteredConv2d takes them where both sides pad
+    alike.  "same" with a stride, and other strings, are refused by name."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 15)
+    for kh, kw in ((3, 3), (4, 2), (2, 5)):
+        cb, idx = torch.randn(3, 4, kh, kw), torch.tensor([0, 1, 2, 1, 0])
+        for dil in (1, 2, (1, 3)):
+            for pad in ("same", "valid"):
+                want = F.conv2d(x, cb[idx], padding=pad, dilation=dil)
+                for backend in ("cpu", "torch"):
+                    got = kcengine.indexed_conv2d(x, cb, idx, padding=pad, dilation=dil, backend=backend)
+                    torch.testing.assert_close(got, want)
+        kb, kidx = torch.randn(3, kh, kw), torch.randint(0, 3, (5, 4))
+        want = F.conv2d(x, kb[kidx.long()], padding="same")
+        torch.testing.assert_close(kcengine.indexed_conv2d(x, kb, kidx, padding="same", granularity="kernel"), want)
+    with pytest.raises(ValueError, match=r"padding='same' needs stride=1 \(as in F.conv2d\), got stride=\(2, 2\)"):
+        kcengine.indexed_conv2d(x, torch.randn(3, 4, 3, 3), idx, padding="same", stride=2)
+    with pytest.raises(ValueError, match=r"padding must be an int, a pair of ints, 'valid' or 'same', got 'full'"):
+        kcengine.indexed_conv2d(x, torch.randn(3, 4, 3, 3), idx, padding="full")
+    m = ClusteredConv2d(4, 5, 3, 2, padding="same", dilation=2)
+    assert m.padding == (2, 2) and ClusteredConv2d(4, 5, 3, 2, padding="valid").padding == (0, 0)
+    assert m(x).shape == (2, 5, 9, 15)
+    with pytest.raises(ValueError, match=r"padding='same' with kernel_size=\(4, 4\).*pads one side more"):
+        ClusteredConv2d(4, 5, 4, 2, padding="same")
 
 
 def test_properties_and_index_dtype():

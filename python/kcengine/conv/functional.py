@@ -53,6 +53,23 @@ def _pair(v, name: str) -> tuple[int, int]:
     return int(v[0]), int(v[1])
 
 
+def string_padding(padding: str, kernel_size, stride, dilation) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``padding="valid"`` or ``"same"`` as F.conv2d reads it: ``((top, left), (extra_bottom, extra_right))``.
+
+    ``"same"`` pads ``dilation * (kernel - 1)`` in all along each dimension, half on each side and the odd one
+    (an even kernel) at the bottom or right, and needs stride 1, as in torch.  ValueError naming the value
+    for any other string, or for ``"same"`` with a stride."""
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if stride != (1, 1):
+        raise ValueError(f"padding='same' needs stride=1 (as in F.conv2d), got stride={stride}")
+    total = [dilation[d] * (kernel_size[d] - 1) for d in (0, 1)]
+    return (total[0] // 2, total[1] // 2), (total[0] % 2, total[1] % 2)
+
+
 def dense_weight(codebook: torch.Tensor, index: torch.Tensor, granularity: str, in_channels: Optional[int] = None):
     """The dense ``[C_out, C_in, kh, kw]`` weight the codebook and index stand for (the oracle's weight).
 
@@ -220,7 +237,8 @@ def indexed_conv2d(
         index: integer tensor (uint8 ... int64): ``[C_out]`` (filter) or ``[C_out, C_in/groups]`` (kernel),
             values in ``[0, K)``.
         bias: optional ``[C_out]``, added before the epilogue.
-        stride, padding, dilation: as :func:`torch.nn.functional.conv2d` (int or pair).
+        stride, padding, dilation: as :func:`torch.nn.functional.conv2d` (int or pair; padding also "valid"
+            or "same", which pads an even kernel's odd row and column at the bottom and right, as torch does).
         groups: ``> 1`` runs the documented dense fallback ``F.conv2d(x, codebook[index], groups=groups)``.
         granularity: ``"filter"`` or ``"kernel"``.
         scale, shift: optional ``[C_out]`` per-channel affine applied after the bias (an eval BatchNorm:
@@ -250,6 +268,13 @@ def indexed_conv2d(
     the work the native kernels do, and anything else is written in torch ops (:func:`dispatch_mode_active`).
     """
     relu = bool(relu)
+    if isinstance(padding, str):
+        if not isinstance(codebook, torch.Tensor) or codebook.dim() not in (3, 4):
+            padding = 0  # the codebook's own error comes from _validate
+        else:
+            padding, extra = string_padding(padding, codebook.shape[-2:], stride, dilation)
+            if any(extra) and isinstance(x, torch.Tensor):  # the odd one of an even kernel: bottom and right
+                x = F.pad(x, (0, extra[1], 0, extra[0]))
     ac = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
     if ac is not None:  # as autocast runs F.conv2d: in its dtype (gradients reach the originals), autocast off inside
         c = [autocast_cast(t, ac) for t in (x, codebook, bias, scale, shift, residual)]

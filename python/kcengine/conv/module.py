@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 from typing import Optional
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from .. import _registry
 from .backends import PackedCodebook, inference_call, kernel_plan, tensor_version
 from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, capturing,
-                         dense_weight, dispatch_mode_active, indexed_conv2d, output_hw)
+                         dense_weight, dispatch_mode_active, indexed_conv2d, output_hw, string_padding)
 
 __all__ = ["ClusteredConv2d", "index_dtype_for", "numeric_padding", "PADDING_MODES", "replace_module", "pad_input"]
 
@@ -51,16 +52,19 @@ def numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
     """``conv``'s padding as the pair of ints a clustered conv takes: numeric as it is, ``"valid"`` 0,
     ``"same"`` ``dilation * (kernel - 1) / 2`` on each side.  ValueError for a ``"same"`` that pads one side
     more than the other (an odd ``dilation * (kernel - 1)``), which a clustered conv does not take."""
-    if conv.padding == "valid":
-        return 0, 0
-    if conv.padding == "same":
-        total = [conv.dilation[d] * (conv.kernel_size[d] - 1) for d in (0, 1)]
-        if total[0] % 2 or total[1] % 2:
-            raise ValueError(f"padding='same' with kernel_size={tuple(conv.kernel_size)}, "
-                             f"dilation={tuple(conv.dilation)} pads one side more than the other, which a clustered "
-                             f"conv does not take")
-        return total[0] // 2, total[1] // 2
+    if isinstance(conv.padding, str):
+        return _symmetric_padding(conv.padding, conv.kernel_size, conv.stride, conv.dilation)
     return int(conv.padding[0]), int(conv.padding[1])
+
+
+def _symmetric_padding(padding: str, kernel_size, stride, dilation) -> tuple[int, int]:
+    """``"valid"`` or ``"same"`` as the pair a clustered layer stores; ValueError for a ``"same"`` that pads one
+    side more than the other (``indexed_conv2d`` takes those; a layer keeps one pair for both sides)."""
+    pad, extra = string_padding(padding, kernel_size, stride, dilation)
+    if any(extra):
+        raise ValueError(f"padding='same' with kernel_size={tuple(kernel_size)}, dilation={tuple(dilation)} pads "
+                         f"one side more than the other, which a clustered conv does not take")
+    return pad
 
 
 def pad_input(x: torch.Tensor, padding, padding_mode: str) -> torch.Tensor:
@@ -160,8 +164,9 @@ class ClusteredConv2d(nn.Module):
                              f"groups={groups}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride, self.padding, self.dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
-                                                    _pair(dilation, "dilation"))
+        self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+        self.padding = (_symmetric_padding(padding, self.kernel_size, self.stride, self.dilation)
+                        if isinstance(padding, str) else _pair(padding, "padding"))
         for name, v, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
                              ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
             if min(v) < low:  # (forward checks these too; a layer that can never run is refused here)
@@ -188,13 +193,16 @@ class ClusteredConv2d(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, kmeans_result, granularity: str = "filter", backend: str = "auto"):
+    def from_conv(cls, conv: nn.Conv2d, kmeans_result, granularity: str = "filter", backend: str = "auto", *,
+                  seed: int = 0):
         """A clustered copy of ``conv`` from a k-means result over its filters or kernels.
 
         ``kmeans_result`` has ``.centroids`` and ``.labels`` (numpy or torch), e.g. from
         ``kcengine.kmeans``: for ``"filter"``, centroids ``[K, C_in/groups*kh*kw]`` and labels ``[C_out]``
         (points = flattened filters); for ``"kernel"``, centroids ``[K, kh*kw]`` and labels
         ``[C_out*C_in/groups]`` (points = flattened 2-D kernels in ``weight.reshape(-1, kh*kw)`` order).
+        Or an int K: the conv's filters or kernels are clustered here, ``kcengine.kmeans(points, K, seed=seed)``
+        (in float32 for a half-precision weight).
         The conv's bias is copied; the codebook and bias take ``requires_grad`` from the conv's weight and bias
         (a frozen conv stays frozen); ``conv`` is not modified.
         """
@@ -206,9 +214,21 @@ class ClusteredConv2d(nn.Module):
             raise ValueError(f"conv: {exc}") from None
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if isinstance(kmeans_result, numbers.Integral) and not isinstance(kmeans_result, bool):
+            from ..kmeans import kmeans  # (kmeans imports nothing of conv; imported here to keep it that way)
+
+            w = conv.weight.detach()
+            points = w.reshape(w.shape[0], -1) if granularity == "filter" else w.reshape(-1, w.shape[2] * w.shape[3])
+            if points.dtype not in (torch.float32, torch.float64):
+                points = points.float()
+            if not 1 <= kmeans_result <= points.shape[0]:
+                raise ValueError(f"kmeans_result={kmeans_result} as a number of clusters must be in [1, "
+                                 f"{points.shape[0]}] (the conv's {granularity}s)")
+            kmeans_result = kmeans(points, int(kmeans_result), seed=seed)
         for field in ("centroids", "labels"):
             if not hasattr(kmeans_result, field):
-                raise ValueError(f"kmeans_result must have .centroids and .labels, missing .{field}")
+                raise ValueError(f"kmeans_result must be a k-means result (with .centroids and .labels) or an int "
+                                 f"number of clusters, got {type(kmeans_result).__name__} without .{field}")
         cent = _as_tensor(kmeans_result.centroids, "kmeans_result.centroids")
         labels = _as_tensor(kmeans_result.labels, "kmeans_result.labels")
         w = conv.weight
