@@ -294,8 +294,16 @@ def test_compress_argument_errors_name_the_value():
             compress(clustered, ratio=0.5)
     with pytest.raises(ValueError, match="conv_backend must be one of .* got conv_backend='tpu'"):
         compress(m, ratio=0.5, conv_backend="tpu")  # was accepted, then failed at the first forward
-    with pytest.raises(ValueError, match="data must be a DataLoader, a Dataset or an \\(images, labels\\) pair"):
+    with pytest.raises(ValueError, match="eval_data must be a DataLoader, a Dataset or an \\(images, labels\\) pair"):
         compress(m, ratio=0.5, eval_data=[1, 2, 3])  # was an AttributeError
+    said = []  # a bad pair is refused before the clustering, by the argument's name (was: after it, as "data")
+    with pytest.raises(ValueError, match=r"eval_data's images and labels differ in length: shapes \(4, 3, 8, 8\) "
+                                         r"vs \(3,\)"):
+        compress(m, ratio=0.5, eval_data=(torch.randn(4, 3, 8, 8), torch.zeros(3, dtype=torch.long)),
+                 progress=said.append)
+    assert said == []
+    with pytest.raises(ValueError, match="layer 'features.0' has its weights on the meta device"):
+        compress(copy.deepcopy(m).to("meta"), ratio=0.5)  # was Tensor.item()'s RuntimeError
     # the layer is named (before: the conv's padding or the k-means problem's index, no layer)
     even = nn.Sequential(nn.Conv2d(3, 4, 2, padding="same"))  # 'same' pads one side more
     with pytest.raises(ValueError, match="layer '0': padding='same' with kernel_size=\\(2, 2\\), dilation=\\(1, 1\\) "

@@ -352,6 +352,12 @@ def test_bad_training_data_is_named(tiny):
                         (TensorDataset((x * 40).to(torch.uint8), y), "images must be a floating-point tensor")]:
         with pytest.raises(ValueError, match=match):
             finetune(cm, DataLoader(data, batch_size=8), epochs=1, progress=False)
+    # bad eval_data is named before any training (it was met after the first epoch, and called "data")
+    for bad, match in [([1, 2], r"eval_data must be a DataLoader, a Dataset or an \(images, labels\) pair, got list"),
+                       ((x, y[:-1]), r"eval_data's images and labels differ in length"),
+                       ((x.to(torch.uint8), y), r"eval_data's images must be a floating-point tensor")]:
+        with pytest.raises(ValueError, match=match):
+            finetune(cm, loader, epochs=1, progress=False, eval_data=bad)
 
 
 def test_training_batches_that_are_not_pairs_are_named(tiny):

@@ -194,6 +194,10 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; k-means options are {_KMEANS_OPTIONS}")
     eval_batch_size = check_int(eval_batch_size, "eval_batch_size", 1)
+    if eval_data is not None:
+        from ..evaluate.metrics import check_data
+
+        check_data(eval_data, "eval_data")  # here, not after the clustering
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be None or a callable taking one line of text, got {progress!r}")
     say = progress or (lambda msg: None)
@@ -216,6 +220,9 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
             _check_plain_forward(conv)
         except ValueError as exc:
             raise ValueError(f"layer {n!r}: {exc}; leave the layer out with layers=") from None
+        if conv.weight.is_meta:
+            raise ValueError(f"layer {n!r} has its weights on the meta device: they have a shape but no values to "
+                             f"cluster (load or materialize them first, e.g. model.to_empty() then a checkpoint)")
         if not bool(torch.isfinite(conv.weight).all()):
             raise ValueError(f"layer {n!r} has NaN or Inf weights: k-means needs finite data")
     probs = [LayerProblem(n, by_name[n], granularity, cosine) for n in selected]

@@ -41,14 +41,31 @@ class EvalResult:
                 "confusion": self.confusion.tolist(), "seconds": self.seconds}
 
 
+def _is_pair(data) -> bool:
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
+
+
+def check_data(data, name: str = "data") -> None:
+    """ValueError naming ``name`` unless ``data`` is a DataLoader, a Dataset or an (images, labels) pair of
+    float images and as many labels; reads no batch, so a caller checks its arguments before long work."""
+    if _is_pair(data):
+        x, y = data
+        check_float_images(x, f"{name}'s images")
+        if not isinstance(y, torch.Tensor):
+            raise ValueError(f"{name}'s labels must be a tensor of class indices, got {type(y).__name__}")
+        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"{name}'s images and labels differ in length: shapes {tuple(x.shape)} vs "
+                             f"{tuple(y.shape)}")
+    elif not isinstance(data, (torch.utils.data.DataLoader, torch.utils.data.Dataset)):
+        raise ValueError(f"{name} must be a DataLoader, a Dataset or an (images, labels) pair, got "
+                         f"{type(data).__name__}")
+
+
 def _batches(data, batch_size: int):
     """Yield (x, y) batches from a DataLoader, a Dataset or an (images, labels) pair."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        x, y = image_label_pair(tuple(data))
-        if not isinstance(y, torch.Tensor):
-            raise ValueError(f"labels must be a tensor of class indices, got {type(y).__name__}")
-        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
-            raise ValueError(f"images and labels differ in length: shapes {tuple(x.shape)} vs {tuple(y.shape)}")
+    check_data(data)
+    if _is_pair(data):
+        x, y = data
         for i in range(0, x.shape[0], batch_size):
             yield x[i:i + batch_size], y[i:i + batch_size]
         return
@@ -60,8 +77,6 @@ def _batches(data, batch_size: int):
             yield from _batches(tuple(data.tensors), batch_size)
             return
         yield from map(image_label_pair, torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False))
-        return
-    raise ValueError(f"data must be a DataLoader, a Dataset or an (images, labels) pair, got {type(data).__name__}")
 
 
 def image_label_pair(batch) -> tuple:

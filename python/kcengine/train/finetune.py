@@ -51,7 +51,7 @@ from torch import nn
 
 from .._checks import check_device, check_float, check_int
 from ..conv.module import ClusteredConv2d
-from ..evaluate.metrics import check_float_images, check_labels, image_label_pair
+from ..evaluate.metrics import check_data, check_float_images, check_labels, image_label_pair
 from . import distributed as dd
 from .augment import cifar_augment
 from .bn import recalibrate_bn
@@ -292,6 +292,8 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     mixup = check_float(mixup, "mixup")
     calibration_images = check_int(calibration_images, "calibration_images", 1)
     seed = check_int(seed, "seed", 0)
+    if eval_data is not None:
+        check_data(eval_data, "eval_data")  # here, not after the refit and the first epoch
     if output_calibration is None:
         output_calibration = plan is not None
     if mode == "progressive" and plan is None:
