@@ -29,8 +29,14 @@ def _available_commands():
     return mods
 
 
+def _prog() -> str:
+    """How the user called us, for usage lines and errors: ``kcengine`` (the console script) or
+    ``python -m kcengine``."""
+    return "kcengine" if Path(sys.argv[0] if sys.argv else "").name == "kcengine" else "python -m kcengine"
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="python -m kcengine",
+    parser = argparse.ArgumentParser(prog=_prog(),
                                      description="Compress CNNs by clustering their weights.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     mods = _available_commands()
@@ -71,7 +77,7 @@ def main(argv=None) -> int:
         made = _make_out(args.out) if getattr(args, "out", None) else None
         rc = int(mods[args.command].run(args) or 0)
     except UserError as exc:
-        print(f"kcengine {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)  # as argparse's own errors
         rc = 2
     except KeyboardInterrupt:
         print("kcengine: interrupted", file=sys.stderr)

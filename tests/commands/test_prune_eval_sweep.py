@@ -204,3 +204,16 @@ def test_pretrained_falls_back_on_the_shared_copy_of_the_public_file(ckpt, cifar
     for name in ("resnet20", "cifar_resnet20"):
         assert main(["eval", "--model", name, "--no-download", "--data", str(cifar), "--no-progress"]) == 0
         assert f"({real / 'checkpoints' / 'resnet20-12fca82f.th'}): top-1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv0, prog", [("/venv/bin/kcengine", "kcengine"),
+                                         ("/x/kcengine/__main__.py", "python -m kcengine")])
+def test_errors_name_the_command_as_it_was_called(argv0, prog, monkeypatch, capsys):
+    """The command's own errors and argparse's start alike, with the program as the user typed it (they said
+    "kcengine bench:" and "python -m kcengine bench:" side by side, whichever way it was called)."""
+    monkeypatch.setattr("sys.argv", [argv0])
+    assert main(["bench", "--ratio", "2"]) == 2
+    assert capsys.readouterr().err.strip() == f"{prog} bench: error: --ratio must be in (0, 1], got 2.0"
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "tpu"])
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"{prog} bench: error: argument --device")
