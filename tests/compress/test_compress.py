@@ -304,11 +304,7 @@ def test_compress_argument_errors_name_the_value():
     assert said == []
     with pytest.raises(ValueError, match="layer 'features.0' has its weights on the meta device"):
         compress(copy.deepcopy(m).to("meta"), ratio=0.5)  # was Tensor.item()'s RuntimeError
-    # the layer is named (before: the conv's padding or the k-means problem's index, no layer)
-    even = nn.Sequential(nn.Conv2d(3, 4, 2, padding="same"))  # 'same' pads one side more
-    with pytest.raises(ValueError, match="layer '0': padding='same' with kernel_size=\\(2, 2\\), dilation=\\(1, 1\\) "
-                                         "pads one side more than the other"):
-        compress(even, ratio=0.5)
+    # the layer is named (before: the k-means problem's index, no layer)
     nan = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1))
     with torch.no_grad():
         nan[1].weight[0, 0] = float("nan")
@@ -369,26 +365,29 @@ def test_resnet20_k_equal_n_keeps_accuracy_and_sweep_prefix_cache_agrees(shared_
     assert row["k"] == 16 and row["accuracy"] == evaluate(new, (x, y)).top1
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # the dense reference's (torch's)
 @pytest.mark.parametrize("granularity", ["filter", "kernel", "element"])
 def test_string_padding_becomes_numbers(granularity, tmp_path):
-    """padding='same' (odd kernel extents, dilation) and 'valid' convs cluster: with one cluster per point the
-    compressed model equals the dense one, and the saved file loads back."""
+    """padding='same' (odd and even kernel extents, dilation, a padding mode) and 'valid' convs cluster: with one
+    cluster per point the compressed model equals the dense one, and the saved file loads back.  An even
+    kernel's 'same' pads its odd row and column at the bottom and right, as torch does (it was refused)."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 6, 3, padding="same"), nn.ReLU(), nn.Conv2d(6, 6, (1, 5), padding="same"),
-                      nn.Conv2d(6, 6, 3, padding="same", dilation=2), nn.Conv2d(6, 4, 3, stride=2, padding="valid"))
+                      nn.Conv2d(6, 6, 3, padding="same", dilation=2), nn.Conv2d(6, 6, (2, 4), padding="same"),
+                      nn.Conv2d(6, 6, 2, padding="same", dilation=(1, 3), padding_mode="reflect"),
+                      nn.Conv2d(6, 4, 3, stride=2, padding="valid"))
     x = torch.randn(2, 3, 11, 13)
     small, _ = compress(m, ratio=1.0, granularity=granularity)  # every point its own cluster
     convs = [c for c in small if not isinstance(c, nn.ReLU)]
-    assert [tuple(c.padding) for c in convs] == [(1, 1), (0, 2), (2, 2), (0, 0)]
+    assert [tuple(c.padding) for c in convs] == [(1, 1), (0, 2), (2, 2), (0, 1), (0, 1), (0, 0)]
+    assert [tuple(c.padding_extra) for c in convs] == [(0, 0)] * 3 + [(1, 1), (1, 1), (0, 0)]
     kcengine.save_compressed(small, tmp_path / "m.pt")
     back = kcengine.load_compressed(tmp_path / "m.pt", m)
     with torch.no_grad():
         torch.testing.assert_close(small(x), m(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(back(x), small(x))
-    with pytest.raises(ValueError, match="conv: padding='same' with kernel_size=\\(4, 4\\), "
-                                         "dilation=\\(1, 1\\) pads one side more"):
-        ClusteredConv2d.from_conv(nn.Conv2d(3, 4, 4, padding="same"),
-                                  kcengine.kmeans(np.random.rand(4, 48).astype(np.float32), 2))
+    assert [tuple(c.padding_extra) for c in back if not isinstance(c, nn.ReLU)] == \
+        [tuple(c.padding_extra) for c in convs]
 
 
 class _StdConv(nn.Conv2d):

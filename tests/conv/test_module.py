@@ -115,8 +115,24 @@ def test_string_padding_as_torch_reads_it():
     m = ClusteredConv2d(4, 5, 3, 2, padding="same", dilation=2)
     assert m.padding == (2, 2) and ClusteredConv2d(4, 5, 3, 2, padding="valid").padding == (0, 0)
     assert m(x).shape == (2, 5, 9, 15)
-    with pytest.raises(ValueError, match=r"padding='same' with kernel_size=\(4, 4\).*pads one side more"):
-        ClusteredConv2d(4, 5, 4, 2, padding="same")
+    # an even kernel's "same" in a layer (was refused): one more row and column at the bottom and right
+    for granularity in ("filter", "kernel"):
+        for mode in ("zeros", "circular"):
+            conv = nn.Conv2d(4, 6, (4, 2), padding="same", dilation=(1, 3), padding_mode=mode)
+            layer = ClusteredConv2d.from_conv(conv, 3, granularity)
+            assert layer.padding == (1, 1) and layer.padding_extra == (1, 1)
+            assert "padding_extra=(1, 1)" in repr(layer)
+            dense = nn.Conv2d(4, 6, (4, 2), padding="same", dilation=(1, 3), padding_mode=mode)
+            with torch.no_grad():
+                dense.weight.copy_(layer.to_dense())
+                dense.bias.copy_(conv.bias)
+                for fmt in (torch.contiguous_format, torch.channels_last):
+                    xi = x.contiguous(memory_format=fmt)
+                    torch.testing.assert_close(layer(xi), dense(xi))
+                    torch.testing.assert_close(layer.eval()(xi), dense(xi))
+            xg = x.clone().requires_grad_()
+            layer.train()(xg).sum().backward()
+            assert xg.grad.shape == x.shape and layer.codebook.grad is not None
 
 
 def test_properties_and_index_dtype():

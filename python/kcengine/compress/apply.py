@@ -10,7 +10,7 @@ from torch import nn
 
 from .._checks import check_float, check_int
 from ..kmeans import kmeans, kmeans_sweep
-from ..conv.module import numeric_padding, replace_module
+from ..conv.module import replace_module
 from .layers import GRANULARITIES, LayerProblem, effective_weight
 from .plan import ByChannels, Elbow, FixedRatio, PerLayer, k_from_value, parse_plan, ratio_to_k, select_layers
 from .report import CompressionReport, LayerReport
@@ -157,8 +157,8 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
              conv_backend: str = "auto", progress=None, **options):
     """Cluster the conv weights of ``model`` and return ``(new_model, report)``.
 
-    Works on any ``nn.Module`` holding ``nn.Conv2d`` layers, with any padding and ``padding_mode`` but a
-    ``"same"`` that pads one side more than the other; a subclass of ``nn.Conv2d`` with its own forward is
+    Works on any ``nn.Module`` holding ``nn.Conv2d`` layers, with any padding (``"same"`` with an even kernel
+    too) and ``padding_mode``; a subclass of ``nn.Conv2d`` with its own forward is
     refused by name (clustering it would drop what that forward does: leave it out with ``layers=``).
     ``model`` is not modified: the result is a deep copy whose selected convs are replaced (see
     :mod:`kcengine.compress.layers` for the module each granularity/option gives).  All selected layers
@@ -216,7 +216,6 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     for n in selected:  # before any clustering, and naming the layer
         conv = by_name[n]
         try:
-            numeric_padding(conv)
             _check_plain_forward(conv)
         except ValueError as exc:
             raise ValueError(f"layer {n!r}: {exc}; leave the layer out with layers=") from None

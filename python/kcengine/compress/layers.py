@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ..conv.module import numeric_padding, pad_input
+from ..conv.module import conv_padding, pad_input, pads_input
 
 __all__ = ["GRANULARITIES", "LayerProblem", "ElementClusteredConv2d", "effective_weight", "n_points"]
 
@@ -54,6 +54,7 @@ class ElementClusteredConv2d(nn.Module):
     """
 
     padding_mode = "zeros"  # the class default is what layers pickled before padding modes existed read
+    padding_extra = (0, 0)  # as ClusteredConv2d's: more padding at the bottom and right
 
     def __init__(self, conv: nn.Conv2d, codebook: torch.Tensor, index: torch.Tensor):
         super().__init__()
@@ -65,7 +66,7 @@ class ElementClusteredConv2d(nn.Module):
             raise ValueError(f"index must have shape [{c_out}, {D}], got {tuple(index.shape)}")
         self.weight_shape = (c_out, cig, kh, kw)
         self.stride, self.dilation, self.groups = conv.stride, conv.dilation, conv.groups
-        self.padding = numeric_padding(conv)  # "same"/"valid" as numbers (saved files record numbers)
+        self.padding, self.padding_extra = conv_padding(conv)  # "same"/"valid" as numbers (as files record them)
         self.padding_mode = conv.padding_mode
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.num_clusters = int(codebook.shape[1])
@@ -82,8 +83,8 @@ class ElementClusteredConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padding = self.padding
-        if self.padding_mode != "zeros":  # as nn.Conv2d: the input padded first, the conv pads nothing
-            x, padding = pad_input(x, self.padding, self.padding_mode), 0
+        if pads_input(self):  # as nn.Conv2d: the input padded first, the conv pads nothing
+            x, padding = pad_input(x, self.padding, self.padding_mode, self.padding_extra), 0
         return F.conv2d(x, self.to_dense(), self.bias, self.stride, padding, self.dilation, self.groups)
 
     @property

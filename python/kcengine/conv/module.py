@@ -17,7 +17,7 @@ from .backends import PackedCodebook, inference_call, kernel_plan, tensor_versio
 from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, capturing,
                          dense_weight, dispatch_mode_active, indexed_conv2d, output_hw, string_padding)
 
-__all__ = ["ClusteredConv2d", "index_dtype_for", "numeric_padding", "PADDING_MODES", "replace_module", "pad_input"]
+__all__ = ["ClusteredConv2d", "index_dtype_for", "conv_padding", "PADDING_MODES", "replace_module", "pad_input"]
 
 
 def index_dtype_for(k: int) -> torch.dtype:
@@ -48,30 +48,30 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")  # nn.Conv2d's
 
 
-def numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
-    """``conv``'s padding as the pair of ints a clustered conv takes: numeric as it is, ``"valid"`` 0,
-    ``"same"`` ``dilation * (kernel - 1) / 2`` on each side.  ValueError for a ``"same"`` that pads one side
-    more than the other (an odd ``dilation * (kernel - 1)``), which a clustered conv does not take."""
+def conv_padding(conv: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``conv``'s padding as a clustered layer stores it: ``((top, left), (extra_bottom, extra_right))``, the
+    first pair padded on both sides and the second once more at the bottom and right.  Numeric padding as it
+    is (no extra), ``"valid"`` none, ``"same"`` as torch pads it (:func:`~kcengine.conv.functional.string_padding`:
+    an even kernel's odd row and column at the bottom and right)."""
     if isinstance(conv.padding, str):
-        return _symmetric_padding(conv.padding, conv.kernel_size, conv.stride, conv.dilation)
-    return int(conv.padding[0]), int(conv.padding[1])
+        return string_padding(conv.padding, conv.kernel_size, conv.stride, conv.dilation)
+    return (int(conv.padding[0]), int(conv.padding[1])), tuple(getattr(conv, "padding_extra", (0, 0)))
 
 
-def _symmetric_padding(padding: str, kernel_size, stride, dilation) -> tuple[int, int]:
-    """``"valid"`` or ``"same"`` as the pair a clustered layer stores; ValueError for a ``"same"`` that pads one
-    side more than the other (``indexed_conv2d`` takes those; a layer keeps one pair for both sides)."""
-    pad, extra = string_padding(padding, kernel_size, stride, dilation)
-    if any(extra):
-        raise ValueError(f"padding='same' with kernel_size={tuple(kernel_size)}, dilation={tuple(dilation)} pads "
-                         f"one side more than the other, which a clustered conv does not take")
-    return pad
+def pads_input(layer: nn.Module) -> bool:
+    """Whether ``layer`` (a clustered layer) pads its input before a conv that pads nothing: a ``padding_mode``
+    other than zeros, or a padding that is larger at the bottom or right (``padding_extra``)."""
+    return layer.padding_mode != "zeros" or any(getattr(layer, "padding_extra", (0, 0)))
 
 
-def pad_input(x: torch.Tensor, padding, padding_mode: str) -> torch.Tensor:
-    """``x`` padded by ``padding`` (a pair) in ``padding_mode`` (not zeros), as nn.Conv2d pads it before a conv
-    that pads nothing: the clustered layers and the refit's patches do it the same way."""
+def pad_input(x: torch.Tensor, padding, padding_mode: str, extra=(0, 0)) -> torch.Tensor:
+    """``x`` padded by ``padding`` (a pair) on both sides and by ``extra`` more at the bottom and right, in
+    ``padding_mode``, as nn.Conv2d pads it before a conv that pads nothing: the clustered layers and the
+    refit's patches do it the same way."""
     ph, pw = _pair(padding, "padding")
-    return F.pad(x, (pw, pw, ph, ph), mode=padding_mode)
+    eh, ew = extra
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    return F.pad(x, (pw, pw + ew, ph, ph + eh), mode=mode)
 
 
 def _as_tensor(a, name: str) -> torch.Tensor:
@@ -116,8 +116,11 @@ class ClusteredConv2d(nn.Module):
         relu: whether a ReLU is fused after the affine.
         _kc_cosine: True for a layer of the cosine option (its centroids unit-norm, norms in ``scale``).
         backend: ``"auto"`` or a backend name for :func:`kcengine.indexed_conv2d`'s registry.
+        padding: ``(top, left)``, padded on both sides; the constructor also takes ``"valid"`` and ``"same"``.
+        padding_extra: ``(bottom, right)`` padded once more on that side: ``"same"`` with an even kernel, as
+            torch pads it; ``(0, 0)`` otherwise.
         padding_mode: as nn.Conv2d's (``"zeros"``, ``"reflect"``, ``"replicate"``, ``"circular"``); other than
-            zeros, forward pads the input by ``padding`` that way first and the conv itself pads nothing.
+            zeros, or with a ``padding_extra``, forward pads the input first and the conv itself pads nothing.
 
     ``forward(x, residual=None)`` returns ``act((conv(x) + bias) * scale + shift + residual)``; a residual of
     the output's shape and x's dtype is added in the conv's epilogue, one that broadcasts to the output (or
@@ -145,6 +148,7 @@ class ClusteredConv2d(nn.Module):
 
     _kc_cosine = False  # set by compress (cosine option) and by layer_from_config
     padding_mode = "zeros"  # the class default is what layers pickled before padding modes existed read
+    padding_extra = (0, 0)  # more padding at the bottom and right (an even kernel's "same"), as nn.Conv2d's
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, num_clusters: int, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, granularity: str = "filter", device=None,
@@ -165,8 +169,10 @@ class ClusteredConv2d(nn.Module):
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
-        self.padding = (_symmetric_padding(padding, self.kernel_size, self.stride, self.dilation)
-                        if isinstance(padding, str) else _pair(padding, "padding"))
+        if isinstance(padding, str):  # "valid", or "same" as torch pads it (one more at the bottom and right)
+            self.padding, self.padding_extra = string_padding(padding, self.kernel_size, self.stride, self.dilation)
+        else:
+            self.padding = _pair(padding, "padding")
         for name, v, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
                              ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
             if min(v) < low:  # (forward checks these too; a layer that can never run is refused here)
@@ -208,10 +214,7 @@ class ClusteredConv2d(nn.Module):
         """
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        try:
-            padding = numeric_padding(conv)
-        except ValueError as exc:
-            raise ValueError(f"conv: {exc}") from None
+        padding, extra = conv_padding(conv)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if isinstance(kmeans_result, numbers.Integral) and not isinstance(kmeans_result, bool):
@@ -251,6 +254,7 @@ class ClusteredConv2d(nn.Module):
         mod = cls(conv.in_channels, conv.out_channels, (kh, kw), k, conv.stride, padding, conv.dilation,
                   conv.groups, conv.bias is not None, granularity, device=w.device, dtype=w.dtype, backend=backend,
                   padding_mode=conv.padding_mode)
+        mod.padding_extra = extra
         with torch.no_grad():
             cb_shape = (k, cig, kh, kw) if granularity == "filter" else (k, kh, kw)
             mod.codebook.copy_(cent.to(device=w.device, dtype=w.dtype).reshape(cb_shape))
@@ -335,8 +339,8 @@ class ClusteredConv2d(nn.Module):
     # ------------------------------------------------------------------ forward
     @property
     def _conv_padding(self):
-        """The conv's own zero padding: ``padding``, or none where ``padding_mode`` pads the input first."""
-        return self.padding if self.padding_mode == "zeros" else (0, 0)
+        """The conv's own zero padding: ``padding``, or none where the input is padded first (:func:`pads_input`)."""
+        return (0, 0) if pads_input(self) else self.padding
 
     def _prepared(self) -> _Cache:
         idx = self.index
@@ -423,8 +427,8 @@ class ClusteredConv2d(nn.Module):
                     f"ClusteredConv2d for another shape")
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.padding_mode != "zeros" and isinstance(x, torch.Tensor) and x.dim() == 4:
-            x = pad_input(x, self.padding, self.padding_mode)
+        if pads_input(self) and isinstance(x, torch.Tensor) and x.dim() == 4:
+            x = pad_input(x, self.padding, self.padding_mode, self.padding_extra)
         if isinstance(x, torch.Tensor) and (autocast_dtype(x) is not None or capturing(x)
                                             or dispatch_mode_active()):
             return self._through_functional(x, residual)
@@ -554,6 +558,8 @@ class ClusteredConv2d(nn.Module):
              f"granularity={self.granularity!r}, stride={self.stride}")
         if self.padding != (0, 0):
             s += f", padding={self.padding}"
+        if any(self.padding_extra):
+            s += f", padding_extra={self.padding_extra}"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
         if self.dilation != (1, 1):

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .._checks import first_line
-from .module import ClusteredConv2d, replace_module
+from .module import ClusteredConv2d, conv_padding, replace_module
 
 __all__ = ["save_compressed", "load_compressed", "is_compressed_file", "checkpoint_sizes", "dense_state_dict",
            "conv_geometry", "layer_config", "layer_from_config"]
@@ -38,12 +38,16 @@ FORMAT = "kcengine.compressed/1"
 
 
 def conv_geometry(m: nn.Module) -> dict:
-    """The constructor's geometry of a conv (``nn.Conv2d`` or :class:`ClusteredConv2d`); ``padding_mode`` only
-    where it is not zeros (files written before it existed read as zeros)."""
+    """The constructor's geometry of a conv (``nn.Conv2d`` or :class:`ClusteredConv2d`), padding as numbers
+    (:func:`~kcengine.conv.module.conv_padding`); ``padding_mode`` and ``padding_extra`` only where they are not
+    zeros (files written before they existed read as zeros)."""
+    padding, extra = conv_padding(m)
     geo = {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
-           "stride": list(m.stride), "padding": list(m.padding), "dilation": list(m.dilation), "groups": m.groups}
+           "stride": list(m.stride), "padding": list(padding), "dilation": list(m.dilation), "groups": m.groups}
     if getattr(m, "padding_mode", "zeros") != "zeros":
         geo["padding_mode"] = m.padding_mode
+    if any(extra):
+        geo["padding_extra"] = list(extra)
     return geo
 
 
@@ -62,7 +66,9 @@ def layer_from_config(cfg: dict, *, dtype=None, device=None) -> ClusteredConv2d:
     """An empty ClusteredConv2d shaped as :func:`layer_config` recorded (its state dict loads strictly)."""
     cfg = dict(cfg)
     relu, fused, cosine = cfg.pop("relu", False), cfg.pop("fused_bn", False), cfg.pop("cosine", False)
+    extra = tuple(cfg.pop("padding_extra", (0, 0)))
     layer = ClusteredConv2d(**cfg, dtype=dtype, device=device)
+    layer.padding_extra = extra
     layer.relu = relu
     if fused:
         layer.scale = torch.empty(cfg["out_channels"], dtype=layer.codebook.dtype, device=device)
@@ -88,11 +94,14 @@ def element_from_config(cfg: dict, *, dtype=None):
 
     cfg = dict(cfg)
     k, bias = int(cfg.pop("num_clusters")), bool(cfg.pop("bias"))
+    extra = tuple(cfg.pop("padding_extra", (0, 0)))
     conv = nn.Conv2d(**cfg, bias=bias, dtype=dtype)
     c_out, cig, kh, kw = conv.weight.shape
     d = cig * kh * kw
-    return ElementClusteredConv2d(conv, torch.zeros(d, k, dtype=conv.weight.dtype),
-                                  torch.zeros(c_out, d, dtype=torch.int64))
+    layer = ElementClusteredConv2d(conv, torch.zeros(d, k, dtype=conv.weight.dtype),
+                                   torch.zeros(c_out, d, dtype=torch.int64))
+    layer.padding_extra = extra
+    return layer
 
 
 def _payload(model: nn.Module, builder, builder_kwargs) -> dict:

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..conv.functional import output_hw
 from ..conv.fuse import _Tracer
-from ..conv.module import ClusteredConv2d, pad_input
+from ..conv.module import ClusteredConv2d, pad_input, pads_input
 
 __all__ = ["calibrate_outputs", "following_batchnorm"]
 
@@ -182,9 +182,9 @@ def _moments(layer: ClusteredConv2d, xc: torch.Tensor, xd: torch.Tensor, max_pat
     and returns it for all three."""
     same = xd is xc
     padding = layer.padding
-    if layer.padding_mode != "zeros":  # the inputs padded as the layer pads them, then no zero padding
-        xc = pad_input(xc, layer.padding, layer.padding_mode)
-        xd = xc if same else pad_input(xd, layer.padding, layer.padding_mode)
+    if pads_input(layer):  # the inputs padded as the layer pads them, then no zero padding
+        xc = pad_input(xc, layer.padding, layer.padding_mode, layer.padding_extra)
+        xd = xc if same else pad_input(xd, layer.padding, layer.padding_mode, layer.padding_extra)
         padding = (0, 0)
     kw = dict(kernel_size=layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
     d = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
