@@ -154,6 +154,32 @@ def test_calibrate_checks_inputs(kit):
         calibrate_outputs(m, m, _images(2), iterations=-1)
 
 
+def test_a_teacher_that_is_not_the_dense_counterpart_is_refused(kit):
+    """The refit matches each clustered layer to the teacher's conv of the same name: a teacher of another
+    architecture was matched wherever names agreed (a resnet32 for a resnet20: its first blocks), silently.
+    Now its conv layers must be the student's, by name and shape, and what differs is named."""
+    from kcengine.models import cifar_resnet
+    from kcengine.train.calibrate import layer_mismatch
+
+    torch.manual_seed(0)
+    r20 = cifar_resnet(20).eval()
+    small, _ = kcengine.compress(r20, ratio=0.5, layers=r"layer1\..*")
+    assert layer_mismatch(small, r20) is None  # dense and clustered layers alike
+    before = copy.deepcopy(small)
+    x = torch.randn(4, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"teacher must be the dense model the student was clustered from \(the "
+                                         r"same conv layers\): only the teacher has layer1\.3\.conv1, "
+                                         r"layer1\.3\.conv2, layer1\.4\.conv1, \.\.\. \(12 in all\)"):
+        calibrate_outputs(small, cifar_resnet(32).eval(), x)
+    assert _same_state(small, before)
+    other = copy.deepcopy(r20)
+    other.layer2[0].conv1.stride = (1, 1)
+    assert layer_mismatch(small, other) == "layer 'layer2.0.conv1' has stride=(2, 2) in the student and (1, 1) " \
+                                           "in the teacher"
+    dense, cm, _ = _clustered_tiny(kit)
+    assert layer_mismatch(cm, r20).startswith("only the student has conv2; only the teacher has layer1.0.conv1")
+
+
 def _clustered_tiny(kit, n=40):
     torch.manual_seed(0)
     dense = kit.TinyNet().eval()

@@ -4,6 +4,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import kcengine
 from kcengine.data.datasets import make_loader
@@ -378,3 +379,65 @@ def test_dense_model_without_plan_is_refused(tiny):
     model, ds, loader = tiny
     with pytest.raises(ValueError, match="no ClusteredConv2d"):
         finetune(model, loader, progress=False, epochs=1)
+
+
+class _OtherArch(nn.Module):
+    """Another architecture of the same 4 classes: a teacher of logits, not a dense counterpart."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 6, 1))
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+class _Blocks(nn.Module):
+    """Two conv blocks (feature points b1, b2) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.b1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.b2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.linear = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.linear(self.b2(self.b1(x)).mean((2, 3)))
+
+
+def _codebooks(model):
+    return {n: (m.codebook.detach().clone(), m.index.clone()) for n, m in clustered(model).items()}
+
+
+def test_a_teacher_of_another_architecture_gives_logits_the_dense_model_its_layers(tiny):
+    """With plan=, the refit and the block features match the dense model's layers whatever the teacher; a
+    teacher of another architecture gives only its logits.  (Its layers were matched to the student's wherever
+    names agreed: here none did, so the refit was skipped and the features dropped without a word.)"""
+    model, ds, loader = tiny
+    torch.manual_seed(1)
+    other = _OtherArch().eval()
+    kw = dict(plan=0.5, progress=False, calibration_images=32)
+    own = finetune(model, loader, epochs=0, **kw)
+    given = finetune(model, loader, epochs=0, teacher=other, **kw)
+    assert given.calibration and given.calibration.keys() == own.calibration.keys()
+    for n, (cb, idx) in _codebooks(own.model).items():  # the same refit: against the dense model
+        assert torch.equal(_codebooks(given.model)[n][0], cb) and torch.equal(_codebooks(given.model)[n][1], idx)
+    torch.manual_seed(0)
+    blocks = _Blocks().eval()
+    feat = dict(plan=0.5, progress=False, calibration_images=32, epochs=1, lr=0.05, alpha=0.0, feature_weight=2.0)
+    a = finetune(blocks, loader, **feat)  # the features only (alpha=0): from the dense model either way
+    b = finetune(blocks, loader, teacher=other, **feat)
+    assert a.history[0]["loss"] == pytest.approx(b.history[0]["loss"], rel=1e-6)
+    c = finetune(blocks, loader, teacher=other, **{**feat, "alpha": 0.9})  # its logits do count
+    assert c.history[0]["loss"] != pytest.approx(a.history[0]["loss"], rel=1e-3)
+    # a model that arrives clustered has no dense counterpart but a teacher that is one
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    with pytest.raises(ValueError, match=r"output_calibration=True refits the clustered layers to a dense "
+                                         r"counterpart of the model, and the teacher is not one \(only the student "
+                                         r"has conv1, conv2; only the teacher has body.0, body.2\)"):
+        finetune(cm, loader, teacher=other, output_calibration=True, **FAST)
+    with pytest.raises(ValueError, match=r"output_calibration=True needs a dense counterpart of the model"):
+        finetune(cm, loader, output_calibration=True, **FAST)
+    assert finetune(cm, loader, teacher=model, output_calibration=True, **FAST).calibration
+    assert finetune(cm, loader, teacher=other, **FAST).history  # logits only

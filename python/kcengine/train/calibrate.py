@@ -41,11 +41,43 @@ from ..conv.functional import output_hw
 from ..conv.fuse import _Tracer
 from ..conv.module import ClusteredConv2d, pad_input, pads_input
 
-__all__ = ["calibrate_outputs", "following_batchnorm"]
+__all__ = ["calibrate_outputs", "following_batchnorm", "layer_mismatch"]
 
 
 class _Stop(Exception):
     pass
+
+
+def _conv_layers(model: nn.Module, clustered: bool) -> dict[str, tuple]:
+    """``{name: geometry}`` of the conv layers of ``model``: ``nn.Conv2d``, and with ``clustered`` the layers that
+    stand for one (ClusteredConv2d, ElementClusteredConv2d)."""
+    from ..compress.layers import ElementClusteredConv2d  # (compress imports train lazily too)
+
+    kinds = (nn.Conv2d, ClusteredConv2d, ElementClusteredConv2d) if clustered else (nn.Conv2d,)
+    return {n: (m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation), m.groups)
+            for n, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def layer_mismatch(student: nn.Module, teacher: nn.Module) -> str | None:
+    """None when ``teacher`` is a dense counterpart of ``student``: its ``nn.Conv2d`` layers are the student's
+    conv layers (dense or clustered) by name, channels, kernel, stride, dilation and groups; else what differs,
+    in words.  The refit and finetune's block features match a student's layers to such a model's."""
+    s, t = _conv_layers(student, True), _conv_layers(teacher, False)
+    only_s, only_t = [n for n in s if n not in t], [n for n in t if n not in s]
+
+    def some(names):
+        return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+
+    if only_s or only_t:
+        parts = ([f"only the student has {some(only_s)}"] if only_s else []) + \
+                ([f"only the teacher has {some(only_t)}"] if only_t else [])
+        return "; ".join(parts)
+    field = ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups")
+    for n in s:
+        if s[n] != t[n]:
+            i = next(i for i, (a, b) in enumerate(zip(s[n], t[n])) if a != b)
+            return f"layer {n!r} has {field[i]}={s[n][i]} in the student and {t[n][i]} in the teacher"
+    return None
 
 
 def following_batchnorm(model: nn.Module, x: torch.Tensor) -> dict[str, nn.BatchNorm2d]:
@@ -382,7 +414,8 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
 
     Args:
         student: the clustered model (its codebooks, indices and following BN layers are modified).
-        teacher: the dense model it was clustered from (same module names; not modified).
+        teacher: the dense model it was clustered from (not modified): ValueError naming what differs unless its
+            ``nn.Conv2d`` layers are the student's conv layers, by name and shape (:func:`layer_mismatch`).
         images: calibration batch ``[N, C, H, W]`` (a few hundred training images).
         layers: names to refit (default: every eligible layer), processed in forward order.
         iterations: Lloyd iterations of the assignment/eigenvector updates per layer.
@@ -411,6 +444,10 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
         raise ValueError(f"iterations must be an int >= 0, got iterations={iterations!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got batch_size={batch_size!r}")
+    bad = layer_mismatch(student, teacher)
+    if bad is not None:
+        raise ValueError(f"teacher must be the dense model the student was clustered from (the same conv layers): "
+                         f"{bad}")
     t_mods = dict(teacher.named_modules())
     order = []
     seen = []

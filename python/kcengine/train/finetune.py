@@ -11,10 +11,11 @@ Modes
                    move on; earlier stages keep training (``stage_training="keep"``) or are frozen
                    (``"freeze"``); ``epochs`` more epochs follow the last stage.
 
-Every mode distils from the unclustered ``teacher`` (KL on temperature-softened logits, weight
-``alpha``, plus ``(1 - alpha)`` cross-entropy, plus ``feature_weight`` times the relative squared error of
-each block's output against the teacher's), and starts with two cheap steps: the output-aware refit
-of the clustered layers (:mod:`kcengine.train.calibrate`) and BatchNorm recalibration.
+Every mode distils from the ``teacher`` (KL on temperature-softened logits, weight ``alpha``, plus
+``(1 - alpha)`` cross-entropy, plus ``feature_weight`` times the relative squared error of each block's
+output against the dense model's), and starts with two cheap steps: the output-aware refit of the clustered
+layers to the dense model's (:mod:`kcengine.train.calibrate`) and BatchNorm recalibration.  The teacher is
+the unclustered model by default; another (a larger network) gives its logits, and the dense model its layers.
 
 The defaults are the recommended recipe (see bench/results/recovery_resnet20.md for the figures):
 output-aware refit + BN recalibration, then 20 epochs of codebook training with distillation (T=4,
@@ -55,7 +56,7 @@ from ..evaluate.metrics import check_data, check_float_images, check_labels, ima
 from . import distributed as dd
 from .augment import cifar_augment
 from .bn import recalibrate_bn
-from .calibrate import calibrate_outputs
+from .calibrate import calibrate_outputs, layer_mismatch
 from .checkpoint import CHECKPOINT_NAME, apply_layout, clustered_layout, load_checkpoint, save_checkpoint
 from .distill import FeatureTap, distillation_loss, feature_loss, feature_points
 from .progressive import conv_names, resolve_order
@@ -223,8 +224,12 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
             model together with ``plan``.  Not modified: a copy is trained.
         train_loader: any DataLoader of ``(image, label)`` batches.
         mode: ``"frozen"``, ``"centroids"`` or ``"progressive"``.
-        teacher: the unclustered model to distil from (and, for the output-aware refit, whose layer outputs to
-            match).  Default: the dense ``model`` itself when ``plan`` is given, else no distillation.
+        teacher: the model whose logits to distil from: the unclustered model, or any other of the same classes
+            (a larger network).  Default: the dense ``model`` itself when ``plan`` is given, else no distillation.
+            The output-aware refit and the block features match the student's layers to its dense counterpart
+            (the same conv layers by name and shape, :func:`kcengine.train.calibrate.layer_mismatch`): the dense
+            ``model`` when ``plan`` is given, else the teacher where it is one.  A teacher of another architecture
+            gives its logits only (it was matched layer by layer wherever names agreed).
         epochs: training epochs (progressive: after the last stage).  Default ``DEFAULT_EPOCHS[mode]``.
         plan: a :func:`kcengine.compress` plan (a ratio such as 0.5, a dict, ...): cluster the dense ``model`` first
             (required for ``progressive``; each layer gets the k this plan gives it on the dense model).
@@ -238,16 +243,18 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
             ``train_loader.batch_size``: sgd 0.005 at 64, 0.01 at 128); ``weight_decay`` on weights (not on BN/bias).
         schedule: per-step LR schedule over each phase, one of ``SCHEDULES`` (see :func:`lr_factor`).
         temperature, alpha: distillation temperature and weight.
-        feature_weight: weight of feature distillation (needs a teacher): the outputs of every block holding a
-            conv (:func:`kcengine.train.distill.feature_points`; a ResNet's residual blocks) are matched to the
-            teacher's on the same images, ``||s - t||^2 / ||t||^2`` averaged over blocks, added to the loss.
+        feature_weight: weight of feature distillation (needs the dense counterpart, see ``teacher``): the outputs
+            of every block holding a conv (:func:`kcengine.train.distill.feature_points`; a ResNet's residual
+            blocks) are matched to the dense model's on the same images, ``||s - t||^2 / ||t||^2`` averaged over
+            blocks, added to the loss.
         augment: CIFAR augmentation (4-pixel padded random crop + horizontal flip) on each batch.
         mixup: when > 0, each batch is mixed with a shuffled copy of itself, ``lam * x + (1 - lam) * x[perm]``
             with ``lam ~ Beta(mixup, mixup)`` (default 1.0: lam uniform in [0, 1]; 0 turns it off); the teacher
             sees the same mixed images (distillation matches the teacher on them) and the cross-entropy term
             mixes the two labels with the same weights.
-        output_calibration: refit the clustered layers to the teacher's outputs (centroids, assignment and
-            BN; see :mod:`kcengine.train.calibrate`) before training; needs a teacher.  Default (None): on when
+        output_calibration: refit the clustered layers to the dense counterpart's outputs (centroids, assignment
+            and BN; see :mod:`kcengine.train.calibrate`) before training; needs one (see ``teacher``; ValueError
+            when asked for without).  Default (None): on when
             finetune clusters the model itself (``plan=``), off for a model that arrives clustered, whose
             codebooks and indices are then left exactly as given (a frozen run changes none of them).
         bn_recalibration: re-estimate BN statistics after clustering, before training.
@@ -316,13 +323,29 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     device = check_device(device)
     copts = dict(compress_options or {})
     work = copy.deepcopy(model).to(device)
+    given_teacher = teacher is not None
     if teacher is None and plan is not None:
         teacher = copy.deepcopy(model)
     elif teacher is not None:
         teacher = copy.deepcopy(teacher)
-    if teacher is not None:
-        teacher.to(device).eval()
-        for p in teacher.parameters():
+    # The refit and the block features match the student's layers to a dense counterpart: the dense model
+    # given with plan=, else the teacher where it is one (a teacher of another architecture gives its logits).
+    reference = None
+    if plan is not None:
+        reference = copy.deepcopy(model) if given_teacher else teacher
+    elif teacher is not None:
+        mismatch = layer_mismatch(work, teacher)
+        reference = teacher if mismatch is None else None
+        if output_calibration and reference is None:
+            raise ValueError(f"output_calibration=True refits the clustered layers to a dense counterpart of "
+                             f"the model, and the teacher is not one ({mismatch}): pass the dense model with "
+                             f"plan=, or output_calibration=False")
+    elif output_calibration:
+        raise ValueError("output_calibration=True needs a dense counterpart of the model: a teacher, or the "
+                         "dense model with plan=")
+    for net in {id(m): m for m in (teacher, reference) if m is not None}.values():
+        net.to(device).eval()
+        for p in net.parameters():
             p.requires_grad_(False)
     if plan is not None and any(isinstance(m, ClusteredConv2d) for m in work.modules()) and mode != "progressive":
         raise ValueError("model already holds ClusteredConv2d layers; pass plan=None to finetune it as it is")
@@ -399,8 +422,8 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
             if phase.layers or pi == 0:
                 if pi == 0:
                     result.accuracy_clustered = evaluate_now()
-                if output_calibration and teacher is not None and (phase.layers or mode != "progressive"):
-                    result.calibration.update(calibrate_outputs(work, teacher, calib, layers=phase.layers,
+                if output_calibration and reference is not None and (phase.layers or mode != "progressive"):
+                    result.calibration.update(calibrate_outputs(work, reference, calib, layers=phase.layers,
                                                                 seed=seed))
                 if bn_recalibration:
                     recalibrate_bn(work, calib, max_images=calibration_images)
@@ -416,6 +439,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
                          feature_weight=feature_weight, augment=augment, mixup=mixup, seed=seed,
                          progress=progress and main, device=device,
                          evaluate_now=evaluate_now, ckpt_path=ckpt_path if main else None, fingerprint=fingerprint,
+                         reference=reference,
                          main=main)
         if stage_training == "freeze" and phase.layers:
             frozen_names.update(phase.layers)
@@ -429,7 +453,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
 
 def _train_phase(work, teacher, loader, orig_loader, phase, pi, first_epoch, result, state, *, optimizer, lr,
                  momentum, nesterov, weight_decay, schedule, temperature, alpha, feature_weight, augment, mixup, seed,
-                 progress, device, evaluate_now, ckpt_path, fingerprint, main):
+                 progress, device, evaluate_now, ckpt_path, fingerprint, main, reference):
     params = [(n, p) for n, p in work.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"phase {phase.name!r} has no trainable parameter")
@@ -441,13 +465,13 @@ def _train_phase(work, teacher, loader, orig_loader, phase, pi, first_epoch, res
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
     taps = None
-    if teacher is not None and feature_weight > 0:
-        t_names = dict(teacher.named_modules())
+    if reference is not None and feature_weight > 0:  # the blocks of the dense counterpart (finetune's `reference`)
+        t_names = dict(reference.named_modules())
         points = [n for n in feature_points(work) if n in t_names]
         if points:
-            taps = (FeatureTap(work, points), FeatureTap(teacher, points))
+            taps = (FeatureTap(work, points), FeatureTap(reference, points))
     try:
-        _run_epochs(work, teacher, loader, orig_loader, phase, pi, first_epoch, result, opt, sched, taps,
+        _run_epochs(work, teacher, reference, loader, orig_loader, phase, pi, first_epoch, result, opt, sched, taps,
                     temperature=temperature, alpha=alpha, feature_weight=feature_weight, augment=augment,
                     mixup=mixup, seed=seed, progress=progress, device=device, evaluate_now=evaluate_now,
                     ckpt_path=ckpt_path, fingerprint=fingerprint)
@@ -456,7 +480,7 @@ def _train_phase(work, teacher, loader, orig_loader, phase, pi, first_epoch, res
             tap.close()
 
 
-def _run_epochs(work, teacher, loader, orig_loader, phase, pi, first_epoch, result, opt, sched, taps, *,
+def _run_epochs(work, teacher, reference, loader, orig_loader, phase, pi, first_epoch, result, opt, sched, taps, *,
                 temperature, alpha, feature_weight, augment, mixup, seed, progress, device, evaluate_now, ckpt_path,
                 fingerprint):
     net = work
@@ -498,9 +522,11 @@ def _run_epochs(work, teacher, loader, orig_loader, phase, pi, first_epoch, resu
                 perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
                 x = lam * x + (1.0 - lam) * x[perm]
             t_logits = None
-            if teacher is not None and (alpha > 0 or taps is not None):
-                with torch.no_grad():
+            with torch.no_grad():
+                if teacher is not None and (alpha > 0 or (taps is not None and reference is teacher)):
                     t_logits = teacher(x)
+                if taps is not None and reference is not teacher:  # the block features' own dense model
+                    reference(x)
             out = net(x)
             check_labels(y_batch, out)  # the loader's copy (on the host, as a rule): no wait for the device
             if mixup > 0:
