@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import torch
 from torch import nn
@@ -33,6 +35,37 @@ def test_metrics_against_hand_count(tmp_path):
     assert r.per_class[0] == 0.5 and r.per_class[2] == 0 and np.isnan(r.per_class[1])
     png = confusion_png(r.confusion, tmp_path / "c.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_png_writers_leave_matplotlib_as_it_was(tmp_path):
+    """The PNG writers used pyplot after matplotlib.use("Agg"): that switched the process's backend (a
+    notebook's inline plots went blank after a finetune wrote its curves).  They now draw standalone figures:
+    the backend and pyplot's open figures stay as they were.  confusion_png also takes an EvalResult (it
+    raised IndexError) and names a matrix that is not square."""
+    import matplotlib
+    import pytest
+
+    from kcengine.evaluate.metrics import EvalResult
+    from kcengine.train.plots import plot_history
+
+    original = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend that is not Agg (the user's, say), to see that it stays
+    try:
+        r = evaluate(_Fixed(torch.eye(3)), (torch.arange(3).float().view(3, 1, 1, 1), torch.tensor([0, 1, 1])))
+        assert isinstance(r, EvalResult)
+        for png in (confusion_png(r, tmp_path / "a.png"),
+                    confusion_png(r.confusion, tmp_path / "b.png", classes="xyz"),
+                    plot_history([{"phase": "p", "loss": 1.0, "train_top1": 0.5, "eval_top1": 0.4}],
+                                 tmp_path / "h.png")):
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(original)
+    assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
+    with pytest.raises(ValueError, match=r"confusion must be a \[C, C\] matrix \(or an EvalResult\), got shape \(2, 3\)"):
+        confusion_png(np.zeros((2, 3)), tmp_path / "c.png")
+    with pytest.raises(ValueError, match=r"classes has 2 names for a 3x3 confusion matrix"):
+        confusion_png(r, tmp_path / "c.png", classes=["a", "b"])
 
 
 def test_bad_arguments_name_the_value():

@@ -180,15 +180,13 @@ def run_clustering(args, out: Path) -> dict:
 
 
 def _plot_clustering(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .._plot import figure
 
     wls = sorted({r["workload"] for r in rows})
     methods = [m for m in ("kcengine", "exact1d", "cuda", "triton", "faiss", "torch")
                if any(r["method"] == m for r in rows)]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = figure((7, 3.5))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(methods))
     for i, m in enumerate(methods):
         vals = [next((r["x vs sklearn"] for r in rows if r["workload"] == w and r["method"] == m), float("nan"))
@@ -201,7 +199,6 @@ def _plot_clustering(rows, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(args) -> int:
@@ -437,12 +434,10 @@ def run_inference(args, out: Path) -> dict:
 def _plot_layers(rows, path: Path) -> None:
     if not rows:
         return
-    import matplotlib
+    from .._plot import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 3.5))
+    fig = figure((max(6, 0.35 * len(rows)), 3.5))
+    ax = fig.subplots()
     xs = range(len(rows))
     ax.bar([i - 0.2 for i in xs], [r["dense_ms"] for r in rows], 0.4, label="dense")
     ax.bar([i + 0.2 for i in xs], [r["clustered_ms"] for r in rows], 0.4, label="clustered")
@@ -451,7 +446,6 @@ def _plot_layers(rows, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run_accuracy(args, out: Path) -> dict:
@@ -536,12 +530,10 @@ def run_accuracy(args, out: Path) -> dict:
 
 
 def _plot_accuracy(rows, path: Path) -> None:
-    import matplotlib
+    from .._plot import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = figure((6, 4))
+    ax = fig.subplots()
     for gran in ("filter", "kernel", "element"):
         pts = [(r["unique_ratio"], r["accuracy_after"]) for r in rows if r.get("granularity") == gran
                and r.get("accuracy_after") is not None]
@@ -560,4 +552,3 @@ def _plot_accuracy(rows, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -71,15 +71,13 @@ class SensitivityResult:
 
     def plot(self, path, title: str = "") -> Path:
         """One panel per layer: accuracy and F against k/N, local maxima of F marked."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from .._plot import figure
 
         names = self.layers()
         cols = 4
         rows = (len(names) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+        fig = figure((4 * cols, 2.8 * rows))
+        axes = fig.subplots(rows, cols, squeeze=False)
         for ax, name in zip(axes.flat, names):
             lr = self.layer_rows(name)
             x = [r["k_ratio"] for r in lr]
@@ -103,7 +101,6 @@ class SensitivityResult:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=90)
-        plt.close(fig)
         return path
 
 

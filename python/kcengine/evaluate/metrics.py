@@ -201,16 +201,23 @@ def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 
 
 def confusion_png(confusion: np.ndarray, path, *, classes: Sequence[str] | None = None, title: str = "") -> Path:
-    """Write the confusion matrix as a PNG heat map (matplotlib, Agg backend) and return the path."""
-    import matplotlib
+    """Write the confusion matrix (``[C, C]``, rows true, columns predicted; or an :class:`EvalResult`, whose
+    class names are then the default ``classes``) as a PNG heat map and return the path.  Leaves matplotlib's
+    backend as it was (:mod:`kcengine._plot`)."""
+    from .._plot import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    if isinstance(confusion, EvalResult):
+        classes = (confusion.classes or None) if classes is None else classes
+        confusion = confusion.confusion
     conf = np.asarray(confusion)
+    if conf.ndim != 2 or conf.shape[0] != conf.shape[1] or conf.shape[0] < 1:
+        raise ValueError(f"confusion must be a [C, C] matrix (or an EvalResult), got shape {conf.shape}")
     C = conf.shape[0]
     names = list(classes) if classes is not None else [str(i) for i in range(C)]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * C, 0.8 + 0.6 * C))
+    if len(names) != C:
+        raise ValueError(f"classes has {len(names)} names for a {C}x{C} confusion matrix")
+    fig = figure((1.0 + 0.6 * C, 0.8 + 0.6 * C))
+    ax = fig.subplots()
     ax.imshow(conf, cmap="Blues")
     ax.set_xticks(range(C), names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(C), names, fontsize=8)
@@ -228,5 +235,4 @@ def confusion_png(confusion: np.ndarray, path, *, classes: Sequence[str] | None 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -1,4 +1,4 @@
-"""Loss and accuracy curves of a finetune run as a PNG (matplotlib, Agg backend)."""
+"""Loss and accuracy curves of a finetune run as a PNG (matplotlib, without pyplot: see kcengine._plot)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,15 +9,13 @@ __all__ = ["plot_history"]
 def plot_history(history: list[dict], path, title: str = "") -> Path:
     """Two panels over the epochs of ``history`` (rows of :class:`~kcengine.train.FinetuneResult`):
     training loss, and train / eval top-1 accuracy; phase boundaries (progressive stages) dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .._plot import figure
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = list(range(1, len(history) + 1))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = figure((10, 3.6))
+    a1, a2 = fig.subplots(1, 2)
     a1.plot(x, [h["loss"] for h in history], marker="o", ms=3)
     a1.set_xlabel("epoch")
     a1.set_ylabel("training loss")
@@ -38,5 +36,4 @@ def plot_history(history: list[dict], path, title: str = "") -> Path:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
