@@ -180,6 +180,28 @@ def test_a_teacher_that_is_not_the_dense_counterpart_is_refused(kit):
     assert layer_mismatch(cm, r20).startswith("only the student has conv2; only the teacher has layer1.0.conv1")
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own, in the reference
+@pytest.mark.parametrize("make", [lambda: torch.nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect", bias=False),
+                                  lambda: torch.nn.Conv2d(3, 5, (4, 2), padding="same", bias=False),
+                                  lambda: torch.nn.Conv2d(3, 5, 2, padding="same", dilation=(1, 3),
+                                                          padding_mode="circular", bias=False),
+                                  lambda: torch.nn.Conv2d(3, 5, 3, stride=2, padding=(0, 2), bias=False)])
+def test_patch_moments_are_the_windows_the_layer_convolves(make):
+    """The refit's patch moments, of a clustered layer or of the dense conv (the output sensitivity passes
+    those), against the conv's own forward: ``W Ecc W^T`` is the mean square of each output channel and
+    ``W mean`` its mean.  (A dense conv with a padding mode failed there: it has no padding_extra.)"""
+    torch.manual_seed(0)
+    conv = make()
+    x = torch.randn(6, 3, 9, 11)
+    with torch.no_grad():
+        y = conv(x).double()
+    w = conv.weight.detach().reshape(5, -1).double()
+    for layer in (conv, kcengine.nn.ClusteredConv2d.from_conv(conv, 5)):  # K = C_out: the filters themselves
+        ecc, _, _, mean, _ = cal._moments(layer, x, x, max_patches=10 ** 9, seed=0)
+        torch.testing.assert_close(torch.einsum("od,de,oe->o", w, ecc, w), (y ** 2).mean((0, 2, 3)))
+        torch.testing.assert_close(w @ mean, y.mean((0, 2, 3)))
+
+
 def _clustered_tiny(kit, n=40):
     torch.manual_seed(0)
     dense = kit.TinyNet().eval()

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..conv.functional import output_hw
 from ..conv.fuse import _Tracer
-from ..conv.module import ClusteredConv2d, pad_input, pads_input
+from ..conv.module import ClusteredConv2d, conv_padding, pad_input
 
 __all__ = ["calibrate_outputs", "following_batchnorm", "layer_mismatch"]
 
@@ -205,18 +205,21 @@ def _patch_rows(x: torch.Tensor, rows: torch.Tensor, *, kernel_size, dilation, p
     return patches.permute(0, 3, 1, 2).reshape(rows.shape[0], -1)
 
 
-def _moments(layer: ClusteredConv2d, xc: torch.Tensor, xd: torch.Tensor, max_patches: int, seed: int,
+def _moments(layer: nn.Module, xc: torch.Tensor, xd: torch.Tensor, max_patches: int, seed: int,
              chunk: int = 64):
     """Second moments of the im2col patches: (Ecc, Ecd, Edd, mean_c, mean_d), float64, D = C_in*kh*kw.
+
+    ``layer`` is a ClusteredConv2d, or the dense ``nn.Conv2d`` it stands for (the output sensitivity's): its
+    patches are the windows its own forward sees, padding and padding mode included.
 
     At most ``max_patches`` patch positions (a fixed random subset, the same for student and teacher).
     ``xd is xc`` (the student's input is the teacher's: every layer before it is dense) computes one product
     and returns it for all three."""
     same = xd is xc
-    padding = layer.padding
-    if pads_input(layer):  # the inputs padded as the layer pads them, then no zero padding
-        xc = pad_input(xc, layer.padding, layer.padding_mode, layer.padding_extra)
-        xd = xc if same else pad_input(xd, layer.padding, layer.padding_mode, layer.padding_extra)
+    padding, extra = conv_padding(layer)  # (the output sensitivity passes dense nn.Conv2d layers too)
+    if layer.padding_mode != "zeros" or any(extra):  # the inputs padded as the layer pads them, then no zero padding
+        xc = pad_input(xc, padding, layer.padding_mode, extra)
+        xd = xc if same else pad_input(xd, padding, layer.padding_mode, extra)
         padding = (0, 0)
     kw = dict(kernel_size=layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
     d = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
