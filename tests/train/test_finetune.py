@@ -441,3 +441,18 @@ def test_a_teacher_of_another_architecture_gives_logits_the_dense_model_its_laye
         finetune(cm, loader, output_calibration=True, **FAST)
     assert finetune(cm, loader, teacher=model, output_calibration=True, **FAST).calibration
     assert finetune(cm, loader, teacher=other, **FAST).history  # logits only
+
+
+def test_the_callers_random_stream_is_left_where_it_was(tiny):
+    """Each epoch seeds torch's global RNG from `seed`; the caller's stream used to continue from the last
+    epoch's seed after a run, whatever it was before.  Now it is put back."""
+    model, ds, loader = tiny
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    torch.manual_seed(123)
+    want = torch.rand(4)
+    torch.manual_seed(123)
+    a = finetune(cm, loader, teacher=model, **FAST)
+    assert torch.equal(torch.rand(4), want)
+    torch.manual_seed(7)  # and the run itself does not depend on the caller's stream
+    b = finetune(cm, loader, teacher=model, **FAST)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]

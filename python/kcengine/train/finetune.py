@@ -263,7 +263,8 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         checkpoint_dir: write ``finetune_last.pt`` there after every epoch; with ``resume`` an existing one
             is continued (same arguments required).
         plot_path: write the loss/accuracy curves PNG there at the end.
-        seed: seeds every epoch's shuffling and augmentation (from seed, phase and epoch).
+        seed: seeds every epoch's shuffling and augmentation (from seed, phase and epoch), through torch's
+            global RNG, whose state the caller gets back as it was.
         progress: tqdm progress bars (rank 0 only).
         device: where to train (default: where the model is).
         compress_options: extra keyword arguments for :func:`kcengine.compress` (k-means ``seed``, ...).  With
@@ -433,14 +434,18 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         _reset_index_caches(work)
         first_epoch = start_epoch if resumed_here else 0
         if phase.epochs > first_epoch:
-            _train_phase(work, teacher, loader, train_loader, phase, pi, first_epoch, result, state if resumed_here
-                         else None, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov,
-                         weight_decay=weight_decay, schedule=schedule, temperature=temperature, alpha=alpha,
-                         feature_weight=feature_weight, augment=augment, mixup=mixup, seed=seed,
-                         progress=progress and main, device=device,
-                         evaluate_now=evaluate_now, ckpt_path=ckpt_path if main else None, fingerprint=fingerprint,
-                         reference=reference,
-                         main=main)
+            # each epoch seeds torch's global RNG from `seed` (shuffling, augmentation, mixup): the caller's
+            # stream is put back as it was afterwards
+            rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+                if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=rng_devices):
+                _train_phase(work, teacher, loader, train_loader, phase, pi, first_epoch, result,
+                             state if resumed_here else None, optimizer=optimizer, lr=lr, momentum=momentum,
+                             nesterov=nesterov, weight_decay=weight_decay, schedule=schedule, temperature=temperature,
+                             alpha=alpha, feature_weight=feature_weight, augment=augment, mixup=mixup, seed=seed,
+                             progress=progress and main, device=device, evaluate_now=evaluate_now,
+                             ckpt_path=ckpt_path if main else None, fingerprint=fingerprint, reference=reference,
+                             main=main)
         if stage_training == "freeze" and phase.layers:
             frozen_names.update(phase.layers)
     work.eval()
