@@ -74,6 +74,8 @@ class LoadedModel:
 
 
 def is_cifar_model(name: str) -> bool:
+    """Whether ``name`` names one of the CIFAR ResNets (``resnet20`` ... ``resnet110``, also with a ``cifar_`` or
+    ``cifar10_`` prefix), which :func:`load_model` builds here, rather than a torchvision model."""
     return _cifar_depth(name) is not None
 
 
