@@ -229,7 +229,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
             The output-aware refit and the block features match the student's layers to its dense counterpart
             (the same conv layers by name and shape, :func:`kcengine.train.calibrate.layer_mismatch`): the dense
             ``model`` when ``plan`` is given, else the teacher where it is one.  A teacher of another architecture
-            gives its logits only (it was matched layer by layer wherever names agreed).
+            gives its logits only.
         epochs: training epochs (progressive: after the last stage).  Default ``DEFAULT_EPOCHS[mode]``.
         plan: a :func:`kcengine.compress` plan (a ratio such as 0.5, a dict, ...): cluster the dense ``model`` first
             (required for ``progressive``; each layer gets the k this plan gives it on the dense model).
