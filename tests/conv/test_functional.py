@@ -271,6 +271,65 @@ def test_bad_inputs_raise_value_error(granularity):
         kcengine.indexed_conv2d(x, cb, idx, granularity=granularity, residual=torch.zeros(1), **conv)
 
 
+# Every check of indexed_conv2d's arguments not exercised above: (what is wrong, the call's changes, the message).
+# Filter granularity on SHAPES[0]: x [2, 5, 13, 11], codebook [3, 5, 3, 3], index [7].
+_BAD_ARGS = [
+    ("x not a tensor", lambda a: a.update(x=a["x"].numpy()), r"x must be a 4-D tensor \[N, C_in, H, W\], got ndarray"),
+    ("x of integers", lambda a: a.update(x=a["x"].long()), r"x must be a floating tensor, got dtype torch.int64"),
+    ("codebook a list", lambda a: a.update(codebook=a["codebook"].tolist()), r"codebook must be a torch.Tensor, got list"),
+    ("codebook on meta", lambda a: a.update(codebook=a["codebook"].to("meta")),
+     r"codebook must be on the device of x \(cpu\), got meta"),
+    ("index a list", lambda a: a.update(index=a["index"].tolist()), r"index must be a torch.Tensor, got list"),
+    ("index on meta", lambda a: a.update(index=a["index"].to("meta")),
+     r"index must be on the device of x \(cpu\), got meta"),
+    ("groups 0", lambda a: a.update(groups=0), r"groups must be a positive int, got 0"),
+    ("groups True", lambda a: a.update(groups=True), r"groups must be a positive int, got True"),
+    ("groups 2 of 5 channels", lambda a: a.update(groups=2), r"x has C_in=5 channels, not divisible by groups=2"),
+    ("stride of one entry", lambda a: a.update(stride=(1,)), r"stride must be an int or a pair of ints, got \(1,\)"),
+    ("stride a float", lambda a: a.update(stride=1.5), r"stride must be an int or a pair of ints, got 1.5"),
+    ("padding negative", lambda a: a.update(padding=-1), r"padding must be >= 0, got \(-1, -1\)"),
+    ("padding unknown string", lambda a: a.update(padding="full"),
+     r"padding must be an int, a pair of ints, 'valid' or 'same', got 'full'"),
+    ("padding same with stride", lambda a: a.update(padding="same", stride=2),
+     r"padding='same' needs stride=1 \(as in F.conv2d\), got stride=\(2, 2\)"),
+    ("dilation 0", lambda a: a.update(dilation=(1, 0)), r"dilation must be >= 1, got \(1, 0\)"),
+    ("codebook 3-D", lambda a: a.update(codebook=a["codebook"][:, 0]),
+     r"codebook must be \[K, C_in/groups, kh, kw\] for granularity='filter', got shape \(3, 3, 3\)"),
+    ("no centroids", lambda a: a.update(codebook=a["codebook"][:0], index=a["index"][:0]),
+     r"codebook must hold K >= 1 centroids, got shape \(0, 5, 3, 3\)"),
+    ("no outputs", lambda a: a.update(index=a["index"][:0]), r"index gives C_out=0 output channels"),
+    ("C_out not divisible by groups", lambda a: a.update(x=a["x"][:, :4], codebook=a["codebook"][:, :2], groups=2),
+     r"index gives C_out=7 output channels, which must be >= 1 and divisible by groups=2"),
+    ("bias not a tensor", lambda a: a.update(bias=[0.0] * 7), r"bias must be a torch.Tensor or None, got list"),
+    ("scale of another dtype", lambda a: a.update(scale=torch.ones(7, dtype=torch.float64)),
+     r"scale must have the dtype of x \(torch.float32\), got torch.float64"),
+    ("shift on meta", lambda a: a.update(shift=torch.zeros(7, device="meta")),
+     r"shift must be on the device of x \(cpu\), got meta"),
+    ("shift of another shape", lambda a: a.update(shift=torch.zeros(7, 1)),
+     r"shift must have shape \(7,\) \(C_out\), got \(7, 1\)"),
+    ("x too small", lambda a: a.update(x=a["x"][:, :, :1, :1], padding=0),
+     r"x of spatial size 1x1 is too small for a 3x3 kernel with padding=\(0, 0\), dilation=\(1, 1\) "
+     r"\(output would be -1x-1\)"),
+    ("residual a list", lambda a: a.update(residual=[0.0]), r"residual must be a torch.Tensor or None, got list"),
+    ("residual of another dtype", lambda a: a.update(residual=torch.zeros(2, 7, 13, 11, dtype=torch.float64)),
+     r"residual must have the dtype/device of x \(torch.float32, cpu\), got \(torch.float64, cpu\)"),
+]
+
+
+@pytest.mark.parametrize("what, change, match", _BAD_ARGS, ids=[c[0] for c in _BAD_ARGS])
+def test_each_bad_argument_is_named(what, change, match):
+    """Each of the argument checks raises a ValueError naming the argument and the value given, before any
+    backend runs, whatever the backend; the good call with the same tensors still works."""
+    x, cb, idx, conv = _case(SHAPES[0], "filter", torch.float32)
+    ref = F.conv2d(x, cb[idx], **conv)
+    for backend in BACKENDS:
+        args = dict(x=x, codebook=cb, index=idx, backend=backend, **conv)
+        change(args)
+        with pytest.raises(ValueError, match=match):
+            kcengine.indexed_conv2d(**args)
+    _close(kcengine.indexed_conv2d(x, cb, idx, **conv), ref, torch.float32)
+
+
 def test_codebook_index_shape_mismatch():
     x, cb, idx, conv = _case(SHAPES[0], "filter", torch.float32)
     with pytest.raises(ValueError, match=r"codebook.shape\[1\] must be 5"):

@@ -771,3 +771,46 @@ def test_prepared_inference_call_follows_every_change(granularity, channels_last
     other = _fused_layer(granularity)
     layer.load_state_dict(other.to(torch.float64).state_dict())
     check(x.double())
+
+
+def test_load_state_dict_converts_index_dtypes_and_refuses_values_out_of_range():
+    """A state dict's index of any integer dtype loads into the layer's compact dtype; a value outside
+    [0, K) is an error naming the key and the value, not wrapped into range by the conversion (300 into
+    uint8 would be 44); scale/shift of a fused layer load into an unfused one."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    src = ClusteredConv2d.from_conv(conv, 3).eval()
+    dst = ClusteredConv2d(4, 6, 3, 3, padding=1, bias=False).eval()
+    assert dst.index.dtype == torch.uint8
+    x = torch.randn(2, 4, 7, 7)
+    ref = F.conv2d(x, src.to_dense(), padding=1)
+    sd = src.state_dict()
+    sd["index"] = sd["index"].long()
+    dst.load_state_dict(sd)
+    assert dst.index.dtype == torch.uint8 and torch.equal(dst.index.long(), src.index.long())
+    with torch.no_grad():
+        _close(dst(x), ref)
+
+    before = dst.index.clone()
+    for value, dtype in ((259, torch.int64), (3, torch.int16), (-1, torch.int32)):
+        bad = dict(sd)
+        bad["index"] = src.index.to(dtype).clone()
+        bad["index"][2] = value
+        with pytest.raises(RuntimeError, match=rf"index values of index must be in \[0, K=3\).*got {value}"):
+            dst.load_state_dict(bad)
+        assert torch.equal(dst.index, before)  # left as it was
+        # non-strict loads report it too: a value past K is never a missing key to be skipped
+        with pytest.raises(RuntimeError, match=r"index values of index"):
+            dst.load_state_dict(bad, strict=False)
+    bad["index"] = src.index.float()
+    with pytest.raises(RuntimeError, match=r"index values of index must be integers, got dtype torch.float32"):
+        dst.load_state_dict(bad)
+
+    bn = nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
+    fused = src.fuse_bn_relu(bn, relu=False)
+    plain = ClusteredConv2d(4, 6, 3, 3, padding=1, bias=False).eval()
+    plain.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        _close(plain(x), bn(ref))

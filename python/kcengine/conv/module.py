@@ -540,18 +540,36 @@ class ClusteredConv2d(nn.Module):
         self._cache = None
         return super()._apply(fn, *args, **kwargs)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         self._cache = None
         key = prefix + "index"
-        if key in state_dict:  # accept any integer dtype on load; keep ours
-            t = state_dict[key]
-            if isinstance(t, torch.Tensor) and t.dtype != self.index.dtype and not t.dtype.is_floating_point:
-                state_dict = dict(state_dict)
+        t, refused = state_dict.get(key), False
+        if isinstance(t, torch.Tensor) and t.dtype != self.index.dtype:  # any integer dtype loads; ours is kept
+            problem = None
+            if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
+                problem = f"must be integers, got dtype {t.dtype}"
+            elif t.numel() and t.device.type != "meta":
+                # Checked before the conversion, which would wrap a value past our dtype into the range
+                # (300 into uint8 is 44): out-of-range values are caught here or by forward, never hidden.
+                lo, hi = int(t.min()), int(t.max())
+                if lo < 0 or hi >= self.num_clusters:
+                    problem = (f"must be in [0, K={self.num_clusters}) for this layer's "
+                               f"{self.num_clusters} centroids, got {lo if lo < 0 else hi}")
+            state_dict = dict(state_dict)
+            if problem is None:
                 state_dict[key] = t.to(self.index.dtype)
+            else:  # reported as load_state_dict reports a size mismatch; this layer's index is left as it was
+                error_msgs.append(f"index values of {key} {problem}")
+                del state_dict[key]
+                refused = True
         for name in ("scale", "shift"):  # epilogue buffers appear only on fused layers
             if prefix + name in state_dict and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if refused and key in missing_keys:  # it was given, not missing: the error above says what is wrong
+            missing_keys.remove(key)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, K={self.num_clusters}, "
