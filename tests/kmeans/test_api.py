@@ -56,6 +56,25 @@ X = np.random.default_rng(0).normal(size=(20, 3))
     ([1.0, 2.0, 3.0], 2, {}, r"x\[0\] must have shape \[N, D\], got shape \(\); a list of points is read as a "
      r"ragged batch of problems: for one dataset pass np.asarray\(x\).reshape\(-1, 1\)"),
     (X, 2.5, {}, r"k must be an int, got k=2.5"),
+    ([X, torch.tensor(X)], 2, {}, r"x mixes numpy arrays and torch tensors; pass one kind"),
+    ([X, X.astype(np.float32)], 2, {}, r"x mixes dtypes \['float32', 'float64'\]; pass one dtype"),
+    (np.zeros((0, 5, 3)), 1, {}, r"x has shape \[0, N, D\]: a batch needs at least one problem"),
+    (X, None, {}, r"k is required unless init gives the initial centroids"),
+    (X, 2, {"sample_weight": [1.0, [2.0]] + [1.0] * 18}, r"sample_weight could not be read as an array"),
+    (X, 2, {"sample_weight": np.array(["a"] * 20)}, r"sample_weight must be numeric, got dtype <U1"),
+    (X, 2, {"sample_weight": np.r_[np.ones(19), np.nan]}, r"^sample_weight holds NaN or Inf values"),
+    ([X, X], 2, {"sample_weight": [np.ones(20)]}, r"sample_weight has 1 entries but x holds 2 problems"),
+    (np.stack([X, X]), 2, {"sample_weight": np.ones((3, 20))},
+     r"sample_weight has shape \(3, 20\), expected \[2, 20\]"),
+    ([X, X[:5]], 2, {"sample_weight": np.ones(20)},
+     r"sample_weight for a ragged batch must be a list with one \[N_i\] array per problem"),
+    ([X, X], 2, {"sample_weight": [np.ones(20), np.r_[np.ones(19), np.inf]]},
+     r"sample_weight of problem 1 holds NaN or Inf values"),
+    ([X, X], 2, {"init": [X[:2]]}, r"init for a batch of 2 problems must be a list of 2 \[k_i, D_i\] arrays"),
+    (np.stack([X, X]), 2, {"init": np.zeros((3, 2, 3))}, r"init must have shape \[2, k, 3\], got shape \(3, 2, 3\)"),
+    (X, 2, {"init": np.r_[X[:1], [[np.nan, 0.0, 0.0]]]}, r"^init holds NaN or Inf values"),
+    ([X, X], 2, {"init": [X[:2], np.r_[X[:1], [[np.inf, 0.0, 0.0]]]]},
+     r"init of problem 1 holds NaN or Inf values"),
 ])
 def test_bad_input_raises_value_error(x, k, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -108,6 +127,8 @@ def test_sweep_bad_input():
         kcengine.kmeans_sweep(X, [2, 0])
     with pytest.raises(ValueError, match=r"ks\[1\] must be an int, got ks\[1\]=2.5"):
         kcengine.kmeans_sweep(X, [2, 2.5])
+    with pytest.raises(ValueError, match=r"kmeans_sweep takes init='k-means\+\+' or 'random'; given centroids fix k"):
+        kcengine.kmeans_sweep(X, [2], init=X[:2])
     for ks in (5, None, "23", np.array([[2, 3]])):  # were TypeErrors ('int' object is not iterable), or chars
         with pytest.raises(ValueError, match=r"ks must be a sequence of ints \(e.g. range\(2, 17\)\), got"):
             kcengine.kmeans_sweep(X, ks)
@@ -293,3 +314,22 @@ def test_far_first_orders_the_repair_farthest_first_with_near_ties_by_index():
     assert far_first(d2, [0, 3]) == [0, 3]
     assert far_first(d2, []) == []
     assert far_first([1.0, 1.0 + 1e-9], [0, 1]) == [1, 0]  # a real difference still counts
+
+
+def test_torch_sample_weight_equals_numpy_and_is_checked():
+    """Weights as torch tensors (the batch's checks run on them in torch) give the numpy weights' result,
+    and their bad values are refused with the same messages."""
+    x = X.astype(np.float32)
+    w = np.random.default_rng(1).uniform(0.5, 2.0, size=20).astype(np.float32)
+    a = kcengine.kmeans(x, 3, sample_weight=w, seed=0)
+    b = kcengine.kmeans(torch.from_numpy(x), 3, sample_weight=torch.from_numpy(w), seed=0)
+    np.testing.assert_array_equal(a.labels, b.labels.numpy())
+    np.testing.assert_array_equal(a.centroids, b.centroids.numpy())
+    ragged = kcengine.kmeans([torch.from_numpy(x), torch.from_numpy(x[:9])], [3, 2],
+                             sample_weight=[torch.from_numpy(w), torch.from_numpy(w[:9])], seed=0)
+    np.testing.assert_array_equal(ragged.labels[0].numpy(), a.labels)
+    with pytest.raises(ValueError, match=r"sample_weight of problem 1 must be >= 0, got a minimum of -1.0"):
+        kcengine.kmeans([torch.from_numpy(x)] * 2, 3,
+                        sample_weight=[torch.from_numpy(w), torch.ones(20).index_fill(0, torch.tensor([4]), -1.0)])
+    with pytest.raises(ValueError, match=r"sample_weight sums to 0"):
+        kcengine.kmeans(torch.from_numpy(x), 3, sample_weight=torch.zeros(20))
