@@ -191,6 +191,42 @@ def test_inertia_and_elbow_plans_pick_from_the_sweep():
     assert 1 <= rep.layers[0].k <= 12 and "elbow" in rep.layers[0].note
 
 
+def test_inertia_plan_on_a_layer_of_more_than_64_points_sweeps_a_geometric_grid():
+    """features.2.0 has 120 kernels: the plan sweeps 1..120 on a geometric grid (not every k), and picks the
+    grid's smallest k within the limit, as an independent sweep over that grid says."""
+    from kcengine.compress.apply import candidate_ks
+    grid = candidate_ks(120)
+    assert grid[0] == 1 and grid[-1] == 120 and grid == sorted(set(grid)) and 30 <= len(grid) <= 65
+    # spread over the range: each step one k, or a ratio near 120 ** (1/63), about 1.08
+    assert all(b == a + 1 or b / a <= 1.15 for a, b in zip(grid, grid[1:]))
+    m = _net()
+    w = m.features[2][0].weight.detach().reshape(120, 3).numpy()
+    ref = kcengine.kmeans_sweep(w, grid, seed=0)
+    inert = [float(r.inertia) for r in ref]
+    limit = float(np.median(inert))
+    new, rep = compress(m, plan={"inertia": limit}, granularity="kernel", layers=["features.2.0"])
+    want = next(i for i, v in enumerate(inert) if v <= limit)
+    assert rep.layers[0].k == grid[want] and grid[want] not in (1, 120)
+    assert rep.layers[0].inertia == pytest.approx(inert[want], rel=1e-6)
+    got = new.features[2][0].to_dense().detach().reshape(120, 3).numpy()
+    np.testing.assert_allclose(got, ref[want].centroids[ref[want].labels], rtol=1e-6, atol=1e-7)
+
+
+def test_inertia_plan_at_element_granularity_sums_the_coordinates_optimal_1d_inertias():
+    """Element granularity sweeps k for the whole layer, one ragged call over every (coordinate, k): the
+    chosen k is the smallest whose summed per-coordinate optimum is within the limit."""
+    torch.manual_seed(2)
+    conv = nn.Conv2d(2, 11, (2, 2), bias=False)
+    w = conv.weight.detach().reshape(11, -1).numpy().astype(np.float64)
+    totals = [sum(_optimal_1d(w[:, j], k) for j in range(w.shape[1])) for k in range(1, 12)]
+    limit = 0.5 * (totals[3] + totals[4])  # between k = 4 and k = 5
+    new, rep = compress(nn.Sequential(conv), plan={"inertia": limit}, granularity="element")
+    assert rep.layers[0].k == 5
+    assert rep.layers[0].inertia == pytest.approx(totals[4], rel=1e-5)
+    wn = new[0].to_dense().detach().reshape(11, -1).numpy()
+    assert all(len(np.unique(wn[:, j])) <= 5 for j in range(w.shape[1]))
+
+
 def test_elbow_index_on_a_known_curve():
     ks = [1, 2, 3, 4, 5, 6, 7, 8]
     y = [100, 40, 12, 10, 9, 8, 7, 6]
@@ -223,6 +259,37 @@ def test_elbow_index_on_a_known_curve():
 def test_plan_parsing_errors_are_clear(plan, msg):
     with pytest.raises(ValueError, match=msg):
         parse_plan(plan)
+
+
+@pytest.mark.parametrize("plan, kw, msg", [
+    ({"layers": {"head": "x"}}, {}, r"per-layer plan value for 'head' must be an int k >= 1 or a ratio in "
+     r"\(0, 1\], got 'x'"),
+    ({"layers": {"head": -2}}, {}, r"per-layer plan value for 'head' must be an int k >= 1 .*got -2"),
+    ({"layers": {}}, {}, r"a per-layer plan needs a non-empty mapping of layer name -> k or ratio, got \{\}"),
+    ({"layers": {3: 2}}, {}, r"per-layer plan keys must be layer names or 're:' patterns, got 3"),
+    ({"layers": {"re:[": 2}}, {}, r"per-layer plan pattern 're:\[' is not a valid regex"),
+    ({"layers": {"re:zz.*": 2}}, {}, r"per-layer plan pattern 're:zz.\*' matches no conv layer; layers are "
+     r"features.0, features.2.0, head"),
+    ({"layers": {"nothere": 2}}, {}, r"per-layer plan names layer 'nothere', which is not a selected conv layer"),
+    ({"channels": {}}, {}, r"a by-channels plan needs a non-empty mapping C_out -> k or ratio, got \{\}"),
+    ({"channels": {0: 2}}, {}, r"by-channels plan keys must be channel counts \(ints >= 1\), got 0"),
+    ({"channels": {12: 2.5}}, {}, r"by-channels plan value for C_out=12 must be an int k >= 1 or a ratio in "
+     r"\(0, 1\], got 2.5"),
+    ("relative_inertia=1.5", {}, r"relative_inertia is a fraction of the k=1 inertia in \[0, 1\], got 1.5"),
+    ("elbow=0.5:0.6:0.1", {}, r"elbow needs at least 3 distinct ratios, got \(0.5, 0.6\)"),
+    ("elbow=0.5:0.2:0.1", {}, r"elbow range '0.5:0.2:0.1' needs START <= STOP and STEP > 0"),
+    (0.5, {"layers": "["}, r"layers='\[' is not a valid regex"),
+    (0.5, {"layers": ["nope"]}, r"layers names \['nope'\] which are not conv layers of the model; layers are "
+     r"features.0, features.2.0, head"),
+    (0.5, {"layers": []}, r"layers is empty: select at least one conv layer"),
+    (0.5, {"layers": 3}, r"layers must be None, 'first', a regex string or a list of names, got 3"),
+])
+def test_plan_and_layer_errors_name_the_value(plan, kw, msg):
+    m = _net()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError, match=msg):
+        compress(m, plan, **kw)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
 def test_plan_forms_parse():
