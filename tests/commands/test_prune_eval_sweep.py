@@ -217,3 +217,74 @@ def test_errors_name_the_command_as_it_was_called(argv0, prog, monkeypatch, caps
     with pytest.raises(SystemExit):
         main(["bench", "--device", "tpu"])
     assert capsys.readouterr().err.splitlines()[-1].startswith(f"{prog} bench: error: argument --device")
+
+
+def test_eval_of_an_imagenet_model_on_an_image_folder(tmp_path, capsys):
+    """The ImageNet branch of ``kcengine eval``: a torchvision model from a state-dict file, scored on an
+    ImageFolder tree (class folders of image files, resized to 256 and center-cropped to 224). Checked
+    against the same model run on images transformed here with PIL and torchvision's functional ops."""
+    import numpy as np
+    import torchvision
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    files = []
+    for label, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            size = (300 + 20 * i, 260 - 10 * i)  # (W, H): not square, so resize and crop both matter
+            level = 60 + 120 * label
+            a = np.clip(rng.normal(level, 50, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            path = root / name / f"{i}.png"
+            Image.fromarray(a).save(path)
+            files.append((path, label))
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    with torch.no_grad():  # only classes 0 and 1 can win, so the scores depend on the images
+        model.fc.weight[2:] = 0
+        model.fc.bias[2:] = -1e4
+    weights = tmp_path / "resnet18.pt"
+    torch.save(model.state_dict(), weights)
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    xs = []
+    for path, _ in files:
+        img = TF.center_crop(TF.resize(Image.open(path).convert("RGB"), 256), 224)
+        xs.append(TF.normalize(TF.to_tensor(img), mean, std))
+    with torch.no_grad():
+        pred = model(torch.stack(xs)).argmax(1).tolist()
+    labels = [lab for _, lab in files]
+    confusion = [[sum(1 for p, t in zip(pred, labels) if t == r and p == c) for c in range(2)] for r in range(2)]
+
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", "resnet18", "--weights", str(weights), "--data", str(root), "--out", str(out),
+                 "--batch-size", "4", "--no-progress"]) == 0
+    d = json.loads((out / "eval.json").read_text())
+    assert d["total"] == 6 and d["correct"] == sum(p == t for p, t in zip(pred, labels))
+    assert [row[:2] for row in d["confusion"][:2]] == confusion
+    assert list(d["per_class"])[:2] == ["cat", "dog"]
+    printed = capsys.readouterr().out
+    assert "resnet18" in printed and re.search(r"^ +cat: \d", printed, re.M) and re.search(r"^ +dog: ", printed, re.M)
+    assert "n/a" not in printed  # the 998 classes without images are not listed
+    assert main(["eval", "--model", "resnet18", "--weights", str(weights), "--data", str(tmp_path / "nope"),
+                 "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_lists_at_most_twenty_classes(capsys):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from kcengine.commands.eval import _print_per_class
+
+    acc = np.linspace(0.9, 0.1, 25)
+    _print_per_class(SimpleNamespace(classes=tuple(f"c{i}" for i in range(25)), per_class=acc), where="eval.json")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "  per-class accuracy of 25 classes in eval.json; the lowest five:"
+    assert [ln.split(":")[0].strip() for ln in lines[1:]] == ["c24", "c23", "c22", "c21", "c20"]
+    _print_per_class(SimpleNamespace(classes=("a", "b", "c"), per_class=np.array([1.0, np.nan, 0.5])))
+    assert capsys.readouterr().out.splitlines() == ["             a: 100.0%", "             b: n/a",
+                                                    "             c: 50.0%"]

@@ -147,3 +147,32 @@ def test_batches_of_another_structure_are_named():
         evaluate(model, (x.to(torch.uint8), torch.tensor([0, 1, 2, 3])))
     r = evaluate(model, _Items("pair"))  # the well-formed loader still works
     assert r.total == 8
+
+
+def test_class_names_cover_the_matrix_and_a_large_matrix_draws_at_a_bounded_size(tmp_path):
+    """A model of more outputs than the data names classes (an ImageNet model on a folder of two classes):
+    the result names every row, the data's names first (confusion_png then refused the result: '2 names for
+    a 1000x1000 matrix').  Names the data gives beyond the outputs get rows too.  A 1000-class matrix is
+    drawn as one bounded heat map (it was a 60,000-pixel square, about 14 GB of pixels)."""
+    from torch.utils.data import TensorDataset
+
+    from matplotlib import image as mpimg
+
+    logits = torch.zeros(4, 1000)
+    logits[0, 0] = logits[1, 7] = logits[2, 1] = logits[3, 1] = 1.0
+    ds = TensorDataset(torch.arange(4).float().view(4, 1, 1, 1), torch.tensor([0, 0, 1, 1]))
+    ds.classes = ["cat", "dog"]
+    r = evaluate(_Fixed(logits), ds)
+    assert r.confusion.shape == (1000, 1000) and len(r.classes) == 1000
+    assert r.classes[:3] == ("cat", "dog", "2") and r.classes[-1] == "999"
+    assert r.confusion[0, 0] == 1 and r.confusion[0, 7] == 1 and r.confusion[1, 1] == 2 and r.correct == 3
+    assert list(r.as_dict()["per_class"])[:2] == ["cat", "dog"]
+    assert r.as_dict()["per_class"]["cat"] == 0.5 and len(r.as_dict()["per_class"]) == 1000
+    png = confusion_png(r, tmp_path / "big.png", title="1000 classes")
+    h, w = mpimg.imread(png).shape[:2]
+    assert h <= 1000 and w <= 1100
+
+    ds.classes = ["a", "b", "c", "d"]  # more names than the model's 3 outputs: rows for them all
+    r = evaluate(_Fixed(torch.eye(3)[[0, 1, 2, 2]]), ds)
+    assert r.confusion.shape == (4, 4) and r.classes == ("a", "b", "c", "d")
+    assert r.confusion[0, 0] == r.confusion[0, 1] == 1 and r.confusion[1, 2] == 2 and r.confusion[2:].sum() == 0

@@ -172,6 +172,20 @@ def _eps_arg(text: str) -> float:
     return val
 
 
+def _print_per_class(r, where=None, most: int = 20) -> None:
+    """Per-class accuracy: every class when there are at most ``most``; else the classes that have images
+    when at most ``most`` do (an ImageNet model on a folder of a few classes), else the five lowest."""
+    rows = list(zip(r.classes, r.per_class))
+    if len(rows) > most:
+        rows = [(n, a) for n, a in rows if a == a]  # NaN: no image of the class
+        if len(rows) > most:
+            print(f"  per-class accuracy of {len(rows)} classes {'in ' + where if where else '(--out writes it)'}; "
+                  f"the lowest five:")
+            rows = sorted(rows, key=lambda t: t[1])[:5]
+    for name, acc in rows:
+        print(f"  {name:>12s}: {'n/a' if acc != acc else f'{100 * acc:.1f}%'}")
+
+
 def run(args) -> int:
     from ..cli import UserError
     from ..evaluate import adversarial_accuracy, confusion_png, evaluate
@@ -189,8 +203,7 @@ def run(args) -> int:
     r = evaluate(lm.model, data, batch_size=args.batch_size, progress=not args.no_progress, desc=lm.name)
     print(f"{lm.name} ({lm.weights}): top-1 {100 * r.top1:.2f}% ({r.correct}/{r.total}), top-5 {100 * r.top5:.2f}%, "
           f"{r.seconds:.1f} s")
-    for name, acc in zip(r.classes, r.per_class):
-        print(f"  {name:>12s}: {'n/a' if acc != acc else f'{100 * acc:.1f}%'}")
+    _print_per_class(r, where="eval.json" if args.out else None)
     robust = None
     if args.attack:
         robust = adversarial_accuracy(lm.model, data, mean=lm.mean, std=lm.std, eps=eps, attack=args.attack,

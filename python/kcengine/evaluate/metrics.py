@@ -176,14 +176,18 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num
         raise ValueError("data holds no images")
     p = torch.cat(preds).numpy()
     t = torch.cat(trues).numpy()
-    C = int(num_classes)
+    names = [str(c) for c in classes] if classes is not None else []
+    # One name per row of the matrix: the model's outputs may outnumber the data's classes (an ImageNet
+    # model on a folder of a few classes: the rest keep their index as a name), and the data may name
+    # classes the model has no output for (rows of the true classes, empty).
+    C = max(int(num_classes), len(names))
+    names += [str(i) for i in range(len(names), C)]
     conf = np.zeros((C, C), dtype=np.int64)
     np.add.at(conf, (t, p), 1)
     support = conf.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         per_class = np.where(support > 0, np.diag(conf) / np.maximum(support, 1), np.nan)
-    return EvalResult(correct1 / total, correct5 / total, correct1, total, per_class, conf,
-                      tuple(classes) if classes is not None else tuple(str(i) for i in range(C)), seconds)
+    return EvalResult(correct1 / total, correct5 / total, correct1, total, per_class, conf, tuple(names), seconds)
 
 
 def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 1000) -> float:
@@ -200,10 +204,17 @@ def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return correct / int(images.shape[0])
 
 
+# Above this many classes the heat map is drawn without names and counts, in a figure of bounded size
+# (ImageNet's 1000 at 0.6 inch a class would be a 60,000-pixel square).
+_NAMED_CLASSES_MAX = 30
+
+
 def confusion_png(confusion: np.ndarray, path, *, classes: Sequence[str] | None = None, title: str = "") -> Path:
     """Write the confusion matrix (``[C, C]``, rows true, columns predicted; or an :class:`EvalResult`, whose
-    class names are then the default ``classes``) as a PNG heat map and return the path.  Leaves matplotlib's
-    backend as it was (:mod:`kcengine._plot`)."""
+    class names are then the default ``classes``) as a PNG heat map and return the path.  Up to 30 classes
+    each cell shows its count and each row and column its class name; above that, a 10-inch map of the
+    whole matrix with class indices on the axes.  Leaves matplotlib's backend as it was
+    (:mod:`kcengine._plot`)."""
     from .._plot import figure
 
     if isinstance(confusion, EvalResult):
@@ -216,19 +227,20 @@ def confusion_png(confusion: np.ndarray, path, *, classes: Sequence[str] | None 
     names = list(classes) if classes is not None else [str(i) for i in range(C)]
     if len(names) != C:
         raise ValueError(f"classes has {len(names)} names for a {C}x{C} confusion matrix")
-    fig = figure((1.0 + 0.6 * C, 0.8 + 0.6 * C))
+    named = C <= _NAMED_CLASSES_MAX
+    fig = figure((1.0 + 0.6 * C, 0.8 + 0.6 * C) if named else (10.0, 9.5))
     ax = fig.subplots()
-    ax.imshow(conf, cmap="Blues")
-    ax.set_xticks(range(C), names, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(C), names, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    vmax = conf.max() if conf.size else 0
-    for i in range(C):
-        for j in range(C):
-            if conf[i, j]:
-                ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if conf[i, j] > vmax / 2 else "black")
+    ax.imshow(conf, cmap="Blues", interpolation="nearest")
+    if named:
+        ax.set_xticks(range(C), names, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(C), names, fontsize=8)
+    ax.set_xlabel("predicted" if named else "predicted (class index)")
+    ax.set_ylabel("true" if named else "true (class index)")
+    if named:
+        vmax = conf.max()
+        for i, j in zip(*np.nonzero(conf)):
+            ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if conf[i, j] > vmax / 2 else "black")
     if title:
         ax.set_title(title)
     fig.tight_layout()
