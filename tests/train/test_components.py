@@ -86,6 +86,38 @@ def test_recalibrate_bn_gives_the_exact_batch_statistics(kit):
         recalibrate_bn(m, x, max_images=0)
 
 
+def test_recalibrate_bn_averages_the_batches_of_a_loader_up_to_max_images(kit):
+    """From a DataLoader the statistics are the average of the per-batch ones over the batches seen, the last
+    cut at max_images (16 + 4 of 48 here); an (images, labels) pair reads its images in batches of 256.
+    Bad data is named; the weights and every BN's momentum are left as they were."""
+    from kcengine.data.datasets import make_loader
+
+    m = kit.TinyNet().eval()
+    ds = kit.tiny_data(48)
+    weights = {k: v.clone() for k, v in m.state_dict().items() if "running" not in k and "num_batches" not in k}
+    recalibrate_bn(m, make_loader(ds, 16), max_images=20)
+    with torch.no_grad():
+        hs = [m.conv1(ds.images[:16]), m.conv1(ds.images[16:20])]
+    mean = sum(h.mean((0, 2, 3)) for h in hs) / 2
+    var = sum(h.var((0, 2, 3), unbiased=True) for h in hs) / 2
+    torch.testing.assert_close(m.bn1.running_mean, mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.bn1.running_var, var, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in weights.items())
+    assert m.bn1.momentum == m.bn2.momentum == 0.1 and not m.training
+
+    pair = kit.TinyNet().eval()
+    recalibrate_bn(pair, (ds.images, ds.labels), max_images=None)
+    with torch.no_grad():
+        h = pair.conv1(ds.images)
+    torch.testing.assert_close(pair.bn1.running_mean, h.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"data must be a DataLoader, an images tensor or an \(images, labels\) "
+                                         r"pair, got list"):
+        recalibrate_bn(m, [1.0, 2.0])
+    with pytest.raises(ValueError, match=r"recalibrate_bn got no images from data"):
+        recalibrate_bn(m, ds.images[:0])
+    assert m.bn1.momentum == 0.1  # restored after the failures too
+
+
 @pytest.mark.parametrize("cosine", [False, True])
 def test_checkpoint_layout_rebuilds_a_dense_model_that_loads_the_clustered_state(kit, cosine):
     """apply_layout turns a fresh dense model into the clustered one's shape: its state loads strictly and it
