@@ -1,4 +1,5 @@
 """ClusteredConv2d: construction from k-means, forward vs dense, training, BN/ReLU fusion."""
+import operator
 import re
 from types import SimpleNamespace
 
@@ -378,6 +379,56 @@ def test_fuse_for_inference_keeps_an_in_place_add_into_a_residual_read_later(ali
         ref = torch.relu(s) + s if alias else torch.relu(s)
         _close(model(x), ref)
         _close(fused(x), ref)
+
+
+class _InPlaceArithmetic(nn.Module):
+    """-=, *= and /= into a tensor another name reads afterwards: eager sees each write through `t`."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Conv2d(4, 8, 3, padding=1)
+        self.conv = ClusteredConv2d(4, 8, 3, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        s = self.pre(x)
+        t = s
+        s -= self.bn(self.conv(x))
+        s *= 3.0
+        s /= 2.0
+        return torch.relu(s) + t
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = ClusteredConv2d(4, 8, 3, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.conv(x) if x.sum() > 0 else -self.conv(x)  # control flow on a value: fx cannot trace it
+
+
+def test_fuse_for_inference_keeps_in_place_subtract_multiply_and_divide():
+    """The tracer records -=, *= and /= as the in-place operators too (as +=), so a tensor read under another
+    name afterwards sees the writes in the fused model as in eager mode; and a model fx cannot trace is
+    refused by name, with what to do instead."""
+    torch.manual_seed(7)
+    model = _InPlaceArithmetic()
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    fused = fuse_for_inference(model)
+    targets = [n.target for n in fused.graph.nodes if n.op == "call_function"]
+    assert {operator.isub, operator.imul, operator.itruediv} <= set(targets)
+    x = torch.randn(2, 4, 6, 7)
+    with torch.no_grad():
+        s = (model.pre(x) - model.bn(F.conv2d(x, model.conv.to_dense(), None, padding=1))) * 3.0 / 2.0
+        ref = torch.relu(s) + s
+        _close(model(x), ref)
+        _close(fused(x), ref)
+    with pytest.raises(ValueError, match=r"model could not be traced by torch.fx \(TraceError: .*\); fuse its "
+                                         r"blocks with ClusteredConv2d.fuse_bn_relu instead"):
+        fuse_for_inference(_Untraceable())
 
 
 def test_fuse_for_inference_composes_with_an_existing_affine():
