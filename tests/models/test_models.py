@@ -101,6 +101,33 @@ def test_mismatching_checkpoint_says_what_differs():
         extract_state_dict({"epoch": 3})
 
 
+def test_each_checkpoint_mismatch_is_named(tmp_path):
+    """Missing, unexpected and reshaped entries each get their count and examples; a key given twice once
+    `module.` is stripped, an object that is no state dict, and a folder are refused by name."""
+    state = CifarResNet(20).state_dict()
+    less = {k: v for k, v in state.items() if k != "linear.bias"}
+    with pytest.raises(ValueError, match=r"^checkpoint does not fit CifarResNet: 1 missing \(e.g. "
+                                         r"\['linear.bias'\]\)$"):
+        load_state_dict_into(CifarResNet(20), less)
+    more = {**state, "extra.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"^checkpoint does not fit CifarResNet: 1 unexpected \(e.g. "
+                                         r"\['extra.weight'\]\)$"):
+        load_state_dict_into(CifarResNet(20), more)
+    other = CifarResNet(20, num_classes=100).state_dict()
+    with pytest.raises(ValueError, match=r"^checkpoint does not fit CifarResNet: 2 of another shape \(e.g. "
+                                         r"\['linear.weight: checkpoint \(100, 64\) vs model \(10, 64\)'"):
+        load_state_dict_into(CifarResNet(20), other)
+    no_counter = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    load_state_dict_into(CifarResNet(20), no_counter)  # older checkpoints lack the BN counters: fine
+    with pytest.raises(ValueError, match=r"checkpoint has two entries for 'linear.bias' once prefixes are stripped "
+                                         r"\(one was 'module.linear.bias'\)"):
+        extract_state_dict({**state, "module.linear.bias": state["linear.bias"]})
+    with pytest.raises(ValueError, match=r"checkpoint holds no state_dict: got an object of type list"):
+        extract_state_dict([state])
+    with pytest.raises(MissingWeightsError, match=r"weights file '.*' is a folder, not a checkpoint file"):
+        read_checkpoint(tmp_path)
+
+
 def test_missing_weights_message(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(MissingWeightsError, match="not in the torch hub cache.*--weights PATH"):

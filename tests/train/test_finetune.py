@@ -139,6 +139,18 @@ def test_progressive_default_order_is_deepest_group_first():
     with pytest.raises(ValueError, match=r"order stage 'layer\[' is neither a layer, a module holding layers, nor "
                                          r"a valid regex"):
         resolve_order(["layer["], names)
+    assert resolve_order(None, names) == default_order(names)
+    assert resolve_order((["layer2.0.conv1", "conv1"], "layer3"), names) == \
+        [["layer2.0.conv1", "conv1"], ["layer3.0.conv1"]]
+    for order in ("conv1", 3):
+        with pytest.raises(ValueError, match=rf"order must be a list of stages \(names, regexes or lists of names\), "
+                                             rf"got order={order!r}"):
+            resolve_order(order, names)
+    with pytest.raises(ValueError, match=r"order stage \['conv1', 'fc'\] names \['fc'\], which are not clustered by "
+                                         r"the plan; layers are \['conv1', "):
+        resolve_order([["conv1", "fc"]], names)
+    with pytest.raises(ValueError, match=r"order items must be a layer name, a regex or a list of names, got 3"):
+        resolve_order(["conv1", 3], names)
 
 
 def test_progressive_freeze_fixes_earlier_stages(tiny):
