@@ -134,3 +134,54 @@ def test_summary_puts_channels_last_first_whatever_the_measurement_order():
     rows = {r["what"]: r["value"] for r in _summary({"sections": {"inference": {"rows": inf}}, "timings_s": {}})}
     assert rows["inference batch 1: clustered vs dense"] == "3.00x channels_last, 1.90x nchw"
     assert rows["inference batch 32: clustered vs dense"] == "2.90x channels_last, 2.40x nchw"
+
+
+def test_bench_accuracy_section_reports_what_compress_and_evaluate_give(tmp_path):
+    """The accuracy section with a checkpoint and a CIFAR folder (it ran in no test: without --data it is
+    skipped). Each row's accuracies are checked against compress and top-1 computed here on the same images;
+    the recovered accuracy against finetune run here with the same arguments."""
+    import pickle
+
+    import numpy as np
+    import torch
+
+    import kcengine
+    from kcengine.cli import main
+    from kcengine.data import cifar10_dataset, make_loader
+    from kcengine.evaluate import top1_accuracy
+    from kcengine.models import CifarResNet, load_model
+    from kcengine.train.finetune import RECOMMENDED_BATCH
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "cifar-10-batches-py"
+    data.mkdir()
+    for name, n in [("test_batch", 40)] + [(f"data_batch_{i}", 6) for i in range(1, 6)]:
+        with open(data / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "labels": rng.integers(0, 10, n).tolist()}, f)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "resnet20.th"
+    torch.save(CifarResNet(20).state_dict(), ckpt)
+    out = tmp_path / "report"
+    assert main(["bench", "--model", "resnet20", "--sections", "accuracy", "--quick", "--weights", str(ckpt),
+                 "--data", str(data), "--recover-epochs", "1", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = res["sections"]["accuracy"]["rows"]
+    assert [(r["granularity"], r["plan"]) for r in rows] == [("filter", "ratio 0.5"), ("element", "ratio 0.5")]
+    assert (out / "accuracy.csv").is_file() and (out / "accuracy_vs_unique.png").read_bytes()[:4] == b"\x89PNG"
+
+    model = load_model("resnet20", str(ckpt)).model
+    test = cifar10_dataset(data, "test")
+    x, y = test.images, test.labels
+    assert rows[0]["accuracy_before"] == pytest.approx(top1_accuracy(model, x, y))
+    for r in rows:
+        small, rep = kcengine.compress(model, ratio=0.5, granularity=r["granularity"], seed=0)
+        assert r["accuracy_after"] == pytest.approx(top1_accuracy(small, x, y))
+        assert r["compression"] == pytest.approx(rep.compression_ratio)
+    assert "accuracy_recovered" not in rows[1]  # element granularity is not finetuned
+    small, _ = kcengine.compress(model, ratio=0.5, seed=0)
+    train = cifar10_dataset(data, "train")
+    ref = kcengine.finetune(small, make_loader(train, RECOMMENDED_BATCH, shuffle=True, seed=0), mode="centroids",
+                            teacher=model, epochs=1, eval_data=(x, y), progress=False)
+    assert ref.accuracy is not None
+    assert rows[0]["recover_epochs"] == 1 and rows[0]["accuracy_recovered"] == pytest.approx(ref.accuracy)
