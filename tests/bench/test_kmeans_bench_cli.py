@@ -106,3 +106,33 @@ def test_inertia_ratio_counts_problems_every_method_solves_exactly():
     x = rng.standard_normal((48, 9)).astype(np.float32)
     rows = run_workload(Workload("c_kernels", [x, x[:20]], [48, 20]), ["kcengine", "sklearn"])
     assert [r.inertia_ratio for r in rows] == [1.0, 1.0]
+
+
+def test_a_real_run_writes_a_self_consistent_record(tmp_path):
+    """The recording path for real, on two problems per workload: the report's header, each workload's
+    rows, speed-ups that are the ratio of the seconds beside them, and the memory line, measured in a
+    child process that calls the native core alone (its positional call breaks silently if the core's
+    signature changes: the line would just be missing)."""
+    import csv
+    import re
+
+    assert kb.main(["--max-problems", "2", "--methods", "kcengine,sklearn", "--workloads", "b_filters,c_kernels",
+                    "--out", str(tmp_path), "--name", "t"]) == 0
+    md = (tmp_path / "t.md").read_text()
+    for head in ("- date: ", "- commit: ", "- recorded by `python -m kcengine.bench.kmeans --max-problems 2",
+                 "- machine: ", "- kcengine solver build: "):
+        assert head in md
+    mem = re.search(r"peaks at (\d+) MB during the k-means call, ([\d.]+) MB above its peak before the call "
+                    r"\(budget: 2 x input \+ 200 MB = (\d+) MB\)", md)
+    assert mem and float(mem.group(2)) <= float(mem.group(3))
+    with open(tmp_path / "t.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["workload"], r["method"]) for r in rows) == [
+        ("b_filters", "kcengine"), ("b_filters", "sklearn"), ("c_kernels", "kcengine"), ("c_kernels", "sklearn")]
+    for wl in ("b_filters", "c_kernels"):
+        by = {r["method"]: r for r in rows if r["workload"] == wl}
+        assert by["kcengine"]["problems"] == "2"
+        want = float(by["sklearn"]["seconds"]) / float(by["kcengine"]["seconds"])
+        assert float(by["kcengine"]["x vs sklearn"]) == pytest.approx(want, rel=1e-6)
+        assert float(by["sklearn"]["inertia / sklearn"]) == 1.0
+        assert 0.9 < float(by["kcengine"]["inertia / sklearn"]) < 1.1
