@@ -381,14 +381,11 @@ def test_fuse_for_inference_keeps_an_in_place_add_into_a_residual_read_later(ali
         _close(fused(x), ref)
 
 
-class _InPlaceArithmetic(nn.Module):
+class _InPlaceArithmetic(_InPlaceTail):
     """-=, *= and /= into a tensor another name reads afterwards: eager sees each write through `t`."""
 
     def __init__(self):
-        super().__init__()
-        self.pre = nn.Conv2d(4, 8, 3, padding=1)
-        self.conv = ClusteredConv2d(4, 8, 3, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
+        super().__init__(alias=True)
 
     def forward(self, x):
         s = self.pre(x)
