@@ -23,7 +23,8 @@ __all__ = ["EvalResult", "evaluate", "top1_accuracy", "confusion_png"]
 class EvalResult:
     """``top1``/``top5`` fractions in [0, 1]; ``correct`` top-1 count of ``total`` images;
     ``per_class`` accuracy per true class ``[C]`` (NaN for a class without images);
-    ``confusion`` ``[C, C]`` int64 counts (row = true class, column = predicted)."""
+    ``confusion`` ``[C, C]`` int64 counts (row = true class, column = predicted); ``classes`` one name per
+    row: the data's class names, then the indices of the model's outputs past them."""
 
     top1: float
     top5: float
@@ -230,7 +231,7 @@ def confusion_png(confusion: np.ndarray, path, *, classes: Sequence[str] | None 
     named = C <= _NAMED_CLASSES_MAX
     fig = figure((1.0 + 0.6 * C, 0.8 + 0.6 * C) if named else (10.0, 9.5))
     ax = fig.subplots()
-    ax.imshow(conf, cmap="Blues", interpolation="nearest")
+    ax.imshow(conf, cmap="Blues")  # (its default interpolation averages cells that share a pixel)
     if named:
         ax.set_xticks(range(C), names, rotation=60, ha="right", fontsize=8)
         ax.set_yticks(range(C), names, fontsize=8)
