@@ -219,10 +219,13 @@ def test_errors_name_the_command_as_it_was_called(argv0, prog, monkeypatch, caps
     assert capsys.readouterr().err.splitlines()[-1].startswith(f"{prog} bench: error: argument --device")
 
 
-def test_eval_of_an_imagenet_model_on_an_image_folder(tmp_path, capsys):
-    """The ImageNet branch of ``kcengine eval``: a torchvision model from a state-dict file, scored on an
-    ImageFolder tree (class folders of image files, resized to 256 and center-cropped to 224). Checked
-    against the same model run on images transformed here with PIL and torchvision's functional ops."""
+@pytest.fixture()
+def imagenet_folder(tmp_path):
+    """An ImageFolder tree (two class folders of PNGs), a resnet18 state dict whose only winning outputs are
+    classes 0 and 1, and that model's reference inputs: the images transformed here with PIL and
+    torchvision's functional ops (resize to 256, center crop 224, ImageNet normalization)."""
+    from types import SimpleNamespace
+
     import numpy as np
     import torchvision
     import torchvision.transforms.functional as TF
@@ -240,22 +243,35 @@ def test_eval_of_an_imagenet_model_on_an_image_folder(tmp_path, capsys):
             path = root / name / f"{i}.png"
             Image.fromarray(a).save(path)
             files.append((path, label))
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    x = torch.stack([TF.normalize(TF.to_tensor(TF.center_crop(TF.resize(Image.open(p).convert("RGB"), 256), 224)),
+                                  mean, std) for p, _ in files])
+    labels = torch.tensor([lab for _, lab in files])
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
-    with torch.no_grad():  # only classes 0 and 1 can win, so the scores depend on the images
-        model.fc.weight[2:] = 0
-        model.fc.bias[2:] = -1e4
+    with torch.no_grad():  # only classes 0 and 1 can win, split along the features' class difference
+        model.fc = torch.nn.Identity()
+        f = model(x).double()
+        d = f[labels == 1].mean(0) - f[labels == 0].mean(0)
+        t = (f @ d).median()  # at the median: the scores sit near the boundary, so clustering can move them
+        fc = torch.nn.Linear(512, 1000)
+        fc.weight.zero_()
+        fc.bias.fill_(-1e4)
+        fc.weight[1] = d.float()
+        fc.bias[:2] = torch.tensor([float(t), 0.0])
+        model.fc = fc
     weights = tmp_path / "resnet18.pt"
     torch.save(model.state_dict(), weights)
+    return SimpleNamespace(root=root, weights=weights, model=model, x=x, labels=labels)
 
-    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    xs = []
-    for path, _ in files:
-        img = TF.center_crop(TF.resize(Image.open(path).convert("RGB"), 256), 224)
-        xs.append(TF.normalize(TF.to_tensor(img), mean, std))
+
+def test_eval_of_an_imagenet_model_on_an_image_folder(imagenet_folder, tmp_path, capsys):
+    """The ImageNet branch of ``kcengine eval``: a torchvision model from a state-dict file, scored on an
+    ImageFolder tree, against the same model run on the fixture's reference inputs."""
+    root, weights = imagenet_folder.root, imagenet_folder.weights
     with torch.no_grad():
-        pred = model(torch.stack(xs)).argmax(1).tolist()
-    labels = [lab for _, lab in files]
+        pred = imagenet_folder.model(imagenet_folder.x).argmax(1).tolist()
+    labels = imagenet_folder.labels.tolist()
     confusion = [[sum(1 for p, t in zip(pred, labels) if t == r and p == c) for c in range(2)] for r in range(2)]
 
     out = tmp_path / "ev"
@@ -288,3 +304,29 @@ def test_eval_lists_at_most_twenty_classes(capsys):
     _print_per_class(SimpleNamespace(classes=("a", "b", "c"), per_class=np.array([1.0, np.nan, 0.5])))
     assert capsys.readouterr().out.splitlines() == ["             a: 100.0%", "             b: n/a",
                                                     "             c: 50.0%"]
+
+
+def test_prune_and_sweep_of_an_imagenet_model_on_an_image_folder(imagenet_folder, tmp_path):
+    """prune and sweep take the same folder: prune's accuracies are those of the model and of compress's
+    model on the reference inputs; sweep's rows those of one layer clustered alone."""
+    import csv
+
+    import kcengine
+    from kcengine.evaluate import top1_accuracy
+
+    m, x, y = imagenet_folder.model, imagenet_folder.x, imagenet_folder.labels
+    common = ["--model", "resnet18", "--weights", str(imagenet_folder.weights), "--data", str(imagenet_folder.root)]
+    out = tmp_path / "pruned"
+    assert main(["prune", *common, "--ratio", "0.25", "--layers", "layer4.*", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    small, _ = kcengine.compress(m, ratio=0.25, layers="layer4.*")
+    assert rep["accuracy_before"] == pytest.approx(top1_accuracy(m, x, y))
+    assert rep["accuracy_after"] == pytest.approx(top1_accuracy(small, x, y))
+    out = tmp_path / "sweep"
+    assert main(["sweep", *common, "--layers", "layer4.1.conv2", "--ratios", "0.25", "--out", str(out)]) == 0
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    alone, _ = kcengine.compress(m, ratio=0.25, layers=["layer4.1.conv2"])
+    assert [(r["layer"], r["k"]) for r in rows] == [("layer4.1.conv2", "128")]
+    assert float(rows[0]["accuracy"]) == pytest.approx(top1_accuracy(alone, x, y))
+    assert rep["accuracy_before"] != rep["accuracy_after"]  # the folder's scores are not all one class
