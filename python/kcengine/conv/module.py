@@ -59,9 +59,13 @@ def conv_padding(conv: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def pads_input(layer: nn.Module) -> bool:
-    """Whether ``layer`` (a clustered layer) pads its input before a conv that pads nothing: a ``padding_mode``
-    other than zeros, or a padding that is larger at the bottom or right (``padding_extra``)."""
-    return layer.padding_mode != "zeros" or any(getattr(layer, "padding_extra", (0, 0)))
+    """Whether ``layer`` (a clustered layer, or a dense ``nn.Conv2d``) pads its input before a conv that pads
+    nothing: a ``padding_mode`` other than zeros, or a padding that is larger at the bottom or right
+    (:func:`conv_padding`'s extra: ``padding_extra``, or a dense conv's ``"same"`` with an even kernel)."""
+    if layer.padding_mode != "zeros":
+        return True
+    # (a clustered layer's forward asks on every call: its stored padding_extra, not conv_padding's tuples)
+    return any(conv_padding(layer)[1] if isinstance(layer.padding, str) else getattr(layer, "padding_extra", (0, 0)))
 
 
 def pad_input(x: torch.Tensor, padding, padding_mode: str, extra=(0, 0)) -> torch.Tensor:

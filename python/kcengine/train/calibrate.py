@@ -39,7 +39,7 @@ from torch import nn
 
 from ..conv.functional import output_hw
 from ..conv.fuse import _Tracer
-from ..conv.module import ClusteredConv2d, conv_padding, pad_input
+from ..conv.module import ClusteredConv2d, conv_padding, pad_input, pads_input
 
 __all__ = ["calibrate_outputs", "following_batchnorm", "layer_mismatch"]
 
@@ -217,7 +217,7 @@ def _moments(layer: nn.Module, xc: torch.Tensor, xd: torch.Tensor, max_patches: 
     and returns it for all three."""
     same = xd is xc
     padding, extra = conv_padding(layer)  # (the output sensitivity passes dense nn.Conv2d layers too)
-    if layer.padding_mode != "zeros" or any(extra):  # the inputs padded as the layer pads them, then no zero padding
+    if pads_input(layer):  # the inputs padded as the layer pads them, then no zero padding
         xc = pad_input(xc, padding, layer.padding_mode, extra)
         xd = xc if same else pad_input(xd, padding, layer.padding_mode, extra)
         padding = (0, 0)
