@@ -92,6 +92,23 @@ def test_from_conv_with_a_number_of_clusters_runs_kmeans(granularity):
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # the reference's (F.conv2d's)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # the reference's (torch's)
+def test_constructor_takes_padding_extra_beside_a_numeric_padding():
+    """padding=1 with padding_extra=(1, 0) is the layer "same" builds for a 4x3 kernel (files record it so)."""
+    a = ClusteredConv2d(3, 5, (4, 3), 2, padding="same")
+    b = ClusteredConv2d(3, 5, (4, 3), 2, padding=1, padding_extra=(1, 0))
+    assert (a.padding, a.padding_extra) == (b.padding, b.padding_extra) == ((1, 1), (1, 0))
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 7, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x))
+        _close(a(x), F.conv2d(x, a.to_dense(), a.bias, padding="same"))
+    with pytest.raises(ValueError, match=r"padding_extra=\(1, 0\) goes with a numeric padding; padding='same'"):
+        ClusteredConv2d(3, 5, 3, 2, padding="same", padding_extra=(1, 0))
+    with pytest.raises(ValueError, match=r"padding_extra must be >= 0, got padding_extra=\(0, -1\)"):
+        ClusteredConv2d(3, 5, 3, 2, padding_extra=(0, -1))
+
+
 def test_string_padding_as_torch_reads_it():
     """indexed_conv2d takes padding="valid"/"same" as F.conv2d does, an even kernel's odd row and column
     padded at the bottom and right (it refused any string); ClusteredConv2d takes them where both sides pad

@@ -122,7 +122,7 @@ class ClusteredConv2d(nn.Module):
         backend: ``"auto"`` or a backend name for :func:`kcengine.indexed_conv2d`'s registry.
         padding: ``(top, left)``, padded on both sides; the constructor also takes ``"valid"`` and ``"same"``.
         padding_extra: ``(bottom, right)`` padded once more on that side: ``"same"`` with an even kernel, as
-            torch pads it; ``(0, 0)`` otherwise.
+            torch pads it; ``(0, 0)`` otherwise.  The constructor takes it beside a numeric padding.
         padding_mode: as nn.Conv2d's (``"zeros"``, ``"reflect"``, ``"replicate"``, ``"circular"``); other than
             zeros, or with a ``padding_extra``, forward pads the input first and the conv itself pads nothing.
 
@@ -156,7 +156,7 @@ class ClusteredConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, num_clusters: int, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, granularity: str = "filter", device=None,
-                 dtype=None, backend: str = "auto", padding_mode: str = "zeros"):
+                 dtype=None, backend: str = "auto", padding_mode: str = "zeros", padding_extra=(0, 0)):
         super().__init__()
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
@@ -173,12 +173,16 @@ class ClusteredConv2d(nn.Module):
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+        extra = _pair(padding_extra, "padding_extra")
         if isinstance(padding, str):  # "valid", or "same" as torch pads it (one more at the bottom and right)
+            if any(extra):
+                raise ValueError(f"padding_extra={extra} goes with a numeric padding; padding={padding!r} sets its own")
             self.padding, self.padding_extra = string_padding(padding, self.kernel_size, self.stride, self.dilation)
         else:
-            self.padding = _pair(padding, "padding")
+            self.padding, self.padding_extra = _pair(padding, "padding"), extra
         for name, v, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
-                             ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
+                             ("padding", self.padding, 0), ("padding_extra", self.padding_extra, 0),
+                             ("dilation", self.dilation, 1)):
             if min(v) < low:  # (forward checks these too; a layer that can never run is refused here)
                 raise ValueError(f"{name} must be >= {low}, got {name}={v}")
         self.padding_mode = padding_mode
@@ -257,8 +261,7 @@ class ClusteredConv2d(nn.Module):
             raise ValueError(f"kmeans_result.labels must be in [0, K={k}), got {lo if lo < 0 else hi}")
         mod = cls(conv.in_channels, conv.out_channels, (kh, kw), k, conv.stride, padding, conv.dilation,
                   conv.groups, conv.bias is not None, granularity, device=w.device, dtype=w.dtype, backend=backend,
-                  padding_mode=conv.padding_mode)
-        mod.padding_extra = extra
+                  padding_mode=conv.padding_mode, padding_extra=extra)
         with torch.no_grad():
             cb_shape = (k, cig, kh, kw) if granularity == "filter" else (k, kh, kw)
             mod.codebook.copy_(cent.to(device=w.device, dtype=w.dtype).reshape(cb_shape))

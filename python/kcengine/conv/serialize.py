@@ -66,9 +66,7 @@ def layer_from_config(cfg: dict, *, dtype=None, device=None) -> ClusteredConv2d:
     """An empty ClusteredConv2d shaped as :func:`layer_config` recorded (its state dict loads strictly)."""
     cfg = dict(cfg)
     relu, fused, cosine = cfg.pop("relu", False), cfg.pop("fused_bn", False), cfg.pop("cosine", False)
-    extra = tuple(cfg.pop("padding_extra", (0, 0)))
     layer = ClusteredConv2d(**cfg, dtype=dtype, device=device)
-    layer.padding_extra = extra
     layer.relu = relu
     if fused:
         layer.scale = torch.empty(cfg["out_channels"], dtype=layer.codebook.dtype, device=device)
