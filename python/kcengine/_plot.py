@@ -6,7 +6,9 @@ blank after a finetune wrote its curves) and no figure stays registered with pyp
 """
 from __future__ import annotations
 
-__all__ = ["figure"]
+from pathlib import Path
+
+__all__ = ["figure", "save"]
 
 
 def figure(figsize):
@@ -15,3 +17,12 @@ def figure(figsize):
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize)
+
+
+def save(fig, path, dpi: int) -> Path:
+    """Lay ``fig`` out tightly and write it to ``path`` (its folder made if missing); returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path

@@ -180,7 +180,7 @@ def run_clustering(args, out: Path) -> dict:
 
 
 def _plot_clustering(rows, path: Path) -> None:
-    from .._plot import figure
+    from .._plot import figure, save
 
     wls = sorted({r["workload"] for r in rows})
     methods = [m for m in ("kcengine", "exact1d", "cuda", "triton", "faiss", "torch")
@@ -197,8 +197,7 @@ def _plot_clustering(rows, path: Path) -> None:
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_ylabel("speed-up vs scikit-learn (log)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path, dpi=110)
 
 
 def run(args) -> int:
@@ -434,7 +433,7 @@ def run_inference(args, out: Path) -> dict:
 def _plot_layers(rows, path: Path) -> None:
     if not rows:
         return
-    from .._plot import figure
+    from .._plot import figure, save
 
     fig = figure((max(6, 0.35 * len(rows)), 3.5))
     ax = fig.subplots()
@@ -444,8 +443,7 @@ def _plot_layers(rows, path: Path) -> None:
     ax.set_xticks(list(xs), [r["layer"] for r in rows], rotation=90, fontsize=7)
     ax.set_ylabel("ms (batch 1)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path, dpi=110)
 
 
 def run_accuracy(args, out: Path) -> dict:
@@ -531,7 +529,7 @@ def run_accuracy(args, out: Path) -> dict:
 
 
 def _plot_accuracy(rows, path: Path) -> None:
-    from .._plot import figure
+    from .._plot import figure, save
 
     fig = figure((6, 4))
     ax = fig.subplots()
@@ -551,5 +549,4 @@ def _plot_accuracy(rows, path: Path) -> None:
     ax.set_xlabel("unique / total conv weights")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path, dpi=110)

@@ -71,7 +71,7 @@ class SensitivityResult:
 
     def plot(self, path, title: str = "") -> Path:
         """One panel per layer: accuracy and F against k/N, local maxima of F marked."""
-        from .._plot import figure
+        from .._plot import figure, save
 
         names = self.layers()
         cols = 4
@@ -97,11 +97,7 @@ class SensitivityResult:
             ax.axis("off")
         fig.suptitle(title or f"Sensitivity per layer ({self.granularity}): accuracy (blue, %), "
                               f"F = acc/(unique/total) (orange, log), local maxima of F (red *)", fontsize=10)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=90)
-        return path
+        return save(fig, path, dpi=90)
 
 
 class _Runner:

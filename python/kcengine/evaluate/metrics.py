@@ -216,7 +216,7 @@ def confusion_png(confusion: np.ndarray, path, *, classes: Sequence[str] | None 
     each cell shows its count and each row and column its class name; above that, a 10-inch map of the
     whole matrix with class indices on the axes.  Leaves matplotlib's backend as it was
     (:mod:`kcengine._plot`)."""
-    from .._plot import figure
+    from .._plot import figure, save
 
     if isinstance(confusion, EvalResult):
         classes = (confusion.classes or None) if classes is None else classes
@@ -232,20 +232,18 @@ def confusion_png(confusion: np.ndarray, path, *, classes: Sequence[str] | None 
     fig = figure((1.0 + 0.6 * C, 0.8 + 0.6 * C) if named else (10.0, 9.5))
     ax = fig.subplots()
     ax.imshow(conf, cmap="Blues")  # (its default interpolation averages cells that share a pixel)
-    if named:
+    if not named:
+        ax.set_xlabel("predicted (class index)")
+        ax.set_ylabel("true (class index)")
+    else:
         ax.set_xticks(range(C), names, rotation=60, ha="right", fontsize=8)
         ax.set_yticks(range(C), names, fontsize=8)
-    ax.set_xlabel("predicted" if named else "predicted (class index)")
-    ax.set_ylabel("true" if named else "true (class index)")
-    if named:
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
         vmax = conf.max()
         for i, j in zip(*np.nonzero(conf)):
             ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if conf[i, j] > vmax / 2 else "black")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return save(fig, path, dpi=100)

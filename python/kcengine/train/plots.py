@@ -9,10 +9,8 @@ __all__ = ["plot_history"]
 def plot_history(history: list[dict], path, title: str = "") -> Path:
     """Two panels over the epochs of ``history`` (rows of :class:`~kcengine.train.FinetuneResult`):
     training loss, and train / eval top-1 accuracy; phase boundaries (progressive stages) dashed."""
-    from .._plot import figure
+    from .._plot import figure, save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     x = list(range(1, len(history) + 1))
     fig = figure((10, 3.6))
     a1, a2 = fig.subplots(1, 2)
@@ -34,6 +32,4 @@ def plot_history(history: list[dict], path, title: str = "") -> Path:
         a.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return save(fig, path, dpi=110)
