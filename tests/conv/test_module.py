@@ -840,8 +840,8 @@ def test_prepared_inference_call_follows_every_change(granularity, channels_last
 
 def test_load_state_dict_converts_index_dtypes_and_refuses_values_out_of_range():
     """A state dict's index of any integer dtype loads into the layer's compact dtype; a value outside
-    [0, K) is an error naming the key and the value, not wrapped into range by the conversion (300 into
-    uint8 would be 44); scale/shift of a fused layer load into an unfused one."""
+    [0, K) is an error naming the key and the value, in the layer's own dtype too, and not wrapped into range
+    by a conversion (300 into uint8 would be 44); scale/shift of a fused layer load into an unfused one."""
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
     src = ClusteredConv2d.from_conv(conv, 3).eval()
@@ -857,7 +857,9 @@ def test_load_state_dict_converts_index_dtypes_and_refuses_values_out_of_range()
         _close(dst(x), ref)
 
     before = dst.index.clone()
-    for value, dtype in ((259, torch.int64), (3, torch.int16), (-1, torch.int32)):
+    # the layer's own dtype (uint8) too: refused at load, not left for the first forward to find
+    for value, dtype in ((259, torch.int64), (3, torch.int16), (-1, torch.int32), (3, torch.uint8),
+                         (200, torch.uint8)):
         bad = dict(sd)
         bad["index"] = src.index.to(dtype).clone()
         bad["index"][2] = value

@@ -552,21 +552,24 @@ class ClusteredConv2d(nn.Module):
         self._cache = None
         key = prefix + "index"
         t, refused = state_dict.get(key), False
-        if isinstance(t, torch.Tensor) and t.dtype != self.index.dtype:  # any integer dtype loads; ours is kept
+        if isinstance(t, torch.Tensor):  # any integer dtype loads (ours is kept), values in [0, K) only
             problem = None
             if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
                 problem = f"must be integers, got dtype {t.dtype}"
             elif t.numel() and t.device.type != "meta":
-                # Checked before the conversion, which would wrap a value past our dtype into the range
-                # (300 into uint8 is 44): out-of-range values are caught here or by forward, never hidden.
+                # Checked before a dtype conversion, which would wrap a value past our dtype into the range
+                # (300 into uint8 is 44), and for our own dtype too: a bad index is refused at load, with the
+                # key named, rather than found by the first forward.
                 lo, hi = int(t.min()), int(t.max())
                 if lo < 0 or hi >= self.num_clusters:
                     problem = (f"must be in [0, K={self.num_clusters}) for this layer's "
                                f"{self.num_clusters} centroids, got {lo if lo < 0 else hi}")
-            state_dict = dict(state_dict)
             if problem is None:
-                state_dict[key] = t.to(self.index.dtype)
+                if t.dtype != self.index.dtype:
+                    state_dict = dict(state_dict)
+                    state_dict[key] = t.to(self.index.dtype)
             else:  # reported as load_state_dict reports a size mismatch; this layer's index is left as it was
+                state_dict = dict(state_dict)
                 error_msgs.append(f"index values of {key} {problem}")
                 del state_dict[key]
                 refused = True
