@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import kcengine
-from kcengine.data.datasets import make_loader
+from kcengine.data.datasets import TensorImages, make_loader
 from kcengine.nn import ClusteredConv2d
 from kcengine.train import finetune, lr_factor
 from kcengine.train.checkpoint import CHECKPOINT_NAME
@@ -468,3 +468,24 @@ def test_the_callers_random_stream_is_left_where_it_was(tiny):
     torch.manual_seed(7)  # and the run itself does not depend on the caller's stream
     b = finetune(cm, loader, teacher=model, **FAST)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+
+
+@pytest.mark.parametrize("side, padding", [(8, 1), (32, 4), (40, 5)])
+def test_augmentation_shift_scales_with_the_image(kit, monkeypatch, side, padding):
+    """The crop's padding is 1/8 of the image's shorter side (CIFAR's 4 pixels at 32 x 32), at least 1; the
+    batches reach cifar_augment unchanged otherwise."""
+    torch.manual_seed(0)
+    model = kit.TinyNet().eval()
+    small = kit.tiny_data(n=16)
+    ds = TensorImages(nn.functional.interpolate(small.images, size=(side, side + 3)), small.labels, small.classes)
+    ft = sys.modules["kcengine.train.finetune"]
+    real, seen = ft.cifar_augment, []
+
+    def recording(x, generator=None, *, padding=4, flip=True):
+        seen.append((tuple(x.shape), padding))
+        return real(x, generator, padding=padding, flip=flip)
+
+    monkeypatch.setattr(ft, "cifar_augment", recording)
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    finetune(cm, make_loader(ds, 8, shuffle=False), mode="centroids", teacher=model, **{**FAST, "epochs": 1})
+    assert seen == [((8, 3, side, side + 3), padding)] * 2

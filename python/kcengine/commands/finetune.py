@@ -52,7 +52,7 @@ def add_arguments(parser) -> None:
     add(t, "--alpha", type=float, default=ft["alpha"], help="weight of the distillation term (0: plain CE)")
     add(t, "--feature-weight", type=float, default=ft["feature_weight"],
         help="weight of the block-output matching term (0: off)")
-    add(t, "--no-augment", action="store_true", help="no crop + flip")
+    add(t, "--no-augment", action="store_true", help="no random crop (1/8 of the side padded) + flip")
     add(t, "--mixup", type=float, default=ft["mixup"], help="mixup Beta(a, a) parameter (0: no mixup)")
     add(t, "--no-refit", action="store_true", help="skip the output-aware refit of clustered layers")
     add(t, "--train-batch-size", type=int, default=RECOMMENDED_BATCH)

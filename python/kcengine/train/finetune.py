@@ -247,7 +247,9 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
             of every block holding a conv (:func:`kcengine.train.distill.feature_points`; a ResNet's residual
             blocks) are matched to the dense model's on the same images, ``||s - t||^2 / ||t||^2`` averaged over
             blocks, added to the loss.
-        augment: CIFAR augmentation (4-pixel padded random crop + horizontal flip) on each batch.
+        augment: CIFAR's augmentation on each batch (:func:`kcengine.train.cifar_augment`): a random crop of the
+            image zero-padded by 1/8 of its shorter side (4 pixels on CIFAR's 32 x 32, 28 on 224 x 224), and a
+            horizontal flip.
         mixup: when > 0, each batch is mixed with a shuffled copy of itself, ``lam * x + (1 - lam) * x[perm]``
             with ``lam ~ Beta(mixup, mixup)`` (default 1.0: lam uniform in [0, 1]; 0 turns it off); the teacher
             sees the same mixed images (distillation matches the teacher on them) and the cross-entropy term
@@ -519,8 +521,8 @@ def _run_epochs(work, teacher, reference, loader, orig_loader, phase, pi, first_
         for bi, batch in enumerate(it):
             x, y_batch = image_label_pair(batch)
             x, y = x.to(device), y_batch.to(device)
-            if augment:
-                x = cifar_augment(x, gen)
+            if augment:  # the shift scales with the image: 4 pixels on CIFAR's 32 x 32, 28 on 224 x 224
+                x = cifar_augment(x, gen, padding=max(1, min(x.shape[-2:]) // 8))
             target = y
             if mixup > 0:  # mixed images; the CE target mixes the two labels with the same weights
                 lam = float(torch.distributions.Beta(mixup, mixup).sample())
