@@ -18,3 +18,14 @@ def test_import_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_package_declares_its_type_hints():
+    """A py.typed marker ships beside the modules (PEP 561), so type checkers read kcengine's annotations and
+    the native module's stub (_core.pyi)."""
+    from pathlib import Path
+
+    import kcengine
+
+    root = Path(kcengine.__file__).parent
+    assert (root / "py.typed").is_file() and (root / "_core.pyi").is_file()

@@ -38,6 +38,9 @@ def _prog() -> str:
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog=_prog(),
                                      description="Compress CNNs by clustering their weights.")
+    from . import __version__
+
+    parser.add_argument("-V", "--version", action="version", version=f"kcengine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     mods = _available_commands()
     for name, mod in mods.items():

@@ -330,3 +330,16 @@ def test_prune_and_sweep_of_an_imagenet_model_on_an_image_folder(imagenet_folder
     assert [(r["layer"], r["k"]) for r in rows] == [("layer4.1.conv2", "128")]
     assert float(rows[0]["accuracy"]) == pytest.approx(top1_accuracy(alone, x, y))
     assert rep["accuracy_before"] != rep["accuracy_after"]  # the folder's scores are not all one class
+
+
+def test_version_is_the_installed_distributions(capsys):
+    """``--version`` prints the package's version, which is the one its installed metadata (pyproject) gives."""
+    from importlib.metadata import version
+
+    import kcengine
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kcengine {kcengine.__version__}"
+    assert kcengine.__version__ == version("kcengine")
