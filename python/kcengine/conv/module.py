@@ -564,15 +564,12 @@ class ClusteredConv2d(nn.Module):
                 if lo < 0 or hi >= self.num_clusters:
                     problem = (f"must be in [0, K={self.num_clusters}) for this layer's "
                                f"{self.num_clusters} centroids, got {lo if lo < 0 else hi}")
-            if problem is None:
-                if t.dtype != self.index.dtype:
-                    state_dict = dict(state_dict)
-                    state_dict[key] = t.to(self.index.dtype)
-            else:  # reported as load_state_dict reports a size mismatch; this layer's index is left as it was
-                state_dict = dict(state_dict)
+            if problem is not None:  # reported as load_state_dict reports a size mismatch; our index stays
                 error_msgs.append(f"index values of {key} {problem}")
-                del state_dict[key]
+                state_dict = {k: v for k, v in state_dict.items() if k != key}
                 refused = True
+            elif t.dtype != self.index.dtype:  # (a new dict: the caller's is not modified)
+                state_dict = {**state_dict, key: t.to(self.index.dtype)}
         for name in ("scale", "shift"):  # epilogue buffers appear only on fused layers
             if prefix + name in state_dict and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
