@@ -489,3 +489,32 @@ def test_augmentation_shift_scales_with_the_image(kit, monkeypatch, side, paddin
     cm, _ = kcengine.compress(model, ratio=0.5)
     finetune(cm, make_loader(ds, 8, shuffle=False), mode="centroids", teacher=model, **{**FAST, "epochs": 1})
     assert seen == [((8, 3, side, side + 3), padding)] * 2
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    """(image, label) pairs from plain Python indexing: finetune reads such a dataset item by item."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+@pytest.mark.parametrize("kind", ["tensors", "items"])
+def test_calibration_images_are_spread_over_a_class_sorted_dataset(kind):
+    """A dataset stored class by class (ImageFolder's order) calibrates BN on every class: 10 classes of 10
+    constant images (class j's pixels all j), sorted; 10 calibration images give the input BN the mean of the
+    images at 0, 10, ..., 90 (4.5), where the first 10 would give 0."""
+    labels = torch.arange(10).repeat_interleave(10)
+    images = labels.float().view(-1, 1, 1, 1).expand(-1, 3, 6, 6).contiguous()
+    ds = TensorImages(images, labels) if kind == "tensors" else _ListDataset(images, labels)
+    conv = ClusteredConv2d(3, 4, 3, 2)
+    model = nn.Sequential(nn.BatchNorm2d(3), conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    r = finetune(model, make_loader(ds, 8, shuffle=True, seed=0), epochs=0, progress=False, calibration_images=10)
+    expected = images[torch.arange(0, 100, 10)].mean(dim=(0, 2, 3))
+    torch.testing.assert_close(r.model[0].running_mean, expected)
+    assert float(expected[0]) == 4.5
