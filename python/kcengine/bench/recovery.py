@@ -56,6 +56,7 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     from ..data.datasets import Normalization, cifar10_dataset, make_loader
     from ..evaluate import top1_accuracy
     from ..train import DEFAULT_EPOCHS, finetune, recalibrate_bn
+    from ..train.finetune import calibration_indices
     from ..train.finetune import DEFAULT_LR, LR_REFERENCE_BATCH, RECOMMENDED_BATCH, default_lr, finetune_defaults
     from ..train.sensitivity import allocate_ks, output_sensitivity
 
@@ -87,7 +88,7 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
         "setup": (f"Train: {len(train.labels)} sample training images, batch {batch}; test: {len(test.labels)} images. "
                   "Filter granularity, every conv clustered (kcengine.compress, k-means seed 0). Steps: "
                   "`clustered` = right after clustering; `bn` = BN statistics recalibrated on 512 training "
-                  "images; `refit` = output-aware refit of every clustered layer (kcengine.train.calibrate: "
+                  "images (evenly spaced, as finetune takes them); `refit` = output-aware refit of every clustered layer (kcengine.train.calibrate: "
                   "centroids and assignment chosen so each layer's outputs match the dense ones up to the "
                   "per-channel affine map the following BN absorbs) + BN; then `kcengine.finetune` in each mode "
                   f"with its defaults (distillation T={fd['temperature']:g}, alpha={fd['alpha']:g} from the dense "
@@ -108,7 +109,9 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
                                                  if isinstance(m, torch.nn.Conv2d)),
                  "step": "baseline", "mode": "", "epochs": 0, "top1": base, "seconds": 0.0, "note": ""})
     _write(out, name, rows, header)
-    calib = train.images[:512]
+    calib = train.images[:512]  # the sensitivity sweep's (its KL on the next 1024)
+    # the `bn` row recalibrates on the images finetune's refit + BN step takes
+    bn_calib = train.images[torch.tensor(calibration_indices(len(train.images), 512))]
     runs = list(runs or DEFAULT_RUNS)
     mixed_note, mixed_plan_ks = "", None
     for label, mode, n_ep, *rest in runs:
@@ -134,7 +137,7 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
                          "top1": acc, "seconds": time.perf_counter() - t0, "note": mixed_note if plan.get("layers")
                          else ""})
             t0 = time.perf_counter()
-            bn_only = recalibrate_bn(copy.deepcopy(cm), calib)
+            bn_only = recalibrate_bn(copy.deepcopy(cm), bn_calib)
             rows.append({"plan": label, "k_total": k_total, "step": "bn", "mode": "", "epochs": 0,
                          "top1": top1_accuracy(bn_only, test.images, test.labels),
                          "seconds": time.perf_counter() - t0, "note": ""})
