@@ -96,6 +96,17 @@ def test_refit_never_lowers_the_explained_variance(kit):
         assert 0 < r["explained_after"] <= 1 + 1e-9
 
 
+def test_an_unused_centroid_takes_a_filter_and_the_refit_still_explains_more(kit):
+    """A cluster without members (conv2's 12 filters spread over 5 of its 6 centroids) gets one from a cluster that
+    keeps one: every centroid is used after the refit, which explains at least the variance it started from."""
+    dense, cm, x = _clustered_tiny(kit, 48)
+    k = cm.conv2.num_clusters
+    cm.conv2.set_index(torch.arange(12) % (k - 1))
+    info = calibrate_outputs(cm, dense, x)
+    assert torch.bincount(cm.conv2.index.long(), minlength=k).min() >= 1
+    assert info["conv2"]["explained_after"] >= info["conv2"]["explained_before"] - 1e-9
+
+
 @pytest.mark.parametrize("cosine", [False, True])
 def test_without_bn_least_squares_with_one_centroid_per_filter_gives_back_the_weights(kit, cosine):
     """(cosine: each filter is its norm, kept in ``scale``, times its centroid.)"""

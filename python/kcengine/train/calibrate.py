@@ -262,14 +262,6 @@ def _epilogue(layer: ClusteredConv2d):
     return tuple(None if t is None else t.detach().double().cpu() for t in (layer.scale, layer.shift))
 
 
-def _top_gen_eig(u: torch.Tensor, su: torch.Tensor) -> torch.Tensor:
-    """argmax_c (c^T U U^T c) / (c^T S c) for ``U`` [D, m] given ``su = S^-1 U``: ``c = S^-1 U v`` with ``v``
-    the top eigenvector of the small ``m x m`` matrix ``U^T S^-1 U`` (B = U U^T has rank <= m)."""
-    m = u.T @ su
-    _, vecs = torch.linalg.eigh(0.5 * (m + m.T))
-    return su @ vecs[:, -1]
-
-
 def _ridged_cholesky(s: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s_r, L)``: ``s_r = s + r I`` with ``r = ridge * mean variance`` and its Cholesky factor.  The moments
     carry float32 rounding (about 1e-7 of the largest eigenvalue, which can be negative); with few calibration
@@ -301,11 +293,10 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
     ub = b * gw.sqrt()[:, None]  # rows sqrt(w_o) b_o
     sub = torch.cholesky_solve(ub.T, chol)  # [D, C_out]: S^-1 sqrt(w_o) b_o
 
-    def centroid(members):
-        return _top_gen_eig(ub[members].T, sub[:, members])
     k = layer.num_clusters
     idx = layer.index.long().cpu().clone()
     cb = layer.codebook.detach().double().cpu().reshape(k, -1).clone()
+    gram = ub @ sub  # [C_out, C_out]: every cluster's U^T S^-1 U (below) is a block of it
 
     def scores(cb):
         num = (b @ cb.T) ** 2  # [C_out, K]
@@ -315,23 +306,51 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
     def objective(idx, cb):
         return float((gw * scores(cb).gather(1, idx[:, None])[:, 0]).sum() / gw.sum())
 
+    def fill_empty(idx, cb):
+        """Each empty cluster takes the worst-explained filter of a cluster that keeps a member."""
+        counts = torch.bincount(idx, minlength=k)
+        empty = (counts == 0).nonzero()[:, 0].tolist()
+        if empty:
+            explained = scores(cb).gather(1, idx[:, None])[:, 0]
+            for j in empty:
+                explained[counts[idx] < 2] = float("inf")
+                worst = int(explained.argmin())
+                counts[idx[worst]] -= 1
+                idx[worst], counts[j] = j, 1
+                explained[worst] = float("inf")
+        return idx
+
+    def centroids(idx, cb):
+        """cb with every non-empty cluster's centroid: ``argmax_c (c^T U U^T c) / (c^T S c)`` for ``U`` the
+        columns ``sqrt(w_o) b_o`` of its members is ``c = S^-1 U v``, ``v`` the top eigenvector of the small
+        ``U^T S^-1 U`` (``U U^T`` has rank <= its members), a block of ``gram``.  Clusters of one size share one
+        batched eigh, and ``sub @ V`` (column j of V: ``v`` over cluster j's members) gives every centroid."""
+        counts = torch.bincount(idx, minlength=k)
+        members = torch.argsort(idx, stable=True)  # cluster by cluster, each in ascending filter order
+        first = torch.cumsum(counts, 0) - counts
+        v = torch.zeros(idx.shape[0], k, dtype=gram.dtype)
+        for size in counts.unique().tolist():
+            if size == 0:
+                continue
+            js = (counts == size).nonzero()[:, 0]
+            mem = members[first[js][:, None] + torch.arange(size)[None, :]]  # [n, size]
+            m = gram[mem[:, :, None], mem[:, None, :]]
+            _, vecs = torch.linalg.eigh(0.5 * (m + m.transpose(1, 2)))
+            v[mem, js[:, None].expand_as(mem)] = vecs[:, :, -1]
+        new = (sub @ v).T
+        cb = cb.clone()
+        cb[counts > 0] = new[counts > 0]
+        return cb
+
     before = objective(idx, cb)
     for _ in range(iterations):
-        for j in range(k):
-            members = (idx == j).nonzero()[:, 0]
-            if members.numel() == 0:  # empty: take the worst-explained filter
-                worst = int(scores(cb).gather(1, idx[:, None])[:, 0].argmin())
-                idx[worst] = j
-                members = torch.tensor([worst])
-            cb[j] = centroid(members)
+        idx = fill_empty(idx, cb)
+        cb = centroids(idx, cb)
         new_idx = scores(cb).argmax(1)
         if torch.equal(new_idx, idx):
             break
         idx = new_idx
-    for j in range(k):  # refresh centroids for the final assignment
-        members = (idx == j).nonzero()[:, 0]
-        if members.numel():
-            cb[j] = centroid(members)
+    cb = centroids(idx, cb)  # refresh centroids for the final assignment
     # per-filter best scale s_o = c^T S_cd W_o / c^T S_cc c; orient each centroid to its members' majority sign
     # and give it the mean member output scale (keeps weights at their natural magnitude; cosine layers keep
     # unit-norm centroids, their norms being the filters')
