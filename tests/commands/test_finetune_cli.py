@@ -95,3 +95,40 @@ def test_finetune_limit_and_split_arguments(ckpt, cifar, capsys):
     with pytest.raises(SystemExit):
         main(_args(ckpt, cifar, "--split", "train"))
     assert "unrecognized arguments: --split" in capsys.readouterr().err
+
+
+def test_finetune_of_an_imagenet_model_on_image_folders(imagenet_folder, tmp_path, capsys):
+    """A torchvision model trains on ImageNet's layout (train/ and val/ class folders): the CLI's model is the one
+    kcengine.finetune makes from the same images as tensors (the fixture's reference transform), with --limit 4
+    keeping 4 of the 6 training images evenly spaced (0, 1, 3, 4: both classes).  No epoch and no refit (their
+    arithmetic is tested on small models; resnet18's refit alone takes 26 s here): the BN statistics come from
+    the training folder's images, the accuracy from the val folder's."""
+    import shutil
+
+    from kcengine.data import TensorImages, make_loader
+
+    data = tmp_path / "imagenet"
+    shutil.copytree(imagenet_folder.root, data / "train")
+    shutil.copytree(imagenet_folder.root, data / "val")
+    out = tmp_path / "ft"
+    common = ["finetune", "--model", "resnet18", "--weights", str(imagenet_folder.weights), "--ratio", "0.5",
+              "--train-batch-size", "2", "--epochs", "0", "--no-refit", "--no-progress"]
+    assert main([*common, "--data", str(data), "--limit", "4", "--out", str(out)]) == 0
+    x, y = imagenet_folder.x, imagenet_folder.labels
+    keep = [0, 1, 3, 4]
+    ref = kcengine.finetune(imagenet_folder.model, make_loader(TensorImages(x[keep], y[keep]), 2, shuffle=True, seed=0),
+                            plan={"ratio": 0.5}, epochs=0, output_calibration=False, eval_data=(x, y), progress=False,
+                            compress_options={"seed": 0})
+    h = json.loads((out / "history.json").read_text())
+    assert h["accuracy"] == ref.accuracy and h["accuracy_start"] == ref.accuracy_start
+    got = kcengine.load_compressed(out / "model.pt").state_dict()
+    want = ref.model.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    capsys.readouterr()
+    shutil.rmtree(data / "val")
+    assert main([*common, "--data", str(data)]) == 2
+    assert "has no val/ folder" in capsys.readouterr().err
+    assert main([*common]) == 2
+    assert "pass --data PATH to a folder holding train/ and val/" in capsys.readouterr().err

@@ -13,26 +13,27 @@ HELP = "evaluate a model (top-1/top-5, per-class accuracy, confusion matrix, acc
 
 
 def add_model_data_arguments(parser, *, training: bool = False) -> None:
-    """The model/weights/data options; ``training``: finetune's form (CIFAR models only, trains on the train
-    split and evaluates on the whole test split, so no --split and --limit counts training images)."""
+    """The model/weights/data options; ``training``: finetune's form (trains on the train split and evaluates on
+    the whole test split, so no --split, and --limit counts training images)."""
     g = parser.add_argument_group("model and data")
     g.add_argument("--model", default="resnet20",
-                   help="resnet20/32/44/56/110 (CIFAR-10; default resnet20)" if training else
-                   "resnet20/32/44/56/110 (CIFAR) or a torchvision model name (default resnet20)")
+                   help="resnet20/32/44/56/110 (CIFAR) or a torchvision model name (default resnet20)")
     g.add_argument("--weights", default="pretrained",
                    help="'pretrained' (public weights via the torch hub cache, or for a CIFAR ResNet the same file in "
-                        "../shared/data/checkpoints), "
-                        + ("" if training else "a torchvision weights name, ")
-                        + "a checkpoint PATH (a state dict, or the model.pt of prune/finetune --out: loaded "
-                          "clustered), or 'none' (default init: speed-only work); default pretrained")
+                        "../shared/data/checkpoints), a torchvision weights name, a checkpoint PATH (a state dict, "
+                        "or the model.pt of prune/finetune --out: loaded clustered), or 'none' (default init: "
+                        "speed-only work); default pretrained")
     g.add_argument("--no-download", action="store_true", help="take pretrained weights only from the hub cache")
     g.add_argument("--data", default=None,
-                   help="CIFAR-10 python-batches folder (default ../shared/data)" if training else
+                   help="CIFAR-10 python-batches folder (CIFAR models; default ../shared/data), or for a "
+                        "torchvision model a folder holding train/ and val/ class folders (ImageNet's layout)"
+                        if training else
                    "CIFAR-10 python-batches folder (CIFAR models; default ../shared/data) or an ImageFolder root")
     if not training:
         g.add_argument("--split", default="test", choices=("test", "train"), help="CIFAR split (default test)")
     g.add_argument("--limit", type=int, default=None,
-                   help="train on only the first N training images (evaluation: the whole test split)" if training
+                   help="train on only N training images: CIFAR's first N, an image folder's N evenly spaced "
+                        "(evaluation: the whole test split)" if training
                    else "use only the first N images (default: all)")
     g.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
 

@@ -1,4 +1,5 @@
-"""``kcengine finetune``: cluster a CIFAR model with a plan and recover its accuracy (kcengine.finetune).
+"""``kcengine finetune``: cluster a model with a plan and recover its accuracy (kcengine.finetune): a CIFAR
+ResNet on CIFAR-10, or a torchvision model on an image folder with ImageNet's train/ and val/ layout.
 
 Under ``torchrun --nproc_per_node N -m kcengine finetune ...`` the processes train together
 (DistributedDataParallel; gloo on CPU, nccl on GPU); rank 0 prints and writes the outputs.
@@ -10,7 +11,8 @@ from pathlib import Path
 
 from .eval import add_model_data_arguments, load_cifar_split, load_model_arg, save_clustered
 
-HELP = "cluster a CIFAR model and recover accuracy (frozen / centroids / progressive, distillation, resume)"
+HELP = ("cluster a model and recover accuracy (CIFAR-10 or an image folder; frozen / centroids / progressive, "
+        "distillation, resume)")
 
 
 def add_arguments(parser) -> None:
@@ -60,6 +62,7 @@ def add_arguments(parser) -> None:
     add(t, "--checkpoint-dir", default=None, help="checkpoint every epoch; an existing one is resumed")
     add(t, "--no-resume", action="store_true", help="start over even if --checkpoint-dir has a checkpoint")
     add(t, "--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores)")
+    add(t, "--workers", type=int, default=0, help="DataLoader worker processes decoding an image folder's files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", default=None, help="folder for model.pt (the trained model, compact: --weights of "
                         "eval and kcengine.load_compressed read it), history.json and curves.png")
@@ -74,6 +77,36 @@ def _order_arg(text):
         if part:
             stages.append([s.strip() for s in part.split(",") if s.strip()] if "," in part else part)
     return stages
+
+
+def _image_folders(args, lm):
+    """An ImageNet model's training and evaluation sets: ``--data``'s ``train/`` and ``val/`` image folders
+    (ImageNet's layout), with the evaluation transform (resize, center crop at the weights' size); finetune
+    adds its crop + flip.  ``--limit N`` keeps N training images evenly spaced over the folder, so that every
+    class keeps its share (a folder lists its images class by class)."""
+    import torch
+
+    from ..cli import UserError
+    from ..data import Normalization, image_folder
+    from ..train.finetune import calibration_indices
+
+    if args.data is None:
+        raise UserError(f"{lm.name} is an ImageNet model: pass --data PATH to a folder holding train/ and val/ "
+                        f"class folders (ImageNet's layout)")
+    root, norm = Path(args.data), Normalization(lm.mean, lm.std)
+    sets = []
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UserError(f"--data {args.data} has no {split}/ folder: finetune of {lm.name} needs train/ and "
+                            f"val/ class folders there (ImageNet's layout)")
+        try:
+            sets.append(image_folder(root / split, norm, crop=lm.input_size[0]))
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise UserError(str(exc)) from None
+    train, val = sets
+    if args.limit is not None:
+        train = torch.utils.data.Subset(train, calibration_indices(len(train), args.limit))
+    return train, val
 
 
 def run(args) -> int:
@@ -96,23 +129,28 @@ def run(args) -> int:
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
     lm = load_model_arg(args, need_trained=True)
-    if not is_cifar_model(lm.name):
-        raise UserError(f"finetune trains on CIFAR-10; {lm.name} is an ImageNet model (no ImageNet data here)")
-    train = load_cifar_split(args, lm, "train", limit=args.limit)
-    test = load_cifar_split(args, lm, "test")
+    if is_cifar_model(lm.name):
+        train = load_cifar_split(args, lm, "train", limit=args.limit)
+        test = load_cifar_split(args, lm, "test")
+        eval_data = (test.images, test.labels)
+    else:
+        train, eval_data = _image_folders(args, lm)
     plan = args.plan if args.plan is not None else {"ratio": args.ratio}
     dd.init_from_env()
     main = dd.is_main()
     try:
-        res = finetune(lm.model, make_loader(train, args.train_batch_size, shuffle=True, seed=args.seed),
+        res = finetune(lm.model, make_loader(train, args.train_batch_size, shuffle=True, seed=args.seed,
+                                             num_workers=args.workers),
                        mode=args.mode, epochs=args.epochs, plan=plan, granularity=args.granularity,
                        order=_order_arg(args.order), stage_epochs=args.stage_epochs,
                        stage_training=args.stage_training, optimizer=args.optimizer, lr=args.lr,
                        weight_decay=args.weight_decay, schedule=args.schedule, temperature=args.temperature,
                        alpha=args.alpha, feature_weight=args.feature_weight, augment=not args.no_augment,
                        mixup=args.mixup,
-                       output_calibration=False if args.no_refit else None, eval_data=(test.images, test.labels),
+                       output_calibration=False if args.no_refit else None, eval_data=eval_data,
                        eval_batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
                        resume=not args.no_resume, seed=args.seed, progress=not args.no_progress,
                        compress_options={"seed": args.kmeans_seed},
