@@ -67,13 +67,13 @@ def run(model_name: str = "resnet20", out_dir="bench/results", ratios=(0.75, 0.5
             f"Measured {now_utc()} on {machine}, threads={threads}, commit {git_commit()}, by "
             f"`python -m kcengine.bench.robustness {args}`.", "",
             f"Test: the {len(test.labels)} sample test images. `robust_top1`: correct both as given and after the "
-            f"attack (kcengine.evaluate.adversarial_accuracy; L-infinity, eps in [0, 1] pixel units; FGSM one step "
+            "attack (kcengine.evaluate.adversarial_accuracy; L-infinity, eps in [0, 1] pixel units; FGSM one step "
             f"of eps; PGD {steps} steps of 2.5 eps / {steps} from a uniform random start, attack seed 0). "
-            f"Clustered models: every conv at k = C_out * r (filter granularity, k-means seed 0), then "
-            f"kcengine.finetune with its defaults"
+            "Clustered models: every conv at k = C_out * r (filter granularity, k-means seed 0), then "
+            "kcengine.finetune with its defaults"
             + (f" but {epochs} epochs" if epochs is not None else "")
             + " (the recipe of recovery_resnet20.md, distilled from the dense model) on the sample's training "
-            f"images. `seconds`: the attack's wall time.", ""]
+            "images. `seconds`: the attack's wall time.", ""]
     rows: list = []
 
     def write():

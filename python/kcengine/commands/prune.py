@@ -43,8 +43,6 @@ def _progress(msg: str) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from ..cli import UserError
     from ..compress import compress
     from ..models.zoo import OUT_MODEL_NAME
