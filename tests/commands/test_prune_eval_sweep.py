@@ -238,6 +238,13 @@ def test_eval_of_an_imagenet_model_on_an_image_folder(imagenet_folder, tmp_path,
     printed = capsys.readouterr().out
     assert "resnet18" in printed and re.search(r"^ +cat: \d", printed, re.M) and re.search(r"^ +dog: ", printed, re.M)
     assert "n/a" not in printed  # the 998 classes without images are not listed
+    # --limit 2 of the folder's 6 images (3 cats, then 3 dogs): evenly spaced, one of each class (0 and 3)
+    assert main(["eval", "--model", "resnet18", "--weights", str(weights), "--data", str(root), "--limit", "2",
+                 "--out", str(tmp_path / "ev2"), "--no-progress"]) == 0
+    d2 = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert d2["total"] == 2 and d2["correct"] == (pred[0] == labels[0]) + (pred[3] == labels[3])
+    assert [sum(row) for row in d2["confusion"][:2]] == [1, 1]
+    capsys.readouterr()
     assert main(["eval", "--model", "resnet18", "--weights", str(weights), "--data", str(tmp_path / "nope"),
                  "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def add_model_data_arguments(parser, *, training: bool = False) -> None:
     g.add_argument("--limit", type=int, default=None,
                    help="train on only N training images: CIFAR's first N, an image folder's N evenly spaced "
                         "(evaluation: the whole test split)" if training
-                   else "use only the first N images (default: all)")
+                   else "use only N images: CIFAR's first N, an image folder's N evenly spaced (default: all)")
     g.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
 
 
@@ -140,10 +140,12 @@ def load_data_arg(args, lm):
         ds = image_folder(args.data, norm, crop=lm.input_size[0])
     except (FileNotFoundError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
-    if args.limit is not None:
+    if args.limit is not None:  # evenly spaced: a folder lists its images class by class
         import torch
 
-        ds = torch.utils.data.Subset(ds, range(min(args.limit, len(ds))))
+        from ..train.finetune import calibration_indices
+
+        ds = torch.utils.data.Subset(ds, calibration_indices(len(ds), args.limit))
     return ds
 
 
