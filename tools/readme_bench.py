@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         section("Recovery of resnet20 in every mode (frozen, centroids, progressive) at k = C_out/4, 1/2, 3/4 with "
                 "finetune's defaults (centroids at 1/2 and 3/4: the table above)", r / "recovery_resnet20_modes.md",
                 [("", None)]),
-        section("Recovery of resnet56 (CIFAR-10 sample) with finetune's defaults at batch 128 (recorded before the "
-                "recipe moved to batch 64): k = C_out/2, 3/4 and a mixed plan", r / "recovery_resnet56.md", [("", None)]),
+        section("Recovery of resnet56 (CIFAR-10 sample) with finetune's defaults: k = C_out/2, 3/4 and a mixed plan",
+                r / "recovery_resnet56.md", [("", None)]),
         section("Recovery of resnet20: the spread over finetune seeds (batch 64, the recipe)",
                 r / "recovery_resnet20_seeds_b64.md", [("", None)], note=seed_summary(r / "recovery_resnet20_seeds_b64.md")),
         section("Recovery of resnet20: the spread over finetune seeds (batch 128, before)", r / "recovery_resnet20_seeds.md",
