@@ -53,10 +53,9 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     from .. import compress
     from ..compress.apply import conv_layers
     from ..compress.plan import ratio_to_k
-    from ..data.datasets import Normalization, cifar10_dataset, make_loader
+    from ..data.datasets import Normalization, cifar10_dataset, evenly_spaced, make_loader
     from ..evaluate import top1_accuracy
     from ..train import DEFAULT_EPOCHS, finetune, recalibrate_bn
-    from ..train.finetune import calibration_indices
     from ..train.finetune import DEFAULT_LR, LR_REFERENCE_BATCH, RECOMMENDED_BATCH, default_lr, finetune_defaults
     from ..train.sensitivity import allocate_ks, output_sensitivity
 
@@ -88,7 +87,8 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
         "setup": (f"Train: {len(train.labels)} sample training images, batch {batch}; test: {len(test.labels)} images. "
                   "Filter granularity, every conv clustered (kcengine.compress, k-means seed 0). Steps: "
                   "`clustered` = right after clustering; `bn` = BN statistics recalibrated on 512 training "
-                  "images (evenly spaced, as finetune takes them); `refit` = output-aware refit of every clustered layer (kcengine.train.calibrate: "
+                  "images (evenly spaced, as finetune takes them); `refit` = output-aware refit of every "
+                  "clustered layer (kcengine.train.calibrate: "
                   "centroids and assignment chosen so each layer's outputs match the dense ones up to the "
                   "per-channel affine map the following BN absorbs) + BN; then `kcengine.finetune` in each mode "
                   f"with its defaults (distillation T={fd['temperature']:g}, alpha={fd['alpha']:g} from the dense "
@@ -111,7 +111,7 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     _write(out, name, rows, header)
     calib = train.images[:512]  # the sensitivity sweep's (its KL on the next 1024)
     # the `bn` row recalibrates on the images finetune's refit + BN step takes
-    bn_calib = train.images[torch.tensor(calibration_indices(len(train.images), 512))]
+    bn_calib = train.images[torch.tensor(evenly_spaced(len(train.images), 512))]
     runs = list(runs or DEFAULT_RUNS)
     mixed_note, mixed_plan_ks = "", None
     for label, mode, n_ep, *rest in runs:

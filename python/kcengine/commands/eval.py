@@ -123,7 +123,6 @@ def load_model_arg(args, *, need_trained: bool):
 def load_data_arg(args, lm):
     """The evaluation data for the model: in-memory CIFAR tensors or an ImageFolder dataset."""
     from ..cli import UserError
-    from ..data import Normalization, image_folder
     from ..models import is_cifar_model
 
     if args.limit is not None and args.limit < 1:
@@ -132,21 +131,25 @@ def load_data_arg(args, lm):
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if is_cifar_model(lm.name):
         return load_cifar_split(args, lm, args.split, limit=args.limit)
-    norm = Normalization(lm.mean, lm.std)
     if args.data is None:
         raise UserError(f"{lm.name} is an ImageNet model: pass --data PATH to an ImageFolder root (class "
                         f"folders of images); none is available on this machine")
+    return load_image_folder(args.data, lm, args.limit)
+
+
+def load_image_folder(root, lm, limit=None):
+    """An ImageFolder for ``lm`` (its normalization, the evaluation transform at its input size); with ``limit``,
+    that many images evenly spaced (a folder lists its images class by class); UserError when unreadable."""
+    import torch
+
+    from ..cli import UserError
+    from ..data import Normalization, evenly_spaced, image_folder
+
     try:
-        ds = image_folder(args.data, norm, crop=lm.input_size[0])
+        ds = image_folder(root, Normalization(lm.mean, lm.std), crop=lm.input_size[0])
     except (FileNotFoundError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
-    if args.limit is not None:  # evenly spaced: a folder lists its images class by class
-        import torch
-
-        from ..train.finetune import calibration_indices
-
-        ds = torch.utils.data.Subset(ds, calibration_indices(len(ds), args.limit))
-    return ds
+    return ds if limit is None else torch.utils.data.Subset(ds, evenly_spaced(len(ds), limit))
 
 
 def add_arguments(parser) -> None:

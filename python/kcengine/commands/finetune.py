@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .eval import add_model_data_arguments, load_cifar_split, load_model_arg, save_clustered
+from .eval import add_model_data_arguments, load_cifar_split, load_image_folder, load_model_arg, save_clustered
 
 HELP = ("cluster a model and recover accuracy (CIFAR-10 or an image folder; frozen / centroids / progressive, "
         "distillation, resume)")
@@ -84,29 +84,17 @@ def _image_folders(args, lm):
     (ImageNet's layout), with the evaluation transform (resize, center crop at the weights' size); finetune
     adds its crop + flip.  ``--limit N`` keeps N training images evenly spaced over the folder, so that every
     class keeps its share (a folder lists its images class by class)."""
-    import torch
-
     from ..cli import UserError
-    from ..data import Normalization, image_folder
-    from ..train.finetune import calibration_indices
 
     if args.data is None:
         raise UserError(f"{lm.name} is an ImageNet model: pass --data PATH to a folder holding train/ and val/ "
                         f"class folders (ImageNet's layout)")
-    root, norm = Path(args.data), Normalization(lm.mean, lm.std)
-    sets = []
+    root = Path(args.data)
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise UserError(f"--data {args.data} has no {split}/ folder: finetune of {lm.name} needs train/ and "
                             f"val/ class folders there (ImageNet's layout)")
-        try:
-            sets.append(image_folder(root / split, norm, crop=lm.input_size[0]))
-        except (FileNotFoundError, RuntimeError) as exc:
-            raise UserError(str(exc)) from None
-    train, val = sets
-    if args.limit is not None:
-        train = torch.utils.data.Subset(train, calibration_indices(len(train), args.limit))
-    return train, val
+    return load_image_folder(root / "train", lm, args.limit), load_image_folder(root / "val", lm)
 
 
 def run(args) -> int:

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .cifar import read_cifar10
 
 __all__ = ["Normalization", "normalize_uint8", "cifar10_dataset", "image_folder", "synthetic_images", "make_loader",
-           "TensorImages"]
+           "TensorImages", "evenly_spaced"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,16 @@ def cifar10_dataset(root, split: str = "test", norm: Normalization | None = None
         norm = Normalization(CIFAR_MEAN, CIFAR_STD)
     s = read_cifar10(root, split, limit=limit)
     return TensorImages(normalize_uint8(s.images, norm), s.labels, s.classes)
+
+
+def evenly_spaced(size: int, n: int) -> list[int]:
+    """``min(n, size)`` of a dataset's ``size`` item indices, evenly spaced: ``i * size // m`` (finetune's calibration
+    images, the CLI's ``--limit`` on an image folder).
+    A dataset stored class by class (ImageFolder, any folder dataset) then gives every class its share; its
+    first ``n`` items would be one or two classes (resnet20 at C_out/2 on the CIFAR sample sorted by class,
+    one thread: 55% after the refit on its first 512 images, 76% on 512 evenly spaced)."""
+    m = min(n, size)
+    return [i * size // m for i in range(m)]
 
 
 def image_folder(root, norm: Normalization, *, resize: int = 256, crop: int = 224) -> Dataset:

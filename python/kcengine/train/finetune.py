@@ -53,6 +53,7 @@ from torch import nn
 
 from .._checks import check_device, check_float, check_int
 from ..conv.module import ClusteredConv2d
+from ..data.datasets import evenly_spaced
 from ..evaluate.metrics import check_data, check_float_images, check_labels, image_label_pair
 from . import distributed as dd
 from .augment import cifar_augment
@@ -152,22 +153,13 @@ def lr_factor(schedule: str, t: float) -> float:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got schedule={schedule!r}")
 
 
-def calibration_indices(size: int, n: int) -> list[int]:
-    """Which of a dataset's ``size`` items calibrate: ``min(n, size)`` of them evenly spaced, ``i * size // m``.
-    A dataset stored class by class (ImageFolder, any folder dataset) then gives every class its share; its
-    first ``n`` items would be one or two classes (resnet20 at C_out/2 on the CIFAR sample sorted by class,
-    one thread: 55% after the refit on its first 512 images, 76% on 512 evenly spaced)."""
-    m = min(n, size)
-    return [i * size // m for i in range(m)]
-
-
 def _dataset_images(loader, n: int) -> torch.Tensor:
-    """``n`` images evenly spaced over the loader's dataset (:func:`calibration_indices`; the same on every
+    """``n`` images evenly spaced over the loader's dataset (:func:`kcengine.data.evenly_spaced`; the same on every
     process, read from the dataset, not through the loader's sampler or batching)."""
     ds = loader.dataset
-    idx = calibration_indices(len(ds), n) if len(ds) > 0 else []
+    idx = evenly_spaced(len(ds), n)
     if hasattr(ds, "tensors"):
-        x = ds.tensors[0][torch.tensor(idx, dtype=torch.long)] if idx else ds.tensors[0][:0]
+        x = ds.tensors[0][torch.tensor(idx, dtype=torch.long)]
     else:
         xs = []
         for i in idx:
@@ -273,7 +265,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
             codebooks and indices are then left exactly as given (a frozen run changes none of them).
         bn_recalibration: re-estimate BN statistics after clustering, before training.
         calibration_images: images for the refit and BN statistics, evenly spaced over ``train_loader.dataset``
-            (:func:`calibration_indices`: a dataset stored class by class gives every class its share).
+            (:func:`kcengine.data.evenly_spaced`: a dataset stored class by class gives every class its share).
         eval_data: optional evaluation data (as :func:`kcengine.evaluate.evaluate` takes) scored every epoch.
         checkpoint_dir: write ``finetune_last.pt`` there after every epoch; with ``resume`` an existing one
             is continued (same arguments required).
