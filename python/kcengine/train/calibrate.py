@@ -287,6 +287,7 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
     scd = ecd - torch.outer(mc, md)
     sdd = edd - torch.outer(md, md)
     scc_r, chol = _ridged_cholesky(scc, ridge)
+    ridge_amount = float((scc_r.diagonal() - scc.diagonal()).mean())  # scc_r = scc + ridge_amount * I
     var_d = torch.einsum("od,de,oe->o", w, sdd, w).clamp_min(1e-20)  # dense channel variances
     b = (w @ scd.T) / var_d.sqrt()[:, None]  # [C_out, D] rows b_o = S_cd W_o / ||W_o||
     gw = bn.weight.detach().double().cpu() ** 2 if bn.affine else torch.ones(w.shape[0], dtype=torch.float64)
@@ -296,22 +297,29 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
     k = layer.num_clusters
     idx = layer.index.long().cpu().clone()
     cb = layer.codebook.detach().double().cpu().reshape(k, -1).clone()
-    gram = ub @ sub  # [C_out, C_out]: every cluster's U^T S^-1 U (below) is a block of it
+    # A codebook the centroid step made is cb = (sub @ v)^T, v [C_out, K] (below), so its quadratic forms in
+    # D dimensions reduce to C_out x C_out ones: c_j^T S c_j = v_j^T gram v_j and b_o^T c_j = (cross v_j)_o.
+    gram = ub @ sub  # [C_out, C_out]: U^T S^-1 U; every cluster's block (below) is a block of it
+    cross = b @ sub  # [C_out, C_out]: b_o^T S^-1 sqrt(w_p) b_p
+    sw = (b * var_d.sqrt()[:, None]).T  # [D, C_out]: S_cd W_o, so that c^T S_cd W_o = (c @ sw)_o
 
-    def scores(cb):
-        num = (b @ cb.T) ** 2  # [C_out, K]
+    def scores(cb):  # [C_out, K]: cos^2 of every filter with every centroid of an arbitrary codebook
+        num = (b @ cb.T) ** 2
         den = torch.einsum("kd,de,ke->k", cb, scc_r, cb).clamp_min(1e-30)
         return num / den[None, :]
 
-    def objective(idx, cb):
-        return float((gw * scores(cb).gather(1, idx[:, None])[:, 0]).sum() / gw.sum())
+    def scores_of(v):  # the same for cb = (sub @ v)^T, in C_out x C_out algebra
+        num = (cross @ v) ** 2
+        den = ((gram @ v) * v).sum(0).clamp_min(1e-30)
+        return num / den[None, :]
 
-    def fill_empty(idx, cb):
-        """Each empty cluster takes the worst-explained filter of a cluster that keeps a member."""
+    def fill_empty(idx, sc):
+        """Each empty cluster takes the worst-explained filter of a cluster that keeps a member (``sc``: the
+        current codebook's scores)."""
         counts = torch.bincount(idx, minlength=k)
         empty = (counts == 0).nonzero()[:, 0].tolist()
         if empty:
-            explained = scores(cb).gather(1, idx[:, None])[:, 0]
+            explained = sc.gather(1, idx[:, None])[:, 0]
             for j in empty:
                 explained[counts[idx] < 2] = float("inf")
                 worst = int(explained.argmin())
@@ -320,11 +328,13 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
                 explained[worst] = float("inf")
         return idx
 
-    def centroids(idx, cb):
-        """cb with every non-empty cluster's centroid: ``argmax_c (c^T U U^T c) / (c^T S c)`` for ``U`` the
-        columns ``sqrt(w_o) b_o`` of its members is ``c = S^-1 U v``, ``v`` the top eigenvector of the small
-        ``U^T S^-1 U`` (``U U^T`` has rank <= its members), a block of ``gram``.  Clusters of one size share one
-        batched eigh, and ``sub @ V`` (column j of V: ``v`` over cluster j's members) gives every centroid."""
+    def centroids(idx, cb, v_old):
+        """``(cb, its scores, v)`` with every non-empty cluster's centroid: ``argmax_c (c^T U U^T c) / (c^T S c)``
+        for ``U`` the columns ``sqrt(w_o) b_o`` of its members is ``c = S^-1 U v``, ``v`` the top eigenvector of the
+        small ``U^T S^-1 U`` (``U U^T`` has rank <= its members), a block of ``gram``.  Clusters of one size share
+        one batched eigh, and ``sub @ V`` (column j of V: ``v`` over cluster j's members) gives every centroid.
+        With every cluster used the codebook is left as ``v`` (cb None; ``(sub @ v).T`` when wanted); an empty
+        cluster keeps its old row (from ``cb``, or ``v_old`` where cb is None), which ``v`` does not describe."""
         counts = torch.bincount(idx, minlength=k)
         members = torch.argsort(idx, stable=True)  # cluster by cluster, each in ascending filter order
         first = torch.cumsum(counts, 0) - counts
@@ -337,55 +347,61 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
             m = gram[mem[:, :, None], mem[:, None, :]]
             _, vecs = torch.linalg.eigh(0.5 * (m + m.transpose(1, 2)))
             v[mem, js[:, None].expand_as(mem)] = vecs[:, :, -1]
-        new = (sub @ v).T
-        cb = cb.clone()
-        cb[counts > 0] = new[counts > 0]
-        return cb
+        if bool((counts > 0).all()):
+            return None, scores_of(v), v
+        cb = (sub @ v_old).T if cb is None else cb.clone()
+        cb[counts > 0] = (sub @ v).T[counts > 0]
+        return cb, scores(cb), None
 
-    before = objective(idx, cb)
+    def objective(idx, sc):
+        return float((gw * sc.gather(1, idx[:, None])[:, 0]).sum() / gw.sum())
+
+    sc = scores(cb)
+    before = objective(idx, sc)
+    v = None
     for _ in range(iterations):
-        idx = fill_empty(idx, cb)
-        cb = centroids(idx, cb)
-        new_idx = scores(cb).argmax(1)
+        idx = fill_empty(idx, sc)
+        cb, sc, v = centroids(idx, cb, v)
+        new_idx = sc.argmax(1)
         if torch.equal(new_idx, idx):
             break
         idx = new_idx
-    cb = centroids(idx, cb)  # refresh centroids for the final assignment
+    cb, sc, v = centroids(idx, cb, v)  # refresh centroids for the final assignment
+    after = objective(idx, sc)
+    if cb is None:
+        cb = (sub @ v).T
     # per-filter best scale s_o = c^T S_cd W_o / c^T S_cc c; orient each centroid to its members' majority sign
     # and give it the mean member output scale (keeps weights at their natural magnitude; cosine layers keep
     # unit-norm centroids, their norms being the filters')
     # A layer's own per-filter scale (the cosine option's norms: output = (c . x + bias) * scale + shift) multiplies
     # each filter's response: it enters the magnitude, the signs and the BN statistics below.
     scale, shift = _epilogue(layer)
-
-    def responses(cb):  # [K, C_out]: c_j^T S_cd W_o, times filter o's own scale
-        proj = (cb @ scd) @ w.T
-        return proj if scale is None else proj * scale[None, :]
-
-    proj = responses(cb)
-    for j in range(k):
-        members = (idx == j).nonzero()[:, 0]
-        sgn = float(torch.sign((gw[members] * proj[j, members]).sum())) or 1.0  # an empty sum: 1
-        if layer._kc_cosine:  # every row unit-norm, an unused one too
-            norm = float(cb[j].norm())
-            if norm > 0:
-                cb[j] = cb[j] * sgn / norm
-            continue
-        if members.numel() == 0:
-            continue
-        var_c = float(cb[j] @ scc @ cb[j])
-        target = float(var_d[members].sqrt().mean())
-        if var_c > 0:
-            cb[j] = cb[j] * sgn * target / var_c ** 0.5
-    s = responses(cb).gather(0, idx[None, :])[0]  # sign of each filter's best scale
-    flip = s < 0
-    after = objective(idx, cb)
+    proj = cb @ sw  # [K, C_out]: c_j^T S_cd W_o
+    if scale is not None:
+        proj = proj * scale[None, :]
+    own = proj.gather(0, idx[None, :])[0]  # each filter's response to its dense channel
+    counts = torch.bincount(idx, minlength=k)
+    sgn = torch.sign(torch.zeros(k, dtype=cb.dtype).index_add_(0, idx, gw * own))
+    sgn[sgn == 0] = 1.0  # an empty sum: 1
+    if v is not None:  # the centroids' output variances c^T S_cc c (unridged)
+        var_c = ((gram @ v) * v).sum(0) - ridge_amount * (cb * cb).sum(1)
+    else:
+        var_c = ((cb @ scc) * cb).sum(1)
+    if layer._kc_cosine:  # every row unit-norm, an unused one too
+        norm = cb.norm(dim=1)
+        factor = torch.where(norm > 0, sgn / norm.clamp_min(1e-300), torch.ones_like(norm))
+    else:
+        target = torch.zeros(k, dtype=cb.dtype).index_add_(0, idx, var_d.sqrt()) / counts.clamp_min(1)
+        factor = torch.where((counts > 0) & (var_c > 0), sgn * target / var_c.clamp_min(1e-300).sqrt(),
+                             torch.ones_like(var_c))
+    cb = cb * factor[:, None]
+    var_c = var_c * factor ** 2
+    flip = own * factor[idx] < 0  # the sign of each filter's best scale
     with torch.no_grad():
         layer.codebook.copy_(cb.reshape(layer.codebook.shape).to(layer.codebook.dtype))
         layer.set_index(idx)
-        cbi = cb[idx]  # [C_out, D]
-        mean_y = cbi @ mc
-        var_y = torch.einsum("od,de,oe->o", cbi, scc, cbi)
+        mean_y = cb[idx] @ mc
+        var_y = var_c[idx]
         if layer.bias is not None:
             mean_y = mean_y + layer.bias.detach().double().cpu()
         if scale is not None:
