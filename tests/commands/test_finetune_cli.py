@@ -57,6 +57,22 @@ def test_finetune_progressive_order_and_resume(ckpt, cifar, tmp_path, capsys):
     assert h2["history"] == h["history"]
 
 
+def test_finetune_with_a_sensitivity_plan_prints_and_records_its_split(ckpt, cifar, tmp_path, capsys):
+    """``--plan sensitivity=0.5``: resnet20's 344 filters of ratio 0.5, split by the sweep; the split is printed
+    and in history.json, and the saved model has it."""
+    out = tmp_path / "s"
+    args = _args(ckpt, cifar, "--epochs", "0", "--out", str(out))
+    i = args.index("--ratio")
+    args[i:i + 2] = ["--plan", "sensitivity=0.5"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "k per layer (output sensitivity, 344 filters): conv1=" in printed
+    ks = json.loads((out / "history.json").read_text())["layer_ks"]
+    assert sum(ks.values()) == 344 and len(ks) == 19 and len(set(ks.values())) > 1
+    back = kcengine.load_compressed(out / "model.pt")
+    assert {n: back.get_submodule(n).num_clusters for n in ks} == ks
+
+
 @pytest.mark.parametrize("extra, msg", [
     ((), "give --ratio"),
     (("--ratio", "0.5", "--epochs", "-1"), "epochs must be"),

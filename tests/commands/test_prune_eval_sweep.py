@@ -148,6 +148,8 @@ def test_sweep_writes_csv(ckpt, cifar, tmp_path):
 @pytest.mark.parametrize("argv,msg", [
     (["prune", "--weights", "none", "--no-eval"], "give --ratio R or --plan PLAN"),
     (["prune", "--weights", "none", "--no-eval", "--plan", "ratio=7"], "ratio must be a ratio in (0, 1]"),
+    (["prune", "--weights", "none", "--no-eval", "--plan", "sensitivity=0.5"],
+     "kcengine finetune --plan sensitivity=0.5 measures it"),
     (["eval", "--weights", "none"], "accuracy work needs them"),
     (["eval", "--model", "resnet19", "--weights", "none"], "not a known model"),
     (["sweep", "--weights", "none", "--ratios", "0,2"], "--ratios must be"),

@@ -7,7 +7,8 @@ import torch
 
 import kcengine
 from kcengine.train.calibrate import calibrate_outputs
-from kcengine.train.sensitivity import allocate_ks, output_sensitivity
+from kcengine.data.datasets import evenly_spaced, make_loader
+from kcengine.train.sensitivity import allocate_ks, output_sensitivity, sensitivity_plan
 
 
 def test_output_sensitivity_rows_are_the_kl_of_each_layer_clustered_alone(kit):
@@ -128,3 +129,59 @@ def test_output_sensitivity_reuses_the_prefix_only_where_it_is_safe():
                 torch.testing.assert_close(cm(ev[:4]), whole)
         assert "forward" not in cm.stem.__dict__
         torch.testing.assert_close(cm(ev[:4]), whole)
+
+
+def _duplicated_conv2(kit):
+    """TinyNet whose conv2 holds 3 distinct filters, each 4 times: clustered to 3 or more it loses nothing."""
+    torch.manual_seed(0)
+    model = kit.TinyNet().eval()
+    with torch.no_grad():
+        model.conv2.weight.copy_(torch.randn(3, 8, 3, 3).repeat(4, 1, 1, 1))
+    return model
+
+
+def test_sensitivity_plan_spends_the_uniform_budget_where_the_outputs_suffer_least(kit):
+    """Ratio 0.5 gives 4 + 6 = 10 filters.  conv2 loses nothing down to 3 filters, its floor (min_ratio 0.25 of
+    12), so the plan gives it 3 and conv1 the other 7; conv1 alone at 7 costs the network something."""
+    model = _duplicated_conv2(kit)
+    ds = kit.tiny_data(n=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = sensitivity_plan(model, ds.images[:32], ds.images[32:], 0.5)
+    assert plan == {"layers": {"conv1": 7, "conv2": 3}}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # not modified
+    _, rep = kcengine.compress(model, plan)
+    assert {lr.name: lr.k for lr in rep.layers} == {"conv1": 7, "conv2": 3}
+    with pytest.raises(ValueError, match=r"ratio must be a number in \(0, 1\], got ratio=1.5"):
+        sensitivity_plan(model, ds.images[:32], ds.images[32:], 1.5)
+
+
+def test_compress_refuses_a_sensitivity_plan_and_says_what_measures_it(kit):
+    from kcengine.compress import OutputSensitivity, parse_plan
+
+    assert parse_plan("sensitivity=0.5") == parse_plan({"sensitivity": 0.5}) == OutputSensitivity(0.5)
+    with pytest.raises(ValueError, match=r"sensitivity ratio must be a ratio in \(0, 1\], got 0"):
+        parse_plan({"sensitivity": 0})
+    with pytest.raises(ValueError, match=r"kcengine.finetune\(model, loader, plan='sensitivity=0.5'\)"):
+        kcengine.compress(kit.TinyNet(), "sensitivity=0.5")
+
+
+def test_finetune_measures_a_sensitivity_plan_on_its_training_images(kit):
+    """``plan={"sensitivity": 0.5}``: each layer refit on finetune's calibration images (evenly spaced over the
+    set) and the KL measured on the other images; the model trains with that split (the string form and
+    progressive mode too).  The same plan from sensitivity_plan on those images is the reference."""
+    model = _duplicated_conv2(kit)
+    ds = kit.tiny_data(n=64)
+    loader = make_loader(ds, 16, shuffle=True, seed=0)
+    calib = evenly_spaced(64, 16)
+    rest = [i for i in range(64) if i not in calib]
+    want = sensitivity_plan(model, ds.images[calib], ds.images[rest], 0.5)["layers"]
+    assert want == {"conv1": 7, "conv2": 3}
+    res = kcengine.finetune(model, loader, plan={"sensitivity": 0.5}, epochs=1, calibration_images=16,
+                            progress=False)
+    assert res.layer_ks == want
+    assert {n: res.model.get_submodule(n).num_clusters for n in want} == want
+    res = kcengine.finetune(model, loader, plan="sensitivity=0.5", mode="progressive", epochs=0,
+                            calibration_images=16, progress=False)
+    assert res.layer_ks == want and res.stages == [["conv2"], ["conv1"]]
+    with pytest.raises(ValueError, match="needs granularity='filter', got granularity='kernel'"):
+        kcengine.finetune(model, loader, plan={"sensitivity": 0.5}, granularity="kernel", progress=False)

@@ -31,7 +31,9 @@ def add_arguments(parser) -> None:
     add_model_data_arguments(parser, training=True)
     g = parser.add_argument_group("plan", "one of --ratio or --plan is required")
     add(g, "--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")
-    add(g, "--plan", default=None, help="as for prune: R | ratio=R | relative_inertia=F | elbow | map:... ")
+    add(g, "--plan", default=None, help="as for prune: R | ratio=R | relative_inertia=F | elbow | map:... ; or "
+        "sensitivity=R: the unique filters of ratio R split between the layers by output sensitivity, measured on "
+        "training images before training")
     add(g, "--granularity", default=ft["granularity"], choices=GRANULARITIES)
     add(g, "--kmeans-seed", type=int, default=0)
     t = parser.add_argument_group("training (defaults: the recommended recipe)")
@@ -152,6 +154,9 @@ def run(args) -> int:
     pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
     print(f"{lm.name} {args.mode}: clustered {pct(res.accuracy_clustered)}, after refit+BN {pct(res.accuracy_start)}, "
           f"after {len(res.history)} epochs {pct(res.accuracy)} ({res.seconds:.0f} s)")
+    if isinstance(plan, str) and plan.strip().lower().startswith("sensitivity"):
+        print(f"  k per layer (output sensitivity, {sum(res.layer_ks.values())} filters): "
+              + ", ".join(f"{n}={k}" for n, k in res.layer_ks.items()))
     for h in res.history:
         print(f"  {h['phase']:>10} epoch {h['epoch']:>2}: loss {h['loss']:.4f}  train {pct(h['train_top1'])}  "
               f"eval {pct(h['eval_top1'])}  {h['seconds']:.1f} s")
@@ -162,7 +167,8 @@ def run(args) -> int:
         (out / "history.json").write_text(json.dumps({
             "model": lm.name, "mode": args.mode, "plan": plan if isinstance(plan, dict) else str(plan),
             "accuracy_clustered": res.accuracy_clustered, "accuracy_start": res.accuracy_start,
-            "accuracy": res.accuracy, "stages": res.stages, "history": res.history, "seconds": res.seconds},
+            "accuracy": res.accuracy, "stages": res.stages, "layer_ks": res.layer_ks, "history": res.history,
+            "seconds": res.seconds},
             indent=1))
         print(f"wrote {out / 'model.pt'}, {out / 'history.json'} and {out / 'curves.png'}")
     return 0

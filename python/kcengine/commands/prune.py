@@ -49,6 +49,9 @@ def run(args) -> int:
 
     if args.plan is None and args.ratio is None:
         raise UserError("give --ratio R or --plan PLAN (e.g. --ratio 0.5, --plan elbow, --plan map:conv1=8)")
+    if args.plan is not None and args.plan.strip().lower().startswith("sensitivity"):
+        raise UserError(f"--plan {args.plan} splits the unique filters by the network's outputs on training images, "
+                        f"which prune does not read: kcengine finetune --plan {args.plan} measures it (and recovers)")
     lm = load_model_arg(args, need_trained=not args.no_eval)
     data = None if args.no_eval else load_data_arg(args, lm)
     try:

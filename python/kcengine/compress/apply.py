@@ -12,7 +12,8 @@ from .._checks import check_float, check_int
 from ..kmeans import kmeans, kmeans_sweep
 from ..conv.module import replace_module
 from .layers import GRANULARITIES, LayerProblem, effective_weight
-from .plan import ByChannels, Elbow, FixedRatio, PerLayer, k_from_value, parse_plan, ratio_to_k, select_layers
+from .plan import (ByChannels, Elbow, FixedRatio, OutputSensitivity, PerLayer, k_from_value, parse_plan, ratio_to_k,
+                   select_layers)
 from .report import CompressionReport, LayerReport
 
 __all__ = ["compress", "conv_layers", "require_dense_convs", "candidate_ks", "elbow_index", "sweep_layer", "replace_module"]
@@ -209,6 +210,11 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
 
     check_backend_name(conv_backend, "conv_backend")
     strategy = parse_plan(plan, ratio)
+    if isinstance(strategy, OutputSensitivity):
+        raise ValueError(f"plan {plan!r} splits the unique filters by the network's outputs on data, which compress "
+                         f"(weights only) does not see: kcengine.finetune(model, loader, plan={plan!r}) measures it "
+                         f"on its training images, or kcengine.train.sensitivity_plan(model, calib_images, "
+                         f"eval_images, {strategy.ratio:g}) makes the per-layer plan to pass here")
     convs = conv_layers(model)
     require_dense_convs(model, convs)
     by_name = dict(convs)

@@ -3,17 +3,18 @@
 A plan is one of the k-selection strategies below (or a dict / string that parses into one; a bare
 float is the ratio: ``plan=0.5`` is ``FixedRatio(0.5)``):
 
-=====================  ==========================================  =======================================
-strategy               dict form                                   string form (CLI ``--plan``)
-=====================  ==========================================  =======================================
-:class:`FixedRatio`    ``{"ratio": 0.5}``                          ``ratio=0.5``
-:class:`InertiaLimit`  ``{"inertia": 0.8}`` (absolute)             ``inertia=0.8``
-                       ``{"relative_inertia": 0.1}``               ``relative_inertia=0.1``
-:class:`Elbow`         ``{"elbow": [0.05, ..., 1.0]}``             ``elbow`` or ``elbow=0.05:1.0:0.05``
-:class:`PerLayer`      ``{"layers": {"layer1.0.conv1": 8,          ``map:layer1.0.conv1=8,layer3\\..*=0.25``
-                       "re:layer3\\..*": 0.25}}``
-:class:`ByChannels`    ``{"channels": {16: 0.75, 64: 0.25}}``      ``channels:16=0.75,64=0.25``
-=====================  ==========================================  =======================================
+==========================  ==========================================  =======================================
+strategy                    dict form                                   string form (CLI ``--plan``)
+==========================  ==========================================  =======================================
+:class:`FixedRatio`         ``{"ratio": 0.5}``                          ``ratio=0.5``
+:class:`InertiaLimit`       ``{"inertia": 0.8}`` (absolute)             ``inertia=0.8``
+                            ``{"relative_inertia": 0.1}``               ``relative_inertia=0.1``
+:class:`Elbow`              ``{"elbow": [0.05, ..., 1.0]}``             ``elbow`` or ``elbow=0.05:1.0:0.05``
+:class:`PerLayer`           ``{"layers": {"layer1.0.conv1": 8,          ``map:layer1.0.conv1=8,layer3\\..*=0.25``
+                            "re:layer3\\..*": 0.25}}``
+:class:`ByChannels`         ``{"channels": {16: 0.75, 64: 0.25}}``      ``channels:16=0.75,64=0.25``
+:class:`OutputSensitivity`  ``{"sensitivity": 0.5}``                    ``sensitivity=0.5``
+==========================  ==========================================  =======================================
 
 Values given as a float in (0, 1] are ratios (``k = round(N * ratio)``, at least 1), ints >= 1
 are k itself.  ``N`` is the number of points a layer has at the chosen granularity: ``C_out`` for
@@ -25,6 +26,10 @@ full with :func:`re.fullmatch`); exact names win over patterns, and patterns are
 order given.  Layers no key matches are left dense.  :class:`ByChannels` maps an output-channel
 count to a k or ratio ("groups by channel count"): all layers with that ``C_out`` share the
 setting; layers whose ``C_out`` is not listed are left dense.
+
+:class:`OutputSensitivity` needs data: it spends the unique filters of a ratio where the network's outputs
+on training images suffer least (:func:`kcengine.train.sensitivity_plan`).  :func:`kcengine.finetune`
+measures it on its training set; :func:`kcengine.compress` alone, which sees only weights, refuses it.
 
 Layer *selection* (``layers=`` of :func:`kcengine.compress`) is separate: ``None`` (every
 ``nn.Conv2d``), ``"first"`` (only the first conv in module order), a regex string (full match),
@@ -38,7 +43,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-__all__ = ["FixedRatio", "InertiaLimit", "Elbow", "PerLayer", "ByChannels", "KSelection", "parse_plan",
+__all__ = ["FixedRatio", "InertiaLimit", "Elbow", "PerLayer", "ByChannels", "OutputSensitivity", "KSelection", "parse_plan",
            "k_from_value", "select_layers", "DEFAULT_ELBOW_RATIOS"]
 
 DEFAULT_ELBOW_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 21))
@@ -125,6 +130,21 @@ class Elbow:
 
 
 @dataclass(frozen=True)
+class OutputSensitivity:
+    """As many unique filters in all as ``FixedRatio(ratio)`` gives (``sum round(C_out * ratio)``), split
+    between the layers by the damage each does to the network's output: :func:`kcengine.train.sensitivity_plan`
+    measures it on calibration images and resolves this plan into a :class:`PerLayer` one.  Filter granularity."""
+
+    ratio: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "ratio", _check_ratio(self.ratio, "sensitivity ratio"))
+
+    def describe(self) -> str:
+        return f"the unique filters of ratio {self.ratio:g}, split by output sensitivity"
+
+
+@dataclass(frozen=True)
 class PerLayer:
     """Explicit k or ratio per layer name or ``re:`` pattern (see the module docstring)."""
 
@@ -191,7 +211,7 @@ class ByChannels:
         return "by channel count " + ", ".join(f"{c}={v}" for c, v in self.mapping.items())
 
 
-KSelection = FixedRatio | InertiaLimit | Elbow | PerLayer | ByChannels
+KSelection = FixedRatio | InertiaLimit | Elbow | PerLayer | ByChannels | OutputSensitivity
 
 
 def _few(names: Sequence[str], n: int = 6) -> str:
@@ -256,7 +276,7 @@ def _parse_string(text: str):
     name = name.strip().lower()
     if not eq:
         raise ValueError(f"plan {text!r} is not understood; use R (a ratio), ratio=R, inertia=X, relative_inertia=F, "
-                         f"elbow, elbow=START:STOP:STEP, map:NAME=K,... or channels:C=K,...")
+                         f"elbow, elbow=START:STOP:STEP, map:NAME=K,..., channels:C=K,... or sensitivity=R")
     if name == "ratio":
         return FixedRatio(_number(val, "ratio"))
     if name == "inertia":
@@ -272,8 +292,10 @@ def _parse_string(text: str):
             raise ValueError(f"elbow range {val!r} needs START <= STOP and STEP > 0")
         n = int(math.floor((b - a) / st + 1e-9)) + 1
         return Elbow(tuple(round(a + i * st, 6) for i in range(n)))
-    raise ValueError(f"plan {text!r}: unknown strategy {name!r}; use ratio, inertia, relative_inertia, elbow, map: "
-                     f"or channels:")
+    if name == "sensitivity":
+        return OutputSensitivity(_number(val, "sensitivity"))
+    raise ValueError(f"plan {text!r}: unknown strategy {name!r}; use ratio, inertia, relative_inertia, elbow, "
+                     f"sensitivity, map: or channels:")
 
 
 def parse_plan(plan=None, ratio=None):
@@ -285,7 +307,7 @@ def parse_plan(plan=None, ratio=None):
         if ratio is None:
             raise ValueError("no plan: pass ratio= (e.g. 0.5) or plan= (see kcengine.compress.plan)")
         return FixedRatio(ratio)
-    if isinstance(plan, (FixedRatio, InertiaLimit, Elbow, PerLayer, ByChannels)):
+    if isinstance(plan, (FixedRatio, InertiaLimit, Elbow, PerLayer, ByChannels, OutputSensitivity)):
         return plan
     if isinstance(plan, str):
         return _parse_string(plan)
@@ -297,7 +319,7 @@ def parse_plan(plan=None, ratio=None):
     if isinstance(plan, Mapping):
         if len(plan) != 1:
             raise ValueError(f"a plan dict has exactly one key (ratio, inertia, relative_inertia, elbow, layers, "
-                             f"channels), got keys {sorted(map(str, plan))}")
+                             f"channels, sensitivity), got keys {sorted(map(str, plan))}")
         (key, val), = plan.items()
         if key == "ratio":
             return FixedRatio(val)
@@ -311,8 +333,10 @@ def parse_plan(plan=None, ratio=None):
             return PerLayer(dict(val))
         if key == "channels":
             return ByChannels(dict(val))
-        raise ValueError(f"plan key {key!r} is unknown; use ratio, inertia, relative_inertia, elbow, layers or "
-                         f"channels")
+        if key == "sensitivity":
+            return OutputSensitivity(val)
+        raise ValueError(f"plan key {key!r} is unknown; use ratio, inertia, relative_inertia, elbow, layers, "
+                         f"channels or sensitivity")
     raise ValueError(f"plan must be a strategy, a dict, a string or a ratio, got {type(plan).__name__}")
 
 

@@ -107,7 +107,8 @@ class FinetuneResult:
     ``accuracy_clustered``: eval top-1 right after clustering (progressive: after the first stage's);
     ``accuracy_start``: the same once refit and BN-recalibrated, before any training (None without eval_data).
     ``calibration``: per-layer results of the output-aware refit.  ``resumed_from``: (phase, epoch) of the
-    checkpoint the run continued from, or None."""
+    checkpoint the run continued from, or None.  ``layer_ks``: k of every clustered layer of ``model`` (with
+    ``plan={"sensitivity": r}``, the split the sweep chose)."""
 
     model: nn.Module
     mode: str
@@ -118,6 +119,7 @@ class FinetuneResult:
     calibration: dict = field(default_factory=dict)
     seconds: float = 0.0
     resumed_from: tuple | None = None
+    layer_ks: dict = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float | None:
@@ -153,11 +155,11 @@ def lr_factor(schedule: str, t: float) -> float:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got schedule={schedule!r}")
 
 
-def _dataset_images(loader, n: int) -> torch.Tensor:
+def _dataset_images(loader, n: int, idx: list[int] | None = None) -> torch.Tensor:
     """``n`` images evenly spaced over the loader's dataset (:func:`kcengine.data.evenly_spaced`; the same on every
-    process, read from the dataset, not through the loader's sampler or batching)."""
+    process, read from the dataset, not through the loader's sampler or batching), or the images ``idx``."""
     ds = loader.dataset
-    idx = evenly_spaced(len(ds), n)
+    idx = evenly_spaced(len(ds), n) if idx is None else idx
     if hasattr(ds, "tensors"):
         x = ds.tensors[0][torch.tensor(idx, dtype=torch.long)]
     else:
@@ -174,6 +176,40 @@ def _dataset_images(loader, n: int) -> torch.Tensor:
     if x.shape[0] == 0:
         raise ValueError("train_loader's dataset holds no images")
     return x
+
+
+SENSITIVITY_EVAL_IMAGES = 1024
+
+
+def sensitivity_images(size: int, calibration_images: int) -> tuple[list[int], list[int]]:
+    """``(calibration, held_out)`` indices into a training set of ``size`` items for ``plan={"sensitivity": r}``:
+    finetune's calibration images (``calibration_images`` evenly spaced) and ``SENSITIVITY_EVAL_IMAGES`` of the
+    others, evenly spaced over them (empty when there is no other)."""
+    calib = evenly_spaced(size, calibration_images)
+    taken = set(calib)
+    rest = [i for i in range(size) if i not in taken]
+    return calib, [rest[i] for i in evenly_spaced(len(rest), SENSITIVITY_EVAL_IMAGES)] if rest else []
+
+
+def _resolve_sensitivity(model, train_loader, calib, calibration_images: int, ratio: float, seed: int,
+                         progress: bool) -> dict:
+    """``plan={"sensitivity": ratio}`` as a per-layer plan (:func:`kcengine.train.sensitivity_plan`): each layer
+    refit on the calibration images, the KL measured on ``SENSITIVITY_EVAL_IMAGES`` other training images evenly
+    spaced over the rest of the set (the calibration images themselves when there is no other).  Under
+    torch.distributed rank 0 measures it and the others receive its plan, so that every process builds the same
+    layers."""
+    from .sensitivity import sensitivity_plan
+
+    plan = None
+    if dd.is_main():
+        _, held_idx = sensitivity_images(len(train_loader.dataset), calibration_images)
+        held = _dataset_images(train_loader, len(held_idx), held_idx) if held_idx else calib
+        plan = sensitivity_plan(model, calib, held.to(calib.device), ratio, seed=seed, progress=progress)
+    if dd.is_distributed():
+        box = [plan]
+        torch.distributed.broadcast_object_list(box, src=0)
+        plan = box[0]
+    return plan
 
 
 @dataclass
@@ -237,6 +273,11 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         epochs: training epochs (progressive: after the last stage).  Default ``DEFAULT_EPOCHS[mode]``.
         plan: a :func:`kcengine.compress` plan (a ratio such as 0.5, a dict, ...): cluster the dense ``model`` first
             (required for ``progressive``; each layer gets the k this plan gives it on the dense model).
+            ``{"sensitivity": r}`` (``"sensitivity=r"``) spends the unique filters of ratio ``r`` where the
+            network's outputs suffer least, measured before training
+            (:func:`kcengine.train.sensitivity_plan`: each layer clustered alone and refit on the calibration
+            images, the KL from the dense model on 1,024 other training images); filter granularity.  Recorded
+            as "the mixed plan" in bench/results/recovery_resnet20.md and recovery_resnet56.md.
         granularity: ``"filter"`` or ``"kernel"``, used with ``plan``.
         order: progressive stages: list of layer names, module names (``"layer2"``), regexes or lists of names
             (default: top-level groups, deepest first, e.g. layer3, layer2, layer1, conv1).
@@ -314,6 +355,16 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     if mode == "progressive" and plan is None:
         raise ValueError("mode='progressive' needs plan= (e.g. plan={'ratio': 0.5}): it clusters the dense "
                          "model stage by stage")
+    sensitivity_ratio = None
+    if plan is not None:
+        from ..compress.plan import OutputSensitivity, parse_plan
+
+        parsed = parse_plan(plan)
+        if isinstance(parsed, OutputSensitivity):
+            if granularity != "filter":
+                raise ValueError(f"plan {plan!r} splits filters between layers: it needs granularity='filter', got "
+                                 f"granularity={granularity!r}")
+            sensitivity_ratio = parsed.ratio
 
     if checkpoint_dir is not None:
         if not isinstance(checkpoint_dir, (str, os.PathLike)):
@@ -358,11 +409,22 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     if plan is not None and any(isinstance(m, ClusteredConv2d) for m in work.modules()) and mode != "progressive":
         raise ValueError("model already holds ClusteredConv2d layers; pass plan=None to finetune it as it is")
 
+    calib = _dataset_images(train_loader, calibration_images).to(device)
+    resolved: list = []
+
+    def layer_plan():  # the plan as compress takes it: a sensitivity plan is measured once, when first needed
+        if sensitivity_ratio is None:
+            return plan
+        if not resolved:
+            resolved.append(_resolve_sensitivity(model, train_loader, calib, calibration_images, sensitivity_ratio,
+                                                 seed, progress))
+        return resolved[0]
+
     # ---- phases
     stages: list[list[str]] = []
     ks: dict[str, int] = {}
     if mode == "progressive":
-        _, rep = compress(model, plan, granularity=granularity, **copts)
+        _, rep = compress(model, layer_plan(), granularity=granularity, **copts)
         ks = {lr_.name: lr_.k for lr_ in rep.layers}
         planned = [n for n in conv_names(model) if n in ks]
         stages = resolve_order(order, planned)
@@ -388,7 +450,6 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
                          f"({state.get('fingerprint')}); use another checkpoint_dir or resume=False")
 
     result = FinetuneResult(model=work, mode=mode, stages=stages)
-    calib = _dataset_images(train_loader, calibration_images).to(device)
     loader = dd.distributed_loader(train_loader, seed) if dd.is_distributed() else train_loader
     main = dd.is_main()
     start_phase, start_epoch = 0, 0
@@ -402,7 +463,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         start_phase, start_epoch = state["phase"], state["epoch"]
         result.resumed_from = (start_phase, start_epoch)
     elif mode != "progressive" and plan is not None:
-        work, _ = compress(work, plan, granularity=granularity, **copts)
+        work, _ = compress(work, layer_plan(), granularity=granularity, **copts)
     if not any(isinstance(m, ClusteredConv2d) for m in work.modules()) and mode != "progressive":
         raise ValueError("model has no ClusteredConv2d layer: pass a clustered model (kcengine.compress) or plan=")
 
@@ -457,6 +518,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
             frozen_names.update(phase.layers)
     work.eval()
     result.model = work
+    result.layer_ks = {n: m.num_clusters for n, m in work.named_modules() if isinstance(m, ClusteredConv2d)}
     result.seconds = time.perf_counter() - t_start
     if plot_path is not None and main and result.history:
         result.plot(plot_path, title=f"finetune ({mode})")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["output_sensitivity", "allocate_ks", "DEFAULT_OUTPUT_SWEEP_RATIOS"]
+__all__ = ["output_sensitivity", "allocate_ks", "sensitivity_plan", "DEFAULT_OUTPUT_SWEEP_RATIOS"]
 
 DEFAULT_OUTPUT_SWEEP_RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 
@@ -218,6 +218,33 @@ def _hooks(post: list, target: nn.Module, pre):
     finally:
         for h in handles:
             h.remove()
+
+
+def sensitivity_plan(model: nn.Module, calib_images: torch.Tensor, eval_images: torch.Tensor, ratio: float = 0.5, *,
+                     layers=None, ratios=DEFAULT_OUTPUT_SWEEP_RATIOS, min_ratio: float = 0.25, seed: int = 0,
+                     progress: bool = False) -> dict:
+    """A per-layer plan, ``{"layers": {name: k}}`` for :func:`kcengine.compress`, with as many unique filters in
+    all as ``ratio`` gives uniformly (``sum round(C_out * ratio)`` over the layers swept), split by output
+    sensitivity: :func:`output_sensitivity` on ``calib_images`` / ``eval_images`` (``layers``, ``ratios``,
+    ``seed``, ``progress``), then :func:`allocate_ks` (``min_ratio``).  ``model`` is not modified.
+
+    This is what ``plan={"sensitivity": ratio}`` does in :func:`kcengine.finetune`, on images of its training
+    set.  resnet20 on the CIFAR sample, recovered with finetune's defaults: bench/results/recovery_resnet20.md
+    (the mixed plan).  Layers the sweep leaves out (grouped convs, or ``layers``) are not in the plan and stay
+    dense."""
+    from ..compress.plan import ratio_to_k
+
+    ratio = float(ratio) if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else ratio
+    if not isinstance(ratio, float) or not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be a number in (0, 1], got ratio={ratio!r}")
+    rows = output_sensitivity(model, calib_images, eval_images, layers=layers, ratios=ratios, seed=seed,
+                              progress=progress)
+    if not rows:
+        raise ValueError(f"no layer to split the filters of ratio {ratio:g} between: the sweep's candidate ks "
+                         f"(ratios={tuple(ratios)!r}) are all the layers' full width")
+    width = {r["layer"]: int(r["out_channels"]) for r in rows}
+    budget = sum(ratio_to_k(c, ratio) for c in width.values())
+    return {"layers": allocate_ks(rows, budget, min_ratio=min_ratio)}
 
 
 def allocate_ks(rows: list[dict], budget: int, *, min_ratio: float = 0.25) -> dict[str, int]:
