@@ -5,8 +5,9 @@ training images and scores the 846 test images.  Every conv is clustered at filt
 k = C_out * r; for each r the table gives the accuracy right after clustering, after BN recalibration
 only, after the output-aware refit (+ BN), and after each finetune mode; plus a mixed plan with the
 same total number of unique filters as r = 0.5 whose per-layer k comes from the output sensitivity
-sweep (:func:`kcengine.train.sensitivity.output_sensitivity` + ``allocate_ks``: each layer clustered alone
-and refit, KL from the dense model's outputs; measured on training images, never on the test set).  Rows
+sweep, as ``finetune(plan={"sensitivity": 0.5})`` chooses it (:func:`kcengine.train.sensitivity_plan`: each
+layer clustered alone and refit on finetune's 512 calibration images, KL from the dense model's outputs on
+1,024 other training images; never the test set).  Rows
 are written as they finish (``recovery_<model>.md/.csv``), so an interrupted run keeps what it measured.
 """
 from __future__ import annotations
@@ -51,13 +52,12 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
     ends with each plan's mean and range, and no curves are drawn.  ``batch_size``: the training loader's
     (default finetune's ``RECOMMENDED_BATCH``; its default peak LR scales with it)."""
     from .. import compress
-    from ..compress.apply import conv_layers
-    from ..compress.plan import ratio_to_k
-    from ..data.datasets import Normalization, cifar10_dataset, evenly_spaced, make_loader
+    from ..data.datasets import Normalization, cifar10_dataset, make_loader
     from ..evaluate import top1_accuracy
     from ..train import DEFAULT_EPOCHS, finetune, recalibrate_bn
-    from ..train.finetune import DEFAULT_LR, LR_REFERENCE_BATCH, RECOMMENDED_BATCH, default_lr, finetune_defaults
-    from ..train.sensitivity import allocate_ks, output_sensitivity
+    from ..train.finetune import (DEFAULT_LR, LR_REFERENCE_BATCH, RECOMMENDED_BATCH, default_lr, finetune_defaults,
+                                  sensitivity_images)
+    from ..train.sensitivity import sensitivity_plan
 
     if seeds is not None and "seed" in (finetune_options or {}):
         raise ValueError("pass the finetune seed through seeds= or finetune_options, not both")
@@ -109,9 +109,10 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
                                                  if isinstance(m, torch.nn.Conv2d)),
                  "step": "baseline", "mode": "", "epochs": 0, "top1": base, "seconds": 0.0, "note": ""})
     _write(out, name, rows, header)
-    calib = train.images[:512]  # the sensitivity sweep's (its KL on the next 1024)
-    # the `bn` row recalibrates on the images finetune's refit + BN step takes
-    bn_calib = train.images[torch.tensor(evenly_spaced(len(train.images), 512))]
+    # the `bn` row recalibrates on the images finetune's refit + BN step takes; the mixed plan is finetune's
+    # plan={"sensitivity": 0.5}, measured here once on the images finetune would take for it
+    calib_idx, held_idx = sensitivity_images(len(train.images), 512)
+    bn_calib = train.images[torch.tensor(calib_idx)]
     runs = list(runs or DEFAULT_RUNS)
     mixed_note, mixed_plan_ks = "", None
     for label, mode, n_ep, *rest in runs:
@@ -119,10 +120,10 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
         if label.startswith("mixed"):
             if mixed_plan_ks is None:
                 t0 = time.perf_counter()
-                rows_s = output_sensitivity(lm.model, calib, train.images[512:1536])
-                budget = sum(ratio_to_k(m.out_channels, 0.5) for _, m in conv_layers(lm.model))  # = ratio 0.5's
-                mixed_plan_ks = allocate_ks(rows_s, budget)
-                mixed_note = (f"output sensitivity (each layer alone, refit; KL on 1024 train images) "
+                mixed_plan_ks = sensitivity_plan(lm.model, bn_calib, train.images[torch.tensor(held_idx)],
+                                                 0.5)["layers"]
+                mixed_note = (f"plan={{'sensitivity': 0.5}}: output sensitivity (each layer alone, refit on the "
+                              f"512 calibration images; KL on {len(held_idx)} other train images) "
                               f"{time.perf_counter() - t0:.0f} s; k: ") + \
                     ", ".join(f"{n}={k}" for n, k in mixed_plan_ks.items())
             plan = {"layers": mixed_plan_ks}
