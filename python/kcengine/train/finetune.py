@@ -416,8 +416,9 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         if sensitivity_ratio is None:
             return plan
         if not resolved:
-            resolved.append(_resolve_sensitivity(model, train_loader, calib, calibration_images, sensitivity_ratio,
-                                                 seed, progress))
+            # measured on the dense model's copy on `device`, where calib is
+            resolved.append(_resolve_sensitivity(reference, train_loader, calib, calibration_images,
+                                                 sensitivity_ratio, seed, progress))
         return resolved[0]
 
     # ---- phases
