@@ -82,6 +82,9 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
 
             bar = tqdm(total=len(selected), desc="output sensitivity", unit="layer", leave=False)
         opt = {p.name: p.default for p in inspect.signature(calibrate_outputs).parameters.values()}
+        # the BN after each conv, by name: a clustered copy has the dense model's modules and names
+        module_name = {m: n for n, m in model.named_modules()}
+        bn_name = {n: module_name[b] for n, b in following_batchnorm(model, calib_images[:2]).items()}
         for name in selected:
             conv = by_name[name]
             c = conv.out_channels
@@ -99,8 +102,8 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
                     if mom is None:
                         x = _layer_input(model, conv, calib_images, opt["batch_size"])
                         mom = _moments(conv, x, x, opt["max_patches"], seed)
-                    _refit_layer(layer, conv, following_batchnorm(cm, calib_images[:2]).get(name), mom,
-                                 opt["iterations"], opt["ridge"])
+                    bn = cm.get_submodule(bn_name[name]) if name in bn_name else None
+                    _refit_layer(layer, conv, bn, mom, opt["iterations"], opt["ridge"])
                 else:
                     calibrate_outputs(cm, model, calib_images, layers=[name], seed=seed)
                 if first:
