@@ -39,8 +39,17 @@ def _worker(rank, world, port, out_dir):
         ds = helpers.tiny_data(n=64)
         res = finetune(model, make_loader(ds, 16, shuffle=False), plan={"ratio": 0.5}, epochs=2, augment=False,
                        mixup=0.0, progress=False, calibration_images=32, lr=0.05, checkpoint_dir=out_dir)
-        torch.save({"losses": [h["loss"] for h in res.history], "state": res.model.state_dict()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        if rank != 0:  # the sensitivity plan is measured on rank 0 only, and sent to the others
+            import kcengine.train.sensitivity as sens
+
+            def refuse(*args, **kwargs):
+                raise AssertionError("a rank other than 0 measured the sensitivity plan")
+
+            sens.sensitivity_plan = refuse
+        sres = finetune(model, make_loader(ds, 16, shuffle=False), plan={"sensitivity": 0.5}, epochs=0,
+                        progress=False, calibration_images=32)
+        torch.save({"losses": [h["loss"] for h in res.history], "state": res.model.state_dict(),
+                    "sensitivity_ks": sres.layer_ks}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dd.cleanup()
 
@@ -76,4 +85,7 @@ def test_two_gloo_processes_match_one(tmp_path):
         torch.testing.assert_close(r0["state"][k], v, atol=1e-5, rtol=1e-5, msg=k)
         torch.testing.assert_close(r1["state"][k], r0["state"][k], atol=0, rtol=0, msg=k)
     assert (tmp_path / CHECKPOINT_NAME).is_file()  # written by rank 0
+    ks = finetune(model, make_loader(ds, 16, shuffle=False), plan={"sensitivity": 0.5}, epochs=0, progress=False,
+                  calibration_images=32).layer_ks
+    assert r0["sensitivity_ks"] == r1["sensitivity_ks"] == ks and sum(ks.values()) == 4 + 6
     assert losses[1] < losses[0]  # it trained: the comparison is not between two idle runs

@@ -151,6 +151,9 @@ def test_sensitivity_plan_spends_the_uniform_budget_where_the_outputs_suffer_lea
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # not modified
     _, rep = kcengine.compress(model, plan)
     assert {lr.name: lr.k for lr in rep.layers} == {"conv1": 7, "conv2": 3}
+    # below twice the floor (min_ratio 0.25) the floor follows the ratio: 1 + 2 filters at 1/8
+    small = sensitivity_plan(model, ds.images[:32], ds.images[32:], 0.125)["layers"]
+    assert sum(small.values()) == 3 and min(small.values()) >= 1
     with pytest.raises(ValueError, match=r"ratio must be a number in \(0, 1\], got ratio=1.5"):
         sensitivity_plan(model, ds.images[:32], ds.images[32:], 1.5)
 

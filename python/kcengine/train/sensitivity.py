@@ -229,7 +229,8 @@ def sensitivity_plan(model: nn.Module, calib_images: torch.Tensor, eval_images: 
     """A per-layer plan, ``{"layers": {name: k}}`` for :func:`kcengine.compress`, with as many unique filters in
     all as ``ratio`` gives uniformly (``sum round(C_out * ratio)`` over the layers swept), split by output
     sensitivity: :func:`output_sensitivity` on ``calib_images`` / ``eval_images`` (``layers``, ``ratios``,
-    ``seed``, ``progress``), then :func:`allocate_ks` (``min_ratio``).  ``model`` is not modified.
+    ``seed``, ``progress``), then :func:`allocate_ks` with each layer's floor at ``min_ratio`` of its filters, or
+    ``ratio / 2`` where that is lower (so that the floors fit the budget).  ``model`` is not modified.
 
     This is what ``plan={"sensitivity": ratio}`` does in :func:`kcengine.finetune`, on images of its training
     set.  resnet20 on the CIFAR sample, recovered with finetune's defaults: bench/results/recovery_resnet20.md
@@ -247,7 +248,7 @@ def sensitivity_plan(model: nn.Module, calib_images: torch.Tensor, eval_images: 
                          f"(ratios={tuple(ratios)!r}) are all the layers' full width")
     width = {r["layer"]: int(r["out_channels"]) for r in rows}
     budget = sum(ratio_to_k(c, ratio) for c in width.values())
-    return {"layers": allocate_ks(rows, budget, min_ratio=min_ratio)}
+    return {"layers": allocate_ks(rows, budget, min_ratio=min(min_ratio, ratio / 2))}
 
 
 def allocate_ks(rows: list[dict], budget: int, *, min_ratio: float = 0.25) -> dict[str, int]:
