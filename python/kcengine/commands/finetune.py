@@ -103,6 +103,7 @@ def run(args) -> int:
     import torch
 
     from ..cli import UserError
+    from ..compress.plan import OutputSensitivity, parse_plan
     from ..data import make_loader
     from ..models import is_cifar_model
     from ..models.zoo import OUT_MODEL_NAME
@@ -154,7 +155,7 @@ def run(args) -> int:
     pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
     print(f"{lm.name} {args.mode}: clustered {pct(res.accuracy_clustered)}, after refit+BN {pct(res.accuracy_start)}, "
           f"after {len(res.history)} epochs {pct(res.accuracy)} ({res.seconds:.0f} s)")
-    if isinstance(plan, str) and plan.strip().lower().startswith("sensitivity"):
+    if isinstance(parse_plan(plan), OutputSensitivity):
         print(f"  k per layer (output sensitivity, {sum(res.layer_ks.values())} filters): "
               + ", ".join(f"{n}={k}" for n, k in res.layer_ks.items()))
     for h in res.history:
