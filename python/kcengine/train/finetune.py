@@ -155,11 +155,10 @@ def lr_factor(schedule: str, t: float) -> float:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got schedule={schedule!r}")
 
 
-def _dataset_images(loader, n: int, idx: list[int] | None = None) -> torch.Tensor:
-    """``n`` images evenly spaced over the loader's dataset (:func:`kcengine.data.evenly_spaced`; the same on every
-    process, read from the dataset, not through the loader's sampler or batching), or the images ``idx``."""
+def _dataset_images(loader, idx: list[int]) -> torch.Tensor:
+    """The images ``idx`` of the loader's dataset, read from the dataset, not through the loader's sampler or
+    batching (so the same on every process)."""
     ds = loader.dataset
-    idx = evenly_spaced(len(ds), n) if idx is None else idx
     if hasattr(ds, "tensors"):
         x = ds.tensors[0][torch.tensor(idx, dtype=torch.long)]
     else:
@@ -203,7 +202,7 @@ def _resolve_sensitivity(model, train_loader, calib, calibration_images: int, ra
     plan = None
     if dd.is_main():
         _, held_idx = sensitivity_images(len(train_loader.dataset), calibration_images)
-        held = _dataset_images(train_loader, len(held_idx), held_idx) if held_idx else calib
+        held = _dataset_images(train_loader, held_idx) if held_idx else calib
         plan = sensitivity_plan(model, calib, held.to(calib.device), ratio, seed=seed, progress=progress)
     if dd.is_distributed():
         box = [plan]
@@ -409,7 +408,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     if plan is not None and any(isinstance(m, ClusteredConv2d) for m in work.modules()) and mode != "progressive":
         raise ValueError("model already holds ClusteredConv2d layers; pass plan=None to finetune it as it is")
 
-    calib = _dataset_images(train_loader, calibration_images).to(device)
+    calib = _dataset_images(train_loader, evenly_spaced(len(train_loader.dataset), calibration_images)).to(device)
     resolved: list = []
 
     def layer_plan():  # the plan as compress takes it: a sensitivity plan is measured once, when first needed
