@@ -91,12 +91,15 @@ def test_bench_explicit_pretrained_weights_that_are_missing_is_an_error_in_every
         assert not (tmp_path / section).exists()
 
 
-def test_bench_data_folder_of_wrong_layout(tmp_path):
+def test_bench_data_folder_of_wrong_layout_is_said_before_any_section_runs(tmp_path):
+    """All sections asked for: the wrong folder is reported at once, not after the clustering and inference
+    sections (minutes in a default run) have written a partial output folder."""
     (tmp_path / "junk.txt").write_text("not cifar")
-    r = run_cli("bench", "--model", "resnet20", "--sections", "accuracy", "--data", str(tmp_path), "--quick",
-                "--out", str(tmp_path / "o"))
+    r = run_cli("bench", "--model", "resnet20", "--data", str(tmp_path), "--quick", "--out", str(tmp_path / "o"))
     assert r.returncode == 2, r.stderr[-1000:]
     assert "not a CIFAR-10 python-batches folder" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_bench_cuda_errors_without_gpu():
@@ -182,6 +185,6 @@ def test_bench_accuracy_section_reports_what_compress_and_evaluate_give(tmp_path
     small, _ = kcengine.compress(model, ratio=0.5, seed=0)
     train = cifar10_dataset(data, "train")
     ref = kcengine.finetune(small, make_loader(train, RECOMMENDED_BATCH, shuffle=True, seed=0), mode="centroids",
-                            teacher=model, epochs=1, eval_data=(x, y), progress=False)
+                            teacher=model, epochs=1, output_calibration=True, eval_data=(x, y), progress=False)
     assert ref.accuracy is not None
     assert rows[0]["recover_epochs"] == 1 and rows[0]["accuracy_recovered"] == pytest.approx(ref.accuracy)

@@ -31,7 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default cpu)")
     p.add_argument("--backend", default="auto", help="kcengine backend: auto, cpu, torch, cuda, triton (default auto)")
     p.add_argument("--ratio", type=float, default=0.25,
-                   help="k = round(C_out * ratio) for inference/accuracy (default 0.25)")
+                   help="k = round(C_out * ratio) for the inference section (default 0.25); the accuracy section "
+                        "scores its own set of plans (ratios 0.75, 0.5, 0.25, relative inertia 0.5, elbow)")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help="comma list of " + ", ".join(SECTIONS) + " (default: all)")
     p.add_argument("--quick", action="store_true", help="small workloads: the whole run in about a minute")
@@ -39,7 +40,8 @@ def add_arguments(p) -> None:
                    help="cap problems per clustering workload (default: a_sweep 32 and d_element 2000 evenly spaced "
                         "problems, the others whole; --quick: 12 each, d_element 200)")
     p.add_argument("--recover-epochs", type=int, default=0,
-                   help="finetune each clustered model this many epochs (centroids mode, distillation) and report "
+                   help="finetune each clustered model this many epochs (finetune's recipe: output-aware refit, then "
+                        "centroids mode with distillation) and report "
                         "the recovered accuracy too (default 0)")
     p.add_argument("--out", default=None, help="output folder (default kcengine-bench-<model>-<timestamp>)")
     p.add_argument("--json", action="store_true", help="print results.json to stdout instead of the summary")
@@ -86,7 +88,25 @@ def _check_args(args):
         raise UserError(f"--max-problems must be >= 1, got {args.max_problems}")
     if args.data is not None and not Path(args.data).is_dir():
         raise UserError(f"--data {args.data}: no such folder")
+    _check_data(args, sections)
     return sections
+
+
+def _check_data(args, sections) -> None:
+    """A --data folder of the wrong layout is the user's mistake: said before the other sections run (minutes),
+    not when the accuracy section reaches it."""
+    from ..models import is_cifar_model
+
+    if args.data is None or "accuracy" not in sections or not is_cifar_model(args.model):
+        return
+    from ..data.cifar import read_cifar10
+
+    for split in ("test", "train") if args.recover_epochs else ("test",):
+        try:
+            read_cifar10(args.data, split, limit=1)
+        except Exception as exc:
+            raise UserError(f"--data {args.data}: not a CIFAR-10 python-batches folder with the {split} split "
+                            f"({exc})") from None
 
 
 def _log(msg: str) -> None:
@@ -455,7 +475,7 @@ def run_accuracy(args, out: Path) -> dict:
     if not is_cifar_model(args.model):
         line = (f"skipped: the accuracy section runs CIFAR ResNets only (15 compressed variants scored on an "
                 f"ImageNet-style folder would take hours on a CPU); for {args.model}: kcengine prune --model "
-                f"{args.model} --weights W --data FOLDER")
+                f"{args.model} --weights W --data FOLDER --ratio 0.5")
         _log(f"[accuracy] {line}")
         return {"skipped": line, "markdown": line}
     from .eval import cifar_root
@@ -517,8 +537,9 @@ def run_accuracy(args, out: Path) -> dict:
                 from ..train import finetune
 
                 t0 = time.perf_counter()
+                # the recipe: refit to the dense layers (filter granularity), then train the codebooks
                 res = finetune(small, train_loader, mode="centroids", teacher=lm.model, epochs=args.recover_epochs,
-                               eval_data=(images, labels), progress=False)
+                               output_calibration=True, eval_data=(images, labels), progress=False)
                 row.update(accuracy_recovered=res.accuracy, recover_epochs=args.recover_epochs,
                            recover_seconds=time.perf_counter() - t0)
             rows.append(row)
