@@ -75,6 +75,7 @@ def test_finetune_with_a_sensitivity_plan_prints_and_records_its_split(ckpt, cif
 
 @pytest.mark.parametrize("extra, msg", [
     ((), "give --ratio"),
+    (("--ratio", "0.5", "--plan", "0.25"), "not both (got --ratio 0.5 and --plan 0.25)"),
     (("--ratio", "0.5", "--epochs", "-1"), "epochs must be"),
     (("--ratio", "0.5", "--mode", "progressive", "--order", "nothing"), "matches no layer"),
     (("--ratio", "0.5", "--mixup", "-1"), "mixup must be a finite number >= 0.0, got mixup=-1.0"),

@@ -137,6 +137,17 @@ def test_prune_plan_takes_a_bare_ratio(ckpt, tmp_path):
     assert [lr["k"] for lr in rep["layers"]] == [lr["n_points"] // 2 for lr in rep["layers"]]
 
 
+@pytest.mark.parametrize("layers, names", [
+    ("layer3\\.[0-9]{1,2}\\.conv1", ["layer3.0.conv1", "layer3.1.conv1", "layer3.2.conv1"]),  # a regex with a comma
+    ("conv1,layer1.0.conv2", ["conv1", "layer1.0.conv2"]),  # names
+])
+def test_prune_layers_takes_names_or_a_regex_holding_commas(ckpt, tmp_path, layers, names):
+    out = tmp_path / "pr"
+    assert main(["prune", "--weights", str(ckpt), "--no-eval", "--ratio", "0.5", "--layers", layers,
+                 "--out", str(out)]) == 0
+    assert [lr["name"] for lr in json.loads((out / "report.json").read_text())["layers"]] == names
+
+
 def test_sweep_writes_csv(ckpt, cifar, tmp_path):
     out = tmp_path / "sw"
     assert main(["sweep", "--weights", str(ckpt), "--data", str(cifar), "--layers", "conv1", "--ratios", "0.5,1",
@@ -147,6 +158,8 @@ def test_sweep_writes_csv(ckpt, cifar, tmp_path):
 
 @pytest.mark.parametrize("argv,msg", [
     (["prune", "--weights", "none", "--no-eval"], "give --ratio R or --plan PLAN"),
+    (["prune", "--weights", "none", "--no-eval", "--ratio", "0.5", "--plan", "elbow"],
+     "give --ratio R or --plan PLAN, not both (got --ratio 0.5 and --plan elbow)"),
     (["prune", "--weights", "none", "--no-eval", "--plan", "ratio=7"], "ratio must be a ratio in (0, 1]"),
     (["prune", "--weights", "none", "--no-eval", "--plan", "sensitivity=0.5"],
      "kcengine finetune --plan sensitivity=0.5 measures it"),

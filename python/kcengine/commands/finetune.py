@@ -31,7 +31,8 @@ def add_arguments(parser) -> None:
     add_model_data_arguments(parser, training=True)
     g = parser.add_argument_group("plan", "one of --ratio or --plan is required")
     add(g, "--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")
-    add(g, "--plan", default=None, help="as for prune: R | ratio=R | relative_inertia=F | elbow | map:... ; or "
+    add(g, "--plan", default=None, help="as for prune: R | ratio=R | inertia=X | relative_inertia=F | "
+        "elbow[=A:B:STEP] | map:NAME=K,... | channels:C=K,... ; or "
         "sensitivity=R: the unique filters of ratio R split between the layers by output sensitivity, measured on "
         "training images before training")
     add(g, "--granularity", default=ft["granularity"], choices=GRANULARITIES)
@@ -112,6 +113,8 @@ def run(args) -> int:
 
     if args.plan is None and args.ratio is None:
         raise UserError("give --ratio R or --plan PLAN (e.g. --ratio 0.5, --plan map:conv1=8)")
+    if args.plan is not None and args.ratio is not None:
+        raise UserError(f"give --ratio R or --plan PLAN, not both (got --ratio {args.ratio} and --plan {args.plan})")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     if args.train_batch_size < 1:

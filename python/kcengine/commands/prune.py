@@ -1,6 +1,7 @@
 """``kcengine prune``: cluster a model's conv weights with a plan; report accuracy and compression."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .eval import add_model_data_arguments, load_data_arg, load_model_arg, save_clustered
@@ -17,7 +18,7 @@ def add_arguments(parser) -> None:
                         "map:NAME=K,... | channels:C=K,...")
     g.add_argument("--granularity", default="filter", choices=("filter", "kernel", "element"), help="(default filter)")
     g.add_argument("--layers", default=None,
-                   help="'first', a regex (full match) or comma-separated names (default: every conv)")
+                   help="'first', comma-separated names, or a regex (full match) (default: every conv)")
     g.add_argument("--threshold", type=float, default=None, help="filters farther than this keep their weights (default: none kept)")
     g.add_argument("--cosine", action="store_true", help="cluster normalized filters, keep each norm")
     g.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
@@ -28,10 +29,13 @@ def add_arguments(parser) -> None:
 
 
 def _layers_arg(text):
+    """--layers: 'first', a list of layer names when the text is names joined by commas (each made of letters,
+    digits, '_' and '.'), else a regex, which may hold commas itself (``layer[12]\\.[0-9]{1,2}\\..*``)."""
     if text is None or text == "first":
         return text
-    if "," in text:
-        return [t.strip() for t in text.split(",") if t.strip()]
+    parts = [t.strip() for t in text.split(",")]
+    if len(parts) > 1 and all(re.fullmatch(r"[\w.]+", t) for t in parts if t):
+        return [t for t in parts if t]
     return text
 
 
@@ -49,6 +53,8 @@ def run(args) -> int:
 
     if args.plan is None and args.ratio is None:
         raise UserError("give --ratio R or --plan PLAN (e.g. --ratio 0.5, --plan elbow, --plan map:conv1=8)")
+    if args.plan is not None and args.ratio is not None:
+        raise UserError(f"give --ratio R or --plan PLAN, not both (got --ratio {args.ratio} and --plan {args.plan})")
     if args.plan is not None and args.plan.strip().lower().startswith("sensitivity"):
         raise UserError(f"--plan {args.plan} splits the unique filters by the network's outputs on training images, "
                         f"which prune does not read: kcengine finetune --plan {args.plan} measures it (and recovers)")

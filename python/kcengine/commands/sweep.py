@@ -13,7 +13,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--granularity", default="filter", choices=("filter", "kernel", "element"),
                         help="(default filter)")
     parser.add_argument("--layers", default=None,
-                        help="'first', a regex (full match) or comma-separated names (default: every conv)")
+                        help="'first', comma-separated names, or a regex (full match) (default: every conv)")
     parser.add_argument("--ratios", default=None,
                         help="comma-separated k/N values (default 1/16, 2/16, ..., 1)")
     parser.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
