@@ -147,27 +147,28 @@ def _candidates(op: str, backend: str | None, dev: str) -> tuple[list[str], bool
     if op not in _OPS:
         raise ValueError(f"op={op!r} has no registered backends")
     explicit = backend not in (None, "auto")
+    source = "backend"  # what chose the backend, for the errors below
     if not explicit:
         env = os.environ.get(_ENV, "").strip()
         if env and env != "auto":
-            backend, explicit = env, True
+            backend, explicit, source = env, True, f"{_ENV} (environment)"
     if explicit:
         if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not one of {('auto',) + BACKENDS}")
+            raise ValueError(f"{source}={backend!r} is not one of {('auto',) + BACKENDS}")
         if backend not in _OPS[op].impls:
-            raise RuntimeError(f"backend={backend!r} does not implement {op}; {op} has "
+            raise RuntimeError(f"{source}={backend!r} does not implement {op}; {op} has "
                                f"{('auto',) + tuple(b for b in BACKENDS if b in _OPS[op].impls)}")
         if dev not in _DEVICES[backend]:
             reason = backend_status(backend)
             here = f"; it cannot run here at all: {reason}" if reason else \
                 f"; move the data there first, e.g. torch.as_tensor(x, device='{_DEVICES[backend][0]}')"
             raise RuntimeError(
-                f"backend={backend!r} cannot run on data on device {dev!r} "
+                f"{source}={backend!r} cannot run on data on device {dev!r} "
                 f"(it takes {', '.join(_DEVICES[backend])} data{here})"
             )
         reason = backend_status(backend)
         if reason:
-            raise RuntimeError(f"backend={backend!r} is not available: {reason}")
+            raise RuntimeError(f"{source}={backend!r} is not available: {reason}")
         return [backend], True
     names = [b for b in _PREFERENCE[dev] if b in _OPS[op].impls and backend_status(b) is None]
     if not names:  # pragma: no cover - torch is always available

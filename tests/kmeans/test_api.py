@@ -196,6 +196,11 @@ def test_env_overrides_auto(monkeypatch):
     assert kcengine.kmeans(X, 2, seed=0).backend == "cpu"
     monkeypatch.delenv("KCENGINE_BACKEND")
     assert kcengine.kmeans(X, 2, seed=0).backend == "cpu"
+    monkeypatch.setenv("KCENGINE_BACKEND", "cpuu")  # a typo in the variable: the error names the variable
+    with pytest.raises(ValueError, match=r"KCENGINE_BACKEND \(environment\)='cpuu' is not one of"):
+        kcengine.kmeans(X, 2)
+    with pytest.raises(ValueError, match=r"^backend='cpuu' is not one of"):  # an explicit argument is named as such
+        kcengine.kmeans(X, 2, backend="cpuu")
 
 
 def test_init_inferred_k_and_batch_init():

@@ -706,9 +706,10 @@ def kmeans_sweep(x, ks: Iterable[int], *, init="k-means++", n_init: int = 1, max
                  algorithm: str = "auto") -> list[KMeansResult]:
     """Cluster one ``[N, D]`` dataset for every k in ``ks`` in one batched call.
 
-    Equivalent to ``[kmeans(x, k, seed=seed, ...) for k in ks]`` (same seed, same results) but
-    solved as one batch: the data is shared, not copied, and per-dataset work (the Gram matrix of
-    high-dimensional points, sorting of 1-D points) is done once for all k.
+    Equivalent to ``[kmeans(x, k, seed=seed, ...) for k in ks]`` (same seed, same results on the cpu, cuda
+    and triton backends; the torch reference draws its random numbers batch-wide, so there a sweep's seeding
+    differs from the separate calls') but solved as one batch: the data is shared, not copied, and per-dataset
+    work (the Gram matrix of high-dimensional points, sorting of 1-D points) is done once for all k.
 
     Returns:
         One single-problem :class:`KMeansResult` per entry of ``ks``, in order.

@@ -13,8 +13,9 @@ class KMeansResult:
 
     For one problem (``x`` of shape ``[N, D]``):
 
-    * ``centroids`` ``[k, D]``, ``labels`` ``[N]`` (int64), ``inertia`` a 0-d array (float64),
-      ``n_iter`` and ``converged`` 0-d arrays.
+    * ``centroids`` ``[k, D]``, ``labels`` ``[N]`` (int64), ``inertia`` (float64), ``n_iter`` (int32) and
+      ``converged`` (bool) as scalars: numpy scalars (``numpy.float64``, ...) for numpy input, 0-d tensors for
+      torch input.
 
     For a dense batch (``x`` of shape ``[B, N, D]``): ``centroids`` ``[B, k, D]`` (a list of
     ``[k_b, D]`` when ``k`` differs per problem), ``labels`` ``[B, N]``, ``inertia``, ``n_iter`` and
