@@ -13,6 +13,7 @@ def test_import_is_light():
         "assert all(callable(getattr(kcengine, n, None)) or n in ('nn', 'evaluate', '__version__')\n"
         "           for n in kcengine.__all__)\n"
         "assert callable(kcengine.evaluate.adversarial_accuracy) and callable(kcengine.evaluate.evaluate)\n"
+        "assert kcengine.ClusteredConv2d is kcengine.nn.ClusteredConv2d\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
