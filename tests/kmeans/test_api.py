@@ -338,3 +338,32 @@ def test_torch_sample_weight_equals_numpy_and_is_checked():
                         sample_weight=[torch.from_numpy(w), torch.ones(20).index_fill(0, torch.tensor([4]), -1.0)])
     with pytest.raises(ValueError, match=r"sample_weight sums to 0"):
         kcengine.kmeans(torch.from_numpy(x), 3, sample_weight=torch.zeros(20))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("scale", [2.0 ** 1020, 2.0 ** 130, 2.0 ** -170, 2.0 ** -1074])
+def test_weights_scaled_alike_give_the_same_clustering(backend, scale):
+    """Multiplying every weight by one constant changes nothing but the inertia, however far the weights are
+    from 1: about 1e307 (their sum overflowed float64 and the centroids came back NaN, 'converged'), 5e-324
+    (the products with the data were denormal: wrong centroids), 1e39 and 7e-52 (out of float32's range, where
+    the torch reference holds float32 data's weights).  Powers of two keep the scaled weights exact."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, 3)).astype(np.float32)
+    w = rng.integers(1, 5, size=40).astype(np.float64)
+    ws = w * scale
+    kept = ws.copy()
+    ref = kcengine.kmeans(x, 4, sample_weight=w, seed=0, backend=backend)
+    got = kcengine.kmeans(x, 4, sample_weight=ws, seed=0, backend=backend)
+    np.testing.assert_array_equal(got.labels, ref.labels)
+    np.testing.assert_allclose(got.centroids, ref.centroids, rtol=1e-6, atol=1e-6)
+    expected = float(ref.inertia) * scale
+    if np.isfinite(expected):
+        assert float(got.inertia) == pytest.approx(expected, rel=1e-6)
+    else:
+        assert float(got.inertia) == np.inf  # the caller's weighted sum itself overflows float64
+    sweep = kcengine.kmeans_sweep(x, [2, 4], sample_weight=ws, seed=0, backend=backend)
+    sweep_ref = kcengine.kmeans_sweep(x, [2, 4], sample_weight=w, seed=0, backend=backend)
+    for a, b in zip(sweep, sweep_ref):
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert float(a.inertia) == pytest.approx(float(b.inertia) * scale, rel=1e-6) or float(a.inertia) == np.inf
+    np.testing.assert_array_equal(ws, kept)  # the caller's weights are left as they were

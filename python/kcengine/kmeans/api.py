@@ -46,6 +46,7 @@ class Problems:
     tol: float
     seed: int
     algorithm: str
+    weight_exps: list | None = None  # per problem: its weights were multiplied by 2**weight_exps[p]
 
     @property
     def n_problems(self) -> int:
@@ -361,8 +362,9 @@ def _check_k(k, parts, layout, name: str = "k") -> np.ndarray:
 
 
 def _check_weights(sample_weight, parts, layout):
+    """(weights per problem, the exponent e of the 2**e each was multiplied by), or (None, None) without weights."""
     if sample_weight is None:
-        return None
+        return None, None
     if isinstance(sample_weight, (list, tuple)) and layout != "single":
         ws = [_as_array(w, f"sample_weight[{i}]") for i, w in enumerate(sample_weight)]
         if len(ws) != len(parts):
@@ -391,21 +393,57 @@ def _check_weights(sample_weight, parts, layout):
         raise ValueError(f"{'sample_weight' if layout == 'single' else f'sample_weight of problem {bad[0]}'} "
                          "holds NaN or Inf values")
     if _one_torch_device(out):
-        import torch  # one synchronization for the batch, not two per problem
+        import torch  # one synchronization for the batch, not three per problem
 
         mins = torch.stack([w.min().double() for w in out]).cpu().numpy()
-        sums = torch.stack([w.sum().double() for w in out]).cpu().numpy()
+        maxs = torch.stack([w.max().double() for w in out]).cpu().numpy()
     else:
         host = [_to_numpy(w) for w in out]
         mins = [float(np.min(w)) for w in host]
-        sums = [float(np.sum(w, dtype=np.float64)) for w in host]
-    for i, (wmin, wsum) in enumerate(zip(mins, sums)):
+        maxs = [float(np.max(w)) for w in host]
+    exps = []
+    for i, (wmin, wmax) in enumerate(zip(mins, maxs)):
         name = "sample_weight" if layout == "single" else f"sample_weight of problem {i}"
         if wmin < 0:
             raise ValueError(f"{name} must be >= 0, got a minimum of {float(wmin)}")
-        if wsum <= 0:
+        if wmax <= 0:
             raise ValueError(f"{name} sums to 0: at least one point needs a positive weight")
-    return out
+        # Weights far from 1 (1e308 each, whose sum overflows; 5e-324, whose products with the data are
+        # denormal; 1e-50, which float32 cannot hold) are multiplied by 2**e, which brings the largest into
+        # [1, 2): exact, and k-means' answer does not change when every weight is scaled alike; the inertia is
+        # scaled back (_unscale_inertia).
+        e = 0
+        if not 2.0 ** -64 <= wmax <= 2.0 ** 64:
+            e = 1 - math.frexp(float(wmax))[1]
+            w = out[i] if _dtype_name(out[i]) in ("float32", "float64") else _to_numpy(out[i], np.float64)
+            out[i] = _times_pow2(w, e)
+        exps.append(e)
+    return out, exps
+
+
+def _times_pow2(a, e: int):
+    """``a * 2**e`` for |e| up to 2098 (two factors, each a finite float64)."""
+    h = e // 2
+    return a * math.ldexp(1.0, h) * math.ldexp(1.0, e - h)
+
+
+def _unscale_inertia(raw: RawResult, exps) -> RawResult:
+    """The inertia of problems whose weights :func:`_check_weights` scaled by ``2**exps[p]``, in the caller's
+    weights (inf where that overflows float64, as the caller's own sum would)."""
+    if exps is None or not any(exps):
+        return raw
+    e = np.asarray([-x for x in exps], dtype=np.int64)
+    h = e // 2
+    f1, f2 = np.ldexp(1.0, h), np.ldexp(1.0, e - h)
+    if _is_torch(raw.inertia):
+        import torch
+
+        as_t = lambda f: torch.as_tensor(f, dtype=raw.inertia.dtype, device=raw.inertia.device)  # noqa: E731
+        inertia = raw.inertia * as_t(f1) * as_t(f2)
+    else:
+        with np.errstate(over="ignore"):
+            inertia = np.asarray(raw.inertia) * f1 * f2
+    return RawResult(raw.centroids, raw.labels, inertia, raw.n_iter, raw.converged, raw.algorithm)
 
 
 def _check_init(init, parts, layout, k_arg):
@@ -504,7 +542,7 @@ def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm,
             if c.shape[0] != kv:
                 name = "init" if layout == "single" else f"init of problem {i}"
                 raise ValueError(f"{name} has {c.shape[0]} centroids but k={kv}")
-    weights = _check_weights(sample_weight, parts, layout)
+    weights, exps = _check_weights(sample_weight, parts, layout)
     n_init = check_int(n_init, "n_init", 1, _INT32_MAX)
     if kind == "given" and n_init != 1:
         raise ValueError(f"n_init={n_init} with given initial centroids would rerun the same start; pass n_init=1")
@@ -523,6 +561,7 @@ def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm,
     probs = Problems(
         datasets=parts, weights=weights, data_index=data_index, k=ks, init=kind, init_centers=centers,
         n_init=n_init, max_iter=max_iter, tol=float(tol), seed=_resolve_seed(seed), algorithm=algorithm,
+        weight_exps=None if exps is None else (exps * len(ks) if sweep_ks is not None else exps),
     )
     return probs, layout
 
@@ -698,6 +737,7 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
                            sample_weight=sample_weight, seed=seed, algorithm=algorithm)
     like = probs.datasets[0]
     name, raw = _run(probs, backend, like)
+    raw = _unscale_inertia(raw, probs.weight_exps)
     return _format(raw, layout, like, name)
 
 
@@ -730,6 +770,7 @@ def kmeans_sweep(x, ks: Iterable[int], *, init="k-means++", n_init: int = 1, max
                       seed=seed, algorithm=algorithm, sweep_ks=ks)
     like = probs.datasets[0]
     name, raw = _run(probs, backend, like)
+    raw = _unscale_inertia(raw, probs.weight_exps)
     out = []
     for i in range(len(ks)):
         one = RawResult([raw.centroids[i]], [raw.labels[i]], raw.inertia[i:i + 1], raw.n_iter[i:i + 1],
