@@ -166,11 +166,24 @@ def test_sweep_writes_csv(ckpt, cifar, tmp_path):
     (["eval", "--weights", "none"], "accuracy work needs them"),
     (["eval", "--model", "resnet19", "--weights", "none"], "not a known model"),
     (["sweep", "--weights", "none", "--ratios", "0,2"], "--ratios must be"),
+    (["prune", "--weights", "none", "--no-eval", "--plan", "elbow=0.1:inf:0.1"], "needs finite START, STOP and STEP"),
+    (["prune", "--weights", "none", "--no-eval", "--ratio", "0.5", "--backend", "gpu"],
+     "--backend must be auto or one of cpu, torch, cuda, triton, got 'gpu'"),
+    (["sweep", "--weights", "none", "--backend", "gpu"], "--backend must be auto or one of"),
 ])
 def test_user_errors_are_one_line(argv, msg, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", [["prune", "--no-eval", "--ratio", "0.5"], ["sweep"]])
+def test_a_backend_that_cannot_run_here_is_a_user_error(command, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the cuda backend may run")
+    assert main([command[0], "--weights", "none", *command[1:], "--backend", "cuda"]) == 2  # was a traceback
+    err = capsys.readouterr().err
+    assert "--backend cuda: no CUDA device" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("command", [["eval", "--weights", "none"], ["prune", "--weights", "none", "--no-eval",

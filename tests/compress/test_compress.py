@@ -278,6 +278,14 @@ def test_plan_parsing_errors_are_clear(plan, msg):
     ("relative_inertia=1.5", {}, r"relative_inertia is a fraction of the k=1 inertia in \[0, 1\], got 1.5"),
     ("elbow=0.5:0.6:0.1", {}, r"elbow needs at least 3 distinct ratios, got \(0.5, 0.6\)"),
     ("elbow=0.5:0.2:0.1", {}, r"elbow range '0.5:0.2:0.1' needs START <= STOP and STEP > 0"),
+    ("elbow=0.1:1:1e-12", {}, r"elbow range '0.1:1:1e-12' gives 900000000001 ratios; at most 1000"),  # it hung
+    ("elbow=nan:1:0.1", {}, r"elbow range 'nan:1:0.1' needs finite START, STOP and STEP"),
+    ("elbow=0.1:inf:0.1", {}, r"elbow range '0.1:inf:0.1' needs finite START, STOP and STEP"),
+    ({"elbow": 0.5}, {}, r"elbow takes a sequence of ratios in \(0, 1\] \(e.g. \[0.1, 0.2, ..., 1.0\]\), got 0.5"),
+    ({"elbow": "0.1,0.2,0.3"}, {}, r"elbow takes a sequence of ratios .*, got '0.1,0.2,0.3'"),  # not its characters
+    ({"elbow": False}, {}, r"elbow takes a sequence of ratios .*, got False"),
+    ({"layers": "conv1=2"}, {}, r"plan \{'layers': ...\} takes a dict \(\{'conv1': 8, ...\}\), got str 'conv1=2'"),
+    ({"channels": [12]}, {}, r"plan \{'channels': ...\} takes a dict \(\{64: 32, ...\}\), got list \[12\]"),
     (0.5, {"layers": "["}, r"layers='\[' is not a valid regex"),
     (0.5, {"layers": ["nope"]}, r"layers names \['nope'\] which are not conv layers of the model; layers are "
      r"features.0, features.2.0, head"),

@@ -60,14 +60,9 @@ def _check_args(args):
         raise UserError(f"--ratio must be in (0, 1], got {args.ratio}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
-    from .. import _registry
+    from .eval import check_backend_arg
 
-    if args.backend not in ("auto",) + _registry.BACKENDS:
-        raise UserError(f"--backend must be auto or one of {', '.join(_registry.BACKENDS)}, got {args.backend!r}")
-    if args.backend != "auto":
-        reason = _registry.backend_status(args.backend)
-        if reason:
-            raise UserError(f"--backend {args.backend}: {reason}")
+    check_backend_arg(args.backend)
     from ..models import list_models
 
     if args.model not in list_models():

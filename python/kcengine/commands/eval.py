@@ -100,6 +100,19 @@ def _shared_copy_of_pretrained(name: str) -> str | None:
     return None
 
 
+def check_backend_arg(backend: str) -> None:
+    """--backend: one of kcengine's k-means backends that can run here (else a UserError, before any work)."""
+    from .. import _registry
+    from ..cli import UserError
+
+    if backend not in ("auto",) + _registry.BACKENDS:
+        raise UserError(f"--backend must be auto or one of {', '.join(_registry.BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        reason = _registry.backend_status(backend)
+        if reason:
+            raise UserError(f"--backend {backend}: {reason}")
+
+
 def load_model_arg(args, *, need_trained: bool):
     """The LoadedModel the arguments name; UserError for missing weights or unknown names."""
     from ..cli import UserError

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .eval import add_model_data_arguments, load_data_arg, load_model_arg, save_clustered
+from .eval import add_model_data_arguments, check_backend_arg, load_data_arg, load_model_arg, save_clustered
 
 HELP = "cluster conv weights with a plan (ratio, inertia, elbow, per-layer map, by channels)"
 
@@ -55,6 +55,7 @@ def run(args) -> int:
         raise UserError("give --ratio R or --plan PLAN (e.g. --ratio 0.5, --plan elbow, --plan map:conv1=8)")
     if args.plan is not None and args.ratio is not None:
         raise UserError(f"give --ratio R or --plan PLAN, not both (got --ratio {args.ratio} and --plan {args.plan})")
+    check_backend_arg(args.backend)
     if args.plan is not None and args.plan.strip().lower().startswith("sensitivity"):
         raise UserError(f"--plan {args.plan} splits the unique filters by the network's outputs on training images, "
                         f"which prune does not read: kcengine finetune --plan {args.plan} measures it (and recovers)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .eval import add_model_data_arguments, load_data_arg, load_model_arg
+from .eval import add_model_data_arguments, check_backend_arg, load_data_arg, load_model_arg
 
 HELP = "per-layer sensitivity sweep: accuracy and F = acc/(unique/total) for each layer and k"
 
@@ -47,6 +47,7 @@ def run(args) -> int:
     from .prune import _layers_arg
 
     ratios = _ratios(args.ratios) or DEFAULT_SWEEP_RATIOS
+    check_backend_arg(args.backend)
     lm = load_model_arg(args, need_trained=True)
     data = load_data_arg(args, lm)
     if hasattr(data, "images"):

@@ -41,12 +41,13 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 __all__ = ["FixedRatio", "InertiaLimit", "Elbow", "PerLayer", "ByChannels", "OutputSensitivity", "KSelection", "parse_plan",
            "k_from_value", "select_layers", "DEFAULT_ELBOW_RATIOS"]
 
 DEFAULT_ELBOW_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+MAX_ELBOW_POINTS = 1000  # ratios an elbow plan may try (each one a k per layer in the batched sweep)
 
 
 def _check_ratio(r, what: str) -> float:
@@ -120,7 +121,12 @@ class Elbow:
     ratios: tuple = DEFAULT_ELBOW_RATIOS
 
     def __post_init__(self):
+        if isinstance(self.ratios, (str, bytes)) or not isinstance(self.ratios, Iterable):
+            raise ValueError(f"elbow takes a sequence of ratios in (0, 1] (e.g. [0.1, 0.2, ..., 1.0]), got "
+                             f"{self.ratios!r}")
         rs = tuple(_check_ratio(r, "elbow ratio") for r in self.ratios)
+        if len(rs) > MAX_ELBOW_POINTS:
+            raise ValueError(f"elbow takes at most {MAX_ELBOW_POINTS} ratios, got {len(rs)}")
         if len(set(rs)) < 3:
             raise ValueError(f"elbow needs at least 3 distinct ratios, got {self.ratios!r}")
         object.__setattr__(self, "ratios", tuple(sorted(set(rs))))
@@ -288,9 +294,13 @@ def _parse_string(text: str):
         if len(parts) != 3:
             raise ValueError(f"elbow range {val!r} must be START:STOP:STEP, e.g. 0.05:1.0:0.05")
         a, b, st = (float(_number(p, "elbow range")) for p in parts)
+        if not all(math.isfinite(v) for v in (a, b, st)):
+            raise ValueError(f"elbow range {val!r} needs finite START, STOP and STEP")
         if st <= 0 or a > b:
             raise ValueError(f"elbow range {val!r} needs START <= STOP and STEP > 0")
-        n = int(math.floor((b - a) / st + 1e-9)) + 1
+        n = math.floor((b - a) / st + 1e-9) + 1
+        if n > MAX_ELBOW_POINTS:
+            raise ValueError(f"elbow range {val!r} gives {n} ratios; at most {MAX_ELBOW_POINTS} (a larger STEP)")
         return Elbow(tuple(round(a + i * st, 6) for i in range(n)))
     if name == "sensitivity":
         return OutputSensitivity(_number(val, "sensitivity"))
@@ -328,7 +338,10 @@ def parse_plan(plan=None, ratio=None):
         if key == "relative_inertia":
             return InertiaLimit(val, relative=True)
         if key == "elbow":
-            return Elbow() if val in (None, True) else Elbow(tuple(val))
+            return Elbow() if val is None or val is True else Elbow(val)
+        if key in ("layers", "channels") and not isinstance(val, Mapping):
+            example = "{'conv1': 8, ...}" if key == "layers" else "{64: 32, ...}"
+            raise ValueError(f"plan {{{key!r}: ...}} takes a dict ({example}), got {type(val).__name__} {val!r:.60}")
         if key == "layers":
             return PerLayer(dict(val))
         if key == "channels":
