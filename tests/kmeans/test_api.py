@@ -338,6 +338,11 @@ def test_torch_sample_weight_equals_numpy_and_is_checked():
                         sample_weight=[torch.from_numpy(w), torch.ones(20).index_fill(0, torch.tensor([4]), -1.0)])
     with pytest.raises(ValueError, match=r"sample_weight sums to 0"):
         kcengine.kmeans(torch.from_numpy(x), 3, sample_weight=torch.zeros(20))
+    wg = torch.from_numpy(w).requires_grad_()  # weights that require grad are read like any others
+    for xx in (x, torch.from_numpy(x)):
+        got = kcengine.kmeans(xx, 3, sample_weight=wg, seed=0)
+        np.testing.assert_array_equal(np.asarray(got.labels), a.labels)
+        assert kcengine.kmeans_sweep(xx, [3], sample_weight=wg, seed=0)[0].inertia == pytest.approx(float(a.inertia))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

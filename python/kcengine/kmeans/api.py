@@ -387,7 +387,7 @@ def _check_weights(sample_weight, parts, layout):
             raise ValueError(f"{name} must have shape [{a.shape[0]}], got shape {tuple(w.shape)}")
         if _dtype_name(w) not in ("float32", "float64", "int64", "int32", "float16", "bool"):
             raise ValueError(f"{name} must be numeric, got dtype {_dtype_name(w)}")
-        out.append(w)
+        out.append(w.detach() if _is_torch(w) else w)  # weights that require grad are read, never differentiated
     bad = _nonfinite(out)
     if bad:
         raise ValueError(f"{'sample_weight' if layout == 'single' else f'sample_weight of problem {bad[0]}'} "
