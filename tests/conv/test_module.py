@@ -215,6 +215,17 @@ def test_copies_and_pickles_after_channels_last_inference():
     assert layer._cache is not None  # the original keeps its cache
 
 
+def test_constructor_takes_numpy_ints_like_python_ints():
+    """Channel counts read from arrays (np.int64) are ints; they were refused as 'not a positive int'."""
+    a = ClusteredConv2d(np.int64(4), np.int32(8), 3, np.int64(3), groups=np.int64(2))
+    b = ClusteredConv2d(4, 8, 3, 3, groups=2)
+    assert (a.in_channels, a.out_channels, a.num_clusters, a.groups) == (4, 8, 3, 2)
+    assert all(type(v) is int for v in (a.in_channels, a.out_channels, a.num_clusters, a.groups))
+    assert a.codebook.shape == b.codebook.shape and a.index.shape == b.index.shape
+    with pytest.raises(ValueError, match=r"in_channels must be a positive int, got np.float64\(4.0\)"):
+        ClusteredConv2d(np.float64(4), 8, 3, 3)
+
+
 def test_constructor_refuses_an_unknown_backend():
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cpu', 'torch', 'cuda', 'triton'\), got "
                                          r"backend='tpu'"):

@@ -165,8 +165,9 @@ class ClusteredConv2d(nn.Module):
         _registry.check_backend_name(backend)
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("num_clusters", num_clusters),
                         ("groups", groups)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:  # numpy's ints too
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        in_channels, out_channels, num_clusters, groups = map(int, (in_channels, out_channels, num_clusters, groups))
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by "
                              f"groups={groups}")
