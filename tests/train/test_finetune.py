@@ -317,7 +317,12 @@ def test_default_peak_lr_scales_with_the_loaders_batch(tiny):
     ({"granularity": "element"},
      r"granularity must be one of \('filter', 'kernel'\) for finetuning, got granularity='element'"),
     ({"device": "tpu"}, r"device must be a torch device or a string such as 'cpu' or 'cuda:0', got device='tpu'"),
-    ({"seed": 1.0}, r"seed must be an int >= 0, got seed=1.0"),
+    ({"seed": 1.0}, r"seed must be an int in \[0, 9223372036854775807\], got seed=1.0"),
+    ({"seed": 2**64}, r"seed must be an int in \[0, 9223372036854775807\], got seed=18446744073709551616"),
+    ({"eval_batch_size": 0}, r"eval_batch_size must be an int >= 1, got eval_batch_size=0"),
+    ({"stage_epochs": 1.5}, r"stage_epochs must be an int or a list of ints \(one per stage\), got 1.5"),
+    ({"stage_epochs": [1, -1]}, r"stage_epochs\[1\] must be an int >= 0, got stage_epochs\[1\]=-1"),
+    ({"plot_path": 3}, r"plot_path must be a file path or None, got int 3"),
     ({"calibration_images": np.int64(0)}, r"calibration_images must be an int >= 1, got calibration_images="),
     ({"checkpoint_dir": 3}, "checkpoint_dir must be a path"),
 ])

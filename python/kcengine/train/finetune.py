@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -350,7 +351,15 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     feature_weight = check_float(feature_weight, "feature_weight")
     mixup = check_float(mixup, "mixup")
     calibration_images = check_int(calibration_images, "calibration_images", 1)
-    seed = check_int(seed, "seed", 0)
+    seed = check_int(seed, "seed", 0, 2**63 - 1)
+    eval_batch_size = check_int(eval_batch_size, "eval_batch_size", 1)
+    if isinstance(stage_epochs, (str, bytes)) or not (isinstance(stage_epochs, numbers.Integral)
+                                                      or isinstance(stage_epochs, (list, tuple))):
+        raise ValueError(f"stage_epochs must be an int or a list of ints (one per stage), got {stage_epochs!r}")
+    stage_epochs = (check_int(stage_epochs, "stage_epochs", 0) if isinstance(stage_epochs, numbers.Integral)
+                    else [check_int(v, f"stage_epochs[{i}]", 0) for i, v in enumerate(stage_epochs)])
+    if plot_path is not None and not isinstance(plot_path, (str, os.PathLike)):
+        raise ValueError(f"plot_path must be a file path or None, got {type(plot_path).__name__} {plot_path!r:.60}")
     if eval_data is not None:
         check_data(eval_data, "eval_data")  # here, not after the refit and the first epoch
     if output_calibration is None:
@@ -432,13 +441,9 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         ks = {lr_.name: lr_.k for lr_ in rep.layers}
         planned = [n for n in conv_names(model) if n in ks]
         stages = resolve_order(order, planned)
-        if isinstance(stage_epochs, int) and not isinstance(stage_epochs, bool):
-            per = [stage_epochs] * len(stages)
-        else:
-            per = list(stage_epochs)
-            if len(per) != len(stages):
-                raise ValueError(f"stage_epochs has {len(per)} entries for {len(stages)} stages")
-        per = [check_int(v, "stage_epochs", 0) for v in per]
+        per = [stage_epochs] * len(stages) if isinstance(stage_epochs, int) else stage_epochs  # checked above
+        if len(per) != len(stages):
+            raise ValueError(f"stage_epochs has {len(per)} entries for {len(stages)} stages")
         phases = [_Phase(f"stage {i + 1}", e, s) for i, (s, e) in enumerate(zip(stages, per))]
         phases.append(_Phase("final", epochs))
     else:
