@@ -612,3 +612,31 @@ def test_random_conv_stacks_compress_save_load_and_train(tmp_path):
         small.train()(x).square().mean().backward()
         assert any(p.grad is not None for p in small.parameters())
         done += 1
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(seed=-1), r"seed must be an int in \[0, 9223372036854775807\], got seed=-1"),
+    (dict(backend="gpu"), r"backend must be one of \('auto', 'cpu', 'torch', 'cuda', 'triton'\), got backend='gpu'"),
+    (dict(max_iter=0), r"max_iter must be an int in \[1, 2147483647\], got max_iter=0"),
+    (dict(tol=-1.0), r"tol must be a finite number >= 0.0, got tol=-1.0"),
+    (dict(algorithm="elk"), r"algorithm must be one of \('auto', .*\), got 'elk'"),
+])
+def test_bad_kmeans_options_are_refused_before_any_progress_line(options, match):
+    """The docstring's promise: progress lines come once every argument is checked (these were found by the
+    k-means call, after 'clustering ... one batched call' was said)."""
+    lines = []
+    with pytest.raises(ValueError, match=match):
+        compress(_net(), ratio=0.5, progress=lines.append, **options)
+    assert lines == []
+
+
+def test_a_seed_of_none_or_a_generator_is_drawn_once_for_the_sweeps_and_the_fit():
+    """An elbow plan sweeps k, then clusters at the chosen k: both under one seed, the one the report gives."""
+    gen = np.random.default_rng(5)
+    small, rep = compress(_net(), plan="elbow", seed=gen)
+    again, rep2 = compress(_net(), plan="elbow", seed=rep.kmeans_options["seed"])
+    assert isinstance(rep.kmeans_options["seed"], int)
+    assert [lr.k for lr in rep.layers] == [lr.k for lr in rep2.layers]
+    for a, b in zip(small.modules(), again.modules()):
+        if hasattr(a, "codebook"):
+            assert torch.equal(a.codebook, b.codebook)

@@ -78,10 +78,24 @@ def elbow_index(ks, inertias) -> int:
 
 
 def _kmeans_kwargs(options: dict, granularity: str) -> dict:
+    """The k-means options, checked before any clustering (and before the first progress line); the seed is
+    resolved once (an int; a Generator or None draws one), so the sweeps and the final fit share it."""
+    from .._registry import check_backend_name
+    from ..kmeans.api import ALGORITHMS, _resolve_seed
+
     kw = {k: options[k] for k in _KMEANS_OPTIONS if k in options}
-    kw.setdefault("seed", 0)
+    kw["seed"] = _resolve_seed(kw.get("seed", 0))
     if granularity == "element":
         kw.setdefault("algorithm", "exact1d")
+    if "backend" in kw:
+        check_backend_name(kw["backend"])
+    for name in ("max_iter", "n_init"):
+        if name in kw:
+            kw[name] = check_int(kw[name], name, 1, 2**31 - 1)
+    if "tol" in kw:
+        kw["tol"] = check_float(kw["tol"], "tol", 0.0)
+    if kw.get("algorithm", "auto") not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {kw['algorithm']!r}")
     return kw
 
 
