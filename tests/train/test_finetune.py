@@ -323,6 +323,8 @@ def test_default_peak_lr_scales_with_the_loaders_batch(tiny):
     ({"stage_epochs": 1.5}, r"stage_epochs must be an int or a list of ints \(one per stage\), got 1.5"),
     ({"stage_epochs": [1, -1]}, r"stage_epochs\[1\] must be an int >= 0, got stage_epochs\[1\]=-1"),
     ({"plot_path": 3}, r"plot_path must be a file path or None, got int 3"),
+    ({"compress_options": "seed=0"}, r"compress_options must be a dict of keyword arguments for kcengine.compress "
+     r"\(e.g. \{'seed': 1\}\) or None, got str 'seed=0'"),
     ({"calibration_images": np.int64(0)}, r"calibration_images must be an int >= 1, got calibration_images="),
     ({"checkpoint_dir": 3}, "checkpoint_dir must be a path"),
 ])

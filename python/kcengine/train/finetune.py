@@ -358,6 +358,9 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         raise ValueError(f"stage_epochs must be an int or a list of ints (one per stage), got {stage_epochs!r}")
     stage_epochs = (check_int(stage_epochs, "stage_epochs", 0) if isinstance(stage_epochs, numbers.Integral)
                     else [check_int(v, f"stage_epochs[{i}]", 0) for i, v in enumerate(stage_epochs)])
+    if compress_options is not None and not isinstance(compress_options, dict):
+        raise ValueError(f"compress_options must be a dict of keyword arguments for kcengine.compress (e.g. "
+                         f"{{'seed': 1}}) or None, got {type(compress_options).__name__} {compress_options!r:.60}")
     if plot_path is not None and not isinstance(plot_path, (str, os.PathLike)):
         raise ValueError(f"plot_path must be a file path or None, got {type(plot_path).__name__} {plot_path!r:.60}")
     if eval_data is not None:
