@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_int", "check_float", "check_device", "first_line"]
+__all__ = ["check_int", "check_float", "check_bool", "check_device", "first_line"]
 
 
 def check_int(value, name: str, low: int | None = None, high: int | None = None, *, optional: bool = False):
@@ -42,6 +42,14 @@ def check_float(value, name: str, low: float = 0.0, *, low_open: bool = False, h
         rng = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
         raise ValueError(f"{name} must be a finite number {rng}{' or None' if optional else ''}, got {name}={value!r}")
     return float(value)
+
+
+def check_bool(value, name: str) -> bool:
+    """``value`` as a Python bool: True/False (numpy's too) or the ints 0 and 1; ValueError naming ``name`` for
+    anything else (a string such as "no" would read as True)."""
+    if type(value).__name__ in ("bool", "bool_") or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, got {name}={value!r}")
 
 
 def check_device(device, name: str = "device"):

@@ -291,6 +291,8 @@ def test_plan_parsing_errors_are_clear(plan, msg):
      r"features.0, features.2.0, head"),
     (0.5, {"layers": []}, r"layers is empty: select at least one conv layer"),
     (0.5, {"layers": 3}, r"layers must be None, 'first', a regex string or a list of names, got 3"),
+    (0.5, {"cosine": "yes"}, r"cosine must be True or False, got cosine='yes'"),
+    ("map:conv1=2,conv1=3", {}, r"map plan: 'conv1' is given twice \(2 and 3\)"),
 ])
 def test_plan_and_layer_errors_name_the_value(plan, kw, msg):
     m = _net()

@@ -72,13 +72,17 @@ def add_arguments(parser) -> None:
 
 
 def _order_arg(text):
-    if not text:
+    from ..cli import UserError
+
+    if text is None:
         return None
     stages = []
     for part in text.split(";"):
         part = part.strip()
         if part:
             stages.append([s.strip() for s in part.split(",") if s.strip()] if "," in part else part)
+    if not stages:  # ";;" or "" named no stage: not the default order in disguise
+        raise UserError(f"--order {text!r} names no stage (stages are separated by ';', e.g. 'layer3;layer2')")
     return stages
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._checks import check_float, check_int
+from .._checks import check_bool, check_float, check_int
 from ..kmeans import kmeans, kmeans_sweep
 from ..conv.module import replace_module
 from .layers import GRANULARITIES, LayerProblem, effective_weight
@@ -216,6 +216,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be None or a callable taking one line of text, got {progress!r}")
     say = progress or (lambda msg: None)
+    cosine = check_bool(cosine, "cosine")
     threshold = check_float(threshold, "threshold", optional=True)
     if threshold is not None:
         if granularity == "element":
@@ -244,7 +245,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
                              f"cluster (load or materialize them first, e.g. model.to_empty() then a checkpoint)")
         if not bool(torch.isfinite(conv.weight).all()):
             raise ValueError(f"layer {n!r} has NaN or Inf weights: k-means needs finite data")
-    probs = [LayerProblem(n, by_name[n], granularity, cosine) for n in selected]
+    probs = [LayerProblem(n, by_name[n], granularity, cosine) for n in selected]  # cosine checked above
     probs, skipped = _filter_by_strategy(strategy, probs)
     kw = _kmeans_kwargs(options, granularity)
 

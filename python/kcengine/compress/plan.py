@@ -257,6 +257,8 @@ def _parse_pairs(body: str, what: str, key_int: bool) -> dict:
                 raise ValueError(f"{what}: channel count {key!r} is not an int") from None
         elif any(ch in key for ch in "*+?[](){}|\\^$") and not key.startswith("re:"):
             key = "re:" + key
+        if key in out:
+            raise ValueError(f"{what}: {key!r} is given twice ({out[key]} and {val.strip()})")
         out[key] = _number(val, f"{what} value for {key!r}")
     if not out:
         raise ValueError(f"{what}: no entries given")

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _registry
+from .._checks import check_bool
 
 __all__ = ["indexed_conv2d", "dense_weight", "GRANULARITIES", "FLOAT_DTYPES"]
 
@@ -267,7 +268,7 @@ def indexed_conv2d(
     (``FlopCounterMode``, ``FakeTensorMode``) CPU inference always calls that op, whose FLOP formula counts
     the work the native kernels do, and anything else is written in torch ops (:func:`dispatch_mode_active`).
     """
-    relu = bool(relu)
+    relu = relu if relu is True or relu is False else check_bool(relu, "relu")
     if isinstance(padding, str):
         if not isinstance(codebook, torch.Tensor) or codebook.dim() not in (3, 4):
             padding = 0  # the codebook's own error comes from _validate
