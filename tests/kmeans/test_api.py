@@ -25,6 +25,12 @@ X = np.random.default_rng(0).normal(size=(20, 3))
     (X, [2, 3], {}, r"k must be an int for a single problem"),
     (X.astype(np.int64), 2, {}, r"x must be float32 or float64, got dtype int64"),
     (X.astype(np.float16), 2, {}, r"x must be float32 or float64, got dtype float16"),
+    (None, 2, {}, r"x must be float32 or float64, got dtype object \(NoneType None\)"),
+    ("abc", 2, {}, r"x must be float32 or float64, got dtype <U3 \(str 'abc'\)"),
+    (X, 2, {"init": [[0.0, 0.0], [1.0, 1.0, 1.0]]}, r"init must be one of \('k-means\+\+', 'random'\) or a \[k, 3\] "
+     r"array of initial centroids, got list \[\[0.0, 0.0\], \[1.0, 1.0, 1.0\]\]"),  # was numpy's own message
+    (X, 2, {"init": [[0.0, 0.0, "a"], [1.0, 1.0, 1.0]]}, r"init must be one of .* or a \[k, 3\] array of initial "
+     r"centroids, got list"),  # was "init for a batch of 1 problems"
     (X, 2, {"sample_weight": np.ones(19)}, r"sample_weight must have shape \[20\], got shape \(19,\)"),
     (X, 2, {"sample_weight": -np.ones(20)}, r"sample_weight must be >= 0, got a minimum of -1.0"),
     (X, 2, {"sample_weight": np.zeros(20)}, r"sample_weight sums to 0"),
@@ -372,3 +378,14 @@ def test_weights_scaled_alike_give_the_same_clustering(backend, scale):
         np.testing.assert_array_equal(a.labels, b.labels)
         assert float(a.inertia) == pytest.approx(float(b.inertia) * scale, rel=1e-6) or float(a.inertia) == np.inf
     np.testing.assert_array_equal(ws, kept)  # the caller's weights are left as they were
+
+
+def test_one_problems_init_as_rows():
+    """A single problem's start written as rows (nested lists, or a list of 1-D arrays) is the [k, D] table those
+    rows make; a list holding one [k, D] array stays the one-problem batch form."""
+    rows = [X[0].copy(), X[5].copy()]
+    ref = kcengine.kmeans(X, 2, init=np.stack(rows), n_init=1)
+    for init in (rows, [r.tolist() for r in rows], [np.stack(rows)]):
+        got = kcengine.kmeans(X, 2, init=init, n_init=1)
+        np.testing.assert_array_equal(got.labels, ref.labels)
+        np.testing.assert_array_equal(got.centroids, ref.centroids)

@@ -108,7 +108,8 @@ def _as_array(a, what: str):
 
 def _check_float(a, what: str) -> None:
     if _dtype_name(a) not in ("float32", "float64"):
-        raise ValueError(f"{what} must be float32 or float64, got dtype {_dtype_name(a)}")
+        value = f" ({type(a.item()).__name__} {a.item()!r:.60})" if isinstance(a, np.ndarray) and a.ndim == 0 else ""
+        raise ValueError(f"{what} must be float32 or float64, got dtype {_dtype_name(a)}{value}")
 
 
 def _all_finite(a) -> bool:
@@ -458,9 +459,13 @@ def _check_init(init, parts, layout, k_arg):
                          "form is not taken: call it and pass the centroids it returns)")
     if init is None or isinstance(init, (numbers.Number, dict, set)):
         raise ValueError(f"init must be one of {INITS} or an array of initial centroids, got {init!r}")
-    if layout == "single" and isinstance(init, (list, tuple)) and all(
-            isinstance(r, (list, tuple)) and all(isinstance(v, numbers.Real) for v in r) for r in init):
-        init = np.asarray(init, dtype=np.float64)  # one problem's centroids written as nested lists
+    if layout == "single" and isinstance(init, (list, tuple)) and not (len(init) == 1 and
+                                                                      getattr(init[0], "ndim", None) == 2):
+        try:  # one problem's centroids written as rows (nested lists, or a list of 1-D arrays)
+            init = np.asarray(init, dtype=np.float64)
+        except (ValueError, TypeError, RuntimeError):
+            raise ValueError(f"init must be one of {INITS} or a [k, {parts[0].shape[1]}] array of initial "
+                             f"centroids, got {type(init).__name__} {init!r:.80}") from None
     if layout == "ragged" or isinstance(init, (list, tuple)):
         if not isinstance(init, (list, tuple)) or len(init) != len(parts):
             raise ValueError(f"init for a batch of {len(parts)} problems must be a list of {len(parts)} "
