@@ -89,6 +89,11 @@ def test_from_conv_with_a_number_of_clusters_runs_kmeans(granularity):
         ClusteredConv2d.from_conv(conv, True, granularity)
     half = ClusteredConv2d.from_conv(nn.Conv2d(4, 8, 3).half(), 3, granularity)
     assert half.codebook.dtype == torch.float16 and half.num_clusters == 3
+    bad = nn.Conv2d(4, 8, 3)
+    with torch.no_grad():
+        bad.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"conv.weight holds NaN or Inf values"):  # it named k-means' x
+        ClusteredConv2d.from_conv(bad, 3, granularity)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # the reference's (F.conv2d's)

@@ -236,6 +236,8 @@ class ClusteredConv2d(nn.Module):
             if not 1 <= kmeans_result <= points.shape[0]:
                 raise ValueError(f"kmeans_result={kmeans_result} as a number of clusters must be in [1, "
                                  f"{points.shape[0]}] (the conv's {granularity}s)")
+            if not bool(torch.isfinite(points).all()):
+                raise ValueError("conv.weight holds NaN or Inf values: k-means needs finite data")
             kmeans_result = kmeans(points, int(kmeans_result), seed=seed)
         for field in ("centroids", "labels"):
             if not hasattr(kmeans_result, field):
