@@ -373,6 +373,11 @@ def test_compress_argument_errors_name_the_value():
         compress(m, ratio=0.5, conv_backend="tpu")  # was accepted, then failed at the first forward
     with pytest.raises(ValueError, match="eval_data must be a DataLoader, a Dataset or an \\(images, labels\\) pair"):
         compress(m, ratio=0.5, eval_data=[1, 2, 3])  # was an AttributeError
+    empty = (torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))  # named, before the clustering
+    with pytest.raises(ValueError, match=r"eval_data holds no images \(shapes \(0, 3, 8, 8\) and \(0,\)\)"):
+        compress(m, ratio=0.5, eval_data=empty)
+    with pytest.raises(ValueError, match=r"eval_data holds no images \(an empty TensorDataset\)"):
+        compress(m, ratio=0.5, eval_data=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*empty)))
     said = []  # a bad pair is refused before the clustering, by the argument's name (was: after it, as "data")
     with pytest.raises(ValueError, match=r"eval_data's images and labels differ in length: shapes \(4, 3, 8, 8\) "
                                          r"vs \(3,\)"):

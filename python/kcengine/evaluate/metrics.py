@@ -57,9 +57,19 @@ def check_data(data, name: str = "data") -> None:
         if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
             raise ValueError(f"{name}'s images and labels differ in length: shapes {tuple(x.shape)} vs "
                              f"{tuple(y.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} holds no images (shapes {tuple(x.shape)} and {tuple(y.shape)})")
     elif not isinstance(data, (torch.utils.data.DataLoader, torch.utils.data.Dataset)):
         raise ValueError(f"{name} must be a DataLoader, a Dataset or an (images, labels) pair, got "
                          f"{type(data).__name__}")
+    else:
+        ds = data.dataset if isinstance(data, torch.utils.data.DataLoader) else data
+        try:
+            size = len(ds)
+        except TypeError:  # an iterable dataset: its length is not known before reading it
+            size = None
+        if size == 0:
+            raise ValueError(f"{name} holds no images (an empty {type(ds).__name__})")
 
 
 def _batches(data, batch_size: int):
