@@ -231,6 +231,19 @@ def test_constructor_takes_numpy_ints_like_python_ints():
         ClusteredConv2d(np.float64(4), 8, 3, 3)
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(dtype=torch.int32), r"dtype must be None or a floating torch.dtype \(torch.float32, ...\), got "
+                              r"dtype=torch.int32"),  # was "Only Tensors of floating point ... can require gradients"
+    (dict(dtype="float32"), r"dtype must be None or a floating torch.dtype .*, got dtype='float32'"),
+    (dict(device="tpu"), r"device must be a torch device or a string such as 'cpu' or 'cuda:0', got device='tpu'"),
+])
+def test_constructor_names_a_bad_dtype_or_device(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ClusteredConv2d(4, 8, 3, 3, **kw)
+    m = ClusteredConv2d(4, 8, 3, 3, device="meta", dtype=torch.float64)  # what torch's own init paths pass
+    assert m.codebook.is_meta and m.codebook.dtype == torch.float64
+
+
 def test_constructor_refuses_an_unknown_backend():
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cpu', 'torch', 'cuda', 'triton'\), got "
                                          r"backend='tpu'"):

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _registry
+from .._checks import check_device
 from .backends import PackedCodebook, inference_call, kernel_plan, tensor_version
 from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, capturing,
                          dense_weight, dispatch_mode_active, indexed_conv2d, output_hw, string_padding)
@@ -168,6 +169,10 @@ class ClusteredConv2d(nn.Module):
             if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:  # numpy's ints too
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         in_channels, out_channels, num_clusters, groups = map(int, (in_channels, out_channels, num_clusters, groups))
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be None or a floating torch.dtype (torch.float32, ...), got dtype={dtype!r}")
+        if device is not None:
+            device = check_device(device)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by "
                              f"groups={groups}")
