@@ -376,7 +376,8 @@ def test_weights_scaled_alike_give_the_same_clustering(backend, scale):
     sweep_ref = kcengine.kmeans_sweep(x, [2, 4], sample_weight=w, seed=0, backend=backend)
     for a, b in zip(sweep, sweep_ref):
         np.testing.assert_array_equal(a.labels, b.labels)
-        assert float(a.inertia) == pytest.approx(float(b.inertia) * scale, rel=1e-6) or float(a.inertia) == np.inf
+        want = float(b.inertia) * scale
+        assert float(a.inertia) == (pytest.approx(want, rel=1e-6) if np.isfinite(want) else np.inf)
     np.testing.assert_array_equal(ws, kept)  # the caller's weights are left as they were
 
 
@@ -385,7 +386,25 @@ def test_one_problems_init_as_rows():
     rows make; a list holding one [k, D] array stays the one-problem batch form."""
     rows = [X[0].copy(), X[5].copy()]
     ref = kcengine.kmeans(X, 2, init=np.stack(rows), n_init=1)
-    for init in (rows, [r.tolist() for r in rows], [np.stack(rows)]):
+    for init in (rows, [r.tolist() for r in rows], [np.stack(rows)], [[r.tolist() for r in rows]],
+                 ([r.tolist() for r in rows],), [torch.from_numpy(r).requires_grad_() for r in rows]):
         got = kcengine.kmeans(X, 2, init=init, n_init=1)
         np.testing.assert_array_equal(got.labels, ref.labels)
         np.testing.assert_array_equal(got.centroids, ref.centroids)
+    with pytest.raises(ValueError, match=r"init must be one of .* or a \[k, 3\] array of initial centroids"):
+        kcengine.kmeans(X, 2, init=[["0", "0", "0"], ["1", "1", "1"]])  # strings are not centroids
+
+
+def test_repeated_weights_keep_their_problems_on_one_dataset():
+    """A ragged batch passing the same array and the same weights twice solves one dataset (its Gram matrix or
+    sort made once), also when the weights are a tensor that requires grad or are scaled (far from 1)."""
+    from kcengine.kmeans import api
+
+    x, y = X, X[:9]
+    for w in (torch.ones(20, dtype=torch.float64, requires_grad=True), np.full(20, 2.0 ** 1000)):
+        probs, _ = api._build([x, x, y], [2, 3, 2], init="k-means++", n_init=1, max_iter=300, tol=1e-4,
+                              sample_weight=[w, w, np.ones(9)], seed=0, algorithm="auto")
+        assert len(probs.datasets) == 2 and probs.data_index.tolist() == [0, 0, 1]
+        got = kcengine.kmeans([x, x, y], [2, 3, 2], sample_weight=[w, w, np.ones(9)], seed=0)
+        alone = kcengine.kmeans(x, 3, sample_weight=w, seed=0)
+        np.testing.assert_array_equal(got.labels[1], alone.labels)

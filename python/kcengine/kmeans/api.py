@@ -382,13 +382,16 @@ def _check_weights(sample_weight, parts, layout):
         else:
             ws = [w] * len(parts)
     out = []
+    same: dict = {}  # one array per distinct caller's array, so that _share_repeated still sees the repeats
     for i, (w, a) in enumerate(zip(ws, parts)):
         name = "sample_weight" if layout == "single" else f"sample_weight of problem {i}"
         if w.ndim != 1 or w.shape[0] != a.shape[0]:
             raise ValueError(f"{name} must have shape [{a.shape[0]}], got shape {tuple(w.shape)}")
         if _dtype_name(w) not in ("float32", "float64", "int64", "int32", "float16", "bool"):
             raise ValueError(f"{name} must be numeric, got dtype {_dtype_name(w)}")
-        out.append(w.detach() if _is_torch(w) else w)  # weights that require grad are read, never differentiated
+        if id(w) not in same:  # weights that require grad are read, never differentiated
+            same[id(w)] = w.detach() if _is_torch(w) and w.requires_grad else w
+        out.append(same[id(w)])
     bad = _nonfinite(out)
     if bad:
         raise ValueError(f"{'sample_weight' if layout == 'single' else f'sample_weight of problem {bad[0]}'} "
@@ -402,7 +405,7 @@ def _check_weights(sample_weight, parts, layout):
         host = [_to_numpy(w) for w in out]
         mins = [float(np.min(w)) for w in host]
         maxs = [float(np.max(w)) for w in host]
-    exps = []
+    exps, scaled = [], {}
     for i, (wmin, wmax) in enumerate(zip(mins, maxs)):
         name = "sample_weight" if layout == "single" else f"sample_weight of problem {i}"
         if wmin < 0:
@@ -416,8 +419,10 @@ def _check_weights(sample_weight, parts, layout):
         e = 0
         if not 2.0 ** -64 <= wmax <= 2.0 ** 64:
             e = 1 - math.frexp(float(wmax))[1]
-            w = out[i] if _dtype_name(out[i]) in ("float32", "float64") else _to_numpy(out[i], np.float64)
-            out[i] = _times_pow2(w, e)
+            if id(out[i]) not in scaled:
+                w = out[i] if _dtype_name(out[i]) in ("float32", "float64") else _to_numpy(out[i], np.float64)
+                scaled[id(out[i])] = _times_pow2(w, e)
+            out[i] = scaled[id(out[i])]
         exps.append(e)
     return out, exps
 
@@ -461,11 +466,16 @@ def _check_init(init, parts, layout, k_arg):
         raise ValueError(f"init must be one of {INITS} or an array of initial centroids, got {init!r}")
     if layout == "single" and isinstance(init, (list, tuple)) and not (len(init) == 1 and
                                                                       getattr(init[0], "ndim", None) == 2):
-        try:  # one problem's centroids written as rows (nested lists, or a list of 1-D arrays)
-            init = np.asarray(init, dtype=np.float64)
+        try:  # one problem's centroids written as rows (nested lists, or a list of 1-D arrays or tensors)
+            rows = np.asarray([_to_numpy(r) if _is_torch(r) else r for r in init])
         except (ValueError, TypeError, RuntimeError):
+            rows = None
+        if rows is not None and rows.ndim == 3 and rows.shape[0] == 1:  # [[row, ...]]: the batch form of one
+            rows = rows[0]
+        if rows is None or rows.dtype.kind not in "biuf":
             raise ValueError(f"init must be one of {INITS} or a [k, {parts[0].shape[1]}] array of initial "
-                             f"centroids, got {type(init).__name__} {init!r:.80}") from None
+                             f"centroids, got {type(init).__name__} {init!r:.80}")
+        init = rows.astype(np.float64, copy=False)
     if layout == "ragged" or isinstance(init, (list, tuple)):
         if not isinstance(init, (list, tuple)) or len(init) != len(parts):
             raise ValueError(f"init for a batch of {len(parts)} problems must be a list of {len(parts)} "
