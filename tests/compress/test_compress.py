@@ -278,13 +278,15 @@ def test_plan_parsing_errors_are_clear(plan, msg):
     ("relative_inertia=1.5", {}, r"relative_inertia is a fraction of the k=1 inertia in \[0, 1\], got 1.5"),
     ("elbow=0.5:0.6:0.1", {}, r"elbow needs at least 3 distinct ratios, got \(0.5, 0.6\)"),
     ("elbow=0.5:0.2:0.1", {}, r"elbow range '0.5:0.2:0.1' needs START <= STOP and STEP > 0"),
-    ("elbow=0.1:1:1e-12", {}, r"elbow range '0.1:1:1e-12' gives 900000000001 ratios; at most 1000"),  # it hung
+    ("elbow=0.1:1:1e-12", {}, r"elbow range '0.1:1:1e-12' gives more than 1000 ratios \(a larger STEP\)"),  # hung
+    ("elbow=0.1:1:1e-320", {}, r"elbow range '0.1:1:1e-320' gives more than 1000 ratios"),  # an OverflowError
     ("elbow=nan:1:0.1", {}, r"elbow range 'nan:1:0.1' needs finite START, STOP and STEP"),
     ("elbow=0.1:inf:0.1", {}, r"elbow range '0.1:inf:0.1' needs finite START, STOP and STEP"),
     ({"elbow": 0.5}, {}, r"elbow takes a sequence of ratios in \(0, 1\] \(e.g. \[0.1, 0.2, ..., 1.0\]\), got 0.5"),
     ({"elbow": "0.1,0.2,0.3"}, {}, r"elbow takes a sequence of ratios .*, got '0.1,0.2,0.3'"),  # not its characters
     ({"elbow": False}, {}, r"elbow takes a sequence of ratios .*, got False"),
     ({"layers": "conv1=2"}, {}, r"plan \{'layers': ...\} takes a dict \(\{'conv1': 8, ...\}\), got str 'conv1=2'"),
+    ({"layers": [("conv1", 2, 3)]}, {}, r"plan \{'layers': ...\} takes a dict .*, got list"),
     ({"channels": [12]}, {}, r"plan \{'channels': ...\} takes a dict \(\{64: 32, ...\}\), got list \[12\]"),
     (0.5, {"layers": "["}, r"layers='\[' is not a valid regex"),
     (0.5, {"layers": ["nope"]}, r"layers names \['nope'\] which are not conv layers of the model; layers are "
@@ -637,13 +639,38 @@ def test_bad_kmeans_options_are_refused_before_any_progress_line(options, match)
     assert lines == []
 
 
-def test_a_seed_of_none_or_a_generator_is_drawn_once_for_the_sweeps_and_the_fit():
-    """An elbow plan sweeps k, then clusters at the chosen k: both under one seed, the one the report gives."""
-    gen = np.random.default_rng(5)
-    small, rep = compress(_net(), plan="elbow", seed=gen)
-    again, rep2 = compress(_net(), plan="elbow", seed=rep.kmeans_options["seed"])
-    assert isinstance(rep.kmeans_options["seed"], int)
-    assert [lr.k for lr in rep.layers] == [lr.k for lr in rep2.layers]
-    for a, b in zip(small.modules(), again.modules()):
-        if hasattr(a, "codebook"):
-            assert torch.equal(a.codebook, b.codebook)
+def test_a_seed_of_none_or_a_generator_is_drawn_once_and_recorded(monkeypatch):
+    """A seed of None or a Generator is drawn once per compress call: every k-means call it makes (here one
+    sweep per layer) gets that int, the report records it, and passing it back reproduces the model."""
+    import importlib
+
+    apply = importlib.import_module("kcengine.compress.apply")  # (kcengine.compress the attribute is the function)
+    seen = []
+    real = apply.kmeans_sweep
+
+    def spy(x, ks, **kw):
+        seen.append(kw["seed"])
+        return real(x, ks, **kw)
+
+    monkeypatch.setattr(apply, "kmeans_sweep", spy)
+    for seed in (np.random.default_rng(5), None):
+        seen.clear()
+        small, rep = compress(_net(), plan="elbow", seed=seed)
+        drawn = rep.kmeans_options["seed"]
+        assert isinstance(drawn, int) and len(seen) == 3 and set(seen) == {drawn}  # one sweep per conv layer
+        again, rep2 = compress(_net(), plan="elbow", seed=drawn)
+        assert [lr.k for lr in rep.layers] == [lr.k for lr in rep2.layers]
+        for a, b in zip(small.modules(), again.modules()):
+            if hasattr(a, "codebook"):
+                assert torch.equal(a.codebook, b.codebook)
+
+
+def test_backend_none_is_auto_and_an_unavailable_backend_is_said_before_any_progress_line():
+    _, rep = compress(_net(), ratio=0.5, backend=None)  # as kmeans takes it
+    assert rep.kmeans_options["backend"] is None
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the cuda backend may run")
+    lines = []
+    with pytest.raises(RuntimeError, match=r"backend='cuda' is not available: no CUDA device"):
+        compress(_net(), ratio=0.5, backend="cuda", progress=lines.append)
+    assert lines == []

@@ -79,16 +79,20 @@ def elbow_index(ks, inertias) -> int:
 
 def _kmeans_kwargs(options: dict, granularity: str) -> dict:
     """The k-means options, checked before any clustering (and before the first progress line); the seed is
-    resolved once (an int; a Generator or None draws one), so the sweeps and the final fit share it."""
-    from .._registry import check_backend_name
+    resolved once (an int; a Generator or None draws one), so every k-means call of the compress gets that int
+    and the report records it."""
+    from .._registry import backend_status, check_backend_name
     from ..kmeans.api import ALGORITHMS, _resolve_seed
 
     kw = {k: options[k] for k in _KMEANS_OPTIONS if k in options}
     kw["seed"] = _resolve_seed(kw.get("seed", 0))
     if granularity == "element":
         kw.setdefault("algorithm", "exact1d")
-    if "backend" in kw:
+    if kw.get("backend") not in (None, "auto"):  # None is "auto", as kmeans takes it
         check_backend_name(kw["backend"])
+        reason = backend_status(kw["backend"])
+        if reason:  # as kmeans would say it, but before any work
+            raise RuntimeError(f"backend={kw['backend']!r} is not available: {reason}")
     for name in ("max_iter", "n_init"):
         if name in kw:
             kw[name] = check_int(kw[name], name, 1, 2**31 - 1)

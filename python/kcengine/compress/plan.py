@@ -115,7 +115,8 @@ class Elbow:
     """The elbow of each layer's inertia curve over ``ratios`` (k = round(N * r) for each r).
 
     The elbow is the point farthest below the chord joining the curve's ends, with k and inertia
-    both scaled to [0, 1] (the "kneedle" rule for a decreasing convex curve).
+    both scaled to [0, 1] (the "kneedle" rule for a decreasing convex curve).  At least 3 distinct ratios and at
+    most ``MAX_ELBOW_POINTS`` (1000).
     """
 
     ratios: tuple = DEFAULT_ELBOW_RATIOS
@@ -300,9 +301,10 @@ def _parse_string(text: str):
             raise ValueError(f"elbow range {val!r} needs finite START, STOP and STEP")
         if st <= 0 or a > b:
             raise ValueError(f"elbow range {val!r} needs START <= STOP and STEP > 0")
-        n = math.floor((b - a) / st + 1e-9) + 1
-        if n > MAX_ELBOW_POINTS:
-            raise ValueError(f"elbow range {val!r} gives {n} ratios; at most {MAX_ELBOW_POINTS} (a larger STEP)")
+        span = (b - a) / st + 1e-9
+        if not span < MAX_ELBOW_POINTS:  # (inf too, for a step that underflows the division)
+            raise ValueError(f"elbow range {val!r} gives more than {MAX_ELBOW_POINTS} ratios (a larger STEP)")
+        n = math.floor(span) + 1
         return Elbow(tuple(round(a + i * st, 6) for i in range(n)))
     if name == "sensitivity":
         return OutputSensitivity(_number(val, "sensitivity"))
@@ -342,8 +344,15 @@ def parse_plan(plan=None, ratio=None):
         if key == "elbow":
             return Elbow() if val is None or val is True else Elbow(val)
         if key in ("layers", "channels") and not isinstance(val, Mapping):
-            example = "{'conv1': 8, ...}" if key == "layers" else "{64: 32, ...}"
-            raise ValueError(f"plan {{{key!r}: ...}} takes a dict ({example}), got {type(val).__name__} {val!r:.60}")
+            try:  # (name, k) pairs read as the dict they make; a string is not pairs
+                val = dict(val) if not isinstance(val, (str, bytes)) else None
+            except (TypeError, ValueError):
+                val = None
+            if val is None:
+                example = "{'conv1': 8, ...}" if key == "layers" else "{64: 32, ...}"
+                got = plan[key]
+                raise ValueError(f"plan {{{key!r}: ...}} takes a dict ({example}), got {type(got).__name__} "
+                                 f"{got!r:.60}")
         if key == "layers":
             return PerLayer(dict(val))
         if key == "channels":
