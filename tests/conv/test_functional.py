@@ -285,6 +285,7 @@ _BAD_ARGS = [
     ("groups 0", lambda a: a.update(groups=0), r"groups must be a positive int, got 0"),
     ("groups True", lambda a: a.update(groups=True), r"groups must be a positive int, got True"),
     ("relu a string", lambda a: a.update(relu="no"), r"relu must be True or False, got relu='no'"),  # read as True
+    ("relu a float", lambda a: a.update(relu=0.5), r"relu must be True or False, got relu=0.5"),
     ("groups 2 of 5 channels", lambda a: a.update(groups=2), r"x has C_in=5 channels, not divisible by groups=2"),
     ("stride of one entry", lambda a: a.update(stride=(1,)), r"stride must be an int or a pair of ints, got \(1,\)"),
     ("stride a float", lambda a: a.update(stride=1.5), r"stride must be an int or a pair of ints, got 1.5"),

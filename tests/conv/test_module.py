@@ -94,6 +94,10 @@ def test_from_conv_with_a_number_of_clusters_runs_kmeans(granularity):
         bad.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"conv.weight holds NaN or Inf values"):  # it named k-means' x
         ClusteredConv2d.from_conv(bad, 3, granularity)
+    with torch.device("meta"):
+        meta = nn.Conv2d(4, 8, 3)
+    with pytest.raises(ValueError, match=r"conv.weight is on the meta device: it has a shape but no values"):
+        ClusteredConv2d.from_conv(meta, 3, granularity)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # the reference's (F.conv2d's)

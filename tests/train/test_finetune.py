@@ -303,6 +303,17 @@ def test_default_peak_lr_scales_with_the_loaders_batch(tiny):
         assert r.history[-1]["lr"] == pytest.approx(0.01 * batch / 128)
 
 
+def test_stage_epochs_takes_any_sequence_of_ints(tiny):
+    """A numpy array or a range of per-stage epochs is read as the list it holds (a tuple/list-only check
+    refused them)."""
+    model, ds, loader = tiny
+    plan = {"layers": {"conv1": 3, "conv2": 5}}
+    for per in (np.array([0, 1]), range(2), (0, 1)):
+        r = finetune(model, loader, mode="progressive", plan=plan, order=["conv2", "conv1"], stage_epochs=per,
+                     **{**FAST, "epochs": 0})
+        assert [h["phase"] for h in r.history if h.get("epoch") is not None].count("stage 2") == 1
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"mode": "nope"}, "mode must be one of"),
     ({"epochs": -1}, "epochs must be an int >= 0"),

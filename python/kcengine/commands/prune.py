@@ -30,11 +30,11 @@ def add_arguments(parser) -> None:
 
 def _layers_arg(text):
     """--layers: 'first', a list of layer names when the text is names joined by commas (each made of letters,
-    digits, '_' and '.'), else a regex, which may hold commas itself (``layer[12]\\.[0-9]{1,2}\\..*``)."""
+    digits, '_', '.' and '-'), else a regex, which may hold commas itself (``layer[12]\\.[0-9]{1,2}\\..*``)."""
     if text is None or text == "first":
         return text
     parts = [t.strip() for t in text.split(",")]
-    if len(parts) > 1 and all(re.fullmatch(r"[\w.]+", t) for t in parts if t):
+    if len(parts) > 1 and all(re.fullmatch(r"[\w.-]+", t) for t in parts if t):
         return [t for t in parts if t]
     return text
 

@@ -241,6 +241,8 @@ class ClusteredConv2d(nn.Module):
             if not 1 <= kmeans_result <= points.shape[0]:
                 raise ValueError(f"kmeans_result={kmeans_result} as a number of clusters must be in [1, "
                                  f"{points.shape[0]}] (the conv's {granularity}s)")
+            if points.is_meta:
+                raise ValueError("conv.weight is on the meta device: it has a shape but no values to cluster")
             if not bool(torch.isfinite(points).all()):
                 raise ValueError("conv.weight holds NaN or Inf values: k-means needs finite data")
             kmeans_result = kmeans(points, int(kmeans_result), seed=seed)

@@ -50,6 +50,7 @@ import math
 import numbers
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,8 +354,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     calibration_images = check_int(calibration_images, "calibration_images", 1)
     seed = check_int(seed, "seed", 0, 2**63 - 1)
     eval_batch_size = check_int(eval_batch_size, "eval_batch_size", 1)
-    if isinstance(stage_epochs, (str, bytes)) or not (isinstance(stage_epochs, numbers.Integral)
-                                                      or isinstance(stage_epochs, (list, tuple))):
+    if isinstance(stage_epochs, (str, bytes)) or not (isinstance(stage_epochs, (numbers.Integral, Iterable))):
         raise ValueError(f"stage_epochs must be an int or a list of ints (one per stage), got {stage_epochs!r}")
     stage_epochs = (check_int(stage_epochs, "stage_epochs", 0) if isinstance(stage_epochs, numbers.Integral)
                     else [check_int(v, f"stage_epochs[{i}]", 0) for i, v in enumerate(stage_epochs)])
