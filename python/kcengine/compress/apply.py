@@ -82,7 +82,7 @@ def _kmeans_kwargs(options: dict, granularity: str) -> dict:
     resolved once (an int; a Generator or None draws one), so every k-means call of the compress gets that int
     and the report records it."""
     from .._registry import backend_status, check_backend_name
-    from ..kmeans.api import ALGORITHMS, _resolve_seed
+    from ..kmeans.api import _resolve_seed, check_solver_options
 
     kw = {k: options[k] for k in _KMEANS_OPTIONS if k in options}
     kw["seed"] = _resolve_seed(kw.get("seed", 0))
@@ -93,13 +93,10 @@ def _kmeans_kwargs(options: dict, granularity: str) -> dict:
         reason = backend_status(kw["backend"])
         if reason:  # as kmeans would say it, but before any work
             raise RuntimeError(f"backend={kw['backend']!r} is not available: {reason}")
-    for name in ("max_iter", "n_init"):
-        if name in kw:
-            kw[name] = check_int(kw[name], name, 1, 2**31 - 1)
+    n_init, max_iter = check_solver_options(kw.get("n_init", 1), kw.get("max_iter", 300), kw.get("algorithm", "auto"))
+    kw.update({k: v for k, v in (("n_init", n_init), ("max_iter", max_iter)) if k in kw})
     if "tol" in kw:
         kw["tol"] = check_float(kw["tol"], "tol", 0.0)
-    if kw.get("algorithm", "auto") not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {kw['algorithm']!r}")
     return kw
 
 

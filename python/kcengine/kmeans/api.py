@@ -427,10 +427,17 @@ def _check_weights(sample_weight, parts, layout):
     return out, exps
 
 
+def _pow2_factors(e):
+    """Two float64 factors whose product is ``2**e`` (an int or an int array, |e| up to 2098), each finite where
+    ``2**e`` alone would overflow or underflow."""
+    h = np.asarray(e) // 2
+    return np.ldexp(1.0, h), np.ldexp(1.0, np.asarray(e) - h)
+
+
 def _times_pow2(a, e: int):
-    """``a * 2**e`` for |e| up to 2098 (two factors, each a finite float64)."""
-    h = e // 2
-    return a * math.ldexp(1.0, h) * math.ldexp(1.0, e - h)
+    """``a * 2**e``, exact unless it overflows or underflows."""
+    f1, f2 = _pow2_factors(e)
+    return a * float(f1) * float(f2)
 
 
 def _unscale_inertia(raw: RawResult, exps) -> RawResult:
@@ -438,9 +445,7 @@ def _unscale_inertia(raw: RawResult, exps) -> RawResult:
     weights (inf where that overflows float64, as the caller's own sum would)."""
     if exps is None or not any(exps):
         return raw
-    e = np.asarray([-x for x in exps], dtype=np.int64)
-    h = e // 2
-    f1, f2 = np.ldexp(1.0, h), np.ldexp(1.0, e - h)
+    f1, f2 = _pow2_factors(-np.asarray(exps, dtype=np.int64))
     if _is_torch(raw.inertia):
         import torch
 
@@ -537,6 +542,17 @@ def _resolve_seed(seed) -> int:
     return check_int(seed, "seed", 0, 2**63 - 1)  # what every backend's generator takes
 
 
+def check_solver_options(n_init, max_iter, algorithm) -> tuple[int, int]:
+    """``(n_init, max_iter)`` as ints in [1, 2**31 - 1] (the native core counts in int32), with ``algorithm`` one
+    of ``ALGORITHMS``; ValueError naming the argument and the value otherwise.  (Also what :func:`kcengine.compress`
+    checks its k-means options with, before any work.)"""
+    n_init = check_int(n_init, "n_init", 1, _INT32_MAX)
+    max_iter = check_int(max_iter, "max_iter", 1, _INT32_MAX)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    return n_init, max_iter
+
+
 def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm, sweep_ks=None):
     """Validate everything and return (Problems-without-conversion, parts, layout, is_torch)."""
     parts, layout = _split_input(x)
@@ -558,14 +574,11 @@ def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm,
                 name = "init" if layout == "single" else f"init of problem {i}"
                 raise ValueError(f"{name} has {c.shape[0]} centroids but k={kv}")
     weights, exps = _check_weights(sample_weight, parts, layout)
-    n_init = check_int(n_init, "n_init", 1, _INT32_MAX)
+    n_init, max_iter = check_solver_options(n_init, max_iter, algorithm)
     if kind == "given" and n_init != 1:
         raise ValueError(f"n_init={n_init} with given initial centroids would rerun the same start; pass n_init=1")
-    max_iter = check_int(max_iter, "max_iter", 1, _INT32_MAX)  # the native core counts in int32
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if algorithm in ("exact1d", "lloyd1d"):
         bad = [i for i, a in enumerate(parts) if a.shape[1] != 1]
         if bad:
