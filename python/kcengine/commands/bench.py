@@ -94,14 +94,14 @@ def _check_data(args, sections) -> None:
 
     if args.data is None or "accuracy" not in sections or not is_cifar_model(args.model):
         return
-    from ..data.cifar import _FILES, find_cifar10, read_cifar10
+    from ..data.cifar import _FILES, find_cifar10
 
-    try:
-        read_cifar10(args.data, "test", limit=1)  # the one batch the section reads first, read whole (30 MB)
-        if args.recover_epochs:  # the training batches (150 MB) only looked for
-            missing = [n for n in _FILES["train"] if not (find_cifar10(args.data) / n).is_file()]
-            if missing:
-                raise FileNotFoundError(f"--recover-epochs needs the training batches; {', '.join(missing)} missing")
+    try:  # the batches looked for, not read: the section reads them (and says so if one is malformed)
+        folder = find_cifar10(args.data)
+        missing = [n for n in _FILES["test"] + (_FILES["train"] if args.recover_epochs else []) if
+                   not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{', '.join(missing)} missing from {folder}")
     except Exception as exc:
         raise UserError(f"--data {args.data}: not a CIFAR-10 python-batches folder ({exc})") from None
 
