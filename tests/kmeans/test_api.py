@@ -122,6 +122,23 @@ def test_meta_tensor_is_refused_by_name():
         kcengine.kmeans([torch.zeros(20, 3), torch.empty(20, 3, device="meta")], 2)
 
 
+def test_sparse_tensors_are_refused_by_name():
+    """A sparse x or sample_weight is named with its layout (torch's own error was a page of dispatch keys)."""
+    torch = pytest.importorskip("torch")
+    dense = torch.tensor(X, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"x is a sparse_coo tensor; pass a dense one"):
+        kcengine.kmeans(dense.to_sparse(), 2)
+    with pytest.raises(ValueError, match=r"x\[1\] is a sparse_coo tensor"):
+        kcengine.kmeans([dense, dense.to_sparse()], 2)
+    with pytest.raises(ValueError, match=r"sample_weight is a sparse_coo tensor"):
+        kcengine.kmeans(dense, 2, sample_weight=torch.ones(len(X)).to_sparse())
+
+
+def test_scalar_sample_weight_shows_its_value():
+    with pytest.raises(ValueError, match=r"sample_weight must have shape \[20\], got shape \(\) \('abc'\)"):
+        kcengine.kmeans(X, 2, sample_weight="abc")
+
+
 def test_sweep_bad_input():
     with pytest.raises(ValueError, match="ks is empty"):
         kcengine.kmeans_sweep(X, [])

@@ -96,6 +96,8 @@ def _as_array(a, what: str):
     order, e.g. float64 read big-endian from a file, becomes a native copy: the caller's is not touched)."""
     if _is_torch(a) and a.device.type == "meta":
         raise ValueError(f"{what} is a tensor on the meta device: it has a shape but no values to cluster")
+    if _is_torch(a) and str(a.layout) != "torch.strided":
+        raise ValueError(f"{what} is a {str(a.layout).replace('torch.', '')} tensor; pass a dense one (.to_dense())")
     if isinstance(a, np.ndarray):
         return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
     if _is_torch(a):
@@ -386,7 +388,8 @@ def _check_weights(sample_weight, parts, layout):
     for i, (w, a) in enumerate(zip(ws, parts)):
         name = "sample_weight" if layout == "single" else f"sample_weight of problem {i}"
         if w.ndim != 1 or w.shape[0] != a.shape[0]:
-            raise ValueError(f"{name} must have shape [{a.shape[0]}], got shape {tuple(w.shape)}")
+            value = f" ({w.item()!r:.60})" if w.ndim == 0 else ""
+            raise ValueError(f"{name} must have shape [{a.shape[0]}], got shape {tuple(w.shape)}{value}")
         if _dtype_name(w) not in ("float32", "float64", "int64", "int32", "float16", "bool"):
             raise ValueError(f"{name} must be numeric, got dtype {_dtype_name(w)}")
         if id(w) not in same:  # weights that require grad are read, never differentiated
