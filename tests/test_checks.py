@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from kcengine._checks import check_device, check_float, check_int
+from kcengine._checks import check_bool, check_device, check_float, check_int
 
 
 @pytest.mark.parametrize("v", [0, 7, np.int64(7), np.uint8(3), torch.tensor(5).item()])
@@ -63,3 +63,15 @@ def test_check_device():
     else:
         with pytest.raises(ValueError, match=rf"dev='cuda:{n}' but torch sees {n} CUDA device"):
             check_device(f"cuda:{n}", "dev")
+
+
+@pytest.mark.parametrize("v, out", [(True, True), (0, False), (None, False), (np.bool_(True), True),
+                                    (np.array(False), False), (torch.tensor(True), True)])
+def test_check_bool_accepts_bools_0_1_none_and_0d_bool_arrays(v, out):
+    assert check_bool(v, "relu") is out
+
+
+@pytest.mark.parametrize("v", ["no", 0.5, 2, torch.tensor([True]), torch.tensor(1.0), np.array([True])])
+def test_check_bool_refuses_with_the_name_and_value(v):
+    with pytest.raises(ValueError, match=r"relu must be True or False, got relu="):
+        check_bool(v, "relu")

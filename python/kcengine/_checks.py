@@ -45,11 +45,14 @@ def check_float(value, name: str, low: float = 0.0, *, low_open: bool = False, h
 
 
 def check_bool(value, name: str) -> bool:
-    """``value`` as a Python bool: True/False (numpy's too), the ints 0 and 1, or None (False); ValueError naming
-    ``name`` for anything else (a string such as "no" would read as True)."""
+    """``value`` as a Python bool: True/False (numpy's too, and a 0-d bool array or tensor), the ints 0 and 1, or
+    None (False); ValueError naming ``name`` for anything else (a string such as "no" would read as True)."""
     if value is None or type(value).__name__ in ("bool", "bool_") or \
             (isinstance(value, numbers.Integral) and value in (0, 1)):
         return bool(value)
+    if str(getattr(value, "dtype", "")) in ("bool", "torch.bool") and getattr(value, "shape", None) == () and \
+            str(getattr(value, "device", "cpu")) != "meta":
+        return bool(value.item())
     raise ValueError(f"{name} must be True or False, got {name}={value!r}")
 
 
