@@ -610,15 +610,28 @@ def test_import_touches_no_triton_or_cupy():
 
 
 @pytest.mark.parametrize("padding", [2**31, 2**40])
-def test_padding_past_a_64bit_byte_count_is_refused_by_name(padding):
+def test_huge_padding_is_refused_by_name(padding):
     """torch's own size arithmetic wraps there (F.conv2d with padding=2**31 asks its allocator for ~1 TB, not
-    the ~3e20 bytes meant): the argument check refuses it before any backend runs."""
+    the ~3e20 bytes meant): the argument check refuses it before any backend runs (geometry past 32 bits since
+    session 46; before, by the padded input's byte count)."""
     from kcengine.conv.functional import indexed_conv2d
 
     x = torch.randn(1, 2, 4, 4)
     cb, idx = torch.randn(2, 2, 3, 3), torch.tensor([0, 1, 0, 1])
-    with pytest.raises(ValueError, match=rf"padding=\({padding}, {padding}\).*past what a 64-bit byte count"):
+    with pytest.raises(ValueError, match=rf"padding must be an int or a pair of ints below 2\*\*31, "
+                                         rf"got padding=\({padding}, {padding}\)"):
         indexed_conv2d(x, cb, idx, padding=padding)
+
+
+def test_padded_input_past_a_64bit_byte_count_is_refused_by_name():
+    """Geometry within 32 bits can still ask for more than a 64-bit byte count (padding 2**31 - 1 on both
+    sides of a wide batch): refused before any backend runs."""
+    from kcengine.conv.functional import indexed_conv2d
+
+    x = torch.randn(1, 2, 4, 4).expand(2**31 - 1, 2, 4, 4)
+    cb, idx = torch.randn(2, 2, 3, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match=r"past what a 64-bit byte count"):
+        indexed_conv2d(x, cb, idx, padding=2**31 - 1)
 
 
 def _reference_plan(index, k):

@@ -182,13 +182,33 @@ def test_properties_and_index_dtype():
 @pytest.mark.parametrize("kw,match", [(dict(kernel_size=0), r"kernel_size must be >= 1, got kernel_size=\(0, 0\)"),
                                       (dict(stride=(1, 0)), r"stride must be >= 1, got stride=\(1, 0\)"),
                                       (dict(padding=-1), r"padding must be >= 0, got padding=\(-1, -1\)"),
-                                      (dict(dilation=0), r"dilation must be >= 1, got dilation=\(0, 0\)")])
+                                      (dict(dilation=0), r"dilation must be >= 1, got dilation=\(0, 0\)"),
+                                      (dict(stride=2**63), r"stride must be an int or a pair of ints below 2\*\*31, "
+                                                           r"got stride=\(9223372036854775808, 9223372036854775808\)"),
+                                      (dict(padding=(0, -2**40)), r"padding must be .* below 2\*\*31")])
 def test_constructor_refuses_a_geometry_that_can_never_run(kw, match):
     """(kernel_size=0 was a ZeroDivisionError; a zero stride or negative padding built a layer every forward
     refused.)"""
     args = dict(in_channels=4, out_channels=8, kernel_size=3, num_clusters=3) | kw
     with pytest.raises(ValueError, match=match):
         ClusteredConv2d(**args)
+
+
+def test_granularity_is_read_only_and_old_pickles_still_load():
+    """Reassigning granularity broke forward with an unpack error (the codebook keeps its shape); it is now
+    refused by name.  A layer pickled when it was a plain attribute loads with it."""
+    m = ClusteredConv2d(3, 4, 3, 2, granularity="kernel")
+    with pytest.raises(AttributeError, match=r"granularity is fixed at construction .* this layer's is 'kernel'\), "
+                                             r"got granularity='filter'"):
+        m.granularity = "filter"
+    assert m.granularity == "kernel"
+    old = dict(m.__dict__)
+    old["granularity"] = old.pop("_granularity")
+    m2 = ClusteredConv2d.__new__(ClusteredConv2d)
+    m2.__setstate__(old)
+    x = torch.randn(2, 3, 8, 8)
+    assert m2.granularity == "kernel"
+    torch.testing.assert_close(m2(x), F.conv2d(x, m.to_dense(), m.bias))
 
 
 def test_copies_and_pickles_after_channels_last_inference():

@@ -45,12 +45,17 @@ _registry.register("conv", "torch", "kcengine.conv.backends:torch_indexed_conv2d
 _registry.register("conv", "triton", "kcengine.conv.triton_kernels:triton_indexed_conv2d")
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def _pair(v, name: str) -> tuple[int, int]:
     if isinstance(v, numbers.Integral) and not isinstance(v, bool):
         v = (int(v), int(v))
     if not (isinstance(v, (tuple, list)) and len(v) == 2
             and all(isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in v)):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if any(abs(int(e)) > _INT32_MAX for e in v):  # torch's conv takes int64 and the native kernels int32
+        raise ValueError(f"{name} must be an int or a pair of ints below 2**31, got {name}={tuple(v)}")
     return int(v[0]), int(v[1])
 
 

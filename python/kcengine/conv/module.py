@@ -192,7 +192,7 @@ class ClusteredConv2d(nn.Module):
             if min(v) < low:  # (forward checks these too; a layer that can never run is refused here)
                 raise ValueError(f"{name} must be >= {low}, got {name}={v}")
         self.padding_mode = padding_mode
-        self.granularity = granularity
+        self._granularity = granularity
         self.num_clusters = num_clusters
         self.backend = backend
         self.relu = False
@@ -301,6 +301,23 @@ class ClusteredConv2d(nn.Module):
     def to_dense(self) -> torch.Tensor:
         """The dense ``[C_out, C_in/groups, kh, kw]`` weight (differentiable in the codebook)."""
         return dense_weight(self.codebook, self.index, self.granularity)
+
+    @property
+    def granularity(self) -> str:
+        """"filter" or "kernel": what one codebook row is.  Fixed at construction, since it sets the codebook's and
+        the index's shapes."""
+        return self._granularity
+
+    @granularity.setter
+    def granularity(self, value) -> None:
+        raise AttributeError(f"granularity is fixed at construction (it sets the codebook's and the index's shapes; "
+                             f"this layer's is {self._granularity!r}), got granularity={value!r}; build a new "
+                             "ClusteredConv2d, e.g. with from_conv")
+
+    def __setstate__(self, state) -> None:
+        if "granularity" in state:  # a layer pickled before granularity became read-only
+            state["_granularity"] = state.pop("granularity")
+        super().__setstate__(state)
 
     @property
     def unique_parameters(self) -> int:
