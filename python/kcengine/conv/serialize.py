@@ -14,7 +14,9 @@ at the recorded paths are replaced by ``ClusteredConv2d`` built from their confi
 state_dict is loaded strictly (files written before the "element" key existed read as having none).  Alternatively ``save_compressed(..., builder="torchvision.models:resnet18")``
 records an importable constructor, and ``load_compressed(path)`` calls it (with ``builder_kwargs``)
 to make the skeleton — only do that for files you trust.
-Fused inference graphs (:func:`fuse_for_inference`) are not saved: save the model, fuse after loading.
+A fused inference graph (:func:`fuse_for_inference`) saves too, but its layers have new names
+(``layer1_0_conv1_fused``), so it loads only into a skeleton fused the same way: save the model before
+fusing, and fuse after loading.
 """
 from __future__ import annotations
 
@@ -145,7 +147,9 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     except AttributeError as exc:
         raise ValueError(f"the skeleton has no module {parent_path!r} (needed for clustered layer {path!r})") from exc
     if not hasattr(parent, leaf):
-        raise ValueError(f"the skeleton has no module {path!r} to replace with a clustered layer")
+        hint = (" (the file was saved from fuse_for_inference's graph: load it into a skeleton fused the same way, "
+                "or save the model before fusing)" if leaf.endswith("_fused") else "")
+        raise ValueError(f"the skeleton has no module {path!r} to replace with a clustered layer{hint}")
     return replace_module(root, path, new)  # at every path of that module: one shared conv stays one layer
 
 
@@ -165,7 +169,9 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
 
     ``model``: a skeleton of the architecture (not modified; a copy is filled).  Without it, the
     file's recorded ``builder`` constructs one; with neither, ValueError.  Loads with
-    ``torch.load(weights_only=True)`` and ``load_state_dict(strict=True)``.
+    ``torch.load(weights_only=True)`` and ``load_state_dict(strict=True)``.  The model comes back in eval
+    mode (BatchNorm on its running statistics), as :func:`kcengine.models.load_model` returns one, whatever the
+    skeleton's or the builder's mode: call ``.train()`` on it to finetune.
     """
     _check_path(path, for_writing=False)
     try:
@@ -220,7 +226,7 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
     except RuntimeError as exc:  # load_state_dict's mismatch report
         raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: "
                          f"{str(exc)[:300]}") from None
-    return model
+    return model.eval()
 
 
 def _check_payload(payload: dict, path) -> None:
