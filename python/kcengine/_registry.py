@@ -95,11 +95,14 @@ def register(op: str, backend: str, target: str) -> None:
     _CANDIDATES.clear()
 
 
-def check_backend_name(value, name: str = "backend") -> None:
-    """ValueError naming the argument ``name`` unless ``value`` is "auto" or one of ``BACKENDS`` (for arguments
-    stored now and resolved later, e.g. a layer's backend)."""
-    if value not in ("auto",) + BACKENDS:
-        raise ValueError(f"{name} must be one of {('auto',) + BACKENDS}, got {name}={value!r}")
+def check_backend_name(value, name: str = "backend", op: str | None = None) -> None:
+    """ValueError naming the argument ``name`` unless ``value`` is "auto" or one of ``BACKENDS`` -- one that
+    implements ``op``, when given (for arguments stored now and resolved later, e.g. a layer's conv backend:
+    "cuda" is a k-means backend only)."""
+    names = ("auto",) + tuple(b for b in BACKENDS if op is None or b in _OPS[op].impls)
+    if value not in names:
+        what = f" ({op} backends; {value!r} implements k-means only)" if op and value in BACKENDS else ""
+        raise ValueError(f"{name} must be one of {names}{what}, got {name}={value!r}")
 
 
 def backend_status(backend: str) -> str | None:

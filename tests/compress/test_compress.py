@@ -373,6 +373,8 @@ def test_compress_argument_errors_name_the_value():
             compress(clustered, ratio=0.5)
     with pytest.raises(ValueError, match="conv_backend must be one of .* got conv_backend='tpu'"):
         compress(m, ratio=0.5, conv_backend="tpu")  # was accepted, then failed at the first forward
+    with pytest.raises(ValueError, match="conv_backend must be one of .* got conv_backend='cuda'"):
+        compress(m, ratio=0.5, conv_backend="cuda")  # a k-means backend only: accepted, then every forward failed
     with pytest.raises(ValueError, match="eval_data must be a DataLoader, a Dataset or an \\(images, labels\\) pair"):
         compress(m, ratio=0.5, eval_data=[1, 2, 3])  # was an AttributeError
     empty = (torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))  # named, before the clustering

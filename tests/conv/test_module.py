@@ -269,9 +269,14 @@ def test_constructor_names_a_bad_dtype_or_device(kw, match):
 
 
 def test_constructor_refuses_an_unknown_backend():
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cpu', 'torch', 'cuda', 'triton'\), got "
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cpu', 'torch', 'triton'\), got "
                                          r"backend='tpu'"):
         ClusteredConv2d(4, 8, 3, 3, backend="tpu")
+    # "cuda" names a k-means backend with no conv: it was accepted, then every forward failed
+    with pytest.raises(ValueError, match=r"\(conv backends; 'cuda' implements k-means only\), got backend='cuda'"):
+        ClusteredConv2d(4, 8, 3, 3, backend="cuda")
+    with pytest.raises(ValueError, match=r"got backend='cuda'"):
+        ClusteredConv2d.from_conv(nn.Conv2d(4, 8, 3), 3, backend="cuda")
 
 
 def test_training_gradients_flow_to_codebook_only():

@@ -224,7 +224,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
             raise ValueError("threshold applies to granularity 'filter' or 'kernel', not 'element'")
     from .._registry import check_backend_name
 
-    check_backend_name(conv_backend, "conv_backend")
+    check_backend_name(conv_backend, "conv_backend", op="conv")
     strategy = parse_plan(plan, ratio)
     if isinstance(strategy, OutputSensitivity):
         raise ValueError(f"plan {plan!r} splits the unique filters by the network's outputs on data, which compress "

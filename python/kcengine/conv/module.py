@@ -163,7 +163,7 @@ class ClusteredConv2d(nn.Module):
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        _registry.check_backend_name(backend)
+        _registry.check_backend_name(backend, op="conv")
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("num_clusters", num_clusters),
                         ("groups", groups)):
             if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:  # numpy's ints too
