@@ -162,6 +162,19 @@ def test_cosine_keeps_norms_and_forward_matches():
         compress(m, ratio=0.5, cosine=True, granularity="kernel")
 
 
+def test_cosine_layer_counts_its_norms_and_bias_and_says_cosine():
+    """A cosine layer keeps its norms in scale and its bias in shift: its counts left both out (108 unique of
+    216 dense for a biased 8-filter conv, ratio 2.0) and it printed as bias=False, fused_bn=True."""
+    conv = nn.Conv2d(3, 8, 3, bias=True)
+    new, rep = compress(nn.Sequential(conv), ratio=0.5, cosine=True)
+    layer = new[0]
+    assert layer.dense_parameters == sum(p.numel() for p in conv.parameters()) == 224
+    assert layer.unique_parameters == 4 * 27 + 8 + 8  # codebook, norms, bias
+    assert layer.compression_ratio == 224 / 124
+    text = repr(layer)
+    assert "cosine=True" in text and "fused_bn" not in text and "bias=False" not in text
+
+
 def test_layer_selection_and_per_layer_plans():
     m = _net()
     _, rep = compress(m, ratio=0.5, layers="first")

@@ -319,17 +319,25 @@ class ClusteredConv2d(nn.Module):
             state["_granularity"] = state.pop("granularity")
         super().__setstate__(state)
 
+    def _bias_numel(self) -> int:
+        """The bias's numbers: ``bias``, or on a layer of compress's cosine option ``shift``, which holds it."""
+        if self._kc_cosine and self.shift is not None:
+            return self.shift.numel()
+        return self.bias.numel() if self.bias is not None else 0
+
     @property
     def unique_parameters(self) -> int:
-        """Distinct trainable numbers of the layer: the codebook plus the bias."""
-        return self.codebook.numel() + (self.bias.numel() if self.bias is not None else 0)
+        """Distinct numbers of the layer's weight and bias: the codebook plus the bias (on a layer of compress's
+        cosine option also the per-filter norms, in ``scale``; a fused BatchNorm's scale is not counted)."""
+        norms = self.scale.numel() if self._kc_cosine and self.scale is not None else 0
+        return self.codebook.numel() + norms + self._bias_numel()
 
     @property
     def dense_parameters(self) -> int:
         """Parameters of the equivalent dense Conv2d (weight plus bias)."""
         kh, kw = self.kernel_size
         n = self.out_channels * (self.in_channels // self.groups) * kh * kw
-        return n + (self.bias.numel() if self.bias is not None else 0)
+        return n + self._bias_numel()
 
     @property
     def compression_ratio(self) -> float:
@@ -618,10 +626,13 @@ class ClusteredConv2d(nn.Module):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
             s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.scale is not None:
-            s += ", fused_bn=True"
+        if self._kc_cosine:  # unit-norm centroids; the norms in scale, the bias in shift
+            s += ", cosine=True"
+        else:
+            if self.bias is None:
+                s += ", bias=False"
+            if self.scale is not None:
+                s += ", fused_bn=True"
         if self.relu:
             s += ", relu=True"
         return s
