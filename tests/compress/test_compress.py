@@ -423,6 +423,7 @@ def test_report_json_and_markdown(tmp_path):
     assert d["accuracy_before"] is not None and len(d["layers"]) == 3
     md = rep.to_markdown(tmp_path / "r.md")
     assert "| features.0 | 12 | 12 | 6 |" in md
+    assert str(rep) == md  # print(report) shows the summary, not a page of dataclass fields
 
 
 def test_sensitivity_sweep_rows_and_metric():

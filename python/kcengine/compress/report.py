@@ -17,6 +17,22 @@ __all__ = ["LayerReport", "CompressionReport"]
 
 @dataclass
 class LayerReport:
+    """One clustered layer.
+
+    - ``name``: the module's path in the model; ``shape``: its weight's ``[C_out, C_in/groups, kh, kw]``;
+      ``granularity``: "filter", "kernel" or "element".
+    - ``n_points``: the points clustered (filters, kernels, or for "element" the filters, per coordinate);
+      ``k``: the number of clusters the plan chose.  The layer's ``num_clusters`` can differ: with
+      ``threshold``, filters (kernels) farther than it from their centroid are kept as their own entries
+      (``kept`` of them) and centroids no point uses any more are dropped.
+    - ``dense_weights`` / ``unique_weights`` / ``compression_ratio``: as in the module doc (weights only).
+    - ``inertia``: the k-means objective, the sum of squared distances of the points to their centroids at
+      ``k`` -- before ``threshold`` keeps any point, and for ``cosine`` measured on the unit-norm filters;
+      ``l2 ** 2`` is the squared weight change of the layer as built.
+    - ``l0``, ``l1``, ``l2``, ``linf``: norms of ``W_clustered - W_original`` (``l0``: how many weights changed).
+    - ``note``: what the plan said of this layer (e.g. the elbow's or the inertia limit's choice), or "".
+    """
+
     name: str
     shape: list
     granularity: str
@@ -36,6 +52,12 @@ class LayerReport:
 
 @dataclass
 class CompressionReport:
+    """What :func:`kcengine.compress` did: ``layers`` (one :class:`LayerReport` per clustered layer),
+    ``skipped`` (conv layers left dense: outside ``layers=``, or matched by no rule of the plan), the model's
+    totals (properties below), timings, accuracies when ``eval_data`` was given (fractions), and the k-means
+    options used (the seed resolved).  ``print(report)`` shows the markdown summary; ``as_dict``, ``to_json``
+    and ``to_markdown`` write it out."""
+
     plan: str
     granularity: str
     threshold: float | None
@@ -66,6 +88,9 @@ class CompressionReport:
     def compression_ratio(self) -> float:
         """All conv weights of the model / their unique count after clustering."""
         return self.total_conv_weights / max(self.model_unique_weights, 1)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
 
     def as_dict(self) -> dict:
         d = asdict(self)
