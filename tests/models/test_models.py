@@ -134,6 +134,10 @@ def test_missing_weights_message(tmp_path, monkeypatch):
         load_model("resnet20", "pretrained", allow_download=False)
     with pytest.raises(MissingWeightsError, match="does not exist"):
         load_model("resnet20", str(tmp_path / "nope.th"))
+    monkeypatch.chdir(tmp_path)  # a bare file name with a suffix is a path too (it was "is not a path")
+    for name in ("weights.ckpt", "model.safetensors"):
+        with pytest.raises(MissingWeightsError, match=f"weights file '{name}' does not exist"):
+            load_model("resnet20", name)
 
 
 def test_torchvision_by_name_without_weights_and_missing_enum_weights(tmp_path, monkeypatch):
@@ -145,6 +149,13 @@ def test_torchvision_by_name_without_weights_and_missing_enum_weights(tmp_path, 
         load_model("resnet18", "IMAGENET1K_V1", allow_download=False)
     with pytest.raises(ValueError, match="not one of resnet18's weights"):
         load_model("resnet18", "NOPE_V9")
+    import torchvision
+
+    # the enum member, as torchvision takes it (its message read "IMAGENET1K_V1 is not one of ['IMAGENET1K_V1']")
+    with pytest.raises(MissingWeightsError, match="resnet18.IMAGENET1K_V1 are not in the torch hub cache"):
+        load_model("resnet18", torchvision.models.ResNet18_Weights.IMAGENET1K_V1, allow_download=False)
+    with pytest.raises(ValueError, match="are ResNet50_Weights, not resnet18's \\(ResNet18_Weights\\)"):
+        load_model("resnet18", torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
     with pytest.raises(ValueError, match="not a known model"):
         load_model("resnet19")
 

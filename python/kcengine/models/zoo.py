@@ -20,6 +20,7 @@ When pretrained weights are asked for but are neither cached nor downloadable,
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,10 +104,12 @@ def list_models() -> list[str]:
 
 
 def _is_path_like(weights) -> bool:
-    if isinstance(weights, Path):
+    """A path, existing or not: a Path, a string naming something that exists, holding a separator, or with a
+    file suffix ("weights.ckpt"; the keywords and torchvision's weights names have none)."""
+    if isinstance(weights, os.PathLike):
         return True
-    return isinstance(weights, str) and (Path(weights).exists() or weights.endswith((".th", ".pt", ".pth", ".tar"))
-                                         or "/" in weights)
+    return isinstance(weights, str) and (Path(weights).exists() or "/" in weights or os.sep in weights
+                                         or Path(weights).suffix != "")
 
 
 def model_builder(name: str, num_classes: int | None = None) -> tuple[str, dict]:
@@ -160,11 +163,13 @@ def load_model(name: str, weights="pretrained", *, num_classes: int | None = Non
 
     Args:
         name: ``resnet20|32|44|56|110`` (CIFAR) or a torchvision classification model name.
-        weights: ``"pretrained"`` (the public weights for ``name``), a torchvision weights enum
-            name (``"IMAGENET1K_V2"``), a checkpoint path (a state dict in any common wrapping, or a
+        weights: ``"pretrained"`` (also ``"default"``, ``"DEFAULT"``: the public weights for ``name``), a
+            torchvision weights enum or its name (``ResNet18_Weights.IMAGENET1K_V1``, ``"IMAGENET1K_V2"``), a
+            checkpoint path (a ``str`` or ``os.PathLike``; a state dict in any common wrapping, or a
             :func:`kcengine.save_compressed` file such as ``kcengine prune --out``'s ``model.pt``, whose
-            clustered layers come back clustered; that ``--out`` folder itself also works), or ``None`` for
-            the default init.
+            clustered layers come back clustered; that ``--out`` folder itself also works), or ``None`` (also
+            ``"none"``, ``"random"``, ``"init"``) for the default init.  A string with a ``/`` or a file suffix
+            is read as a path.
         num_classes: output classes (default 10 for CIFAR, 1000 for torchvision).
         allow_download: when False, pretrained weights come only from the torch hub cache.
 
@@ -223,6 +228,11 @@ def _load_torchvision(name, weights, num_classes, allow_download) -> LoadedModel
             out.model = _fill_from_file(out.model, weights)
             out.pretrained, out.weights = True, str(weights)
     else:
+        if isinstance(weights, torchvision.models.WeightsEnum):  # the enum member itself, as torchvision takes it
+            if type(weights) is not enum:
+                raise ValueError(f"weights={weights} are {type(weights).__name__}, not {name}'s "
+                                 f"({enum.__name__})")
+            weights = weights.name
         key = "DEFAULT" if weights in _PRETRAINED else str(weights)
         try:
             w = enum.DEFAULT if key == "DEFAULT" else enum[key]
