@@ -176,3 +176,85 @@ def test_class_names_cover_the_matrix_and_a_large_matrix_draws_at_a_bounded_size
     r = evaluate(_Fixed(torch.eye(3)[[0, 1, 2, 2]]), ds)
     assert r.confusion.shape == (4, 4) and r.classes == ("a", "b", "c", "d")
     assert r.confusion[0, 0] == r.confusion[0, 1] == 1 and r.confusion[1, 2] == 2 and r.confusion[2:].sum() == 0
+
+
+def test_a_tensordataset_subclass_is_read_through_its_items():
+    """A Dataset holding .tensors was sliced directly, skipping a subclass's own __getitem__ (here a
+    normalization): evaluate scored the raw tensors, 0% where a DataLoader of the same dataset gave 100%."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Shifted(TensorDataset):
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return x + 1.0, y  # the model reads the first pixel: raw 0..3 becomes 1..4
+
+    logits = torch.eye(6)
+    x = torch.arange(4).float().view(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous()
+    y = torch.tensor([1, 2, 3, 4])
+    ds = Shifted(x, y)
+    assert evaluate(_Fixed(logits), ds).top1 == 1.0
+    assert evaluate(_Fixed(logits), DataLoader(ds, batch_size=3)).top1 == 1.0
+    assert evaluate(_Fixed(logits), TensorDataset(x, y)).top1 == 0.0  # the plain one: its tensors as they are
+
+
+def test_every_submodule_keeps_its_own_mode():
+    """model.train(was_training) after the pass set every submodule to the top one's mode: a BatchNorm frozen
+    in a training model came back training, a dropout left on in an eval model came back off."""
+    net = CifarResNet(8)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    net.train()
+    net.bn1.eval()  # frozen statistics
+    for fn in (lambda: evaluate(net, (x, y)), lambda: top1_accuracy(net, x, y)):
+        fn()
+        assert net.training and not net.bn1.training and net.layer1[0].bn1.training
+    net.eval()
+    drop = nn.Dropout().train()
+    model = nn.Sequential(net, drop)
+    model.training = False
+    evaluate(model, (x, y))
+    assert drop.training and not net.training
+
+
+def test_model_output_and_argument_checks_name_what_is_wrong(tmp_path):
+    import pytest
+
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    net = nn.Sequential(nn.Conv2d(3, 5, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ValueError, match="model must be an nn.Module, got NoneType"):
+        evaluate(None, (x, y))
+    with pytest.raises(ValueError, match=r"the model's output must be an \[N, classes\] tensor of logits \(N = 4\), "
+                                         r"got tuple"):
+        evaluate(nn.Sequential(net, _Tuple()), (x, y))
+    with pytest.raises(ValueError, match=r"got shape \(4,\)"):
+        evaluate(nn.Sequential(net, _Max()), (x, y))
+    with pytest.raises(ValueError, match="images are torch.float64 but the model's parameters are torch.float32"):
+        evaluate(net, (x.double(), y))
+    with pytest.raises(ValueError, match=r"classes must be a sequence of class names .* got classes=5"):
+        evaluate(net, (x, y), classes=5)
+    with pytest.raises(ValueError, match="classes must be a sequence of class names"):
+        evaluate(net, (x, y), classes="abcde")
+    # top1_accuracy, public, checked nothing: [N, 1] labels broadcast to 400%, an empty set divided by zero
+    with pytest.raises(ValueError, match=r"labels must be \[N\] with one label per image"):
+        top1_accuracy(net, x, y[:, None])
+    with pytest.raises(ValueError, match="holds no images"):
+        top1_accuracy(net, x[:0], y[:0])
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got batch_size=0"):
+        top1_accuracy(net, x, y, batch_size=0)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
+        top1_accuracy(net, x, y + 96)
+    assert top1_accuracy(net, x, y) == evaluate(net, (x, y)).top1
+    # the PNG's path: ".png" added to a bare name (matplotlib wrote conf.png and "conf" came back); a folder refused
+    r = evaluate(net, (x, y))
+    assert confusion_png(r, tmp_path / "conf") == tmp_path / "conf.png" and (tmp_path / "conf.png").is_file()
+    with pytest.raises(ValueError, match="is a folder; give the PNG file's path"):
+        confusion_png(r, tmp_path)
+
+
+class _Tuple(nn.Module):
+    def forward(self, z):
+        return z, z
+
+
+class _Max(nn.Module):
+    def forward(self, z):
+        return z.amax(1)

@@ -188,7 +188,7 @@ def test_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match="batch_size must be an int >= 1, got batch_size=0"):
         adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, batch_size=0)
     # (these three were a TypeError, torch's IndexError and torch's RuntimeError)
-    with pytest.raises(ValueError, match="mean must be a sequence of numbers, one per channel, got mean=None"):
+    with pytest.raises(ValueError, match="mean must be a sequence of finite numbers, one per channel, got mean=None"):
         adversarial_accuracy(net, (x, y), mean=None, std=STD)
     y_bad = y.clone()
     y_bad[0] = 99
@@ -196,7 +196,7 @@ def test_bad_arguments_name_the_value():
         adversarial_accuracy(net, (x, y_bad), mean=MEAN, std=STD)
     with pytest.raises(ValueError, match="labels must be integer class indices, got dtype torch.float32"):
         adversarial_accuracy(net, (x, y.float()), mean=MEAN, std=STD)
-    with pytest.raises(ValueError, match="seed must be an int >= 0, got seed=-1"):
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 9223372036854775807\], got seed=-1"):
         adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, seed=-1)
     with pytest.raises(ValueError, match="device must be a torch device .* got device='tpu'"):
         adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, device="tpu")
@@ -210,6 +210,27 @@ def test_bad_arguments_name_the_value():
         adversarial_accuracy(net, (x, y), mean=MEAN, std=STD)
     with pytest.raises(ValueError, match="steps is PGD's"):
         adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, attack="fgsm", steps=5)
+    # session 46: NaN statistics scored every attacked image NaN; an infinite step made NaN pixels; a label of
+    # -100 meant "no attack" (cross-entropy's ignore index); int32 labels and float64 images failed in torch
+    nan3 = (float("nan"),) * 3
+    for kw, msg in [(dict(std=nan3), "std must be a sequence of finite numbers"),
+                    (dict(mean=nan3), "mean must be a sequence of finite numbers"),
+                    (dict(step_size=float("inf")), "step_size must be a finite number > 0"),
+                    (dict(random_start="no"), "random_start must be True or False"),
+                    (dict(seed=2**64), "seed must be an int in")]:
+        with pytest.raises(ValueError, match=msg):
+            adversarial_accuracy(net, (x, y), **{"mean": MEAN, "std": STD, **kw})
+    with pytest.raises(ValueError, match=r"labels must be in \[0, \d+\) .* got values in \[-100, "):
+        adversarial_examples(net, x, torch.full_like(y, -100), mean=MEAN, std=STD, eps=8 / 255)
+    with pytest.raises(ValueError, match="generator must be a torch.Generator or None, got str"):
+        adversarial_examples(net, x, y, mean=MEAN, std=STD, eps=8 / 255, generator="abc")
+    with pytest.raises(ValueError, match="images are torch.float32 but the model's parameters are torch.float64"):
+        adversarial_accuracy(net, (x.float(), y), mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="model must be an nn.Module, got NoneType"):
+        adversarial_accuracy(None, (x, y), mean=MEAN, std=STD)
+    a = adversarial_accuracy(net, (x, y.int()), mean=MEAN, std=STD, steps=2)
+    b = adversarial_accuracy(net, (x, y), mean=torch.tensor(MEAN), std=np.array(STD), steps=2)
+    assert (a.correct_clean, a.correct_robust) == (b.correct_clean, b.correct_robust)
     r = adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, eps=np.float32(32 / 255), steps=np.int64(2))
     assert type(r.steps) is int and r.steps == 2 and abs(r.eps - 32 / 255) < 1e-8
     assert r.label() == "PGD-2, eps 32/255" and json.loads(json.dumps(r.as_dict()))["steps"] == 2

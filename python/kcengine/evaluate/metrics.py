@@ -2,10 +2,12 @@
 
 ``evaluate(model, data)`` runs the model in eval mode under ``torch.inference_mode`` over
 ``data`` — a DataLoader, a Dataset, or an ``(images, labels)`` tensor pair — and returns an
-:class:`EvalResult`.  The caller's model is not modified (its train/eval mode is restored).
+:class:`EvalResult`.  The caller's model is not modified (every submodule's train/eval mode is restored: a
+BatchNorm frozen in a training model stays frozen, a dropout left on in an eval model stays on).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -84,7 +86,8 @@ def _batches(data, batch_size: int):
         yield from map(image_label_pair, data)
         return
     if isinstance(data, torch.utils.data.Dataset):
-        if hasattr(data, "tensors") and len(data.tensors) == 2:
+        # a plain TensorDataset's two tensors are sliced directly; a subclass may transform its items
+        if type(data) is torch.utils.data.TensorDataset and len(data.tensors) == 2:
             yield from _batches(tuple(data.tensors), batch_size)
             return
         yield from map(image_label_pair, torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False))
@@ -114,8 +117,50 @@ def check_float_images(x: torch.Tensor, what: str = "images") -> None:
                          f"{x.dtype} (raw pixels? kcengine.data's loaders normalize them)")
 
 
+def check_model(model) -> None:
+    """ValueError unless ``model`` is an ``nn.Module`` (None or a plain function failed on ``.training``)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode inside the block; every submodule's own mode restored after it
+    (``model.train(was_training)`` would set them all to the top module's)."""
+    modes = [(mod, mod.training) for mod in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for mod, training in modes:
+            mod.training = training
+
+
+def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``; where it fails and the images' dtype differs from the model's floating-point parameters',
+    a ValueError saying so (torch's "Input type (double) and bias type (float) should be the same" names
+    neither).  A model that converts its input itself runs as it is."""
+    try:
+        return model(x)
+    except RuntimeError as exc:
+        p = next((t for t in model.parameters() if t.is_floating_point()), None)
+        if p is not None and x.dtype != p.dtype:
+            raise ValueError(f"images are {x.dtype} but the model's parameters are {p.dtype}: pass "
+                             f"images.to({p.dtype}) (or convert the model)") from exc
+        raise
+
+
+def check_logits(logits, n: int) -> None:
+    """ValueError unless the model's output is an ``[N, classes]`` tensor of logits for the ``n`` images."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != n:
+        got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"the model's output must be an [N, classes] tensor of logits (N = {n}), got {got}")
+
+
 def check_labels(y: torch.Tensor, logits: torch.Tensor) -> None:
     """ValueError unless ``y`` holds one integer class label per image, each one of the model's outputs."""
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(f"labels must be a tensor of class indices, got {type(y).__name__}")
     if y.dim() != 1 or y.shape[0] != logits.shape[0]:
         raise ValueError(f"labels must be [N] with one label per image (N = {logits.shape[0]}), got shape "
                          f"{tuple(y.shape)}")
@@ -142,13 +187,14 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num
     """Evaluate ``model`` on ``data``; see the module docstring."""
     import time
 
+    check_model(model)
     batch_size = check_int(batch_size, "batch_size", 1)
     num_classes = check_int(num_classes, "num_classes", 1, optional=True)
     device = check_device(device)
+    if classes is not None and (isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence)):
+        raise ValueError(f"classes must be a sequence of class names (a list of str), got classes={classes!r}")
     if classes is None:
         classes = getattr(data, "classes", None) or getattr(getattr(data, "dataset", None), "classes", None)
-    was_training = model.training
-    model.eval()
     correct1 = correct5 = total = 0
     preds, trues = [], []
     total_n = _length(data)
@@ -159,11 +205,12 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num
         bar = tqdm(total=total_n, desc=desc, unit="img", leave=False)
     t0 = time.perf_counter()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(model):
             for x, y in _batches(data, batch_size):
                 x = x.to(device)
-                y = y.to(device)
-                logits = model(x)
+                y = y.to(device) if isinstance(y, torch.Tensor) else y
+                logits = run_model(model, x)
+                check_logits(logits, int(x.shape[0]))
                 check_labels(y, logits)
                 if num_classes is not None and num_classes < logits.shape[1]:
                     raise ValueError(f"num_classes={num_classes} is below the model's {logits.shape[1]} outputs")
@@ -181,7 +228,6 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num
     finally:
         if bar is not None:
             bar.close()
-        model.train(was_training)
     seconds = time.perf_counter() - t0
     if total == 0:
         raise ValueError("data holds no images")
@@ -202,16 +248,19 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num
 
 
 def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 1000) -> float:
-    """Top-1 accuracy on in-memory tensors, the fast path the sweeps use (model in eval mode)."""
-    was_training = model.training
-    model.eval()
+    """Top-1 accuracy on in-memory tensors, the fast path the sweeps use (model in eval mode, every submodule's
+    mode restored after); the same checks of the model, images and labels as :func:`evaluate`."""
+    check_model(model)
+    check_data((images, labels), "(images, labels)")
+    batch_size = check_int(batch_size, "batch_size", 1)
     correct = 0
-    try:
-        with torch.inference_mode():
-            for i in range(0, images.shape[0], batch_size):
-                correct += int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
-    finally:
-        model.train(was_training)
+    with torch.inference_mode(), eval_mode(model):
+        for i in range(0, images.shape[0], batch_size):
+            x, y = images[i:i + batch_size], labels[i:i + batch_size]
+            logits = run_model(model, x)
+            check_logits(logits, int(x.shape[0]))
+            check_labels(y, logits)
+            correct += int((logits.argmax(1) == y).sum())
     return correct / int(images.shape[0])
 
 

@@ -21,6 +21,7 @@ figures.  Gradients are needed, so the functions cannot run under ``torch.infere
 """
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from dataclasses import dataclass
@@ -29,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_device, check_int
-from .metrics import _batches, _length, check_labels
+from .._checks import check_bool, check_device, check_int
+from .metrics import _batches, _length, check_labels, check_logits, check_model, eval_mode, run_model
 
 __all__ = ["ATTACKS", "RobustResult", "adversarial_examples", "adversarial_accuracy"]
 
@@ -74,7 +75,21 @@ def _real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _check(attack, eps, steps, step_size, mean, std):
+def _per_channel(v, name: str) -> tuple:
+    """``v`` (a sequence, a 1-D tensor or array) as a tuple of finite floats, one per channel."""
+    if isinstance(v, (tuple, list)):
+        vals = [e.item() if isinstance(e, torch.Tensor) and e.numel() == 1 else e for e in v]
+    elif hasattr(v, "shape") and hasattr(v, "tolist") and len(v.shape) == 1:  # a 1-D tensor or numpy array
+        vals = v.tolist()
+    else:
+        vals = None
+    if not vals or not all(_real(e) and math.isfinite(e) for e in vals):
+        raise ValueError(f"{name} must be a sequence of finite numbers, one per channel, got {name}={v!r}")
+    return tuple(float(e) for e in vals)
+
+
+def _check(attack, eps, steps, step_size, mean, std) -> tuple:
+    """The checked arguments' (mean, std) as tuples of floats."""
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {ATTACKS}, got attack={attack!r}")
     if not _real(eps) or not 0 <= eps <= 1:
@@ -82,18 +97,16 @@ def _check(attack, eps, steps, step_size, mean, std):
     steps = check_int(steps, "steps", 1, optional=True)
     if attack == "fgsm" and steps not in (None, 1):
         raise ValueError(f"steps is PGD's; FGSM takes one step of eps (got attack='fgsm' with steps={steps!r})")
-    if step_size is not None and (not _real(step_size) or not step_size > 0):
-        raise ValueError(f"step_size must be a number > 0 or None, got step_size={step_size!r}")
+    if step_size is not None and (not _real(step_size) or not 0 < step_size < math.inf):
+        raise ValueError(f"step_size must be a finite number > 0 or None, got step_size={step_size!r}")
     if step_size is not None and attack == "fgsm":
         raise ValueError("step_size is PGD's; FGSM takes one step of eps (got attack='fgsm' with step_size)")
-    for name, v in (("mean", mean), ("std", std)):
-        if (not isinstance(v, (tuple, list, torch.Tensor)) or len(v) == 0
-                or not all(_real(e.item() if isinstance(e, torch.Tensor) else e) for e in v)):
-            raise ValueError(f"{name} must be a sequence of numbers, one per channel, got {name}={v!r}")
+    mean, std = _per_channel(mean, "mean"), _per_channel(std, "std")
     if len(mean) != len(std) or any(s <= 0 for s in std):
         raise ValueError(f"mean and std need one entry per channel and std > 0, got mean={mean}, std={std}")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("adversarial attacks need input gradients: call them outside torch.inference_mode()")
+    return mean, std
 
 
 def _pixels(x, mean, std):
@@ -119,7 +132,10 @@ def _input_grad(model, x, y):
     """d CE(model(x), y) / dx, without touching any parameter's ``.grad``."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        loss = F.cross_entropy(model(x), y, reduction="sum")
+        logits = run_model(model, x)
+        check_logits(logits, int(x.shape[0]))
+        check_labels(y, logits)  # a label of -100 would be cross-entropy's "ignore": no attack at all
+        loss = F.cross_entropy(logits, y.long(), reduction="sum")
         (g,) = torch.autograd.grad(loss, [x])
     return g
 
@@ -131,7 +147,14 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     returns new normalized images, each within ``eps`` of its original in [0, 1] pixel space (see the module
     docstring).  ``step_size`` and ``random_start`` are PGD's.  The model is used as it is (put it in eval
     mode first); ``x`` is not modified."""
-    _check(attack, eps, steps, step_size, mean, std)
+    check_model(model)
+    mean, std = _check(attack, eps, steps, step_size, mean, std)
+    random_start = check_bool(random_start, "random_start")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a floating-point tensor of normalized images, got {got}")
     steps = PGD_STEPS if steps is None else int(steps)
     pix, m, s = _pixels(x, mean, std)
 
@@ -162,13 +185,13 @@ def adversarial_accuracy(model: nn.Module, data, *, mean, std, eps: float = 2 / 
     """Accuracy of ``model`` on ``data`` (a DataLoader, a Dataset or an ``(images, labels)`` pair of normalized
     images, as :func:`kcengine.evaluate.evaluate` takes) as given and under ``attack``; see the module
     docstring.  ``mean``/``std``: the per-channel normalization of the images (``LoadedModel.mean/std``)."""
-    _check(attack, eps, steps, step_size, mean, std)
+    check_model(model)
+    mean, std = _check(attack, eps, steps, step_size, mean, std)
+    random_start = check_bool(random_start, "random_start")
     batch_size = check_int(batch_size, "batch_size", 1)
-    seed = check_int(seed, "seed", 0)
+    seed = check_int(seed, "seed", 0, 2**63 - 1)
     device = check_device(device)
     gen = torch.Generator().manual_seed(int(seed))
-    modes = [(mod, mod.training) for mod in model.modules()]
-    model.eval()
     clean = robust = total = 0
     bar = None
     if progress:
@@ -177,26 +200,26 @@ def adversarial_accuracy(model: nn.Module, data, *, mean, std, eps: float = 2 / 
         bar = tqdm(total=_length(data), desc=f"{attack} eps {eps_text(eps)}", unit="img", leave=False)
     t0 = time.perf_counter()
     try:
-        for x, y in _batches(data, batch_size):
-            x, y = x.to(device), y.to(device)
-            with torch.no_grad():
-                logits = model(x)
-                check_labels(y, logits)
-                ok = logits.argmax(1) == y
-            adv = adversarial_examples(model, x, y, mean=mean, std=std, eps=eps, attack=attack, steps=steps,
-                                       step_size=step_size, random_start=random_start, generator=gen)
-            with torch.no_grad():
-                ok_adv = model(adv).argmax(1) == y
-            clean += int(ok.sum())
-            robust += int((ok & ok_adv).sum())
-            total += int(y.shape[0])
-            if bar is not None:
-                bar.update(int(y.shape[0]))
+        with eval_mode(model):
+            for x, y in _batches(data, batch_size):
+                x, y = x.to(device), (y.to(device) if isinstance(y, torch.Tensor) else y)
+                with torch.no_grad():
+                    logits = run_model(model, x)
+                    check_logits(logits, int(x.shape[0]))
+                    check_labels(y, logits)
+                    ok = logits.argmax(1) == y
+                adv = adversarial_examples(model, x, y, mean=mean, std=std, eps=eps, attack=attack, steps=steps,
+                                           step_size=step_size, random_start=random_start, generator=gen)
+                with torch.no_grad():
+                    ok_adv = model(adv).argmax(1) == y
+                clean += int(ok.sum())
+                robust += int((ok & ok_adv).sum())
+                total += int(y.shape[0])
+                if bar is not None:
+                    bar.update(int(y.shape[0]))
     finally:
         if bar is not None:
             bar.close()
-        for mod, training in modes:
-            mod.training = training
     if total == 0:
         raise ValueError("data holds no images")
     steps = 1 if attack == "fgsm" else (PGD_STEPS if steps is None else int(steps))
