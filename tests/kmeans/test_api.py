@@ -67,7 +67,8 @@ X = np.random.default_rng(0).normal(size=(20, 3))
     (np.zeros((0, 5, 3)), 1, {}, r"x has shape \[0, N, D\]: a batch needs at least one problem"),
     (X, None, {}, r"k is required unless init gives the initial centroids"),
     (X, 2, {"sample_weight": [1.0, [2.0]] + [1.0] * 18}, r"sample_weight could not be read as an array"),
-    (X, 2, {"sample_weight": np.array(["a"] * 20)}, r"sample_weight must be numeric, got dtype <U1"),
+    (X, 2, {"sample_weight": np.array(["a"] * 20)}, 
+     r"sample_weight must be a real number per point \(float or integer\), got dtype <U1"),
     (X, 2, {"sample_weight": np.r_[np.ones(19), np.nan]}, r"^sample_weight holds NaN or Inf values"),
     ([X, X], 2, {"sample_weight": [np.ones(20)]}, r"sample_weight has 1 entries but x holds 2 problems"),
     (np.stack([X, X]), 2, {"sample_weight": np.ones((3, 20))},
@@ -137,6 +138,22 @@ def test_sparse_tensors_are_refused_by_name():
 def test_scalar_sample_weight_shows_its_value():
     with pytest.raises(ValueError, match=r"sample_weight must have shape \[20\], got shape \(\) \('abc'\)"):
         kcengine.kmeans(X, 2, sample_weight="abc")
+
+
+def test_masked_arrays_are_refused_and_every_real_weight_dtype_is_taken():
+    """A masked array's mask was dropped (a masked outlier got its own centroid); int8/uint8/bfloat16 weights were
+    refused as "must be numeric"."""
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="x is a numpy masked array"):
+        kcengine.kmeans(np.ma.masked_array(X, mask=np.zeros_like(X, dtype=bool)), 2)
+    w = np.arange(20) % 3 + 1
+    ref = kcengine.kmeans(X, 3, sample_weight=w.astype(np.float64), seed=0)
+    for ww in (w.astype(np.int8), w.astype(np.uint8), w.astype(np.uint16), torch.tensor(w, dtype=torch.bfloat16)):
+        got = kcengine.kmeans(X, 3, sample_weight=ww, seed=0)
+        np.testing.assert_array_equal(got.labels, ref.labels)
+        assert got.inertia == ref.inertia
+    with pytest.raises(ValueError, match="sample_weight must be a real number per point .* got dtype complex64"):
+        kcengine.kmeans(X, 3, sample_weight=w.astype(np.complex64))
 
 
 def test_sweep_bad_input():

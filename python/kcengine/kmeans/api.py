@@ -98,6 +98,9 @@ def _as_array(a, what: str):
         raise ValueError(f"{what} is a tensor on the meta device: it has a shape but no values to cluster")
     if _is_torch(a) and str(a.layout) != "torch.strided":
         raise ValueError(f"{what} is a {str(a.layout).replace('torch.', '')} tensor; pass a dense one (.to_dense())")
+    if isinstance(a, np.ma.MaskedArray):  # its mask would be dropped: masked outliers clustered as points
+        raise ValueError(f"{what} is a numpy masked array; drop the masked rows (or fill them) and pass a plain "
+                         f"array")
     if isinstance(a, np.ndarray):
         return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
     if _is_torch(a):
@@ -364,6 +367,10 @@ def _check_k(k, parts, layout, name: str = "k") -> np.ndarray:
     return np.asarray(ks, dtype=np.int64)
 
 
+_WEIGHT_DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint64", "uint32",
+                  "uint16", "uint8", "bool")
+
+
 def _check_weights(sample_weight, parts, layout):
     """(weights per problem, the exponent e of the 2**e each was multiplied by), or (None, None) without weights."""
     if sample_weight is None:
@@ -390,8 +397,8 @@ def _check_weights(sample_weight, parts, layout):
         if w.ndim != 1 or w.shape[0] != a.shape[0]:
             value = f" ({w.item()!r:.60})" if w.ndim == 0 else ""
             raise ValueError(f"{name} must have shape [{a.shape[0]}], got shape {tuple(w.shape)}{value}")
-        if _dtype_name(w) not in ("float32", "float64", "int64", "int32", "float16", "bool"):
-            raise ValueError(f"{name} must be numeric, got dtype {_dtype_name(w)}")
+        if _dtype_name(w) not in _WEIGHT_DTYPES:
+            raise ValueError(f"{name} must be a real number per point (float or integer), got dtype {_dtype_name(w)}")
         if id(w) not in same:  # weights that require grad are read, never differentiated
             same[id(w)] = w.detach() if _is_torch(w) and w.requires_grad else w
         out.append(same[id(w)])
@@ -520,6 +527,8 @@ def _to_numpy(a, dtype=None):
         a = a.detach()
         if a.device.type != "cpu":
             a = a.cpu()
+        if _dtype_name(a) == "bfloat16":  # numpy has no bfloat16 (weights only: x is float32/float64)
+            a = a.float()
         a = a.numpy()
     a = np.ascontiguousarray(a)
     if dtype is not None and a.dtype != dtype:
