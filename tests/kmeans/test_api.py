@@ -67,7 +67,7 @@ X = np.random.default_rng(0).normal(size=(20, 3))
     (np.zeros((0, 5, 3)), 1, {}, r"x has shape \[0, N, D\]: a batch needs at least one problem"),
     (X, None, {}, r"k is required unless init gives the initial centroids"),
     (X, 2, {"sample_weight": [1.0, [2.0]] + [1.0] * 18}, r"sample_weight could not be read as an array"),
-    (X, 2, {"sample_weight": np.array(["a"] * 20)}, 
+    (X, 2, {"sample_weight": np.array(["a"] * 20)},
      r"sample_weight must be a real number per point \(float or integer\), got dtype <U1"),
     (X, 2, {"sample_weight": np.r_[np.ones(19), np.nan]}, r"^sample_weight holds NaN or Inf values"),
     ([X, X], 2, {"sample_weight": [np.ones(20)]}, r"sample_weight has 1 entries but x holds 2 problems"),
