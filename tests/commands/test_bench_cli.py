@@ -120,6 +120,13 @@ def test_env_lists_backends_and_reasons():
     assert info["kmeans_solver_build"] in ("generic", "avx2", "avx512")
     for key in ("torch", "numpy", "cpu_features", "openmp_threads", "nvcc"):
         assert key in info
+    # the override every backend='auto' call takes: env said nothing of it, a bad value included
+    r = run_cli("env", "--json", KCENGINE_BACKEND="gpu")
+    assert "'gpu': not a backend" in json.loads(r.stdout)["KCENGINE_BACKEND"]
+    r = run_cli("env", "--json", KCENGINE_BACKEND="torch")
+    assert json.loads(r.stdout)["KCENGINE_BACKEND"] == "'torch': every backend='auto' call runs it"
+    r = run_cli("env", "--json", KCENGINE_BACKEND="")
+    assert json.loads(r.stdout)["KCENGINE_BACKEND"].startswith("not set")
 
 
 def test_bench_negative_recover_epochs_is_a_user_error():

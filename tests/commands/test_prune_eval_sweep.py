@@ -186,6 +186,15 @@ def test_a_backend_that_cannot_run_here_is_a_user_error(command, capsys):
     assert "--backend cuda: no CUDA device" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", [["prune", "--no-eval", "--ratio", "0.5"], ["sweep"]])
+def test_a_bad_backend_override_in_the_environment_is_a_user_error_before_any_work(command, capsys, monkeypatch):
+    """KCENGINE_BACKEND=gpu was found only at the first k-means call, after the model and data were loaded."""
+    monkeypatch.setenv("KCENGINE_BACKEND", "gpu")
+    assert main([command[0], "--weights", "none", *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "KCENGINE_BACKEND=gpu (environment) is not one of auto, cpu" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("command", [["eval", "--weights", "none"], ["prune", "--weights", "none", "--no-eval",
                                      "--ratio", "0.5"], ["sweep", "--weights", "none"], ["bench", "--quick"]])
 def test_out_that_cannot_be_a_folder_is_a_user_error_before_any_work(command, tmp_path, capsys):

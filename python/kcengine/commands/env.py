@@ -27,6 +27,7 @@ def collect() -> dict:
     info["nvcc"] = shutil.which("nvcc") or "not on PATH"
     info["cuda_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     info["backends"] = {b: (_registry.backend_status(b) or "available") for b in _registry.BACKENDS}
+    info[_registry._ENV] = _env_backend(_registry)
     m = machine_info()
     info["cpu"] = m.get("cpu")
     info["cpu_features"] = m.get("cpu_features")
@@ -34,6 +35,24 @@ def collect() -> dict:
     info["openmp_threads"] = _core.max_threads()
     info["torch_threads"] = torch.get_num_threads()
     return info
+
+
+def _env_backend(registry) -> str:
+    """The ``KCENGINE_BACKEND`` override as it stands: not set, or its value and whether it can run here (every
+    call with backend="auto" takes it, and fails where it cannot)."""
+    import os
+
+    value = os.environ.get(registry._ENV, "").strip()
+    if not value or value == "auto":
+        return "not set (backend='auto' picks per call)"
+    if value not in registry.BACKENDS:
+        return f"{value!r}: not a backend (one of {registry.BACKENDS}); every backend='auto' call fails"
+    reason = registry.backend_status(value)
+    if reason:
+        return f"{value!r}: cannot run here ({reason}); every backend='auto' call fails"
+    lacking = sorted(op for op, entry in registry._OPS.items() if value not in entry.impls)
+    return f"{value!r}: every backend='auto' call runs it" + (
+        f" ({', '.join(lacking)} has no {value!r}: those calls fail)" if lacking else "")
 
 
 def _version(mod: str) -> str:
