@@ -158,9 +158,13 @@ def _filter_by_strategy(strategy, probs: list[LayerProblem]) -> tuple[list[Layer
         keep = [p for p in probs if strategy.value_for(p.name) is not None]
     elif isinstance(strategy, ByChannels):
         keep = [p for p in probs if p.shape[0] in strategy.mapping]
+        have = sorted({p.shape[0] for p in probs})
         if not keep:
-            have = sorted({p.shape[0] for p in probs})
             raise ValueError(f"channels plan {dict(strategy.mapping)} matches no selected layer; "
+                             f"their C_out are {have}")
+        unused = [c for c in strategy.mapping if c not in have]
+        if unused:
+            raise ValueError(f"channels plan names C_out={unused[0]}, which no selected conv layer has; "
                              f"their C_out are {have}")
     else:
         keep = probs
@@ -184,14 +188,16 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     Args:
         model: the model to compress (left unchanged).
         plan: a k-selection strategy, dict or string (:mod:`kcengine.compress.plan`), or a float: the ratio.
-        ratio: short form of ``plan=FixedRatio(ratio)``: ``k = round(N * ratio)``.
+        ratio: short form of ``plan=FixedRatio(ratio)``: ``k = round(N * ratio)`` (halves up, at least 1).
         granularity: ``"filter"``, ``"kernel"`` or ``"element"``.
         layers: which convs: None (all), ``"first"``, a regex (full match) or a list of names.
         threshold: filters/kernels farther than this from their centroid keep their own weights.
         cosine: cluster unit-norm filters and keep each filter's norm (filter granularity).
         eval_data: optional ``(images, labels)`` / Dataset / DataLoader: accuracy before and after
             goes into the report.
-        conv_backend: backend of the ClusteredConv2d layers.
+        eval_batch_size: the batch size of that evaluation.
+        conv_backend: backend of the ClusteredConv2d layers (``"auto"``, None meaning the same, ``"cpu"``,
+            ``"torch"`` or ``"triton"``); per-element layers compute a dense conv and take none.
         progress: None, or a callable given one line of text before each step that can take long (the
             per-layer k sweeps of the inertia and elbow plans, the clustering, the accuracy evaluation),
             after every argument was checked; ``kcengine prune`` prints them to stderr.
@@ -224,6 +230,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
             raise ValueError("threshold applies to granularity 'filter' or 'kernel', not 'element'")
     from .._registry import check_backend_name
 
+    conv_backend = "auto" if conv_backend is None else conv_backend
     check_backend_name(conv_backend, "conv_backend", op="conv")
     strategy = parse_plan(plan, ratio)
     if isinstance(strategy, OutputSensitivity):

@@ -16,16 +16,18 @@ strategy                    dict form                                   string f
 :class:`OutputSensitivity`  ``{"sensitivity": 0.5}``                    ``sensitivity=0.5``
 ==========================  ==========================================  =======================================
 
-Values given as a float in (0, 1] are ratios (``k = round(N * ratio)``, at least 1), ints >= 1
+Values given as a float in (0, 1] are ratios (``k = round(N * ratio)``, halves rounded up, at least 1), ints >= 1
 are k itself.  ``N`` is the number of points a layer has at the chosen granularity: ``C_out`` for
 "filter" and "element" (each coordinate of the filters has ``C_out`` values), ``C_out * C_in``
 for "kernel".
 
 :class:`PerLayer` keys are exact layer names, or regular expressions (``re:`` prefix, matched in
 full with :func:`re.fullmatch`); exact names win over patterns, and patterns are tried in the
-order given.  Layers no key matches are left dense.  :class:`ByChannels` maps an output-channel
-count to a k or ratio ("groups by channel count"): all layers with that ``C_out`` share the
-setting; layers whose ``C_out`` is not listed are left dense.
+order given.  In the string form a key holding a regex character (``*+?[](){}|\\^$``) is a pattern without
+the prefix (``map:layer3.*=4``); in the dict form only ``re:`` keys are.  Layers no key matches are left dense.
+:class:`ByChannels` maps an output-channel count to a k or ratio ("groups by channel count"): all layers with
+that ``C_out`` share the setting; layers whose ``C_out`` is not listed are left dense, and a listed count no selected layer has is an
+error (a typo, as an unknown name is for :class:`PerLayer`).
 
 :class:`OutputSensitivity` needs data: it spends the unique filters of a ratio where the network's outputs
 on training images suffer least (:func:`kcengine.train.sensitivity_plan`).  :func:`kcengine.finetune`
@@ -190,7 +192,9 @@ class PerLayer:
                     raise ValueError(f"per-layer plan pattern {key!r} matches no conv layer; layers are "
                                      f"{_few(names)}")
             elif key not in names:
-                raise ValueError(f"per-layer plan names layer {key!r}, which is not a selected conv layer; "
+                hint = (f" (a pattern? in a dict plan write 're:{key}')"
+                        if any(ch in key for ch in "*+?[](){}|\\^$") else "")
+                raise ValueError(f"per-layer plan names layer {key!r}, which is not a selected conv layer{hint}; "
                                  f"layers are {_few(names)}")
 
     def describe(self) -> str:

@@ -109,6 +109,13 @@ class _Cache:
 class ClusteredConv2d(nn.Module):
     """A 2-D convolution whose weight is ``codebook[index]``, computed without building it.
 
+    ``ClusteredConv2d(in_channels, out_channels, kernel_size, num_clusters, stride=1, padding=0, dilation=1,
+    groups=1, bias=True, granularity="filter", ...)``: ``nn.Conv2d``'s arguments with ``num_clusters`` (K, the
+    codebook's rows) fourth, where nn.Conv2d takes ``stride`` -- pass the geometry by keyword.  A new layer holds
+    a codebook and bias drawn as nn.Conv2d draws its weight and bias, and ``index = arange % K``: a placeholder
+    until :meth:`set_index` and a codebook are given; :meth:`from_conv` (or :func:`kcengine.compress`) builds
+    a layer from a conv's clustered weights.
+
     Attributes:
         codebook: ``nn.Parameter`` ``[K, C_in/groups, kh, kw]`` (``granularity="filter"``) or
             ``[K, kh, kw]`` (``"kernel"``).  Gradients reach it summed over the filters/kernels sharing
