@@ -194,6 +194,16 @@ def test_constructor_refuses_a_geometry_that_can_never_run(kw, match):
         ClusteredConv2d(**args)
 
 
+def test_from_conv_refuses_a_conv_subclass_with_its_own_forward():
+    """compress refused it by name; from_conv built a plain conv of its weight, dropping what forward did."""
+    class Doubled(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    with pytest.raises(ValueError, match=r"conv: it is a .*Doubled, a subclass of nn.Conv2d with its own forward"):
+        ClusteredConv2d.from_conv(Doubled(3, 8, 3), 4)
+
+
 def test_granularity_is_read_only_and_old_pickles_still_load():
     """Reassigning granularity broke forward with an unpack error (the codebook keeps its shape); it is now
     refused by name.  A layer pickled when it was a plain attribute loads with it."""

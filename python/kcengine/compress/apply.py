@@ -10,7 +10,7 @@ from torch import nn
 
 from .._checks import check_bool, check_float, check_int
 from ..kmeans import kmeans, kmeans_sweep
-from ..conv.module import replace_module
+from ..conv.module import check_plain_conv, replace_module
 from .layers import GRANULARITIES, LayerProblem, effective_weight
 from .plan import (ByChannels, Elbow, FixedRatio, OutputSensitivity, PerLayer, k_from_value, parse_plan, ratio_to_k,
                    select_layers)
@@ -24,17 +24,6 @@ _KMEANS_OPTIONS = ("seed", "backend", "max_iter", "n_init", "tol", "algorithm")
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     """``(name, module)`` of every ``nn.Conv2d`` in ``model``, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-
-
-def _check_plain_forward(conv: nn.Conv2d) -> None:
-    """ValueError for a subclass of nn.Conv2d that computes its own way (a weight-standardized conv, one that
-    pads in forward, a fused conv-BN): a clustered conv would run a plain conv of its weight instead, a
-    different function.  Subclasses that keep nn.Conv2d's forward (a parametrized weight, read through
-    ``conv.weight``) are plain."""
-    cls = type(conv)
-    if cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward:
-        raise ValueError(f"it is a {cls.__module__}.{cls.__qualname__}, a subclass of nn.Conv2d with its own "
-                         f"forward, which a clustered conv (a plain conv of the clustered weight) would drop")
 
 
 def require_dense_convs(model: nn.Module, convs) -> None:
@@ -245,7 +234,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     for n in selected:  # before any clustering, and naming the layer
         conv = by_name[n]
         try:
-            _check_plain_forward(conv)
+            check_plain_conv(conv)
         except ValueError as exc:
             raise ValueError(f"layer {n!r}: {exc}; leave the layer out with layers=") from None
         if conv.weight.is_meta:

@@ -106,6 +106,17 @@ class _Cache:
         self.packed = PackedCodebook()
 
 
+def check_plain_conv(conv: nn.Conv2d) -> None:
+    """ValueError for a subclass of nn.Conv2d that computes its own way (a weight-standardized conv, one that
+    pads in forward, a fused conv-BN): a clustered conv would run a plain conv of its weight instead, a
+    different function.  Subclasses that keep nn.Conv2d's forward (a parametrized weight, read through
+    ``conv.weight``) are plain."""
+    cls = type(conv)
+    if cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward:
+        raise ValueError(f"it is a {cls.__module__}.{cls.__qualname__}, a subclass of nn.Conv2d with its own "
+                         f"forward, which a clustered conv (a plain conv of the clustered weight) would drop")
+
+
 class ClusteredConv2d(nn.Module):
     """A 2-D convolution whose weight is ``codebook[index]``, computed without building it.
 
@@ -235,6 +246,10 @@ class ClusteredConv2d(nn.Module):
         """
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        try:
+            check_plain_conv(conv)
+        except ValueError as exc:
+            raise ValueError(f"conv: {exc}") from None
         padding, extra = conv_padding(conv)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
