@@ -68,6 +68,22 @@ def test_synthetic_and_loader():
     assert [b[0].shape[0] for b in batches] == [4, 4, 2]
 
 
+
+def test_helpers_take_numpy_ints_and_name_bad_values(tmp_path):
+    """read_cifar10 refused limit=np.int64(5) (other entry points take numpy ints); synthetic_images(2.5) was
+    a TypeError from torch."""
+    _write_batches(tmp_path)
+    assert read_cifar10(tmp_path, limit=np.int64(5)).images.shape[0] == 5
+    assert synthetic_images(np.int64(3)).images.shape[0] == 3
+    for call, msg in [(lambda: read_cifar10(tmp_path, limit=0), r"limit must be an int >= 1 or None, got limit=0"),
+                      (lambda: synthetic_images(2.5), r"n must be an int >= 1, got n=2.5"),
+                      (lambda: synthetic_images(4, num_classes=0), r"num_classes must be an int >= 1"),
+                      (lambda: make_loader(synthetic_images(4), 0), r"batch_size must be an int >= 1, got batch_size=0"),
+                      (lambda: make_loader(synthetic_images(4), 2, seed=-1), r"seed must be an int in \[0, ")]:
+        with pytest.raises(ValueError, match=msg):
+            call()
+
+
 def test_shared_cifar_subset(shared_data):
     s = read_cifar10(shared_data, "test")
     assert len(s) == 846

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import check_int
+
 __all__ = ["CIFAR10_CLASSES", "CifarSplit", "read_cifar10", "find_cifar10"]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -71,8 +73,7 @@ def read_cifar10(root, split: str = "test", *, limit: int | None = None) -> Cifa
     """
     if split not in _FILES:
         raise ValueError(f"split must be 'train' or 'test', got split={split!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got limit={limit!r}")
+    limit = check_int(limit, "limit", 1, optional=True)
     folder = find_cifar10(root)
     datas, labels = [], []
     for name in _FILES[split]:

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from .._checks import check_int
 from .cifar import read_cifar10
 
 __all__ = ["Normalization", "normalize_uint8", "cifar10_dataset", "image_folder", "synthetic_images", "make_loader",
@@ -52,7 +53,10 @@ class TensorImages(TensorDataset):
 
 def cifar10_dataset(root, split: str = "test", norm: Normalization | None = None, *,
                     limit: int | None = None) -> TensorImages:
-    """CIFAR-10 (full or subset) as normalized float tensors in memory."""
+    """CIFAR-10 (full or subset) as normalized float tensors in memory: ``split`` "test" or "train" of the
+    python-version batches under ``root`` (:func:`kcengine.data.find_cifar10` finds them); ``norm`` defaults to
+    the CIFAR ResNet checkpoints' own (``kcengine.models.CIFAR_MEAN``/``CIFAR_STD``, ImageNet's statistics, as
+    those weights were trained with); ``limit``: only the first ``limit`` images."""
     if norm is None:
         from ..models import CIFAR_MEAN, CIFAR_STD
 
@@ -84,8 +88,9 @@ def image_folder(root, norm: Normalization, *, resize: int = 256, crop: int = 22
 
 def synthetic_images(n: int, *, num_classes: int = 10, shape=(3, 32, 32), seed: int = 0) -> TensorImages:
     """``n`` standard-normal images with uniform random labels, reproducible from ``seed`` (for tests)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got n={n}")
+    n = check_int(n, "n", 1)
+    num_classes = check_int(num_classes, "num_classes", 1)
+    seed = check_int(seed, "seed", 0, 2**63 - 1)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((n, *shape), generator=g)
     y = torch.randint(0, num_classes, (n,), generator=g)
@@ -94,8 +99,9 @@ def synthetic_images(n: int, *, num_classes: int = 10, shape=(3, 32, 32), seed: 
 
 def make_loader(dataset: Dataset, batch_size: int = 256, *, shuffle: bool = False, num_workers: int = 0,
                 seed: int | None = None) -> DataLoader:
-    """A DataLoader with the settings used throughout (no workers by default: data is in memory)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
+    """A DataLoader with the settings used throughout (no workers by default: data is in memory); ``seed``
+    fixes the shuffling order (None: torch's global generator draws it)."""
+    batch_size = check_int(batch_size, "batch_size", 1)
+    seed = check_int(seed, "seed", 0, 2**63 - 1, optional=True)
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=g)
