@@ -442,3 +442,31 @@ def test_repeated_weights_keep_their_problems_on_one_dataset():
         got = kcengine.kmeans([x, x, y], [2, 3, 2], sample_weight=[w, w, np.ones(9)], seed=0)
         alone = kcengine.kmeans(x, 3, sample_weight=w, seed=0)
         np.testing.assert_array_equal(got.labels[1], alone.labels)
+
+
+@pytest.mark.parametrize("dtype, e", [(np.float32, -90), (np.float32, -140), (np.float64, -700), (np.float64, -1060)])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_data_of_tiny_scale_clusters_as_at_its_own_scale(dtype, e, backend):
+    """Three separated clusters times 2**-90 in float32 (about 1e-27: squared distances underflow) all came back
+    label 0, converged; 2**-140 is subnormal.  k-means is scale-equivariant and a power of two scales exactly: the
+    labels are those of the unscaled data, the centroids and inertia scale by 2**e and 2**(2e)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    base = np.concatenate([rng.normal(size=(30, 3)) * 0.1 + m for m in (-4.0, 0.0, 4.0)])
+    base = np.round(base * 64) / 64  # few mantissa bits: exact at any scale, subnormal float32 included
+    x = np.ldexp(base, e).astype(dtype)
+    x0 = base.astype(dtype)
+    assert np.array_equal(np.ldexp(x.astype(np.float64), -e), x0.astype(np.float64))  # the scaling is exact
+    conv = (lambda a: torch.from_numpy(a)) if backend == "torch" else (lambda a: a)
+    ref = kcengine.kmeans(conv(x0), 3, seed=0, backend=backend)
+    got = kcengine.kmeans(conv(x), 3, seed=0, backend=backend)
+    np.testing.assert_array_equal(np.asarray(got.labels), np.asarray(ref.labels))
+    assert len(np.unique(np.asarray(got.labels))) == 3
+    ulp = 2.0 ** ((-149 if dtype == np.float32 else -1074) - e)  # the subnormal spacing, in the unscaled units
+    np.testing.assert_allclose(np.ldexp(np.asarray(got.centroids, dtype=np.float64), -e),
+                               np.asarray(ref.centroids, dtype=np.float64), rtol=1e-6, atol=ulp)
+    assert float(got.inertia) == pytest.approx(np.ldexp(float(ref.inertia), 2 * e), rel=1e-6)
+    assert int(got.n_iter) == int(ref.n_iter)
+    given = kcengine.kmeans(conv(x), 3, init=conv(np.ldexp(x0[[0, 30, 60]].astype(np.float64), e).astype(dtype)),
+                            backend=backend)
+    np.testing.assert_array_equal(np.asarray(given.labels), np.repeat([0, 1, 2], 30))

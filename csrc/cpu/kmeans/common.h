@@ -231,6 +231,12 @@ struct Prepared {
   // solvers see: the dataset or that copy.  Given starts lose the shift, results get it back.
   std::vector<double> shift;
   std::vector<T> xc;
+  // Data whose spread is so small that squared distances near it reach the dtype's smallest normal numbers
+  // (float32 values of 1e-20 and below: their squares underflow, and every point read as one cluster) is
+  // clustered multiplied by 2^scale_exp, which brings its largest |value| into [0.5, 1).  A power of two
+  // scales every sum, product and comparison of the solvers exactly: the iterates are those of the data at
+  // its own scale with an unbounded exponent; centroids and inertia are scaled back.
+  int scale_exp = 0;
   Dataset<T> data;
   std::vector<T> xt;         // [d, xt_ld] transposed copy (direct k-means++), when needed
   i64 xt_ld = 0;

@@ -191,6 +191,22 @@ void prepare(const Dataset<T>& ds, const Params& params, Prepared<T>& prep, bool
     center_rows(ds.x, n, d, mean, prep.xc.data());
     prep.data.x = prep.xc.data();
   }
+  // Tiny spread (Prepared::scale_exp): float32 squares reach FLT_MIN (2^-126) near 2^-63; the margin keeps
+  // squared distances of a thousandth of the spread normal.  (Zero variance: identical points, nothing to do.)
+  constexpr double kTinyVar = sizeof(T) == 4 ? 0x1p-60 : 0x1p-500;
+  if (var_sum < kTinyVar) {
+    double amax = 0.0;
+    for (i64 q = 0; q < n * d; ++q) amax = std::max(amax, std::abs(double(prep.data.x[q])));
+    if (amax > 0.0) {
+      std::frexp(amax, &prep.scale_exp);
+      prep.scale_exp = -prep.scale_exp;
+      if (prep.xc.empty()) prep.xc.assign(ds.x, ds.x + n * d);
+      for (auto& v : prep.xc) v = std::ldexp(v, prep.scale_exp);
+      prep.data.x = prep.xc.data();
+      std::vector<double> scaled_mean;  // the tolerance from the scaled data: its variance may be 0 unscaled
+      prep.tol_abs = params.tol * (feature_moments(prep.data, scaled_mean) / double(d));
+    }
+  }
   prepare_views(params, prep, want_direct, want_gram, want_sorted, par);
 }
 
@@ -266,6 +282,8 @@ void solve_problem(const Dataset<T>& src, const Prepared<T>& prep, Problem<T>& p
     if (params.init == Init::Given) {  // in the coordinates of the data the solvers see
       if (prep.shift.empty()) std::copy(pr.init, pr.init + k * d, init_c.begin());
       else center_rows(pr.init, k, d, prep.shift, init_c.data());
+      if (prep.scale_exp != 0)
+        for (auto& v : init_c) v = std::ldexp(v, prep.scale_exp);
     } else if (!idx.empty())
       for (i64 j = 0; j < k; ++j) std::copy(ds.x + idx[j] * d, ds.x + (idx[j] + 1) * d, &init_c[size_t(j) * d]);
 
@@ -290,6 +308,10 @@ void solve_problem(const Dataset<T>& src, const Prepared<T>& prep, Problem<T>& p
     run.inertia = inertia_of(ds, run.centroids, run.labels, par);
     if (r == 0 || run.inertia < best.inertia) std::swap(best, run);
     if (algo == Algo::Exact1D) break;  // deterministic: one run is the optimum
+  }
+  if (prep.scale_exp != 0) {  // back to the caller's scale (rounded once where that is subnormal)
+    for (auto& v : best.centroids) v = std::ldexp(v, -prep.scale_exp);
+    best.inertia = std::ldexp(best.inertia, -2 * prep.scale_exp);
   }
   if (prep.shift.empty()) {
     std::copy(best.centroids.begin(), best.centroids.end(), pr.centroids);

@@ -695,6 +695,37 @@ def far_shift(mean, var):
     return far, torch.where(far.unsqueeze(-1), mean, torch.zeros_like(mean))
 
 
+# Summed per-feature variances below which a dataset is clustered scaled by a power of two (the cpu core's
+# ``Prepared::scale_exp``): float32 squares reach FLT_MIN near 2**-63, and a dataset of 1e-20 or less read as one
+# cluster.  The scaling is exact, so the iterates are those of the data at its own scale.
+TINY_VARIANCE = {"float32": 2.0 ** -60, "float64": 2.0 ** -500}
+
+
+def tiny_scale(x, var_sum):
+    """Every backend's rule for data of tiny spread: ``x`` ``[B, N, D]`` (the data the solver sees, centered
+    where it is), ``var_sum`` ``[B]`` float64.  Returns ``(x', e)``: ``x`` times ``2**e[b]`` per problem, ``e``
+    (int64 ``[B]``) bringing the largest |value| into [0.5, 1) where ``var_sum`` is below
+    :data:`TINY_VARIANCE` and the data not all zero, else 0 (``x`` itself when every ``e`` is 0)."""
+    import torch
+
+    amax = x.abs().amax((1, 2)).double()
+    tiny = (var_sum < TINY_VARIANCE[_name_of_dtype(x.dtype)]) & (amax > 0)
+    if not bool(tiny.any()):
+        return x, torch.zeros_like(var_sum, dtype=torch.int64)
+    e = torch.where(tiny, -torch.frexp(amax).exponent.long(), 0)
+    return times_pow2(x, e), e
+
+
+def times_pow2(a, e):
+    """``a * 2**e[b]`` for ``a`` ``[B, ...]`` (in float64, two factors: ``2**e`` alone may overflow), in ``a``'s
+    dtype: exact unless the result is subnormal."""
+    h = e.div(2, rounding_mode="floor")
+    shape = (-1,) + (1,) * (a.dim() - 1)
+    f1 = (2.0 ** h.double()).view(shape)
+    f2 = (2.0 ** (e - h).double()).view(shape)
+    return (a.double() * f1 * f2).to(a.dtype)
+
+
 # The mantissa bits the repair's distance key clears (``far_first``); the cpu core's ``round_low_bits``
 # (csrc/cpu/kmeans/common.h) and the CUDA kernel's ``kc_round_low_bits`` clear the same, which
 # tests/kmeans/test_cuda_sources.py checks in their sources.
@@ -733,7 +764,10 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
             clusters, is ``<= tol * mean(var(x, axis=0))``, or when no label changed.
             (Data farther from the origin than its spread, ``|mean(x, axis=0)|^2 > sum(var(x, axis=0))``,
             is clustered centered, as scikit-learn clusters all data, so an offset costs no precision;
-            centroids come back in ``x``'s coordinates.  Every backend does this.)
+            centroids come back in ``x``'s coordinates.  Every backend does this.  Data of tiny spread, summed
+            variances below 2**-60 in float32 or 2**-500 in float64, is clustered times a power of two, exactly:
+            float32 kernels of 1e-20 had squared distances of 0 and came back as one cluster.  The cpu and torch
+            backends do this; the cuda and triton backends do not yet.)
         sample_weight: ``[N]`` (``[B, N]`` or a list for batches) non-negative weights.
         seed: int in ``[0, 2**63 - 1]`` for a reproducible run (per backend), a ``numpy.random.Generator``
             (one integer is drawn from it), or ``None``.  On the cpu, cuda and triton

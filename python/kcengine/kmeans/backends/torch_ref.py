@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 
-from ..api import Problems, RawResult, far_first, far_shift
+from ..api import Problems, RawResult, far_first, far_shift, tiny_scale, times_pow2
 
 
 def _sqdist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -165,7 +165,8 @@ def solve(probs: Problems) -> RawResult:
         xd = x.double()
         var = xd.var(1, unbiased=False)
         tol_abs = probs.tol * var.mean(1)
-        # as the cpu backend: data farther from the origin than its spread is clustered centered
+        # as the cpu backend: data farther from the origin than its spread is clustered centered, and data of
+        # tiny spread scaled by a power of two (the tolerance then from the scaled data)
         far, shift = far_shift(xd.mean(1), var)
         if bool(far.any()):
             shift = shift[:, None, :]
@@ -173,6 +174,10 @@ def solve(probs: Problems) -> RawResult:
         else:
             shift = None
         del xd
+        x, scale = tiny_scale(x, var.sum(1))
+        scaled = bool(scale.any())
+        if scaled:
+            tol_abs = torch.where(scale != 0, probs.tol * x.double().var(1, unbiased=False).mean(1), tol_abs)
         best = None
         runs = 1 if probs.init == "given" else probs.n_init
         for _ in range(runs):
@@ -180,6 +185,8 @@ def solve(probs: Problems) -> RawResult:
                 c0 = torch.stack([probs.init_centers[p] for p in members])
                 if shift is not None:
                     c0 = (c0.double() - shift).to(dtype)
+                if scaled:
+                    c0 = times_pow2(c0, scale)
             else:
                 idx = _kmeanspp(x, w, k, gen) if probs.init == "k-means++" else _random_init(w, k, gen)
                 c0 = x[torch.arange(x.shape[0], device=dev).unsqueeze(1), idx]
@@ -194,6 +201,8 @@ def solve(probs: Problems) -> RawResult:
                     shape = (-1,) + (1,) * (new.dim() - 1)
                     best[f] = torch.where(better.view(shape), new, best[f])
         c, lab, it, cv, inert = best
+        if scaled:
+            c, inert = times_pow2(c, -scale), times_pow2(inert, -2 * scale)
         if shift is not None:
             c = (c.double() + shift).to(dtype)
         for q, p in enumerate(members):
