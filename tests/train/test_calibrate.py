@@ -434,3 +434,26 @@ def test_moments_pad_as_the_layer_pads(mode):
     want = (pc.T @ pc / n, pc.T @ pd / n, pd.T @ pd / n, pc.mean(0), pd.mean(0))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lockstep", [True, False])
+def test_every_submodule_keeps_its_own_mode(kit, lockstep):
+    """calibrate_outputs, recalibrate_bn and output_sensitivity restored only the top module's flag
+    (model.train(was)), which set every submodule to it: a BN frozen in a training model came back training."""
+    from kcengine.train import output_sensitivity
+
+    dense, cm, x = _clustered_tiny(kit)
+
+    def mixed(m):
+        m.train()
+        m.bn1.eval()  # frozen statistics in a training model
+        return [mod.training for mod in m.modules()]
+
+    teacher_modes, student_modes = mixed(dense), mixed(cm)
+    calibrate_outputs(cm, dense, x, lockstep=lockstep)
+    assert [mod.training for mod in cm.modules()] == student_modes
+    assert [mod.training for mod in dense.modules()] == teacher_modes
+    recalibrate_bn(cm, x)
+    assert [mod.training for mod in cm.modules()] == student_modes
+    output_sensitivity(dense, x[:16], x[16:], ratios=(0.5,))
+    assert [mod.training for mod in dense.modules()] == teacher_modes

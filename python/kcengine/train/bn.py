@@ -19,6 +19,9 @@ import itertools
 import torch
 from torch import nn
 
+from .._checks import check_int
+from ..evaluate.metrics import saved_modes
+
 __all__ = ["recalibrate_bn", "batchnorm_layers"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -41,37 +44,34 @@ def recalibrate_bn(model: nn.Module, data, *, max_images: int | None = 2048, dev
         max_images: stop after this many images (None: all of ``data``).
         device: move batches there (default: the model's device).
     """
-    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int)
-                                   or max_images < 1):
-        raise ValueError(f"max_images must be a positive int or None, got max_images={max_images!r}")
+    max_images = check_int(max_images, "max_images", 1, optional=True)
     bns = batchnorm_layers(model)
     if not bns:
         return model
     if device is None:
         p = next(itertools.chain(model.parameters(), model.buffers()), None)
         device = p.device if p is not None else "cpu"
-    was_training = model.training
     moms = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.eval()
-    for m in bns:
-        m.train()
     seen = 0
-    try:
-        with torch.no_grad():
-            for x in _image_batches(data):
-                if max_images is not None and seen >= max_images:
-                    break
-                if max_images is not None:
-                    x = x[: max_images - seen]
-                model(x.to(device))
-                seen += x.shape[0]
-    finally:
-        for m, mom in zip(bns, moms):
-            m.momentum = mom
-        model.train(was_training)
+    with saved_modes(model):  # every submodule's mode comes back as it was
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        model.eval()
+        for m in bns:
+            m.train()
+        try:
+            with torch.no_grad():
+                for x in _image_batches(data):
+                    if max_images is not None and seen >= max_images:
+                        break
+                    if max_images is not None:
+                        x = x[: max_images - seen]
+                    model(x.to(device))
+                    seen += x.shape[0]
+        finally:
+            for m, mom in zip(bns, moms):
+                m.momentum = mom
     if seen == 0:
         raise ValueError("recalibrate_bn got no images from data")
     return model

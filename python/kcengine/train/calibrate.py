@@ -40,6 +40,7 @@ from torch import nn
 from ..conv.functional import output_hw
 from ..conv.fuse import _Tracer
 from ..conv.module import ClusteredConv2d, conv_padding, pad_input, pads_input
+from ..evaluate.metrics import eval_mode
 
 __all__ = ["calibrate_outputs", "following_batchnorm", "layer_mismatch"]
 
@@ -99,15 +100,12 @@ def following_batchnorm(model: nn.Module, x: torch.Tensor) -> dict[str, nn.Batch
             hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.BatchNorm2d):
             hooks.append(m.register_forward_pre_hook(bn_hook))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             model(x)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was)
     return pairs
 
 
@@ -120,10 +118,8 @@ def _layer_input(model: nn.Module, layer: nn.Module, images: torch.Tensor, batch
         raise _Stop
 
     h = layer.register_forward_pre_hook(hook)
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             for i in range(0, images.shape[0], batch_size):
                 try:
                     model(images[i:i + batch_size])
@@ -131,7 +127,6 @@ def _layer_input(model: nn.Module, layer: nn.Module, images: torch.Tensor, batch
                     pass
     finally:
         h.remove()
-        model.train(was)
     return torch.cat(got)
 
 
@@ -529,30 +524,26 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
         return got
 
     done = 0
-    was = student.training, teacher.training
-    student.eval()
-    teacher.eval()
     runs = []
-    try:
-        g_s, g_t = (_traced_graph(student), _traced_graph(teacher)) if order and lockstep else (None, None)
-        if g_s is not None and g_t is not None:
-            chunks = [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)]
-            wanted = set(order)
-            runs_s = [_lockstep_inputs(student, g_s, c, wanted) for c in chunks]
-            runs_t = [_lockstep_inputs(teacher, g_t, c, wanted) for c in chunks]
-            runs = runs_s + runs_t
-            with torch.no_grad():
-                for n in order:  # the traced forward order is the hooks' order; stop at any mismatch
-                    got_s, got_t = advance(runs_s), advance(runs_t)
-                    if got_s is None or got_t is None or any(name != n for name, _ in got_s + got_t):
-                        break
-                    refit(n, torch.cat([x for _, x in got_s]), torch.cat([x for _, x in got_t]))
-                    done += 1
-    finally:
-        for r in runs:
-            r.close()
-        student.train(was[0])
-        teacher.train(was[1])
+    with eval_mode(student), eval_mode(teacher):  # every submodule's mode comes back as it was
+        try:
+            g_s, g_t = (_traced_graph(student), _traced_graph(teacher)) if order and lockstep else (None, None)
+            if g_s is not None and g_t is not None:
+                chunks = [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)]
+                wanted = set(order)
+                runs_s = [_lockstep_inputs(student, g_s, c, wanted) for c in chunks]
+                runs_t = [_lockstep_inputs(teacher, g_t, c, wanted) for c in chunks]
+                runs = runs_s + runs_t
+                with torch.no_grad():
+                    for n in order:  # the traced forward order is the hooks' order; stop at any mismatch
+                        got_s, got_t = advance(runs_s), advance(runs_t)
+                        if got_s is None or got_t is None or any(name != n for name, _ in got_s + got_t):
+                            break
+                        refit(n, torch.cat([x for _, x in got_s]), torch.cat([x for _, x in got_t]))
+                        done += 1
+        finally:
+            for r in runs:
+                r.close()
     for n in order[done:]:  # untraceable models (or a mismatch): each layer's input by a forward up to it
         refit(n, _layer_input(student, student.get_submodule(n), images, batch_size),
               _layer_input(teacher, t_mods[n], images, batch_size))

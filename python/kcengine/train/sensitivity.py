@@ -46,6 +46,7 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
     from ..compress.apply import candidate_ks, conv_layers, require_dense_convs
     from ..compress.plan import select_layers
     from ..conv import ClusteredConv2d
+    from ..evaluate.metrics import eval_mode
     from .calibrate import _layer_input, _moments, _refit_layer, calibrate_outputs, following_batchnorm
 
     for name, t in (("calib_images", calib_images), ("eval_images", eval_images)):
@@ -55,9 +56,7 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
     ratios = tuple(ratios)
     if not ratios or any(not (isinstance(r, (int, float)) and 0 < r <= 1) for r in ratios):
         raise ValueError(f"ratios must be numbers in (0, 1], got ratios={ratios!r}")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):  # every submodule's mode comes back as it was
         require_dense_convs(model, conv_layers(model))
         convs = [(n, m) for n, m in conv_layers(model) if m.groups == 1]
         selected = select_layers([n for n, _ in convs], layers)
@@ -118,8 +117,6 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
                 bar.update(1)
         if bar is not None:
             bar.close()
-    finally:
-        model.train(was_training)
     return rows
 
 
