@@ -6,6 +6,7 @@ blank after a finetune wrote its curves) and no figure stays registered with pyp
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 __all__ = ["figure", "save"]
@@ -17,6 +18,30 @@ def figure(figsize):
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize)
+
+
+def check_path(path, name: str = "path") -> Path:
+    """``path`` as the file :func:`save` will write (``.png`` added to a bare name), checked before any work:
+    ValueError naming ``name`` for a folder, a parent that is a file, or a format matplotlib does not write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{name} must be a file path, got {type(path).__name__} {path!r:.60}")
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{name}={str(path)!r} is a folder; give the PNG file's path")
+    if not p.suffix:
+        p = p.with_suffix(".png")
+    fmt = p.suffix[1:].lower()
+    if fmt not in FigureCanvasBase.get_supported_filetypes():
+        raise ValueError(f"{name}={str(path)!r}: matplotlib does not write {p.suffix!r} files; use .png (or one of "
+                         f"{', '.join(sorted(FigureCanvasBase.get_supported_filetypes()))})")
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{name}={str(path)!r}: {str(parent)!r} is a file, not a folder")
+            break
+    return p
 
 
 def save(fig, path, dpi: int) -> Path:

@@ -338,6 +338,13 @@ def test_stage_epochs_takes_any_sequence_of_ints(tiny):
      r"\(e.g. \{'seed': 1\}\) or None, got str 'seed=0'"),
     ({"calibration_images": np.int64(0)}, r"calibration_images must be an int >= 1, got calibration_images="),
     ({"checkpoint_dir": 3}, "checkpoint_dir must be a path"),
+    # booleans: "no" read as True (resume="no" resumed; output_calibration="no" refit a model given clustered)
+    ({"resume": "no"}, r"resume must be True or False, got resume='no'"),
+    ({"output_calibration": "no"}, r"output_calibration must be True or False"),
+    ({"augment": "yes"}, r"augment must be True or False"),
+    ({"nesterov": 2}, r"nesterov must be True or False"),
+    # a plot path that cannot be written failed after the last epoch, losing the run
+    ({"plot_path": "curves.pgn"}, r"plot_path='curves.pgn': matplotlib does not write '.pgn' files"),
 ])
 def test_bad_arguments(tiny, kw, match):
     model, ds, loader = tiny
@@ -473,6 +480,54 @@ def test_a_teacher_of_another_architecture_gives_logits_the_dense_model_its_laye
     assert finetune(cm, loader, teacher=other, **FAST).history  # logits only
 
 
+def test_resume_names_the_settings_that_changed(tmp_path, tiny):
+    """A changed plan (or granularity, lr, alpha, ...) resumed the old run and gave back the old plan's model."""
+    model, ds, loader = tiny
+    finetune(model, loader, plan=0.5, checkpoint_dir=tmp_path, **{**FAST, "epochs": 1})
+    with pytest.raises(ValueError, match=r"other settings \(.*plan '0.5' -> '0.25'"):
+        finetune(model, loader, plan=0.25, checkpoint_dir=tmp_path, **{**FAST, "epochs": 1})
+    with pytest.raises(ValueError, match=r"alpha 0.9 -> 0.5"):
+        finetune(model, loader, plan=0.5, checkpoint_dir=tmp_path, alpha=0.5, **{**FAST, "epochs": 1})
+
+
+def test_a_plot_path_under_a_file_is_refused_before_training(tiny, tmp_path):
+    model, ds, loader = tiny
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"plot_path=.*afile.* is a file, not a folder"):
+        finetune(model, loader, plan=0.5, plot_path=tmp_path / "afile" / "c.png", checkpoint_dir=tmp_path / "ck",
+                 **FAST)
+    assert not (tmp_path / "ck").exists()  # nothing ran
+
+
+def test_a_nan_image_stops_the_run_with_a_message(tiny):
+    """One NaN pixel made every weight NaN, and the run reported an accuracy."""
+    model, ds, _ = tiny
+    x = ds.images.clone()
+    x[5, 0, 3, 3] = float("nan")  # (a corner pixel can fall outside the augmentation's crop)
+    loader = make_loader(TensorImages(x, ds.labels, ds.classes), 16, shuffle=True, seed=0)
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    with pytest.raises(ValueError, match=r"the training loss became nan in centroids epoch 1: NaN or Inf in the "
+                                         r"training images"):
+        finetune(cm, loader, teacher=model, **FAST)
+
+
+def test_an_epoch_without_batches_is_an_error(tiny):
+    model, ds, _ = tiny
+    loader = torch.utils.data.DataLoader(ds, batch_size=64, drop_last=True)  # 48 images: no batch
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    with pytest.raises(ValueError, match=r"train_loader yielded no batch in centroids epoch 1"):
+        finetune(cm, loader, **FAST)
+
+
+def test_the_callers_loader_generator_is_left_where_it_was(tiny):
+    """Each epoch seeds the loader's generator; the caller's loader then shuffled differently afterwards."""
+    model, ds, loader = tiny
+    twin = make_loader(ds, 16, shuffle=True, seed=0)
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    finetune(cm, loader, **FAST)
+    assert [y.tolist() for _, y in loader] == [y.tolist() for _, y in twin]
+
+
 def test_the_callers_random_stream_is_left_where_it_was(tiny):
     """Each epoch seeds torch's global RNG from `seed`; the caller's stream used to continue from the last
     epoch's seed after a run, whatever it was before.  Now it is put back."""
@@ -486,6 +541,9 @@ def test_the_callers_random_stream_is_left_where_it_was(tiny):
     torch.manual_seed(7)  # and the run itself does not depend on the caller's stream
     b = finetune(cm, loader, teacher=model, **FAST)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    torch.manual_seed(123)  # also where finetune clusters the model itself (compress drew from it)
+    finetune(model, loader, plan=0.5, **FAST)
+    assert torch.equal(torch.rand(4), want)
 
 
 @pytest.mark.parametrize("side, padding", [(8, 1), (32, 4), (40, 5)])

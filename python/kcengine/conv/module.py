@@ -291,9 +291,11 @@ class ClusteredConv2d(nn.Module):
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= k:
             raise ValueError(f"kmeans_result.labels must be in [0, K={k}), got {lo if lo < 0 else hi}")
-        mod = cls(conv.in_channels, conv.out_channels, (kh, kw), k, conv.stride, padding, conv.dilation,
-                  conv.groups, conv.bias is not None, granularity, device=w.device, dtype=w.dtype, backend=backend,
-                  padding_mode=conv.padding_mode, padding_extra=extra)
+        # (the constructor's placeholder codebook and bias, overwritten below, would draw from the caller's RNG)
+        with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+            mod = cls(conv.in_channels, conv.out_channels, (kh, kw), k, conv.stride, padding, conv.dilation,
+                      conv.groups, conv.bias is not None, granularity, device=w.device, dtype=w.dtype,
+                      backend=backend, padding_mode=conv.padding_mode, padding_extra=extra)
         with torch.no_grad():
             cb_shape = (k, cig, kh, kw) if granularity == "filter" else (k, kh, kw)
             mod.codebook.copy_(cent.to(device=w.device, dtype=w.dtype).reshape(cb_shape))

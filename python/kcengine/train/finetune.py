@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._checks import check_device, check_float, check_int
+from .._checks import check_bool, check_device, check_float, check_int
 from ..conv.module import ClusteredConv2d
 from ..data.datasets import evenly_spaced
 from ..evaluate.metrics import check_data, check_float_images, check_labels, image_label_pair
@@ -363,6 +363,15 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
                          f"{{'seed': 1}}) or None, got {type(compress_options).__name__} {compress_options!r:.60}")
     if plot_path is not None and not isinstance(plot_path, (str, os.PathLike)):
         raise ValueError(f"plot_path must be a file path or None, got {type(plot_path).__name__} {plot_path!r:.60}")
+    if plot_path is not None:  # here, not after the last epoch
+        from .._plot import check_path
+
+        plot_path = check_path(plot_path, "plot_path")
+    nesterov, augment = check_bool(nesterov, "nesterov"), check_bool(augment, "augment")
+    bn_recalibration, resume = check_bool(bn_recalibration, "bn_recalibration"), check_bool(resume, "resume")
+    progress = check_bool(progress, "progress")
+    if output_calibration is not None:
+        output_calibration = check_bool(output_calibration, "output_calibration")
     if eval_data is not None:
         check_data(eval_data, "eval_data")  # here, not after the refit and the first epoch
     if output_calibration is None:
@@ -453,13 +462,23 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         phases = [_Phase(mode, epochs)]
 
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    # What a resumed run must share with the one that wrote the checkpoint: the phases and everything that
+    # shapes the model, the loss or the optimizer (a changed plan gave back the old plan's model).
     fingerprint = {"mode": mode, "phases": [(p.name, p.epochs, p.layers) for p in phases], "seed": seed,
                    "schedule": schedule, "optimizer": optimizer, **({"mixup": mixup} if mixup else {}),
-                   **({"feature_weight": feature_weight} if feature_weight else {})}
+                   **({"feature_weight": feature_weight} if feature_weight else {}),
+                   "plan": None if plan is None else repr(plan), "granularity": granularity, "lr": lr,
+                   "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay, "augment": augment,
+                   "temperature": temperature, "alpha": alpha, "output_calibration": bool(output_calibration),
+                   "bn_recalibration": bn_recalibration, "calibration_images": calibration_images,
+                   "compress_options": repr(sorted(copts.items()))}
     state = load_checkpoint(ckpt_path) if (ckpt_path is not None and resume) else None
     if state is not None and state.get("fingerprint") != fingerprint:
-        raise ValueError(f"checkpoint {ckpt_path} was written by a run with other settings "
-                         f"({state.get('fingerprint')}); use another checkpoint_dir or resume=False")
+        old = state.get("fingerprint") if isinstance(state.get("fingerprint"), dict) else {}
+        diff = [f"{key} {old.get(key)!r} -> {fingerprint.get(key)!r}" for key in sorted(set(old) | set(fingerprint))
+                if old.get(key) != fingerprint.get(key)]
+        raise ValueError(f"checkpoint {ckpt_path} was written by a run with other settings ({'; '.join(diff)}); "
+                         f"use another checkpoint_dir or resume=False")
 
     result = FinetuneResult(model=work, mode=mode, stages=stages)
     loader = dd.distributed_loader(train_loader, seed) if dd.is_distributed() else train_loader
@@ -479,14 +498,46 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     if not any(isinstance(m, ClusteredConv2d) for m in work.modules()) and mode != "progressive":
         raise ValueError("model has no ClusteredConv2d layer: pass a clustered model (kcengine.compress) or plan=")
 
-    def evaluate_now():
+    def evaluate_now(net):  # the model being trained (progressive stages replace it)
         if eval_data is None:
             return None
         from ..evaluate import evaluate
 
-        acc = evaluate(work, eval_data, batch_size=eval_batch_size, device=device).top1
-        _reset_index_caches(work)
+        acc = evaluate(net, eval_data, batch_size=eval_batch_size, device=device).top1
+        _reset_index_caches(net)
         return acc
+
+    # the epochs seed the loader's own generator (shuffling): the caller gets it back as it was
+    gen_state = train_loader.generator.get_state() if train_loader.generator is not None else None
+    try:
+        _run_phases(work, teacher, reference, loader, train_loader, phases, state, start_phase, start_epoch, result,
+                    mode=mode, stage_training=stage_training, ks=ks, granularity=granularity, copts=copts,
+                    output_calibration=output_calibration, bn_recalibration=bn_recalibration, calib=calib,
+                    calibration_images=calibration_images, evaluate_now=evaluate_now, optimizer=optimizer, lr=lr,
+                    momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, schedule=schedule,
+                    temperature=temperature, alpha=alpha, feature_weight=feature_weight, augment=augment,
+                    mixup=mixup, seed=seed, progress=progress, device=device, ckpt_path=ckpt_path,
+                    fingerprint=fingerprint, main=main)
+    finally:
+        if gen_state is not None:
+            train_loader.generator.set_state(gen_state)
+    work = result.model
+    work.eval()
+    result.layer_ks = {n: m.num_clusters for n, m in work.named_modules() if isinstance(m, ClusteredConv2d)}
+    result.seconds = time.perf_counter() - t_start
+    if plot_path is not None and main and result.history:
+        result.plot(plot_path, title=f"finetune ({mode})")
+    return result
+
+
+def _run_phases(work, teacher, reference, loader, train_loader, phases, state, start_phase, start_epoch, result, *,
+                mode, stage_training, ks, granularity, copts, output_calibration, bn_recalibration, calib,
+                calibration_images, evaluate_now, optimizer, lr, momentum, nesterov, weight_decay, schedule,
+                temperature, alpha, feature_weight, augment, mixup, seed, progress, device, ckpt_path, fingerprint,
+                main):
+    """finetune's phases in order from (start_phase, start_epoch): a progressive stage clusters its layers,
+    refits and recalibrates them, then every phase trains its epochs; ``result.model`` is the model at the end."""
+    from ..compress import compress
 
     frozen_names: set[str] = set()
     for pi, phase in enumerate(phases):
@@ -502,14 +553,14 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
                 work.to(device)
             if phase.layers or pi == 0:
                 if pi == 0:
-                    result.accuracy_clustered = evaluate_now()
+                    result.accuracy_clustered = evaluate_now(work)
                 if output_calibration and reference is not None and (phase.layers or mode != "progressive"):
                     result.calibration.update(calibrate_outputs(work, reference, calib, layers=phase.layers,
                                                                 seed=seed))
                 if bn_recalibration:
                     recalibrate_bn(work, calib, max_images=calibration_images)
                 if pi == 0:
-                    result.accuracy_start = evaluate_now()
+                    result.accuracy_start = evaluate_now(work)
         _set_trainable(work, mode, stage_training, frozen_names)
         _reset_index_caches(work)
         first_epoch = start_epoch if resumed_here else 0
@@ -528,13 +579,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
                              main=main)
         if stage_training == "freeze" and phase.layers:
             frozen_names.update(phase.layers)
-    work.eval()
     result.model = work
-    result.layer_ks = {n: m.num_clusters for n, m in work.named_modules() if isinstance(m, ClusteredConv2d)}
-    result.seconds = time.perf_counter() - t_start
-    if plot_path is not None and main and result.history:
-        result.plot(plot_path, title=f"finetune ({mode})")
-    return result
 
 
 def _train_phase(work, teacher, loader, orig_loader, phase, pi, first_epoch, result, state, *, optimizer, lr,
@@ -636,8 +681,15 @@ def _run_epochs(work, teacher, reference, loader, orig_loader, phase, pi, first_
             bar.close()
         tot_loss, tot_correct = sums.tolist()
         tot_loss, tot_correct, tot_n = dd.all_sum([tot_loss, tot_correct, float(tot_n)], device=device)
+        if tot_n == 0:
+            raise ValueError(f"train_loader yielded no batch in {phase.name} epoch {epoch + 1} (a dataset smaller "
+                             f"than a batch with drop_last=True?)")
+        if not math.isfinite(tot_loss):  # checked once an epoch: a check per batch would wait for the device
+            raise ValueError(f"the training loss became {tot_loss / tot_n} in {phase.name} epoch {epoch + 1}: NaN "
+                             f"or Inf in the training images, the model or the teacher, or a learning rate too "
+                             f"large (lr={opt.defaults.get('lr')}); no checkpoint was written for this epoch")
         row = {"phase": phase.name, "epoch": epoch + 1, "loss": tot_loss / max(tot_n, 1),
-               "train_top1": tot_correct / max(tot_n, 1), "eval_top1": evaluate_now(),
+               "train_top1": tot_correct / max(tot_n, 1), "eval_top1": evaluate_now(work),
                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         result.history.append(row)
         if ckpt_path is not None:
