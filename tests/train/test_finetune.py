@@ -345,6 +345,7 @@ def test_stage_epochs_takes_any_sequence_of_ints(tiny):
     ({"nesterov": 2}, r"nesterov must be True or False"),
     # a plot path that cannot be written failed after the last epoch, losing the run
     ({"plot_path": "curves.pgn"}, r"plot_path='curves.pgn': matplotlib does not write '.pgn' files"),
+    ({"order": ["conv1"]}, r"order sets the stages of mode='progressive'; mode='centroids' clusters every layer"),
 ])
 def test_bad_arguments(tiny, kw, match):
     model, ds, loader = tiny
@@ -509,6 +510,33 @@ def test_a_nan_image_stops_the_run_with_a_message(tiny):
     with pytest.raises(ValueError, match=r"the training loss became nan in centroids epoch 1: NaN or Inf in the "
                                          r"training images"):
         finetune(cm, loader, teacher=model, **FAST)
+
+
+def test_progressive_stages_of_a_sensitivity_plan_are_checked_before_the_sweep(tiny, monkeypatch):
+    """A bad order or stage_epochs was found only after the sensitivity sweep (the long step) had run."""
+    model, ds, loader = tiny
+    ft = sys.modules["kcengine.train.finetune"]
+    monkeypatch.setattr(ft, "_resolve_sensitivity", lambda *a, **k: pytest.fail("the sweep ran"))
+    with pytest.raises(ValueError, match="stage_epochs has 3 entries for 2 stages"):
+        finetune(model, loader, mode="progressive", plan="sensitivity=0.5", stage_epochs=[1, 1, 1], **FAST)
+    with pytest.raises(ValueError, match="order stage"):
+        finetune(model, loader, mode="progressive", plan="sensitivity=0.5", order=[["nope"]], **FAST)
+
+
+def test_sensitivity_plan_checks_its_arguments_before_the_sweep(tiny):
+    from kcengine.train import sensitivity_plan
+
+    model, ds, _ = tiny
+    x = ds.images
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    for kw, msg in [(dict(min_ratio=2.0), r"min_ratio must be a number in \[0, 1\], got min_ratio=2.0"),
+                    (dict(min_ratio=float("nan")), r"min_ratio must be a number in \[0, 1\]"),
+                    (dict(ratios=0.5), r"ratios must be a sequence of numbers in \(0, 1\], got ratios=0.5"),
+                    (dict(eval_images=bad), r"eval_images holds NaN or Inf values")]:
+        args = dict(calib_images=x[:16], eval_images=x[16:]) | kw
+        with pytest.raises(ValueError, match=msg):
+            sensitivity_plan(model, ratio=0.5, **args)
 
 
 def test_an_epoch_without_batches_is_an_error(tiny):

@@ -376,6 +376,8 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         check_data(eval_data, "eval_data")  # here, not after the refit and the first epoch
     if output_calibration is None:
         output_calibration = plan is not None
+    if order is not None and mode != "progressive":
+        raise ValueError(f"order sets the stages of mode='progressive'; mode={mode!r} clusters every layer at once")
     if mode == "progressive" and plan is None:
         raise ValueError("mode='progressive' needs plan= (e.g. plan={'ratio': 0.5}): it clusters the dense "
                          "model stage by stage")
@@ -444,6 +446,15 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
             resolved.append(_resolve_sensitivity(reference, train_loader, calib, calibration_images,
                                                  sensitivity_ratio, seed, progress))
         return resolved[0]
+
+    if mode == "progressive" and sensitivity_ratio is not None:
+        # the sweep is the long step: the stages it will feed are checked before it (a sensitivity plan gives
+        # every conv of groups 1 its k, so those are the planned layers)
+        from ..compress.apply import conv_layers
+
+        pre = resolve_order(order, [n for n, m in conv_layers(model) if m.groups == 1])
+        if not isinstance(stage_epochs, int) and len(stage_epochs) != len(pre):
+            raise ValueError(f"stage_epochs has {len(stage_epochs)} entries for {len(pre)} stages")
 
     # ---- phases
     stages: list[list[str]] = []

@@ -18,11 +18,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .._checks import check_int
 
 __all__ = ["output_sensitivity", "allocate_ks", "sensitivity_plan", "DEFAULT_OUTPUT_SWEEP_RATIOS"]
 
@@ -53,9 +56,15 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] < 1:
             raise ValueError(f"{name} must be a non-empty [N, C, H, W] tensor, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not bool(torch.isfinite(t).all()):  # every KL would be NaN, and a plan made of them
+            raise ValueError(f"{name} holds NaN or Inf values")
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
+        raise ValueError(f"ratios must be a sequence of numbers in (0, 1], got ratios={ratios!r}")
     ratios = tuple(ratios)
-    if not ratios or any(not (isinstance(r, (int, float)) and 0 < r <= 1) for r in ratios):
+    if not ratios or any(isinstance(r, bool) or not (isinstance(r, (int, float)) and 0 < r <= 1) for r in ratios):
         raise ValueError(f"ratios must be numbers in (0, 1], got ratios={ratios!r}")
+    batch_size = check_int(batch_size, "batch_size", 1)
+    seed = check_int(seed, "seed", 0, 2**63 - 1)
     with eval_mode(model):  # every submodule's mode comes back as it was
         require_dense_convs(model, conv_layers(model))
         convs = [(n, m) for n, m in conv_layers(model) if m.groups == 1]
@@ -238,6 +247,8 @@ def sensitivity_plan(model: nn.Module, calib_images: torch.Tensor, eval_images: 
     ratio = float(ratio) if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else ratio
     if not isinstance(ratio, float) or not 0 < ratio <= 1:
         raise ValueError(f"ratio must be a number in (0, 1], got ratio={ratio!r}")
+    if isinstance(min_ratio, bool) or not isinstance(min_ratio, (int, float)) or not 0 <= min_ratio <= 1:
+        raise ValueError(f"min_ratio must be a number in [0, 1], got min_ratio={min_ratio!r}")  # before the sweep
     rows = output_sensitivity(model, calib_images, eval_images, layers=layers, ratios=ratios, seed=seed,
                               progress=progress)
     if not rows:
