@@ -227,7 +227,8 @@ def test_mixup_feeds_the_teacher_and_student_mixed_batches(tiny):
     teacher.load_state_dict(model.state_dict())
     teacher.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
     finetune(cm, loader, mode="centroids", teacher=teacher, augment=False, mixup=0.4, **{**FAST, "epochs": 1})
-    assert len(seen) == 3
+    assert len(seen) == 4 and seen[0].shape[0] == 2  # the first: finetune's check of the teacher's outputs
+    seen = seen[1:]
     for b, m in enumerate(seen):
         x = ds.images[16 * b:16 * (b + 1)]
         assert not torch.allclose(m, x)  # mixed ...
@@ -537,6 +538,56 @@ def test_sensitivity_plan_checks_its_arguments_before_the_sweep(tiny):
         args = dict(calib_images=x[:16], eval_images=x[16:]) | kw
         with pytest.raises(ValueError, match=msg):
             sensitivity_plan(model, ratio=0.5, **args)
+
+
+def test_bad_checkpoints_teachers_and_loaders_are_named_before_training(tiny, tmp_path):
+    """Each was a raw error from torch or Python (UnpicklingError, NotADirectoryError after the first epoch,
+    an AttributeError on a tuple, "has no len()", a duplicate keyword), some after the refit."""
+    model, ds, loader = tiny
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    (tmp_path / "afile").write_text("x")
+
+    class Pairs(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(ds.images, ds.labels))
+
+    class TwoHeads(nn.Module):
+        def forward(self, x):
+            return model(x), model(x)
+
+    strings = torch.utils.data.DataLoader(list(zip(ds.images, [str(int(v)) for v in ds.labels])), batch_size=16)
+    for kw, msg in [
+        (dict(checkpoint_dir=tmp_path / "bad"), r"could not be read as a finetune checkpoint .* resume=False"),
+        (dict(checkpoint_dir=tmp_path / "afile" / "ck"), r"cannot be made: .*afile' is a file"),
+        (dict(teacher=TwoHeads()), r"teacher's outputs must be logits of the model's shape \(2, 4\) .* got tuple"),
+        (dict(teacher=nn.Sequential(model, nn.Linear(4, 10))), r"got shape \(2, 10\)"),
+        (dict(train_loader=torch.utils.data.DataLoader(Pairs(), batch_size=16)),
+         r"train_loader's dataset has no length \(Pairs"),
+        (dict(train_loader=strings), r"each batch's labels must be a tensor of class indices, got a tuple of str"),
+        (dict(compress_options={"seed": 1}), r"compress_options apply when finetune clusters the model \(plan=\)"),
+    ]:
+        args = dict(train_loader=loader) | kw
+        with pytest.raises(ValueError, match=msg):
+            finetune(cm, **args, **FAST)
+    with pytest.raises(ValueError, match=r"compress_options may not set \['granularity'\]"):
+        finetune(model, loader, plan=0.5, compress_options={"granularity": "kernel"}, **FAST)
+
+
+def test_calibration_reads_a_dataset_subclass_through_its_items(tiny, monkeypatch):
+    """The calibration images of a TensorDataset subclass that transforms its items were its raw tensors."""
+    model, ds, _ = tiny
+    ft = sys.modules["kcengine.train.finetune"]
+
+    class Shifted(torch.utils.data.TensorDataset):
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return x + 100.0, y
+
+    loader = make_loader(Shifted(ds.images, ds.labels), 16)
+    got = ft._dataset_images(loader, [0, 5])
+    torch.testing.assert_close(got, ds.images[[0, 5]] + 100.0)
 
 
 def test_an_epoch_without_batches_is_an_error(tiny):

@@ -178,5 +178,6 @@ def run(args) -> int:
             "accuracy": res.accuracy, "stages": res.stages, "layer_ks": res.layer_ks, "history": res.history,
             "seconds": res.seconds},
             indent=1))
-        print(f"wrote {out / 'model.pt'}, {out / 'history.json'} and {out / 'curves.png'}")
+        curves = f" and {out / 'curves.png'}" if (out / "curves.png").is_file() and res.history else ""
+        print(f"wrote {out / 'model.pt'}, {out / 'history.json'}{curves}")
     return 0

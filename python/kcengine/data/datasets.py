@@ -42,6 +42,15 @@ def normalize_uint8(images: torch.Tensor, norm: Normalization, dtype=torch.float
     return norm(images.to(dtype) / 255.0)
 
 
+def tensor_pair(ds) -> tuple | None:
+    """``(images, labels)`` of a TensorDataset of two tensors whose items are those tensors' rows (a subclass
+    that keeps TensorDataset's ``__getitem__``, as :class:`TensorImages`), read directly instead of item by item;
+    None for any other dataset (a subclass that transforms its items is read through them)."""
+    if isinstance(ds, TensorDataset) and type(ds).__getitem__ is TensorDataset.__getitem__ and len(ds.tensors) == 2:
+        return ds.tensors[0], ds.tensors[1]
+    return None
+
+
 class TensorImages(TensorDataset):
     """Normalized images and labels held in memory (fast for the small evaluation sets)."""
 

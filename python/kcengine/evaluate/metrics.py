@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .._checks import check_device, check_int
+from ..data.datasets import tensor_pair
 
 __all__ = ["EvalResult", "evaluate", "top1_accuracy", "confusion_png"]
 
@@ -86,9 +87,9 @@ def _batches(data, batch_size: int):
         yield from map(image_label_pair, data)
         return
     if isinstance(data, torch.utils.data.Dataset):
-        # a plain TensorDataset's two tensors are sliced directly; a subclass may transform its items
-        if type(data) is torch.utils.data.TensorDataset and len(data.tensors) == 2:
-            yield from _batches(tuple(data.tensors), batch_size)
+        pair = tensor_pair(data)  # sliced directly; a subclass that transforms its items is read through them
+        if pair is not None:
+            yield from _batches(pair, batch_size)
             return
         yield from map(image_label_pair, torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False))
 
@@ -107,6 +108,9 @@ def image_label_pair(batch) -> tuple:
         raise ValueError(f"each batch of data must be an (images, labels) pair, got {got}")
     x, y = batch
     check_float_images(x)
+    if not isinstance(y, torch.Tensor):  # string labels collate into a tuple
+        raise ValueError(f"each batch's labels must be a tensor of class indices, got a {type(y).__name__}"
+                         + (f" of {type(y[0]).__name__}" if isinstance(y, (tuple, list)) and len(y) else ""))
     return x, y
 
 

@@ -65,8 +65,18 @@ def save_checkpoint(path, state: dict) -> Path:
 
 
 def load_checkpoint(path) -> dict | None:
-    """The checkpoint at ``path``, or None when there is none."""
+    """The checkpoint at ``path``, or None when there is none; ValueError naming the file when it cannot be read
+    as one (a folder, a truncated or foreign file)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, where finetune keeps its checkpoint file; move it away")
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated zip, an empty file, another pickle
+        raise ValueError(f"{path} could not be read as a finetune checkpoint ({type(exc).__name__}: "
+                         f"{str(exc)[:200]}); delete it or pass resume=False") from None
+    if not isinstance(state, dict) or "fingerprint" not in state:
+        raise ValueError(f"{path} is not a finetune checkpoint; delete it or pass resume=False")
+    return state

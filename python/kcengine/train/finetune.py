@@ -59,8 +59,8 @@ from torch import nn
 
 from .._checks import check_bool, check_device, check_float, check_int
 from ..conv.module import ClusteredConv2d
-from ..data.datasets import evenly_spaced
-from ..evaluate.metrics import check_data, check_float_images, check_labels, image_label_pair
+from ..data.datasets import evenly_spaced, tensor_pair
+from ..evaluate.metrics import check_data, check_float_images, check_labels, eval_mode, image_label_pair
 from . import distributed as dd
 from .augment import cifar_augment
 from .bn import recalibrate_bn
@@ -165,8 +165,9 @@ def _dataset_images(loader, idx: list[int]) -> torch.Tensor:
     """The images ``idx`` of the loader's dataset, read from the dataset, not through the loader's sampler or
     batching (so the same on every process)."""
     ds = loader.dataset
-    if hasattr(ds, "tensors"):
-        x = ds.tensors[0][torch.tensor(idx, dtype=torch.long)]
+    pair = tensor_pair(ds)  # (a subclass that transforms its items is read through them)
+    if pair is not None:
+        x = pair[0][torch.tensor(idx, dtype=torch.long)]
     else:
         xs = []
         for i in idx:
@@ -361,6 +362,13 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     if compress_options is not None and not isinstance(compress_options, dict):
         raise ValueError(f"compress_options must be a dict of keyword arguments for kcengine.compress (e.g. "
                          f"{{'seed': 1}}) or None, got {type(compress_options).__name__} {compress_options!r:.60}")
+    if compress_options:
+        own = sorted(set(compress_options) & {"plan", "ratio", "granularity", "layers"})
+        if own:
+            raise ValueError(f"compress_options may not set {own}: finetune's own plan= and granularity= do")
+        if plan is None:
+            raise ValueError("compress_options apply when finetune clusters the model (plan=); this model arrives "
+                             "clustered")
     if plot_path is not None and not isinstance(plot_path, (str, os.PathLike)):
         raise ValueError(f"plot_path must be a file path or None, got {type(plot_path).__name__} {plot_path!r:.60}")
     if plot_path is not None:  # here, not after the last epoch
@@ -399,6 +407,12 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         if Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
             raise ValueError(f"checkpoint_dir must be a directory (it is created if missing), got "
                              f"checkpoint_dir={str(checkpoint_dir)!r}, an existing file")
+        above = next((p for p in Path(checkpoint_dir).absolute().parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} cannot be made: {str(above)!r} is a file")
+        if (Path(checkpoint_dir) / CHECKPOINT_NAME).is_dir():
+            raise ValueError(f"{Path(checkpoint_dir) / CHECKPOINT_NAME} is a folder, where finetune keeps its "
+                             f"checkpoint file; move it away or use another checkpoint_dir")
 
     from ..compress import compress
 
@@ -435,7 +449,19 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     if plan is not None and any(isinstance(m, ClusteredConv2d) for m in work.modules()) and mode != "progressive":
         raise ValueError("model already holds ClusteredConv2d layers; pass plan=None to finetune it as it is")
 
-    calib = _dataset_images(train_loader, evenly_spaced(len(train_loader.dataset), calibration_images)).to(device)
+    try:
+        n_train = len(train_loader.dataset)
+    except TypeError:
+        raise ValueError(f"train_loader's dataset has no length ({type(train_loader.dataset).__name__}, an "
+                         f"iterable dataset?): finetune reads its calibration images by index") from None
+    calib = _dataset_images(train_loader, evenly_spaced(n_train, calibration_images)).to(device)
+    if teacher is not None:  # a teacher whose outputs do not fit failed at the first step, after the refit
+        with torch.no_grad(), eval_mode(work):
+            t_out, s_out = teacher(calib[:2]), work(calib[:2])
+        if not isinstance(t_out, torch.Tensor) or t_out.shape != s_out.shape:
+            got = f"shape {tuple(t_out.shape)}" if isinstance(t_out, torch.Tensor) else type(t_out).__name__
+            raise ValueError(f"teacher's outputs must be logits of the model's shape {tuple(s_out.shape)} (the same "
+                             f"classes), got {got}")
     resolved: list = []
 
     def layer_plan():  # the plan as compress takes it: a sensitivity plan is measured once, when first needed
@@ -497,7 +523,11 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     start_phase, start_epoch = 0, 0
     if state is not None:
         work = apply_layout(work, state["layout"])
-        work.load_state_dict(state["model"])
+        try:
+            work.load_state_dict(state["model"])
+        except RuntimeError as exc:  # load_state_dict's mismatch report
+            raise ValueError(f"checkpoint {ckpt_path} does not fit this model (written for another architecture?): "
+                             f"{str(exc)[:300]}; use another checkpoint_dir or resume=False") from None
         result.history = list(state["history"])
         result.calibration = dict(state.get("calibration", {}))
         result.accuracy_start = state.get("accuracy_start")
