@@ -507,3 +507,41 @@ def test_fake_tensors_go_through_a_layer(granularity):
     px = 2 * 5 * 6
     want = 2 * px * 4 * 6 * 9 if granularity == "filter" else 2 * px * 6 * 4 * 9 + px * 10 * 6
     assert fc.get_total_flops() == want
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_caches_never_serve_another_codebooks_result(granularity):
+    """Caches keyed on a tensor's address and version served a new tensor at a freed address (version 0 again)
+    the old one's result: fresh codebooks under FlopCounterMode (the native op), a codebook swapped in by
+    torch.func.functional_call (which bypasses __setattr__), and a .data write followed by invalidate_cache()
+    under the native op.  Each now matches F.conv2d on the dense weight."""
+    from torch.func import functional_call
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kcengine.conv.functional import dense_weight
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 10, 10)
+    layer = ClusteredConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), 4, granularity=granularity).eval()
+
+    def ref(cb, bias):
+        return F.conv2d(x, dense_weight(cb, layer.index, granularity), bias, padding=1)
+
+    with torch.no_grad():
+        layer(x)  # the prepared call
+        for _ in range(3):
+            cb = torch.randn_like(layer.codebook)
+            torch.testing.assert_close(functional_call(layer, {"codebook": cb}, (x,)), ref(cb, layer.bias))
+        for _ in range(4):
+            cb = torch.randn_like(layer.codebook)
+            with FlopCounterMode(display=False):
+                y = kcengine.indexed_conv2d(x, cb, layer.index, padding=1, granularity=granularity)
+            torch.testing.assert_close(y, ref(cb, None))
+            del cb, y  # the next codebook may be allocated where this one was
+        with FlopCounterMode(display=False):
+            layer(x)
+        layer.codebook.data.copy_(torch.randn_like(layer.codebook))
+        layer.invalidate_cache()
+        with FlopCounterMode(display=False):
+            y = layer(x)
+        torch.testing.assert_close(y, ref(layer.codebook, layer.bias))

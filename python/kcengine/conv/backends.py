@@ -100,7 +100,7 @@ class KernelPlan:
         if hit is not None and hit[0] == key:
             return hit[1]
         pack = _core().conv_kernel_pack(self.tap_weights(codebook).numpy(), self.slot_table().numpy())
-        self._cache["direct_pack"] = (key, pack)
+        self._cache["direct_pack"] = (key, pack, codebook)  # (kept: its address is not reused while cached)
         return pack
 
     def dense(self, codebook: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -112,7 +112,7 @@ class KernelPlan:
         if hit is not None and hit[0] == key:
             return hit[1]
         w = dense_weight(codebook.detach(), index, "kernel")
-        self._cache["dense"] = (key, w)
+        self._cache["dense"] = (key, w, codebook)  # (kept: its address is not reused while cached)
         return w
 
     def identity32(self) -> torch.Tensor:
@@ -473,7 +473,9 @@ class PackedCodebook:
         try:
             entry = self._entry
             if entry is None or entry[0] != key:
-                entry = (key, torch.ops.mkldnn._reorder_convolution_weight(codebook.detach(), *args, list(x.shape)))
+                # the codebook is kept with its reorder: while cached, no other tensor gets its id and address
+                entry = (key, torch.ops.mkldnn._reorder_convolution_weight(codebook.detach(), *args, list(x.shape)),
+                         codebook)
                 self._entry = entry
             return torch.ops.mkldnn._convolution_pointwise(x, entry[1], None, *args, "none", [], "")
         except Exception:  # a torch build whose private op differs: stay on F.conv2d from now on

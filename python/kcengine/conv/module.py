@@ -88,18 +88,23 @@ def _as_tensor(a, name: str) -> torch.Tensor:
 
 
 class _Cache:
-    """What forward derives from an index (and, in ``packed``, from the codebook), made for ``key``."""
-    __slots__ = ("key", "index32", "plan", "packed")
+    """What forward derives from an index (and, in ``packed``, from the codebook), made for ``key``.  The index
+    itself is kept (``source``) where the key holds its address, which no other tensor gets while it lives; a
+    keeper that knows the index by identity (:mod:`~kcengine.conv.native_op`'s weak references) passes
+    ``pin=False``."""
+    __slots__ = ("key", "source", "index32", "plan", "packed")
 
-    def __init__(self, key, index: torch.Tensor, k: int, granularity: str, groups: int = 1):
+    def __init__(self, key, index: torch.Tensor, k: int, granularity: str, groups: int = 1, pin: bool = True):
         """Checks the index values against ``k`` (ValueError), then derives: the int32 index, the kernel plan
         (kernel granularity, groups 1), an empty oneDNN reorder of the codebook (cpu backend, inference)."""
         if index.numel():
             lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= k:
                 raise ValueError(f"index values must be in [0, K={k}), got {lo if lo < 0 else hi}")
-        self.key = key
+        self.key, self.source = key, (index if pin else None)
         self.index32 = index.to(torch.int32).contiguous()
+        if not pin and self.index32 is index:  # an int32 index would pin itself
+            self.index32 = index.clone()
         self.plan = None
         if granularity == "kernel" and groups == 1:
             self.plan = kernel_plan(index, k)
@@ -577,10 +582,12 @@ class ClusteredConv2d(nn.Module):
             return None
         vecs = tuple(None if t is None else (t.data_ptr(), t.shape) for t in (b.get("scale"), b.get("shift"),
                                                                               p.get("bias")))
+        # id(cb): the codebook the prepared call holds (so no other tensor has that id while it lives); a
+        # codebook swapped in without __setattr__ (torch.func.functional_call) was read as the old one
         return (x.shape, x.dtype, x.device,
                 None if residual is None else (residual.shape, residual.dtype, residual.device),
                 torch.is_grad_enabled(), torch.is_inference_mode_enabled(), os.environ.get(_registry._ENV),
-                cb.shape, cb.dtype, idx.data_ptr(), tensor_version(idx), vecs)
+                id(cb), cb.shape, cb.dtype, idx.data_ptr(), tensor_version(idx), vecs)
 
     def __setattr__(self, name, value):
         self.__dict__.pop("_steady", None)  # made for the attributes as they were
@@ -601,6 +608,9 @@ class ClusteredConv2d(nn.Module):
         ``torch.inference_mode`` (a layer built or loaded there)."""
         self._cache = None
         self.__dict__.pop("_checked", None)
+        from .native_op import forget_index  # torch.compile's and dispatch modes' own cache of this index
+
+        forget_index(self.index)
 
     def _apply(self, fn, *args, **kwargs):
         self._cache = None

@@ -119,7 +119,7 @@ def _prepare(index: torch.Tensor, k: int, granularity: str) -> _Cache:
     hit = _prepared.get(id(index))
     if hit is not None and hit[0]() is index and hit[1].key == key:
         return hit[1]
-    c = _Cache(key, index, k, granularity)
+    c = _Cache(key, index, k, granularity, pin=False)  # (known by identity: a pinned index would never be freed)
     ident = id(index)
 
     def forget(_ref):  # runs as the index is freed, before its id can be reused
@@ -130,6 +130,15 @@ def _prepare(index: torch.Tensor, k: int, granularity: str) -> _Cache:
     with _lock:
         _prepared[ident] = (weakref.ref(index, forget), c)
     return c
+
+
+def forget_index(index) -> None:
+    """Drop what :func:`_prepare` keeps for ``index`` (``ClusteredConv2d.invalidate_cache``: after writes its
+    version counter does not see)."""
+    with _lock:
+        hit = _prepared.get(id(index))
+        if hit is not None and hit[0]() is index:
+            del _prepared[id(index)]
 
 
 def _channels_last_out(x: torch.Tensor, granularity: str) -> bool:
