@@ -9,7 +9,9 @@
 where ``conv'`` is :meth:`ClusteredConv2d.fuse_bn_relu` of the layer.  A link is fused only when each
 intermediate result has exactly one user and the conv module is called once; an in-place
 ``r += bn(...)`` only when ``r`` has no other user (eager mode would change ``r`` for them, the fused layer
-does not).  Works for any FX-traceable model (torchvision ResNets are); the input model is not modified.
+does not); and not when anything between the conv and the chain's end writes in place (the fused call reads
+the conv's input and the residual where the chain ended).  A BatchNorm without running statistics is left
+unfused.  Works for any FX-traceable model (torchvision ResNets are); the input model is not modified.
 """
 from __future__ import annotations
 
@@ -72,6 +74,39 @@ def _is_relu(node, gm) -> bool:
                                                                                                        "relu_"))
 
 
+_INPLACE_OPS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+                operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                operator.imatmul)
+
+
+def _writes_in_place(node, gm) -> bool:
+    """Whether ``node`` may write into a tensor it is given: in-place arithmetic, a ``*_`` method or function,
+    an ``inplace=True`` argument or module, an ``out=`` argument.  (Conservative: such a node between a conv and
+    the end of its chain keeps the chain unfused.)"""
+    if "out" in node.kwargs or node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "inplace", False) is True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if node.op == "call_method":
+        return name.endswith("_") and not name.startswith("_")
+    if node.op == "call_function":
+        return node.target in _INPLACE_OPS or (name.endswith("_") and not name.startswith("_"))
+    return False
+
+
+def _writes_between(first, last, chain, gm) -> bool:
+    """Whether a node after ``first`` and before ``last`` (graph order), outside ``chain``, writes in place:
+    the fused call runs where ``last`` was and reads the conv's input and the residual there, so a write between
+    would change what it reads (eager mode read them at the conv)."""
+    node = first.next
+    while node is not last and node.op != "root":
+        if node not in chain and _writes_in_place(node, gm):
+            return True
+        node = node.next
+    return False
+
+
 def _only_user(node):
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -104,6 +139,8 @@ def fuse_for_inference(model: nn.Module) -> fx.GraphModule:
         if bn_node is None or not _is_module(bn_node, gm, nn.BatchNorm2d):
             continue
         bn = gm.get_submodule(bn_node.target)
+        if bn.running_mean is None or bn.running_var is None:  # batch statistics even in eval: nothing to fold
+            continue
         nxt = _only_user(bn_node)
         residual, relu_node, add_node, last = None, None, None, bn_node
         if nxt is not None and nxt.op == "call_function" and nxt.target in _ADDS and len(nxt.args) == 2 \
@@ -118,6 +155,8 @@ def fuse_for_inference(model: nn.Module) -> fx.GraphModule:
                 residual, relu_node, add_node, last = other, after, nxt, after
         elif nxt is not None and _is_relu(nxt, gm):
             relu_node, last = nxt, nxt
+        if _writes_between(conv_node, last, {bn_node, add_node, relu_node}, gm):
+            continue
         fused = conv.fuse_bn_relu(bn, relu=relu_node is not None)
         name = conv_node.target.replace(".", "_") + "_fused"
         gm.add_submodule(name, fused)
