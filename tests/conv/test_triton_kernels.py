@@ -41,6 +41,22 @@ def test_gather_epilogue_interpreted(interpret, channels_last, relu):
     torch.testing.assert_close(y2, u[:, idx.long()], atol=0, rtol=0)
 
 
+def test_strided_and_expanded_scale_and_shift_interpreted(interpret):
+    """The kernels read scale[o] and shift[o] at o, whatever the strides: an expanded scale (every output 2.0) or
+    a strided shift were read as other values (errors of 1.7-3)."""
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(2, 3, 4, 4, generator=g)
+    idx = torch.tensor([2, 0, 1, 1, 2, 0], dtype=torch.int32)
+    scale = torch.tensor(2.0).expand(6)
+    shift = torch.randn(12, generator=g)[::2]
+    y = interpret.gather_epilogue(u, idx, scale, shift, None, False)
+    torch.testing.assert_close(y, _epilogue_ref(u[:, idx.long()], scale, shift, 0.0, False), atol=1e-6, rtol=1e-6)
+    pair = torch.tensor([[0, 1], [2, 0], [1, 1], [2, 2], [0, 0], [1, 2]], dtype=torch.int32)
+    y = interpret.gather_sum(u, pair, scale, shift, None, False)
+    ref = _epilogue_ref(torch_gather_sum(u, pair.long()), scale, shift, 0.0, False)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_relu_passes_nan_interpreted(interpret):
     """A NaN reaching the fused ReLU comes out NaN, as torch.relu gives it (it came out 0)."""
     u = torch.randn(1, 3, 2, 9)

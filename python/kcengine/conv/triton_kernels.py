@@ -124,8 +124,9 @@ def _launch(kind, src, index32, scale, shift, residual, relu, block=None):
     res = _prep(residual) if residual is not None else out
     block = block or min(1024, triton.next_power_of_2(s))
     grid = (n * c_out, triton.cdiv(s, block))
-    a = scale if scale is not None else out
-    b = shift if shift is not None else out
+    # the kernels read scale[o] and shift[o] at o: an expanded or strided vector is made contiguous first
+    a = scale.contiguous() if scale is not None else out
+    b = shift.contiguous() if shift is not None else out
     acc = triton.language.float64 if src.dtype == torch.float64 else triton.language.float32
     common = dict(HAS_A=scale is not None, HAS_B=shift is not None, HAS_R=residual is not None, RELU=bool(relu),
                   BLOCK=block, ACC=acc)
