@@ -457,3 +457,16 @@ def test_every_submodule_keeps_its_own_mode(kit, lockstep):
     assert [mod.training for mod in cm.modules()] == student_modes
     output_sensitivity(dense, x[:16], x[16:], ratios=(0.5,))
     assert [mod.training for mod in dense.modules()] == teacher_modes
+
+
+def test_recalibrate_bn_puts_the_statistics_back_when_the_pass_fails(kit):
+    """A pass that failed partway left every BN reset (mean 0, variance 1); a bad device was torch's error."""
+    torch.manual_seed(0)
+    m = kit.TinyNet().eval()
+    m.bn1.running_mean.normal_()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(RuntimeError):
+        recalibrate_bn(m, torch.randn(4, 5, 8, 8))  # 5 channels: the first conv fails
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        recalibrate_bn(m, torch.randn(4, 3, 8, 8), device="tpu")

@@ -19,7 +19,7 @@ import itertools
 import torch
 from torch import nn
 
-from .._checks import check_int
+from .._checks import check_device, check_int
 from ..evaluate.metrics import saved_modes
 
 __all__ = ["recalibrate_bn", "batchnorm_layers"]
@@ -51,7 +51,10 @@ def recalibrate_bn(model: nn.Module, data, *, max_images: int | None = 2048, dev
     if device is None:
         p = next(itertools.chain(model.parameters(), model.buffers()), None)
         device = p.device if p is not None else "cpu"
+    device = check_device(device)
     moms = [m.momentum for m in bns]
+    # the statistics as they were, put back if the pass fails (reset, they would read mean 0, variance 1)
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
     seen = 0
     with saved_modes(model):  # every submodule's mode comes back as it was
         for m in bns:
@@ -69,6 +72,10 @@ def recalibrate_bn(model: nn.Module, data, *, max_images: int | None = 2048, dev
                         x = x[: max_images - seen]
                     model(x.to(device))
                     seen += x.shape[0]
+        except BaseException:
+            for m, st in zip(bns, saved):
+                m.load_state_dict(st)
+            raise
         finally:
             for m, mom in zip(bns, moms):
                 m.momentum = mom
