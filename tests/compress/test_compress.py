@@ -696,3 +696,34 @@ def test_backend_none_is_auto_and_an_unavailable_backend_is_said_before_any_prog
     with pytest.raises(RuntimeError, match=r"backend='cuda' is not available: no CUDA device"):
         compress(_net(), ratio=0.5, backend="cuda", progress=lines.append)
     assert lines == []
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel", "element"])
+def test_a_float64_model_is_clustered_in_float64_and_its_changes_counted_against_its_own_weights(granularity):
+    """float64 layers were clustered in float32 and measured against a float32 copy: at ratio 1.0 every weight
+    changed (by its float32 rounding) while the report said l0 = 0."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 6, 3)).double()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    new, rep = compress(m, plan=1.0, granularity=granularity)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), m(x), rtol=1e-12, atol=1e-12)
+    assert all(lr.l0 == 0 and lr.l2 == 0.0 for lr in rep.layers)
+    new, rep = compress(m, plan=0.5, granularity=granularity)
+    for lr in rep.layers:
+        delta = effective_weight(new.get_submodule(lr.name)) - m.get_submodule(lr.name).weight.detach()
+        assert lr.l0 == int((delta != 0).sum()) and lr.l2 == pytest.approx(float(delta.norm()), rel=1e-12)
+
+
+def test_an_elbow_plan_needs_three_distinct_ks_per_layer_and_a_model_that_grows_reads_below_one():
+    """Ratios that round to one or two ks per layer gave k=1 (all filters one) or k=N silently."""
+    m = _net()
+    with pytest.raises(ValueError, match=r"elbow plan: layer 'features.0' \(12 points\) gets only the ks \[1\] "
+                                         r"from ratios \[0.01, 0.02, 0.03\]; an elbow needs at least 3 distinct ks"):
+        compress(m, plan="elbow=0.01:0.03:0.01")
+    with pytest.raises(ValueError, match=r"gets only the ks \[1, 12\]"):
+        compress(m, plan={"elbow": [0.01, 0.02, 0.03, 1.0]})
+    from kcengine.compress.report import _ratio_text
+
+    assert (_ratio_text(0.997), _ratio_text(1.0), _ratio_text(1.004), _ratio_text(2.345)) == \
+        ("0.997", "1.00", "1.004", "2.35")

@@ -114,6 +114,13 @@ def sweep_layer(prob: LayerProblem, ks: list[int], kw: dict) -> list[tuple[list,
 def _choose_ks(strategy, probs: list[LayerProblem], kw: dict):
     """{name: k} and, for sweep-based strategies, {name: (cents, labels, inertia)} at the chosen k."""
     ks, reuse, notes = {}, {}, {}
+    if isinstance(strategy, Elbow):  # before any sweep: ratios that round to fewer than 3 ks have no elbow
+        for p in probs:
+            cand = candidate_ks(p.N, strategy.ratios)
+            if len(cand) < 3:
+                raise ValueError(f"elbow plan: layer {p.name!r} ({p.N} points) gets only the ks {cand} from "
+                                 f"ratios {list(strategy.ratios)}; an elbow needs at least 3 distinct ks (widen "
+                                 f"the range or leave the layer out with layers=)")
     for p in probs:
         if isinstance(strategy, FixedRatio):
             ks[p.name] = k_from_value(strategy.ratio, p.N, f"layer {p.name}")
@@ -274,8 +281,8 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
         cents, labels, inertia = fits[p.name]
         mod = p.build(cents, labels, threshold, backend=conv_backend)
         new_model = replace_module(new_model, p.name, mod)  # the layer itself where the model is the conv
-        w_new = effective_weight(mod).to("cpu", torch.float32)
-        delta = (w_new - p.weight).double()
+        # the change against the caller's own weights, in float64 (a float32 copy hid a float64 layer's rounding)
+        delta = effective_weight(mod).to("cpu", torch.float64) - p.conv.weight.detach().to("cpu", torch.float64)
         _, _, n_kept = p.codebook_and_index(cents, labels, threshold) if p.granularity != "element" else (0, 0, 0)
         unique = p.unique_weights(cents, labels, threshold)
         layer_reports.append(LayerReport(

@@ -89,6 +89,8 @@ class ElementClusteredConv2d(nn.Module):
 
     @property
     def unique_parameters(self) -> int:
+        """The stored codebook (``D*K``, padding included for coordinates with fewer than K clusters) plus the
+        bias; the compression report's ``unique_weights`` counts the values the index uses instead."""
         return self.codebook.numel() + (self.bias.numel() if self.bias is not None else 0)
 
     @property
@@ -118,9 +120,9 @@ def effective_weight(layer: nn.Module) -> torch.Tensor:
 class LayerProblem:
     """The clustering problem(s) of one conv layer at one granularity.
 
-    ``points()`` gives the arrays to cluster (one for filter/kernel, ``D`` for element), float32
-    numpy; ``reconstruct(cents, labels)`` the dense weight those centroids give; ``build(...)`` the
-    replacement module.  The layer's weights are copied: the caller's conv is never touched.
+    ``points()`` gives the arrays to cluster (one for filter/kernel, ``D`` for element), numpy in float64 for a
+    float64 layer and float32 otherwise (half-precision weights are clustered in float32);
+    ``reconstruct(cents, labels)`` the dense weight those centroids give; ``build(...)`` the replacement module.  The layer's weights are copied: the caller's conv is never touched.
     """
 
     def __init__(self, name: str, conv: nn.Conv2d, granularity: str, cosine: bool = False):
@@ -130,7 +132,9 @@ class LayerProblem:
             raise ValueError(f"cosine=True clusters normalized filters and needs granularity='filter', "
                              f"got granularity={granularity!r}")
         self.name, self.conv, self.granularity, self.cosine = name, conv, granularity, cosine
-        w = conv.weight.detach().to("cpu", torch.float32).clone()
+        wide = conv.weight.dtype == torch.float64
+        self.np_dtype = np.float64 if wide else np.float32  # what the points, centroids and codebooks are in
+        w = conv.weight.detach().to("cpu", torch.float64 if wide else torch.float32).clone()
         self.weight = w
         self.shape = tuple(w.shape)
         c_out, cig, kh, kw = self.shape
@@ -145,9 +149,9 @@ class LayerProblem:
         self.norms = None
         if cosine:
             norms = np.linalg.norm(self._x, axis=1)
-            self.norms = norms.astype(np.float32)
+            self.norms = norms.astype(self.np_dtype)
             safe = np.where(norms > 0, norms, 1.0)
-            self._x = (self._x / safe[:, None]).astype(np.float32)
+            self._x = (self._x / safe[:, None]).astype(self.np_dtype)
 
     @property
     def dense_weights(self) -> int:
@@ -163,14 +167,14 @@ class LayerProblem:
     # ------------------------------------------------------------------ centroids -> weights
     def _unit(self, cents: np.ndarray) -> np.ndarray:
         n = np.linalg.norm(cents, axis=1, keepdims=True)
-        return np.where(n > 0, cents / np.where(n > 0, n, 1.0), cents).astype(np.float32)
+        return np.where(n > 0, cents / np.where(n > 0, n, 1.0), cents).astype(self.np_dtype)
 
     def codebook_and_index(self, cents: list, labels: list, threshold: float | None = None):
         """(codebook, index, n_kept) for filter/kernel, after the cosine and threshold options.
 
-        ``codebook`` ``[K', D]`` float32, ``index`` ``[N]`` int64; K' counts only used entries.
+        ``codebook`` ``[K', D]`` in ``np_dtype``, ``index`` ``[N]`` int64; K' counts only used entries.
         """
-        c = np.asarray(cents[0], dtype=np.float32)
+        c = np.asarray(cents[0], dtype=self.np_dtype)
         lab = np.asarray(labels[0], dtype=np.int64)
         if self.cosine:
             c = self._unit(c)
@@ -185,7 +189,7 @@ class LayerProblem:
             far = np.nonzero(d > threshold)[0]
             n_kept = int(far.size)
             if n_kept:
-                c = np.concatenate([c, x[far].astype(np.float32)])
+                c = np.concatenate([c, x[far].astype(self.np_dtype)])
                 lab = lab.copy()
                 lab[far] = c.shape[0] - n_kept + np.arange(n_kept)
         used = np.unique(lab)
@@ -196,9 +200,9 @@ class LayerProblem:
         return c, lab, n_kept
 
     def reconstruct(self, cents: list, labels: list, threshold: float | None = None) -> torch.Tensor:
-        """The dense weight (float32, the layer's shape) the clustering gives."""
+        """The dense weight (in ``np_dtype``, the layer's shape) the clustering gives."""
         if self.granularity == "element":
-            cols = [np.asarray(cj, dtype=np.float32)[np.asarray(lj, dtype=np.int64), 0]
+            cols = [np.asarray(cj, dtype=self.np_dtype)[np.asarray(lj, dtype=np.int64), 0]
                     for cj, lj in zip(cents, labels)]
             return torch.from_numpy(np.stack(cols, axis=1)).reshape(self.shape)
         c, lab, _ = self.codebook_and_index(cents, labels, threshold)
@@ -221,9 +225,9 @@ class LayerProblem:
         if self.granularity == "element":
             K = max(np.asarray(cj).shape[0] for cj in cents)
             D = len(cents)
-            cb = np.zeros((D, K), dtype=np.float32)
+            cb = np.zeros((D, K), dtype=self.np_dtype)
             for j, cj in enumerate(cents):
-                cb[j, :np.asarray(cj).shape[0]] = np.asarray(cj, dtype=np.float32)[:, 0]
+                cb[j, :np.asarray(cj).shape[0]] = np.asarray(cj, dtype=self.np_dtype)[:, 0]
             idx = np.stack([np.asarray(lj, dtype=np.int64) for lj in labels], axis=1)
             mod = ElementClusteredConv2d(conv, torch.from_numpy(cb), torch.from_numpy(idx))
             return mod.to(device=conv.weight.device)

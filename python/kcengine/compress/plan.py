@@ -92,7 +92,10 @@ class FixedRatio:
 
 @dataclass(frozen=True)
 class InertiaLimit:
-    """Smallest k whose k-means inertia is <= ``limit`` (from a ``kmeans_sweep`` over candidate ks).
+    """Smallest candidate k whose k-means inertia is <= ``limit`` (from a ``kmeans_sweep`` over the candidates:
+    every k for layers of at most 64 points, else about 50 ks spread geometrically over [1, N], so the k chosen
+    can be a few percent above the smallest k that meets the limit; see
+    :func:`kcengine.compress.apply.candidate_ks`).
 
     ``relative=True``: the limit is a fraction of the layer's inertia at k = 1 (its total sum of
     squares around the mean), so one number fits layers of different weight scales.

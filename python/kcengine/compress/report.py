@@ -15,6 +15,13 @@ from pathlib import Path
 __all__ = ["LayerReport", "CompressionReport"]
 
 
+def _ratio_text(r: float) -> str:
+    """A compression ratio to two decimals, with a third where two would round to 1.00 from either side (a
+    model that grew, 0.997x, read as 1.00x)."""
+    text = f"{r:.2f}"
+    return f"{r:.3f}" if text == "1.00" and r != 1.0 else text
+
+
 @dataclass
 class LayerReport:
     """One clustered layer.
@@ -115,14 +122,14 @@ class CompressionReport:
                  f"cosine: {self.cosine}",
                  f"- layers clustered: {len(self.layers)}; left dense: {len(self.skipped)}",
                  f"- conv weights: {self.total_conv_weights} -> {self.model_unique_weights} unique "
-                 f"(ratio {self.compression_ratio:.2f}x)",
+                 f"(ratio {_ratio_text(self.compression_ratio)}x)",
                  f"- accuracy before: {pct(self.accuracy_before)}; after: {pct(self.accuracy_after)}",
                  f"- time: clustering {self.seconds_clustering:.2f} s, total {self.seconds_total:.2f} s", "",
                  "| layer | C_out | points | k | dense | unique | ratio | inertia | kept | L0 | L1 | L2 | Linf |",
                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for lr in self.layers:
             lines.append(f"| {lr.name} | {lr.shape[0]} | {lr.n_points} | {lr.k} | {lr.dense_weights} | "
-                         f"{lr.unique_weights} | {lr.compression_ratio:.2f} | {lr.inertia:.4g} | {lr.kept} | {lr.l0} | "
+                         f"{lr.unique_weights} | {_ratio_text(lr.compression_ratio)} | {lr.inertia:.4g} | {lr.kept} | {lr.l0} | "
                          f"{lr.l1:.4g} | {lr.l2:.4g} | {lr.linf:.4g} |")
         text = "\n".join(lines) + "\n"
         if path is not None:

@@ -4,8 +4,10 @@ For every selected layer, one :func:`kcengine.kmeans_sweep` gives the clustering
 candidate k; for each k the layer's weight in a working copy of the model is set to the
 clustered weight (the dense ``centroids[index]``, numerically what a ClusteredConv2d computes) and
 the model is evaluated on in-memory images in large batches.  The metric is
-``F = accuracy / (unique/total)`` with ``unique/total`` the layer's unique-weight ratio; its local
-maxima over k mark good operating points.
+``F = accuracy / (unique/total)`` with ``unique/total`` the layer's unique-weight ratio, the seeds' metric;
+its local maxima over k are flagged (``F_local_max``).  F grows like ``1/ratio``, so its maxima sit at or near
+the smallest k unless accuracy has collapsed there: read them together with the accuracy column (a maximum
+at 47% accuracy is a point of compression, not of quality).
 
 Speed: for :class:`~kcengine.models.CifarResNet` the activations entering the residual block
 that holds the layer are computed once per layer and only the rest of the network is re-run per
