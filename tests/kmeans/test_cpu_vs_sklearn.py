@@ -411,3 +411,39 @@ def test_exact1d_sweep_shares_one_table_and_equals_separate_calls(weighted):
         s = kcengine.kmeans(a, k, algorithm="exact1d")
         np.testing.assert_array_equal(c, s.centroids)
         np.testing.assert_array_equal(lab, s.labels)
+
+
+_R1_X = np.array([-1.6913281872334445, 0.20154465827823959, 0.445006220157222, 2.3306239180705983,
+                  0.49303177984609003, -1.6913281872334445, 0.445006220157222, 0.20154465827823959,
+                  -1.6913281872334445, 0.20154465827823959, 2.3306239180705983])[:, None]
+_R1_INIT = np.array([0.2502809900023185, 2.0576846435867404, -2.0592816211548626, 1.7482237828028373,
+                     0.10882488378505834])[:, None]
+
+
+def test_the_repair_never_stacks_a_center_on_copies_of_its_point():
+    """A point whose copies made up a whole cluster was taken for an empty one: two centers on one spot, the copies
+    went to the lower index, and a cluster came back empty (lloyd, hamerly, gram: 5 distinct values, k = 5,
+    converged with an empty cluster) or Yinyang and top-m moved centers between copies until max_iter (2
+    distinct values, k = 3).  Every solver and the torch reference now walk one path."""
+    torch = pytest.importorskip("torch")
+    a, b = 0.34341006663842183, 2.22103116330751
+    cases = [(_R1_X, _R1_INIT),
+             (np.array([a, b, a, a, b, b])[:, None], np.array([0.9528766042654139, 0.950829995183259,
+                                                               0.007091239723746731])[:, None])]
+    rng = np.random.default_rng(11)
+    for _ in range(12):  # duplicated points, random starts
+        nd, k = int(rng.integers(3, 8)), int(rng.integers(3, 7))
+        u = rng.normal(size=(nd, 2))
+        x = u[rng.integers(0, nd, size=int(rng.integers(k + 2, 30)))]
+        cases.append((x, rng.normal(size=(k, 2)) * 3))
+    for x, init in cases:
+        k = init.shape[0]
+        runs = {alg: kcengine.kmeans(x, init=init, algorithm=alg) for alg in
+                ("lloyd", "hamerly", "gram", "yinyang", "topm") + (("lloyd1d",) if x.shape[1] == 1 else ())}
+        runs["torch"] = kcengine.kmeans(torch.from_numpy(x), init=torch.from_numpy(init), backend="torch")
+        ref = runs["lloyd"]
+        for alg, r in runs.items():
+            np.testing.assert_array_equal(np.asarray(r.labels), ref.labels, err_msg=alg)
+            assert int(r.n_iter) == int(ref.n_iter) and bool(r.converged), alg
+        if len(np.unique(x, axis=0)) >= k:  # k distinct points: k distinct centroids, none empty
+            assert len(np.unique(ref.centroids, axis=0)) == k and len(np.unique(ref.labels)) == k

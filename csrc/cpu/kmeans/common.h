@@ -418,8 +418,12 @@ inline double round_low_bits(double x) {
 // scikit-learn's repair: each empty cluster takes the point farthest from its (old) center; the
 // point's contribution moves from its cluster's sums to the empty one's.  Labels are left as they
 // are (the next E-step reassigns).  We only take points of positive weight, at positive distance,
-// whose cluster keeps some weight, and never the same coordinates twice, so relocated centers
-// are distinct from each other and from the clusters they leave.  "Keeps some weight" counts the
+// whose cluster keeps some weight, never the same coordinates twice, and never a point whose copies
+// make up a whole cluster (its own or another: that cluster's center is the point, or becomes it once the
+// point leaves), so relocated centers are distinct from each other and from every other center made of
+// copies.  (Taking such a point put two centers on one spot: the copies then went to the lower index, a
+// cluster came back empty, and Yinyang and top-m moved centers between copies until max_iter.)
+// "Keeps some weight" counts the
 // cluster's other members of positive weight rather than subtracting weights: a sum kept by moving
 // points in and out (Yinyang, top-m) or taken as a difference of prefix sums (lloyd1d) carries
 // rounding, and a lone member's cluster would seem to keep a remainder.
@@ -449,7 +453,37 @@ void relocate(i64 n, i64 k, i64 d, const P* X, const double* w, const i32* lab, 
     const double ka = round_low_bits(d2[a]), kb = round_low_bits(d2[b]);  // distances to 32 bits
     return ka > kb || (ka == kb && idx(a) < idx(b));
   });
+  // Clusters made of copies of one point (their members of positive weight all equal; a single member counts),
+  // found by their first member; looked up by a hash of the coordinates (-0 read as +0, as == compares).
+  std::vector<i64> first(k, -1);
+  std::vector<char> copies(k, 1);
+  for (i64 i = 0; i < n; ++i) {
+    if (!(weight(w, i) > 0)) continue;
+    const i32 c = lab[i];
+    if (first[c] < 0) first[c] = i;
+    else if (copies[c] && !std::equal(X + first[c] * d, X + (first[c] + 1) * d, X + i * d)) copies[c] = 0;
+  }
+  auto row_hash = [&](i64 i) {
+    uint64_t h = 1469598103934665603ull;
+    for (i64 t = 0; t < d; ++t) {
+      const double v = double(X[i * d + t]) + 0.0;
+      uint64_t u;
+      std::memcpy(&u, &v, sizeof u);
+      h = (h ^ u) * 1099511628211ull;
+    }
+    return h;
+  };
+  std::unordered_multimap<uint64_t, i64> copy_rows;
+  for (i64 c = 0; c < k; ++c)
+    if (first[c] >= 0 && copies[c]) copy_rows.emplace(row_hash(first[c]), first[c]);
+  auto copies_a_cluster = [&](i64 i) {
+    auto range = copy_rows.equal_range(row_hash(i));
+    for (auto it = range.first; it != range.second; ++it)
+      if (std::equal(X + it->second * d, X + (it->second + 1) * d, X + i * d)) return true;
+    return false;
+  };
   std::vector<i64> picked;
+  std::vector<char> taken(n, 0);
   size_t pos = 0;
   for (size_t e = 0; e < empty.size(); ++e) {
     for (; pos < cand.size(); ++pos) {
@@ -460,8 +494,22 @@ void relocate(i64 n, i64 k, i64 d, const P* X, const double* w, const i32* lab, 
       bool dup = false;
       for (i64 q : picked)
         if (std::equal(X + q * d, X + (q + 1) * d, X + i * d)) { dup = true; break; }
-      if (dup) continue;
+      if (dup || copies_a_cluster(i)) continue;
       const i32 to = empty[e];
+      taken[i] = 1;
+      if (!copies[from]) {  // the cluster left behind may be copies of one point now
+        i64 f0 = -1;
+        bool same = true;
+        for (i64 q = 0; q < n && same; ++q) {
+          if (lab[q] != from || taken[q] || !(weight(w, q) > 0)) continue;
+          if (f0 < 0) f0 = q;
+          else same = std::equal(X + f0 * d, X + (f0 + 1) * d, X + q * d);
+        }
+        if (f0 >= 0 && same) {
+          copies[from] = 1;
+          copy_rows.emplace(row_hash(f0), f0);
+        }
+      }
       if (sums) {
         for (i64 t = 0; t < d; ++t) {
           sums[size_t(from) * d + t] -= wi * double(X[i * d + t]);

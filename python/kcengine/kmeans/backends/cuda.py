@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..api import Problems, RawResult, far_first, far_shift
+from ..api import CopyClusters, Problems, RawResult, far_first, far_shift
 
 __all__ = [
     "solve", "fused_smem_bytes", "fits_fused", "fused_threads", "fused_buckets", "assign_tiles",
@@ -570,6 +570,7 @@ class PackedLloyd:
         d2 = ((X.astype(np.float64) - C[lb].astype(np.float64)) ** 2).sum(1)
         cand = far_first(d2, np.nonzero((w > 0) & (d2 > 0))[0])
         members = np.bincount(lb[w > 0], minlength=k)  # a cluster keeps weight while it keeps such a member
+        stacked = CopyClusters(X, w, lb, k)
         picked: list[int] = []
         pos = 0
         for e in empty:
@@ -577,8 +578,9 @@ class PackedLloyd:
                 i = cand[pos]
                 pos += 1
                 f = lb[i]
-                if members[f] <= 1 or any(np.array_equal(X[q], X[i]) for q in picked):
+                if members[f] <= 1 or any(np.array_equal(X[q], X[i]) for q in picked) or stacked.blocks(i):
                     continue
+                stacked.take(i, f)
                 S[f] -= w[i] * X[i].astype(np.float64)
                 ws[f] -= w[i]
                 S[e] = w[i] * X[i].astype(np.float64)

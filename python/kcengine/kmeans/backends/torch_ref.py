@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 
-from ..api import Problems, RawResult, far_first, far_shift, tiny_scale, times_pow2
+from ..api import CopyClusters, Problems, RawResult, far_first, far_shift, tiny_scale, times_pow2
 
 
 def _sqdist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -70,6 +70,7 @@ def _relocate(x, w, lab, c, sums, wsum):
     # A cluster keeps weight while it keeps a member of positive weight (counted, as the cpu backend
     # counts: a difference of weight sums would carry rounding).
     members = torch.bincount(lab[w > 0].long(), minlength=wsum.shape[0]).tolist()
+    stacked = CopyClusters(x.cpu().numpy(), w.cpu().numpy(), lab.cpu().numpy(), wsum.shape[0])
     picked: list[int] = []
     pos = 0
     for e in empty:
@@ -79,9 +80,10 @@ def _relocate(x, w, lab, c, sums, wsum):
             wi = float(w[i])
             if wi <= 0 or float(d2own[i]) <= 0 or members[int(lab[i])] <= 1:
                 continue
-            if any(torch.equal(x[q], x[i]) for q in picked):
+            if any(torch.equal(x[q], x[i]) for q in picked) or stacked.blocks(i):
                 continue
             f = int(lab[i])
+            stacked.take(i, f)
             sums[f] -= wi * x[i]
             wsum[f] -= wi
             sums[e] = wi * x[i]
