@@ -29,6 +29,27 @@ def _sqdist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return (xn - 2.0 * torch.bmm(x, c.transpose(1, 2)) + cn).clamp_min_(0.0)
 
 
+def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """[B, N] index of each point's nearest center, the lowest index among centers with equal coordinates.
+
+    The dot form's matrix product rounds a column by where it sits, so two identical centers gave one point
+    different distances, and copies of a point split between them: the cluster that the cpu backend (which
+    gives identical centers identical distances, the tie to the lower index) empties and repairs stayed, and a
+    run ended with two identical centroids."""
+    d2 = _sqdist(x, c)
+    B, K, D = c.shape
+    if K > 1:
+        h = c.double() @ torch.linspace(1.0, 2.0, D, dtype=torch.float64, device=c.device)  # equal rows: equal h
+        hs, order = h.sort(dim=1, stable=True)  # (stable: among equal rows the lowest index comes first)
+        same = hs[:, 1:] == hs[:, :-1]
+        if bool(same.any()):
+            cs = c.gather(1, order.unsqueeze(2).expand(-1, -1, D))
+            later = torch.cat([torch.zeros_like(same[:, :1]), same & (cs[:, 1:] == cs[:, :-1]).all(2)], 1)
+            dup = torch.zeros_like(later).scatter_(1, order, later)  # [B, K]: repeats an earlier center
+            d2 = d2.masked_fill(dup.unsqueeze(1), float("inf"))
+    return d2.argmin(2)
+
+
 def _kmeanspp(x, w, k, gen) -> torch.Tensor:
     """Greedy k-means++ for a [B, N, D] batch; returns [B, k] point indices."""
     B, N, _ = x.shape
@@ -108,8 +129,7 @@ def _lloyd(x, w, c, max_iter, tol_abs):
         if a.numel() == 0:
             break
         xa, wa, ca = x[a], w[a], c[a]
-        d2 = _sqdist(xa, ca)
-        la = d2.argmin(2)
+        la = _nearest(xa, ca)
         sums = torch.zeros(a.numel(), k, D, dtype=torch.float64, device=x.device)
         sums.scatter_add_(1, la.unsqueeze(2).expand(-1, -1, D), (xa * wa.unsqueeze(2)).double())
         wsum = torch.zeros(a.numel(), k, dtype=torch.float64, device=x.device)
@@ -132,7 +152,7 @@ def _lloyd(x, w, c, max_iter, tol_abs):
     # Final E-step where convergence was not strict.
     redo = (~strict).nonzero().flatten()
     if redo.numel():
-        lab[redo] = _sqdist(x[redo], c[redo]).argmin(2)
+        lab[redo] = _nearest(x[redo], c[redo])
     return c, lab, n_iter, converged
 
 
