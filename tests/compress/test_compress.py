@@ -173,6 +173,8 @@ def test_cosine_layer_counts_its_norms_and_bias_and_says_cosine():
     assert layer.compression_ratio == 224 / 124
     text = repr(layer)
     assert "cosine=True" in text and "fused_bn" not in text and "bias=False" not in text
+    unbiased, _ = compress(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False)), ratio=0.5, cosine=True)
+    assert unbiased[0].dense_parameters == 216 and unbiased[0].unique_parameters == 4 * 27 + 8  # no bias to count
 
 
 def test_layer_selection_and_per_layer_plans():
@@ -723,6 +725,9 @@ def test_an_elbow_plan_needs_three_distinct_ks_per_layer_and_a_model_that_grows_
         compress(m, plan="elbow=0.01:0.03:0.01")
     with pytest.raises(ValueError, match=r"gets only the ks \[1, 12\]"):
         compress(m, plan={"elbow": [0.01, 0.02, 0.03, 1.0]})
+    small = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 2, 1))  # 2 filters: no elbow, kept whole
+    _, rep = compress(small, plan="elbow")
+    assert [lr.k for lr in rep.layers][1] == 2
     from kcengine.compress.report import _ratio_text
 
     assert (_ratio_text(0.997), _ratio_text(1.0), _ratio_text(1.004), _ratio_text(2.345)) == \

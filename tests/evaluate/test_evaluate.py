@@ -233,6 +233,7 @@ def test_model_output_and_argument_checks_name_what_is_wrong(tmp_path):
         evaluate(net, (x, y), classes=5)
     with pytest.raises(ValueError, match="classes must be a sequence of class names"):
         evaluate(net, (x, y), classes="abcde")
+    assert evaluate(net, (x, y), classes=np.array(list("abcde"))).classes == tuple("abcde")  # names as an array
     # top1_accuracy, public, checked nothing: [N, 1] labels broadcast to 400%, an empty set divided by zero
     with pytest.raises(ValueError, match=r"labels must be \[N\] with one label per image"):
         top1_accuracy(net, x, y[:, None])

@@ -229,7 +229,7 @@ def test_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match="model must be an nn.Module, got NoneType"):
         adversarial_accuracy(None, (x, y), mean=MEAN, std=STD)
     a = adversarial_accuracy(net, (x, y.int()), mean=MEAN, std=STD, steps=2)
-    b = adversarial_accuracy(net, (x, y), mean=torch.tensor(MEAN), std=np.array(STD), steps=2)
+    b = adversarial_accuracy(net, (x, y), mean=torch.tensor(MEAN).view(3, 1, 1), std=np.array(STD), steps=2)
     assert (a.correct_clean, a.correct_robust) == (b.correct_clean, b.correct_robust)
     r = adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, eps=np.float32(32 / 255), steps=np.int64(2))
     assert type(r.steps) is int and r.steps == 2 and abs(r.eps - 32 / 255) < 1e-8

@@ -154,6 +154,8 @@ def test_torchvision_by_name_without_weights_and_missing_enum_weights(tmp_path, 
     # the enum member, as torchvision takes it (its message read "IMAGENET1K_V1 is not one of ['IMAGENET1K_V1']")
     with pytest.raises(MissingWeightsError, match="resnet18.IMAGENET1K_V1 are not in the torch hub cache"):
         load_model("resnet18", torchvision.models.ResNet18_Weights.IMAGENET1K_V1, allow_download=False)
+    with pytest.raises(MissingWeightsError, match="resnet18.IMAGENET1K_V1 are not in the torch hub cache"):
+        load_model("resnet18", "ResNet18_Weights.IMAGENET1K_V1", allow_download=False)  # torchvision's string form
     with pytest.raises(ValueError, match="are ResNet50_Weights, not resnet18's \\(ResNet18_Weights\\)"):
         load_model("resnet18", torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
     with pytest.raises(ValueError, match="not a known model"):

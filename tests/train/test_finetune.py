@@ -673,3 +673,22 @@ def test_calibration_images_are_spread_over_a_class_sorted_dataset(kind):
     expected = images[torch.arange(0, 100, 10)].mean(dim=(0, 2, 3))
     torch.testing.assert_close(r.model[0].running_mean, expected)
     assert float(expected[0]) == 4.5
+
+
+def test_resume_takes_compress_options_by_value_and_older_fingerprints(tmp_path, tiny):
+    """A callable in compress_options (its repr holds an address) made every resume fail; a checkpoint written
+    before the fingerprint's newer keys is compared on the keys it has; compress_options may restrict layers."""
+    import torch as _torch
+
+    model, ds, loader = tiny
+    kw = dict(plan=0.5, checkpoint_dir=tmp_path, **{**FAST, "epochs": 1})
+    first = finetune(model, loader, compress_options={"seed": 1, "progress": lambda s: None}, **kw)
+    again = finetune(model, loader, compress_options={"seed": 1, "progress": lambda s: None}, **kw)
+    assert again.resumed_from == (0, 1) and again.layer_ks == first.layer_ks
+    path = tmp_path / CHECKPOINT_NAME
+    state = _torch.load(path, weights_only=False)
+    state["fingerprint"] = {k: state["fingerprint"][k] for k in ("mode", "phases", "seed", "schedule", "optimizer")}
+    _torch.save(state, path)
+    assert finetune(model, loader, compress_options={"seed": 1}, **kw).resumed_from == (0, 1)
+    only = finetune(model, loader, plan=0.5, compress_options={"layers": ["conv1"]}, **FAST)
+    assert list(only.layer_ks) == ["conv1"]

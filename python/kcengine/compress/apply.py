@@ -117,7 +117,7 @@ def _choose_ks(strategy, probs: list[LayerProblem], kw: dict):
     if isinstance(strategy, Elbow):  # before any sweep: ratios that round to fewer than 3 ks have no elbow
         for p in probs:
             cand = candidate_ks(p.N, strategy.ratios)
-            if len(cand) < 3:
+            if len(cand) < 3 and p.N >= 3:  # (a layer of 1 or 2 points has no elbow at any ratios: k = N)
                 raise ValueError(f"elbow plan: layer {p.name!r} ({p.N} points) gets only the ks {cand} from "
                                  f"ratios {list(strategy.ratios)}; an elbow needs at least 3 distinct ks (widen "
                                  f"the range or leave the layer out with layers=)")

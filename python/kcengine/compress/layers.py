@@ -246,4 +246,5 @@ class LayerProblem:
             mod.shift = shift.to(device=dev, dtype=dtype)
             mod.bias = None
             mod._kc_cosine = True
+            mod._kc_cosine_bias = conv.bias is not None
         return mod

@@ -255,10 +255,11 @@ def indexed_conv2d(
 
     Returns:
         ``[N, C_out, H_out, W_out]``: ``act((conv2d(x, codebook[index]) + bias) * scale + shift + residual)``,
-        in ``x``'s memory format (channels-last in, channels-last out) on the cpu backend at filter granularity;
-        channels-last at kernel granularity there (its direct kernel writes that layout, whatever ``x``'s).
-        The cpu backend's outputs computed outside autograd are not resizable (their storage is the native
-        kernels', as a tensor from ``torch.from_numpy``).
+        in ``x``'s memory format (channels-last in, channels-last out) on the cpu backend, except where kernel
+        granularity runs its direct kernel, which writes channels-last whatever ``x``'s format (where it computes
+        a dense conv instead -- 1x1 kernels, or K large against C_out -- the output follows ``x``).  Outputs the
+        native kernels write (the gather, the direct kernel) outside autograd are not resizable (their storage is
+        theirs, as a tensor from ``torch.from_numpy``).
 
     Raises:
         ValueError naming the argument and value on any bad input.

@@ -175,6 +175,7 @@ class ClusteredConv2d(nn.Module):
     """
 
     _kc_cosine = False  # set by compress (cosine option) and by layer_from_config
+    _kc_cosine_bias = True  # a cosine layer's conv had a bias (in shift); False: shift holds zeros it never had
     padding_mode = "zeros"  # the class default is what layers pickled before padding modes existed read
     padding_extra = (0, 0)  # more padding at the bottom and right (an even kernel's "same"), as nn.Conv2d's
 
@@ -349,9 +350,10 @@ class ClusteredConv2d(nn.Module):
         super().__setstate__(state)
 
     def _bias_numel(self) -> int:
-        """The bias's numbers: ``bias``, or on a layer of compress's cosine option ``shift``, which holds it."""
+        """The bias's numbers: ``bias``, or on a layer of compress's cosine option ``shift``, which holds it (none
+        where the conv had no bias)."""
         if self._kc_cosine and self.shift is not None:
-            return self.shift.numel()
+            return self.shift.numel() if self._kc_cosine_bias else 0
         return self.bias.numel() if self.bias is not None else 0
 
     @property

@@ -61,6 +61,8 @@ def layer_config(m: ClusteredConv2d) -> dict:
            "granularity": m.granularity, "relu": bool(m.relu), "fused_bn": m.scale is not None}
     if m._kc_cosine:
         cfg["cosine"] = True
+        if not m._kc_cosine_bias:
+            cfg["cosine_bias"] = False  # the conv had no bias: shift holds zeros
     return cfg
 
 
@@ -68,12 +70,15 @@ def layer_from_config(cfg: dict, *, dtype=None, device=None) -> ClusteredConv2d:
     """An empty ClusteredConv2d shaped as :func:`layer_config` recorded (its state dict loads strictly)."""
     cfg = dict(cfg)
     relu, fused, cosine = cfg.pop("relu", False), cfg.pop("fused_bn", False), cfg.pop("cosine", False)
+    cosine_bias = cfg.pop("cosine_bias", True)
     layer = ClusteredConv2d(**cfg, dtype=dtype, device=device)
     layer.relu = relu
     if fused:
         layer.scale = torch.empty(cfg["out_channels"], dtype=layer.codebook.dtype, device=device)
         layer.shift = torch.empty(cfg["out_channels"], dtype=layer.codebook.dtype, device=device)
     layer._kc_cosine = cosine
+    if cosine and not cosine_bias:
+        layer._kc_cosine_bias = False
     return layer
 
 

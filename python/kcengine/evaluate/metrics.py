@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Sequence
 
 import numpy as np
@@ -203,8 +204,10 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num
     batch_size = check_int(batch_size, "batch_size", 1)
     num_classes = check_int(num_classes, "num_classes", 1, optional=True)
     device = check_device(device)
-    if classes is not None and (isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence)):
-        raise ValueError(f"classes must be a sequence of class names (a list of str), got classes={classes!r}")
+    if classes is not None:
+        if isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable):
+            raise ValueError(f"classes must be a sequence of class names (a list of str), got classes={classes!r}")
+        classes = list(classes)  # a numpy array of names, dict keys, ...
     if classes is None:
         classes = getattr(data, "classes", None) or getattr(getattr(data, "dataset", None), "classes", None)
     correct1 = correct5 = total = 0

@@ -79,8 +79,9 @@ def _per_channel(v, name: str) -> tuple:
     """``v`` (a sequence, a 1-D tensor or array) as a tuple of finite floats, one per channel."""
     if isinstance(v, (tuple, list)):
         vals = [e.item() if isinstance(e, torch.Tensor) and e.numel() == 1 else e for e in v]
-    elif hasattr(v, "shape") and hasattr(v, "tolist") and len(v.shape) == 1:  # a 1-D tensor or numpy array
-        vals = v.tolist()
+    elif hasattr(v, "shape") and hasattr(v, "reshape") and hasattr(v, "tolist") and \
+            sum(n != 1 for n in v.shape) <= 1:  # a tensor or array of one entry per channel ([3], [3, 1, 1], ...)
+        vals = v.reshape(-1).tolist()
     else:
         vals = None
     if not vals or not all(_real(e) and math.isfinite(e) for e in vals):

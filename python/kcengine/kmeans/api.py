@@ -843,7 +843,8 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
     center first, as scikit-learn does; but kcengine takes only points of positive weight, at positive
     distance, whose cluster keeps another member, never two copies of one point, and never a point whose
     copies make up a whole cluster, so that k distinct centroids come back whenever the data has k distinct
-    points.  scikit-learn has none of these rules (it can take a singleton's only member, a zero-weight point
+    points (the cuda backend's fused kernel, which runs problems small enough for one thread block's shared
+    memory, does not have that last rule yet).  scikit-learn has none of these rules (it can take a singleton's only member, a zero-weight point
     or a second copy), so where a run repairs, its iterates can differ from scikit-learn's; without a repair
     they are the same.  A final E-step follows any iteration that repaired, so labels always match the
     returned centroids.

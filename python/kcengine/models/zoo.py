@@ -219,6 +219,8 @@ def _load_torchvision(name, weights, num_classes, allow_download) -> LoadedModel
     enum = torchvision.models.get_model_weights(name)
     out = LoadedModel(None, name, num_classes or 1000, IMAGENET_MEAN, IMAGENET_STD,  # type: ignore[arg-type]
                       (224, 224))
+    if isinstance(weights, str) and weights.startswith(enum.__name__ + "."):  # "ResNet18_Weights.IMAGENET1K_V1"
+        weights = weights[len(enum.__name__) + 1:]
     if weights in _NONE or _is_path_like(weights):
         out.model = torchvision.models.get_model(name, weights=None, num_classes=out.num_classes)
         if weights in _NONE:

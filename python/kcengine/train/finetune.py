@@ -225,6 +225,16 @@ class _Phase:
     layers: list | None = None  # progressive: the layers this phase clusters
 
 
+def _stable(v):
+    """A compress option as the resume fingerprint keeps it: plain values as they are, others by type (a callable's
+    repr holds its address, which differs in every process)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_stable(e) for e in v]
+    return f"<{type(v).__name__}>"
+
+
 def _reset_index_caches(model: nn.Module) -> None:
     """Drop each ClusteredConv2d's prepared-index cache (``set_index`` with its own index): a cache built
     under ``torch.inference_mode`` (e.g. by :func:`kcengine.evaluate`) holds inference tensors that autograd
@@ -363,7 +373,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         raise ValueError(f"compress_options must be a dict of keyword arguments for kcengine.compress (e.g. "
                          f"{{'seed': 1}}) or None, got {type(compress_options).__name__} {compress_options!r:.60}")
     if compress_options:
-        own = sorted(set(compress_options) & {"plan", "ratio", "granularity", "layers"})
+        own = sorted(set(compress_options) & {"plan", "ratio", "granularity"})
         if own:
             raise ValueError(f"compress_options may not set {own}: finetune's own plan= and granularity= do")
         if plan is None:
@@ -508,12 +518,14 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
                    "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay, "augment": augment,
                    "temperature": temperature, "alpha": alpha, "output_calibration": bool(output_calibration),
                    "bn_recalibration": bn_recalibration, "calibration_images": calibration_images,
-                   "compress_options": repr(sorted(copts.items()))}
+                   "compress_options": [(key, _stable(v)) for key, v in sorted(copts.items())]}
     state = load_checkpoint(ckpt_path) if (ckpt_path is not None and resume) else None
-    if state is not None and state.get("fingerprint") != fingerprint:
-        old = state.get("fingerprint") if isinstance(state.get("fingerprint"), dict) else {}
-        diff = [f"{key} {old.get(key)!r} -> {fingerprint.get(key)!r}" for key in sorted(set(old) | set(fingerprint))
-                if old.get(key) != fingerprint.get(key)]
+    old = state.get("fingerprint") if state is not None else None
+    # (a checkpoint written before a key existed is compared on the keys it has)
+    diff = [] if state is None else [f"{key} {old.get(key)!r} -> {fingerprint.get(key)!r}" for key in
+                                     sorted(set(old) if isinstance(old, dict) else set(fingerprint))
+                                     if not isinstance(old, dict) or old.get(key) != fingerprint.get(key)]
+    if diff:
         raise ValueError(f"checkpoint {ckpt_path} was written by a run with other settings ({'; '.join(diff)}); "
                          f"use another checkpoint_dir or resume=False")
 
