@@ -189,8 +189,10 @@ def test_layer_selection_and_per_layer_plans():
     assert {r.name: r.k for r in rep.layers} == {"features.0": 3, "head": 2}
     assert rep.skipped == ["features.2.0"]
     # a channel count no layer has was ignored while another matched (a typo went unnoticed)
-    with pytest.raises(ValueError, match=r"channels plan names C_out=99, which no selected conv layer has"):
+    with pytest.raises(ValueError, match=r"channels plan names C_out=99, which no conv layer of the model has"):
         compress(m, plan="channels:12=0.25,99=2")
+    _, rep = compress(m, plan="channels:12=0.25,6=2", layers="first")  # a count of a layer left out is fine
+    assert [r.name for r in rep.layers] == ["features.0"]
     # a dict key is an exact name: one that looks like a pattern says how to write one
     with pytest.raises(ValueError, match=r"names layer 'features\.\.\*', .* in a dict plan write 're:features\.\.\*'"):
         compress(m, plan={"layers": {"features..*": 2}})

@@ -148,7 +148,11 @@ def _choose_ks(strategy, probs: list[LayerProblem], kw: dict):
     return ks, reuse, notes
 
 
-def _filter_by_strategy(strategy, probs: list[LayerProblem]) -> tuple[list[LayerProblem], list[str]]:
+def _filter_by_strategy(strategy, probs: list[LayerProblem], model_channels=None) -> tuple[list[LayerProblem],
+                                                                                         list[str]]:
+    """The layers the plan clusters and those it leaves dense.  ``model_channels``: every conv's C_out in the
+    model, against which a channels plan's counts are checked (a count of a layer outside ``layers=`` is fine;
+    one no conv has is a typo)."""
     if isinstance(strategy, PerLayer):
         strategy.check_names([p.name for p in probs])
         keep = [p for p in probs if strategy.value_for(p.name) is not None]
@@ -158,10 +162,11 @@ def _filter_by_strategy(strategy, probs: list[LayerProblem]) -> tuple[list[Layer
         if not keep:
             raise ValueError(f"channels plan {dict(strategy.mapping)} matches no selected layer; "
                              f"their C_out are {have}")
-        unused = [c for c in strategy.mapping if c not in have]
+        every = sorted(set(model_channels)) if model_channels is not None else have
+        unused = [c for c in strategy.mapping if c not in every]
         if unused:
-            raise ValueError(f"channels plan names C_out={unused[0]}, which no selected conv layer has; "
-                             f"their C_out are {have}")
+            raise ValueError(f"channels plan names C_out={unused[0]}, which no conv layer of the model has; "
+                             f"their C_out are {every}")
     else:
         keep = probs
     kept = {p.name for p in keep}
@@ -250,7 +255,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
         if not bool(torch.isfinite(conv.weight).all()):
             raise ValueError(f"layer {n!r} has NaN or Inf weights: k-means needs finite data")
     probs = [LayerProblem(n, by_name[n], granularity, cosine) for n in selected]  # cosine checked above
-    probs, skipped = _filter_by_strategy(strategy, probs)
+    probs, skipped = _filter_by_strategy(strategy, probs, [m.out_channels for _, m in convs])
     kw = _kmeans_kwargs(options, granularity)
 
     t0 = time.perf_counter()
