@@ -366,3 +366,20 @@ def test_repair_key_clears_the_same_bits_in_every_twin():
     assert got_cpu and got_cuda, "the key's mask is no longer spelled as this test reads it"
     assert int(got_cpu.group(1), 16) == want
     assert int(got_cuda.group(1), 16) == want
+
+
+@pytest.mark.parametrize("dtype, e", [(np.float32, -90), (np.float64, -700)])
+def test_packed_driver_scales_data_of_tiny_spread_as_the_cpu_backend(dtype, e):
+    """Three separated clusters at 2**-90 in float32 (squared distances underflow) came back as one cluster from
+    the cuda and triton backends' packed driver; it scales such data by a power of two as the cpu core does (a
+    batch mixing scaled and unscaled datasets, given starts, centroids and inertia scaled back)."""
+    rng = np.random.default_rng(0)
+    base = np.concatenate([rng.normal(size=(30, 3)) * 0.1 + m for m in (-4.0, 0.0, 4.0)])
+    base = np.round(base * 64) / 64
+    xs = [np.ldexp(base, e).astype(dtype), base.astype(dtype), np.ldexp(base[:40, :2], e).astype(dtype)]
+    inits = [x[[0, 30, 60]] if x.shape[0] == 90 else x[[0, 20, 35]] for x in xs]
+    probs, _ = api._build(xs, None, init=inits, n_init=1, max_iter=100, tol=1e-4, sample_weight=None, seed=0,
+                          algorithm="auto")
+    got, ref = _compare(probs)
+    for p in (0, 2):
+        assert len(np.unique(got.labels[p].numpy())) == 3

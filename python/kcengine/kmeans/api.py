@@ -808,8 +808,8 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
             is clustered centered, as scikit-learn clusters all data, so an offset costs no precision;
             centroids come back in ``x``'s coordinates.  Every backend does this.  Data of tiny spread, summed
             variances below 2**-60 in float32 or 2**-500 in float64, is clustered times a power of two, exactly:
-            float32 kernels of 1e-20 had squared distances of 0 and came back as one cluster.  The cpu and torch
-            backends do this; the cuda and triton backends do not yet.)
+            float32 kernels of 1e-20 had squared distances of 0 and came back as one cluster.  Every backend does
+            this too.)
         sample_weight: ``[N]`` (``[B, N]`` or a list for batches) non-negative weights.
         seed: int in ``[0, 2**63 - 1]`` for a reproducible run (per backend), a ``numpy.random.Generator``
             (one integer is drawn from it), or ``None``.  On the cpu, cuda and triton

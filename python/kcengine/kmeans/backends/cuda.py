@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..api import CopyClusters, Problems, RawResult, far_first, far_shift
+from ..api import TINY_VARIANCE, CopyClusters, Problems, RawResult, far_first, far_shift
 
 __all__ = [
     "solve", "fused_smem_bytes", "fits_fused", "fused_threads", "fused_buckets", "assign_tiles",
@@ -208,6 +208,7 @@ class Packed:
     tol_abs: torch.Tensor
     shift: torch.Tensor  # float64: each dataset's shift (its mean, or zeros), concatenated
     soff_h: np.ndarray   # per job: where its dataset's shift starts in ``shift``
+    scale_exp: torch.Tensor | None = None  # int64 per job: its data times 2**e (tiny spread; None: all 0)
 
     @property
     def n_jobs(self) -> int:
@@ -232,11 +233,23 @@ class Packed:
         idx = np.repeat(self.soff_h[jobs], sizes) + local % np.repeat(self.d[jobs], sizes)
         return self.shift[torch.as_tensor(idx, device=self.shift.device)]
 
+    def _scaled(self, C: torch.Tensor, jobs: np.ndarray, sign: int) -> torch.Tensor:
+        """``C`` of ``jobs`` times ``2**(sign * e)`` of each job's data scale (none in the usual case)."""
+        if self.scale_exp is None:
+            return C
+        e = self.scale_exp.cpu().numpy()[jobs]
+        per = torch.as_tensor(np.repeat(sign * e, self.k[jobs] * self.d[jobs]), device=C.device)
+        return _times_pow2(C, per)
+
     def _moved(self, C: torch.Tensor, jobs: np.ndarray, sign: float) -> torch.Tensor:
+        if sign > 0:  # back to the caller's scale first, then the shift (in the caller's units)
+            C = self._scaled(C, jobs, -1)
         if not bool(self.shift.any()):  # nothing shifted (the usual case): no index, no pass over C
-            return C.to(self.X.dtype)
-        s = self._shift_of(jobs)
-        return torch.where(s != 0, (C.double() + sign * s).to(self.X.dtype), C.to(self.X.dtype))  # 0: as is
+            out = C.to(self.X.dtype)
+        else:
+            s = self._shift_of(jobs)
+            out = torch.where(s != 0, (C.double() + sign * s).to(self.X.dtype), C.to(self.X.dtype))  # 0: as is
+        return self._scaled(out, jobs, 1) if sign < 0 else out
 
     def centered(self, C: torch.Tensor, jobs: np.ndarray) -> torch.Tensor:
         """Centroids of ``jobs`` in the caller's coordinates moved into X's (given starts)."""
@@ -254,12 +267,13 @@ class Packed:
 
 
 def _dataset_stats(X: torch.Tensor, ds_n: np.ndarray, ds_d: np.ndarray,
-                   tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For the datasets packed in ``X`` (flat, row-major ``[n_s, d_s]`` blocks, in order): ``tol``
     times each one's mean per-feature variance (float64), ``X`` with every dataset farther from the
     origin than its spread (``|mean|^2 >`` the summed variances) centered, as the cpu core clusters
     it (a float32 offset would otherwise cost the fp32 dot-form distances their precision), and the
-    shifts (the means of those datasets, zeros for the others; float64, concatenated).
+    shifts (the means of those datasets, zeros for the others; float64, concatenated), and each dataset's summed
+    variances (float64).
 
     No host synchronization (one per dataset was the largest host cost of a batch of thousands of
     small problems on a GPU): consecutive datasets of one D form one ``[rows, D]`` block; per dataset
@@ -272,7 +286,7 @@ def _dataset_stats(X: torch.Tensor, ds_n: np.ndarray, ds_d: np.ndarray,
     size = ds_n * ds_d
     start = np.cumsum(size) - size
     cuts = np.flatnonzero(np.diff(ds_d)) + 1
-    tols, xs, shifts = [], [], []
+    tols, xs, shifts, vsums = [], [], [], []
     for b, e in zip(np.r_[0, cuts], np.r_[cuts, len(ds_d)]):
         d = int(ds_d[b])
         lens = torch.as_tensor(ds_n[b:e], device=dev)
@@ -282,13 +296,51 @@ def _dataset_stats(X: torch.Tensor, ds_n: np.ndarray, ds_d: np.ndarray,
         cen = block - torch.repeat_interleave(mean, lens, dim=0, output_size=block.shape[0])
         var = torch.segment_reduce(cen * cen, "sum", lengths=lens, axis=0, unsafe=True) / rows
         tols.append(tol * var.mean(1))
+        vsums.append(var.sum(1))
         far, shift = far_shift(mean, var)
         far_rows = torch.repeat_interleave(far, lens, output_size=block.shape[0]).unsqueeze(1)
         xs.append(torch.where(far_rows, cen, block, out=cen).to(X.dtype).reshape(-1))
         shifts.append(shift.reshape(-1))
     if len(tols) == 1:
-        return tols[0], xs[0], shifts[0]
-    return torch.cat(tols), torch.cat(xs), torch.cat(shifts)
+        return tols[0], xs[0], shifts[0], vsums[0]
+    return torch.cat(tols), torch.cat(xs), torch.cat(shifts), torch.cat(vsums)
+
+
+def _times_pow2(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``a * 2**e`` elementwise (``e`` int64 of ``a``'s length), through float64 in two factors (``2**e`` alone
+    may overflow), in ``a``'s dtype."""
+    h = e.div(2, rounding_mode="floor")
+    return (a.double() * (2.0 ** h.double()) * (2.0 ** (e - h).double())).to(a.dtype)
+
+
+def _tiny_scale(X: torch.Tensor, ds_n: np.ndarray, ds_d: np.ndarray, tol_abs: torch.Tensor, var_sum: torch.Tensor,
+                tol: float):
+    """The cpu core's rule for data of tiny spread (``Prepared::scale_exp``, :func:`kcengine.kmeans.api.tiny_scale`):
+    each dataset of ``X`` (as :func:`_dataset_stats` returns it) whose summed variances ``var_sum`` lie below
+    ``TINY_VARIANCE`` is multiplied by the power of two that brings its largest |value| into [0.5, 1), and its
+    tolerance taken from the scaled data.  Returns ``(X, tol_abs, e)``, ``e`` int64 per dataset (None where every
+    one is 0, the usual case, decided with one host synchronization: X and tol_abs as given)."""
+    dev = X.device
+    limit = TINY_VARIANCE["float32" if X.dtype == torch.float32 else "float64"]
+    size = torch.as_tensor(ds_n * ds_d, device=dev)
+    amax = torch.segment_reduce(X.abs().double(), "max", lengths=size, unsafe=True)
+    tiny = (var_sum < limit) & (amax > 0)
+    if not bool(tiny.any()):
+        return X, tol_abs, None
+    e = torch.where(tiny, -torch.frexp(amax).exponent.long(), torch.zeros_like(tiny, dtype=torch.long))
+    X = _times_pow2(X, torch.repeat_interleave(e, size))
+    starts = np.cumsum(ds_n * ds_d) - ds_n * ds_d
+    tol_abs = tol_abs.clone()
+    for j in np.flatnonzero(tiny.cpu().numpy()):  # (rare) the variances again, of the scaled data
+        block = X[int(starts[j]):int(starts[j] + ds_n[j] * ds_d[j])].view(-1, int(ds_d[j]))
+        tol_abs[int(j)] = tol * _var_sum(block) / float(ds_d[j])
+    return X, tol_abs, e
+
+
+def _var_sum(block: torch.Tensor) -> torch.Tensor:
+    """The summed per-feature variances of one ``[n, d]`` dataset, in float64."""
+    b = block.double()
+    return ((b - b.mean(0)) ** 2).mean(0).sum()
 
 
 def pack(probs: Problems, problems: list[int]) -> Packed:
@@ -309,7 +361,8 @@ def pack(probs: Problems, problems: list[int]) -> Packed:
     ds_d = np.array([a.shape[1] for a in dsets], dtype=np.int64)
     ds_xoff = np.cumsum(ds_n * ds_d) - ds_n * ds_d
     ds_roff = np.cumsum(ds_n) - ds_n
-    ds_tol, X, shift = _dataset_stats(X, ds_n, ds_d, probs.tol)
+    ds_tol, X, shift, var_sum = _dataset_stats(X, ds_n, ds_d, probs.tol)
+    X, ds_tol, ds_exp = _tiny_scale(X, ds_n, ds_d, ds_tol, var_sum, probs.tol)
     ds_soff = np.cumsum(ds_d) - ds_d
     jp = np.repeat(np.asarray(problems, dtype=np.int64), runs)
     jr = np.tile(np.arange(runs, dtype=np.int64), len(problems))
@@ -331,7 +384,7 @@ def pack(probs: Problems, problems: list[int]) -> Packed:
     tol_abs = ds_tol[t(js)]
     return Packed(X=X.contiguous(), W=W.contiguous(), n=n, d=d, k=k, run=jr, problem=jp, xoff_h=ds_xoff[js],
                   roff_h=ds_roff[js], loff_h=loff, coff_h=coff, goff_h=goff, dev=devs, tol_abs=tol_abs,
-                  shift=shift, soff_h=ds_soff[js])
+                  shift=shift, soff_h=ds_soff[js], scale_exp=None if ds_exp is None else ds_exp[t(js)])
 
 
 def _on(lengths, device) -> torch.Tensor:
@@ -679,10 +732,12 @@ def store_best(out: list, problems: list[int], P: Packed, C: torch.Tensor, lab: 
         C = C[torch.as_tensor(_ranges(P.coff_h[jh], c_sizes), device=C.device)]
         lab = lab[torch.as_tensor(_ranges(P.loff_h[jh], l_sizes), device=lab.device)]
     C = P.uncentered(C, jh)  # (a new tensor: the best runs' centroids only, as above)
+    inert = inertia[jb].double()
+    if P.scale_exp is not None:  # back to the caller's scale
+        inert = _times_pow2(inert, -2 * P.scale_exp[jb])
     cents = [c.view(k, d) for c, (k, d) in zip(torch.split(C, c_sizes.tolist()), shapes)]
     labels = list(torch.split(lab.long(), l_sizes.tolist()))
-    out.append((np.asarray(problems, dtype=np.int64), cents, labels, inertia[jb].double(), n_iter[jb].int(),
-                conv[jb].bool()))
+    out.append((np.asarray(problems, dtype=np.int64), cents, labels, inert, n_iter[jb].int(), conv[jb].bool()))
 
 
 def collect(probs: Problems, out: list) -> RawResult:
