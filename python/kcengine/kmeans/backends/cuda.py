@@ -322,10 +322,12 @@ def _tiny_scale(X: torch.Tensor, ds_n: np.ndarray, ds_d: np.ndarray, tol_abs: to
     one is 0, the usual case, decided with one host synchronization: X and tol_abs as given)."""
     dev = X.device
     limit = TINY_VARIANCE["float32" if X.dtype == torch.float32 else "float64"]
+    if not bool((var_sum < limit).any()):  # the usual case: no pass over X
+        return X, tol_abs, None
     size = torch.as_tensor(ds_n * ds_d, device=dev)
     amax = torch.segment_reduce(X.abs().double(), "max", lengths=size, unsafe=True)
     tiny = (var_sum < limit) & (amax > 0)
-    if not bool(tiny.any()):
+    if not bool(tiny.any()):  # (identical points only: nothing to scale)
         return X, tol_abs, None
     e = torch.where(tiny, -torch.frexp(amax).exponent.long(), torch.zeros_like(tiny, dtype=torch.long))
     X = _times_pow2(X, torch.repeat_interleave(e, size))
