@@ -151,3 +151,17 @@ def test_env_limit_is_checked(monkeypatch):
             backends._env_cache_bytes()
     monkeypatch.setenv("KCENGINE_OUTPUT_CACHE_MB", "1.5")
     assert backends._env_cache_bytes() == 3 << 19
+
+
+def test_a_bad_env_limit_is_named_by_the_first_output_whatever_its_size(monkeypatch):
+    """It was read only by the first output of 1 MiB or more: a small model ran with a bad value unnoticed."""
+    import torch
+
+    from kcengine.conv import backends
+
+    monkeypatch.setattr(backends, "_pool_limit", None)  # as in a fresh process
+    monkeypatch.setenv("KCENGINE_OUTPUT_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="KCENGINE_OUTPUT_CACHE_MB must be a number of MiB.*'lots'"):
+        backends._empty_out((1, 2, 3, 3), torch.float32, False)
+    monkeypatch.setenv("KCENGINE_OUTPUT_CACHE_MB", "512")
+    assert backends._empty_out((1, 2, 3, 3), torch.float32, False).shape == (1, 2, 3, 3)

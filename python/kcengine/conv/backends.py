@@ -280,9 +280,12 @@ _pool_limit: int | None = None  # bytes; None until the first pooled request rea
 
 def _empty_out(shape, dtype, channels_last: bool, pooled: bool = True) -> torch.Tensor:
     """An uninitialized output tensor (channels-last or contiguous), from the buffer cache where it applies."""
+    # (the limit is read by the first output, whatever its size: a bad KCENGINE_OUTPUT_CACHE_MB was named only
+    # once an output of 1 MiB came, and smaller models never saw it)
+    limit = _pool_limit if _pool_limit is not None else _cache_limit()
     nbytes = torch.Size(shape).numel() * dtype.itemsize
     if pooled and nbytes >= _POOL_MIN_BYTES and dtype in _NATIVE_DTYPES:
-        if _cache_limit() > 0:
+        if limit > 0:
             np_dtype = "float64" if dtype == torch.float64 else "float32"
             return torch.from_numpy(_core().pooled_empty(list(shape), np_dtype, channels_last))
     if channels_last:
