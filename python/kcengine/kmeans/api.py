@@ -708,12 +708,22 @@ def tiny_scale(x, var_sum):
     :data:`TINY_VARIANCE` and the data not all zero, else 0 (``x`` itself when every ``e`` is 0)."""
     import torch
 
-    amax = x.abs().amax((1, 2)).double()
-    tiny = (var_sum < TINY_VARIANCE[_name_of_dtype(x.dtype)]) & (amax > 0)
-    if not bool(tiny.any()):
+    e = tiny_exponents(var_sum, x.abs().amax((1, 2)).double(), _name_of_dtype(x.dtype))
+    if e is None:
         return x, torch.zeros_like(var_sum, dtype=torch.int64)
-    e = torch.where(tiny, -torch.frexp(amax).exponent.long(), 0)
     return times_pow2(x, e), e
+
+
+def tiny_exponents(var_sum, amax, dtype_name: str):
+    """The exponents of the tiny-spread rule: per dataset, ``-frexp(amax)`` (its largest |value| times ``2**e`` in
+    [0.5, 1)) where the summed variances ``var_sum`` lie below :data:`TINY_VARIANCE` and ``amax > 0``, else 0;
+    None where every one is 0 (one host synchronization).  Float64 tensors in, int64 out."""
+    import torch
+
+    tiny = (var_sum < TINY_VARIANCE[dtype_name]) & (amax > 0)
+    if not bool(tiny.any()):
+        return None
+    return torch.where(tiny, -torch.frexp(amax).exponent.long(), 0)
 
 
 def times_pow2(a, e):

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..api import TINY_VARIANCE, CopyClusters, Problems, RawResult, far_first, far_shift
+from ..api import TINY_VARIANCE, CopyClusters, Problems, RawResult, far_first, far_shift, tiny_exponents, times_pow2
 
 __all__ = [
     "solve", "fused_smem_bytes", "fits_fused", "fused_threads", "fused_buckets", "assign_tiles",
@@ -239,7 +239,7 @@ class Packed:
             return C
         e = self.scale_exp.cpu().numpy()[jobs]
         per = torch.as_tensor(np.repeat(sign * e, self.k[jobs] * self.d[jobs]), device=C.device)
-        return _times_pow2(C, per)
+        return times_pow2(C, per)
 
     def _moved(self, C: torch.Tensor, jobs: np.ndarray, sign: float) -> torch.Tensor:
         if sign > 0:  # back to the caller's scale first, then the shift (in the caller's units)
@@ -306,13 +306,6 @@ def _dataset_stats(X: torch.Tensor, ds_n: np.ndarray, ds_d: np.ndarray,
     return torch.cat(tols), torch.cat(xs), torch.cat(shifts), torch.cat(vsums)
 
 
-def _times_pow2(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """``a * 2**e`` elementwise (``e`` int64 of ``a``'s length), through float64 in two factors (``2**e`` alone
-    may overflow), in ``a``'s dtype."""
-    h = e.div(2, rounding_mode="floor")
-    return (a.double() * (2.0 ** h.double()) * (2.0 ** (e - h).double())).to(a.dtype)
-
-
 def _tiny_scale(X: torch.Tensor, ds_n: np.ndarray, ds_d: np.ndarray, tol_abs: torch.Tensor, var_sum: torch.Tensor,
                 tol: float):
     """The cpu core's rule for data of tiny spread (``Prepared::scale_exp``, :func:`kcengine.kmeans.api.tiny_scale`):
@@ -320,20 +313,17 @@ def _tiny_scale(X: torch.Tensor, ds_n: np.ndarray, ds_d: np.ndarray, tol_abs: to
     ``TINY_VARIANCE`` is multiplied by the power of two that brings its largest |value| into [0.5, 1), and its
     tolerance taken from the scaled data.  Returns ``(X, tol_abs, e)``, ``e`` int64 per dataset (None where every
     one is 0, the usual case, decided with one host synchronization: X and tol_abs as given)."""
-    dev = X.device
-    limit = TINY_VARIANCE["float32" if X.dtype == torch.float32 else "float64"]
-    if not bool((var_sum < limit).any()):  # the usual case: no pass over X
+    dtype_name = "float32" if X.dtype == torch.float32 else "float64"
+    if not bool((var_sum < TINY_VARIANCE[dtype_name]).any()):  # the usual case: no pass over X
         return X, tol_abs, None
-    size = torch.as_tensor(ds_n * ds_d, device=dev)
-    amax = torch.segment_reduce(X.abs().double(), "max", lengths=size, unsafe=True)
-    tiny = (var_sum < limit) & (amax > 0)
-    if not bool(tiny.any()):  # (identical points only: nothing to scale)
+    size = torch.as_tensor(ds_n * ds_d, device=X.device)
+    e = tiny_exponents(var_sum, torch.segment_reduce(X.abs().double(), "max", lengths=size, unsafe=True), dtype_name)
+    if e is None:  # (identical points only: nothing to scale)
         return X, tol_abs, None
-    e = torch.where(tiny, -torch.frexp(amax).exponent.long(), torch.zeros_like(tiny, dtype=torch.long))
-    X = _times_pow2(X, torch.repeat_interleave(e, size))
+    X = times_pow2(X, torch.repeat_interleave(e, size))
     starts = np.cumsum(ds_n * ds_d) - ds_n * ds_d
     tol_abs = tol_abs.clone()
-    for j in np.flatnonzero(tiny.cpu().numpy()):  # (rare) the variances again, of the scaled data
+    for j in np.flatnonzero(e.cpu().numpy()):  # (rare) the variances again, of the scaled data
         block = X[int(starts[j]):int(starts[j] + ds_n[j] * ds_d[j])].view(-1, int(ds_d[j]))
         tol_abs[int(j)] = tol * _var_sum(block) / float(ds_d[j])
     return X, tol_abs, e
@@ -736,7 +726,7 @@ def store_best(out: list, problems: list[int], P: Packed, C: torch.Tensor, lab: 
     C = P.uncentered(C, jh)  # (a new tensor: the best runs' centroids only, as above)
     inert = inertia[jb].double()
     if P.scale_exp is not None:  # back to the caller's scale
-        inert = _times_pow2(inert, -2 * P.scale_exp[jb])
+        inert = times_pow2(inert, -2 * P.scale_exp[jb])
     cents = [c.view(k, d) for c, (k, d) in zip(torch.split(C, c_sizes.tolist()), shapes)]
     labels = list(torch.split(lab.long(), l_sizes.tolist()))
     out.append((np.asarray(problems, dtype=np.int64), cents, labels, inert, n_iter[jb].int(), conv[jb].bool()))
