@@ -150,17 +150,20 @@ def eval_mode(model: nn.Module):
 
 
 def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``model(x)``; where it fails and the images' dtype differs from the model's floating-point parameters',
-    a ValueError saying so (torch's "Input type (double) and bias type (float) should be the same" names
-    neither).  A model that converts its input itself runs as it is."""
+    """``model(x)``, checked to be ``[N, classes]`` logits (:func:`check_logits`); where the forward fails and the
+    images' dtype differs from the model's floating-point parameters', a ValueError saying so (torch's "Input
+    type (double) and bias type (float) should be the same" names neither).  A model that converts its input
+    itself runs as it is."""
     try:
-        return model(x)
+        logits = model(x)
     except RuntimeError as exc:
         p = next((t for t in model.parameters() if t.is_floating_point()), None)
         if p is not None and x.dtype != p.dtype:
             raise ValueError(f"images are {x.dtype} but the model's parameters are {p.dtype}: pass "
                              f"images.to({p.dtype}) (or convert the model)") from exc
         raise
+    check_logits(logits, int(x.shape[0]))
+    return logits
 
 
 def check_logits(logits, n: int) -> None:
@@ -225,7 +228,6 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num
                 x = x.to(device)
                 y = y.to(device) if isinstance(y, torch.Tensor) else y
                 logits = run_model(model, x)
-                check_logits(logits, int(x.shape[0]))
                 check_labels(y, logits)
                 if num_classes is not None and num_classes < logits.shape[1]:
                     raise ValueError(f"num_classes={num_classes} is below the model's {logits.shape[1]} outputs")
@@ -273,7 +275,6 @@ def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         for i in range(0, images.shape[0], batch_size):
             x, y = images[i:i + batch_size], labels[i:i + batch_size]
             logits = run_model(model, x)
-            check_logits(logits, int(x.shape[0]))
             check_labels(y, logits)
             correct += int((logits.argmax(1) == y).sum())
     return correct / int(images.shape[0])
