@@ -46,12 +46,8 @@ def check_path(path, name: str = "path") -> Path:
 
 def save(fig, path, dpi: int) -> Path:
     """Lay ``fig`` out tightly and write it to ``path`` (its folder made if missing; ``.png`` added to a name
-    without a suffix, as matplotlib writes it); returns the path written.  ValueError for a folder."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"path={str(path)!r} is a folder; give the PNG file's path")
-    if not path.suffix:
-        path = path.with_suffix(".png")
+    without a suffix, as matplotlib writes it); returns the path written.  ValueError as :func:`check_path`."""
+    path = check_path(path)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
