@@ -76,10 +76,10 @@ def test_candidates_follow_the_environment_and_new_registrations(op, monkeypatch
     assert _registry.candidates(op, "auto", "cpu") == (["torch"], True)
     assert _registry.candidates(op, "cpu", "cpu") == (["cpu"], True)  # an argument beats the variable
     monkeypatch.setenv("KCENGINE_BACKEND", "triton")
-    with pytest.raises(RuntimeError,
+    with pytest.raises(ValueError,
                        match=r"KCENGINE_BACKEND \(environment\)='triton' does not implement test_fallback_op"):
         _registry.candidates(op, "auto", "cpu")
-    with pytest.raises(RuntimeError, match="does not implement"):  # errors are raised again, not kept
+    with pytest.raises(ValueError, match="does not implement"):  # errors are raised again, not kept
         _registry.candidates(op, "auto", "cpu")
     monkeypatch.delenv("KCENGINE_BACKEND")
     names, _ = _registry.candidates(op, "auto", "cpu")

@@ -9,7 +9,8 @@ Resolution rules (shared by all ops):
 
 * ``backend="auto"`` (or ``None``): the environment variable ``KCENGINE_BACKEND`` wins when set;
   otherwise the first *available* backend of the op's preference list for the data's device.
-* An explicitly requested backend that cannot run raises ``RuntimeError`` naming the reason.
+* An explicitly requested backend that cannot run raises ``RuntimeError`` naming the reason; one that
+  does not implement the op at all (e.g. ``"cuda"`` for a convolution) is a bad value: ``ValueError``.
 * ``run_with_fallback`` runs an auto-selected backend and, should it fail at run time, warns and
   falls back to the next candidate; an explicit backend's errors propagate.
 """
@@ -159,7 +160,7 @@ def _candidates(op: str, backend: str | None, dev: str) -> tuple[list[str], bool
         if backend not in BACKENDS:
             raise ValueError(f"{source}={backend!r} is not one of {('auto',) + BACKENDS}")
         if backend not in _OPS[op].impls:
-            raise RuntimeError(f"{source}={backend!r} does not implement {op}; {op} has "
+            raise ValueError(f"{source}={backend!r} does not implement {op}; {op} has "
                                f"{('auto',) + tuple(b for b in BACKENDS if b in _OPS[op].impls)}")
         if dev not in _DEVICES[backend]:
             reason = backend_status(backend)

@@ -269,6 +269,9 @@ def test_bad_inputs_raise_value_error(granularity):
         kcengine.indexed_conv2d(x, cb, idx, torch.zeros(6), granularity=granularity, **conv)
     with pytest.raises(ValueError, match=r"residual must have the output's shape"):
         kcengine.indexed_conv2d(x, cb, idx, granularity=granularity, residual=torch.zeros(1), **conv)
+    # a k-means-only backend is a bad value of the argument (ValueError), not a backend that cannot run here
+    with pytest.raises(ValueError, match=r"backend='cuda' does not implement conv; conv has \('auto', 'cpu'"):
+        kcengine.indexed_conv2d(x, cb, idx, granularity=granularity, backend="cuda", **conv)
 
 
 # Every check of indexed_conv2d's arguments not exercised above: (what is wrong, the call's changes, the message).
