@@ -80,6 +80,7 @@ def test_finetune_with_a_sensitivity_plan_prints_and_records_its_split(ckpt, cif
     (("--ratio", "0.5", "--mode", "progressive", "--order", "nothing"), "matches no layer"),
     (("--ratio", "0.5", "--mixup", "-1"), "mixup must be a finite number >= 0.0, got mixup=-1.0"),
     (("--ratio", "0.5", "--mode", "progressive", "--order", ";;"), "--order ';;' names no stage"),
+    (("--ratio", "0.5", "--stage-epochs", "2"), "stage_epochs sets the stages of mode='progressive'"),
 ])
 def test_finetune_user_errors(ckpt, cifar, capsys, extra, msg):
     args = ["finetune", "--model", "resnet20", "--weights", str(ckpt), "--data", str(cifar), "--no-progress", *extra]

@@ -347,6 +347,11 @@ def test_stage_epochs_takes_any_sequence_of_ints(tiny):
     # a plot path that cannot be written failed after the last epoch, losing the run
     ({"plot_path": "curves.pgn"}, r"plot_path='curves.pgn': matplotlib does not write '.pgn' files"),
     ({"order": ["conv1"]}, r"order sets the stages of mode='progressive'; mode='centroids' clusters every layer"),
+    # the other stage options were ignored outside progressive mode (their defaults could not tell "not given")
+    ({"stage_epochs": 3}, r"stage_epochs sets the stages of mode='progressive'; mode='centroids' clusters every "
+     r"layer at once, got stage_epochs=3"),
+    ({"stage_training": "freeze", "mode": "frozen"},
+     r"stage_training sets the stages of mode='progressive'; mode='frozen' .* got stage_training='freeze'"),
 ])
 def test_bad_arguments(tiny, kw, match):
     model, ds, loader = tiny

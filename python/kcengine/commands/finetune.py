@@ -45,8 +45,9 @@ def add_arguments(parser) -> None:
     add(t, "--order", default=None,
         help="progressive stages, ';'-separated; each a module (layer2), a regex or ','-separated names "
              "(default: top-level groups, deepest first: layer3;layer2;layer1;conv1 for a CIFAR ResNet)")
-    add(t, "--stage-epochs", type=int, default=ft["stage_epochs"], help="progressive: epochs after each stage")
-    add(t, "--stage-training", default=ft["stage_training"], choices=STAGE_TRAINING)
+    add(t, "--stage-epochs", type=int, default=None, help="progressive: epochs after each stage (default 1)")
+    add(t, "--stage-training", default=None, choices=STAGE_TRAINING,
+        help="progressive: earlier stages keep training or are frozen (default keep)")
     add(t, "--optimizer", default=ft["optimizer"], choices=OPTIMIZERS)
     add(t, "--lr", type=float, default=None,
         help=f"peak learning rate (default: {DEFAULT_LR['sgd']:g} for sgd, {DEFAULT_LR['adamw']:g} for adamw, per "

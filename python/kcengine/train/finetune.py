@@ -265,7 +265,7 @@ def _make_optimizer(params, name, lr, momentum, nesterov, weight_decay):
 
 def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher: nn.Module | None = None,
              epochs: int | None = None, plan=None, granularity: str = "filter", order=None,
-             stage_epochs=1, stage_training: str = "keep", optimizer: str = "sgd", lr: float | None = None,
+             stage_epochs=None, stage_training: str | None = None, optimizer: str = "sgd", lr: float | None = None,
              momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-5, schedule: str = "onecycle",
              temperature: float = 4.0, alpha: float = 0.9, feature_weight: float = 2.0, augment: bool = True,
              mixup: float = 1.0,
@@ -297,8 +297,9 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         granularity: ``"filter"`` or ``"kernel"``, used with ``plan``.
         order: progressive stages: list of layer names, module names (``"layer2"``), regexes or lists of names
             (default: top-level groups, deepest first, e.g. layer3, layer2, layer1, conv1).
-        stage_epochs: progressive: recovery epochs after each stage (an int, or one int per stage).
-        stage_training: progressive: ``"keep"`` (earlier stages' codebooks keep training) or ``"freeze"``.
+        stage_epochs: progressive: recovery epochs after each stage (an int, or one int per stage; default 1).
+        stage_training: progressive: ``"keep"`` (earlier stages' codebooks keep training; the default) or
+            ``"freeze"``.  ``order``, ``stage_epochs`` and ``stage_training`` given with another mode are refused.
         optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``; ``lr`` its peak LR (default
             :func:`default_lr`: ``DEFAULT_LR[optimizer]`` for a batch of 128, scaled linearly with
             ``train_loader.batch_size``: sgd 0.005 at 64, 0.01 at 128); ``weight_decay`` on weights (not on BN/bias).
@@ -346,7 +347,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got optimizer={optimizer!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got schedule={schedule!r}")
-    if stage_training not in STAGE_TRAINING:
+    if stage_training is not None and stage_training not in STAGE_TRAINING:
         raise ValueError(f"stage_training must be one of {STAGE_TRAINING}, got stage_training={stage_training!r}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES} for finetuning, got granularity={granularity!r}")
@@ -365,10 +366,18 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     calibration_images = check_int(calibration_images, "calibration_images", 1)
     seed = check_int(seed, "seed", 0, 2**63 - 1)
     eval_batch_size = check_int(eval_batch_size, "eval_batch_size", 1)
-    if isinstance(stage_epochs, (str, bytes)) or not (isinstance(stage_epochs, (numbers.Integral, Iterable))):
+    if stage_epochs is not None and (isinstance(stage_epochs, (str, bytes))
+                                     or not isinstance(stage_epochs, (numbers.Integral, Iterable))):
         raise ValueError(f"stage_epochs must be an int or a list of ints (one per stage), got {stage_epochs!r}")
-    stage_epochs = (check_int(stage_epochs, "stage_epochs", 0) if isinstance(stage_epochs, numbers.Integral)
-                    else [check_int(v, f"stage_epochs[{i}]", 0) for i, v in enumerate(stage_epochs)])
+    if stage_epochs is not None:
+        stage_epochs = (check_int(stage_epochs, "stage_epochs", 0) if isinstance(stage_epochs, numbers.Integral)
+                        else [check_int(v, f"stage_epochs[{i}]", 0) for i, v in enumerate(stage_epochs)])
+    for name, value in (("stage_epochs", stage_epochs), ("stage_training", stage_training)):
+        if value is not None and mode != "progressive":
+            raise ValueError(f"{name} sets the stages of mode='progressive'; mode={mode!r} clusters every layer at "
+                             f"once, got {name}={value!r}")
+    stage_epochs = 1 if stage_epochs is None else stage_epochs
+    stage_training = "keep" if stage_training is None else stage_training
     if compress_options is not None and not isinstance(compress_options, dict):
         raise ValueError(f"compress_options must be a dict of keyword arguments for kcengine.compress (e.g. "
                          f"{{'seed': 1}}) or None, got {type(compress_options).__name__} {compress_options!r:.60}")
