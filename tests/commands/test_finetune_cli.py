@@ -78,9 +78,15 @@ def test_finetune_with_a_sensitivity_plan_prints_and_records_its_split(ckpt, cif
     (("--ratio", "0.5", "--plan", "0.25"), "not both (got --ratio 0.5 and --plan 0.25)"),
     (("--ratio", "0.5", "--epochs", "-1"), "epochs must be"),
     (("--ratio", "0.5", "--mode", "progressive", "--order", "nothing"), "matches no layer"),
-    (("--ratio", "0.5", "--mixup", "-1"), "mixup must be a finite number >= 0.0, got mixup=-1.0"),
+    (("--ratio", "0.5", "--mixup", "-1"), "--mixup must be a finite number >= 0.0, got -1.0"),
     (("--ratio", "0.5", "--mode", "progressive", "--order", ";;"), "--order ';;' names no stage"),
-    (("--ratio", "0.5", "--stage-epochs", "2"), "stage_epochs sets the stages of mode='progressive'"),
+    (("--ratio", "0.5", "--stage-epochs", "2"), "--stage-epochs sets the stages of mode='progressive'"),
+    # finetune's checks name its keywords; the CLI names the flags typed
+    (("--ratio", "0.5", "--batch-size", "0"), "--batch-size must be an int >= 1, got 0"),
+    (("--ratio", "0.5", "--mode", "progressive", "--stage-epochs", "-1"), "--stage-epochs must be an int >= 0, got -1"),
+    (("--ratio", "0.5", "--alpha", "2"), "--alpha must be a finite number >= 0.0 and <= 1.0, got 2.0"),
+    (("--ratio", "0.5", "--seed", "-1"), "--seed must be in [0, 2**63 - 1], got -1"),
+    (("--ratio", "0.5", "--kmeans-seed", "-1"), "--kmeans-seed must be in [0, 2**63 - 1], got -1"),
 ])
 def test_finetune_user_errors(ckpt, cifar, capsys, extra, msg):
     args = ["finetune", "--model", "resnet20", "--weights", str(ckpt), "--data", str(cifar), "--no-progress", *extra]

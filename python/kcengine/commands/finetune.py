@@ -7,6 +7,7 @@ Under ``torchrun --nproc_per_node N -m kcengine finetune ...`` the processes tra
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .eval import add_model_data_arguments, load_cifar_split, load_image_folder, load_model_arg, save_clustered
@@ -105,6 +106,24 @@ def _image_folders(args, lm):
     return load_image_folder(root / "train", lm, args.limit), load_image_folder(root / "val", lm)
 
 
+# finetune's keyword arguments that the CLI sets from a flag of another spelling: its checks name the keyword, the
+# CLI's error names the flag the user typed.
+_FLAGS = {"epochs": "--epochs", "eval_batch_size": "--batch-size", "stage_epochs": "--stage-epochs",
+          "stage_training": "--stage-training", "lr": "--lr", "weight_decay": "--weight-decay",
+          "temperature": "--temperature", "alpha": "--alpha", "feature_weight": "--feature-weight",
+          "mixup": "--mixup"}
+
+
+def _flag_words(msg: str) -> str:
+    """``msg`` (a finetune argument check's message) with the keyword it opens with spelled as its flag:
+    "eval_batch_size must be an int >= 1, got eval_batch_size=0" -> "--batch-size must be an int >= 1, got 0"."""
+    m = re.match(r"([a-z_]+)(\[\d+\])? ", msg)
+    if not m or m.group(1) not in _FLAGS:
+        return msg
+    name = m.group(1)
+    return _FLAGS[name] + msg[len(name):].replace(f"got {name}=", "got ")
+
+
 def run(args) -> int:
     import torch
 
@@ -130,6 +149,9 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
+    for flag, value in (("--seed", args.seed), ("--kmeans-seed", args.kmeans_seed)):
+        if not 0 <= value < 2**63:
+            raise UserError(f"{flag} must be in [0, 2**63 - 1], got {value}")
     lm = load_model_arg(args, need_trained=True)
     if is_cifar_model(lm.name):
         train = load_cifar_split(args, lm, "train", limit=args.limit)
@@ -155,7 +177,7 @@ def run(args) -> int:
                        compress_options={"seed": args.kmeans_seed},
                        plot_path=Path(args.out) / "curves.png" if args.out else None)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(_flag_words(str(exc))) from None
     finally:
         dd.cleanup()
     if not main:
