@@ -100,3 +100,20 @@ def test_identical_centers_give_the_points_to_the_lower_index():
     ref = kcengine.kmeans(x, init=init, backend="cpu")
     np.testing.assert_array_equal(res.labels.numpy(), ref.labels)
     assert len(np.unique(ref.centroids, axis=0)) == 6
+
+
+def test_repeated_centers_are_found_exactly():
+    """Equal rows were found through a weighted sum of each row: on gridded data rows of equal sum but other
+    coordinates ((1, 0, 1) between two (0, 2, 0)) hid the repeat, which then kept its share of the points."""
+    from kcengine.kmeans.backends.torch_ref import _repeats
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        k, d = int(rng.integers(2, 12)), int(rng.integers(1, 5))
+        c = rng.integers(-2, 3, size=(3, k, d)).astype(np.float64)  # a small grid: many equal sums, some equal rows
+        c[c == 0] = rng.choice([0.0, -0.0], size=int((c == 0).sum()))  # -0 equals +0
+        want = np.array([[any((c[b, j] == c[b, i]).all() for i in range(j)) for j in range(k)] for b in range(3)])
+        got = _repeats(torch.from_numpy(c))
+        np.testing.assert_array_equal(np.zeros_like(want) if got is None else got.numpy(), want)
+    c = torch.tensor([[[0.0, 2.0, 0.0], [1.0, 0.0, 1.0], [0.0, 2.0, 0.0]]])
+    assert _repeats(c).tolist() == [[False, False, True]]

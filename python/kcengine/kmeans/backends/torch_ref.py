@@ -29,6 +29,29 @@ def _sqdist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return (xn - 2.0 * torch.bmm(x, c.transpose(1, 2)) + cn).clamp_min_(0.0)
 
 
+def _repeats(c: torch.Tensor) -> torch.Tensor | None:
+    """[B, K] mask of the centers whose coordinates equal a lower-index center's (None when there are none).
+
+    A weighted sum of each row finds the problems that may hold equal rows cheaply (equal rows: equal sums);
+    rows of equal sum are not always equal (gridded data: (0, 2, 0) and (1, 0, 1) with weights 1, 1.5, 2), so
+    those problems' rows are then grouped exactly."""
+    B, K, D = c.shape
+    if K < 2:
+        return None
+    h = c.double() @ torch.linspace(1.0, 2.0, D, dtype=torch.float64, device=c.device)
+    hs, _ = h.sort(dim=1)
+    maybe = (hs[:, 1:] == hs[:, :-1]).any(1)
+    if not bool(maybe.any()):
+        return None
+    dup = torch.zeros(B, K, dtype=torch.bool, device=c.device)
+    ar = torch.arange(K, device=c.device)
+    for b in maybe.nonzero().flatten().tolist():
+        _, inv = torch.unique(c[b] + 0.0, dim=0, return_inverse=True)  # (+ 0.0: -0 as +0, as == reads it)
+        first = torch.full((K,), K, dtype=torch.long, device=c.device).scatter_reduce_(0, inv, ar, "amin")
+        dup[b] = first[inv] != ar
+    return dup if bool(dup.any()) else None
+
+
 def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """[B, N] index of each point's nearest center, the lowest index among centers with equal coordinates.
 
@@ -37,16 +60,9 @@ def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     gives identical centers identical distances, the tie to the lower index) empties and repairs stayed, and a
     run ended with two identical centroids."""
     d2 = _sqdist(x, c)
-    B, K, D = c.shape
-    if K > 1:
-        h = c.double() @ torch.linspace(1.0, 2.0, D, dtype=torch.float64, device=c.device)  # equal rows: equal h
-        hs, order = h.sort(dim=1, stable=True)  # (stable: among equal rows the lowest index comes first)
-        same = hs[:, 1:] == hs[:, :-1]
-        if bool(same.any()):
-            cs = c.gather(1, order.unsqueeze(2).expand(-1, -1, D))
-            later = torch.cat([torch.zeros_like(same[:, :1]), same & (cs[:, 1:] == cs[:, :-1]).all(2)], 1)
-            dup = torch.zeros_like(later).scatter_(1, order, later)  # [B, K]: repeats an earlier center
-            d2 = d2.masked_fill(dup.unsqueeze(1), float("inf"))
+    dup = _repeats(c)
+    if dup is not None:
+        d2 = d2.masked_fill(dup.unsqueeze(1), float("inf"))
     return d2.argmin(2)
 
 
