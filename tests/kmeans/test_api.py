@@ -444,6 +444,32 @@ def test_repeated_weights_keep_their_problems_on_one_dataset():
         np.testing.assert_array_equal(got.labels[1], alone.labels)
 
 
+@pytest.mark.parametrize("algorithm, d, k", [("auto", 2, 20), ("topm", 2, 20), ("auto", 17, 20), ("yinyang", 17, 20),
+                                             ("hamerly", 3, 4), ("lloyd", 3, 4), ("gram", 17, 5)])
+def test_huge_float64_data_clusters_as_at_its_own_scale(algorithm, d, k):
+    """Float64 data past float32's range (the top-m and Yinyang solvers keep their bounds in float32): at 1e40
+    top-m examined padding points past the end of its arrays (a segfault or a corrupted heap) and Yinyang's bounds
+    read +inf, so labels were not the nearest.  A power of two scales exactly: the same labels, the centroids and
+    the inertia scaled."""
+    rng = np.random.default_rng(0)
+    x0 = rng.normal(size=(300, d))
+    x0[:100] += 3.0
+    for e in (140, 400):
+        x = np.ldexp(x0, e)
+        ref = kcengine.kmeans(x0, k, seed=0, algorithm=algorithm)
+        got = kcengine.kmeans(x, k, seed=0, algorithm=algorithm)
+        assert got.algorithm == ref.algorithm
+        np.testing.assert_array_equal(got.labels, ref.labels)
+        np.testing.assert_array_equal(got.centroids, np.ldexp(ref.centroids, e))
+        assert got.inertia == np.ldexp(ref.inertia, 2 * e) and got.n_iter == ref.n_iter
+        given = kcengine.kmeans(x, init=np.ldexp(x0[:k], e), algorithm=algorithm)
+        np.testing.assert_array_equal(given.labels, kcengine.kmeans(x0, init=x0[:k], algorithm=algorithm).labels)
+    small = rng.uniform(-1, 1, size=(30, 2)) * 1e40  # n not a multiple of 16: the padding lanes
+    res = kcengine.kmeans(small, 20, seed=0, algorithm="topm" if d == 2 else algorithm)
+    d2 = ((small[:, None] / 1e40 - np.asarray(res.centroids)[None] / 1e40) ** 2).sum(2)
+    assert (d2[np.arange(30), res.labels] <= d2.min(1) * (1 + 1e-12)).all()
+
+
 @pytest.mark.parametrize("dtype, e", [(np.float32, -90), (np.float32, -140), (np.float64, -700), (np.float64, -1060)])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_data_of_tiny_scale_clusters_as_at_its_own_scale(dtype, e, backend):

@@ -26,7 +26,9 @@ def problem(draw):
         x = np.full((n, d), 3.5)
     elif kind == "huge":
         # as large as kmeans takes (past ~1e17 float32 squared distances overflow: ValueError, test_api)
-        x = rng.normal(size=(n, d)) * (1e30 if dtype == np.float64 else 1e16)
+        # float64 past float32's range too: the top-m and Yinyang bounds are float32 (their data is scaled)
+        big = draw(st.sampled_from([1e30, 1e60, 1e150]))
+        x = rng.normal(size=(n, d)) * (big if dtype == np.float64 else 1e16)
     else:
         x = rng.normal(size=(n, d)) * 1e-30
     w = None

@@ -235,7 +235,10 @@ struct Prepared {
   // (float32 values of 1e-20 and below: their squares underflow, and every point read as one cluster) is
   // clustered multiplied by 2^scale_exp, which brings its largest |value| into [0.5, 1).  A power of two
   // scales every sum, product and comparison of the solvers exactly: the iterates are those of the data at
-  // its own scale with an unbounded exponent; centroids and inertia are scaled back.
+  // its own scale with an unbounded exponent; centroids and inertia are scaled back.  Float64 data beyond
+  // 2^64 in magnitude is scaled the same way: the top-m and Yinyang solvers keep their bounds in float32,
+  // which holds distances up to about 3.4e38 (past it top-m examined its padding points, out of bounds, and
+  // Yinyang's group bounds read +inf, a lower bound too high, so labels were not the nearest).
   int scale_exp = 0;
   Dataset<T> data;
   std::vector<T> xt;         // [d, xt_ld] transposed copy (direct k-means++), when needed

@@ -194,11 +194,13 @@ void prepare(const Dataset<T>& ds, const Params& params, Prepared<T>& prep, bool
   }
   // Tiny spread (Prepared::scale_exp): float32 squares reach FLT_MIN (2^-126) near 2^-63; the margin keeps
   // squared distances of a thousandth of the spread normal.  (Zero variance: identical points, nothing to do.)
+  // Huge float64 data (see there too): beyond 2^64 the solvers' float32 bounds come near their range.
   constexpr double kTinyVar = sizeof(T) == 4 ? 0x1p-60 : 0x1p-500;
-  if (var_sum < kTinyVar) {
+  const bool tiny = var_sum < kTinyVar;
+  if (tiny || sizeof(T) == 8) {
     double amax = 0.0;
     for (i64 q = 0; q < n * d; ++q) amax = std::max(amax, std::abs(double(prep.data.x[q])));
-    if (amax > 0.0) {
+    if (amax > 0.0 && (tiny || amax > 0x1p64)) {
       std::frexp(amax, &prep.scale_exp);
       prep.scale_exp = -prep.scale_exp;
       if (prep.xc.empty()) prep.xc.assign(ds.x, ds.x + n * d);

@@ -386,6 +386,7 @@ void solve_topm(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       int nd = 0;
       for (i64 j0 = i0; j0 < i1; j0 += L) {
         unsigned mask = due_mask16(&wake[j0], &lab[j0], due.data());
+        if (j0 + L > i1) mask &= (1u << (i1 - j0)) - 1u;  // padding (wake +inf) is never due, even where due is
         while (mask) {
           list[nd++] = i32(j0 - i0 + __builtin_ctz(mask));
           mask &= mask - 1;

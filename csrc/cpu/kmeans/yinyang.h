@@ -194,9 +194,11 @@ void solve_yinyang(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const s
         double g_min = kInf;
 #pragma omp simd reduction(min : g_min)
         for (i64 g = 0; g < t; ++g) {
-          // Stored as float, rounded down so it stays a lower bound.
+          // Stored as float, rounded down so it stays a lower bound (a finite one past float's range, which
+          // the data's scaling keeps it from reaching: Prepared::scale_exp).
           const double v = lbv[g] == kInf ? kInf : lbv[g] - std::abs(lbv[g]) * 0x1p-22;
-          l[g] = float(v);
+          l[g] = v == kInf ? std::numeric_limits<float>::infinity()
+                           : float(std::min(v, double(std::numeric_limits<float>::max())));
           g_min = std::min(g_min, v);
         }
         if (best != lab[i]) mv.emplace_back(i, lab[i]);
