@@ -193,6 +193,11 @@ def test_values_whose_squared_distances_overflow_are_refused(dtype, scale, kind)
         kcengine.kmeans(conv(big), 3, seed=0)
     with pytest.raises(ValueError, match=r"^init holds values up to"):
         kcengine.kmeans(conv(ok), 3, init=conv(big[:3].copy()), seed=0)
+    # a float64 init for float32 data is solved in float32: its bound (it was checked against float64's, and
+    # 1e20 centroids then ran with overflowed distances: labels not the nearest, "converged")
+    wide = big[:3].astype(np.float64) if dtype == np.float32 else big[:3].copy()
+    with pytest.raises(ValueError, match=rf"^init holds values up to .* would overflow {np.dtype(dtype).name} "):
+        kcengine.kmeans(conv(ok), 3, init=conv(wide), seed=0)
     inside = (ok / np.abs(ok).max() * bound * 0.99).astype(dtype)
     r = kcengine.kmeans(conv(inside), 3, seed=0)
     assert np.isfinite(float(r.inertia)) and len(np.unique(np.asarray(r.labels))) == 3

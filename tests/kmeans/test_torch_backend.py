@@ -117,3 +117,16 @@ def test_repeated_centers_are_found_exactly():
         np.testing.assert_array_equal(np.zeros_like(want) if got is None else got.numpy(), want)
     c = torch.tensor([[[0.0, 2.0, 0.0], [1.0, 0.0, 1.0], [0.0, 2.0, 0.0]]])
     assert _repeats(c).tolist() == [[False, False, True]]
+
+
+def test_weights_spanning_more_than_float32_on_float32_data():
+    """The torch reference cast the weights to the data's dtype: beside weights of 1e50 (scaled into float32's
+    range by the API), weights of 1 and 3 read 0, their cluster was "empty" and repaired.  It weighs in float64
+    now, as the cpu core does: Lloyd's fixed point from this start, on both backends."""
+    x = np.array([[0.0], [1.0], [2.0], [10.0], [11.0]], np.float32)
+    w = np.array([1e50, 1e50, 1e50, 1.0, 3.0])
+    init = np.array([[0.0], [10.0]], np.float32)
+    for backend in ("cpu", "torch"):
+        r = kcengine.kmeans(torch.from_numpy(x), init=torch.from_numpy(init), sample_weight=w, backend=backend)
+        assert r.labels.tolist() == [0, 0, 0, 1, 1], backend
+        np.testing.assert_array_equal(r.centroids.numpy().ravel(), [1.0, 10.75])

@@ -513,12 +513,12 @@ def _check_init(init, parts, layout, k_arg):
     bad = _nonfinite(cs)
     if bad:
         raise ValueError(f"{'init' if layout == 'single' else f'init of problem {bad[0]}'} holds NaN or Inf values")
-    big = _past_overflow_limit(cs)
-    if big is not None:
-        i, m, limit = big
-        raise ValueError(f"{'init' if layout == 'single' else f'init of problem {i}'} holds values up to {m:.3g} in "
-                         f"magnitude: its distances to the points would overflow {_dtype_name(cs[i])} (|values| must "
-                         f"stay below {limit:.3g})")
+    for i, (c, a) in enumerate(zip(cs, parts)):  # in the data's dtype, which the centroids are solved in
+        m, limit = _max_abs(c), _overflow_limit(_dtype_name(a), a.shape[1])
+        if m > limit:
+            raise ValueError(f"{'init' if layout == 'single' else f'init of problem {i}'} holds values up to {m:.3g} "
+                             f"in magnitude: its distances to the points would overflow {_dtype_name(a)} (|values| "
+                             f"must stay below {limit:.3g})")
     return "given", cs
 
 
@@ -641,7 +641,10 @@ def _convert(probs: Problems, backend: str) -> Problems:
         like = ref if _is_torch(ref) else torch.empty(0)
         dtype = getattr(torch, _dtype_name(ref))
         conv = lambda a: _to_torch(a, like, dtype)  # noqa: E731
-        convw = lambda a: _to_torch(a, like, dtype)  # noqa: E731
+        # The torch reference weighs in float64, as the cpu core does (in float32, weights spanning more than its
+        # range, 1e50 beside 1, read 0); the CUDA kernels take them in the data's dtype.
+        wdtype = torch.float64 if backend == "torch" else dtype
+        convw = lambda a: _to_torch(a, like, wdtype)  # noqa: E731
     return Problems(
         datasets=[conv(a) for a in probs.datasets],
         weights=None if probs.weights is None else [convw(w) for w in probs.weights],

@@ -199,7 +199,9 @@ def solve(probs: Problems) -> RawResult:
         if probs.weights is None:
             w = torch.ones(x.shape[:2], dtype=dtype, device=dev)
         else:
-            w = torch.stack([probs.weights[j] for j in di]).to(dtype)
+            # float64 whatever the data's dtype, as the cpu core takes them: in float32, weights spanning more
+            # than float32's range (1e50 beside 1) read 0 and their points were dropped
+            w = torch.stack([probs.weights[j] for j in di]).to(torch.float64)
         xd = x.double()
         var = xd.var(1, unbiased=False)
         tol_abs = probs.tol * var.mean(1)
