@@ -130,3 +130,19 @@ def test_weights_spanning_more_than_float32_on_float32_data():
         r = kcengine.kmeans(torch.from_numpy(x), init=torch.from_numpy(init), sample_weight=w, backend=backend)
         assert r.labels.tolist() == [0, 0, 0, 1, 1], backend
         np.testing.assert_array_equal(r.centroids.numpy().ravel(), [1.0, 10.75])
+
+
+def test_lazily_negated_tensors_are_read_on_the_cpu_backend():
+    """``z.conj().imag`` is a view with torch's negative bit set; numpy() refused it (torch's RuntimeError on the cpu
+    backend, a warning and the torch fallback under auto).  Such x, init and weights are read as their values."""
+    z = torch.complex(torch.zeros(40, 3, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64,
+                                                                         generator=torch.Generator().manual_seed(0)))
+    x = z.conj().imag
+    assert x.is_neg()
+    wz = torch.complex(torch.zeros(40, dtype=torch.float64), -torch.linspace(0.5, 2.0, 40, dtype=torch.float64))
+    init, w = x[:4], wz.conj().imag  # positive weights, negative bit set
+    plain = x.clone()
+    assert w.is_neg() and init.is_neg() and not plain.is_neg() and bool((w > 0).all())
+    got = kcengine.kmeans(x, init=init, sample_weight=w, backend="cpu")
+    ref = kcengine.kmeans(plain, init=plain[:4].clone(), sample_weight=w.clone(), backend="cpu")
+    assert torch.equal(got.labels, ref.labels) and torch.equal(got.centroids, ref.centroids)

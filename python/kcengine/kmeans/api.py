@@ -524,7 +524,7 @@ def _check_init(init, parts, layout, k_arg):
 
 def _to_numpy(a, dtype=None):
     if _is_torch(a):
-        a = a.detach()
+        a = a.detach().resolve_neg()  # a lazily negated view (``z.conj().imag``) has no numpy form until resolved
         if a.device.type != "cpu":
             a = a.cpu()
         if _dtype_name(a) == "bfloat16":  # numpy has no bfloat16 (weights only: x is float32/float64)
