@@ -55,6 +55,9 @@ X = np.random.default_rng(0).normal(size=(20, 3))
     (X, 2, {"seed": 1.5}, r"seed must be an int in \[0, 9223372036854775807\], got seed=1.5"),
     (X, 2, {"algorithm": "elkan"}, r"algorithm must be one of"),
     (X, 2, {"algorithm": "exact1d"}, r"needs 1-D points \(D == 1\); problem 0 has D=3"),
+    # the optimum needs no start: a given one was ignored without a word
+    (X[:, :1], None, {"algorithm": "exact1d", "init": X[:2, :1]}, r"algorithm='exact1d' finds the optimal clustering "
+     r"from no start: given init centroids would be ignored"),
     (X, 2, {"backend": "gpu"}, r"backend='gpu' is not one of"),
     ([], 2, {}, r"x is an empty list"),
     ([[0.0, 1.0], [1.0, 2.0], [5.0, 5.0]], 2, {}, r"x\[0\] must have shape \[N, D\], got shape \(2,\); a list of "

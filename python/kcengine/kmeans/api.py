@@ -591,6 +591,9 @@ def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm,
         raise ValueError(f"n_init={n_init} with given initial centroids would rerun the same start; pass n_init=1")
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    if algorithm == "exact1d" and kind == "given":
+        raise ValueError("algorithm='exact1d' finds the optimal clustering from no start: given init centroids would "
+                         "be ignored; pass k instead (or algorithm='lloyd1d' to run Lloyd from them)")
     if algorithm in ("exact1d", "lloyd1d"):
         bad = [i for i, a in enumerate(parts) if a.shape[1] != 1]
         if bad:
@@ -839,7 +842,8 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
             takes): the one clustering of inertia 0, which every seeding reaches in exact arithmetic,
             returned exactly where a solver's float means may miss it by an ulp), one of those by name
             (``"lloyd"`` = plain Lloyd, ``"hamerly"``, ``"yinyang"``, ``"topm"``, ``"gram"``,
-            ``"lloyd1d"``), or ``"exact1d"``: the globally optimal 1-D clustering (D == 1 only).
+            ``"lloyd1d"``), or ``"exact1d"``: the globally optimal 1-D clustering (D == 1 only; it takes no
+            given ``init`` and runs no iterations: ``max_iter`` and ``tol`` do not apply, ``n_iter`` is 0).
             ``"topm"`` hands float32 data beyond 1e18 in magnitude to Yinyang (its float distances
             would overflow).  The methods walk Lloyd's iterates up to rounding.  Each computes distances
             its own way -- plain Lloyd and Hamerly (and the torch backend) in the dot form
