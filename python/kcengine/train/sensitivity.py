@@ -261,7 +261,9 @@ def sensitivity_plan(model: nn.Module, calib_images: torch.Tensor, eval_images: 
 
 def allocate_ks(rows: list[dict], budget: int, *, min_ratio: float = 0.25) -> dict[str, int]:
     """One k per layer of ``rows`` (from :func:`output_sensitivity`) with ``sum(k) == budget`` (or every layer
-    at full width when the budget allows it) minimizing the summed KL.
+    at full width when the budget allows it) that keeps the summed KL low: the minimum where every layer's curve
+    is convex; on a curve that is not (a measured KL that falls faster after a slow stretch) the split by
+    marginal gains below can miss it.
 
     Each layer's curve is the measured KL at its k, 0 at ``k = out_channels``, linearly interpolated between,
     made non-increasing in k (more clusters are never worse), and forbidden below ``min_ratio * out_channels``
