@@ -672,3 +672,35 @@ def test_kernel_plan_equals_the_dense_table_reference_and_needs_no_table():
     plan = kernel_plan(idx, big)
     assert plan.m == 2 and plan.slots.tolist() == [[0, big - 1], [big - 1, big - 1], [5, 7]]
     assert torch.equal(plan.slots.reshape(-1)[plan.pair.reshape(-1)].reshape(2, 3), idx.long())
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_forward_mode_ad_carries_the_tangent(granularity, backend):
+    """Under torch.autograd.forward_ad the native kernels dropped the tangent (the output's read None, i.e. zero,
+    with no warning), and the torch backend's kernel granularity raised NotImplementedError (_sparse_addmm).
+    The tangent equals F.conv2d's on the dense weight, for the function and for a frozen layer."""
+    import torch.autograd.forward_ad as fwad
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64, generator=g)
+    t = torch.randn(2, 4, 7, 7, dtype=torch.float64, generator=g)
+    if granularity == "filter":
+        cb, idx = torch.randn(3, 4, 3, 3, dtype=torch.float64, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+    else:
+        cb, idx = torch.randn(3, 3, 3, dtype=torch.float64, generator=g), torch.randint(0, 3, (6, 4), generator=g)
+    w = cb[idx]
+    bias = torch.randn(6, dtype=torch.float64, generator=g)
+    with fwad.dual_level():
+        y = kcengine.indexed_conv2d(fwad.make_dual(x, t), cb, idx, bias, padding=1, granularity=granularity,
+                                    relu=True, backend=backend)
+        primal, tangent = fwad.unpack_dual(y)
+        ref, ref_t = fwad.unpack_dual(F.relu(F.conv2d(fwad.make_dual(x, t), w, bias, padding=1)))
+    assert tangent is not None
+    torch.testing.assert_close(primal, ref)
+    torch.testing.assert_close(tangent, ref_t)
+    layer = kcengine.nn.ClusteredConv2d(4, 6, 3, 3, padding=1, granularity=granularity, backend=backend)
+    layer = layer.double().requires_grad_(False)
+    with fwad.dual_level():
+        lt = fwad.unpack_dual(layer(fwad.make_dual(x, t))).tangent
+    torch.testing.assert_close(lt, F.conv2d(t, layer.to_dense(), padding=1))

@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad as _forward_ad
 
 from .. import _registry
 from .._checks import check_bool
@@ -292,6 +293,11 @@ def indexed_conv2d(
             return indexed_conv2d(c[0], c[1], index, c[2], stride, padding, dilation, groups, granularity,
                                   scale=c[3], shift=c[4], relu=relu, residual=c[5], backend=backend)
     capture = capturing(x)
+    if not capture and forward_ad_active():  # torch ops carry the tangents; the native kernels would drop them
+        stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
+                                              granularity, scale, shift, residual)
+        return captured_conv2d(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale,
+                               shift, relu, residual)
     if capture or dispatch_mode_active():  # (the compiler cannot trace the second: capture is asked first)
         if not torch.jit.is_tracing():  # see captured_conv2d for what is checked where
             stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
@@ -333,6 +339,12 @@ def dispatch_mode_active() -> bool:
         return torch._C._len_torch_dispatch_stack() > 0
     except AttributeError:  # pragma: no cover - a torch without it: no modes seen
         return False
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``): the native kernels and
+    the op know no tangents (the output's would read zero), so the conv is written in torch ops then."""
+    return _forward_ad._current_level >= 0
 
 
 def capturing(x) -> bool:

@@ -16,7 +16,8 @@ from .. import _registry
 from .._checks import check_device
 from .backends import PackedCodebook, inference_call, kernel_plan, tensor_version
 from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, capturing,
-                         dense_weight, dispatch_mode_active, indexed_conv2d, output_hw, string_padding)
+                         dense_weight, dispatch_mode_active, forward_ad_active, indexed_conv2d, output_hw,
+                         string_padding)
 
 __all__ = ["ClusteredConv2d", "index_dtype_for", "conv_padding", "PADDING_MODES", "replace_module", "pad_input"]
 
@@ -503,7 +504,7 @@ class ClusteredConv2d(nn.Module):
         if pads_input(self) and isinstance(x, torch.Tensor) and x.dim() == 4:
             x = pad_input(x, self.padding, self.padding_mode, self.padding_extra)
         if isinstance(x, torch.Tensor) and (autocast_dtype(x) is not None or capturing(x)
-                                            or dispatch_mode_active()):
+                                            or dispatch_mode_active() or forward_ad_active()):
             return self._through_functional(x, residual)
         steady = self.__dict__.get("_steady")
         if steady is not None and steady.key == self._steady_key(x, residual):
