@@ -330,6 +330,14 @@ def test_fuse_bn_relu_matches_conv_bn_relu():
         _close(fused(x, r), torch.relu(bn(F.conv2d(x, m.to_dense(), m.bias, padding=1)) + r))
     with pytest.raises(ValueError, match=r"bn.num_features=8 must equal out_channels=7"):
         m.fuse_bn_relu(nn.BatchNorm2d(8))
+    # a plain layer loading the fused state dict takes scale/shift in its own dtype (a float64 file left them
+    # float64 in a float32 layer, whose forward then refused them); the ReLU is configuration, set by hand
+    plain = ClusteredConv2d(5, 7, 3, 3, padding=1, bias=True)
+    plain.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in fused.state_dict().items()})
+    assert plain.scale.dtype == plain.shift.dtype == torch.float32
+    plain.relu = True
+    with torch.no_grad():
+        _close(plain(x), ref)
 
 
 def _clustered_resnet(granularity="filter", seed=0):

@@ -384,7 +384,11 @@ class ClusteredConv2d(nn.Module):
 
     def fuse_bn_relu(self, bn: nn.BatchNorm2d, relu: bool = True) -> "ClusteredConv2d":
         """A copy of this layer with ``bn`` (its running statistics, i.e. eval mode) and optionally a ReLU
-        applied in the gather.  Neither this layer nor ``bn`` is modified."""
+        applied in the gather.  Neither this layer nor ``bn`` is modified.
+
+        Its state dict holds the BatchNorm as ``scale`` and ``shift``, which a plain layer loading it takes on;
+        the ReLU is the attribute ``relu``, configuration like ``stride``, which no state dict carries: set
+        ``layer.relu = True`` on the layer that loads it (:func:`~kcengine.save_compressed` keeps both)."""
         if not isinstance(bn, nn.BatchNorm2d):
             raise ValueError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
         if bn.num_features != self.out_channels:
@@ -642,9 +646,10 @@ class ClusteredConv2d(nn.Module):
                 refused = True
             elif t.dtype != self.index.dtype:  # (a new dict: the caller's is not modified)
                 state_dict = {**state_dict, key: t.to(self.index.dtype)}
-        for name in ("scale", "shift"):  # epilogue buffers appear only on fused layers
-            if prefix + name in state_dict and getattr(self, name) is None:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        for name in ("scale", "shift"):  # epilogue buffers appear only on fused layers; made in this layer's
+            if prefix + name in state_dict and getattr(self, name) is None:  # dtype, as the load converts then
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], dtype=self.codebook.dtype,
+                                                     device=self.codebook.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if refused and key in missing_keys:  # it was given, not missing: the error above says what is wrong
