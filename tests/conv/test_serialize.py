@@ -232,3 +232,23 @@ def test_a_fused_graph_loads_only_into_a_fused_skeleton_and_says_so(tmp_path):
     x = torch.randn(2, 16, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(back(x), fused(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel", "element"])
+def test_a_checkpoint_takes_the_skeletons_dtype(tmp_path, granularity):
+    """A float64 file loaded into a float32 skeleton: the clustered layers were built in the file's dtype and
+    every other layer kept the skeleton's, so the model ran in neither (load_state_dict converts to the
+    skeleton's dtype, and so does load_compressed now)."""
+    torch.manual_seed(0)
+
+    def make():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+
+    dense = make().double().eval()
+    cm, _ = kcengine.compress(dense, ratio=0.5, granularity=granularity)
+    kcengine.save_compressed(cm, tmp_path / "m.kc")
+    lm = kcengine.load_compressed(tmp_path / "m.kc", make())
+    assert {t.dtype for t in lm.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x.float()), cm.eval()(x).float(), rtol=1e-4, atol=1e-5)

@@ -216,9 +216,14 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
              (payload.get("element", {}), element_from_config, "per-element"))
     for configs, build_layer, kind in kinds:
         for name, cfg in configs.items():
+            # the skeleton's dtype, as load_state_dict converts every other layer to it (a float64 file into a
+            # float32 skeleton gave float64 clustered layers among float32 ones); else the file's
+            dtype = _skeleton_dtype(model, name)
             ref = state.get(f"{name}.codebook")
+            if dtype is None and isinstance(ref, torch.Tensor):
+                dtype = ref.dtype
             try:
-                layer = build_layer(cfg, dtype=ref.dtype if isinstance(ref, torch.Tensor) else None)
+                layer = build_layer(cfg, dtype=dtype)
             except (TypeError, ValueError, KeyError) as exc:
                 raise ValueError(f"{path}: {kind} layer {name!r} has an unusable config {cfg!r} ({exc})") from None
             try:
@@ -232,6 +237,16 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
         raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: "
                          f"{str(exc)[:300]}") from None
     return model.eval()
+
+
+def _skeleton_dtype(model: nn.Module, name: str):
+    """The floating dtype of the weight (or codebook) of ``model``'s module ``name``, or None."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        return None
+    w = getattr(old, "codebook", None) if isinstance(old, ClusteredConv2d) else getattr(old, "weight", None)
+    return w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else None
 
 
 def _check_payload(payload: dict, path) -> None:
