@@ -174,7 +174,8 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
 
     ``model``: a skeleton of the architecture (not modified; a copy is filled).  Without it, the
     file's recorded ``builder`` constructs one; with neither, ValueError.  Loads with
-    ``torch.load(weights_only=True)`` and ``load_state_dict(strict=True)``.  The model comes back in eval
+    ``torch.load(weights_only=True)`` and ``load_state_dict(strict=True)``, in the skeleton's dtype (as
+    ``load_state_dict`` converts; the builder's model's without one).  The model comes back in eval
     mode (BatchNorm on its running statistics), as :func:`kcengine.models.load_model` returns one, whatever the
     skeleton's or the builder's mode: call ``.train()`` on it to finetune.
     """
