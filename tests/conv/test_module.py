@@ -993,3 +993,22 @@ def test_load_state_dict_converts_index_dtypes_and_refuses_values_out_of_range()
     plain.load_state_dict(fused.state_dict())
     with torch.no_grad():
         _close(plain(x), bn(ref))
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_unbatched_input_as_conv2d_takes_it(granularity):
+    """nn.Conv2d takes an unbatched [C_in, H, W] input (and returns [C_out, H', W']); a compressed model's layers
+    refused it ("x must be a 4-D tensor")."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+    m = ClusteredConv2d.from_conv(conv, 4 if granularity == "filter" else 6, granularity).eval()
+    dense = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect").eval()
+    with torch.no_grad():
+        dense.weight.copy_(m.to_dense())
+        dense.bias.copy_(m.bias)
+        x, r = torch.randn(3, 10, 9), torch.randn(8, 10, 9)
+        y = m(x)
+        assert y.shape == (8, 10, 9)
+        _close(y, dense(x))
+        _close(m(x, r), dense(x) + r)
+        _close(m(x, torch.ones(8, 1, 1)), dense(x) + 1)

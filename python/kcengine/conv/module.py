@@ -505,6 +505,10 @@ class ClusteredConv2d(nn.Module):
                     f"ClusteredConv2d for another shape")
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched [C_in, H, W], as nn.Conv2d takes it
+            if isinstance(residual, torch.Tensor) and residual.dim() == 3:
+                residual = residual.unsqueeze(0)
+            return self.forward(x.unsqueeze(0), residual).squeeze(0)
         if pads_input(self) and isinstance(x, torch.Tensor) and x.dim() == 4:
             x = pad_input(x, self.padding, self.padding_mode, self.padding_extra)
         if isinstance(x, torch.Tensor) and (autocast_dtype(x) is not None or capturing(x)
