@@ -704,3 +704,20 @@ def test_forward_mode_ad_carries_the_tangent(granularity, backend):
     with fwad.dual_level():
         lt = fwad.unpack_dual(layer(fwad.make_dual(x, t))).tangent
     torch.testing.assert_close(lt, F.conv2d(t, layer.to_dense(), padding=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_granularity_in_half_dtypes_is_as_close_as_conv2d(dtype):
+    """Kernel granularity in float16/bfloat16 summed its C_in depthwise maps in that dtype: 3-6x further from the
+    exact conv than F.conv2d on the dense weight in the same dtype (which accumulates in float32)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 12, 12, generator=g).to(dtype)
+    cb = torch.randn(4, 3, 3, generator=g).to(dtype)
+    idx = torch.randint(0, 4, (32, 64), generator=g)
+    w = cb[idx]
+    exact = F.conv2d(x.double(), w.double(), padding=1)
+    with torch.no_grad():
+        ours = kcengine.indexed_conv2d(x, cb, idx, padding=1, granularity="kernel")
+    assert ours.dtype == dtype
+    err, ref_err = ((t.double() - exact).abs().max().item() for t in (ours, F.conv2d(x, w, padding=1)))
+    assert err <= 1.5 * ref_err
