@@ -14,6 +14,8 @@ def test_import_is_light():
         "           for n in kcengine.__all__)\n"
         "assert callable(kcengine.evaluate.adversarial_accuracy) and callable(kcengine.evaluate.evaluate)\n"
         "assert kcengine.ClusteredConv2d is kcengine.nn.ClusteredConv2d\n"
+        "assert 'torchvision' not in sys.modules and 'kcengine.models' not in sys.modules\n"
+        "assert callable(kcengine.models.load_model) and len(kcengine.models.CIFAR_MEAN) == 3  # on first use\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

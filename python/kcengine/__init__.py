@@ -14,6 +14,16 @@ from .train import finetune
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``kcengine.models`` (and the other subpackages) on first use, as the docstrings name them, without an
+    import of their own; importing kcengine stays light."""
+    if name in ("models", "data", "bench", "commands"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'kcengine' has no attribute {name!r}")
+
 __all__ = [
     "kmeans", "kmeans_sweep", "KMeansResult",
     "indexed_conv2d", "ClusteredConv2d", "nn", "save_compressed", "load_compressed",

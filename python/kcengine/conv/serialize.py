@@ -178,6 +178,9 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
     ``load_state_dict`` converts; the builder's model's without one).  The model comes back in eval
     mode (BatchNorm on its running statistics), as :func:`kcengine.models.load_model` returns one, whatever the
     skeleton's or the builder's mode: call ``.train()`` on it to finetune.
+
+    Raises FileNotFoundError (or PermissionError) where ``path`` cannot be opened, as ``open`` does, and
+    ValueError naming the file for anything else wrong with it or with ``model``.
     """
     _check_path(path, for_writing=False)
     try:

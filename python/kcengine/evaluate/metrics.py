@@ -287,7 +287,8 @@ _NAMED_CLASSES_MAX = 30
 
 def confusion_png(confusion: np.ndarray, path, *, classes: Sequence[str] | None = None, title: str = "") -> Path:
     """Write the confusion matrix (``[C, C]``, rows true, columns predicted; or an :class:`EvalResult`, whose
-    class names are then the default ``classes``) as a PNG heat map and return the path.  Up to 30 classes
+    class names are then the default ``classes``) as a heat map and return the path (a PNG; another format where
+    the path's suffix names one matplotlib writes, e.g. ``.jpg``, ``.pdf``, ``.svg``).  Up to 30 classes
     each cell shows its count and each row and column its class name; above that, a 10-inch map of the
     whole matrix with class indices on the axes.  Leaves matplotlib's backend as it was
     (:mod:`kcengine._plot`)."""
