@@ -830,7 +830,10 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
         seed: int in ``[0, 2**63 - 1]`` for a reproducible run (per backend), a ``numpy.random.Generator``
             (one integer is drawn from it), or ``None``.  On the cpu, cuda and triton
             backends every problem of a batch draws from the same stream, so a problem gets the
-            same result in a batch as alone (the torch reference draws batch-wide).
+            same result in a batch as alone (the torch reference draws batch-wide).  The seeding computes its
+            distances as the solver does (Gram-matrix or direct), so under another ``algorithm``, or for data
+            scaled by other than a power of two, a near tie between two candidates' potentials can seed
+            differently from the same seed.
         backend: ``"auto"``, ``"cpu"``, ``"torch"``, ``"cuda"``, ``"triton"`` (env
             ``KCENGINE_BACKEND`` overrides ``"auto"``).
         algorithm: ``"auto"`` (exact Lloyd with the fastest exact method per problem: Gram-matrix
