@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                 r / "kmeans_cpu_resnet18.md", [("", "## resnet18")]),
         section("Clustering on the CPU: resnet18 (default init), all cores, AVX-512",
                 r / "kmeans_cpu_resnet18_avx512.md", [("", "## resnet18")]),
+        section("Clustering on the CPU: resnet18 (default init), all cores, AVX-512, on an Intel Xeon",
+                r / "kmeans_cpu_resnet18_intel.md", [("", "## resnet18")]),
         section("Clustering on the CPU: resnet20, one thread per method", r / "kmeans_cpu_1thread.md",
                 [("", "## resnet20")]),
         section("Clustering on the CPU: resnet18 (default init), one thread per method",
