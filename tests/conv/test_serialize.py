@@ -252,3 +252,7 @@ def test_a_checkpoint_takes_the_skeletons_dtype(tmp_path, granularity):
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(lm(x.float()), cm.eval()(x).float(), rtol=1e-4, atol=1e-5)
+    # a compressed float32 skeleton too (a per-element layer has a codebook and no weight)
+    skel, _ = kcengine.compress(make(), ratio=0.5, granularity=granularity)
+    lm2 = kcengine.load_compressed(tmp_path / "m.kc", skel)
+    assert {t.dtype for t in lm2.state_dict().values() if t.is_floating_point()} == {torch.float32}

@@ -41,3 +41,13 @@ def test_seeds_and_a_seed_option_conflict(tmp_path):
 
     with pytest.raises(ValueError, match="seeds= or finetune_options"):
         run(out_dir=tmp_path, seeds=[0, 1], finetune_options={"seed": 3})
+
+
+def test_stage_options_reach_the_progressive_runs_only():
+    """`--set stage_epochs=2` applies to every run; finetune refuses stage options outside progressive mode, so
+    the centroids run that opens the default runs raised after the baseline and the clustering."""
+    from kcengine.bench.recovery import run_options
+
+    ft = {"stage_epochs": 2, "stage_training": "freeze", "order": ["layer3"], "feature_weight": 0}
+    assert run_options(ft, "centroids", 1) == {"feature_weight": 0, "seed": 1}
+    assert run_options(ft, "progressive", None) == ft

@@ -236,7 +236,8 @@ struct Prepared {
   // clustered multiplied by 2^scale_exp, which brings its largest |value| into [0.5, 1).  A power of two
   // scales every sum, product and comparison of the solvers exactly: the iterates are those of the data at
   // its own scale with an unbounded exponent; centroids and inertia are scaled back.  Float64 data beyond
-  // 2^64 in magnitude is scaled the same way: the top-m and Yinyang solvers keep their bounds in float32,
+  // 2^64 in magnitude is scaled the same way (exact but for values some 2^-960 below the largest, which go
+  // subnormal, at distances far below the data's rounding): the top-m and Yinyang solvers keep their bounds in float32,
   // which holds distances up to about 3.4e38 (past it top-m examined its padding points, out of bounds, and
   // Yinyang's group bounds read +inf, a lower bound too high, so labels were not the nearest).
   int scale_exp = 0;

@@ -147,13 +147,25 @@ def run(model_name: str = "resnet20", out_dir="bench/results", runs=None, thread
         tag = label.split()[0] + (label.split()[1] if label.startswith("ratio") else "")
         for seed in seeds if seeds is not None else [None]:
             t0 = time.perf_counter()
-            opts = dict(ft_opts, **({"seed": seed} if seed is not None else {}))
+            opts = run_options(ft_opts, mode, seed)
             res = finetune(lm.model, loader, mode=mode, plan=plan, epochs=n_ep, lr=run_lr, eval_data=evald,
                            progress=False, plot_path=None if seeds is not None else
                            out / f"recovery_{name}_{mode}_{tag}.png", **opts)
             _add_finetune_rows(rows, res, label, k_total, mode, n_ep, run_lr, t0, seed)
             _write(out, name, rows, header, _seed_summary(rows) if seeds is not None else "")
     return out / f"recovery_{name}.md"
+
+
+_STAGE_OPTIONS = ("order", "stage_epochs", "stage_training")
+
+
+def run_options(ft_opts: dict, mode: str, seed) -> dict:
+    """finetune's options for one run: ``--set``'s (``ft_opts``) and the run's seed; the stage options go to the
+    progressive runs only (finetune refuses them in another mode)."""
+    opts = dict(ft_opts, **({"seed": seed} if seed is not None else {}))
+    if mode != "progressive":
+        opts = {k: v for k, v in opts.items() if k not in _STAGE_OPTIONS}
+    return opts
 
 
 def _add_finetune_rows(rows, res, label, k_total, mode, n_ep, run_lr, t0, seed) -> None:

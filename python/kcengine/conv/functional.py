@@ -345,7 +345,7 @@ def dispatch_mode_active() -> bool:
 def forward_ad_active() -> bool:
     """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``): the native kernels and
     the op know no tangents (the output's would read zero), so the conv is written in torch ops then."""
-    return _forward_ad._current_level >= 0
+    return getattr(_forward_ad, "_current_level", -1) >= 0  # (a private counter: a torch without it, no level)
 
 
 def capturing(x) -> bool:

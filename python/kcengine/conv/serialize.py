@@ -249,7 +249,9 @@ def _skeleton_dtype(model: nn.Module, name: str):
         old = model.get_submodule(name)
     except AttributeError:
         return None
-    w = getattr(old, "codebook", None) if isinstance(old, ClusteredConv2d) else getattr(old, "weight", None)
+    w = getattr(old, "weight", None)
+    if not isinstance(w, torch.Tensor):  # a clustered skeleton (filter, kernel or per-element): its codebook
+        w = getattr(old, "codebook", None)
     return w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else None
 
 
