@@ -279,6 +279,8 @@ def test_bad_inputs_raise_value_error(granularity):
 _BAD_ARGS = [
     ("x not a tensor", lambda a: a.update(x=a["x"].numpy()), r"x must be a 4-D tensor \[N, C_in, H, W\], got ndarray"),
     ("x of integers", lambda a: a.update(x=a["x"].long()), r"x must be a floating tensor, got dtype torch.int64"),
+    ("x without channels", lambda a: a.update(x=a["x"][:, :0], codebook=a["codebook"][:, :0]),
+     r"x must have C_in >= 1 channels, got shape \(2, 0, 13, 11\)"),
     ("codebook a list", lambda a: a.update(codebook=a["codebook"].tolist()), r"codebook must be a torch.Tensor, got list"),
     ("codebook on meta", lambda a: a.update(codebook=a["codebook"].to("meta")),
      r"codebook must be on the device of x \(cpu\), got meta"),
@@ -704,6 +706,8 @@ def test_forward_mode_ad_carries_the_tangent(granularity, backend):
     with fwad.dual_level():
         lt = fwad.unpack_dual(layer(fwad.make_dual(x, t))).tangent
     torch.testing.assert_close(lt, F.conv2d(t, layer.to_dense(), padding=1))
+    with fwad.dual_level(), pytest.raises(ValueError, match=r"backend must be one of .*got backend='bogus'"):
+        kcengine.indexed_conv2d(fwad.make_dual(x, t), cb, idx, granularity=granularity, backend="bogus")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -121,6 +121,8 @@ def _validate(x, codebook, index, bias, stride, padding, dilation, groups, granu
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
+    if x.shape[1] < 1:  # (as a layer's in_channels: the native and torch paths each failed their own way)
+        raise ValueError(f"x must have C_in >= 1 channels, got shape {tuple(x.shape)}")
     if not isinstance(codebook, torch.Tensor):
         raise ValueError(f"codebook must be a torch.Tensor, got {type(codebook).__name__}")
     if codebook.dtype != x.dtype:
@@ -297,6 +299,8 @@ def indexed_conv2d(
     if not capture and forward_ad_active():  # torch ops carry the tangents; the native kernels would drop them
         stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
                                               granularity, scale, shift, residual)
+        if backend is not None:
+            _registry.check_backend_name(backend, op="conv")  # (the torch ops run whichever it names)
         return captured_conv2d(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale,
                                shift, relu, residual)
     if capture or dispatch_mode_active():  # (the compiler cannot trace the second: capture is asked first)
