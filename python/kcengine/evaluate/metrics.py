@@ -7,7 +7,6 @@ BatchNorm frozen in a training model stays frozen, a dropout left on in an eval 
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterable
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from .._checks import check_device, check_int
+from .._modes import eval_mode
 from ..data.datasets import tensor_pair
 
 __all__ = ["EvalResult", "evaluate", "top1_accuracy", "confusion_png"]
@@ -126,27 +126,6 @@ def check_model(model) -> None:
     """ValueError unless ``model`` is an ``nn.Module`` (None or a plain function failed on ``.training``)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-
-
-@contextlib.contextmanager
-def saved_modes(model: nn.Module):
-    """Every submodule's train/eval mode as it was before the block, restored after it
-    (``model.train(was_training)`` would set them all to the top module's: a BatchNorm frozen in a training
-    model would come back training, a dropout left on in an eval model off)."""
-    modes = [(mod, mod.training) for mod in model.modules()]
-    try:
-        yield model
-    finally:
-        for mod, training in modes:
-            mod.training = training
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """``model`` in eval mode inside the block; every submodule's own mode restored after it."""
-    with saved_modes(model):
-        model.eval()
-        yield model
 
 
 def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_bool, check_device, check_int
-from .metrics import _batches, _length, check_labels, check_model, eval_mode, run_model
+from .._modes import eval_mode
+from .metrics import _batches, _length, check_labels, check_model, run_model
 
 __all__ = ["ATTACKS", "RobustResult", "adversarial_examples", "adversarial_accuracy"]
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._checks import check_device, check_int
-from ..evaluate.metrics import saved_modes
+from .._modes import saved_modes
 
 __all__ = ["recalibrate_bn", "batchnorm_layers"]
 

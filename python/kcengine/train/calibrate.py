@@ -40,7 +40,7 @@ from torch import nn
 from ..conv.functional import output_hw
 from ..conv.fuse import _Tracer
 from ..conv.module import ClusteredConv2d, conv_padding, pad_input, pads_input
-from ..evaluate.metrics import eval_mode
+from .._modes import eval_mode
 
 __all__ = ["calibrate_outputs", "following_batchnorm", "layer_mismatch"]
 

@@ -60,7 +60,8 @@ from torch import nn
 from .._checks import check_bool, check_device, check_float, check_int
 from ..conv.module import ClusteredConv2d
 from ..data.datasets import evenly_spaced, tensor_pair
-from ..evaluate.metrics import check_data, check_float_images, check_labels, eval_mode, image_label_pair
+from .._modes import eval_mode
+from ..evaluate.metrics import check_data, check_float_images, check_labels, image_label_pair
 from . import distributed as dd
 from .augment import cifar_augment
 from .bn import recalibrate_bn

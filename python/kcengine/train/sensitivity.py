@@ -49,7 +49,7 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
     from ..compress.apply import candidate_ks, conv_layers, require_dense_convs
     from ..compress.plan import select_layers
     from ..conv import ClusteredConv2d
-    from ..evaluate.metrics import eval_mode
+    from .._modes import eval_mode
     from .calibrate import _layer_input, _moments, _refit_layer, calibrate_outputs, following_batchnorm
 
     for name, t in (("calib_images", calib_images), ("eval_images", eval_images)):
