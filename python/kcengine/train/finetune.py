@@ -367,13 +367,12 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
     calibration_images = check_int(calibration_images, "calibration_images", 1)
     seed = check_int(seed, "seed", 0, 2**63 - 1)
     eval_batch_size = check_int(eval_batch_size, "eval_batch_size", 1)
-    if stage_epochs is not None and (isinstance(stage_epochs, (str, bytes))
-                                     or not isinstance(stage_epochs, (numbers.Integral, Iterable))):
-        raise ValueError(f"stage_epochs must be an int or a list of ints (one per stage), got {stage_epochs!r}")
     if stage_epochs is not None:
+        if isinstance(stage_epochs, (str, bytes)) or not isinstance(stage_epochs, (numbers.Integral, Iterable)):
+            raise ValueError(f"stage_epochs must be an int or a list of ints (one per stage), got {stage_epochs!r}")
         stage_epochs = (check_int(stage_epochs, "stage_epochs", 0) if isinstance(stage_epochs, numbers.Integral)
                         else [check_int(v, f"stage_epochs[{i}]", 0) for i, v in enumerate(stage_epochs)])
-    for name, value in (("stage_epochs", stage_epochs), ("stage_training", stage_training)):
+    for name, value in (("order", order), ("stage_epochs", stage_epochs), ("stage_training", stage_training)):
         if value is not None and mode != "progressive":
             raise ValueError(f"{name} sets the stages of mode='progressive'; mode={mode!r} clusters every layer at "
                              f"once, got {name}={value!r}")
@@ -404,8 +403,6 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         check_data(eval_data, "eval_data")  # here, not after the refit and the first epoch
     if output_calibration is None:
         output_calibration = plan is not None
-    if order is not None and mode != "progressive":
-        raise ValueError(f"order sets the stages of mode='progressive'; mode={mode!r} clusters every layer at once")
     if mode == "progressive" and plan is None:
         raise ValueError("mode='progressive' needs plan= (e.g. plan={'ratio': 0.5}): it clusters the dense "
                          "model stage by stage")
@@ -751,8 +748,8 @@ def _run_epochs(work, teacher, reference, loader, orig_loader, phase, pi, first_
             raise ValueError(f"the training loss became {tot_loss / tot_n} in {phase.name} epoch {epoch + 1}: NaN "
                              f"or Inf in the training images, the model or the teacher, or a learning rate too "
                              f"large (lr={opt.defaults.get('lr')}); no checkpoint was written for this epoch")
-        row = {"phase": phase.name, "epoch": epoch + 1, "loss": tot_loss / max(tot_n, 1),
-               "train_top1": tot_correct / max(tot_n, 1), "eval_top1": evaluate_now(work),
+        row = {"phase": phase.name, "epoch": epoch + 1, "loss": tot_loss / tot_n,
+               "train_top1": tot_correct / tot_n, "eval_top1": evaluate_now(work),
                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         result.history.append(row)
         if ckpt_path is not None:
