@@ -96,6 +96,11 @@ def register(op: str, backend: str, target: str) -> None:
     _CANDIDATES.clear()
 
 
+def env_backend() -> str:
+    """The ``KCENGINE_BACKEND`` override as every reader takes it: stripped, ``"auto"`` when unset or empty."""
+    return os.environ.get(_ENV, "").strip() or "auto"
+
+
 def check_backend_name(value, name: str = "backend", op: str | None = None) -> None:
     """ValueError naming the argument ``name`` unless ``value`` is "auto" or one of ``BACKENDS`` -- one that
     implements ``op``, when given (for arguments stored now and resolved later, e.g. a layer's conv backend:
@@ -153,8 +158,8 @@ def _candidates(op: str, backend: str | None, dev: str) -> tuple[list[str], bool
     explicit = backend not in (None, "auto")
     source = "backend"  # what chose the backend, for the errors below
     if not explicit:
-        env = os.environ.get(_ENV, "").strip()
-        if env and env != "auto":
+        env = env_backend()
+        if env != "auto":
             backend, explicit, source = env, True, f"{_ENV} (environment)"
     if explicit:
         if backend not in BACKENDS:

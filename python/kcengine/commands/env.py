@@ -40,10 +40,8 @@ def collect() -> dict:
 def _env_backend(registry) -> str:
     """The ``KCENGINE_BACKEND`` override as it stands: not set, or its value and whether it can run here (every
     call with backend="auto" takes it, and fails where it cannot)."""
-    import os
-
-    value = os.environ.get(registry._ENV, "").strip()
-    if not value or value == "auto":
+    value = registry.env_backend()
+    if value == "auto":
         return "not set (backend='auto' picks per call)"
     if value not in registry.BACKENDS:
         return f"{value!r}: not a backend (one of {registry.BACKENDS}); every backend='auto' call fails"

@@ -103,8 +103,6 @@ def _shared_copy_of_pretrained(name: str) -> str | None:
 def check_backend_arg(backend: str) -> None:
     """--backend: one of kcengine's k-means backends that can run here (else a UserError, before any work); with
     --backend auto, the same of the ``KCENGINE_BACKEND`` override, which every auto call takes."""
-    import os
-
     from .. import _registry
     from ..cli import UserError
 
@@ -112,7 +110,7 @@ def check_backend_arg(backend: str) -> None:
         raise UserError(f"--backend must be auto or one of {', '.join(_registry.BACKENDS)}, got {backend!r}")
     what = f"--backend {backend}"
     if backend == "auto":
-        backend = os.environ.get(_registry._ENV, "").strip() or "auto"
+        backend = _registry.env_backend()
         what = f"{_registry._ENV}={backend} (environment)"
         if backend not in ("auto",) + _registry.BACKENDS:
             raise UserError(f"{what} is not one of auto, {', '.join(_registry.BACKENDS)}; unset it or fix it")

@@ -31,7 +31,6 @@ checks the index values once per such change.
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import weakref
@@ -96,7 +95,7 @@ def _faster_than_torch_ops(x, codebook, index, stride, padding, dilation, granul
 def _resolves_to_cpu(backend: Optional[str]) -> bool:
     """Whether ``backend`` runs the cpu backend for CPU data, as the registry would resolve it."""
     if backend in (None, "auto"):
-        backend = os.environ.get(_registry._ENV, "").strip() or "auto"
+        backend = _registry.env_backend()
     return backend in ("auto", "cpu") and _CPU_OK
 
 
