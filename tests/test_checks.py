@@ -6,7 +6,8 @@ import torch
 from kcengine._checks import check_bool, check_device, check_float, check_int
 
 
-@pytest.mark.parametrize("v", [0, 7, np.int64(7), np.uint8(3), torch.tensor(5).item()])
+@pytest.mark.parametrize("v", [0, 7, np.int64(7), np.uint8(3), torch.tensor(5).item(), np.array(5), torch.tensor(5),
+                               np.array(3, dtype=np.int16)])
 def test_check_int_accepts_integral_values_and_returns_python_ints(v):
     out = check_int(v, "n", 0, 10)
     assert type(out) is int and out == int(v)
@@ -19,6 +20,10 @@ def test_check_int_accepts_integral_values_and_returns_python_ints(v):
     (-1, 0, None, r"n must be an int >= 0, got n=-1"),
     (11, None, 10, r"n must be an int <= 10, got n=11"),
     (np.int64(11), 1, 10, r"n must be an int in \[1, 10\], got n=np.int64\(11\)"),
+    (np.array(True), 0, None, r"n must be an int >= 0, got n=array\(True\)"),
+    (np.array(2.0), 0, None, r"n must be an int >= 0, got n=array\(2\.\)"),
+    (np.array([2]), 0, None, r"n must be an int >= 0, got n=array\(\[2\]\)"),
+    (torch.tensor(12), 0, 10, r"n must be an int in \[0, 10\], got n=tensor\(12\)"),
 ])
 def test_check_int_refuses_with_the_name_and_value(v, low, high, msg):
     with pytest.raises(ValueError, match=msg):

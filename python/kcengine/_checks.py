@@ -9,13 +9,15 @@ __all__ = ["check_int", "check_float", "check_bool", "check_device", "first_line
 
 
 def check_int(value, name: str, low: int | None = None, high: int | None = None, *, optional: bool = False):
-    """``value`` as a Python int (any integral type is accepted: ``numpy.int64`` too, ``bool`` not), or None
-    when ``optional``; ValueError naming ``name`` and the value unless ``low <= value <= high``."""
+    """``value`` as a Python int (any integral type is accepted: ``numpy.int64`` too, and a 0-d integer numpy
+    array or torch tensor; ``bool`` not), or None when ``optional``; ValueError naming ``name`` and the value
+    unless ``low <= value <= high``."""
     if optional and value is None:
         return None
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    scalar = value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
+    ok = isinstance(scalar, numbers.Integral) and not isinstance(scalar, bool)
     if ok:
-        v = int(value)
+        v = int(scalar)
         ok = (low is None or v >= low) and (high is None or v <= high)
     if not ok:
         if low is not None and high is not None:

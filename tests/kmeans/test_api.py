@@ -38,6 +38,9 @@ X = np.random.default_rng(0).normal(size=(20, 3))
     (X, 2, {"init": "kmeans++"}, r"init must be one of"),
     (X, 2, {"init": X[:3]}, r"init has 3 centroids but k=2"),
     (X, 2, {"init": X[:2, :2]}, r"init must have shape \[k, 3\]"),
+    (X, 2, {"init": X[:2] > 0}, r"^init must hold real numbers \(a float or integer dtype\), got dtype bool$"),
+    ([X, X], 2, {"init": [X[:2], X[:2].astype(np.complex64)]},
+     r"^init of problem 1 must hold real numbers \(a float or integer dtype\), got dtype complex64$"),
     (X, 2, {"init": X[:2], "n_init": 3}, r"n_init=3 with given initial centroids"),
     (X, 2, {"init": None}, r"init must be one of \('k-means\+\+', 'random'\) or an array of initial centroids, "
      r"got None"),  # was: init must have shape [k, 3], got shape ()
@@ -116,6 +119,20 @@ def test_init_as_nested_lists_is_one_problems_centroids():
     assert a.centroids.dtype == np.float32
     with pytest.raises(ValueError, match=r"init of problem 0 must have shape \[k, 3\], got shape \(3,\)"):
         kcengine.kmeans([X, X], 2, init=X[:2].tolist())
+
+
+@pytest.mark.parametrize("as_init", [
+    lambda c: c.astype(np.int64), lambda c: c.astype(np.uint8), lambda c: c.astype(np.float16),
+    lambda c: torch.tensor(c).to(torch.int32), lambda c: torch.tensor(c).to(torch.bfloat16)])
+def test_init_of_integer_or_half_dtype_is_read_as_its_values(as_init):
+    """Integer (and half) centroids are the values they hold, as a list of integer rows is read: they were
+    refused as "must be float32 or float64", the list not.  They are solved in the data's dtype."""
+    x = np.abs(np.random.default_rng(3).normal(size=(60, 3)).round() * 2)  # small integers >= 0: exact in every dtype
+    want = kcengine.kmeans(x.astype(np.float32), init=x[[0, 20, 40]].tolist())
+    got = kcengine.kmeans(x.astype(np.float32), init=as_init(x[[0, 20, 40]]))
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_array_equal(got.centroids, want.centroids)
+    assert got.centroids.dtype == np.float32
 
 
 def test_meta_tensor_is_refused_by_name():

@@ -1,6 +1,7 @@
 """Properties every backend result must have (cpu backend unless said otherwise)."""
 import numpy as np
 import pytest
+import torch
 
 import kcengine
 from kmeans_data import blobs
@@ -222,6 +223,8 @@ def test_seed_reproducible_and_n_init_takes_best():
     a = kcengine.kmeans(x, 8, seed=7)
     b = kcengine.kmeans(x, 8, seed=7)
     np.testing.assert_array_equal(a.labels, b.labels)
+    for seed in (np.array(7), torch.tensor(7)):  # a 0-d integer array is the int it holds (as k's)
+        np.testing.assert_array_equal(kcengine.kmeans(x, 8, seed=seed).labels, a.labels)
     best = kcengine.kmeans(x, 8, seed=7, n_init=5)
     assert float(best.inertia) <= float(a.inertia)
 

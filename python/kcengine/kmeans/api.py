@@ -509,7 +509,9 @@ def _check_init(init, parts, layout, k_arg):
         name = "init" if layout == "single" else f"init of problem {i}"
         if c.ndim != 2 or c.shape[1] != a.shape[1]:
             raise ValueError(f"{name} must have shape [k, {a.shape[1]}], got shape {tuple(c.shape)}")
-        _check_float(c, name)
+        cs[i] = c = _init_values(c)
+        if _dtype_name(c) not in ("float32", "float64"):
+            raise ValueError(f"{name} must hold real numbers (a float or integer dtype), got dtype {_dtype_name(c)}")
     bad = _nonfinite(cs)
     if bad:
         raise ValueError(f"{'init' if layout == 'single' else f'init of problem {bad[0]}'} holds NaN or Inf values")
@@ -520,6 +522,19 @@ def _check_init(init, parts, layout, k_arg):
                              f"in magnitude: its distances to the points would overflow {_dtype_name(a)} (|values| "
                              f"must stay below {limit:.3g})")
     return "given", cs
+
+
+def _init_values(c):
+    """Given centroids of an integer or half dtype as float64 (exact), as a list of integer rows is read; they are
+    solved in the data's dtype.  Any other dtype is returned as it is, for the float check to name."""
+    name = _dtype_name(c)
+    if name not in ("float16", "bfloat16") and not name.startswith(("int", "uint")):
+        return c
+    if _is_torch(c):
+        import torch
+
+        return c.to(dtype=torch.float64)
+    return c.astype(np.float64)
 
 
 def _to_numpy(a, dtype=None):
@@ -815,7 +830,8 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
             gives the centroids.
         init: ``"k-means++"`` (greedy, ``2 + int(ln k)`` local trials, as scikit-learn),
             ``"random"`` (k distinct points drawn by weight), or the initial centroids:
-            ``[k, D]``, ``[B, k, D]`` or a list of ``[k_i, D_i]``.
+            ``[k, D]``, ``[B, k, D]`` or a list of ``[k_i, D_i]``, of a float or integer dtype (solved in
+            ``x``'s dtype).
         n_init: runs per problem from different seeds; the one of lowest inertia is returned.
         max_iter: Lloyd iterations at most.
         tol: relative tolerance: a problem stops when the squared centroid shift, summed over
