@@ -1012,3 +1012,15 @@ def test_unbatched_input_as_conv2d_takes_it(granularity):
         _close(y, dense(x))
         _close(m(x, r), dense(x) + r)
         _close(m(x, torch.ones(8, 1, 1)), dense(x) + 1)
+
+
+@pytest.mark.parametrize("shape", [(8,), (3, 10), (1, 1, 3, 10, 9)])
+def test_input_of_other_rank_names_both_ranks_a_layer_takes(shape):
+    """A layer takes 3-D and 4-D input, as nn.Conv2d does (which refuses the rest too); a 2-D one was told
+    "x must be a 4-D tensor" as if unbatched input were not taken."""
+    m = ClusteredConv2d.from_conv(nn.Conv2d(3, 8, 3), 4)
+    with pytest.raises(ValueError, match=rf"^x must be a 3-D \[C_in, H, W\] or 4-D \[N, C_in, H, W\] tensor, got "
+                                         rf"shape {re.escape(str(shape))}$"):
+        m(torch.randn(shape))
+    with pytest.raises(RuntimeError):  # the reference refuses them too
+        nn.Conv2d(3, 8, 3)(torch.randn(shape))

@@ -505,6 +505,8 @@ class ClusteredConv2d(nn.Module):
                     f"ClusteredConv2d for another shape")
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() not in (3, 4):  # (the functional form names only 4-D)
+            raise ValueError(f"x must be a 3-D [C_in, H, W] or 4-D [N, C_in, H, W] tensor, got shape {tuple(x.shape)}")
         if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched [C_in, H, W], as nn.Conv2d takes it
             if isinstance(residual, torch.Tensor) and residual.dim() == 3:
                 residual = residual.unsqueeze(0)
