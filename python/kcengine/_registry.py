@@ -152,6 +152,19 @@ def candidates(op: str, backend: str | None, device="cpu") -> tuple[list[str], b
     return list(hit[0]), hit[1]
 
 
+def check_op_backend(op: str, backend: str | None, source: str = "backend") -> None:
+    """ValueError, worded as a call to ``op`` words it, unless ``backend`` is None, "auto" or a backend that
+    implements ``op``; whether it can run here is not asked.  For the paths that run torch ops whatever the
+    name (graph capture, forward-mode AD), so that a bad name is refused there as in eager."""
+    if backend in (None, "auto"):
+        return
+    if backend not in BACKENDS:
+        raise ValueError(f"{source}={backend!r} is not one of {('auto',) + BACKENDS}")
+    if backend not in _OPS[op].impls:
+        raise ValueError(f"{source}={backend!r} does not implement {op}; {op} has "
+                         f"{('auto',) + tuple(b for b in BACKENDS if b in _OPS[op].impls)}")
+
+
 def _candidates(op: str, backend: str | None, dev: str) -> tuple[list[str], bool]:
     if op not in _OPS:
         raise ValueError(f"op={op!r} has no registered backends")
@@ -162,11 +175,7 @@ def _candidates(op: str, backend: str | None, dev: str) -> tuple[list[str], bool
         if env != "auto":
             backend, explicit, source = env, True, f"{_ENV} (environment)"
     if explicit:
-        if backend not in BACKENDS:
-            raise ValueError(f"{source}={backend!r} is not one of {('auto',) + BACKENDS}")
-        if backend not in _OPS[op].impls:
-            raise ValueError(f"{source}={backend!r} does not implement {op}; {op} has "
-                               f"{('auto',) + tuple(b for b in BACKENDS if b in _OPS[op].impls)}")
+        check_op_backend(op, backend, source)
         if dev not in _DEVICES[backend]:
             reason = backend_status(backend)
             here = f"; it cannot run here at all: {reason}" if reason else \

@@ -158,6 +158,32 @@ def test_indexed_conv2d_under_capture(granularity, groups, bias, fused, residual
         assert _Functional(meta)(*(t.to("meta") for t in new)).shape == eager.shape
 
 
+@pytest.mark.parametrize("name, msg", [
+    ("cpux", r"^backend='cpux' is not one of \('auto', 'cpu', 'torch', 'cuda', 'triton'\)$"),
+    ("cuda", r"^backend='cuda' does not implement conv; conv has \('auto', 'cpu', 'torch', 'triton'\)$")])
+def test_a_bad_backend_name_is_refused_under_capture_as_in_eager(name, msg):
+    """Under export, compile, trace and the meta device the conv runs in torch ops whatever ``backend`` names, but
+    a name that is no conv backend is the caller's error there as in eager (it ran without a word)."""
+    layer = _layer("filter")
+
+    class Bad(nn.Module):
+        def forward(self, x):
+            return kcengine.indexed_conv2d(x, layer.codebook, layer.index, padding=1, backend=name)
+
+    x = torch.randn(2, layer.in_channels, 9, 9)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=msg):
+            Bad()(x)
+        with pytest.raises(ValueError, match=msg):
+            torch.export.export(Bad(), (x,))
+        with pytest.raises(ValueError, match=msg), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.trace(Bad(), (x,))
+        layer.to("meta")
+        with pytest.raises(ValueError, match=msg):
+            Bad()(x.to("meta"))
+
+
 def test_meta_device_gives_the_output_shape():
     """A model moved to the meta device (shape inference, empty-weight initialization) runs forward."""
     for granularity, plan in (("filter", 0.5), ("kernel", {"layers": {"re:layer.*": 8}})):

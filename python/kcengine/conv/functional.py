@@ -299,14 +299,14 @@ def indexed_conv2d(
     if not capture and forward_ad_active():  # torch ops carry the tangents; the native kernels would drop them
         stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
                                               granularity, scale, shift, residual)
-        if backend is not None:
-            _registry.check_backend_name(backend, op="conv")  # (the torch ops run whichever it names)
+        _registry.check_op_backend("conv", backend)  # (the torch ops run whichever it names)
         return captured_conv2d(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale,
                                shift, relu, residual)
     if capture or dispatch_mode_active():  # (the compiler cannot trace the second: capture is asked first)
         if not torch.jit.is_tracing():  # see captured_conv2d for what is checked where
             stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
                                                   granularity, scale, shift, residual, check_range=False)
+        _registry.check_op_backend("conv", backend)  # a name only (plain Python, traced away), as in eager
         from . import native_op  # imported with the package (it registers the op): a lookup here
 
         # under a dispatch mode wherever the op can run, so that the mode sees the native work
