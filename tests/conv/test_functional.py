@@ -1,4 +1,5 @@
 """indexed_conv2d against the F.conv2d(x, codebook[index]) oracle: forward, gradients, bad input."""
+import re
 import subprocess
 import sys
 
@@ -317,6 +318,8 @@ _BAD_ARGS = [
     ("x too small", lambda a: a.update(x=a["x"][:, :, :1, :1], padding=0),
      r"x of spatial size 1x1 is too small for a 3x3 kernel with padding=\(0, 0\), dilation=\(1, 1\) "
      r"\(output would be -1x-1\)"),
+    ("x of height 0", lambda a: a.update(x=a["x"][:, :, :0], padding=2),
+     r"x has an empty spatial dimension \(shape \(2, 5, 0, 11\)\): only an empty batch is taken"),
     ("residual a list", lambda a: a.update(residual=[0.0]), r"residual must be a torch.Tensor or None, got list"),
     ("residual of another dtype", lambda a: a.update(residual=torch.zeros(2, 7, 13, 11, dtype=torch.float64)),
      r"residual must have the dtype/device of x \(torch.float32, cpu\), got \(torch.float64, cpu\)"),
@@ -725,3 +728,21 @@ def test_kernel_granularity_in_half_dtypes_is_as_close_as_conv2d(dtype):
     assert ours.dtype == dtype
     err, ref_err = ((t.double() - exact).abs().max().item() for t in (ours, F.conv2d(x, w, padding=1)))
     assert err <= 1.5 * ref_err
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+def test_empty_spatial_input_is_refused_as_conv2d_refuses_it(granularity, backend):
+    """F.conv2d takes an empty batch but not an empty height or width; with padding the cpu kernel path made an
+    output of bias rows from a 0-high input, where the other paths raised torch's error."""
+    cb = torch.randn(2, 3, 1, 1) if granularity == "filter" else torch.randn(2, 1, 1)
+    idx = torch.zeros(4, dtype=torch.long) if granularity == "filter" else torch.zeros(4, 3, dtype=torch.long)
+    w = dense_weight(cb, idx, granularity)
+    for shape in ((2, 3, 0, 5), (2, 3, 4, 0)):
+        with pytest.raises(RuntimeError):
+            F.conv2d(torch.randn(shape), w, padding=1)
+        with pytest.raises(ValueError, match=rf"^x has an empty spatial dimension \(shape {re.escape(str(shape))}\)"):
+            kcengine.indexed_conv2d(torch.randn(shape), cb, idx, padding=1, granularity=granularity, backend=backend)
+    x = torch.randn(0, 3, 0, 5)
+    y = kcengine.indexed_conv2d(x, cb, idx, padding=1, granularity=granularity, backend=backend)
+    assert y.shape == F.conv2d(x, w, padding=1).shape == (0, 4, 2, 7)

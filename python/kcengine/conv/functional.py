@@ -183,6 +183,9 @@ def _validate(x, codebook, index, bias, stride, padding, dilation, groups, granu
     _check_vector(scale, "scale", c_out, x)
     _check_vector(shift, "shift", c_out, x)
     h, w = x.shape[2:]
+    if isinstance(h, int) and isinstance(w, int) and h * w == 0 and x.shape[0] > 0:  # (as F.conv2d refuses it:
+        # padding would otherwise make an output of bias alone on the cpu kernel path)
+        raise ValueError(f"x has an empty spatial dimension (shape {tuple(x.shape)}): only an empty batch is taken")
     ho, wo = output_hw(x.shape, (kh, kw), stride, padding, dilation)
     if ho < 1 or wo < 1:
         raise ValueError(f"x of spatial size {h}x{w} is too small for a {kh}x{kw} kernel with padding={padding}, "
