@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import kcengine
-from kcengine.conv.serialize import checkpoint_sizes, dense_state_dict
+from kcengine.conv.serialize import checkpoint_sizes, dense_state_dict, is_compressed_file
 from kcengine.nn import ClusteredConv2d
 
 
@@ -256,3 +256,94 @@ def test_a_checkpoint_takes_the_skeletons_dtype(tmp_path, granularity):
     skel, _ = kcengine.compress(make(), ratio=0.5, granularity=granularity)
     lm2 = kcengine.load_compressed(tmp_path / "m.kc", skel)
     assert {t.dtype for t in lm2.state_dict().values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_builder_kwargs_that_would_not_load_are_refused_at_save(tmp_path):
+    """A numpy scalar (or a Path) in builder_kwargs saved without a word and made a file that
+    torch.load(weights_only=True), hence load_compressed, could never read.  Numpy and 0-d torch scalars are
+    written as the Python numbers they hold; other objects are refused by name, and nothing is written."""
+    import numpy as np
+
+    rn = nn.Sequential(nn.Conv2d(3, 8, 3))
+    kcengine.save_compressed(rn, tmp_path / "ok.pt", builder="torch.nn:Sequential",
+                             builder_kwargs={"n": np.int64(20), "t": (np.float32(0.5), [torch.tensor(3)])})
+    assert is_compressed_file(tmp_path / "ok.pt")
+    kw = torch.load(tmp_path / "ok.pt", weights_only=True)["builder_kwargs"]
+    assert kw == {"n": 20, "t": (0.5, [3])} and type(kw["n"]) is int
+    for bad, msg in (({"root": tmp_path}, r"builder_kwargs\['root'\] is a \w*Path .* pass e.g. str\(path\)"),
+                     ({"f": [1, object()]}, r"builder_kwargs\['f'\]\[1\] is a object"),
+                     ([("num_classes", 3)], r"builder_kwargs must be a dict .* got list"),
+                     ({3: 1}, r"builder_kwargs keys must be argument names \(str\), got 3")):
+        with pytest.raises(ValueError, match=msg):
+            kcengine.save_compressed(rn, tmp_path / "bad.pt", builder="torch.nn:Sequential", builder_kwargs=bad)
+        assert not (tmp_path / "bad.pt").exists()
+
+
+def test_a_skeleton_on_the_meta_device_is_filled(tmp_path):
+    """A skeleton built under ``torch.device("meta")`` (no memory for weights about to be overwritten) loaded
+    "successfully" with every layer but the clustered ones still on meta (copying into a meta tensor is a
+    no-op), and the model failed at its first forward."""
+    model = _cluster(Net()).eval()
+    kcengine.save_compressed(model, tmp_path / "m.pt")
+    with torch.device("meta"):
+        skel = Net()
+    loaded = kcengine.load_compressed(tmp_path / "m.pt", skel)
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+    assert all(t.is_meta for t in skel.state_dict().values())  # the caller's skeleton is not touched
+    x = torch.randn(2, 16, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+    class WithTable(nn.Module):  # a buffer the state dict does not carry: nothing could fill it
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.register_buffer("table", torch.arange(4.0), persistent=False)
+
+    src, _ = kcengine.compress(WithTable(), ratio=0.5)
+    kcengine.save_compressed(src, tmp_path / "t.pt")
+    with torch.device("meta"):
+        skel = WithTable()
+    with pytest.raises(ValueError, match=r"skeleton on the meta device whose buffer 'table' is not in the state dict"):
+        kcengine.load_compressed(tmp_path / "t.pt", skel)
+
+
+def test_per_element_index_is_written_in_the_narrowest_dtype(tmp_path):
+    """The per-element layers' index is int64 in the layer (torch.gather takes no other) and was written so: a
+    resnet20 at ratio 0.25 made a "compact" file over twice the dense checkpoint.  It is written as uint8
+    (K <= 256) and read back into the int64 buffer."""
+    from kcengine.models import load_model
+
+    dense = load_model("resnet20", None).model.eval()
+    model, _ = kcengine.compress(dense, ratio=0.25, granularity="element")
+    path = tmp_path / "e.pt"
+    kcengine.save_compressed(model, path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert state["layer1.0.conv1.index"].dtype == torch.uint8
+    assert torch.equal(state["layer1.0.conv1.index"].long(), model.layer1[0].conv1.index)
+    assert checkpoint_sizes(model)["ratio"] > 1.8  # codebook [D, K] float32 + one byte per weight
+    loaded = kcengine.load_compressed(path, load_model("resnet20", None).model)
+    assert loaded.layer1[0].conv1.index.dtype == torch.int64
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("where", ["root", "inside"])
+def test_a_placeholder_without_weights_takes_the_models_dtype(tmp_path, where):
+    """A clustered layer loaded into an ``nn.Identity`` placeholder: its dtype was looked up under the key
+    ``.codebook`` at the root (so a float64 file came back float32), and inside a float32 model it came back in
+    the file's float64 among float32 layers."""
+    torch.manual_seed(0)
+    if where == "root":
+        cm, _ = kcengine.compress(nn.Conv2d(3, 8, 3).double(), ratio=0.5)
+        kcengine.save_compressed(cm, tmp_path / "m.pt")
+        assert kcengine.load_compressed(tmp_path / "m.pt", nn.Identity()).codebook.dtype == torch.float64
+        return
+    cm, _ = kcengine.compress(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)).double(), ratio=0.5)
+    kcengine.save_compressed(cm, tmp_path / "m.pt")
+    lm = kcengine.load_compressed(tmp_path / "m.pt", nn.Sequential(nn.Identity(), nn.Conv2d(8, 4, 3)))
+    assert {t.dtype for t in lm.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    x = torch.randn(1, 3, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x.float()), cm.eval()(x).float(), rtol=1e-4, atol=1e-5)

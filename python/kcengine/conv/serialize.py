@@ -3,7 +3,8 @@
 File format (one ``torch.save`` of plain containers, loadable with ``torch.load(weights_only=True)``)::
 
     {"format": "kcengine.compressed/1",
-     "state_dict": model.state_dict(),          # codebooks as floats, indexes as uint8/int16/int32
+     "state_dict": model.state_dict(),          # codebooks as floats, indexes as uint8/int16/int32 (the
+                                                # per-element layers' int64 index is written so too)
      "clustered": {module_path: layer config},  # what ClusteredConv2d(...) needs to be rebuilt
      "element": {module_path: geometry + K},    # per-element layers (compress granularity="element")
      "builder": "pkg.module:callable" | None, "builder_kwargs": {...}}
@@ -31,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from .._checks import first_line
-from .module import ClusteredConv2d, conv_padding, replace_module
+from .module import ClusteredConv2d, conv_padding, index_dtype_for, replace_module
 
 __all__ = ["save_compressed", "load_compressed", "is_compressed_file", "checkpoint_sizes", "dense_state_dict",
            "conv_geometry", "layer_config", "layer_from_config"]
@@ -109,16 +110,55 @@ def element_from_config(cfg: dict, *, dtype=None):
     return layer
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain_value(v, where: str):
+    """``v`` in the types ``torch.load(weights_only=True)`` reads back (numpy and 0-d torch scalars as the Python
+    numbers they hold); ValueError naming ``where`` for anything else: the file would save and never load."""
+    if isinstance(v, _PLAIN):
+        return v
+    if getattr(v, "ndim", None) == 0 and hasattr(v, "item") and isinstance(v.item(), (bool, int, float)):
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        out = [_plain_value(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        return out if isinstance(v, list) else tuple(out)
+    if isinstance(v, dict):
+        return {_plain_key(k, where): _plain_value(x, f"{where}[{k!r}]") for k, x in v.items()}
+    raise ValueError(f"{where} is a {type(v).__name__} ({v!r:.60}): builder_kwargs may hold only None, bool, int, "
+                     f"float, str and lists, tuples and dicts of them (the file must load with "
+                     f"torch.load(weights_only=True)); pass e.g. str(path)")
+
+
+def _plain_key(k, where: str):
+    if not isinstance(k, (str, int)) or isinstance(k, bool):
+        raise ValueError(f"{where} has the key {k!r} ({type(k).__name__}): keys must be str or int")
+    return k
+
+
 def _payload(model: nn.Module, builder, builder_kwargs) -> dict:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if builder is not None and (not isinstance(builder, str) or builder.count(":") != 1):
         raise ValueError(f"builder must be 'package.module:callable', got {builder!r}")
+    if builder_kwargs is not None and not isinstance(builder_kwargs, dict):
+        raise ValueError(f"builder_kwargs must be a dict of the builder's keyword arguments or None, got "
+                         f"{type(builder_kwargs).__name__}")
+    kwargs = {}
+    for key, v in (builder_kwargs or {}).items():
+        if not isinstance(key, str):
+            raise ValueError(f"builder_kwargs keys must be argument names (str), got {key!r}")
+        kwargs[key] = _plain_value(v, f"builder_kwargs[{key!r}]")
     clustered = {name: layer_config(m) for name, m in model.named_modules() if isinstance(m, ClusteredConv2d)}
-    element = {name: element_config(m) for name, m in _element_layers(model).items()}
+    elements = _element_layers(model)
+    element = {name: element_config(m) for name, m in elements.items()}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for name, m in elements.items():  # int64 in the layer (gather takes no other); its values fit K's width
+        key = f"{name}.index" if name else "index"
+        if key in state:
+            state[key] = state[key].to(index_dtype_for(int(m.num_clusters)))
     return {"format": FORMAT, "state_dict": state, "clustered": clustered, "element": element, "builder": builder,
-            "builder_kwargs": dict(builder_kwargs or {})}
+            "builder_kwargs": kwargs}
 
 
 def _check_path(path, for_writing: bool) -> Path:
@@ -214,7 +254,7 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
     elif not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module skeleton or None, got {type(model).__name__}")
     else:
-        model = copy.deepcopy(model)
+        model = _materialized(copy.deepcopy(model))
     state = payload["state_dict"]
     kinds = ((payload["clustered"], layer_from_config, "clustered"),
              (payload.get("element", {}), element_from_config, "per-element"))
@@ -223,7 +263,7 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
             # the skeleton's dtype, as load_state_dict converts every other layer to it (a float64 file into a
             # float32 skeleton gave float64 clustered layers among float32 ones); else the file's
             dtype = _skeleton_dtype(model, name)
-            ref = state.get(f"{name}.codebook")
+            ref = state.get(f"{name}.codebook" if name else "codebook")
             if dtype is None and isinstance(ref, torch.Tensor):
                 dtype = ref.dtype
             try:
@@ -243,16 +283,35 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
     return model.eval()
 
 
+def _materialized(model: nn.Module) -> nn.Module:
+    """A skeleton built on the meta device (``with torch.device("meta")``) given storage on the CPU, where the
+    clustered layers are built, for the strict load to fill: copying into a meta tensor is a no-op, and the
+    load "succeeded" with every other layer still on meta.  A buffer outside the state dict (non-persistent)
+    would be left with no values: refused."""
+    if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return model
+    for mname, m in model.named_modules():
+        for b in getattr(m, "_non_persistent_buffers_set", ()):
+            t = getattr(m, b, None)
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                where = f"{mname}.{b}" if mname else b
+                raise ValueError(f"model is a skeleton on the meta device whose buffer {where!r} is not in the state "
+                                 f"dict (non-persistent): loading cannot give it values; build the skeleton on "
+                                 f"the CPU")
+    return model.to_empty(device="cpu")
+
+
 def _skeleton_dtype(model: nn.Module, name: str):
-    """The floating dtype of the weight (or codebook) of ``model``'s module ``name``, or None."""
+    """The floating dtype of the weight (or codebook) of ``model``'s module ``name``, or else of the model's
+    first floating parameter (the module there may hold none: an ``nn.Identity`` placeholder), or None."""
     try:
         old = model.get_submodule(name)
     except AttributeError:
-        return None
-    w = getattr(old, "weight", None)
-    if not isinstance(w, torch.Tensor):  # a clustered skeleton (filter, kernel or per-element): its codebook
-        w = getattr(old, "codebook", None)
-    return w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else None
+        old = None
+    for t in ((getattr(old, "weight", None), getattr(old, "codebook", None)) if old is not None else ()):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.dtype
+    return next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
 
 
 def _check_payload(payload: dict, path) -> None:
