@@ -214,6 +214,26 @@ def test_inertia_and_elbow_plans_pick_from_the_sweep():
     assert 1 <= rep.layers[0].k <= 12 and "elbow" in rep.layers[0].note
 
 
+def test_relative_inertia_one_is_k_one():
+    """relative_inertia=1.0 is met at k = 1 by definition; the limit was the total sum of squares computed apart
+    from the sweep, which fell an ulp below the sweep's own k = 1 inertia for 4 of 20 seeds: k = 2."""
+    for seed in range(20):
+        torch.manual_seed(seed)
+        _, rep = compress(nn.Sequential(nn.Conv2d(3, 16, 3)), plan={"relative_inertia": 1.0})
+        assert rep.layers[0].k == 1, seed
+
+
+@pytest.mark.parametrize("n, ratio, k", [(100, 0.145, 15), (1000, 0.0145, 15), (100, 0.135, 14), (16, 0.5, 8),
+                                         (3, 0.5, 2), (10, 1 / 3, 3), (7, 1e-9, 1), (200, 0.0025, 1)])
+def test_ratio_to_k_rounds_the_decimal_product_halves_up(n, ratio, k):
+    """k = round(N * ratio), halves up, on the ratio as written: 100 * 0.145 is 14.499999999999998 in floats."""
+    from fractions import Fraction
+
+    from kcengine.compress.plan import ratio_to_k
+
+    assert ratio_to_k(n, ratio) == k == max(1, int(n * Fraction(str(ratio)) + Fraction(1, 2)))
+
+
 def test_inertia_plan_on_a_layer_of_more_than_64_points_sweeps_a_geometric_grid():
     """features.2.0 has 120 kernels: the plan sweeps 1..120 on a geometric grid (not every k), and picks the
     grid's smallest k within the limit, as an independent sweep over that grid says."""

@@ -139,7 +139,10 @@ def _choose_ks(strategy, probs: list[LayerProblem], kw: dict):
                 i = elbow_index(cand, inert)
                 notes[p.name] = f"elbow at k={cand[i]} over {len(cand)} ks"
             else:
-                limit = strategy.limit * p.total_sum_of_squares() if strategy.relative else strategy.limit
+                # relative: of the sweep's own k = 1 inertia where it has one (the total sum of squares computed
+                # apart could fall an ulp below it, and relative_inertia=1.0 then picked k = 2)
+                base = (inert[cand.index(1)] if 1 in cand else p.total_sum_of_squares()) if strategy.relative else 1
+                limit = strategy.limit * base if strategy.relative else strategy.limit
                 ok = [j for j, v in enumerate(inert) if v <= limit]
                 i = ok[0] if ok else len(cand) - 1
                 notes[p.name] = f"limit {limit:.4g}: k={cand[i]} of {len(cand)} candidates"

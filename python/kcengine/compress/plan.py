@@ -43,6 +43,7 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Iterable, Mapping, Sequence
 
 __all__ = ["FixedRatio", "InertiaLimit", "Elbow", "PerLayer", "ByChannels", "OutputSensitivity", "KSelection", "parse_plan",
@@ -59,8 +60,10 @@ def _check_ratio(r, what: str) -> float:
 
 
 def ratio_to_k(n_points: int, ratio: float) -> int:
-    """``k = round(N * ratio)`` (halves up), kept within [1, N]."""
-    return max(1, min(n_points, int(math.floor(n_points * ratio + 0.5))))
+    """``k = round(N * ratio)`` (halves up), kept within [1, N].  The product is taken exactly on the decimal
+    the ratio prints as (``100 * 0.145`` is 14.499999999999998 in floats, and gave 14)."""
+    exact = n_points * Fraction(repr(float(ratio)))
+    return max(1, min(n_points, math.floor(exact + Fraction(1, 2))))
 
 
 def k_from_value(value, n_points: int, where: str) -> int:
@@ -93,9 +96,9 @@ class FixedRatio:
 @dataclass(frozen=True)
 class InertiaLimit:
     """Smallest candidate k whose k-means inertia is <= ``limit`` (from a ``kmeans_sweep`` over the candidates:
-    every k for layers of at most 64 points, else about 50 ks spread geometrically over [1, N], so the k chosen
-    can be a few percent above the smallest k that meets the limit; see
-    :func:`kcengine.compress.apply.candidate_ks`).
+    every k for layers of at most 64 points, else 64 ks spread geometrically over [1, N], successive ones a
+    factor of about N^(1/63) apart, so the k chosen can be above the smallest k that meets the limit by up to
+    that gap: 8% at N = 128, 19% at N = 65,536; see :func:`kcengine.compress.apply.candidate_ks`).
 
     ``relative=True``: the limit is a fraction of the layer's inertia at k = 1 (its total sum of
     squares around the mean), so one number fits layers of different weight scales.
