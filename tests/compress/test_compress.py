@@ -276,6 +276,8 @@ def test_elbow_index_on_a_known_curve():
     assert elbow_index(ks, y) == 2
     assert local_maxima([1, 3, 2, 2, 5, 4]) == [1, 4]
     assert local_maxima([5, 4, 3]) == [0]
+    assert local_maxima([1, 2, 2, 3]) == [3]  # a plateau on the way up is no peak (it reported [1, 3])
+    assert local_maxima([1, 2, 2, 1, 4, 4]) == [1, 4]
 
 
 @pytest.mark.parametrize("plan,msg", [

@@ -18,8 +18,8 @@ strategy                    dict form                                   string f
 
 Values given as a float in (0, 1] are ratios (``k = round(N * ratio)``, halves rounded up, at least 1), ints >= 1
 are k itself.  ``N`` is the number of points a layer has at the chosen granularity: ``C_out`` for
-"filter" and "element" (each coordinate of the filters has ``C_out`` values), ``C_out * C_in``
-for "kernel".
+"filter" and "element" (each coordinate of the filters has ``C_out`` values), ``C_out * C_in / groups``
+for "kernel" (``C_out * C_in`` for an ungrouped conv).
 
 :class:`PerLayer` keys are exact layer names, or regular expressions (``re:`` prefix, matched in
 full with :func:`re.fullmatch`); exact names win over patterns, and patterns are tried in the

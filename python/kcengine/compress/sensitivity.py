@@ -36,14 +36,19 @@ DEFAULT_SWEEP_RATIOS = tuple(i / 16 for i in range(1, 17))
 
 
 def local_maxima(values) -> list[int]:
-    """Indices i where values[i] is above its left neighbour and not below its right one
-    (ends count against their single neighbour); plateaus report their first point."""
+    """Indices i where values[i] is above its left neighbour and above the first different value to its right
+    (ends count against their single neighbour): a plateau that is a peak reports its first point, one on the
+    way up (``[1, 2, 2, 3]``) none."""
     v = list(values)
     out = []
     for i, x in enumerate(v):
         left = v[i - 1] if i > 0 else -np.inf
-        right = v[i + 1] if i + 1 < len(v) else -np.inf
-        if x > left and x >= right:
+        if not x > left:
+            continue
+        j = i + 1
+        while j < len(v) and v[j] == x:
+            j += 1
+        if j == len(v) or v[j] < x:
             out.append(i)
     return out
 
