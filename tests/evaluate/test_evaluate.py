@@ -259,3 +259,26 @@ class _Tuple(nn.Module):
 class _Max(nn.Module):
     def forward(self, z):
         return z.amax(1)
+
+
+def test_tied_logits_predict_the_first_class_as_argmax_does():
+    """evaluate took top-1 from topk, whose order among ties is its own: a model of constant logits 'predicted'
+    class 8 where top1_accuracy (argmax) predicted class 0, and the two reported different accuracies."""
+    x = torch.zeros(40, 1, 2, 2)
+    y = torch.arange(40) % 10
+    model = _Fixed(torch.zeros(1, 10))
+    r = evaluate(model, (x, y), batch_size=16)
+    assert r.top1 == top1_accuracy(model, x, y) == 0.1  # class 0 is 4 of the 40 labels
+    assert (r.confusion[:, 0] == 4).all() and r.confusion.sum() == 40
+
+
+def test_a_numpy_array_of_class_names_on_the_dataset_is_read():
+    """``dataset.classes`` as a numpy array: evaluate asked for its truth value ("ambiguous")."""
+    ds = torch.utils.data.TensorDataset(torch.arange(4).float().view(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous(),
+                                        torch.tensor([0, 1, 2, 3]))
+    ds.classes = np.array(["a", "b", "c", "d"])
+    logits = torch.eye(4)
+    r = evaluate(_Fixed(logits), ds)
+    assert r.classes == ("a", "b", "c", "d") and r.top1 == 1.0
+    r = evaluate(_Fixed(logits), torch.utils.data.DataLoader(ds, batch_size=2))
+    assert r.classes == ("a", "b", "c", "d")

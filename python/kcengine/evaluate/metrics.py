@@ -190,8 +190,13 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num
         if isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable):
             raise ValueError(f"classes must be a sequence of class names (a list of str), got classes={classes!r}")
         classes = list(classes)  # a numpy array of names, dict keys, ...
-    if classes is None:
-        classes = getattr(data, "classes", None) or getattr(getattr(data, "dataset", None), "classes", None)
+    if classes is None:  # the data's own names (a numpy array of them too: `or` asked for its truth value)
+        for holder in (data, getattr(data, "dataset", None)):
+            found = getattr(holder, "classes", None)
+            if found is not None and not isinstance(found, (str, bytes)) and isinstance(found, Iterable) \
+                    and len(list(found)):
+                classes = list(found)
+                break
     correct1 = correct5 = total = 0
     preds, trues = [], []
     total_n = _length(data)
@@ -212,10 +217,13 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num
                     raise ValueError(f"num_classes={num_classes} is below the model's {logits.shape[1]} outputs")
                 k = min(5, logits.shape[1])
                 top = logits.topk(k, dim=1).indices
-                correct1 += int((top[:, 0] == y).sum())
-                correct5 += int((top == y[:, None]).any(dim=1).sum())
+                # top-1 is argmax (the first of tied logits), as top1_accuracy and the sweeps take it: topk's
+                # order among ties is its own
+                pred = logits.argmax(1)
+                correct1 += int((pred == y).sum())
+                correct5 += int(((top == y[:, None]).any(dim=1) | (pred == y)).sum())
                 total += int(y.shape[0])
-                preds.append(top[:, 0].cpu())
+                preds.append(pred.cpu())
                 trues.append(y.cpu())
                 if bar is not None:
                     bar.update(int(y.shape[0]))
