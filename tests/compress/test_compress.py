@@ -480,6 +480,39 @@ def test_sensitivity_sweep_rows_and_metric():
     assert row["accuracy"] == pytest.approx(acc)
 
 
+def test_sensitivity_sweep_checks_its_arguments_before_any_work():
+    """sensitivity_sweep took an unknown option (a typo of seed ran unseeded), ratios outside (0, 1] (0 became
+    k = 1, 2.0 k = N), labels past the model's outputs (a baseline of 0%) and float labels without a word, and
+    failed deep inside (ZeroDivisionError, range(), AttributeError, torch's dtype error) on the rest."""
+    m = _net()
+    x = _x(n=8)
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    cases = [
+        (dict(sede=3), r"unknown option\(s\) \['sede'\]; k-means options are"),
+        (dict(ratios=(0, 0.5)), r"each of ratios must be a ratio in \(0, 1\], got 0"),
+        (dict(ratios=(2.0,)), r"each of ratios must be a ratio in \(0, 1\], got 2.0"),
+        (dict(ratios=(float("nan"),)), r"each of ratios must be a ratio in \(0, 1\], got nan"),
+        (dict(ratios="0.5"), r"ratios must be a sequence of k/N values in \(0, 1\] or None, got ratios='0.5'"),
+        (dict(ratios=0.5), r"ratios must be a sequence .* got ratios=0.5"),
+        (dict(ratios=()), r"ratios is empty"),
+        (dict(batch_size=0), r"batch_size must be an int >= 1, got batch_size=0"),
+        (dict(progress="yes"), r"progress must be"),
+        (dict(granularity="filters"), r"granularity must be one of .* got granularity='filters'"),
+        (dict(labels=y + 6), r"labels must be in \[0, 6\) \(the model's outputs\), got values in \[\d+, \d+\]"),
+        (dict(labels=y.float()), r"labels must be integer class indices, got dtype torch.float32"),
+        (dict(images=x[:0], labels=y[:0]), r"\(images, labels\) holds no images"),
+        (dict(images=x.double()), r"images are torch.float64 but the model's parameters are torch.float32"),
+        (dict(images=(x * 100).to(torch.uint8)), r"\(images, labels\)'s images must be"),
+        (dict(model=None), r"model must be an nn.Module, got NoneType"),
+    ]
+    for change, msg in cases:
+        args = {"model": m, "images": x, "labels": y, **change}
+        model, images, labels = args.pop("model"), args.pop("images"), args.pop("labels")
+        with pytest.raises(ValueError, match=msg):
+            sensitivity_sweep(model, images, labels, **args)
+
+
 def test_resnet20_k_equal_n_keeps_accuracy_and_sweep_prefix_cache_agrees(shared_data):
     from kcengine.data import cifar10_dataset
     from kcengine.evaluate import evaluate

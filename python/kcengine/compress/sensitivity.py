@@ -20,13 +20,14 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .apply import _kmeans_kwargs, candidate_ks, conv_layers, require_dense_convs, sweep_layer
+from .apply import _KMEANS_OPTIONS, _kmeans_kwargs, candidate_ks, conv_layers, require_dense_convs, sweep_layer
 from .layers import LayerProblem
 from .plan import select_layers
 
@@ -166,6 +167,37 @@ class _Runner:
         return correct / int(self.labels.shape[0])
 
 
+def _check_sweep_arguments(model, images, labels, granularity, ratios, batch_size, progress, options) -> None:
+    """ValueError naming the argument for anything the sweep would fail on deep inside, or would take and
+    quietly misread (an unknown option, a ratio outside (0, 1], labels past the model's outputs), before the
+    minutes of clustering: as compress and evaluate check theirs."""
+    from .._checks import check_bool, check_int
+    from .._modes import eval_mode
+    from ..evaluate.metrics import check_data, check_labels, check_model, run_model
+    from .layers import GRANULARITIES
+    from .plan import _check_ratio
+
+    check_model(model)
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got granularity={granularity!r}")
+    unknown = sorted(set(options) - set(_KMEANS_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; k-means options are {_KMEANS_OPTIONS}")
+    check_int(batch_size, "batch_size", 1)
+    check_bool(progress, "progress")
+    if ratios is not None:
+        if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
+            raise ValueError(f"ratios must be a sequence of k/N values in (0, 1] or None, got ratios={ratios!r}")
+        if not list(ratios):
+            raise ValueError("ratios is empty: give at least one k/N value in (0, 1], or None for every k")
+        for r in ratios:
+            _check_ratio(r, "each of ratios")
+    check_data((images, labels), "(images, labels)")
+    with torch.inference_mode(), eval_mode(model):  # one image: the labels against the model's outputs
+        logits = run_model(model, images[:1])
+    check_labels(labels, logits.expand(labels.shape[0], -1))
+
+
 def sensitivity_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, granularity: str = "filter",
                       layers=None, ratios=DEFAULT_SWEEP_RATIOS, batch_size: int = 500, progress: bool = False,
                       **options) -> SensitivityResult:
@@ -180,8 +212,7 @@ def sensitivity_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         options: k-means options (seed, backend, max_iter, n_init, tol, algorithm).
     """
     t_start = time.perf_counter()
-    if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"images and labels differ in length: {images.shape[0]} vs {labels.shape[0]}")
+    _check_sweep_arguments(model, images, labels, granularity, ratios, batch_size, progress, options)
     convs = conv_layers(model)
     require_dense_convs(model, convs)
     by_name = dict(convs)
