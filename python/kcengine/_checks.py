@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_int", "check_float", "check_bool", "check_device", "first_line"]
+__all__ = ["check_int", "check_float", "check_bool", "check_device", "first_line", "state_dict_misfit"]
 
 
 def check_int(value, name: str, low: int | None = None, high: int | None = None, *, optional: bool = False):
@@ -83,3 +83,21 @@ def first_line(exc: BaseException) -> str:
     (torch.load's, say) quotes of it."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
+
+
+def state_dict_misfit(own, state, optional_suffixes: tuple = ()) -> str:
+    """How the state dict ``state`` fails to fit a model whose own is ``own``, in one line (counts and the first
+    few keys; ``load_state_dict``'s report is a page, a line per key), or "" when keys and shapes agree.  Keys
+    of ``own`` ending in ``optional_suffixes`` may be absent from ``state``."""
+    missing = [k for k in own if k not in state and not k.endswith(tuple(optional_suffixes))]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if wrong:
+        parts.append(f"{len(wrong)} of another shape (e.g. {wrong[:2]})")
+    return "; ".join(parts)

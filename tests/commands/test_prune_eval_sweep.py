@@ -97,6 +97,12 @@ def test_prune_output_reads_back_as_weights(ckpt, cifar, tmp_path, capsys):
     with pytest.raises(ValueError, match="does not fit"):  # a compressed resnet20 is not a resnet32
         load_model("resnet32", out / "model.pt")
     capsys.readouterr()
+    # ... and says so in one line (it printed load_state_dict's page, cut mid-key)
+    assert main(["eval", "--model", "resnet32", "--weights", str(out / "model.pt"), "--data", str(cifar),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(r"does not fit CifarResNet: \d+ missing \(e\.g\. \['layer1\.3\.", err), err
     for cmd in (["prune", "--ratio", "0.5", "--no-eval"], ["sweep"]):  # not clustered again: one line saying why
         assert main([*cmd, "--weights", str(out / "model.pt"), "--data", str(cifar),
                      "--out", str(tmp_path / cmd[0])]) == 2

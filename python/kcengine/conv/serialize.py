@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .._checks import first_line
+from .._checks import first_line, state_dict_misfit
 from .module import ClusteredConv2d, conv_padding, index_dtype_for, replace_module
 
 __all__ = ["save_compressed", "load_compressed", "is_compressed_file", "checkpoint_sizes", "dense_state_dict",
@@ -275,12 +275,16 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
             except ValueError as exc:
                 raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: "
                                  f"{exc}") from None
+    misfit = state_dict_misfit(model.state_dict(), state)
+    if misfit:
+        raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: {misfit}")
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:  # load_state_dict's mismatch report
+    except RuntimeError as exc:  # what the key and shape comparison above does not see
         raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: "
-                         f"{str(exc)[:300]}") from None
+                         f"{' '.join(str(exc).split())[:300]}") from None
     return model.eval()
+
 
 
 def _materialized(model: nn.Module) -> nn.Module:

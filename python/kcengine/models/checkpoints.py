@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._checks import first_line
+from .._checks import first_line, state_dict_misfit
 
 __all__ = ["MissingWeightsError", "extract_state_dict", "strip_prefixes", "load_state_dict_into", "read_checkpoint",
            "hub_cache_path"]
@@ -99,20 +99,9 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
     checkpoints lack.  Shapes must match.
     """
     state = strip_prefixes(state)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith(_OPTIONAL_SUFFIXES)]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            parts.append(f"{len(wrong)} of another shape (e.g. {wrong[:2]})")
-        raise ValueError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(parts))
+    misfit = state_dict_misfit(model.state_dict(), state, _OPTIONAL_SUFFIXES)
+    if misfit:
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}: {misfit}")
     model.load_state_dict({k: v for k, v in state.items()}, strict=False)
     return model
 
