@@ -176,6 +176,12 @@ def test_sweep_writes_csv(ckpt, cifar, tmp_path):
     (["prune", "--weights", "none", "--no-eval", "--ratio", "0.5", "--backend", "gpu"],
      "--backend must be auto or one of cpu, torch, cuda, triton, got 'gpu'"),
     (["sweep", "--weights", "none", "--backend", "gpu"], "--backend must be auto or one of"),
+    # compress's words for a Python caller, spelled as flags (it said "pass {'layers': {'re:.*': 1}}")
+    (["prune", "--weights", "none", "--no-eval", "--plan", "1"],
+     "--plan 1: a bare number is a ratio in (0, 1] (e.g. --plan 0.5); for the same k in every layer pass "
+     "--plan map:re:.*=1"),
+    (["prune", "--weights", "none", "--no-eval", "--ratio", "0.5", "--layers", "zzz"],
+     "--layers 'zzz' matches no conv layer"),
 ])
 def test_user_errors_are_one_line(argv, msg, capsys):
     assert main(argv) == 2

@@ -67,7 +67,7 @@ def run(args) -> int:
                                  eval_data=data, eval_batch_size=args.batch_size, seed=args.seed,
                                  backend=args.backend, progress=_progress)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(cli_words(str(exc))) from None
     print(report.to_markdown(title=f"{lm.name}: {report.plan}, {report.granularity}"))
     _recovery_hint(args, report)
     if args.out:
@@ -94,3 +94,12 @@ def _recovery_hint(args, report) -> None:
     _progress(f"accuracy {before:.2%} -> {after:.2%} is right after clustering, without retraining; "
               f"`python -m kcengine finetune {plan}{gran}` (CIFAR ResNets; kcengine.finetune for any model) "
               f"recovers most of it")
+
+
+def cli_words(msg: str) -> str:
+    """A compress error's Python spellings as the flags a prune user types: ``plan=X`` -> ``--plan X``,
+    ``layers=`` -> ``--layers``, and the dict form of a per-layer plan -> ``--plan map:...``."""
+    msg = re.sub(r"pass \{'layers': \{'re:\.\*': (\d+)\}\}", r"pass --plan map:re:.*=\1", msg)
+    msg = re.sub(r"\bplan=", "--plan ", msg)
+    msg = re.sub(r"\blayers=(?=\)|$|[ ;,.])", "--layers", msg)
+    return re.sub(r"\blayers=", "--layers ", msg)
