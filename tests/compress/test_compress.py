@@ -435,6 +435,9 @@ def test_compress_argument_errors_name_the_value():
     assert said == []
     with pytest.raises(ValueError, match="layer 'features.0' has its weights on the meta device"):
         compress(copy.deepcopy(m).to("meta"), ratio=0.5)  # was Tensor.item()'s RuntimeError
+    lazy = nn.Sequential(nn.LazyConv2d(8, 3), nn.Conv2d(8, 4, 3))  # was torch's message, naming no layer
+    with pytest.raises(ValueError, match=r"layer '0' is a lazy conv whose weights are not initialized yet"):
+        compress(lazy, ratio=0.5)
     # the layer is named (before: the k-means problem's index, no layer)
     nan = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1))
     with torch.no_grad():
