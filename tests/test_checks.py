@@ -24,6 +24,7 @@ def test_check_int_accepts_integral_values_and_returns_python_ints(v):
     (np.array(2.0), 0, None, r"n must be an int >= 0, got n=array\(2\.\)"),
     (np.array([2]), 0, None, r"n must be an int >= 0, got n=array\(\[2\]\)"),
     (torch.tensor(12), 0, 10, r"n must be an int in \[0, 10\], got n=tensor\(12\)"),
+    (torch.tensor(5, device="meta"), 0, None, r"n must be an int >= 0, got n=tensor\(\.\.\., device='meta'"),
 ])
 def test_check_int_refuses_with_the_name_and_value(v, low, high, msg):
     with pytest.raises(ValueError, match=msg):

@@ -14,7 +14,12 @@ def check_int(value, name: str, low: int | None = None, high: int | None = None,
     unless ``low <= value <= high``."""
     if optional and value is None:
         return None
-    scalar = value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
+    scalar = value
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        try:
+            scalar = value.item()
+        except (RuntimeError, ValueError, TypeError):  # a meta tensor has no value: refused below, by name
+            pass
     ok = isinstance(scalar, numbers.Integral) and not isinstance(scalar, bool)
     if ok:
         v = int(scalar)
@@ -89,10 +94,16 @@ def state_dict_misfit(own, state, optional_suffixes: tuple = ()) -> str:
     """How the state dict ``state`` fails to fit a model whose own is ``own``, in one line (counts and the first
     few keys; ``load_state_dict``'s report is a page, a line per key), or "" when keys and shapes agree.  Keys
     of ``own`` ending in ``optional_suffixes`` may be absent from ``state``."""
+    def shape(t):  # None where there is none to compare: a lazy module's uninitialized parameter, a non-tensor
+        try:
+            return tuple(t.shape)
+        except (AttributeError, RuntimeError, TypeError):
+            return None
+
     missing = [k for k in own if k not in state and not k.endswith(tuple(optional_suffixes))]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    pairs = [(k, shape(state[k]), shape(own[k])) for k in own if k in state]
+    wrong = [f"{k}: checkpoint {a} vs model {b}" for k, a, b in pairs if a is not None and b is not None and a != b]
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")

@@ -516,6 +516,36 @@ def test_sensitivity_sweep_checks_its_arguments_before_any_work():
             sensitivity_sweep(model, images, labels, **args)
 
 
+def test_sensitivity_sweep_checks_take_what_the_sweep_took():
+    """The argument checks' first form refused a model whose logits for one image are squeezed to [C], took
+    tensors of ratios for bad values and used up a generator of them, and initialized a caller's lazy module
+    (with inference tensors) before sweeping its random weights."""
+    m = _net()
+    x = _x(n=8)
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    want = sensitivity_sweep(m, x, y, ratios=(0.25, 0.5), layers=["features.0"])
+    got = sensitivity_sweep(m, x, y, ratios=torch.tensor([0.25, 0.5]), layers=["features.0"])
+    assert [r["accuracy"] for r in got.rows] == [r["accuracy"] for r in want.rows]
+    got = sensitivity_sweep(m, x, y, ratios=(r for r in (0.25, 0.5)), layers=["features.0"])
+    assert [r["k"] for r in got.rows] == [r["k"] for r in want.rows]
+
+    class Squeezed(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, t):
+            return self.inner(t).squeeze()
+
+    got = sensitivity_sweep(Squeezed(m), x, y, ratios=(0.25, 0.5), layers=["inner.features.0"])
+    assert [r["accuracy"] for r in got.rows] == [r["accuracy"] for r in want.rows]
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.Flatten(), nn.LazyLinear(5))
+    with pytest.raises(ValueError, match=r"model has a lazy module whose weights are not initialized yet"):
+        sensitivity_sweep(lazy, x, y)
+    assert isinstance(lazy[0].weight, nn.parameter.UninitializedParameter)
+
+
 def test_resnet20_k_equal_n_keeps_accuracy_and_sweep_prefix_cache_agrees(shared_data):
     from kcengine.data import cifar10_dataset
     from kcengine.evaluate import evaluate

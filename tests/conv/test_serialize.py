@@ -347,3 +347,54 @@ def test_a_placeholder_without_weights_takes_the_models_dtype(tmp_path, where):
     x = torch.randn(1, 3, 9, 9, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(lm(x.float()), cm.eval()(x).float(), rtol=1e-4, atol=1e-5)
+
+
+def test_review_cases_of_the_load_and_save_checks(tmp_path):
+    """What the first form of the checks above broke or let through: a lazy module in the skeleton (load_state_dict
+    initializes it; the one-line misfit report asked its shape), np.float64 and IntEnum values (float and int
+    subclasses the unpickler refuses), a mapping that is no dict, and a meta skeleton's non-persistent buffer
+    that has values (to_empty re-allocated it)."""
+    import enum
+    import types
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    src, _ = kcengine.compress(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)),
+                               ratio=0.5)
+    kcengine.save_compressed(src, tmp_path / "m.pt")
+    lazy = kcengine.load_compressed(tmp_path / "m.pt", nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(),
+                                                                     nn.LazyLinear(4)))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(lazy(x), src.eval()(x))
+
+    class Depth(enum.IntEnum):
+        TWENTY = 20
+
+    kcengine.save_compressed(src, tmp_path / "k.pt", builder="torch.nn:Sequential",
+                             builder_kwargs=types.MappingProxyType({"a": np.float64(0.5), "b": Depth.TWENTY,
+                                                                    "c": np.str_("s"), "d": np.bool_(True)}))
+    kw = torch.load(tmp_path / "k.pt", weights_only=True)["builder_kwargs"]
+    assert kw == {"a": 0.5, "b": 20, "c": "s", "d": True}
+    assert [type(kw[k]) for k in "abcd"] == [float, int, str, bool]
+
+    class WithTable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.register_buffer("table", torch.arange(4.0, device="cpu") + 1, persistent=False)
+
+        def forward(self, x):
+            return self.conv(x) * self.table[:, None, None]
+
+    torch.manual_seed(0)
+    src, _ = kcengine.compress(WithTable(), ratio=0.5)
+    kcengine.save_compressed(src, tmp_path / "t.pt")
+    with torch.device("meta"):
+        skel = WithTable()
+    assert not skel.table.is_meta
+    loaded = kcengine.load_compressed(tmp_path / "t.pt", skel)
+    assert torch.equal(loaded.table, torch.arange(4.0) + 1)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), src.eval()(x))

@@ -39,6 +39,7 @@ X = np.random.default_rng(0).normal(size=(20, 3))
     (X, 2, {"init": X[:3]}, r"init has 3 centroids but k=2"),
     (X, 2, {"init": X[:2, :2]}, r"init must have shape \[k, 3\]"),
     (X, 2, {"init": X[:2] > 0}, r"^init must hold real numbers \(a float or integer dtype\), got dtype bool$"),
+    (X, 2, {"init": (X[:2] > 0).tolist()}, r"^init must be one of .* or a \[k, 3\] array of initial centroids"),
     ([X, X], 2, {"init": [X[:2], X[:2].astype(np.complex64)]},
      r"^init of problem 1 must hold real numbers \(a float or integer dtype\), got dtype complex64$"),
     (X, 2, {"init": X[:2], "n_init": 3}, r"n_init=3 with given initial centroids"),

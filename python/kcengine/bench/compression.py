@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..compress.plan import ratio_to_k
 from .common import git_commit, machine_info, markdown_table, now_utc, repo_root, shared_data_dir, write_csv
 
 __all__ = ["run"]
@@ -32,7 +33,7 @@ def _sklearn_filters(model, ratio: float, seed: int = 0):
     m = copy.deepcopy(model)
     for _, conv in [(n, c) for n, c in m.named_modules() if isinstance(c, nn.Conv2d)]:
         w = conv.weight.detach().reshape(conv.weight.shape[0], -1).numpy().astype(np.float64)
-        k = max(1, int(np.floor(w.shape[0] * ratio + 0.5)))
+        k = ratio_to_k(w.shape[0], ratio)  # as kcengine's plans round (halves up)
         km = KMeans(n_clusters=k, random_state=seed, n_init=1).fit(w)
         conv.weight.data = torch.from_numpy(km.cluster_centers_[km.labels_].astype(np.float32)).reshape(
             conv.weight.shape)

@@ -254,7 +254,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
             raise ValueError(f"layer {n!r}: {exc}; leave the layer out with layers=") from None
         if isinstance(conv.weight, nn.parameter.UninitializedParameter):
             raise ValueError(f"layer {n!r} is a lazy conv whose weights are not initialized yet: run the model on "
-                             f"one batch first, or leave the layer out with layers=")
+                             f"one batch first")
         if conv.weight.is_meta:
             raise ValueError(f"layer {n!r} has its weights on the meta device: they have a shape but no values to "
                              f"cluster (load or materialize them first, e.g. model.to_empty() then a checkpoint)")

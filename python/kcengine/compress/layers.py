@@ -39,7 +39,8 @@ GRANULARITIES = ("filter", "kernel", "element")
 
 
 def n_points(weight_shape, granularity: str) -> int:
-    """Number of points k is chosen against (``C_out``, or ``C_out*C_in`` for kernels)."""
+    """Number of points k is chosen against (``C_out``, or ``C_out*C_in/groups`` for kernels: the weight's
+    second dimension is already ``C_in/groups``)."""
     c_out, cig = weight_shape[0], weight_shape[1]
     return c_out * cig if granularity == "kernel" else c_out
 

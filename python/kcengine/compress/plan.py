@@ -61,7 +61,8 @@ def _check_ratio(r, what: str) -> float:
 
 def ratio_to_k(n_points: int, ratio: float) -> int:
     """``k = round(N * ratio)`` (halves up), kept within [1, N].  The product is taken exactly on the decimal
-    the ratio prints as (``100 * 0.145`` is 14.499999999999998 in floats, and gave 14)."""
+    the ratio prints as, as a Python float (``100 * 0.145`` is 14.499999999999998 in floats, and gave 14; a
+    numpy float32 ratio is widened first, and prints as its float64 value's decimal)."""
     exact = n_points * Fraction(repr(float(ratio)))
     return max(1, min(n_points, math.floor(exact + Fraction(1, 2))))
 
@@ -96,7 +97,7 @@ class FixedRatio:
 @dataclass(frozen=True)
 class InertiaLimit:
     """Smallest candidate k whose k-means inertia is <= ``limit`` (from a ``kmeans_sweep`` over the candidates:
-    every k for layers of at most 64 points, else 64 ks spread geometrically over [1, N], successive ones a
+    every k for layers of at most 64 points, else up to 64 ks spread geometrically over [1, N], successive ones a
     factor of about N^(1/63) apart, so the k chosen can be above the smallest k that meets the limit by up to
     that gap: 8% at N = 128, 19% at N = 65,536; see :func:`kcengine.compress.apply.candidate_ks`).
 

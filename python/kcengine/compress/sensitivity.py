@@ -167,8 +167,8 @@ class _Runner:
         return correct / int(self.labels.shape[0])
 
 
-def _check_sweep_arguments(model, images, labels, granularity, ratios, batch_size, progress, options) -> None:
-    """ValueError naming the argument for anything the sweep would fail on deep inside, or would take and
+def _check_sweep_arguments(model, images, labels, granularity, ratios, batch_size, progress, options):
+    """``ratios`` as a tuple of floats (or None), after a ValueError naming the argument for anything the sweep would fail on deep inside, or would take and
     quietly misread (an unknown option, a ratio outside (0, 1], labels past the model's outputs), before the
     minutes of clustering: as compress and evaluate check theirs."""
     from .._checks import check_bool, check_int
@@ -188,14 +188,22 @@ def _check_sweep_arguments(model, images, labels, granularity, ratios, batch_siz
     if ratios is not None:
         if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
             raise ValueError(f"ratios must be a sequence of k/N values in (0, 1] or None, got ratios={ratios!r}")
-        if not list(ratios):
+        # read once (a generator), 0-d arrays and tensors as the numbers they hold
+        ratios = tuple(r.item() if getattr(r, "ndim", None) == 0 and hasattr(r, "item") else r for r in ratios)
+        if not ratios:
             raise ValueError("ratios is empty: give at least one k/N value in (0, 1], or None for every k")
-        for r in ratios:
-            _check_ratio(r, "each of ratios")
+        ratios = tuple(_check_ratio(r, "each of ratios") for r in ratios)
     check_data((images, labels), "(images, labels)")
-    with torch.inference_mode(), eval_mode(model):  # one image: the labels against the model's outputs
-        logits = run_model(model, images[:1])
-    check_labels(labels, logits.expand(labels.shape[0], -1))
+    lazy = next((n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)), None)
+    if lazy is not None:  # the probe below would initialize the caller's lazy module with random weights
+        raise ValueError(f"model has a lazy module whose weights are not initialized yet ({lazy!r}): run the model "
+                         f"on one batch first")
+    # the labels against the model's outputs, on two images (a model may squeeze a batch of one); no_grad, not
+    # inference_mode: nothing the caller's model keeps may become an inference tensor
+    with torch.no_grad(), eval_mode(model):
+        logits = run_model(model, images[:2])
+    check_labels(labels, logits[:1].expand(labels.shape[0], -1))
+    return ratios
 
 
 def sensitivity_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, granularity: str = "filter",
@@ -212,7 +220,7 @@ def sensitivity_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         options: k-means options (seed, backend, max_iter, n_init, tol, algorithm).
     """
     t_start = time.perf_counter()
-    _check_sweep_arguments(model, images, labels, granularity, ratios, batch_size, progress, options)
+    ratios = _check_sweep_arguments(model, images, labels, granularity, ratios, batch_size, progress, options)
     convs = conv_layers(model)
     require_dense_convs(model, convs)
     by_name = dict(convs)

@@ -26,6 +26,7 @@ import importlib
 import io
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -116,10 +117,13 @@ _PLAIN = (bool, int, float, str, type(None))
 def _plain_value(v, where: str):
     """``v`` in the types ``torch.load(weights_only=True)`` reads back (numpy and 0-d torch scalars as the Python
     numbers they hold); ValueError naming ``where`` for anything else: the file would save and never load."""
-    if isinstance(v, _PLAIN):
+    if type(v) in _PLAIN:
         return v
-    if getattr(v, "ndim", None) == 0 and hasattr(v, "item") and isinstance(v.item(), (bool, int, float)):
-        return v.item()
+    if getattr(v, "ndim", None) == 0 and hasattr(v, "item") and type(v.item()) in _PLAIN:
+        return v.item()  # numpy scalars (np.float64 is a float subclass: the unpickler refuses it), 0-d tensors
+    for kind in (bool, int, float, str):  # other subclasses (an IntEnum, np.str_): the plain value
+        if isinstance(v, kind):
+            return kind(v)
     if isinstance(v, (list, tuple)):
         out = [_plain_value(x, f"{where}[{i}]") for i, x in enumerate(v)]
         return out if isinstance(v, list) else tuple(out)
@@ -141,7 +145,7 @@ def _payload(model: nn.Module, builder, builder_kwargs) -> dict:
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if builder is not None and (not isinstance(builder, str) or builder.count(":") != 1):
         raise ValueError(f"builder must be 'package.module:callable', got {builder!r}")
-    if builder_kwargs is not None and not isinstance(builder_kwargs, dict):
+    if builder_kwargs is not None and not isinstance(builder_kwargs, Mapping):
         raise ValueError(f"builder_kwargs must be a dict of the builder's keyword arguments or None, got "
                          f"{type(builder_kwargs).__name__}")
     kwargs = {}
@@ -302,7 +306,19 @@ def _materialized(model: nn.Module) -> nn.Module:
                 raise ValueError(f"model is a skeleton on the meta device whose buffer {where!r} is not in the state "
                                  f"dict (non-persistent): loading cannot give it values; build the skeleton on "
                                  f"the CPU")
-    return model.to_empty(device="cpu")
+    # Only the meta tensors get (empty) storage: to_empty would re-allocate every tensor, and a non-persistent
+    # buffer with values would lose them.  One new tensor per old one keeps tied parameters tied.
+    new = {}
+    for m in model.modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in new:
+                    empty = torch.empty_like(t, device="cpu")
+                    new[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+                table[name] = new[id(t)]
+    return model
 
 
 def _skeleton_dtype(model: nn.Module, name: str):

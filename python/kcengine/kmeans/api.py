@@ -487,7 +487,7 @@ def _check_init(init, parts, layout, k_arg):
             rows = None
         if rows is not None and rows.ndim == 3 and rows.shape[0] == 1:  # [[row, ...]]: the batch form of one
             rows = rows[0]
-        if rows is None or rows.dtype.kind not in "biuf":
+        if rows is None or rows.dtype.kind not in "iuf":
             raise ValueError(f"init must be one of {INITS} or a [k, {parts[0].shape[1]}] array of initial "
                              f"centroids, got {type(init).__name__} {init!r:.80}")
         init = rows.astype(np.float64, copy=False)
