@@ -620,7 +620,7 @@ def test_repeated_forwards_still_reject_bad_arguments():
             layer(torch.randn(2, 4, 9, 11))
         with pytest.raises(ValueError, match="dtype"):
             layer(x.double())
-        with pytest.raises(ValueError, match="too small"):
+        with pytest.raises(ValueError, match="too small|empty spatial dimension"):
             layer(torch.randn(2, 5, 0, 3))
         _close(layer(x), ref)  # and the good call still works after the failures
         layer.codebook = nn.Parameter(torch.randn(3, 4, 3, 3))  # replaced by one of the wrong C_in
