@@ -299,22 +299,20 @@ def indexed_conv2d(
             return indexed_conv2d(c[0], c[1], index, c[2], stride, padding, dilation, groups, granularity,
                                   scale=c[3], shift=c[4], relu=relu, residual=c[5], backend=backend)
     capture = capturing(x)
-    if not capture and forward_ad_active():  # torch ops carry the tangents; the native kernels would drop them
-        stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
-                                              granularity, scale, shift, residual)
-        _registry.check_op_backend("conv", backend)  # (the torch ops run whichever it names)
-        return captured_conv2d(x, codebook, index, bias, stride, padding, dilation, groups, granularity, scale,
-                               shift, relu, residual)
-    if capture or dispatch_mode_active():  # (the compiler cannot trace the second: capture is asked first)
+    # Under forward-mode AD torch ops carry the tangents (the native kernels and the op would drop them); under
+    # capture or a dispatch mode the conv is the op where it applies, else torch ops.  (The compiler cannot trace
+    # the other two questions: capture is asked first.)
+    tangents = not capture and forward_ad_active()
+    if capture or tangents or dispatch_mode_active():
         if not torch.jit.is_tracing():  # see captured_conv2d for what is checked where
             stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
-                                                  granularity, scale, shift, residual, check_range=False)
+                                                  granularity, scale, shift, residual, check_range=tangents)
         _registry.check_op_backend("conv", backend)  # a name only (plain Python, traced away), as in eager
         from . import native_op  # imported with the package (it registers the op): a lookup here
 
         # under a dispatch mode wherever the op can run, so that the mode sees the native work
-        if native_op.applies(x, codebook, index, bias, scale, shift, residual, stride, padding, dilation, groups,
-                             granularity, backend, always=not capture):
+        if not tangents and native_op.applies(x, codebook, index, bias, scale, shift, residual, stride, padding,
+                                              dilation, groups, granularity, backend, always=not capture):
             if not capture:
                 native_op.register_flop_formula()
             return native_op.indexed_conv2d_op(x, codebook, index, bias, stride, padding, dilation, granularity,
