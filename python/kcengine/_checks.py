@@ -5,7 +5,18 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_int", "check_float", "check_bool", "check_device", "first_line", "state_dict_misfit"]
+__all__ = ["check_int", "check_float", "check_bool", "check_device", "first_line", "state_dict_misfit", "scalar_value"]
+
+
+def scalar_value(value):
+    """The Python number a 0-d numpy array, numpy scalar or 0-d torch tensor holds; ``value`` itself for anything
+    else (and for a meta tensor, which holds none): what every check then reads as a plain scalar."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        try:
+            return value.item()
+        except (RuntimeError, ValueError, TypeError):
+            pass
+    return value
 
 
 def check_int(value, name: str, low: int | None = None, high: int | None = None, *, optional: bool = False):
@@ -14,12 +25,7 @@ def check_int(value, name: str, low: int | None = None, high: int | None = None,
     unless ``low <= value <= high``."""
     if optional and value is None:
         return None
-    scalar = value
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-        try:
-            scalar = value.item()
-        except (RuntimeError, ValueError, TypeError):  # a meta tensor has no value: refused below, by name
-            pass
+    scalar = scalar_value(value)  # (a meta tensor's stays a tensor: refused below, by name)
     ok = isinstance(scalar, numbers.Integral) and not isinstance(scalar, bool)
     if ok:
         v = int(scalar)

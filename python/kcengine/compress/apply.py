@@ -66,6 +66,16 @@ def elbow_index(ks, inertias) -> int:
     return int(np.argmax(chord - yn))
 
 
+def check_granularity_and_options(granularity, options: dict) -> None:
+    """ValueError unless ``granularity`` is one of :data:`GRANULARITIES` and every key of ``options`` a k-means
+    option (compress and the sensitivity sweep take the same ones)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got granularity={granularity!r}")
+    unknown = sorted(set(options) - set(_KMEANS_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; k-means options are {_KMEANS_OPTIONS}")
+
+
 def _kmeans_kwargs(options: dict, granularity: str) -> dict:
     """The k-means options, checked before any clustering (and before the first progress line); the seed is
     resolved once (an int; a Generator or None draws one), so every k-means call of the compress gets that int
@@ -139,10 +149,10 @@ def _choose_ks(strategy, probs: list[LayerProblem], kw: dict):
                 i = elbow_index(cand, inert)
                 notes[p.name] = f"elbow at k={cand[i]} over {len(cand)} ks"
             else:
-                # relative: of the sweep's own k = 1 inertia where it has one (the total sum of squares computed
-                # apart could fall an ulp below it, and relative_inertia=1.0 then picked k = 2)
-                base = (inert[cand.index(1)] if 1 in cand else p.total_sum_of_squares()) if strategy.relative else 1
-                limit = strategy.limit * base if strategy.relative else strategy.limit
+                limit = strategy.limit
+                if strategy.relative:  # of the sweep's own k = 1 inertia (candidate_ks always holds k = 1): the
+                    # total sum of squares computed apart could fall an ulp below it, and 1.0 then picked k = 2
+                    limit *= inert[cand.index(1)]
                 ok = [j for j, v in enumerate(inert) if v <= limit]
                 i = ok[0] if ok else len(cand) - 1
                 notes[p.name] = f"limit {limit:.4g}: k={cand[i]} of {len(cand)} candidates"
@@ -214,11 +224,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got granularity={granularity!r}")
-    unknown = sorted(set(options) - set(_KMEANS_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; k-means options are {_KMEANS_OPTIONS}")
+    check_granularity_and_options(granularity, options)
     eval_batch_size = check_int(eval_batch_size, "eval_batch_size", 1)
     if eval_data is not None:
         from ..evaluate.metrics import check_data

@@ -27,9 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .apply import _KMEANS_OPTIONS, _kmeans_kwargs, candidate_ks, conv_layers, require_dense_convs, sweep_layer
+from .._checks import check_bool, check_int, scalar_value
+from .._modes import eval_mode
+from .apply import (_kmeans_kwargs, candidate_ks, check_granularity_and_options, conv_layers, require_dense_convs,
+                    sweep_layer)
 from .layers import LayerProblem
-from .plan import select_layers
+from .plan import _check_ratio, select_layers
 
 __all__ = ["SensitivityResult", "sensitivity_sweep", "local_maxima", "DEFAULT_SWEEP_RATIOS"]
 
@@ -168,28 +171,20 @@ class _Runner:
 
 
 def _check_sweep_arguments(model, images, labels, granularity, ratios, batch_size, progress, options):
-    """``ratios`` as a tuple of floats (or None), after a ValueError naming the argument for anything the sweep would fail on deep inside, or would take and
-    quietly misread (an unknown option, a ratio outside (0, 1], labels past the model's outputs), before the
-    minutes of clustering: as compress and evaluate check theirs."""
-    from .._checks import check_bool, check_int
-    from .._modes import eval_mode
+    """``ratios`` as a tuple of floats (or None), after a ValueError naming the argument for anything the sweep
+    would fail on deep inside, or would take and quietly misread (an unknown option, a ratio outside (0, 1],
+    labels past the model's outputs), before the minutes of clustering: as compress and evaluate check theirs."""
     from ..evaluate.metrics import check_data, check_labels, check_model, run_model
-    from .layers import GRANULARITIES
-    from .plan import _check_ratio
 
     check_model(model)
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got granularity={granularity!r}")
-    unknown = sorted(set(options) - set(_KMEANS_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; k-means options are {_KMEANS_OPTIONS}")
+    check_granularity_and_options(granularity, options)
     check_int(batch_size, "batch_size", 1)
     check_bool(progress, "progress")
     if ratios is not None:
         if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
             raise ValueError(f"ratios must be a sequence of k/N values in (0, 1] or None, got ratios={ratios!r}")
         # read once (a generator), 0-d arrays and tensors as the numbers they hold
-        ratios = tuple(r.item() if getattr(r, "ndim", None) == 0 and hasattr(r, "item") else r for r in ratios)
+        ratios = tuple(scalar_value(r) for r in ratios)
         if not ratios:
             raise ValueError("ratios is empty: give at least one k/N value in (0, 1], or None for every k")
         ratios = tuple(_check_ratio(r, "each of ratios") for r in ratios)

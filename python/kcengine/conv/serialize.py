@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .._checks import first_line, state_dict_misfit
+from .._checks import first_line, scalar_value, state_dict_misfit
 from .module import ClusteredConv2d, conv_padding, index_dtype_for, replace_module
 
 __all__ = ["save_compressed", "load_compressed", "is_compressed_file", "checkpoint_sizes", "dense_state_dict",
@@ -119,8 +119,9 @@ def _plain_value(v, where: str):
     numbers they hold); ValueError naming ``where`` for anything else: the file would save and never load."""
     if type(v) in _PLAIN:
         return v
-    if getattr(v, "ndim", None) == 0 and hasattr(v, "item") and type(v.item()) in _PLAIN:
-        return v.item()  # numpy scalars (np.float64 is a float subclass: the unpickler refuses it), 0-d tensors
+    plain = scalar_value(v)  # numpy scalars (np.float64 is a float subclass: the unpickler refuses it), 0-d tensors
+    if type(plain) in _PLAIN:
+        return plain
     for kind in (bool, int, float, str):  # other subclasses (an IntEnum, np.str_): the plain value
         if isinstance(v, kind):
             return kind(v)
@@ -288,7 +289,6 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
         raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: "
                          f"{' '.join(str(exc).split())[:300]}") from None
     return model.eval()
-
 
 
 def _materialized(model: nn.Module) -> nn.Module:

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .. import _registry
-from .._checks import check_int
+from .._checks import check_int, scalar_value
 from .result import KMeansResult
 
 __all__ = ["kmeans", "kmeans_sweep", "Problems", "RawResult", "ALGORITHMS", "INITS"]
@@ -338,8 +338,7 @@ def _check_k(k, parts, layout, name: str = "k") -> np.ndarray:
     """One k per problem as int64, each in [1, N_i].  ``name`` is "ks" for a sweep, whose entries are
     named ``ks[i]`` in errors (``k ... for problem i`` otherwise)."""
     B = len(parts)
-    if getattr(k, "ndim", None) == 0:  # a 0-d array or tensor is one k, like numpy's integer scalars
-        k = k.item()
+    k = scalar_value(k)  # a 0-d array or tensor is one k, like numpy's integer scalars
     if isinstance(k, (list, tuple, np.ndarray)) or _is_torch(k):
         ks = [v.item() if hasattr(v, "item") else v for v in (k.tolist() if hasattr(k, "tolist") else k)]
         if layout == "single":
