@@ -7,9 +7,9 @@ BatchNorm frozen in a training model stays frozen, a dropout left on in an eval 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Sequence
 
 import numpy as np
@@ -193,9 +193,9 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num
     if classes is None:  # the data's own names (a numpy array of them too: `or` asked for its truth value)
         for holder in (data, getattr(data, "dataset", None)):
             found = getattr(holder, "classes", None)
-            if found is not None and not isinstance(found, (str, bytes)) and isinstance(found, Iterable) \
-                    and len(list(found)):
-                classes = list(found)
+            found = list(found) if isinstance(found, Iterable) and not isinstance(found, (str, bytes)) else None
+            if found:
+                classes = found
                 break
     correct1 = correct5 = total = 0
     preds, trues = [], []

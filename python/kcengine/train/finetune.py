@@ -527,11 +527,12 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
                    "bn_recalibration": bn_recalibration, "calibration_images": calibration_images,
                    "compress_options": [(key, _stable(v)) for key, v in sorted(copts.items())]}
     state = load_checkpoint(ckpt_path) if (ckpt_path is not None and resume) else None
-    old = state.get("fingerprint") if state is not None else None
-    # (a checkpoint written before a key existed is compared on the keys it has)
-    diff = [] if state is None else [f"{key} {old.get(key)!r} -> {fingerprint.get(key)!r}" for key in
-                                     sorted(set(old) if isinstance(old, dict) else set(fingerprint))
-                                     if not isinstance(old, dict) or old.get(key) != fingerprint.get(key)]
+    diff = []
+    if state is not None:  # (a checkpoint written before a key existed is compared on the keys it has)
+        old = state.get("fingerprint")
+        keys, old = (set(old), old) if isinstance(old, dict) else (set(fingerprint), {})
+        diff = [f"{key} {old.get(key)!r} -> {fingerprint.get(key)!r}" for key in sorted(keys)
+                if old.get(key) != fingerprint.get(key)]
     if diff:
         raise ValueError(f"checkpoint {ckpt_path} was written by a run with other settings ({'; '.join(diff)}); "
                          f"use another checkpoint_dir or resume=False")
