@@ -1,13 +1,14 @@
 """Command line: ``python -m kcengine <command> ...``.
 
-Each command lives in ``kcengine/commands/<name>.py`` and exposes ``HELP`` (one line),
-``add_arguments(parser)`` and ``run(args) -> int``.  Errors a user can make are raised as
-:class:`UserError` and printed as one line with a non-zero exit code, never a traceback.
+Each command lives in ``kcengine/commands/<name>.py`` and exposes ``HELP`` (one line), ``add_arguments(parser)``,
+``run(args) -> int`` and, when it has ``--out``, ``OUT_FILES`` (the names it writes there).  Errors a user can make
+are raised as :class:`UserError` and printed as one line with a non-zero exit code, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,28 @@ COMMANDS = ("bench", "env", "prune", "eval", "sweep", "finetune")
 
 class UserError(Exception):
     """A mistake in the command line or its inputs: printed as one line, exit code 2."""
+
+
+def flag_words(msg: str, flags: dict[str, str]) -> str:
+    """A library error's message with its Python spellings as the flags a command-line user types.
+
+    ``flags`` maps a keyword to its flag (``{"eval_batch_size": "--batch-size"}``), or a phrase (anything but an
+    identifier) to its replacement (``{"resume=False": "--no-resume"}``).  A message that opens with a
+    keyword opens with its flag ("eval_batch_size must be an int >= 1, got eval_batch_size=0" -> "--batch-size
+    must be an int >= 1, got 0"); elsewhere ``keyword=value`` reads ``--flag value``, and a bare ``keyword=``
+    (as in "pass plan=") reads ``--flag``."""
+    for spelled, flag in flags.items():
+        if not spelled.isidentifier():
+            msg = re.sub(rf"(?<![\w.-]){re.escape(spelled)}(?!\w)", flag, msg)
+    m = re.match(r"([a-z_]+)(\[\d+\])? ", msg)
+    if m and m.group(1) in flags:
+        name = m.group(1)
+        msg = flags[name] + re.sub(rf"got {name}(\[\d+\])?=", "got ", msg[len(name):])
+    for name, flag in flags.items():
+        if name.isidentifier():
+            msg = re.sub(rf"(?<![\w.-]){re.escape(name)}=(?=[)\s;,.]|$)", flag, msg)
+            msg = re.sub(rf"(?<![\w.-]){re.escape(name)}=", flag + " ", msg)
+    return msg
 
 
 def _available_commands():
@@ -69,6 +92,15 @@ def _make_out(out) -> Path | None:
     return top
 
 
+def _check_out_files(out, command: str, names) -> None:
+    """A folder standing where the command will write one of its files (``names``, the module's ``OUT_FILES``)
+    is a one-line error before any work, not a traceback after it."""
+    for name in names:
+        if (Path(out) / name).is_dir():
+            raise UserError(f"--out {out}: {Path(out) / name} is a folder, where {command} writes its file {name}; "
+                            f"move it away or choose another --out")
+
+
 def main(argv=None) -> int:
     parser, mods = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -78,6 +110,8 @@ def main(argv=None) -> int:
     made, rc = None, 1  # rc stays 1 when the command raises
     try:
         made = _make_out(args.out) if getattr(args, "out", None) else None
+        if getattr(args, "out", None):
+            _check_out_files(args.out, args.command, getattr(mods[args.command], "OUT_FILES", ()))
         rc = int(mods[args.command].run(args) or 0)
     except UserError as exc:
         print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)  # as argparse's own errors

@@ -42,6 +42,9 @@ def test_bench_quick_writes_report_folder(tmp_path):
     for name in ("report.md", "results.json", "clustering.csv", "clustering_speedup.png", "inference.csv",
                  "inference_layers.csv", "inference_layers.png"):
         assert (out / name).is_file(), name
+    from kcengine.commands.bench import OUT_FILES
+
+    assert {p.name for p in out.iterdir()} <= set(OUT_FILES)  # the names cli.main checks before any work
 
 
 @pytest.mark.parametrize("args,match", [
@@ -52,6 +55,9 @@ def test_bench_quick_writes_report_folder(tmp_path):
     (["--model", "resnet20", "--sections", "speed"], "--sections: unknown section 'speed'"),
     (["--model", "resnet20", "--max-problems", "0"], "--max-problems must be >= 1, got 0"),
     (["--model", "resnet20", "--max-problems", "-1"], "--max-problems must be >= 1, got -1"),
+    (["--model", "resnet20", "--sections", ""], "--sections '' names no section"),
+    (["--model", "resnet20", "--sections", " , "], "--sections ' , ' names no section"),
+    (["--model", "resnet20", "--weights", "/"], "--weights /: a folder, not a checkpoint file"),
 ])
 def test_bench_user_errors_are_one_line(args, match):
     r = run_cli("bench", *args)
@@ -59,6 +65,31 @@ def test_bench_user_errors_are_one_line(args, match):
     assert match in r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_weights_of_another_model_are_refused_before_any_section(tmp_path):
+    import torch
+
+    from kcengine.models import CifarResNet
+
+    path = tmp_path / "r20.th"
+    torch.save(CifarResNet(20).state_dict(), path)
+    r = run_cli("bench", "--model", "resnet32", "--quick", "--weights", str(path), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"--weights {path}: could not be loaded into resnet32 (" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_one_problem_per_workload_and_the_torch_backend_on_cpu(tmp_path):
+    """--max-problems 1 keeps the first problem of each workload (it divided by zero); --backend torch on the CPU
+    times the torch reference beside the cpu solver (it was ignored)."""
+    out = tmp_path / "o"
+    r = run_cli("bench", "--model", "resnet20", "--quick", "--sections", "clustering", "--max-problems", "1",
+                "--weights", "none", "--backend", "torch", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)["sections"]["clustering"]["rows"]
+    assert {row["problems"] for row in rows} == {1}
+    assert {"kcengine", "torch"} <= {row["method"] for row in rows}
 
 
 def test_bench_refuses_a_clustered_model_as_weights(tmp_path):

@@ -42,6 +42,9 @@ def test_finetune_writes_model_history_and_curves(ckpt, cifar, tmp_path, capsys)
     sd = back.state_dict()
     assert sd.keys() == state.keys() and all(torch.equal(sd[n], state[n]) for n in state)
     assert "after 2 epochs" in capsys.readouterr().out
+    from kcengine.commands.finetune import OUT_FILES
+
+    assert {p.name for p in out.iterdir()} == set(OUT_FILES)  # the names cli.main checks before any work
 
 
 def test_finetune_progressive_order_and_resume(ckpt, cifar, tmp_path, capsys):
@@ -80,7 +83,15 @@ def test_finetune_with_a_sensitivity_plan_prints_and_records_its_split(ckpt, cif
     (("--ratio", "0.5", "--mode", "progressive", "--order", "nothing"), "matches no layer"),
     (("--ratio", "0.5", "--mixup", "-1"), "--mixup must be a finite number >= 0.0, got -1.0"),
     (("--ratio", "0.5", "--mode", "progressive", "--order", ";;"), "--order ';;' names no stage"),
-    (("--ratio", "0.5", "--stage-epochs", "2"), "--stage-epochs sets the stages of mode='progressive'"),
+    (("--ratio", "0.5", "--stage-epochs", "2"), "--stage-epochs sets the stages of --mode 'progressive'"),
+    (("--ratio", "0.5", "--order", "layer3"),
+     "--order sets the stages of --mode 'progressive'; --mode 'centroids' clusters every layer at once, got "
+     "['layer3']"),
+    (("--ratio", "2"), "--ratio must be a ratio in (0, 1]"),
+    (("--plan", "nonsense"), "--plan 'nonsense' is not understood"),
+    (("--plan", "sensitivity=0.5", "--granularity", "kernel"), "it needs --granularity 'filter', got --granularity "
+                                                                "'kernel'"),
+    (("--ratio", "0.5", "--no-resume"), "--no-resume starts over from a --checkpoint-dir's checkpoint"),
     # finetune's checks name its keywords; the CLI names the flags typed
     (("--ratio", "0.5", "--batch-size", "0"), "--batch-size must be an int >= 1, got 0"),
     (("--ratio", "0.5", "--mode", "progressive", "--stage-epochs", "-1"), "--stage-epochs must be an int >= 0, got -1"),
@@ -157,3 +168,31 @@ def test_finetune_of_an_imagenet_model_on_image_folders(imagenet_folder, tmp_pat
     assert "has no val/ folder" in capsys.readouterr().err
     assert main([*common]) == 2
     assert "pass --data PATH to a folder holding train/ and val/" in capsys.readouterr().err
+    # each folder numbers its own classes in sorted order: val/ without cat/ would label its dogs 0
+    shutil.copytree(imagenet_folder.root / "dog", data / "val" / "dog")
+    assert main([*common, "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "train/ and val/ must hold the same class folders" in err and "only in train/: cat (1)" in err
+
+
+def test_finetune_errors_name_flags_and_refuse_a_clustered_model(ckpt, cifar, tmp_path, capsys):
+    """A checkpoint written with other settings is resumed with --no-resume (the flag, not resume=False); a
+    clustered model (finetune's own --out) is refused as --weights, since finetune clusters the dense model and
+    distils from it."""
+    ck, out = tmp_path / "ck", tmp_path / "o"
+    assert main(_args(ckpt, cifar, "--epochs", "1", "--no-refit", "--checkpoint-dir", str(ck), "--out", str(out))) == 0
+    capsys.readouterr()
+    assert main(_args(ckpt, cifar, "--epochs", "1", "--no-refit", "--checkpoint-dir", str(ck), "--lr", "0.5")) == 2
+    err = capsys.readouterr().err
+    assert "use another --checkpoint-dir or --no-resume" in err and "resume=False" not in err
+    args = _args(ckpt, cifar, "--epochs", "0")
+    args[args.index("--weights") + 1] = str(out / "model.pt")
+    assert main(args) == 2
+    assert f"--weights {out / 'model.pt'} holds a clustered model" in capsys.readouterr().err
+
+
+def test_finetune_says_which_layers_a_partial_plan_left_dense(ckpt, cifar, tmp_path, capsys):
+    args = _args(ckpt, cifar, "--mode", "progressive", "--order", "layer3", "--epochs", "0", "--no-refit")
+    assert main(args) == 0
+    assert "6 of 19 conv layers clustered; dense: conv1, layer1.0.conv1, layer1.0.conv2, layer1.1.conv1, " \
+           "layer1.1.conv2, layer1.2.conv1, ... (13)" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import torch
 
 from kcengine import compress
 from kcengine.cli import main
+from kcengine.commands import eval as eval_cmd, prune as prune_cmd, sweep as sweep_cmd
 from kcengine.conv import ClusteredConv2d
 from kcengine.models import load_model
 
@@ -30,6 +31,7 @@ def test_eval_writes_json_and_png(ckpt, cifar, tmp_path, capsys):
     d = json.loads((out / "eval.json").read_text())
     assert d["total"] == 12 and 0 <= d["top1"] <= 1
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert {p.name for p in out.iterdir()} == set(eval_cmd.OUT_FILES)  # the names cli.main checks before any work
     assert "top-1" in capsys.readouterr().out
 
 
@@ -140,6 +142,7 @@ def test_prune_plan_takes_a_bare_ratio(ckpt, tmp_path):
     assert main(["prune", "--weights", str(ckpt), "--no-eval", "--plan", "0.5", "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["plan"] == "fixed ratio 0.5"
+    assert {p.name for p in out.iterdir()} == set(prune_cmd.OUT_FILES)
     assert [lr["k"] for lr in rep["layers"]] == [lr["n_points"] // 2 for lr in rep["layers"]]
 
 
@@ -160,6 +163,7 @@ def test_sweep_writes_csv(ckpt, cifar, tmp_path):
                  "--out", str(out)]) == 0
     lines = (out / "sweep.csv").read_text().splitlines()
     assert len(lines) == 3 and lines[0].startswith("layer,")
+    assert {p.name for p in out.iterdir()} == set(sweep_cmd.OUT_FILES)
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -170,7 +174,8 @@ def test_sweep_writes_csv(ckpt, cifar, tmp_path):
     (["prune", "--weights", "none", "--no-eval", "--plan", "sensitivity=0.5"],
      "kcengine finetune --plan sensitivity=0.5 measures it"),
     (["eval", "--weights", "none"], "accuracy work needs them"),
-    (["eval", "--model", "resnet19", "--weights", "none"], "not a known model"),
+    (["eval", "--model", "resnet19", "--weights", "none"], "--model 'resnet19' is not a known model"),
+    (["eval", "--weights", "/"], "--weights '/' is a folder without a model.pt"),
     (["sweep", "--weights", "none", "--ratios", "0,2"], "--ratios must be"),
     (["prune", "--weights", "none", "--no-eval", "--plan", "elbow=0.1:inf:0.1"], "needs finite START, STOP and STEP"),
     (["prune", "--weights", "none", "--no-eval", "--ratio", "0.5", "--backend", "gpu"],
@@ -185,6 +190,14 @@ def test_sweep_writes_csv(ckpt, cifar, tmp_path):
 ])
 def test_user_errors_are_one_line(argv, msg, capsys):
     assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("extra, msg", [(["--layers", "nonsense"], "--layers 'nonsense' matches no conv layer"),
+                                        (["--seed", "-1"], "--seed must be an int in [0, ")])
+def test_sweep_errors_name_flags(ckpt, cifar, capsys, extra, msg):
+    assert main(["sweep", "--weights", str(ckpt), "--data", str(cifar), "--ratios", "0.5", *extra]) == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
 

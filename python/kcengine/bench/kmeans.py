@@ -100,6 +100,8 @@ def load_weights(model_name: str, weights=None, *, require_trained: bool = False
 def _subset(n: int, cap: int | None) -> list[int]:
     if cap is None or n <= cap:
         return list(range(n))
+    if cap == 1:
+        return [0]
     return sorted({int(round(i * (n - 1) / (cap - 1))) for i in range(cap)})
 
 

@@ -17,6 +17,9 @@ from ..cli import UserError
 
 HELP = "benchmark clustering, inference and accuracy of a compressed model (writes a report folder)"
 SECTIONS = ("clustering", "inference", "accuracy")
+# what the command writes in --out (cli.main refuses a folder standing at one of these names before any work)
+OUT_FILES = ("report.md", "results.json", "clustering.csv", "clustering_kernels.csv", "clustering_speedup.png",
+             "inference.csv", "inference_layers.csv", "inference_layers.png", "accuracy.csv", "accuracy_vs_unique.png")
 
 
 def add_arguments(p) -> None:
@@ -29,7 +32,11 @@ def add_arguments(p) -> None:
                    help="CIFAR-10 python-batches folder for the accuracy section, which CIFAR ResNets alone run "
                         "(default ../shared/data's when present, else the section is skipped)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default cpu)")
-    p.add_argument("--backend", default="auto", help="kcengine backend: auto, cpu, torch, cuda, triton (default auto)")
+    p.add_argument("--backend", default="auto",
+                   help="kcengine's k-means backend: auto, cpu, torch, cuda, triton (default auto). It clusters the "
+                        "inference and accuracy sections' models; in the clustering table, --device cpu times the "
+                        "cpu backend as `kcengine` and --backend torch adds the torch reference's row; --device "
+                        "cuda times cuda or triton as named (auto, torch: both) beside the torch reference")
     p.add_argument("--ratio", type=float, default=0.25,
                    help="k = round(C_out * ratio) for the inference section (default 0.25); the accuracy section "
                         "scores its own set of plans (ratios 0.75, 0.5, 0.25, relative inertia 0.5, elbow)")
@@ -54,6 +61,8 @@ def _check_args(args):
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         raise UserError(f"--sections: unknown section {bad[0]!r} (choose from {', '.join(SECTIONS)})")
+    if not sections:
+        raise UserError(f"--sections {args.sections!r} names no section (choose from {', '.join(SECTIONS)})")
     if args.recover_epochs < 0:
         raise UserError(f"--recover-epochs must be >= 0, got {args.recover_epochs}")
     if not 0 < args.ratio <= 1:
@@ -63,6 +72,10 @@ def _check_args(args):
     from .eval import check_backend_arg
 
     check_backend_arg(args.backend)
+    if args.device == "cpu" and args.backend in ("cuda", "triton"):
+        raise UserError(f"--backend {args.backend} clusters on the GPU: use it with --device cuda")
+    if args.device == "cuda" and args.backend == "cpu":
+        raise UserError("--backend cpu clusters on the CPU: use it with --device cpu")
     from ..models import list_models
 
     if args.model not in list_models():
@@ -73,12 +86,20 @@ def _check_args(args):
     if args.weights is not None and args.weights not in ("none", "pretrained"):
         from ..conv.serialize import is_compressed_file
 
+        if Path(args.weights).is_dir():
+            raise UserError(f"--weights {args.weights}: a folder, not a checkpoint file")
         if not Path(args.weights).is_file():
             raise UserError(f"--weights {args.weights}: no such file")
         if is_compressed_file(args.weights):
             raise UserError(f"--weights {args.weights}: a clustered model (a save_compressed file, as prune and "
                             f"finetune --out write); bench clusters a dense model itself: pass the dense weights "
                             f"(evaluate a clustered model with `kcengine eval --weights`)")
+        from ..models import load_model
+
+        try:  # a checkpoint of another model (or no checkpoint at all) is said now, not after a section's work
+            load_model(args.model, args.weights)
+        except Exception as exc:
+            raise UserError(f"--weights {args.weights}: could not be loaded into {args.model} ({exc})") from None
     if args.max_problems is not None and args.max_problems < 1:
         raise UserError(f"--max-problems must be >= 1, got {args.max_problems}")
     if args.data is not None and not Path(args.data).is_dir():
@@ -177,8 +198,8 @@ def run_clustering(args, out: Path) -> dict:
     else:
         methods = kb.available_methods("cpu")
         # The torch reference is the GPU baseline; on the CPU it is the slowest method by far
-        # (python -m kcengine.bench.kmeans measures it for the recorded tables).
-        methods = [m for m in methods if m != "torch"]
+        # (python -m kcengine.bench.kmeans measures it for the recorded tables): timed with --backend torch only.
+        methods = [m for m in methods if m != "torch" or args.backend == "torch"]
         rows = []
         with tqdm(total=len(wls) * len(methods), desc="clustering", unit="run", leave=False) as bar:
             for wl in wls:
@@ -343,7 +364,7 @@ def run_inference(args, out: Path) -> dict:
     allocator = keep_freed_memory_mapped() or "the C library's malloc as the process left it"
     import copy
 
-    clustered, report = compress(lm.model, ratio=args.ratio, granularity="filter", seed=0)
+    clustered, report = compress(lm.model, ratio=args.ratio, granularity="filter", seed=0, backend=args.backend)
     clustered.eval()
     # The dense baseline carries the same (clustered) weights as ordinary Conv2d layers, so the
     # two models compute the same function and their outputs can be compared.
@@ -479,7 +500,11 @@ def run_accuracy(args, out: Path) -> dict:
 
     data_dir = cifar_root(args.data)
     if data_dir is None or (args.data is None and not data_dir.is_dir()):
-        line = "skipped: no --data folder given (a CIFAR-10 python-batches folder)"
+        import os
+
+        env = os.environ.get("KCENGINE_DATA")
+        line = "skipped: no --data folder given (a CIFAR-10 python-batches folder)" + (
+            f", and KCENGINE_DATA={env} is not a folder" if env and not Path(env).is_dir() else "")
         _log(f"[accuracy] {line}")
         return {"skipped": line, "markdown": line}
     from ..compress import compress
@@ -523,7 +548,8 @@ def run_accuracy(args, out: Path) -> dict:
     for gran in grans:
         for name, kw in tqdm(plans, desc=f"accuracy ({gran})", leave=False):
             try:
-                small, rep = compress(lm.model, granularity=gran, eval_data=(images, labels), seed=0, **kw)
+                small, rep = compress(lm.model, granularity=gran, eval_data=(images, labels), seed=0,
+                                      backend=args.backend, **kw)
             except ValueError as exc:
                 rows.append({"granularity": gran, "plan": name, "note": str(exc)[:80]})
                 continue

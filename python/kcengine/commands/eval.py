@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 HELP = "evaluate a model (top-1/top-5, per-class accuracy, confusion matrix, accuracy under FGSM/PGD)"
+OUT_FILES = ("eval.json", "confusion.png")  # what the command writes in --out
 
 
 def add_model_data_arguments(parser, *, training: bool = False) -> None:
@@ -21,8 +22,9 @@ def add_model_data_arguments(parser, *, training: bool = False) -> None:
     g.add_argument("--weights", default="pretrained",
                    help="'pretrained' (public weights via the torch hub cache, or for a CIFAR ResNet the same file in "
                         "../shared/data/checkpoints), a torchvision weights name, a checkpoint PATH (a state dict, "
-                        "or the model.pt of prune/finetune --out: loaded clustered), or 'none' (default init: "
-                        "speed-only work); default pretrained")
+                        + ("the dense model's: finetune clusters it itself" if training else
+                           "or the model.pt of prune/finetune --out: loaded clustered")
+                        + "), or 'none' (default init: speed-only work); default pretrained")
     g.add_argument("--no-download", action="store_true", help="take pretrained weights only from the hub cache")
     g.add_argument("--data", default=None,
                    help="CIFAR-10 python-batches folder (CIFAR models; default ../shared/data), or for a "
@@ -122,7 +124,7 @@ def check_backend_arg(backend: str) -> None:
 
 def load_model_arg(args, *, need_trained: bool):
     """The LoadedModel the arguments name; UserError for missing weights or unknown names."""
-    from ..cli import UserError
+    from ..cli import UserError, flag_words
     from ..models import MissingWeightsError, load_model
 
     weights = None if str(args.weights).lower() == "none" else args.weights
@@ -130,10 +132,8 @@ def load_model_arg(args, *, need_trained: bool):
         weights = _shared_copy_of_pretrained(args.model) or weights
     try:
         lm = load_model(args.model, weights, allow_download=not args.no_download)
-    except MissingWeightsError as exc:
-        raise UserError(str(exc)) from None
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    except (MissingWeightsError, ValueError) as exc:  # load_model's checks name its keywords
+        raise UserError(flag_words(str(exc), {"name": "--model", "weights": "--weights"})) from None
     if need_trained and not lm.pretrained:
         raise UserError(f"{args.model} has no trained weights (--weights none); accuracy work needs them — pass "
                         f"--weights PATH or 'pretrained' (speed-only work may use the default init)")

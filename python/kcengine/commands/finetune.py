@@ -7,13 +7,13 @@ Under ``torchrun --nproc_per_node N -m kcengine finetune ...`` the processes tra
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from .eval import add_model_data_arguments, load_cifar_split, load_image_folder, load_model_arg, save_clustered
 
 HELP = ("cluster a model and recover accuracy (CIFAR-10 or an image folder; frozen / centroids / progressive, "
         "distillation, resume)")
+OUT_FILES = ("model.pt", "history.json", "curves.png")  # what the command writes in --out
 
 
 def add_arguments(parser) -> None:
@@ -45,7 +45,8 @@ def add_arguments(parser) -> None:
              + ", ".join(f"{m} {e}" for m, e in DEFAULT_EPOCHS.items()) + ")")
     add(t, "--order", default=None,
         help="progressive stages, ';'-separated; each a module (layer2), a regex or ','-separated names "
-             "(default: top-level groups, deepest first: layer3;layer2;layer1;conv1 for a CIFAR ResNet)")
+             "(default: top-level groups, deepest first: layer3;layer2;layer1;conv1 for a CIFAR ResNet); layers "
+             "no stage names stay dense")
     add(t, "--stage-epochs", type=int, default=None, help="progressive: epochs after each stage (default 1)")
     add(t, "--stage-training", default=None, choices=STAGE_TRAINING,
         help="progressive: earlier stages keep training or are frozen (default keep)")
@@ -103,25 +104,37 @@ def _image_folders(args, lm):
         if not (root / split).is_dir():
             raise UserError(f"--data {args.data} has no {split}/ folder: finetune of {lm.name} needs train/ and "
                             f"val/ class folders there (ImageNet's layout)")
-    return load_image_folder(root / "train", lm, args.limit), load_image_folder(root / "val", lm)
+    train, val = load_image_folder(root / "train", lm, args.limit), load_image_folder(root / "val", lm)
+    # ImageFolder numbers each folder's classes in sorted order on its own: the labels agree only when the two
+    # folders hold the same classes
+    tc, vc = (getattr(d, "dataset", d).classes for d in (train, val))
+    if tc != vc:
+        only_t, only_v = sorted(set(tc) - set(vc)), sorted(set(vc) - set(tc))
+        said = "; ".join(f"only in {sp}/: {', '.join(c[:5])}{' ...' if len(c) > 5 else ''} ({len(c)})"
+                         for sp, c in (("train", only_t), ("val", only_v)) if c)
+        raise UserError(f"--data {args.data}: train/ and val/ must hold the same class folders (each is numbered "
+                        f"in sorted order), got {len(tc)} and {len(vc)} classes; {said}")
+    return train, val
 
 
-# finetune's keyword arguments that the CLI sets from a flag of another spelling: its checks name the keyword, the
-# CLI's error names the flag the user typed.
+# finetune's keyword arguments as the CLI's flags: its checks name the keyword, the CLI's error names the flag the
+# user typed (kcengine.cli.flag_words)
 _FLAGS = {"epochs": "--epochs", "eval_batch_size": "--batch-size", "stage_epochs": "--stage-epochs",
           "stage_training": "--stage-training", "lr": "--lr", "weight_decay": "--weight-decay",
           "temperature": "--temperature", "alpha": "--alpha", "feature_weight": "--feature-weight",
-          "mixup": "--mixup"}
+          "mixup": "--mixup", "order": "--order", "checkpoint_dir": "--checkpoint-dir", "mode": "--mode",
+          "plan": "--plan", "granularity": "--granularity", "optimizer": "--optimizer", "schedule": "--schedule",
+          "seed": "--seed", "resume=False": "--no-resume", "output_calibration=False": "--no-refit",
+          "another checkpoint_dir": "another --checkpoint-dir"}
 
 
-def _flag_words(msg: str) -> str:
-    """``msg`` (a finetune argument check's message) with the keyword it opens with spelled as its flag:
-    "eval_batch_size must be an int >= 1, got eval_batch_size=0" -> "--batch-size must be an int >= 1, got 0"."""
-    m = re.match(r"([a-z_]+)(\[\d+\])? ", msg)
-    if not m or m.group(1) not in _FLAGS:
-        return msg
-    name = m.group(1)
-    return _FLAGS[name] + msg[len(name):].replace(f"got {name}=", "got ")
+def _flag_words(msg: str, ratio: bool = False) -> str:
+    """``msg`` (a finetune error's message) with finetune's keywords spelled as their flags: "eval_batch_size must
+    be an int >= 1, got eval_batch_size=0" -> "--batch-size must be an int >= 1, got 0".  ``ratio``: the user gave
+    ``--ratio`` (which the CLI passes as the plan ``{'ratio': R}``)."""
+    from ..cli import flag_words
+
+    return flag_words(msg, {**_FLAGS, **({"ratio": "--ratio"} if ratio else {})})
 
 
 def run(args) -> int:
@@ -129,6 +142,7 @@ def run(args) -> int:
 
     from ..cli import UserError
     from ..compress.plan import OutputSensitivity, parse_plan
+    from ..conv import ClusteredConv2d
     from ..data import make_loader
     from ..models import is_cifar_model
     from ..models.zoo import OUT_MODEL_NAME
@@ -147,12 +161,18 @@ def run(args) -> int:
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.no_resume and args.checkpoint_dir is None:
+        raise UserError("--no-resume starts over from a --checkpoint-dir's checkpoint; give --checkpoint-dir too")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     for flag, value in (("--seed", args.seed), ("--kmeans-seed", args.kmeans_seed)):
         if not 0 <= value < 2**63:
             raise UserError(f"{flag} must be in [0, 2**63 - 1], got {value}")
     lm = load_model_arg(args, need_trained=True)
+    if any(isinstance(m, ClusteredConv2d) for m in lm.model.modules()):
+        raise UserError(f"--weights {args.weights} holds a clustered model (a prune/finetune --out file): finetune "
+                        f"clusters the dense model itself with --ratio/--plan and distils from it; pass the dense "
+                        f"weights")
     if is_cifar_model(lm.name):
         train = load_cifar_split(args, lm, "train", limit=args.limit)
         test = load_cifar_split(args, lm, "test")
@@ -177,7 +197,7 @@ def run(args) -> int:
                        compress_options={"seed": args.kmeans_seed},
                        plot_path=Path(args.out) / "curves.png" if args.out else None)
     except ValueError as exc:
-        raise UserError(_flag_words(str(exc))) from None
+        raise UserError(_flag_words(str(exc), ratio=args.ratio is not None)) from None
     finally:
         dd.cleanup()
     if not main:
@@ -185,6 +205,11 @@ def run(args) -> int:
     pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
     print(f"{lm.name} {args.mode}: clustered {pct(res.accuracy_clustered)}, after refit+BN {pct(res.accuracy_start)}, "
           f"after {len(res.history)} epochs {pct(res.accuracy)} ({res.seconds:.0f} s)")
+    convs = [n for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    dense = [n for n in convs if n not in res.layer_ks]
+    if dense:  # a plan or an --order that names some layers only leaves the others as they were
+        print(f"  {len(res.layer_ks)} of {len(convs)} conv layers clustered; dense: {', '.join(dense[:6])}"
+              + (f", ... ({len(dense)})" if len(dense) > 6 else ""))
     if isinstance(parse_plan(plan), OutputSensitivity):
         print(f"  k per layer (output sensitivity, {sum(res.layer_ks.values())} filters): "
               + ", ".join(f"{n}={k}" for n, k in res.layer_ks.items()))

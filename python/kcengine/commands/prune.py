@@ -7,6 +7,7 @@ from pathlib import Path
 from .eval import add_model_data_arguments, check_backend_arg, load_data_arg, load_model_arg, save_clustered
 
 HELP = "cluster conv weights with a plan (ratio, inertia, elbow, per-layer map, by channels)"
+OUT_FILES = ("report.json", "report.md", "model.pt")  # what the command writes in --out
 
 
 def add_arguments(parser) -> None:
@@ -67,7 +68,7 @@ def run(args) -> int:
                                  eval_data=data, eval_batch_size=args.batch_size, seed=args.seed,
                                  backend=args.backend, progress=_progress)
     except ValueError as exc:
-        raise UserError(cli_words(str(exc))) from None
+        raise UserError(cli_words(str(exc), ratio=args.ratio is not None)) from None
     print(report.to_markdown(title=f"{lm.name}: {report.plan}, {report.granularity}"))
     _recovery_hint(args, report)
     if args.out:
@@ -96,10 +97,13 @@ def _recovery_hint(args, report) -> None:
               f"recovers most of it")
 
 
-def cli_words(msg: str) -> str:
+def cli_words(msg: str, ratio: bool = False) -> str:
     """A compress error's Python spellings as the flags a prune user types: ``plan=X`` -> ``--plan X``,
-    ``layers=`` -> ``--layers``, and the dict form of a per-layer plan -> ``--plan map:...``."""
+    ``layers=`` -> ``--layers`` (:func:`kcengine.cli.flag_words`), and the dict form of a per-layer plan ->
+    ``--plan map:...``.  ``ratio``: the user gave ``--ratio`` (a plan's own ``ratio=R`` keeps its spelling)."""
+    from ..cli import flag_words
+
     msg = re.sub(r"pass \{'layers': \{'re:\.\*': (\d+)\}\}", r"pass --plan map:re:.*=\1", msg)
-    msg = re.sub(r"\bplan=", "--plan ", msg)
-    msg = re.sub(r"\blayers=(?=\)|$|[ ;,.])", "--layers", msg)
-    return re.sub(r"\blayers=", "--layers ", msg)
+    flags = {"plan": "--plan", "layers": "--layers", "threshold": "--threshold", "seed": "--seed",
+             "backend": "--backend", "eval_batch_size": "--batch-size", "granularity": "--granularity"}
+    return flag_words(msg, {**flags, **({"ratio": "--ratio"} if ratio else {})})

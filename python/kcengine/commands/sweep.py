@@ -5,7 +5,11 @@ from pathlib import Path
 
 from .eval import add_model_data_arguments, check_backend_arg, load_data_arg, load_model_arg
 
+# sensitivity_sweep's keywords as the flags that set them (its errors name the keyword, the CLI's the flag)
+_FLAGS = {"layers": "--layers", "seed": "--seed", "granularity": "--granularity", "ratios": "--ratios",
+          "batch_size": "--batch-size", "backend": "--backend"}
 HELP = "per-layer sensitivity sweep: accuracy and F = acc/(unique/total) for each layer and k"
+OUT_FILES = ("sweep.csv", "sweep.md", "sweep.png")  # what the command writes in --out
 
 
 def add_arguments(parser) -> None:
@@ -41,7 +45,7 @@ def run(args) -> int:
     import torch
 
     from ..bench.common import markdown_table, write_csv
-    from ..cli import UserError
+    from ..cli import UserError, flag_words
     from ..compress import sensitivity_sweep
     from ..compress.sensitivity import DEFAULT_SWEEP_RATIOS
     from .prune import _layers_arg
@@ -60,7 +64,7 @@ def run(args) -> int:
                                 ratios=ratios, batch_size=args.batch_size, progress=True, seed=args.seed,
                                 backend=args.backend)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(flag_words(str(exc), _FLAGS)) from None
     cols = ["layer", "n_points", "k", "k_ratio", "accuracy", "unique_ratio", "F", "F_local_max"]
     print(f"baseline accuracy {100 * res.baseline_accuracy:.2f}%; {res.n_evaluations} evaluations in "
           f"{res.seconds:.1f} s")
