@@ -33,9 +33,10 @@ dense teacher scores 99.7% -- it underfits -- so what pays is more distillation 
 the teacher scoring the mixed images: 86.9% against 85.1% without, at batch 128; the block features) and
 more steps (batch 64: 87.9 / 87.2 / 86.8% over finetune seeds 0-2, against 86.5 / 86.4 / 85.0% at 128,
 both calibrated on the first 512 training images; on 512 evenly spaced, as now, 86.5 / 87.7 / 86.6%),
-while regularizers cost accuracy.  About fifty alternatives measured and not kept (optimizers, LRs,
+while regularizers cost accuracy.  About sixty alternatives measured and not kept (optimizers, LRs,
 temperatures, feature weights, augmentations, teachers, clustering starts, index changes during training,
-progressive schedules, other splits of the mixed plan's budget) are listed with their figures in
+dense filters pulled together before clustering, progressive schedules, other splits of the mixed plan's
+budget) are listed with their figures in
 bench/RECOVERY.md.  A 20-epoch run on the 4,660-image CIFAR sample moves by up to about +-1 point with the
 seed or the thread count.
 
