@@ -67,7 +67,7 @@ def test_bench_user_errors_are_one_line(args, match):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_bench_weights_of_another_model_are_refused_before_any_section(tmp_path):
+def test_bench_weights_of_another_model_are_refused_before_any_work(tmp_path):
     import torch
 
     from kcengine.models import CifarResNet

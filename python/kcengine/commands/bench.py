@@ -94,12 +94,6 @@ def _check_args(args):
             raise UserError(f"--weights {args.weights}: a clustered model (a save_compressed file, as prune and "
                             f"finetune --out write); bench clusters a dense model itself: pass the dense weights "
                             f"(evaluate a clustered model with `kcengine eval --weights`)")
-        from ..models import load_model
-
-        try:  # a checkpoint of another model (or no checkpoint at all) is said now, not after a section's work
-            load_model(args.model, args.weights)
-        except Exception as exc:
-            raise UserError(f"--weights {args.weights}: could not be loaded into {args.model} ({exc})") from None
     if args.max_problems is not None and args.max_problems < 1:
         raise UserError(f"--max-problems must be >= 1, got {args.max_problems}")
     if args.data is not None and not Path(args.data).is_dir():
@@ -165,6 +159,8 @@ def run_clustering(args, out: Path) -> dict:
                                              require_trained=args.weights == "pretrained")
         except MissingWeightsError as exc:
             raise UserError(str(exc)) from None
+        except Exception as exc:  # a checkpoint of another model, or no checkpoint at all: before any work
+            raise _weights_error(args, exc) from None
     if args.quick:  # the first layers only: the smallest problems of every workload kind
         layers = layers[:6]
         source += "; --quick: the first 6 conv layers"
@@ -278,6 +274,11 @@ def run(args) -> int:
     return 0
 
 
+def _weights_error(args, exc) -> UserError:
+    """--weights PATH that does not load into --model, in every section's words."""
+    return UserError(f"--weights {args.weights}: could not be loaded into {args.model} ({exc})")
+
+
 def _load(args):
     """(LoadedModel, line on the weights) with pretrained weights when available, else default init."""
     import torch
@@ -292,7 +293,7 @@ def _load(args):
         try:
             lm = load_model(args.model, args.weights)
         except Exception as exc:
-            raise UserError(f"--weights {args.weights}: could not be loaded into {args.model} ({exc})") from None
+            raise _weights_error(args, exc) from None
         return lm, f"weights from {args.weights}"
     if args.weights is None:
         from ..bench.common import shared_data_dir
