@@ -228,11 +228,9 @@ def torch_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, gr
         plan = plan if plan is not None else kernel_plan(index, codebook.shape[0])
         # Half dtypes: the maps and their sums in float32, rounded once at the end, as F.conv2d accumulates
         # (summed in float16/bfloat16, the C_in maps came out 3-6x further from the exact conv than F.conv2d)
-        low = x.dtype in (torch.float16, torch.bfloat16)
-        p = _depthwise_maps(x.float() if low else x, codebook.float() if low else codebook, plan, stride, padding,
-                            dilation)
-        y = torch_gather_sum(p, plan.pair)
-        y = y.to(x.dtype) if low else y
+        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        p = _depthwise_maps(x.to(acc), codebook.to(acc), plan, stride, padding, dilation)
+        y = torch_gather_sum(p, plan.pair).to(x.dtype)
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
     return _torch_epilogue(y, scale, shift, relu, residual)

@@ -505,13 +505,15 @@ class ClusteredConv2d(nn.Module):
                     f"ClusteredConv2d for another shape")
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if isinstance(x, torch.Tensor) and x.dim() not in (3, 4):  # (the functional form names only 4-D)
-            raise ValueError(f"x must be a 3-D [C_in, H, W] or 4-D [N, C_in, H, W] tensor, got shape {tuple(x.shape)}")
-        if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched [C_in, H, W], as nn.Conv2d takes it
+        if isinstance(x, torch.Tensor) and x.dim() != 4:
+            if x.dim() != 3:  # (the functional form names only 4-D)
+                raise ValueError(f"x must be a 3-D [C_in, H, W] or 4-D [N, C_in, H, W] tensor, got shape "
+                                 f"{tuple(x.shape)}")
+            # unbatched [C_in, H, W], as nn.Conv2d takes it
             if isinstance(residual, torch.Tensor) and residual.dim() == 3:
                 residual = residual.unsqueeze(0)
             return self.forward(x.unsqueeze(0), residual).squeeze(0)
-        if pads_input(self) and isinstance(x, torch.Tensor) and x.dim() == 4:
+        if pads_input(self) and isinstance(x, torch.Tensor):
             x = pad_input(x, self.padding, self.padding_mode, self.padding_extra)
         if isinstance(x, torch.Tensor) and (autocast_dtype(x) is not None or capturing(x)
                                             or dispatch_mode_active() or forward_ad_active()):

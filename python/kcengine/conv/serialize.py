@@ -261,6 +261,10 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
     else:
         model = _materialized(copy.deepcopy(model))
     state = payload["state_dict"]
+
+    def misfit_error(detail) -> ValueError:  # (the model as it stands: a root-level layer replaces it)
+        return ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: {detail}")
+
     kinds = ((payload["clustered"], layer_from_config, "clustered"),
              (payload.get("element", {}), element_from_config, "per-element"))
     for configs, build_layer, kind in kinds:
@@ -278,16 +282,14 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
             try:
                 model = _set_submodule(model, name, layer)
             except ValueError as exc:
-                raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: "
-                                 f"{exc}") from None
+                raise misfit_error(exc) from None
     misfit = state_dict_misfit(model.state_dict(), state)
     if misfit:
-        raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: {misfit}")
+        raise misfit_error(misfit)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # what the key and shape comparison above does not see
-        raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: "
-                         f"{' '.join(str(exc).split())[:300]}") from None
+        raise misfit_error(' '.join(str(exc).split())[:300]) from None
     return model.eval()
 
 

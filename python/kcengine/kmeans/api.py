@@ -324,11 +324,12 @@ def _scan_units(arrays) -> list:
     return out
 
 
-def _past_overflow_limit(parts) -> tuple[int, float, float] | None:
+def _past_overflow_limit(parts, like=None) -> tuple[int, float, float] | None:
     """(index, largest |value|, limit) of the first problem whose values would overflow its distances
-    (:func:`_overflow_limit`), or None.  Finite data assumed."""
-    for i, a in enumerate(parts):
-        m, limit = _max_abs(a), _overflow_limit(_dtype_name(a), a.shape[1])
+    (:func:`_overflow_limit`), or None.  ``like``: the arrays whose dtype and width set each limit (the data,
+    for given centroids solved in its dtype); default ``parts`` themselves.  Finite data assumed."""
+    for i, (a, ref) in enumerate(zip(parts, parts if like is None else like)):
+        m, limit = _max_abs(a), _overflow_limit(_dtype_name(ref), ref.shape[1])
         if m > limit:
             return i, m, limit
     return None
@@ -514,12 +515,12 @@ def _check_init(init, parts, layout, k_arg):
     bad = _nonfinite(cs)
     if bad:
         raise ValueError(f"{'init' if layout == 'single' else f'init of problem {bad[0]}'} holds NaN or Inf values")
-    for i, (c, a) in enumerate(zip(cs, parts)):  # in the data's dtype, which the centroids are solved in
-        m, limit = _max_abs(c), _overflow_limit(_dtype_name(a), a.shape[1])
-        if m > limit:
-            raise ValueError(f"{'init' if layout == 'single' else f'init of problem {i}'} holds values up to {m:.3g} "
-                             f"in magnitude: its distances to the points would overflow {_dtype_name(a)} (|values| "
-                             f"must stay below {limit:.3g})")
+    big = _past_overflow_limit(cs, like=parts)  # in the data's dtype, which the centroids are solved in
+    if big:
+        i, m, limit = big
+        raise ValueError(f"{'init' if layout == 'single' else f'init of problem {i}'} holds values up to {m:.3g} "
+                         f"in magnitude: its distances to the points would overflow {_dtype_name(parts[i])} (|values| "
+                         f"must stay below {limit:.3g})")
     return "given", cs
 
 
