@@ -175,20 +175,84 @@ def test_finetune_of_an_imagenet_model_on_image_folders(imagenet_folder, tmp_pat
     assert "train/ and val/ must hold the same class folders" in err and "only in train/: cat (1)" in err
 
 
-def test_finetune_errors_name_flags_and_refuse_a_clustered_model(ckpt, cifar, tmp_path, capsys):
-    """A checkpoint written with other settings is resumed with --no-resume (the flag, not resume=False); a
-    clustered model (finetune's own --out) is refused as --weights, since finetune clusters the dense model and
-    distils from it."""
+def test_finetune_errors_name_flags(ckpt, cifar, tmp_path, capsys):
+    """A checkpoint written with other settings is resumed with --no-resume (the flag, not resume=False)."""
     ck, out = tmp_path / "ck", tmp_path / "o"
     assert main(_args(ckpt, cifar, "--epochs", "1", "--no-refit", "--checkpoint-dir", str(ck), "--out", str(out))) == 0
     capsys.readouterr()
     assert main(_args(ckpt, cifar, "--epochs", "1", "--no-refit", "--checkpoint-dir", str(ck), "--lr", "0.5")) == 2
     err = capsys.readouterr().err
     assert "use another --checkpoint-dir or --no-resume" in err and "resume=False" not in err
+
+
+def _clustered_args(ckpt, cifar, clustered, *extra):
+    """_args with a clustered --weights and no --ratio."""
+    args = _args(ckpt, cifar, *extra)
+    args[args.index("--weights") + 1] = str(clustered)
+    i = args.index("--ratio")
+    del args[i:i + 2]
+    return args
+
+
+def test_finetune_trains_a_clustered_model_with_its_dense_teacher(ckpt, cifar, tmp_path, capsys):
+    """A prune/finetune --out model.pt is trained as it is clustered.  With --teacher (the dense weights) the run
+    is the recipe's for a model that arrives clustered: kcengine.finetune(clustered, loader, teacher=dense,
+    output_calibration=True), refit and distillation included; the same state dict and accuracies come out."""
+    from kcengine.data import Normalization, cifar10_dataset, make_loader
+    from kcengine.models import load_model
+
+    first = tmp_path / "first"
+    assert main(_args(ckpt, cifar, "--epochs", "0", "--no-refit", "--out", str(first))) == 0
+    clustered = first / "model.pt"
+    out = tmp_path / "second"
+    assert main(_clustered_args(ckpt, cifar, clustered, "--epochs", "1", "--teacher", str(ckpt),
+                                "--out", str(out))) == 0
+    assert "no --teacher" not in capsys.readouterr().out
+    dense, model = load_model("resnet20", str(ckpt)), load_model("resnet20", str(clustered)).model
+    norm = Normalization(dense.mean, dense.std)
+    train = cifar10_dataset(cifar, "train", norm, limit=16)
+    test = cifar10_dataset(cifar, "test", norm)
+    ref = kcengine.finetune(model, make_loader(train, 8, shuffle=True, seed=0), teacher=dense.model, epochs=1,
+                            output_calibration=True, eval_data=(test.images, test.labels), progress=False)
+    h = json.loads((out / "history.json").read_text())
+    assert h["plan"] is None and h["teacher"] == str(ckpt)
+    assert h["accuracy_start"] == ref.accuracy_start and h["accuracy"] == ref.accuracy
+    got, want = kcengine.load_compressed(out / "model.pt").state_dict(), ref.model.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    # the refit moved the codebooks (a run without it would keep the clustered ones until training)
+    before = model.state_dict()
+    assert not torch.equal(ref.model.state_dict()["layer1.0.conv1.codebook"], before["layer1.0.conv1.codebook"])
+    # without --teacher: the labels alone, and the run says so
+    assert main(_clustered_args(ckpt, cifar, clustered, "--epochs", "0", "--out", str(tmp_path / "third"))) == 0
+    assert "no --teacher is given: training on the labels alone" in capsys.readouterr().out
+    ref = kcengine.finetune(model, make_loader(train, 8, shuffle=True, seed=0), epochs=0,
+                            eval_data=(test.images, test.labels), progress=False)
+    h = json.loads((tmp_path / "third" / "history.json").read_text())
+    assert h["accuracy_start"] == ref.accuracy_start and h["teacher"] is None
+
+
+def test_finetune_refuses_a_plan_for_a_clustered_model_and_a_clustered_teacher(ckpt, cifar, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(_args(ckpt, cifar, "--epochs", "0", "--no-refit", "--out", str(out))) == 0
+    clustered = out / "model.pt"
+    capsys.readouterr()
     args = _args(ckpt, cifar, "--epochs", "0")
-    args[args.index("--weights") + 1] = str(out / "model.pt")
+    args[args.index("--weights") + 1] = str(clustered)
     assert main(args) == 2
-    assert f"--weights {out / 'model.pt'} holds a clustered model" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert f"--weights {clustered} holds a clustered model" in err and "--ratio 0.5 would cluster dense" in err
+    assert len(err.splitlines()) == 1
+    assert main(_clustered_args(ckpt, cifar, clustered, "--mode", "progressive")) == 2
+    assert "--mode progressive clusters dense weights stage by stage" in capsys.readouterr().err
+    assert main(_args(ckpt, cifar, "--epochs", "0", "--teacher", str(clustered))) == 2
+    assert f"--teacher {clustered} holds a clustered model" in capsys.readouterr().err
+    assert main(_args(ckpt, cifar, "--epochs", "0", "--teacher", "none")) == 2
+    assert "resnet20 has no trained weights (--teacher none)" in capsys.readouterr().err
+    assert main(_args(ckpt, cifar, "--epochs", "0", "--teacher", str(tmp_path / "missing.th"))) == 2
+    err = capsys.readouterr().err
+    assert "--teacher" in err and "missing.th" in err
 
 
 def test_finetune_says_which_layers_a_partial_plan_left_dense(ckpt, cifar, tmp_path, capsys):

@@ -22,7 +22,8 @@ def add_model_data_arguments(parser, *, training: bool = False) -> None:
     g.add_argument("--weights", default="pretrained",
                    help="'pretrained' (public weights via the torch hub cache, or for a CIFAR ResNet the same file in "
                         "../shared/data/checkpoints), a torchvision weights name, a checkpoint PATH (a state dict, "
-                        + ("the dense model's: finetune clusters it itself" if training else
+                        + ("the dense model's, which finetune clusters with --ratio/--plan; or the model.pt of "
+                           "prune/finetune --out, trained as it is clustered, with --teacher" if training else
                            "or the model.pt of prune/finetune --out: loaded clustered")
                         + "), or 'none' (default init: speed-only work); default pretrained")
     g.add_argument("--no-download", action="store_true", help="take pretrained weights only from the hub cache")
@@ -122,21 +123,23 @@ def check_backend_arg(backend: str) -> None:
             raise UserError(f"{what}: {reason}")
 
 
-def load_model_arg(args, *, need_trained: bool):
-    """The LoadedModel the arguments name; UserError for missing weights or unknown names."""
+def load_model_arg(args, *, need_trained: bool, flag: str = "--weights"):
+    """The LoadedModel the arguments name (``--model`` with the weights of ``flag``: ``--weights``, or finetune's
+    ``--teacher``); UserError for missing weights or unknown names."""
     from ..cli import UserError, flag_words
     from ..models import MissingWeightsError, load_model
 
-    weights = None if str(args.weights).lower() == "none" else args.weights
+    given = getattr(args, flag.lstrip("-").replace("-", "_"))
+    weights = None if str(given).lower() == "none" else given
     if weights == "pretrained":
         weights = _shared_copy_of_pretrained(args.model) or weights
     try:
         lm = load_model(args.model, weights, allow_download=not args.no_download)
     except (MissingWeightsError, ValueError) as exc:  # load_model's checks name its keywords
-        raise UserError(flag_words(str(exc), {"name": "--model", "weights": "--weights"})) from None
+        raise UserError(flag_words(str(exc), {"name": "--model", "weights": flag})) from None
     if need_trained and not lm.pretrained:
-        raise UserError(f"{args.model} has no trained weights (--weights none); accuracy work needs them — pass "
-                        f"--weights PATH or 'pretrained' (speed-only work may use the default init)")
+        raise UserError(f"{args.model} has no trained weights ({flag} none); accuracy work needs them — pass "
+                        f"{flag} PATH or 'pretrained' (speed-only work may use the default init)")
     return lm
 
 

@@ -30,7 +30,8 @@ def add_arguments(parser) -> None:
         return group.add_argument(*names, **kw)
 
     add_model_data_arguments(parser, training=True)
-    g = parser.add_argument_group("plan", "one of --ratio or --plan is required")
+    g = parser.add_argument_group("plan", "one of --ratio or --plan is required, unless --weights is already "
+                                          "clustered")
     add(g, "--ratio", type=float, default=None, help="k = round(N * RATIO) for every layer")
     add(g, "--plan", default=None, help="as for prune: R | ratio=R | inertia=X | relative_inertia=F | "
         "elbow[=A:B:STEP] | map:NAME=K,... | channels:C=K,... ; or "
@@ -58,6 +59,10 @@ def add_arguments(parser) -> None:
     add(t, "--weight-decay", type=float, default=ft["weight_decay"])
     add(t, "--temperature", type=float, default=ft["temperature"], help="distillation temperature")
     add(t, "--alpha", type=float, default=ft["alpha"], help="weight of the distillation term (0: plain CE)")
+    add(t, "--teacher", default=None,
+        help="weights of the dense --model to distil from and refit to, spelled as for --weights (default: the "
+             "dense --weights themselves; a clustered --weights has no dense model to distil from unless this "
+             "names one, and then trains on the labels alone, without the refit)")
     add(t, "--feature-weight", type=float, default=ft["feature_weight"],
         help="weight of the block-output matching term (0: off)")
     add(t, "--no-augment", action="store_true", help="no random crop (1/8 of the side padded) + flip")
@@ -149,8 +154,6 @@ def run(args) -> int:
     from ..train import distributed as dd
     from ..train import finetune
 
-    if args.plan is None and args.ratio is None:
-        raise UserError("give --ratio R or --plan PLAN (e.g. --ratio 0.5, --plan map:conv1=8)")
     if args.plan is not None and args.ratio is not None:
         raise UserError(f"give --ratio R or --plan PLAN, not both (got --ratio {args.ratio} and --plan {args.plan})")
     if args.limit is not None and args.limit < 1:
@@ -169,32 +172,52 @@ def run(args) -> int:
         if not 0 <= value < 2**63:
             raise UserError(f"{flag} must be in [0, 2**63 - 1], got {value}")
     lm = load_model_arg(args, need_trained=True)
-    if any(isinstance(m, ClusteredConv2d) for m in lm.model.modules()):
-        raise UserError(f"--weights {args.weights} holds a clustered model (a prune/finetune --out file): finetune "
-                        f"clusters the dense model itself with --ratio/--plan and distils from it; pass the dense "
-                        f"weights")
+    clustered = any(isinstance(m, ClusteredConv2d) for m in lm.model.modules())
+    if clustered and (args.plan is not None or args.ratio is not None):
+        given = f"--plan {args.plan}" if args.plan is not None else f"--ratio {args.ratio}"
+        raise UserError(f"--weights {args.weights} holds a clustered model (a prune/finetune --out file), which "
+                        f"finetune trains as it is clustered; {given} would cluster dense weights: drop it, or pass "
+                        f"the dense weights")
+    if clustered and args.mode == "progressive":
+        raise UserError(f"--mode progressive clusters dense weights stage by stage; --weights {args.weights} holds "
+                        f"a clustered model: pass the dense weights with --ratio/--plan, or another --mode")
+    if not clustered and args.plan is None and args.ratio is None:
+        raise UserError("give --ratio R or --plan PLAN (e.g. --ratio 0.5, --plan map:conv1=8)")
+    teacher = None
+    if args.teacher is not None:
+        teacher = load_model_arg(args, need_trained=True, flag="--teacher").model
+        if any(isinstance(m, ClusteredConv2d) for m in teacher.modules()):
+            raise UserError(f"--teacher {args.teacher} holds a clustered model: the teacher is the dense model to "
+                            f"distil from and refit to; pass its dense weights")
     if is_cifar_model(lm.name):
         train = load_cifar_split(args, lm, "train", limit=args.limit)
         test = load_cifar_split(args, lm, "test")
         eval_data = (test.images, test.labels)
     else:
         train, eval_data = _image_folders(args, lm)
-    plan = args.plan if args.plan is not None else {"ratio": args.ratio}
+    plan = None if clustered else args.plan if args.plan is not None else {"ratio": args.ratio}
+    # the recipe refits the clustered layers to the dense model: finetune does so when it clusters, and here also
+    # for a clustered --weights with its dense --teacher (the library asks for it by output_calibration=True)
+    refit = False if args.no_refit else (True if clustered and teacher is not None else None)
     dd.init_from_env()
     main = dd.is_main()
+    if main and clustered and teacher is None:
+        print(f"--weights {args.weights} is clustered and no --teacher is given: training on the labels alone (no "
+              f"distillation, no refit); the recipe distils from the dense model: pass it as --teacher")
     try:
         res = finetune(lm.model, make_loader(train, args.train_batch_size, shuffle=True, seed=args.seed,
                                              num_workers=args.workers),
-                       mode=args.mode, epochs=args.epochs, plan=plan, granularity=args.granularity,
+                       mode=args.mode, teacher=teacher, epochs=args.epochs, plan=plan,
+                       granularity=args.granularity,
                        order=_order_arg(args.order), stage_epochs=args.stage_epochs,
                        stage_training=args.stage_training, optimizer=args.optimizer, lr=args.lr,
                        weight_decay=args.weight_decay, schedule=args.schedule, temperature=args.temperature,
                        alpha=args.alpha, feature_weight=args.feature_weight, augment=not args.no_augment,
                        mixup=args.mixup,
-                       output_calibration=False if args.no_refit else None, eval_data=eval_data,
+                       output_calibration=refit, eval_data=eval_data,
                        eval_batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
                        resume=not args.no_resume, seed=args.seed, progress=not args.no_progress,
-                       compress_options={"seed": args.kmeans_seed},
+                       compress_options=None if clustered else {"seed": args.kmeans_seed},
                        plot_path=Path(args.out) / "curves.png" if args.out else None)
     except ValueError as exc:
         raise UserError(_flag_words(str(exc), ratio=args.ratio is not None)) from None
@@ -205,12 +228,12 @@ def run(args) -> int:
     pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
     print(f"{lm.name} {args.mode}: clustered {pct(res.accuracy_clustered)}, after refit+BN {pct(res.accuracy_start)}, "
           f"after {len(res.history)} epochs {pct(res.accuracy)} ({res.seconds:.0f} s)")
-    convs = [n for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    convs = [n for n, m in lm.model.named_modules() if isinstance(m, (torch.nn.Conv2d, ClusteredConv2d))]
     dense = [n for n in convs if n not in res.layer_ks]
     if dense:  # a plan or an --order that names some layers only leaves the others as they were
         print(f"  {len(res.layer_ks)} of {len(convs)} conv layers clustered; dense: {', '.join(dense[:6])}"
               + (f", ... ({len(dense)})" if len(dense) > 6 else ""))
-    if isinstance(parse_plan(plan), OutputSensitivity):
+    if plan is not None and isinstance(parse_plan(plan), OutputSensitivity):
         print(f"  k per layer (output sensitivity, {sum(res.layer_ks.values())} filters): "
               + ", ".join(f"{n}={k}" for n, k in res.layer_ks.items()))
     for h in res.history:
@@ -221,7 +244,8 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         save_clustered(lm, res.model, out / OUT_MODEL_NAME)
         (out / "history.json").write_text(json.dumps({
-            "model": lm.name, "mode": args.mode, "plan": plan if isinstance(plan, dict) else str(plan),
+            "model": lm.name, "mode": args.mode, "plan": plan if plan is None or isinstance(plan, dict) else str(plan),
+            "teacher": args.teacher,
             "accuracy_clustered": res.accuracy_clustered, "accuracy_start": res.accuracy_start,
             "accuracy": res.accuracy, "stages": res.stages, "layer_ks": res.layer_ks, "history": res.history,
             "seconds": res.seconds},
