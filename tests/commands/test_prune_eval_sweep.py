@@ -112,7 +112,7 @@ def test_prune_output_reads_back_as_weights(ckpt, cifar, tmp_path, capsys):
         assert "already clustered (19 clustered conv layers" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_prune_points_to_finetune_when_clustering_costs_accuracy(ckpt, cifar, capsys, monkeypatch):
+def test_prune_points_to_finetune_when_clustering_costs_accuracy(ckpt, cifar, capsys, monkeypatch, tmp_path):
     import importlib
 
     kc = importlib.import_module("kcengine.compress")  # the package (kcengine.compress is also the function)
@@ -123,12 +123,21 @@ def test_prune_points_to_finetune_when_clustering_costs_accuracy(ckpt, cifar, ca
         report.accuracy_before, report.accuracy_after = 0.9, 0.1
         return model, report
     monkeypatch.setattr(kc, "compress", fixed_figures)
-    for argv, want in ((["--ratio", "0.5"], "`python -m kcengine finetune --ratio 0.5`"),
+    # the commands run as given: the same model, weights and data (finetune's default would be resnet20's public
+    # weights, not these)
+    same = f"--data {cifar} --weights {ckpt}"
+    for argv, want in ((["--ratio", "0.5"], f"`python -m kcengine finetune {same} --ratio 0.5`"),
                        (["--plan", "map:layer3\\..*=0.5", "--granularity", "kernel"],
-                        "`python -m kcengine finetune --plan 'map:layer3\\..*=0.5' --granularity kernel`")):
+                        f"`python -m kcengine finetune {same} --plan 'map:layer3\\..*=0.5' --granularity kernel`")):
         assert main(["prune", "--weights", str(ckpt), "--data", str(cifar), *argv]) == 0
         err = capsys.readouterr().err
         assert "accuracy 90.00% -> 10.00% is right after clustering, without retraining" in err and want in err, err
+        assert "--teacher" not in err  # no --out: nothing written to train
+    out = tmp_path / "p"
+    assert main(["prune", "--weights", str(ckpt), "--data", str(cifar), "--ratio", "0.5", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"`python -m kcengine finetune --data {cifar} --weights {out / 'model.pt'} --teacher {ckpt}` trains " \
+           f"the model written to --out" in err, err
     assert main(["prune", "--weights", str(ckpt), "--data", str(cifar), "--ratio", "0.5", "--granularity",
                  "element"]) == 0
     assert "finetune" not in capsys.readouterr().err  # finetune does not train element granularity

@@ -90,11 +90,23 @@ def _recovery_hint(args, report) -> None:
         return
     import shlex
 
-    plan = f"--ratio {args.ratio:g}" if args.ratio is not None else f"--plan {shlex.quote(args.plan)}"
+    from ..models import is_cifar_model
+    from ..models.zoo import OUT_MODEL_NAME
+
+    q = shlex.quote
+    # the command as the user can paste it: their model, weights and (CIFAR: the same folder) data
+    same = "".join([f" --model {q(args.model)}" if args.model != "resnet20" else "",
+                    f" --data {q(str(args.data))}" if args.data is not None and is_cifar_model(args.model) else ""])
+    weights = "" if args.weights == "pretrained" else f" --weights {q(str(args.weights))}"
+    plan = f"--ratio {args.ratio:g}" if args.ratio is not None else f"--plan {q(args.plan)}"
     gran = "" if args.granularity == "filter" else f" --granularity {args.granularity}"
+    also = ""
+    if args.out:  # the clustered model this run writes, trained as it is, refit and distilled from the dense one
+        also = (f"; `python -m kcengine finetune{same} --weights {q(str(Path(args.out) / OUT_MODEL_NAME))} "
+                f"--teacher {q(str(args.weights))}` trains the model written to --out")
     _progress(f"accuracy {before:.2%} -> {after:.2%} is right after clustering, without retraining; "
-              f"`python -m kcengine finetune {plan}{gran}` (CIFAR ResNets; kcengine.finetune for any model) "
-              f"recovers most of it")
+              f"`python -m kcengine finetune{same}{weights} {plan}{gran}` clusters again and recovers most of it "
+              f"(CIFAR ResNets and torchvision models; kcengine.finetune for any model){also}")
 
 
 def cli_words(msg: str, ratio: bool = False) -> str:
