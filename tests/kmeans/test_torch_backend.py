@@ -108,11 +108,13 @@ def test_repeated_centers_are_found_exactly():
     from kcengine.kmeans.backends.torch_ref import _repeats
 
     rng = np.random.default_rng(0)
-    for _ in range(50):
+    for t in range(50):
         k, d = int(rng.integers(2, 12)), int(rng.integers(1, 5))
-        c = rng.integers(-2, 3, size=(3, k, d)).astype(np.float64)  # a small grid: many equal sums, some equal rows
+        c = rng.integers(-2, 3, size=(4, k, d)).astype(np.float64)  # a small grid: many equal sums, some equal rows
         c[c == 0] = rng.choice([0.0, -0.0], size=int((c == 0).sum()))  # -0 equals +0
-        want = np.array([[any((c[b, j] == c[b, i]).all() for i in range(j)) for j in range(k)] for b in range(3)])
+        c[t % 4] = rng.normal(size=(k, d))  # one problem of distinct rows among them (its sums differ)
+        c = c.astype(np.float32 if t % 2 else np.float64)
+        want = np.array([[any((c[b, j] == c[b, i]).all() for i in range(j)) for j in range(k)] for b in range(4)])
         got = _repeats(torch.from_numpy(c))
         np.testing.assert_array_equal(np.zeros_like(want) if got is None else got.numpy(), want)
     c = torch.tensor([[[0.0, 2.0, 0.0], [1.0, 0.0, 1.0], [0.0, 2.0, 0.0]]])

@@ -43,12 +43,16 @@ def _repeats(c: torch.Tensor) -> torch.Tensor | None:
     maybe = (hs[:, 1:] == hs[:, :-1]).any(1)
     if not bool(maybe.any()):
         return None
+    # Those problems' rows grouped exactly in one call: each row led by its problem's number, so that no group
+    # spans two problems (float64 holds both the number and any float32 or float64 coordinate exactly).
+    rows = c[maybe].double() + 0.0  # (+ 0.0: -0 as +0, as == reads it)
+    nb = rows.shape[0]
+    lead = torch.arange(nb, dtype=torch.float64, device=c.device).repeat_interleave(K)
+    _, inv = torch.unique(torch.cat([lead[:, None], rows.reshape(nb * K, D)], 1), dim=0, return_inverse=True)
+    ar = torch.arange(nb * K, device=c.device)
+    first = torch.full((nb * K,), nb * K, dtype=torch.long, device=c.device).scatter_reduce_(0, inv, ar, "amin")
     dup = torch.zeros(B, K, dtype=torch.bool, device=c.device)
-    ar = torch.arange(K, device=c.device)
-    for b in maybe.nonzero().flatten().tolist():
-        _, inv = torch.unique(c[b] + 0.0, dim=0, return_inverse=True)  # (+ 0.0: -0 as +0, as == reads it)
-        first = torch.full((K,), K, dtype=torch.long, device=c.device).scatter_reduce_(0, inv, ar, "amin")
-        dup[b] = first[inv] != ar
+    dup[maybe] = (first[inv] != ar).reshape(nb, K)
     return dup if bool(dup.any()) else None
 
 
