@@ -129,32 +129,41 @@ struct Exact1DTable {
   std::vector<i32> split;
 };
 
-template <class T>
-void exact1d_table(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Exact1DTable& tb, bool only_k = false) {
-  const i64 n = ds.n;
-  const auto& v = prep.sv;
-  const auto& sw = prep.sw;
-  double mean = prep.pwx[n] / std::max(prep.pw[n], 1e-300);
-  if (!(prep.pw[n] > 0)) mean = 0;
-  std::vector<double> P1(n + 1, 0.0), P2(n + 1, 0.0);
-  for (i64 i = 0; i < n; ++i) {
-    const double t = v[i] - mean;
-    P1[i + 1] = P1[i] + sw[i] * t;
-    P2[i + 1] = P2[i] + sw[i] * t * t;
-  }
-  const auto& PW = prep.pw;
-  // Unweighted points: an interval's weight is its length, and a table of reciprocals replaces the
-  // division (the inner loops wait on it: 1.2x faster at n = 512, k = 256).
-  std::vector<double> inv(ds.w == nullptr ? n + 1 : 0);
-  for (i64 c = 1; c < i64(inv.size()); ++c) inv[c] = 1.0 / double(c);
-  const double* rcp = ds.w == nullptr ? inv.data() : nullptr;
-  auto cost = [&](i64 a, i64 b) {  // [a, b)
-    const double s = P1[b] - P1[a];
-    if (rcp) return std::max(0.0, (P2[b] - P2[a]) - s * s * rcp[b - a]);
-    const double W = PW[b] - PW[a];
-    if (W <= 0) return 0.0;
-    return std::max(0.0, (P2[b] - P2[a]) - s * s / W);
-  };
+// Double-double numbers (a value as an unevaluated sum hi + lo, about 106 bits): the interval costs of data
+// whose double sums cannot resolve them (below).  Error-free sums and products; no fast-math here.
+struct DD {
+  double hi = 0.0, lo = 0.0;
+};
+inline DD dd_fast_sum(double a, double b) {  // |a| >= |b|
+  const double s = a + b;
+  return {s, b - (s - a)};
+}
+inline DD dd_sum(double a, double b) {
+  const double s = a + b, bb = s - a;
+  return {s, (a - (s - bb)) + (b - bb)};
+}
+inline DD dd_add(DD a, DD b) {
+  DD s = dd_sum(a.hi, b.hi);
+  const DD t = dd_sum(a.lo, b.lo);
+  s = dd_fast_sum(s.hi, s.lo + t.hi);
+  return dd_fast_sum(s.hi, s.lo + t.lo);
+}
+inline DD dd_neg(DD a) { return {-a.hi, -a.lo}; }
+inline DD dd_mul(DD a, DD b) {
+  const double p = a.hi * b.hi;
+  return dd_fast_sum(p, std::fma(a.hi, b.hi, -p) + (a.hi * b.lo + a.lo * b.hi));
+}
+inline DD dd_div(DD a, DD b) {  // two Newton-like correction steps: about 100 bits
+  const double q1 = a.hi / b.hi;
+  DD r = dd_add(a, dd_neg(dd_mul(b, {q1, 0.0})));
+  const double q2 = r.hi / b.hi;
+  r = dd_add(r, dd_neg(dd_mul(b, {q2, 0.0})));
+  return dd_add(dd_fast_sum(q1, q2), {r.hi / b.hi, 0.0});
+}
+
+// The DP over the split table, for any interval cost cost(a, b) of the sorted points [a, b).
+template <class Cost>
+void exact1d_dp(i64 n, i64 k, const Cost& cost, Exact1DTable& tb, bool only_k) {
   std::vector<double> prev(n + 1, kInf), cur(n + 1, kInf);
   tb.kmax = k;
   tb.split.assign(size_t(k) * (n + 1), 0);
@@ -214,6 +223,55 @@ void exact1d_table(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Exact1D
   }
 }
 
+
+template <class T>
+void exact1d_table(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Exact1DTable& tb, bool only_k = false,
+                   bool precise = false) {
+  const i64 n = ds.n;
+  const auto& v = prep.sv;
+  const auto& sw = prep.sw;
+  double mean = prep.pwx[n] / std::max(prep.pw[n], 1e-300);
+  if (!(prep.pw[n] > 0)) mean = 0;
+  if (precise) {  // every sum in double-double: an interval's cost keeps ~1e-32 of the data's spread, not ~1e-16
+    std::vector<DD> P1(n + 1), P2(n + 1), PW(n + 1);
+    for (i64 i = 0; i < n; ++i) {
+      const DD t = dd_sum(v[i], -mean), wt = dd_mul(t, {sw[i], 0.0});
+      P1[i + 1] = dd_add(P1[i], wt);
+      P2[i + 1] = dd_add(P2[i], dd_mul(wt, t));
+      PW[i + 1] = dd_add(PW[i], {sw[i], 0.0});
+    }
+    auto cost = [&](i64 a, i64 b) {  // [a, b)
+      const DD W = dd_add(PW[b], dd_neg(PW[a]));
+      if (!(W.hi > 0)) return 0.0;
+      const DD s = dd_add(P1[b], dd_neg(P1[a]));
+      const DD c = dd_add(dd_add(P2[b], dd_neg(P2[a])), dd_neg(dd_div(dd_mul(s, s), W)));
+      return std::max(0.0, c.hi + c.lo);
+    };
+    exact1d_dp(n, k, cost, tb, only_k);
+    return;
+  }
+  std::vector<double> P1(n + 1, 0.0), P2(n + 1, 0.0);
+  for (i64 i = 0; i < n; ++i) {
+    const double t = v[i] - mean;
+    P1[i + 1] = P1[i] + sw[i] * t;
+    P2[i + 1] = P2[i] + sw[i] * t * t;
+  }
+  const auto& PW = prep.pw;
+  // Unweighted points: an interval's weight is its length, and a table of reciprocals replaces the
+  // division (the inner loops wait on it: 1.2x faster at n = 512, k = 256).
+  std::vector<double> inv(ds.w == nullptr ? n + 1 : 0);
+  for (i64 c = 1; c < i64(inv.size()); ++c) inv[c] = 1.0 / double(c);
+  const double* rcp = ds.w == nullptr ? inv.data() : nullptr;
+  auto cost = [&](i64 a, i64 b) {  // [a, b)
+    const double s = P1[b] - P1[a];
+    if (rcp) return std::max(0.0, (P2[b] - P2[a]) - s * s * rcp[b - a]);
+    const double W = PW[b] - PW[a];
+    if (W <= 0) return 0.0;
+    return std::max(0.0, (P2[b] - P2[a]) - s * s / W);
+  };
+  exact1d_dp(n, k, cost, tb, only_k);
+}
+
 // The optimal k-clustering of 1-D data (dynamic programming over the sorted values), from `shared` when it
 // was built for at least k clusters, else from a table of its own.
 template <class T>
@@ -227,20 +285,72 @@ void solve_exact1d(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, Run<T>&
     exact1d_table(ds, prep, k, own, true);
     shared = &own;
   }
-  const std::vector<i32>& split = shared->split;
-  // Backtrack the interval ends.
   std::vector<i64> bound(k + 1);
-  bound[k] = n;
-  for (i64 m = k; m >= 2; --m) bound[m - 1] = split[size_t(m - 1) * (n + 1) + bound[m]];
-  bound[0] = 0;
+  auto backtrack = [&](const Exact1DTable& tb) {  // the interval ends
+    bound[k] = n;
+    for (i64 m = k; m >= 2; --m) bound[m - 1] = tb.split[size_t(m - 1) * (n + 1) + bound[m]];
+    bound[0] = 0;
+  };
+  backtrack(*shared);
+  // The weighted mean of the sorted points [a, b) and their summed squares about it, from their offsets to
+  // v[a] (no cancellation against the data's distance from 0 or from other intervals); W: their weight.
+  const auto& sw = prep.sw;
+  auto interval = [&](i64 a, i64 b, double& mean, double& W) {
+    double s1 = 0.0, w = 0.0;
+    for (i64 p = a; p < b; ++p) {
+      s1 += sw[p] * (v[p] - v[a]);
+      w += sw[p];
+    }
+    W = w;
+    mean = w > 0 ? v[a] + s1 / w : v[a];
+    double ss = 0.0;
+    for (i64 p = a; p < b; ++p) ss += sw[p] * (v[p] - mean) * (v[p] - mean);
+    return ss;
+  };
+  // The double table's interval costs come from prefix sums about the data's mean: each is exact to about
+  // 6 eps S (S: the summed squares about that mean), so its k intervals may miss the optimum by up to
+  // 12 k eps S.  Clusters far narrower than the data's range make that bound large against the inertia
+  // (values near +-1e6 in clusters 1e-3 wide chose wrong intervals, 3x the optimum).  The table is built
+  // again in double-double, whose costs hold ~1e-32 of S, where the bound exceeds a millionth of the
+  // partition's own inertia and either the partition is not a Lloyd fixed point (an optimum is: each point
+  // of positive weight as near its interval's mean as a neighbour's) or the bound exceeds a thousandth.
+  // (Fixed points within that thousandth are kept: the bound adds up k worst cases, and a double-double
+  // table costs about 12x a double one, which 2048 normal values at k = 1024 would pay for nothing.)
+  bool precise = false;
+  {
+    double m_all, w_all, inertia = 0.0, W;
+    const double S = interval(0, n, m_all, w_all);
+    std::vector<double> mu(k);
+    std::vector<char> has(k);
+    for (i64 m = 0; m < k; ++m) {
+      inertia += interval(bound[m], bound[m + 1], mu[m], W);
+      has[m] = W > 0;
+    }
+    const double err = 12.0 * double(k) * std::numeric_limits<double>::epsilon() * S;
+    bool fixed = true;
+    for (i64 m = 0; m < k && fixed; ++m) {
+      if (!has[m]) continue;
+      for (i64 p = bound[m]; p < bound[m + 1] && fixed; ++p) {
+        if (!(sw[p] > 0)) continue;
+        const double own = std::abs(v[p] - mu[m]);
+        if (m > 0 && has[m - 1] && std::abs(v[p] - mu[m - 1]) < own) fixed = false;
+        if (m + 1 < k && has[m + 1] && std::abs(v[p] - mu[m + 1]) < own) fixed = false;
+      }
+    }
+    if (inertia > 0 && err > 1e-6 * inertia && (!fixed || err > 1e-3 * inertia)) {
+      exact1d_table(ds, prep, k, own, true, true);
+      backtrack(own);
+      precise = true;
+    }
+  }
   out.centroids.resize(k);
   out.labels.assign(n, 0);
   for (i64 m = 0; m < k; ++m) {
     const i64 a = bound[m], b = bound[m + 1];
-    const double W = PW[b] - PW[a];
-    double c;
-    if (W > 0) c = (prep.pwx[b] - prep.pwx[a]) / W;
-    else {
+    double c = 0.0, W = PW[b] - PW[a];
+    if (precise) interval(a, b, c, W);  // the mean without the prefix sums' cancellation either
+    else if (W > 0) c = (prep.pwx[b] - prep.pwx[a]) / W;
+    if (!(W > 0)) {  // weightless points: their plain mean
       c = 0;
       for (i64 p = a; p < b; ++p) c += v[p];
       c /= double(std::max<i64>(1, b - a));

@@ -861,13 +861,19 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
             takes): the one clustering of inertia 0, which every seeding reaches in exact arithmetic,
             returned exactly where a solver's float means may miss it by an ulp), one of those by name
             (``"lloyd"`` = plain Lloyd, ``"hamerly"``, ``"yinyang"``, ``"topm"``, ``"gram"``,
-            ``"lloyd1d"``), or ``"exact1d"``: the globally optimal 1-D clustering (D == 1 only; it takes no
-            given ``init`` and runs no iterations: ``max_iter`` and ``tol`` do not apply, ``n_iter`` is 0).
+            ``"lloyd1d"``; ``"gram"`` runs Hamerly where the N x N Gram matrix would pass 512 MiB, N >
+            8192, as ``res.algorithm`` says), or ``"exact1d"``: the globally optimal 1-D clustering (D == 1
+            only; it takes no given ``init`` and runs no iterations: ``max_iter`` and ``tol`` do not apply,
+            ``n_iter`` is 0; its interval costs are exact to ~1e-16 of the data's spread about its mean, and
+            to ~1e-32 in double-double where that could make it miss the optimum, as for clusters a
+            millionth of the data's range wide).  The torch backend runs plain Lloyd for every name but
+            ``"exact1d"``, which it refuses.
             ``"topm"`` hands float32 data beyond 1e18 in magnitude to Yinyang (its float distances
             would overflow).  The methods walk Lloyd's iterates up to rounding.  Each computes distances
             its own way -- plain Lloyd and Hamerly (and the torch backend) in the dot form
             ``|x|^2 - 2 x.c + |c|^2`` in the data's precision, as scikit-learn does, with a rounding of
-            about eps * |x|^2; Yinyang, top-m and the 1-D methods as double-precision differences -- and
+            about eps * |x|^2 (Yinyang's full assignments too); top-m, Yinyang's bound checks and the 1-D
+            methods as double-precision differences -- and
             the generic, AVX2 and AVX-512 builds sum in different orders.  So a point whose two nearest
             centers are equally far to within that rounding (in float32 about 1e-7 of |x|^2; in float64
             about 1e-16, centers within some 1e-8 |x| of each other) may go to either, and the runs part
@@ -879,8 +885,8 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
     center first, as scikit-learn does; but kcengine takes only points of positive weight, at positive
     distance, whose cluster keeps another member, never two copies of one point, and never a point whose
     copies make up a whole cluster, so that k distinct centroids come back whenever the data has k distinct
-    points (the cuda backend's fused kernel, which runs problems small enough for one thread block's shared
-    memory, does not have that last rule yet).  scikit-learn has none of these rules (it can take a singleton's only member, a zero-weight point
+    points of positive weight (the cuda backend's fused kernel, which runs problems small enough for one
+    thread block's shared memory, does not have that last rule yet).  scikit-learn has none of these rules (it can take a singleton's only member, a zero-weight point
     or a second copy), so where a run repairs, its iterates can differ from scikit-learn's; without a repair
     they are the same.  A final E-step follows any iteration that repaired, so labels always match the
     returned centroids.
