@@ -23,3 +23,24 @@ FLAGS = {"eval_batch_size": "--batch-size", "plan": "--plan", "stage_epochs": "-
 ])
 def test_flag_words(msg, want):
     assert flag_words(msg, FLAGS) == want
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["prune", "--ration", "0.5"], "python -m kcengine prune: error: unrecognized arguments: --ration 0.5 (--ration: "
+                                   "did you mean --ratio?)"),
+    (["finetune", "--plan", "sensitivity", "0.5"], "python -m kcengine finetune: error: unrecognized arguments: 0.5 "
+                                                  "(0.5: --plan takes one value, 'sensitivity'; write what follows it "
+                                                  "as one word (e.g. sensitivity=0.5))"),
+    (["eval", "--bogus"], "python -m kcengine eval: error: unrecognized arguments: --bogus"),
+])
+def test_a_mistyped_option_is_named_with_its_commands_usage(argv, want, capsys):
+    """argparse reported a command's unknown options with the top level's usage, which names no option of the
+    command; the command's own usage comes with them now, and the likely meant option."""
+    from kcengine.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == want
+    assert err.startswith(f"usage: python -m kcengine {argv[0]} ")

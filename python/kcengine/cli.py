@@ -66,10 +66,32 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser.add_argument("-V", "--version", action="version", version=f"kcengine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     mods = _available_commands()
+    parser.commands = {}  # each command's own parser: main reports a mistyped option with that one's usage
     for name, mod in mods.items():
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
+        parser.commands[name] = p
     return parser, mods
+
+
+def _unrecognized(argv: list, extra: list, command_parser) -> str:
+    """argparse's "unrecognized arguments" message, with the likely meant option for a misspelled one (--ration:
+    --ratio) and, for a stray value, the option whose one value it follows (--plan sensitivity 0.5)."""
+    import difflib
+
+    options = [o for a in command_parser._actions for o in a.option_strings if o.startswith("--")]
+    notes = []
+    for word in extra:
+        if word.startswith("--"):
+            near = difflib.get_close_matches(word.split("=")[0][2:], [o[2:] for o in options], n=1, cutoff=0.7)
+            if near:
+                notes.append(f"{word}: did you mean --{near[0]}?")
+        elif word in argv:
+            i = argv.index(word)
+            if i >= 2 and argv[i - 2].startswith("--") and not argv[i - 1].startswith("-"):
+                notes.append(f"{word}: {argv[i - 2]} takes one value, {argv[i - 1]!r}; write what follows it as "
+                             f"one word (e.g. {argv[i - 1]}={word})")
+    return f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _make_out(out) -> Path | None:
@@ -103,7 +125,13 @@ def _check_out_files(out, command: str, names) -> None:
 
 def main(argv=None) -> int:
     parser, mods = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named with the command's usage (argparse gives the top level's, which names no option)
+        command_parser = parser.commands.get(args.command)
+        if command_parser is None:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        command_parser.error(_unrecognized(argv, extra, command_parser))
     if not args.command:
         parser.print_help()
         return 2
