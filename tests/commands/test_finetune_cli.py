@@ -89,6 +89,7 @@ def test_finetune_with_a_sensitivity_plan_prints_and_records_its_split(ckpt, cif
      "['layer3']"),
     (("--ratio", "2"), "--ratio must be a ratio in (0, 1]"),
     (("--plan", "nonsense"), "--plan 'nonsense' is not understood"),
+    (("--plan", "50"), "for the same k in every layer pass --plan map:re:.*=50"),  # not a Python dict
     (("--plan", "sensitivity=0.5", "--granularity", "kernel"), "it needs --granularity 'filter', got --granularity "
                                                                 "'kernel'"),
     (("--ratio", "0.5", "--no-resume"), "--no-resume starts over from a --checkpoint-dir's checkpoint"),

@@ -138,8 +138,9 @@ def _flag_words(msg: str, ratio: bool = False) -> str:
     be an int >= 1, got eval_batch_size=0" -> "--batch-size must be an int >= 1, got 0".  ``ratio``: the user gave
     ``--ratio`` (which the CLI passes as the plan ``{'ratio': R}``)."""
     from ..cli import flag_words
+    from .prune import plan_map_words
 
-    return flag_words(msg, {**_FLAGS, **({"ratio": "--ratio"} if ratio else {})})
+    return flag_words(plan_map_words(msg), {**_FLAGS, **({"ratio": "--ratio"} if ratio else {})})
 
 
 def run(args) -> int:

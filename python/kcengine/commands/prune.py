@@ -109,13 +109,18 @@ def _recovery_hint(args, report) -> None:
               f"(CIFAR ResNets and torchvision models; kcengine.finetune for any model){also}")
 
 
+def plan_map_words(msg: str) -> str:
+    """The dict form of a per-layer plan in a compress error as the ``--plan map:...`` a CLI user types."""
+    return re.sub(r"pass \{'layers': \{'re:\.\*': (\d+)\}\}", r"pass --plan map:re:.*=\1", msg)
+
+
 def cli_words(msg: str, ratio: bool = False) -> str:
     """A compress error's Python spellings as the flags a prune user types: ``plan=X`` -> ``--plan X``,
     ``layers=`` -> ``--layers`` (:func:`kcengine.cli.flag_words`), and the dict form of a per-layer plan ->
     ``--plan map:...``.  ``ratio``: the user gave ``--ratio`` (a plan's own ``ratio=R`` keeps its spelling)."""
     from ..cli import flag_words
 
-    msg = re.sub(r"pass \{'layers': \{'re:\.\*': (\d+)\}\}", r"pass --plan map:re:.*=\1", msg)
+    msg = plan_map_words(msg)
     flags = {"plan": "--plan", "layers": "--layers", "threshold": "--threshold", "seed": "--seed",
              "backend": "--backend", "eval_batch_size": "--batch-size", "granularity": "--granularity"}
     return flag_words(msg, {**flags, **({"ratio": "--ratio"} if ratio else {})})
