@@ -195,3 +195,29 @@ def test_pretrained_cifar_loads_through_the_hub_cache(shared_data, tmp_path, mon
     ref = read_checkpoint(shared_data / "checkpoints" / "resnet20-12fca82f.th")
     assert lm.pretrained and lm.weights == url
     assert torch.equal(lm.model.layer3[2].conv2.weight, ref["layer3.2.conv2.weight"])
+
+
+def test_a_checkpoint_of_another_cifar_depth_names_it(tmp_path):
+    """A resnet56 checkpoint given as resnet20's weights (an easy slip: --weights without --model) says which
+    model it holds, plain or compact; a checkpoint of the same depth that does not fit gets no such guess."""
+    from kcengine import compress, save_compressed
+    from kcengine.models import load_model
+
+    torch.manual_seed(0)
+    r56 = CifarResNet(56)
+    plain = tmp_path / "r56.th"
+    torch.save({"state_dict": {"module." + k: v for k, v in r56.state_dict().items()}}, plain)
+    with pytest.raises(ValueError, match=r"does not fit CifarResNet: .*; the file holds a resnet56 .*pass "
+                                         r"name='resnet56'$"):
+        load_model("resnet20", plain)
+    assert load_model("resnet56", plain).name == "resnet56"
+    small, _ = compress(r56.eval(), ratio=0.5, seed=0)
+    compact = tmp_path / "m.pt"
+    save_compressed(small, compact)
+    with pytest.raises(ValueError, match=r"the file holds a resnet56 .*pass name='resnet56'$"):
+        load_model("resnet32", compact)
+    other = CifarResNet(20, num_classes=100).state_dict()
+    torch.save(other, tmp_path / "r20c100.th")
+    with pytest.raises(ValueError) as exc:
+        load_model("resnet20", tmp_path / "r20c100.th")
+    assert "holds a" not in str(exc.value)

@@ -21,6 +21,7 @@ When pretrained weights are asked for but are neither cached nor downloadable,
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int
-from .checkpoints import MissingWeightsError, hub_cache_path, load_state_dict_into, read_checkpoint
+from .checkpoints import MissingWeightsError, hub_cache_path, load_state_dict_into, read_checkpoint, strip_prefixes
 from .cifar_resnet import CIFAR_DEPTHS, CifarResNet
 
 __all__ = ["LoadedModel", "load_model", "list_models", "CIFAR_CHECKPOINT_URLS", "CIFAR_MEAN", "CIFAR_STD",
@@ -121,6 +122,21 @@ def model_builder(name: str, num_classes: int | None = None) -> tuple[str, dict]
     return "torchvision.models:get_model", {"name": name, "weights": None, "num_classes": num_classes or 1000}
 
 
+def _cifar_name_of_file(path) -> str | None:
+    """The CIFAR ResNet whose blocks a checkpoint file holds (``resnet{6n+2}`` for n blocks in layer1), or None
+    when it holds no such layout or cannot be read."""
+    try:
+        p = Path(path) / OUT_MODEL_NAME if Path(path).is_dir() else Path(path)
+        keys = list(strip_prefixes(read_checkpoint(p)).keys())
+    except Exception:  # only a hint for an error already on its way
+        return None
+    blocks = {int(m.group(1)) for m in (re.match(r"layer1\.(\d+)\.", k) for k in keys) if m}
+    if not blocks or blocks != set(range(len(blocks))):
+        return None
+    depth = 6 * len(blocks) + 2
+    return f"resnet{depth}" if depth in CIFAR_DEPTHS else None
+
+
 def _fill_from_file(model: nn.Module, path) -> nn.Module:
     """``model`` with the weights in the file at ``path``: a compact checkpoint of :func:`kcengine.save_compressed`
     (what ``kcengine prune/finetune --out`` write) comes back with its clustered layers clustered (a new module;
@@ -194,7 +210,14 @@ def _load_cifar(name, depth, weights, num_classes, allow_download) -> LoadedMode
         out.weights = "default initialization (no pretrained weights loaded)"
         out.notes.append(f"{name}: default initialization; accuracy figures are meaningless")
     elif _is_path_like(weights):
-        out.model = _fill_from_file(model, weights)
+        try:
+            out.model = _fill_from_file(model, weights)
+        except ValueError as exc:
+            other = _cifar_name_of_file(weights) if "does not fit" in str(exc) else None
+            if other is None or other == name:
+                raise
+            raise ValueError(f"{exc}; the file holds a {other} (its layer1 has that depth's blocks): pass "
+                             f"name={other!r}") from None
         out.pretrained, out.weights = True, str(weights)
     elif weights in _PRETRAINED:
         url = CIFAR_CHECKPOINT_URLS[name]
