@@ -122,12 +122,22 @@ def model_builder(name: str, num_classes: int | None = None) -> tuple[str, dict]
     return "torchvision.models:get_model", {"name": name, "weights": None, "num_classes": num_classes or 1000}
 
 
+def _checkpoint_file(path) -> Path:
+    """``path``, or for the report folder of prune/finetune --out its model.pt (MissingWeightsError when absent)."""
+    if not Path(path).is_dir():
+        return Path(path)
+    inner = Path(path) / OUT_MODEL_NAME
+    if not inner.is_file():
+        raise MissingWeightsError(f"weights {str(path)!r} is a folder without a {OUT_MODEL_NAME} (the file "
+                                  f"kcengine prune/finetune --out write there); give a checkpoint file")
+    return inner
+
+
 def _cifar_name_of_file(path) -> str | None:
     """The CIFAR ResNet whose blocks a checkpoint file holds (``resnet{6n+2}`` for n blocks in layer1), or None
     when it holds no such layout or cannot be read."""
     try:
-        p = Path(path) / OUT_MODEL_NAME if Path(path).is_dir() else Path(path)
-        keys = list(strip_prefixes(read_checkpoint(p)).keys())
+        keys = list(strip_prefixes(read_checkpoint(_checkpoint_file(path))).keys())
     except Exception:  # only a hint for an error already on its way
         return None
     blocks = {int(m.group(1)) for m in (re.match(r"layer1\.(\d+)\.", k) for k in keys) if m}
@@ -143,12 +153,7 @@ def _fill_from_file(model: nn.Module, path) -> nn.Module:
     ``model`` is the skeleton), any other checkpoint is loaded into ``model`` as a state dict."""
     from ..conv.serialize import is_compressed_file, load_compressed
 
-    if Path(path).is_dir():  # the report folder of prune/finetune --out: its model.pt
-        inner = Path(path) / OUT_MODEL_NAME
-        if not inner.is_file():
-            raise MissingWeightsError(f"weights {str(path)!r} is a folder without a {OUT_MODEL_NAME} (the file "
-                                      f"kcengine prune/finetune --out write there); give a checkpoint file")
-        path = inner
+    path = _checkpoint_file(path)
     if is_compressed_file(path):  # False for a missing file: read_checkpoint then says so
         return load_compressed(path, model)  # a file for another architecture: ValueError "does not fit"
     load_state_dict_into(model, read_checkpoint(path))
