@@ -61,8 +61,8 @@ def add_arguments(parser) -> None:
     add(t, "--alpha", type=float, default=ft["alpha"], help="weight of the distillation term (0: plain CE)")
     add(t, "--teacher", default=None,
         help="weights of the dense --model to distil from and refit to, spelled as for --weights (default: the "
-             "dense --weights themselves; a clustered --weights has no dense model to distil from unless this "
-             "names one, and then trains on the labels alone, without the refit)")
+             "dense --weights themselves; for a clustered --weights, none: it then trains on the labels alone, "
+             "without distillation or refit)")
     add(t, "--feature-weight", type=float, default=ft["feature_weight"],
         help="weight of the block-output matching term (0: off)")
     add(t, "--no-augment", action="store_true", help="no random crop (1/8 of the side padded) + flip")
@@ -173,7 +173,10 @@ def run(args) -> int:
         if not 0 <= value < 2**63:
             raise UserError(f"{flag} must be in [0, 2**63 - 1], got {value}")
     lm = load_model_arg(args, need_trained=True)
-    clustered = any(isinstance(m, ClusteredConv2d) for m in lm.model.modules())
+    def holds_clustered(model):
+        return any(isinstance(m, ClusteredConv2d) for m in model.modules())
+
+    clustered = holds_clustered(lm.model)
     if clustered and (args.plan is not None or args.ratio is not None):
         given = f"--plan {args.plan}" if args.plan is not None else f"--ratio {args.ratio}"
         raise UserError(f"--weights {args.weights} holds a clustered model (a prune/finetune --out file), which "
@@ -187,7 +190,7 @@ def run(args) -> int:
     teacher = None
     if args.teacher is not None:
         teacher = load_model_arg(args, need_trained=True, flag="--teacher").model
-        if any(isinstance(m, ClusteredConv2d) for m in teacher.modules()):
+        if holds_clustered(teacher):
             raise UserError(f"--teacher {args.teacher} holds a clustered model: the teacher is the dense model to "
                             f"distil from and refit to; pass its dense weights")
     if is_cifar_model(lm.name):
