@@ -137,6 +137,15 @@ def test_builder_and_errors(tmp_path):
         kcengine.load_compressed(bad, model=Net())
     with pytest.raises(ValueError, match=r"builder must be 'package.module:callable', got 'nope'"):
         kcengine.save_compressed(model, path, builder="nope")
+    # a builder that cannot run is refused when the file is written, not when it is read back (it was saved)
+    fresh = tmp_path / "never.pt"
+    for builder, msg in (("torchvision.models:resnet19", r"builder 'torchvision.models:resnet19' cannot be imported"),
+                         ("kcengine_no_such_module:f", r"builder 'kcengine_no_such_module:f' cannot be imported"),
+                         ("torch:pi", r"builder 'torch:pi' is a float, not a callable"),
+                         (":resnet18", r"builder must be 'package.module:callable', got ':resnet18'")):
+        with pytest.raises(ValueError, match=msg):
+            kcengine.save_compressed(model, fresh, builder=builder)
+        assert not fresh.exists()
 
     import torchvision
 

@@ -141,11 +141,27 @@ def _plain_key(k, where: str):
     return k
 
 
+def _resolve_builder(builder, where: str):
+    """The callable ``builder`` ('package.module:callable') names; ValueError starting with ``where`` when it is
+    not so spelled or does not import here.  Checked at save time too, so that a file whose builder cannot run
+    is refused when written, not found out when loaded."""
+    if not isinstance(builder, str) or builder.count(":") != 1 or not all(builder.partition(":")[::2]):
+        raise ValueError(f"{where} must be 'package.module:callable', got {builder!r}")
+    mod_name, _, fn_name = builder.partition(":")
+    try:
+        build = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{where} {builder!r} cannot be imported here ({exc})") from None
+    if not callable(build):
+        raise ValueError(f"{where} {builder!r} is a {type(build).__name__}, not a callable")
+    return build
+
+
 def _payload(model: nn.Module, builder, builder_kwargs) -> dict:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    if builder is not None and (not isinstance(builder, str) or builder.count(":") != 1):
-        raise ValueError(f"builder must be 'package.module:callable', got {builder!r}")
+    if builder is not None:
+        _resolve_builder(builder, "builder")
     if builder_kwargs is not None and not isinstance(builder_kwargs, Mapping):
         raise ValueError(f"builder_kwargs must be a dict of the builder's keyword arguments or None, got "
                          f"{type(builder_kwargs).__name__}")
@@ -245,12 +261,10 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
         builder = payload.get("builder")
         if not builder:
             raise ValueError(f"model=None but {path} records no builder: pass model=<skeleton of the architecture>")
-        mod_name, _, fn_name = builder.partition(":")
         try:
-            build = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"{path} records builder {builder!r}, which cannot be imported here ({exc}): "
-                             f"pass model=<skeleton of the architecture>") from None
+            build = _resolve_builder(builder, f"{path}: the recorded builder")
+        except ValueError as exc:
+            raise ValueError(f"{exc}: pass model=<skeleton of the architecture>") from None
         try:
             model = build(**payload.get("builder_kwargs", {}))
         except (TypeError, ValueError) as exc:
