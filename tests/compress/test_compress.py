@@ -402,8 +402,13 @@ def test_compress_argument_errors_name_the_value():
         compress(m, plan="map:head=7")
     with pytest.raises(ValueError, match="layers='conv9' matches no conv layer"):
         compress(m, ratio=0.5, layers="conv9")
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['sede'\] \(did you mean seed=\?\); compress takes "
+                                         r"plan, ratio, granularity, .* and the k-means options seed, backend"):
         compress(m, ratio=0.5, sede=1)
+    # compress's own argument misspelt was answered with the k-means options alone, as if ratio were not one
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['ratios'\] \(did you mean ratio=\?\); compress "
+                                         r"takes plan, ratio, granularity, layers, threshold, cosine"):
+        compress(m, ratios=0.5)
     with pytest.raises(ValueError, match="threshold applies"):
         compress(m, ratio=0.5, granularity="element", threshold=0.1)
     with pytest.raises(ValueError, match=r"threshold must be a finite number >= 0.0 or None, got threshold=nan"):
@@ -492,7 +497,9 @@ def test_sensitivity_sweep_checks_its_arguments_before_any_work():
     with torch.no_grad():
         y = m(x).argmax(1)
     cases = [
-        (dict(sede=3), r"unknown option\(s\) \['sede'\]; k-means options are"),
+        (dict(sede=3), r"unknown option\(s\) \['sede'\] \(did you mean seed=\?\); sensitivity_sweep takes "
+                       r"granularity, layers, ratios, batch_size, progress and the k-means options seed"),
+        (dict(ratio=0.5), r"unknown option\(s\) \['ratio'\] \(did you mean ratios=\?\)"),
         (dict(ratios=(0, 0.5)), r"each of ratios must be a ratio in \(0, 1\], got 0"),
         (dict(ratios=(2.0,)), r"each of ratios must be a ratio in \(0, 1\], got 2.0"),
         (dict(ratios=(float("nan"),)), r"each of ratios must be a ratio in \(0, 1\], got nan"),

@@ -66,14 +66,24 @@ def elbow_index(ks, inertias) -> int:
     return int(np.argmax(chord - yn))
 
 
-def check_granularity_and_options(granularity, options: dict) -> None:
-    """ValueError unless ``granularity`` is one of :data:`GRANULARITIES` and every key of ``options`` a k-means
-    option (compress and the sensitivity sweep take the same ones)."""
+def check_granularity_and_options(granularity, options: dict, caller) -> None:
+    """ValueError unless ``granularity`` is one of :data:`GRANULARITIES` and every key of ``options`` (the
+    ``**options`` of ``caller``: compress or the sensitivity sweep, which take the same ones) a k-means option.
+    The message names the likely meant argument and lists ``caller``'s own keyword arguments beside the
+    k-means options (``compress(model, ratios=0.5)`` is a typo of ``ratio``, not of a k-means option)."""
+    import difflib
+    import inspect
+
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got granularity={granularity!r}")
     unknown = sorted(set(options) - set(_KMEANS_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; k-means options are {_KMEANS_OPTIONS}")
+        own = [p.name for p in inspect.signature(caller).parameters.values()
+               if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty)]
+        near = difflib.get_close_matches(unknown[0], own + list(_KMEANS_OPTIONS), n=1)
+        hint = f" (did you mean {near[0]}=?)" if near else ""
+        raise ValueError(f"unknown option(s) {unknown}{hint}; {caller.__name__} takes {', '.join(own)} and the "
+                         f"k-means options {', '.join(_KMEANS_OPTIONS)}")
 
 
 def _kmeans_kwargs(options: dict, granularity: str) -> dict:
@@ -224,7 +234,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_granularity_and_options(granularity, options)
+    check_granularity_and_options(granularity, options, compress)
     eval_batch_size = check_int(eval_batch_size, "eval_batch_size", 1)
     if eval_data is not None:
         from ..evaluate.metrics import check_data

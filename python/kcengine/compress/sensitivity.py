@@ -177,7 +177,7 @@ def _check_sweep_arguments(model, images, labels, granularity, ratios, batch_siz
     from ..evaluate.metrics import check_data, check_labels, check_model, run_model
 
     check_model(model)
-    check_granularity_and_options(granularity, options)
+    check_granularity_and_options(granularity, options, sensitivity_sweep)
     check_int(batch_size, "batch_size", 1)
     check_bool(progress, "progress")
     if ratios is not None:
