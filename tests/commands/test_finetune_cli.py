@@ -254,6 +254,21 @@ def test_finetune_refuses_a_plan_for_a_clustered_model_and_a_clustered_teacher(c
     assert main(_args(ckpt, cifar, "--epochs", "0", "--teacher", str(tmp_path / "missing.th"))) == 2
     err = capsys.readouterr().err
     assert "--teacher" in err and "missing.th" in err
+    # a per-element clustered file (prune --granularity element) was not seen as clustered: "give --ratio R", and
+    # with --ratio the library's "already clustered"; finetune does not train such layers, and now says so first
+    elem = tmp_path / "elem"
+    assert main(["prune", "--weights", str(ckpt), "--no-eval", "--granularity", "element", "--plan",
+                 "map:layer3.2.conv2=4", "--out", str(elem)]) == 0
+    capsys.readouterr()
+    for with_ratio in (False, True):
+        args = _args(ckpt, cifar, "--epochs", "0")
+        args[args.index("--weights") + 1] = str(elem / "model.pt")
+        if not with_ratio:
+            del args[args.index("--ratio"):args.index("--ratio") + 2]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "holds per-element clustered layers (prune --granularity element), which finetune does not train" \
+            in err and len(err.splitlines()) == 1, err
 
 
 def test_finetune_says_which_layers_a_partial_plan_left_dense(ckpt, cifar, tmp_path, capsys):

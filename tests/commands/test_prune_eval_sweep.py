@@ -32,7 +32,8 @@ def test_eval_writes_json_and_png(ckpt, cifar, tmp_path, capsys):
     assert d["total"] == 12 and 0 <= d["top1"] <= 1
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert {p.name for p in out.iterdir()} == set(eval_cmd.OUT_FILES)  # the names cli.main checks before any work
-    assert "top-1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "top-1" in printed and "clustered:" not in printed and d["conv_weight_counts"]["clustered"] == 0
 
 
 def test_eval_attack_reports_the_library_figure(ckpt, cifar, tmp_path, capsys):
@@ -88,6 +89,12 @@ def test_prune_output_reads_back_as_weights(ckpt, cifar, tmp_path, capsys):
     assert main(["eval", "--weights", str(out / "model.pt"), "--data", str(cifar), "--no-progress"]) == 0
     by_file = capsys.readouterr().out
     assert "top-1" in by_file
+    # ... and says the model is clustered (it printed the figures as for the dense model): k = C_out / 2 filters
+    convs = [m for m in dense.modules() if isinstance(m, torch.nn.Conv2d)]
+    applied = sum(m.weight.numel() for m in convs)
+    stored = sum(m.weight.shape[0] // 2 * m.weight[0].numel() for m in convs)
+    assert f"clustered: 19 of 19 conv layers; conv weights {applied:,} applied, {stored:,} stored " \
+           f"({applied / stored:.2f}x)" in by_file, by_file
     assert main(["eval", "--weights", str(out), "--data", str(cifar), "--no-progress"]) == 0
     by_folder = capsys.readouterr().out
     figures = re.compile(r"top-1 [\d.]+% \(\d+/\d+\), top-5 [\d.]+%")

@@ -829,3 +829,25 @@ def test_an_elbow_plan_needs_three_distinct_ks_per_layer_and_a_model_that_grows_
 
     assert (_ratio_text(0.997), _ratio_text(1.0), _ratio_text(1.004), _ratio_text(2.345)) == \
         ("0.997", "1.00", "1.004", "2.35")
+
+
+def test_conv_weight_counts_of_each_kind_of_layer():
+    """conv_weight_counts (eval's "clustered: ..." line) against counts taken from the layers' shapes: a filter
+    layer stores k * D values, a cosine one also its C_out norms, a per-element one D * K, a dense conv its
+    weight; a conv reached by two paths counts once."""
+    from kcengine.compress.layers import conv_weight_counts
+
+    m = _net()
+    d = [c.weight[0].numel() for c in (m.features[0], m.features[2][0], m.head)]  # D of each layer
+    n = [c.weight.numel() for c in (m.features[0], m.features[2][0], m.head)]
+    assert conv_weight_counts(m) == dict(clustered=0, element=0, dense=3, weights=sum(n), stored=sum(n))
+    filt, _ = compress(m, {"layers": {"features.0": 5, "head": 2}})
+    assert conv_weight_counts(filt) == dict(clustered=2, element=0, dense=1, weights=sum(n),
+                                            stored=5 * d[0] + n[1] + 2 * d[2])
+    cos, _ = compress(m, {"layers": {"features.0": 5}}, cosine=True)
+    assert conv_weight_counts(cos)["stored"] == 5 * d[0] + 12 + n[1] + n[2]
+    elem, _ = compress(m, {"layers": {"head": 3}}, granularity="element")
+    assert conv_weight_counts(elem) == dict(clustered=1, element=1, dense=2, weights=sum(n),
+                                            stored=n[0] + n[1] + d[2] * 3)
+    shared = nn.Sequential(filt.head, filt.head)
+    assert conv_weight_counts(shared) == dict(clustered=1, element=0, dense=0, weights=n[2], stored=2 * d[2])

@@ -215,8 +215,21 @@ def _print_per_class(r, where=None, most: int = 20) -> None:
         print(f"  {name:>12s}: {'n/a' if acc != acc else f'{100 * acc:.1f}%'}")
 
 
+def _clustering_line(model) -> str | None:
+    """For a clustered model (a prune/finetune --out file): how much of it is clustered, else None."""
+    from ..compress.layers import conv_weight_counts
+
+    c = conv_weight_counts(model)
+    if not c["clustered"]:
+        return None
+    element = f" ({c['element']} per element)" if c["element"] else ""
+    return (f"  clustered: {c['clustered']} of {c['clustered'] + c['dense']} conv layers{element}; conv weights "
+            f"{c['weights']:,} applied, {c['stored']:,} stored ({c['weights'] / max(c['stored'], 1):.2f}x)")
+
+
 def run(args) -> int:
     from ..cli import UserError
+    from ..compress.layers import conv_weight_counts
     from ..evaluate import adversarial_accuracy, confusion_png, evaluate
 
     if not args.attack and (args.eps is not None or args.attack_steps is not None):
@@ -232,6 +245,9 @@ def run(args) -> int:
     r = evaluate(lm.model, data, batch_size=args.batch_size, progress=not args.no_progress, desc=lm.name)
     print(f"{lm.name} ({lm.weights}): top-1 {100 * r.top1:.2f}% ({r.correct}/{r.total}), top-5 {100 * r.top5:.2f}%, "
           f"{r.seconds:.1f} s")
+    clustering = _clustering_line(lm.model)
+    if clustering:
+        print(clustering)
     _print_per_class(r, where="eval.json" if args.out else None)
     robust = None
     if args.attack:
@@ -244,7 +260,7 @@ def run(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         d = r.as_dict()
-        d.update(model=lm.name, weights=lm.weights)
+        d.update(model=lm.name, weights=lm.weights, conv_weight_counts=conv_weight_counts(lm.model))
         if robust is not None:
             d["adversarial"] = robust.as_dict()
         (out / "eval.json").write_text(json.dumps(d, indent=2) + "\n")

@@ -148,6 +148,7 @@ def run(args) -> int:
 
     from ..cli import UserError
     from ..compress.plan import OutputSensitivity, parse_plan
+    from ..compress.layers import conv_weight_counts
     from ..conv import ClusteredConv2d
     from ..data import make_loader
     from ..models import is_cifar_model
@@ -173,10 +174,15 @@ def run(args) -> int:
         if not 0 <= value < 2**63:
             raise UserError(f"{flag} must be in [0, 2**63 - 1], got {value}")
     lm = load_model_arg(args, need_trained=True)
+
     def holds_clustered(model):
-        return any(isinstance(m, ClusteredConv2d) for m in model.modules())
+        return conv_weight_counts(model)["clustered"] > 0
 
     clustered = holds_clustered(lm.model)
+    if conv_weight_counts(lm.model)["element"]:
+        raise UserError(f"--weights {args.weights} holds per-element clustered layers (prune --granularity "
+                        f"element), which finetune does not train: finetune trains filter or kernel clusters; pass "
+                        f"the dense weights with --ratio/--plan and --granularity filter or kernel")
     if clustered and (args.plan is not None or args.ratio is not None):
         given = f"--plan {args.plan}" if args.plan is not None else f"--ratio {args.ratio}"
         raise UserError(f"--weights {args.weights} holds a clustered model (a prune/finetune --out file), which "

@@ -31,10 +31,9 @@ def require_dense_convs(model: nn.Module, convs) -> None:
     "no nn.Conv2d" error of :func:`select_layers` would not say why)."""
     if convs:
         return
-    from ..conv.module import ClusteredConv2d
-    from .layers import ElementClusteredConv2d
+    from .layers import conv_weight_counts
 
-    n = sum(isinstance(m, (ClusteredConv2d, ElementClusteredConv2d)) for m in model.modules())
+    n = conv_weight_counts(model)["clustered"]
     if n:
         raise ValueError(f"the model is already clustered ({n} clustered conv layers, no nn.Conv2d left): "
                          f"compress and sweep start from the dense model (its checkpoint, not a compact file)")

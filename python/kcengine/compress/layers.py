@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from ..conv.module import conv_padding, pad_input, pads_input
 
-__all__ = ["GRANULARITIES", "LayerProblem", "ElementClusteredConv2d", "effective_weight", "n_points"]
+__all__ = ["GRANULARITIES", "LayerProblem", "ElementClusteredConv2d", "conv_weight_counts", "effective_weight",
+           "n_points"]
 
 GRANULARITIES = ("filter", "kernel", "element")
 
@@ -105,6 +106,34 @@ class ElementClusteredConv2d(nn.Module):
     def extra_repr(self) -> str:
         c_out, cig, kh, kw = self.weight_shape
         return f"{cig * self.groups}, {c_out}, kernel_size={(kh, kw)}, K={self.num_clusters}, granularity='element'"
+
+
+def conv_weight_counts(model: nn.Module) -> dict:
+    """What of ``model``'s convs is clustered: ``clustered`` / ``dense`` layer counts (``ClusteredConv2d`` and
+    ``ElementClusteredConv2d`` / plain ``nn.Conv2d``; ``element`` of the clustered are per-element), ``weights``
+    (the conv weights the model applies, as dense) and ``stored`` (the values it stores for them: codebooks,
+    with the cosine option's per-filter norms, and the dense convs' weights).  Biases are not counted, as in the
+    compression report; a module reached by two paths counts once."""
+    from ..conv.module import ClusteredConv2d
+
+    counts = dict(clustered=0, element=0, dense=0, weights=0, stored=0)
+    for m in model.modules():  # modules() yields each module once
+        if isinstance(m, ClusteredConv2d):
+            kh, kw = m.kernel_size
+            norms = m.scale.numel() if m._kc_cosine and m.scale is not None else 0
+            counts["clustered"] += 1
+            counts["weights"] += m.out_channels * (m.in_channels // m.groups) * kh * kw
+            counts["stored"] += m.codebook.numel() + norms
+        elif isinstance(m, ElementClusteredConv2d):
+            counts["clustered"] += 1
+            counts["element"] += 1
+            counts["weights"] += int(np.prod(m.weight_shape))
+            counts["stored"] += m.codebook.numel()
+        elif isinstance(m, nn.Conv2d):
+            counts["dense"] += 1
+            counts["weights"] += m.weight.numel()
+            counts["stored"] += m.weight.numel()
+    return counts
 
 
 def effective_weight(layer: nn.Module) -> torch.Tensor:
