@@ -87,3 +87,23 @@ def test_candidates_follow_the_environment_and_new_registrations(op, monkeypatch
     assert _registry.candidates(op, "auto", "cpu") == (["cpu", "torch"], False)
     with pytest.raises(ValueError, match=r"backend=\['cpu'\] is not one of"):
         _registry.candidates(op, ["cpu"], "cpu")
+
+
+def test_backend_status_gives_every_reason_a_gpu_backend_cannot_run(monkeypatch):
+    """`kcengine env` showed only the first reason (no device), so a user who then got a GPU met the second
+    (no cupy) only after; each reason is given, and each alone when it is the only one."""
+    import importlib.util
+
+    import torch
+
+    real = importlib.util.find_spec
+    for has_device, missing in ((False, {"cupy", "triton"}), (True, {"cupy", "triton"}), (False, set())):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: has_device)
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else
+                            ("a spec" if name in ("cupy", "triton") else real(name, *a)))
+        device = None if has_device else "no CUDA device (torch.cuda.is_available() is False)"
+        cupy = "cupy is not installed (pip install 'kcengine[cuda12]' or 'kcengine[cuda13]')" if missing else None
+        triton = "triton is not installed" if missing else None
+        for backend, package in (("cuda", cupy), ("triton", triton)):
+            want = "; and ".join(r for r in (device, package) if r) or None
+            assert _registry.backend_status(backend) == want, (backend, has_device, missing)

@@ -49,22 +49,20 @@ def _cuda_reason() -> str | None:
     return None
 
 
+def _all_reasons(*reasons) -> str | None:
+    """Every reason a backend cannot run, joined (the device and the package: `env` showed only the first, so a
+    user who fixed it met the second), or None."""
+    found = [r for r in reasons if r]
+    return "; and ".join(found) if found else None
+
+
 def _check_cuda() -> str | None:
-    reason = _cuda_reason()
-    if reason:
-        return reason
-    if importlib.util.find_spec("cupy") is None:
-        return "cupy is not installed (pip install 'kcengine[cuda12]' or 'kcengine[cuda13]')"
-    return None
+    return _all_reasons(_cuda_reason(), importlib.util.find_spec("cupy") is None and
+                        "cupy is not installed (pip install 'kcengine[cuda12]' or 'kcengine[cuda13]')")
 
 
 def _check_triton() -> str | None:
-    reason = _cuda_reason()
-    if reason:
-        return reason
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    return None
+    return _all_reasons(_cuda_reason(), importlib.util.find_spec("triton") is None and "triton is not installed")
 
 
 _CHECKS: dict[str, Callable[[], str | None]] = {
