@@ -46,15 +46,17 @@ def check_int(value, name: str, low: int | None = None, high: int | None = None,
 def check_float(value, name: str, low: float = 0.0, *, low_open: bool = False, high: float | None = None,
                 optional: bool = False) -> float | None:
     """``value`` as a Python float, or None when ``optional``; ValueError naming ``name`` and the value unless it
-    is a finite real number ``>= low`` (``> low`` when ``low_open``) and ``<= high``."""
+    is a finite real number ``>= low`` (``> low`` when ``low_open``) and ``<= high`` (numpy's scalars, and a 0-d
+    real numpy array or torch tensor, count as the number they hold; bools do not)."""
     if optional and value is None:
         return None
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and \
-        (value > low if low_open else value >= low) and (high is None or value <= high)
+    v = scalar_value(value)
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and \
+        (v > low if low_open else v >= low) and (high is None or v <= high)
     if not ok:
         rng = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
         raise ValueError(f"{name} must be a finite number {rng}{' or None' if optional else ''}, got {name}={value!r}")
-    return float(value)
+    return float(v)
 
 
 def check_bool(value, name: str) -> bool:

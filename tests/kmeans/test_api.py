@@ -53,7 +53,11 @@ X = np.random.default_rng(0).normal(size=(20, 3))
     (X, 2, {"max_iter": 0}, r"max_iter must be an int in \[1, 2147483647\], got max_iter=0"),
     (X, 2, {"max_iter": 2**40}, r"max_iter must be an int in \[1, 2147483647\], got max_iter=1099511627776"),  # was pybind11's TypeError
     (X, 2, {"n_init": 2**31}, r"n_init must be an int in \[1, 2147483647\], got n_init=2147483648"),
-    (X, 2, {"tol": -1.0}, r"tol must be a finite number >= 0, got -1.0"),
+    (X, 2, {"tol": -1.0}, r"tol must be a finite number >= 0.0, got tol=-1.0"),
+    (X, 2, {"tol": torch.tensor([1e-4])}, r"tol must be a finite number >= 0.0, got tol=tensor\(\[1.0000e-04\]\)"),
+    (X, 2, {"tol": np.array(-1.0)}, r"tol must be a finite number >= 0.0, got tol=array\(-1.\)"),
+    (X, None, {"init": X[:0]}, r"^init holds no centroids \(shape \(0, 3\)\): give at least one row$"),  # was: k=0
+    ([X, X], None, {"init": [X[:2], X[:0]]}, r"^init of problem 1 holds no centroids"),
     (X, 2, {"seed": -3}, r"seed must be an int in \[0, 9223372036854775807\], got seed=-3"),
     (X, 2, {"seed": 2**64}, r"seed must be an int in \[0, 9223372036854775807\], got seed=18446744073709551616"),
     (X, 2, {"seed": 1.5}, r"seed must be an int in \[0, 9223372036854775807\], got seed=1.5"),
@@ -108,6 +112,10 @@ def test_zero_dim_k_is_one_int(wrap):
     assert batch.centroids.shape == (2, 4, 3)
     with pytest.raises(ValueError, match=r"k must be an int, got k=2.5"):
         kcengine.kmeans(x, wrap(2.5))
+    # tol too (it was refused: "tol must be a finite number >= 0, got tensor(0.5000)"); 0.5 stops early here
+    a, b = (kcengine.kmeans(x, 3, seed=0, tol=tol, init=x[[0, 1, 2]]) for tol in (wrap(0.5), 0.5))
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.n_iter == b.n_iter < kcengine.kmeans(x, 3, seed=0, tol=0.0, init=x[[0, 1, 2]]).n_iter
 
 
 def test_init_as_nested_lists_is_one_problems_centroids():

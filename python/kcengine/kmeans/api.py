@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .. import _registry
-from .._checks import check_int, scalar_value
+from .._checks import check_float, check_int, scalar_value
 from .result import KMeansResult
 
 __all__ = ["kmeans", "kmeans_sweep", "Problems", "RawResult", "ALGORITHMS", "INITS"]
@@ -509,6 +509,8 @@ def _check_init(init, parts, layout, k_arg):
         name = "init" if layout == "single" else f"init of problem {i}"
         if c.ndim != 2 or c.shape[1] != a.shape[1]:
             raise ValueError(f"{name} must have shape [k, {a.shape[1]}], got shape {tuple(c.shape)}")
+        if c.shape[0] == 0:  # (was "k must be >= 1, got k=0", though no k was passed)
+            raise ValueError(f"{name} holds no centroids (shape {tuple(c.shape)}): give at least one row")
         cs[i] = c = _init_values(c)
         if _dtype_name(c) not in ("float32", "float64"):
             raise ValueError(f"{name} must hold real numbers (a float or integer dtype), got dtype {_dtype_name(c)}")
@@ -604,8 +606,7 @@ def _build(x, k, *, init, n_init, max_iter, tol, sample_weight, seed, algorithm,
     n_init, max_iter = check_solver_options(n_init, max_iter, algorithm)
     if kind == "given" and n_init != 1:
         raise ValueError(f"n_init={n_init} with given initial centroids would rerun the same start; pass n_init=1")
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    tol = check_float(tol, "tol", 0.0)  # (a 0-d array or tensor too, as k takes one)
     if algorithm == "exact1d" and kind == "given":
         raise ValueError("algorithm='exact1d' finds the optimal clustering from no start: given init centroids would "
                          "be ignored; pass k instead (or algorithm='lloyd1d' to run Lloyd from them)")
