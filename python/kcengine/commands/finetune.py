@@ -7,6 +7,7 @@ Under ``torchrun --nproc_per_node N -m kcengine finetune ...`` the processes tra
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .eval import add_model_data_arguments, load_cifar_split, load_image_folder, load_model_arg, save_clustered
@@ -155,6 +156,7 @@ def run(args) -> int:
     from ..models.zoo import OUT_MODEL_NAME
     from ..train import distributed as dd
     from ..train import finetune
+    from ..train.finetune import DEFAULT_EPOCHS
 
     if args.plan is not None and args.ratio is not None:
         raise UserError(f"give --ratio R or --plan PLAN, not both (got --ratio {args.ratio} and --plan {args.plan})")
@@ -238,6 +240,12 @@ def run(args) -> int:
     pct = (lambda v: "n/a" if v is None else f"{100 * v:.2f}%")
     print(f"{lm.name} {args.mode}: clustered {pct(res.accuracy_clustered)}, after refit+BN {pct(res.accuracy_start)}, "
           f"after {len(res.history)} epochs {pct(res.accuracy)} ({res.seconds:.0f} s)")
+    if res.history and res.accuracy is not None and res.accuracy_start is not None \
+            and res.accuracy < res.accuracy_start:  # the model kept is the last epoch's, not the best one seen
+        print(f"note: training ended at {pct(res.accuracy)}, below the {pct(res.accuracy_start)} it started from "
+              f"(after the refit); the model kept is the last epoch's. Too few epochs for the schedule, or too high "
+              f"an --lr, can do this: the recipe is {DEFAULT_EPOCHS[args.mode]} epochs of {args.mode} mode",
+              file=sys.stderr)
     convs = [n for n, m in lm.model.named_modules() if isinstance(m, (torch.nn.Conv2d, ClusteredConv2d))]
     dense = [n for n in convs if n not in res.layer_ks]
     if dense:  # a plan or an --order that names some layers only leaves the others as they were
