@@ -407,3 +407,26 @@ def test_review_cases_of_the_load_and_save_checks(tmp_path):
     assert torch.equal(loaded.table, torch.arange(4.0) + 1)
     with torch.no_grad():
         assert torch.equal(loaded(x), src.eval()(x))
+
+
+def test_kcengine_cifar_resnets_record_their_own_builder(tmp_path):
+    """save_compressed(small, path) of a compressed resnet20 (the README's line) made a file that
+    load_compressed(path) refused without a skeleton; kcengine's own CIFAR ResNets now record their builder. A
+    model of another class, or whose classifier was replaced, records none, as before."""
+    from kcengine.models import cifar_resnet
+
+    torch.manual_seed(0)
+    model = cifar_resnet(32, num_classes=7).eval()
+    small, _ = kcengine.compress(model, ratio=0.5)
+    path = tmp_path / "small.pt"
+    kcengine.save_compressed(small, path)
+    loaded = kcengine.load_compressed(path)
+    assert type(loaded) is type(model) and loaded.depth == 32 and loaded.linear.out_features == 7
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+    small.linear = nn.Sequential(nn.Linear(64, 7))
+    kcengine.save_compressed(small, path)
+    with pytest.raises(ValueError, match=r"records no builder: pass model="):
+        kcengine.load_compressed(path)
+    assert isinstance(kcengine.load_compressed(path, small).linear, nn.Sequential)

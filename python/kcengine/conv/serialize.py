@@ -14,7 +14,8 @@ takes a *skeleton*, any ``nn.Module`` of the original architecture (dense or clu
 at the recorded paths are replaced by ``ClusteredConv2d`` built from their configs, then the whole
 state_dict is loaded strictly (files written before the "element" key existed read as having none).  Alternatively ``save_compressed(..., builder="torchvision.models:resnet18")``
 records an importable constructor, and ``load_compressed(path)`` calls it (with ``builder_kwargs``)
-to make the skeleton — only do that for files you trust.
+to make the skeleton — only do that for files you trust.  kcengine's own CIFAR ResNets record theirs without
+being asked (``kcengine.models.cifar_resnet:cifar_resnet`` with the depth and the class count).
 A fused inference graph (:func:`fuse_for_inference`) saves too, but its layers have new names
 (``layer1_0_conv1_fused``), so it loads only into a skeleton fused the same way: save the model before
 fusing, and fuse after loading.
@@ -195,9 +196,27 @@ def _check_path(path, for_writing: bool) -> Path:
     return p
 
 
+def _own_builder(model: nn.Module):
+    """``(builder, builder_kwargs)`` that rebuild ``model`` when it is one of kcengine's CIFAR ResNets (its class
+    exactly, with its classifier as built), else ``(None, None)``."""
+    from ..models.cifar_resnet import CifarResNet
+
+    linear = getattr(model, "linear", None)
+    if type(model) is not CifarResNet or type(linear) is not nn.Linear:
+        return None, None
+    return "kcengine.models.cifar_resnet:cifar_resnet", {"depth": model.depth, "num_classes": linear.out_features}
+
+
 def save_compressed(model: nn.Module, path, *, builder: str | None = None, builder_kwargs: dict | None = None) -> int:
-    """Write ``model``'s compact checkpoint to ``path`` (a file path); returns the bytes written."""
+    """Write ``model``'s compact checkpoint to ``path`` (a file path); returns the bytes written.
+
+    ``builder``: ``"package.module:callable"`` that makes a skeleton of the architecture, called with
+    ``builder_kwargs`` by :func:`load_compressed` when it is given no model; it must import here.  Left None
+    for one of kcengine's CIFAR ResNets, the model's own is recorded, so that file too loads without a skeleton.
+    """
     path = _check_path(path, for_writing=True)
+    if builder is None and builder_kwargs is None:
+        builder, builder_kwargs = _own_builder(model)
     payload = _payload(model, builder, builder_kwargs)
     torch.save(payload, path)
     return os.path.getsize(path)
