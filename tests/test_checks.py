@@ -81,3 +81,23 @@ def test_check_bool_accepts_bools_0_1_none_and_0d_bool_arrays(v, out):
 def test_check_bool_refuses_with_the_name_and_value(v):
     with pytest.raises(ValueError, match=r"relu must be True or False, got relu="):
         check_bool(v, "relu")
+
+
+def test_device_scope_makes_a_cuda_device_current_and_is_a_no_op_elsewhere():
+    """The GPU backends launch inside device_scope(data's device): CuPy's stream check and Triton's launcher
+    read CUDA's current device, so data on cuda:1 with cuda:0 current failed.  Built here without a GPU (the
+    scope is entered only where CUDA is)."""
+    import contextlib
+
+    import torch
+
+    from kcengine._checks import device_scope
+
+    scope = device_scope("cuda:1")
+    assert isinstance(scope, torch.cuda.device) and scope.idx == 1
+    assert isinstance(device_scope(torch.device("cuda", 0)), torch.cuda.device)
+    for cpu in ("cpu", torch.device("cpu")):
+        scope = device_scope(cpu)
+        assert isinstance(scope, contextlib.nullcontext)
+        with scope:
+            pass

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_int", "check_float", "check_bool", "check_device", "first_line", "state_dict_misfit", "scalar_value"]
+__all__ = ["check_int", "check_float", "check_bool", "check_device", "device_scope", "first_line", "state_dict_misfit",
+           "scalar_value"]
 
 
 def scalar_value(value):
@@ -89,6 +90,19 @@ def check_device(device, name: str = "device"):
         if dev.index is not None and dev.index >= n:
             raise ValueError(f"{name}={device!r} but torch sees {n} CUDA device(s) (0..{n - 1})")
     return dev
+
+
+def device_scope(device):
+    """A context that makes ``device`` CUDA's current device while kernels are launched on its data (CuPy's
+    stream check, its ``Device`` attributes and Triton's launcher all read the current device, not the
+    data's: data on ``cuda:1`` while ``cuda:0`` is current failed or ran on the wrong device); a no-op for any
+    other device."""
+    import contextlib
+
+    import torch
+
+    dev = torch.device(device)
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
 
 
 def first_line(exc: BaseException) -> str:

@@ -151,3 +151,18 @@ def test_problem_alone_equals_problem_in_batch(backend):
     batch = kcengine.kmeans(_gpu(xs), ks, seed=2, backend=backend)
     alone = kcengine.kmeans(_gpu([xs[1]])[0], ks[1], seed=2, backend=backend)
     torch.testing.assert_close(alone.inertia, batch.inertia[1], rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_data_on_a_device_that_is_not_current(backend):
+    """Data on cuda:1 while cuda:0 is current: CuPy's stream check refused it and Triton launched on cuda:0.
+    The result equals the same problem solved on cuda:0, and the current device is left as it was."""
+    x = blobs(300, 5, 6, seed=3, dtype=np.float32)
+    init = x[:6]
+    want = kcengine.kmeans(torch.as_tensor(x, device="cuda:0"), None, init=torch.as_tensor(init, device="cuda:0"),
+                           backend=backend)
+    assert torch.cuda.current_device() == 0
+    got = kcengine.kmeans(torch.as_tensor(x, device="cuda:1"), None, init=torch.as_tensor(init, device="cuda:1"),
+                          backend=backend)
+    assert torch.cuda.current_device() == 0 and got.labels.device == torch.device("cuda:1")
+    assert torch.equal(got.labels.cpu(), want.labels.cpu())

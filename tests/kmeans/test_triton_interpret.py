@@ -169,6 +169,20 @@ _SCRIPT = textwrap.dedent(
         np.testing.assert_array_equal(got.n_iter.numpy(), ref.n_iter)
         assert bool(got.converged.all())
 
+    @check("backend_launches_in_the_datas_device_scope")
+    def _():  # Triton launches on the current device: the backend makes the data's current (cuda:1 failed)
+        import contextlib
+        seen = []
+        real = triton_backend.device_scope
+        triton_backend.device_scope = lambda dev: seen.append(dev) or contextlib.nullcontext()
+        try:
+            probs, _ = api._build(torch.zeros(6, 2), 2, init="k-means++", n_init=1, max_iter=5, tol=1e-4,
+                                  sample_weight=None, seed=0, algorithm="auto")
+            triton_backend.solve(api._convert(probs, "triton"))
+        finally:
+            triton_backend.device_scope = real
+        assert seen == [torch.device("cpu")], seen
+
     print("RESULTS" + json.dumps(results))
     """
 )
@@ -188,7 +202,7 @@ def interpreted():
 KERNEL_CHECKS = [f"{k}_{t}" for k in ("assign", "segment_sum", "kpp_pass", "sqdist") for t in ("float32", "float64")]
 BACKEND_CHECKS = ["backend_ragged_kmeanspp_float32", "backend_weighted_random_ninit_float64",
                   "backend_sweep_shared_dataset", "backend_given_init_with_empty_clusters",
-                  "backend_given_init_offset_float64"]
+                  "backend_given_init_offset_float64", "backend_launches_in_the_datas_device_scope"]
 
 
 @pytest.mark.parametrize("name", KERNEL_CHECKS)

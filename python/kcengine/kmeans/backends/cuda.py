@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..._checks import device_scope
 from ..api import TINY_VARIANCE, CopyClusters, Problems, RawResult, far_first, far_shift, tiny_exponents, times_pow2
 
 __all__ = [
@@ -947,10 +948,11 @@ def solve(probs: Problems, *, path: str | None = None) -> RawResult:
     if path not in ("auto", "fused", "packed"):
         raise ValueError(f"path must be 'auto', 'fused' or 'packed', got {path!r}")
     itemsize = probs.datasets[0].element_size()
-    fused, packed = route(probs, itemsize, smem_limit(dev), path)
     out: list = []
-    if fused:
-        _solve_fused(probs, fused, out)
-    if packed:
-        solve_packed(probs, packed, CupyKernels(dev, probs.datasets[0].dtype), out)
-    return collect(probs, out)
+    with device_scope(dev):  # the data's device current: CuPy's streams and attributes read the current one
+        fused, packed = route(probs, itemsize, smem_limit(dev), path)
+        if fused:
+            _solve_fused(probs, fused, out)
+        if packed:
+            solve_packed(probs, packed, CupyKernels(dev, probs.datasets[0].dtype), out)
+        return collect(probs, out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+from ..._checks import device_scope
 from ..api import Problems, RawResult
 from .cuda import check_supported, collect, solve_packed
 from .triton_kernels import TritonKernels, interpreting
@@ -32,6 +33,7 @@ def solve(probs: Problems, *, tf32: bool | None = None) -> RawResult:
                            "CPU tensors run only under TRITON_INTERPRET=1)")
     kernels = TritonKernels(tf32=_tf32_from_env() if tf32 is None else tf32)
     out: list = []
-    # One packed batch per dtype is all there is: the api gives one dtype per call.
-    solve_packed(probs, list(range(probs.n_problems)), kernels, out)
-    return collect(probs, out)
+    with device_scope(dev):  # Triton launches on the current device, whatever device the data is on
+        # One packed batch per dtype is all there is: the api gives one dtype per call.
+        solve_packed(probs, list(range(probs.n_problems)), kernels, out)
+        return collect(probs, out)
