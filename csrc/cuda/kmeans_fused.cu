@@ -253,7 +253,16 @@ __device__ void relocate(const T* W, FusedLayout<T>& L, i64 n, i64 d, i64 k) {
       last_idx = bi;
       const double wi = double(W[bi]);
       const int from = L.lab[bi];
-      bool ok = L.wsum[from] - wi > 0;
+      // The source cluster must keep a member of positive weight: counted, as the cpu core and the packed path
+      // do, not read off wsum[from] - wi (a difference of float sums: weights 0.1, 0.2, 0.3 taken one by one
+      // leave about 1e-16, so the last member went and the cluster's centroid became leftover sums divided by
+      // a leftover weight; weights 1 and 1e-17 leave 0 and refused a valid point).  Labels are not moved by the
+      // repair, so the points taken from `from` so far are the picked ones labelled `from`.
+      double members = 0;
+      for (i64 i = tid; i < n; i += blockDim.x) members += (L.lab[i] == from && double(W[i]) > 0) ? 1.0 : 0.0;
+      members = block_sum(members, L.red);  // block-uniform: `from` is
+      for (int q = 0; q < n_picked; ++q) members -= L.lab[L.picked[q]] == from ? 1.0 : 0.0;
+      bool ok = members > 1;
       for (int q = 0; ok && q < n_picked; ++q) {
         bool same = true;
         for (i64 t = 0; t < d; ++t)
