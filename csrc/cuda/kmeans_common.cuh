@@ -43,7 +43,7 @@ __host__ __device__ inline int kpp_trials(i64 k) {
   int t = 0;
   double v = double(k);
   while (v >= 2.718281828459045) { v /= 2.718281828459045; ++t; }
-  return 2 + t;
+  return 2 + t < 16 ? 2 + t : 16;  // at most 16, as the cpu core (reached at k > 1.2 million)
 }
 
 template <class T> __device__ inline T kc_inf();

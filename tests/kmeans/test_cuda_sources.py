@@ -66,8 +66,8 @@ def test_device_rng_matches_python_stream(tmp_path):
         "    kc::Rng r(seeds[s], st);\n"
         '    for (int i = 0; i < 5; ++i) std::printf("%.17g\\n", r.uniform());\n'
         "  }\n"
-        '  const long long ks[8] = {1, 2, 3, 7, 8, 20, 21, 100000};\n'
-        '  for (int i = 0; i < 8; ++i) std::printf("%d\\n", kc::kpp_trials(ks[i]));\n'
+        '  const long long ks[11] = {1, 2, 3, 7, 8, 20, 21, 100000, 1202604, 1202605, 3269018};\n'
+        '  for (int i = 0; i < 11; ++i) std::printf("%d\\n", kc::kpp_trials(ks[i]));\n'
         "}\n")
     exe = tmp_path / "rng"
     out = subprocess.run([NVCC, "-std=c++17", "-I", str(SRC), "-o", str(exe), str(prog)], capture_output=True,
@@ -76,9 +76,11 @@ def test_device_rng_matches_python_stream(tmp_path):
     vals = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=True).stdout.split()
     want = np.concatenate([cb.rng_uniforms(s, st, 5) for s in (0, 42, 2**63 - 1) for st in range(3)])
     np.testing.assert_array_equal(np.array(vals[:45], dtype=np.float64), want)
-    assert [int(v) for v in vals[45:]] == [cb.kpp_trials(k) for k in (1, 2, 3, 7, 8, 20, 21, 100000)]
-    ks = (1, 2, 3, 7, 8, 20, 21)
-    assert [cb.kpp_trials(k) for k in ks] == [2 + int(math.log(k)) for k in ks]
+    ks = (1, 2, 3, 7, 8, 20, 21, 100000, 1202604, 1202605, 3269018)
+    assert [int(v) for v in vals[45:]] == [cb.kpp_trials(k) for k in ks]
+    # scikit-learn's 2 + int(ln k), capped at 16 as the cpu core caps it (k = 3269018 > e^15 made 17)
+    assert [cb.kpp_trials(k) for k in ks] == [min(16, 2 + int(math.log(k))) for k in ks]
+    assert [cb.kpp_trials(k) for k in ks[-3:]] == [15, 16, 16]
 
 
 def test_rng_uniforms_in_unit_interval_and_stream_dependent():

@@ -829,7 +829,7 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
             (a ragged batch); numpy arrays or torch tensors, float32 or float64.
         k: clusters per problem: an int, or one int per problem.  May be omitted when ``init``
             gives the centroids.
-        init: ``"k-means++"`` (greedy, ``2 + int(ln k)`` local trials, as scikit-learn),
+        init: ``"k-means++"`` (greedy, ``2 + int(ln k)`` local trials, as scikit-learn; at most 16, reached at k > 1.2 million),
             ``"random"`` (k distinct points drawn by weight), or the initial centroids:
             ``[k, D]``, ``[B, k, D]`` or a list of ``[k_i, D_i]``, of a float or integer dtype (solved in
             ``x``'s dtype).

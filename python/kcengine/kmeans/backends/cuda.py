@@ -85,9 +85,13 @@ def rng_uniforms(seed: int, stream: int, count: int) -> np.ndarray:
     return out
 
 
+KPP_MAX_TRIALS = 16  # the cpu core's cap (2 + int(ln k) reaches it at k > 1.2 million)
+
+
 def kpp_trials(k: int) -> int:
-    """Local trials of greedy k-means++ (scikit-learn's ``2 + int(ln k)``)."""
-    return 2 + int(math.log(k))
+    """Local trials of greedy k-means++ (scikit-learn's ``2 + int(ln k)``, at most 16 as on the cpu core, whose
+    random streams the GPU seeding follows)."""
+    return min(KPP_MAX_TRIALS, 2 + int(math.log(k)))
 
 
 def uniforms_needed(k: int, init: str) -> int:
