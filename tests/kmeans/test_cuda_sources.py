@@ -385,3 +385,36 @@ def test_packed_driver_scales_data_of_tiny_spread_as_the_cpu_backend(dtype, e):
     got, ref = _compare(probs)
     for p in (0, 2):
         assert len(np.unique(got.labels[p].numpy())) == 3
+
+
+def test_packed_seeding_splits_a_batch_whose_padding_would_be_large():
+    """The packed seeding pads every job to the batch's largest N (trials x jobs x Nmax float64): one problem of
+    1.2M points beside 99 of 5,000 asked for about 25 GB.  Past the limit the batch is grouped by N, each group's
+    padding at most doubling its points; the results equal the one-batch solve's, problem by problem."""
+    rng = np.random.default_rng(11)
+    xs = [rng.normal(size=(1200, 2))] + [rng.normal(size=(5, 2)) for _ in range(99)]
+    probs, _ = api._build(xs, 2, init="k-means++", n_init=1, max_iter=50, tol=1e-4, sample_weight=None, seed=3,
+                          algorithm="auto")
+    problems = list(range(100))
+    assert cb.seeding_groups(probs, problems) == [problems]  # well under the default limit: one batch
+    groups = cb.seeding_groups(probs, problems, limit=10**6)
+    assert groups == [[0, 1], list(range(2, 100))]
+    given, _ = api._build(xs, None, init=[x[:2] for x in xs], n_init=1, max_iter=50, tol=1e-4, sample_weight=None,
+                          seed=3, algorithm="auto")
+    assert cb.seeding_groups(given, problems, limit=0) == [problems]  # given starts: nothing to seed
+
+    # mixed sizes, two runs each, random and k-means++ starts: split or not, the same results
+    xs = [rng.normal(size=(n, 3)) for n in (90, 7, 40, 7, 12, 60, 5)]
+    for init in ("k-means++", "random"):
+        probs, _ = api._build(xs, [3, 2, 4, 3, 2, 5, 2], init=init, n_init=2, max_iter=100, tol=1e-4,
+                              sample_weight=None, seed=9, algorithm="auto")
+        pt = api._convert(probs, "torch")
+        assert cb.seeding_groups(pt, list(range(7)), limit=0) == [[0, 5, 2, 4], [1, 3, 6]]
+        one, split = [], []
+        cb.solve_packed(pt, list(range(7)), cb.TorchKernels(), one)
+        cb.solve_packed(pt, list(range(7)), cb.TorchKernels(), split, seeding_limit=0)
+        a, b = cb.collect(pt, one), cb.collect(pt, split)
+        for p in range(7):
+            assert torch.equal(a.centroids[p], b.centroids[p]) and torch.equal(a.labels[p], b.labels[p]), (init, p)
+        for f in ("inertia", "n_iter", "converged"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), (init, f)

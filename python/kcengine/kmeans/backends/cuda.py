@@ -697,14 +697,45 @@ class PackedLloyd:
         return C, lab, inertia, n_iter, converged
 
 
-def solve_packed(probs: Problems, problems: list[int], kernels, out: list) -> None:
-    """Run ``problems`` through :class:`PackedLloyd` with ``kernels``; store per-problem results
-    (best run by inertia, the first on ties) in ``out``."""
+SEEDING_BYTES = 1 << 30  # padded seeding arrays past this split a packed batch (see seeding_groups)
+
+
+def seeding_groups(probs: Problems, problems: list[int], limit: int = SEEDING_BYTES) -> list[list[int]]:
+    """``problems`` as the packed batches to solve.  The packed seeding works on ``[jobs, Nmax]`` arrays, and
+    k-means++ on ``trials x jobs x Nmax`` float64 (and a temporary as large): every job padded to the batch's
+    largest N.  One problem of 1.2M points beside 99 of 5,000 made about 25 GB.  When that estimate passes
+    ``limit`` bytes, the problems are grouped by N, largest first, each group's padding at most doubling its
+    own points; otherwise (and for given starts, which seed nothing) one batch, as before.  Each problem's
+    result does not depend on its batch."""
+    if probs.init == "given" or len(problems) < 2:
+        return [list(problems)]
+    ns = np.array([probs.datasets[int(probs.data_index[p])].shape[0] for p in problems], dtype=np.int64)
+    ks = np.asarray(probs.k, dtype=np.int64)[np.asarray(problems, dtype=np.int64)]
+    trials = max(kpp_trials(int(k)) for k in ks) if probs.init == "k-means++" else 1
+    if 2 * 8 * (trials + 1) * probs.n_init * len(problems) * int(ns.max()) <= limit:
+        return [list(problems)]
+    groups: list[list[int]] = []
+    nmax = total = 0
+    for i in np.argsort(-ns, kind="stable"):
+        n = int(ns[i])
+        if not groups or (len(groups[-1]) + 1) * nmax > 2 * (total + n):
+            groups.append([])
+            nmax, total = n, 0
+        groups[-1].append(problems[i])
+        total += n
+    return groups
+
+
+def solve_packed(probs: Problems, problems: list[int], kernels, out: list, *, seeding_limit: int = SEEDING_BYTES
+                 ) -> None:
+    """Run ``problems`` through :class:`PackedLloyd` with ``kernels`` (in the batches of
+    :func:`seeding_groups`); store per-problem results (best run by inertia, the first on ties) in ``out``."""
     if not problems:
         return
-    P = pack(probs, problems)
-    C, lab, inertia, n_iter, conv = PackedLloyd(P, kernels, probs).run()
-    store_best(out, problems, P, C, lab, inertia, n_iter, conv)
+    for group in seeding_groups(probs, problems, seeding_limit):
+        P = pack(probs, group)
+        C, lab, inertia, n_iter, conv = PackedLloyd(P, kernels, probs).run()
+        store_best(out, group, P, C, lab, inertia, n_iter, conv)
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
