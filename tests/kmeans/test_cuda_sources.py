@@ -418,3 +418,31 @@ def test_packed_seeding_splits_a_batch_whose_padding_would_be_large():
             assert torch.equal(a.centroids[p], b.centroids[p]) and torch.equal(a.labels[p], b.labels[p]), (init, p)
         for f in ("inertia", "n_iter", "converged"):
             assert torch.equal(getattr(a, f), getattr(b, f)), (init, f)
+
+
+def test_gpu_backends_refuse_weights_past_float32s_range():
+    """The cuda and triton kernels weigh in the data's dtype: for float32 data, 1 beside 1e50 (or 1e-46 beside 1)
+    read 0 and gave inertia 0 and labels unlike the cpu backend's.  Such weights are refused with
+    NotImplementedError, so that backend='auto' moves on to the torch backend, which weighs in float64."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(40, 4)).astype(np.float32)
+    for spread in ({0: 1e50}, {1: 1e-46}):
+        w = np.ones(40)
+        for i, v in spread.items():
+            w[i] = v
+        probs, _ = api._build([x, x[:30]], None, init=[x[:3], x[:2]], n_init=1, max_iter=50, tol=1e-4,
+                              sample_weight=[np.ones(40), w[:30]], seed=0, algorithm="auto")
+        for backend in ("cuda", "triton"):
+            with pytest.raises(NotImplementedError, match=rf"sample_weight of problem 1 spans more than float32's "
+                                                          rf"range .* the {backend} backend weighs in the data's"):
+                api._convert(probs, backend)
+        assert api._convert(probs, "torch").weights[1].dtype == torch.float64
+        w64, _ = api._build([x.astype(np.float64)], None, init=[x[:3]], n_init=1, max_iter=50, tol=1e-4,
+                            sample_weight=[w], seed=0, algorithm="auto")
+        assert api._convert(w64, "cuda").weights[0].dtype == torch.float64  # float64 data: weighed in float64
+    w = np.full(40, 1e-30)  # small but within range once scaled: taken
+    w[0] = 1.0
+    probs, _ = api._build(x, None, init=x[:3], n_init=1, max_iter=50, tol=1e-4, sample_weight=w, seed=0,
+                          algorithm="auto")
+    got = api._convert(probs, "triton").weights[0]
+    assert got.dtype == torch.float32 and bool((got > 0).all())
