@@ -41,6 +41,32 @@ def test_gather_epilogue_interpreted(interpret, channels_last, relu):
     torch.testing.assert_close(y2, u[:, idx.long()], atol=0, rtol=0)
 
 
+def test_width_one_tensors_whose_width_stride_is_free_interpreted(interpret):
+    """torch calls a [N, C, H, 1] tensor contiguous whatever its width stride (a transposed [N, C, 1, H] has
+    sw = H): the kernels read it at sw per position, off the rows and past the storage's end (error 2-3 against
+    F.conv2d).  Inputs, residual and the whole conv at both granularities, each against the torch reference."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(2, 3, 1, 4, generator=g).transpose(2, 3)  # [2, 3, 4, 1], strides (12, 4, 1, 4)
+    assert u.is_contiguous() and u.stride()[3] == 4
+    idx = torch.tensor([2, 0, 1, 1], dtype=torch.int32)
+    res = torch.randn(2, 4, 1, 4, generator=g).transpose(2, 3)
+    scale, shift = torch.randn(4, generator=g), torch.randn(4, generator=g)
+    y = interpret.gather_epilogue(u, idx, scale, shift, res, False)
+    torch.testing.assert_close(y, _epilogue_ref(u[:, idx.long()], scale, shift, res, False), atol=1e-6, rtol=1e-6)
+    pair = torch.tensor([[0, 1], [2, 0], [1, 2], [0, 0]], dtype=torch.int32)
+    y = interpret.gather_sum(u, pair, None, None, res, False)
+    torch.testing.assert_close(y, u[:, pair.long()].sum(2) + res, atol=1e-6, rtol=1e-6)
+    x = torch.randn(2, 3, 6, 3, generator=g)
+    for granularity, cb, index in (("filter", torch.randn(3, 3, 3, 3, generator=g), torch.tensor([0, 2, 1, 2])),
+                                   ("kernel", torch.randn(5, 3, 3, generator=g), torch.randint(0, 5, (4, 3),
+                                                                                              generator=g))):
+        res = torch.randn(2, 4, 1, 4, generator=g).transpose(2, 3)  # the conv's output is [2, 4, 4, 1]
+        y = interpret.triton_indexed_conv2d(x, cb, index, None, (1, 1), (0, 0), (1, 1), granularity, None, None,
+                                            False, res)
+        ref = F.conv2d(x, dense_weight(cb, index, granularity)) + res
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5, msg=granularity)
+
+
 def test_strided_and_expanded_scale_and_shift_interpreted(interpret):
     """The kernels read scale[o] and shift[o] at o, whatever the strides: an expanded scale (every output 2.0) or
     a strided shift were read as other values (errors of 1.7-3)."""

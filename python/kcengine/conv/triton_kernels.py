@@ -99,7 +99,9 @@ def _flat_strides(t: torch.Tensor) -> tuple[int, int, int]:
     if t.shape[2] > 1 and t.shape[3] > 1 and sh != sw * t.shape[3]:
         raise ValueError(f"tensor of shape {tuple(t.shape)} and strides {t.stride()} is neither NCHW nor "
                          f"channels-last contiguous")
-    return sn, sc, sw
+    # a width of 1 leaves sw free (torch ignores a size-1 dim's stride when it says contiguous: a transposed
+    # [N, C, 1, H] passes as [N, C, H, 1] with sw = H): the flat position is then the row, at sh
+    return sn, sc, sh if t.shape[3] == 1 else sw
 
 
 def _prep(t: torch.Tensor) -> torch.Tensor:
