@@ -186,6 +186,7 @@ template <class T>
 __device__ void random_init(const T* W, FusedLayout<T>& L, i64 n, i64 d, i64 k, Rng& rng) {
   const int tid = threadIdx.x;
   for (i64 i = tid; i < n; i += blockDim.x) L.lab[i] = 0;  // 0 = not taken
+  i64 n_left = -1, t_left = 0;  // thread 0's: the zero-weight draws' list (in aux) and how many it gave
   for (i64 c = 0; c < k; ++c) {
     __syncthreads();
     const double tot = chunk_sums(2, n, W, L);
@@ -201,12 +202,19 @@ __device__ void random_init(const T* W, FusedLayout<T>& L, i64 n, i64 d, i64 k, 
           pick = i;
           if (acc > r) break;
         }
-      } else {
-        i64 left = 0;
-        for (i64 i = 0; i < n; ++i) left += L.lab[i] == 0;
-        i64 r = i64(u * double(left));
-        for (i64 i = 0; i < n; ++i)
-          if (L.lab[i] == 0 && r-- == 0) { pick = i; break; }
+      } else {  // only zero-weight points left: the cpu core's partial Fisher-Yates over the untaken points
+        if (n_left < 0) {  // (taking the r-th untaken point in index order parted from it at the second draw)
+          n_left = 0;
+          for (i64 i = 0; i < n; ++i)
+            if (L.lab[i] == 0) L.aux[n_left++] = double(i);  // aux is free until the first repair
+        }
+        i64 r = i64(u * double(n_left - t_left));
+        if (r > n_left - 1 - t_left) r = n_left - 1 - t_left;
+        r += t_left;
+        const double swap = L.aux[t_left];
+        L.aux[t_left] = L.aux[r];
+        L.aux[r] = swap;
+        pick = i64(L.aux[t_left++]);
       }
       L.lab[pick] = 1;
       L.scratch[kScratchPick] = double(pick);

@@ -446,3 +446,22 @@ def test_gpu_backends_refuse_weights_past_float32s_range():
                           algorithm="auto")
     got = api._convert(probs, "triton").weights[0]
     assert got.dtype == torch.float32 and bool((got > 0).all())
+
+
+def test_packed_random_starts_equal_the_cpus_when_only_zero_weight_points_are_left():
+    """With fewer points of positive weight than k, init='random' draws the rest among the zero-weight points as
+    the cpu core does (a partial Fisher-Yates shuffle in index order); the packed path took the r-th untaken
+    point instead and parted from the cpu's start at the second such draw (4 of 6 seeds).  One Lloyd step from
+    each start: the same labels and centroids."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(30, 2))
+    w = np.zeros(30)
+    w[[3, 17]] = [1.0, 2.5]
+    for seed in range(8):
+        probs, _ = api._build([x, x[:9]], [7, 5], init="random", n_init=1, max_iter=1, tol=0.0,
+                              sample_weight=[w, w[:9]], seed=seed, algorithm="lloyd")
+        got = _solve_packed_torch(probs)
+        ref = cpu_backend.solve(api._convert(probs, "cpu"))
+        for p in range(2):
+            np.testing.assert_array_equal(got.centroids[p].numpy(), ref.centroids[p], err_msg=f"seed {seed}, {p}")
+            np.testing.assert_array_equal(got.labels[p].numpy(), ref.labels[p], err_msg=f"seed {seed}, {p}")

@@ -575,6 +575,14 @@ class PackedLloyd:
         chosen = torch.zeros(J, kmax, dtype=torch.int64, device=dev)
         ar = torch.arange(J, device=dev)
         idx = torch.arange(w.shape[1], device=dev).unsqueeze(0)
+        # Once every point of positive weight is taken, the rest are drawn as the cpu core draws them: a partial
+        # Fisher-Yates shuffle of the zero-weight points in index order (`left`, those first in each row), the
+        # t-th draw swapping left[t] with left[t + r].  (Taking the r-th untaken point in index order parted
+        # from the cpu's start at the second such draw.)
+        zero = valid & (w <= 0)
+        left = torch.sort((~zero).to(torch.int8), dim=1, stable=True).indices
+        n_left = zero.sum(1)
+        t_left = torch.zeros(J, dtype=torch.int64, device=dev)
         for c in range(kmax):
             live = P.dev["k"] > c
             u = Ur[:, c:c + 1]
@@ -585,12 +593,18 @@ class PackedLloyd:
             elig = (ww > 0)
             last_elig = torch.where(elig, idx, torch.full_like(idx, -1)).max(1).values
             pick = torch.where(pick >= P.dev["n"], last_elig, pick)
-            # only zero-weight points left: uniform among the untaken ones
-            free = valid & ~taken
-            cnt = torch.cumsum(free.double(), 1)
-            rr = torch.floor(u * cnt[:, -1:])
-            pick0 = torch.searchsorted(cnt, rr.contiguous(), right=True)[:, 0]
-            pick = torch.where(tot[:, 0] > 0, pick, pick0).clamp_(max=w.shape[1] - 1)
+            zj = live & (tot[:, 0] <= 0)  # only zero-weight points left
+            if bool(zj.any()):
+                t = t_left[zj]
+                span = n_left[zj] - t
+                r = t + torch.minimum(span - 1, (u[zj, 0] * span.double()).long())
+                rows = ar[zj]
+                a, b = left[rows, t], left[rows, r]
+                left[rows, r] = a
+                left[rows, t] = b
+                t_left[zj] += 1
+                pick = torch.where(zj, left[ar, t_left.sub(1).clamp(min=0)], pick)
+            pick = pick.clamp_(max=w.shape[1] - 1)
             pick = torch.where(live, pick, torch.zeros_like(pick))
             taken[ar[live], pick[live]] = True
             chosen[:, c] = pick
