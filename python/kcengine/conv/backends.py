@@ -516,7 +516,7 @@ def unique_maps(x, codebook, index, granularity, stride, padding, dilation, plan
     """The compute-bound half shared by the cpu and triton backends, run by torch (oneDNN / cuDNN):
     ``("gather", u, index32)`` with ``u`` = the K unique filters' output maps (filter granularity), or
     ``("gather_sum", p, pair32)`` with ``p`` = the depthwise codebook maps (kernel granularity, triton only:
-    the cpu backend computes that granularity directly).  The backend's epilogue turns them into the layer's
+    the cpu backend computes that granularity directly; float32 maps for half dtypes).  The backend's epilogue turns them into the layer's
     output.  ``packed``: a module's reordered codebook
     (filter granularity, CPU inference), used where it applies."""
     if granularity == "filter":
@@ -526,7 +526,10 @@ def unique_maps(x, codebook, index, granularity, stride, padding, dilation, plan
             u = F.conv2d(x, codebook, None, stride, padding, dilation)
         return "gather", u, idx32
     plan = plan if plan is not None else kernel_plan(index, codebook.shape[0])
-    src = _depthwise_maps(x, codebook, plan, stride, padding, dilation)
+    # Half dtypes: the maps in float32 (the gather-sum then sums and rounds once), as the torch backend does:
+    # maps rounded to half before the sum came out twice as far from the exact conv as F.conv2d (bfloat16)
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    src = _depthwise_maps(x.to(acc), codebook.to(acc), plan, stride, padding, dilation)
     return "gather_sum", src, plan.pair.to(torch.int32).contiguous()
 
 

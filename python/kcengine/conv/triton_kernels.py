@@ -215,4 +215,5 @@ def triton_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, g
     kind, src, idx32 = unique_maps(x, codebook, index, granularity, stride, padding, dilation, plan, index32)
     if kind == "gather_sum":
         src = src.contiguous()
-    return _epilogue_fn().apply(kind, src, idx32, scale, shift, residual, relu)
+    y = _epilogue_fn().apply(kind, src, idx32, scale, shift, residual, relu)
+    return y.to(x.dtype)  # (half inputs' kernel maps are float32: rounded once, here)
