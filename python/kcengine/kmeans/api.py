@@ -902,8 +902,8 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
             only; it takes no given ``init`` and runs no iterations: ``max_iter`` and ``tol`` do not apply,
             ``n_iter`` is 0; its interval costs are exact to ~1e-16 of the data's spread about its mean, and
             to ~1e-32 in double-double where that could make it miss the optimum, as for clusters a
-            millionth of the data's range wide).  The torch backend runs plain Lloyd for every name but
-            ``"exact1d"``, which it refuses.
+            millionth of the data's range wide).  The torch, cuda and triton backends run plain Lloyd for
+            every name but ``"exact1d"``, which they refuse (``res.algorithm`` says ``"lloyd"``).
             ``"topm"`` hands float32 data beyond 1e18 in magnitude to Yinyang (its float distances
             would overflow).  The methods walk Lloyd's iterates up to rounding.  Each computes distances
             its own way -- plain Lloyd and Hamerly (and the torch backend) in the dot form
