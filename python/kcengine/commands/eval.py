@@ -215,11 +215,9 @@ def _print_per_class(r, where=None, most: int = 20) -> None:
         print(f"  {name:>12s}: {'n/a' if acc != acc else f'{100 * acc:.1f}%'}")
 
 
-def _clustering_line(model) -> str | None:
-    """For a clustered model (a prune/finetune --out file): how much of it is clustered, else None."""
-    from ..compress.layers import conv_weight_counts
-
-    c = conv_weight_counts(model)
+def _clustering_line(c: dict) -> str | None:
+    """For a clustered model (a prune/finetune --out file), from its ``conv_weight_counts``: how much of it is
+    clustered, else None."""
     if not c["clustered"]:
         return None
     element = f" ({c['element']} per element)" if c["element"] else ""
@@ -245,7 +243,8 @@ def run(args) -> int:
     r = evaluate(lm.model, data, batch_size=args.batch_size, progress=not args.no_progress, desc=lm.name)
     print(f"{lm.name} ({lm.weights}): top-1 {100 * r.top1:.2f}% ({r.correct}/{r.total}), top-5 {100 * r.top5:.2f}%, "
           f"{r.seconds:.1f} s")
-    clustering = _clustering_line(lm.model)
+    counts = conv_weight_counts(lm.model)
+    clustering = _clustering_line(counts)
     if clustering:
         print(clustering)
     _print_per_class(r, where="eval.json" if args.out else None)
@@ -260,7 +259,7 @@ def run(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         d = r.as_dict()
-        d.update(model=lm.name, weights=lm.weights, conv_weight_counts=conv_weight_counts(lm.model))
+        d.update(model=lm.name, weights=lm.weights, conv_weight_counts=counts)
         if robust is not None:
             d["adversarial"] = robust.as_dict()
         (out / "eval.json").write_text(json.dumps(d, indent=2) + "\n")

@@ -176,12 +176,9 @@ def run(args) -> int:
         if not 0 <= value < 2**63:
             raise UserError(f"{flag} must be in [0, 2**63 - 1], got {value}")
     lm = load_model_arg(args, need_trained=True)
-
-    def holds_clustered(model):
-        return conv_weight_counts(model)["clustered"] > 0
-
-    clustered = holds_clustered(lm.model)
-    if conv_weight_counts(lm.model)["element"]:
+    counts = conv_weight_counts(lm.model)
+    clustered = counts["clustered"] > 0
+    if counts["element"]:
         raise UserError(f"--weights {args.weights} holds per-element clustered layers (prune --granularity "
                         f"element), which finetune does not train: finetune trains filter or kernel clusters; pass "
                         f"the dense weights with --ratio/--plan and --granularity filter or kernel")
@@ -198,7 +195,7 @@ def run(args) -> int:
     teacher = None
     if args.teacher is not None:
         teacher = load_model_arg(args, need_trained=True, flag="--teacher").model
-        if holds_clustered(teacher):
+        if conv_weight_counts(teacher)["clustered"]:
             raise UserError(f"--teacher {args.teacher} holds a clustered model: the teacher is the dense model to "
                             f"distil from and refit to; pass its dense weights")
     if is_cifar_model(lm.name):

@@ -118,17 +118,13 @@ def conv_weight_counts(model: nn.Module) -> dict:
 
     counts = dict(clustered=0, element=0, dense=0, weights=0, stored=0)
     for m in model.modules():  # modules() yields each module once
-        if isinstance(m, ClusteredConv2d):
-            kh, kw = m.kernel_size
-            norms = m.scale.numel() if m._kc_cosine and m.scale is not None else 0
+        if isinstance(m, (ClusteredConv2d, ElementClusteredConv2d)):  # the layers' own counts, less the bias
+            bias = m._bias_numel() if isinstance(m, ClusteredConv2d) else (m.bias.numel() if m.bias is not None
+                                                                           else 0)
             counts["clustered"] += 1
-            counts["weights"] += m.out_channels * (m.in_channels // m.groups) * kh * kw
-            counts["stored"] += m.codebook.numel() + norms
-        elif isinstance(m, ElementClusteredConv2d):
-            counts["clustered"] += 1
-            counts["element"] += 1
-            counts["weights"] += int(np.prod(m.weight_shape))
-            counts["stored"] += m.codebook.numel()
+            counts["element"] += isinstance(m, ElementClusteredConv2d)
+            counts["weights"] += m.dense_parameters - bias
+            counts["stored"] += m.unique_parameters - bias
         elif isinstance(m, nn.Conv2d):
             counts["dense"] += 1
             counts["weights"] += m.weight.numel()
