@@ -134,18 +134,13 @@ def _launch(kind, src, index32, scale, shift, residual, relu, block=None):
     acc = triton.language.float64 if src.dtype == torch.float64 else triton.language.float32
     common = dict(HAS_A=scale is not None, HAS_B=shift is not None, HAS_R=residual is not None, RELU=bool(relu),
                   BLOCK=block, ACC=acc)
+    strides = (*_flat_strides(src), *_flat_strides(out), *_flat_strides(res))
     with device_scope(src.device):  # Triton launches on the current device, whatever device the data is on
-        _run(kind, k_gather, k_sum, grid, src, index32, a, b, res, out, c_out, s, common)
+        if kind == "gather":
+            k_gather[grid](src, index32, a, b, res, out, c_out, s, *strides, **common)
+        else:
+            k_sum[grid](src, index32, a, b, res, out, c_out, index32.shape[1], s, *strides, **common)
     return out
-
-
-def _run(kind, k_gather, k_sum, grid, src, index32, a, b, res, out, c_out, s, common):
-    if kind == "gather":
-        k_gather[grid](src, index32, a, b, res, out, c_out, s, *_flat_strides(src), *_flat_strides(out),
-                       *_flat_strides(res), **common)
-    else:
-        k_sum[grid](src, index32, a, b, res, out, c_out, index32.shape[1], s, *_flat_strides(src),
-                    *_flat_strides(out), *_flat_strides(res), **common)
 
 
 def _check_epilogue_args(src, index32, scale, shift, residual, kind):
