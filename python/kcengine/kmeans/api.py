@@ -645,33 +645,25 @@ def _share_repeated(parts, weights):
 
 def _check_float32_weights(weights, backend: str) -> None:
     """NotImplementedError (an auto choice moves on to the torch backend, which weighs in float64) where a
-    positive weight would read 0 or lose its precision as a float32 subnormal in the GPU kernels: 1e-46 beside
-    1, or 1 beside 1e50 (weights are scaled so that the largest is in [1, 2)), gave inertia 0 and labels unlike
-    the cpu backend's."""
+    positive weight is below what float32 holds in full precision (``finfo.tiny``) and would read 0 or as a
+    subnormal in the GPU kernels: 1e-46 beside 1, or 1 beside 1e50 (weights past 2**64 are scaled so that the
+    largest is in [1, 2)), gave inertia 0 and labels unlike the cpu backend's."""
     tiny = float(np.finfo(np.float32).tiny)
+    if _one_torch_device(weights):  # one synchronization for the batch
+        import torch
 
-    def smallest_positive(ws):  # one reduction (one device synchronization) for the whole batch
-        if _is_torch(ws[0]):
-            import torch
-
-            a = torch.cat([w.reshape(-1).double() for w in ws])
-            pos = a[a > 0]
-            return float(pos.min()) if pos.numel() else math.inf
-        a = np.concatenate([np.asarray(w, dtype=np.float64).reshape(-1) for w in ws])
-        pos = a[a > 0]
-        return float(pos.min()) if pos.size else math.inf
-
-    if smallest_positive(weights) >= tiny:
-        return
-    for i, w in enumerate(weights):
-        a = _to_numpy(w, np.float64) if _is_torch(w) else np.asarray(w, dtype=np.float64)
-        pos = a[a > 0]
-        if pos.size and float(pos.min()) < tiny:
-            where = "" if len(weights) == 1 else f" of problem {i}"
-            raise NotImplementedError(
-                f"sample_weight{where} spans more than float32's range (its smallest positive weight is "
-                f"{float(pos.min()) / float(pos.max()):.3g} of its largest): the {backend} backend weighs in the "
-                f"data's dtype; pass float64 data, or backend='torch' (which weighs in float64)")
+        low = torch.stack([torch.where(w > 0, w.double(), math.inf).min() for w in weights]).cpu().numpy()
+    else:
+        low = np.array([np.where(a > 0, a, math.inf).min() for a in (_to_numpy(w, np.float64) for w in weights)])
+    bad = np.flatnonzero(low < tiny)
+    if bad.size:
+        i = int(bad[0])
+        largest = float(_to_numpy(weights[i], np.float64).max())
+        where = "" if len(weights) == 1 else f" of problem {i}"
+        raise NotImplementedError(
+            f"sample_weight{where} spans more than float32's range (its smallest positive weight is "
+            f"{float(low[i]) / largest:.3g} of its largest): the {backend} backend weighs in the "
+            f"data's dtype; pass float64 data, or backend='torch' (which weighs in float64)")
 
 
 def _convert(probs: Problems, backend: str) -> Problems:
@@ -877,8 +869,8 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
             float32 kernels of 1e-20 had squared distances of 0 and came back as one cluster.  Every backend does
             this too.)
         sample_weight: ``[N]`` (``[B, N]`` or a list for batches) non-negative weights.  The cuda and triton
-            backends weigh in the data's dtype: for float32 data they refuse weights whose smallest positive
-            one is below float32's range relative to the largest (about 1e-38); "auto" then runs the torch one.
+            backends weigh in the data's dtype: for float32 data they refuse a positive weight float32 cannot
+            hold (below about 1.2e-38, once weights past 2**64 are scaled toward 1); "auto" then runs the torch one.
         seed: int in ``[0, 2**63 - 1]`` for a reproducible run (per backend), a ``numpy.random.Generator``
             (one integer is drawn from it), or ``None``.  On the cpu, cuda and triton
             backends every problem of a batch draws from the same stream, so a problem gets the
