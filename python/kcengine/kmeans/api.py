@@ -745,6 +745,16 @@ def far_shift(mean, var):
 # Summed per-feature variances below which a dataset is clustered scaled by a power of two (the cpu core's
 # ``Prepared::scale_exp``): float32 squares reach FLT_MIN near 2**-63, and a dataset of 1e-20 or less read as one
 # cluster.  The scaling is exact, so the iterates are those of the data at its own scale.
+# Greedy k-means++'s local trials: scikit-learn's 2 + int(ln k), capped here as the cpu core caps it (the cap is
+# reached at k > 1.2 million); the GPU and torch backends read this.
+KPP_MAX_TRIALS = 16
+
+
+def kpp_trials(k: int) -> int:
+    """Local trials of greedy k-means++ for ``k`` clusters: ``min(16, 2 + int(ln k))``."""
+    return min(KPP_MAX_TRIALS, 2 + int(math.log(k)))
+
+
 TINY_VARIANCE = {"float32": 2.0 ** -60, "float64": 2.0 ** -500}
 
 

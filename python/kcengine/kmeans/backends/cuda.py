@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from ..._checks import device_scope
-from ..api import TINY_VARIANCE, CopyClusters, Problems, RawResult, far_first, far_shift, tiny_exponents, times_pow2
+from ..api import (TINY_VARIANCE, CopyClusters, Problems, RawResult, far_first, far_shift, kpp_trials, tiny_exponents,
+                   times_pow2)
 
 __all__ = [
     "solve", "fused_smem_bytes", "fits_fused", "fused_threads", "fused_buckets", "assign_tiles",
@@ -83,15 +84,6 @@ def rng_uniforms(seed: int, stream: int, count: int) -> np.ndarray:
         s3 = ((s3 << 45) | (s3 >> 19)) & _M64
         out[i] = (r >> 11) * 2.0 ** -53
     return out
-
-
-KPP_MAX_TRIALS = 16  # the cpu core's cap (2 + int(ln k) reaches it at k > 1.2 million)
-
-
-def kpp_trials(k: int) -> int:
-    """Local trials of greedy k-means++ (scikit-learn's ``2 + int(ln k)``, at most 16 as on the cpu core, whose
-    random streams the GPU seeding follows)."""
-    return min(KPP_MAX_TRIALS, 2 + int(math.log(k)))
 
 
 def uniforms_needed(k: int, init: str) -> int:

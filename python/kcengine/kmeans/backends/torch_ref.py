@@ -14,12 +14,11 @@ the same device, but a problem's start depends on its batch (unlike the cpu back
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
 
-from ..api import CopyClusters, Problems, RawResult, far_first, far_shift, tiny_scale, times_pow2
+from ..api import CopyClusters, Problems, RawResult, far_first, far_shift, kpp_trials, tiny_scale, times_pow2
 
 
 def _sqdist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -73,7 +72,7 @@ def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def _kmeanspp(x, w, k, gen) -> torch.Tensor:
     """Greedy k-means++ for a [B, N, D] batch; returns [B, k] point indices."""
     B, N, _ = x.shape
-    trials = min(16, 2 + int(math.log(k)))  # the cpu core's cap, as every backend
+    trials = kpp_trials(k)
     ar = torch.arange(B, device=x.device)
     first = torch.multinomial(w, 1, generator=gen).squeeze(1)
     idx = torch.empty(B, k, dtype=torch.long, device=x.device)
