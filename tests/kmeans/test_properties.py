@@ -298,3 +298,19 @@ def test_torch_tensors_in_torch_tensors_out():
     assert isinstance(r.labels, torch.Tensor) and r.labels.dtype == torch.int64
     ragged = kcengine.kmeans([x[:30], x[30:]], 3, seed=0)
     assert isinstance(ragged.centroids, list) and isinstance(ragged.centroids[0], torch.Tensor)
+
+
+@pytest.mark.parametrize("algorithm,d", [("lloyd", 5), ("hamerly", 5), ("yinyang", 20), ("topm", 9), ("gram", 100),
+                                         ("lloyd1d", 1)])
+def test_k_equals_n_from_the_points_stops_at_once_with_tol_0(algorithm, d):
+    """Started on the points themselves with tol=0, no center moves: every solver stops after its first
+    iteration, as scikit-learn does.  (The Gram solver read its shift from the Gram expansion, a few ulps
+    above 0 at a standstill, and ran a second iteration.)"""
+    from sklearn.cluster import KMeans
+
+    x = blobs(24, d, 24, seed=5)
+    r = kcengine.kmeans(x, 24, init=x, tol=0.0, algorithm=algorithm)
+    ref = KMeans(24, init=x, n_init=1, tol=0.0).fit(x)
+    assert r.algorithm == algorithm and int(r.n_iter) == ref.n_iter_ == 1 and bool(r.converged)
+    np.testing.assert_array_equal(r.labels, np.arange(24))
+    np.testing.assert_array_equal(r.centroids, x)

@@ -55,6 +55,21 @@ bool solve_gram(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       }
     }
   };
+  // The centers of a membership (the weighted means of eff's groups, coef their weights) in T, as returned.
+  std::vector<T> cnew, cold(size_t(k) * d);
+  std::vector<i32> eff_old(n);
+  std::vector<double> coef_old(n);
+  auto materialize = [&](const std::vector<i32>& members, const std::vector<double>& cf, std::vector<T>& c) {
+    std::vector<double> acc(size_t(k) * d, 0.0);
+    for (i64 l = 0; l < n; ++l) {
+      if (cf[l] == 0.0) continue;
+      double* a = &acc[size_t(members[l]) * d];
+      const T* x = ds.x + l * d;
+      for (i64 q = 0; q < d; ++q) a[q] += cf[l] * double(x[q]);
+    }
+    c.resize(acc.size());
+    for (size_t q = 0; q < acc.size(); ++q) c[q] = T(acc[q]);
+  };
   bool strict = false;
   int it = 0;
   for (it = 0; it < max_iter; ++it) {
@@ -104,8 +119,27 @@ bool solve_gram(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       cnn[j] += coef[l] * crn[size_t(j) * n + l];
       cross_old[j] += coef[l] * cr[size_t(j) * n + l];
     }
-    double shift_tot = 0;
-    for (i64 j = 0; j < k; ++j) shift_tot += std::max(0.0, cnn[j] - 2.0 * cross_old[j] + cn[j]);
+    double shift_tot = 0, scale = 0;
+    for (i64 j = 0; j < k; ++j) {
+      shift_tot += std::max(0.0, cnn[j] - 2.0 * cross_old[j] + cn[j]);
+      scale += std::abs(cnn[j]) + 2.0 * std::abs(cross_old[j]) + std::abs(cn[j]);
+    }
+    // The expansion's shift carries the rounding of its three terms, which are large beside a small shift
+    // (at a standstill it reads a few ulps of ||c||^2 above 0, so tol = 0 never stopped on it).  Within that
+    // rounding of tol the shift is taken again from the centers themselves, rounded to T as Lloyd's are, the
+    // way the direct solvers and scikit-learn take it.
+    if (shift_tot <= prep.tol_abs + 64.0 * double(n + 1) * 0x1p-52 * scale) {
+      materialize(eff, coef, cnew);
+      if (it == 0) {
+        for (i64 j = 0; j < k; ++j)
+          for (i64 q = 0; q < d; ++q)
+            cold[size_t(j) * d + q] = init_idx ? ds.x[(*init_idx)[j] * d + q] : init_c[j * d + q];
+      } else {
+        materialize(eff_old, coef_old, cold);
+      }
+      shift_tot = 0;
+      for (i64 j = 0; j < k; ++j) shift_tot += sqdist(&cnew[size_t(j) * d], &cold[size_t(j) * d], d);
+    }
     cr.swap(crn);
     cn.swap(cnn);
     // Labels unchanged: converged.  The final E-step is skipped unless a relocation moved a
@@ -113,20 +147,14 @@ bool solve_gram(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     if (lab == lab_old) { strict = empty.empty(); break; }
     if (shift_tot <= prep.tol_abs) break;
     lab_old = lab;
+    eff_old = eff;
+    coef_old = coef;
   }
   out.converged = it < max_iter;
   out.n_iter = i32(std::min(it + 1, max_iter));
   if (!strict) e_step();
-  // Materialize the centroids from the members of the last M-step.
-  out.centroids.assign(size_t(k) * d, T(0));
-  std::vector<double> acc(size_t(k) * d, 0.0);
-  for (i64 l = 0; l < n; ++l) {
-    if (coef[l] == 0.0) continue;
-    double* a = &acc[size_t(eff[l]) * d];
-    const T* x = ds.x + l * d;
-    for (i64 q = 0; q < d; ++q) a[q] += coef[l] * double(x[q]);
-  }
-  for (size_t q = 0; q < acc.size(); ++q) out.centroids[q] = T(acc[q]);
+  // The centroids from the members of the last M-step.
+  materialize(eff, coef, out.centroids);
   out.labels.swap(lab);
   out.algo = Algo::Gram;
   return true;
