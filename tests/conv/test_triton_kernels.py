@@ -145,6 +145,28 @@ def test_triton_backend_forward_and_grad_interpreted(interpret, granularity):
     torch.testing.assert_close(gcb, rcb, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_backend_output_follows_the_input_format_interpreted(interpret, granularity, channels_last):
+    """Channels-last in, channels-last out, as on the cpu backend (kernel granularity's gather-sum wrote NCHW
+    whatever x's format); the values are F.conv2d's either way."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 7, 6, generator=g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    if granularity == "filter":
+        cb, idx = torch.randn(3, 5, 3, 3, generator=g), torch.randint(0, 3, (6,), generator=g)
+    else:
+        cb, idx = torch.randn(3, 3, 3, generator=g), torch.randint(0, 3, (6, 5), generator=g)
+    res = torch.randn(2, 6, 7, 6, generator=g)
+    y = interpret.triton_indexed_conv2d(x, cb, idx, None, (1, 1), (1, 1), (1, 1), granularity, None, None, True, res)
+    ref = torch.relu(F.conv2d(x, dense_weight(cb, idx, granularity), None, 1, 1) + res)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    assert channels_last == (not y.is_contiguous())
+
+
 def test_triton_refuses_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     from kcengine.conv import triton_kernels

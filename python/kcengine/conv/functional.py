@@ -261,10 +261,11 @@ def indexed_conv2d(
 
     Returns:
         ``[N, C_out, H_out, W_out]``: ``act((conv2d(x, codebook[index]) + bias) * scale + shift + residual)``,
-        in ``x``'s memory format (channels-last in, channels-last out) on the cpu backend, except where kernel
-        granularity runs its direct kernel, which writes channels-last whatever ``x``'s format: where each input
-        channel uses at most 3/4 C_out distinct kernels larger than 1x1, or the output is small (under 32,768
-        values; 1x1 kernels included); elsewhere it computes a dense conv and the output follows ``x``.  Outputs the
+        in ``x``'s memory format (channels-last in, channels-last out) on the cpu and triton backends.  One exception,
+        on the cpu backend: where kernel granularity runs its direct kernel, it writes channels-last whatever ``x``'s
+        format.  It runs where each input channel uses at most 3/4 C_out distinct kernels larger than 1x1, or the
+        output is small (under 32,768 values; 1x1 kernels included); elsewhere it computes a dense conv and the
+        output follows ``x``.  Outputs the
         native kernels write (the gather, the direct kernel) outside autograd are not resizable (their storage is
         theirs, as a tensor from ``torch.from_numpy``).
 

@@ -47,7 +47,7 @@ def _kernels():
                                 u_sn, u_sc, u_ss, o_sn, o_sc, o_ss, r_sn, r_sc, r_ss,
                                 HAS_A: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
                                 RELU: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-        row = tl.program_id(0)  # n * C + o
+        row = tl.program_id(0).to(tl.int64)  # n * C + o; in int64, so n * u_sn cannot wrap past 2**31 elements
         n = row // C
         o = row % C
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -69,7 +69,7 @@ def _kernels():
                            p_sn, p_sc, p_ss, o_sn, o_sc, o_ss, r_sn, r_sc, r_ss,
                            HAS_A: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
                            RELU: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         n = row // C
         o = row % C
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -115,15 +115,21 @@ def _check_device(t: torch.Tensor, name: str):
         raise RuntimeError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {name} on {t.device}")
 
 
-def _launch(kind, src, index32, scale, shift, residual, relu, block=None):
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels-last where ``t`` is only that (a tensor both formats describe counts as NCHW), else NCHW."""
+    cl = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _launch(kind, src, index32, scale, shift, residual, relu, block=None, out_format=None):
+    """One epilogue launch; the output in ``out_format`` (default: ``src``'s)."""
     _check_device(src, "u" if kind == "gather" else "p")
     triton, k_gather, k_sum = _kernels()
     src = _prep(src)
     n, _, h, w = src.shape
     c_out = index32.shape[0]
     s = h * w
-    fmt = torch.channels_last if (not src.is_contiguous() and src.is_contiguous(memory_format=torch.channels_last)) \
-        else torch.contiguous_format
+    fmt = out_format if out_format is not None else _memory_format(src)
     out = torch.empty((n, c_out, h, w), dtype=src.dtype, device=src.device, memory_format=fmt)
     res = _prep(residual) if residual is not None else out
     block = block or min(1024, triton.next_power_of_2(s))
@@ -208,7 +214,8 @@ def triton_indexed_conv2d(x, codebook, index, bias, stride, padding, dilation, g
         y = kernel_dense_conv(x, codebook, index, stride, padding, dilation)
         return _torch_epilogue(y, scale, shift, relu, residual)
     kind, src, idx32 = unique_maps(x, codebook, index, granularity, stride, padding, dilation, plan, index32)
-    if kind == "gather_sum":
-        src = src.contiguous()
-    y = _epilogue_fn().apply(kind, src, idx32, scale, shift, residual, relu)
+    if kind == "gather_sum":  # never under autograd (above); the maps read NCHW, the output in x's format
+        y = _launch(kind, src.contiguous(), idx32, scale, shift, residual, relu, out_format=_memory_format(x))
+    else:
+        y = _epilogue_fn().apply(kind, src, idx32, scale, shift, residual, relu)
     return y.to(x.dtype)  # (half inputs' kernel maps are float32: rounded once, here)
