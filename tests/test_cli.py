@@ -44,3 +44,21 @@ def test_a_mistyped_option_is_named_with_its_commands_usage(argv, want, capsys):
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == want
     assert err.startswith(f"usage: python -m kcengine {argv[0]} ")
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["eval", "--attack", "fgsm", "--eps", "-1/255"], "--eps must be in [0, 1] (pixel units; 8/255 = 0.0314), "
+                                                      "got '-1/255'"),
+    (["eval", "--attack", "fgsm", "--eps", "-1e-3"], "--eps must be in [0, 1] (pixel units; 8/255 = 0.0314), "
+                                                     "got '-1e-3'"),
+    (["prune", "--ratio", "-.5"], "--ratio must be a ratio in (0, 1], got -0.5"),
+])
+def test_a_value_starting_with_a_dash_reaches_the_options_own_check(argv, want, capsys, tmp_path):
+    """argparse takes only plain negative numbers after an option (-3, -0.5): ``--eps -1/255`` was "expected one
+    argument".  The option's own range message comes now, and nothing is written."""
+    from kcengine.cli import main
+
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].endswith(f"error: {want}")
+    assert not (tmp_path / "out").exists()

@@ -123,9 +123,30 @@ def _check_out_files(out, command: str, names) -> None:
                             f"move it away or choose another --out")
 
 
+def _join_dash_values(argv: list, parser) -> list:
+    """``--eps -1/255`` as ``--eps=-1/255``: argparse takes a word after an option for its value only when it does
+    not start with a dash or is a plain negative number (-3, -0.5), so ``-1/255`` or ``-1e-3`` got "expected one
+    argument" instead of the option's own range message.  Only words that cannot be an option (a dash, then a
+    digit or a dot) after an option of the command that takes one value are joined."""
+    command = next((w for w in argv if w in parser.commands), None)
+    if command is None:
+        return argv
+    one_value = {o for a in parser.commands[command]._actions if a.nargs is None for o in a.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        word = argv[i]
+        if word in one_value and i + 1 < len(argv) and re.match(r"-[\d.]", argv[i + 1]):
+            out.append(f"{word}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(word)
+            i += 1
+    return out
+
+
 def main(argv=None) -> int:
     parser, mods = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _join_dash_values(list(sys.argv[1:] if argv is None else argv), parser)
     args, extra = parser.parse_known_args(argv)
     if extra:  # named with the command's usage (argparse gives the top level's, which names no option)
         command_parser = parser.commands.get(args.command)
