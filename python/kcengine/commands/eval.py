@@ -183,7 +183,9 @@ def add_arguments(parser) -> None:
     a.add_argument("--eps", default=None,
                    help="the attack's budget per pixel in [0, 1] units, a number or N/255 (default 2/255)")
     a.add_argument("--attack-steps", type=int, default=None, help="PGD steps (default 10)")
-    parser.add_argument("--out", default=None, help="folder for eval.json and confusion.png")
+    parser.add_argument("--out", default=None,
+                        help="folder for eval.json and confusion.png (default: none; without it the results are "
+                             "only printed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -77,7 +77,8 @@ def add_arguments(parser) -> None:
     add(t, "--workers", type=int, default=0, help="DataLoader worker processes decoding an image folder's files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", default=None, help="folder for model.pt (the trained model, compact: --weights of "
-                        "eval and kcengine.load_compressed read it), history.json and curves.png")
+                        "eval and kcengine.load_compressed read it), history.json and curves.png (default: none; "
+                        "without it nothing is written but --checkpoint-dir's checkpoints)")
 
 
 def _order_arg(text):

@@ -26,7 +26,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--backend", default="auto", help="k-means backend: auto, cpu, torch, cuda, triton (default auto)")
     parser.add_argument("--no-eval", action="store_true", help="skip accuracy (allows --weights none)")
     parser.add_argument("--out", default=None, help="folder for report.json, report.md and model.pt (the clustered "
-                        "model, compact: --weights of eval and kcengine.load_compressed read it)")
+                        "model, compact: --weights of eval and kcengine.load_compressed read it; default: none, the "
+                        "report is only printed)")
 
 
 def _layers_arg(text):

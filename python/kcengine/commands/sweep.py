@@ -23,7 +23,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
     parser.add_argument("--backend", default="auto",
                         help="k-means backend: auto, cpu, torch, cuda, triton (default auto)")
-    parser.add_argument("--out", default=None, help="folder for sweep.csv, sweep.md and sweep.png")
+    parser.add_argument("--out", default=None,
+                        help="folder for sweep.csv, sweep.md and sweep.png (default: none; without it the table "
+                             "is only printed)")
 
 
 def _ratios(text):
