@@ -64,6 +64,27 @@ def test_an_explicit_backend_error_propagates(op):
     assert CALLS == ["cpu"]
 
 
+def test_a_refusal_of_the_environments_backend_names_the_variable(monkeypatch):
+    """``KCENGINE_BACKEND=torch`` and exact1d (a cpu-only algorithm): the torch backend's refusal named no argument
+    of the call, which passed none; it names the variable now.  A backend named in the call is refused as it
+    was, and without the variable auto runs exact1d on the cpu."""
+    import numpy as np
+
+    import kcengine
+
+    x = np.linspace(0.0, 1.0, 40)[:, None]
+    monkeypatch.setenv("KCENGINE_BACKEND", "torch")
+    with pytest.raises(NotImplementedError, match=r"^algorithm='exact1d' is implemented by the cpu backend only "
+                                                  r"\(the backend came from KCENGINE_BACKEND='torch' in the "
+                                                  r"environment: unset it, or name a backend in the call\)$"):
+        kcengine.kmeans(x, 4, algorithm="exact1d")
+    with pytest.raises(NotImplementedError, match=r"^algorithm='exact1d' is implemented by the cpu backend only$"):
+        kcengine.kmeans(x, 4, algorithm="exact1d", backend="torch")
+    assert kcengine.kmeans(x, 4, algorithm="exact1d", backend="cpu").algorithm == "exact1d"
+    monkeypatch.delenv("KCENGINE_BACKEND")
+    assert kcengine.kmeans(x, 4, algorithm="exact1d").algorithm == "exact1d"
+
+
 def test_candidates_follow_the_environment_and_new_registrations(op, monkeypatch):
     """candidates() keeps its answers per (op, backend, device type, KCENGINE_BACKEND): a change of the variable
     between calls is honoured at once, and a backend registered later is offered from then on."""

@@ -212,15 +212,22 @@ def run_with_fallback(op: str, backend: str | None, device, call: Callable[[str,
 
     An auto-selected backend that raises ``RuntimeError``/``NotImplementedError`` is skipped
     with a warning and the next candidate is tried; an explicitly requested backend's error
-    propagates unchanged, and so does running out of memory (the next backend on the same device
-    needs the same output: trying it only repeats the failure under a misleading warning).
+    propagates unchanged (one chosen by ``KCENGINE_BACKEND``: its NotImplementedError names the
+    variable), and so does running out of memory (the next backend on the same device needs the
+    same output: trying it only repeats the failure under a misleading warning).
     """
     names, explicit = candidates(op, backend, device)
     last_exc: Exception | None = None
     for name in names:
         impl = _load(op, name)
-        if explicit:
+        if explicit and backend not in (None, "auto"):
             return name, call(name, impl)
+        if explicit:  # chosen by the environment, not by the caller: the refusal says so
+            try:
+                return name, call(name, impl)
+            except NotImplementedError as exc:
+                raise NotImplementedError(f"{exc} (the backend came from {_ENV}={name!r} in the environment: unset "
+                                          f"it, or name a backend in the call)") from exc
         try:
             return name, call(name, impl)
         except (RuntimeError, NotImplementedError) as exc:
