@@ -56,7 +56,6 @@ bool solve_gram(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     }
   };
   // The centers of a membership (the weighted means of eff's groups, coef their weights) in T, as returned.
-  std::vector<T> cnew, cold(size_t(k) * d);
   std::vector<i32> eff_old(n);
   std::vector<double> coef_old(n);
   auto materialize = [&](const std::vector<i32>& members, const std::vector<double>& cf, std::vector<T>& c) {
@@ -69,6 +68,50 @@ bool solve_gram(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
     }
     c.resize(acc.size());
     for (size_t q = 0; q < acc.size(); ++q) c[q] = T(acc[q]);
+  };
+  // The shift sum_j ||c_new_j - c_old_j||^2 from the centers themselves, rounded to T as the direct solvers'
+  // are.  Only the clusters whose members changed are built (from their members, in index order, as
+  // materialize does): the others' centers are the same sums, so their shift is 0.  first: the old centers are
+  // the starts (a start at point p is that row exactly, and so is the mean of p alone).
+  std::vector<char> changed(k);
+  std::vector<i64> slot(k), lone(k);
+  auto exact_shift = [&](bool first) {
+    std::fill(changed.begin(), changed.end(), char(0));
+    if (first) {
+      std::fill(lone.begin(), lone.end(), i64(-1));  // the one member of positive coef, -2: more than one
+      for (i64 l = 0; l < n; ++l)
+        if (coef[l] != 0.0) lone[eff[l]] = lone[eff[l]] == -1 ? l : -2;
+      for (i64 j = 0; j < k; ++j) changed[j] = !(init_idx && lone[j] >= 0 && lone[j] == (*init_idx)[j]);
+    } else {
+      for (i64 l = 0; l < n; ++l)
+        if (eff[l] != eff_old[l] || coef[l] != coef_old[l]) changed[eff[l]] = changed[eff_old[l]] = 1;
+    }
+    i64 m = 0;
+    for (i64 j = 0; j < k; ++j) slot[j] = changed[j] ? m++ : -1;
+    std::vector<double> an(size_t(m) * d, 0.0), ao(size_t(m) * d, 0.0);
+    auto add = [&](const std::vector<i32>& members, const std::vector<double>& cf, std::vector<double>& a) {
+      for (i64 l = 0; l < n; ++l) {
+        const i64 s = slot[members[l]];
+        if (s < 0 || cf[l] == 0.0) continue;
+        const T* x = ds.x + l * d;
+        for (i64 q = 0; q < d; ++q) a[size_t(s) * d + q] += cf[l] * double(x[q]);
+      }
+    };
+    add(eff, coef, an);
+    if (!first) add(eff_old, coef_old, ao);
+    double tot = 0;
+    for (i64 j = 0; j < k; ++j) {
+      if (slot[j] < 0) continue;
+      const double* cn_j = &an[size_t(slot[j]) * d];
+      const double* co_j = &ao[size_t(slot[j]) * d];
+      for (i64 q = 0; q < d; ++q) {
+        const double old = first ? double(init_idx ? ds.x[(*init_idx)[j] * d + q] : init_c[j * d + q])
+                                 : double(T(co_j[q]));
+        const double u = double(T(cn_j[q])) - old;
+        tot += u * u;
+      }
+    }
+    return tot;
   };
   bool strict = false;
   int it = 0;
@@ -124,27 +167,16 @@ bool solve_gram(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       shift_tot += std::max(0.0, cnn[j] - 2.0 * cross_old[j] + cn[j]);
       scale += std::abs(cnn[j]) + 2.0 * std::abs(cross_old[j]) + std::abs(cn[j]);
     }
-    // The expansion's shift carries the rounding of its three terms, which are large beside a small shift
-    // (at a standstill it reads a few ulps of ||c||^2 above 0, so tol = 0 never stopped on it).  Within that
-    // rounding of tol the shift is taken again from the centers themselves, rounded to T as Lloyd's are, the
-    // way the direct solvers and scikit-learn take it.
-    if (shift_tot <= prep.tol_abs + 64.0 * double(n + 1) * 0x1p-52 * scale) {
-      materialize(eff, coef, cnew);
-      if (it == 0) {
-        for (i64 j = 0; j < k; ++j)
-          for (i64 q = 0; q < d; ++q)
-            cold[size_t(j) * d + q] = init_idx ? ds.x[(*init_idx)[j] * d + q] : init_c[j * d + q];
-      } else {
-        materialize(eff_old, coef_old, cold);
-      }
-      shift_tot = 0;
-      for (i64 j = 0; j < k; ++j) shift_tot += sqdist(&cnew[size_t(j) * d], &cold[size_t(j) * d], d);
-    }
     cr.swap(crn);
     cn.swap(cnn);
     // Labels unchanged: converged.  The final E-step is skipped unless a relocation moved a
     // center in this very step (the labels would not match the returned centroids otherwise).
     if (lab == lab_old) { strict = empty.empty(); break; }
+    // The expansion's shift carries the rounding of its three terms, which are large beside a small shift
+    // (at a standstill it read a few ulps of ||c||^2 above 0, so tol = 0 never stopped on it; in thousands
+    // of dimensions the rounding reaches tol itself).  Within that rounding of tol the shift is taken again
+    // from the centers, the way the direct solvers and scikit-learn take it.
+    if (shift_tot <= prep.tol_abs + 64.0 * double(n + 1) * 0x1p-52 * scale) shift_tot = exact_shift(it == 0);
     if (shift_tot <= prep.tol_abs) break;
     lab_old = lab;
     eff_old = eff;
