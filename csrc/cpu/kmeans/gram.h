@@ -55,23 +55,11 @@ bool solve_gram(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
       }
     }
   };
-  // The centers of a membership (the weighted means of eff's groups, coef their weights) in T, as returned.
-  std::vector<i32> eff_old(n);
+  std::vector<i32> eff_old(n);  // the previous M-step's members and weights, for exact_shift
   std::vector<double> coef_old(n);
-  auto materialize = [&](const std::vector<i32>& members, const std::vector<double>& cf, std::vector<T>& c) {
-    std::vector<double> acc(size_t(k) * d, 0.0);
-    for (i64 l = 0; l < n; ++l) {
-      if (cf[l] == 0.0) continue;
-      double* a = &acc[size_t(members[l]) * d];
-      const T* x = ds.x + l * d;
-      for (i64 q = 0; q < d; ++q) a[q] += cf[l] * double(x[q]);
-    }
-    c.resize(acc.size());
-    for (size_t q = 0; q < acc.size(); ++q) c[q] = T(acc[q]);
-  };
   // The shift sum_j ||c_new_j - c_old_j||^2 from the centers themselves, rounded to T as the direct solvers'
-  // are.  Only the clusters whose members changed are built (from their members, in index order, as
-  // materialize does): the others' centers are the same sums, so their shift is 0.  first: the old centers are
+  // are.  Only the clusters whose members changed are built (from their members, in index order, as the
+  // returned centroids are): the others' centers are the same sums, so their shift is 0.  first: the old centers are
   // the starts (a start at point p is that row exactly, and so is the mean of p alone).
   std::vector<char> changed(k);
   std::vector<i64> slot(k), lone(k);
@@ -185,8 +173,16 @@ bool solve_gram(const Dataset<T>& ds, const Prepared<T>& prep, i64 k, const std:
   out.converged = it < max_iter;
   out.n_iter = i32(std::min(it + 1, max_iter));
   if (!strict) e_step();
-  // The centroids from the members of the last M-step.
-  materialize(eff, coef, out.centroids);
+  // Materialize the centroids from the members of the last M-step.
+  out.centroids.assign(size_t(k) * d, T(0));
+  std::vector<double> acc(size_t(k) * d, 0.0);
+  for (i64 l = 0; l < n; ++l) {
+    if (coef[l] == 0.0) continue;
+    double* a = &acc[size_t(eff[l]) * d];
+    const T* x = ds.x + l * d;
+    for (i64 q = 0; q < d; ++q) a[q] += coef[l] * double(x[q]);
+  }
+  for (size_t q = 0; q < acc.size(); ++q) out.centroids[q] = T(acc[q]);
   out.labels.swap(lab);
   out.algo = Algo::Gram;
   return true;
