@@ -217,12 +217,13 @@ def run_with_fallback(op: str, backend: str | None, device, call: Callable[[str,
     same output: trying it only repeats the failure under a misleading warning).
     """
     names, explicit = candidates(op, backend, device)
+    from_env = explicit and backend in (None, "auto")  # KCENGINE_BACKEND chose it, not the caller
     last_exc: Exception | None = None
     for name in names:
         impl = _load(op, name)
-        if explicit and backend not in (None, "auto"):
+        if explicit and not from_env:
             return name, call(name, impl)
-        if explicit:  # chosen by the environment, not by the caller: the refusal says so
+        if from_env:  # the refusal says where the choice came from
             try:
                 return name, call(name, impl)
             except NotImplementedError as exc:

@@ -265,9 +265,8 @@ def indexed_conv2d(
         on the cpu backend: where kernel granularity runs its direct kernel, it writes channels-last whatever ``x``'s
         format.  It runs where each input channel uses at most 3/4 C_out distinct kernels larger than 1x1, or the
         output is small (under 32,768 values; 1x1 kernels included); elsewhere it computes a dense conv and the
-        output follows ``x``.  Outputs the
-        native kernels write (the gather, the direct kernel) outside autograd are not resizable (their storage is
-        theirs, as a tensor from ``torch.from_numpy``).
+        output follows ``x``.  Outputs the native kernels write (the gather, the direct kernel) outside autograd
+        are not resizable (their storage is theirs, as a tensor from ``torch.from_numpy``).
 
     Raises:
         ValueError naming the argument and value on any bad input.
