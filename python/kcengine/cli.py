@@ -58,6 +58,9 @@ def _prog() -> str:
     return "kcengine" if Path(sys.argv[0] if sys.argv else "").name == "kcengine" else "python -m kcengine"
 
 
+_DASH_VALUE = re.compile(r"^-[\d.]")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog=_prog(),
                                      description="Compress CNNs by clustering their weights.")
@@ -70,6 +73,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     for name, mod in mods.items():
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
+        # A word after an option is its value unless it looks like an option: argparse lets only plain negative
+        # numbers (-3, -0.5) through, so `--eps -1/255` or `--eps -1e-3` got "expected one argument" instead of
+        # the option's own range message.  No option here starts with a dash and a digit or a dot.
+        p._negative_number_matcher = _DASH_VALUE
         parser.commands[name] = p
     return parser, mods
 
@@ -123,30 +130,9 @@ def _check_out_files(out, command: str, names) -> None:
                             f"move it away or choose another --out")
 
 
-def _join_dash_values(argv: list, parser) -> list:
-    """``--eps -1/255`` as ``--eps=-1/255``: argparse takes a word after an option for its value only when it does
-    not start with a dash or is a plain negative number (-3, -0.5), so ``-1/255`` or ``-1e-3`` got "expected one
-    argument" instead of the option's own range message.  Only words that cannot be an option (a dash, then a
-    digit or a dot) after an option of the command that takes one value are joined."""
-    command = next((w for w in argv if w in parser.commands), None)
-    if command is None:
-        return argv
-    one_value = {o for a in parser.commands[command]._actions if a.nargs is None for o in a.option_strings}
-    out, i = [], 0
-    while i < len(argv):
-        word = argv[i]
-        if word in one_value and i + 1 < len(argv) and re.match(r"-[\d.]", argv[i + 1]):
-            out.append(f"{word}={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(word)
-            i += 1
-    return out
-
-
 def main(argv=None) -> int:
     parser, mods = build_parser()
-    argv = _join_dash_values(list(sys.argv[1:] if argv is None else argv), parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     if extra:  # named with the command's usage (argparse gives the top level's, which names no option)
         command_parser = parser.commands.get(args.command)
