@@ -221,12 +221,12 @@ def run_with_fallback(op: str, backend: str | None, device, call: Callable[[str,
     last_exc: Exception | None = None
     for name in names:
         impl = _load(op, name)
-        if explicit and not from_env:
-            return name, call(name, impl)
-        if from_env:  # the refusal says where the choice came from
+        if explicit:
             try:
                 return name, call(name, impl)
             except NotImplementedError as exc:
+                if not from_env:
+                    raise
                 raise NotImplementedError(f"{exc} (the backend came from {_ENV}={name!r} in the environment: unset "
                                           f"it, or name a backend in the call)") from exc
         try:
