@@ -281,6 +281,12 @@ _POOL_MIN_BYTES = 1 << 20
 _pool_limit: int | None = None  # bytes; None until the first pooled request reads KCENGINE_OUTPUT_CACHE_MB
 
 
+def only_channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` is channels-last and not also NCHW-contiguous (a tensor both layouts describe, such as one of
+    a 1 x 1 image, counts as NCHW): the input format the native and Triton kernels keep in their output."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def _empty_out(shape, dtype, channels_last: bool, pooled: bool = True) -> torch.Tensor:
     """An uninitialized output tensor (channels-last or contiguous), from the buffer cache where it applies."""
     # (the limit is read by the first output, whatever its size: a bad KCENGINE_OUTPUT_CACHE_MB was named only
@@ -363,7 +369,7 @@ def _native_gather(u, index32, scale, shift, residual, relu, pooled=True):
     c_out = index32.shape[0]
     u = u.detach()
     index32, scale, shift = _np(index32), _np(scale), _np(shift)
-    if not u.is_contiguous() and u.is_contiguous(memory_format=torch.channels_last):
+    if only_channels_last(u):
         out = _empty_out((n, c_out, h, w), u.dtype, True, pooled)
         res = None
         if residual is not None:
@@ -516,9 +522,9 @@ def unique_maps(x, codebook, index, granularity, stride, padding, dilation, plan
     """The compute-bound half shared by the cpu and triton backends, run by torch (oneDNN / cuDNN):
     ``("gather", u, index32)`` with ``u`` = the K unique filters' output maps (filter granularity), or
     ``("gather_sum", p, pair32)`` with ``p`` = the depthwise codebook maps (kernel granularity, triton only:
-    the cpu backend computes that granularity directly; float32 maps for half dtypes).  The backend's epilogue turns them into the layer's
-    output.  ``packed``: a module's reordered codebook
-    (filter granularity, CPU inference), used where it applies."""
+    the cpu backend computes that granularity directly; float32 maps for half dtypes).  The backend's epilogue
+    turns them into the layer's output.  ``packed``: a module's reordered codebook (filter granularity, CPU
+    inference), used where it applies."""
     if granularity == "filter":
         idx32 = index32 if index32 is not None else index.to(torch.int32).contiguous()
         u = packed.conv(x, codebook, stride, padding, dilation) if packed is not None else None

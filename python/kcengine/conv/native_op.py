@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _registry
-from .backends import _NATIVE_DTYPES, cpu_indexed_conv2d, tensor_version
+from .backends import _NATIVE_DTYPES, cpu_indexed_conv2d, only_channels_last, tensor_version
 from .functional import output_hw
 from .module import _Cache
 
@@ -143,8 +143,7 @@ def forget_index(index) -> None:
 def _channels_last_out(x: torch.Tensor, granularity: str) -> bool:
     """The cpu backend's output format: channels-last for kernel granularity (its direct kernel) and for a
     channels-last ``x``, contiguous otherwise."""
-    return granularity == "kernel" or (not x.is_contiguous()
-                                       and x.is_contiguous(memory_format=torch.channels_last))
+    return granularity == "kernel" or only_channels_last(x)
 
 
 # ------------------------------------------------------------------------------------------------

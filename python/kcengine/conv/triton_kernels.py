@@ -116,9 +116,9 @@ def _check_device(t: torch.Tensor, name: str):
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    """channels-last where ``t`` is only that (a tensor both formats describe counts as NCHW), else NCHW."""
-    cl = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if cl else torch.contiguous_format
+    from .backends import only_channels_last
+
+    return torch.channels_last if only_channels_last(t) else torch.contiguous_format
 
 
 def _launch(kind, src, index32, scale, shift, residual, relu, block=None, out_format=None):
