@@ -742,9 +742,6 @@ def far_shift(mean, var):
     return far, torch.where(far.unsqueeze(-1), mean, torch.zeros_like(mean))
 
 
-# Summed per-feature variances below which a dataset is clustered scaled by a power of two (the cpu core's
-# ``Prepared::scale_exp``): float32 squares reach FLT_MIN near 2**-63, and a dataset of 1e-20 or less read as one
-# cluster.  The scaling is exact, so the iterates are those of the data at its own scale.
 # Greedy k-means++'s local trials: scikit-learn's 2 + int(ln k), capped here as the cpu core caps it (the cap is
 # reached at k > 1.2 million); the GPU and torch backends read this.
 KPP_MAX_TRIALS = 16
@@ -755,6 +752,9 @@ def kpp_trials(k: int) -> int:
     return min(KPP_MAX_TRIALS, 2 + int(math.log(k)))
 
 
+# Summed per-feature variances below which a dataset is clustered scaled by a power of two (the cpu core's
+# ``Prepared::scale_exp``): float32 squares reach FLT_MIN near 2**-63, and a dataset of 1e-20 or less read as one
+# cluster.  The scaling is exact, so the iterates are those of the data at its own scale.
 TINY_VARIANCE = {"float32": 2.0 ** -60, "float64": 2.0 ** -500}
 
 
@@ -864,8 +864,8 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
             (a ragged batch); numpy arrays or torch tensors, float32 or float64.
         k: clusters per problem: an int, or one int per problem.  May be omitted when ``init``
             gives the centroids.
-        init: ``"k-means++"`` (greedy, ``2 + int(ln k)`` local trials, as scikit-learn; at most 16, reached at k > 1.2 million),
-            ``"random"`` (k distinct points drawn by weight), or the initial centroids:
+        init: ``"k-means++"`` (greedy, ``2 + int(ln k)`` local trials, as scikit-learn; at most 16, reached at
+            k > 1.2 million), ``"random"`` (k distinct points drawn by weight), or the initial centroids:
             ``[k, D]``, ``[B, k, D]`` or a list of ``[k_i, D_i]``, of a float or integer dtype (solved in
             ``x``'s dtype).
         n_init: runs per problem from different seeds; the one of lowest inertia is returned.
@@ -924,10 +924,10 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
     distance, whose cluster keeps another member, never two copies of one point, and never a point whose
     copies make up a whole cluster, so that k distinct centroids come back whenever the data has k distinct
     points of positive weight (the cuda backend's fused kernel, which runs problems small enough for one
-    thread block's shared memory, does not have that last rule yet).  scikit-learn has none of these rules (it can take a singleton's only member, a zero-weight point
-    or a second copy), so where a run repairs, its iterates can differ from scikit-learn's; without a repair
-    they are the same.  A final E-step follows any iteration that repaired, so labels always match the
-    returned centroids.
+    thread block's shared memory, does not have that last rule yet).  scikit-learn has none of these rules (it
+    can take a singleton's only member, a zero-weight point or a second copy), so where a run repairs, its
+    iterates can differ from scikit-learn's; without a repair they are the same.  A final E-step follows any
+    iteration that repaired, so labels always match the returned centroids.
 
     Returns:
         :class:`KMeansResult` with centroids, labels, inertia, n_iter, converged per problem,
