@@ -58,6 +58,39 @@ def test_allocate_ks_meets_the_budget_and_is_optimal_on_convex_curves():
         assert sum(cost(n, k) for n, k in ks.items()) == pytest.approx(best)
 
 
+def test_allocate_ks_is_the_exact_minimum_on_curves_that_are_not_convex():
+    # KL curves that fall slowly, then steeply (a split by marginal gains stops before the steep part): every
+    # budget's allocation against brute force over all splits, with and without a floor
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        widths = [4, 6, 5]
+        curves = {}
+        for n, c in zip("abc", widths):
+            kl = torch.rand(c - 1, generator=gen).double().sort(descending=True).values * 10
+            if trial % 2 == 0:  # a plateau, then a cliff
+                kl[: (c - 1) // 2] = kl[0]
+            curves[n] = kl.tolist()
+        rows = _rows(curves)
+        for min_ratio in (0.0, 0.5):
+            floors = [max(1, math.ceil(min_ratio * c)) for c in widths]
+
+            def cost(n, k):
+                c = widths["abc".index(n)]
+                return 0.0 if k == c else curves[n][k - 1]
+
+            for budget in range(sum(floors), sum(widths) + 2):
+                ks = allocate_ks(rows, budget, min_ratio=min_ratio)
+                if budget >= sum(widths):
+                    assert ks == dict(zip("abc", widths))
+                    continue
+                assert sum(ks.values()) == budget
+                assert all(f <= ks[n] <= c for n, f, c in zip("abc", floors, widths))
+                best = min(sum(cost(n, k) for n, k in zip("abc", combo))
+                           for combo in itertools.product(*(range(f, c + 1) for f, c in zip(floors, widths)))
+                           if sum(combo) == budget)
+                assert sum(cost(n, k) for n, k in ks.items()) == pytest.approx(best), (trial, min_ratio, budget)
+
+
 def test_allocate_ks_floor_and_errors():
     rows = _rows({"a": [5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], "b": [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0]})
     ks = allocate_ks(rows, 10, min_ratio=0.5)
@@ -69,6 +102,8 @@ def test_allocate_ks_floor_and_errors():
         allocate_ks(rows, 10, min_ratio=math.nan)
     with pytest.raises(ValueError, match="rows"):
         allocate_ks([], 10)
+    with pytest.raises(ValueError, match="rows must hold a finite 'kl'"):
+        allocate_ks([dict(rows[0], kl=math.nan)] + rows[1:], 10)
 
 
 class _SharedReluNet(torch.nn.Module):

@@ -7,9 +7,8 @@ once the output-aware refit (:mod:`kcengine.train.calibrate`, finetune's first s
 centroids.  :func:`output_sensitivity` measures instead, for each layer clustered alone and refit, the
 KL divergence of the network's softmax from the dense model's on held-out training images -- a smooth
 quantity that adds up approximately over layers.  :func:`allocate_ks` then picks one k per layer with a
-given total number of unique filters, minimizing the summed divergence (Lagrangian relaxation over the
-measured curves, made monotone and interpolated between the measured k, then filled to the exact budget
-by the best marginal gains).
+given total number of unique filters, minimizing the summed divergence over the measured curves (made
+monotone and interpolated between the measured k) exactly, by dynamic programming over the layers.
 
 resnet20 on the CIFAR sample at the k = C_out/2 budget: see bench/results/recovery_resnet20.md.
 """
@@ -17,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
+import numbers
 import time
 from collections.abc import Iterable
 
@@ -261,21 +262,24 @@ def sensitivity_plan(model: nn.Module, calib_images: torch.Tensor, eval_images: 
 
 def allocate_ks(rows: list[dict], budget: int, *, min_ratio: float = 0.25) -> dict[str, int]:
     """One k per layer of ``rows`` (from :func:`output_sensitivity`) with ``sum(k) == budget`` (or every layer
-    at full width when the budget allows it) that keeps the summed KL low: the minimum where every layer's curve
-    is convex; on a curve that is not (a measured KL that falls faster after a slow stretch) the split by
-    marginal gains below can miss it.
+    at full width when the budget allows it) that minimizes the summed KL over the layers' curves.
 
     Each layer's curve is the measured KL at its k, 0 at ``k = out_channels``, linearly interpolated between,
     made non-increasing in k (more clusters are never worse), and forbidden below ``min_ratio * out_channels``
     (a floor: a layer cut to a couple of filters measures cheap alone but leaves finetuning nothing to work
-    with).  The allocation minimizes ``sum KL + lam * sum k`` for the ``lam`` that meets the budget, then
-    adds filters one at a time where they lower the curve most."""
+    with).  The minimum is exact, whatever the curves' shape: a dynamic program over the layers and the
+    filters spent so far (``len(rows' layers) x budget`` states, each layer's ks tried in turn), where a
+    split by marginal gains can miss it on a curve that is not convex (a measured KL that falls faster after
+    a slow stretch)."""
     if not rows:
         raise ValueError("rows is empty: run output_sensitivity first")
     if not (isinstance(min_ratio, (int, float)) and 0 <= min_ratio <= 1):
         raise ValueError(f"min_ratio must be in [0, 1], got min_ratio={min_ratio!r}")
     by_layer: dict[str, list] = {}
     for r in rows:
+        kl = r.get("kl")
+        if isinstance(kl, bool) or not isinstance(kl, numbers.Real) or not math.isfinite(float(kl)):
+            raise ValueError(f"rows must hold a finite 'kl' in every row, got {r!r}")
         by_layer.setdefault(r["layer"], []).append(r)
     curves: dict[str, np.ndarray] = {}
     floor_total = 0
@@ -293,24 +297,25 @@ def allocate_ks(rows: list[dict], budget: int, *, min_ratio: float = 0.25) -> di
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < floor_total:
         raise ValueError(f"budget must be an int >= {floor_total} (every layer at its floor of min_ratio="
                          f"{min_ratio:g}), got budget={budget!r}")
-
-    def pick(lam):
-        return {n: int(np.argmin(c + lam * np.arange(1, len(c) + 1))) + 1 for n, c in curves.items()}
-
-    lo_lam, hi_lam = 0.0, 1.0
-    while sum(pick(hi_lam).values()) > budget:
-        hi_lam *= 2
-    for _ in range(60):
-        mid = 0.5 * (lo_lam + hi_lam)
-        if sum(pick(mid).values()) > budget:
-            lo_lam = mid
-        else:
-            hi_lam = mid
-    ks = pick(hi_lam)
-    while sum(ks.values()) < budget:
-        grow = [n for n in ks if ks[n] < len(curves[n])]
-        if not grow:
-            break
-        best = max(grow, key=lambda n: curves[n][ks[n] - 1] - curves[n][ks[n]])
-        ks[best] += 1
-    return ks
+    total = min(int(budget), sum(len(c) for c in curves.values()))  # past every layer's width: all full
+    # best[b]: the least summed KL of the layers so far with b filters among them; took[l][b]: layer l's k there
+    best = np.full(total + 1, np.inf)
+    best[0] = 0.0
+    took = []
+    for curve in curves.values():
+        nxt = np.full(total + 1, np.inf)
+        arg = np.zeros(total + 1, dtype=np.int64)
+        for k in range(1, min(len(curve), total) + 1):
+            if curve[k - 1] == np.inf:
+                continue
+            cand = best[: total + 1 - k] + curve[k - 1]
+            won = cand < nxt[k:]
+            nxt[k:][won] = cand[won]
+            arg[k:][won] = k
+        best = nxt
+        took.append(arg)
+    out, b = {}, total
+    for name, arg in zip(reversed(list(curves)), reversed(took)):
+        out[name] = int(arg[b])
+        b -= out[name]
+    return {name: out[name] for name in curves}
