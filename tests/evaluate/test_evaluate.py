@@ -4,6 +4,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import kcengine
 from kcengine.data import cifar10_dataset, synthetic_images
 from kcengine.evaluate import confusion_png, evaluate, top1_accuracy
 from kcengine.models import CifarResNet, load_model
@@ -229,6 +230,13 @@ def test_model_output_and_argument_checks_name_what_is_wrong(tmp_path):
         evaluate(nn.Sequential(net, _Max()), (x, y))
     with pytest.raises(ValueError, match="images are torch.float64 but the model's parameters are torch.float32"):
         evaluate(net, (x.double(), y))
+    # [N, H, W] images: torch's channel mismatch counted the images as channels; a clustered layer's own check
+    # spoke of its codebook
+    small, _ = kcengine.compress(net, ratio=0.5)
+    for model in (net, small):
+        with pytest.raises(ValueError, match=r"images must be batches \[N, C, H, W\], got shape \(4, 8, 8\).*"
+                                             r"images.unsqueeze\(1\)"):
+            evaluate(model, (x[:, 0], y))
     with pytest.raises(ValueError, match=r"classes must be a sequence of class names .* got classes=5"):
         evaluate(net, (x, y), classes=5)
     with pytest.raises(ValueError, match="classes must be a sequence of class names"):

@@ -384,7 +384,8 @@ def test_numpy_integers_are_accepted_as_counts(tiny):
 
 def test_bad_training_data_is_named(tiny):
     """(Labels outside the outputs were torch's one_hot RuntimeError, float labels another, a dataset of dicts
-    torch.stack's TypeError, an empty one 'recalibrate_bn got no images'.)"""
+    torch.stack's TypeError, an empty one 'recalibrate_bn got no images', [H, W] images torch's channel mismatch of
+    the first conv, which took the calibration batch as one unbatched image.)"""
     from torch.utils.data import DataLoader, TensorDataset
 
     model, ds, loader = tiny
@@ -394,7 +395,9 @@ def test_bad_training_data_is_named(tiny):
                         (TensorDataset(x, y.float()), "labels must be integer class indices"),
                         ([{"image": x[0]}] * 4, r"must give \(image tensor, label\) pairs, item 0 is dict"),
                         (TensorDataset(x[:0], y[:0]), "train_loader's dataset holds no images"),
-                        (TensorDataset((x * 40).to(torch.uint8), y), "images must be a floating-point tensor")]:
+                        (TensorDataset((x * 40).to(torch.uint8), y), "images must be a floating-point tensor"),
+                        (TensorDataset(x[:, 0], y), r"train_loader's images must be \[C, H, W\] each .* got images "
+                                                    r"of shape \(8, 8\)")]:
         with pytest.raises(ValueError, match=match):
             finetune(cm, DataLoader(data, batch_size=8), epochs=1, progress=False)
     # bad eval_data is named before any training (it was met after the first epoch, and called "data")

@@ -131,15 +131,24 @@ def check_model(model) -> None:
 def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model(x)``, checked to be ``[N, classes]`` logits (:func:`check_logits`); where the forward fails and the
     images' dtype differs from the model's floating-point parameters', a ValueError saying so (torch's "Input
-    type (double) and bias type (float) should be the same" names neither).  A model that converts its input
-    itself runs as it is."""
+    type (double) and bias type (float) should be the same" names neither); where it fails on ``[N, H, W]`` images
+    and the model holds 2-D convs, a ValueError asking for ``[N, C, H, W]`` (torch's message counts the N images
+    as channels).  A model that converts its input itself runs as it is."""
     try:
         logits = model(x)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:  # (a clustered layer checks its input itself: ValueError)
         p = next((t for t in model.parameters() if t.is_floating_point()), None)
         if p is not None and x.dtype != p.dtype:
             raise ValueError(f"images are {x.dtype} but the model's parameters are {p.dtype}: pass "
                              f"images.to({p.dtype}) (or convert the model)") from exc
+        from ..compress.layers import ElementClusteredConv2d
+        from ..conv.module import ClusteredConv2d
+
+        conv2d = (nn.Conv2d, ClusteredConv2d, ElementClusteredConv2d)
+        if x.dim() == 3 and any(isinstance(m, conv2d) for m in model.modules()):
+            raise ValueError(f"images must be batches [N, C, H, W], got shape {tuple(x.shape)}: a 2-D conv takes "
+                             f"[N, H, W] as one image of N channels (add the channel dimension: "
+                             f"images.unsqueeze(1))") from exc
         raise
     check_logits(logits, int(x.shape[0]))
     return logits

@@ -183,6 +183,9 @@ def _dataset_images(loader, idx: list[int]) -> torch.Tensor:
     check_float_images(x, "train_loader's images")
     if x.shape[0] == 0:
         raise ValueError("train_loader's dataset holds no images")
+    if x.dim() != 4:  # [N, H, W] went into the convs as one unbatched image of N channels
+        raise ValueError(f"train_loader's images must be [C, H, W] each (batches [N, C, H, W]), got images of shape "
+                         f"{tuple(x.shape[1:])}")
     return x
 
 
