@@ -267,10 +267,9 @@ def allocate_ks(rows: list[dict], budget: int, *, min_ratio: float = 0.25) -> di
     Each layer's curve is the measured KL at its k, 0 at ``k = out_channels``, linearly interpolated between,
     made non-increasing in k (more clusters are never worse), and forbidden below ``min_ratio * out_channels``
     (a floor: a layer cut to a couple of filters measures cheap alone but leaves finetuning nothing to work
-    with).  The minimum is exact, whatever the curves' shape: a dynamic program over the layers and the
-    filters spent so far (``len(rows' layers) x budget`` states, each layer's ks tried in turn), where a
-    split by marginal gains can miss it on a curve that is not convex (a measured KL that falls faster after
-    a slow stretch)."""
+    with).  The minimum is exact whatever the curves' shape: a dynamic program with one state per layer and
+    number of filters spent, where a split by marginal gains can miss it on a curve that is not convex (a
+    measured KL that falls faster after a slow stretch).  On a tie a layer takes the smaller k."""
     if not rows:
         raise ValueError("rows is empty: run output_sensitivity first")
     if not (isinstance(min_ratio, (int, float)) and 0 <= min_ratio <= 1):
