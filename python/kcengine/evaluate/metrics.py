@@ -141,11 +141,10 @@ def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if p is not None and x.dtype != p.dtype:
             raise ValueError(f"images are {x.dtype} but the model's parameters are {p.dtype}: pass "
                              f"images.to({p.dtype}) (or convert the model)") from exc
-        from ..compress.layers import ElementClusteredConv2d
-        from ..conv.module import ClusteredConv2d
+        from ..compress.layers import conv_weight_counts
 
-        conv2d = (nn.Conv2d, ClusteredConv2d, ElementClusteredConv2d)
-        if x.dim() == 3 and any(isinstance(m, conv2d) for m in model.modules()):
+        convs = conv_weight_counts(model) if x.dim() == 3 else None
+        if convs and convs["clustered"] + convs["dense"]:
             raise ValueError(f"images must be batches [N, C, H, W], got shape {tuple(x.shape)}: a 2-D conv takes "
                              f"[N, H, W] as one image of N channels (add the channel dimension: "
                              f"images.unsqueeze(1))") from exc
