@@ -6,7 +6,7 @@ import math
 import numbers
 
 __all__ = ["check_int", "check_float", "check_bool", "check_device", "device_scope", "first_line", "state_dict_misfit",
-           "scalar_value"]
+           "scalar_value", "tensor_from_numpy"]
 
 
 def scalar_value(value):
@@ -103,6 +103,17 @@ def device_scope(device):
 
     dev = torch.device(device)
     return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
+
+def tensor_from_numpy(a):
+    """A CPU tensor of a caller's numpy array ``a``, sharing its memory where ``a`` is C-contiguous and writable.
+    A read-only array (``np.load(..., mmap_mode="r")``, a broadcast view, ``np.frombuffer`` of bytes) is copied:
+    torch has no read-only tensors and warns on such a view.  Nothing here writes to the tensor either way."""
+    import numpy as np
+    import torch
+
+    a = np.ascontiguousarray(a)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
 def first_line(exc: BaseException) -> str:

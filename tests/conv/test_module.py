@@ -1,6 +1,8 @@
 """ClusteredConv2d: construction from k-means, forward vs dense, training, BN/ReLU fusion."""
 import operator
 import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -65,6 +67,31 @@ def test_from_conv_with_kcengine_kmeans_shape_contract():
     with pytest.raises(ValueError, match=r"must be a k-means result \(with .centroids and .labels\) or an int "
                                          r"number of clusters, got SimpleNamespace without .labels"):
         ClusteredConv2d.from_conv(conv, SimpleNamespace(centroids=res.centroids))
+
+
+_READ_ONLY_SCRIPT = """
+import numpy as np, torch, kcengine
+from types import SimpleNamespace
+from kcengine.nn import ClusteredConv2d
+torch.manual_seed(0)
+conv = torch.nn.Conv2d(4, 8, 3, bias=False)
+cent = np.random.default_rng(0).normal(size=(3, 36)).astype(np.float32)
+labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+for a in (cent, labels):
+    a.setflags(write=False)
+m = ClusteredConv2d.from_conv(conv, SimpleNamespace(centroids=cent, labels=labels))
+m.set_index(np.broadcast_to(np.array([2], dtype=np.int64), (8,)))
+assert torch.equal(m.codebook.reshape(3, 36), torch.from_numpy(cent.copy())) and m.index.tolist() == [2] * 8
+print("ok")
+"""
+
+
+def test_read_only_numpy_codebook_and_index_are_taken_quietly():
+    """``from_conv`` and ``set_index`` take read-only numpy arrays without torch's "not writable" warning (in a
+    fresh interpreter with warnings as errors: torch shows it once a process)."""
+    out = subprocess.run([sys.executable, "-W", "error", "-c", _READ_ONLY_SCRIPT], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("granularity", ["filter", "kernel"])

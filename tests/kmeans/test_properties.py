@@ -1,4 +1,7 @@
 """Properties every backend result must have (cpu backend unless said otherwise)."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -288,6 +291,37 @@ def test_callers_arrays_are_not_modified():
     np.testing.assert_array_equal(x, xs)
     np.testing.assert_array_equal(w, ws)
     np.testing.assert_array_equal(init, inits)
+
+
+_READ_ONLY_SCRIPT = """
+import numpy as np, kcengine
+rng = np.random.default_rng(0)
+x, w = rng.normal(size=(60, 3)).astype(np.float32), rng.uniform(0.5, 2.0, 60)
+def frozen(a):
+    a = np.array(a)
+    a.setflags(write=False)
+    return a
+# (read-only arguments, the same as writable copies)
+cases = [((frozen(x), 4, dict(sample_weight=frozen(w), init=frozen(x[:4]))),
+          (x.copy(), 4, dict(sample_weight=w.copy(), init=x[:4].copy()))),
+         ((np.broadcast_to(x, (2, 60, 3)), 4, {}), (np.stack([x, x]), 4, {})),
+         (([frozen(x), frozen(x[:30])], [4, 3], {}), ([x.copy(), x[:30].copy()], [4, 3], {}))]
+for backend in ("cpu", "torch"):
+    for (a, k, kw), (ref_a, ref_k, ref_kw) in cases:
+        got = kcengine.kmeans(a, k, seed=0, backend=backend, **kw)
+        ref = kcengine.kmeans(ref_a, ref_k, seed=0, backend=backend, **ref_kw)
+        np.testing.assert_array_equal(np.asarray(got.inertia), np.asarray(ref.inertia))
+print("ok")
+"""
+
+
+def test_read_only_numpy_inputs_run_quietly_and_as_writable_ones_do():
+    """A read-only array (np.load's memory map, a broadcast view) runs on every backend without torch's
+    "not writable" warning, with the results of a writable copy.  In a fresh interpreter with warnings as
+    errors: torch shows that warning once a process, so another test may already have spent it here."""
+    out = subprocess.run([sys.executable, "-W", "error", "-c", _READ_ONLY_SCRIPT], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_torch_tensors_in_torch_tensors_out():

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _registry
-from .._checks import check_device
+from .._checks import check_device, tensor_from_numpy
 from .backends import PackedCodebook, inference_call, kernel_plan, tensor_version
 from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, capturing,
                          dense_weight, dispatch_mode_active, forward_ad_active, indexed_conv2d, output_hw,
@@ -84,7 +84,7 @@ def _as_tensor(a, name: str) -> torch.Tensor:
     if isinstance(a, torch.Tensor):
         return a.detach()
     if isinstance(a, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(a))
+        return tensor_from_numpy(a)
     raise ValueError(f"{name} must be a numpy array or torch tensor, got {type(a).__name__}")
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .. import _registry
-from .._checks import check_float, check_int, scalar_value
+from .._checks import check_float, check_int, scalar_value, tensor_from_numpy
 from .result import KMeansResult
 
 __all__ = ["kmeans", "kmeans_sweep", "Problems", "RawResult", "ALGORITHMS", "INITS"]
@@ -554,12 +554,10 @@ def _to_numpy(a, dtype=None):
 
 
 def _to_torch(a, like, dtype=None):
-    import torch
-
     if (_is_torch(a) and not a.requires_grad and a.device == like.device and (dtype is None or a.dtype == dtype)
             and a.is_contiguous()):
         return a  # already in the form asked for (the common case of a GPU batch: no per-problem work)
-    t = a.detach() if _is_torch(a) else torch.from_numpy(np.ascontiguousarray(a))
+    t = a.detach() if _is_torch(a) else tensor_from_numpy(a)
     return t.to(device=like.device, dtype=dtype if dtype is not None else t.dtype).contiguous()
 
 
