@@ -430,3 +430,43 @@ def test_kcengine_cifar_resnets_record_their_own_builder(tmp_path):
     with pytest.raises(ValueError, match=r"records no builder: pass model="):
         kcengine.load_compressed(path)
     assert isinstance(kcengine.load_compressed(path, small).linear, nn.Sequential)
+
+
+def test_models_from_load_model_record_their_builder(tmp_path):
+    """A torchvision model from kcengine.models.load_model, compressed, saved and loaded back without a skeleton
+    (the file needed one: the model's class does not tell resnet18 from resnet34).  The builder is recorded only
+    where its skeleton fits the file: a replaced classifier, or a plain torchvision model, records none."""
+    import torchvision
+
+    from kcengine.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model("resnet18", weights=None, num_classes=5).model
+    small, _ = kcengine.compress(model, ratio=0.5)
+    path = tmp_path / "small.pt"
+    kcengine.save_compressed(small, path)
+    assert torch.load(path, weights_only=True)["builder_kwargs"] == {"name": "resnet18", "weights": None,
+                                                                     "num_classes": 5}
+    loaded = kcengine.load_compressed(path)
+    assert type(loaded) is torchvision.models.ResNet and loaded.fc.out_features == 5
+    assert sorted(n for n, m in loaded.named_modules() if isinstance(m, ClusteredConv2d)) == sorted(
+        n for n, m in small.named_modules() if isinstance(m, ClusteredConv2d))
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small.eval()(x))
+    small.fc = nn.Linear(512, 3)  # no longer what the recorded builder makes
+    kcengine.save_compressed(small, path)
+    with pytest.raises(ValueError, match=r"records no builder: pass model="):
+        kcengine.load_compressed(path)
+    kcengine.save_compressed(kcengine.compress(torchvision.models.resnet18(num_classes=5), ratio=0.5)[0], path)
+    with pytest.raises(ValueError, match=r"records no builder: pass model="):
+        kcengine.load_compressed(path)
+    # an explicit builder is kept as given, checked or not
+    kcengine.save_compressed(small, path, builder="torchvision.models:resnet34")
+    assert torch.load(path, weights_only=True)["builder"] == "torchvision.models:resnet34"
+    # a tag naming any other callable is not called, nor recorded
+    from kcengine.conv.serialize import BUILDER_ATTR
+
+    setattr(small, BUILDER_ATTR, ("torch.nn:Sequential", {}))
+    kcengine.save_compressed(small, path)
+    assert torch.load(path, weights_only=True)["builder"] is None

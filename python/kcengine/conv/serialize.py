@@ -14,8 +14,9 @@ takes a *skeleton*, any ``nn.Module`` of the original architecture (dense or clu
 at the recorded paths are replaced by ``ClusteredConv2d`` built from their configs, then the whole
 state_dict is loaded strictly (files written before the "element" key existed read as having none).  Alternatively ``save_compressed(..., builder="torchvision.models:resnet18")``
 records an importable constructor, and ``load_compressed(path)`` calls it (with ``builder_kwargs``)
-to make the skeleton — only do that for files you trust.  kcengine's own CIFAR ResNets record theirs without
-being asked (``kcengine.models.cifar_resnet:cifar_resnet`` with the depth and the class count).
+to make the skeleton — only do that for files you trust.  Models from :func:`kcengine.models.load_model` and
+kcengine's own CIFAR ResNets record theirs without being asked (``torchvision.models:get_model`` with the name
+and class count; ``kcengine.models.cifar_resnet:cifar_resnet`` with the depth and the class count).
 A fused inference graph (:func:`fuse_for_inference`) saves too, but its layers have new names
 (``layer1_0_conv1_fused``), so it loads only into a skeleton fused the same way: save the model before
 fusing, and fuse after loading.
@@ -196,15 +197,37 @@ def _check_path(path, for_writing: bool) -> Path:
     return p
 
 
+BUILDER_ATTR = "_kcengine_builder"  # (builder, builder_kwargs) that kcengine.models.load_model leaves on its models
+_OWN_BUILDERS = ("torchvision.models:get_model", "kcengine.models.cifar_resnet:cifar_resnet")
+
+
 def _own_builder(model: nn.Module):
     """``(builder, builder_kwargs)`` that rebuild ``model`` when it is one of kcengine's CIFAR ResNets (its class
-    exactly, with its classifier as built), else ``(None, None)``."""
+    exactly, with its classifier as built) or came from :func:`kcengine.models.load_model` (which records how it
+    built the model in ``BUILDER_ATTR``), else ``(None, None)``.  :func:`save_compressed` records it only where
+    the skeleton it builds fits the file (a model changed since it was loaded, a new classifier say, does not)."""
     from ..models.cifar_resnet import CifarResNet
 
+    tag = getattr(model, BUILDER_ATTR, None)  # only the builders load_model records are called on a tag's word
+    if isinstance(tag, tuple) and len(tag) == 2 and tag[0] in _OWN_BUILDERS and isinstance(tag[1], Mapping):
+        return tag[0], dict(tag[1])
     linear = getattr(model, "linear", None)
     if type(model) is not CifarResNet or type(linear) is not nn.Linear:
         return None, None
     return "kcengine.models.cifar_resnet:cifar_resnet", {"depth": model.depth, "num_classes": linear.out_features}
+
+
+def _builder_fits(payload: dict) -> bool:
+    """Whether the skeleton ``payload``'s builder makes (on the meta device: no memory, no initialization work)
+    takes the file's layers and state dict, as :func:`load_compressed` will ask of it."""
+    try:
+        build = _resolve_builder(payload["builder"], "builder")
+        with torch.device("meta"):
+            skeleton = build(**payload["builder_kwargs"])
+        _fit_layers(skeleton, payload, "the file")
+    except (TypeError, ValueError, KeyError, RuntimeError):
+        return False
+    return True
 
 
 def save_compressed(model: nn.Module, path, *, builder: str | None = None, builder_kwargs: dict | None = None) -> int:
@@ -212,12 +235,17 @@ def save_compressed(model: nn.Module, path, *, builder: str | None = None, build
 
     ``builder``: ``"package.module:callable"`` that makes a skeleton of the architecture, called with
     ``builder_kwargs`` by :func:`load_compressed` when it is given no model; it must import here.  Left None
-    for one of kcengine's CIFAR ResNets, the model's own is recorded, so that file too loads without a skeleton.
+    for a model from :func:`kcengine.models.load_model` (a CIFAR ResNet or a torchvision model, then compressed
+    or finetuned) or one of kcengine's CIFAR ResNets, the model's own is recorded, so that file too loads
+    without a skeleton; where the model no longer fits its own builder (a classifier replaced since), none is.
     """
     path = _check_path(path, for_writing=True)
-    if builder is None and builder_kwargs is None:
+    own = builder is None and builder_kwargs is None
+    if own:
         builder, builder_kwargs = _own_builder(model)
     payload = _payload(model, builder, builder_kwargs)
+    if own and payload["builder"] is not None and not _builder_fits(payload):
+        payload["builder"], payload["builder_kwargs"] = None, {}
     torch.save(payload, path)
     return os.path.getsize(path)
 
@@ -293,6 +321,19 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
         raise ValueError(f"model must be an nn.Module skeleton or None, got {type(model).__name__}")
     else:
         model = _materialized(copy.deepcopy(model))
+    model = _fit_layers(model, payload, path)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:  # what the key and shape comparison of _fit_layers does not see
+        raise ValueError(f"compressed checkpoint {str(path)!r} does not fit {type(model).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]}") from None
+    return model.eval()
+
+
+def _fit_layers(model: nn.Module, payload: dict, path) -> nn.Module:
+    """``model`` (a skeleton) with the file's clustered and per-element layers built in place of its own at the
+    recorded paths, its state dict's keys and shapes checked against the file's; ValueError naming ``path``
+    where they do not fit.  Returns the (possibly new) root; no weight is loaded yet."""
     state = payload["state_dict"]
 
     def misfit_error(detail) -> ValueError:  # (the model as it stands: a root-level layer replaces it)
@@ -319,11 +360,7 @@ def load_compressed(path, model: nn.Module | None = None, *, map_location="cpu")
     misfit = state_dict_misfit(model.state_dict(), state)
     if misfit:
         raise misfit_error(misfit)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:  # what the key and shape comparison above does not see
-        raise misfit_error(' '.join(str(exc).split())[:300]) from None
-    return model.eval()
+    return model
 
 
 def _materialized(model: nn.Module) -> nn.Module:

@@ -194,6 +194,10 @@ def load_model(name: str, weights="pretrained", *, num_classes: int | None = Non
         num_classes: output classes (default 10 for CIFAR, 1000 for torchvision).
         allow_download: when False, pretrained weights come only from the torch hub cache.
 
+    The model remembers how it was built (:func:`model_builder`): :func:`kcengine.save_compressed` of it, or of
+    its compressed or finetuned copy, records that builder, and :func:`kcengine.load_compressed` then needs no
+    skeleton.
+
     Raises:
         ValueError: unknown model name or weights name.
         MissingWeightsError: the pretrained weights are neither cached nor downloadable, or a
@@ -204,8 +208,14 @@ def load_model(name: str, weights="pretrained", *, num_classes: int | None = Non
         raise ValueError(f"name must be a model name such as 'resnet20' or 'resnet18', got {name!r}")
     depth = _cifar_depth(name)
     if depth is not None:
-        return _load_cifar(f"resnet{depth}", depth, weights, num_classes, allow_download)
-    return _load_torchvision(name, weights, num_classes, allow_download)
+        out = _load_cifar(f"resnet{depth}", depth, weights, num_classes, allow_download)
+    else:
+        out = _load_torchvision(name, weights, num_classes, allow_download)
+    # how to build it again untrained: save_compressed records it, so that load_compressed needs no skeleton
+    from ..conv.serialize import BUILDER_ATTR
+
+    setattr(out.model, BUILDER_ATTR, model_builder(out.name, out.num_classes))
+    return out
 
 
 def _load_cifar(name, depth, weights, num_classes, allow_download) -> LoadedModel:
