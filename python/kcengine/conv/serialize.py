@@ -218,13 +218,13 @@ def _own_builder(model: nn.Module):
 
 
 def _builder_fits(payload: dict) -> bool:
-    """Whether the skeleton ``payload``'s builder makes (on the meta device: no memory, no initialization work)
-    takes the file's layers and state dict, as :func:`load_compressed` will ask of it."""
+    """Whether the skeleton ``payload``'s builder makes takes the file's layers and state dict, as
+    :func:`load_compressed` will ask of it.  All on the meta device, the skeleton and the clustered layers built
+    into it: only shapes are compared, so nothing needs memory or initial values."""
     try:
         build = _resolve_builder(payload["builder"], "builder")
         with torch.device("meta"):
-            skeleton = build(**payload["builder_kwargs"])
-        _fit_layers(skeleton, payload, "the file")
+            _fit_layers(build(**payload["builder_kwargs"]), payload, "the file")
     except Exception:  # any failure, a builder that cannot run on the meta device too: record none, as before
         return False
     return True
