@@ -326,6 +326,17 @@ def test_eval_of_an_imagenet_model_on_an_image_folder(imagenet_folder, tmp_path,
     assert main(["eval", "--model", "resnet18", "--weights", str(weights), "--data", str(tmp_path / "nope"),
                  "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # session 55: two of ImageNet's class folders (say goldfish, n01443537 = class 1, and tiger shark,
+    # n01491361 = class 3) were scored as classes 0 and 1: a perfect model read 0%.  Refused; the cat/dog
+    # folders above are the user's own labels (the i-th folder in sorted order) and pass.
+    import shutil
+
+    wn = tmp_path / "wnids"
+    for name, wnid in (("cat", "n01443537"), ("dog", "n01491361")):
+        shutil.copytree(root / name, wn / wnid)
+    assert main(["eval", "--model", "resnet18", "--weights", str(weights), "--data", str(wn), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds 2 ImageNet class folders (n01443537, n01491361) but resnet18 has 1000 outputs" in err
 
 
 def test_eval_lists_at_most_twenty_classes(capsys):

@@ -178,6 +178,12 @@ def test_class_names_cover_the_matrix_and_a_large_matrix_draws_at_a_bounded_size
     assert r.confusion.shape == (4, 4) and r.classes == ("a", "b", "c", "d")
     assert r.confusion[0, 0] == r.confusion[0, 1] == 1 and r.confusion[1, 2] == 2 and r.confusion[2:].sum() == 0
 
+    # session 55: digit names that are not their rows' indices ("3" naming row 0) made the index names of the
+    # rows past them collide, and as_dict (eval.json) lost a row
+    ds.classes = ["3", "1"]
+    r = evaluate(_Fixed(torch.eye(5)[[0, 1, 2, 2]]), ds)
+    assert r.classes == ("3", "1", "2", "output 3", "4") and len(r.as_dict()["per_class"]) == 5
+
 
 def test_a_tensordataset_subclass_is_read_through_its_items():
     """A Dataset holding .tensors was sliced directly, skipping a subclass's own __getitem__ (here a

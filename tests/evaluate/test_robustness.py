@@ -235,3 +235,71 @@ def test_bad_arguments_name_the_value():
     assert type(r.steps) is int and r.steps == 2 and abs(r.eps - 32 / 255) < 1e-8
     assert r.label() == "PGD-2, eps 32/255" and json.loads(json.dumps(r.as_dict()))["steps"] == 2
     assert adversarial_accuracy(net, (x, y), mean=MEAN, std=STD, eps=0.01).steps == 10  # PGD's default
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_and_bfloat16_images_are_attacked_within_the_budget(dtype):
+    """Session 55: the pixel maths ran in the images' own dtype, so float16 and bfloat16 attacks left the eps
+    box by up to a fifth of 1/255 (eps=0 moved pixels too), and bfloat16 images of exact pixels could be
+    refused as "not [0, 1]".  The box is now kept in float32 and only the returned images are rounded, once:
+    each pixel moves at most eps plus half a unit in the last place of the normalized images."""
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10's
+    net = _trained_net()[0].to(dtype)
+    pix, _, y = _images(64, seed=5)
+    m, s = torch.tensor(mean, dtype=pix.dtype).view(1, 3, 1, 1), torch.tensor(std, dtype=pix.dtype).view(1, 3, 1, 1)
+    x = ((pix - m) / s).to(dtype)
+    xpix = x.double() * s + m  # what the rounded images hold
+    half_ulp = torch.finfo(dtype).eps / 2 * float(x.double().abs().max()) * max(std)
+    for attack in ("fgsm", "pgd"):
+        for eps in (1 / 255, 4 / 255):
+            adv = adversarial_examples(net, x, y, mean=mean, std=std, eps=eps, attack=attack,
+                                       steps=3 if attack == "pgd" else None,
+                                       generator=torch.Generator().manual_seed(0))
+            assert adv.dtype == dtype and adv.shape == x.shape
+            moved = (adv.double() * s + m - xpix).abs().max().item()
+            assert eps < moved <= eps + half_ulp + 1e-7, (attack, eps * 255, moved * 255)
+    r = adversarial_accuracy(net, (x, y), mean=mean, std=std, eps=2 / 255, steps=2)
+    assert r.total == 64 and r.correct_robust <= r.correct_clean
+
+
+def test_eps_zero_returns_the_images_and_still_checks_the_labels():
+    net, x, y = _trained_net()
+    adv = adversarial_examples(net, x, y, mean=MEAN, std=STD, eps=0)
+    assert torch.equal(adv, x) and adv is not x
+    # session 55: eps=0 returned before the labels were looked at, which every eps > 0 refuses
+    with pytest.raises(ValueError, match=r"labels must be in \[0, \d+\) .* got values in \[\d+, 5\d\]"):
+        adversarial_examples(net, x, y + 50, mean=MEAN, std=STD, eps=0)
+    with pytest.raises(ValueError, match="labels"):
+        adversarial_examples(net, x, y[:3], mean=MEAN, std=STD, eps=0)
+
+
+def test_eps_of_any_real_type_and_models_without_a_gradient_path():
+    from fractions import Fraction
+
+    net, x, y = _trained_net()
+    # a Fraction passed the check and then failed in torch ("unsupported operand type(s) for *")
+    gen = (lambda: torch.Generator().manual_seed(0))
+    a = adversarial_examples(net, x, y, mean=MEAN, std=STD, eps=Fraction(2, 255), step_size=Fraction(1, 255),
+                             generator=gen())
+    b = adversarial_examples(net, x, y, mean=MEAN, std=STD, eps=2 / 255, step_size=1 / 255, generator=gen())
+    assert torch.equal(a, b)
+
+    class Detached(nn.Module):  # logits that do not depend on the images through autograd
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, z):
+            return self.inner(z.detach())
+
+    class Ignores(nn.Module):  # logits from parameters only
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+
+        def forward(self, z):
+            return self.w.expand(z.shape[0], 4)
+
+    for model in (Detached(net), Ignores()):  # torch's message was "... Set allow_unused=True ..."
+        with pytest.raises(ValueError, match="no gradient path to x"):
+            adversarial_accuracy(model, (x, y), mean=MEAN, std=STD, steps=2)

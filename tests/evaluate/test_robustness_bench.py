@@ -15,7 +15,10 @@ def test_attacks_parse_in_255ths():
 def test_cli_errors_name_the_value(capsys):
     for argv, msg in ((["--attacks", "pgd:x"], "'pgd:x' is not fgsm:N"), (["--ratios", "0"], "--ratios must be"),
                       (["--ratios", "x"], "--ratios must be comma-separated numbers in (0, 1], got 'x'"),
-                      (["--steps", "0"], "--steps must be >= 1, got 0")):
+                      (["--steps", "0"], "--steps must be >= 1, got 0"),
+                      # before any work: --epochs used to fail after the dense rows were written over the record
+                      (["--epochs", "-1"], "--epochs must be >= 0, got -1"),
+                      (["--threads", "0"], "--threads must be >= 1, got 0")):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2 and msg in capsys.readouterr().err

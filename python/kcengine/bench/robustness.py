@@ -130,6 +130,10 @@ def main(argv=None) -> int:
         p.error(str(exc))
     if a.steps < 1:
         p.error(f"--steps must be >= 1, got {a.steps}")
+    if a.epochs is not None and a.epochs < 0:  # checked here, before the dense rows are measured and written
+        p.error(f"--epochs must be >= 0, got {a.epochs}")
+    if a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
     path = run(a.model, a.out, ratios, attacks, steps=a.steps, threads=a.threads, name=a.name, epochs=a.epochs)
     print(f"wrote {path}")
     return 0

@@ -172,7 +172,28 @@ def load_image_folder(root, lm, limit=None):
         ds = image_folder(root, Normalization(lm.mean, lm.std), crop=lm.input_size[0])
     except (FileNotFoundError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
+    _check_wnid_subset(root, ds.classes, lm)
     return ds if limit is None else torch.utils.data.Subset(ds, evenly_spaced(len(ds), limit))
+
+
+def _check_wnid_subset(root, classes, lm) -> None:
+    """UserError for a folder of some of ImageNet's class folders (``n01440764``-style names) under a model of
+    more outputs: ImageFolder numbers the folders 0..n-1 in sorted order, which are ImageNet's indices only when
+    every class is there, so every score would be wrong.  Folders of other names are the user's own labelling
+    (class i is the i-th folder in sorted order) and pass."""
+    import re
+
+    outputs = getattr(lm, "num_classes", None)
+    if not outputs or len(classes) >= outputs or not all(re.fullmatch(r"n\d{8}", c) for c in classes):
+        return
+    from ..cli import UserError
+
+    shown = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
+    raise UserError(f"{root} holds {len(classes)} ImageNet class folders ({shown}) but {lm.name} has {outputs} "
+                    f"outputs: the folders are numbered 0..{len(classes) - 1} in sorted order, which are ImageNet's "
+                    f"class indices only when all {outputs} classes are there, so every score would be wrong; pass "
+                    f"a folder holding every class (ImageNet's val/), or weights of a model with {len(classes)} "
+                    f"outputs")
 
 
 def add_arguments(parser) -> None:

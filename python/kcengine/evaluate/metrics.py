@@ -249,8 +249,10 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", num
     # One name per row of the matrix: the model's outputs may outnumber the data's classes (an ImageNet
     # model on a folder of a few classes: the rest keep their index as a name), and the data may name
     # classes the model has no output for (rows of the true classes, empty).
+    # An index name the data already uses for another row ("3" naming row 0) becomes "output 3": names are keys.
     C = max(int(num_classes), len(names))
-    names += [str(i) for i in range(len(names), C)]
+    taken = set(names)
+    names += [str(i) if str(i) not in taken else f"output {i}" for i in range(len(names), C)]
     conf = np.zeros((C, C), dtype=np.int64)
     np.add.at(conf, (t, p), 1)
     support = conf.sum(axis=1)

@@ -12,9 +12,11 @@ model's normalized inputs, ``mean``/``std`` (the normalization the weights expec
   Madry et al., 2018).  The random start is drawn from ``seed``: a run is reproducible.
 
 The loss is the cross-entropy of the model's logits.  An image counts as robust when the model classifies
-it correctly both as given and after the attack, so ``robust_top1 <= clean_top1``.  The model runs in eval
-mode (BatchNorm statistics fixed); only the input's gradient is computed, so the caller's model is left as
-it was (parameters, their ``.grad``, every submodule's train/eval mode).  The images must map into [0, 1]
+it correctly both as given and after the attack, so ``robust_top1 <= clean_top1``.
+:func:`adversarial_accuracy` runs the model in eval mode (BatchNorm statistics fixed);
+:func:`adversarial_examples` uses it as it is (put it in eval mode first).  Only the input's gradient is
+computed, so the caller's model is left as it was (parameters, their ``.grad``, every submodule's train/eval
+mode).  Half and bfloat16 images are attacked in float32 pixels and rounded back to their dtype once.  The images must map into [0, 1]
 under ``mean``/``std`` (a ValueError says so otherwise: the wrong normalization was given).  The random
 starts are drawn batch after batch from one generator: the same ``seed`` and ``batch_size`` give the same
 figures.  Gradients are needed, so the functions cannot run under ``torch.inference_mode()``.
@@ -112,22 +114,26 @@ def _check(attack, eps, steps, step_size, mean, std) -> tuple:
 
 
 def _pixels(x, mean, std):
-    """``x`` mapped back to [0, 1] pixels (ValueError when the channels or the range do not fit)."""
+    """``x`` mapped back to [0, 1] pixels, in float32 at least (half and bfloat16 pixels would round a step of
+    1/255 by up to a quarter of it), with the float ``mean``/``std`` tensors; ValueError when the channels or
+    the range do not fit.  The range is checked to 1e-3 plus the rounding of ``x``'s own dtype."""
     if x.dim() != 4 or x.shape[1] != len(mean):
         raise ValueError(f"images must be [N, C, H, W] with C = len(mean) = {len(mean)}, got shape {tuple(x.shape)}")
-    m, s = _stats(mean, std, x)
-    pix = x.detach() * s + m
+    work = torch.promote_types(x.dtype, torch.float32)
+    m, s = _stats(mean, std, work, x.device)
+    pix = x.detach().to(work) * s + m
     lo, hi = float(pix.min()), float(pix.max())
-    if lo < -1e-3 or hi > 1 + 1e-3:
+    slack = 1e-3 + torch.finfo(x.dtype).eps * float(x.detach().abs().max()) * max(std) if x.numel() else 1e-3
+    if lo < -slack or hi > 1 + slack:
         raise ValueError(f"the images span [{lo:.3g}, {hi:.3g}] in pixel units under mean={tuple(mean)}, "
                          f"std={tuple(std)}, not [0, 1]: pass the normalization the images were made with")
     return pix.clamp(0, 1), m, s
 
 
-def _stats(mean, std, x):
+def _stats(mean, std, dtype, device):
     shape = (1, -1, 1, 1)
-    return (torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape),
-            torch.tensor(std, dtype=x.dtype, device=x.device).view(shape))
+    return (torch.tensor(mean, dtype=dtype, device=device).view(shape),
+            torch.tensor(std, dtype=dtype, device=device).view(shape))
 
 
 def _input_grad(model, x, y):
@@ -137,7 +143,11 @@ def _input_grad(model, x, y):
         logits = run_model(model, x)
         check_labels(y, logits)  # a label of -100 would be cross-entropy's "ignore": no attack at all
         loss = F.cross_entropy(logits, y.long(), reduction="sum")
-        (g,) = torch.autograd.grad(loss, [x])
+        (g,) = torch.autograd.grad(loss, [x], allow_unused=True) if loss.requires_grad else (None,)
+    if g is None:
+        raise ValueError("the attack needs the model's logits to depend on the images through autograd, but "
+                         "model(x) gave logits with no gradient path to x (a forward under torch.no_grad(), a "
+                         ".detach(), or one that ignores its input)")
     return g
 
 
@@ -145,9 +155,10 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
                          attack: str = "pgd", steps: int | None = None, step_size: float | None = None,
                          random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """The attacked images of one batch: ``x`` normalized ``[N, C, H, W]`` (the model's input), ``y`` labels;
-    returns new normalized images, each within ``eps`` of its original in [0, 1] pixel space (see the module
-    docstring).  ``step_size`` and ``random_start`` are PGD's.  The model is used as it is (put it in eval
-    mode first); ``x`` is not modified."""
+    returns new normalized images of ``x``'s dtype, each within ``eps`` of its original in [0, 1] pixel space
+    (to the rounding of that dtype; ``eps=0`` returns a copy of ``x``), see the module docstring.
+    ``step_size`` and ``random_start`` are PGD's.  The model is used as it is (put it in eval mode first);
+    ``x`` is not modified."""
     check_model(model)
     mean, std = _check(attack, eps, steps, step_size, mean, std)
     random_start = check_bool(random_start, "random_start")
@@ -157,14 +168,18 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
         got = f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a floating-point tensor of normalized images, got {got}")
     steps = PGD_STEPS if steps is None else int(steps)
+    eps = float(eps)  # a Fraction or numpy scalar passes the check but not every tensor operation
+    step_size = None if step_size is None else float(step_size)
     pix, m, s = _pixels(x, mean, std)
 
     def to_input(p):
-        return (p - m) / s
+        return ((p - m) / s).to(x.dtype)
 
     if attack == "fgsm" or eps == 0:
-        if eps == 0:
-            return to_input(pix)
+        if eps == 0:  # no attack, but the labels are checked as for any other budget
+            with torch.no_grad():
+                check_labels(y, run_model(model, x))
+            return x.detach().clone()
         # the gradient w.r.t. the pixels is the input's gradient divided by std: same sign
         g = _input_grad(model, to_input(pix), y)
         return to_input((pix + eps * g.sign()).clamp(0, 1))
