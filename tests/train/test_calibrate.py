@@ -1,6 +1,7 @@
 """Output-aware refit against the dense model: exact where the maths says it must be, never worse elsewhere."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -198,6 +199,59 @@ def test_calibrate_checks_inputs(kit):
         calibrate_outputs(m, m, torch.randn(3, 8, 8))
     with pytest.raises(ValueError, match="iterations must be"):
         calibrate_outputs(m, m, _images(2), iterations=-1)
+    # session 55: these ended in "could not be factored ... use more calibration images", torch's manual_seed
+    # error, or ran (max_patches=2.5 fit two patches)
+    for kw, msg in [(dict(ridge=-1.0), "ridge must be a finite number >= 0"), (dict(ridge=float("nan")), "ridge="),
+                    (dict(ridge="a"), "ridge="), (dict(max_patches=0), "max_patches must be an int >= 1"),
+                    (dict(max_patches=2.5), "max_patches="), (dict(seed=1.5), "seed must be an int"),
+                    (dict(seed="x"), "seed="), (dict(lockstep="no"), "lockstep must be True or False")]:
+        with pytest.raises(ValueError, match=msg):
+            calibrate_outputs(m, m, _images(2), **kw)
+    assert calibrate_outputs(m, m, _images(2), iterations=np.int64(2), batch_size=np.int32(8)) == {}
+
+
+def test_layers_are_selected_as_compress_selects_them(kit):
+    """Session 55: a string was matched as a substring ("layer1.0.conv1" also refit "conv1"), and a misspelt name
+    was skipped without a word.  Now a string is a full-match regex and every listed name must be a conv."""
+    torch.manual_seed(0)
+    dense = kit.TinyNet().eval()
+    x = _images(48)
+    cm, _ = kcengine.compress(dense, ratio=0.5)
+    for layers, refit in [("conv2", {"conv2"}), (".*2", {"conv2"}), (["conv1"], {"conv1"}), ("first", {"conv1"}),
+                          (None, {"conv1", "conv2"})]:
+        assert set(calibrate_outputs(copy.deepcopy(cm), dense, x, layers=layers)) == refit, layers
+    with pytest.raises(ValueError, match=r"layers names \['cnv2'\] which are not conv layers"):
+        calibrate_outputs(cm, dense, x, layers=["conv1", "cnv2"])
+    with pytest.raises(ValueError, match="matches no conv layer"):
+        calibrate_outputs(cm, dense, x, layers="onv2")  # a substring of conv2: no longer selects it
+
+
+def test_a_bn_without_affine_parameters_gets_the_least_squares_refit(kit):
+    """Session 55: a BatchNorm2d(affine=False) after the conv took the BN refit, whose sign flips it cannot apply
+    (no gamma): the flipped channels came out negated (MSE against the dense model 0.85 -> 2.0).  As the module
+    docstring says, such a layer keeps its index and gets the least-squares codebook."""
+    torch.manual_seed(0)
+    dense = kit.TinyNet().eval()
+    dense.bn2 = torch.nn.BatchNorm2d(12, affine=False).eval()
+    with torch.no_grad():
+        base = torch.randn(6, 8, 3, 3)
+        dense.conv2.weight.copy_(torch.cat([base, -2 * base])[torch.randperm(12)])
+    x = _images(64)
+    recalibrate_bn(dense, x)
+    cm, _ = kcengine.compress(dense, {"layers": {"conv2": 6}}, layers=["conv2"])
+    idx = cm.conv2.index.clone()
+    with torch.no_grad():
+        before = (cm(x) - dense(x)).pow(2).mean().item()
+    info = calibrate_outputs(cm, dense, x, iterations=20)
+    with torch.no_grad():
+        after = (cm(x) - dense(x)).pow(2).mean().item()
+    assert info["conv2"]["sign_flips"] == 0 and torch.equal(cm.conv2.index, idx)
+    assert after <= before * 1.01, (before, after)  # (the ridge moves it a little)
+    # the least-squares codebook of an unchanged index on the dense input is the members' mean filter
+    w = dense.conv2.weight.detach().double().reshape(12, -1)
+    want = torch.stack([w[idx == j].mean(0) for j in range(6)])
+    got = cm.conv2.codebook.detach().double().reshape(6, -1)
+    assert torch.allclose(got, want, atol=1e-3 * float(w.abs().max()))  # (to the ridge)
 
 
 def test_a_teacher_that_is_not_the_dense_counterpart_is_refused(kit):

@@ -700,3 +700,67 @@ def test_resume_takes_compress_options_by_value_and_older_fingerprints(tmp_path,
     assert finetune(model, loader, compress_options={"seed": 1}, **kw).resumed_from == (0, 1)
     only = finetune(model, loader, plan=0.5, compress_options={"layers": ["conv1"]}, **FAST)
     assert list(only.layer_ks) == ["conv1"]
+
+
+def test_frozen_mode_freezes_per_element_codebooks_too(tiny):
+    """Session 55: frozen mode froze ClusteredConv2d codebooks only; a per-element layer's codebook trained, a
+    model of only such layers was refused as "no ClusteredConv2d layer", and layer_ks left them out."""
+    model, ds, loader = tiny
+    a, _ = kcengine.compress(model, ratio=0.5, layers=["conv1"])
+    mixed, _ = kcengine.compress(a, ratio=0.5, layers=["conv2"], granularity="element")
+    before = state_copy(mixed)
+    r = finetune(mixed, loader, mode="frozen", teacher=model, **FAST)
+    after = r.model.state_dict()
+    for key in ("conv1.codebook", "conv1.index", "conv2.codebook", "conv2.index"):
+        assert torch.equal(after[key], before[key]), key
+    assert not torch.equal(after["linear.weight"], before["linear.weight"])
+    assert r.layer_ks == {"conv1": 4, "conv2": mixed.conv2.num_clusters}
+    element, _ = kcengine.compress(model, ratio=0.5, granularity="element")
+    r = finetune(element, loader, mode="frozen", teacher=model, **{**FAST, "epochs": 1})
+    assert torch.equal(r.model.conv1.codebook, element.conv1.codebook) and set(r.layer_ks) == {"conv1", "conv2"}
+
+
+def test_a_sampler_with_its_own_generator_is_seeded_per_epoch(tiny, tmp_path, monkeypatch):
+    """Session 55: only the loader's generator was seeded per epoch; a sampler holding its own
+    (``SubsetRandomSampler(idx, generator=g)``) went on drawing from it: two runs of one seed differed, a
+    resumed run ended elsewhere than the uninterrupted one, and the caller's generator was left advanced."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler
+
+    model, ds, _ = tiny
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state().clone()
+    loader = DataLoader(ds, batch_size=16, sampler=SubsetRandomSampler(range(len(ds)), generator=g))
+    kw = dict(mode="centroids", teacher=model, **{**FAST, "epochs": 3})
+    a = finetune(cm, loader, **kw)
+    assert torch.equal(g.get_state(), state)  # the caller's generator comes back where it was
+    b = finetune(cm, loader, **kw)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    # interrupted in the second epoch, then resumed: the same run
+    step, calls = torch.optim.SGD.step, [0]
+
+    def crashing(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] > 4:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cm, loader, checkpoint_dir=tmp_path, **kw)
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    c = finetune(cm, loader, checkpoint_dir=tmp_path, **kw)
+    assert c.resumed_from is not None
+    assert [h["loss"] for h in c.history] == [h["loss"] for h in a.history]
+    assert all(torch.equal(v, a.model.state_dict()[k]) for k, v in c.model.state_dict().items())
+
+
+def test_progressive_takes_compress_options_layers(tiny):
+    """Session 55: progressive mode passed layers= to each stage's compress beside compress_options' own:
+    "compress() got multiple values for keyword argument 'layers'"."""
+    model, ds, loader = tiny
+    r = finetune(model, loader, mode="progressive", plan=0.5, compress_options={"layers": ["conv2"]},
+                 stage_epochs=1, **{**FAST, "epochs": 1})
+    assert r.layer_ks == {"conv2": 6} and isinstance(r.model.conv1, nn.Conv2d)
+    one, _ = kcengine.compress(model, ratio=0.5, layers=["conv2"])
+    assert r.layer_ks == {n: m.num_clusters for n, m in clustered(one).items()}

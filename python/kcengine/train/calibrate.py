@@ -40,6 +40,7 @@ from torch import nn
 from ..conv.functional import output_hw
 from ..conv.fuse import _Tracer
 from ..conv.module import ClusteredConv2d, conv_padding, pad_input, pads_input
+from .._checks import check_bool, check_float, check_int
 from .._modes import eval_mode
 
 __all__ = ["calibrate_outputs", "following_batchnorm", "layer_mismatch"]
@@ -285,7 +286,7 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
     ridge_amount = float((scc_r.diagonal() - scc.diagonal()).mean())  # scc_r = scc + ridge_amount * I
     var_d = torch.einsum("od,de,oe->o", w, sdd, w).clamp_min(1e-20)  # dense channel variances
     b = (w @ scd.T) / var_d.sqrt()[:, None]  # [C_out, D] rows b_o = S_cd W_o / ||W_o||
-    gw = bn.weight.detach().double().cpu() ** 2 if bn.affine else torch.ones(w.shape[0], dtype=torch.float64)
+    gw = bn.weight.detach().double().cpu() ** 2  # (an affine BN: _refit_layer sends the others to least squares)
     ub = b * gw.sqrt()[:, None]  # rows sqrt(w_o) b_o
     sub = torch.cholesky_solve(ub.T, chol)  # [D, C_out]: S^-1 sqrt(w_o) b_o
 
@@ -403,9 +404,8 @@ def _refit_with_bn(layer: ClusteredConv2d, bn: nn.BatchNorm2d, w: torch.Tensor, 
             mean_y, var_y = mean_y * scale, var_y * scale ** 2
         if shift is not None:
             mean_y = mean_y + shift
-        if bn.affine:
-            flip_d = flip.to(bn.weight.device)
-            bn.weight[flip_d] = -bn.weight[flip_d]
+        flip_d = flip.to(bn.weight.device)
+        bn.weight[flip_d] = -bn.weight[flip_d]
         bn.running_mean.copy_(mean_y.to(bn.running_mean.dtype))
         bn.running_var.copy_(var_y.clamp_min(0).to(bn.running_var.dtype))
     return {"explained_before": before, "explained_after": after, "sign_flips": int(flip.sum())}
@@ -450,7 +450,9 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
         teacher: the dense model it was clustered from (not modified): ValueError naming what differs unless its
             ``nn.Conv2d`` layers are the student's conv layers, by name and shape (:func:`layer_mismatch`).
         images: calibration batch ``[N, C, H, W]`` (a few hundred training images).
-        layers: names to refit (default: every eligible layer), processed in forward order.
+        layers: which layers to refit, as :func:`kcengine.compress` selects them (None: every eligible layer,
+            ``"first"``, a regex matched in full, or a list of names, each a conv layer of ``student``:
+            ValueError otherwise), processed in forward order; the ineligible ones among them are left alone.
         iterations: Lloyd iterations of the assignment/eigenvector updates per layer.
         ridge: Tikhonov term, relative to the mean input variance (grown tenfold at a time for a layer whose
             input covariance would not factor with it: few calibration patches, see :func:`_ridged_cholesky`).
@@ -473,14 +475,20 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1:
         raise ValueError(f"images must be a non-empty [N, C, H, W] tensor, got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be an int >= 0, got iterations={iterations!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got batch_size={batch_size!r}")
+    iterations = check_int(iterations, "iterations", 0)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    max_patches = check_int(max_patches, "max_patches", 1)
+    seed = check_int(seed, "seed", 0, 2**63 - 1)
+    ridge = check_float(ridge, "ridge")
+    lockstep = check_bool(lockstep, "lockstep")
     bad = layer_mismatch(student, teacher)
     if bad is not None:
         raise ValueError(f"teacher must be the dense model the student was clustered from (the same conv layers): "
                          f"{bad}")
+    if layers is not None:  # as compress selects them: a string is a regex (full match), a name must be a conv's
+        from ..compress.plan import select_layers
+
+        layers = set(select_layers(list(_conv_layers(student, True)), layers))
     t_mods = dict(teacher.named_modules())
     order = []
     seen = []
@@ -553,6 +561,8 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
 def _refit_layer(layer: ClusteredConv2d, tconv: nn.Conv2d, bn, mom, iterations: int, ridge: float) -> dict:
     """Refit one layer from its patch moments ``mom`` (:func:`_moments`), with or without its following BN."""
     w = tconv.weight.detach().double().cpu().reshape(tconv.out_channels, -1)
-    if bn is not None and bn.track_running_stats:
+    # A BN without affine parameters cannot take a sign flip (it has no gamma to negate): least squares, as the
+    # module docstring says (session 55: it took the BN path, which negated the flipped channels' outputs)
+    if bn is not None and bn.track_running_stats and bn.affine:
         return _refit_with_bn(layer, bn, w, mom, iterations, ridge)
     return _refit_least_squares(layer, w, mom, ridge)

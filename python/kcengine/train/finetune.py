@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from .._checks import check_bool, check_device, check_float, check_int
+from ..compress.layers import ElementClusteredConv2d
 from ..conv.module import ClusteredConv2d
 from ..data.datasets import evenly_spaced, tensor_pair
 from .._modes import eval_mode
@@ -223,6 +224,17 @@ def _resolve_sensitivity(model, train_loader, calib, calibration_images: int, ra
     return plan
 
 
+def _loader_generators(loader) -> list:
+    """The torch.Generators that draw ``loader``'s order: its own, and its sampler's or batch sampler's where
+    they hold their own (``SubsetRandomSampler(idx, generator=g)``), each once."""
+    found = {}
+    for obj in (loader, loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator):
+            found[id(g)] = g
+    return list(found.values())
+
+
 @dataclass
 class _Phase:
     name: str
@@ -249,13 +261,16 @@ def _reset_index_caches(model: nn.Module) -> None:
             m.set_index(m.index.clone())
 
 
+# The layers finetune trains as clustered: codebook + index (ClusteredConv2d, and compress's per-element layers)
+_CLUSTERED = (ClusteredConv2d, ElementClusteredConv2d)
+
+
 def _set_trainable(model: nn.Module, mode: str, stage_training: str, frozen_names: set[str]) -> None:
     for p in model.parameters():
         p.requires_grad_(True)
     for n, m in model.named_modules():
-        if isinstance(m, ClusteredConv2d):
-            if mode == "frozen" or n in frozen_names:
-                m.freeze_codebook()
+        if isinstance(m, _CLUSTERED) and (mode == "frozen" or n in frozen_names):
+            m.codebook.requires_grad_(False)  # (session 55: per-element layers' codebooks trained in frozen mode)
 
 
 def _make_optimizer(params, name, lr, momentum, nesterov, weight_decay):
@@ -467,7 +482,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         net.to(device).eval()
         for p in net.parameters():
             p.requires_grad_(False)
-    if plan is not None and any(isinstance(m, ClusteredConv2d) for m in work.modules()) and mode != "progressive":
+    if plan is not None and any(isinstance(m, _CLUSTERED) for m in work.modules()) and mode != "progressive":
         raise ValueError("model already holds ClusteredConv2d layers; pass plan=None to finetune it as it is")
 
     try:
@@ -499,7 +514,13 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         # every conv of groups 1 its k, so those are the planned layers)
         from ..compress.apply import conv_layers
 
-        pre = resolve_order(order, [n for n, m in conv_layers(model) if m.groups == 1])
+        planned = [n for n, m in conv_layers(model) if m.groups == 1]
+        if copts.get("layers") is not None:  # compress_options' layers= narrows the stages too
+            from ..compress.plan import select_layers
+
+            chosen = set(select_layers([n for n, _ in conv_layers(model)], copts["layers"]))
+            planned = [n for n in planned if n in chosen]
+        pre = resolve_order(order, planned)
         if not isinstance(stage_epochs, int) and len(stage_epochs) != len(pre):
             raise ValueError(f"stage_epochs has {len(stage_epochs)} entries for {len(pre)} stages")
 
@@ -560,7 +581,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         result.resumed_from = (start_phase, start_epoch)
     elif mode != "progressive" and plan is not None:
         work, _ = compress(work, layer_plan(), granularity=granularity, **copts)
-    if not any(isinstance(m, ClusteredConv2d) for m in work.modules()) and mode != "progressive":
+    if not any(isinstance(m, _CLUSTERED) for m in work.modules()) and mode != "progressive":
         raise ValueError("model has no ClusteredConv2d layer: pass a clustered model (kcengine.compress) or plan=")
 
     def evaluate_now(net):  # the model being trained (progressive stages replace it)
@@ -572,8 +593,8 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         _reset_index_caches(net)
         return acc
 
-    # the epochs seed the loader's own generator (shuffling): the caller gets it back as it was
-    gen_state = train_loader.generator.get_state() if train_loader.generator is not None else None
+    # the epochs seed the loader's own generators (shuffling): the caller gets them back as they were
+    gen_states = [(g, g.get_state()) for g in _loader_generators(train_loader)]
     try:
         _run_phases(work, teacher, reference, loader, train_loader, phases, state, start_phase, start_epoch, result,
                     mode=mode, stage_training=stage_training, ks=ks, granularity=granularity, copts=copts,
@@ -584,11 +605,11 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
                     mixup=mixup, seed=seed, progress=progress, device=device, ckpt_path=ckpt_path,
                     fingerprint=fingerprint, main=main)
     finally:
-        if gen_state is not None:
-            train_loader.generator.set_state(gen_state)
+        for g, st in gen_states:
+            g.set_state(st)
     work = result.model
     work.eval()
-    result.layer_ks = {n: m.num_clusters for n, m in work.named_modules() if isinstance(m, ClusteredConv2d)}
+    result.layer_ks = {n: m.num_clusters for n, m in work.named_modules() if isinstance(m, _CLUSTERED)}
     result.seconds = time.perf_counter() - t_start
     if plot_path is not None and main and result.history:
         result.plot(plot_path, title=f"finetune ({mode})")
@@ -613,8 +634,10 @@ def _run_phases(work, teacher, reference, loader, train_loader, phases, state, s
         resumed_here = state is not None and pi == start_phase
         if not resumed_here:
             if phase.layers:  # progressive stage: cluster these layers now
+                # the stage's layers are among those compress_options' layers= selected (the plan was made so)
+                stage_opts = {key: v for key, v in copts.items() if key != "layers"}
                 work, _ = compress(work, {"layers": {n: ks[n] for n in phase.layers}}, granularity=granularity,
-                                   layers=list(phase.layers), **copts)
+                                   layers=list(phase.layers), **stage_opts)
                 work.to(device)
             if phase.layers or pi == 0:
                 if pi == 0:
@@ -689,8 +712,8 @@ def _run_epochs(work, teacher, reference, loader, orig_loader, phase, pi, first_
         eseed = (seed * 1_000_003 + pi * 10_007 + epoch) % (2 ** 63)
         torch.manual_seed(eseed)
         for ld in {id(loader): loader, id(orig_loader): orig_loader}.values():
-            if ld.generator is not None:
-                ld.generator.manual_seed(eseed)
+            for g in _loader_generators(ld):
+                g.manual_seed(eseed)
             if hasattr(ld.sampler, "set_epoch"):
                 ld.sampler.set_epoch(eseed)
         gen = torch.Generator().manual_seed(eseed * 31 + dd.rank())
