@@ -1,4 +1,5 @@
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -466,6 +467,24 @@ def test_report_json_and_markdown(tmp_path):
     assert str(rep) == md  # print(report) shows the summary, not a page of dataclass fields
 
 
+def test_a_model_compressed_in_steps_reports_the_whole_models_totals():
+    """Session 55: compress on a partly clustered model counted only the convs still dense: the totals left out
+    the layers clustered before (its ratio read 1.000x for a model stored 2x smaller)."""
+    from kcengine.compress.layers import conv_weight_counts
+
+    m = _net()
+    step1, r1 = compress(m, ratio=0.25, layers=["features.0"], granularity="kernel")
+    step2, r2 = compress(step1, ratio=0.5, layers=NAMES[1:])
+    c = conv_weight_counts(step2)
+    assert r2.total_conv_weights == c["weights"] == r1.total_conv_weights
+    assert r2.model_unique_weights == c["stored"] and r2.compression_ratio == pytest.approx(c["weights"] / c["stored"])
+    w, st = conv_weight_counts(step1)["weights"], conv_weight_counts(step1)["stored"]
+    assert r2.already_clustered == {"features.0": [r1.layers[0].dense_weights, r1.layers[0].unique_weights]}
+    assert r1.model_unique_weights == st and r1.total_conv_weights == w and r1.already_clustered == {}
+    assert "clustered before: 1" in r2.to_markdown() and "clustered before" not in r1.to_markdown()
+    assert json.loads(r2.to_json())["already_clustered"] == {"features.0": list(r2.already_clustered["features.0"])}
+
+
 def test_sensitivity_sweep_rows_and_metric():
     m = _net()
     x = _x(n=40)
@@ -621,6 +640,29 @@ def test_conv_subclasses():
         assert isinstance(exact[0], ClusteredConv2d)
         with torch.no_grad():
             torch.testing.assert_close(exact(x), wn(x), rtol=1e-5, atol=1e-5)
+    # session 55: the sweep took the subclass compress refuses, and scored a parametrized conv's dense weight at
+    # every k (it replaced .data of a weight the parametrization recomputes): its rows are compress's now
+    with pytest.raises(ValueError, match="layer '1': it is a .*_StdConv, a subclass"):
+        sensitivity_sweep(nn.Sequential(*m, nn.Flatten(), nn.Linear(64, 3)), torch.randn(4, 3, 8, 8),
+                          torch.zeros(4, dtype=torch.long), ratios=(0.5,))
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Linear(5 * 64, 10))
+    with torch.no_grad():
+        head[2].weight.mul_(10)
+    for net in (nn.Sequential(*wn, *head), nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), *head)):
+        if isinstance(net[0], nn.Conv2d) and not torch.nn.utils.parametrize.is_parametrized(net[0]):
+            net[0].load_state_dict({"weight": wn[0].weight.detach(), "bias": wn[0].bias.detach()})
+        net.eval()
+        xs = torch.randn(200, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ys = net(xs).argmax(1)
+        res = sensitivity_sweep(net, xs, ys, ratios=(0.2, 0.4, 1.0), layers=["0"], seed=0)
+        for row in res.rows:
+            small, _ = compress(net, plan={"layers": {"0": row["k"]}}, seed=0)
+            with torch.no_grad():
+                want = float((small(xs).argmax(1) == ys).float().mean())
+            assert row["accuracy"] == pytest.approx(want), (type(net[0]), row["k"])
+        assert res.rows[0]["accuracy"] < 1.0
 
 
 @pytest.mark.parametrize("granularity", ["filter", "kernel", "element"])
@@ -851,3 +893,37 @@ def test_conv_weight_counts_of_each_kind_of_layer():
                                             stored=n[0] + n[1] + d[2] * 3)
     shared = nn.Sequential(filt.head, filt.head)
     assert conv_weight_counts(shared) == dict(clustered=1, element=0, dense=0, weights=n[2], stored=2 * d[2])
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel", "element"])
+def test_convs_of_mixed_dtypes_cluster_as_each_alone(granularity):
+    """Session 55: a float64 conv beside float32 / float16 ones failed in the fixed-ratio and per-layer plans'
+    one batched call ("x mixes dtypes"); each dtype now has its own call, each layer as when clustered alone."""
+    torch.manual_seed(0)
+    m = nn.ModuleDict({"a": nn.Conv2d(3, 8, 3).double(), "b": nn.Conv2d(8, 8, 3), "c": nn.Conv2d(8, 4, 1).half()})
+    new, rep = compress(m, ratio=0.5, granularity=granularity, seed=0)
+    assert [lr.name for lr in rep.layers] == ["a", "b", "c"]
+    for n, dtype in zip("abc", (torch.float64, torch.float32, torch.float16)):
+        alone, _ = compress(m, plan={"layers": {n: 0.5}}, granularity=granularity, seed=0)
+        assert effective_weight(new[n]).dtype == dtype
+        assert torch.equal(effective_weight(new[n]), effective_weight(alone[n])), n
+
+
+def test_eval_data_is_checked_against_the_model_before_the_clustering():
+    """Session 55: eval_data's labels past the outputs, float labels, images of the wrong dtype or shape failed
+    after the clustering (its progress lines said so), though the docstring promises every argument checked
+    first, as sensitivity_sweep does.  The pair is probed on two images; the caller's model stays as it was."""
+    m = _net()
+    x = _x(n=8)
+    y = torch.randint(0, 6, (8,))
+    m.train()
+    before = copy.deepcopy(m.state_dict())
+    for data, msg in [((x, y + 100), r"eval_data: labels must be in \[0, 6\)"),
+                      ((x, y.float()), "eval_data: labels must be integer class indices"),
+                      ((x.double(), y), "eval_data: images are torch.float64 but the model's parameters"),
+                      ((x[:, 0], y), r"eval_data: images must be batches \[N, C, H, W\]")]:
+        said = []
+        with pytest.raises(ValueError, match=msg):
+            compress(m, ratio=0.5, eval_data=data, progress=said.append)
+        assert said == []
+    assert m.training and all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

@@ -11,7 +11,7 @@ from torch import nn
 from .._checks import check_bool, check_float, check_int
 from ..kmeans import kmeans, kmeans_sweep
 from ..conv.module import check_plain_conv, replace_module
-from .layers import GRANULARITIES, LayerProblem, effective_weight
+from .layers import GRANULARITIES, LayerProblem, clustered_sizes, effective_weight
 from .plan import (ByChannels, Elbow, FixedRatio, OutputSensitivity, PerLayer, k_from_value, parse_plan, ratio_to_k,
                    select_layers)
 from .report import CompressionReport, LayerReport
@@ -215,7 +215,8 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
         granularity: ``"filter"``, ``"kernel"`` or ``"element"``.
         layers: which convs: None (all), ``"first"``, a regex (full match) or a list of names.
         threshold: filters/kernels farther than this from their centroid keep their own weights.
-        cosine: cluster unit-norm filters and keep each filter's norm (filter granularity).
+        cosine: cluster unit-norm filters and keep each filter's norm (filter granularity).  The norms and a
+            conv's bias become the layer's ``scale`` / ``shift`` buffers, which finetune does not train.
         eval_data: optional ``(images, labels)`` / Dataset / DataLoader: accuracy before and after
             goes into the report.
         eval_batch_size: the batch size of that evaluation.
@@ -235,10 +236,16 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     check_granularity_and_options(granularity, options, compress)
     eval_batch_size = check_int(eval_batch_size, "eval_batch_size", 1)
-    if eval_data is not None:
-        from ..evaluate.metrics import check_data
+    if eval_data is not None:  # here, not after the clustering (session 55: labels and dtypes were found after)
+        from ..evaluate.metrics import _is_pair, check_data, probe_labels
 
-        check_data(eval_data, "eval_data")  # here, not after the clustering
+        check_data(eval_data, "eval_data")
+        lazy = any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
+        if _is_pair(eval_data) and not lazy:  # (a loader's batches are read by the evaluation only)
+            try:
+                probe_labels(model, *eval_data)
+            except ValueError as exc:
+                raise ValueError(f"eval_data: {exc}") from None
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be None or a callable taking one line of text, got {progress!r}")
     say = progress or (lambda msg: None)
@@ -292,15 +299,27 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
                 xs.append(x)
                 kk.append(ks[p.name])
                 owner.append(p.name)
+        # one batched call per dtype: float64 layers cluster in float64, the others in float32 (session 55: a
+        # model mixing them failed with "x mixes dtypes")
+        groups: dict = {}
+        for i, x in enumerate(xs):
+            groups.setdefault(np.dtype(x.dtype), []).append(i)
         say(f"clustering {len(todo)} layer(s) at {granularity} granularity: {len(xs)} k-means problem(s), "
-            f"{sum(int(x.shape[0]) for x in xs)} points, {sum(kk)} centers in all, one batched call")
-        r = kmeans(xs, kk, **kw)
-        inert = np.asarray(r.inertia, dtype=np.float64)
+            f"{sum(int(x.shape[0]) for x in xs)} points, {sum(kk)} centers in all, "
+            f"{'one batched call' if len(groups) == 1 else f'{len(groups)} batched calls (one per dtype)'}")
+        cents, labs, inert = [None] * len(xs), [None] * len(xs), np.zeros(len(xs))
+        for members in groups.values():
+            r = kmeans([xs[i] for i in members], [kk[i] for i in members], **kw)
+            for j, i in enumerate(members):
+                cents[i], labs[i] = r.centroids[j], r.labels[j]
+            inert[members] = np.asarray(r.inertia, dtype=np.float64).reshape(-1)
         for p in todo:
             idx = [i for i, o in enumerate(owner) if o == p.name]
-            fits[p.name] = ([r.centroids[i] for i in idx], [r.labels[i] for i in idx], float(inert[idx].sum()))
+            fits[p.name] = ([cents[i] for i in idx], [labs[i] for i in idx], float(inert[idx].sum()))
     t_cluster = time.perf_counter() - t0
 
+    # layers that arrived clustered (a model compressed in steps) count in the totals at their stored size
+    before = {n: list(sz) for n, m in model.named_modules() if (sz := clustered_sizes(m)) is not None}
     new_model = copy.deepcopy(model)
     layer_reports = []
     for p in probs:
@@ -320,7 +339,8 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     report = CompressionReport(
         plan=strategy.describe(), granularity=granularity, threshold=threshold, cosine=bool(cosine),
         layers=layer_reports, skipped=list(skipped) + [n for n, _ in convs if n not in selected],
-        total_conv_weights=int(sum(m.weight.numel() for _, m in convs)), seconds_clustering=t_cluster,
+        total_conv_weights=int(sum(m.weight.numel() for _, m in convs)) + sum(w for w, _ in before.values()),
+        already_clustered=before, seconds_clustering=t_cluster,
         kmeans_options={k: v for k, v in kw.items()})
     if eval_data is not None:
         from ..evaluate import evaluate

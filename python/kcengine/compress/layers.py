@@ -108,23 +108,32 @@ class ElementClusteredConv2d(nn.Module):
         return f"{cig * self.groups}, {c_out}, kernel_size={(kh, kw)}, K={self.num_clusters}, granularity='element'"
 
 
+def clustered_sizes(m: nn.Module) -> tuple[int, int] | None:
+    """``(weights, stored)`` of a clustered conv layer (``ClusteredConv2d``, ``ElementClusteredConv2d``): the conv
+    weights it applies, as dense, and the values it stores for them (codebook, cosine norms), biases left out;
+    None for any other module."""
+    from ..conv.module import ClusteredConv2d
+
+    if not isinstance(m, (ClusteredConv2d, ElementClusteredConv2d)):
+        return None
+    bias = m._bias_numel() if isinstance(m, ClusteredConv2d) else (m.bias.numel() if m.bias is not None else 0)
+    return m.dense_parameters - bias, m.unique_parameters - bias
+
+
 def conv_weight_counts(model: nn.Module) -> dict:
     """What of ``model``'s convs is clustered: ``clustered`` / ``dense`` layer counts (``ClusteredConv2d`` and
     ``ElementClusteredConv2d`` / plain ``nn.Conv2d``; ``element`` of the clustered are per-element), ``weights``
     (the conv weights the model applies, as dense) and ``stored`` (the values it stores for them: codebooks,
     with the cosine option's per-filter norms, and the dense convs' weights).  Biases are not counted, as in the
     compression report; a module reached by two paths counts once."""
-    from ..conv.module import ClusteredConv2d
-
     counts = dict(clustered=0, element=0, dense=0, weights=0, stored=0)
     for m in model.modules():  # modules() yields each module once
-        if isinstance(m, (ClusteredConv2d, ElementClusteredConv2d)):  # the layers' own counts, less the bias
-            bias = m._bias_numel() if isinstance(m, ClusteredConv2d) else (m.bias.numel() if m.bias is not None
-                                                                           else 0)
+        sizes = clustered_sizes(m)
+        if sizes is not None:
             counts["clustered"] += 1
             counts["element"] += isinstance(m, ElementClusteredConv2d)
-            counts["weights"] += m.dense_parameters - bias
-            counts["stored"] += m.unique_parameters - bias
+            counts["weights"] += sizes[0]
+            counts["stored"] += sizes[1]
         elif isinstance(m, nn.Conv2d):
             counts["dense"] += 1
             counts["weights"] += m.weight.numel()

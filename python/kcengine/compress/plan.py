@@ -26,8 +26,9 @@ full with :func:`re.fullmatch`); exact names win over patterns, and patterns are
 order given.  In the string form a key holding a regex character (``*+?[](){}|\\^$``) is a pattern without
 the prefix (``map:layer3.*=4``); in the dict form only ``re:`` keys are.  Layers no key matches are left dense.
 :class:`ByChannels` maps an output-channel count to a k or ratio ("groups by channel count"): all layers with
-that ``C_out`` share the setting; layers whose ``C_out`` is not listed are left dense, and a listed count no selected layer has is an
-error (a typo, as an unknown name is for :class:`PerLayer`).
+that ``C_out`` share the setting; layers whose ``C_out`` is not listed are left dense, and a listed count no conv
+of the model has is an error (a typo, as an unknown name is for :class:`PerLayer`); a count only layers outside
+``layers=`` have is taken and clusters nothing.
 
 :class:`OutputSensitivity` needs data: it spends the unique filters of a ratio where the network's outputs
 on training images suffer least (:func:`kcengine.train.sensitivity_plan`).  :func:`kcengine.finetune`

@@ -31,7 +31,8 @@ class LayerReport:
     - ``n_points``: the points clustered (filters, kernels, or for "element" the filters, per coordinate);
       ``k``: the number of clusters the plan chose.  The layer's ``num_clusters`` can differ: with
       ``threshold``, filters (kernels) farther than it from their centroid are kept as their own entries
-      (``kept`` of them) and centroids no point uses any more are dropped.
+      (``kept`` of them) and centroids no point uses any more are dropped; and a layer of fewer distinct
+      filters (kernels) than ``k`` gets one cluster per distinct one.
     - ``dense_weights`` / ``unique_weights`` / ``compression_ratio``: as in the module doc (weights only).
     - ``inertia``: the k-means objective, the sum of squared distances of the points to their centroids at
       ``k`` -- before ``threshold`` keeps any point, and for ``cosine`` measured on the unit-norm filters;
@@ -60,8 +61,9 @@ class LayerReport:
 @dataclass
 class CompressionReport:
     """What :func:`kcengine.compress` did: ``layers`` (one :class:`LayerReport` per clustered layer),
-    ``skipped`` (conv layers left dense: outside ``layers=``, or matched by no rule of the plan), the model's
-    totals (properties below), timings, accuracies when ``eval_data`` was given (fractions), and the k-means
+    ``skipped`` (conv layers left dense: outside ``layers=``, or matched by no rule of the plan),
+    ``already_clustered`` (``{name: [weights, stored]}`` of the layers that arrived clustered, from an earlier
+    compress; they count in the totals at their stored size), the model's totals (properties below), timings, accuracies when ``eval_data`` was given (fractions), and the k-means
     options used (the seed resolved).  ``print(report)`` shows the markdown summary; ``as_dict``, ``to_json``
     and ``to_markdown`` write it out."""
 
@@ -72,6 +74,7 @@ class CompressionReport:
     layers: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     total_conv_weights: int = 0
+    already_clustered: dict = field(default_factory=dict)
     seconds_clustering: float = 0.0
     seconds_total: float = 0.0
     accuracy_before: float | None = None
@@ -88,8 +91,10 @@ class CompressionReport:
 
     @property
     def model_unique_weights(self) -> int:
-        """Unique conv weights of the whole model (layers left dense count in full)."""
-        return self.total_conv_weights - self.clustered_dense_weights + self.clustered_unique_weights
+        """Unique conv weights of the whole model (layers left dense count in full, those that arrived clustered
+        at their stored size)."""
+        saved_before = sum(w - st for w, st in self.already_clustered.values())
+        return self.total_conv_weights - self.clustered_dense_weights + self.clustered_unique_weights - saved_before
 
     @property
     def compression_ratio(self) -> float:
@@ -120,7 +125,8 @@ class CompressionReport:
         lines = [f"# {title}", "",
                  f"- plan: {self.plan}; granularity: {self.granularity}; threshold: {self.threshold}; "
                  f"cosine: {self.cosine}",
-                 f"- layers clustered: {len(self.layers)}; left dense: {len(self.skipped)}",
+                 f"- layers clustered: {len(self.layers)}; left dense: {len(self.skipped)}"
+                 + (f"; clustered before: {len(self.already_clustered)}" if self.already_clustered else ""),
                  f"- conv weights: {self.total_conv_weights} -> {self.model_unique_weights} unique "
                  f"(ratio {_ratio_text(self.compression_ratio)}x)",
                  f"- accuracy before: {pct(self.accuracy_before)}; after: {pct(self.accuracy_after)}",

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .._checks import check_bool, check_int, scalar_value
-from .._modes import eval_mode
 from .apply import (_kmeans_kwargs, candidate_ks, check_granularity_and_options, conv_layers, require_dense_convs,
                     sweep_layer)
+from ..conv.module import check_plain_conv, replace_module
 from .layers import LayerProblem
 from .plan import _check_ratio, select_layers
 
@@ -150,7 +151,14 @@ class _Runner:
     def accuracy(self, name: str, weight: torch.Tensor | None) -> float:
         conv = self.model.get_submodule(name)
         old = conv.weight.data
-        if weight is not None:
+        twin = None
+        if weight is not None and parametrize.is_parametrized(conv):
+            # a parametrized weight (weight_norm, ...) is recomputed from its originals at every forward, so a
+            # replaced .data would not be seen (session 55: the sweep scored the dense layer): a plain conv of
+            # the clustered weight stands in for the layer, as the one compress builds does
+            twin = _plain_twin(conv, weight)
+            replace_module(self.model, name, twin)
+        elif weight is not None:
             conv.weight.data = weight.to(old.dtype)
         try:
             if self.stages is None:
@@ -166,15 +174,28 @@ class _Runner:
                         a = fn(a)
                     correct += int((a.argmax(1) == self.labels[j:j + self.bs]).sum())
         finally:
-            conv.weight.data = old
+            if twin is not None:
+                replace_module(self.model, name, conv)
+            else:
+                conv.weight.data = old
         return correct / int(self.labels.shape[0])
+
+
+def _plain_twin(conv: nn.Conv2d, weight: torch.Tensor) -> nn.Conv2d:
+    """A plain ``nn.Conv2d`` of ``conv``'s geometry computing with ``weight`` and ``conv``'s (current) bias."""
+    twin = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+    twin.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
+    if conv.bias is not None:
+        twin.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+    return twin
 
 
 def _check_sweep_arguments(model, images, labels, granularity, ratios, batch_size, progress, options):
     """``ratios`` as a tuple of floats (or None), after a ValueError naming the argument for anything the sweep
     would fail on deep inside, or would take and quietly misread (an unknown option, a ratio outside (0, 1],
     labels past the model's outputs), before the minutes of clustering: as compress and evaluate check theirs."""
-    from ..evaluate.metrics import check_data, check_labels, check_model, run_model
+    from ..evaluate.metrics import check_data, check_model, probe_labels
 
     check_model(model)
     check_granularity_and_options(granularity, options, sensitivity_sweep)
@@ -195,9 +216,7 @@ def _check_sweep_arguments(model, images, labels, granularity, ratios, batch_siz
                          f"on one batch first")
     # the labels against the model's outputs, on two images (a model may squeeze a batch of one); no_grad, not
     # inference_mode: nothing the caller's model keeps may become an inference tensor
-    with torch.no_grad(), eval_mode(model):
-        logits = run_model(model, images[:2])
-    check_labels(labels, logits[:1].expand(labels.shape[0], -1))
+    probe_labels(model, images, labels)
     return ratios
 
 
@@ -220,6 +239,11 @@ def sensitivity_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     require_dense_convs(model, convs)
     by_name = dict(convs)
     selected = select_layers([n for n, _ in convs], layers)
+    for n in selected:  # a layer compress would refuse is not measured either (session 55: the sweep took it)
+        try:
+            check_plain_conv(by_name[n])
+        except ValueError as exc:
+            raise ValueError(f"layer {n!r}: {exc}; leave the layer out with layers=") from None
     total_model = sum(m.weight.numel() for _, m in convs)
     kw = _kmeans_kwargs(options, granularity)
     runner = _Runner(model, images, labels, batch_size)
