@@ -764,3 +764,29 @@ def test_progressive_takes_compress_options_layers(tiny):
     assert r.layer_ks == {"conv2": 6} and isinstance(r.model.conv1, nn.Conv2d)
     one, _ = kcengine.compress(model, ratio=0.5, layers=["conv2"])
     assert r.layer_ks == {n: m.num_clusters for n, m in clustered(one).items()}
+
+
+def test_numpy_numbers_are_taken_and_float64_images_named(tiny):
+    """Session 55: numpy numbers were refused with a message showing a valid value ("alpha must be in [0, 1],
+    got alpha=np.float32(0.5)"), a bool was taken as 1, and float64 training images failed inside torch
+    ("expected scalar type Double but found Float")."""
+    from kcengine.train import distillation_loss, output_sensitivity, sensitivity_plan
+    from kcengine.train.augment import cifar_augment
+
+    model, ds, loader = tiny
+    s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    assert distillation_loss(s, t, y, temperature=np.float32(2), alpha=np.float64(0.5)).item() == pytest.approx(
+        distillation_loss(s, t, y, temperature=2.0, alpha=0.5).item())
+    for kw in (dict(alpha=True), dict(temperature=True)):
+        with pytest.raises(ValueError, match="must be"):
+            distillation_loss(s, t, y, **kw)
+    x = ds.images
+    g = (lambda: torch.Generator().manual_seed(0))
+    assert torch.equal(cifar_augment(x[:4], g(), padding=np.int64(2)), cifar_augment(x[:4], g(), padding=2))
+    rows = output_sensitivity(model, x[:16], x[16:32], ratios=np.array([0.5], dtype=np.float32))
+    assert {r["k"] for r in rows if r["layer"] == "conv1"} == {4}
+    plan = sensitivity_plan(model, x[:16], x[16:32], np.float32(0.5), ratios=(0.5, 1.0))
+    assert plan == sensitivity_plan(model, x[:16], x[16:32], 0.5, ratios=(0.5, 1.0))
+    loader64 = make_loader(TensorImages(x.double(), ds.labels, ds.classes), 16)
+    with pytest.raises(ValueError, match="images are torch.float64 but the model's parameters are torch.float32"):
+        finetune(model, loader64, plan=0.5, **FAST)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_int
+
 __all__ = ["cifar_augment"]
 
 
@@ -25,8 +27,7 @@ def cifar_augment(x: torch.Tensor, generator: torch.Generator | None = None, *, 
     """
     if x.dim() != 4:
         raise ValueError(f"x must be a [B, C, H, W] batch, got shape {tuple(x.shape)}")
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be an int >= 0, got padding={padding!r}")
+    padding = check_int(padding, "padding", 0)  # (numpy integers too: session 55)
     b, c, h, w = x.shape
     out = x
     if padding:

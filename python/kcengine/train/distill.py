@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import scalar_value
+
 __all__ = ["distillation_loss", "feature_points", "FeatureTap", "feature_loss"]
 
 
@@ -25,10 +27,13 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         temperature: ``T > 0``.
         alpha: weight of the distillation term in [0, 1].
     """
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    # numpy scalars count as the numbers they hold, bools do not (session 55: np.float32 was refused, True taken)
+    t, a = scalar_value(temperature), scalar_value(alpha)
+    if isinstance(t, bool) or not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
         raise ValueError(f"temperature must be a finite number > 0, got temperature={temperature!r}")
-    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+    if isinstance(a, bool) or not (isinstance(a, (int, float)) and 0.0 <= a <= 1.0):
         raise ValueError(f"alpha must be in [0, 1], got alpha={alpha!r}")
+    temperature, alpha = float(t), float(a)
     ce = F.cross_entropy(student_logits, labels)
     if teacher_logits is None or alpha == 0:
         return ce

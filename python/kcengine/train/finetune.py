@@ -63,7 +63,7 @@ from ..compress.layers import ElementClusteredConv2d
 from ..conv.module import ClusteredConv2d
 from ..data.datasets import evenly_spaced, tensor_pair
 from .._modes import eval_mode
-from ..evaluate.metrics import check_data, check_float_images, check_labels, image_label_pair
+from ..evaluate.metrics import check_data, check_float_images, check_labels, image_label_pair, run_model
 from . import distributed as dd
 from .augment import cifar_augment
 from .bn import recalibrate_bn
@@ -491,9 +491,13 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         raise ValueError(f"train_loader's dataset has no length ({type(train_loader.dataset).__name__}, an "
                          f"iterable dataset?): finetune reads its calibration images by index") from None
     calib = _dataset_images(train_loader, evenly_spaced(n_train, calibration_images)).to(device)
-    if teacher is not None:  # a teacher whose outputs do not fit failed at the first step, after the refit
-        with torch.no_grad(), eval_mode(work):
-            t_out, s_out = teacher(calib[:2]), work(calib[:2])
+    # the images against the model (shape, dtype: session 55, float64 images gave torch's "expected scalar type
+    # Double") and a teacher whose outputs do not fit (it failed at the first step, after the refit), on two images
+    with torch.no_grad(), eval_mode(work):
+        s_out = run_model(work, calib[:2])
+    if teacher is not None:
+        with torch.no_grad():
+            t_out = teacher(calib[:2])
         if not isinstance(t_out, torch.Tensor) or t_out.shape != s_out.shape:
             got = f"shape {tuple(t_out.shape)}" if isinstance(t_out, torch.Tensor) else type(t_out).__name__
             raise ValueError(f"teacher's outputs must be logits of the model's shape {tuple(s_out.shape)} (the same "

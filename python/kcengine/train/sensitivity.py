@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_int
+from .._checks import check_int, scalar_value
 
 __all__ = ["output_sensitivity", "allocate_ks", "sensitivity_plan", "DEFAULT_OUTPUT_SWEEP_RATIOS"]
 
@@ -61,7 +61,7 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
             raise ValueError(f"{name} holds NaN or Inf values")
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
         raise ValueError(f"ratios must be a sequence of numbers in (0, 1], got ratios={ratios!r}")
-    ratios = tuple(ratios)
+    ratios = tuple(scalar_value(r) for r in ratios)  # numpy values as the numbers they hold
     if not ratios or any(isinstance(r, bool) or not (isinstance(r, (int, float)) and 0 < r <= 1) for r in ratios):
         raise ValueError(f"ratios must be numbers in (0, 1], got ratios={ratios!r}")
     batch_size = check_int(batch_size, "batch_size", 1)
@@ -245,6 +245,7 @@ def sensitivity_plan(model: nn.Module, calib_images: torch.Tensor, eval_images: 
     dense."""
     from ..compress.plan import ratio_to_k
 
+    ratio, min_ratio = scalar_value(ratio), scalar_value(min_ratio)  # numpy values as the numbers they hold
     ratio = float(ratio) if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else ratio
     if not isinstance(ratio, float) or not 0 < ratio <= 1:
         raise ValueError(f"ratio must be a number in (0, 1], got ratio={ratio!r}")
