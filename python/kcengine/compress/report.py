@@ -64,8 +64,8 @@ class CompressionReport:
     ``skipped`` (conv layers left dense: outside ``layers=``, or matched by no rule of the plan),
     ``already_clustered`` (``{name: [weights, stored]}`` of the layers that arrived clustered, from an earlier
     compress; they count in the totals at their stored size), the model's totals (properties below), timings,
-    accuracies when ``eval_data`` was given (fractions), and the k-means options used (the seed resolved).  ``print(report)`` shows the markdown summary; ``as_dict``, ``to_json``
-    and ``to_markdown`` write it out."""
+    accuracies when ``eval_data`` was given (fractions), and the k-means options used (the seed resolved).
+    ``print(report)`` shows the markdown summary; ``as_dict``, ``to_json`` and ``to_markdown`` write it out."""
 
     plan: str
     granularity: str
