@@ -453,8 +453,6 @@ def test_compress_argument_errors_name_the_value():
 
 
 def test_report_json_and_markdown(tmp_path):
-    import json
-
     m = _net()
     x = _x(n=20)
     y = torch.randint(0, 6, (20,))

@@ -240,8 +240,7 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
         from ..evaluate.metrics import _is_pair, check_data, probe_labels
 
         check_data(eval_data, "eval_data")
-        lazy = any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
-        if _is_pair(eval_data) and not lazy:  # (a loader's batches are read by the evaluation only)
+        if _is_pair(eval_data):  # (a loader's batches are read by the evaluation only)
             try:
                 probe_labels(model, *eval_data)
             except ValueError as exc:

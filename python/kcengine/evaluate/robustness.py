@@ -18,9 +18,9 @@ it correctly both as given and after the attack, so ``robust_top1 <= clean_top1`
 computed, so the caller's model is left as it was (parameters, their ``.grad``, every submodule's train/eval
 mode).  Half and bfloat16 images are attacked in float32 pixels and rounded back to their dtype once.  The
 images must map into [0, 1] under ``mean``/``std`` (a ValueError says so otherwise: the wrong normalization
-was given).  The random
-starts are drawn batch after batch from one generator: the same ``seed`` and ``batch_size`` give the same
-figures.  Gradients are needed, so the functions cannot run under ``torch.inference_mode()``.
+was given).  The random starts are drawn batch after batch from one generator: the same ``seed`` and
+``batch_size`` give the same figures.  Gradients are needed, so the functions cannot run under
+``torch.inference_mode()``.
 """
 from __future__ import annotations
 

@@ -518,11 +518,12 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         # every conv of groups 1 its k, so those are the planned layers)
         from ..compress.apply import conv_layers
 
-        planned = [n for n, m in conv_layers(model) if m.groups == 1]
+        convs = conv_layers(model)
+        planned = [n for n, m in convs if m.groups == 1]
         if copts.get("layers") is not None:  # compress_options' layers= narrows the stages too
             from ..compress.plan import select_layers
 
-            chosen = set(select_layers([n for n, _ in conv_layers(model)], copts["layers"]))
+            chosen = set(select_layers([n for n, _ in convs], copts["layers"]))
             planned = [n for n in planned if n in chosen]
         pre = resolve_order(order, planned)
         if not isinstance(stage_epochs, int) and len(stage_epochs) != len(pre):
