@@ -524,3 +524,18 @@ def test_recalibrate_bn_puts_the_statistics_back_when_the_pass_fails(kit):
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     with pytest.raises(ValueError, match="device must be a torch device"):
         recalibrate_bn(m, torch.randn(4, 3, 8, 8), device="tpu")
+
+
+def test_recalibrate_bn_reads_a_pair_as_images_and_labels_only(kit):
+    """``[x1, x2]`` (two image batches) was read as (images, labels): the statistics came from x1 alone."""
+    torch.manual_seed(0)
+    m = kit.TinyNet().eval()
+    x = torch.randn(12, 3, 8, 8)
+    want = recalibrate_bn(copy.deepcopy(m), x).state_dict()
+    got = recalibrate_bn(copy.deepcopy(m), (x, torch.zeros(12, dtype=torch.long))).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in got.items())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for pair in ([x[:6], x[6:]], (x, torch.zeros(11, dtype=torch.long)), (x, [0] * 12)):
+        with pytest.raises(ValueError, match="read as \\(images, labels\\): labels must be a 1-D tensor of"):
+            recalibrate_bn(m, pair)
+        assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

@@ -106,6 +106,22 @@ def test_allocate_ks_floor_and_errors():
         allocate_ks([dict(rows[0], kl=math.nan)] + rows[1:], 10)
 
 
+@pytest.mark.parametrize("bad, match", [
+    ({"k": 9}, "1 <= k < out_channels"),   # past the layer's width: the interpolation's points went out of order
+    ({"k": 8}, "1 <= k < out_channels"),   # full width is the curve's own end
+    ({"k": 0}, "1 <= k < out_channels"),
+    ({"k": 2.5}, "1 <= k < out_channels"),
+    ({"k": 2}, "at k=2 twice"),            # a second measurement of one k
+    ({"out_channels": 16}, "disagree on out_channels"),
+])
+def test_allocate_ks_refuses_malformed_rows(bad, match):
+    rows = _rows({"a": [5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.2], "b": [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0]})
+    with pytest.raises(ValueError, match=match):
+        allocate_ks(rows + [dict(rows[0], kl=0.1, **bad)], 8)
+    with pytest.raises(ValueError, match="'layer', 'out_channels', 'k'"):
+        allocate_ks([{"layer": "a", "kl": 1.0}], 8)
+
+
 class _SharedReluNet(torch.nn.Module):
     """A block whose one ReLU module runs before and after the target conv (in place), like torchvision's
     BasicBlock: the prefix cache must not serve the second call, nor let the in-place op touch what it stores."""

@@ -40,7 +40,8 @@ def recalibrate_bn(model: nn.Module, data, *, max_images: int | None = 2048, dev
 
     Args:
         model: the model to recalibrate (modified in place; also returned).
-        data: a DataLoader of ``(images, labels)``, or an ``(images, labels)``/images tensor pair.
+        data: a DataLoader of ``(images, labels)``, an images tensor, or an ``(images, labels)`` pair of
+            tensors (labels 1-D, one per image; a list of image batches is refused, not read as a pair).
         max_images: stop after this many images (None: all of ``data``).
         device: move batches there (default: the model's device).
     """
@@ -90,7 +91,14 @@ def _image_batches(data, batch_size: int = 256):
             yield data[i:i + batch_size]
         return
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        yield from _image_batches(data[0], batch_size)
+        images, labels = data
+        if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            # two image batches in a list would otherwise be read as (images, labels), the second one unseen
+            got = f"shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"data as a pair is read as (images, labels): labels must be a 1-D tensor of "
+                             f"{images.shape[0]} entries, one per image, got {got}; pass several batches of "
+                             f"images as one tensor (torch.cat) or a DataLoader")
+        yield from _image_batches(images, batch_size)
         return
     if isinstance(data, torch.utils.data.DataLoader):
         for batch in data:

@@ -277,14 +277,27 @@ def allocate_ks(rows: list[dict], budget: int, *, min_ratio: float = 0.25) -> di
         raise ValueError(f"min_ratio must be in [0, 1], got min_ratio={min_ratio!r}")
     by_layer: dict[str, list] = {}
     for r in rows:
+        if not isinstance(r, dict) or not {"layer", "out_channels", "k"} <= set(r):
+            raise ValueError(f"rows must be dicts with 'layer', 'out_channels', 'k' and 'kl' (as output_sensitivity "
+                             f"returns), got {r!r}")
         kl = r.get("kl")
         if isinstance(kl, bool) or not isinstance(kl, numbers.Real) or not math.isfinite(float(kl)):
             raise ValueError(f"rows must hold a finite 'kl' in every row, got {r!r}")
-        by_layer.setdefault(r["layer"], []).append(r)
+        c, k = r["out_channels"], r["k"]
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in (c, k)) or not 1 <= k < c:
+            raise ValueError(f"rows must hold integers 1 <= k < out_channels (full width is the curve's end, KL 0), "
+                             f"got {r!r}")
+        rs = by_layer.setdefault(r["layer"], [])
+        if rs and int(rs[0]["out_channels"]) != int(c):
+            raise ValueError(f"rows of layer {r['layer']!r} disagree on out_channels: {rs[0]['out_channels']} and "
+                             f"{c}")
+        if any(int(q["k"]) == int(k) for q in rs):
+            raise ValueError(f"rows hold layer {r['layer']!r} at k={k} twice")
+        rs.append(r)
     curves: dict[str, np.ndarray] = {}
     floor_total = 0
     for name, rs in by_layer.items():
-        rs = sorted(rs, key=lambda r: r["k"])
+        rs = sorted(rs, key=lambda r: int(r["k"]))
         c = int(rs[0]["out_channels"])
         ks = [int(r["k"]) for r in rs] + [c]
         kl = [float(r["kl"]) for r in rs] + [0.0]
