@@ -1,4 +1,5 @@
 """kcengine.finetune: modes keep their invariants, progressive order, resume, validation."""
+import copy
 import sys
 
 import numpy as np
@@ -498,6 +499,24 @@ def test_resume_names_the_settings_that_changed(tmp_path, tiny):
         finetune(model, loader, plan=0.25, checkpoint_dir=tmp_path, **{**FAST, "epochs": 1})
     with pytest.raises(ValueError, match=r"alpha 0.9 -> 0.5"):
         finetune(model, loader, plan=0.5, checkpoint_dir=tmp_path, alpha=0.5, **{**FAST, "epochs": 1})
+
+
+def test_resume_refuses_another_model_or_teacher(tmp_path, tiny):
+    """A checkpoint continued with other weights (another model or teacher) trained on from the old run's."""
+    model, ds, loader = tiny
+    cm, _ = kcengine.compress(model, ratio=0.5)
+    finetune(cm, loader, teacher=model, checkpoint_dir=tmp_path, **{**FAST, "epochs": 1})
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters())[0].add_(1e-3)
+    with pytest.raises(ValueError, match=r"other settings \(another teacher \(its state dict differs\)\)"):
+        finetune(cm, loader, teacher=other, checkpoint_dir=tmp_path, **{**FAST, "epochs": 1})
+    cm2, _ = kcengine.compress(other, ratio=0.5)
+    with pytest.raises(ValueError, match=r"other settings \(another model \(its state dict differs\)\)"):
+        finetune(cm2, loader, teacher=model, checkpoint_dir=tmp_path, **{**FAST, "epochs": 1})
+    res = finetune(copy.deepcopy(cm), loader, teacher=copy.deepcopy(model), checkpoint_dir=tmp_path,
+                   **{**FAST, "epochs": 1})
+    assert res.resumed_from == (0, 1)  # equal copies are the same model
 
 
 def test_a_plot_path_under_a_file_is_refused_before_training(tiny, tmp_path):

@@ -46,6 +46,7 @@ The caller's ``model`` (and ``teacher``) are never modified: the run trains a co
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import math
 import numbers
@@ -252,6 +253,22 @@ def _stable(v):
     return f"<{type(v).__name__}>"
 
 
+def _state_digest(module: nn.Module | None) -> str | None:
+    """A digest of ``module``'s state dict (names, dtypes, shapes and values, wherever it lives), for the resume
+    fingerprint: a checkpoint continued with another model or teacher would train on from weights it never
+    had."""
+    if module is None:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in module.state_dict().items():
+        if not isinstance(t, torch.Tensor):
+            continue  # extra state
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.device.type != "meta" and t.numel():
+            h.update(t.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _reset_index_caches(model: nn.Module) -> None:
     """Drop each ClusteredConv2d's prepared-index cache (``set_index`` with its own index): a cache built
     under ``torch.inference_mode`` (e.g. by :func:`kcengine.evaluate`) holds inference tensors that autograd
@@ -346,7 +363,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
             (:func:`kcengine.data.evenly_spaced`: a dataset stored class by class gives every class its share).
         eval_data: optional evaluation data (as :func:`kcengine.evaluate.evaluate` takes) scored every epoch.
         checkpoint_dir: write ``finetune_last.pt`` there after every epoch; with ``resume`` an existing one
-            is continued (same arguments required).
+            is continued (same arguments required: another setting, ``model`` or ``teacher`` is refused, named).
         plot_path: write the loss/accuracy curves PNG there at the end.
         seed: seeds every epoch's shuffling and augmentation (from seed, phase and epoch), through torch's
             global RNG, whose state the caller gets back as it was.
@@ -556,13 +573,16 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
                    "temperature": temperature, "alpha": alpha, "output_calibration": bool(output_calibration),
                    "bn_recalibration": bn_recalibration, "calibration_images": calibration_images,
                    "compress_options": [(key, _stable(v)) for key, v in sorted(copts.items())]}
+    if ckpt_path is not None:  # the weights it starts from and learns from (hashed only where it checkpoints)
+        fingerprint.update(model=_state_digest(model), teacher=_state_digest(teacher if given_teacher else None))
     state = load_checkpoint(ckpt_path) if (ckpt_path is not None and resume) else None
     diff = []
     if state is not None:  # (a checkpoint written before a key existed is compared on the keys it has)
         old = state.get("fingerprint")
         keys, old = (set(old), old) if isinstance(old, dict) else (set(fingerprint), {})
-        diff = [f"{key} {old.get(key)!r} -> {fingerprint.get(key)!r}" for key in sorted(keys)
-                if old.get(key) != fingerprint.get(key)]
+        diff = [f"another {key} (its state dict differs)" if key in ("model", "teacher") else
+                f"{key} {old.get(key)!r} -> {fingerprint.get(key)!r}"
+                for key in sorted(keys) if old.get(key) != fingerprint.get(key)]
     if diff:
         raise ValueError(f"checkpoint {ckpt_path} was written by a run with other settings ({'; '.join(diff)}); "
                          f"use another checkpoint_dir or resume=False")
