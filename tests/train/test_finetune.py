@@ -165,6 +165,19 @@ def test_progressive_freeze_fixes_earlier_stages(tiny):
     torch.testing.assert_close(r.model.conv2.codebook, r1.model.conv2.codebook, atol=0, rtol=0)
 
 
+def test_progressive_freeze_trains_no_codebook_after_the_last_stage(tiny):
+    """The documented meaning of "freeze": the final epochs train BN and the dense layers, no codebook."""
+    model, ds, loader = tiny
+    kw = dict(mode="progressive", plan={"ratio": 0.5}, order=["conv2", "conv1"], stage_training="freeze",
+              stage_epochs=1)
+    r0 = finetune(model, loader, **kw, **{**FAST, "epochs": 0})
+    r1 = finetune(model, loader, **kw, **{**FAST, "epochs": 1})
+    for name in ("conv1", "conv2"):
+        torch.testing.assert_close(getattr(r1.model, name).codebook, getattr(r0.model, name).codebook, atol=0, rtol=0)
+    assert any(not torch.equal(a, b) for (n, a), b in zip(r1.model.named_parameters(), r0.model.parameters())
+               if "codebook" not in n)
+
+
 def _run(kit, loader, ckpt, epochs=3, **kw):
     torch.manual_seed(0)
     model = kit.TinyNet().eval()

@@ -9,7 +9,9 @@ Modes
                    a centroid are summed into it).
 ``"progressive"``  cluster one group of layers at a time (``order``), recover for ``stage_epochs``, then
                    move on; earlier stages keep training (``stage_training="keep"``) or are frozen
-                   (``"freeze"``); ``epochs`` more epochs follow the last stage.
+                   (``"freeze"``: a stage's codebooks train in its own phase only, so the ``epochs``
+                   after the last stage train BN and the dense layers, as ``"frozen"`` does); ``epochs``
+                   more epochs follow the last stage.
 
 Every mode distils from the ``teacher`` (KL on temperature-softened logits, weight ``alpha``, plus
 ``(1 - alpha)`` cross-entropy, plus ``feature_weight`` times the relative squared error of each block's
@@ -336,7 +338,9 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
             (default: top-level groups, deepest first, e.g. layer3, layer2, layer1, conv1).
         stage_epochs: progressive: recovery epochs after each stage (an int, or one int per stage; default 1).
         stage_training: progressive: ``"keep"`` (earlier stages' codebooks keep training; the default) or
-            ``"freeze"``.  ``order``, ``stage_epochs`` and ``stage_training`` given with another mode are refused.
+            ``"freeze"`` (each stage's codebooks are frozen after its own phase, so the final ``epochs`` train no
+            codebook, only BN, biases and unclustered layers).  ``order``, ``stage_epochs`` and ``stage_training``
+            given with another mode are refused.
         optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``; ``lr`` its peak LR (default
             :func:`default_lr`: ``DEFAULT_LR[optimizer]`` for a batch of 128, scaled linearly with
             ``train_loader.batch_size``: sgd 0.005 at 64, 0.01 at 128); ``weight_decay`` on weights (not on BN/bias).
