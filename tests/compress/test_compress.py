@@ -450,6 +450,36 @@ def test_compress_argument_errors_name_the_value():
         nan[1].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="layer '1' has NaN or Inf weights"):
         compress(nan, ratio=0.5)
+    labels = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="layer '0.1' has NaN or Inf weights"):  # was k-means' "x holds NaN"
+        sensitivity_sweep(nn.Sequential(nan, nn.Flatten(), nn.Linear(4 * 7 * 5, 2)), _x(n=4), labels,
+                          ratios=(0.5,))
+    with pytest.warns(UserWarning, match="zero-element"):  # (torch's, at the init)
+        empty = nn.Sequential(nn.Conv2d(3, 0, 3), nn.Conv2d(0, 4, 1))  # was a reshape's RuntimeError
+    for granularity in ("filter", "kernel", "element"):
+        with pytest.raises(ValueError, match=r"layer '0' has no weights to cluster \(weight shape \(0, 3, 3, 3\)\)"):
+            compress(empty, ratio=0.5, granularity=granularity)
+
+
+def test_a_conv_selected_by_its_second_path_is_named():
+    """One conv reached by two names (``self.b = self.a``): named_modules gives only the first, and the
+    second was reported as no conv layer at all."""
+    class Shared(nn.Sequential):
+        def forward(self, x):
+            return self[1](self[0](x))
+
+    m = Shared(nn.Conv2d(3, 4, 3), nn.ReLU())
+    m.add_module("again", m[0])  # (a Sequential would run it a second time; this one does not)
+    note = r"'again' is layer '0' reached by a second path: name it '0'"
+    with pytest.raises(ValueError, match=r"layers names \['again'\] which are not conv layers of the model \(" + note):
+        compress(m, ratio=0.5, layers=["again"])
+    with pytest.raises(ValueError, match=r"per-layer plan names layer 'again', .*\(" + note):
+        compress(m, {"layers": {"again": 2}})
+    with pytest.raises(ValueError, match=r"'0.again' is layer '0.0' reached by a second path: name it '0.0'"):
+        sensitivity_sweep(nn.Sequential(m, nn.Flatten(), nn.Linear(4 * 7 * 5, 2)), _x(n=4),
+                          torch.zeros(4, dtype=torch.long), layers=["0.again"])
+    cm, _ = compress(m, ratio=0.5, layers=["0"])
+    assert cm.again is cm[0] and isinstance(cm[0], ClusteredConv2d)  # the one module, replaced once
 
 
 def test_report_json_and_markdown(tmp_path):

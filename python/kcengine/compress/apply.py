@@ -170,13 +170,33 @@ def _choose_ks(strategy, probs: list[LayerProblem], kw: dict):
     return ks, reuse, notes
 
 
-def _filter_by_strategy(strategy, probs: list[LayerProblem], model_channels=None) -> tuple[list[LayerProblem],
-                                                                                         list[str]]:
+def check_clusterable(name: str, conv: nn.Conv2d) -> None:
+    """ValueError, naming layer ``name``, for a conv whose weights cannot be clustered: a subclass with its own
+    forward, lazy or meta weights, NaN or Inf, no output channels."""
+    try:
+        check_plain_conv(conv)
+    except ValueError as exc:
+        raise ValueError(f"layer {name!r}: {exc}; leave the layer out with layers=") from None
+    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+        raise ValueError(f"layer {name!r} is a lazy conv whose weights are not initialized yet: run the model on "
+                         f"one batch first")
+    if conv.weight.is_meta:
+        raise ValueError(f"layer {name!r} has its weights on the meta device: they have a shape but no values to "
+                         f"cluster (load or materialize them first, e.g. model.to_empty() then a checkpoint)")
+    if conv.weight.numel() == 0:
+        raise ValueError(f"layer {name!r} has no weights to cluster (weight shape {tuple(conv.weight.shape)}); "
+                         f"leave the layer out with layers=")
+    if not bool(torch.isfinite(conv.weight).all()):
+        raise ValueError(f"layer {name!r} has NaN or Inf weights: k-means needs finite data")
+
+
+def _filter_by_strategy(strategy, probs: list[LayerProblem], model_channels=None, model=None) -> tuple[
+        list[LayerProblem], list[str]]:
     """The layers the plan clusters and those it leaves dense.  ``model_channels``: every conv's C_out in the
     model, against which a channels plan's counts are checked (a count of a layer outside ``layers=`` is fine;
-    one no conv has is a typo)."""
+    one no conv has is a typo).  ``model``: for the error naming a layer's second path."""
     if isinstance(strategy, PerLayer):
-        strategy.check_names([p.name for p in probs])
+        strategy.check_names([p.name for p in probs], model)
         keep = [p for p in probs if strategy.value_for(p.name) is not None]
     elif isinstance(strategy, ByChannels):
         keep = [p for p in probs if p.shape[0] in strategy.mapping]
@@ -266,23 +286,11 @@ def compress(model: nn.Module, plan=None, *, ratio=None, granularity: str = "fil
     convs = conv_layers(model)
     require_dense_convs(model, convs)
     by_name = dict(convs)
-    selected = select_layers([n for n, _ in convs], layers)
+    selected = select_layers([n for n, _ in convs], layers, model)
     for n in selected:  # before any clustering, and naming the layer
-        conv = by_name[n]
-        try:
-            check_plain_conv(conv)
-        except ValueError as exc:
-            raise ValueError(f"layer {n!r}: {exc}; leave the layer out with layers=") from None
-        if isinstance(conv.weight, nn.parameter.UninitializedParameter):
-            raise ValueError(f"layer {n!r} is a lazy conv whose weights are not initialized yet: run the model on "
-                             f"one batch first")
-        if conv.weight.is_meta:
-            raise ValueError(f"layer {n!r} has its weights on the meta device: they have a shape but no values to "
-                             f"cluster (load or materialize them first, e.g. model.to_empty() then a checkpoint)")
-        if not bool(torch.isfinite(conv.weight).all()):
-            raise ValueError(f"layer {n!r} has NaN or Inf weights: k-means needs finite data")
+        check_clusterable(n, by_name[n])
     probs = [LayerProblem(n, by_name[n], granularity, cosine) for n in selected]  # cosine checked above
-    probs, skipped = _filter_by_strategy(strategy, probs, [m.out_channels for _, m in convs])
+    probs, skipped = _filter_by_strategy(strategy, probs, [m.out_channels for _, m in convs], model)
     kw = _kmeans_kwargs(options, granularity)
 
     t0 = time.perf_counter()

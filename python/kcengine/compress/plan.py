@@ -192,8 +192,9 @@ class PerLayer:
                 return v
         return None
 
-    def check_names(self, names: Sequence[str]) -> None:
-        """Every exact key must name a layer and every pattern must match one."""
+    def check_names(self, names: Sequence[str], model=None) -> None:
+        """Every exact key must name a layer and every pattern must match one (``model``: where the error
+        looks for second names of the layers)."""
         for key in self.mapping:
             if key.startswith("re:"):
                 if not any(re.fullmatch(key[3:], n) for n in names):
@@ -202,6 +203,7 @@ class PerLayer:
             elif key not in names:
                 hint = (f" (a pattern? in a dict plan write 're:{key}')"
                         if any(ch in key for ch in "*+?[](){}|\\^$") else "")
+                hint = hint or _second_names(model, names, {key})
                 raise ValueError(f"per-layer plan names layer {key!r}, which is not a selected conv layer{hint}; "
                                  f"layers are {_few(names)}")
 
@@ -231,6 +233,22 @@ class ByChannels:
 
 
 KSelection = FixedRatio | InertiaLimit | Elbow | PerLayer | ByChannels | OutputSensitivity
+
+
+def _second_names(model, names: Sequence[str], asked) -> str:
+    """An error's note for names in ``asked`` that are a second path to a module of ``names`` (one conv reached
+    twice, e.g. ``self.b = self.a``): ``named_modules`` gives each module once, by its first name."""
+    if model is None:
+        return ""
+    wanted, first = set(names), {}
+    for n, m in model.named_modules():
+        first[id(m)] = n
+    seconds = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False)
+               if n in asked and first.get(id(m)) in wanted and first[id(m)] != n}
+    if not seconds:
+        return ""
+    return " (" + "; ".join(f"{a!r} is layer {b!r} reached by a second path: name it {b!r}"
+                            for a, b in seconds.items()) + ")"
 
 
 def _few(names: Sequence[str], n: int = 6) -> str:
@@ -376,8 +394,9 @@ def parse_plan(plan=None, ratio=None):
     raise ValueError(f"plan must be a strategy, a dict, a string or a ratio, got {type(plan).__name__}")
 
 
-def select_layers(names: Sequence[str], layers) -> list[str]:
-    """The conv layer names ``layers`` selects, in model order (see the module docstring)."""
+def select_layers(names: Sequence[str], layers, model=None) -> list[str]:
+    """The conv layer names ``layers`` selects, in model order (see the module docstring).  ``model``: where
+    an unknown name is looked up as a second path to one of ``names``, for the error."""
     names = list(names)
     if not names:
         raise ValueError("the model holds no nn.Conv2d layer to compress")
@@ -397,8 +416,8 @@ def select_layers(names: Sequence[str], layers) -> list[str]:
     if isinstance(layers, (list, tuple, set)):
         missing = [n for n in layers if n not in names]
         if missing:
-            raise ValueError(f"layers names {missing[:3]} which are not conv layers of the model; layers are "
-                             f"{_few(names)}")
+            raise ValueError(f"layers names {missing[:3]} which are not conv layers of the model"
+                             f"{_second_names(model, names, set(missing[:3]))}; layers are {_few(names)}")
         if not layers:
             raise ValueError("layers is empty: select at least one conv layer")
         wanted = set(layers)

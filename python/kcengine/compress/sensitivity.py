@@ -29,9 +29,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._checks import check_bool, check_int, scalar_value
-from .apply import (_kmeans_kwargs, candidate_ks, check_granularity_and_options, conv_layers, require_dense_convs,
-                    sweep_layer)
-from ..conv.module import check_plain_conv, replace_module
+from .apply import (_kmeans_kwargs, candidate_ks, check_clusterable, check_granularity_and_options, conv_layers,
+                    require_dense_convs, sweep_layer)
+from ..conv.module import replace_module
 from .layers import LayerProblem
 from .plan import _check_ratio, select_layers
 
@@ -238,12 +238,9 @@ def sensitivity_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     convs = conv_layers(model)
     require_dense_convs(model, convs)
     by_name = dict(convs)
-    selected = select_layers([n for n, _ in convs], layers)
+    selected = select_layers([n for n, _ in convs], layers, model)
     for n in selected:  # a layer compress would refuse is not measured either (session 55: the sweep took it)
-        try:
-            check_plain_conv(by_name[n])
-        except ValueError as exc:
-            raise ValueError(f"layer {n!r}: {exc}; leave the layer out with layers=") from None
+        check_clusterable(n, by_name[n])
     total_model = sum(m.weight.numel() for _, m in convs)
     kw = _kmeans_kwargs(options, granularity)
     runner = _Runner(model, images, labels, batch_size)

@@ -488,7 +488,7 @@ def calibrate_outputs(student: nn.Module, teacher: nn.Module, images: torch.Tens
     if layers is not None:  # as compress selects them: a string is a regex (full match), a name must be a conv's
         from ..compress.plan import select_layers
 
-        layers = set(select_layers(list(_conv_layers(student, True)), layers))
+        layers = set(select_layers(list(_conv_layers(student, True)), layers, student))
     t_mods = dict(teacher.named_modules())
     order = []
     seen = []

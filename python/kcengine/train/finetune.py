@@ -544,7 +544,7 @@ def finetune(model: nn.Module, train_loader, *, mode: str = "centroids", teacher
         if copts.get("layers") is not None:  # compress_options' layers= narrows the stages too
             from ..compress.plan import select_layers
 
-            chosen = set(select_layers([n for n, _ in convs], copts["layers"]))
+            chosen = set(select_layers([n for n, _ in convs], copts["layers"], model))
             planned = [n for n in planned if n in chosen]
         pre = resolve_order(order, planned)
         if not isinstance(stage_epochs, int) and len(stage_epochs) != len(pre):

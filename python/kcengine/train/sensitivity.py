@@ -69,7 +69,7 @@ def output_sensitivity(model: nn.Module, calib_images: torch.Tensor, eval_images
     with eval_mode(model):  # every submodule's mode comes back as it was
         require_dense_convs(model, conv_layers(model))
         convs = [(n, m) for n, m in conv_layers(model) if m.groups == 1]
-        selected = select_layers([n for n, _ in convs], layers)
+        selected = select_layers([n for n, _ in convs], layers, model)
         by_name = dict(convs)
 
         starts = range(0, eval_images.shape[0], batch_size)
