@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
 import kcengine
+from kcengine.compress import ElementClusteredConv2d
 from kcengine.nn import ClusteredConv2d, fuse_for_inference
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-12, 1e-10)}
@@ -453,7 +454,7 @@ def test_fused_residual_that_only_broadcasts_is_added_after_the_conv(kind):
         torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
         layer = [m for m in fused.modules() if isinstance(m, ClusteredConv2d)][0]
         with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 8, 6, 7\) or broadcast "
-                                             r"to it, got \(2, 8, 6, 2\)"):
+                                             r"with it, got \(2, 8, 6, 2\)"):
             layer(x, torch.randn(2, 8, 6, 2))
         layer.stride = (0, 0)  # reassigned geometry: the check names it (was ZeroDivisionError computing the shape)
         with pytest.raises(ValueError, match=r"stride must be >= 1, got \(0, 0\)"):
@@ -1051,3 +1052,42 @@ def test_input_of_other_rank_names_both_ranks_a_layer_takes(shape):
         m(torch.randn(shape))
     with pytest.raises(RuntimeError):  # the reference refuses them too
         nn.Conv2d(3, 8, 3)(torch.randn(shape))
+
+
+def test_the_layer_keeps_its_own_index():
+    """An index of the compact dtype (uint8 for K <= 256) was stored as the caller's own array: writing to the
+    array changed the layer's index behind its prepared cache (forward and to_dense disagreed), and
+    load_state_dict wrote into the caller's tensor."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    labels = np.array([0, 1, 2, 0, 1, 2], dtype=np.uint8)
+    cent = conv.weight.detach().reshape(6, -1)[:3].numpy().copy()
+    m = ClusteredConv2d.from_conv(conv, SimpleNamespace(centroids=cent, labels=labels)).eval()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        ref = F.conv2d(x, m.to_dense(), m.bias, padding=1)
+        m(x)
+        labels[:] = 0  # the caller reuses its array
+        torch.testing.assert_close(m(x), ref)
+    assert m.index.tolist() == [0, 1, 2, 0, 1, 2]
+    idx = torch.tensor([2, 2, 1, 1, 0, 0], dtype=torch.uint8)
+    m.set_index(idx)
+    m.load_state_dict({**m.state_dict(), "index": torch.zeros(6, dtype=torch.uint8)})
+    assert idx.tolist() == [2, 2, 1, 1, 0, 0] and m.index.tolist() == [0] * 6
+
+
+def test_index_arguments_are_checked_where_they_were_truncated_or_failed_late():
+    conv = nn.Conv2d(2, 3, 3)
+    cb = torch.randn(18, 4)
+    with pytest.raises(ValueError, match="index must be an integer tensor, got dtype torch.float32"):
+        ElementClusteredConv2d(conv, cb, torch.full((3, 18), 0.5))  # was truncated to 0
+    for bad, got in ((4, "got 4"), (-1, "got -1")):  # was the gather's RuntimeError in forward
+        idx = torch.zeros(3, 18, dtype=torch.long)
+        idx[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"index values must be in \[0, K=4\), {got}"):
+            ElementClusteredConv2d(conv, cb, idx)
+    with pytest.raises(ValueError, match="index must be an integer tensor, got dtype torch.float64"):
+        kcengine.conv.dense_weight(torch.randn(4, 2, 3, 3), torch.tensor([0.5, 1.7], dtype=torch.float64), "filter")
+    for k in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=r"k must be an int in \[1, 2\*\*31\)"):
+            kcengine.conv.index_dtype_for(k)

@@ -571,3 +571,58 @@ def test_caches_never_serve_another_codebooks_result(granularity):
         with FlopCounterMode(display=False):
             y = layer(x)
         torch.testing.assert_close(y, ref(layer.codebook, layer.bias))
+
+
+@pytest.mark.parametrize("granularity", ["filter", "kernel"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_torch_func_vmap_and_grad_run_the_conv_in_torch_ops(granularity, fused):
+    """vmap over a layer in inference failed ("querying is_contiguous inside of vmap") once an eager call had
+    prepared the per-sample shape, and otherwise warned that the cpu backend failed, on every call."""
+    from torch.func import grad, vmap
+
+    m = _layer(granularity, fused=fused)
+    xs = torch.randn(3, 2, 6, 7, 7, generator=torch.Generator().manual_seed(1))
+    dense = m.to_dense().detach()
+    with torch.no_grad():
+        ref = torch.stack([_dense_forward(m, dense, x) for x in xs])
+        m(xs[0])  # the prepared eager call for [2, 6, 7, 7]
+        _close(vmap(m)(xs), ref)  # (a fallback's RuntimeWarning is an error in this suite)
+    m.codebook.requires_grad_(False)
+    _close(vmap(m)(xs), ref)
+    m.codebook.requires_grad_(True)
+    xr = xs[0].clone().requires_grad_()
+    _dense_forward(m, dense, xr).square().sum().backward()
+    _close(grad(lambda x: m(x).square().sum())(xs[0]), xr.grad)
+
+
+def _dense_forward(m, weight, x):
+    """The layer's function through F.conv2d on its dense weight (BN and ReLU of a fused layer after)."""
+    y = F.conv2d(x, weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+    if m.scale is not None:
+        y = y * m.scale[:, None, None] + m.shift[:, None, None]
+    return torch.relu(y) if m.relu else y
+
+
+def test_a_residual_larger_than_the_conv_output_is_added_as_the_unfused_model_adds_it():
+    """A global-context branch, relu(bn(conv(pool(x))) + x): fuse_for_inference made it conv(pool(x), residual=x),
+    which the layer refused ("must ... broadcast to" the [N, C, 1, 1] output)."""
+    class GlobalContext(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = ClusteredConv2d(8, 8, 1, 4, bias=False), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return F.relu(self.bn(self.conv(F.adaptive_avg_pool2d(x, 1))) + x)
+
+    m = GlobalContext().eval()
+    with torch.no_grad():
+        m.bn.running_mean.normal_()
+        x = torch.randn(2, 8, 5, 5)
+        ref = m(x)
+        fused = fuse_for_inference(m)
+        assert any(isinstance(c, ClusteredConv2d) and c.relu for c in fused.modules())  # the add went in
+        for _ in range(2):  # (the second call: the prepared one)
+            _close(fused(x), ref)
+        with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 8, 1, 1\) or broadcast "
+                                             r"with it, got \(2, 7, 5, 5\)"):
+            m.conv(F.adaptive_avg_pool2d(x, 1), residual=torch.randn(2, 7, 5, 5))

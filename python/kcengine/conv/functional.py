@@ -82,6 +82,8 @@ def dense_weight(codebook: torch.Tensor, index: torch.Tensor, granularity: str, 
 
     Differentiable in ``codebook``; for the kernel granularity ``index`` is ``[C_out, C_in]``.
     """
+    if index.dtype.is_floating_point or index.dtype == torch.bool or index.is_complex():
+        raise ValueError(f"index must be an integer tensor, got dtype {index.dtype}")  # (.long() truncated a float)
     idx = index.long()
     if granularity == "filter":
         return codebook.index_select(0, idx.reshape(-1))
@@ -299,10 +301,11 @@ def indexed_conv2d(
             return indexed_conv2d(c[0], c[1], index, c[2], stride, padding, dilation, groups, granularity,
                                   scale=c[3], shift=c[4], relu=relu, residual=c[5], backend=backend)
     capture = capturing(x)
-    # Under forward-mode AD torch ops carry the tangents (the native kernels and the op would drop them); under
+    # Under forward-mode AD or a torch.func transform torch ops carry the tangents or the batch dimension (the
+    # native kernels and the op would drop them); under
     # capture or a dispatch mode the conv is the op where it applies, else torch ops.  (The compiler cannot trace
     # the other two questions: capture is asked first.)
-    tangents = not capture and forward_ad_active()
+    tangents = not capture and (forward_ad_active() or functorch_active())
     if capture or tangents or dispatch_mode_active():
         if not torch.jit.is_tracing():  # see captured_conv2d for what is checked where
             stride, padding, dilation = _validate(x, codebook, index, bias, stride, padding, dilation, groups,
@@ -351,6 +354,14 @@ def forward_ad_active() -> bool:
     """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``): the native kernels and
     the op know no tangents (the output's would read zero), so the conv is written in torch ops then."""
     return getattr(_forward_ad, "_current_level", -1) >= 0  # (a private counter: a torch without it, no level)
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform is running (``vmap``, ``grad``, ``jvp``): its wrapped tensors have no
+    storage for the native kernels, and the prepared eager call would see only their logical shape, so the conv
+    is written in torch ops then."""
+    level = getattr(torch._C._functorch, "maybe_current_level", None)  # (a torch without it: no transform seen)
+    return level is not None and level() is not None
 
 
 def capturing(x) -> bool:

@@ -16,14 +16,16 @@ from .. import _registry
 from .._checks import check_device, tensor_from_numpy
 from .backends import PackedCodebook, inference_call, kernel_plan, tensor_version
 from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, capturing,
-                         dense_weight, dispatch_mode_active, forward_ad_active, indexed_conv2d, output_hw,
-                         string_padding)
+                         dense_weight, dispatch_mode_active, forward_ad_active, functorch_active, indexed_conv2d,
+                         output_hw, string_padding)
 
 __all__ = ["ClusteredConv2d", "index_dtype_for", "conv_padding", "PADDING_MODES", "replace_module", "pad_input"]
 
 
 def index_dtype_for(k: int) -> torch.dtype:
     """The smallest integer dtype that holds indices into ``k`` centroids: uint8 (k <= 256), int16, int32."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k < 2**31:
+        raise ValueError(f"k must be an int in [1, 2**31), got k={k!r}")
     if k <= 256:
         return torch.uint8
     if k <= 32768:
@@ -152,8 +154,9 @@ class ClusteredConv2d(nn.Module):
             zeros, or with a ``padding_extra``, forward pads the input first and the conv itself pads nothing.
 
     ``forward(x, residual=None)`` returns ``act((conv(x) + bias) * scale + shift + residual)``; a residual of
-    the output's shape and x's dtype is added in the conv's epilogue, one that broadcasts to the output (or
-    of another dtype, promoted as torch's ``+`` does) after it.
+    the output's shape and x's dtype is added in the conv's epilogue, one that broadcasts with the output (or
+    of another dtype, promoted as torch's ``+`` does) after it, the result taking the broadcast shape as ``+``
+    gives it.
 
     Forward keeps what it derives from ``index`` and ``codebook`` (int32 index, kernel plan, the
     codebook reordered for oneDNN) and rebuilds it when their storage or in-place version changes:
@@ -325,7 +328,10 @@ class ClusteredConv2d(nn.Module):
             lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= self.num_clusters:
                 raise ValueError(f"index values must be in [0, K={self.num_clusters}), got {lo if lo < 0 else hi}")
-        self.index = index.to(device=self.index.device, dtype=index_dtype_for(self.num_clusters)).contiguous()
+        # a copy always: the layer's index is its own (a caller's array of the compact dtype was shared, so a
+        # write to it changed the layer behind its prepared cache, and load_state_dict wrote into the caller's)
+        self.index = index.to(device=self.index.device, dtype=index_dtype_for(self.num_clusters),
+                              memory_format=torch.contiguous_format, copy=True)
         self._cache = None
 
     # ------------------------------------------------------------------ properties
@@ -458,9 +464,10 @@ class ClusteredConv2d(nn.Module):
 
     def _residual_in_epilogue(self, x, residual) -> bool:
         """Whether ``residual`` goes into the conv's epilogue: it has exactly the output's shape and x's dtype
-        (``_validate`` judges anything that is not a tensor of x's device).  A residual that only broadcasts to
-        the output, or of another dtype, is added after the conv instead, as the unfused ``bn(conv(x)) + r``
-        of :func:`fuse_for_inference`'s input would add it; one that does not broadcast is a ValueError."""
+        (``_validate`` judges anything that is not a tensor of x's device).  A residual that only broadcasts with
+        the output (either way: a global-context map ``[N, C, 1, 1]``, or a full map added to the conv of a pooled
+        input), or of another dtype, is added after the conv instead, as the unfused ``bn(conv(x)) + r`` of
+        :func:`fuse_for_inference`'s input would add it; one that does not broadcast is a ValueError."""
         if residual is None or not isinstance(residual, torch.Tensor) or not isinstance(x, torch.Tensor) or \
                 x.dim() != 4 or residual.device != x.device:
             return True
@@ -474,12 +481,10 @@ class ClusteredConv2d(nn.Module):
         if ho < 1 or wo < 1 or (tuple(residual.shape) == out and residual.dtype == x.dtype):
             return True
         try:
-            fits = tuple(torch.broadcast_shapes(out, residual.shape)) == out
+            torch.broadcast_shapes(out, residual.shape)
         except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(f"residual must have the output's shape {out} or broadcast to it, got "
-                             f"{tuple(residual.shape)}")
+            raise ValueError(f"residual must have the output's shape {out} or broadcast with it, got "
+                             f"{tuple(residual.shape)}") from None
         return False
 
     def _shapes(self) -> tuple:
@@ -516,7 +521,8 @@ class ClusteredConv2d(nn.Module):
         if pads_input(self) and isinstance(x, torch.Tensor):
             x = pad_input(x, self.padding, self.padding_mode, self.padding_extra)
         if isinstance(x, torch.Tensor) and (autocast_dtype(x) is not None or capturing(x)
-                                            or dispatch_mode_active() or forward_ad_active()):
+                                            or dispatch_mode_active() or forward_ad_active()
+                                            or functorch_active()):
             return self._through_functional(x, residual)
         steady = self.__dict__.get("_steady")
         if steady is not None and steady.key == self._steady_key(x, residual):

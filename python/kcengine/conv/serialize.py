@@ -9,17 +9,17 @@ File format (one ``torch.save`` of plain containers, loadable with ``torch.load(
      "element": {module_path: geometry + K},    # per-element layers (compress granularity="element")
      "builder": "pkg.module:callable" | None, "builder_kwargs": {...}}
 
-Rebuilding: the architecture is not pickled (weights_only forbids code).  :func:`load_compressed`
-takes a *skeleton*, any ``nn.Module`` of the original architecture (dense or clustered); the layers
-at the recorded paths are replaced by ``ClusteredConv2d`` built from their configs, then the whole
-state_dict is loaded strictly (files written before the "element" key existed read as having none).  Alternatively ``save_compressed(..., builder="torchvision.models:resnet18")``
-records an importable constructor, and ``load_compressed(path)`` calls it (with ``builder_kwargs``)
-to make the skeleton — only do that for files you trust.  Models from :func:`kcengine.models.load_model` and
-kcengine's own CIFAR ResNets record theirs without being asked (``torchvision.models:get_model`` with the name
-and class count; ``kcengine.models.cifar_resnet:cifar_resnet`` with the depth and the class count).
-A fused inference graph (:func:`fuse_for_inference`) saves too, but its layers have new names
-(``layer1_0_conv1_fused``), so it loads only into a skeleton fused the same way: save the model before
-fusing, and fuse after loading.
+Rebuilding: the architecture is not pickled (weights_only forbids code).  :func:`load_compressed` takes a
+*skeleton*, any ``nn.Module`` of the original architecture (dense or clustered); the layers at the recorded
+paths are replaced by ``ClusteredConv2d`` built from their configs, then the whole state_dict is loaded strictly
+(files written before the "element" key existed read as having none).  Alternatively ``save_compressed(...,
+builder="torchvision.models:resnet18")`` records an importable constructor, and ``load_compressed(path)`` calls
+it (with ``builder_kwargs``) to make the skeleton — only do that for files you trust.  Models from
+:func:`kcengine.models.load_model` and kcengine's own CIFAR ResNets record theirs without being asked
+(``torchvision.models:get_model`` with the name and class count; ``kcengine.models.cifar_resnet:cifar_resnet``
+with the depth and the class count).  A fused inference graph (:func:`fuse_for_inference`) saves too, but its
+layers have new names (``layer1_0_conv1_fused``), so it loads only into a skeleton fused the same way: save the
+model before fusing, and fuse after loading.
 """
 from __future__ import annotations
 
