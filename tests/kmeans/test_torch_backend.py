@@ -148,3 +148,18 @@ def test_lazily_negated_tensors_are_read_on_the_cpu_backend():
     got = kcengine.kmeans(x, init=init, sample_weight=w, backend="cpu")
     ref = kcengine.kmeans(plain, init=plain[:4].clone(), sample_weight=w.clone(), backend="cpu")
     assert torch.equal(got.labels, ref.labels) and torch.equal(got.centroids, ref.centroids)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_centered_data_gives_back_the_points_a_cluster_shares(dtype):
+    """Data clustered centered (farther from the origin than its spread): a cluster of one repeated point came
+    back as the point plus the round trip's rounding ([-1.2e-8, -1.2e-8] for [0, 0] in float32), its inertia
+    reported 0.  As the cpu core (and scikit-learn, which does not center): the point itself."""
+    x = np.array([[0, 0], [0, 0], [1, 1], [1, 1], [2, 2]], dtype)
+    for backend in ("torch", "cpu"):
+        r = kcengine.kmeans(x, init=x[[0, 2, 4]], backend=backend)
+        np.testing.assert_array_equal(r.centroids, x[[0, 2, 4]])
+        assert r.inertia == ((x - r.centroids[r.labels]) ** 2).sum() == 0
+    far = np.array([[-235978.015625], [-235977.0]], dtype)  # k = N: each centroid is its point
+    r = kcengine.kmeans(far, init=far, backend="torch")
+    np.testing.assert_array_equal(r.centroids, far)

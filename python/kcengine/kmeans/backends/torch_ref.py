@@ -14,6 +14,7 @@ the same device, but a problem's start depends on its batch (unlike the cpu back
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -180,6 +181,21 @@ def _group_key(probs: Problems, p: int):
     return (tuple(ds.shape), int(probs.k[p]))
 
 
+def _shift_back(x, labels, c, shift):
+    """Centroids ``c`` of centered data back in the caller's coordinates (``x``: the caller's points ``[B, N, D]``,
+    ``shift``: ``[B, 1, D]`` float64), as the cpu core's ``shift_back`` does: a coordinate all of a cluster's
+    members share comes back as that very value when the centroid lies within the round trip's rounding of it
+    (a cluster of one repeated point is that point, not it plus a few ulps of the shift)."""
+    B, K, D = c.shape
+    idx = labels.unsqueeze(2).expand(-1, -1, D)
+    lo = torch.full((B, K, D), math.inf, dtype=x.dtype, device=x.device).scatter_reduce(1, idx, x, "amin")
+    hi = torch.full((B, K, D), -math.inf, dtype=x.dtype, device=x.device).scatter_reduce(1, idx, x, "amax")
+    back = c.double() + shift
+    v = lo.double()
+    near = (v - back).abs() <= 4.0 * torch.finfo(x.dtype).eps * torch.maximum(v.abs(), shift.abs())
+    return torch.where((lo == hi) & near, lo, back.to(x.dtype))
+
+
 def solve(probs: Problems) -> RawResult:
     if probs.algorithm == "exact1d":
         raise NotImplementedError("algorithm='exact1d' is implemented by the cpu backend only")
@@ -211,6 +227,7 @@ def solve(probs: Problems) -> RawResult:
         # as the cpu backend: data farther from the origin than its spread is clustered centered, and data of
         # tiny spread scaled by a power of two (the tolerance then from the scaled data)
         far, shift = far_shift(xd.mean(1), var)
+        x_given = x
         if bool(far.any()):
             shift = shift[:, None, :]
             x = (xd - shift).to(dtype)
@@ -247,7 +264,8 @@ def solve(probs: Problems) -> RawResult:
         if scaled:
             c, inert = times_pow2(c, -scale), times_pow2(inert, -2 * scale)
         if shift is not None:
-            c = (c.double() + shift).to(dtype)
+            c = _shift_back(x_given, lab, c, shift)
+        del x_given
         for q, p in enumerate(members):
             cents[p], labels[p] = c[q], lab[q]
             inertia[p], n_iter[p], conv[p] = inert[q], it[q], cv[q]
