@@ -173,7 +173,7 @@ py::tuple kmeans_batch(py::list datasets, py::object weights, py::array_t<int64_
       throw py::value_error("algorithm='" + algorithm + "' needs 1-D points (D == 1); problem " + std::to_string(p) +
                             " has D=" + std::to_string(ds.d));
     if (P.algorithm == Algo::Exact1D && double(pr.k) * double(ds.n + 1) * 4.0 > double(int64_t(1) << 31))
-      throw py::value_error("algorithm='exact1d' needs k*N <= 5e8 (its split table); problem " + std::to_string(p) +
+      throw py::value_error("algorithm='exact1d' needs k*(N+1) <= 2**29 (its split table); problem " + std::to_string(p) +
                             " has k=" + std::to_string(pr.k) + ", N=" + std::to_string(ds.n));
     if (given) {
       py::object o = init_list[p];

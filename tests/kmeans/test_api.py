@@ -63,6 +63,9 @@ X = np.random.default_rng(0).normal(size=(20, 3))
     (X, 2, {"seed": 1.5}, r"seed must be an int in \[0, 9223372036854775807\], got seed=1.5"),
     (X, 2, {"algorithm": "elkan"}, r"algorithm must be one of"),
     (X, 2, {"algorithm": "exact1d"}, r"needs 1-D points \(D == 1\); problem 0 has D=3"),
+    # its table's bound, as checked (the message said k*N <= 5e8, which k = 20001, N = 25000 passes)
+    (np.arange(32768.0)[:, None], 16384, {"algorithm": "exact1d"},
+     r"algorithm='exact1d' needs k\*\(N\+1\) <= 2\*\*29 \(its split table\); problem 0 has k=16384, N=32768"),
     # the optimum needs no start: a given one was ignored without a word
     (X[:, :1], None, {"algorithm": "exact1d", "init": X[:2, :1]}, r"algorithm='exact1d' finds the optimal clustering "
      r"from no start: given init centroids would be ignored"),

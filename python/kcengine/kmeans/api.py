@@ -899,7 +899,8 @@ def kmeans(x, k=None, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
             (``"lloyd"`` = plain Lloyd, ``"hamerly"``, ``"yinyang"``, ``"topm"``, ``"gram"``,
             ``"lloyd1d"``; ``"gram"`` runs Hamerly where the N x N Gram matrix would pass 512 MiB, N >
             8192, as ``res.algorithm`` says), or ``"exact1d"``: the globally optimal 1-D clustering (D == 1
-            only; it takes no given ``init`` and runs no iterations: ``max_iter`` and ``tol`` do not apply,
+            and ``k * (N + 1) <= 2**29`` only, for its table of splits; it takes no given ``init`` and runs no
+            iterations: ``max_iter`` and ``tol`` do not apply,
             ``n_iter`` is 0; its interval costs are exact to ~1e-16 of the data's spread about its mean, and
             to ~1e-32 in double-double where that could make it miss the optimum, as for clusters a
             millionth of the data's range wide).  The torch, cuda and triton backends run plain Lloyd for
