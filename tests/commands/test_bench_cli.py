@@ -133,6 +133,21 @@ def test_bench_data_folder_of_wrong_layout_is_said_before_any_section_runs(tmp_p
     assert not (tmp_path / "o").exists()
 
 
+def test_bench_reads_the_data_folder_before_any_section_runs(tmp_path, shared_data):
+    """A damaged test_batch was found by the accuracy section, after the clustering section had written its files
+    into --out (an earlier run's folder came out half old, half new)."""
+    import shutil
+
+    data = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(shared_data / "cifar-10-batches-py", data)
+    (data / "test_batch").write_bytes((data / "test_batch").read_bytes()[:1000])
+    r = run_cli("bench", "--model", "resnet20", "--data", str(data), "--quick", "--sections", "clustering,accuracy",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr[-1000:]
+    assert "test_batch is not a readable CIFAR python batch" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_bench_cuda_errors_without_gpu():
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

@@ -48,6 +48,22 @@ def test_reader_errors(tmp_path):
             read_cifar10(root)
 
 
+def test_a_damaged_batch_is_named(tmp_path):
+    """A truncated, empty or non-pickle batch raised pickle's own error (or "invalid literal for int()"), naming
+    no file; the CLI printed a traceback."""
+    _write_batches(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    whole = (folder / "test_batch").read_bytes()
+    for damaged in (whole[: len(whole) // 2], b"", b"garbage\n"):
+        (folder / "test_batch").write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"test_batch is not a readable CIFAR python batch \("):
+            read_cifar10(tmp_path, "test")
+    (folder / "test_batch").write_bytes(whole)
+    (folder / "batches.meta").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"batches.meta is not a readable CIFAR python batch \(EOFError"):
+        read_cifar10(tmp_path, "test")
+
+
 def test_normalization_matches_formula(tmp_path):
     _write_batches(tmp_path)
     norm = Normalization((0.5, 0.4, 0.3), (0.2, 0.25, 0.5))

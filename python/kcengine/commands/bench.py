@@ -109,14 +109,16 @@ def _check_data(args, sections) -> None:
 
     if args.data is None or "accuracy" not in sections or not is_cifar_model(args.model):
         return
-    from ..data.cifar import _FILES, find_cifar10
+    from ..data.cifar import _FILES, find_cifar10, read_cifar10
 
-    try:  # the batches looked for, not read: the section reads them (and says so if one is malformed)
+    try:  # read, not only looked for: a damaged batch was found after the clustering section had written its files
         folder = find_cifar10(args.data)
         missing = [n for n in _FILES["test"] + (_FILES["train"] if args.recover_epochs else []) if
                    not (folder / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{', '.join(missing)} missing from {folder}")
+        for split in ("test", "train") if args.recover_epochs else ("test",):
+            read_cifar10(folder, split)
     except Exception as exc:
         raise UserError(f"--data {args.data}: not a CIFAR-10 python-batches folder ({exc})") from None
 

@@ -49,9 +49,21 @@ def find_cifar10(root) -> Path:
                             f"or {str(root / 'cifar-10-batches-py')!r}")
 
 
-def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _unpickle(path: Path):
+    """A CIFAR python file's contents; a damaged one (truncated, empty, not a pickle) is a ValueError naming it
+    (was pickle's own error, or "invalid literal for int()", naming no file)."""
     with open(path, "rb") as f:
-        d = pickle.load(f, encoding="latin1")
+        try:
+            return pickle.load(f, encoding="latin1")
+        except OSError:
+            raise
+        except Exception as exc:  # what unpickling damaged bytes raises varies with the bytes
+            raise ValueError(f"{path} is not a readable CIFAR python batch ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})") from None
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    d = _unpickle(path)
     if not isinstance(d, dict) or "data" not in d or ("labels" not in d and "fine_labels" not in d):
         raise ValueError(f"{path} is not a CIFAR python batch (expected a dict with 'data' and 'labels')")
     data = np.asarray(d["data"], dtype=np.uint8)
@@ -90,8 +102,7 @@ def read_cifar10(root, split: str = "test", *, limit: int | None = None) -> Cifa
     classes = CIFAR10_CLASSES
     meta = folder / "batches.meta"
     if meta.is_file():
-        with open(meta, "rb") as f:
-            m = pickle.load(f, encoding="latin1")
+        m = _unpickle(meta)
         if isinstance(m, dict) and "label_names" in m:
             classes = tuple(m["label_names"])
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
