@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -130,7 +131,53 @@ def _check_out_files(out, command: str, names) -> None:
                             f"move it away or choose another --out")
 
 
+class _GonePipeStdout:
+    """stdout that stops writing once the reader at the other end of a pipe has gone (``kcengine eval | head
+    -3``): the command still finishes and writes its files, where a BrokenPipeError used to end it with a
+    traceback (eval before writing eval.json).  The descriptor is pointed at /dev/null then, so the
+    interpreter's own flush at exit has nowhere to fail."""
+
+    def __init__(self, stream):
+        self.stream, self.gone = stream, False
+
+    def _guard(self, call, *a):
+        if self.gone:
+            return None
+        try:
+            return call(*a)
+        except BrokenPipeError:
+            self.gone = True
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self.stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError, AttributeError):  # a stream without a descriptor (a test's capture)
+                pass
+            return None
+
+    def write(self, text):
+        self._guard(self.stream.write, text)
+        return len(text)
+
+    def flush(self):
+        self._guard(self.stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main(argv=None) -> int:
+    stdout = sys.stdout
+    sys.stdout = _GonePipeStdout(stdout)
+    try:
+        return _main(argv)
+    finally:
+        if isinstance(sys.stdout, _GonePipeStdout):
+            sys.stdout.flush()
+        sys.stdout = stdout
+
+
+def _main(argv=None) -> int:
     parser, mods = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)

@@ -36,6 +36,24 @@ def test_eval_writes_json_and_png(ckpt, cifar, tmp_path, capsys):
     assert "top-1" in printed and "clustered:" not in printed and d["conv_weight_counts"]["clustered"] == 0
 
 
+def test_a_reader_that_leaves_the_pipe_early_does_not_cost_the_files(ckpt, cifar, tmp_path):
+    """``kcengine eval | head -1``: the first print after head had gone raised BrokenPipeError, a traceback and
+    exit 1, before eval.json was written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ev"
+    p = subprocess.Popen([sys.executable, "-m", "kcengine", "eval", "--weights", str(ckpt), "--data", str(cifar),
+                          "--out", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with p:
+        p.stdout.close()  # the reader is gone before the command prints anything
+        err = p.stderr.read().decode()
+        rc = p.wait(timeout=300)
+    assert rc == 0, err[-2000:]
+    assert "Traceback" not in err and "BrokenPipe" not in err, err[-2000:]
+    assert json.loads((out / "eval.json").read_text())["total"] == 12
+
+
 def test_eval_attack_reports_the_library_figure(ckpt, cifar, tmp_path, capsys):
     from kcengine.data import cifar10_dataset
     from kcengine.evaluate import adversarial_accuracy
