@@ -153,7 +153,11 @@ def test_prune_points_to_finetune_when_clustering_costs_accuracy(ckpt, cifar, ca
     same = f"--data {cifar} --weights {ckpt}"
     for argv, want in ((["--ratio", "0.5"], f"`python -m kcengine finetune {same} --ratio 0.5`"),
                        (["--plan", "map:layer3\\..*=0.5", "--granularity", "kernel"],
-                        f"`python -m kcengine finetune {same} --plan 'map:layer3\\..*=0.5' --granularity kernel`")):
+                        f"`python -m kcengine finetune {same} --plan 'map:layer3\\..*=0.5' --granularity kernel`"),
+                       # finetune has no --layers: it was told to cluster every conv (and --seed, --cosine dropped)
+                       (["--layers", "layer3.0.conv1,layer3.1.conv2", "--ratio", "0.25", "--seed", "3", "--cosine"],
+                        f"`python -m kcengine finetune {same} --plan map:layer3.0.conv1=16,layer3.1.conv2=16 "
+                        f"--kmeans-seed 3` (without --cosine, which finetune does not take) clusters again")):
         assert main(["prune", "--weights", str(ckpt), "--data", str(cifar), *argv]) == 0
         err = capsys.readouterr().err
         assert "accuracy 90.00% -> 10.00% is right after clustering, without retraining" in err and want in err, err
