@@ -241,3 +241,22 @@ def test_bench_accuracy_section_reports_what_compress_and_evaluate_give(tmp_path
                             teacher=model, epochs=1, output_calibration=True, eval_data=(x, y), progress=False)
     assert ref.accuracy is not None
     assert rows[0]["recover_epochs"] == 1 and rows[0]["accuracy_recovered"] == pytest.approx(ref.accuracy)
+
+
+def test_bench_weights_pretrained_takes_the_checkpoint_beside_the_shared_data(shared_data, tmp_path):
+    """The default found resnet20's published checkpoint in ../shared/data/checkpoints, and eval's --weights
+    pretrained took it, but bench's said it was not in the torch hub cache ("downloading is off")."""
+    import hashlib
+
+    from kcengine.cli import main
+    from kcengine.models import CIFAR_CHECKPOINT_URLS, hub_cache_path
+
+    if hub_cache_path(CIFAR_CHECKPOINT_URLS["resnet20"]).is_file():
+        pytest.skip("the hub cache holds the checkpoint: the shared copy is not needed")
+    out = tmp_path / "o"
+    assert main(["bench", "--model", "resnet20", "--weights", "pretrained", "--quick", "--sections", "accuracy",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    ckpt = next((shared_data / "checkpoints").glob("resnet20-*.th"))
+    assert ckpt.name in json.dumps(res)
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest().startswith(ckpt.stem.rsplit("-", 1)[-1])

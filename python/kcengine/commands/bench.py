@@ -297,8 +297,8 @@ def _load(args):
         except Exception as exc:
             raise _weights_error(args, exc) from None
         return lm, f"weights from {args.weights}"
-    if args.weights is None:
-        from ..bench.common import shared_data_dir
+    if args.weights in (None, "pretrained"):  # the published checkpoint beside the shared data, as the
+        from ..bench.common import shared_data_dir  # clustering section (and eval's --weights pretrained) take it
 
         data = shared_data_dir()
         cands = sorted((data / "checkpoints").glob(f"{args.model}-*.th")) if data else []
