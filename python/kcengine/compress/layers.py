@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..conv.functional import check_integer_index, index_out_of_range
 from ..conv.module import conv_padding, pad_input, pads_input
 
 __all__ = ["GRANULARITIES", "LayerProblem", "ElementClusteredConv2d", "conv_weight_counts", "effective_weight",
@@ -66,12 +67,10 @@ class ElementClusteredConv2d(nn.Module):
             raise ValueError(f"codebook must have shape [D={D}, K], got {tuple(codebook.shape)}")
         if tuple(index.shape) != (c_out, D):
             raise ValueError(f"index must have shape [{c_out}, {D}], got {tuple(index.shape)}")
-        if index.dtype.is_floating_point or index.dtype == torch.bool or index.is_complex():
-            raise ValueError(f"index must be an integer tensor, got dtype {index.dtype}")  # (a float was truncated)
-        if index.numel():  # (out of range failed in forward's gather, naming nothing; a file wrapped it)
-            lo, hi = int(index.min()), int(index.max())
-            if lo < 0 or hi >= codebook.shape[1]:
-                raise ValueError(f"index values must be in [0, K={codebook.shape[1]}), got {lo if lo < 0 else hi}")
+        check_integer_index(index)  # (a float was truncated)
+        bad = index_out_of_range(index, codebook.shape[1])  # (it failed in forward's gather; a file wrapped it)
+        if bad is not None:
+            raise ValueError(f"index values must be in [0, K={codebook.shape[1]}), got {bad}")
         self.weight_shape = (c_out, cig, kh, kw)
         self.stride, self.dilation, self.groups = conv.stride, conv.dilation, conv.groups
         self.padding, self.padding_extra = conv_padding(conv)  # "same"/"valid" as numbers (as files record them)

@@ -82,8 +82,7 @@ def dense_weight(codebook: torch.Tensor, index: torch.Tensor, granularity: str, 
 
     Differentiable in ``codebook``; for the kernel granularity ``index`` is ``[C_out, C_in]``.
     """
-    if index.dtype.is_floating_point or index.dtype == torch.bool or index.is_complex():
-        raise ValueError(f"index must be an integer tensor, got dtype {index.dtype}")  # (.long() truncated a float)
+    check_integer_index(index)
     idx = index.long()
     if granularity == "filter":
         return codebook.index_select(0, idx.reshape(-1))
@@ -176,11 +175,9 @@ def _validate(x, codebook, index, bias, stride, padding, dilation, groups, granu
     if c_out < 1 or c_out % groups:
         raise ValueError(f"index gives C_out={c_out} output channels, which must be >= 1 and divisible by "
                          f"groups={groups}")
-    if check_range and index.numel():
-        lo, hi = int(index.min()), int(index.max())
-        if lo < 0 or hi >= k:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"index values must be in [0, K={k}) for a codebook of K={k} centroids, got {bad}")
+    bad = index_out_of_range(index, k) if check_range else None
+    if bad is not None:
+        raise ValueError(f"index values must be in [0, K={k}) for a codebook of K={k} centroids, got {bad}")
     _check_vector(bias, "bias", c_out, x)
     _check_vector(scale, "scale", c_out, x)
     _check_vector(shift, "shift", c_out, x)
@@ -356,12 +353,30 @@ def forward_ad_active() -> bool:
     return getattr(_forward_ad, "_current_level", -1) >= 0  # (a private counter: a torch without it, no level)
 
 
+# (looked up once: functorch_active runs on every eager forward; a torch without it sees no transform)
+_functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", lambda: None)
+
+
 def functorch_active() -> bool:
     """Whether a ``torch.func`` transform is running (``vmap``, ``grad``, ``jvp``): its wrapped tensors have no
     storage for the native kernels, and the prepared eager call would see only their logical shape, so the conv
     is written in torch ops then."""
-    level = getattr(torch._C._functorch, "maybe_current_level", None)  # (a torch without it: no transform seen)
-    return level is not None and level() is not None
+    return _functorch_level() is not None
+
+
+def check_integer_index(index: torch.Tensor) -> None:
+    """ValueError for an index of a float, bool or complex dtype (``.long()`` would truncate a float)."""
+    if index.dtype.is_floating_point or index.dtype == torch.bool or index.is_complex():
+        raise ValueError(f"index must be an integer tensor, got dtype {index.dtype}")
+
+
+def index_out_of_range(index: torch.Tensor, k: int):
+    """A value of ``index`` outside ``[0, k)`` (its minimum if negative, else its maximum), or None when all are
+    in range (an empty index is)."""
+    if not index.numel():
+        return None
+    lo, hi = int(index.min()), int(index.max())
+    return lo if lo < 0 else hi if hi >= k else None
 
 
 def capturing(x) -> bool:

@@ -16,8 +16,8 @@ from .. import _registry
 from .._checks import check_device, tensor_from_numpy
 from .backends import PackedCodebook, inference_call, kernel_plan, tensor_version
 from .functional import (GRANULARITIES, _pair, _torch_epilogue, _validate, autocast_cast, autocast_dtype, capturing,
-                         dense_weight, dispatch_mode_active, forward_ad_active, functorch_active, indexed_conv2d,
-                         output_hw, string_padding)
+                         check_integer_index, dense_weight, dispatch_mode_active, forward_ad_active, functorch_active,
+                         index_out_of_range, indexed_conv2d, output_hw, string_padding)
 
 __all__ = ["ClusteredConv2d", "index_dtype_for", "conv_padding", "PADDING_MODES", "replace_module", "pad_input"]
 
@@ -100,10 +100,9 @@ class _Cache:
     def __init__(self, key, index: torch.Tensor, k: int, granularity: str, groups: int = 1, pin: bool = True):
         """Checks the index values against ``k`` (ValueError), then derives: the int32 index, the kernel plan
         (kernel granularity, groups 1), an empty oneDNN reorder of the codebook (cpu backend, inference)."""
-        if index.numel():
-            lo, hi = int(index.min()), int(index.max())
-            if lo < 0 or hi >= k:
-                raise ValueError(f"index values must be in [0, K={k}), got {lo if lo < 0 else hi}")
+        bad = index_out_of_range(index, k)
+        if bad is not None:
+            raise ValueError(f"index values must be in [0, K={k}), got {bad}")
         self.key, self.source = key, (index if pin else None)
         self.index32 = index.to(torch.int32).contiguous()
         if not pin and self.index32 is index:  # an int32 index would pin itself
@@ -298,9 +297,9 @@ class ClusteredConv2d(nn.Module):
                              f"on a conv of weight {tuple(w.shape)} needs ({want_n},)")
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"kmeans_result.labels must be integers, got dtype {labels.dtype}")
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= k:
-            raise ValueError(f"kmeans_result.labels must be in [0, K={k}), got {lo if lo < 0 else hi}")
+        bad = index_out_of_range(labels, k)
+        if bad is not None:
+            raise ValueError(f"kmeans_result.labels must be in [0, K={k}), got {bad}")
         # (the constructor's placeholder codebook and bias, overwritten below, would draw from the caller's RNG)
         with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
             mod = cls(conv.in_channels, conv.out_channels, (kh, kw), k, conv.stride, padding, conv.dilation,
@@ -320,14 +319,12 @@ class ClusteredConv2d(nn.Module):
     def set_index(self, index) -> None:
         """Replace the index (validated: shape, integer dtype, range [0, K)); stored in the compact dtype."""
         index = _as_tensor(index, "index")
-        if index.dtype.is_floating_point or index.dtype == torch.bool or index.is_complex():
-            raise ValueError(f"index must be an integer tensor, got dtype {index.dtype}")
+        check_integer_index(index)
         if tuple(index.shape) != tuple(self.index.shape):
             raise ValueError(f"index must have shape {tuple(self.index.shape)}, got {tuple(index.shape)}")
-        if index.numel():
-            lo, hi = int(index.min()), int(index.max())
-            if lo < 0 or hi >= self.num_clusters:
-                raise ValueError(f"index values must be in [0, K={self.num_clusters}), got {lo if lo < 0 else hi}")
+        bad = index_out_of_range(index, self.num_clusters)
+        if bad is not None:
+            raise ValueError(f"index values must be in [0, K={self.num_clusters}), got {bad}")
         # a copy always: the layer's index is its own (a caller's array of the compact dtype was shared, so a
         # write to it changed the layer behind its prepared cache, and load_state_dict wrote into the caller's)
         self.index = index.to(device=self.index.device, dtype=index_dtype_for(self.num_clusters),
