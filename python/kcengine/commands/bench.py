@@ -297,8 +297,14 @@ def _load(args):
         except Exception as exc:
             raise _weights_error(args, exc) from None
         return lm, f"weights from {args.weights}"
-    if args.weights in (None, "pretrained"):  # the published checkpoint beside the shared data, as the
-        from ..bench.common import shared_data_dir  # clustering section (and eval's --weights pretrained) take it
+    if args.weights == "pretrained":  # the published file beside the shared data, as eval's --weights pretrained
+        from .eval import _shared_copy_of_pretrained
+
+        local = _shared_copy_of_pretrained(args.model)
+        if local is not None:
+            return load_model(args.model, local), f"weights from {Path(local).name}"
+    if args.weights is None:
+        from ..bench.common import shared_data_dir
 
         data = shared_data_dir()
         cands = sorted((data / "checkpoints").glob(f"{args.model}-*.th")) if data else []

@@ -102,16 +102,16 @@ def _recovery_hint(args, report) -> None:
     plan = f"--ratio {args.ratio:g}" if args.ratio is not None else f"--plan {q(args.plan)}"
     if args.layers is not None:  # finetune has no --layers: the layers this run clustered, at the ks it chose
         plan = "--plan " + q("map:" + ",".join(f"{lr.name}={lr.k}" for lr in report.layers))
-    gran = "" if args.granularity == "filter" else f" --granularity {args.granularity}"
-    gran += f" --kmeans-seed {args.seed}" if args.seed != 0 else ""
+    extra = "" if args.granularity == "filter" else f" --granularity {args.granularity}"
+    extra += f" --kmeans-seed {args.seed}" if args.seed != 0 else ""
     dropped = [flag for flag, on in (("--cosine", args.cosine), ("--threshold", args.threshold is not None)) if on]
-    gran_note = f" (without {' and '.join(dropped)}, which finetune does not take)" if dropped else ""
+    dropped_note = f" (without {' and '.join(dropped)}, which finetune does not take)" if dropped else ""
     also = ""
     if args.out:  # the clustered model this run writes, trained as it is, refit and distilled from the dense one
         also = (f"; `python -m kcengine finetune{same} --weights {q(str(Path(args.out) / OUT_MODEL_NAME))} "
                 f"--teacher {q(str(args.weights))}` trains the model written to --out")
     _progress(f"accuracy {before:.2%} -> {after:.2%} is right after clustering, without retraining; "
-              f"`python -m kcengine finetune{same}{weights} {plan}{gran}`{gran_note} clusters again and recovers "
+              f"`python -m kcengine finetune{same}{weights} {plan}{extra}`{dropped_note} clusters again and recovers "
               f"most of it "
               f"(CIFAR ResNets and torchvision models; kcengine.finetune for any model){also}")
 
